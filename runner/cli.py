@@ -1,0 +1,89 @@
+"""The command line: quantbench run | validate | collect.
+
+Exit codes: 0 every variant ok or skipped; 1 a variant failed (the others still ran and were written);
+2 a bad job file or usage (nothing was run and nothing was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="validate, run every variant, write results, print the table")
+    run.add_argument("jobs", nargs="+", type=Path, help="job files (YAML)")
+    run.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results/)")
+    run.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else an embedded local cluster)")
+    run.add_argument("--resume", action="store_true", help="skip variants whose result for the same spec exists")
+    run.add_argument("--ray-temp-dir", help="temporary folder of an embedded Ray cluster")
+
+    validate = commands.add_parser("validate", help="check job files and print the variants they expand to")
+    validate.add_argument("jobs", nargs="+", type=Path)
+
+    collect = commands.add_parser("collect", help="the comparison table of the results under folders")
+    collect.add_argument("folders", nargs="+", type=Path)
+    collect.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
+    collect.add_argument("--baseline", help="variant to compare against (default: the job's baseline)")
+    return parser
+
+
+def _plans(paths: list[Path]):
+    from runner.plan import plan_job
+
+    return [plan_job(path) for path in paths]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from runner.results import ResultsConflict
+    from runner.spec import SpecError
+
+    try:
+        if args.command == "validate":
+            from runner.sweep import describe_plan
+
+            for plan in _plans(args.jobs):
+                print(describe_plan(plan))
+            return EXIT_OK
+        if args.command == "collect":
+            return _collect(args)
+        plans = _plans(args.jobs)
+        names = [p.spec.name for p in plans]
+        if len(set(names)) != len(names):
+            raise SpecError(args.jobs[0], "name", names, "each job run together needs its own name")
+        from runner import sweep
+
+        report = sweep.run_sweep(plans, args.results, args.resume, args.address, ray_temp_dir=args.ray_temp_dir)
+        sweep.print_table(report)
+        print(report.split())
+        return EXIT_FAILED if report.failed else EXIT_OK
+    except (SpecError, ResultsConflict) as error:
+        print(f"quantbench: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _collect(args) -> int:
+    from runner import collect
+    from runner.results import find_results
+
+    missing = [str(f) for f in args.folders if not f.exists()]
+    if missing:
+        print(f"quantbench collect: no such folder: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_USAGE
+    found = find_results(args.folders)
+    if not found:
+        print(f"quantbench collect: no result files under {', '.join(map(str, args.folders))}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(collect.render(found, args.format, args.baseline))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Dispatch: Ray places each variant on a node that can run it, one fresh process per variant.
+
+The only module that imports ray. Placement is by what a node is: nodes that run variants carry
+custom resources (`quantbench_cpu` for CPU workers, `quantbench_cuda` for GPU workers) and exactly one
+`quantbench_slot`, which every variant holds while it runs, so timed variants on one node never
+overlap. An embedded local cluster gets the same resources, so local runs use the same placement.
+A variant that no node can run ends `skipped` after a bounded wait; one whose process dies ends
+`failed`; either way the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ray
+
+from runner import models
+from runner.worker import VariantTask, base_result, now, run_variant
+
+SLOT = "quantbench_slot"
+DEVICE_RESOURCE = {"cpu": "quantbench_cpu", "cuda": "quantbench_cuda"}
+
+
+@dataclass
+class Cluster:
+    address: str  # "local" for an embedded cluster
+    embedded: bool
+    nodes: list[dict]
+
+    def describe(self) -> str:
+        kinds = []
+        for node in self.nodes:
+            res = node["Resources"]
+            roles = [d for d, r in DEVICE_RESOURCE.items() if res.get(r)]
+            kinds.append(f"{node['NodeManagerAddress']} ({'+'.join(roles) or 'no variants'})")
+        return f"{'embedded local cluster' if self.embedded else self.address}: {len(self.nodes)} node(s): " + ", ".join(kinds)
+
+
+def local_gpu_count() -> int:
+    """GPUs the NVIDIA driver shows here, honouring CUDA_VISIBLE_DEVICES, without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    try:
+        found = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+    return min(found, len(visible.split(","))) if visible else found
+
+
+def connect(address: str | None = None, temp_dir: str | None = None) -> Cluster:
+    """Join the cluster at address (else RAY_ADDRESS), or start an embedded one on this machine."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        resources = {SLOT: 1, DEVICE_RESOURCE["cpu"]: 1}
+        gpus = local_gpu_count()
+        if gpus:
+            resources[DEVICE_RESOURCE["cuda"]] = 1
+        ray.init(resources=resources, num_gpus=gpus, include_dashboard=False, _temp_dir=temp_dir, **quiet)
+    return Cluster(address=address or "local", embedded=not address, nodes=alive_nodes())
+
+
+def shutdown() -> None:
+    ray.shutdown()
+
+
+def alive_nodes() -> list[dict]:
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def requirements(device: str) -> dict:
+    needs = {SLOT: 1, DEVICE_RESOURCE[device]: 1}
+    if device == "cuda":
+        needs["GPU"] = 1
+    return needs
+
+
+def _fits(node: dict, needs: dict) -> bool:
+    return all(node["Resources"].get(name, 0) >= amount for name, amount in needs.items())
+
+
+def where_it_runs(device: str) -> str:
+    needs = requirements(device)
+    return "a node with " + ", ".join(f"{k}={v}" for k, v in needs.items())
+
+
+def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
+    """None when some node can run the device's variants; else why none can, after waiting timeout_s."""
+    needs = requirements(device)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = alive_nodes()
+        if any(_fits(node, needs) for node in nodes):
+            return None
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)  # an autoscaler may be adding the node; poll the cluster state
+    have = "; ".join(f"{n['NodeManagerAddress']}: " + ", ".join(
+        f"{k}={v:g}" for k, v in sorted(n["Resources"].items()) if k.startswith(("quantbench", "GPU", "CPU")))
+        for n in nodes)
+    return (f"no node in the cluster can run {device} variants (needs {', '.join(f'{k}={v}' for k, v in needs.items())}); "
+            f"waited {timeout_s:g} s; nodes: {have or 'none'}")
+
+
+def _execute(task: VariantTask, archive: list) -> dict:
+    """Runs in a fresh worker process (max_calls=1): memory peaks and CUDA state never leak."""
+    _quiet_libraries()
+    key = Path(task.model_dir).name
+    if models.cached_model(key) is None:
+        if not archive:
+            raise FileNotFoundError(f"prepared model {task.model_dir} is not on this node and none was sent")
+        task.model_dir = str(models.unpack_archive(key, ray.get(archive[0])))
+    result = run_variant(task)
+    context = ray.get_runtime_context()
+    result["environment"]["ray"] = {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                                    "worker_pid": os.getpid()}
+    return result
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # said once in the settings
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao.quantization")
+
+
+_remote_execute = ray.remote(max_calls=1, max_retries=0)(_execute)
+
+
+def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable[[dict], None],
+                 placement_timeout_s: float | None = None, model_dir: Path | None = None) -> list[dict]:
+    """Run every task where it can run; call on_result as each result arrives; return them all."""
+    if placement_timeout_s is None:
+        placement_timeout_s = 0.0 if cluster.embedded else 30.0
+    archive = []
+    if not cluster.embedded and model_dir is not None:
+        # Nodes may not share this machine's disk: the prepared model travels through the object store.
+        archive = [ray.put(models.archive_folder(model_dir))]
+
+    results, pending = [], {}
+    unplaceable: dict[str, str | None] = {}
+    for task in tasks:
+        device = task.variant.device
+        if device not in unplaceable:
+            unplaceable[device] = wait_for_capable_node(device, placement_timeout_s)
+        if unplaceable[device]:
+            result = base_result(task, "skipped", unplaceable[device])
+            result["ended_at"] = now()
+            results.append(result)
+            on_result(result)
+            continue
+        options = {"resources": {k: v for k, v in requirements(device).items() if k != "GPU"},
+                   "num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}
+        pending[_remote_execute.options(**options).remote(task, archive)] = task
+
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        task = pending.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except Exception as error:  # the worker process or its node died, or the task could not start
+            result = base_result(task, "failed", _short_error(error))
+            result["ended_at"] = now()
+        results.append(result)
+        on_result(result)
+    return results
+
+
+def _short_error(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    head = text[0] if text else ""
+    return f"{type(error).__name__}: {head}"[:2000]

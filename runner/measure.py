@@ -1,0 +1,218 @@
+"""Measuring: the clock, memory peaks, model size and the environment a number was measured in.
+
+Everything that turns work into a number lives here, implemented once: the latency statistics, the
+peak-memory phases, the size of a state dict, the hardware and software versions. Nothing here knows
+about jobs or Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import platform
+import re
+import socket
+import statistics
+import time
+from contextlib import contextmanager
+
+# Instruction-set extensions that decide CPU speed for FP32/BF16/INT8 kernels.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+# A latency distribution is called noisy when its coefficient of variation exceeds this.
+NOISY_CV = 0.10
+
+
+def latency_stats(seconds: list[float]) -> dict:
+    """The distribution of per-pass latencies, in milliseconds, with a 95% interval for the median."""
+    ms = sorted(s * 1000.0 for s in seconds)
+    n = len(ms)
+    if n == 0:
+        return {"n": 0}
+    mean = statistics.fmean(ms)
+    std = statistics.stdev(ms) if n > 1 else 0.0
+    # Distribution-free interval for the median: order statistics at n/2 -+ 1.96 sqrt(n)/2.
+    half_width = 1.96 * math.sqrt(n) / 2
+    low = max(0, math.floor(n / 2 - half_width) - 1)
+    high = min(n - 1, math.ceil(n / 2 + half_width) - 1)
+    stats = {
+        "mean": mean, "median": statistics.median(ms), "std": std,
+        "p90": _percentile(ms, 90), "p99": _percentile(ms, 99), "min": ms[0], "max": ms[-1], "n": n,
+        "cv": std / mean if mean else 0.0,
+        "median_ci95": [ms[low], ms[high]],
+    }
+    return {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] if isinstance(v, list) else v)
+            for k, v in stats.items()}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    position = (len(sorted_values) - 1) * q / 100
+    lower = math.floor(position)
+    upper = min(lower + 1, len(sorted_values) - 1)
+    return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * (position - lower)
+
+
+def noisy_warning(stats: dict) -> str | None:
+    if stats.get("n", 0) > 1 and stats["cv"] > NOISY_CV:
+        return (f"latency is noisy: coefficient of variation {stats['cv']:.0%} (above {NOISY_CV:.0%}); "
+                "another process may have shared the cores")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory.
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            match = re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.M)
+        return int(match.group(1)) if match else None
+    except OSError:
+        return None
+
+
+def _reset_rss_peak() -> bool:
+    """Linux lets a process reset its own high-water mark (clear_refs 5): peaks per phase."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryPhases:
+    """Peak resident memory (and CUDA memory) of this process for each named phase."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.phases: dict[str, dict] = {}
+        self.resettable = _reset_rss_peak()
+
+    @contextmanager
+    def phase(self, name: str):
+        import torch
+
+        cuda = self.device == "cuda" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.resettable = _reset_rss_peak() and self.resettable
+        yield
+        peak = _status_kib("VmHWM")
+        record = {"peak_rss_mib": round(peak / 1024, 1) if peak else None}
+        if cuda:
+            torch.cuda.synchronize()
+            record["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            record["peak_cuda_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        self.phases[name] = record
+
+    def peak_rss_mib(self) -> float | None:
+        values = [p["peak_rss_mib"] for p in self.phases.values() if p.get("peak_rss_mib") is not None]
+        return max(values) if values else None
+
+    def peak_cuda_mib(self) -> float | None:
+        values = [p["peak_cuda_allocated_mib"] for p in self.phases.values() if "peak_cuda_allocated_mib" in p]
+        return max(values) if values else None
+
+
+def model_size_mib(model) -> float:
+    """Bytes of torch.save(model.state_dict()) / 2^20: what the published study measured."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return round(buffer.tell() / 2**20, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The clock.
+
+
+def synchronizer(device: str):
+    """Returns the function that must run before the clock is read: CUDA work is asynchronous."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+class Stopwatch:
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment.
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            text = handle.read()
+        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        model = found.group(1).strip() if found else model
+        found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        flags = set(found.group(1).split()) if found else set()
+    except OSError:
+        pass
+    return {"model": model, "logical_cpus": os.cpu_count(), "available_cpus": available_cpus(),
+            "flags": {flag: flag in flags for flag in SPEED_FLAGS}}
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def gpu_info() -> dict | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "memory_mib": round(props.total_memory / 2**20),
+            "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
+            "count": torch.cuda.device_count()}
+
+
+def _version(module: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    import torch
+
+    return {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {name: _version(name) for name in ("torch", "transformers", "accelerate", "bitsandbytes", "ray")},
+        "cpu": cpu_info(),
+        "gpu": gpu_info(),
+        "torch_threads": torch.get_num_threads(),
+        "quantized_engine": torch.backends.quantized.engine,
+    }
+
+
+def hardware_label(env: dict, device: str) -> str:
+    """One line naming the hardware a result ran on, for table headers."""
+    if device == "cuda" and env.get("gpu"):
+        return env["gpu"]["name"]
+    cpu = env.get("cpu", {})
+    return f"{cpu.get('model', '?')} x{env.get('torch_threads', '?')} threads"

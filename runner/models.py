@@ -1,0 +1,198 @@
+"""Models: where a job's weights come from, their label names, and the prepared FP32 checkpoint.
+
+Every variant of a job quantizes the same saved FP32 checkpoint. `prepare_model` materialises it once
+(a randomly initialised classification head or inline architecture gets its weights here, from the
+job's seed) into a cache folder keyed by a content hash, so variants on any worker load identical
+weights and a second run reuses the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from runner.spec import JobSpec, ModelSource, SpecError
+
+MARKER = "quantbench-model.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
+
+
+def package_folder(package: str) -> Path:
+    """'pkg/sub/folder' -> the folder inside the installed package pkg."""
+    name, _, rest = package.partition("/")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"no installed Python package named {name!r}")
+    folder = Path(list(spec.submodule_search_locations)[0]) / rest
+    if not folder.is_dir():
+        raise FileNotFoundError(f"package {name!r} has no folder {rest!r} ({folder})")
+    return folder
+
+
+def pretrained_name(source: ModelSource) -> str:
+    """What to hand to from_pretrained for a source that has files."""
+    if source.path:
+        return str(source.path)
+    if source.package:
+        return str(package_folder(source.package))
+    return source.hub
+
+
+def check_source(source: ModelSource, job: Path, field: str) -> None:
+    if source.package:
+        try:
+            package_folder(source.package)
+        except FileNotFoundError as error:
+            raise SpecError(job, f"{field}.package", source.package, f"{error}; install it first") from None
+
+
+def read_config(source: ModelSource, job: Path, field: str = "model"):
+    """The model's transformers config (config.json only: no weights are read)."""
+    from transformers import AutoConfig
+
+    if source.config is not None:
+        config = dict(source.config)
+        model_type = config.pop("model_type")
+        try:
+            return AutoConfig.for_model(model_type, **config)
+        except (ValueError, TypeError) as error:
+            raise SpecError(job, f"{field}.config", source.config, f"not a valid {model_type} config: {error}") from None
+    check_source(source, job, field)
+    try:
+        return AutoConfig.from_pretrained(pretrained_name(source), revision=source.revision)
+    except (OSError, ValueError) as error:
+        raise SpecError(job, field, source.describe(), f"cannot read the model's config: {error}") from None
+
+
+def label_names(config) -> list[str]:
+    return [config.id2label[i] for i in sorted(config.id2label)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepared checkpoint.
+
+
+def _hash_folder(folder: Path, digest) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+
+
+def _hash_source(source: ModelSource, digest) -> None:
+    digest.update(source.describe().encode() if source.hub or source.config is None else b"inline")
+    if source.config is not None:
+        digest.update(json.dumps(source.config, sort_keys=True).encode())
+    elif source.hub is None:
+        _hash_folder(Path(pretrained_name(source)), digest)
+
+
+def model_key(spec: JobSpec) -> str:
+    digest = hashlib.sha256(b"quantbench-model-v1")
+    _hash_source(spec.model, digest)
+    digest.update(b"|tokenizer|")
+    if spec.tokenizer is not None:
+        _hash_source(spec.tokenizer, digest)
+    digest.update(f"|seed={spec.seed}".encode())
+    return digest.hexdigest()[:20]
+
+
+def cached_model(key: str) -> Path | None:
+    folder = cache_root() / "models" / key
+    return folder if (folder / MARKER).is_file() else None
+
+
+def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
+    """The job's FP32 checkpoint and tokenizer in the cache; (folder, its description). Cached by content."""
+    key = model_key(spec)
+    folder = cached_model(key)
+    if folder is not None:
+        info = json.loads((folder / MARKER).read_text())
+        return folder, {**info, "cached": True}
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # The missing head is reported in the run's output and the results; not as a loader's table.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    if spec.model.config is not None:
+        model = AutoModelForSequenceClassification.from_config(read_config(spec.model, spec.file))
+        newly_initialised = ["all weights (inline architecture)"]
+    else:
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            pretrained_name(spec.model), revision=spec.model.revision, dtype=torch.float32, output_loading_info=True)
+        newly_initialised = sorted(loading.get("missing_keys", []))
+    tokenizer_source = spec.tokenizer or spec.model
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_name(tokenizer_source), revision=tokenizer_source.revision)
+    info = {"key": key, "source": spec.model.describe(), "tokenizer": tokenizer_source.describe(),
+            "seed": spec.seed, "newly_initialised": newly_initialised,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "label_names": label_names(model.config)}
+    save_folder(key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    info["prepare_s"] = round(time.perf_counter() - started, 3)
+    return cache_root() / "models" / key, {**info, "cached": False}
+
+
+def save_folder(key: str, info: dict, write) -> Path:
+    """Write a cache entry through a temporary folder and a rename: a crash leaves no half entry."""
+    final = cache_root() / "models" / key
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+    try:
+        write(tmp)
+        if not (tmp / MARKER).exists():
+            (tmp / MARKER).write_text(json.dumps(info, indent=2))
+        if final.exists():  # another run finished the same entry first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving a prepared model to nodes that do not share this machine's disk.
+
+
+def archive_folder(folder: Path) -> bytes:
+    """The folder as an uncompressed tar (weights do not compress): sent once through Ray's object store."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            tar.add(path, arcname=path.name)
+    return buffer.getvalue()
+
+
+def unpack_archive(key: str, archive: bytes) -> Path:
+    import io
+    import tarfile
+
+    def write(tmp: Path) -> None:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r") as tar:
+            tar.extractall(tmp, filter="data")
+
+    existing = cached_model(key)
+    if existing is not None:
+        return existing
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r") as tar:
+        info = json.load(tar.extractfile(MARKER))
+    return save_folder(key, info, write)

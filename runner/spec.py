@@ -1,0 +1,393 @@
+"""The job spec: a YAML file read into plain dataclasses, every mistake named by file and field.
+
+A job names a model, a labelled dataset, evaluation settings, the variants to run (precision x device)
+and the baseline. This module only checks the shape of the file; `plan.py` checks it against the
+world (files on disk, the dataset's columns and labels, the model's label names).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.precisions import DEVICES, PRECISIONS
+
+
+class SpecError(Exception):
+    """A mistake in a job file: which file, which field, what was found, what is allowed."""
+
+    def __init__(self, file: str | Path, field: str, found: Any, allowed: str):
+        self.file, self.field, self.found, self.allowed = str(file), field, found, allowed
+        where = f"{self.file}: {field}" if field else self.file
+        super().__init__(f"{where}: found {_show(found)}; {allowed}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) or len(value) < 200 else repr(value[:200] + "…")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec as dataclasses. Paths are absolute: job-relative paths are resolved on load.
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights (or a tokenizer) come from: exactly one of these is set."""
+
+    hub: str | None = None  # a Hugging Face hub id, e.g. "bert-base-uncased"
+    path: Path | None = None  # a local folder saved with save_pretrained
+    package: str | None = None  # "python_package/sub/folder": files shipped inside an installed package
+    config: dict | None = None  # an inline architecture: randomly initialised weights of this shape
+    revision: str | None = None  # hub revision
+
+    def describe(self) -> str:
+        if self.hub:
+            return f"hub:{self.hub}" + (f"@{self.revision}" if self.revision else "")
+        if self.path:
+            return f"path:{self.path}"
+        if self.package:
+            return f"package:{self.package}"
+        return f"inline {self.config.get('model_type')} config"
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    n: int | None = None
+    fraction: float | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    format: str
+    path: Path | None  # the file (csv, tsv, jsonl, parquet)
+    files: dict[str, Path] | None  # format "lines": label value -> file with one text per line
+    header: bool
+    text_column: str | int
+    label_column: str | int
+    label_map: dict[str, str] | None  # dataset label value -> model label name
+    sample: SampleSpec
+    max_length: int
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    batch_size: int = 1
+    warmup_passes: int = 5
+    timed_passes: int = 50
+    min_time_s: float = 0.0
+    threads: int | None = None  # None: every CPU the variant's worker was given
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Settings that change results; recorded in every result so runs can be compared."""
+
+    llm_int8_threshold: float = 6.0
+    bnb_4bit_compute_dtype: str = "float32"
+    bnb_4bit_use_double_quant: bool = False
+    dynamic_modules: tuple[str, ...] = ("Linear",)
+    quantized_engine: str | None = None  # None: torch's default for this CPU
+
+
+@dataclass(frozen=True)
+class Variant:
+    precision: str
+    device: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.precision}-{self.device}"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    file: Path
+    name: str
+    model: ModelSource
+    tokenizer: ModelSource | None
+    dataset: DatasetSpec
+    evaluation: EvaluationSpec
+    settings: QuantSettings
+    variants: tuple[Variant, ...]
+    baseline: str
+    seed: int
+    raw: dict = field(repr=False)  # the YAML as read, kept in every result as "the spec as run"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+DATASET_FORMATS = ("csv", "tsv", "jsonl", "parquet", "lines")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Reader:
+    """Walks one mapping of the YAML, remembering the dotted field path for error messages."""
+
+    def __init__(self, file: Path, data: Any, where: str):
+        self.file, self.where = file, where
+        if not isinstance(data, dict):
+            raise SpecError(file, where, data, "expected a mapping of fields")
+        self.data = data
+
+    def field(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def check_keys(self, allowed: tuple[str, ...]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise SpecError(self.file, self.field(str(key)), key,
+                                f"unknown field{hint}; allowed here: {', '.join(allowed)}")
+
+    def get(self, key: str, kinds: type | tuple[type, ...], default: Any = None, required: bool = False):
+        if key not in self.data or self.data[key] is None:
+            if required:
+                raise SpecError(self.file, self.field(key), None, "this field is required")
+            return default
+        value = self.data[key]
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        # YAML's bool is an int subclass: never accept true where a number is meant.
+        if isinstance(value, bool) and bool not in kinds:
+            raise SpecError(self.file, self.field(key), value, f"expected {_kind_names(kinds)}")
+        if float in kinds and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kinds):
+            raise SpecError(self.file, self.field(key), value, f"expected {_kind_names(kinds)}")
+        return value
+
+    def positive_int(self, key: str, default: int | None, minimum: int = 1) -> int | None:
+        value = self.get(key, int, default)
+        if value is not None and value < minimum:
+            raise SpecError(self.file, self.field(key), value, f"expected an integer >= {minimum}")
+        return value
+
+    def sub(self, key: str, required: bool = False) -> "_Reader | None":
+        value = self.get(key, dict, required=required)
+        return None if value is None else _Reader(self.file, value, self.field(key))
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             dict: "a mapping", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and shape-check one job file. Raises SpecError."""
+    file = Path(path).resolve()
+    shown = Path(path)
+    if not file.is_file():
+        raise SpecError(shown, "", str(path), "no such job file")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(shown, where, getattr(error, "problem", str(error)), "the file must be valid YAML") from None
+    except UnicodeDecodeError as error:
+        raise SpecError(shown, "", str(error), "the file must be UTF-8 text") from None
+    return _parse(file, shown, raw)
+
+
+TOP_FIELDS = ("name", "model", "tokenizer", "dataset", "evaluation", "settings", "variants",
+              "precisions", "devices", "baseline", "seed")
+
+
+def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
+    top = _Reader(shown, raw, "")
+    top.check_keys(TOP_FIELDS)
+
+    name = top.get("name", str, required=True)
+    if not NAME_PATTERN.match(name):
+        raise SpecError(shown, "name", name, "use letters, digits, '.', '_' and '-' (it names the results folder)")
+    seed = top.get("seed", int, 0)
+
+    model = _model_source(file, shown, top.sub("model", required=True), allow_config=True)
+    tokenizer_reader = top.sub("tokenizer")
+    tokenizer = None if tokenizer_reader is None else _model_source(file, shown, tokenizer_reader, allow_config=False)
+    if model.config is not None and tokenizer is None:
+        raise SpecError(shown, "tokenizer", None,
+                        "an inline model config has no tokenizer files: name one with tokenizer.hub, .path or .package")
+
+    dataset = _dataset(file, shown, top.sub("dataset", required=True))
+    evaluation = _evaluation(top.sub("evaluation") or _Reader(shown, {}, "evaluation"))
+    settings = _settings(top.sub("settings") or _Reader(shown, {}, "settings"))
+    variants = _variants(shown, top)
+    ids = [v.id for v in variants]
+    baseline = top.get("baseline", str, "fp32-cpu")
+    if baseline not in ids:
+        raise SpecError(shown, "baseline", baseline, f"the baseline must be one of the job's variants: {', '.join(ids)}")
+    return JobSpec(file=file, name=name, model=model, tokenizer=tokenizer, dataset=dataset,
+                   evaluation=evaluation, settings=settings, variants=tuple(variants), baseline=baseline,
+                   seed=seed, raw=raw)
+
+
+def _resolve(file: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (file.parent / path).resolve()
+
+
+def _model_source(file: Path, shown: Path, reader: _Reader, allow_config: bool) -> ModelSource:
+    kinds = ("hub", "path", "package", "config") if allow_config else ("hub", "path", "package")
+    reader.check_keys(kinds + ("revision",))
+    given = [k for k in kinds if reader.data.get(k) is not None]
+    if len(given) != 1:
+        raise SpecError(shown, reader.where, reader.data, f"give exactly one of: {', '.join(kinds)}")
+    kind = given[0]
+    if kind == "config":
+        config = reader.get("config", dict)
+        if not isinstance(config.get("model_type"), str):
+            raise SpecError(shown, reader.field("config.model_type"), config.get("model_type"),
+                            "an inline config needs model_type (e.g. bert) and that architecture's fields")
+        return ModelSource(config=config)
+    value = reader.get(kind, str)
+    if kind == "path":
+        path = _resolve(file, value)
+        if not path.is_dir():
+            raise SpecError(shown, reader.field("path"), value, f"no such folder ({path})")
+        return ModelSource(path=path)
+    if kind == "package":
+        return ModelSource(package=value)
+    return ModelSource(hub=value, revision=reader.get("revision", str))
+
+
+def _dataset(file: Path, shown: Path, reader: _Reader) -> DatasetSpec:
+    reader.check_keys(("format", "path", "files", "header", "text_column", "label_column", "label_map",
+                       "sample", "max_length"))
+    fmt = reader.get("format", str)
+    path_value = reader.get("path", str)
+    if fmt is None and path_value:
+        fmt = Path(path_value).suffix.lstrip(".").lower()  # data.csv -> csv
+    if fmt not in DATASET_FORMATS:
+        raise SpecError(shown, reader.field("format"), fmt, f"allowed: {', '.join(DATASET_FORMATS)}")
+
+    path = files = None
+    if fmt == "lines":
+        files_raw = reader.get("files", dict, required=True)
+        files = {}
+        for label, name in files_raw.items():
+            if not isinstance(name, str):
+                raise SpecError(shown, reader.field(f"files.{label}"), name, "expected a file name")
+            files[str(label)] = _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
+        for label, value in files.items():
+            if not value.is_file():
+                raise SpecError(shown, reader.field(f"files.{label}"), str(value), "no such file")
+    else:
+        if path_value is None:
+            raise SpecError(shown, reader.field("path"), None, "this field is required")
+        path = _resolve(file, path_value)
+        if not path.is_file():
+            raise SpecError(shown, reader.field("path"), path_value, f"no such file ({path})")
+
+    header = reader.get("header", bool, True)
+    column_kinds = (str, int) if fmt in ("csv", "tsv") and not header else (str,)
+    text_column = reader.get("text_column", column_kinds, "text" if header or fmt not in ("csv", "tsv") else 0)
+    label_column = reader.get("label_column", column_kinds, "label" if header or fmt not in ("csv", "tsv") else 1)
+
+    label_map_raw = reader.get("label_map", dict)
+    label_map = None
+    if label_map_raw is not None:
+        label_map = {}
+        for key, value in label_map_raw.items():
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise SpecError(shown, reader.field(f"label_map.{key}"), value, "expected a model label name")
+            label_map[str(key)] = str(value)
+
+    sample_reader = reader.sub("sample") or _Reader(shown, {}, reader.field("sample"))
+    sample_reader.check_keys(("n", "fraction", "seed"))
+    n = sample_reader.positive_int("n", None)
+    fraction = sample_reader.get("fraction", float)
+    if n is not None and fraction is not None:
+        raise SpecError(shown, sample_reader.where, sample_reader.data, "give n or fraction, not both")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise SpecError(shown, sample_reader.field("fraction"), fraction, "expected a fraction in (0, 1]")
+    sample = SampleSpec(n=n, fraction=fraction, seed=sample_reader.get("seed", int, 0))
+    max_length = reader.positive_int("max_length", 128)
+    return DatasetSpec(format=fmt, path=path, files=files, header=header, text_column=text_column,
+                       label_column=label_column, label_map=label_map, sample=sample, max_length=max_length)
+
+
+def _evaluation(reader: _Reader) -> EvaluationSpec:
+    reader.check_keys(("batch_size", "warmup_passes", "timed_passes", "min_time_s", "threads"))
+    min_time = reader.get("min_time_s", float, 0.0)
+    if min_time < 0:
+        raise SpecError(reader.file, reader.field("min_time_s"), min_time, "expected a number >= 0")
+    return EvaluationSpec(batch_size=reader.positive_int("batch_size", 1),
+                          warmup_passes=reader.positive_int("warmup_passes", 5, minimum=0),
+                          timed_passes=reader.positive_int("timed_passes", 50),
+                          min_time_s=min_time,
+                          threads=reader.positive_int("threads", None))
+
+
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZED_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
+DYNAMIC_MODULES = ("Linear",)
+
+
+def _settings(reader: _Reader) -> QuantSettings:
+    reader.check_keys(("llm_int8_threshold", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant",
+                       "dynamic_modules", "quantized_engine"))
+    compute_dtype = reader.get("bnb_4bit_compute_dtype", str, "float32")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise SpecError(reader.file, reader.field("bnb_4bit_compute_dtype"), compute_dtype,
+                        f"allowed: {', '.join(COMPUTE_DTYPES)}")
+    engine = reader.get("quantized_engine", str)
+    if engine is not None and engine not in QUANTIZED_ENGINES:
+        raise SpecError(reader.file, reader.field("quantized_engine"), engine, f"allowed: {', '.join(QUANTIZED_ENGINES)}")
+    modules = reader.get("dynamic_modules", list, list(DYNAMIC_MODULES))
+    for module in modules:
+        if module not in DYNAMIC_MODULES:
+            raise SpecError(reader.file, reader.field("dynamic_modules"), module, f"allowed: {', '.join(DYNAMIC_MODULES)}")
+    threshold = reader.get("llm_int8_threshold", float, 6.0)
+    if threshold < 0:
+        raise SpecError(reader.file, reader.field("llm_int8_threshold"), threshold, "expected a number >= 0")
+    return QuantSettings(llm_int8_threshold=threshold, bnb_4bit_compute_dtype=compute_dtype,
+                         bnb_4bit_use_double_quant=reader.get("bnb_4bit_use_double_quant", bool, False),
+                         dynamic_modules=tuple(modules), quantized_engine=engine)
+
+
+def _variants(shown: Path, top: _Reader) -> list[Variant]:
+    listed = top.get("variants", list)
+    precisions = top.get("precisions", list)
+    devices = top.get("devices", list)
+    if listed is not None and (precisions is not None or devices is not None):
+        raise SpecError(shown, "variants", listed, "give either variants or precisions x devices, not both")
+    pairs: list[tuple[str, Any, Any]] = []
+    if listed is not None:
+        for i, item in enumerate(listed):
+            if not isinstance(item, str):
+                raise SpecError(shown, f"variants[{i}]", item, "expected '<precision>-<device>', e.g. fp16-cuda")
+            precision, _, device = item.rpartition("-")
+            pairs.append((f"variants[{i}]", precision, device))
+    else:
+        if not precisions or not devices:
+            raise SpecError(shown, "precisions" if not precisions else "devices", precisions if not precisions else devices,
+                            "give variants: [fp32-cpu, …] or both precisions: […] and devices: […]")
+        pairs = [(f"precisions[{i}]", p, d) for i, p in enumerate(precisions) for d in devices]
+    variants, seen = [], set()
+    for where, precision, device in pairs:
+        if device not in DEVICES:
+            raise SpecError(shown, where, device, f"unknown device; allowed: {', '.join(DEVICES)}")
+        if precision not in PRECISIONS:
+            raise SpecError(shown, where, precision, f"unknown precision; allowed: {', '.join(PRECISIONS)}")
+        spec = PRECISIONS[precision]
+        if device not in spec.devices:
+            raise SpecError(shown, where, f"{precision}-{device}",
+                            f"{precision} runs on {', '.join(spec.devices)} only ({spec.how})")
+        variant = Variant(precision, device)
+        if variant.id in seen:
+            raise SpecError(shown, where, variant.id, "each variant may appear once")
+        seen.add(variant.id)
+        variants.append(variant)
+    if not variants:
+        raise SpecError(shown, "variants", [], "the job has no variant to run")
+    return variants

@@ -1,0 +1,130 @@
+"""A sweep: planned jobs in, result files and a table out. The driver's side of `quantbench run`.
+
+The driver validates everything first, prepares each job's FP32 checkpoint once, hands the variants to
+the dispatcher, writes each result as it arrives and prints progress. It only waits while variants
+run, so it never competes with a timed pass for the CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from runner import collect, dispatch, models, results
+from runner.plan import JobPlan
+from runner.worker import VariantTask
+
+
+@dataclass
+class SweepReport:
+    results: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+    cluster_start_s: float = 0.0
+    prepare_s: float = 0.0
+    variants_s: float = 0.0  # the sum of the variants' own work (run_variant, inside each worker)
+
+    @property
+    def failed(self) -> bool:
+        return any(r["status"] == "failed" for r in self.results)
+
+    def split(self) -> str:
+        overhead = self.wall_s - self.variants_s - self.prepare_s
+        share = overhead / self.wall_s if self.wall_s else 0.0
+        return (f"wall {self.wall_s:.1f} s = variants' own work {self.variants_s:.1f} s"
+                f" + model preparation {self.prepare_s:.1f} s"
+                f" + overhead {overhead:.1f} s ({share:.0%}: cluster start {self.cluster_start_s:.1f} s,"
+                " worker process start, transfers, writing)")
+
+
+def build_tasks(plan: JobPlan, model_dir: Path, model_info: dict, skip: set[str]) -> list[VariantTask]:
+    spec = plan.spec
+    sample = {"rows": len(plan.examples), "of": plan.dataset_rows, "seed": spec.dataset.sample.seed,
+              "fingerprint": plan.sample_fingerprint}
+    return [VariantTask(job=spec.name, variant=variant, model_dir=str(model_dir),
+                        texts=[e.text for e in plan.examples],
+                        gold_labels=[plan.label_map[e.label] for e in plan.examples],
+                        model_labels=plan.model_labels, evaluation=spec.evaluation, settings=spec.settings,
+                        max_length=spec.dataset.max_length, spec_hash=plan.spec_hash, spec_as_run=spec.raw,
+                        sample=sample, model_info=model_info)
+            for variant in spec.variants if variant.id not in skip]
+
+
+def progress_line(done: int, total: int, result: dict) -> str:
+    metrics = result.get("metrics") or {}
+    head = f"[{done}/{total}] {result['job']} {result['variant']:<18} {result['status']:<8}"
+    if result["status"] != "ok":
+        return f"{head} {result.get('error')}"
+    latency = metrics.get("latency_ms") or {}
+    text = (f"{head} accuracy {metrics.get('accuracy', 0):.4f}  median {latency.get('median', 0):.2f} ms"
+            f"  size {metrics.get('model_size_mib', 0):.1f} MiB  ({result.get('wall_s', 0):.1f} s)")
+    if result.get("warnings"):
+        text += f"  ⚠ {len(result['warnings'])} warning(s)"
+    return text
+
+
+def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: str | None,
+              say: Callable[[str], None] = print, ray_temp_dir: str | None = None) -> SweepReport:
+    """Run every planned job. Raises results.ResultsConflict before starting anything."""
+    kept = {plan.spec.name: results.plan_folder(results_dir, plan.spec.name, plan.spec_hash,
+                                                [v.id for v in plan.spec.variants], resume)
+            for plan in plans}
+    report = SweepReport()
+    started = time.perf_counter()
+    cluster = dispatch.connect(address, temp_dir=ray_temp_dir)
+    report.cluster_start_s = time.perf_counter() - started
+    say(f"cluster: {cluster.describe()}")
+    try:
+        for plan in plans:
+            name = plan.spec.name
+            for variant_id, result in kept[name].items():
+                say(f"[resume] {name} {variant_id}: kept {results.result_path(results_dir, name, variant_id)}")
+                report.results.append(result)
+            prepared = time.perf_counter()
+            model_dir, model_info = models.prepare_model(plan.spec)
+            report.prepare_s += time.perf_counter() - prepared
+            say(f"model: {model_info['source']} -> {model_dir}" + (" (cached)" if model_info["cached"] else ""))
+            if model_info.get("newly_initialised"):
+                say(f"note: {len(model_info['newly_initialised'])} weight tensor(s) were randomly initialised "
+                    "(no trained classification head): accuracy is chance until the model is fine-tuned")
+            tasks = build_tasks(plan, model_dir, model_info, set(kept[name]))
+            count = [0]
+
+            def on_result(result: dict, total=len(tasks)) -> None:
+                results.write_result(results_dir, result)
+                count[0] += 1
+                say(progress_line(count[0], total, result))
+
+            job_results = dispatch.run_variants(tasks, cluster, on_result, model_dir=model_dir)
+            report.results.extend(job_results)
+            report.variants_s += sum(r.get("wall_s") or 0.0 for r in job_results)
+    finally:
+        dispatch.shutdown()
+    report.wall_s = time.perf_counter() - started
+    return report
+
+
+def describe_plan(plan: JobPlan) -> str:
+    spec = plan.spec
+    lines = [f"{spec.file}: job '{spec.name}' is valid",
+             f"  model: {spec.model.describe()}  labels: {', '.join(plan.model_labels)}",
+             f"  dataset: {spec.dataset.format}, {len(plan.examples)} of {plan.dataset_rows} rows "
+             f"(seed {spec.dataset.sample.seed}); label map: "
+             + ", ".join(f"{k}→{v}" for k, v in sorted(plan.label_map.items())),
+             f"  evaluation: {asdict(spec.evaluation)}",
+             f"  baseline: {spec.baseline}",
+             "  variants:"]
+    for variant in spec.variants:
+        lines.append(f"    {variant.id:<20} runs on {dispatch_where(variant.device)}")
+    return "\n".join(lines)
+
+
+def dispatch_where(device: str) -> str:
+    return {"cpu": "a CPU worker node", "cuda": "a GPU worker node"}[device] + \
+        " (Ray resources " + ", ".join(f"{k}={v}" for k, v in dispatch.requirements(device).items()) + ")"
+
+
+def print_table(report: SweepReport, say: Callable[[str], None] = print) -> None:
+    say("")
+    say(collect.render(report.results, "table"))

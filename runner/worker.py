@@ -1,0 +1,158 @@
+"""One variant, start to finish: load, quantize, measure size, evaluate and time, and return a result.
+
+`run_variant` is a plain function of a plain value: tests call it directly, and the dispatcher calls
+it inside a fresh Ray worker process. It never raises for a variant's own failure: the result says
+`failed` with the error, so one broken precision never stops a sweep.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from runner import evaluate, measure
+from runner.precisions import PRECISIONS, linear_layer_kinds
+from runner.spec import EvaluationSpec, QuantSettings, Variant
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class VariantTask:
+    """Everything a worker needs, with no file to read but the prepared model folder."""
+
+    job: str
+    variant: Variant
+    model_dir: str
+    texts: list[str]
+    gold_labels: list[str]  # model label names, already mapped from the dataset's values
+    model_labels: list[str]  # id2label in id order
+    evaluation: EvaluationSpec
+    settings: QuantSettings
+    max_length: int
+    spec_hash: str
+    spec_as_run: dict = field(default_factory=dict)
+    sample: dict = field(default_factory=dict)  # where the sample came from, for the record
+    model_info: dict = field(default_factory=dict)
+
+
+class NoCudaDevice(RuntimeError):
+    pass
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def base_result(task: VariantTask, status: str, error: str | None = None) -> dict:
+    """The fields every result has, whatever became of the variant."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "job": task.job,
+        "variant": task.variant.id,
+        "precision": task.variant.precision,
+        "device": task.variant.device,
+        "status": status,
+        "error": error,
+        "warnings": [],
+        "metrics": {},
+        "settings": {},
+        "environment": {},
+        "spec_hash": task.spec_hash,
+        "spec": task.spec_as_run,
+        "sample": task.sample,
+        "model": task.model_info,
+        "started_at": now(),
+        "ended_at": None,
+    }
+
+
+def run_variant(task: VariantTask) -> dict:
+    import torch
+
+    result = base_result(task, "ok")
+    watch = measure.Stopwatch()
+    try:
+        _run(task, result, torch)
+    except Exception as error:  # the variant failed; the sweep goes on
+        result["status"] = "failed"
+        result["error"] = f"{type(error).__name__}: {error}"
+        result["traceback"] = traceback.format_exc(limit=8)
+    result["ended_at"] = now()
+    result["wall_s"] = watch.seconds()
+    try:
+        result["environment"] = {**measure.environment(), **result["environment"]}
+    except Exception as error:  # never lose a result for want of a version string
+        result["environment"]["error"] = repr(error)
+    return result
+
+
+def _run(task: VariantTask, result: dict, torch) -> None:
+    variant, device = task.variant, task.variant.device
+    precision = PRECISIONS[variant.precision]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NoCudaDevice(f"no CUDA device on this node (torch {torch.__version__}, "
+                           f"built with CUDA {torch.version.cuda}); {variant.id} needs an NVIDIA GPU")
+    threads = task.evaluation.threads or measure.available_cpus()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    memory = measure.MemoryPhases(device)
+    settings: dict = {"threads": threads}
+
+    with memory.phase("load"):
+        started = time.perf_counter()
+        model, loaded = precision.load(task.model_dir, device, task.settings)
+        load_s = time.perf_counter() - started
+    settings.update(loaded)
+    with memory.phase("quantize"):
+        started = time.perf_counter()
+        if precision.quantize is not None:
+            model, quantized = precision.quantize(model, task.settings)
+            settings.update(quantized)
+        quantize_s = time.perf_counter() - started
+    settings["linear_layers"] = linear_layer_kinds(model)
+    size_mib = measure.model_size_mib(model)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(task.model_dir)
+    batches = evaluate.tokenize_batches(tokenizer, task.texts, task.evaluation.batch_size, task.max_length, device)
+    with memory.phase("evaluate"):
+        probabilities, timings = evaluate.run_passes(
+            model, batches, device, task.evaluation.warmup_passes, task.evaluation.timed_passes,
+            task.evaluation.min_time_s)
+
+    index = {name: i for i, name in enumerate(task.model_labels)}
+    gold_ids = np.array([index[name] for name in task.gold_labels])
+    predicted = probabilities.argmax(axis=1)
+    latency = measure.latency_stats(timings.seconds)
+    timed_total = sum(timings.seconds)
+    result["metrics"] = {
+        "model_size_mib": size_mib,
+        **evaluate.prediction_metrics(probabilities, gold_ids, task.model_labels),
+        "latency_ms": latency,
+        "throughput_sps": round(timings.samples / timed_total, 3) if timed_total else None,
+        "peak_rss_mib": memory.peak_rss_mib(),
+        "peak_cuda_mib": memory.peak_cuda_mib(),
+        "memory_phases": memory.phases,
+        "load_s": round(load_s, 4),
+        "quantize_s": round(quantize_s, 4),
+    }
+    result["warnings"] = evaluate.label_guard(gold_ids, predicted, task.model_labels)
+    noisy = measure.noisy_warning(latency)
+    if noisy:
+        result["warnings"].append(noisy)
+    result["settings"] = {**settings, "batch_size": task.evaluation.batch_size, "max_length": task.max_length,
+                          "warmup_passes": task.evaluation.warmup_passes, "timed_passes": task.evaluation.timed_passes,
+                          "min_time_s": task.evaluation.min_time_s, "quantization": asdict(task.settings)}
+    result["predictions"] = {
+        "labels": task.model_labels,
+        "gold": task.gold_labels,
+        "predicted": [task.model_labels[i] for i in predicted],
+        "confidence": [round(float(c), 6) for c in probabilities.max(axis=1)],
+        "probabilities": [[round(float(p), 6) for p in row] for row in probabilities],
+    }
