@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,22 @@ def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
             f"waited {timeout_s:g} s; nodes: {have or 'none'}")
 
 
+def _injected_fault(variant_id: str) -> str | None:
+    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise": how tests make a worker die or a variant raise."""
+    for item in os.environ.get("QUANTBENCH_FAULT_INJECT", "").split(","):
+        name, _, fault = item.partition("=")
+        if name.strip() == variant_id:
+            return fault.strip()
+    return None
+
+
 def _execute(task: VariantTask, archive: list) -> dict:
     """Runs in a fresh worker process (max_calls=1): memory peaks and CUDA state never leak."""
+    fault = _injected_fault(task.variant.id)
+    if fault == "exit":
+        os._exit(3)  # the process dies as in a segfault or an OOM kill
+    if fault == "raise":
+        raise RuntimeError(f"fault injected into {task.variant.id}")
     _quiet_libraries()
     key = Path(task.model_dir).name
     if models.cached_model(key) is None:
@@ -179,6 +194,8 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
 
 
 def _short_error(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    head = text[0] if text else ""
-    return f"{type(error).__name__}: {head}"[:2000]
+    cause = getattr(error, "cause", None)  # a RayTaskError wraps what the task raised
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"[:2000]
+    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' '.join(lines[:3])}"[:2000]

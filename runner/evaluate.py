@@ -67,9 +67,9 @@ def prediction_metrics(probabilities: np.ndarray, gold_ids: np.ndarray, label_na
     predicted = probabilities.argmax(axis=1)
     confidence = probabilities.max(axis=1)
     return {
-        "accuracy": round(float((predicted == gold_ids).mean()), 6),
-        "macro_f1": round(macro_f1(gold_ids, predicted, len(label_names)), 6),
-        "avg_confidence": round(float(confidence.mean()), 6),
+        "accuracy": float((predicted == gold_ids).mean()),
+        "macro_f1": macro_f1(gold_ids, predicted, len(label_names)),
+        "avg_confidence": float(confidence.mean()),
     }
 
 

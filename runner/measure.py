@@ -125,7 +125,7 @@ def model_size_mib(model) -> float:
 
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    return round(buffer.tell() / 2**20, 3)
+    return round(buffer.tell() / 2**20, 4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny models built here, real rows from ../shared/data, private caches.
+
+Nothing is downloaded: the model is a random BertConfig saved with save_pretrained, and its tokenizer
+is a WordPiece vocabulary written from the rt-polarity sentences themselves.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+RT_POLARITY = DATA / "rt-polarity"
+SMSA = DATA / "smsa"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Each test session prepares models into its own cache, never the user's."""
+    cache = tmp_path_factory.getbasetemp() / "quantbench-cache"
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(cache))
+    return cache
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 2000):
+    from transformers import BertTokenizerFast
+
+    words = collections.Counter()
+    for name in ("rt-polarity.pos", "rt-polarity.neg"):
+        for line in (RT_POLARITY / name).read_text(encoding="utf-8").splitlines()[:2000]:
+            words.update(line.split())
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in words.most_common(vocab_size)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_bert(folder: Path, labels: list[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A random-initialised BERT classifier with the given label names, saved with save_pretrained."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=128,
+                        num_labels=len(labels), id2label=dict(enumerate(labels)),
+                        label2id={name: i for i, name in enumerate(labels)})
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Binary classifier, label names negative/positive."""
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), ["negative", "positive"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_3(tmp_path_factory) -> Path:
+    """Three labels in the published model's order: LABEL_0 positive, LABEL_1 neutral, LABEL_2 negative."""
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert-3"), ["LABEL_0", "LABEL_1", "LABEL_2"])
+
+
+@pytest.fixture
+def ray_temp_dir():
+    """Ray's own temp folder for the clusters a test starts (short: Ray's socket paths are limited)."""
+    folder = tempfile.mkdtemp(prefix="qbray-", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_job(folder: Path, text: str, name: str = "job.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def rt_job(model: Path, extra: str = "", name: str = "tiny-rt", variants: str = "[fp32-cpu, int8-dynamic-cpu]",
+           n: int = 24) -> str:
+    return f"""
+name: {name}
+model: {{path: {model}}}
+dataset:
+  format: lines
+  path: {RT_POLARITY}
+  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}
+  label_map: {{pos: positive, neg: negative}}
+  sample: {{n: {n}, seed: 1}}
+  max_length: 32
+evaluation: {{batch_size: 4, warmup_passes: 1, timed_passes: 8}}
+variants: {variants}
+{extra}
+"""

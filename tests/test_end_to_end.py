@@ -1,0 +1,99 @@
+"""The whole path through an embedded local Ray cluster, the way a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import rt_job, write_job
+from runner.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main(list(map(str, args)))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_writes_results_prints_the_table_and_collect_repeats_it(capsys, tmp_path, tiny_model, ray_temp_dir,
+                                                                   monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_FAULT_INJECT", "bf16-cpu=exit,fp16-cpu=raise")
+    variants = "[fp32-cpu, int8-dynamic-cpu, fp16-cpu, bf16-cpu, fp16-cuda]"
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants=variants))
+    results = tmp_path / "results"
+
+    code, out, err = run_cli(capsys, "run", job, "--results", results, "--ray-temp-dir", ray_temp_dir)
+
+    # A variant that raised and one whose worker died are failed; the others ran and were written.
+    assert code == 1, out + err
+    files = {p.stem: json.loads(p.read_text()) for p in (results / "tiny-rt").glob("*.json")}
+    assert set(files) == {"fp32-cpu", "int8-dynamic-cpu", "fp16-cpu", "bf16-cpu", "fp16-cuda"}
+    assert files["fp32-cpu"]["status"] == "ok" and files["int8-dynamic-cpu"]["status"] == "ok"
+    assert files["fp16-cpu"]["status"] == "failed" and "fault injected" in files["fp16-cpu"]["error"]
+    assert files["bf16-cpu"]["status"] == "failed" and files["bf16-cpu"]["error"]
+    # No GPU in this cluster: the CUDA variant is skipped with the reason, at once, never pending.
+    assert files["fp16-cuda"]["status"] == "skipped"
+    assert "no node in the cluster can run cuda variants" in files["fp16-cuda"]["error"]
+    assert not list((results / "tiny-rt").glob(".*"))  # no temporary files left behind
+
+    fp32 = files["fp32-cpu"]
+    for key in ("schema_version", "job", "variant", "precision", "device", "status", "error", "metrics",
+                "environment", "spec", "started_at", "ended_at", "predictions"):
+        assert key in fp32
+    assert fp32["environment"]["ray"]["node_id"] and fp32["environment"]["cpu"]["model"]
+    assert fp32["spec"]["name"] == "tiny-rt"
+    assert len(fp32["predictions"]["gold"]) == 24
+
+    assert "int8-dynamic-cpu" in out and "size (MiB)" in out and "agreement with baseline" in out
+    assert "variants' own work" in out and "overhead" in out
+
+    code, collected, _ = run_cli(capsys, "collect", results / "tiny-rt")
+    assert code == 0
+    table = out[out.index("tiny-rt (baseline"):out.index("wall ")].strip()
+    assert collected.strip() == table
+
+    # The delta is (variant - baseline) / baseline, from the numbers in the files.
+    code, as_json, _ = run_cli(capsys, "collect", results, "--format", "json")
+    variants = json.loads(as_json)[0]["variants"]
+    size8, size32 = (files[v]["metrics"]["model_size_mib"] for v in ("int8-dynamic-cpu", "fp32-cpu"))
+    assert variants["int8-dynamic-cpu"]["deltas"]["size (MiB)"] == pytest.approx((size8 - size32) / size32)
+    assert variants["int8-dynamic-cpu"]["deltas"]["size (MiB)"] < 0
+    same = sum(a == b for a, b in zip(files["int8-dynamic-cpu"]["predictions"]["predicted"],
+                                      fp32["predictions"]["predicted"]))
+    assert variants["int8-dynamic-cpu"]["metrics"]["agreement with baseline"] == pytest.approx(same / 24)
+
+    # Another spec into the same folder is refused before anything runs ...
+    changed = write_job(tmp_path / "jobs", rt_job(tiny_model, variants=variants_list(), n=30), "changed.yaml")
+    before = {p: p.stat().st_mtime_ns for p in (results / "tiny-rt").glob("*.json")}
+    code, _, err = run_cli(capsys, "run", changed, "--results", results, "--ray-temp-dir", ray_temp_dir)
+    assert code == 2 and "different job spec" in err and "--resume" in err
+    assert before == {p: p.stat().st_mtime_ns for p in (results / "tiny-rt").glob("*.json")}
+
+    # ... and --resume on the same spec reruns only what is not done.
+    monkeypatch.delenv("QUANTBENCH_FAULT_INJECT")
+    code, out, err = run_cli(capsys, "run", job, "--results", results, "--resume", "--ray-temp-dir", ray_temp_dir)
+    assert code == 0, out + err
+    assert "[resume] tiny-rt fp32-cpu" in out and "[resume] tiny-rt int8-dynamic-cpu" in out
+    assert json.loads((results / "tiny-rt" / "fp32-cpu.json").read_text())["started_at"] == fp32["started_at"]
+    assert json.loads((results / "tiny-rt" / "fp16-cpu.json").read_text())["status"] == "ok"
+
+
+def variants_list() -> str:
+    return "[fp32-cpu, int8-dynamic-cpu]"
+
+
+@pytest.mark.parametrize("fmt, marker", [("markdown", "| metric"), ("csv", "job,variant,status")])
+def test_collect_formats(capsys, tmp_path, fmt, marker):
+    folder = tmp_path / "r" / "j"
+    folder.mkdir(parents=True)
+    result = {"schema_version": 1, "job": "j", "variant": "fp32-cpu", "precision": "fp32", "device": "cpu",
+              "status": "ok", "error": None, "metrics": {"model_size_mib": 10.0, "accuracy": 0.9}, "environment": {}}
+    (folder / "fp32-cpu.json").write_text(json.dumps(result))
+    code, out, _ = run_cli(capsys, "collect", tmp_path / "r", "--format", fmt)
+    assert code == 0 and marker in out and "10" in out
+
+
+def test_collect_of_an_empty_folder_says_so(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "collect", tmp_path)
+    assert code == 2 and "no result files" in err

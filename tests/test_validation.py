@@ -1,0 +1,141 @@
+"""A bad job file is refused before anything runs: exit 2, the file and field named, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import RT_POLARITY, SMSA, rt_job, write_job
+from runner.cli import main
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main(list(map(str, args)))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def check_refused(capsys, tmp_path, job_text: str, *expected: str) -> str:
+    """validate and run both exit 2 with the file and the expected words; run writes nothing."""
+    job = write_job(tmp_path / "jobs", job_text)
+    code, _, err = run_cli(capsys, "validate", job)
+    assert code == 2, err
+    assert str(job.name) in err and "Traceback" not in err
+    for words in expected:
+        assert words in err, f"{words!r} not in {err!r}"
+    results = tmp_path / "results"
+    code, _, err_run = run_cli(capsys, "run", job, "--results", results)
+    assert code == 2 and err_run == err
+    assert not results.exists()
+    return err
+
+
+def test_a_valid_job_lists_its_variants_and_where_they_run(capsys, tmp_path, tiny_model):
+    job = write_job(tmp_path, rt_job(tiny_model, variants="[fp32-cpu, int8-dynamic-cpu, bnb-int8-cuda]"))
+    code, out, err = run_cli(capsys, "validate", job)
+    assert code == 0, err
+    assert "fp32-cpu" in out and "int8-dynamic-cpu" in out and "bnb-int8-cuda" in out
+    assert "GPU worker" in out and "quantbench_cuda=1" in out
+    assert "24 of 10662 rows" in out
+
+
+def test_not_yaml(capsys, tmp_path):
+    check_refused(capsys, tmp_path, "name: [unclosed\n", "line", "valid YAML")
+
+
+def test_not_a_mapping(capsys, tmp_path):
+    check_refused(capsys, tmp_path, "- just\n- a list\n", "expected a mapping")
+
+
+def test_unknown_field_suggests_the_right_one(capsys, tmp_path, tiny_model):
+    err = check_refused(capsys, tmp_path, rt_job(tiny_model, "baselin: fp32-cpu"), "baselin", "did you mean 'baseline'")
+    assert "allowed here" in err
+
+
+def test_unknown_nested_field(capsys, tmp_path, tiny_model):
+    check_refused(capsys, tmp_path, rt_job(tiny_model).replace("batch_size", "batchsize"),
+                  "evaluation.batchsize", "did you mean 'batch_size'")
+
+
+def test_mistyped_field(capsys, tmp_path, tiny_model):
+    check_refused(capsys, tmp_path, rt_job(tiny_model).replace("batch_size: 4", "batch_size: four"),
+                  "evaluation.batch_size", "'four'", "expected an integer")
+
+
+def test_unknown_precision(capsys, tmp_path, tiny_model):
+    check_refused(capsys, tmp_path, rt_job(tiny_model, variants="[fp32-cpu, int4-cpu]"),
+                  "variants[1]", "int4", "unknown precision", "bnb-nf4")
+
+
+def test_int8_dynamic_on_cuda(capsys, tmp_path, tiny_model):
+    check_refused(capsys, tmp_path, rt_job(tiny_model, variants="[fp32-cpu, int8-dynamic-cuda]"),
+                  "variants[1]", "int8-dynamic-cuda", "runs on cpu only")
+
+
+def test_int8_dynamic_on_cuda_in_a_grid(capsys, tmp_path, tiny_model):
+    text = rt_job(tiny_model).replace("variants: [fp32-cpu, int8-dynamic-cpu]",
+                                      "precisions: [fp32, int8-dynamic]\ndevices: [cpu, cuda]")
+    check_refused(capsys, tmp_path, text, "precisions[1]", "int8-dynamic-cuda", "runs on cpu only")
+
+
+def test_baseline_must_be_a_variant(capsys, tmp_path, tiny_model):
+    check_refused(capsys, tmp_path, rt_job(tiny_model, "baseline: fp16-cpu"), "baseline", "fp16-cpu", "one of the job's variants")
+
+
+def test_missing_dataset_file(capsys, tmp_path, tiny_model):
+    check_refused(capsys, tmp_path, rt_job(tiny_model).replace("rt-polarity.neg}", "rt-polarity.negative}"),
+                  "dataset.files.neg", "no such file")
+
+
+def test_missing_model_folder(capsys, tmp_path, tiny_model):
+    check_refused(capsys, tmp_path, rt_job(tiny_model.parent / "no-such-model"), "model.path", "no such folder")
+
+
+def test_missing_package(capsys, tmp_path):
+    text = rt_job(RT_POLARITY).replace(f"{{path: {RT_POLARITY}}}", "{package: no_such_package/model}")
+    check_refused(capsys, tmp_path, text, "model.package", "no installed Python package")
+
+
+def smsa_job(model, label_map: str, columns: str = "") -> str:
+    return f"""
+name: smsa-tiny
+model: {{path: {model}}}
+dataset:
+  format: tsv
+  path: {SMSA / 'test_preprocess.tsv'}
+  header: false
+  {columns}
+  label_map: {label_map}
+  sample: {{n: 50, seed: 0}}
+variants: [fp32-cpu]
+"""
+
+
+def test_missing_column(capsys, tmp_path, tiny_model_3):
+    check_refused(capsys, tmp_path, smsa_job(tiny_model_3, "{positive: LABEL_0}", "text_column: 5"),
+                  "dataset.text_column", "has 2 columns")
+
+
+def test_dataset_label_without_a_model_label(capsys, tmp_path, tiny_model_3):
+    check_refused(capsys, tmp_path, smsa_job(tiny_model_3, "{positive: LABEL_0, neutral: LABEL_1}"),
+                  "dataset.label_map", "negative", "no model label")
+
+
+def test_label_map_names_a_label_the_model_does_not_have(capsys, tmp_path, tiny_model_3):
+    check_refused(capsys, tmp_path,
+                  smsa_job(tiny_model_3, "{positive: positive, neutral: LABEL_1, negative: LABEL_2}"),
+                  "dataset.label_map.positive", "LABEL_0, LABEL_1, LABEL_2")
+
+
+def test_without_a_label_map_labels_must_be_model_label_names(capsys, tmp_path, tiny_model_3):
+    text = smsa_job(tiny_model_3, "null")
+    check_refused(capsys, tmp_path, text, "dataset.label_map", "not the model's label names")
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("sample: {n: 50, seed: 0}", "sample: {n: 50, fraction: 0.5}", "n or fraction"),
+    ("sample: {n: 50, seed: 0}", "sample: {fraction: 1.5}", "(0, 1]"),
+    ("format: tsv", "format: xlsx", "allowed: csv, tsv, jsonl, parquet, lines"),
+])
+def test_dataset_field_values(capsys, tmp_path, tiny_model_3, field, value, words):
+    text = smsa_job(tiny_model_3, "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}").replace(field, value)
+    check_refused(capsys, tmp_path, text, words)
