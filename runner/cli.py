@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else an embedded local cluster)")
     run.add_argument("--resume", action="store_true", help="skip variants whose result for the same spec exists")
     run.add_argument("--ray-temp-dir", help="temporary folder of an embedded Ray cluster")
+    run.add_argument("--placement-timeout", type=float, metavar="SECONDS",
+                     help="how long to wait for a node that can run a variant before it is skipped "
+                          "(default: 0 on the embedded cluster, 30 on a cluster given by address)")
 
     validate = commands.add_parser("validate", help="check job files and print the variants they expand to")
     validate.add_argument("jobs", nargs="+", type=Path)
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError(args.jobs[0], "name", names, "each job run together needs its own name")
         from runner import sweep
 
-        report = sweep.run_sweep(plans, args.results, args.resume, args.address, ray_temp_dir=args.ray_temp_dir)
+        report = sweep.run_sweep(plans, args.results, args.resume, args.address, ray_temp_dir=args.ray_temp_dir,
+                                 placement_timeout_s=args.placement_timeout)
         sweep.print_table(report)
         print(report.split())
         return EXIT_FAILED if report.failed else EXIT_OK

@@ -21,6 +21,7 @@ from typing import Callable
 import ray
 
 from runner import models
+from runner.finetune import FinetuneTask, run_finetune
 from runner.worker import VariantTask, base_result, now, run_variant
 
 SLOT = "quantbench_slot"
@@ -128,16 +129,22 @@ def _execute(task: VariantTask, archive: list) -> dict:
     if fault == "raise":
         raise RuntimeError(f"fault injected into {task.variant.id}")
     _quiet_libraries()
-    key = Path(task.model_dir).name
-    if models.cached_model(key) is None:
-        if not archive:
-            raise FileNotFoundError(f"prepared model {task.model_dir} is not on this node and none was sent")
-        task.model_dir = str(models.unpack_archive(key, ray.get(archive[0])))
+    task.model_dir = _model_on_this_node(task.model_dir, archive)
     result = run_variant(task)
     context = ray.get_runtime_context()
     result["environment"]["ray"] = {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
                                     "worker_pid": os.getpid()}
     return result
+
+
+def _model_on_this_node(model_dir: str, archive: list) -> str:
+    """The prepared model's folder here: the driver's cache when shared, else unpacked from the archive."""
+    key = Path(model_dir).name
+    if models.cached_model(key) is not None:
+        return str(models.cached_model(key))
+    if not archive:
+        raise FileNotFoundError(f"prepared model {model_dir} is not on this node and none was sent")
+    return str(models.unpack_archive(key, ray.get(archive[0])))
 
 
 def _quiet_libraries() -> None:
@@ -199,3 +206,41 @@ def _short_error(error: Exception) -> str:
         return f"{type(cause).__name__}: {cause}"[:2000]
     lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
     return f"{type(error).__name__}: {' '.join(lines[:3])}"[:2000]
+
+
+# ---------------------------------------------------------------------------------------------
+# The fine-tune stage: one task, on a GPU worker when the cluster has one.
+
+
+def _finetune_on_worker(task: FinetuneTask, archive: list, send_back: bool) -> dict:
+    _quiet_libraries()
+    task.base_dir = _model_on_this_node(task.base_dir, archive)
+    info = run_finetune(task)
+    info["node_ip"] = ray.util.get_node_ip_address()
+    if send_back:  # the driver's machine may not share this node's disk
+        info["archive"] = models.archive_folder(Path(info["folder"]))
+    return info
+
+
+_remote_finetune = ray.remote(max_calls=1, max_retries=0)(_finetune_on_worker)
+
+
+def finetune(task: FinetuneTask, cluster: Cluster, placement_timeout_s: float | None = None) -> dict:
+    """Fine-tune on a GPU worker if there is one, else a CPU worker; the model lands in this machine's cache."""
+    if placement_timeout_s is None:
+        placement_timeout_s = 0.0 if cluster.embedded else 30.0
+    device = "cuda" if wait_for_capable_node("cuda", 0.0) is None else "cpu"
+    reason = wait_for_capable_node(device, placement_timeout_s)
+    if reason:
+        raise RuntimeError(f"cannot fine-tune: {reason}")
+    archive = [] if cluster.embedded else [ray.put(models.archive_folder(Path(task.base_dir)))]
+    options = {"resources": {k: v for k, v in requirements(device).items() if k != "GPU"},
+               "num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}
+    try:
+        info = ray.get(_remote_finetune.options(**options).remote(task, archive, not cluster.embedded))
+    except ray.exceptions.RayTaskError as error:
+        raise RuntimeError(_short_error(error)) from None
+    if "archive" in info:
+        models.unpack_archive(task.key, info.pop("archive"))
+    info["folder"] = str(models.cached_model(task.key))
+    return info

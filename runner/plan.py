@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner import data, models
-from runner.spec import JobSpec, SpecError, load_job
+from runner.spec import JobSpec, SampleSpec, SpecError, load_job
 
 
 @dataclass
@@ -26,6 +26,7 @@ class JobPlan:
     model_labels: list[str]  # the model's id2label, in id order
     sample_fingerprint: str
     spec_hash: str
+    train_examples: list[data.Example] | None = None  # the fine-tune split, when the job fine-tunes
 
 
 def plan_job(path: str | Path) -> JobPlan:
@@ -38,12 +39,47 @@ def plan_job(path: str | Path) -> JobPlan:
     config = models.read_config(spec.model, shown)
     if spec.tokenizer is not None:
         models.check_source(spec.tokenizer, shown, "tokenizer")
-    model_labels = models.label_names(config)
+    train = None
+    if spec.finetune is None:
+        model_labels = models.label_names(config)
+    else:
+        # Fine-tuning gives the model a new head whose labels are the names the job maps to.
+        labels = spec.dataset.label_map.values() if spec.dataset.label_map else sorted({e.label for e in rows})
+        model_labels = list(dict.fromkeys(labels))
+        train = training_split(spec, shown, rows, sample_rows)
     label_map = check_labels(spec, shown, {e.label for e in examples}, model_labels)
+    if train is not None:
+        unknown = sorted({e.label for e in train} - set(label_map))
+        if unknown:
+            raise SpecError(shown, "finetune.train", unknown,
+                            f"labels in the training data that the model does not know; it knows: {', '.join(label_map)}")
 
     return JobPlan(spec=spec, examples=examples, sample_rows=sample_rows, dataset_rows=len(rows),
                    label_map=label_map, model_labels=model_labels,
-                   sample_fingerprint=data.fingerprint(examples), spec_hash=_spec_hash(spec, examples))
+                   sample_fingerprint=data.fingerprint(examples), spec_hash=_spec_hash(spec, examples, train),
+                   train_examples=train)
+
+
+def training_split(spec: JobSpec, shown: Path, rows: list[data.Example], sample_rows: list[int]) -> list[data.Example]:
+    """The fine-tune's rows: a file of its own, or the dataset minus the evaluation sample. Never both."""
+    settings = spec.finetune
+    evaluated = {rows[i].text for i in sample_rows}
+    if settings.train is not None:
+        train = data.read_examples(settings.train, shown)
+        overlap = sum(e.text in evaluated for e in train)
+        if overlap:
+            raise SpecError(shown, "finetune.train", f"{overlap} of its texts are in the evaluation sample",
+                            "the training split must not overlap the evaluation sample")
+    else:
+        held_out = set(sample_rows)
+        train = [e for i, e in enumerate(rows) if i not in held_out and e.text not in evaluated]
+    if settings.max_samples is not None and settings.max_samples < len(train):
+        keep = data.sample_indices(len(train), SampleSpec(n=settings.max_samples, seed=settings.seed))
+        train = [train[i] for i in keep]
+    if not train:
+        raise SpecError(shown, "finetune.train" if settings.train else "finetune", 0,
+                        "the training split is empty: fine-tuning needs rows that are not in the evaluation sample")
+    return train
 
 
 def check_labels(spec: JobSpec, shown: Path, dataset_labels: set[str], model_labels: list[str]) -> dict[str, str]:
@@ -70,10 +106,11 @@ def check_labels(spec: JobSpec, shown: Path, dataset_labels: set[str], model_lab
     return label_map
 
 
-def _spec_hash(spec: JobSpec, examples: list[data.Example]) -> str:
+def _spec_hash(spec: JobSpec, examples: list[data.Example], train: list[data.Example] | None) -> str:
     """What makes two results comparable: everything in the job but the list of variants and the baseline."""
     raw = {k: v for k, v in spec.raw.items() if k not in ("variants", "precisions", "devices", "baseline")}
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode())
     digest.update(data.fingerprint(examples).encode())
+    digest.update(data.fingerprint(train or []).encode())
     digest.update(models.model_key(spec).encode())
     return digest.hexdigest()[:16]

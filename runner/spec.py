@@ -83,6 +83,7 @@ class EvaluationSpec:
     timed_passes: int = 50
     min_time_s: float = 0.0
     threads: int | None = None  # None: every CPU the variant's worker was given
+    weight_analysis: bool = True  # per-layer weight error against FP32, computed after timing
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,20 @@ class QuantSettings:
     bnb_4bit_use_double_quant: bool = False
     dynamic_modules: tuple[str, ...] = ("Linear",)
     quantized_engine: str | None = None  # None: torch's default for this CPU
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Train a classification head and the encoder before anything is quantized."""
+
+    train: DatasetSpec | None  # None: the job's dataset minus the evaluation sample
+    epochs: float = 1.0
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    max_samples: int | None = None
+    seed: int = 0
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -118,7 +133,9 @@ class JobSpec:
     variants: tuple[Variant, ...]
     baseline: str
     seed: int
-    raw: dict = field(repr=False)  # the YAML as read, kept in every result as "the spec as run"
+    finetune: FinetuneSpec | None = None
+    tolerances: dict[str, float] = field(default_factory=dict)
+    raw: dict = field(default_factory=dict, repr=False)  # the YAML as read, kept in every result as "the spec as run"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +215,17 @@ def load_job(path: str | Path) -> JobSpec:
     return _parse(file, shown, raw)
 
 
-TOP_FIELDS = ("name", "model", "tokenizer", "dataset", "evaluation", "settings", "variants",
-              "precisions", "devices", "baseline", "seed")
+TOP_FIELDS = ("name", "model", "tokenizer", "dataset", "finetune", "evaluation", "settings", "variants",
+              "precisions", "devices", "baseline", "seed", "tolerances")
+
+# What a deployment may give up, against the baseline: `collect` marks each variant pass or fail.
+TOLERANCES = {
+    "max_accuracy_drop": "accuracy points below the baseline, as a fraction (0.01 = one point)",
+    "min_agreement": "share of samples predicted as the baseline predicts them",
+    "max_latency_ms": "median latency per forward pass, in milliseconds",
+    "max_size_mib": "model size in MiB",
+    "max_peak_rss_mib": "peak resident memory in MiB",
+}
 
 
 def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
@@ -219,6 +245,8 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
                         "an inline model config has no tokenizer files: name one with tokenizer.hub, .path or .package")
 
     dataset = _dataset(file, shown, top.sub("dataset", required=True))
+    finetune_reader = top.sub("finetune")
+    finetune = None if finetune_reader is None else _finetune(file, shown, finetune_reader)
     evaluation = _evaluation(top.sub("evaluation") or _Reader(shown, {}, "evaluation"))
     settings = _settings(top.sub("settings") or _Reader(shown, {}, "settings"))
     variants = _variants(shown, top)
@@ -228,7 +256,7 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
         raise SpecError(shown, "baseline", baseline, f"the baseline must be one of the job's variants: {', '.join(ids)}")
     return JobSpec(file=file, name=name, model=model, tokenizer=tokenizer, dataset=dataset,
                    evaluation=evaluation, settings=settings, variants=tuple(variants), baseline=baseline,
-                   seed=seed, raw=raw)
+                   seed=seed, finetune=finetune, tolerances=_tolerances(top.sub("tolerances")), raw=raw)
 
 
 def _resolve(file: Path, value: str) -> Path:
@@ -260,9 +288,29 @@ def _model_source(file: Path, shown: Path, reader: _Reader, allow_config: bool) 
     return ModelSource(hub=value, revision=reader.get("revision", str))
 
 
-def _dataset(file: Path, shown: Path, reader: _Reader) -> DatasetSpec:
-    reader.check_keys(("format", "path", "files", "header", "text_column", "label_column", "label_map",
-                       "sample", "max_length"))
+SOURCE_FIELDS = ("format", "path", "files", "header", "text_column", "label_column")
+
+
+def _finetune(file: Path, shown: Path, reader: _Reader) -> FinetuneSpec:
+    reader.check_keys(("train", "epochs", "learning_rate", "batch_size", "max_samples", "seed",
+                       "weight_decay", "warmup_ratio"))
+    train_reader = reader.sub("train")
+    train = None if train_reader is None else _dataset(file, shown, train_reader, SOURCE_FIELDS)
+    values = {}
+    for key, low, high in (("epochs", 0, 1000), ("learning_rate", 0, 1), ("weight_decay", -1e-12, 1),
+                           ("warmup_ratio", -1e-12, 1)):
+        value = reader.get(key, float, getattr(FinetuneSpec, key))
+        if not low < value <= high:
+            span = f"({low:g}, {high:g}]" if low >= 0 else f"[0, {high:g}]"
+            raise SpecError(shown, reader.field(key), value, f"expected a number in {span}")
+        values[key] = value
+    return FinetuneSpec(train=train, batch_size=reader.positive_int("batch_size", 32),
+                        max_samples=reader.positive_int("max_samples", None), seed=reader.get("seed", int, 0),
+                        **values)
+
+
+def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] | None = None) -> DatasetSpec:
+    reader.check_keys(allowed or SOURCE_FIELDS + ("label_map", "sample", "max_length"))
     fmt = reader.get("format", str)
     path_value = reader.get("path", str)
     if fmt is None and path_value:
@@ -316,8 +364,23 @@ def _dataset(file: Path, shown: Path, reader: _Reader) -> DatasetSpec:
                        label_column=label_column, label_map=label_map, sample=sample, max_length=max_length)
 
 
+def _tolerances(reader: _Reader | None) -> dict[str, float]:
+    if reader is None:
+        return {}
+    reader.check_keys(tuple(TOLERANCES))
+    values = {}
+    for key in TOLERANCES:
+        value = reader.get(key, float)
+        if value is not None:
+            if value < 0 or (key == "min_agreement" and value > 1):
+                raise SpecError(reader.file, reader.field(key), value, f"expected {TOLERANCES[key]}, >= 0"
+                                + (" and <= 1" if key == "min_agreement" else ""))
+            values[key] = value
+    return values
+
+
 def _evaluation(reader: _Reader) -> EvaluationSpec:
-    reader.check_keys(("batch_size", "warmup_passes", "timed_passes", "min_time_s", "threads"))
+    reader.check_keys(("batch_size", "warmup_passes", "timed_passes", "min_time_s", "threads", "weight_analysis"))
     min_time = reader.get("min_time_s", float, 0.0)
     if min_time < 0:
         raise SpecError(reader.file, reader.field("min_time_s"), min_time, "expected a number >= 0")
@@ -325,7 +388,8 @@ def _evaluation(reader: _Reader) -> EvaluationSpec:
                           warmup_passes=reader.positive_int("warmup_passes", 5, minimum=0),
                           timed_passes=reader.positive_int("timed_passes", 50),
                           min_time_s=min_time,
-                          threads=reader.positive_int("threads", None))
+                          threads=reader.positive_int("threads", None),
+                          weight_analysis=reader.get("weight_analysis", bool, True))
 
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")

@@ -7,14 +7,16 @@ run, so it never competes with a timed pass for the CPU.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from runner import collect, dispatch, models, results
+from runner.finetune import FinetuneTask, finetune_key
 from runner.plan import JobPlan
-from runner.worker import VariantTask
+from runner.worker import VariantTask, base_result, now
 
 
 @dataclass
@@ -65,7 +67,8 @@ def progress_line(done: int, total: int, result: dict) -> str:
 
 
 def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: str | None,
-              say: Callable[[str], None] = print, ray_temp_dir: str | None = None) -> SweepReport:
+              say: Callable[[str], None] = print, ray_temp_dir: str | None = None,
+              placement_timeout_s: float | None = None) -> SweepReport:
     """Run every planned job. Raises results.ResultsConflict before starting anything."""
     kept = {plan.spec.name: results.plan_folder(results_dir, plan.spec.name, plan.spec_hash,
                                                 [v.id for v in plan.spec.variants], resume)
@@ -85,9 +88,24 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
             model_dir, model_info = models.prepare_model(plan.spec)
             report.prepare_s += time.perf_counter() - prepared
             say(f"model: {model_info['source']} -> {model_dir}" + (" (cached)" if model_info["cached"] else ""))
-            if model_info.get("newly_initialised"):
+            if model_info.get("newly_initialised") and plan.train_examples is None:
                 say(f"note: {len(model_info['newly_initialised'])} weight tensor(s) were randomly initialised "
                     "(no trained classification head): accuracy is chance until the model is fine-tuned")
+            if plan.train_examples is not None:
+                prepared = time.perf_counter()
+                try:
+                    model_dir, model_info = fine_tuned_model(plan, model_dir, model_info, cluster, say,
+                                                             placement_timeout_s)
+                except Exception as error:  # every variant of this job needs the fine-tuned model
+                    report.prepare_s += time.perf_counter() - prepared
+                    failed = [dict(base_result(t, "failed", f"fine-tune failed: {type(error).__name__}: {error}"),
+                                   ended_at=now()) for t in build_tasks(plan, model_dir, model_info, set(kept[name]))]
+                    for result in failed:
+                        results.write_result(results_dir, result)
+                        say(progress_line(len(report.results) + 1, len(failed), result))
+                        report.results.append(result)
+                    continue
+                report.prepare_s += time.perf_counter() - prepared
             tasks = build_tasks(plan, model_dir, model_info, set(kept[name]))
             count = [0]
 
@@ -96,13 +114,37 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
                 count[0] += 1
                 say(progress_line(count[0], total, result))
 
-            job_results = dispatch.run_variants(tasks, cluster, on_result, model_dir=model_dir)
+            job_results = dispatch.run_variants(tasks, cluster, on_result, placement_timeout_s=placement_timeout_s,
+                                                model_dir=model_dir)
             report.results.extend(job_results)
             report.variants_s += sum(r.get("wall_s") or 0.0 for r in job_results)
     finally:
         dispatch.shutdown()
     report.wall_s = time.perf_counter() - started
     return report
+
+
+def fine_tuned_model(plan: JobPlan, base_dir: Path, base_info: dict, cluster, say,
+                     placement_timeout_s: float | None = None) -> tuple[Path, dict]:
+    """The job's fine-tuned FP32 model: from the cache, or trained now as a Ray task."""
+    spec = plan.spec
+    texts = [e.text for e in plan.train_examples]
+    labels = [plan.label_map[e.label] for e in plan.train_examples]
+    key = finetune_key(base_info["key"], texts, labels, plan.model_labels, spec.finetune, spec.dataset.max_length)
+    cached = models.cached_model(key)
+    if cached is not None:
+        info = json.loads((cached / models.MARKER).read_text())
+        say(f"fine-tune: reusing the cached fine-tuned model {cached} (trained on {info['train_rows']} rows, "
+            f"train loss {info['train_loss']})")
+        return cached, {**info, "cached": True, "source": f"fine-tuned {base_info['source']}"}
+    say(f"fine-tune: training on {len(texts)} rows ({spec.finetune.epochs:g} epoch(s), "
+        f"batch {spec.finetune.batch_size}, learning rate {spec.finetune.learning_rate:g}) ...")
+    task = FinetuneTask(key=key, base_dir=str(base_dir), base_key=base_info["key"], texts=texts, labels=labels,
+                        label_names=plan.model_labels, settings=spec.finetune, max_length=spec.dataset.max_length)
+    info = dispatch.finetune(task, cluster, placement_timeout_s)
+    say(f"fine-tune: done in {info['train_s']:.1f} s on {info['device']} ({info.get('node_ip')}), "
+        f"train loss {info['train_loss']}; cached as {info['folder']}")
+    return Path(info["folder"]), {**info, "source": f"fine-tuned {base_info['source']}"}
 
 
 def describe_plan(plan: JobPlan) -> str:
@@ -113,6 +155,9 @@ def describe_plan(plan: JobPlan) -> str:
              f"(seed {spec.dataset.sample.seed}); label map: "
              + ", ".join(f"{k}→{v}" for k, v in sorted(plan.label_map.items())),
              f"  evaluation: {asdict(spec.evaluation)}",
+             *([f"  fine-tune: {len(plan.train_examples)} training rows, none in the evaluation sample; "
+                f"epochs {spec.finetune.epochs:g}, learning rate {spec.finetune.learning_rate:g}, "
+                f"batch {spec.finetune.batch_size}, seed {spec.finetune.seed}"] if plan.train_examples else []),
              f"  baseline: {spec.baseline}",
              "  variants:"]
     for variant in spec.variants:

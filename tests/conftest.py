@@ -28,27 +28,32 @@ def private_cache(tmp_path_factory, monkeypatch):
     return cache
 
 
-def build_tokenizer(folder: Path, vocab_size: int = 2000):
+def corpus_lines(paths: list[Path], per_file: int = 2000) -> list[str]:
+    return [line.split("\t")[0] for path in paths for line in path.read_text(encoding="utf-8").splitlines()[:per_file]]
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 2000, corpus: list[str] | None = None):
     from transformers import BertTokenizerFast
 
     words = collections.Counter()
-    for name in ("rt-polarity.pos", "rt-polarity.neg"):
-        for line in (RT_POLARITY / name).read_text(encoding="utf-8").splitlines()[:2000]:
-            words.update(line.split())
+    for line in corpus or corpus_lines([RT_POLARITY / "rt-polarity.pos", RT_POLARITY / "rt-polarity.neg"]):
+        words.update(line.split())
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in words.most_common(vocab_size)]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(dict.fromkeys(vocab))}, do_lower_case=True)
+    assert len(tokenizer) > 100, "the tokenizer did not take the vocabulary"
     tokenizer.save_pretrained(folder)
     return tokenizer
 
 
-def build_tiny_bert(folder: Path, labels: list[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_bert(folder: Path, labels: list[str], hidden: int = 32, layers: int = 2, seed: int = 0,
+                    corpus: list[str] | None = None) -> Path:
     """A random-initialised BERT classifier with the given label names, saved with save_pretrained."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    tokenizer = build_tokenizer(folder)
+    tokenizer = build_tokenizer(folder, corpus=corpus)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=128,

@@ -1,0 +1,91 @@
+"""Fine-tuning: train a classification head and the encoder on a training split, once, cached.
+
+Runs where the dispatcher places it (a GPU node when the cluster has one), with the transformers
+Trainer (accelerate underneath) rather than a hand-written loop. The result is a saved FP32
+checkpoint in the model cache, keyed by a content hash of the base model, the training data and the
+settings, so a second run reuses it. The cache entry is written through a temporary folder and a
+rename: a fine-tune that fails halfway leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+from runner import measure, models
+from runner.spec import FinetuneSpec
+
+
+@dataclass
+class FinetuneTask:
+    key: str  # the cache key of the fine-tuned model
+    base_dir: str  # the prepared base checkpoint
+    base_key: str
+    texts: list[str]
+    labels: list[str]  # model label names, already mapped from the dataset's values
+    label_names: list[str]  # the fine-tuned head's id2label, in id order
+    settings: FinetuneSpec
+    max_length: int
+
+
+def finetune_key(base_key: str, texts: list[str], labels: list[str], label_names: list[str],
+                 settings: FinetuneSpec, max_length: int) -> str:
+    digest = hashlib.sha256(b"quantbench-finetune-v1")
+    digest.update(base_key.encode())
+    for text, label in zip(texts, labels):
+        digest.update(text.encode() + b"\x1f" + label.encode() + b"\x1e")
+    settings_without_source = {k: v for k, v in asdict(settings).items() if k != "train"}
+    digest.update(json.dumps([label_names, settings_without_source, max_length], sort_keys=True).encode())
+    return digest.hexdigest()[:20]
+
+
+def run_finetune(task: FinetuneTask) -> dict:
+    """Train and save into the cache. Returns what was done, for the results and the run's output."""
+    existing = models.cached_model(task.key)
+    if existing is not None:
+        return {**json.loads((existing / models.MARKER).read_text()), "cached": True, "folder": str(existing)}
+
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments, set_seed)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    torch.set_num_threads(measure.available_cpus())  # Ray's one thread per task would halve the speed
+    set_seed(task.settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(task.base_dir)
+    index = {name: i for i, name in enumerate(task.label_names)}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        task.base_dir, num_labels=len(task.label_names), id2label=dict(enumerate(task.label_names)),
+        label2id=index, ignore_mismatched_sizes=True, dtype=torch.float32)
+    encoded = tokenizer(task.texts, truncation=True, max_length=task.max_length)
+    train_set = [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
+                  **({"token_type_ids": encoded["token_type_ids"][i]} if "token_type_ids" in encoded else {}),
+                  "labels": index[label]} for i, label in enumerate(task.labels)]
+    s = task.settings
+    steps = math.ceil(len(train_set) / s.batch_size) * math.ceil(s.epochs)
+    with tempfile.TemporaryDirectory(prefix="quantbench-finetune-") as scratch:
+        arguments = TrainingArguments(
+            output_dir=scratch, num_train_epochs=s.epochs, learning_rate=s.learning_rate,
+            per_device_train_batch_size=s.batch_size, weight_decay=s.weight_decay, warmup_steps=round(s.warmup_ratio * steps),
+            seed=s.seed, data_seed=s.seed, save_strategy="no", report_to=[], logging_strategy="no",
+            disable_tqdm=True, dataloader_num_workers=0,
+            train_sampling_strategy="group_by_length",  # less padding: faster steps on a CPU
+            use_cpu=not torch.cuda.is_available())
+        trainer = Trainer(model=model, args=arguments, train_dataset=train_set,
+                          data_collator=DataCollatorWithPadding(tokenizer))
+        outcome = trainer.train()
+    model.eval()
+    info = {"key": task.key, "base": task.base_key, "label_names": task.label_names, "train_rows": len(task.texts),
+            "settings": {k: v for k, v in asdict(s).items() if k != "train"}, "max_length": task.max_length,
+            "train_loss": round(float(outcome.training_loss), 6), "train_s": round(time.perf_counter() - started, 2),
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
+            "newly_initialised": []}
+    folder = models.save_folder(task.key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return {**info, "cached": False, "folder": str(folder)}

@@ -1,0 +1,192 @@
+"""The fine-tune stage: trained once as a Ray task, cached by content, deterministic, and a label guard
+that catches the published mistake on real SmSA rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SMSA, build_tiny_bert, corpus_lines, write_job
+from runner import finetune, models
+from runner.cli import main
+from runner.plan import plan_job
+from runner.spec import FinetuneSpec
+from runner.sweep import build_tasks
+from runner.worker import run_variant
+
+LABELS = "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}"  # the published model's order
+
+
+@pytest.fixture(scope="module")
+def smsa_base(tmp_path_factory):
+    """A tiny BERT whose vocabulary comes from the SmSA training texts (Indonesian)."""
+    corpus = corpus_lines([SMSA / "train_preprocess.tsv"], per_file=4000)
+    return build_tiny_bert(tmp_path_factory.mktemp("smsa-base"), ["LABEL_0", "LABEL_1", "LABEL_2"], hidden=64,
+                           corpus=corpus)
+
+
+def smsa_job(model, label_map=LABELS, train_path=SMSA / "train_preprocess.tsv", finetune_extra="", n=120) -> str:
+    return f"""
+name: smsa-tiny
+model: {{path: {model}}}
+dataset:
+  format: tsv
+  path: {SMSA / 'test_preprocess.tsv'}
+  header: false
+  label_map: {label_map}
+  sample: {{n: {n}, seed: 0}}
+  max_length: 64
+finetune:
+  train: {{format: tsv, path: {train_path}, header: false}}
+  epochs: 2
+  learning_rate: 2.0e-3
+  batch_size: 32
+  max_samples: 1200
+  seed: 0
+  {finetune_extra}
+evaluation: {{batch_size: 16, warmup_passes: 1, timed_passes: 4}}
+variants: [fp32-cpu, int8-dynamic-cpu]
+"""
+
+
+def run_cli(capsys, *args):
+    code = main(list(map(str, args)))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_finetune_runs_as_a_ray_task_then_is_reused(capsys, tmp_path, smsa_base, ray_temp_dir):
+    job = write_job(tmp_path, smsa_job(smsa_base))
+    code, out, err = run_cli(capsys, "run", job, "--results", tmp_path / "first", "--ray-temp-dir", ray_temp_dir)
+    assert code == 0, out + err
+    assert "fine-tune: training on 1200 rows" in out and "fine-tune: done in" in out
+    first = json.loads((tmp_path / "first" / "smsa-tiny" / "fp32-cpu.json").read_text())
+    assert first["model"]["train_rows"] == 1200 and first["model"]["label_names"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    assert first["model"]["train_loss"] < 1.0986  # below ln(3), the loss of knowing nothing: it learned
+
+    code, out, err = run_cli(capsys, "run", job, "--results", tmp_path / "second", "--ray-temp-dir", ray_temp_dir)
+    assert code == 0, out + err
+    assert "reusing the cached fine-tuned model" in out and "training on" not in out
+    second = json.loads((tmp_path / "second" / "smsa-tiny" / "fp32-cpu.json").read_text())
+    assert second["metrics"]["accuracy"] == first["metrics"]["accuracy"]
+
+
+def train_directly(job_path, cache, monkeypatch):
+    """Plan and fine-tune without Ray, into the given cache; returns (plan, fine-tuned folder)."""
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(cache))
+    plan = plan_job(job_path)
+    base_dir, base_info = models.prepare_model(plan.spec)
+    texts = [e.text for e in plan.train_examples]
+    labels = [plan.label_map[e.label] for e in plan.train_examples]
+    key = finetune.finetune_key(base_info["key"], texts, labels, plan.model_labels, plan.spec.finetune,
+                                plan.spec.dataset.max_length)
+    task = finetune.FinetuneTask(key=key, base_dir=str(base_dir), base_key=base_info["key"], texts=texts,
+                                 labels=labels, label_names=plan.model_labels, settings=plan.spec.finetune,
+                                 max_length=plan.spec.dataset.max_length)
+    return plan, task, finetune.run_finetune(task)
+
+
+def accuracy_of(plan, folder, info) -> tuple[float, list[str]]:
+    task = build_tasks(plan, folder, info, skip=set())[0]
+    result = run_variant(task)
+    assert result["status"] == "ok", result["error"]
+    return result["metrics"]["accuracy"], result["warnings"]
+
+
+def test_finetune_is_deterministic(tmp_path, smsa_base, monkeypatch):
+    job = write_job(tmp_path, smsa_job(smsa_base).replace("max_samples: 1200", "max_samples: 300"))
+    plan, _, one = train_directly(job, tmp_path / "cache-one", monkeypatch)
+    _, _, two = train_directly(job, tmp_path / "cache-two", monkeypatch)
+    assert one["key"] == two["key"] and one["train_loss"] == two["train_loss"]
+    first, _ = accuracy_of(plan, one["folder"], one)
+    second, _ = accuracy_of(plan, two["folder"], two)
+    assert first == second  # to the last digit
+
+
+def test_the_label_guard_catches_the_published_mistake(tmp_path, smsa_base, monkeypatch):
+    """Real SmSA rows and a model that knows them (fine-tuned on exactly these rows, to stand in for a well
+    trained model), read once with the right map and once with positive and negative swapped."""
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    plan = plan_job(write_job(tmp_path, smsa_job(smsa_base)))
+    texts, gold = [e.text for e in plan.examples], [plan.label_map[e.label] for e in plan.examples]
+    settings = FinetuneSpec(train=None, epochs=15, learning_rate=2e-3, batch_size=16, seed=0, warmup_ratio=0.0)
+    knows = finetune.run_finetune(finetune.FinetuneTask(
+        key="knows-the-rows", base_dir=str(smsa_base), base_key="base", texts=texts, labels=gold,
+        label_names=plan.model_labels, settings=settings, max_length=64))["folder"]
+    right, warnings = accuracy_of(plan, knows, {})
+    assert right > 0.9 and not [w for w in warnings if "label mapping" in w]
+
+    wrong = write_job(tmp_path, f"""
+name: smsa-wrong-map
+model: {{path: {knows}}}
+dataset:
+  format: tsv
+  path: {SMSA / 'test_preprocess.tsv'}
+  header: false
+  label_map: {{positive: LABEL_2, neutral: LABEL_1, negative: LABEL_0}}
+  sample: {{n: 120, seed: 0}}
+  max_length: 64
+evaluation: {{batch_size: 16, warmup_passes: 1, timed_passes: 4}}
+variants: [fp32-cpu]
+""", "wrong.yaml")
+    wrong_plan = plan_job(wrong)
+    assert wrong_plan.examples == plan.examples
+    accuracy, warnings = accuracy_of(wrong_plan, knows, {})
+    assert accuracy < right - 0.3
+    guard = [w for w in warnings if "label mapping suspect" in w]
+    assert guard, warnings
+    assert "LABEL_0→LABEL_2" in guard[0] and "LABEL_2→LABEL_0" in guard[0] and f"{right:.2%}" in guard[0]
+
+
+def test_a_failed_finetune_leaves_no_cache_entry(tmp_path, smsa_base, monkeypatch):
+    import transformers
+
+    def broken_train(self, *args, **kwargs):
+        raise RuntimeError("power cut halfway through training")
+
+    monkeypatch.setattr(transformers.Trainer, "train", broken_train)
+    job = write_job(tmp_path, smsa_job(smsa_base, finetune_extra="weight_decay: 0.02"))
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_directly(job, tmp_path / "cache", monkeypatch)
+    entries = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
+    assert len(entries) == 1  # the prepared base model only: no fine-tuned entry, no temporary folder
+
+
+def test_save_folder_is_all_or_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+
+    def half_then_crash(folder):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        models.save_folder("abc", {}, half_then_crash)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def refused(capsys, tmp_path, text, *words):
+    job = write_job(tmp_path / "jobs", text)
+    code, _, err = run_cli(capsys, "run", job, "--results", tmp_path / "results")
+    assert code == 2, err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_training_split_that_overlaps_the_evaluation_sample_is_refused(capsys, tmp_path, smsa_base):
+    refused(capsys, tmp_path, smsa_job(smsa_base, train_path=SMSA / "test_preprocess.tsv"),
+            "finetune.train", "must not overlap the evaluation sample")
+
+
+def test_a_training_label_the_model_does_not_know_is_refused(capsys, tmp_path, smsa_base):
+    train = tmp_path / "train.tsv"
+    train.write_text("bagus sekali\tpositive\nbiasa saja\tmixed\n")
+    refused(capsys, tmp_path, smsa_job(smsa_base, train_path=train), "finetune.train", "'mixed'",
+            "does not know")
+
+
+def test_an_empty_training_split_is_refused(capsys, tmp_path, smsa_base):
+    text = smsa_job(smsa_base).replace(f"  train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}\n", "")
+    text = text.replace("sample: {n: 120, seed: 0}", "sample: {fraction: 1.0}")
+    refused(capsys, tmp_path, text, "finetune", "training split is empty")
