@@ -110,12 +110,17 @@ class MemoryPhases:
             record["peak_cuda_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
         self.phases[name] = record
 
+    # Analysis loads an FP32 reference after the measured work: its peak is reported apart.
+    MEASURED = ("load", "quantize", "evaluate")
+
     def peak_rss_mib(self) -> float | None:
-        values = [p["peak_rss_mib"] for p in self.phases.values() if p.get("peak_rss_mib") is not None]
+        values = [p["peak_rss_mib"] for name, p in self.phases.items()
+                  if name in self.MEASURED and p.get("peak_rss_mib") is not None]
         return max(values) if values else None
 
     def peak_cuda_mib(self) -> float | None:
-        values = [p["peak_cuda_allocated_mib"] for p in self.phases.values() if "peak_cuda_allocated_mib" in p]
+        values = [p["peak_cuda_allocated_mib"] for name, p in self.phases.items()
+                  if name in self.MEASURED and "peak_cuda_allocated_mib" in p]
         return max(values) if values else None
 
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from runner import evaluate, measure
+from runner import analysis, evaluate, measure
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.spec import EvaluationSpec, QuantSettings, Variant
 
@@ -91,6 +91,37 @@ def run_variant(task: VariantTask) -> dict:
     return result
 
 
+# Outlier columns of LLM.int8() are found on this many evaluation batches of the FP32 model.
+OUTLIER_BATCHES = 4
+
+
+def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
+    """Per-layer error of the weights this variant computes with, against the FP32 weights they came from."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    started = time.perf_counter()
+    reference_model = AutoModelForSequenceClassification.from_pretrained(task.model_dir, dtype=torch.float32).eval()
+    reference = analysis.dequantized_linear_weights(reference_model)
+    variant = analysis.dequantized_linear_weights(model)
+    rows = analysis.layer_weight_errors(reference, variant)
+    grids = {}
+    for name, weight in reference.items():  # one representative layer per type: the first one met
+        layer_type, _ = analysis.classify_layer(name)
+        if layer_type not in grids:
+            grids[layer_type] = analysis.quantization_grid(task.variant.precision, weight)
+    outcome = {"layers": rows, "summary": analysis.summarise_layer_errors(rows),
+               "histograms": analysis.weight_histograms(reference), "grids": grids}
+    if task.variant.precision == "bnb-int8":
+        cpu_batches = [{k: v.cpu() for k, v in b.items()} for b in batches[:OUTLIER_BATCHES]]
+        columns = analysis.activation_outlier_columns(reference_model, cpu_batches, task.settings.llm_int8_threshold)
+        outcome["outlier_columns"] = {name: cols for name, cols in columns.items() if cols}
+        outcome["outlier_samples"] = sum(b["input_ids"].shape[0] for b in cpu_batches)
+    del reference_model
+    outcome["analysis_s"] = round(time.perf_counter() - started, 3)
+    return outcome
+
+
 def _run(task: VariantTask, result: dict, torch) -> None:
     variant, device = task.variant, task.variant.device
     precision = PRECISIONS[variant.precision]
@@ -125,6 +156,11 @@ def _run(task: VariantTask, result: dict, torch) -> None:
         probabilities, timings = evaluate.run_passes(
             model, batches, device, task.evaluation.warmup_passes, task.evaluation.timed_passes,
             task.evaluation.min_time_s)
+
+    if task.evaluation.weight_analysis:
+        # After the clock has stopped: no timed pass runs while this computes.
+        with memory.phase("analysis"):
+            result["analysis"] = analyse_weights(model, task, batches)
 
     index = {name: i for i, name in enumerate(task.model_labels)}
     gold_ids = np.array([index[name] for name in task.gold_labels])

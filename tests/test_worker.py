@@ -123,3 +123,18 @@ def test_smsa_tsv_keeps_bare_quotes_and_every_row(tmp_path):
     assert {r.label for r in rows} == {"positive", "neutral", "negative"}
     assert sum(r.label == "positive" for r in rows) == 208
     assert any('"' in r.text for r in rows) or all("\t" not in r.text for r in rows)
+
+
+def test_weight_analysis_ranks_precisions_by_their_bits(all_precisions):
+    sqnr = {p: r["analysis"]["summary"]["overall"]["mean_sqnr_db"] for p, r in all_precisions.items() if p != "fp32"}
+    assert all_precisions["fp32"]["analysis"]["summary"]["overall"]["n_identical"] == 14
+    assert sqnr["fp16"] > sqnr["bf16"] > sqnr["bnb-int8"] > sqnr["bnb-nf4"] > 10
+    assert sqnr["int8-dynamic"] > sqnr["bnb-nf4"]
+    layers = {row["layer"]: row for row in all_precisions["bnb-int8"]["analysis"]["layers"]}
+    assert layers["bert.encoder.layer.1.attention.self.query"]["layer_type"] == "query"
+    assert layers["bert.encoder.layer.1.attention.self.query"]["depth"] == 1
+    assert "outlier_columns" in all_precisions["bnb-int8"]["analysis"]
+    assert all_precisions["bnb-nf4"]["analysis"]["grids"]["query"]["precision"] == "bnb-nf4"
+    # The analysis phase is measured apart and never counted in the variant's peak memory.
+    phases = all_precisions["int8-dynamic"]["metrics"]["memory_phases"]
+    assert set(phases) == {"load", "quantize", "evaluate", "analysis"}
