@@ -1,4 +1,4 @@
-"""The command line: quantbench run | validate | collect.
+"""The command line: quantbench run | validate | collect | report.
 
 Exit codes: 0 every variant ok or skipped; 1 a variant failed (the others still ran and were written);
 2 a bad job file or usage (nothing was run and nothing was written).
@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     collect.add_argument("folders", nargs="+", type=Path)
     collect.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     collect.add_argument("--baseline", help="variant to compare against (default: the job's baseline)")
+
+    report = commands.add_parser("report", help="one self-contained HTML file with the table, plots and verdict")
+    report.add_argument("folders", nargs="+", type=Path)
+    report.add_argument("--out", type=Path, help="the HTML file (default: report.html in the first folder); "
+                                                 "its PNGs go into <name>_figures/ beside it")
+    report.add_argument("--baseline", help="variant to compare against (default: the job's baseline)")
     return parser
 
 
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "collect":
             return _collect(args)
+        if args.command == "report":
+            return _report(args)
         plans = _plans(args.jobs)
         names = [p.spec.name for p in plans]
         if len(set(names)) != len(names):
@@ -73,19 +81,42 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _collect(args) -> int:
-    from runner import collect
+def _found(command: str, folders: list[Path]) -> list[dict] | None:
+    """The results under the folders, or None after saying why there are none."""
     from runner.results import find_results
 
-    missing = [str(f) for f in args.folders if not f.exists()]
+    missing = [str(f) for f in folders if not f.exists()]
     if missing:
-        print(f"quantbench collect: no such folder: {', '.join(missing)}", file=sys.stderr)
-        return EXIT_USAGE
-    found = find_results(args.folders)
+        print(f"quantbench {command}: no such folder: {', '.join(missing)}", file=sys.stderr)
+        return None
+    found = find_results(folders)
     if not found:
-        print(f"quantbench collect: no result files under {', '.join(map(str, args.folders))}", file=sys.stderr)
+        print(f"quantbench {command}: no result files under {', '.join(map(str, folders))}", file=sys.stderr)
+        return None
+    return found
+
+
+def _collect(args) -> int:
+    from runner import collect
+
+    found = _found("collect", args.folders)
+    if found is None:
         return EXIT_USAGE
     sys.stdout.write(collect.render(found, args.format, args.baseline))
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    found = _found("report", args.folders)
+    if found is None:
+        return EXIT_USAGE
+    from runner.report import write_report
+
+    out = args.out or (args.folders[0] if args.folders[0].is_dir() else args.folders[0].parent) / "report.html"
+    rendered = write_report(found, out, args.baseline)
+    figures = f"{len(rendered.figures)} figures also as PNG in {rendered.figures[0].parent}" if rendered.figures \
+        else "no figures: nothing to plot"
+    print(f"wrote {rendered.path} ({len(found)} result{'s' if len(found) != 1 else ''}; {figures})")
     return EXIT_OK
 
 

@@ -2,8 +2,10 @@
 
 Rows are metrics, columns are variants (each naming the hardware it ran on) with a delta column
 against the baseline: (variant - baseline) / baseline, so a smaller model shows a negative size delta
-and a slower one a positive latency delta. Agreement is computed here, from the per-sample
-predictions each result keeps. Output formats are a registry: table, markdown, csv, json.
+and a slower one a positive latency delta. What the predictions say is computed here, from the
+per-sample predictions each result keeps: agreement and flips against the baseline, KL divergence,
+calibration, and whether the accuracy and macro-F1 deltas are beyond noise. A job's tolerances give
+each variant a deployment verdict. Output formats are a registry: table, markdown, csv, json.
 """
 
 from __future__ import annotations
@@ -14,35 +16,71 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 from tabulate import tabulate
 
+from runner import analysis
 from runner.measure import hardware_label
+from runner.spec import TOLERANCES
 
 PRECISION_ORDER = ["fp32", "fp16", "bf16", "int8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4"]
+
+# How a delta is called noise: a percentile interval of a paired bootstrap that contains 0 and, for
+# accuracy, McNemar's exact test at ALPHA. Seeded, so the same results always give the same marks.
+BOOTSTRAP = {"n_resamples": 2000, "confidence": 0.95, "seed": 0}
+ALPHA = 0.05
+NOISE_MARK = "≈"
+# The verdict's pick among variants that pass.
+BEST_RULE = "fastest median latency among passing"
 
 
 @dataclass(frozen=True)
 class Row:
     label: str
-    get: Callable[[dict], float | None]
-    digits: int
+    get: Callable[[dict, dict], float | None]  # (result, its statistics from compare()) -> value
+    digits: int | None = 4  # None: three significant digits
     delta: bool = True  # whether a relative delta means anything for this metric
+    signed: bool = False
+    # "accuracy" | "macro_f1": the delta cell (or, in a row of absolute deltas, the value cell with its
+    # bootstrap interval) carries the within-noise mark.
+    noise: str | None = None
 
 
 def _metric(name: str):
-    return lambda r: r["metrics"].get(name)
+    return lambda r, s: r["metrics"].get(name)
 
 
 def _latency(name: str):
-    return lambda r: (r["metrics"].get("latency_ms") or {}).get(name)
+    return lambda r, s: (r["metrics"].get("latency_ms") or {}).get(name)
+
+
+def _effect(name: str):
+    return lambda r, s: (s.get("effects") or {}).get(name)
+
+
+def _delta_of(metric: str):
+    return lambda r, s: ((s.get("significance") or {}).get(metric) or {}).get("delta")
+
+
+def _mcnemar(name: str):
+    return lambda r, s: ((s.get("significance") or {}).get("mcnemar") or {}).get(name)
 
 
 ROWS = [
     Row("size (MiB)", _metric("model_size_mib"), 2),
-    Row("accuracy", _metric("accuracy"), 4),
+    Row("accuracy", _metric("accuracy"), 4, noise="accuracy"),
     Row("avg confidence", _metric("avg_confidence"), 4),
-    Row("macro-F1", _metric("macro_f1"), 4),
-    Row("agreement with baseline", lambda r: r.get("_agreement"), 4, delta=False),
+    Row("macro-F1", _metric("macro_f1"), 4, noise="macro_f1"),
+    Row("agreement with baseline", lambda r, s: s.get("agreement"), 4, delta=False),
+    Row("flip rate", lambda r, s: None if s.get("agreement") is None else 1.0 - s["agreement"], 4, delta=False),
+    Row("flips correct→wrong", _mcnemar("b"), 0, delta=False),
+    Row("flips wrong→correct", _mcnemar("c"), 0, delta=False),
+    Row("accuracy Δ vs baseline (abs)", _delta_of("accuracy"), 4, delta=False, signed=True, noise="accuracy"),
+    Row("macro-F1 Δ vs baseline (abs)", _delta_of("macro_f1"), 4, delta=False, signed=True, noise="macro_f1"),
+    Row("McNemar p", _mcnemar("p_value"), None, delta=False),
+    Row("KL vs baseline (nats)", _effect("mean_kl_baseline_variant"), None, delta=False),
+    Row("ECE", lambda r, s: (s.get("calibration") or {}).get("ece"), 4, delta=False),
+    Row("confidence change (abs)", _effect("mean_confidence_change"), 4, delta=False, signed=True),
     Row("latency mean (ms)", _latency("mean"), 2),
     Row("latency median (ms)", _latency("median"), 2),
     Row("latency std (ms)", _latency("std"), 2),
@@ -63,6 +101,9 @@ class JobTable:
     columns: list[str]  # column keys, baseline first
     results: dict[str, dict]  # column key -> result
     notes: list[str] = field(default_factory=list)
+    tolerances: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, dict] = field(default_factory=dict)  # column key -> compare()'s plain dict
+    best: str | None = None  # the best variant that passes the tolerances
 
 
 def _order(result: dict) -> tuple:
@@ -81,44 +122,205 @@ def build_tables(results: list[dict], baseline: str | None = None) -> list[JobTa
             if key in columns:  # the same variant from several machines: one column each, named by host
                 key = f"{key}@{result.get('environment', {}).get('host', '?')}"
             columns[key] = result
-        wanted = baseline or next((r.get("spec", {}).get("baseline") for r in mine if r.get("spec", {}).get("baseline")),
-                                  "fp32-cpu")
+        wanted = baseline or next((_spec(r).get("baseline") for r in mine if _spec(r).get("baseline")), "fp32-cpu")
         chosen = wanted if wanted in columns and columns[wanted]["status"] == "ok" else None
         notes = []
         if chosen is None:
             notes.append(f"baseline {wanted} has no ok result here: no deltas or agreement")
         order = ([chosen] if chosen else []) + [k for k in columns if k != chosen]
         table = JobTable(job, chosen, order, columns, notes)
-        _add_agreement(table)
+        table.tolerances = _tolerances(table)
+        table.stats = compare(table)
+        table.best = best_passing(table)
         tables.append(table)
     return tables
 
 
-def _add_agreement(table: JobTable) -> None:
+def _spec(result: dict) -> dict:
+    return result.get("spec") if isinstance(result.get("spec"), dict) else {}
+
+
+def _tolerances(table: JobTable) -> dict[str, float]:
+    """The job's tolerances: the baseline's spec decides when runs merged here disagree."""
+    found = {key: dict(_spec(r).get("tolerances") or {}) for key, r in table.results.items()}
+    chosen = found.get(table.baseline) if table.baseline else None
+    if chosen is None:
+        chosen = next((t for t in found.values() if t), {})
+    if any(t != chosen for t in found.values() if t):
+        table.notes.append("results carry different tolerances; the verdict uses "
+                           + ("the baseline's" if table.baseline else "the first found"))
+    unknown = sorted(set(chosen) - set(TOLERANCES))
+    if unknown:
+        table.notes.append(f"unknown tolerances ignored: {', '.join(unknown)}; known: {', '.join(TOLERANCES)}")
+    return {k: float(v) for k, v in chosen.items() if v is not None and k in TOLERANCES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: one plain dict per variant; rendering reads these and computes nothing.
+
+
+def compare(table: JobTable) -> dict[str, dict]:
+    """Per column: {agreement, effects, significance, calibration, confusion_matrix, per_class, verdict}.
+
+    effects: analysis.prediction_effects against the baseline, plus flipped_samples [{index, gold, from,
+    to}]; significance: paired bootstrap intervals of the accuracy and macro-F1 deltas, McNemar's exact
+    test and within_noise per metric. Both are None for the baseline's own significance, for results
+    without predictions and for results on another sample than the baseline's. calibration (ECE and its
+    bins), confusion_matrix and per_class describe the variant on its own, baseline or not.
+    """
     base = table.results.get(table.baseline) if table.baseline else None
-    base_preds = (base or {}).get("predictions") or {}
+    stats = {}
     for key in table.columns:
         result = table.results[key]
-        preds = result.get("predictions") or {}
-        if not base_preds or not preds:
-            continue
-        if (result.get("sample") or {}).get("fingerprint") != (base.get("sample") or {}).get("fingerprint"):
-            table.notes.append(f"{key}: evaluated on a different sample than the baseline; no agreement")
-            continue
-        same = sum(a == b for a, b in zip(preds["predicted"], base_preds["predicted"]))
-        result["_agreement"] = same / len(base_preds["predicted"])
+        entry = {"agreement": None, "effects": None, "significance": None, "calibration": None,
+                 "confusion_matrix": None, "per_class": None, "verdict": None}
+        own = _encoded(result, result) if result["status"] == "ok" else None
+        if own is not None and own["probs"] is not None:
+            alone = analysis.prediction_effects(own["gold"], own["probs"], own["probs"], own["labels"])
+            entry.update(calibration=alone["calibration_variant"], confusion_matrix=alone["confusion_matrix"],
+                         per_class=alone["per_class"])
+        paired = _paired(table, key, base) if own is not None and base is not None else None
+        if paired is not None:
+            entry.update(_against_baseline(paired, key == table.baseline))
+        entry["verdict"] = _judge(result, entry, base, table.tolerances)
+        stats[key] = entry
+    return stats
 
 
-def _cell(value, digits: int) -> str:
+def _encoded(result: dict, reference: dict) -> dict | None:
+    """A result's predictions as class indices in `reference`'s label order (None when they cannot be)."""
+    preds, labels = result.get("predictions") or {}, (reference.get("predictions") or {}).get("labels")
+    if not preds.get("predicted") or not labels or set(preds.get("labels") or labels) != set(labels):
+        return None
+    index = {name: i for i, name in enumerate(labels)}
+    if any(name not in index for name in list(preds["gold"]) + list(preds["predicted"])):
+        return None
+    gold = np.array([index[name] for name in preds["gold"]])
+    predicted = np.array([index[name] for name in preds["predicted"]])
+    probs = None
+    if preds.get("probabilities"):
+        own_order = [(preds.get("labels") or labels).index(name) for name in labels]
+        probs = np.asarray(preds["probabilities"], dtype=np.float64)
+        if probs.shape != (len(predicted), len(labels)):
+            return None
+        probs = probs[:, own_order]
+        # Results round probabilities to 6 digits, which can tie two classes: the recorded label breaks it.
+        rows = np.flatnonzero(probs.argmax(axis=1) != predicted)
+        probs[rows, predicted[rows]] += 1e-9
+    return {"labels": list(labels), "gold": gold, "predicted": predicted, "probs": probs}
+
+
+def _paired(table: JobTable, key: str, base: dict) -> dict | None:
+    result = table.results[key]
+    if (result.get("sample") or {}).get("fingerprint") != (base.get("sample") or {}).get("fingerprint"):
+        table.notes.append(f"{key}: evaluated on a different sample than the baseline; no agreement")
+        return None
+    mine, theirs = _encoded(result, base), _encoded(base, base)
+    if mine is None or theirs is None or not np.array_equal(mine["gold"], theirs["gold"]):
+        table.notes.append(f"{key}: its predictions cannot be paired with the baseline's (other labels or gold)")
+        return None
+    return {"variant": mine, "baseline": theirs}
+
+
+def _against_baseline(paired: dict, is_baseline: bool) -> dict:
+    var, base = paired["variant"], paired["baseline"]
+    gold, labels = var["gold"], var["labels"]
+    out = {"agreement": float(np.mean(var["predicted"] == base["predicted"]))}
+    if var["probs"] is not None and base["probs"] is not None:
+        effects = analysis.prediction_effects(gold, base["probs"], var["probs"], labels)
+        effects["flipped_samples"] = [
+            {"index": int(i), "gold": labels[gold[i]], "from": labels[base["predicted"][i]],
+             "to": labels[var["predicted"][i]]}
+            for i in np.flatnonzero(var["predicted"] != base["predicted"])]
+        out["effects"] = effects
+    if not is_baseline:
+        accuracy = analysis.paired_bootstrap_delta(gold, base["predicted"], var["predicted"], "accuracy", **BOOTSTRAP)
+        f1 = analysis.paired_bootstrap_delta(gold, base["predicted"], var["predicted"], "macro_f1", **BOOTSTRAP)
+        mcnemar = analysis.mcnemar_exact(gold, base["predicted"], var["predicted"], ALPHA)
+        out["significance"] = {
+            "accuracy": accuracy, "macro_f1": f1, "mcnemar": mcnemar,
+            # McNemar speaks to which samples are right, i.e. accuracy; macro-F1 has the bootstrap alone.
+            "within_noise": {"accuracy": accuracy["within_noise"] and mcnemar["within_noise"],
+                             "macro_f1": f1["within_noise"]},
+        }
+    return out
+
+
+# What each tolerance measures and how its value is shown; min_* limits are floors, max_* ceilings.
+_CHECKS = {
+    "max_accuracy_drop": ("accuracy drop", lambda r, s, b: None if s["agreement"] is None
+                          else b["metrics"]["accuracy"] - r["metrics"]["accuracy"], "{:.4f}"),
+    "min_agreement": ("agreement", lambda r, s, b: s["agreement"], "{:.4f}"),
+    "max_latency_ms": ("latency median", lambda r, s, b: (r["metrics"].get("latency_ms") or {}).get("median"),
+                       "{:.2f} ms"),
+    "max_size_mib": ("size", lambda r, s, b: r["metrics"].get("model_size_mib"), "{:.2f} MiB"),
+    "max_peak_rss_mib": ("peak RSS", lambda r, s, b: r["metrics"].get("peak_rss_mib"), "{:.0f} MiB"),
+}
+_SLACK = 1e-9  # a value equal to its limit passes, whatever the float rounding
+
+
+def _judge(result: dict, entry: dict, base: dict | None, tolerances: dict[str, float]) -> dict | None:
+    """pass | fail (with every tolerance it breaks) | no result; None when the job states no tolerances."""
+    if not tolerances:
+        return None
+    if result["status"] != "ok":
+        return {"status": "no result", "failures": [], "reason": result["status"]}
+    failures = []
+    for name, limit in tolerances.items():
+        what, measure, shown = _CHECKS[name]
+        value = measure(result, entry, base)
+        if value is None:
+            failures.append({"tolerance": name, "limit": limit, "value": None,
+                             "reason": f"{what} not measured against a baseline on the same sample"
+                             if name in ("max_accuracy_drop", "min_agreement") else f"{what} not measured"})
+            continue
+        broken = value < limit - _SLACK if name.startswith("min_") else value > limit + _SLACK
+        if broken:
+            sign = "<" if name.startswith("min_") else ">"
+            failures.append({"tolerance": name, "limit": limit, "value": value,
+                             "reason": f"{what} {shown.format(value)} {sign} {name} {limit:g}"})
+    return {"status": "fail" if failures else "pass", "failures": failures, "reason": None}
+
+
+def best_passing(table: JobTable) -> str | None:
+    """The fastest (median latency) variant that passes; the smaller one on a tie."""
+    passing = [k for k in table.columns if (table.stats[k].get("verdict") or {}).get("status") == "pass"]
+
+    def speed(key):
+        metrics = table.results[key]["metrics"]
+        median = (metrics.get("latency_ms") or {}).get("median")
+        return (median is None, median or 0.0, metrics.get("model_size_mib") or 0.0)
+
+    return min(passing, key=speed) if passing else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def _cell(value, row: Row) -> str:
     if value is None:
         return "–"
-    return f"{value:,.{digits}f}"
+    if row.digits is None:
+        return f"{value:.3g}"
+    return _signed(value, row.digits) if row.signed else f"{value:,.{row.digits}f}"
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value if round(value, digits) else 0.0:+,.{digits}f}"  # never "-0.0000"
 
 
 def _delta(value, base) -> str:
     if value is None or base in (None, 0):
         return ""
-    return f"{(value - base) / base:+.1%}"
+    relative = (value - base) / base
+    return f"{relative if round(relative, 3) else 0.0:+.1%}"  # never "-0.0%"
+
+
+def _noise_footnote() -> str:
+    return (f"{NOISE_MARK} within noise: the {BOOTSTRAP['confidence']:.0%} paired-bootstrap interval of the "
+            f"delta ({BOOTSTRAP['n_resamples']} resamples of the samples) contains 0 and, for accuracy, McNemar's "
+            f"exact test on the paired predictions gives p ≥ {ALPHA:g}; a delta without the mark is beyond noise")
 
 
 def table_rows(table: JobTable) -> tuple[list[str], list[list[str]], list[str]]:
@@ -139,19 +341,55 @@ def table_rows(table: JobTable) -> tuple[list[str], list[list[str]], list[str]]:
     rows = [_text_row("hardware", table, lambda r: _hardware(r)),
             _text_row("status", table, lambda r: r["status"])]
     base = table.results.get(table.baseline) if table.baseline else None
+    base_stats = table.stats.get(table.baseline, {}) if table.baseline else {}
+    noise_marked = False
     for spec in ROWS:
         row = [spec.label]
         for key in table.columns:
-            result = table.results[key]
-            value = spec.get(result) if result["status"] == "ok" else None
-            text = _cell(value, spec.digits)
+            result, stats = table.results[key], table.stats.get(key, {})
+            value = spec.get(result, stats) if result["status"] == "ok" else None
+            significance = stats.get("significance") or {}
+            noise = (significance.get("within_noise") or {}).get(spec.noise) if spec.noise else None
+            text = _cell(value, spec)
             if spec.label == "accuracy" and key in marks:
                 text += " ⚠" + ",".join(map(str, marks[key]))
+            if spec.noise and not spec.delta and value is not None:
+                interval = significance[spec.noise]
+                text += f" [{_signed(interval['ci_low'], spec.digits)}, {_signed(interval['ci_high'], spec.digits)}]"
+                if noise:
+                    text += " " + NOISE_MARK
+                    noise_marked = True
             row.append(text)
             if key != table.baseline and table.baseline:
-                row.append(_delta(value, spec.get(base)) if spec.delta else "")
+                delta = _delta(value, spec.get(base, base_stats)) if spec.delta else ""
+                if delta and noise:
+                    delta += " " + NOISE_MARK
+                    noise_marked = True
+                row.append(delta)
         rows.append(row)
+    if noise_marked:
+        footnotes.append(_noise_footnote())
     return header, rows, table.notes + footnotes
+
+
+def verdict_lines(table: JobTable) -> list[str]:
+    """The deployment verdict as lines of text: one per variant, then the best that passes."""
+    if not table.tolerances:
+        return []
+    limits = ", ".join(f"{name} {value:g}" for name, value in table.tolerances.items())
+    lines = [f"verdict against the job's tolerances ({limits}):"]
+    lines += [f"{key}: {verdict_text(table.stats[key]['verdict'])}" for key in table.columns]
+    lines.append(f"best variant that passes: {table.best} ({BEST_RULE})" if table.best
+                 else "best variant that passes: none passes")
+    return lines
+
+
+def verdict_text(verdict: dict) -> str:
+    if verdict["status"] == "no result":
+        return f"no verdict ({verdict['reason']})"
+    if verdict["status"] == "pass":
+        return "pass"
+    return "fail: " + "; ".join(f["reason"] for f in verdict["failures"])
 
 
 def _hardware(result: dict) -> str:
@@ -184,24 +422,42 @@ def _as_text(tables: list[JobTable], style: str) -> str:
                                                                                    disable_numparse=True))
         if footnotes:
             parts.append("\n".join(("- " if style == "github" else "  ") + note for note in footnotes))
+        verdict = verdict_lines(table)
+        if verdict:
+            if style == "github":
+                parts.append("### " + verdict[0].rstrip(":") + "\n\n" + "\n".join(f"- {line}" for line in verdict[1:]))
+            else:
+                parts.append(verdict[0] + "\n" + "\n".join(f"  {line}" for line in verdict[1:]))
     return "\n\n".join(parts) + "\n"
 
 
 def _as_csv(tables: list[JobTable]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["job", "variant", "status", "device", "hardware", "metric", "value", "baseline", "delta"])
+    writer.writerow(["job", "variant", "status", "device", "hardware", "metric", "value", "baseline", "delta",
+                     "ci_low", "ci_high", "within_noise", "verdict", "failed_tolerances", "best"])
     for table in tables:
         base = table.results.get(table.baseline) if table.baseline else None
+        base_stats = table.stats.get(table.baseline, {}) if table.baseline else {}
         for key in table.columns:
-            result = table.results[key]
+            result, stats = table.results[key], table.stats[key]
+            verdict = stats["verdict"] or {}
+            failed = ";".join(f["tolerance"] for f in verdict.get("failures", []))
+            significance = stats["significance"] or {}
             for spec in ROWS:
-                value = spec.get(result) if result["status"] == "ok" else None
-                base_value = spec.get(base) if base else None
+                value = spec.get(result, stats) if result["status"] == "ok" else None
+                base_value = spec.get(base, base_stats) if base else None
                 delta = (value - base_value) / base_value if spec.delta and value is not None and base_value else None
+                # The interval belongs to the rows of absolute deltas; the noise call to them and to the
+                # relative delta of accuracy and macro-F1.
+                interval = (significance.get(spec.noise) or {}) if spec.noise and not spec.delta else {}
+                noise = (significance.get("within_noise") or {}).get(spec.noise) if spec.noise else None
                 writer.writerow([table.job, key, result["status"], result["device"], _hardware(result), spec.label,
                                  "" if value is None else value, table.baseline or "",
-                                 "" if delta is None else round(delta, 6)])
+                                 "" if delta is None else round(delta, 6),
+                                 interval.get("ci_low", ""), interval.get("ci_high", ""),
+                                 "" if noise is None else str(noise).lower(),
+                                 verdict.get("status", ""), failed, "yes" if key == table.best else ""])
     return out.getvalue()
 
 
@@ -209,16 +465,21 @@ def _as_json(tables: list[JobTable]) -> str:
     payload = []
     for table in tables:
         base = table.results.get(table.baseline) if table.baseline else None
+        base_stats = table.stats.get(table.baseline, {}) if table.baseline else {}
         variants = {}
         for key in table.columns:
-            result = table.results[key]
-            values = {spec.label: spec.get(result) if result["status"] == "ok" else None for spec in ROWS}
-            deltas = {spec.label: ((values[spec.label] - spec.get(base)) / spec.get(base))
-                      for spec in ROWS if spec.delta and base and values[spec.label] is not None and spec.get(base)}
+            result, stats = table.results[key], table.stats[key]
+            values = {spec.label: spec.get(result, stats) if result["status"] == "ok" else None for spec in ROWS}
+            deltas = {spec.label: ((values[spec.label] - spec.get(base, base_stats)) / spec.get(base, base_stats))
+                      for spec in ROWS
+                      if spec.delta and base and values[spec.label] is not None and spec.get(base, base_stats)}
             variants[key] = {"variant": result["variant"], "status": result["status"], "error": result.get("error"),
                              "device": result["device"], "hardware": _hardware(result),
-                             "warnings": result.get("warnings", []), "metrics": values, "deltas": deltas}
-        payload.append({"job": table.job, "baseline": table.baseline, "notes": table.notes, "variants": variants})
+                             "warnings": result.get("warnings", []), "metrics": values, "deltas": deltas,
+                             **stats}
+        payload.append({"job": table.job, "baseline": table.baseline, "notes": table.notes, "variants": variants,
+                        "significance_method": {**BOOTSTRAP, "alpha": ALPHA, "rule": _noise_footnote()},
+                        "verdict": {"tolerances": table.tolerances, "best": table.best, "rule": BEST_RULE}})
     return json.dumps(payload, indent=2) + "\n"
 
 
