@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runner import measure
+from runner import analysis, measure
 
 # The label guard speaks when a relabelling of the predictions beats the job's map by this much.
 RELABEL_MARGIN = 0.10
@@ -29,38 +29,70 @@ def tokenize_batches(tokenizer, texts: list[str], batch_size: int, max_length: i
     return batches
 
 
+# The same first batch is timed this many times more: the spread of identical passes is the noise,
+# apart from the spread that different sentence lengths give the per-sample latencies.
+REPEATS_FOR_NOISE = 10
+
+
 @dataclass
 class PassTimings:
     seconds: list[float]
     samples: int  # samples processed in timed passes
+    repeats: list[float]  # the first batch, timed again and again
+
+
+def fixed_shape_batch(tokenizer, batch_size: int, sequence_length: int, device: str) -> dict:
+    """A batch of the same shape on every run and dataset: seeded random token ids, no padding."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    low = min(1000, len(tokenizer) // 2)  # past the special tokens of a BERT vocabulary
+    ids = torch.randint(low, len(tokenizer), (batch_size, sequence_length), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in tokenizer.model_input_names:
+        batch["token_type_ids"] = torch.zeros_like(ids)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def run_passes(model, batches: list[dict], device: str, warmup_passes: int, timed_passes: int,
-               min_time_s: float) -> tuple[np.ndarray, PassTimings]:
-    """Class probabilities for every sample (first pass over the sample) and the timed passes."""
+               min_time_s: float, fixed_batch: dict | None = None) -> tuple[np.ndarray, PassTimings]:
+    """Class probabilities for every sample and the timed passes.
+
+    Dataset mode (fixed_batch None): the passes over the sample are the timed passes. Fixed mode: the
+    sample is evaluated untimed, and the timed passes all run on fixed_batch.
+    """
     import torch
 
     sync = measure.synchronizer(device)
+    timed_batches = [fixed_batch] if fixed_batch is not None else batches
     probabilities, seconds, samples = [], [], 0
     with torch.inference_mode():
+        if fixed_batch is not None:
+            probabilities = [torch.softmax(model(**b).logits.float(), dim=-1).cpu() for b in batches]
         for i in range(warmup_passes):
-            model(**batches[i % len(batches)])
+            model(**timed_batches[i % len(timed_batches)])
         sync()
-        total_passes = max(len(batches), timed_passes)
+        repeats = []
+        for _ in range(REPEATS_FOR_NOISE):
+            start = time.perf_counter()
+            model(**timed_batches[0])
+            sync()
+            repeats.append(time.perf_counter() - start)
+        total_passes = max(len(timed_batches), timed_passes)
         clock_started = time.perf_counter()
         i = 0
         while i < total_passes or time.perf_counter() - clock_started < min_time_s:
-            batch = batches[i % len(batches)]
+            batch = timed_batches[i % len(timed_batches)]
             sync()
             start = time.perf_counter()
             logits = model(**batch).logits
             sync()
             seconds.append(time.perf_counter() - start)
             samples += batch["input_ids"].shape[0]
-            if i < len(batches):
+            if fixed_batch is None and i < len(batches):
                 probabilities.append(torch.softmax(logits.float(), dim=-1).cpu())
             i += 1
-    return torch.cat(probabilities).numpy(), PassTimings(seconds, samples)
+    return torch.cat(probabilities).numpy(), PassTimings(seconds, samples, repeats)
 
 
 def prediction_metrics(probabilities: np.ndarray, gold_ids: np.ndarray, label_names: list[str]) -> dict:
@@ -68,21 +100,9 @@ def prediction_metrics(probabilities: np.ndarray, gold_ids: np.ndarray, label_na
     confidence = probabilities.max(axis=1)
     return {
         "accuracy": float((predicted == gold_ids).mean()),
-        "macro_f1": macro_f1(gold_ids, predicted, len(label_names)),
+        "macro_f1": analysis.macro_f1(gold_ids, predicted, len(label_names)),
         "avg_confidence": float(confidence.mean()),
     }
-
-
-def macro_f1(gold: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
-    """Mean F1 over the classes that occur in the gold labels or the predictions."""
-    scores = []
-    for c in range(n_classes):
-        tp = int(((predicted == c) & (gold == c)).sum())
-        fp = int(((predicted == c) & (gold != c)).sum())
-        fn = int(((predicted != c) & (gold == c)).sum())
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
 
 
 def label_guard(gold_ids: np.ndarray, predicted: np.ndarray, label_names: list[str]) -> list[str]:

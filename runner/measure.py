@@ -54,10 +54,19 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * (position - lower)
 
 
+def repeat_cv(seconds: list[float]) -> float | None:
+    """Coefficient of variation of identical passes: the machine's noise, whatever the inputs' lengths."""
+    if len(seconds) < 2:
+        return None
+    mean = statistics.fmean(seconds)
+    return round(statistics.stdev(seconds) / mean, 4) if mean else None
+
+
 def noisy_warning(stats: dict) -> str | None:
-    if stats.get("n", 0) > 1 and stats["cv"] > NOISY_CV:
-        return (f"latency is noisy: coefficient of variation {stats['cv']:.0%} (above {NOISY_CV:.0%}); "
-                "another process may have shared the cores")
+    cv = stats.get("repeat_cv")
+    if cv is not None and cv > NOISY_CV:
+        return (f"latency is noisy: the same pass repeated varies by {cv:.0%} (coefficient of variation, above "
+                f"{NOISY_CV:.0%}); another process may have shared the cores")
     return None
 
 

@@ -84,6 +84,9 @@ class EvaluationSpec:
     min_time_s: float = 0.0
     threads: int | None = None  # None: every CPU the variant's worker was given
     weight_analysis: bool = True  # per-layer weight error against FP32, computed after timing
+    latency_mode: str = "dataset"  # dataset: the sample's batches are timed; fixed: one batch of fixed_shape
+    fixed_shape: tuple[int, int] | None = None  # (batch size, sequence length) for latency_mode fixed
+    repeats: int = 1  # runs of each variant, each in a fresh process
 
 
 @dataclass(frozen=True)
@@ -380,7 +383,17 @@ def _tolerances(reader: _Reader | None) -> dict[str, float]:
 
 
 def _evaluation(reader: _Reader) -> EvaluationSpec:
-    reader.check_keys(("batch_size", "warmup_passes", "timed_passes", "min_time_s", "threads", "weight_analysis"))
+    reader.check_keys(("batch_size", "warmup_passes", "timed_passes", "min_time_s", "threads", "weight_analysis",
+                       "latency_mode", "fixed_shape", "repeats"))
+    mode = reader.get("latency_mode", str, "dataset")
+    if mode not in ("dataset", "fixed"):
+        raise SpecError(reader.file, reader.field("latency_mode"), mode, "allowed: dataset, fixed")
+    shape = reader.get("fixed_shape", list)
+    if mode == "fixed" or shape is not None:
+        if mode != "fixed" or shape is None or len(shape) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape):
+            raise SpecError(reader.file, reader.field("fixed_shape"), shape,
+                            "latency_mode: fixed takes fixed_shape: [batch size, sequence length], and only it does")
     min_time = reader.get("min_time_s", float, 0.0)
     if min_time < 0:
         raise SpecError(reader.file, reader.field("min_time_s"), min_time, "expected a number >= 0")
@@ -389,7 +402,9 @@ def _evaluation(reader: _Reader) -> EvaluationSpec:
                           timed_passes=reader.positive_int("timed_passes", 50),
                           min_time_s=min_time,
                           threads=reader.positive_int("threads", None),
-                          weight_analysis=reader.get("weight_analysis", bool, True))
+                          weight_analysis=reader.get("weight_analysis", bool, True),
+                          latency_mode=mode, fixed_shape=tuple(shape) if shape else None,
+                          repeats=reader.positive_int("repeats", 1))
 
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")

@@ -49,8 +49,33 @@ def build_tasks(plan: JobPlan, model_dir: Path, model_info: dict, skip: set[str]
                         gold_labels=[plan.label_map[e.label] for e in plan.examples],
                         model_labels=plan.model_labels, evaluation=spec.evaluation, settings=spec.settings,
                         max_length=spec.dataset.max_length, spec_hash=plan.spec_hash, spec_as_run=spec.raw,
-                        sample=sample, model_info=model_info)
-            for variant in spec.variants if variant.id not in skip]
+                        sample=sample, model_info=model_info, repeat=repeat)
+            for variant in spec.variants if variant.id not in skip
+            for repeat in range(spec.evaluation.repeats)]
+
+
+def merge_repeats(runs: list[dict]) -> dict:
+    """One result from a variant's repeated runs: the run with the median median latency stands for
+    them, and every run is listed with the spread, so a difference can be told from noise."""
+    runs = sorted(runs, key=lambda r: r.get("repeat", 0))
+    if len(runs) == 1:
+        return runs[0]
+    failed = [r for r in runs if r["status"] != "ok"]
+    if failed:
+        return {**failed[0], "repeats": {"n": len(runs), "failed": len(failed)}}
+    medians = [r["metrics"]["latency_ms"]["median"] for r in runs]
+    middle = sorted(range(len(runs)), key=lambda i: medians[i])[len(runs) // 2]
+    merged = dict(runs[middle])
+    center = sorted(medians)[len(medians) // 2]
+    merged["repeats"] = {
+        "n": len(runs), "representative": runs[middle].get("repeat", middle),
+        "median_ms": medians, "throughput_sps": [r["metrics"]["throughput_sps"] for r in runs],
+        "peak_rss_mib": [r["metrics"]["peak_rss_mib"] for r in runs], "wall_s": [r.get("wall_s") for r in runs],
+        "spread": round((max(medians) - min(medians)) / center, 4) if center else None,
+    }
+    merged["wall_s"] = sum(r.get("wall_s") or 0.0 for r in runs)
+    merged["started_at"], merged["ended_at"] = runs[0]["started_at"], runs[-1]["ended_at"]
+    return merged
 
 
 def progress_line(done: int, total: int, result: dict) -> str:
@@ -61,6 +86,8 @@ def progress_line(done: int, total: int, result: dict) -> str:
     latency = metrics.get("latency_ms") or {}
     text = (f"{head} accuracy {metrics.get('accuracy', 0):.4f}  median {latency.get('median', 0):.2f} ms"
             f"  size {metrics.get('model_size_mib', 0):.1f} MiB  ({result.get('wall_s', 0):.1f} s)")
+    if result.get("repeats"):
+        text += f"  {result['repeats']['n']} runs, medians spread {result['repeats']['spread']:.1%}"
     if result.get("warnings"):
         text += f"  ⚠ {len(result['warnings'])} warning(s)"
     return text
@@ -107,16 +134,24 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
                     continue
                 report.prepare_s += time.perf_counter() - prepared
             tasks = build_tasks(plan, model_dir, model_info, set(kept[name]))
-            count = [0]
+            count, runs, done = [0], {}, set()
+            repeats = plan.spec.evaluation.repeats
 
-            def on_result(result: dict, total=len(tasks)) -> None:
-                results.write_result(results_dir, result)
+            def on_result(result: dict, total=len(tasks) // repeats) -> None:
+                if result["variant"] in done:  # the other repeats of a skipped variant
+                    return
+                runs.setdefault(result["variant"], []).append(result)
+                if len(runs[result["variant"]]) < repeats and result["status"] != "skipped":
+                    return
+                done.add(result["variant"])
+                merged = merge_repeats(runs[result["variant"]])
+                results.write_result(results_dir, merged)
+                report.results.append(merged)
                 count[0] += 1
-                say(progress_line(count[0], total, result))
+                say(progress_line(count[0], total, merged))
 
             job_results = dispatch.run_variants(tasks, cluster, on_result, placement_timeout_s=placement_timeout_s,
                                                 model_dir=model_dir)
-            report.results.extend(job_results)
             report.variants_s += sum(r.get("wall_s") or 0.0 for r in job_results)
     finally:
         dispatch.shutdown()

@@ -38,6 +38,7 @@ class VariantTask:
     spec_as_run: dict = field(default_factory=dict)
     sample: dict = field(default_factory=dict)  # where the sample came from, for the record
     model_info: dict = field(default_factory=dict)
+    repeat: int = 0  # which of the evaluation's repeats this run is
 
 
 class NoCudaDevice(RuntimeError):
@@ -66,6 +67,7 @@ def base_result(task: VariantTask, status: str, error: str | None = None) -> dic
         "spec": task.spec_as_run,
         "sample": task.sample,
         "model": task.model_info,
+        "repeat": task.repeat,
         "started_at": now(),
         "ended_at": None,
     }
@@ -152,10 +154,13 @@ def _run(task: VariantTask, result: dict, torch) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(task.model_dir)
     batches = evaluate.tokenize_batches(tokenizer, task.texts, task.evaluation.batch_size, task.max_length, device)
+    fixed = None
+    if task.evaluation.latency_mode == "fixed":
+        fixed = evaluate.fixed_shape_batch(tokenizer, *task.evaluation.fixed_shape, device)
     with memory.phase("evaluate"):
         probabilities, timings = evaluate.run_passes(
             model, batches, device, task.evaluation.warmup_passes, task.evaluation.timed_passes,
-            task.evaluation.min_time_s)
+            task.evaluation.min_time_s, fixed)
 
     if task.evaluation.weight_analysis:
         # After the clock has stopped: no timed pass runs while this computes.
@@ -165,7 +170,7 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     index = {name: i for i, name in enumerate(task.model_labels)}
     gold_ids = np.array([index[name] for name in task.gold_labels])
     predicted = probabilities.argmax(axis=1)
-    latency = measure.latency_stats(timings.seconds)
+    latency = {**measure.latency_stats(timings.seconds), "repeat_cv": measure.repeat_cv(timings.repeats)}
     timed_total = sum(timings.seconds)
     result["metrics"] = {
         "model_size_mib": size_mib,
@@ -184,7 +189,8 @@ def _run(task: VariantTask, result: dict, torch) -> None:
         result["warnings"].append(noisy)
     result["settings"] = {**settings, "batch_size": task.evaluation.batch_size, "max_length": task.max_length,
                           "warmup_passes": task.evaluation.warmup_passes, "timed_passes": task.evaluation.timed_passes,
-                          "min_time_s": task.evaluation.min_time_s, "quantization": asdict(task.settings)}
+                          "min_time_s": task.evaluation.min_time_s, "latency_mode": task.evaluation.latency_mode,
+                          "fixed_shape": task.evaluation.fixed_shape, "quantization": asdict(task.settings)}
     result["predictions"] = {
         "labels": task.model_labels,
         "gold": task.gold_labels,

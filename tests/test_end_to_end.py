@@ -97,3 +97,25 @@ def test_collect_formats(capsys, tmp_path, fmt, marker):
 def test_collect_of_an_empty_folder_says_so(capsys, tmp_path):
     code, _, err = run_cli(capsys, "collect", tmp_path)
     assert code == 2 and "no result files" in err
+
+
+def test_repeats_run_in_fresh_processes_and_fixed_shape_timing(capsys, tmp_path, tiny_model, ray_temp_dir):
+    text = rt_job(tiny_model, variants="[fp32-cpu, fp16-cuda]").replace(
+        "evaluation: {batch_size: 4, warmup_passes: 1, timed_passes: 8}",
+        "evaluation: {batch_size: 4, warmup_passes: 1, timed_passes: 12, repeats: 3, latency_mode: fixed, "
+        "fixed_shape: [2, 16]}")
+    job = write_job(tmp_path, text)
+    code, out, err = run_cli(capsys, "run", job, "--results", tmp_path / "r", "--ray-temp-dir", ray_temp_dir)
+    assert code == 0, out + err
+    result = json.loads((tmp_path / "r" / "tiny-rt" / "fp32-cpu.json").read_text())
+    repeats = result["repeats"]
+    assert repeats["n"] == 3 and len(repeats["median_ms"]) == 3
+    assert result["metrics"]["latency_ms"]["median"] == sorted(repeats["median_ms"])[1]
+    assert "3 runs, medians spread" in out
+    # Fixed shape: every timed pass is the same [2, 16] batch; all 24 samples are still evaluated.
+    assert result["settings"]["latency_mode"] == "fixed" and result["settings"]["fixed_shape"] == [2, 16]
+    assert result["metrics"]["latency_ms"]["n"] == 12 and result["metrics"]["throughput_sps"] > 0
+    assert len(result["predictions"]["predicted"]) == 24
+    skipped = json.loads((tmp_path / "r" / "tiny-rt" / "fp16-cuda.json").read_text())
+    assert skipped["status"] == "skipped"
+    assert sum(line.startswith("[") and "fp16-cuda" in line for line in out.splitlines()) == 1
