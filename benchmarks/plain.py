@@ -1,0 +1,49 @@
+"""The reference: a plain, careful PyTorch script, written without quantbench's code.
+
+`python benchmarks/plain.py MODEL_DIR PRECISIONS TEXTS.json THREADS WARMUP MAX_LENGTH` loads the model
+in each precision in turn, in this one process, times every forward pass over the texts at batch size
+1 after warm-up, and prints one JSON line per precision: the latencies and the wall time of its work.
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+
+def load(model_dir: str, precision: str):
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8-dynamic": torch.float32}
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype[precision]).eval()
+    if precision == "int8-dynamic":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+def main() -> None:
+    model_dir, precisions, texts_file, threads, warmup, max_length = sys.argv[1:7]
+    torch.set_num_threads(int(threads))
+    texts = json.loads(open(texts_file).read())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inputs = [tokenizer([t], truncation=True, max_length=int(max_length), return_tensors="pt") for t in texts]
+    for precision in precisions.split(","):
+        started = time.perf_counter()
+        model = load(model_dir, precision)
+        latencies = []
+        with torch.inference_mode():
+            for i in range(int(warmup)):
+                model(**inputs[i % len(inputs)])
+            for batch in inputs:
+                start = time.perf_counter()
+                model(**batch)
+                latencies.append(time.perf_counter() - start)
+        print(json.dumps({"precision": precision, "median_ms": statistics.median(latencies) * 1000,
+                          "mean_ms": statistics.fmean(latencies) * 1000, "n": len(latencies),
+                          "work_s": time.perf_counter() - started}), flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main()
