@@ -73,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
 
         report = sweep.run_sweep(plans, args.results, args.resume, args.address, ray_temp_dir=args.ray_temp_dir,
                                  placement_timeout_s=args.placement_timeout)
-        sweep.print_table(report)
+        sweep.print_table(report, plans)
         print(report.split())
         return EXIT_FAILED if report.failed else EXIT_OK
     except (SpecError, ResultsConflict) as error:
         print(f"quantbench: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConnectionError as error:  # e.g. no Ray cluster at --address
+        print(f"quantbench: cannot reach the Ray cluster: {error}", file=sys.stderr)
         return EXIT_USAGE
 
 

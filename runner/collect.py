@@ -120,7 +120,10 @@ def build_tables(results: list[dict], baseline: str | None = None) -> list[JobTa
         for result in mine:
             key = result["variant"]
             if key in columns:  # the same variant from several machines: one column each, named by host
-                key = f"{key}@{result.get('environment', {}).get('host', '?')}"
+                key = f"{key}@{(result.get('environment') or {}).get('host', '?')}"
+                number = 2
+                while key in columns:  # and from several runs on one machine
+                    key, number = f"{key.split('#')[0]}#{number}", number + 1
             columns[key] = result
         wanted = baseline or next((_spec(r).get("baseline") for r in mine if _spec(r).get("baseline")), "fp32-cpu")
         chosen = wanted if wanted in columns and columns[wanted]["status"] == "ok" else None
@@ -128,6 +131,17 @@ def build_tables(results: list[dict], baseline: str | None = None) -> list[JobTa
         if chosen is None:
             notes.append(f"baseline {wanted} has no ok result here: no deltas or agreement")
         order = ([chosen] if chosen else []) + [k for k in columns if k != chosen]
+        if chosen:
+            base = columns[chosen]
+            other_spec = [k for k in order if columns[k].get("spec_hash") not in (None, base.get("spec_hash"))]
+            if other_spec:
+                notes.append(f"{', '.join(other_spec)}: run from a different job spec than the baseline "
+                             "(model, data or settings differ): deltas compare more than precision")
+            hosts = {k: (columns[k].get("environment") or {}).get("host") for k in order}
+            elsewhere = [k for k in order if hosts[k] and hosts[k] != hosts[chosen]]
+            if elsewhere:
+                notes.append(f"{', '.join(elsewhere)}: ran on another host than the baseline: latency, throughput "
+                             "and memory deltas compare machines as well as precisions")
         table = JobTable(job, chosen, order, columns, notes)
         table.tolerances = _tolerances(table)
         table.stats = compare(table)

@@ -110,7 +110,14 @@ READERS = {
 
 
 def read_examples(spec: DatasetSpec, job: Path) -> list[Example]:
-    examples = READERS[spec.format](spec, job)
+    try:
+        examples = READERS[spec.format](spec, job)
+    except SpecError:
+        raise
+    except (UnicodeDecodeError, csv.Error, ValueError, TypeError, AttributeError, OSError) as error:
+        source = spec.path or ", ".join(map(str, spec.files.values()))
+        raise SpecError(job, "dataset.path", str(source),
+                        f"cannot read it as {spec.format}: {type(error).__name__}: {error}") from None
     if not examples:
         raise SpecError(job, "dataset", spec.format, "the dataset has no rows")
     return examples

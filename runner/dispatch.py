@@ -90,8 +90,8 @@ def _fits(node: dict, needs: dict) -> bool:
 
 
 def where_it_runs(device: str) -> str:
-    needs = requirements(device)
-    return "a node with " + ", ".join(f"{k}={v}" for k, v in needs.items())
+    worker = {"cpu": "a CPU worker node", "cuda": "a GPU worker node"}[device]
+    return f"{worker} (Ray resources " + ", ".join(f"{k}={v}" for k, v in requirements(device).items()) + ")"
 
 
 def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
@@ -172,11 +172,11 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
         archive = [ray.put(models.archive_folder(model_dir))]
 
     results, pending = [], {}
-    unplaceable: dict[str, str | None] = {}
+    # Decided for every device before anything is submitted: no wait runs beside a timed variant.
+    unplaceable = {device: wait_for_capable_node(device, placement_timeout_s)
+                   for device in dict.fromkeys(task.variant.device for task in tasks)}
     for task in tasks:
         device = task.variant.device
-        if device not in unplaceable:
-            unplaceable[device] = wait_for_capable_node(device, placement_timeout_s)
         if unplaceable[device]:
             result = base_result(task, "skipped", unplaceable[device])
             result["ended_at"] = now()

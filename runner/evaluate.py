@@ -78,10 +78,12 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
             model(**timed_batches[0])
             sync()
             repeats.append(time.perf_counter() - start)
-        total_passes = max(len(timed_batches), timed_passes)
+        # Whole passes over the sample only: every batch is timed equally often, whatever the lengths.
+        per_pass = len(timed_batches)
+        total_passes = -(-max(per_pass, timed_passes) // per_pass) * per_pass
         clock_started = time.perf_counter()
         i = 0
-        while i < total_passes or time.perf_counter() - clock_started < min_time_s:
+        while i < total_passes or i % per_pass or time.perf_counter() - clock_started < min_time_s:
             batch = timed_batches[i % len(timed_batches)]
             sync()
             start = time.perf_counter()

@@ -69,7 +69,7 @@ def run_finetune(task: FinetuneTask) -> dict:
                   **({"token_type_ids": encoded["token_type_ids"][i]} if "token_type_ids" in encoded else {}),
                   "labels": index[label]} for i, label in enumerate(task.labels)]
     s = task.settings
-    steps = math.ceil(len(train_set) / s.batch_size) * math.ceil(s.epochs)
+    steps = math.ceil(math.ceil(len(train_set) / s.batch_size) * s.epochs)
     with tempfile.TemporaryDirectory(prefix="quantbench-finetune-") as scratch:
         arguments = TrainingArguments(
             output_dir=scratch, num_train_epochs=s.epochs, learning_rate=s.learning_rate,

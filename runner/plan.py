@@ -87,7 +87,7 @@ def check_labels(spec: JobSpec, shown: Path, dataset_labels: set[str], model_lab
     label_map = spec.dataset.label_map
     if label_map is None:
         # Without a map the dataset's values must be the model's label names themselves.
-        label_map = {label: label for label in dataset_labels}
+        label_map = {label: label for label in dataset_labels | (set(model_labels) if spec.finetune else set())}
         field = "dataset.label_map"
         unknown = sorted(label for label in dataset_labels if label not in model_labels)
         if unknown:

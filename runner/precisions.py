@@ -86,8 +86,8 @@ PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in [
         Precision("fp32", ("cpu", "cuda"), "weights as loaded", _load_as("float32")),
-        Precision("fp16", ("cpu", "cuda"), "model.to(float16)", _load_as("float16")),
-        Precision("bf16", ("cpu", "cuda"), "model.to(bfloat16)", _load_as("bfloat16")),
+        Precision("fp16", ("cpu", "cuda"), "loaded as float16", _load_as("float16")),
+        Precision("bf16", ("cpu", "cuda"), "loaded as bfloat16", _load_as("bfloat16")),
         Precision("int8-dynamic", ("cpu",), "torch dynamic post-training quantization, CPU kernels only",
                   _load_as("float32"), _quantize_dynamic_int8),
         Precision("bnb-int8", ("cpu", "cuda"), "bitsandbytes LLM.int8()", _load_bnb("int8")),

@@ -42,7 +42,8 @@ def read_result(path: Path) -> dict | None:
         result = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return result if isinstance(result, dict) and "schema_version" in result and "variant" in result else None
+    required = ("schema_version", "job", "variant", "status", "device")
+    return result if isinstance(result, dict) and all(key in result for key in required) else None
 
 
 def find_results(paths: list[Path]) -> list[dict]:
@@ -75,5 +76,10 @@ def plan_folder(results_dir: Path, job: str, spec_hash: str, variant_ids: list[s
                 f"{Path(results_dir) / job} holds results of a different job spec ({', '.join(different)}); "
                 "use --resume to keep what matches and rerun the rest, or --results NEW_FOLDER")
         return {}
+    stranded = sorted(v for v, r in existing.items() if v not in variant_ids and r.get("spec_hash") != spec_hash)
+    if stranded:
+        raise ResultsConflict(
+            f"{Path(results_dir) / job} holds results of a different job spec for variants this job no longer runs "
+            f"({', '.join(stranded)}): --resume would leave them beside the new ones; use --results NEW_FOLDER")
     return {v: r for v, r in existing.items()
             if v in variant_ids and r.get("spec_hash") == spec_hash and r.get("status") == "ok"}

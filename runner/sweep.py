@@ -16,6 +16,7 @@ from typing import Callable
 from runner import collect, dispatch, models, results
 from runner.finetune import FinetuneTask, finetune_key
 from runner.plan import JobPlan
+from runner.spec import SpecError
 from runner.worker import VariantTask, base_result, now
 
 
@@ -62,7 +63,8 @@ def merge_repeats(runs: list[dict]) -> dict:
         return runs[0]
     failed = [r for r in runs if r["status"] != "ok"]
     if failed:
-        return {**failed[0], "repeats": {"n": len(runs), "failed": len(failed)}}
+        return {**failed[0], "repeats": {"n": len(runs), "failed": len(failed),
+                                         "errors": [r.get("error") for r in failed]}}
     medians = [r["metrics"]["latency_ms"]["median"] for r in runs]
     middle = sorted(range(len(runs)), key=lambda i: medians[i])[len(runs) // 2]
     merged = dict(runs[middle])
@@ -73,6 +75,7 @@ def merge_repeats(runs: list[dict]) -> dict:
         "peak_rss_mib": [r["metrics"]["peak_rss_mib"] for r in runs], "wall_s": [r.get("wall_s") for r in runs],
         "spread": round((max(medians) - min(medians)) / center, 4) if center else None,
     }
+    merged["warnings"] = list(dict.fromkeys(w for r in runs for w in r.get("warnings") or []))
     merged["wall_s"] = sum(r.get("wall_s") or 0.0 for r in runs)
     merged["started_at"], merged["ended_at"] = runs[0]["started_at"], runs[-1]["ended_at"]
     return merged
@@ -112,7 +115,11 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
                 say(f"[resume] {name} {variant_id}: kept {results.result_path(results_dir, name, variant_id)}")
                 report.results.append(result)
             prepared = time.perf_counter()
-            model_dir, model_info = models.prepare_model(plan.spec)
+            try:
+                model_dir, model_info = models.prepare_model(plan.spec)
+            except Exception as error:  # after validation, but before any result of this job is written
+                raise SpecError(plan.spec.file, "model", plan.spec.model.describe(),
+                                f"cannot load and save the model: {type(error).__name__}: {error}") from None
             report.prepare_s += time.perf_counter() - prepared
             say(f"model: {model_info['source']} -> {model_dir}" + (" (cached)" if model_info["cached"] else ""))
             if model_info.get("newly_initialised") and plan.train_examples is None:
@@ -126,10 +133,11 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
                 except Exception as error:  # every variant of this job needs the fine-tuned model
                     report.prepare_s += time.perf_counter() - prepared
                     failed = [dict(base_result(t, "failed", f"fine-tune failed: {type(error).__name__}: {error}"),
-                                   ended_at=now()) for t in build_tasks(plan, model_dir, model_info, set(kept[name]))]
-                    for result in failed:
+                                   ended_at=now()) for t in build_tasks(plan, model_dir, model_info, set(kept[name]))
+                              if t.repeat == 0]
+                    for number, result in enumerate(failed, start=1):
                         results.write_result(results_dir, result)
-                        say(progress_line(len(report.results) + 1, len(failed), result))
+                        say(progress_line(number, len(failed), result))
                         report.results.append(result)
                     continue
                 report.prepare_s += time.perf_counter() - prepared
@@ -196,15 +204,11 @@ def describe_plan(plan: JobPlan) -> str:
              f"  baseline: {spec.baseline}",
              "  variants:"]
     for variant in spec.variants:
-        lines.append(f"    {variant.id:<20} runs on {dispatch_where(variant.device)}")
+        lines.append(f"    {variant.id:<20} runs on {dispatch.where_it_runs(variant.device)}")
     return "\n".join(lines)
 
 
-def dispatch_where(device: str) -> str:
-    return {"cpu": "a CPU worker node", "cuda": "a GPU worker node"}[device] + \
-        " (Ray resources " + ", ".join(f"{k}={v}" for k, v in dispatch.requirements(device).items()) + ")"
-
-
-def print_table(report: SweepReport, say: Callable[[str], None] = print) -> None:
+def print_table(report: SweepReport, plans: list[JobPlan], say: Callable[[str], None] = print) -> None:
     say("")
-    say(collect.render(report.results, "table"))
+    for plan in plans:  # each job against its own baseline, whatever older kept results say
+        say(collect.render([r for r in report.results if r["job"] == plan.spec.name], "table", plan.spec.baseline))

@@ -161,11 +161,20 @@ def _run(task: VariantTask, result: dict, torch) -> None:
         probabilities, timings = evaluate.run_passes(
             model, batches, device, task.evaluation.warmup_passes, task.evaluation.timed_passes,
             task.evaluation.min_time_s, fixed)
+    if not np.isfinite(probabilities).all():
+        raise FloatingPointError(f"{variant.id} produced non-finite outputs (NaN or inf) for "
+                                 f"{int((~np.isfinite(probabilities)).any(axis=1).sum())} of {len(task.texts)} samples")
 
+    analysis_warning = None
     if task.evaluation.weight_analysis:
-        # After the clock has stopped: no timed pass runs while this computes.
+        # After the clock has stopped: no timed pass runs while this computes. It is optional: its
+        # failure is a warning, never the loss of a measured variant.
         with memory.phase("analysis"):
-            result["analysis"] = analyse_weights(model, task, batches)
+            try:
+                result["analysis"] = analyse_weights(model, task, batches)
+            except Exception as error:
+                result["analysis"] = {"error": f"{type(error).__name__}: {error}"}
+                analysis_warning = f"weight analysis failed: {type(error).__name__}: {error}"
 
     index = {name: i for i, name in enumerate(task.model_labels)}
     gold_ids = np.array([index[name] for name in task.gold_labels])
@@ -180,10 +189,13 @@ def _run(task: VariantTask, result: dict, torch) -> None:
         "peak_rss_mib": memory.peak_rss_mib(),
         "peak_cuda_mib": memory.peak_cuda_mib(),
         "memory_phases": memory.phases,
+        "memory_phases_reset": memory.resettable,  # false: each phase's peak includes the ones before
         "load_s": round(load_s, 4),
         "quantize_s": round(quantize_s, 4),
     }
     result["warnings"] = evaluate.label_guard(gold_ids, predicted, task.model_labels)
+    if analysis_warning:
+        result["warnings"].append(analysis_warning)
     noisy = measure.noisy_warning(latency)
     if noisy:
         result["warnings"].append(noisy)
