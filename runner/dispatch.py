@@ -89,6 +89,19 @@ def _fits(node: dict, needs: dict) -> bool:
     return all(node["Resources"].get(name, 0) >= amount for name, amount in needs.items())
 
 
+def task_options(device: str) -> dict:
+    """How a variant or fine-tune asks Ray for a node of its kind (GPU by num_gpus, the rest by resources)."""
+    return {"resources": {k: v for k, v in requirements(device).items() if k != "GPU"},
+            "num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}
+
+
+def default_placement_timeout(cluster: Cluster, placement_timeout_s: float | None) -> float:
+    """An embedded cluster never grows; a real one may be adding the node (an autoscaler): wait a little."""
+    if placement_timeout_s is not None:
+        return placement_timeout_s
+    return 0.0 if cluster.embedded else 30.0
+
+
 def where_it_runs(device: str) -> str:
     worker = {"cpu": "a CPU worker node", "cuda": "a GPU worker node"}[device]
     return f"{worker} (Ray resources " + ", ".join(f"{k}={v}" for k, v in requirements(device).items()) + ")"
@@ -150,10 +163,7 @@ def _model_on_this_node(model_dir: str, archive: list) -> str:
 def _quiet_libraries() -> None:
     import warnings
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    models.quiet_transformers()
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # said once in the settings
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao.quantization")
 
@@ -164,8 +174,7 @@ _remote_execute = ray.remote(max_calls=1, max_retries=0)(_execute)
 def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable[[dict], None],
                  placement_timeout_s: float | None = None, model_dir: Path | None = None) -> list[dict]:
     """Run every task where it can run; call on_result as each result arrives; return them all."""
-    if placement_timeout_s is None:
-        placement_timeout_s = 0.0 if cluster.embedded else 30.0
+    placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
     archive = []
     if not cluster.embedded and model_dir is not None:
         # Nodes may not share this machine's disk: the prepared model travels through the object store.
@@ -183,9 +192,7 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
             results.append(result)
             on_result(result)
             continue
-        options = {"resources": {k: v for k, v in requirements(device).items() if k != "GPU"},
-                   "num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}
-        pending[_remote_execute.options(**options).remote(task, archive)] = task
+        pending[_remote_execute.options(**task_options(device)).remote(task, archive)] = task
 
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -227,17 +234,14 @@ _remote_finetune = ray.remote(max_calls=1, max_retries=0)(_finetune_on_worker)
 
 def finetune(task: FinetuneTask, cluster: Cluster, placement_timeout_s: float | None = None) -> dict:
     """Fine-tune on a GPU worker if there is one, else a CPU worker; the model lands in this machine's cache."""
-    if placement_timeout_s is None:
-        placement_timeout_s = 0.0 if cluster.embedded else 30.0
+    placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
     device = "cuda" if wait_for_capable_node("cuda", 0.0) is None else "cpu"
     reason = wait_for_capable_node(device, placement_timeout_s)
     if reason:
         raise RuntimeError(f"cannot fine-tune: {reason}")
     archive = [] if cluster.embedded else [ray.put(models.archive_folder(Path(task.base_dir)))]
-    options = {"resources": {k: v for k, v in requirements(device).items() if k != "GPU"},
-               "num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}
     try:
-        info = ray.get(_remote_finetune.options(**options).remote(task, archive, not cluster.embedded))
+        info = ray.get(_remote_finetune.options(**task_options(device)).remote(task, archive, not cluster.embedded))
     except ray.exceptions.RayTaskError as error:
         raise RuntimeError(_short_error(error)) from None
     if "archive" in info:

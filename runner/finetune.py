@@ -47,15 +47,13 @@ def run_finetune(task: FinetuneTask) -> dict:
     """Train and save into the cache. Returns what was done, for the results and the run's output."""
     existing = models.cached_model(task.key)
     if existing is not None:
-        return {**json.loads((existing / models.MARKER).read_text()), "cached": True, "folder": str(existing)}
+        return models.cached_info(existing)
 
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments, set_seed)
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    models.quiet_transformers()
     started = time.perf_counter()
     torch.set_num_threads(measure.available_cpus())  # Ray's one thread per task would halve the speed
     set_seed(task.settings.seed)

@@ -112,21 +112,31 @@ def cached_model(key: str) -> Path | None:
     return folder if (folder / MARKER).is_file() else None
 
 
+def cached_info(folder: Path) -> dict:
+    """What a cache entry holds, as written beside it when it was made."""
+    return {**json.loads((folder / MARKER).read_text()), "cached": True, "folder": str(folder)}
+
+
+def quiet_transformers() -> None:
+    """Loading reports and progress bars are not for our output: what matters goes into the results."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
     """The job's FP32 checkpoint and tokenizer in the cache; (folder, its description). Cached by content."""
     key = model_key(spec)
     folder = cached_model(key)
     if folder is not None:
-        info = json.loads((folder / MARKER).read_text())
-        return folder, {**info, "cached": True}
+        return folder, cached_info(folder)
 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     # The missing head is reported in the run's output and the results; not as a loader's table.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     started = time.perf_counter()
     torch.manual_seed(spec.seed)
     if spec.model.config is not None:

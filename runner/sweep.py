@@ -7,7 +7,6 @@ run, so it never competes with a timed pass for the CPU.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,10 +175,10 @@ def fine_tuned_model(plan: JobPlan, base_dir: Path, base_info: dict, cluster, sa
     key = finetune_key(base_info["key"], texts, labels, plan.model_labels, spec.finetune, spec.dataset.max_length)
     cached = models.cached_model(key)
     if cached is not None:
-        info = json.loads((cached / models.MARKER).read_text())
+        info = models.cached_info(cached)
         say(f"fine-tune: reusing the cached fine-tuned model {cached} (trained on {info['train_rows']} rows, "
             f"train loss {info['train_loss']})")
-        return cached, {**info, "cached": True, "source": f"fine-tuned {base_info['source']}"}
+        return cached, {**info, "source": f"fine-tuned {base_info['source']}"}
     say(f"fine-tune: training on {len(texts)} rows ({spec.finetune.epochs:g} epoch(s), "
         f"batch {spec.finetune.batch_size}, learning rate {spec.finetune.learning_rate:g}) ...")
     task = FinetuneTask(key=key, base_dir=str(base_dir), base_key=base_info["key"], texts=texts, labels=labels,
