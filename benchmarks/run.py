@@ -50,6 +50,7 @@ dataset:
   max_length: 128
 evaluation: {{batch_size: 1, warmup_passes: 10, timed_passes: {samples}, threads: {threads}, weight_analysis: false}}
 variants: [{", ".join(f"{p}-{device}" for p in PRECISIONS[device])}]
+baseline: fp32-{device}
 """
 
 
