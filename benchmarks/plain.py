@@ -2,7 +2,7 @@
 
 `python benchmarks/plain.py MODEL_DIR PRECISIONS TEXTS.json THREADS WARMUP MAX_LENGTH [DEVICE]` loads the
 model in each precision in turn, in this one process, times every forward pass over the texts at batch
-size 1 after warm-up (on cuda, reading the clock after synchronising), and prints one JSON line per
+size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading the clock after synchronising), and prints one JSON line per
 precision: the latencies, the wall time of its work and, on cuda, the peak allocated GPU memory.
 """
 
@@ -48,6 +48,8 @@ def main() -> None:
         with torch.inference_mode():
             for i in range(int(warmup)):
                 model(**inputs[i % len(inputs)])
+            for length in sorted({batch["input_ids"].shape[1] for batch in inputs}):  # each shape once, untimed
+                model(**next(batch for batch in inputs if batch["input_ids"].shape[1] == length))
             sync()
             for batch in inputs:
                 start = time.perf_counter()

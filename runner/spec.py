@@ -254,7 +254,9 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
     settings = _settings(top.sub("settings") or _Reader(shown, {}, "settings"))
     variants = _variants(shown, top)
     ids = [v.id for v in variants]
-    baseline = top.get("baseline", str, "fp32-cpu")
+    # Default: the FP32 reference, on the CPU where the job has it (the published study's baseline).
+    default = next((i for i in ("fp32-cpu", "fp32-cuda") if i in ids), ids[0])
+    baseline = top.get("baseline", str, default)
     if baseline not in ids:
         raise SpecError(shown, "baseline", baseline, f"the baseline must be one of the job's variants: {', '.join(ids)}")
     return JobSpec(file=file, name=name, model=model, tokenizer=tokenizer, dataset=dataset,

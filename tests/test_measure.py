@@ -37,3 +37,36 @@ def test_different_lengths_alone_do_not_make_a_run_noisy():
     stats = measure.latency_stats([0.005, 0.010, 0.020, 0.040])
     stats["repeat_cv"] = measure.repeat_cv([0.010, 0.0101, 0.0100])
     assert stats["cv"] > 0.5 and measure.noisy_warning(stats) is None
+
+
+class RecordingModel:
+    """Stands in for a classifier: records the shape of every forward pass it is asked for."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, input_ids, attention_mask):
+        import torch
+
+        self.shapes.append(tuple(input_ids.shape))
+        return type("Output", (), {"logits": torch.zeros(input_ids.shape[0], 2)})()
+
+
+def test_no_timed_pass_is_the_first_of_its_shape():
+    import torch
+
+    from runner.evaluate import run_passes
+
+    lengths = [5, 9, 5, 12, 9, 7, 12, 5]  # 4 distinct shapes; 2 warm-up passes meet only 5 and 9
+    batches = [{"input_ids": torch.ones(2, n, dtype=torch.long), "attention_mask": torch.ones(2, n)} for n in lengths]
+    model = RecordingModel()
+
+    probabilities, timings = run_passes(model, batches, "cpu", warmup_passes=2, timed_passes=8, min_time_s=0.0)
+
+    timed = len(timings.seconds)
+    untimed, timed_shapes = model.shapes[:-timed], model.shapes[-timed:]
+    assert timed_shapes == [(2, n) for n in lengths]          # one whole timed pass, in order
+    assert set(timed_shapes) <= set(untimed)                    # every shape met before the clock ran
+    warm_up = untimed[:len(untimed) - len(timings.repeats)]
+    assert warm_up == [(2, 5), (2, 9), (2, 12), (2, 7)]         # the new shapes once each, nothing more
+    assert probabilities.shape == (16, 2)

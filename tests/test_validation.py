@@ -81,6 +81,17 @@ def test_baseline_must_be_a_variant(capsys, tmp_path, tiny_model):
     check_refused(capsys, tmp_path, rt_job(tiny_model, "baseline: fp16-cpu"), "baseline", "fp16-cpu", "one of the job's variants")
 
 
+@pytest.mark.parametrize("variants, baseline", [("[int8-dynamic-cpu, fp32-cpu, fp32-cuda]", "fp32-cpu"),
+                                                ("[fp16-cuda, fp32-cuda]", "fp32-cuda"),
+                                                ("[fp16-cuda, bnb-int8-cuda]", "fp16-cuda")])
+def test_the_default_baseline_is_fp32_on_the_cpu_else_on_cuda_else_the_first_variant(tmp_path, tiny_model,
+                                                                                    variants, baseline):
+    from runner.spec import load_job
+
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants=variants))
+    assert load_job(job).baseline == baseline
+
+
 def test_missing_dataset_file(capsys, tmp_path, tiny_model):
     check_refused(capsys, tmp_path, rt_job(tiny_model).replace("rt-polarity.neg}", "rt-polarity.negative}"),
                   "dataset.files.neg", "no such file")
