@@ -1,6 +1,6 @@
 """Benchmarks of quantbench itself, on the machine this runs on; writes a dated Markdown file.
 
-    python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda]
+    python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda] [--rounds 3]
 
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,8 +61,10 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--device", choices=sorted(PRECISIONS), default="cpu")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="sweep-then-plain-script rounds; a machine's speed drifts, so one pair settles nothing")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--keep-results", type=Path, default=None, help="copy the sweep's result files here")
+    parser.add_argument("--keep-results", type=Path, default=None, help="copy the last sweep's result files here")
     args = parser.parse_args()
     precisions = PRECISIONS[args.device]
 
@@ -77,56 +80,91 @@ def main() -> int:
     texts = work / "texts.json"
     texts.write_text(json.dumps([e.text for e in plan.examples]))
 
-    # (b) the sweep, as a user runs it, timed from outside.
-    started = time.perf_counter()
-    sweep = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(job), "--results", str(work / "results"),
-                            "--ray-temp-dir", str(work / "ray")], capture_output=True, text=True, cwd=REPO)
-    sweep_wall = time.perf_counter() - started
-    if sweep.returncode != 0:
-        print(sweep.stdout[-3000:], sweep.stderr[-3000:], file=sys.stderr)
-        return 1
-    results = {p: json.loads((work / "results" / plan.spec.name / f"{p}-{args.device}.json").read_text())
-               for p in precisions}
-    split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
+    rounds = []
+    for number in range(args.rounds):
+        # (b) the sweep, as a user runs it, timed from outside ...
+        folder = work / f"results-{number}"
+        started = time.perf_counter()
+        sweep = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(job), "--results", str(folder),
+                                "--ray-temp-dir", str(work / "ray")], capture_output=True, text=True, cwd=REPO)
+        sweep_wall = time.perf_counter() - started
+        if sweep.returncode != 0:
+            print(sweep.stdout[-3000:], sweep.stderr[-3000:], file=sys.stderr)
+            return 1
+        results = {p: json.loads((folder / plan.spec.name / f"{p}-{args.device}.json").read_text())
+                   for p in precisions}
+        split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
+        # ... then (a) and (b): the plain single-process script, the same work, the same threads.
+        started = time.perf_counter()
+        plain = subprocess.run([sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(precisions),
+                                str(texts), str(args.threads), "10", "128", args.device],
+                               capture_output=True, text=True, check=True)
+        plain_wall = time.perf_counter() - started
+        reference = {row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())}
+        rounds.append(dict(results=results, reference=reference, sweep_wall=sweep_wall, plain_wall=plain_wall,
+                           split=split, folder=folder))
+        print(f"round {number + 1}/{args.rounds}: sweep {sweep_wall:.1f} s, plain script {plain_wall:.1f} s", flush=True)
+    if args.keep_results:
+        shutil.copytree(rounds[-1]["folder"] / plan.spec.name, args.keep_results, dirs_exist_ok=True)
 
-    # (a) and (b): the plain single-process script, the same work, the same threads.
-    started = time.perf_counter()
-    plain = subprocess.run([sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(precisions), str(texts),
-                            str(args.threads), "10", "128", args.device], capture_output=True, text=True, check=True)
-    plain_wall = time.perf_counter() - started
-    reference = {row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())}
+    lines = report(args, precisions, rounds, measure.cpu_info())
+    out = args.out or HERE / "results" / (f"{datetime.now().strftime('%Y-%m-%d')}-{args.model}-{args.device}-"
+                                          f"{os.uname().nodename}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten: {out}")
+    return 0
 
-    env = measure.cpu_info()
-    gpu = results[precisions[0]]["environment"].get("gpu")
+
+def ok(passed: bool) -> str:
+    return "ok" if passed else "MISSED"
+
+
+def report(args, precisions: list[str], rounds: list[dict], env: dict) -> list[str]:
+    first = rounds[0]["results"][precisions[0]]["environment"]
+    gpu = first.get("gpu")
     lines = [f"# quantbench benchmark: {args.model} on {args.device}, {args.samples} samples, batch size 1, "
-             f"{args.threads} threads", "",
+             f"{args.threads} threads, {len(rounds)} rounds", "",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- machine: {env['model']}, {env['available_cpus']} CPUs available; speed flags: "
              + ", ".join(k for k, v in env["flags"].items() if v)]
     if args.device == "cuda" and gpu:
         lines.append(f"- GPU: {gpu['name']}, {gpu['memory_mib']} MiB, compute capability {gpu['compute_capability']}, "
                      f"CUDA {gpu['cuda']}")
-    versions = results[precisions[0]]["environment"]["versions"]
-    lines += [f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
               f"- command: `python benchmarks/run.py --model {args.model} --samples {args.samples} "
-              f"--device {args.device}`", "",
+              f"--device {args.device} --rounds {len(rounds)}`",
+              "- each round runs the sweep (`quantbench run`), then the plain script; the ratios are per round,",
+              "  and the target is checked on their median", "",
               "## (a) Fidelity: median latency per forward pass", "",
-              "| precision | quantbench (ms) | plain loop (ms) | ratio | target 0.90–1.10 |", "|---|---|---|---|---|"]
+              "| precision | quantbench (ms), per round | plain loop (ms), per round | ratios | median ratio "
+              "| target 0.90–1.10 |", "|---|---|---|---|---|---|"]
     for p in precisions:
-        ours, theirs = results[p]["metrics"]["latency_ms"]["median"], reference[p]["median_ms"]
-        ratio = ours / theirs
-        lines.append(f"| {p} | {ours:.2f} | {theirs:.2f} | {ratio:.3f} | {'ok' if 0.9 <= ratio <= 1.1 else 'MISSED'} |")
-    own = sum(r["wall_s"] for r in results.values())
-    plain_work = sum(r["work_s"] for r in reference.values())
+        ours = [r["results"][p]["metrics"]["latency_ms"]["median"] for r in rounds]
+        theirs = [r["reference"][p]["median_ms"] for r in rounds]
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        middle = statistics.median(ratios)
+        lines.append(f"| {p} | {' / '.join(f'{x:.2f}' for x in ours)} | {' / '.join(f'{x:.2f}' for x in theirs)} | "
+                     f"{' / '.join(f'{x:.3f}' for x in ratios)} | {middle:.3f} | {ok(0.9 <= middle <= 1.1)} |")
+    sweep_wall = sum(r["sweep_wall"] for r in rounds)
+    plain_wall = sum(r["plain_wall"] for r in rounds)
+    own = sum(x["wall_s"] for r in rounds for x in r["results"].values())
+    plain_work = sum(x["work_s"] for r in rounds for x in r["reference"].values())
     lines += ["", "## (b) Overhead of the sweep", "",
-              f"- `quantbench run` wall time, timed from outside: {sweep_wall:.1f} s; its own split: {split}",
-              f"- the variants' own work: {own:.1f} s, so {1 - own / sweep_wall:.1%} of the wall time is outside it "
-              "(Python and Ray start, worker processes, writing)",
+              "| round | `quantbench run` wall, from outside (s) | its own split | plain script (s) | ratio |",
+              "|---|---|---|---|---|"]
+    for number, r in enumerate(rounds, start=1):
+        lines.append(f"| {number} | {r['sweep_wall']:.1f} | {r['split']} | {r['plain_wall']:.1f} | "
+                     f"{r['sweep_wall'] / r['plain_wall']:.2f} |")
+    lines += ["", f"- all rounds: the variants' own work {own:.1f} s of the sweeps' {sweep_wall:.1f} s, so "
+              f"{1 - own / sweep_wall:.1%} of the wall time is outside it (Python and Ray start, worker processes, "
+              "writing)",
               f"- the plain single-process script doing the same work: {plain_wall:.1f} s "
               f"(of which loading, quantizing and timing: {plain_work:.1f} s)",
               f"- ratio sweep / plain script: {sweep_wall / plain_wall:.2f} (target at most 1.15: "
-              f"{'ok' if sweep_wall / plain_wall <= 1.15 else 'MISSED'})", "",
-              "## (c) Memory", ""]
+              f"{ok(sweep_wall / plain_wall <= 1.15)})", "", "## (c) Memory (the last round)", ""]
+    results, reference = rounds[-1]["results"], rounds[-1]["reference"]
     if args.device == "cuda":
         lines += ["| precision | model size (MiB) | peak GPU allocated (MiB) | plain loop's peak GPU (MiB) "
                   "| peak RSS (MiB) |", "|---|---|---|---|---|"]
@@ -144,15 +182,8 @@ def main() -> int:
                          f"{m['peak_rss_mib'] / m['model_size_mib']:.1f} |")
         rss = {p: results[p]["metrics"]["peak_rss_mib"] for p in precisions}
         lines.append(f"\nint8-dynamic peak RSS / fp32 peak RSS: {rss['int8-dynamic'] / rss['fp32']:.2f} "
-                     f"(target at most 1.3: {'ok' if rss['int8-dynamic'] / rss['fp32'] <= 1.3 else 'MISSED'})")
-    if args.keep_results:
-        shutil.copytree(work / "results" / plan.spec.name, args.keep_results, dirs_exist_ok=True)
-    out = args.out or HERE / "results" / f"{datetime.now().strftime('%Y-%m-%d')}-{args.model}-{args.device}-{os.uname().nodename}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwritten: {out}")
-    return 0
+                     f"(target at most 1.3: {ok(rss['int8-dynamic'] / rss['fp32'] <= 1.3)})")
+    return lines
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def merge_repeats(runs: list[dict]) -> dict:
         "n": len(runs), "representative": runs[middle].get("repeat", middle),
         "median_ms": medians, "throughput_sps": [r["metrics"]["throughput_sps"] for r in runs],
         "peak_rss_mib": [r["metrics"]["peak_rss_mib"] for r in runs], "wall_s": [r.get("wall_s") for r in runs],
+        "variant_pid": [r.get("environment", {}).get("variant_pid") for r in runs],
         "spread": round((max(medians) - min(medians)) / center, 4) if center else None,
     }
     merged["warnings"] = list(dict.fromkeys(w for r in runs for w in r.get("warnings") or []))

@@ -113,6 +113,7 @@ def test_repeats_run_in_fresh_processes_and_fixed_shape_timing(capsys, tmp_path,
     assert repeats["n"] == 3 and len(repeats["median_ms"]) == 3
     assert result["metrics"]["latency_ms"]["median"] == sorted(repeats["median_ms"])[1]
     assert "3 runs, medians spread" in out
+    assert len(set(repeats["variant_pid"])) == 3 and None not in repeats["variant_pid"]  # a process each
     # Fixed shape: every timed pass is the same [2, 16] batch; all 24 samples are still evaluated.
     assert result["settings"]["latency_mode"] == "fixed" and result["settings"]["fixed_shape"] == [2, 16]
     assert result["metrics"]["latency_ms"]["n"] == 12 and result["metrics"]["throughput_sps"] > 0

@@ -1,0 +1,63 @@
+"""Isolation: a CPU variant runs in a process of its own, forked from a server that imported once.
+
+Importing torch and transformers takes 5-10 s on a small machine. A fresh interpreter per variant pays
+that every time, and it was most of what a sweep spent outside the variants' work. Here a fork server
+(multiprocessing's `forkserver`: a single-threaded process started by the worker) imports them once,
+and every variant runs in a new process forked from it: fresh memory peaks, fresh thread pools,
+nothing left over from the variant before. The worker only waits on a pipe meanwhile.
+
+CUDA variants do not come here: a CUDA context cannot cross a fork, so they run in a fresh worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any, Callable
+
+# What the server imports before it forks: the heavy, model-independent part of a variant's imports.
+PRELOAD = ["runner.worker", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+           "transformers.models.auto.tokenization_auto"]
+
+_context = None
+
+
+class ProcessDied(RuntimeError):
+    """The variant's process ended (killed, crashed, out of memory) before it returned a result."""
+
+
+def _server():
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def run_in_fresh_process(function: Callable[..., Any], *args) -> Any:
+    """function(*args) in a new process forked from the warm server; its result or its error."""
+    context = _server()
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(send, function, args), daemon=True)
+    process.start()
+    send.close()  # only the child holds the sending end: its death reads as EOF here
+    try:
+        ok, value = receive.recv()  # blocks; no polling beside the timed passes
+    except EOFError:
+        process.join()
+        raise ProcessDied(f"the variant's process (pid {process.pid}) ended with exit code {process.exitcode} "
+                          "before it returned a result (killed, crashed or out of memory)") from None
+    finally:
+        receive.close()
+    process.join()
+    if not ok:
+        raise RuntimeError(value)
+    return value
+
+
+def _child(send, function, args) -> None:
+    try:
+        outcome = (True, function(*args))
+    except BaseException as error:  # reported to the worker, which fails the variant with it
+        outcome = (False, f"{type(error).__name__}: {error}")
+    send.send(outcome)
+    send.close()
