@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from tabulate import tabulate
 
-from runner import analysis
+from runner import effects
 from runner.measure import hardware_label
 from runner.spec import TOLERANCES
 
@@ -176,7 +176,7 @@ def _tolerances(table: JobTable) -> dict[str, float]:
 def compare(table: JobTable) -> dict[str, dict]:
     """Per column: {agreement, effects, significance, calibration, confusion_matrix, per_class, verdict}.
 
-    effects: analysis.prediction_effects against the baseline, plus flipped_samples [{index, gold, from,
+    effects: effects.prediction_effects against the baseline, plus flipped_samples [{index, gold, from,
     to}]; significance: paired bootstrap intervals of the accuracy and macro-F1 deltas, McNemar's exact
     test and within_noise per metric. Both are None for the baseline's own significance, for results
     without predictions and for results on another sample than the baseline's. calibration (ECE and its
@@ -190,7 +190,7 @@ def compare(table: JobTable) -> dict[str, dict]:
                  "confusion_matrix": None, "per_class": None, "verdict": None}
         own = _encoded(result, result) if result["status"] == "ok" else None
         if own is not None and own["probs"] is not None:
-            alone = analysis.prediction_effects(own["gold"], own["probs"], own["probs"], own["labels"])
+            alone = effects.prediction_effects(own["gold"], own["probs"], own["probs"], own["labels"])
             entry.update(calibration=alone["calibration_variant"], confusion_matrix=alone["confusion_matrix"],
                          per_class=alone["per_class"])
         paired = _paired(table, key, base) if own is not None and base is not None else None
@@ -241,16 +241,16 @@ def _against_baseline(paired: dict, is_baseline: bool) -> dict:
     gold, labels = var["gold"], var["labels"]
     out = {"agreement": float(np.mean(var["predicted"] == base["predicted"]))}
     if var["probs"] is not None and base["probs"] is not None:
-        effects = analysis.prediction_effects(gold, base["probs"], var["probs"], labels)
-        effects["flipped_samples"] = [
+        changes = effects.prediction_effects(gold, base["probs"], var["probs"], labels)
+        changes["flipped_samples"] = [
             {"index": int(i), "gold": labels[gold[i]], "from": labels[base["predicted"][i]],
              "to": labels[var["predicted"][i]]}
             for i in np.flatnonzero(var["predicted"] != base["predicted"])]
-        out["effects"] = effects
+        out["effects"] = changes
     if not is_baseline:
-        accuracy = analysis.paired_bootstrap_delta(gold, base["predicted"], var["predicted"], "accuracy", **BOOTSTRAP)
-        f1 = analysis.paired_bootstrap_delta(gold, base["predicted"], var["predicted"], "macro_f1", **BOOTSTRAP)
-        mcnemar = analysis.mcnemar_exact(gold, base["predicted"], var["predicted"], ALPHA)
+        accuracy = effects.paired_bootstrap_delta(gold, base["predicted"], var["predicted"], "accuracy", **BOOTSTRAP)
+        f1 = effects.paired_bootstrap_delta(gold, base["predicted"], var["predicted"], "macro_f1", **BOOTSTRAP)
+        mcnemar = effects.mcnemar_exact(gold, base["predicted"], var["predicted"], ALPHA)
         out["significance"] = {
             "accuracy": accuracy, "macro_f1": f1, "mcnemar": mcnemar,
             # McNemar speaks to which samples are right, i.e. accuracy; macro-F1 has the bootstrap alone.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runner import analysis, measure
+from runner import effects, measure
 
 # The label guard speaks when a relabelling of the predictions beats the job's map by this much.
 RELABEL_MARGIN = 0.10
@@ -114,7 +114,7 @@ def prediction_metrics(probabilities: np.ndarray, gold_ids: np.ndarray, label_na
     confidence = probabilities.max(axis=1)
     return {
         "accuracy": float((predicted == gold_ids).mean()),
-        "macro_f1": analysis.macro_f1(gold_ids, predicted, len(label_names)),
+        "macro_f1": effects.macro_f1(gold_ids, predicted, len(label_names)),
         "avg_confidence": float(confidence.mean()),
     }
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from runner import analysis, evaluate, measure
+from runner import evaluate, measure
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.spec import EvaluationSpec, QuantSettings, Variant
 
@@ -101,6 +101,8 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     """Per-layer error of the weights this variant computes with, against the FP32 weights they came from."""
     import torch
     from transformers import AutoModelForSequenceClassification
+
+    from runner import analysis
 
     started = time.perf_counter()
     reference_model = AutoModelForSequenceClassification.from_pretrained(task.model_dir, dtype=torch.float32).eval()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from runner import analysis as A
+from runner import effects as E
 
 torch.set_num_threads(1)
 
@@ -450,10 +451,10 @@ def test_macro_f1_matches_sklearn():
     rng = np.random.default_rng(3)
     gold = rng.integers(0, 4, 50)  # class 4 appears in neither, class 3 only in gold
     pred = np.where(rng.random(50) < 0.6, gold, rng.integers(0, 3, 50))
-    assert A.macro_f1(gold, pred, 5) == pytest.approx(f1_score(gold, pred, average="macro"))
+    assert E.macro_f1(gold, pred, 5) == pytest.approx(f1_score(gold, pred, average="macro"))
     # Hand case: class 0 tp 1, gold 2, predicted 2 -> F1 1/2; class 1 F1 0; class 2 only predicted -> F1 0.
-    assert A.macro_f1([0, 0, 1], [0, 2, 0], 3) == pytest.approx((0.5 + 0 + 0) / 3)
-    assert A.macro_f1([0, 0, 1], [0, 0, 1], 5) == 1.0  # classes 2-4 absent from both: left out
+    assert E.macro_f1([0, 0, 1], [0, 2, 0], 3) == pytest.approx((0.5 + 0 + 0) / 3)
+    assert E.macro_f1([0, 0, 1], [0, 0, 1], 5) == 1.0  # classes 2-4 absent from both: left out
 
 
 def test_prediction_effects_hand_case():
@@ -462,7 +463,7 @@ def test_prediction_effects_hand_case():
     base = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
     var = np.array([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.2, 0.3]])
     # base predicts 0,0,1,2,2 (all right); variant predicts 0,1,1,2,0.
-    out = A.prediction_effects(gold, base, var, labels, n_bins=5)
+    out = E.prediction_effects(gold, base, var, labels, n_bins=5)
     _json_ok(out)
     assert out["accuracy_baseline"] == 1.0 and out["accuracy_variant"] == pytest.approx(0.6)
     assert out["agreement"] == pytest.approx(0.6) and out["flip_rate"] == pytest.approx(0.4)
@@ -486,7 +487,7 @@ def test_prediction_effects_hand_case():
 def test_prediction_effects_confusion_orientation():
     gold = np.zeros(4, dtype=int)
     probs = np.tile([0.1, 0.9], (4, 1))  # always predicts class 1
-    cm = A.prediction_effects(gold, probs, probs, ["a", "b"])["confusion_matrix"]["matrix"]
+    cm = E.prediction_effects(gold, probs, probs, ["a", "b"])["confusion_matrix"]["matrix"]
     assert cm == [[0, 4], [0, 0]]
 
 
@@ -494,7 +495,7 @@ def test_expected_calibration_error():
     # Confidence 0.8 on every sample and 8 of 10 right: perfectly calibrated.
     gold = np.array([0] * 8 + [1] * 2)
     probs = np.tile([0.8, 0.2], (10, 1))
-    cal = A.prediction_effects(gold, probs, probs, ["a", "b"], n_bins=10)["calibration_variant"]
+    cal = E.prediction_effects(gold, probs, probs, ["a", "b"], n_bins=10)["calibration_variant"]
     assert cal["ece"] == pytest.approx(0.0, abs=1e-12)
     filled = [b for b in cal["bins"] if b["count"]]
     assert len(filled) == 1 and filled[0]["lo"] == pytest.approx(0.7) and filled[0]["hi"] == pytest.approx(0.8)
@@ -504,16 +505,16 @@ def test_expected_calibration_error():
     # Half the samples at 0.9 and all wrong, half at 0.6 and all right: ECE = 0.5 * 0.9 + 0.5 * 0.4.
     gold = np.array([1, 1, 0, 0])
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
-    out = A.prediction_effects(gold, probs, probs, ["a", "b"], n_bins=5)
+    out = E.prediction_effects(gold, probs, probs, ["a", "b"], n_bins=5)
     assert out["calibration_variant"]["ece"] == pytest.approx(0.65)
     assert [b["count"] for b in out["calibration_variant"]["bins"]] == [0, 0, 2, 0, 2]
 
 
 def test_prediction_effects_rejects_bad_shapes():
     with pytest.raises(ValueError, match="label name"):
-        A.prediction_effects([0, 1], np.eye(2), np.eye(2), ["a", "b", "c"])
+        E.prediction_effects([0, 1], np.eye(2), np.eye(2), ["a", "b", "c"])
     with pytest.raises(ValueError, match="same length"):
-        A.prediction_effects([0, 1, 1], np.eye(2), np.eye(2), ["a", "b"])
+        E.prediction_effects([0, 1, 1], np.eye(2), np.eye(2), ["a", "b"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,7 +526,7 @@ def test_bootstrap_identical_predictions_are_noise():
     rng = np.random.default_rng(0)
     gold, pred = rng.integers(0, 3, 100), rng.integers(0, 3, 100)
     for metric in ("accuracy", "macro_f1"):
-        out = A.paired_bootstrap_delta(gold, pred, pred, metric=metric, n_resamples=500)
+        out = E.paired_bootstrap_delta(gold, pred, pred, metric=metric, n_resamples=500)
         _json_ok(out)
         assert out["delta"] == 0.0 and out["ci_low"] == 0.0 and out["ci_high"] == 0.0 and out["within_noise"]
 
@@ -538,22 +539,22 @@ def test_bootstrap_ci_covers_true_delta_with_right_width():
     var_ok = base_ok.copy()
     var_ok[np.flatnonzero(base_ok)[:40]] = False  # variant loses 40 samples: delta -0.10
     base, var = np.where(base_ok, gold, 1 - gold), np.where(var_ok, gold, 1 - gold)
-    out = A.paired_bootstrap_delta(gold, base, var, n_resamples=2000, seed=0)
+    out = E.paired_bootstrap_delta(gold, base, var, n_resamples=2000, seed=0)
     assert out["delta"] == pytest.approx(-40 / n)
     assert out["ci_low"] < out["delta"] < out["ci_high"] < 0 and not out["within_noise"]
     # Normal approximation of the paired difference: half-width 1.96 * sd(d) / sqrt(n).
     d = var_ok.astype(float) - base_ok.astype(float)
     half = 1.96 * d.std() / math.sqrt(n)
     assert (out["ci_high"] - out["ci_low"]) / 2 == pytest.approx(half, rel=0.15)
-    assert A.paired_bootstrap_delta(gold, base, var, n_resamples=2000, seed=0) == out  # seeded
+    assert E.paired_bootstrap_delta(gold, base, var, n_resamples=2000, seed=0) == out  # seeded
 
     from sklearn.metrics import f1_score
 
-    f1 = A.paired_bootstrap_delta(gold, base, var, metric="macro_f1", n_resamples=300)
+    f1 = E.paired_bootstrap_delta(gold, base, var, metric="macro_f1", n_resamples=300)
     assert f1["delta"] == pytest.approx(f1_score(gold, var, average="macro") - f1_score(gold, base, average="macro"))
     assert f1["ci_low"] <= f1["delta"] <= f1["ci_high"]
     with pytest.raises(ValueError, match="metric"):
-        A.paired_bootstrap_delta(gold, base, var, metric="auc")
+        E.paired_bootstrap_delta(gold, base, var, metric="auc")
 
 
 def test_mcnemar_exact_known_p_values():
@@ -561,15 +562,15 @@ def test_mcnemar_exact_known_p_values():
     gold = np.zeros(30, dtype=int)
     base = np.array([0] * 1 + [1] * 9 + [0] * 15 + [1] * 5)
     var = np.array([1] * 1 + [0] * 9 + [0] * 15 + [1] * 5)
-    out = A.mcnemar_exact(gold, base, var)
+    out = E.mcnemar_exact(gold, base, var)
     _json_ok(out)
     assert (out["b"], out["c"], out["n_discordant"]) == (1, 9, 10)
     assert out["p_value"] == pytest.approx(22 / 1024)
     assert out["within_noise"] is False
     # b = 2, c = 3: p = 1 (symmetric two-sided); identical predictions: no discordant pairs, p = 1.
     gold5 = np.zeros(5, dtype=int)
-    assert A.mcnemar_exact(gold5, [0, 0, 1, 1, 1], [1, 1, 0, 0, 0])["p_value"] == pytest.approx(1.0)
-    same = A.mcnemar_exact(gold, base, base)
+    assert E.mcnemar_exact(gold5, [0, 0, 1, 1, 1], [1, 1, 0, 0, 0])["p_value"] == pytest.approx(1.0)
+    same = E.mcnemar_exact(gold, base, base)
     assert same["p_value"] == 1.0 and same["within_noise"] and same["n_discordant"] == 0
     # b = 0, c = 5: p = 2 / 32 = 0.0625, not significant at 0.05.
-    assert A.mcnemar_exact(gold5, [1] * 5, [0] * 5)["p_value"] == pytest.approx(0.0625)
+    assert E.mcnemar_exact(gold5, [1] * 5, [0] * 5)["p_value"] == pytest.approx(0.0625)
