@@ -77,6 +77,25 @@ def label_names(config) -> list[str]:
     return [config.id2label[i] for i in sorted(config.id2label)]
 
 
+def model_label_names(source: ModelSource, job: Path, field: str = "model") -> list[str]:
+    """The model's label names in id order. A local model's are read from its config.json as
+    transformers reads them, without importing transformers (and torch): planning stays quick."""
+    folder = None
+    if source.path or source.package:
+        check_source(source, job, field)
+        folder = Path(pretrained_name(source))
+    if folder is None or not (folder / "config.json").is_file():
+        return label_names(read_config(source, job, field))  # inline configs, the hub, odd folders
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SpecError(job, field, source.describe(), f"cannot read the model's config: {error}") from None
+    if config.get("id2label"):
+        id2label = {int(i): name for i, name in config["id2label"].items()}
+        return [id2label[i] for i in sorted(id2label)]
+    return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]  # transformers' defaults
+
+
 # ---------------------------------------------------------------------------------------------
 # The prepared checkpoint.
 

@@ -36,12 +36,12 @@ def plan_job(path: str | Path) -> JobPlan:
     sample_rows = data.sample_indices(len(rows), spec.dataset.sample)
     examples = [rows[i] for i in sample_rows]
 
-    config = models.read_config(spec.model, shown)
+    labels_of_model = models.model_label_names(spec.model, shown)
     if spec.tokenizer is not None:
         models.check_source(spec.tokenizer, shown, "tokenizer")
     train = None
     if spec.finetune is None:
-        model_labels = models.label_names(config)
+        model_labels = labels_of_model
     else:
         # Fine-tuning gives the model a new head whose labels are the names the job maps to.
         labels = spec.dataset.label_map.values() if spec.dataset.label_map else sorted({e.label for e in rows})

@@ -150,3 +150,27 @@ def test_without_a_label_map_labels_must_be_model_label_names(capsys, tmp_path, 
 def test_dataset_field_values(capsys, tmp_path, tiny_model_3, field, value, words):
     text = smsa_job(tiny_model_3, "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}").replace(field, value)
     check_refused(capsys, tmp_path, text, words)
+
+
+@pytest.mark.parametrize("edit", ["as saved", "no id2label", "num_labels only"])
+def test_a_local_models_label_names_are_read_as_transformers_reads_them(tmp_path, tiny_model_3, edit):
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    from runner import models
+    from runner.spec import ModelSource
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_3, folder)
+    config = json.loads((folder / "config.json").read_text())
+    if edit != "as saved":
+        config.pop("id2label"), config.pop("label2id")
+    if edit == "num_labels only":
+        config["num_labels"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+
+    expected = models.label_names(AutoConfig.from_pretrained(folder))
+    assert models.model_label_names(ModelSource(path=folder), tmp_path / "job.yaml") == expected
+    assert len(expected) == {"as saved": 3, "no id2label": 2, "num_labels only": 3}[edit]
