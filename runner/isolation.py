@@ -54,7 +54,19 @@ def run_in_fresh_process(function: Callable[..., Any], *args) -> Any:
     return value
 
 
+def _die_with_parent() -> None:
+    """Linux: this process is killed when the fork server ends (its worker was stopped), never orphaned."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _child(send, function, args) -> None:
+    _die_with_parent()
     try:
         outcome = (True, function(*args))
     except BaseException as error:  # reported to the worker, which fails the variant with it

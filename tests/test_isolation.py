@@ -1,0 +1,39 @@
+"""Each CPU variant runs in a new process forked from a warm fork server: its result, its error or its
+death comes back to the worker, and nothing of one run is left in the next."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from runner import isolation
+
+_STATE = []
+
+
+def remember_and_report(value):
+    _STATE.append(value)
+    return {"pid": os.getpid(), "state": list(_STATE)}
+
+
+def fail(message):
+    raise ValueError(message)
+
+
+def test_each_call_runs_in_a_new_process_with_nothing_left_from_the_last():
+    first = isolation.run_in_fresh_process(remember_and_report, "a")
+    second = isolation.run_in_fresh_process(remember_and_report, "b")
+    assert first["pid"] != second["pid"] and os.getpid() not in (first["pid"], second["pid"])
+    assert first["state"] == ["a"] and second["state"] == ["b"]  # a fresh copy of the server each time
+    assert _STATE == []  # and nothing ran in this process
+
+
+def test_an_error_in_the_process_comes_back_as_an_error():
+    with pytest.raises(RuntimeError, match="ValueError: the variant broke"):
+        isolation.run_in_fresh_process(fail, "the variant broke")
+
+
+def test_a_process_that_dies_is_reported_with_its_exit_code():
+    with pytest.raises(isolation.ProcessDied, match="exit code 7"):
+        isolation.run_in_fresh_process(os._exit, 7)
