@@ -106,3 +106,20 @@ evaluation: {{batch_size: 4, warmup_passes: 1, timed_passes: 8}}
 variants: {variants}
 {extra}
 """
+
+
+def smsa_job(model: Path, label_map: str, rest: str = "variants: [fp32-cpu]", name: str = "smsa-tiny", n: int = 50,
+             seed: int = 0, dataset_extra: str = "") -> str:
+    """A job on the real SmSA test rows (tab-separated, no header row, three labels); `rest` follows the dataset."""
+    return f"""
+name: {name}
+model: {{path: {model}}}
+dataset:
+  format: tsv
+  path: {SMSA / 'test_preprocess.tsv'}
+  header: false
+  label_map: {label_map}
+  sample: {{n: {n}, seed: {seed}}}
+  {dataset_extra}
+{rest}
+"""

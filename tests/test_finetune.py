@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import SMSA, build_tiny_bert, corpus_lines, write_job
+from conftest import SMSA, build_tiny_bert, corpus_lines, smsa_job, write_job
 from runner import finetune, models
 from runner.cli import main
 from runner.plan import plan_job
@@ -26,18 +26,11 @@ def smsa_base(tmp_path_factory):
                            corpus=corpus)
 
 
-def smsa_job(model, label_map=LABELS, train_path=SMSA / "train_preprocess.tsv", finetune_extra="", n=120) -> str:
-    return f"""
-name: smsa-tiny
-model: {{path: {model}}}
-dataset:
-  format: tsv
-  path: {SMSA / 'test_preprocess.tsv'}
-  header: false
-  label_map: {label_map}
-  sample: {{n: {n}, seed: 0}}
-  max_length: 64
-finetune:
+EVALUATION = "evaluation: {batch_size: 16, warmup_passes: 1, timed_passes: 4}"
+
+
+def finetune_job(model, label_map=LABELS, train_path=SMSA / "train_preprocess.tsv", finetune_extra="") -> str:
+    return smsa_job(model, label_map, n=120, dataset_extra="max_length: 64", rest=f"""finetune:
   train: {{format: tsv, path: {train_path}, header: false}}
   epochs: 2
   learning_rate: 2.0e-3
@@ -45,9 +38,8 @@ finetune:
   max_samples: 1200
   seed: 0
   {finetune_extra}
-evaluation: {{batch_size: 16, warmup_passes: 1, timed_passes: 4}}
-variants: [fp32-cpu, int8-dynamic-cpu]
-"""
+{EVALUATION}
+variants: [fp32-cpu, int8-dynamic-cpu]""")
 
 
 def run_cli(capsys, *args):
@@ -57,7 +49,7 @@ def run_cli(capsys, *args):
 
 
 def test_finetune_runs_as_a_ray_task_then_is_reused(capsys, tmp_path, smsa_base, ray_temp_dir):
-    job = write_job(tmp_path, smsa_job(smsa_base))
+    job = write_job(tmp_path, finetune_job(smsa_base))
     code, out, err = run_cli(capsys, "run", job, "--results", tmp_path / "first", "--ray-temp-dir", ray_temp_dir)
     assert code == 0, out + err
     assert "fine-tune: training on 1200 rows" in out and "fine-tune: done in" in out
@@ -95,7 +87,7 @@ def accuracy_of(plan, folder, info) -> tuple[float, list[str]]:
 
 
 def test_finetune_is_deterministic(tmp_path, smsa_base, monkeypatch):
-    job = write_job(tmp_path, smsa_job(smsa_base).replace("max_samples: 1200", "max_samples: 300"))
+    job = write_job(tmp_path, finetune_job(smsa_base).replace("max_samples: 1200", "max_samples: 300"))
     plan, _, one = train_directly(job, tmp_path / "cache-one", monkeypatch)
     _, _, two = train_directly(job, tmp_path / "cache-two", monkeypatch)
     assert one["key"] == two["key"] and one["train_loss"] == two["train_loss"]
@@ -108,7 +100,7 @@ def test_the_label_guard_catches_the_published_mistake(tmp_path, smsa_base, monk
     """Real SmSA rows and a model that knows them (fine-tuned on exactly these rows, to stand in for a well
     trained model), read once with the right map and once with positive and negative swapped."""
     monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
-    plan = plan_job(write_job(tmp_path, smsa_job(smsa_base)))
+    plan = plan_job(write_job(tmp_path, finetune_job(smsa_base)))
     texts, gold = [e.text for e in plan.examples], [plan.label_map[e.label] for e in plan.examples]
     settings = FinetuneSpec(train=None, epochs=15, learning_rate=2e-3, batch_size=16, seed=0, warmup_ratio=0.0)
     knows = finetune.run_finetune(finetune.FinetuneTask(
@@ -117,19 +109,9 @@ def test_the_label_guard_catches_the_published_mistake(tmp_path, smsa_base, monk
     right, warnings = accuracy_of(plan, knows, {})
     assert right > 0.9 and not [w for w in warnings if "label mapping" in w]
 
-    wrong = write_job(tmp_path, f"""
-name: smsa-wrong-map
-model: {{path: {knows}}}
-dataset:
-  format: tsv
-  path: {SMSA / 'test_preprocess.tsv'}
-  header: false
-  label_map: {{positive: LABEL_2, neutral: LABEL_1, negative: LABEL_0}}
-  sample: {{n: 120, seed: 0}}
-  max_length: 64
-evaluation: {{batch_size: 16, warmup_passes: 1, timed_passes: 4}}
-variants: [fp32-cpu]
-""", "wrong.yaml")
+    wrong_map = "{positive: LABEL_2, neutral: LABEL_1, negative: LABEL_0}"
+    wrong = write_job(tmp_path, smsa_job(knows, wrong_map, f"{EVALUATION}\nvariants: [fp32-cpu]", name="smsa-wrong-map",
+                                         n=120, dataset_extra="max_length: 64"), "wrong.yaml")
     wrong_plan = plan_job(wrong)
     assert wrong_plan.examples == plan.examples
     accuracy, warnings = accuracy_of(wrong_plan, knows, {})
@@ -146,7 +128,7 @@ def test_a_failed_finetune_leaves_no_cache_entry(tmp_path, smsa_base, monkeypatc
         raise RuntimeError("power cut halfway through training")
 
     monkeypatch.setattr(transformers.Trainer, "train", broken_train)
-    job = write_job(tmp_path, smsa_job(smsa_base, finetune_extra="weight_decay: 0.02"))
+    job = write_job(tmp_path, finetune_job(smsa_base, finetune_extra="weight_decay: 0.02"))
     with pytest.raises(RuntimeError, match="power cut"):
         train_directly(job, tmp_path / "cache", monkeypatch)
     entries = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
@@ -175,18 +157,18 @@ def refused(capsys, tmp_path, text, *words):
 
 
 def test_a_training_split_that_overlaps_the_evaluation_sample_is_refused(capsys, tmp_path, smsa_base):
-    refused(capsys, tmp_path, smsa_job(smsa_base, train_path=SMSA / "test_preprocess.tsv"),
+    refused(capsys, tmp_path, finetune_job(smsa_base, train_path=SMSA / "test_preprocess.tsv"),
             "finetune.train", "must not overlap the evaluation sample")
 
 
 def test_a_training_label_the_model_does_not_know_is_refused(capsys, tmp_path, smsa_base):
     train = tmp_path / "train.tsv"
     train.write_text("bagus sekali\tpositive\nbiasa saja\tmixed\n")
-    refused(capsys, tmp_path, smsa_job(smsa_base, train_path=train), "finetune.train", "'mixed'",
+    refused(capsys, tmp_path, finetune_job(smsa_base, train_path=train), "finetune.train", "'mixed'",
             "does not know")
 
 
 def test_an_empty_training_split_is_refused(capsys, tmp_path, smsa_base):
-    text = smsa_job(smsa_base).replace(f"  train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}\n", "")
+    text = finetune_job(smsa_base).replace(f"  train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}\n", "")
     text = text.replace("sample: {n: 120, seed: 0}", "sample: {fraction: 1.0}")
     refused(capsys, tmp_path, text, "finetune", "training split is empty")

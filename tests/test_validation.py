@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import RT_POLARITY, SMSA, rt_job, write_job
+from conftest import RT_POLARITY, rt_job, smsa_job, write_job
 from runner.cli import main
 
 
@@ -106,23 +106,8 @@ def test_missing_package(capsys, tmp_path):
     check_refused(capsys, tmp_path, text, "model.package", "no installed Python package")
 
 
-def smsa_job(model, label_map: str, columns: str = "") -> str:
-    return f"""
-name: smsa-tiny
-model: {{path: {model}}}
-dataset:
-  format: tsv
-  path: {SMSA / 'test_preprocess.tsv'}
-  header: false
-  {columns}
-  label_map: {label_map}
-  sample: {{n: 50, seed: 0}}
-variants: [fp32-cpu]
-"""
-
-
 def test_missing_column(capsys, tmp_path, tiny_model_3):
-    check_refused(capsys, tmp_path, smsa_job(tiny_model_3, "{positive: LABEL_0}", "text_column: 5"),
+    check_refused(capsys, tmp_path, smsa_job(tiny_model_3, "{positive: LABEL_0}", dataset_extra="text_column: 5"),
                   "dataset.text_column", "has 2 columns")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SMSA
+from conftest import SMSA, smsa_job
 from runner import data
 from runner.plan import plan_job
 from runner.spec import EvaluationSpec, QuantSettings, Variant
@@ -89,17 +89,8 @@ def test_a_broken_model_folder_is_a_failed_result_not_an_exception(tmp_path):
 def test_accuracy_is_computed_by_label_name(tiny_model_3, tmp_path):
     """The published mistake: the model orders LABEL_0=positive, LABEL_1=neutral, LABEL_2=negative."""
     job = tmp_path / "smsa.yaml"
-    job.write_text(f"""
-name: smsa
-model: {{path: {tiny_model_3}}}
-dataset:
-  format: tsv
-  path: {SMSA / 'test_preprocess.tsv'}
-  header: false
-  label_map: {{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}}
-  sample: {{n: 30, seed: 3}}
-variants: [fp32-cpu]
-""")
+    job.write_text(smsa_job(tiny_model_3, "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}", name="smsa",
+                            n=30, seed=3))
     plan = plan_job(job)
     gold = [plan.label_map[e.label] for e in plan.examples]
     assert gold.count("LABEL_0") == sum(e.label == "positive" for e in plan.examples)
