@@ -69,8 +69,8 @@ def nvidia_smi_gpu_count() -> int:
 
 
 # The embedded cluster's own housekeeping, made rarer. Idle, Ray's processes take about 9% of a core
-# (measured on 2 cores), and each wake-up stalls one of the timed threads: a plain loop timed beside an
-# idle cluster ran 10-25% slower. These settings halve that. No metrics are exported, no idle workers
+# (measured on 2 cores), and each wake-up stalls one of the timed threads: a plain int8 loop timed beside
+# an idle cluster took 14.0-16.5 ms against 12.1-13.3 ms alone. These settings halve the load. No metrics are exported, no idle workers
 # are prestarted, and reports to the head come every few seconds instead of 10 times a second.
 EMBEDDED_RAY_CONFIG = {
     "enable_metrics_collection": False, "event_stats": False, "metrics_report_interval_ms": 600_000,
