@@ -25,17 +25,20 @@ class ProcessDied(RuntimeError):
     """The variant's process ended (killed, crashed, out of memory) before it returned a result."""
 
 
-def _server():
+def _server(also_import: list[str]):
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
+        _context.set_forkserver_preload(PRELOAD + list(also_import))
     return _context
 
 
-def run_in_fresh_process(function: Callable[..., Any], *args) -> Any:
-    """function(*args) in a new process forked from the warm server; its result or its error."""
-    context = _server()
+def run_in_fresh_process(function: Callable[..., Any], *args, also_import: list[str] = ()) -> Any:
+    """function(*args) in a new process forked from the warm server; its result or its error.
+
+    also_import: modules the server imports beside PRELOAD when this call starts it (the first call).
+    """
+    context = _server(also_import)
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(send, function, args), daemon=True)
     process.start()

@@ -23,6 +23,8 @@ class Precision:
     load: Callable[..., tuple[Any, dict]]
     # (model, settings) -> (model, recorded settings); None where loading already quantized
     quantize: Callable[..., tuple[Any, dict]] | None = None
+    # What load imports beyond torch and transformers: a worker's fork server can import it once.
+    imports: tuple[str, ...] = ()
 
 
 def _auto_model(model_dir, **kwargs):
@@ -82,6 +84,8 @@ def _load_bnb(kind: str):
     return load
 
 
+BNB_IMPORTS = ("bitsandbytes", "transformers.integrations.bitsandbytes")
+
 PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in [
@@ -90,9 +94,12 @@ PRECISIONS: dict[str, Precision] = {
         Precision("bf16", ("cpu", "cuda"), "loaded as bfloat16", _load_as("bfloat16")),
         Precision("int8-dynamic", ("cpu",), "torch dynamic post-training quantization, CPU kernels only",
                   _load_as("float32"), _quantize_dynamic_int8),
-        Precision("bnb-int8", ("cpu", "cuda"), "bitsandbytes LLM.int8()", _load_bnb("int8")),
-        Precision("bnb-nf4", ("cpu", "cuda"), "bitsandbytes 4-bit NormalFloat", _load_bnb("nf4")),
-        Precision("bnb-fp4", ("cpu", "cuda"), "bitsandbytes 4-bit float", _load_bnb("fp4")),
+        Precision("bnb-int8", ("cpu", "cuda"), "bitsandbytes LLM.int8()", _load_bnb("int8"),
+                  imports=BNB_IMPORTS),
+        Precision("bnb-nf4", ("cpu", "cuda"), "bitsandbytes 4-bit NormalFloat", _load_bnb("nf4"),
+                  imports=BNB_IMPORTS),
+        Precision("bnb-fp4", ("cpu", "cuda"), "bitsandbytes 4-bit float", _load_bnb("fp4"),
+                  imports=BNB_IMPORTS),
     ]
 }
 

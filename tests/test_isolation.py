@@ -37,3 +37,22 @@ def test_an_error_in_the_process_comes_back_as_an_error():
 def test_a_process_that_dies_is_reported_with_its_exit_code():
     with pytest.raises(isolation.ProcessDied, match="exit code 7"):
         isolation.run_in_fresh_process(os._exit, 7)
+
+
+def already_imported(name):
+    import sys
+
+    return name in sys.modules
+
+
+def test_the_server_imports_beforehand_what_its_first_call_names(tmp_path):
+    # The server starts once per process, so a process of its own shows what its first call did.
+    import subprocess
+    import sys
+
+    code = ("from runner import isolation; from tests.test_isolation import already_imported as seen; "
+            "print(isolation.run_in_fresh_process(seen, 'colorsys', also_import=['colorsys']), "
+            "isolation.run_in_fresh_process(seen, 'wave'))")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert shown.stdout.split() == ["True", "False"], shown.stderr[-2000:]
