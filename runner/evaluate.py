@@ -29,6 +29,22 @@ def tokenize_batches(tokenizer, texts: list[str], batch_size: int, max_length: i
     return batches
 
 
+def batch_order(tokenizer, texts: list[str], max_length: int, how: str) -> list[int]:
+    """The order in which the sample is batched. "length": by token count, shortest first (a stable
+    sort), so each batch pads to nearly its own length; at batch size 1 the order changes nothing."""
+    if how == "sample":
+        return list(range(len(texts)))
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    return sorted(range(len(texts)), key=lengths.__getitem__)
+
+
+def in_sample_order(rows: np.ndarray, order: list[int]) -> np.ndarray:
+    """rows[i] belongs to sample row order[i]; back to the sample's own order."""
+    restored = np.empty_like(rows)
+    restored[np.asarray(order)] = rows
+    return restored
+
+
 # The same first batch is timed this many times more: the spread of identical passes is the noise,
 # apart from the spread that different sentence lengths give the per-sample latencies.
 REPEATS_FOR_NOISE = 10

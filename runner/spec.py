@@ -84,6 +84,7 @@ class EvaluationSpec:
     min_time_s: float = 0.0
     threads: int | None = None  # None: every CPU the variant's worker was given
     weight_analysis: bool = True  # per-layer weight error against FP32, computed after timing
+    batch_order: str = "sample"  # sample: batches in sample order; length: shortest sentences first, less padding
     latency_mode: str = "dataset"  # dataset: the sample's batches are timed; fixed: one batch of fixed_shape
     fixed_shape: tuple[int, int] | None = None  # (batch size, sequence length) for latency_mode fixed
     repeats: int = 1  # runs of each variant, each in a fresh process
@@ -384,9 +385,15 @@ def _tolerances(reader: _Reader | None) -> dict[str, float]:
     return values
 
 
+BATCH_ORDERS = ("sample", "length")
+
+
 def _evaluation(reader: _Reader) -> EvaluationSpec:
     reader.check_keys(("batch_size", "warmup_passes", "timed_passes", "min_time_s", "threads", "weight_analysis",
-                       "latency_mode", "fixed_shape", "repeats"))
+                       "batch_order", "latency_mode", "fixed_shape", "repeats"))
+    order = reader.get("batch_order", str, "sample")
+    if order not in BATCH_ORDERS:
+        raise SpecError(reader.file, reader.field("batch_order"), order, "allowed: " + ", ".join(BATCH_ORDERS))
     mode = reader.get("latency_mode", str, "dataset")
     if mode not in ("dataset", "fixed"):
         raise SpecError(reader.file, reader.field("latency_mode"), mode, "allowed: dataset, fixed")
@@ -405,7 +412,7 @@ def _evaluation(reader: _Reader) -> EvaluationSpec:
                           min_time_s=min_time,
                           threads=reader.positive_int("threads", None),
                           weight_analysis=reader.get("weight_analysis", bool, True),
-                          latency_mode=mode, fixed_shape=tuple(shape) if shape else None,
+                          batch_order=order, latency_mode=mode, fixed_shape=tuple(shape) if shape else None,
                           repeats=reader.positive_int("repeats", 1))
 
 

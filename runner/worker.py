@@ -117,7 +117,8 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     outcome = {"layers": rows, "summary": analysis.summarise_layer_errors(rows),
                "histograms": analysis.weight_histograms(reference), "grids": grids}
     if task.variant.precision == "bnb-int8":
-        cpu_batches = [{k: v.cpu() for k, v in b.items()} for b in batches[:OUTLIER_BATCHES]]
+        spread = batches[::max(1, len(batches) // OUTLIER_BATCHES)][:OUTLIER_BATCHES]  # short and long ones
+        cpu_batches = [{k: v.cpu() for k, v in b.items()} for b in spread]
         columns = analysis.activation_outlier_columns(reference_model, cpu_batches, task.settings.llm_int8_threshold)
         outcome["outlier_columns"] = {name: cols for name, cols in columns.items() if cols}
         outcome["outlier_samples"] = sum(b["input_ids"].shape[0] for b in cpu_batches)
@@ -155,7 +156,9 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(task.model_dir)
-    batches = evaluate.tokenize_batches(tokenizer, task.texts, task.evaluation.batch_size, task.max_length, device)
+    order = evaluate.batch_order(tokenizer, task.texts, task.max_length, task.evaluation.batch_order)
+    batches = evaluate.tokenize_batches(tokenizer, [task.texts[i] for i in order], task.evaluation.batch_size,
+                                        task.max_length, device)
     fixed = None
     if task.evaluation.latency_mode == "fixed":
         fixed = evaluate.fixed_shape_batch(tokenizer, *task.evaluation.fixed_shape, device)
@@ -163,6 +166,7 @@ def _run(task: VariantTask, result: dict, torch) -> None:
         probabilities, timings = evaluate.run_passes(
             model, batches, device, task.evaluation.warmup_passes, task.evaluation.timed_passes,
             task.evaluation.min_time_s, fixed)
+    probabilities = evaluate.in_sample_order(probabilities, order)
     if not np.isfinite(probabilities).all():
         raise FloatingPointError(f"{variant.id} produced non-finite outputs (NaN or inf) for "
                                  f"{int((~np.isfinite(probabilities)).any(axis=1).sum())} of {len(task.texts)} samples")
@@ -201,7 +205,8 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     noisy = measure.noisy_warning(latency)
     if noisy:
         result["warnings"].append(noisy)
-    result["settings"] = {**settings, "batch_size": task.evaluation.batch_size, "max_length": task.max_length,
+    result["settings"] = {**settings, "batch_size": task.evaluation.batch_size,
+                          "batch_order": task.evaluation.batch_order, "max_length": task.max_length,
                           "warmup_passes": task.evaluation.warmup_passes, "timed_passes": task.evaluation.timed_passes,
                           "min_time_s": task.evaluation.min_time_s, "latency_mode": task.evaluation.latency_mode,
                           "fixed_shape": task.evaluation.fixed_shape, "quantization": asdict(task.settings)}

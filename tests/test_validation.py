@@ -61,6 +61,11 @@ def test_mistyped_field(capsys, tmp_path, tiny_model):
                   "evaluation.batch_size", "'four'", "expected an integer")
 
 
+def test_unknown_batch_order(capsys, tmp_path, tiny_model):
+    check_refused(capsys, tmp_path, rt_job(tiny_model).replace("batch_size: 4", "batch_size: 4, batch_order: longest"),
+                  "evaluation.batch_order", "'longest'", "allowed: sample, length")
+
+
 def test_unknown_precision(capsys, tmp_path, tiny_model):
     check_refused(capsys, tmp_path, rt_job(tiny_model, variants="[fp32-cpu, int4-cpu]"),
                   "variants[1]", "int4", "unknown precision", "bnb-nf4")

@@ -129,3 +129,22 @@ def test_weight_analysis_ranks_precisions_by_their_bits(all_precisions):
     # The analysis phase is measured apart and never counted in the variant's peak memory.
     phases = all_precisions["int8-dynamic"]["metrics"]["memory_phases"]
     assert set(phases) == {"load", "quantize", "evaluate", "analysis"}
+
+
+def test_length_order_batches_short_sentences_together_and_reports_in_sample_order(tiny_model):
+    from transformers import AutoTokenizer
+
+    from runner import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    order = evaluate.batch_order(tokenizer, TEXTS, 32, "length")
+    lengths = [len(tokenizer(TEXTS[i])["input_ids"]) for i in order]
+    assert sorted(order) == list(range(len(TEXTS))) and lengths == sorted(lengths) and order != sorted(order)
+    by_sample = run_variant(make_task(tiny_model, batch_size=3))
+    by_length = run_variant(make_task(tiny_model, batch_size=3, batch_order="length"))
+    assert by_sample["status"] == by_length["status"] == "ok", by_length["error"]
+    # The same sentences, batched differently: each prediction is still reported on its own row.
+    np.testing.assert_allclose(by_length["predictions"]["probabilities"], by_sample["predictions"]["probabilities"],
+                               atol=1e-5)
+    assert by_length["predictions"]["predicted"] == by_sample["predictions"]["predicted"]
+    assert by_length["settings"]["batch_order"] == "length" and by_sample["settings"]["batch_order"] == "sample"
