@@ -196,16 +196,24 @@ def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
     itself, which is fresh (max_calls=1)."""
     task.model_dir = _model_on_this_node(task.model_dir, archive)
     if task.variant.device == "cpu":
-        # bitsandbytes may set CUDA up as it is imported, and CUDA state must not cross a fork: the
-        # server imports it only on a node without a GPU (there, 2-5 s saved per bnb variant).
-        also_import = also_import if local_gpu_count() == 0 else []
-        result = isolation.run_in_fresh_process(_run_variant_here, task, also_import=also_import)
+        result = isolation.run_in_fresh_process(_run_variant_here, task, also_import=_server_imports(also_import))
     else:
         result = _run_variant_here(task)
     context = ray.get_runtime_context()
     result["environment"]["ray"] = {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
                                     "worker_pid": os.getpid()}
     return result
+
+
+def fork_server_imports(cpu_precisions: list[str]) -> list[str]:
+    """What these CPU precisions import beyond the fork server's own preload."""
+    return sorted({module for precision in cpu_precisions for module in PRECISIONS[precision].imports})
+
+
+def _server_imports(also_import: list[str]) -> list[str]:
+    # bitsandbytes may set CUDA up as it is imported, and CUDA state must not cross a fork: the
+    # server imports it only on a node without a GPU (there, 2-5 s saved per bnb variant).
+    return also_import if local_gpu_count() == 0 else []
 
 
 def _run_variant_here(task: VariantTask) -> dict:
@@ -252,8 +260,7 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
         # Nodes may not share this machine's disk: the prepared model travels through the object store.
         archive = [ray.put(models.archive_folder(model_dir))]
 
-    # What the job's CPU variants import beyond the fork server's own preload.
-    also_import = sorted({m for t in tasks if t.variant.device == "cpu" for m in PRECISIONS[t.variant.precision].imports})
+    also_import = fork_server_imports([t.variant.precision for t in tasks if t.variant.device == "cpu"])
     results, pending = [], {}
     # Decided for every device before anything is submitted: no wait runs beside a timed variant.
     unplaceable = {device: wait_for_capable_node(device, placement_timeout_s)
@@ -293,21 +300,36 @@ def _short_error(error: Exception) -> str:
 # The fine-tune stage: one task, on a GPU worker when the cluster has one.
 
 
-def _finetune_on_worker(task: FinetuneTask, archive: list, send_back: bool) -> dict:
-    _quiet_libraries()
+def _finetune_on_worker(task: FinetuneTask, archive: list, send_back: bool, device: str,
+                        also_import: list[str]) -> dict:
     task.base_dir = _model_on_this_node(task.base_dir, archive)
-    info = run_finetune(task)
-    info["node_ip"] = ray.util.get_node_ip_address()
+    if device == "cpu":
+        # Forked from this worker's fork server, like a CPU variant: the variants that follow on this
+        # worker find the server warm (one import of torch and transformers per run, not two).
+        info = isolation.run_in_fresh_process(_finetune_here, task, also_import=_server_imports(also_import))
+    else:
+        info = _finetune_here(task)
+    info["node_ip"], info["worker_pid"] = ray.util.get_node_ip_address(), os.getpid()
     if send_back:  # the driver's machine may not share this node's disk
         info["archive"] = models.archive_folder(Path(info["folder"]))
     return info
 
 
-_remote_finetune = ray.remote(max_calls=1, max_retries=0)(_finetune_on_worker)
+def _finetune_here(task: FinetuneTask) -> dict:
+    _quiet_libraries()
+    return run_finetune(task)
 
 
-def finetune(task: FinetuneTask, cluster: Cluster, placement_timeout_s: float | None = None) -> dict:
-    """Fine-tune on a GPU worker if there is one, else a CPU worker; the model lands in this machine's cache."""
+# As for variants: a CPU worker is kept, with its fork server; a CUDA worker is fresh.
+_remote_finetune = {"cpu": ray.remote(max_calls=0, max_retries=0)(_finetune_on_worker),
+                    "cuda": ray.remote(max_calls=1, max_retries=0)(_finetune_on_worker)}
+
+
+def finetune(task: FinetuneTask, cluster: Cluster, placement_timeout_s: float | None = None,
+             precisions: list[str] = ()) -> dict:
+    """Fine-tune on a GPU worker if there is one, else a CPU worker; the model lands in this machine's cache.
+
+    precisions: the job's CPU precisions, whose imports a CPU worker's fork server then preloads."""
     placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
     device = "cuda" if wait_for_capable_node("cuda", 0.0) is None else "cpu"
     reason = wait_for_capable_node(device, placement_timeout_s)
@@ -315,7 +337,8 @@ def finetune(task: FinetuneTask, cluster: Cluster, placement_timeout_s: float | 
         raise RuntimeError(f"cannot fine-tune: {reason}")
     archive = [] if cluster.embedded else [ray.put(models.archive_folder(Path(task.base_dir)))]
     try:
-        info = ray.get(_remote_finetune.options(**task_options(device)).remote(task, archive, not cluster.embedded))
+        info = ray.get(_remote_finetune[device].options(**task_options(device)).remote(
+            task, archive, not cluster.embedded, device, fork_server_imports(precisions)))
     except ray.exceptions.RayTaskError as error:
         raise RuntimeError(_short_error(error)) from None
     if "archive" in info:

@@ -184,7 +184,8 @@ def fine_tuned_model(plan: JobPlan, base_dir: Path, base_info: dict, cluster, sa
         f"batch {spec.finetune.batch_size}, learning rate {spec.finetune.learning_rate:g}) ...")
     task = FinetuneTask(key=key, base_dir=str(base_dir), base_key=base_info["key"], texts=texts, labels=labels,
                         label_names=plan.model_labels, settings=spec.finetune, max_length=spec.dataset.max_length)
-    info = dispatch.finetune(task, cluster, placement_timeout_s)
+    info = dispatch.finetune(task, cluster, placement_timeout_s,
+                             precisions=[v.precision for v in spec.variants if v.device == "cpu"])
     say(f"fine-tune: done in {info['train_s']:.1f} s on {info['device']} ({info.get('node_ip')}), "
         f"train loss {info['train_loss']}; cached as {info['folder']}")
     return Path(info["folder"]), {**info, "source": f"fine-tuned {base_info['source']}"}
