@@ -167,8 +167,7 @@ def report(args, precisions: list[str], rounds: list[dict], env: dict) -> list[s
               f"(of which loading, quantizing and timing: {plain_work:.1f} s)",
               f"- ratio sweep / plain script, median of the rounds' ratios: {overhead:.2f} (target at most 1.15: "
               f"{ok(overhead <= 1.15)}); all rounds pooled: {sweep_wall / plain_wall:.2f}",
-              f"- what the sweep adds to the plain script's wall time, median of the rounds: {extra:.1f} s; it does "
-              "not grow with the number of samples, so the ratio falls as the work grows",
+              f"- what the sweep adds to the plain script's wall time, median of the rounds: {extra:.1f} s",
               "", "## (c) Memory (the last round)", ""]
     results, reference = rounds[-1]["results"], rounds[-1]["reference"]
     if args.device == "cuda":
