@@ -10,6 +10,7 @@ A variant that no node can run ends `skipped` after a bounded wait; one whose pr
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -195,10 +196,7 @@ def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
     leak: a CPU variant one forked from the worker's warm fork server, a CUDA variant this worker
     itself, which is fresh (max_calls=1)."""
     task.model_dir = _model_on_this_node(task.model_dir, archive)
-    if task.variant.device == "cpu":
-        result = isolation.run_in_fresh_process(_run_variant_here, task, also_import=_server_imports(also_import))
-    else:
-        result = _run_variant_here(task)
+    result = _in_a_process_of_its_own(task.variant.device, _run_variant_here, task, also_import)
     context = ray.get_runtime_context()
     result["environment"]["ray"] = {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
                                     "worker_pid": os.getpid()}
@@ -210,10 +208,26 @@ def fork_server_imports(cpu_precisions: list[str]) -> list[str]:
     return sorted({module for precision in cpu_precisions for module in PRECISIONS[precision].imports})
 
 
-def _server_imports(also_import: list[str]) -> list[str]:
+def _in_a_process_of_its_own(device: str, function: Callable, task, also_import: list[str]):
+    """function(task) on this worker, in a process of its own. On the CPU: forked from the worker's
+    fork server, which later CPU tasks on this worker find warm. On CUDA: this worker itself, which is
+    fresh (max_calls=1), since a CUDA context cannot cross a fork."""
+    if device != "cpu":
+        return function(task)
     # bitsandbytes may set CUDA up as it is imported, and CUDA state must not cross a fork: the
     # server imports it only on a node without a GPU (there, 2-5 s saved per bnb variant).
-    return also_import if local_gpu_count() == 0 else []
+    return isolation.run_in_fresh_process(function, task, also_import=[] if _node_has_gpu() else also_import)
+
+
+@functools.cache
+def _node_has_gpu() -> bool:  # asked once per worker: it may run nvidia-smi
+    return local_gpu_count() > 0
+
+
+def _remote_per_device(function: Callable) -> dict:
+    """A CPU worker is kept for the next task, with its fork server; a CUDA worker is fresh each time."""
+    return {"cpu": ray.remote(max_calls=0, max_retries=0)(function),
+            "cuda": ray.remote(max_calls=1, max_retries=0)(function)}
 
 
 def _run_variant_here(task: VariantTask) -> dict:
@@ -246,9 +260,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao.quantization")
 
 
-# A CPU worker is kept for the next variant, with its fork server; a CUDA worker is fresh each time.
-_remote_execute = {"cpu": ray.remote(max_calls=0, max_retries=0)(_execute),
-                   "cuda": ray.remote(max_calls=1, max_retries=0)(_execute)}
+_remote_execute = _remote_per_device(_execute)
 
 
 def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable[[dict], None],
@@ -303,12 +315,9 @@ def _short_error(error: Exception) -> str:
 def _finetune_on_worker(task: FinetuneTask, archive: list, send_back: bool, device: str,
                         also_import: list[str]) -> dict:
     task.base_dir = _model_on_this_node(task.base_dir, archive)
-    if device == "cpu":
-        # Forked from this worker's fork server, like a CPU variant: the variants that follow on this
-        # worker find the server warm (one import of torch and transformers per run, not two).
-        info = isolation.run_in_fresh_process(_finetune_here, task, also_import=_server_imports(also_import))
-    else:
-        info = _finetune_here(task)
+    # Like a CPU variant, a CPU fine-tune is forked from the worker's fork server: the variants that
+    # follow on this worker find it warm (one import of torch and transformers per run, not two).
+    info = _in_a_process_of_its_own(device, _finetune_here, task, also_import)
     info["node_ip"], info["worker_pid"] = ray.util.get_node_ip_address(), os.getpid()
     if send_back:  # the driver's machine may not share this node's disk
         info["archive"] = models.archive_folder(Path(info["folder"]))
@@ -320,9 +329,7 @@ def _finetune_here(task: FinetuneTask) -> dict:
     return run_finetune(task)
 
 
-# As for variants: a CPU worker is kept, with its fork server; a CUDA worker is fresh.
-_remote_finetune = {"cpu": ray.remote(max_calls=0, max_retries=0)(_finetune_on_worker),
-                    "cuda": ray.remote(max_calls=1, max_retries=0)(_finetune_on_worker)}
+_remote_finetune = _remote_per_device(_finetune_on_worker)
 
 
 def finetune(task: FinetuneTask, cluster: Cluster, placement_timeout_s: float | None = None,

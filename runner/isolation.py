@@ -6,7 +6,8 @@ that every time, and it was most of what a sweep spent outside the variants' wor
 and every variant runs in a new process forked from it: fresh memory peaks, fresh thread pools,
 nothing left over from the variant before. The worker only waits on a pipe meanwhile.
 
-CUDA variants do not come here: a CUDA context cannot cross a fork, so they run in a fresh worker.
+A CPU fine-tune comes here too, so the variants after it find the server warm. CUDA work does not: a
+CUDA context cannot cross a fork, so it runs in a fresh worker.
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ def _main_script_not_rerun(function: Callable[..., Any]):
     if getattr(function, "__module__", None) == "__main__":
         yield
         return
-    hidden = {name: main.__dict__.pop(name) for name in ("__file__",) if name in main.__dict__}
-    spec, main.__spec__ = getattr(main, "__spec__", None), None
+    file = main.__dict__.pop("__file__", None)
+    spec, main.__spec__ = getattr(main, "__spec__", None), None  # multiprocessing reads it: None, not absent
     try:
         yield
     finally:
-        main.__dict__.update(hidden)
         main.__spec__ = spec
+        if file is not None:
+            main.__file__ = file
 
 
 def _die_with_parent() -> None:
