@@ -231,7 +231,7 @@ def mcnemar_exact(gold, baseline_pred, variant_pred, alpha: float = 0.05) -> dic
         "b": b,
         "c": c,
         "n_discordant": b + c,
-        "p_value": min(1.0, p_value),
+        "p_value": p_value,
         "alpha": float(alpha),
         "within_noise": bool(p_value >= alpha),
     }
