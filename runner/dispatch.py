@@ -26,7 +26,7 @@ import ray
 from runner import isolation, measure, models
 from runner.finetune import FinetuneTask, run_finetune
 from runner.precisions import PRECISIONS
-from runner.worker import VariantTask, base_result, now, run_variant
+from runner.worker import VariantTask, base_result, now, run_variant_in_own_process
 
 SLOT = "quantbench_slot"
 DEVICE_RESOURCE = {"cpu": "quantbench_cpu", "cuda": "quantbench_cuda"}
@@ -182,21 +182,12 @@ def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
             f"waited {timeout_s:g} s; nodes: {have or 'none'}")
 
 
-def _injected_fault(variant_id: str) -> str | None:
-    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise": how tests make a worker die or a variant raise."""
-    for item in os.environ.get("QUANTBENCH_FAULT_INJECT", "").split(","):
-        name, _, fault = item.partition("=")
-        if name.strip() == variant_id:
-            return fault.strip()
-    return None
-
-
 def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
     """Runs on a worker. The variant gets a process of its own, so memory peaks and CUDA state never
     leak: a CPU variant one forked from the worker's warm fork server, a CUDA variant this worker
     itself, which is fresh (max_calls=1)."""
     task.model_dir = _model_on_this_node(task.model_dir, archive)
-    result = _in_a_process_of_its_own(task.variant.device, _run_variant_here, task, also_import)
+    result = _in_a_process_of_its_own(task.variant.device, run_variant_in_own_process, task, also_import)
     context = ray.get_runtime_context()
     result["environment"]["ray"] = {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
                                     "worker_pid": os.getpid()}
@@ -230,18 +221,6 @@ def _remote_per_device(function: Callable) -> dict:
             "cuda": ray.remote(max_calls=1, max_retries=0)(function)}
 
 
-def _run_variant_here(task: VariantTask) -> dict:
-    fault = _injected_fault(task.variant.id)
-    if fault == "exit":
-        os._exit(3)  # the process dies as in a segfault or an OOM kill
-    if fault == "raise":
-        raise RuntimeError(f"fault injected into {task.variant.id}")
-    _quiet_libraries()
-    result = run_variant(task)
-    result["environment"]["variant_pid"] = os.getpid()
-    return result
-
-
 def _model_on_this_node(model_dir: str, archive: list) -> str:
     """The prepared model's folder here: the driver's cache when shared, else unpacked from the archive."""
     key = Path(model_dir).name
@@ -250,14 +229,6 @@ def _model_on_this_node(model_dir: str, archive: list) -> str:
     if not archive:
         raise FileNotFoundError(f"prepared model {model_dir} is not on this node and none was sent")
     return str(models.unpack_archive(key, ray.get(archive[0])))
-
-
-def _quiet_libraries() -> None:
-    import warnings
-
-    models.quiet_transformers()
-    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # said once in the settings
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao.quantization")
 
 
 _remote_execute = _remote_per_device(_execute)
@@ -317,16 +288,11 @@ def _finetune_on_worker(task: FinetuneTask, archive: list, send_back: bool, devi
     task.base_dir = _model_on_this_node(task.base_dir, archive)
     # Like a CPU variant, a CPU fine-tune is forked from the worker's fork server: the variants that
     # follow on this worker find it warm (one import of torch and transformers per run, not two).
-    info = _in_a_process_of_its_own(device, _finetune_here, task, also_import)
+    info = _in_a_process_of_its_own(device, run_finetune, task, also_import)
     info["node_ip"], info["worker_pid"] = ray.util.get_node_ip_address(), os.getpid()
     if send_back:  # the driver's machine may not share this node's disk
         info["archive"] = models.archive_folder(Path(info["folder"]))
     return info
-
-
-def _finetune_here(task: FinetuneTask) -> dict:
-    _quiet_libraries()
-    return run_finetune(task)
 
 
 _remote_finetune = _remote_per_device(_finetune_on_worker)

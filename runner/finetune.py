@@ -53,7 +53,7 @@ def run_finetune(task: FinetuneTask) -> dict:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments, set_seed)
 
-    models.quiet_transformers()
+    models.quiet_libraries()
     started = time.perf_counter()
     torch.set_num_threads(measure.available_cpus())  # Ray's one thread per task would halve the speed
     set_seed(task.settings.seed)

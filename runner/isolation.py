@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 # What the server imports before it forks: the heavy, model-independent part of a variant's imports.
-PRELOAD = ["torch", "runner.worker", "runner.analysis", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
-           "transformers.models.auto.tokenization_auto"]
+PRELOAD = ["torch", "runner.worker", "runner.finetune", "runner.analysis", "transformers.modeling_utils",
+           "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto"]
 
 _context = None
 

@@ -136,12 +136,17 @@ def cached_info(folder: Path) -> dict:
     return {**json.loads((folder / MARKER).read_text()), "cached": True, "folder": str(folder)}
 
 
-def quiet_transformers() -> None:
-    """Loading reports and progress bars are not for our output: what matters goes into the results."""
+def quiet_libraries() -> None:
+    """Loading reports, progress bars and deprecation notices are not for our output: what matters goes
+    into the results."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # said once in the settings
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao.quantization")
 
 
 def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
@@ -155,7 +160,7 @@ def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     # The missing head is reported in the run's output and the results; not as a loader's table.
-    quiet_transformers()
+    quiet_libraries()
     started = time.perf_counter()
     torch.manual_seed(spec.seed)
     if spec.model.config is not None:
