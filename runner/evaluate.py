@@ -45,8 +45,11 @@ def in_sample_order(rows: np.ndarray, order: list[int]) -> np.ndarray:
     return restored
 
 
-# The same first batch is timed this many times more: the spread of identical passes is the noise,
-# apart from the spread that different sentence lengths give the per-sample latencies.
+# The machine's noise is the spread of passes of one shape, which do the same work, apart from the
+# spread that different sentence lengths give the per-sample latencies. The timed passes usually
+# repeat shapes often enough to tell it; where they hold fewer than MIN_SAME_SHAPE_PASSES passes
+# beyond the first of each shape, the first batch is timed REPEATS_FOR_NOISE times more.
+MIN_SAME_SHAPE_PASSES = 10
 REPEATS_FOR_NOISE = 10
 
 
@@ -54,7 +57,15 @@ REPEATS_FOR_NOISE = 10
 class PassTimings:
     seconds: list[float]
     samples: int  # samples processed in timed passes
-    repeats: list[float]  # the first batch, timed again and again
+    shapes: list[tuple[int, ...]]  # each timed pass's input shape
+    repeats: list[float]  # the first batch timed again, only where the timed passes repeat too few shapes
+    repeats_shape: tuple[int, ...] = ()
+
+    def noise_cv(self) -> tuple[float | None, int]:
+        """The spread of passes of one shape, timed passes and repeats together; and how many passes
+        beyond the first of each shape it rests on."""
+        return measure.same_shape_cv(self.seconds + self.repeats,
+                                     self.shapes + [self.repeats_shape] * len(self.repeats))
 
 
 def fixed_shape_batch(tokenizer, batch_size: int, sequence_length: int, device: str) -> dict:
@@ -100,15 +111,17 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
                 seen.add(batch_shape(batch))
                 model(**batch)
         sync()
+        # Whole passes over the sample only: every batch is timed equally often, whatever the lengths.
+        per_pass = len(timed_batches)
+        total_passes = -(-max(per_pass, timed_passes) // per_pass) * per_pass
+        shapes_per_pass = [batch_shape(b) for b in timed_batches]
+        repeated = total_passes - len(set(shapes_per_pass))  # at least; min_time_s may add passes
         repeats = []
-        for _ in range(REPEATS_FOR_NOISE):
+        for _ in range(REPEATS_FOR_NOISE if repeated < MIN_SAME_SHAPE_PASSES else 0):
             start = time.perf_counter()
             model(**timed_batches[0])
             sync()
             repeats.append(time.perf_counter() - start)
-        # Whole passes over the sample only: every batch is timed equally often, whatever the lengths.
-        per_pass = len(timed_batches)
-        total_passes = -(-max(per_pass, timed_passes) // per_pass) * per_pass
         clock_started = time.perf_counter()
         i = 0
         while i < total_passes or i % per_pass or time.perf_counter() - clock_started < min_time_s:
@@ -122,7 +135,9 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
             if fixed_batch is None and i < len(batches):
                 probabilities.append(torch.softmax(logits.float(), dim=-1).cpu())
             i += 1
-    return torch.cat(probabilities).numpy(), PassTimings(seconds, samples, repeats)
+    timings = PassTimings(seconds, samples, [shapes_per_pass[k % per_pass] for k in range(len(seconds))], repeats,
+                          shapes_per_pass[0])
+    return torch.cat(probabilities).numpy(), timings
 
 
 def prediction_metrics(probabilities: np.ndarray, gold_ids: np.ndarray, label_names: list[str]) -> dict:

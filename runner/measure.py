@@ -54,18 +54,28 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * (position - lower)
 
 
-def repeat_cv(seconds: list[float]) -> float | None:
-    """Coefficient of variation of identical passes: the machine's noise, whatever the inputs' lengths."""
-    if len(seconds) < 2:
-        return None
-    mean = statistics.fmean(seconds)
-    return round(statistics.stdev(seconds) / mean, 4) if mean else None
+def same_shape_cv(seconds: list[float], shapes: list) -> tuple[float | None, int]:
+    """The coefficient of variation of passes of the same shape, pooled over the shapes: the machine's
+    noise, whatever the inputs' lengths. Each pass deviates from its own shape's mean, relative to
+    that mean; with n passes of k shapes, n - k of them carry the spread. Returns (cv, n - k); cv is
+    None when no shape was timed twice."""
+    groups: dict = {}
+    for value, shape in zip(seconds, shapes):
+        groups.setdefault(shape, []).append(value)
+    squares, repeated = 0.0, 0
+    for values in groups.values():
+        mean = statistics.fmean(values)
+        if len(values) < 2 or not mean:
+            continue
+        squares += sum(((v - mean) / mean) ** 2 for v in values)
+        repeated += len(values) - 1
+    return (round(math.sqrt(squares / repeated), 4) if repeated else None), repeated
 
 
 def noisy_warning(stats: dict) -> str | None:
     cv = stats.get("repeat_cv")
     if cv is not None and cv > NOISY_CV:
-        return (f"latency is noisy: the same pass repeated varies by {cv:.0%} (coefficient of variation, above "
+        return (f"latency is noisy: passes of the same shape vary by {cv:.0%} (coefficient of variation, above "
                 f"{NOISY_CV:.0%}); another process may have shared the cores")
     return None
 

@@ -209,7 +209,8 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     index = {name: i for i, name in enumerate(task.model_labels)}
     gold_ids = np.array([index[name] for name in task.gold_labels])
     predicted = probabilities.argmax(axis=1)
-    latency = {**measure.latency_stats(timings.seconds), "repeat_cv": measure.repeat_cv(timings.repeats)}
+    noise_cv, repeated = timings.noise_cv()
+    latency = {**measure.latency_stats(timings.seconds), "repeat_cv": noise_cv, "repeat_n": repeated}
     timed_total = sum(timings.seconds)
     result["metrics"] = {
         "model_size_mib": size_mib,

@@ -27,16 +27,21 @@ def test_latency_stats_match_numpy_in_milliseconds():
 def test_identical_passes_are_not_noisy_and_scattered_ones_are():
     steady = [0.010, 0.0101, 0.0099, 0.0100, 0.0102]
     scattered = [0.010, 0.014, 0.009, 0.020, 0.011]
-    assert measure.noisy_warning({"repeat_cv": measure.repeat_cv(steady)}) is None
-    warning = measure.noisy_warning({"repeat_cv": measure.repeat_cv(scattered)})
+    cv, repeated = measure.same_shape_cv(steady, [(1, 8)] * 5)
+    assert repeated == 4 and measure.noisy_warning({"repeat_cv": cv}) is None
+    warning = measure.noisy_warning({"repeat_cv": measure.same_shape_cv(scattered, [(1, 8)] * 5)[0]})
     assert warning and "noisy" in warning
 
 
 def test_different_lengths_alone_do_not_make_a_run_noisy():
-    # Per-sample latencies spread by sentence length (cv well above 10%) while identical passes agree.
-    stats = measure.latency_stats([0.005, 0.010, 0.020, 0.040])
-    stats["repeat_cv"] = measure.repeat_cv([0.010, 0.0101, 0.0100])
-    assert stats["cv"] > 0.5 and measure.noisy_warning(stats) is None
+    # Per-sample latencies spread by sentence length (cv well above 10%) while passes of one shape agree.
+    seconds = [0.005, 0.010, 0.020, 0.040, 0.0051, 0.0099, 0.0202, 0.0400]
+    shapes = [(1, 4), (1, 9), (1, 20), (1, 41)] * 2
+    stats = measure.latency_stats(seconds)
+    stats["repeat_cv"], repeated = measure.same_shape_cv(seconds, shapes)
+    assert stats["cv"] > 0.5 and repeated == 4 and stats["repeat_cv"] < 0.02
+    assert measure.noisy_warning(stats) is None
+    assert measure.same_shape_cv(seconds[:4], shapes[:4]) == (None, 0)  # no shape timed twice: cannot tell
 
 
 class RecordingModel:
@@ -70,3 +75,21 @@ def test_no_timed_pass_is_the_first_of_its_shape():
     warm_up = untimed[:len(untimed) - len(timings.repeats)]
     assert warm_up == [(2, 5), (2, 9), (2, 12), (2, 7)]         # the new shapes once each, nothing more
     assert probabilities.shape == (16, 2)
+    # 8 timed passes of 4 shapes repeat too few to tell the noise: the first batch was timed again.
+    assert len(timings.repeats) == 10 and timings.noise_cv()[1] == 4 + 10  # the first shape was timed already
+
+
+def test_timed_passes_that_repeat_their_shapes_measure_the_noise_without_extra_passes():
+    import torch
+
+    from runner.evaluate import run_passes
+
+    batches = [{"input_ids": torch.ones(1, n, dtype=torch.long), "attention_mask": torch.ones(1, n)} for n in [6, 8] * 8]
+    model = RecordingModel()
+
+    _, timings = run_passes(model, batches, "cpu", warmup_passes=2, timed_passes=16, min_time_s=0.0)
+
+    assert timings.repeats == [] and len(model.shapes) == 2 + 16  # warm-up and timed passes, nothing else
+    assert timings.shapes == [(1, 6), (1, 8)] * 8
+    cv, repeated = timings.noise_cv()
+    assert repeated == 14 and cv is not None
