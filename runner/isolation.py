@@ -2,101 +2,230 @@
 
 Importing torch and transformers takes 5-10 s on a small machine. A fresh interpreter per variant pays
 that every time, and it was most of what a sweep spent outside the variants' work. Here a fork server
-(multiprocessing's `forkserver`: a single-threaded process started by the worker) imports them once,
-and every variant runs in a new process forked from it: fresh memory peaks, fresh thread pools,
-nothing left over from the variant before. The worker only waits on a pipe meanwhile.
+(a single-threaded process) imports them once and forks a new process for every variant: fresh
+memory peaks, fresh thread pools, nothing left over from the variant before. The caller only waits
+on a socket meanwhile. A CPU fine-tune comes here too. CUDA work does not: a CUDA context cannot
+cross a fork, so it runs in a fresh Ray worker.
 
-A CPU fine-tune comes here too, so the variants after it find the server warm. CUDA work does not: a
-CUDA context cannot cross a fork, so it runs in a fresh worker.
+Whoever knows early that variants will run on this machine starts the server ahead of time:
+`quantbench run` does before it starts its embedded Ray cluster, so the imports run while Ray starts.
+The cluster's processes inherit its address (QUANTBENCH_FORK_SERVER). Elsewhere, a worker starts its
+own server at its first call.
+
+For each call the server forks a supervisor, which forks the process that runs the function. The
+supervisor reports that process's exit code if it dies before it answers, and kills it if the caller
+goes away. Every process here dies with its parent (Linux), so stopping the server stops them all.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import importlib
+import json
+import os
+import pickle
+import secrets
+import signal
+import subprocess
 import sys
-from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import reduction
+from multiprocessing.connection import Client, Listener, wait
 from typing import Any, Callable
 
 # What the server imports before it forks: the heavy, model-independent part of a variant's imports.
 PRELOAD = ["torch", "runner.worker", "runner.finetune", "runner.analysis", "transformers.modeling_utils",
            "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto"]
 
-_context = None
+# "NAME KEY": the abstract Unix socket a server on this machine listens on, and its authentication key.
+ADDRESS_VARIABLE = "QUANTBENCH_FORK_SERVER"
 
 
 class ProcessDied(RuntimeError):
     """The variant's process ended (killed, crashed, out of memory) before it returned a result."""
 
 
-def _server(also_import: list[str]):
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD + list(also_import))
-    return _context
+@dataclass
+class ForkServer:
+    name: str  # of an abstract Unix socket: no file to leave behind
+    key: bytes
+    process: subprocess.Popen | None = None  # when this process started it
+
+    @property
+    def address(self) -> str:
+        return "\0" + self.name
+
+    def describe(self) -> str:
+        return f"{self.name} {self.key.hex()}"
+
+    def stop(self) -> None:
+        """Stops a server this process started; the processes it forked die with it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_server(also_import: list[str] = ()) -> ForkServer:
+    """Starts a fork server and returns once it listens (a fraction of a second): it imports while
+    the caller goes on. Calls made before it is ready wait for it."""
+    server = ForkServer(name=f"quantbench-fork-{secrets.token_hex(8)}", key=secrets.token_bytes(32))
+    setup = json.dumps({"name": server.name, "key": server.key.hex(), "modules": PRELOAD + list(also_import),
+                        "sys_path": sys.path, "parent": os.getpid()})
+    server.process = subprocess.Popen(
+        [sys.executable, "-c", "import json, sys; setup = json.loads(sys.argv[1]); sys.path[:] = setup['sys_path']; "
+                               "from runner.isolation import serve; serve(setup)", setup],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    if server.process.stdout.readline() != b"listening\n":  # blocks, no polling
+        server.process.wait()
+        raise RuntimeError(f"the fork server ended with exit code {server.process.returncode} before it listened")
+    server.process.stdout.close()
+    return server
+
+
+def server_from_environment() -> ForkServer | None:
+    value = os.environ.get(ADDRESS_VARIABLE, "").split()
+    return ForkServer(name=value[0], key=bytes.fromhex(value[1])) if len(value) == 2 else None
+
+
+_own_server: ForkServer | None = None
 
 
 def run_in_fresh_process(function: Callable[..., Any], *args, also_import: list[str] = ()) -> Any:
-    """function(*args) in a new process forked from the warm server; its result or its error.
+    """function(*args) in a new process forked from a warm server; its result or its error.
 
-    also_import: modules the server imports beside PRELOAD when this call starts it (the first call).
+    The server is the one named in the environment, else one this process starts at its first call,
+    importing also_import beside PRELOAD.
     """
-    context = _server(also_import)
-    receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(send, function, args), daemon=True)
-    with _main_script_not_rerun(function):
-        process.start()
-    send.close()  # only the child holds the sending end: its death reads as EOF here
+    global _own_server
+    server = server_from_environment()
     try:
-        ok, value = receive.recv()  # blocks; no polling beside the timed passes
-    except EOFError:
-        process.join()
-        raise ProcessDied(f"the variant's process (pid {process.pid}) ended with exit code {process.exitcode} "
-                          "before it returned a result (killed, crashed or out of memory)") from None
-    finally:
-        receive.close()
-    process.join()
-    if not ok:
+        connection = Client(server.address, "AF_UNIX", authkey=server.key) if server else None
+    except OSError:  # named, but gone: its owner has stopped it
+        connection = None
+    if connection is None:
+        if _own_server is None:
+            _own_server = start_server(also_import)
+        connection = Client(_own_server.address, "AF_UNIX", authkey=_own_server.key)
+    with connection:
+        connection.send_bytes(pickle.dumps((function, args, dict(os.environ), os.getcwd())))
+        for fd in (1, 2):  # the process writes where this one writes (a Ray worker: its log files)
+            reduction.send_handle(connection, fd, None)
+        try:
+            kind, value = connection.recv()  # blocks; no polling beside the timed passes
+        except EOFError:
+            raise ProcessDied("the variant's process and the fork server it came from ended before it returned "
+                              "a result") from None
+    if kind == "ok":
+        return value
+    if kind == "error":
         raise RuntimeError(value)
-    return value
+    pid, code = value
+    raise ProcessDied(f"the variant's process (pid {pid}) ended with exit code {code} before it returned a result "
+                      "(killed, crashed or out of memory)")
 
 
-@contextmanager
-def _main_script_not_rerun(function: Callable[..., Any]):
-    """multiprocessing runs the parent's main script again in every new process, in case the function
-    to run was defined there. A Ray worker's main script is Ray's own worker script: running it again
-    imports Ray, 0.4-0.5 s before each variant starts (measured on 2 cores), for nothing, since the
-    functions run here live in modules. So the script is hidden while the process starts."""
-    main = sys.modules["__main__"]
-    if getattr(function, "__module__", None) == "__main__":
-        yield
+# ---------------------------------------------------------------------------------------------
+# The server's side.
+
+
+def serve(setup: dict) -> None:
+    """The server: listen first (callers queue meanwhile), import, then fork a supervisor per call."""
+    _die_with_parent()
+    if os.getppid() != setup["parent"]:  # it ended before this process could follow it
         return
-    file = main.__dict__.pop("__file__", None)
-    spec, main.__spec__ = getattr(main, "__spec__", None), None  # multiprocessing reads it: None, not absent
+    listener = Listener("\0" + setup["name"], "AF_UNIX", authkey=bytes.fromhex(setup["key"]))
+    with open(1, "wb", closefd=False) as starter:  # the starter waits for this line, then closes the pipe
+        starter.write(b"listening\n")
+    quiet = os.open(os.devnull, os.O_WRONLY)  # a forked process writes where its caller writes
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    for module in setup["modules"]:
+        try:
+            importlib.import_module(module)
+        except ImportError:  # the variant's process imports what it needs, and reports what fails
+            pass
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    while True:
+        try:
+            connection = listener.accept()
+        except OSError:  # a caller that failed authentication or went away
+            continue
+        if os.fork() == 0:
+            listener.close()
+            _supervise(connection)  # never returns
+        connection.close()
+
+
+def _supervise(connection) -> None:
+    """Forks the process that runs the call and waits for whichever ends first: that process (its
+    exit code goes to the caller, who reads it only if no answer came before) or the caller (the
+    process is killed: nobody waits for its result)."""
+    code = 1
     try:
-        yield
+        _die_with_parent()
+        request = connection.recv_bytes()
+        output = [reduction.recv_handle(connection) for _ in (1, 2)]
+        # The child's end arrives as SIGCHLD, which writes a byte into this pipe: waitable beside
+        # the connection, and never missed, even if the child ends before the wait begins.
+        child_ended, on_signal = os.pipe()
+        os.set_blocking(on_signal, False)
+        signal.set_wakeup_fd(on_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(child_ended)
+            os.close(on_signal)
+            _run_call(connection, request, output)  # never returns
+        for fd in output:
+            os.close(fd)
+        if connection in wait([connection, child_ended]) and not _readable(child_ended):
+            os.kill(pid, signal.SIGKILL)  # the caller went away
+        _, status = os.waitpid(pid, 0)
+        try:
+            connection.send(("died", (pid, os.waitstatus_to_exitcode(status))))
+        except OSError:
+            pass
+        code = 0
     finally:
-        main.__spec__ = spec
-        if file is not None:
-            main.__file__ = file
+        os._exit(code)
+
+
+def _readable(fd: int) -> bool:
+    return bool(wait([fd], timeout=0))
+
+
+def _run_call(connection, request: bytes, output: list[int]) -> None:
+    code = 1
+    try:
+        _die_with_parent()
+        for fd, caller_fd in zip((1, 2), output):
+            os.dup2(caller_fd, fd)
+            os.close(caller_fd)  # received inheritable: a program this process runs would keep it open
+        try:
+            function, args, environment, cwd = pickle.loads(request)  # imports the function's module
+            os.environ.clear()
+            os.environ.update(environment)  # the caller's, as if it had started this process
+            os.chdir(cwd)
+            outcome = ("ok", function(*args))
+        except BaseException as error:  # reported to the caller, which fails the variant with it
+            outcome = ("error", f"{type(error).__name__}: {error}")
+        try:
+            connection.send(outcome)
+        except Exception as error:  # a result that cannot be pickled
+            connection.send(("error", f"the result could not be sent back: {type(error).__name__}: {error}"))
+        code = 0
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # os._exit does not flush them
+            stream.flush()
+        os._exit(code)
 
 
 def _die_with_parent() -> None:
-    """Linux: this process is killed when the fork server ends (its worker was stopped), never orphaned."""
+    """Linux: this process is killed when the process that started it ends, never orphaned."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _child(send, function, args) -> None:
-    _die_with_parent()
-    try:
-        outcome = (True, function(*args))
-    except BaseException as error:  # reported to the worker, which fails the variant with it
-        outcome = (False, f"{type(error).__name__}: {error}")
-    send.send(outcome)
-    send.close()

@@ -94,3 +94,111 @@ def test_what_a_variants_process_runs_imports_no_ray():
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                            cwd=os.path.dirname(os.path.dirname(__file__)))
     assert shown.stdout.strip() == "[]", shown.stdout[-2000:] + shown.stderr[-2000:]
+
+
+def server_pid() -> int:
+    """The fork server this process came from: its parent (the supervisor of the call)'s parent."""
+    with open(f"/proc/{os.getppid()}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_server_started_ahead_serves_the_processes_that_inherit_its_address(monkeypatch):
+    # quantbench run starts one before its Ray cluster, so the imports run while Ray starts.
+    import subprocess
+    import sys
+
+    monkeypatch.syspath_prepend(REPO)  # the server imports what its callers name: tests.test_isolation
+    server = isolation.start_server()
+    try:
+        code = ("from runner import isolation; from tests.test_isolation import server_pid; "
+                "print(isolation.run_in_fresh_process(server_pid))")
+        shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                               env={**os.environ, isolation.ADDRESS_VARIABLE: server.describe()})
+        assert shown.stdout.strip() == str(server.process.pid), shown.stderr[-2000:]
+    finally:
+        server.stop()
+    assert server.process.poll() is not None
+
+
+def test_the_variants_output_goes_where_its_caller_writes():
+    # On a Ray worker that is the worker's log, not the terminal of whoever started the server.
+    import subprocess
+    import sys
+
+    code = ("import os; from runner import isolation; "
+            "isolation.run_in_fresh_process(print, 'said by the variant'); "
+            "isolation.run_in_fresh_process(os.write, 2, b'warned by the variant')")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert shown.stdout == "said by the variant\n" and "warned by the variant" in shown.stderr, shown.stderr[-2000:]
+
+
+def wait_on_a_fifo(fifo: str) -> None:
+    with open(fifo, "w") as announce:
+        announce.write(f"{os.getpid()}\n")
+    with open(fifo) as never_written:  # blocks until killed: nobody opens the fifo for writing again
+        never_written.read()
+
+
+def test_a_variants_process_is_killed_when_its_caller_goes_away(tmp_path, monkeypatch):
+    # A Ray worker that is stopped (or dies) must not leave its variant running on the node, though
+    # the server it came from (started by the driver) goes on.
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    monkeypatch.syspath_prepend(REPO)
+    server = isolation.start_server()
+    code = ("from runner import isolation; from tests.test_isolation import wait_on_a_fifo; "
+            f"isolation.run_in_fresh_process(wait_on_a_fifo, {str(fifo)!r})")
+    caller = subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
+                              env={**os.environ, isolation.ADDRESS_VARIABLE: server.describe()})
+    try:
+        with open(fifo) as announced:
+            variant = int(announced.readline())
+        ended = os.pidfd_open(variant)
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+        assert select.select([ended], [], [], 60)[0], f"the variant's process {variant} still runs"
+        os.close(ended)
+        assert server.process.poll() is None
+    finally:
+        caller.kill()
+        server.stop()
+
+
+def start_a_child_then_die(pid_file: str) -> None:
+    child = os.fork()
+    if child == 0:
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 1)  # not the test's pipes: their reader waits for every writer to close them
+        os.dup2(quiet, 2)
+        import time
+
+        time.sleep(120)  # outlives its parent, holding every other descriptor it inherited
+        os._exit(0)
+    with open(pid_file, "w") as handle:
+        handle.write(str(child))
+    os._exit(5)
+
+
+def test_a_death_is_reported_at_once_though_a_process_it_started_lives_on(tmp_path):
+    # E.g. a data loader's worker: the caller must not wait for it to learn that the variant died.
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "child.pid"
+    code = ("from runner import isolation; from tests.test_isolation import start_a_child_then_die as f; "
+            f"isolation.run_in_fresh_process(f, {str(pid_file)!r})")
+    try:
+        shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert "exit code 5" in shown.stderr, shown.stderr[-2000:]
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
