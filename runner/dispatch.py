@@ -84,18 +84,28 @@ EMBEDDED_RAY_CONFIG = {
 }
 
 
-# The embedded head, when this process started one; shutdown() stops what it started.
+# The embedded head and its fork server, when this process started them; shutdown() stops them.
 _embedded_head = None
+_fork_server = None
 
 
-def connect(address: str | None = None, temp_dir: str | None = None) -> Cluster:
-    """Join the cluster at address (else RAY_ADDRESS), or start an embedded one on this machine."""
-    global _embedded_head
+def connect(address: str | None = None, temp_dir: str | None = None,
+            cpu_precisions: list[str] | None = None) -> Cluster:
+    """Join the cluster at address (else RAY_ADDRESS), or start an embedded one on this machine.
+
+    cpu_precisions: where CPU work will run on an embedded cluster, its fork server is started first
+    and imports torch and transformers (and these precisions' libraries) while Ray starts: on 2 cores
+    Ray's start leaves about one core idle for 4-5 s.
+    """
+    global _embedded_head, _fork_server
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     if address:
         ray.init(address=address, **quiet)
     else:
+        if cpu_precisions is not None:
+            _fork_server = isolation.start_server([] if local_gpu_count() else fork_server_imports(cpu_precisions))
+            os.environ[isolation.ADDRESS_VARIABLE] = _fork_server.describe()  # Ray's processes inherit it
         _embedded_head = start_embedded_head(temp_dir)
         ray.init(address=_embedded_head.address, **quiet)
     return Cluster(address=address or "local", embedded=not address, nodes=alive_nodes())
@@ -124,11 +134,15 @@ def start_embedded_head(temp_dir: str | None):
 
 
 def shutdown() -> None:
-    global _embedded_head
+    global _embedded_head, _fork_server
     ray.shutdown()
     if _embedded_head is not None:
         _embedded_head.shutdown()
         _embedded_head = None
+    if _fork_server is not None:
+        _fork_server.stop()
+        os.environ.pop(isolation.ADDRESS_VARIABLE, None)
+        _fork_server = None
 
 
 def alive_nodes() -> list[dict]:

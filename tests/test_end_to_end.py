@@ -121,3 +121,31 @@ def test_repeats_run_in_fresh_processes_and_fixed_shape_timing(capsys, tmp_path,
     skipped = json.loads((tmp_path / "r" / "tiny-rt" / "fp16-cuda.json").read_text())
     assert skipped["status"] == "skipped"
     assert sum(line.startswith("[") and "fp16-cuda" in line for line in out.splitlines()) == 1
+
+
+def fork_server_of_a_fresh_process() -> int:
+    """Runs on a Ray worker: forks a process as a CPU variant's is forked, and asks it where it came from."""
+    from runner import isolation
+    from test_isolation import server_pid
+
+    return isolation.run_in_fresh_process(server_pid)
+
+
+def test_the_embedded_cluster_forks_cpu_work_from_a_server_started_before_ray(ray_temp_dir):
+    # Its imports (torch, transformers: 6-9 s on 2 cores) run while Ray starts.
+    import os
+
+    import ray
+
+    from runner import dispatch, isolation
+
+    dispatch.connect(None, temp_dir=ray_temp_dir, cpu_precisions=["fp32", "int8-dynamic"])
+    try:
+        server = dispatch._fork_server
+        tests = os.path.dirname(os.path.abspath(__file__))  # where the worker finds this module
+        on_a_worker = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": {"PYTHONPATH": tests}})(
+            fork_server_of_a_fresh_process)
+        assert ray.get(on_a_worker.remote()) == server.process.pid
+    finally:
+        dispatch.shutdown()
+    assert server.process.poll() is not None and isolation.ADDRESS_VARIABLE not in os.environ
