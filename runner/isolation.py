@@ -70,10 +70,13 @@ def start_server(also_import: list[str] = ()) -> ForkServer:
     server = ForkServer(name=f"quantbench-fork-{secrets.token_hex(8)}", key=secrets.token_bytes(32))
     setup = json.dumps({"name": server.name, "key": server.key.hex(), "modules": PRELOAD + list(also_import),
                         "sys_path": sys.path, "parent": os.getpid()})
+    # One OpenMP thread while importing: otherwise importing torch and transformers starts OpenMP's
+    # pool (2 more threads on 2 cores), and a process forked from a threaded one inherits a broken
+    # pool. A forked process sets its own thread count (the job's `threads`).
     server.process = subprocess.Popen(
         [sys.executable, "-c", "import json, sys; setup = json.loads(sys.argv[1]); sys.path[:] = setup['sys_path']; "
                                "from runner.isolation import serve; serve(setup)", setup],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if server.process.stdout.readline() != b"listening\n":  # blocks, no polling
         server.process.wait()
         raise RuntimeError(f"the fork server ended with exit code {server.process.returncode} before it listened")
@@ -96,6 +99,9 @@ def run_in_fresh_process(function: Callable[..., Any], *args, also_import: list[
     importing also_import beside PRELOAD.
     """
     global _own_server
+    if getattr(function, "__module__", None) == "__main__":
+        raise ValueError(f"{function.__name__} is defined in the main script: the process that runs it imports it "
+                         "by its module's name, so it must live in an importable module")
     server = server_from_environment()
     try:
         connection = Client(server.address, "AF_UNIX", authkey=server.key) if server else None

@@ -202,3 +202,26 @@ def test_a_death_is_reported_at_once_though_a_process_it_started_lives_on(tmp_pa
     finally:
         if pid_file.exists():
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def openmp_threads_of_the_server() -> str | None:
+    with open(f"/proc/{server_pid()}/environ", "rb") as environ:
+        found = [v for v in environ.read().split(b"\0") if v.startswith(b"OMP_NUM_THREADS=")]
+    return found[0].split(b"=", 1)[1].decode() if found else None
+
+
+def test_the_server_imports_torch_with_one_openmp_thread():
+    # Importing torch and transformers the way `quantbench run` does (from the checkout) started
+    # OpenMP's pool: the server held 3 threads 12 s after it started, 1 with this setting (measured).
+    # Forking a threaded process copies one thread, so every variant would inherit a broken pool.
+    # The variant's process sets its own thread count (the job's `threads`).
+    assert isolation.run_in_fresh_process(openmp_threads_of_the_server) == "1"
+
+
+def test_a_function_of_the_main_script_is_refused_with_a_reason():
+    import subprocess
+    import sys
+
+    code = "from runner import isolation\ndef f():\n    pass\nisolation.run_in_fresh_process(f)"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert "f is defined in the main script" in shown.stderr, shown.stderr[-2000:]
