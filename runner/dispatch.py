@@ -81,6 +81,9 @@ EMBEDDED_RAY_CONFIG = {
     "debug_dump_period_milliseconds": 600_000, "raylet_check_gc_period_milliseconds": 600_000,
     "free_objects_period_milliseconds": 10_000, "kill_idle_workers_interval_ms": 10_000,
     "prestart_worker_first_driver": False, "enable_worker_prestart": False,
+    # Ray starts its workers at niceness 15, so that its own processes come first. A timed variant
+    # must not yield to them (a CUDA variant runs in its worker), and a plain script runs at 0.
+    "worker_niceness": 0,
 }
 
 

@@ -72,6 +72,13 @@ def same_shape_cv(seconds: list[float], shapes: list) -> tuple[float | None, int
     return (round(math.sqrt(squares / repeated), 4) if repeated else None), repeated
 
 
+def niceness_warning(env: dict) -> str | None:
+    if env.get("niceness"):
+        return (f"the variant ran at niceness {env['niceness']} (Ray starts its workers at 15 unless the node "
+                "sets RAY_worker_niceness=0): every process at a lower niceness took the CPU before it")
+    return None
+
+
 def noisy_warning(stats: dict) -> str | None:
     cv = stats.get("repeat_cv")
     if cv is not None and cv > NOISY_CV:
@@ -230,6 +237,7 @@ def environment() -> dict:
         "cpu": cpu_info(),
         "gpu": gpu_info(),
         "torch_threads": torch.get_num_threads(),
+        "niceness": os.nice(0),
         "quantized_engine": torch.backends.quantized.engine,
     }
 

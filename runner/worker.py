@@ -91,6 +91,9 @@ def run_variant(task: VariantTask) -> dict:
         result["environment"] = {**measure.environment(), **result["environment"]}
     except Exception as error:  # never lose a result for want of a version string
         result["environment"]["error"] = repr(error)
+    niceness = measure.niceness_warning(result["environment"])
+    if niceness and result["status"] == "ok":
+        result["warnings"].append(niceness)
     return result
 
 

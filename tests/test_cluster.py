@@ -69,7 +69,7 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("QUANTBENCH_", "RAY_ADDRESS", "RAY_AUTH_"))}
         env.update(self.auth)
-        env.update({MARKER: str(self.root)}, RAY_USAGE_STATS_ENABLED="0",
+        env.update({MARKER: str(self.root)}, RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0",  # as README.md
                    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # SIGTERM stops a node now, not after a 30 s drain
         if cache is not None:
             env["QUANTBENCH_CACHE"] = str(cache)
@@ -284,6 +284,7 @@ def test_a_job_runs_on_the_nodes_that_fit_and_the_model_travels_through_the_obje
     for variant in ("fp32-cpu", "int8-dynamic-cpu"):
         assert files[variant]["status"] == "ok", files[variant]["error"]
         assert files[variant]["environment"]["ray"]["node_id"] == nodes["cpu"]
+        assert files[variant]["environment"]["niceness"] == 0  # the node set RAY_worker_niceness=0
     cuda = files["fp16-cuda"]
     assert cuda["status"] == "failed" and "no CUDA device" in cuda["error"], cuda["error"]
     assert cuda["environment"]["ray"]["node_id"] == nodes["gpu"]

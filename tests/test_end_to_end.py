@@ -43,6 +43,7 @@ def test_run_writes_results_prints_the_table_and_collect_repeats_it(capsys, tmp_
                 "environment", "spec", "started_at", "ended_at", "predictions"):
         assert key in fp32
     assert fp32["environment"]["ray"]["node_id"] and fp32["environment"]["cpu"]["model"]
+    assert fp32["environment"]["niceness"] == 0  # not Ray's 15 for workers: a timed variant yields to nobody
     assert fp32["spec"]["name"] == "tiny-rt"
     assert len(fp32["predictions"]["gold"]) == 24
 

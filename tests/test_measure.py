@@ -93,3 +93,9 @@ def test_timed_passes_that_repeat_their_shapes_measure_the_noise_without_extra_p
     assert timings.shapes == [(1, 6), (1, 8)] * 8
     cv, repeated = timings.noise_cv()
     assert repeated == 14 and cv is not None
+
+
+def test_a_variant_that_ran_at_a_raised_niceness_says_so():
+    assert measure.niceness_warning({"niceness": 0}) is None
+    warning = measure.niceness_warning({"niceness": 15})
+    assert "niceness 15" in warning and "RAY_worker_niceness=0" in warning
