@@ -62,7 +62,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--device", choices=sorted(PRECISIONS), default="cpu")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="sweep-then-plain-script rounds; a machine's speed drifts, so one pair settles nothing")
+                        help="rounds of the sweep and the plain script; a machine's speed drifts, "
+                             "so one pair settles nothing")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep-results", type=Path, default=None, help="copy the last sweep's result files here")
     args = parser.parse_args()
@@ -80,9 +81,8 @@ def main() -> int:
     texts = work / "texts.json"
     texts.write_text(json.dumps([e.text for e in plan.examples]))
 
-    rounds = []
-    for number in range(args.rounds):
-        # (b) the sweep, as a user runs it, timed from outside ...
+    def run_sweep(number: int) -> dict | None:
+        """(b) the sweep, as a user runs it, timed from outside."""
         folder = work / f"results-{number}"
         started = time.perf_counter()
         sweep = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(job), "--results", str(folder),
@@ -90,20 +90,34 @@ def main() -> int:
         sweep_wall = time.perf_counter() - started
         if sweep.returncode != 0:
             print(sweep.stdout[-3000:], sweep.stderr[-3000:], file=sys.stderr)
-            return 1
+            return None
         results = {p: json.loads((folder / plan.spec.name / f"{p}-{args.device}.json").read_text())
                    for p in precisions}
         split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
-        # ... then (a) and (b): the plain single-process script, the same work, the same threads.
+        return dict(results=results, sweep_wall=sweep_wall, split=split, folder=folder)
+
+    def run_plain() -> dict:
+        """(a) and (b): the plain single-process script, the same work, the same threads."""
         started = time.perf_counter()
         plain = subprocess.run([sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(precisions),
                                 str(texts), str(args.threads), "10", "128", args.device],
                                capture_output=True, text=True, check=True)
-        plain_wall = time.perf_counter() - started
-        reference = {row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())}
-        rounds.append(dict(results=results, reference=reference, sweep_wall=sweep_wall, plain_wall=plain_wall,
-                           split=split, folder=folder))
-        print(f"round {number + 1}/{args.rounds}: sweep {sweep_wall:.1f} s, plain script {plain_wall:.1f} s", flush=True)
+        return dict(plain_wall=time.perf_counter() - started,
+                    reference={row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())})
+
+    rounds = []
+    for number in range(args.rounds):
+        # The order alternates (sweep first, then the plain script first, ...): the machine's speed
+        # drifts over minutes, and a drift then favours neither side across rounds.
+        plain_first = number % 2 == 1
+        plain = run_plain() if plain_first else None
+        sweep = run_sweep(number)
+        if sweep is None:
+            return 1
+        plain = plain or run_plain()
+        rounds.append({**sweep, **plain, "order": "plain script, sweep" if plain_first else "sweep, plain script"})
+        print(f"round {number + 1}/{args.rounds}: sweep {sweep['sweep_wall']:.1f} s, plain script "
+              f"{plain['plain_wall']:.1f} s ({rounds[-1]['order']})", flush=True)
     if args.keep_results:
         shutil.copytree(rounds[-1]["folder"] / plan.spec.name, args.keep_results, dirs_exist_ok=True)
 
@@ -135,8 +149,9 @@ def report(args, precisions: list[str], rounds: list[dict], env: dict) -> list[s
     lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
               f"- command: `python benchmarks/run.py --model {args.model} --samples {args.samples} "
               f"--device {args.device} --rounds {len(rounds)}`",
-              "- each round runs the sweep (`quantbench run`), then the plain script; the ratios are per round,",
-              "  and the target is checked on their median", "",
+              "- each round runs the sweep (`quantbench run`) and the plain script, in alternating order (a",
+              "  machine's speed drifts over minutes); the ratios are per round, and the target is checked on",
+              "  their median", "",
               "## (a) Fidelity: median latency per forward pass", "",
               "| precision | quantbench (ms), per round | plain loop (ms), per round | ratios | median ratio "
               "| target 0.90–1.10 |", "|---|---|---|---|---|---|"]
@@ -155,10 +170,10 @@ def report(args, precisions: list[str], rounds: list[dict], env: dict) -> list[s
     overhead = statistics.median(r["sweep_wall"] / r["plain_wall"] for r in rounds)
     extra = statistics.median(r["sweep_wall"] - r["plain_wall"] for r in rounds)
     lines += ["", "## (b) Overhead of the sweep", "",
-              "| round | `quantbench run` wall, from outside (s) | its own split | plain script (s) | ratio |",
-              "|---|---|---|---|---|"]
+              "| round | order | `quantbench run` wall, from outside (s) | its own split | plain script (s) | ratio |",
+              "|---|---|---|---|---|---|"]
     for number, r in enumerate(rounds, start=1):
-        lines.append(f"| {number} | {r['sweep_wall']:.1f} | {r['split']} | {r['plain_wall']:.1f} | "
+        lines.append(f"| {number} | {r['order']} | {r['sweep_wall']:.1f} | {r['split']} | {r['plain_wall']:.1f} | "
                      f"{r['sweep_wall'] / r['plain_wall']:.2f} |")
     lines += ["", f"- all rounds: the variants' own work {own:.1f} s of the sweeps' {sweep_wall:.1f} s, so "
               f"{1 - own / sweep_wall:.1%} of the wall time is outside it (Python and Ray start, worker processes, "
