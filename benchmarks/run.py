@@ -122,7 +122,8 @@ def main() -> int:
         shutil.copytree(rounds[-1]["folder"] / plan.spec.name, args.keep_results, dirs_exist_ok=True)
 
     lines = report(args, precisions, rounds, measure.cpu_info())
-    out = args.out or HERE / "results" / (f"{datetime.now().strftime('%Y-%m-%d')}-{args.model}-{args.device}-"
+    # Dated to the minute: a second run on the same day is a new file, not the first one overwritten.
+    out = args.out or HERE / "results" / (f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{args.model}-{args.device}-"
                                           f"{os.uname().nodename}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
