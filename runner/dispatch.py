@@ -109,8 +109,12 @@ def connect(address: str | None = None, temp_dir: str | None = None,
         if cpu_precisions is not None:
             _fork_server = isolation.start_server([] if local_gpu_count() else fork_server_imports(cpu_precisions))
             os.environ[isolation.ADDRESS_VARIABLE] = _fork_server.describe()  # Ray's processes inherit it
-        _embedded_head = start_embedded_head(temp_dir)
-        ray.init(address=_embedded_head.address, **quiet)
+        try:
+            _embedded_head = start_embedded_head(temp_dir)
+            ray.init(address=_embedded_head.address, **quiet)
+        except BaseException:  # nothing of this cluster may outlive the failure
+            shutdown()
+            raise
     return Cluster(address=address or "local", embedded=not address, nodes=alive_nodes())
 
 
@@ -201,7 +205,7 @@ def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
 
 def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
     """Runs on a worker. The variant gets a process of its own, so memory peaks and CUDA state never
-    leak: a CPU variant one forked from the worker's warm fork server, a CUDA variant this worker
+    leak: a CPU variant one forked from this machine's warm fork server, a CUDA variant this worker
     itself, which is fresh (max_calls=1)."""
     task.model_dir = _model_on_this_node(task.model_dir, archive)
     result = _in_a_process_of_its_own(task.variant.device, run_variant_in_own_process, task, also_import)
@@ -217,9 +221,10 @@ def fork_server_imports(cpu_precisions: list[str]) -> list[str]:
 
 
 def _in_a_process_of_its_own(device: str, function: Callable, task, also_import: list[str]):
-    """function(task) on this worker, in a process of its own. On the CPU: forked from the worker's
-    fork server, which later CPU tasks on this worker find warm. On CUDA: this worker itself, which is
-    fresh (max_calls=1), since a CUDA context cannot cross a fork."""
+    """function(task) on this worker, in a process of its own. On the CPU: forked from the fork server
+    that `quantbench run` started beside its embedded cluster, else from this worker's own, which later
+    CPU tasks on this worker find warm. On CUDA: this worker itself, which is fresh (max_calls=1),
+    since a CUDA context cannot cross a fork."""
     if device != "cpu":
         return function(task)
     # bitsandbytes may set CUDA up as it is imported, and CUDA state must not cross a fork: the
@@ -233,7 +238,8 @@ def _node_has_gpu() -> bool:  # asked once per worker: it may run nvidia-smi
 
 
 def _remote_per_device(function: Callable) -> dict:
-    """A CPU worker is kept for the next task, with its fork server; a CUDA worker is fresh each time."""
+    """A CPU worker is kept for the next task (with its fork server, if it started one); a CUDA worker is
+    fresh each time."""
     return {"cpu": ray.remote(max_calls=0, max_retries=0)(function),
             "cuda": ray.remote(max_calls=1, max_retries=0)(function)}
 
@@ -303,8 +309,8 @@ def _short_error(error: Exception) -> str:
 def _finetune_on_worker(task: FinetuneTask, archive: list, send_back: bool, device: str,
                         also_import: list[str]) -> dict:
     task.base_dir = _model_on_this_node(task.base_dir, archive)
-    # Like a CPU variant, a CPU fine-tune is forked from the worker's fork server: the variants that
-    # follow on this worker find it warm (one import of torch and transformers per run, not two).
+    # Like a CPU variant, a CPU fine-tune is forked from the fork server: the variants that follow
+    # find it warm (one import of torch and transformers per run, not two).
     info = _in_a_process_of_its_own(device, run_finetune, task, also_import)
     info["node_ip"], info["worker_pid"] = ray.util.get_node_ip_address(), os.getpid()
     if send_back:  # the driver's machine may not share this node's disk
@@ -319,7 +325,7 @@ def finetune(task: FinetuneTask, cluster: Cluster, placement_timeout_s: float | 
              precisions: list[str] = ()) -> dict:
     """Fine-tune on a GPU worker if there is one, else a CPU worker; the model lands in this machine's cache.
 
-    precisions: the job's CPU precisions, whose imports a CPU worker's fork server then preloads."""
+    precisions: the job's CPU precisions, whose imports a fork server started now then preloads."""
     placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
     device = "cuda" if wait_for_capable_node("cuda", 0.0) is None else "cpu"
     reason = wait_for_capable_node(device, placement_timeout_s)

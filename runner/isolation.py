@@ -14,7 +14,9 @@ own server at its first call.
 
 For each call the server forks a supervisor, which forks the process that runs the function. The
 supervisor reports that process's exit code if it dies before it answers, and kills it if the caller
-goes away. Every process here dies with its parent (Linux), so stopping the server stops them all.
+goes away; what that process started and left behind is killed when the call ends. The server, the
+supervisors and the processes they fork die with their parents (on Linux), so stopping the server
+stops the calls it runs.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
-from multiprocessing import reduction
+from multiprocessing import AuthenticationError, reduction
 from multiprocessing.connection import Client, Listener, wait
 from typing import Any, Callable
 
@@ -44,15 +47,23 @@ class ProcessDied(RuntimeError):
     """The variant's process ended (killed, crashed, out of memory) before it returned a result."""
 
 
+def socket_address(name: str) -> str:
+    """Linux: an abstract Unix socket, which leaves no file behind. Elsewhere a socket file, which
+    other users cannot write to (the umask); the key is checked either way."""
+    if sys.platform.startswith("linux"):
+        return "\0" + name
+    return os.path.join(tempfile.gettempdir(), name)
+
+
 @dataclass
 class ForkServer:
-    name: str  # of an abstract Unix socket: no file to leave behind
+    name: str
     key: bytes
     process: subprocess.Popen | None = None  # when this process started it
 
     @property
     def address(self) -> str:
-        return "\0" + self.name
+        return socket_address(self.name)
 
     def describe(self) -> str:
         return f"{self.name} {self.key.hex()}"
@@ -70,13 +81,18 @@ def start_server(also_import: list[str] = ()) -> ForkServer:
     server = ForkServer(name=f"quantbench-fork-{secrets.token_hex(8)}", key=secrets.token_bytes(32))
     setup = json.dumps({"name": server.name, "key": server.key.hex(), "modules": PRELOAD + list(also_import),
                         "sys_path": sys.path, "parent": os.getpid()})
+    # The setup goes through a pipe: a command line, key included, is visible to every user.
     # One OpenMP thread while importing: otherwise importing torch and transformers starts OpenMP's
     # pool (2 more threads on 2 cores), and a process forked from a threaded one inherits a broken
-    # pool. A forked process sets its own thread count (the job's `threads`).
+    # pool. A forked process sets its own thread count (the job's `threads`). A session of its own:
+    # Ctrl-C and Ctrl-Z at the terminal reach `quantbench run`, which stops the server.
     server.process = subprocess.Popen(
-        [sys.executable, "-c", "import json, sys; setup = json.loads(sys.argv[1]); sys.path[:] = setup['sys_path']; "
-                               "from runner.isolation import serve; serve(setup)", setup],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [sys.executable, "-c", "import json, sys; setup = json.loads(sys.stdin.readline()); "
+                               "sys.path[:] = setup['sys_path']; from runner.isolation import serve; serve(setup)"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True)
+    server.process.stdin.write(setup.encode() + b"\n")
+    server.process.stdin.close()
     if server.process.stdout.readline() != b"listening\n":  # blocks, no polling
         server.process.wait()
         raise RuntimeError(f"the fork server ended with exit code {server.process.returncode} before it listened")
@@ -112,21 +128,30 @@ def run_in_fresh_process(function: Callable[..., Any], *args, also_import: list[
             _own_server = start_server(also_import)
         connection = Client(_own_server.address, "AF_UNIX", authkey=_own_server.key)
     with connection:
-        connection.send_bytes(pickle.dumps((function, args, dict(os.environ), os.getcwd())))
+        connection.send_bytes(pickle.dumps((sys.path, os.getcwd(), dict(os.environ))))  # where it runs first
+        connection.send_bytes(pickle.dumps((function, args)))
         for fd in (1, 2):  # the process writes where this one writes (a Ray worker: its log files)
             reduction.send_handle(connection, fd, None)
         try:
             kind, value = connection.recv()  # blocks; no polling beside the timed passes
         except EOFError:
-            raise ProcessDied("the variant's process and the fork server it came from ended before it returned "
-                              "a result") from None
+            raise ProcessDied("the fork server's process for this call ended before the variant's process "
+                              "returned a result (the server was stopped or killed)") from None
     if kind == "ok":
         return value
     if kind == "error":
         raise RuntimeError(value)
     pid, code = value
-    raise ProcessDied(f"the variant's process (pid {pid}) ended with exit code {code} before it returned a result "
-                      "(killed, crashed or out of memory)")
+    how = (f"was killed by signal {code_name(-code)}" if code < 0 else f"ended with exit code {code}")
+    raise ProcessDied(f"the variant's process (pid {pid}) {how} before it returned a result "
+                      "(killed, crashed or out of memory: the out-of-memory killer sends SIGKILL)")
+
+
+def code_name(number: int) -> str:
+    try:
+        return f"{number} ({signal.Signals(number).name})"
+    except ValueError:
+        return str(number)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +163,7 @@ def serve(setup: dict) -> None:
     _die_with_parent()
     if os.getppid() != setup["parent"]:  # it ended before this process could follow it
         return
-    listener = Listener("\0" + setup["name"], "AF_UNIX", authkey=bytes.fromhex(setup["key"]))
+    listener = Listener(socket_address(setup["name"]), "AF_UNIX", authkey=bytes.fromhex(setup["key"]))
     with open(1, "wb", closefd=False) as starter:  # the starter waits for this line, then closes the pipe
         starter.write(b"listening\n")
     quiet = os.open(os.devnull, os.O_WRONLY)  # a forked process writes where its caller writes
@@ -152,8 +177,8 @@ def serve(setup: dict) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
     while True:
         try:
-            connection = listener.accept()
-        except OSError:  # a caller that failed authentication or went away
+            connection = listener.accept()  # authenticates the caller
+        except (OSError, EOFError, AuthenticationError):  # a caller that went away or had the wrong key
             continue
         if os.fork() == 0:
             listener.close()
@@ -168,7 +193,7 @@ def _supervise(connection) -> None:
     code = 1
     try:
         _die_with_parent()
-        request = connection.recv_bytes()
+        request = [connection.recv_bytes(), connection.recv_bytes()]
         output = [reduction.recv_handle(connection) for _ in (1, 2)]
         # The child's end arrives as SIGCHLD, which writes a byte into this pipe: waitable beside
         # the connection, and never missed, even if the child ends before the wait begins.
@@ -188,6 +213,10 @@ def _supervise(connection) -> None:
         if connection in wait([connection, child_ended]) and not _readable(child_ended):
             os.kill(pid, signal.SIGKILL)  # the caller went away
         _, status = os.waitpid(pid, 0)
+        try:  # what the process started and left behind (a data loader's workers, say)
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
         try:
             connection.send(("died", (pid, os.waitstatus_to_exitcode(status))))
         except OSError:
@@ -201,29 +230,31 @@ def _readable(fd: int) -> bool:
     return bool(wait([fd], timeout=0))
 
 
-def _run_call(connection, request: bytes, output: list[int]) -> None:
+def _run_call(connection, request: list[bytes], output: list[int]) -> None:
     code = 1
     try:
         _die_with_parent()
+        os.setpgid(0, 0)  # a group of its own: what it starts is killed with it when the call ends
         for fd, caller_fd in zip((1, 2), output):
             os.dup2(caller_fd, fd)
             os.close(caller_fd)  # received inheritable: a program this process runs would keep it open
         try:
-            function, args, environment, cwd = pickle.loads(request)  # imports the function's module
+            sys.path[:], cwd, environment = pickle.loads(request[0])
+            os.chdir(cwd)
             os.environ.clear()
             os.environ.update(environment)  # the caller's, as if it had started this process
-            os.chdir(cwd)
+            function, args = pickle.loads(request[1])  # imports the function's module
             outcome = ("ok", function(*args))
         except BaseException as error:  # reported to the caller, which fails the variant with it
             outcome = ("error", f"{type(error).__name__}: {error}")
+        for stream in (sys.stdout, sys.stderr):  # before the answer: the caller may go once it has it
+            stream.flush()
         try:
             connection.send(outcome)
         except Exception as error:  # a result that cannot be pickled
             connection.send(("error", f"the result could not be sent back: {type(error).__name__}: {error}"))
         code = 0
     finally:
-        for stream in (sys.stdout, sys.stderr):  # os._exit does not flush them
-            stream.flush()
         os._exit(code)
 
 

@@ -73,7 +73,7 @@ def same_shape_cv(seconds: list[float], shapes: list) -> tuple[float | None, int
 
 
 def niceness_warning(env: dict) -> str | None:
-    if env.get("niceness"):
+    if (env.get("niceness") or 0) > 0:
         return (f"the variant ran at niceness {env['niceness']} (Ray starts its workers at 15 unless the node "
                 "sets RAY_worker_niceness=0): every process at a lower niceness took the CPU before it")
     return None

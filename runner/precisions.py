@@ -23,7 +23,7 @@ class Precision:
     load: Callable[..., tuple[Any, dict]]
     # (model, settings) -> (model, recorded settings); None where loading already quantized
     quantize: Callable[..., tuple[Any, dict]] | None = None
-    # What load imports beyond torch and transformers: a worker's fork server can import it once.
+    # What load imports beyond torch and transformers: the fork server can import it once.
     imports: tuple[str, ...] = ()
 
 

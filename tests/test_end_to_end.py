@@ -147,6 +147,8 @@ def test_the_embedded_cluster_forks_cpu_work_from_a_server_started_before_ray(ra
         on_a_worker = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": {"PYTHONPATH": tests}})(
             fork_server_of_a_fresh_process)
         assert ray.get(on_a_worker.remote()) == server.process.pid
+        # And its workers run at niceness 0, not Ray's 15: a CUDA variant runs in its worker.
+        assert ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote()) == 0
     finally:
         dispatch.shutdown()
     assert server.process.poll() is not None and isolation.ADDRESS_VARIABLE not in os.environ

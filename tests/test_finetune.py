@@ -56,8 +56,7 @@ def test_finetune_runs_as_a_ray_task_then_is_reused(capsys, tmp_path, smsa_base,
     first = json.loads((tmp_path / "first" / "smsa-tiny" / "fp32-cpu.json").read_text())
     assert first["model"]["train_rows"] == 1200 and first["model"]["label_names"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
     assert first["model"]["train_loss"] < 1.0986  # below ln(3), the loss of knowing nothing: it learned
-    # Trained on the CPU worker that then ran the variant, through its fork server: one import of
-    # torch and transformers for both.
+    # Trained on the CPU worker that then ran the variant, both forked from the same warm fork server.
     assert first["model"]["worker_pid"] == first["environment"]["ray"]["worker_pid"]
 
     code, out, err = run_cli(capsys, "run", job, "--results", tmp_path / "second", "--ray-temp-dir", ray_temp_dir)

@@ -59,7 +59,8 @@ def test_the_server_imports_beforehand_what_its_first_call_names(tmp_path):
 
 
 def test_the_parents_main_script_is_not_run_again_in_the_variants_process(tmp_path):
-    # A Ray worker's main script is Ray's own; running it again before each variant cost 0.4-0.5 s.
+    # A Ray worker's main script is Ray's own: multiprocessing's fork server, used before, ran it again
+    # before each variant (0.4-0.5 s). A function of the main script is refused instead (test below).
     import subprocess
     import sys
 
@@ -189,6 +190,7 @@ def start_a_child_then_die(pid_file: str) -> None:
 
 def test_a_death_is_reported_at_once_though_a_process_it_started_lives_on(tmp_path):
     # E.g. a data loader's worker: the caller must not wait for it to learn that the variant died.
+    import select
     import signal
     import subprocess
     import sys
@@ -199,6 +201,10 @@ def test_a_death_is_reported_at_once_though_a_process_it_started_lives_on(tmp_pa
     try:
         shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
         assert "exit code 5" in shown.stderr, shown.stderr[-2000:]
+        # And what it left behind was killed when the call ended.
+        left = os.pidfd_open(int(pid_file.read_text()))
+        assert select.select([left], [], [], 60)[0], "the process the call started still runs"
+        os.close(left)
     finally:
         if pid_file.exists():
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
@@ -225,3 +231,25 @@ def test_a_function_of_the_main_script_is_refused_with_a_reason():
     code = "from runner import isolation\ndef f():\n    pass\nisolation.run_in_fresh_process(f)"
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert "f is defined in the main script" in shown.stderr, shown.stderr[-2000:]
+
+
+def test_a_process_killed_by_a_signal_is_reported_with_the_signal():
+    with pytest.raises(isolation.ProcessDied, match=r"killed by signal 6 \(SIGABRT\)"):
+        isolation.run_in_fresh_process(os.abort)
+
+
+def test_the_servers_key_is_not_on_its_command_line_and_a_wrong_key_is_turned_away():
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    server = isolation.start_server()
+    try:
+        with open(f"/proc/{server.process.pid}/cmdline", "rb") as cmdline:  # any user may read it
+            assert server.key.hex().encode() not in cmdline.read()
+        with pytest.raises(AuthenticationError):
+            Client(server.address, "AF_UNIX", authkey=b"not the key")
+        os.environ[isolation.ADDRESS_VARIABLE] = server.describe()
+        assert isolation.run_in_fresh_process(server_pid) == server.process.pid  # it still serves
+    finally:
+        os.environ.pop(isolation.ADDRESS_VARIABLE, None)
+        server.stop()
