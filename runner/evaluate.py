@@ -59,13 +59,11 @@ class PassTimings:
     samples: int  # samples processed in timed passes
     shapes: list[tuple[int, ...]]  # each timed pass's input shape
     repeats: list[float]  # the first batch timed again, only where the timed passes repeat too few shapes
-    repeats_shape: tuple[int, ...] = ()
 
     def noise_cv(self) -> tuple[float | None, int]:
         """The spread of passes of one shape, timed passes and repeats together; and how many passes
-        beyond the first of each shape it rests on."""
-        return measure.same_shape_cv(self.seconds + self.repeats,
-                                     self.shapes + [self.repeats_shape] * len(self.repeats))
+        beyond the first of each shape it rests on. The repeats have the first timed pass's shape."""
+        return measure.same_shape_cv(self.seconds + self.repeats, self.shapes + self.shapes[:1] * len(self.repeats))
 
 
 def fixed_shape_batch(tokenizer, batch_size: int, sequence_length: int, device: str) -> dict:
@@ -105,17 +103,17 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
         # Then every batch shape not met yet, once: the first pass of a new shape pays one-time costs
         # (CUDA loads kernels lazily and picks them per shape; oneDNN builds primitives per shape), and
         # a timed pass must not.
-        seen = {batch_shape(b) for b in timed_batches[:warmup_passes]}
-        for batch in timed_batches:
-            if batch_shape(batch) not in seen:
-                seen.add(batch_shape(batch))
+        shapes_per_pass = [batch_shape(b) for b in timed_batches]
+        seen = set(shapes_per_pass[:warmup_passes])
+        for batch, shape in zip(timed_batches, shapes_per_pass):
+            if shape not in seen:
+                seen.add(shape)
                 model(**batch)
         sync()
         # Whole passes over the sample only: every batch is timed equally often, whatever the lengths.
         per_pass = len(timed_batches)
         total_passes = -(-max(per_pass, timed_passes) // per_pass) * per_pass
-        shapes_per_pass = [batch_shape(b) for b in timed_batches]
-        repeated = total_passes - len(set(shapes_per_pass))  # at least; min_time_s may add passes
+        repeated = total_passes - len(seen)  # at least; min_time_s may add passes
         repeats = []
         for _ in range(REPEATS_FOR_NOISE if repeated < MIN_SAME_SHAPE_PASSES else 0):
             start = time.perf_counter()
@@ -135,8 +133,7 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
             if fixed_batch is None and i < len(batches):
                 probabilities.append(torch.softmax(logits.float(), dim=-1).cpu())
             i += 1
-    timings = PassTimings(seconds, samples, [shapes_per_pass[k % per_pass] for k in range(len(seconds))], repeats,
-                          shapes_per_pass[0])
+    timings = PassTimings(seconds, samples, [shapes_per_pass[k % per_pass] for k in range(len(seconds))], repeats)
     return torch.cat(probabilities).numpy(), timings
 
 
