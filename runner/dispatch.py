@@ -106,11 +106,12 @@ def connect(address: str | None = None, temp_dir: str | None = None,
     if address:
         ray.init(address=address, **quiet)
     else:
+        gpus = local_gpu_count()  # it may run nvidia-smi: once
         if cpu_precisions is not None:
-            _fork_server = isolation.start_server([] if local_gpu_count() else fork_server_imports(cpu_precisions))
+            _fork_server = isolation.start_server(_server_preload(fork_server_imports(cpu_precisions), gpus > 0))
             os.environ[isolation.ADDRESS_VARIABLE] = _fork_server.describe()  # Ray's processes inherit it
         try:
-            _embedded_head = start_embedded_head(temp_dir)
+            _embedded_head = start_embedded_head(temp_dir, gpus)
             ray.init(address=_embedded_head.address, **quiet)
         except BaseException:  # nothing of this cluster may outlive the failure
             shutdown()
@@ -118,7 +119,7 @@ def connect(address: str | None = None, temp_dir: str | None = None,
     return Cluster(address=address or "local", embedded=not address, nodes=alive_nodes())
 
 
-def start_embedded_head(temp_dir: str | None):
+def start_embedded_head(temp_dir: str | None, gpus: int):
     """A one-node cluster on this machine, started without the parts a one-node sweep never uses.
 
     ray.init() would also start the autoscaler's monitor and a log monitor: an embedded cluster never
@@ -130,7 +131,6 @@ def start_embedded_head(temp_dir: str | None):
     from ray.cluster_utils import Cluster as LocalCluster
 
     resources = {SLOT: 1, DEVICE_RESOURCE["cpu"]: 1}
-    gpus = local_gpu_count()
     if gpus:
         resources[DEVICE_RESOURCE["cuda"]] = 1
     return LocalCluster(initialize_head=True, connect=False, head_node_args=dict(
@@ -227,9 +227,13 @@ def _in_a_process_of_its_own(device: str, function: Callable, task, also_import:
     since a CUDA context cannot cross a fork."""
     if device != "cpu":
         return function(task)
+    return isolation.run_in_fresh_process(function, task, also_import=_server_preload(also_import, _node_has_gpu()))
+
+
+def _server_preload(also_import: list[str], node_has_gpu: bool) -> list[str]:
     # bitsandbytes may set CUDA up as it is imported, and CUDA state must not cross a fork: the
     # server imports it only on a node without a GPU (there, 2-5 s saved per bnb variant).
-    return isolation.run_in_fresh_process(function, task, also_import=[] if _node_has_gpu() else also_import)
+    return [] if node_has_gpu else also_import
 
 
 @functools.cache
