@@ -106,9 +106,9 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
     report = SweepReport()
     started = time.perf_counter()
     cpu_precisions = [v.precision for plan in plans for v in plan.spec.variants if v.device == "cpu"]
-    cluster = dispatch.connect(address, temp_dir=ray_temp_dir,
-                               cpu_precisions=cpu_precisions if cpu_precisions or any(
-                                   plan.train_examples is not None for plan in plans) else None)
+    # A fine-tune is CPU work too where the cluster has no GPU.
+    cpu_work = cpu_precisions or any(plan.train_examples is not None for plan in plans)
+    cluster = dispatch.connect(address, temp_dir=ray_temp_dir, cpu_precisions=cpu_precisions if cpu_work else None)
     report.cluster_start_s = time.perf_counter() - started
     say(f"cluster: {cluster.describe()}")
     try:
