@@ -4,10 +4,21 @@ death comes back to the worker, and nothing of one run is left in the next."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 from runner import isolation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, timeout: float = 300, env: dict | None = None):
+    """`python -c code` in a process of its own, from the checkout: its server starts with it."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env)
+
 
 _STATE = []
 
@@ -40,36 +51,27 @@ def test_a_process_that_dies_is_reported_with_its_exit_code():
 
 
 def already_imported(name):
-    import sys
-
     return name in sys.modules
 
 
 def test_the_server_imports_beforehand_what_its_first_call_names(tmp_path):
     # The server starts once per process, so a process of its own shows what its first call did.
-    import subprocess
-    import sys
-
     code = ("from runner import isolation; from tests.test_isolation import already_imported as seen; "
             "print(isolation.run_in_fresh_process(seen, 'colorsys', also_import=['colorsys']), "
             "isolation.run_in_fresh_process(seen, 'wave'))")
-    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                           cwd=os.path.dirname(os.path.dirname(__file__)))
+    shown = run_python(code)
     assert shown.stdout.split() == ["True", "False"], shown.stderr[-2000:]
 
 
 def test_the_parents_main_script_is_not_run_again_in_the_variants_process(tmp_path):
     # A Ray worker's main script is Ray's own: multiprocessing's fork server, used before, ran it again
     # before each variant (0.4-0.5 s). A function of the main script is refused instead (test below).
-    import subprocess
-    import sys
-
     runs = tmp_path / "pids-that-ran-the-script.txt"
     script = tmp_path / "main_script.py"
     script.write_text(f"""import os, sys
 open({str(runs)!r}, "a").write(f"{{os.getpid()}}\\n")
 if __name__ == "__main__":
-    sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+    sys.path.insert(0, {REPO!r})
     from runner import isolation
     print(isolation.run_in_fresh_process(os.getpid), os.getpid())
 """)
@@ -82,9 +84,6 @@ if __name__ == "__main__":
 def test_what_a_variants_process_runs_imports_no_ray():
     # The process unpickles the function it runs, importing its module: importing Ray there cost
     # 0.3-0.5 s before each variant (measured on 2 cores).
-    import subprocess
-    import sys
-
     from runner import dispatch, finetune, worker
 
     assert dispatch.run_variant_in_own_process is worker.run_variant_in_own_process
@@ -92,8 +91,7 @@ def test_what_a_variants_process_runs_imports_no_ray():
     code = ("import sys; from runner import isolation; [__import__(m) for m in isolation.PRELOAD]; "
             "from runner.worker import run_variant_in_own_process; from runner.finetune import run_finetune; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
-    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                           cwd=os.path.dirname(os.path.dirname(__file__)))
+    shown = run_python(code)
     assert shown.stdout.strip() == "[]", shown.stdout[-2000:] + shown.stderr[-2000:]
 
 
@@ -103,21 +101,14 @@ def server_pid() -> int:
         return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def test_a_server_started_ahead_serves_the_processes_that_inherit_its_address(monkeypatch):
     # quantbench run starts one before its Ray cluster, so the imports run while Ray starts.
-    import subprocess
-    import sys
-
     monkeypatch.syspath_prepend(REPO)  # the server imports what its callers name: tests.test_isolation
     server = isolation.start_server()
     try:
         code = ("from runner import isolation; from tests.test_isolation import server_pid; "
                 "print(isolation.run_in_fresh_process(server_pid))")
-        shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
-                               env={**os.environ, isolation.ADDRESS_VARIABLE: server.describe()})
+        shown = run_python(code, env={**os.environ, isolation.ADDRESS_VARIABLE: server.describe()})
         assert shown.stdout.strip() == str(server.process.pid), shown.stderr[-2000:]
     finally:
         server.stop()
@@ -126,13 +117,10 @@ def test_a_server_started_ahead_serves_the_processes_that_inherit_its_address(mo
 
 def test_the_variants_output_goes_where_its_caller_writes():
     # On a Ray worker that is the worker's log, not the terminal of whoever started the server.
-    import subprocess
-    import sys
-
     code = ("import os; from runner import isolation; "
             "isolation.run_in_fresh_process(print, 'said by the variant'); "
             "isolation.run_in_fresh_process(os.write, 2, b'warned by the variant')")
-    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    shown = run_python(code)
     assert shown.stdout == "said by the variant\n" and "warned by the variant" in shown.stderr, shown.stderr[-2000:]
 
 
@@ -148,8 +136,6 @@ def test_a_variants_process_is_killed_when_its_caller_goes_away(tmp_path, monkey
     # the server it came from (started by the driver) goes on.
     import select
     import signal
-    import subprocess
-    import sys
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -192,14 +178,12 @@ def test_a_death_is_reported_at_once_though_a_process_it_started_lives_on(tmp_pa
     # E.g. a data loader's worker: the caller must not wait for it to learn that the variant died.
     import select
     import signal
-    import subprocess
-    import sys
 
     pid_file = tmp_path / "child.pid"
     code = ("from runner import isolation; from tests.test_isolation import start_a_child_then_die as f; "
             f"isolation.run_in_fresh_process(f, {str(pid_file)!r})")
     try:
-        shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+        shown = run_python(code, timeout=60)
         assert "exit code 5" in shown.stderr, shown.stderr[-2000:]
         # And what it left behind was killed when the call ended.
         left = os.pidfd_open(int(pid_file.read_text()))
@@ -225,11 +209,8 @@ def test_the_server_imports_torch_with_one_openmp_thread():
 
 
 def test_a_function_of_the_main_script_is_refused_with_a_reason():
-    import subprocess
-    import sys
-
     code = "from runner import isolation\ndef f():\n    pass\nisolation.run_in_fresh_process(f)"
-    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    shown = run_python(code)
     assert "f is defined in the main script" in shown.stderr, shown.stderr[-2000:]
 
 
