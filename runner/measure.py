@@ -32,18 +32,24 @@ def latency_stats(seconds: list[float]) -> dict:
         return {"n": 0}
     mean = statistics.fmean(ms)
     std = statistics.stdev(ms) if n > 1 else 0.0
-    # Distribution-free interval for the median: order statistics at n/2 -+ 1.96 sqrt(n)/2.
-    half_width = 1.96 * math.sqrt(n) / 2
-    low = max(0, math.floor(n / 2 - half_width) - 1)
-    high = min(n - 1, math.ceil(n / 2 + half_width) - 1)
     stats = {
         "mean": mean, "median": statistics.median(ms), "std": std,
         "p90": _percentile(ms, 90), "p99": _percentile(ms, 99), "min": ms[0], "max": ms[-1], "n": n,
         "cv": std / mean if mean else 0.0,
-        "median_ci95": [ms[low], ms[high]],
+        "median_ci95": median_ci95(ms),
     }
     return {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] if isinstance(v, list) else v)
             for k, v in stats.items()}
+
+
+def median_ci95(sorted_values: list[float]) -> list[float]:
+    """A distribution-free 95% interval for the median of sorted values: the order statistics at
+    n/2 -+ 1.96 sqrt(n)/2 (for 7 values or fewer, their range)."""
+    n = len(sorted_values)
+    half_width = 1.96 * math.sqrt(n) / 2
+    low = max(0, math.floor(n / 2 - half_width) - 1)
+    high = min(n - 1, math.ceil(n / 2 + half_width) - 1)
+    return [sorted_values[low], sorted_values[high]]
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
