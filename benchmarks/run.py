@@ -6,7 +6,7 @@
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
     fp32, fp16, bf16, bnb-int8 and bnb-nf4 on cuda. Each pair is a one-variant `quantbench run` and
     the plain loop for that precision alone, each in a fresh process, one right after the other in
-    alternating order: a VM's speed drifts by 10-30% over a minute, which a comparison of timings taken
+    alternating order: a VM's speed wanders by 10-30% over seconds, which a comparison of timings taken
     minutes apart measures instead of the clock. The ratios inside the four-variant sweeps of (b) are
     reported beside them;
 (b) overhead: the wall time of the four-variant sweep (`quantbench run`) against the sum of the
@@ -31,6 +31,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: quantbench's own modules
+
+from runner import measure, models  # noqa: E402
+from runner.plan import plan_job  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "rt-polarity"
 PRECISIONS = {"cpu": ["fp32", "fp16", "bf16", "int8-dynamic"], "cuda": ["fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4"]}
 
@@ -78,10 +83,6 @@ def main() -> int:
     parser.add_argument("--keep-results", type=Path, default=None, help="copy the last sweep's result files here")
     args = parser.parse_args()
     precisions = PRECISIONS[args.device]
-
-    sys.path.insert(0, str(REPO))
-    from runner import measure, models
-    from runner.plan import plan_job
 
     work = Path(tempfile.mkdtemp(prefix="qb-bench-"))
     job = work / "job.yaml"
@@ -141,8 +142,7 @@ def main() -> int:
             ours = run_quantbench(one_variant_jobs[p], work / f"pair-{number}-{p}", [p])
             plain = plain or run_plain([p])
             pairs[p].append({"quantbench_ms": ours["results"][p]["metrics"]["latency_ms"]["median"],
-                             "plain_ms": plain["reference"][p]["median_ms"],
-                             "first": "quantbench" if quantbench_first else "plain loop"})
+                             "plain_ms": plain["reference"][p]["median_ms"]})
         print(f"pair {number + 1}/{args.pairs}: " + ", ".join(
             f"{p} {pairs[p][-1]['quantbench_ms'] / pairs[p][-1]['plain_ms']:.3f}" for p in precisions), flush=True)
 
@@ -161,9 +161,16 @@ def ok(passed: bool) -> str:
     return "ok" if passed else "MISSED"
 
 
-def report(args, precisions: list[str], rounds: list[dict], pairs: dict, env: dict) -> list[str]:
-    from runner import measure
+def ratio_cells(ours: list[float], theirs: list[float]) -> tuple[str, list[float]]:
+    """A fidelity table's cells (quantbench's medians, the plain loop's, their ratios, the median
+    ratio) and the ratios."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    cells = " | ".join([" / ".join(f"{x:.2f}" for x in ours), " / ".join(f"{x:.2f}" for x in theirs),
+                        " / ".join(f"{x:.3f}" for x in ratios), f"{statistics.median(ratios):.3f}"])
+    return cells, ratios
 
+
+def report(args, precisions: list[str], rounds: list[dict], pairs: dict, env: dict) -> list[str]:
     first = rounds[0]["results"][precisions[0]]["environment"]
     gpu = first.get("gpu")
     lines = [f"# quantbench benchmark: {args.model} on {args.device}, {args.samples} samples, batch size 1, "
@@ -187,25 +194,19 @@ def report(args, precisions: list[str], rounds: list[dict], pairs: dict, env: di
               "| precision | quantbench (ms), per pair | plain loop (ms), per pair | ratios | median ratio "
               "| 95% interval | target 0.90–1.10 |", "|---|---|---|---|---|---|---|"]
     for p in precisions:
-        ours = [pair["quantbench_ms"] for pair in pairs[p]]
-        theirs = [pair["plain_ms"] for pair in pairs[p]]
-        ratios = [a / b for a, b in zip(ours, theirs)]
+        cells, ratios = ratio_cells([pair["quantbench_ms"] for pair in pairs[p]], [pair["plain_ms"] for pair in pairs[p]])
         middle = statistics.median(ratios)
         low, high = measure.median_ci95(sorted(ratios))
-        lines.append(f"| {p} | {' / '.join(f'{x:.2f}' for x in ours)} | {' / '.join(f'{x:.2f}' for x in theirs)} | "
-                     f"{' / '.join(f'{x:.3f}' for x in ratios)} | {middle:.3f} | {low:.3f}–{high:.3f} | "
-                     f"{ok(0.9 <= middle <= 1.1)} |")
+        lines.append(f"| {p} | {cells} | {low:.3f}–{high:.3f} | {ok(0.9 <= middle <= 1.1)} |")
     lines += ["", "The same ratios inside the sweeps of (b): each precision at its place in a four-variant run",
               "against the plain script's single process. A precision's two timings there lie 40–80 s apart, so",
               "a drift of the machine's speed moves these more; for information, not the target.", "",
               "| precision | quantbench in the sweep (ms), per round | plain script (ms), per round | ratios "
               "| median ratio |", "|---|---|---|---|---|"]
     for p in precisions:
-        ours = [r["results"][p]["metrics"]["latency_ms"]["median"] for r in rounds]
-        theirs = [r["reference"][p]["median_ms"] for r in rounds]
-        ratios = [a / b for a, b in zip(ours, theirs)]
-        lines.append(f"| {p} | {' / '.join(f'{x:.2f}' for x in ours)} | {' / '.join(f'{x:.2f}' for x in theirs)} | "
-                     f"{' / '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(ratios):.3f} |")
+        cells, _ = ratio_cells([r["results"][p]["metrics"]["latency_ms"]["median"] for r in rounds],
+                               [r["reference"][p]["median_ms"] for r in rounds])
+        lines.append(f"| {p} | {cells} |")
     sweep_wall = sum(r["sweep_wall"] for r in rounds)
     plain_wall = sum(r["plain_wall"] for r in rounds)
     own = sum(x["wall_s"] for r in rounds for x in r["results"].values())
