@@ -70,6 +70,7 @@ class LocalCluster:
                if not k.startswith(("QUANTBENCH_", "RAY_ADDRESS", "RAY_AUTH_"))}
         env.update(self.auth)
         env.update({MARKER: str(self.root)}, RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0",  # as README.md
+                   RAY_worker_maximum_startup_concurrency="1",
                    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # SIGTERM stops a node now, not after a 30 s drain
         if cache is not None:
             env["QUANTBENCH_CACHE"] = str(cache)

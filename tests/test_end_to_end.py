@@ -140,8 +140,25 @@ def test_the_embedded_cluster_forks_cpu_work_from_a_server_started_before_ray(ra
 
     from runner import dispatch, isolation
 
+    def workers_beside_this_one() -> list[str]:
+        """The other Ray workers of this node (the raylet's children, without its agents)."""
+        workers = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+                command = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+            except OSError:
+                continue
+            # A worker is titled ray::IDLE or ray::<task> once it runs, default_worker.py before.
+            worker = "default_worker.py" in command or (command.startswith("ray::") and "Agent" not in command)
+            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getppid() and int(pid) != os.getpid() and worker:
+                workers.append(command)
+        return workers
+
     dispatch.connect(None, temp_dir=ray_temp_dir, cpu_precisions=["fp32", "int8-dynamic"])
     try:
+        # A variant's worker is alone: an idle one beside it would wake 100 times a second.
+        assert ray.get(ray.remote(workers_beside_this_one).options(**dispatch.task_options("cpu")).remote()) == []
         server = dispatch._fork_server
         tests = os.path.dirname(os.path.abspath(__file__))  # where the worker finds this module
         on_a_worker = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": {"PYTHONPATH": tests}})(
