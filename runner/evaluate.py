@@ -59,6 +59,9 @@ class PassTimings:
     samples: int  # samples processed in timed passes
     shapes: list[tuple[int, ...]]  # each timed pass's input shape
     repeats: list[float]  # the first batch timed again, only where the timed passes repeat too few shapes
+    # How often another thread took a CPU from this process while the clock ran, per second: each time
+    # stalls a timed pass, and with as many threads as cores, every wake-up of another process does.
+    preemptions_per_s: float | None = None
 
     def noise_cv(self) -> tuple[float | None, int]:
         """The spread of passes of one shape, timed passes and repeats together; and how many passes
@@ -120,6 +123,7 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
             model(**timed_batches[0])
             sync()
             repeats.append(time.perf_counter() - start)
+        preempted_before = measure.preemptions()
         clock_started = time.perf_counter()
         i = 0
         while i < total_passes or i % per_pass or time.perf_counter() - clock_started < min_time_s:
@@ -133,7 +137,10 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
             if fixed_batch is None and i < len(batches):
                 probabilities.append(torch.softmax(logits.float(), dim=-1).cpu())
             i += 1
-    timings = PassTimings(seconds, samples, [shapes_per_pass[k % per_pass] for k in range(len(seconds))], repeats)
+        clock_s = time.perf_counter() - clock_started
+        preempted = measure.preemptions()
+    rate = round((preempted - preempted_before) / clock_s, 1) if preempted is not None and clock_s > 0 else None
+    timings = PassTimings(seconds, samples, [shapes_per_pass[k % per_pass] for k in range(len(seconds))], repeats, rate)
     return torch.cat(probabilities).numpy(), timings
 
 

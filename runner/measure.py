@@ -78,6 +78,16 @@ def same_shape_cv(seconds: list[float], shapes: list) -> tuple[float | None, int
     return (round(math.sqrt(squares / repeated), 4) if repeated else None), repeated
 
 
+def preemptions() -> int | None:
+    """How often the kernel has taken a CPU from this process's threads for another runnable thread so
+    far (involuntary context switches); None where the platform does not count them."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+
 def niceness_warning(env: dict) -> str | None:
     if (env.get("niceness") or 0) > 0:
         return (f"the variant ran at niceness {env['niceness']} (Ray starts its workers at 15 unless the node "
@@ -88,8 +98,10 @@ def niceness_warning(env: dict) -> str | None:
 def noisy_warning(stats: dict) -> str | None:
     cv = stats.get("repeat_cv")
     if cv is not None and cv > NOISY_CV:
+        rate = stats.get("preemptions_per_s")
         return (f"latency is noisy: passes of the same shape vary by {cv:.0%} (coefficient of variation, above "
-                f"{NOISY_CV:.0%}); another process may have shared the cores")
+                f"{NOISY_CV:.0%}); another process may have shared the cores"
+                + (f" (its threads lost the CPU {rate:.0f} times a second while timed)" if rate is not None else ""))
     return None
 
 

@@ -213,7 +213,8 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     gold_ids = np.array([index[name] for name in task.gold_labels])
     predicted = probabilities.argmax(axis=1)
     noise_cv, repeated = timings.noise_cv()
-    latency = {**measure.latency_stats(timings.seconds), "repeat_cv": noise_cv, "repeat_n": repeated}
+    latency = {**measure.latency_stats(timings.seconds), "repeat_cv": noise_cv, "repeat_n": repeated,
+               "preemptions_per_s": timings.preemptions_per_s}
     timed_total = sum(timings.seconds)
     result["metrics"] = {
         "model_size_mib": size_mib,

@@ -103,6 +103,52 @@ def test_timed_passes_that_repeat_their_shapes_measure_the_noise_without_extra_p
     assert repeated == 14 and cv is not None
 
 
+class SpinningModel:
+    """A forward pass that computes for a millisecond on the calling thread, as a CPU-bound model does."""
+
+    def __call__(self, input_ids, attention_mask):
+        import time
+
+        import torch
+
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:
+            pass
+        return type("Output", (), {"logits": torch.zeros(input_ids.shape[0], 2)})()
+
+
+def test_the_timed_passes_count_how_often_another_process_took_the_cpu():
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from runner.evaluate import run_passes
+
+    batches = [{"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4)}]
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
+    os.sched_setaffinity(0, {cpu})  # this thread, on one CPU
+    try:
+        alone = run_passes(SpinningModel(), batches, "cpu", 0, 1, min_time_s=0.5)[1].preemptions_per_s
+        # Another process spinning on the same CPU: the scheduler shares it, taking it from the timed
+        # passes every few milliseconds.
+        spinner = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}}); "
+                                    "print('spinning', flush=True)\nwhile True: pass"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert spinner.stdout.readline() == "spinning\n"
+            shared = run_passes(SpinningModel(), batches, "cpu", 0, 1, min_time_s=0.5)[1].preemptions_per_s
+        finally:
+            spinner.kill()
+            spinner.wait()
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert shared > 50 and shared > 2 * alone, (alone, shared)
+    warning = measure.noisy_warning({"repeat_cv": 0.2, "preemptions_per_s": shared})
+    assert f"lost the CPU {shared:.0f} times a second" in warning
+
+
 def test_a_variant_that_ran_at_a_raised_niceness_says_so():
     assert measure.niceness_warning({"niceness": 0}) is None
     warning = measure.niceness_warning({"niceness": 15})
