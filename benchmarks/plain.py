@@ -4,10 +4,12 @@
 loads the model in each precision in turn, in this one process, times every forward pass over the texts
 at batch size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading the clock
 after synchronising), going over the texts again until MIN_SECONDS have passed, and prints one JSON line
-per precision: the latencies, the wall time of its work and, on cuda, the peak allocated GPU memory.
+per precision: the latencies, how often its threads lost the CPU while timed (involuntary context
+switches a second), the wall time of its work and, on cuda, the peak allocated GPU memory.
 """
 
 import json
+import resource
 import statistics
 import sys
 import time
@@ -53,6 +55,7 @@ def main() -> None:
             for length in sorted({batch["input_ids"].shape[1] for batch in inputs}):  # each shape once, untimed
                 model(**next(batch for batch in inputs if batch["input_ids"].shape[1] == length))
             sync()
+            preempted = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
             clock_started = time.perf_counter()
             while not latencies or time.perf_counter() - clock_started < min_seconds:  # whole passes only
                 for batch in inputs:
@@ -60,8 +63,11 @@ def main() -> None:
                     model(**batch)
                     sync()
                     latencies.append(time.perf_counter() - start)
+            preemptions_per_s = ((resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - preempted)
+                                 / (time.perf_counter() - clock_started))
         print(json.dumps({"precision": precision, "median_ms": statistics.median(latencies) * 1000,
                           "mean_ms": statistics.fmean(latencies) * 1000, "n": len(latencies),
+                          "preemptions_per_s": round(preemptions_per_s, 1),
                           "work_s": time.perf_counter() - started,
                           "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}),
               flush=True)

@@ -141,8 +141,10 @@ def main() -> int:
             plain = None if quantbench_first else run_plain([p])
             ours = run_quantbench(one_variant_jobs[p], work / f"pair-{number}-{p}", [p])
             plain = plain or run_plain([p])
-            pairs[p].append({"quantbench_ms": ours["results"][p]["metrics"]["latency_ms"]["median"],
-                             "plain_ms": plain["reference"][p]["median_ms"]})
+            latency = ours["results"][p]["metrics"]["latency_ms"]
+            pairs[p].append({"quantbench_ms": latency["median"], "plain_ms": plain["reference"][p]["median_ms"],
+                             "quantbench_preempted": latency.get("preemptions_per_s"),
+                             "plain_preempted": plain["reference"][p]["preemptions_per_s"]})
         print(f"pair {number + 1}/{args.pairs}: " + ", ".join(
             f"{p} {pairs[p][-1]['quantbench_ms'] / pairs[p][-1]['plain_ms']:.3f}" for p in precisions), flush=True)
 
@@ -191,13 +193,17 @@ def report(args, precisions: list[str], rounds: list[dict], pairs: dict, env: di
               "timing that precision alone, each in a fresh process, back to back; which runs first alternates.",
               "The target is checked on the median of the pairs' ratios; the interval is a distribution-free",
               "95% interval for that median (with 7 pairs or fewer, their range).", "",
+              "The last column is how often each side's threads lost the CPU while timed (involuntary context",
+              "switches a second, median of the pairs): quantbench's beside Ray's processes, the plain loop's alone.", "",
               "| precision | quantbench (ms), per pair | plain loop (ms), per pair | ratios | median ratio "
-              "| 95% interval | target 0.90–1.10 |", "|---|---|---|---|---|---|---|"]
+              "| 95% interval | target 0.90–1.10 | preempted /s: quantbench, plain |", "|---|---|---|---|---|---|---|---|"]
     for p in precisions:
         cells, ratios = ratio_cells([pair["quantbench_ms"] for pair in pairs[p]], [pair["plain_ms"] for pair in pairs[p]])
         middle = statistics.median(ratios)
         low, high = measure.median_ci95(sorted(ratios))
-        lines.append(f"| {p} | {cells} | {low:.3f}–{high:.3f} | {ok(0.9 <= middle <= 1.1)} |")
+        preempted = [statistics.median(pair[side] for pair in pairs[p]) for side in ("quantbench_preempted", "plain_preempted")]
+        lines.append(f"| {p} | {cells} | {low:.3f}–{high:.3f} | {ok(0.9 <= middle <= 1.1)} | "
+                     f"{preempted[0]:.0f}, {preempted[1]:.0f} |")
     lines += ["", "The same ratios inside the sweeps of (b): each precision at its place in a four-variant run",
               "against the plain script's single process. A precision's two timings there lie 40–80 s apart, so",
               "a drift of the machine's speed moves these more; for information, not the target.", "",
