@@ -71,8 +71,8 @@ def nvidia_smi_gpu_count() -> int:
 
 
 # The embedded cluster's own housekeeping, made rarer. Idle, Ray's processes take about 9% of a core
-# (measured on 2 cores), and each wake-up stalls one of the timed threads: a plain int8 loop timed beside
-# an idle cluster took 14.0-16.5 ms against 12.1-13.3 ms alone. These settings halve the load. No metrics are exported, no idle workers
+# (measured on 2 cores), and with as many timed threads as cores it takes their time: a plain int8 loop
+# timed beside an idle cluster took 14.0-16.5 ms against 12.1-13.3 ms alone. These settings halve the load. No metrics are exported, no idle workers
 # are prestarted, and reports to the head come every few seconds instead of 10 times a second.
 # Workers start one at a time: else the first task's lease starts two, and the idle one wakes 100
 # times a second to check for signals while the variant times (a MiniLM int8 variant was preempted

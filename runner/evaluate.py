@@ -59,8 +59,9 @@ class PassTimings:
     samples: int  # samples processed in timed passes
     shapes: list[tuple[int, ...]]  # each timed pass's input shape
     repeats: list[float]  # the first batch timed again, only where the timed passes repeat too few shapes
-    # How often another thread took a CPU from this process while the clock ran, per second: each time
-    # stalls a timed pass, and with as many threads as cores, every wake-up of another process does.
+    # How often another thread took a CPU from this process while the clock ran, per second: what else
+    # ran beside the timed passes. Brief wake-ups cost little (a process waking 250 times a second did
+    # not slow a MiniLM loop measurably on 2 cores); a high rate beside noisy passes points at a neighbour.
     preemptions_per_s: float | None = None
 
     def noise_cv(self) -> tuple[float | None, int]:
