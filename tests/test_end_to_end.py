@@ -142,16 +142,17 @@ def test_the_embedded_cluster_forks_cpu_work_from_a_server_started_before_ray(ra
 
     def workers_beside_this_one() -> list[str]:
         """The other Ray workers of this node (the raylet's children, without its agents)."""
+        import psutil
+
         workers = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
+        for child in psutil.Process(os.getppid()).children():
             try:
-                stat = open(f"/proc/{pid}/stat").read()
-                command = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
-            except OSError:
+                command = " ".join(child.cmdline())
+            except psutil.NoSuchProcess:
                 continue
             # A worker is titled ray::IDLE or ray::<task> once it runs, default_worker.py before.
-            worker = "default_worker.py" in command or (command.startswith("ray::") and "Agent" not in command)
-            if int(stat.rsplit(")", 1)[1].split()[1]) == os.getppid() and int(pid) != os.getpid() and worker:
+            if child.pid != os.getpid() and ("default_worker.py" in command
+                                             or (command.startswith("ray::") and "Agent" not in command)):
                 workers.append(command)
         return workers
 
