@@ -26,7 +26,7 @@ import ray
 from runner import isolation, measure, models
 from runner.finetune import FinetuneTask, run_finetune
 from runner.precisions import PRECISIONS
-from runner.worker import VariantTask, base_result, now, run_variant_in_own_process
+from runner.worker import VariantTask, base_result, run_variant_in_own_process
 
 SLOT = "quantbench_slot"
 DEVICE_RESOURCE = {"cpu": "quantbench_cpu", "cuda": "quantbench_cuda"}
@@ -282,7 +282,7 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
         device = task.variant.device
         if unplaceable[device]:
             result = base_result(task, "skipped", unplaceable[device])
-            result["ended_at"] = now()
+            result["ended_at"] = measure.now()
             results.append(result)
             on_result(result)
             continue
@@ -295,7 +295,7 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
             result = ray.get(done[0])
         except Exception as error:  # the worker process or its node died, or the task could not start
             result = base_result(task, "failed", _short_error(error))
-            result["ended_at"] = now()
+            result["ended_at"] = measure.now()
         results.append(result)
         on_result(result)
     return results

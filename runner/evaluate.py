@@ -63,6 +63,10 @@ class PassTimings:
     # ran beside the timed passes. Brief wake-ups cost little (a process waking 250 times a second did
     # not slow a MiniLM loop measurably on 2 cores); a high rate beside noisy passes points at a neighbour.
     preemptions_per_s: float | None = None
+    # When the clock ran (UTC, ISO 8601) and for how long: lines the timings up with what else the
+    # machine did then (another job's log, a monitor, the benchmark's plain loop taking turns).
+    clock_started_at: str | None = None
+    clock_s: float | None = None
 
     def noise_cv(self) -> tuple[float | None, int]:
         """The spread of passes of one shape, timed passes and repeats together; and how many passes
@@ -125,6 +129,7 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
             sync()
             repeats.append(time.perf_counter() - start)
         preempted_before = measure.preemptions()
+        clock_started_at = measure.now()
         clock_started = time.perf_counter()
         i = 0
         while i < total_passes or i % per_pass or time.perf_counter() - clock_started < min_time_s:
@@ -141,7 +146,8 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
         clock_s = time.perf_counter() - clock_started
         preempted = measure.preemptions()
     rate = round((preempted - preempted_before) / clock_s, 1) if preempted is not None and clock_s > 0 else None
-    timings = PassTimings(seconds, samples, [shapes_per_pass[k % per_pass] for k in range(len(seconds))], repeats, rate)
+    timings = PassTimings(seconds, samples, [shapes_per_pass[k % per_pass] for k in range(len(seconds))], repeats, rate,
+                          clock_started_at, round(clock_s, 3))
     return torch.cat(probabilities).numpy(), timings
 
 

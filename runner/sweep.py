@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runner import collect, dispatch, models, results
+from runner import collect, dispatch, measure, models, results
 from runner.finetune import FinetuneTask, finetune_key
 from runner.plan import JobPlan
 from runner.spec import SpecError
-from runner.worker import VariantTask, base_result, now
+from runner.worker import VariantTask, base_result
 
 
 @dataclass
@@ -136,7 +136,7 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
                 except Exception as error:  # every variant of this job needs the fine-tuned model
                     report.prepare_s += time.perf_counter() - prepared
                     failed = [dict(base_result(t, "failed", f"fine-tune failed: {type(error).__name__}: {error}"),
-                                   ended_at=now()) for t in build_tasks(plan, model_dir, model_info, set(kept[name]))
+                                   ended_at=measure.now()) for t in build_tasks(plan, model_dir, model_info, set(kept[name]))
                               if t.repeat == 0]
                     for number, result in enumerate(failed, start=1):
                         results.write_result(results_dir, result)

@@ -11,11 +11,11 @@ import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 
 import numpy as np
 
 from runner import evaluate, measure, models
+from runner.measure import now
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.spec import EvaluationSpec, QuantSettings, Variant
 
@@ -44,10 +44,6 @@ class VariantTask:
 
 class NoCudaDevice(RuntimeError):
     pass
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def base_result(task: VariantTask, status: str, error: str | None = None) -> dict:
@@ -214,7 +210,8 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     predicted = probabilities.argmax(axis=1)
     noise_cv, repeated = timings.noise_cv()
     latency = {**measure.latency_stats(timings.seconds), "repeat_cv": noise_cv, "repeat_n": repeated,
-               "preemptions_per_s": timings.preemptions_per_s}
+               "preemptions_per_s": timings.preemptions_per_s,
+               "clock_started_at": timings.clock_started_at, "clock_s": timings.clock_s}
     timed_total = sum(timings.seconds)
     result["metrics"] = {
         "model_size_mib": size_mib,

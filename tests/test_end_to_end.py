@@ -45,6 +45,8 @@ def test_run_writes_results_prints_the_table_and_collect_repeats_it(capsys, tmp_
     assert fp32["environment"]["ray"]["node_id"] and fp32["environment"]["cpu"]["model"]
     assert fp32["environment"]["niceness"] == 0  # not Ray's 15 for workers: a timed variant yields to nobody
     assert fp32["spec"]["name"] == "tiny-rt"
+    # When the clock ran, in the variant's own span (ISO 8601 UTC strings of one format sort as times).
+    assert fp32["started_at"] < fp32["metrics"]["latency_ms"]["clock_started_at"] < fp32["ended_at"]
     assert len(fp32["predictions"]["gold"]) == 24
 
     assert "int8-dynamic-cpu" in out and "size (MiB)" in out and "agreement with baseline" in out

@@ -103,6 +103,25 @@ def test_timed_passes_that_repeat_their_shapes_measure_the_noise_without_extra_p
     assert repeated == 14 and cv is not None
 
 
+def test_the_timings_say_when_the_clock_ran_and_for_how_long():
+    from datetime import datetime
+
+    import torch
+
+    from runner.evaluate import run_passes
+
+    batches = [{"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4)}]
+    before = datetime.now().astimezone()
+    _, timings = run_passes(SpinningModel(), batches, "cpu", warmup_passes=1, timed_passes=1, min_time_s=0.3)
+    after = datetime.now().astimezone()
+
+    started = datetime.fromisoformat(timings.clock_started_at)
+    assert started.utcoffset().total_seconds() == 0  # UTC, whatever the machine's zone
+    assert before <= started <= after
+    assert timings.clock_s >= 0.3  # min_time_s kept it running
+    assert sum(timings.seconds) <= timings.clock_s <= (after - started).total_seconds()
+
+
 class SpinningModel(RecordingModel):
     """A forward pass that computes for a millisecond on the calling thread, as a CPU-bound model does."""
 
