@@ -1,0 +1,75 @@
+"""Two processes taking turns on the CPU, so that a comparison of their timings is fair on a drifting machine.
+
+A small VM's speed wanders by 10-30% over seconds. Two programs timed one after the other compare the
+machine's speed at two moments as much as the programs. Here both run at once, but never at the same
+time: each process and all its descendants (a `quantbench run` with its Ray cluster and variant
+process, say) is stopped (SIGSTOP) while the other runs, and continued (SIGCONT) for its own turn.
+Turns alternate every half to one and a half `window_s`, at random so that nothing periodic lines up
+with them, so whatever the machine does over longer than a few turns touches both sides alike; while
+one side runs the other does nothing at all, so neither slows the other.
+
+A forward pass that a turn's end cuts in two counts the other side's whole turn: with turns much
+longer than a pass, few passes do, and as many on both sides, so a median barely moves.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+
+import psutil
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants; empty once it has gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_all(processes: list[psutil.Process], signum: int) -> None:
+    for process in processes:
+        try:
+            process.send_signal(signum)
+        except psutil.NoSuchProcess:  # it ended meanwhile: nothing to stop or continue
+            pass
+
+
+def stop_tree(pid: int) -> None:
+    """Stops the process and its descendants, including any started while it stops them."""
+    stopped: set[int] = set()
+    while new := [p for p in process_tree(pid) if p.pid not in stopped]:
+        _signal_all(new, signal.SIGSTOP)
+        stopped.update(p.pid for p in new)
+
+
+def continue_tree(pid: int) -> None:
+    _signal_all(process_tree(pid), signal.SIGCONT)
+
+
+def take_turns(first: subprocess.Popen, second: subprocess.Popen, window_s: float, seed: int = 0) -> dict[str, float]:
+    """Runs the two process trees in turns, first's turn first, until first exits; then lets second run
+    alone. Returns how many seconds of turns each had. Whatever happens, nothing is left stopped."""
+    rng = random.Random(seed)
+    turns = {"first": 0.0, "second": 0.0}
+    stop_tree(second.pid)
+    try:
+        running, waiting, side = first, second, "first"
+        while first.poll() is None:
+            stop_tree(waiting.pid)  # before the other goes on: never both at once
+            continue_tree(running.pid)
+            started = time.perf_counter()
+            try:
+                first.wait(timeout=rng.uniform(0.5, 1.5) * window_s)  # a turn ends early when first exits
+            except subprocess.TimeoutExpired:
+                pass
+            turns[side] += time.perf_counter() - started
+            running, waiting, side = waiting, running, "second" if side == "first" else "first"
+    finally:
+        continue_tree(first.pid)
+        continue_tree(second.pid)
+    return turns
