@@ -32,9 +32,9 @@ nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 step bert-base-inline 300 "$python" -m runner.cli run jobs/bert-base-inline.yaml --results "$out/results" \
     --ray-temp-dir /tmp/qb-ray-gpu
 "$python" -m runner.cli collect "$out/results/bert-base-inline" --format markdown >"$out/bert-base-inline.md" 2>&1
-# Sized to fit a 15-minute device session: one round, two fidelity pairs per precision.
-step benchmark-cuda 420 "$python" benchmarks/run.py --model bert-base --samples 300 --device cuda \
-    --rounds 1 --pairs 2 --min-time 3 \
+# Sized to fit a 15-minute device session: one round, two fidelity matches per precision.
+step benchmark-cuda 480 "$python" benchmarks/run.py --model bert-base --samples 300 --device cuda \
+    --rounds 1 --matches 2 --min-time 3 \
     --out "$out/benchmark-bert-base-cuda.md" --keep-results "$out/benchmark-results"
 step test-cuda 240 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 exit $status

@@ -1,14 +1,20 @@
 """The reference: a plain, careful PyTorch script, written without quantbench's code.
 
-`python benchmarks/plain.py MODEL_DIR PRECISIONS TEXTS.json THREADS WARMUP MAX_LENGTH [DEVICE [MIN_SECONDS]]`
+    python benchmarks/plain.py MODEL_DIR PRECISIONS TEXTS.json THREADS WARMUP MAX_LENGTH
+        [--device cpu|cuda] [--min-time SECONDS] [--until FILE] [--every-pass]
+
 loads the model in each precision in turn, in this one process, times every forward pass over the texts
 at batch size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading the clock
-after synchronising), going over the texts again until MIN_SECONDS have passed, and prints one JSON line
-per precision: the latencies, how often its threads lost the CPU while timed (involuntary context
-switches a second), the wall time of its work and, on cuda, the peak allocated GPU memory.
+after synchronising), going over the texts again until --min-time seconds have passed (and, with
+--until, until FILE exists: the benchmark's turn-taking stops it when quantbench is done), and prints
+one JSON line per precision: the latencies, how often its threads lost the CPU while timed (involuntary
+context switches a second), the wall time of its work, on cuda the peak allocated GPU memory, and with
+--every-pass each pass's latency and when it ended (Unix time).
 """
 
+import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -35,42 +41,58 @@ def load(model_dir: str, precision: str, device: str):
 
 
 def main() -> None:
-    model_dir, precisions, texts_file, threads, warmup, max_length = sys.argv[1:7]
-    device = sys.argv[7] if len(sys.argv) > 7 else "cpu"
-    min_seconds = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
+    parser = argparse.ArgumentParser(description="a plain PyTorch loop timing a model's forward passes")
+    for name in ("model_dir", "precisions", "texts_file"):
+        parser.add_argument(name)
+    for name in ("threads", "warmup", "max_length"):
+        parser.add_argument(name, type=int)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--min-time", type=float, default=0.0)
+    parser.add_argument("--until", default=None)
+    parser.add_argument("--every-pass", action="store_true")
+    args = parser.parse_args()
+    device = args.device
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    torch.set_num_threads(int(threads))
-    texts = json.loads(open(texts_file).read())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    inputs = [tokenizer([t], truncation=True, max_length=int(max_length), return_tensors="pt").to(device) for t in texts]
-    for precision in precisions.split(","):
+    torch.set_num_threads(args.threads)
+    texts = json.loads(open(args.texts_file).read())
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    inputs = [tokenizer([t], truncation=True, max_length=args.max_length, return_tensors="pt").to(device)
+              for t in texts]
+
+    def go_on(clock_started: float) -> bool:
+        return (time.perf_counter() - clock_started < args.min_time
+                or (args.until is not None and not os.path.exists(args.until)))
+
+    for precision in args.precisions.split(","):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        model = load(model_dir, precision, device)
-        latencies = []
+        model = load(args.model_dir, precision, device)
+        latencies, ended = [], []
         with torch.inference_mode():
-            for i in range(int(warmup)):
+            for i in range(args.warmup):
                 model(**inputs[i % len(inputs)])
             for length in sorted({batch["input_ids"].shape[1] for batch in inputs}):  # each shape once, untimed
                 model(**next(batch for batch in inputs if batch["input_ids"].shape[1] == length))
             sync()
             preempted = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
             clock_started = time.perf_counter()
-            while not latencies or time.perf_counter() - clock_started < min_seconds:  # whole passes only
+            while not latencies or go_on(clock_started):  # whole passes only
                 for batch in inputs:
                     start = time.perf_counter()
                     model(**batch)
                     sync()
                     latencies.append(time.perf_counter() - start)
+                    ended.append(time.time())
             preemptions_per_s = ((resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - preempted)
                                  / (time.perf_counter() - clock_started))
-        print(json.dumps({"precision": precision, "median_ms": statistics.median(latencies) * 1000,
-                          "mean_ms": statistics.fmean(latencies) * 1000, "n": len(latencies),
-                          "preemptions_per_s": round(preemptions_per_s, 1),
-                          "work_s": time.perf_counter() - started,
-                          "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}),
-              flush=True)
+        row = {"precision": precision, "median_ms": statistics.median(latencies) * 1000,
+               "mean_ms": statistics.fmean(latencies) * 1000, "n": len(latencies),
+               "preemptions_per_s": round(preemptions_per_s, 1), "work_s": time.perf_counter() - started,
+               "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
+        if args.every_pass:
+            row.update(latencies_ms=[x * 1000 for x in latencies], ended_unix=ended)
+        print(json.dumps(row), flush=True)
         del model
 
 

@@ -1,13 +1,15 @@
 """Benchmarks of quantbench itself, on the machine this runs on; writes a dated Markdown file.
 
-    python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda] [--rounds 3] [--pairs 6] [--min-time 15]
+    python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda] [--rounds 3] [--matches 4] [--min-time 15]
 
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
-    fp32, fp16, bf16, bnb-int8 and bnb-nf4 on cuda. Each pair is a one-variant `quantbench run` and
-    the plain loop for that precision alone, each in a fresh process, one right after the other in
-    alternating order: a VM's speed wanders by 10-30% over seconds, which a comparison of timings taken
-    minutes apart measures instead of the clock. The ratios inside the four-variant sweeps of (b) are
+    fp32, fp16, bf16, bnb-int8 and bnb-nf4 on cuda. Each match is a one-variant `quantbench run` and
+    the plain loop for that precision, started together and taking turns on the CPU (benchmarks/
+    turns.py): a VM's speed wanders by 10-30% over seconds, so timings taken one after the other
+    compare the machine at two moments as much as the two programs; taking turns of about a second,
+    both meet the same drift, and neither runs beside the other. The plain loop's passes are compared
+    over the span quantbench's clock ran. The ratios inside the four-variant sweeps of (b) are
     reported beside them;
 (b) overhead: the wall time of the four-variant sweep (`quantbench run`) against the sum of the
     variants' own work, and against the plain single-process script doing the same work;
@@ -35,6 +37,8 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: quantbench's own
 
 from runner import measure, models  # noqa: E402
 from runner.plan import plan_job  # noqa: E402
+
+from benchmarks.turns import take_turns  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "rt-polarity"
 PRECISIONS = {"cpu": ["fp32", "fp16", "bf16", "int8-dynamic"], "cuda": ["fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4"]}
@@ -74,11 +78,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of the sweep and the plain script; a machine's speed drifts, "
                              "so one pair settles nothing")
-    parser.add_argument("--pairs", type=int, default=6,
-                        help="fidelity pairs per precision (a one-variant run and the plain loop, back to back)")
+    parser.add_argument("--matches", type=int, default=4,
+                        help="fidelity matches per precision (a one-variant run and the plain loop taking turns)")
     parser.add_argument("--min-time", type=float, default=15.0,
                         help="seconds each side keeps timing, in whole passes over the sample: this VM's "
-                             "speed wanders by 10-30%% over seconds, and a longer timing averages it out")
+                             "speed wanders by 10-30%% over seconds, and a longer timing averages it out. "
+                             "Taking turns, each side runs about half the time: the clock runs twice as long")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep-results", type=Path, default=None, help="copy the last sweep's result files here")
     args = parser.parse_args()
@@ -89,7 +94,7 @@ def main() -> int:
     job.write_text(job_text(args.model, args.samples, args.threads, args.device, precisions, args.min_time))
     one_variant_jobs = {p: work / f"job-{p}.yaml" for p in precisions}
     for p, path in one_variant_jobs.items():
-        path.write_text(job_text(args.model, args.samples, args.threads, args.device, [p], args.min_time))
+        path.write_text(job_text(args.model, args.samples, args.threads, args.device, [p], 2 * args.min_time))
     plan = plan_job(job)
     model_dir, _ = models.prepare_model(plan.spec)  # prepared before the clocks start, for both sides
     texts = work / "texts.json"
@@ -109,14 +114,51 @@ def main() -> int:
         split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
         return dict(results=results, sweep_wall=sweep_wall, split=split, folder=folder)
 
+    def plain_command(variants: list[str], *options: str) -> list[str]:
+        return [sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(variants), str(texts),
+                str(args.threads), "10", "128", "--device", args.device, *options]
+
     def run_plain(variants: list[str]) -> dict:
         """The plain script, the same work, the same threads, all the given precisions in one process."""
         started = time.perf_counter()
-        plain = subprocess.run([sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(variants),
-                                str(texts), str(args.threads), "10", "128", args.device, str(args.min_time)],
+        plain = subprocess.run(plain_command(variants, "--min-time", str(args.min_time)),
                                capture_output=True, text=True, check=True)
         return dict(plain_wall=time.perf_counter() - started,
                     reference={row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())})
+
+    def run_match(precision: str, number: int, window_s: float) -> dict:
+        """A one-variant `quantbench run` and the plain loop, started together, taking turns on the CPU
+        (quantbench first) until quantbench is done; the plain loop's passes over the span quantbench's
+        clock ran against quantbench's median."""
+        folder = work / f"match-{number}-{precision}"
+        folder.mkdir()
+        done = folder / "quantbench-done"
+        with open(folder / "quantbench.log", "w") as log, open(folder / "plain.log", "w") as plain_log:
+            ours = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(one_variant_jobs[precision]),
+                                     "--results", str(folder), "--ray-temp-dir", str(work / "ray")],
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            plain = subprocess.Popen(plain_command([precision], "--until", str(done), "--every-pass"),
+                                     stdout=subprocess.PIPE, stderr=plain_log, text=True)
+            try:
+                turns = take_turns(ours, plain, window_s, seed=number)
+            finally:
+                done.touch()  # the plain loop ends with its pass, also when quantbench failed
+                printed = plain.communicate()[0]
+        for name, process in (("quantbench.log", ours), ("plain.log", plain)):
+            if process.returncode != 0:
+                raise SystemExit(f"{process.args} failed (exit {process.returncode}):\n"
+                                 + (folder / name).read_text()[-3000:])
+        reference = json.loads(printed)
+        latency = json.loads((folder / plan.spec.name / f"{precision}-{args.device}.json").read_text()
+                             )["metrics"]["latency_ms"]
+        clock_from = datetime.fromisoformat(latency["clock_started_at"]).timestamp()
+        inside = [ms for ms, ended in zip(reference["latencies_ms"], reference["ended_unix"])
+                  if clock_from <= ended <= clock_from + latency["clock_s"]]
+        if len(inside) < 20:
+            raise SystemExit(f"match {number} {precision}: only {len(inside)} plain passes while quantbench's clock "
+                             f"ran ({latency['clock_s']:.1f} s); raise --min-time")
+        return {"quantbench_ms": latency["median"], "plain_ms": statistics.median(inside),
+                "quantbench_n": latency["n"], "plain_n": len(inside), "turns": turns}
 
     rounds = []
     for number in range(args.rounds):
@@ -132,23 +174,17 @@ def main() -> int:
     if args.keep_results:
         shutil.copytree(rounds[-1]["folder"] / plan.spec.name, args.keep_results, dirs_exist_ok=True)
 
-    pairs = {p: [] for p in precisions}
-    for number in range(args.pairs):
-        for index, p in enumerate(precisions):
-            # (a) Back to back, in fresh processes both; who goes first alternates, so that a drift
-            # within a pair favours neither side.
-            quantbench_first = (number + index) % 2 == 0
-            plain = None if quantbench_first else run_plain([p])
-            ours = run_quantbench(one_variant_jobs[p], work / f"pair-{number}-{p}", [p])
-            plain = plain or run_plain([p])
-            latency = ours["results"][p]["metrics"]["latency_ms"]
-            pairs[p].append({"quantbench_ms": latency["median"], "plain_ms": plain["reference"][p]["median_ms"],
-                             "quantbench_preempted": latency.get("preemptions_per_s"),
-                             "plain_preempted": plain["reference"][p]["preemptions_per_s"]})
-        print(f"pair {number + 1}/{args.pairs}: " + ", ".join(
-            f"{p} {pairs[p][-1]['quantbench_ms'] / pairs[p][-1]['plain_ms']:.3f}" for p in precisions), flush=True)
+    matches = {p: [] for p in precisions}
+    for number in range(args.matches):
+        for p in precisions:
+            # (a) Turns of about 10 passes, at least a second: a pass that a turn's end cuts counts the
+            # other side's turn, and with long turns few do (as many on both sides).
+            in_sweep_s = statistics.median(r["results"][p]["metrics"]["latency_ms"]["median"] for r in rounds) / 1000
+            matches[p].append(run_match(p, number, window_s=max(1.0, 10 * in_sweep_s)))
+        print(f"match {number + 1}/{args.matches}: " + ", ".join(
+            f"{p} {matches[p][-1]['quantbench_ms'] / matches[p][-1]['plain_ms']:.3f}" for p in precisions), flush=True)
 
-    lines = report(args, precisions, rounds, pairs, measure.cpu_info())
+    lines = report(args, precisions, rounds, matches, measure.cpu_info())
     # Dated to the minute: a second run on the same day is a new file, not the first one overwritten.
     out = args.out or HERE / "results" / (f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{args.model}-{args.device}-"
                                           f"{os.uname().nodename}.md")
@@ -172,7 +208,7 @@ def ratio_cells(ours: list[float], theirs: list[float]) -> tuple[str, list[float
     return cells, ratios
 
 
-def report(args, precisions: list[str], rounds: list[dict], pairs: dict, env: dict) -> list[str]:
+def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: dict) -> list[str]:
     first = rounds[0]["results"][precisions[0]]["environment"]
     gpu = first.get("gpu")
     lines = [f"# quantbench benchmark: {args.model} on {args.device}, {args.samples} samples, batch size 1, "
@@ -185,25 +221,27 @@ def report(args, precisions: list[str], rounds: list[dict], pairs: dict, env: di
                      f"CUDA {gpu['cuda']}")
     lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
               f"- command: `python benchmarks/run.py --model {args.model} --samples {args.samples} "
-              f"--device {args.device} --rounds {len(rounds)} --pairs {args.pairs} --min-time {args.min_time:g}`",
+              f"--device {args.device} --rounds {len(rounds)} --matches {args.matches} --min-time {args.min_time:g}`",
               f"- both sides time whole passes over the {args.samples} samples until at least {args.min_time:g} s "
-              "have passed (quantbench: `min_time_s`)", "",
+              f"have passed (quantbench: `min_time_s`); taking turns, {2 * args.min_time:g} s", "",
               "## (a) Fidelity: median latency per forward pass", "",
-              f"{args.pairs} pairs per precision. A pair is a one-variant `quantbench run` and the plain loop",
-              "timing that precision alone, each in a fresh process, back to back; which runs first alternates.",
-              "The target is checked on the median of the pairs' ratios; the interval is a distribution-free",
-              "95% interval for that median (with 7 pairs or fewer, their range).", "",
-              "The last column is how often each side's threads lost the CPU while timed (involuntary context",
-              "switches a second, median of the pairs): quantbench's beside Ray's processes, the plain loop's alone.", "",
-              "| precision | quantbench (ms), per pair | plain loop (ms), per pair | ratios | median ratio "
-              "| 95% interval | target 0.90–1.10 | preempted /s: quantbench, plain |", "|---|---|---|---|---|---|---|---|"]
+              f"{args.matches} match{'es' if args.matches != 1 else ''} per precision. A match is a one-variant `quantbench run` and the plain loop",
+              "for that precision, started together and taking turns on the CPU: each process tree is stopped",
+              "while the other runs, in turns of about ten passes (at least a second), so both meet the same",
+              "drift of the machine's speed and neither runs beside the other. quantbench runs with all its",
+              "processes (Ray's too); the plain loop alone. The plain loop's median is over its passes that",
+              "ended while quantbench's clock ran. The target is checked on the median of the matches' ratios;",
+              "the interval is a distribution-free 95% interval for that median (with 7 matches or fewer,",
+              "their range).", "",
+              "| precision | quantbench (ms), per match | plain loop (ms), per match | ratios | median ratio "
+              "| 95% interval | target 0.90–1.10 | passes compared: quantbench, plain |", "|---|---|---|---|---|---|---|---|"]
     for p in precisions:
-        cells, ratios = ratio_cells([pair["quantbench_ms"] for pair in pairs[p]], [pair["plain_ms"] for pair in pairs[p]])
+        cells, ratios = ratio_cells([m["quantbench_ms"] for m in matches[p]], [m["plain_ms"] for m in matches[p]])
         middle = statistics.median(ratios)
         low, high = measure.median_ci95(sorted(ratios))
-        preempted = [statistics.median(pair[side] for pair in pairs[p]) for side in ("quantbench_preempted", "plain_preempted")]
+        counts = [statistics.median(m[side] for m in matches[p]) for side in ("quantbench_n", "plain_n")]
         lines.append(f"| {p} | {cells} | {low:.3f}–{high:.3f} | {ok(0.9 <= middle <= 1.1)} | "
-                     f"{preempted[0]:.0f}, {preempted[1]:.0f} |")
+                     f"{counts[0]:.0f}, {counts[1]:.0f} |")
     lines += ["", "The same ratios inside the sweeps of (b): each precision at its place in a four-variant run",
               "against the plain script's single process. A precision's two timings there lie 40–80 s apart, so",
               "a drift of the machine's speed moves these more; for information, not the target.", "",
