@@ -1,11 +1,12 @@
 """The reference: a plain, careful PyTorch script, written without quantbench's code.
 
     python benchmarks/plain.py MODEL_DIR PRECISIONS TEXTS.json THREADS WARMUP MAX_LENGTH
-        [--device cpu|cuda] [--min-time SECONDS] [--until FILE] [--every-pass]
+        [--device cpu|cuda] [--passes N] [--min-time SECONDS] [--until FILE] [--every-pass]
 
 loads the model in each precision in turn, in this one process, times every forward pass over the texts
 at batch size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading the clock
-after synchronising), going over the texts again until --min-time seconds have passed (and, with
+after synchronising), going over the texts --passes times (default 1) and again until --min-time
+seconds have passed (and, with
 --until, until FILE exists: the benchmark's turn-taking stops it when quantbench is done), and prints
 one JSON line per precision: the latencies, how often its threads lost the CPU while timed (involuntary
 context switches a second), the wall time of its work, on cuda the peak allocated GPU memory, and with
@@ -47,6 +48,7 @@ def main() -> None:
     for name in ("threads", "warmup", "max_length"):
         parser.add_argument(name, type=int)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--min-time", type=float, default=0.0)
     parser.add_argument("--until", default=None)
     parser.add_argument("--every-pass", action="store_true")
@@ -59,8 +61,8 @@ def main() -> None:
     inputs = [tokenizer([t], truncation=True, max_length=args.max_length, return_tensors="pt").to(device)
               for t in texts]
 
-    def go_on(clock_started: float) -> bool:
-        return (time.perf_counter() - clock_started < args.min_time
+    def go_on(clock_started: float, passes: int) -> bool:
+        return (passes < args.passes or time.perf_counter() - clock_started < args.min_time
                 or (args.until is not None and not os.path.exists(args.until)))
 
     for precision in args.precisions.split(","):
@@ -77,7 +79,7 @@ def main() -> None:
             sync()
             preempted = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
             clock_started = time.perf_counter()
-            while not latencies or go_on(clock_started):  # whole passes only
+            while go_on(clock_started, len(latencies) // len(inputs)):  # whole passes only
                 for batch in inputs:
                     start = time.perf_counter()
                     model(**batch)

