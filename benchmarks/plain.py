@@ -6,11 +6,10 @@
 loads the model in each precision in turn, in this one process, times every forward pass over the texts
 at batch size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading the clock
 after synchronising), going over the texts --passes times (default 1) and again until --min-time
-seconds have passed (and, with
---until, until FILE exists: the benchmark's turn-taking stops it when quantbench is done), and prints
-one JSON line per precision: the latencies, how often its threads lost the CPU while timed (involuntary
-context switches a second), the wall time of its work, on cuda the peak allocated GPU memory, and with
---every-pass each pass's latency and when it ended (Unix time).
+seconds have passed (and, with --until, until FILE exists: the benchmark's turn-taking stops it when
+quantbench is done), and prints one JSON line per precision: the latencies, how often its threads lost
+the CPU while timed (involuntary context switches a second), the wall time of its work, on cuda the
+peak allocated GPU memory, and with --every-pass each pass's latency and when it ended (Unix time).
 """
 
 import argparse

@@ -108,17 +108,23 @@ def main() -> int:
     texts = work / "texts.json"
     texts.write_text(json.dumps([e.text for e in plan.examples]))
 
+    def quantbench_command(job_file: Path, folder: Path) -> list[str]:
+        """`quantbench run` as a user runs it."""
+        return [sys.executable, "-m", "runner.cli", "run", str(job_file), "--results", str(folder),
+                "--ray-temp-dir", str(work / "ray")]
+
+    def read_result(folder: Path, precision: str) -> dict:
+        return json.loads((folder / plan.spec.name / f"{precision}-{args.device}.json").read_text())
+
     def run_quantbench(job_file: Path, folder: Path, variants: list[str]) -> dict:
-        """`quantbench run` as a user runs it, timed from outside."""
+        """`quantbench run`, timed from outside."""
         started = time.perf_counter()
-        sweep = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(job_file), "--results", str(folder),
-                                "--ray-temp-dir", str(work / "ray")], capture_output=True, text=True, cwd=REPO)
+        sweep = subprocess.run(quantbench_command(job_file, folder), capture_output=True, text=True, cwd=REPO)
         sweep_wall = time.perf_counter() - started
         if sweep.returncode != 0:
             print(sweep.stdout[-3000:], sweep.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"quantbench run {job_file} failed (exit {sweep.returncode})")
-        results = {p: json.loads((folder / plan.spec.name / f"{p}-{args.device}.json").read_text())
-                   for p in variants}
+        results = {p: read_result(folder, p) for p in variants}
         split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
         return dict(results=results, sweep_wall=sweep_wall, split=split, folder=folder)
 
@@ -142,13 +148,12 @@ def main() -> int:
         folder.mkdir()
         done = folder / "quantbench-done"
         with open(folder / "quantbench.log", "w") as log, open(folder / "plain.log", "w") as plain_log:
-            ours = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(one_variant_jobs[precision]),
-                                     "--results", str(folder), "--ray-temp-dir", str(work / "ray")],
+            ours = subprocess.Popen(quantbench_command(one_variant_jobs[precision], folder),
                                     stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
             plain = subprocess.Popen(plain_command([precision], "--until", str(done), "--every-pass"),
                                      stdout=subprocess.PIPE, stderr=plain_log, text=True)
             try:
-                turns = take_turns(ours, plain, window_s, seed=number)
+                take_turns(ours, plain, window_s, seed=number)
             finally:
                 done.touch()  # the plain loop ends with its pass, also when quantbench failed
                 printed = plain.communicate()[0]
@@ -157,8 +162,7 @@ def main() -> int:
                 raise SystemExit(f"{process.args} failed (exit {process.returncode}):\n"
                                  + (folder / name).read_text()[-3000:])
         reference = json.loads(printed)
-        latency = json.loads((folder / plan.spec.name / f"{precision}-{args.device}.json").read_text()
-                             )["metrics"]["latency_ms"]
+        latency = read_result(folder, precision)["metrics"]["latency_ms"]
         clock_from = datetime.fromisoformat(latency["clock_started_at"]).timestamp()
         inside = [ms for ms, ended in zip(reference["latencies_ms"], reference["ended_unix"])
                   if clock_from <= ended <= clock_from + latency["clock_s"]]
@@ -166,7 +170,7 @@ def main() -> int:
             raise SystemExit(f"match {number} {precision}: only {len(inside)} plain passes while quantbench's clock "
                              f"ran ({latency['clock_s']:.1f} s); raise --min-time")
         return {"quantbench_ms": latency["median"], "plain_ms": statistics.median(inside),
-                "quantbench_n": latency["n"], "plain_n": len(inside), "turns": turns}
+                "quantbench_n": latency["n"], "plain_n": len(inside)}
 
     rounds = []
     for number in range(args.rounds):
@@ -182,13 +186,14 @@ def main() -> int:
     if args.keep_results:
         shutil.copytree(rounds[-1]["folder"] / plan.spec.name, args.keep_results, dirs_exist_ok=True)
 
+    # (a) Turns of about 10 passes (by the sweeps' medians), at least a second: a pass that a turn's end
+    # cuts counts the other side's turn, and with long turns few do (as many on both sides).
+    windows_s = {p: max(1.0, 10 * statistics.median(r["results"][p]["metrics"]["latency_ms"]["median"]
+                                                    for r in rounds) / 1000) for p in precisions}
     matches = {p: [] for p in precisions}
     for number in range(args.matches):
         for p in precisions:
-            # (a) Turns of about 10 passes, at least a second: a pass that a turn's end cuts counts the
-            # other side's turn, and with long turns few do (as many on both sides).
-            in_sweep_s = statistics.median(r["results"][p]["metrics"]["latency_ms"]["median"] for r in rounds) / 1000
-            matches[p].append(run_match(p, number, window_s=max(1.0, 10 * in_sweep_s)))
+            matches[p].append(run_match(p, number, windows_s[p]))
         print(f"match {number + 1}/{args.matches}: " + ", ".join(
             f"{p} {matches[p][-1]['quantbench_ms'] / matches[p][-1]['plain_ms']:.3f}" for p in precisions), flush=True)
 

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 # Instruction-set extensions that decide CPU speed for FP32/BF16/INT8 kernels.
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
+
 def now() -> str:
     """The time now, UTC, ISO 8601 to the millisecond: how results say when something happened."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from runner import evaluate, measure, models
-from runner.measure import now
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.spec import EvaluationSpec, QuantSettings, Variant
 
@@ -65,7 +64,7 @@ def base_result(task: VariantTask, status: str, error: str | None = None) -> dic
         "sample": task.sample,
         "model": task.model_info,
         "repeat": task.repeat,
-        "started_at": now(),
+        "started_at": measure.now(),
         "ended_at": None,
     }
 
@@ -81,7 +80,7 @@ def run_variant(task: VariantTask) -> dict:
         result["status"] = "failed"
         result["error"] = f"{type(error).__name__}: {error}"
         result["traceback"] = traceback.format_exc(limit=8)
-    result["ended_at"] = now()
+    result["ended_at"] = measure.now()
     result["wall_s"] = watch.seconds()
     try:
         result["environment"] = {**measure.environment(), **result["environment"]}
