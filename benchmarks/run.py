@@ -93,9 +93,26 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep-results", type=Path, default=None, help="copy the last sweep's result files here")
     args = parser.parse_args()
-    precisions = PRECISIONS[args.device]
-
     work = Path(tempfile.mkdtemp(prefix="qb-bench-"))
+    try:
+        lines = measure_all(args, work)
+    except BaseException:
+        print(f"\nthe benchmark's files (jobs, logs, results, Ray's logs) are kept in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    # Dated to the minute: a second run on the same day is a new file, not the first one overwritten.
+    out = args.out or HERE / "results" / (f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{args.model}-{args.device}-"
+                                          f"{os.uname().nodename}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+def measure_all(args, work: Path) -> list[str]:
+    """(b) and (c) in rounds, then (a) in matches; the report's lines. Everything it writes goes in work."""
+    precisions = PRECISIONS[args.device]
     job = work / "job.yaml"
     # The sweeps time a fixed number of passes, on both sides: after a minimum time, whichever side's
     # pass ends just short of it does one more whole pass, and the two no longer do the same work.
@@ -197,15 +214,7 @@ def main() -> int:
         print(f"match {number + 1}/{args.matches}: " + ", ".join(
             f"{p} {matches[p][-1]['quantbench_ms'] / matches[p][-1]['plain_ms']:.3f}" for p in precisions), flush=True)
 
-    lines = report(args, precisions, rounds, matches, measure.cpu_info())
-    # Dated to the minute: a second run on the same day is a new file, not the first one overwritten.
-    out = args.out or HERE / "results" / (f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{args.model}-{args.device}-"
-                                          f"{os.uname().nodename}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwritten: {out}")
-    return 0
+    return report(args, precisions, rounds, matches, measure.cpu_info())
 
 
 def ok(passed: bool) -> str:
