@@ -1,7 +1,7 @@
 """The reference: a plain, careful PyTorch script, written without quantbench's code.
 
     python benchmarks/plain.py MODEL_DIR PRECISIONS TEXTS.json THREADS WARMUP MAX_LENGTH
-        [--device cpu|cuda] [--passes N] [--min-time SECONDS] [--until FILE] [--every-pass]
+        [--device cpu|cuda] [--passes N] [--min-time SECONDS] [--until FILE] [--every-pass] [--ready]
 
 loads the model in each precision in turn, in this one process, times every forward pass over the texts
 at batch size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading the clock
@@ -10,6 +10,7 @@ seconds have passed (and, with --until, until FILE exists: the benchmark's turn-
 quantbench is done), and prints one JSON line per precision: the latencies, how often its threads lost
 the CPU while timed (involuntary context switches a second), the wall time of its work, on cuda the
 peak allocated GPU memory, and with --every-pass each pass's latency and when it ended (Unix time).
+With --ready it first prints a line `ready` when the first precision's clock is about to start.
 """
 
 import argparse
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=0.0)
     parser.add_argument("--until", default=None)
     parser.add_argument("--every-pass", action="store_true")
+    parser.add_argument("--ready", action="store_true")
     args = parser.parse_args()
     device = args.device
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -76,6 +78,9 @@ def main() -> None:
             for length in sorted({batch["input_ids"].shape[1] for batch in inputs}):  # each shape once, untimed
                 model(**next(batch for batch in inputs if batch["input_ids"].shape[1] == length))
             sync()
+            if args.ready:
+                print("ready", flush=True)
+                args.ready = False
             preempted = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
             clock_started = time.perf_counter()
             while go_on(clock_started, len(latencies) // len(inputs)):  # whole passes only

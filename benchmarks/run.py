@@ -6,12 +6,12 @@
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
     fp32, fp16, bf16, bnb-int8 and bnb-nf4 on cuda. Each match is a one-variant `quantbench run` and
-    the plain loop for that precision, started together and taking turns on the CPU (benchmarks/
-    turns.py): a VM's speed wanders by 10-30% over seconds, so timings taken one after the other
-    compare the machine at two moments as much as the two programs; taking turns of about a second,
-    both meet the same drift, and neither runs beside the other. The plain loop's passes are compared
-    over the span quantbench's clock ran. The ratios inside the four-variant sweeps of (b) are
-    reported beside them;
+    the plain loop for that precision taking turns on the CPU (benchmarks/turns.py): a VM's speed
+    wanders by 10-30% over seconds, so timings taken one after the other compare the machine at two
+    moments as much as the two programs; taking turns of about a second, both meet the same drift,
+    and neither runs beside the other. The plain loop's passes are compared over the span
+    quantbench's clock ran; the start-ups before it run alone, not in turns. The ratios inside the
+    four-variant sweeps of (b) are reported beside them;
 (b) overhead: the wall time of the four-variant sweep (`quantbench run`) against the sum of the
     variants' own work, and against the plain single-process script doing the same work;
 (c) memory: each variant's peak RSS (and on cuda, peak allocated GPU memory) against the model's size.
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: quantbench's own
 from runner import measure, models  # noqa: E402
 from runner.plan import plan_job  # noqa: E402
 
-from benchmarks.turns import take_turns  # noqa: E402
+from benchmarks.turns import continue_tree, stop_tree, take_turns  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "rt-polarity"
 PRECISIONS = {"cpu": ["fp32", "fp16", "bf16", "int8-dynamic"], "cuda": ["fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4"]}
@@ -135,7 +135,7 @@ def measure_all(args, work: Path) -> list[str]:
 
     def run_quantbench(job_file: Path, folder: Path, variants: list[str]) -> dict:
         """`quantbench run`, timed from outside."""
-        started = time.perf_counter()
+        launched_unix, started = time.time(), time.perf_counter()
         sweep = subprocess.run(quantbench_command(job_file, folder), capture_output=True, text=True, cwd=REPO)
         sweep_wall = time.perf_counter() - started
         if sweep.returncode != 0:
@@ -143,7 +143,7 @@ def measure_all(args, work: Path) -> list[str]:
             raise SystemExit(f"quantbench run {job_file} failed (exit {sweep.returncode})")
         results = {p: read_result(folder, p) for p in variants}
         split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
-        return dict(results=results, sweep_wall=sweep_wall, split=split, folder=folder)
+        return dict(results=results, sweep_wall=sweep_wall, split=split, folder=folder, launched_unix=launched_unix)
 
     def plain_command(variants: list[str], *options: str) -> list[str]:
         return [sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(variants), str(texts),
@@ -157,25 +157,31 @@ def measure_all(args, work: Path) -> list[str]:
         return dict(plain_wall=time.perf_counter() - started,
                     reference={row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())})
 
-    def run_match(precision: str, number: int, window_s: float) -> dict:
-        """A one-variant `quantbench run` and the plain loop, started together, taking turns on the CPU
-        (quantbench first) until quantbench is done; the plain loop's passes over the span quantbench's
-        clock ran against quantbench's median."""
+    def run_match(precision: str, number: int, window_s: float, head_start_s: float) -> dict:
+        """A one-variant `quantbench run` and the plain loop taking turns on the CPU until quantbench is
+        done; the plain loop's passes over the span quantbench's clock ran against quantbench's median.
+        Only that span is compared, so neither side's start-up is spread over turns: the plain loop
+        starts up alone and stops at its clock; quantbench then runs alone for head_start_s, most of
+        its own start-up, and the turns begin."""
         folder = work / f"match-{number}-{precision}"
         folder.mkdir()
         done = folder / "quantbench-done"
         with open(folder / "quantbench.log", "w") as log, open(folder / "plain.log", "w") as plain_log:
-            ours = subprocess.Popen(quantbench_command(one_variant_jobs[precision], folder),
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-            plain = subprocess.Popen(plain_command([precision], "--until", str(done), "--every-pass"),
+            plain = subprocess.Popen(plain_command([precision], "--until", str(done), "--every-pass", "--ready"),
                                      stdout=subprocess.PIPE, stderr=plain_log, text=True)
+            ours = None
             try:
-                take_turns(ours, plain, window_s, seed=number)
+                if plain.stdout.readline() == "ready\n":
+                    stop_tree(plain.pid)
+                    ours = subprocess.Popen(quantbench_command(one_variant_jobs[precision], folder),
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                    turns = take_turns(ours, plain, window_s, seed=number, head_start_s=head_start_s)
             finally:
                 done.touch()  # the plain loop ends with its pass, also when quantbench failed
+                continue_tree(plain.pid)
                 printed = plain.communicate()[0]
         for name, process in (("quantbench.log", ours), ("plain.log", plain)):
-            if process.returncode != 0:
+            if process is not None and process.returncode != 0:
                 raise SystemExit(f"{process.args} failed (exit {process.returncode}):\n"
                                  + (folder / name).read_text()[-3000:])
         reference = json.loads(printed)
@@ -187,7 +193,8 @@ def measure_all(args, work: Path) -> list[str]:
             raise SystemExit(f"match {number} {precision}: only {len(inside)} plain passes while quantbench's clock "
                              f"ran ({latency['clock_s']:.1f} s); raise --min-time")
         return {"quantbench_ms": latency["median"], "plain_ms": statistics.median(inside),
-                "quantbench_n": latency["n"], "plain_n": len(inside)}
+                "quantbench_n": latency["n"], "plain_n": len(inside),
+                "turns_before_clock_s": clock_from - turns.second_began_unix if turns.second_began_unix else None}
 
     rounds = []
     for number in range(args.rounds):
@@ -207,14 +214,30 @@ def measure_all(args, work: Path) -> list[str]:
     # cuts counts the other side's turn, and with long turns few do (as many on both sides).
     windows_s = {p: max(1.0, 10 * statistics.median(r["results"][p]["metrics"]["latency_ms"]["median"]
                                                     for r in rounds) / 1000) for p in precisions}
+    # quantbench's start-up in a one-variant run, by the sweeps: from launch to its first variant's
+    # start (Ray, the worker), then the variant's own load, evaluation and warm-up up to its clock.
+    # Four fifths of it alone, so that the turns surely begin before the clock.
+    head_starts_s = {p: 0.8 * statistics.median(lead_in_s(r, p) for r in rounds) for p in precisions}
     matches = {p: [] for p in precisions}
     for number in range(args.matches):
         for p in precisions:
-            matches[p].append(run_match(p, number, windows_s[p]))
+            matches[p].append(run_match(p, number, windows_s[p], head_starts_s[p]))
         print(f"match {number + 1}/{args.matches}: " + ", ".join(
             f"{p} {matches[p][-1]['quantbench_ms'] / matches[p][-1]['plain_ms']:.3f}" for p in precisions), flush=True)
 
     return report(args, precisions, rounds, matches, measure.cpu_info())
+
+
+def lead_in_s(sweep: dict, precision: str) -> float:
+    """Seconds a one-variant `quantbench run` of the precision takes to start its clock, by a sweep's results."""
+    def unix(stamp: str) -> float:
+        return datetime.fromisoformat(stamp).timestamp()
+
+    results = sweep["results"]
+    first_variant_began = min(unix(r["started_at"]) for r in results.values())
+    own = results[precision]
+    return (first_variant_began - sweep["launched_unix"]
+            + unix(own["metrics"]["latency_ms"]["clock_started_at"]) - unix(own["started_at"]))
 
 
 def ok(passed: bool) -> str:
@@ -250,13 +273,15 @@ def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: 
               f"- overhead: both sides time {args.sweep_passes} whole passes over the samples per precision", "",
               "## (a) Fidelity: median latency per forward pass", "",
               f"{args.matches} match{'es' if args.matches != 1 else ''} per precision. A match is a one-variant `quantbench run` and the plain loop",
-              "for that precision, started together and taking turns on the CPU: each process tree is stopped",
-              "while the other runs, in turns of about ten passes (at least a second), so both meet the same",
-              "drift of the machine's speed and neither runs beside the other. quantbench runs with all its",
-              "processes (Ray's too); the plain loop alone. The plain loop's median is over its passes that",
-              "ended while quantbench's clock ran. The target is checked on the median of the matches' ratios;",
-              "the interval is a distribution-free 95% interval for that median (with 7 matches or fewer,",
-              "their range).", "",
+              "for that precision taking turns on the CPU: each process tree is stopped while the other runs,",
+              "in turns of about ten passes (at least a second), so both meet the same drift of the machine's",
+              "speed and neither runs beside the other. quantbench runs with all its processes (Ray's too); the",
+              "plain loop alone. The plain loop's median is over its passes that ended while quantbench's clock",
+              "ran. Only that span is compared, so the start-ups are not spread over turns: the plain loop starts",
+              "up alone and stops at its clock, then quantbench runs alone for four fifths of the time it took",
+              "to reach its clock in the sweeps, then the turns begin. The target is checked on the median of",
+              "the matches' ratios; the interval is a distribution-free 95% interval for that median (with 7",
+              "matches or fewer, their range).", "",
               "| precision | quantbench (ms), per match | plain loop (ms), per match | ratios | median ratio "
               "| 95% interval | target 0.90–1.10 | passes compared: quantbench, plain |", "|---|---|---|---|---|---|---|---|"]
     for p in precisions:
@@ -266,6 +291,13 @@ def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: 
         counts = [statistics.median(m[side] for m in matches[p]) for side in ("quantbench_n", "plain_n")]
         lines.append(f"| {p} | {cells} | {low:.3f}–{high:.3f} | {ok(0.9 <= middle <= 1.1)} | "
                      f"{counts[0]:.0f}, {counts[1]:.0f} |")
+    leads = [m["turns_before_clock_s"] for p in precisions for m in matches[p]]
+    late = sum(lead is None or lead < 0 for lead in leads)
+    known = [lead for lead in leads if lead is not None]
+    lines += ["", (f"The turns began before quantbench's clock in every match, by {min(known):.1f}–{max(known):.1f} s."
+                   if not late else f"In {late} of {len(leads)} matches quantbench's clock started before the "
+                   "turns began: its first passes ran while the plain loop waited (seconds of turns before the "
+                   "clock: " + ", ".join("none" if lead is None else f"{lead:.1f}" for lead in leads) + ").")]
     lines += ["", "The same ratios inside the sweeps of (b): each precision at its place in a four-variant run",
               "against the plain script's single process. A precision's two timings there lie 40–80 s apart, so",
               "a drift of the machine's speed moves these more; for information, not the target.", "",

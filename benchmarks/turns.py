@@ -18,6 +18,7 @@ import random
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 
 import psutil
 
@@ -51,24 +52,40 @@ def continue_tree(pid: int) -> None:
     _signal_all(process_tree(pid), signal.SIGCONT)
 
 
-def take_turns(first: subprocess.Popen, second: subprocess.Popen, window_s: float, seed: int = 0) -> dict[str, float]:
+@dataclass
+class Turns:
+    first_s: float = 0.0  # seconds of turns each side had
+    second_s: float = 0.0
+    second_began_unix: float | None = None  # when second's first turn began (Unix time); None if it had none
+
+
+def take_turns(first: subprocess.Popen, second: subprocess.Popen, window_s: float, seed: int = 0,
+               head_start_s: float = 0.0) -> Turns:
     """Runs the two process trees in turns, first's turn first, until first exits; then lets second run
-    alone. Returns how many seconds of turns each had. Whatever happens, nothing is left stopped."""
+    alone. First's first turn is head_start_s longer: a start-up whose time nobody compares need not
+    be spread over turns. Whatever happens, nothing is left stopped."""
     rng = random.Random(seed)
-    turns = {"first": 0.0, "second": 0.0}
+    turns = Turns()
     stop_tree(second.pid)
     try:
-        running, waiting, side = first, second, "first"
+        running, waiting, its_first = first, second, True
         while first.poll() is None:
             stop_tree(waiting.pid)  # before the other goes on: never both at once
             continue_tree(running.pid)
             started = time.perf_counter()
+            if running is second and turns.second_began_unix is None:
+                turns.second_began_unix = time.time()
+            turn_s = rng.uniform(0.5, 1.5) * window_s + (head_start_s if running is first and its_first else 0.0)
             try:
-                first.wait(timeout=rng.uniform(0.5, 1.5) * window_s)  # a turn ends early when first exits
+                first.wait(timeout=turn_s)  # a turn ends early when first exits
             except subprocess.TimeoutExpired:
                 pass
-            turns[side] += time.perf_counter() - started
-            running, waiting, side = waiting, running, "second" if side == "first" else "first"
+            if running is first:
+                turns.first_s += time.perf_counter() - started
+                its_first = False
+            else:
+                turns.second_s += time.perf_counter() - started
+            running, waiting = waiting, running
     finally:
         continue_tree(first.pid)
         continue_tree(second.pid)

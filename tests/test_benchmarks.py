@@ -51,4 +51,22 @@ def test_two_process_trees_take_turns_and_never_run_at_once(tmp_path):
     # About 2.5 s of turns of 0.1-0.3 s: at most 25 turns, plus second alone afterwards. Running at
     # once, the three processes' stamps would interleave thousands of times.
     assert 6 <= blocks <= 27, blocks
-    assert turns["first"] > 0.5 and turns["second"] > 0.5, turns
+    assert turns.first_s > 0.5 and turns.second_s > 0.5, turns
+
+
+def test_the_first_side_runs_alone_through_its_head_start(tmp_path):
+    """A match lets quantbench start up alone: its first turn is the head start longer."""
+    first = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "first"), "2.5"])
+    second = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "second"), "60"])
+    try:
+        turns = take_turns(first, second, window_s=0.2, head_start_s=1.5)
+    finally:
+        second.terminate()
+        second.wait()
+
+    first_stamps = json.loads((tmp_path / "first").read_text())
+    second_stamps = json.loads((tmp_path / "second").read_text())
+    # Without a head start second's first turn would come within 0.3 s of first's start.
+    alone_s = min(t for t in second_stamps if t > first_stamps[0]) - first_stamps[0]
+    assert alone_s >= 1.0, alone_s
+    assert turns.second_began_unix is not None and turns.second_s > 0.2, turns
