@@ -1,7 +1,8 @@
 """The reference: a plain, careful PyTorch script, written without quantbench's code.
 
     python benchmarks/plain.py MODEL_DIR PRECISIONS TEXTS.json THREADS WARMUP MAX_LENGTH
-        [--device cpu|cuda] [--passes N] [--min-time SECONDS] [--until FILE] [--every-pass] [--ready]
+        [--device cpu|cuda] [--passes N] [--min-time SECONDS] [--until FILE] [--every-pass]
+        [--stop-when-ready]
 
 loads the model in each precision in turn, in this one process, times every forward pass over the texts
 at batch size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading the clock
@@ -10,13 +11,15 @@ seconds have passed (and, with --until, until FILE exists: the benchmark's turn-
 quantbench is done), and prints one JSON line per precision: the latencies, how often its threads lost
 the CPU while timed (involuntary context switches a second), the wall time of its work, on cuda the
 peak allocated GPU memory, and with --every-pass each pass's latency and when it ended (Unix time).
-With --ready it first prints a line `ready` when the first precision's clock is about to start.
+With --stop-when-ready it stops itself (SIGSTOP) before the first precision's clock starts: the
+benchmark continues it for its turns.
 """
 
 import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -52,7 +55,7 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=0.0)
     parser.add_argument("--until", default=None)
     parser.add_argument("--every-pass", action="store_true")
-    parser.add_argument("--ready", action="store_true")
+    parser.add_argument("--stop-when-ready", action="store_true")
     args = parser.parse_args()
     device = args.device
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -78,9 +81,9 @@ def main() -> None:
             for length in sorted({batch["input_ids"].shape[1] for batch in inputs}):  # each shape once, untimed
                 model(**next(batch for batch in inputs if batch["input_ids"].shape[1] == length))
             sync()
-            if args.ready:
-                print("ready", flush=True)
-                args.ready = False
+            if args.stop_when_ready:
+                os.kill(os.getpid(), signal.SIGSTOP)
+                args.stop_when_ready = False
             preempted = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
             clock_started = time.perf_counter()
             while go_on(clock_started, len(latencies) // len(inputs)):  # whole passes only

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: quantbench's own
 from runner import measure, models  # noqa: E402
 from runner.plan import plan_job  # noqa: E402
 
-from benchmarks.turns import continue_tree, stop_tree, take_turns  # noqa: E402
+from benchmarks.turns import continue_tree, take_turns  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "rt-polarity"
 PRECISIONS = {"cpu": ["fp32", "fp16", "bf16", "int8-dynamic"], "cuda": ["fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4"]}
@@ -160,28 +160,30 @@ def measure_all(args, work: Path) -> list[str]:
     def run_match(precision: str, number: int, window_s: float, head_start_s: float) -> dict:
         """A one-variant `quantbench run` and the plain loop taking turns on the CPU until quantbench is
         done; the plain loop's passes over the span quantbench's clock ran against quantbench's median.
-        Only that span is compared, so neither side's start-up is spread over turns: the plain loop
-        starts up alone and stops at its clock; quantbench then runs alone for head_start_s, most of
-        its own start-up, and the turns begin."""
+        Only that span is compared, so the start-ups are not spread over turns: both start at once, the
+        plain loop stops itself before its clock, quantbench runs on for head_start_s (most of its
+        start-up), and then the turns begin."""
         folder = work / f"match-{number}-{precision}"
         folder.mkdir()
         done = folder / "quantbench-done"
         with open(folder / "quantbench.log", "w") as log, open(folder / "plain.log", "w") as plain_log:
-            plain = subprocess.Popen(plain_command([precision], "--until", str(done), "--every-pass", "--ready"),
+            ours = subprocess.Popen(quantbench_command(one_variant_jobs[precision], folder),
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            plain = subprocess.Popen(plain_command([precision], "--until", str(done), "--every-pass",
+                                                   "--stop-when-ready"),
                                      stdout=subprocess.PIPE, stderr=plain_log, text=True)
-            ours = None
             try:
-                if plain.stdout.readline() == "ready\n":
-                    stop_tree(plain.pid)
-                    ours = subprocess.Popen(quantbench_command(one_variant_jobs[precision], folder),
-                                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-                    turns = take_turns(ours, plain, window_s, seed=number, head_start_s=head_start_s)
+                turns = take_turns(ours, plain, window_s, seed=number, head_start_s=head_start_s)
             finally:
                 done.touch()  # the plain loop ends with its pass, also when quantbench failed
-                continue_tree(plain.pid)
-                printed = plain.communicate()[0]
+                printed = None
+                while printed is None:
+                    try:
+                        printed = plain.communicate(timeout=5)[0]
+                    except subprocess.TimeoutExpired:  # it stopped itself when quantbench was already done
+                        continue_tree(plain.pid)
         for name, process in (("quantbench.log", ours), ("plain.log", plain)):
-            if process is not None and process.returncode != 0:
+            if process.returncode != 0:
                 raise SystemExit(f"{process.args} failed (exit {process.returncode}):\n"
                                  + (folder / name).read_text()[-3000:])
         reference = json.loads(printed)
@@ -277,11 +279,11 @@ def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: 
               "in turns of about ten passes (at least a second), so both meet the same drift of the machine's",
               "speed and neither runs beside the other. quantbench runs with all its processes (Ray's too); the",
               "plain loop alone. The plain loop's median is over its passes that ended while quantbench's clock",
-              "ran. Only that span is compared, so the start-ups are not spread over turns: the plain loop starts",
-              "up alone and stops at its clock, then quantbench runs alone for four fifths of the time it took",
-              "to reach its clock in the sweeps, then the turns begin. The target is checked on the median of",
-              "the matches' ratios; the interval is a distribution-free 95% interval for that median (with 7",
-              "matches or fewer, their range).", "",
+              "ran. Only that span is compared, so the start-ups are not spread over turns: both start at once,",
+              "the plain loop stops itself before its clock, quantbench runs on for four fifths of the time it",
+              "took to reach its clock in the sweeps, and then the turns begin. The target is checked on the",
+              "median of the matches' ratios; the interval is a distribution-free 95% interval for that median",
+              "(with 7 matches or fewer, their range).", "",
               "| precision | quantbench (ms), per match | plain loop (ms), per match | ratios | median ratio "
               "| 95% interval | target 0.90–1.10 | passes compared: quantbench, plain |", "|---|---|---|---|---|---|---|---|"]
     for p in precisions:

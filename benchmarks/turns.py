@@ -62,27 +62,32 @@ class Turns:
 def take_turns(first: subprocess.Popen, second: subprocess.Popen, window_s: float, seed: int = 0,
                head_start_s: float = 0.0) -> Turns:
     """Runs the two process trees in turns, first's turn first, until first exits; then lets second run
-    alone. First's first turn is head_start_s longer: a start-up whose time nobody compares need not
-    be spread over turns. Whatever happens, nothing is left stopped."""
+    alone. Whatever happens, nothing is left stopped.
+
+    With head_start_s the turns begin that much later. Until then both run at once: they start up,
+    and a start-up whose time nobody compares need not be spread over turns. Second is to stop itself
+    (SIGSTOP) meanwhile, when it is ready to be timed; when the turns begin it is stopped in any case
+    (if it stops itself later, in a turn of its own, that turn is lost to both)."""
     rng = random.Random(seed)
     turns = Turns()
-    stop_tree(second.pid)
     try:
-        running, waiting, its_first = first, second, True
+        try:
+            first.wait(timeout=head_start_s)
+        except subprocess.TimeoutExpired:
+            pass
+        running, waiting = first, second
         while first.poll() is None:
             stop_tree(waiting.pid)  # before the other goes on: never both at once
             continue_tree(running.pid)
             started = time.perf_counter()
             if running is second and turns.second_began_unix is None:
                 turns.second_began_unix = time.time()
-            turn_s = rng.uniform(0.5, 1.5) * window_s + (head_start_s if running is first and its_first else 0.0)
             try:
-                first.wait(timeout=turn_s)  # a turn ends early when first exits
+                first.wait(timeout=rng.uniform(0.5, 1.5) * window_s)  # a turn ends early when first exits
             except subprocess.TimeoutExpired:
                 pass
             if running is first:
                 turns.first_s += time.perf_counter() - started
-                its_first = False
             else:
                 turns.second_s += time.perf_counter() - started
             running, waiting = waiting, running

@@ -54,10 +54,33 @@ def test_two_process_trees_take_turns_and_never_run_at_once(tmp_path):
     assert turns.first_s > 0.5 and turns.second_s > 0.5, turns
 
 
-def test_the_first_side_runs_alone_through_its_head_start(tmp_path):
-    """A match lets quantbench start up alone: its first turn is the head start longer."""
+# Records the clock for a while, stops itself (SIGSTOP) as the plain loop does when it is ready to
+# time, then records on until its deadline or SIGTERM.
+STOPS_ITSELF = r"""
+import json, os, signal, sys, time
+out, seconds = sys.argv[1], float(sys.argv[2])
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+stamps, deadline, stopped = [], time.monotonic() + seconds, False
+try:
+    while time.monotonic() < deadline:
+        stamps.append(time.monotonic())
+        if not stopped and len(stamps) > 1 and stamps[-1] - stamps[0] > 0.3:
+            stopped = True
+            stamps.append("stopped")
+            os.kill(os.getpid(), signal.SIGSTOP)
+        end = time.perf_counter() + 0.0005
+        while time.perf_counter() < end:
+            pass
+finally:
+    open(out, "w").write(json.dumps(stamps))
+"""
+
+
+def test_a_head_start_lets_both_start_up_and_turns_begin_after_it(tmp_path):
+    """A match lets both sides start up at once: the plain loop stops itself when ready to time, and
+    quantbench runs on alone until the head start ends; only then do the turns begin."""
     first = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "first"), "2.5"])
-    second = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "second"), "60"])
+    second = subprocess.Popen([sys.executable, "-c", STOPS_ITSELF, str(tmp_path / "second"), "60"])
     try:
         turns = take_turns(first, second, window_s=0.2, head_start_s=1.5)
     finally:
@@ -66,7 +89,13 @@ def test_the_first_side_runs_alone_through_its_head_start(tmp_path):
 
     first_stamps = json.loads((tmp_path / "first").read_text())
     second_stamps = json.loads((tmp_path / "second").read_text())
-    # Without a head start second's first turn would come within 0.3 s of first's start.
-    alone_s = min(t for t in second_stamps if t > first_stamps[0]) - first_stamps[0]
-    assert alone_s >= 1.0, alone_s
+    stop = second_stamps.index("stopped")
+    # Before it stopped itself, second ran at the same time as first: their stamps interleave finely
+    # (in turns of 0.1-0.3 s they would alternate a few times at most).
+    merged = sorted([(t, "first") for t in first_stamps] + [(t, "second") for t in second_stamps[:stop]])
+    sides = [side for t, side in merged if second_stamps[0] <= t <= second_stamps[stop - 1]]
+    assert sum(a != b for a, b in zip(sides, sides[1:])) > 50
+    # It stayed stopped until the turns began, 1.5 s after first started.
+    resumed_s = second_stamps[stop + 1] - first_stamps[0]
+    assert resumed_s >= 1.0, resumed_s
     assert turns.second_began_unix is not None and turns.second_s > 0.2, turns
