@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: quantbench's own modules
 
-from runner import measure, models  # noqa: E402
+from runner import dispatch, measure, models  # noqa: E402
 from runner.plan import plan_job  # noqa: E402
 
 from benchmarks.turns import continue_tree, take_turns  # noqa: E402
@@ -93,6 +93,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep-results", type=Path, default=None, help="copy the last sweep's result files here")
     args = parser.parse_args()
+    if args.device == "cuda" and dispatch.local_gpu_count() == 0:
+        parser.error("--device cuda: this machine shows no NVIDIA GPU (none in /proc/driver/nvidia/gpus or "
+                     "`nvidia-smi -L`, or CUDA_VISIBLE_DEVICES hides them)")
     work = Path(tempfile.mkdtemp(prefix="qb-bench-"))
     try:
         lines = measure_all(args, work)
