@@ -8,6 +8,7 @@ weights and a second run reuses the folder.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -60,8 +61,14 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
     from transformers import AutoConfig
 
     if source.config is not None:
+        from transformers import CONFIG_MAPPING
+
         config = dict(source.config)
         model_type = config.pop("model_type")
+        if model_type not in CONFIG_MAPPING:  # transformers' own message lists every type it knows (12 KB)
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            raise SpecError(job, f"{field}.config.model_type", model_type,
+                            "not a model type transformers knows" + (f"; did you mean {', '.join(close)}?" if close else ""))
         try:
             return AutoConfig.for_model(model_type, **config)
         except (ValueError, TypeError) as error:
@@ -77,23 +84,50 @@ def label_names(config) -> list[str]:
     return [config.id2label[i] for i in sorted(config.id2label)]
 
 
-def model_label_names(source: ModelSource, job: Path, field: str = "model") -> list[str]:
-    """The model's label names in id order. A local model's are read from its config.json as
-    transformers reads them, without importing transformers (and torch): planning stays quick."""
+def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
+    """The model's config as a dict. A local model's is its config.json, read without importing
+    transformers (and torch): planning stays quick."""
     folder = None
     if source.path or source.package:
         check_source(source, job, field)
         folder = Path(pretrained_name(source))
     if folder is None or not (folder / "config.json").is_file():
-        return label_names(read_config(source, job, field))  # inline configs, the hub, odd folders
+        return read_config(source, job, field).to_dict()  # inline configs, the hub, odd folders
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise SpecError(job, field, source.describe(), f"cannot read the model's config: {error}") from None
+
+
+def labels_in_config(config: dict) -> list[str]:
+    """The label names in id order, as transformers reads them from a config."""
     if config.get("id2label"):
         id2label = {int(i): name for i, name in config["id2label"].items()}
         return [id2label[i] for i in sorted(id2label)]
     return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]  # transformers' defaults
+
+
+def model_label_names(source: ModelSource, job: Path, field: str = "model") -> list[str]:
+    return labels_in_config(model_config(source, job, field))
+
+
+# What a tokenizer's vocabulary is saved in, by kind: WordPiece, BPE, SentencePiece, or any fast tokenizer.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
+def check_tokenizer_files(source: ModelSource, job: Path, field: str) -> None:
+    """A local folder must hold a tokenizer's vocabulary. Without one, transformers builds a tokenizer of
+    a handful of special tokens, every word becomes [UNK], and every variant runs 'ok' on nonsense."""
+    if not (source.path or source.package):
+        return  # the hub's files cannot be listed offline; an inline config has no files
+    check_source(source, job, field)
+    folder = Path(pretrained_name(source))
+    if folder.is_dir() and not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        hint = ("save the tokenizer beside the model (tokenizer.save_pretrained) or name one with tokenizer:"
+                if field == "model" else "name a folder that holds one")
+        raise SpecError(job, field, str(folder),
+                        f"the folder has no tokenizer vocabulary (none of {', '.join(VOCABULARY_FILES)}); {hint}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,9 +36,13 @@ def plan_job(path: str | Path) -> JobPlan:
     sample_rows = data.sample_indices(len(rows), spec.dataset.sample)
     examples = [rows[i] for i in sample_rows]
 
-    labels_of_model = models.model_label_names(spec.model, shown)
+    config = models.model_config(spec.model, shown)
+    labels_of_model = models.labels_in_config(config)
     if spec.tokenizer is not None:
-        models.check_source(spec.tokenizer, shown, "tokenizer")
+        models.check_tokenizer_files(spec.tokenizer, shown, "tokenizer")
+    else:
+        models.check_tokenizer_files(spec.model, shown, "model")
+    check_lengths(spec, shown, config)
     train = None
     if spec.finetune is None:
         model_labels = labels_of_model
@@ -82,6 +86,19 @@ def training_split(spec: JobSpec, shown: Path, rows: list[data.Example], sample_
     return train
 
 
+def check_lengths(spec: JobSpec, shown: Path, config: dict) -> None:
+    """Sequences longer than the model's position table fail in every variant's forward pass: say so now."""
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int):
+        return  # relative or rotary positions: no fixed table to outgrow
+    allowed = f"the model takes at most {positions} tokens (max_position_embeddings in its config)"
+    if spec.dataset.max_length > positions:
+        raise SpecError(shown, "dataset.max_length", spec.dataset.max_length, allowed)
+    shape = spec.evaluation.fixed_shape
+    if shape is not None and shape[1] > positions:
+        raise SpecError(shown, "evaluation.fixed_shape", list(shape), f"its sequence length is too long: {allowed}")
+
+
 def check_labels(spec: JobSpec, shown: Path, dataset_labels: set[str], model_labels: list[str]) -> dict[str, str]:
     """The dataset -> model label map, checked by name in both directions. Never by position."""
     label_map = spec.dataset.label_map
@@ -91,9 +108,12 @@ def check_labels(spec: JobSpec, shown: Path, dataset_labels: set[str], model_lab
         field = "dataset.label_map"
         unknown = sorted(label for label in dataset_labels if label not in model_labels)
         if unknown:
+            advice = ("add a label_map from dataset value to model label name"
+                      if len(dataset_labels) <= max(10, 3 * len(model_labels)) else
+                      f"{len(dataset_labels)} different values look like text, not labels: check "
+                      "dataset.label_column and dataset.text_column")
             raise SpecError(shown, field, unknown,
-                            f"the dataset's labels are not the model's label names ({', '.join(model_labels)}); "
-                            "add a label_map from dataset value to model label name")
+                            f"the dataset's labels are not the model's label names ({', '.join(model_labels)}); {advice}")
         return label_map
     for value, name in label_map.items():
         if name not in model_labels:

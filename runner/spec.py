@@ -28,6 +28,8 @@ class SpecError(Exception):
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, list) and len(value) > 10:  # a wrong column can hold thousands of values
+        return "[" + ", ".join(map(repr, value[:10])) + f", … ({len(value)} in all)]"
     text = repr(value) if not isinstance(value, str) or len(value) < 200 else repr(value[:200] + "…")
     return text
 
@@ -449,22 +451,23 @@ def _variants(shown: Path, top: _Reader) -> list[Variant]:
     devices = top.get("devices", list)
     if listed is not None and (precisions is not None or devices is not None):
         raise SpecError(shown, "variants", listed, "give either variants or precisions x devices, not both")
-    pairs: list[tuple[str, Any, Any]] = []
+    pairs: list[tuple[str, str, Any, Any]] = []  # (where the precision is, where the device is, precision, device)
     if listed is not None:
         for i, item in enumerate(listed):
             if not isinstance(item, str):
                 raise SpecError(shown, f"variants[{i}]", item, "expected '<precision>-<device>', e.g. fp16-cuda")
             precision, _, device = item.rpartition("-")
-            pairs.append((f"variants[{i}]", precision, device))
+            pairs.append((f"variants[{i}]", f"variants[{i}]", precision, device))
     else:
         if not precisions or not devices:
             raise SpecError(shown, "precisions" if not precisions else "devices", precisions if not precisions else devices,
                             "give variants: [fp32-cpu, …] or both precisions: […] and devices: […]")
-        pairs = [(f"precisions[{i}]", p, d) for i, p in enumerate(precisions) for d in devices]
+        pairs = [(f"precisions[{i}]", f"devices[{j}]", p, d)
+                 for i, p in enumerate(precisions) for j, d in enumerate(devices)]
     variants, seen = [], set()
-    for where, precision, device in pairs:
+    for where, device_where, precision, device in pairs:
         if device not in DEVICES:
-            raise SpecError(shown, where, device, f"unknown device; allowed: {', '.join(DEVICES)}")
+            raise SpecError(shown, device_where, device, f"unknown device; allowed: {', '.join(DEVICES)}")
         if precision not in PRECISIONS:
             raise SpecError(shown, where, precision, f"unknown precision; allowed: {', '.join(PRECISIONS)}")
         spec = PRECISIONS[precision]

@@ -123,6 +123,22 @@ def test_the_label_guard_catches_the_published_mistake(tmp_path, smsa_base, monk
     assert "LABEL_0→LABEL_2" in guard[0] and "LABEL_2→LABEL_0" in guard[0] and f"{right:.2%}" in guard[0]
 
 
+def test_the_label_guard_does_not_blame_the_map_for_a_model_that_predicts_one_class(tmp_path, tiny_model_3):
+    """An untrained or collapsed model predicts one class whatever it reads. Some relabelling then scores
+    the majority share, which says nothing about the map: the guard says the accuracy is below guessing."""
+    import numpy as np
+
+    from runner import evaluate
+
+    plan = plan_job(write_job(tmp_path, smsa_job(tiny_model_3, "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}",
+                                                 n=200)))
+    gold = np.array([plan.model_labels.index(plan.label_map[e.label]) for e in plan.examples])
+    rarest = int(np.bincount(gold, minlength=3).argmin())
+    warnings = evaluate.label_guard(gold, np.full_like(gold, rarest), plan.model_labels)
+    assert not [w for w in warnings if "label mapping" in w], warnings
+    assert [w for w in warnings if "below always guessing the majority class" in w], warnings
+
+
 def test_a_failed_finetune_leaves_no_cache_entry(tmp_path, smsa_base, monkeypatch):
     import transformers
 

@@ -164,3 +164,50 @@ def test_a_local_models_label_names_are_read_as_transformers_reads_them(tmp_path
     expected = models.label_names(AutoConfig.from_pretrained(folder))
     assert models.model_label_names(ModelSource(path=folder), tmp_path / "job.yaml") == expected
     assert len(expected) == {"as saved": 3, "no id2label": 2, "num_labels only": 3}[edit]
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused(capsys, tmp_path, tiny_model):
+    """Saved without its tokenizer, transformers would build one of 5 special tokens: every word [UNK]."""
+    import shutil
+
+    bare = tmp_path / "model-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model / name, bare / name)
+    check_refused(capsys, tmp_path, rt_job(bare), "model", "no tokenizer vocabulary", "tokenizer.save_pretrained")
+    # Naming a tokenizer that has a vocabulary makes the same folder usable.
+    job = write_job(tmp_path / "ok", rt_job(bare, extra=f"tokenizer: {{path: {tiny_model}}}"))
+    code, _, err = run_cli(capsys, "validate", job)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("edit, field", [
+    ("max_length: 32", "dataset.max_length"),  # the tiny model has 128 positions
+    ("evaluation: {", "evaluation.fixed_shape"),
+])
+def test_sequences_longer_than_the_model_takes_are_refused(capsys, tmp_path, tiny_model, edit, field):
+    text = rt_job(tiny_model)
+    if field == "dataset.max_length":
+        text = text.replace(edit, "max_length: 512")
+    else:
+        text = text.replace(edit, "evaluation: {latency_mode: fixed, fixed_shape: [1, 2048], ")
+    check_refused(capsys, tmp_path, text, field, "at most 128 tokens", "max_position_embeddings")
+
+
+def test_an_unknown_device_is_named_where_it_is_in_a_grid(capsys, tmp_path, tiny_model):
+    text = rt_job(tiny_model, variants="null\nprecisions: [fp32]\ndevices: [cpu, tpu]")
+    check_refused(capsys, tmp_path, text, "devices[1]", "'tpu'", "unknown device")
+
+
+def test_a_text_column_read_as_labels_is_named_and_kept_short(capsys, tmp_path, tiny_model_3):
+    text = smsa_job(tiny_model_3, "null", dataset_extra="label_column: 0")
+    err = check_refused(capsys, tmp_path, text, "dataset.label_map", "(50 in all)", "dataset.label_column")
+    assert len(err) < 2000, len(err)
+
+
+def test_an_unknown_inline_model_type_is_named_briefly(capsys, tmp_path, tiny_model):
+    text = rt_job(tiny_model).replace(f"model: {{path: {tiny_model}}}",
+                                      f"model: {{config: {{model_type: bret, hidden_size: 32}}}}\n"
+                                      f"tokenizer: {{path: {tiny_model}}}")
+    err = check_refused(capsys, tmp_path, text, "model.config.model_type", "'bret'", "did you mean bert")
+    assert len(err) < 1000, len(err)
