@@ -1,7 +1,8 @@
 """The command line: quantbench run | validate | collect | report.
 
 Exit codes: 0 every variant ok or skipped; 1 a variant failed (the others still ran and were written);
-2 a bad job file or usage (nothing was run and nothing was written).
+2 a bad job file or usage (nothing was run and nothing was written), or for collect and report: nothing to
+collect, or a --baseline that names no variant of the results.
 """
 
 from __future__ import annotations
@@ -84,17 +85,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _found(command: str, folders: list[Path]) -> list[dict] | None:
-    """The results under the folders, or None after saying why there are none."""
-    from runner.results import find_results
+def _found(command: str, folders: list[Path], baseline: str | None) -> list[dict] | None:
+    """The results under the folders, or None after saying why there are none (or why they cannot be used)."""
+    from runner import collect
 
     missing = [str(f) for f in folders if not f.exists()]
     if missing:
         print(f"quantbench {command}: no such folder: {', '.join(missing)}", file=sys.stderr)
         return None
-    found = find_results(folders)
+    found, skipped = collect.gather(folders)
+    if skipped:
+        names = " ".join(map(str, skipped))
+        print(f"quantbench {command}: skipped {names} (folders named {collect.SKIPPED_FOLDER} hold reference "
+              f"results, not your runs); to include them, name the folder: quantbench {command} {names}",
+              file=sys.stderr)
     if not found:
         print(f"quantbench {command}: no result files under {', '.join(map(str, folders))}", file=sys.stderr)
+        return None
+    try:
+        collect.check_baseline(found, baseline)
+    except collect.UnknownBaseline as error:
+        print(f"quantbench {command}: {error}", file=sys.stderr)
         return None
     return found
 
@@ -102,7 +113,7 @@ def _found(command: str, folders: list[Path]) -> list[dict] | None:
 def _collect(args) -> int:
     from runner import collect
 
-    found = _found("collect", args.folders)
+    found = _found("collect", args.folders, args.baseline)
     if found is None:
         return EXIT_USAGE
     sys.stdout.write(collect.render(found, args.format, args.baseline))
@@ -110,7 +121,7 @@ def _collect(args) -> int:
 
 
 def _report(args) -> int:
-    found = _found("report", args.folders)
+    found = _found("report", args.folders, args.baseline)
     if found is None:
         return EXIT_USAGE
     from runner.report import write_report

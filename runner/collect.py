@@ -14,6 +14,7 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -21,6 +22,7 @@ from tabulate import tabulate
 
 from runner import effects
 from runner.measure import hardware_label
+from runner.results import find_results
 from runner.spec import TOLERANCES
 
 PRECISION_ORDER = ["fp32", "fp16", "bf16", "int8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4"]
@@ -112,19 +114,67 @@ def _order(result: dict) -> tuple:
     return (result.get("device") != "cpu", rank, result.get("variant", ""), result.get("environment", {}).get("host", ""))
 
 
+# ---------------------------------------------------------------------------------------------
+# Which results: the walk that collect and report share.
+
+# The repository ships its own measured results under results/reference/, inside `quantbench run`'s
+# default output folder: walking results/ must not merge them with the user's runs. A folder named
+# reference below a folder given on the command line is skipped; naming it (or one inside it) includes it.
+SKIPPED_FOLDER = "reference"
+
+
+def gather(folders: list[Path]) -> tuple[list[dict], list[Path]]:
+    """The results under the folders (or the files themselves), and the reference folders skipped."""
+    files, skipped = [], []
+    given = {Path(f).resolve() for f in folders}
+    for root in map(Path, folders):
+        if root.is_file():
+            files.append(root)
+            continue
+        for file in sorted(root.rglob("*.json")):
+            parts = file.relative_to(root).parts[:-1]
+            if SKIPPED_FOLDER not in parts:
+                files.append(file)
+                continue
+            folder = root.joinpath(*parts[:parts.index(SKIPPED_FOLDER) + 1])
+            if folder not in skipped and folder.resolve() not in given:  # given as well: collected from there
+                skipped.append(folder)
+    return find_results(files), skipped
+
+
+class UnknownBaseline(ValueError):
+    pass
+
+
+def check_baseline(results: list[dict], baseline: str | None) -> None:
+    """Raises UnknownBaseline when `baseline` names no column of any job in the results."""
+    if baseline is None:
+        return
+    known = {job: list(_columns(results, job)) for job in sorted({r["job"] for r in results})}
+    if not any(baseline in keys for keys in known.values()):
+        allowed = "; ".join((f"for {job}: " if len(known) > 1 else "") + ", ".join(keys) for job, keys in known.items())
+        raise UnknownBaseline(f"--baseline: found {baseline!r}; allowed: {allowed}")
+
+
+def _columns(results: list[dict], job: str) -> dict[str, dict]:
+    """A job's results by column key, in table order."""
+    columns: dict[str, dict] = {}
+    for result in sorted((r for r in results if r["job"] == job), key=_order):
+        key = result["variant"]
+        if key in columns:  # the same variant from several machines: one column each, named by host
+            key = f"{key}@{(result.get('environment') or {}).get('host', '?')}"
+            number = 2
+            while key in columns:  # and from several runs on one machine
+                key, number = f"{key.split('#')[0]}#{number}", number + 1
+        columns[key] = result
+    return columns
+
+
 def build_tables(results: list[dict], baseline: str | None = None) -> list[JobTable]:
     tables = []
     for job in sorted({r["job"] for r in results}):
-        mine = sorted((r for r in results if r["job"] == job), key=_order)
-        columns: dict[str, dict] = {}
-        for result in mine:
-            key = result["variant"]
-            if key in columns:  # the same variant from several machines: one column each, named by host
-                key = f"{key}@{(result.get('environment') or {}).get('host', '?')}"
-                number = 2
-                while key in columns:  # and from several runs on one machine
-                    key, number = f"{key.split('#')[0]}#{number}", number + 1
-            columns[key] = result
+        columns = _columns(results, job)
+        mine = list(columns.values())
         wanted = baseline or next((_spec(r).get("baseline") for r in mine if _spec(r).get("baseline")), "fp32-cpu")
         chosen = wanted if wanted in columns and columns[wanted]["status"] == "ok" else None
         notes = []
