@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -104,9 +105,11 @@ def connect(address: str | None = None, temp_dir: str | None = None,
     Ray's start leaves about one core idle for 4-5 s.
     """
     global _embedded_head, _fork_server
+    given_by = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     if address:
+        check_address(address, given_by)  # in seconds: ray.init retries an address nobody answers at for minutes
         ray.init(address=address, **quiet)
     else:
         gpus = local_gpu_count()  # it may run nvidia-smi: once
@@ -120,6 +123,61 @@ def connect(address: str | None = None, temp_dir: str | None = None,
             shutdown()
             raise
     return Cluster(address=address or "local", embedded=not address, nodes=alive_nodes())
+
+
+# How long a cluster address has to accept a TCP connection before ray.init is tried.
+ADDRESS_CHECK_TIMEOUT_S = 5.0
+
+
+def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_TIMEOUT_S) -> None:
+    """Raise ConnectionError, saying what to check, when the address does not accept a TCP connection.
+
+    given_by: where the address came from, "--address" or "RAY_ADDRESS".
+
+    Why: ray.init retries an address where nothing answers for minutes (Ray 2.60 with a GCS address:
+    still retrying after 10 minutes, its only output "Failed to get cluster ID from GCS server";
+    with ray://, "ray client connection timeout" after 30 s). ConnectionError is how every cluster
+    error reaches the user (cli: "cannot reach the Ray cluster", exit 2). HOST:PORT is a GCS address,
+    ray://HOST:PORT a Ray Client server; what Ray resolves itself (auto, local, other schemes) is left to it.
+    """
+    target = _tcp_target(address)
+    if target is None:
+        return
+    host, port, client = target
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except socket.gaierror as error:
+        what = f"unknown host {host!r} ({error.strerror})"
+    except TimeoutError:
+        what = f"no answer within {timeout_s:g} s (a wrong host, a firewall, or the machine is down)"
+    except ConnectionRefusedError:
+        what = f"connection refused: nothing listens on port {port} there"
+    except OSError as error:
+        what = error.strerror or str(error)
+    if client:
+        check = (f"that the head runs a Ray Client server on port {port} (`ray start --head "
+                 f"--ray-client-server-port={port}`; Ray's default is 10001), and that this port is open or "
+                 "tunnelled from this machine")
+    else:
+        check = (f"that the cluster's head is running on that machine (`ray start --head --port={port}` starts "
+                 "one), and that this is its GCS port (6379 by default) and open from this machine")
+    source = f"given by {given_by}" if given_by.startswith("--") else f"from {given_by}"
+    raise ConnectionError(f"{address} ({source}): {what}. Check {check}.")
+
+
+def _tcp_target(address: str) -> tuple[str, int, bool] | None:
+    """(host, port, is a Ray Client address) for HOST:PORT and ray://HOST:PORT; None for anything else."""
+    client = "://" in address
+    if client:
+        scheme, _, address = address.partition("://")
+        if scheme != "ray":
+            return None
+    host, colon, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1]:6379
+    if not colon or not host or not port.isdigit():
+        return None  # auto, local, or a form Ray itself reports
+    return host, int(port), client
 
 
 def start_embedded_head(temp_dir: str | None, gpus: int):
