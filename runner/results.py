@@ -66,20 +66,32 @@ def existing_results(results_dir: Path, job: str) -> dict[str, dict]:
     return {r["variant"]: r for r in find_results([folder])}
 
 
-def plan_folder(results_dir: Path, job: str, spec_hash: str, variant_ids: list[str], resume: bool) -> dict[str, dict]:
-    """The existing results to keep (with --resume); raises when the folder holds another spec's results."""
+def plan_folder(results_dir: Path, job: str, spec_hash: str, variant_ids: list[str],
+                resume: bool) -> tuple[dict[str, dict], dict[str, str]]:
+    """(the existing results to keep, the existing results the run will replace: variant -> why) with
+    --resume; raises when the folder holds another spec's results."""
     existing = existing_results(results_dir, job)
     if not resume:
         different = sorted(v for v, r in existing.items() if r.get("spec_hash") != spec_hash)
         if different:
             raise ResultsConflict(
                 f"{Path(results_dir) / job} holds results of a different job spec ({', '.join(different)}); "
-                "use --resume to keep what matches and rerun the rest, or --results NEW_FOLDER")
-        return {}
+                "use --resume to keep what matches and rerun the rest (it replaces the others), "
+                "or --results NEW_FOLDER")
+        return {}, {}
     stranded = sorted(v for v, r in existing.items() if v not in variant_ids and r.get("spec_hash") != spec_hash)
     if stranded:
         raise ResultsConflict(
             f"{Path(results_dir) / job} holds results of a different job spec for variants this job no longer runs "
             f"({', '.join(stranded)}): --resume would leave them beside the new ones; use --results NEW_FOLDER")
-    return {v: r for v, r in existing.items()
-            if v in variant_ids and r.get("spec_hash") == spec_hash and r.get("status") == "ok"}
+    kept, replaced = {}, {}
+    for v, r in existing.items():
+        if v not in variant_ids:
+            continue
+        if r.get("spec_hash") != spec_hash:
+            replaced[v] = "its result is of a different job spec"
+        elif r.get("status") != "ok":
+            replaced[v] = f"its result is {r.get('status')}"
+        else:
+            kept[v] = r
+    return kept, replaced

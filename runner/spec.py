@@ -28,6 +28,8 @@ class SpecError(Exception):
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "nothing"
     if isinstance(value, list) and len(value) > 10:  # a wrong column can hold thousands of values
         return "[" + ", ".join(map(repr, value[:10])) + f", … ({len(value)} in all)]"
     text = repr(value) if not isinstance(value, str) or len(value) < 200 else repr(value[:200] + "…")

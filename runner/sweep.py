@@ -100,9 +100,10 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
               say: Callable[[str], None] = print, ray_temp_dir: str | None = None,
               placement_timeout_s: float | None = None) -> SweepReport:
     """Run every planned job. Raises results.ResultsConflict before starting anything."""
-    kept = {plan.spec.name: results.plan_folder(results_dir, plan.spec.name, plan.spec_hash,
-                                                [v.id for v in plan.spec.variants], resume)
-            for plan in plans}
+    folders = {plan.spec.name: results.plan_folder(results_dir, plan.spec.name, plan.spec_hash,
+                                                   [v.id for v in plan.spec.variants], resume)
+               for plan in plans}
+    kept = {name: keep for name, (keep, _) in folders.items()}
     report = SweepReport()
     started = time.perf_counter()
     cpu_precisions = [v.precision for plan in plans for v in plan.spec.variants if v.device == "cpu"]
@@ -117,6 +118,9 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
             for variant_id, result in kept[name].items():
                 say(f"[resume] {name} {variant_id}: kept {results.result_path(results_dir, name, variant_id)}")
                 report.results.append(result)
+            for variant_id, why in folders[name][1].items():
+                say(f"[resume] {name} {variant_id}: runs again and replaces "
+                    f"{results.result_path(results_dir, name, variant_id)} ({why})")
             prepared = time.perf_counter()
             try:
                 model_dir, model_info = models.prepare_model(plan.spec)
@@ -196,12 +200,14 @@ def fine_tuned_model(plan: JobPlan, base_dir: Path, base_info: dict, cluster, sa
 
 def describe_plan(plan: JobPlan) -> str:
     spec = plan.spec
+    asked = spec.dataset.sample.n
+    capped = f"; sample.n asks for {asked}, all {plan.dataset_rows} are used" if asked and asked > plan.dataset_rows else ""
     lines = [f"{spec.file}: job '{spec.name}' is valid",
              f"  model: {spec.model.describe()}  labels: {', '.join(plan.model_labels)}",
              f"  dataset: {spec.dataset.format}, {len(plan.examples)} of {plan.dataset_rows} rows "
-             f"(seed {spec.dataset.sample.seed}); label map: "
+             f"(seed {spec.dataset.sample.seed}{capped}); label map: "
              + ", ".join(f"{k}→{v}" for k, v in sorted(plan.label_map.items())),
-             f"  evaluation: {asdict(spec.evaluation)}",
+             "  evaluation: " + ", ".join(f"{k} {v}" for k, v in asdict(spec.evaluation).items() if v is not None),
              *([f"  fine-tune: {len(plan.train_examples)} training rows, none in the evaluation sample; "
                 f"epochs {spec.finetune.epochs:g}, learning rate {spec.finetune.learning_rate:g}, "
                 f"batch {spec.finetune.batch_size}, seed {spec.finetune.seed}"] if plan.train_examples else []),

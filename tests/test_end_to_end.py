@@ -78,7 +78,8 @@ def test_run_writes_results_prints_the_table_and_collect_repeats_it(capsys, tmp_
     monkeypatch.delenv("QUANTBENCH_FAULT_INJECT")
     code, out, err = run_cli(capsys, "run", job, "--results", results, "--resume", "--ray-temp-dir", ray_temp_dir)
     assert code == 0, out + err
-    assert "[resume] tiny-rt fp32-cpu" in out and "[resume] tiny-rt int8-dynamic-cpu" in out
+    assert "[resume] tiny-rt fp32-cpu: kept" in out and "[resume] tiny-rt int8-dynamic-cpu: kept" in out
+    assert "[resume] tiny-rt fp16-cpu: runs again and replaces" in out and "(its result is failed)" in out
     assert json.loads((results / "tiny-rt" / "fp32-cpu.json").read_text())["started_at"] == fp32["started_at"]
     assert json.loads((results / "tiny-rt" / "fp16-cpu.json").read_text())["status"] == "ok"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import RT_POLARITY, rt_job, smsa_job, write_job
+from conftest import RT_POLARITY, SMSA, rt_job, smsa_job, write_job
 from runner.cli import main
 
 
@@ -211,3 +211,19 @@ def test_an_unknown_inline_model_type_is_named_briefly(capsys, tmp_path, tiny_mo
                                       f"tokenizer: {{path: {tiny_model}}}")
     err = check_refused(capsys, tmp_path, text, "model.config.model_type", "'bret'", "did you mean bert")
     assert len(err) < 1000, len(err)
+
+
+def test_a_sample_larger_than_the_dataset_is_said_to_use_every_row(capsys, tmp_path, tiny_model_3):
+    job = write_job(tmp_path, smsa_job(tiny_model_3, "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}",
+                                       n=100000))
+    code, out, err = run_cli(capsys, "validate", job)
+    assert code == 0, err
+    rows = len((SMSA / "test_preprocess.tsv").read_text(encoding="utf-8").splitlines())
+    assert f"{rows} of {rows} rows" in out and f"sample.n asks for 100000, all {rows} are used" in out
+    assert "evaluation: batch_size 1," in out  # read as settings, not as a Python dict
+
+
+def test_a_missing_section_is_called_missing(capsys, tmp_path, tiny_model):
+    text = rt_job(tiny_model)
+    without_dataset = text[:text.index("dataset:")] + text[text.index("evaluation:"):]
+    check_refused(capsys, tmp_path, without_dataset, "dataset: found nothing; this field is required")
