@@ -110,7 +110,13 @@ def connect(address: str | None = None, temp_dir: str | None = None,
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     if address:
         check_address(address, given_by)  # in seconds: ray.init retries an address nobody answers at for minutes
-        ray.init(address=address, **quiet)
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as error:  # it answered, yet Ray did not let us in; Ray's own words don't say why
+            raise ConnectionError(
+                f"{error}. {address} answers, but Ray could not join it: check that this shell's RAY_AUTH_TOKEN is "
+                "the cluster's (when it uses token authentication, RAY_AUTH_MODE=token), that the cluster runs "
+                f"Ray {ray.__version__} as this machine does, and that {address} is the head's GCS port") from None
     else:
         gpus = local_gpu_count()  # it may run nvidia-smi: once
         if cpu_precisions is not None:

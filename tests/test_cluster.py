@@ -317,3 +317,19 @@ def test_a_variant_no_node_can_run_is_skipped_after_the_placement_timeout(cluste
     assert result["status"] == "skipped"
     assert "no node in the cluster can run cuda variants" in result["error"] and "waited 3 s" in result["error"]
     assert 3 <= seconds < 60, f"the run took {seconds:.0f} s\n{out}"
+
+
+def test_a_wrong_token_is_refused_with_what_to_check(cluster, capsys, tmp_path, tiny_model):
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    cluster.wait_for_nodes({"cpu": True})
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, n=8))
+    results = tmp_path / "results"
+    with cluster.driver():
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # not the cluster's
+        reset_auth_token_state()
+        code = main(["run", str(job), "--results", str(results), "--address", cluster.address])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "cannot reach the Ray cluster" in err and f"{cluster.address} answers" in err and "RAY_AUTH_TOKEN" in err
+    assert not results.exists()
