@@ -70,11 +70,15 @@ def take_turns(first: subprocess.Popen, second: subprocess.Popen, window_s: floa
     (if it stops itself later, in a turn of its own, that turn is lost to both)."""
     rng = random.Random(seed)
     turns = Turns()
-    try:
+
+    def wait_for_first(seconds: float) -> None:  # a turn, or the head start, ends early when first exits
         try:
-            first.wait(timeout=head_start_s)
+            first.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             pass
+
+    try:
+        wait_for_first(head_start_s)
         running, waiting = first, second
         while first.poll() is None:
             stop_tree(waiting.pid)  # before the other goes on: never both at once
@@ -82,10 +86,7 @@ def take_turns(first: subprocess.Popen, second: subprocess.Popen, window_s: floa
             started = time.perf_counter()
             if running is second and turns.second_began_unix is None:
                 turns.second_began_unix = time.time()
-            try:
-                first.wait(timeout=rng.uniform(0.5, 1.5) * window_s)  # a turn ends early when first exits
-            except subprocess.TimeoutExpired:
-                pass
+            wait_for_first(rng.uniform(0.5, 1.5) * window_s)
             if running is first:
                 turns.first_s += time.perf_counter() - started
             else:

@@ -109,10 +109,13 @@ def connect(address: str | None = None, temp_dir: str | None = None,
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     if address:
-        check_address(address, given_by)  # in seconds: ray.init retries an address nobody answers at for minutes
+        answers = check_address(address, given_by)  # in seconds: ray.init retries a silent address for minutes
         try:
             ray.init(address=address, **quiet)
-        except ConnectionError as error:  # it answered, yet Ray did not let us in; Ray's own words don't say why
+        except ConnectionError as error:
+            if not answers:
+                raise
+            # It answered, yet Ray did not let us in; Ray's own words don't say why.
             raise ConnectionError(
                 f"{error}. {address} answers, but Ray could not join it: check that this shell's RAY_AUTH_TOKEN is "
                 "the cluster's (when it uses token authentication, RAY_AUTH_MODE=token), that the cluster runs "
@@ -135,8 +138,9 @@ def connect(address: str | None = None, temp_dir: str | None = None,
 ADDRESS_CHECK_TIMEOUT_S = 5.0
 
 
-def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_TIMEOUT_S) -> None:
-    """Raise ConnectionError, saying what to check, when the address does not accept a TCP connection.
+def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_TIMEOUT_S) -> bool:
+    """Raise ConnectionError, saying what to check, when the address does not accept a TCP connection;
+    True when it does, False for an address left to Ray.
 
     given_by: where the address came from, "--address" or "RAY_ADDRESS".
 
@@ -148,11 +152,11 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
     """
     target = _tcp_target(address)
     if target is None:
-        return
+        return False
     host, port, client = target
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
-            return
+            return True
     except socket.gaierror as error:
         what = f"unknown host {host!r} ({error.strerror})"
     except TimeoutError:

@@ -104,6 +104,7 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
                                                    [v.id for v in plan.spec.variants], resume)
                for plan in plans}
     kept = {name: keep for name, (keep, _) in folders.items()}
+    replaced = {name: why for name, (_, why) in folders.items()}
     report = SweepReport()
     started = time.perf_counter()
     cpu_precisions = [v.precision for plan in plans for v in plan.spec.variants if v.device == "cpu"]
@@ -118,7 +119,7 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
             for variant_id, result in kept[name].items():
                 say(f"[resume] {name} {variant_id}: kept {results.result_path(results_dir, name, variant_id)}")
                 report.results.append(result)
-            for variant_id, why in folders[name][1].items():
+            for variant_id, why in replaced[name].items():
                 say(f"[resume] {name} {variant_id}: runs again and replaces "
                     f"{results.result_path(results_dir, name, variant_id)} ({why})")
             prepared = time.perf_counter()

@@ -93,7 +93,7 @@ def test_an_address_from_RAY_ADDRESS_is_named_as_such(monkeypatch):
 @pytest.mark.parametrize("form", ["127.0.0.1:{port}", "localhost:{port}", "ray://127.0.0.1:{port}"])
 def test_an_address_that_answers_passes_the_check(form):
     with listening_port() as port:
-        dispatch.check_address(form.format(port=port), "--address")  # raises nothing
+        assert dispatch.check_address(form.format(port=port), "--address") is True  # raises nothing
 
 
 @pytest.mark.parametrize("address", ["auto", "local", "ray://auto", "anyscale://my-cluster", "http://127.0.0.1:8265"])
@@ -102,7 +102,7 @@ def test_what_ray_resolves_itself_is_left_to_ray(address, monkeypatch):
         raise AssertionError(f"{address} was checked: {args}")
 
     monkeypatch.setattr(socket, "create_connection", connect)
-    dispatch.check_address(address, "--address")
+    assert dispatch.check_address(address, "--address") is False  # so a failure is not said to have answered
 
 
 @pytest.mark.parametrize("error, says", [
