@@ -105,14 +105,20 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
                for plan in plans}
     kept = {name: keep for name, (keep, _) in folders.items()}
     replaced = {name: why for name, (_, why) in folders.items()}
+    to_run = {plan.spec.name: [v for v in plan.spec.variants if v.id not in kept[plan.spec.name]] for plan in plans}
     report = SweepReport()
     started = time.perf_counter()
-    cpu_precisions = [v.precision for plan in plans for v in plan.spec.variants if v.device == "cpu"]
+    cpu_precisions = [v.precision for variants in to_run.values() for v in variants if v.device == "cpu"]
     # A fine-tune is CPU work too where the cluster has no GPU.
-    cpu_work = cpu_precisions or any(plan.train_examples is not None for plan in plans)
-    cluster = dispatch.connect(address, temp_dir=ray_temp_dir, cpu_precisions=cpu_precisions if cpu_work else None)
-    report.cluster_start_s = time.perf_counter() - started
-    say(f"cluster: {cluster.describe()}")
+    cpu_work = cpu_precisions or any(plan.train_examples is not None and to_run[plan.spec.name] for plan in plans)
+    if any(to_run.values()):
+        cluster = dispatch.connect(address, temp_dir=ray_temp_dir,
+                                   cpu_precisions=cpu_precisions if cpu_work else None)
+        report.cluster_start_s = time.perf_counter() - started
+        say(f"cluster: {cluster.describe()}")
+    else:  # a finished sweep run again with --resume: the table from the kept results, at once
+        cluster = None
+        say("cluster: not started: --resume kept every variant's result, nothing left to run")
     try:
         for plan in plans:
             name = plan.spec.name
@@ -122,6 +128,8 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
             for variant_id, why in replaced[name].items():
                 say(f"[resume] {name} {variant_id}: runs again and replaces "
                     f"{results.result_path(results_dir, name, variant_id)} ({why})")
+            if not to_run[name]:
+                continue
             prepared = time.perf_counter()
             try:
                 model_dir, model_info = models.prepare_model(plan.spec)
@@ -170,7 +178,8 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
                                                 model_dir=model_dir)
             report.variants_s += sum(r.get("wall_s") or 0.0 for r in job_results)
     finally:
-        dispatch.shutdown()
+        if cluster is not None:
+            dispatch.shutdown()
     report.wall_s = time.perf_counter() - started
     return report
 

@@ -173,3 +173,25 @@ def test_the_embedded_cluster_forks_cpu_work_from_a_server_started_before_ray(ra
     finally:
         dispatch.shutdown()
     assert server.process.poll() is not None and isolation.ADDRESS_VARIABLE not in os.environ
+
+
+def test_resume_of_a_finished_sweep_prints_the_table_without_starting_ray(capsys, tmp_path, tiny_model,
+                                                                          ray_temp_dir, monkeypatch):
+    job = write_job(tmp_path, rt_job(tiny_model, variants="[fp32-cpu, int8-dynamic-cpu]"))
+    results = tmp_path / "results"
+    code, first, err = run_cli(capsys, "run", job, "--results", results, "--ray-temp-dir", ray_temp_dir)
+    assert code == 0, first + err
+
+    from runner import dispatch, models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nothing is left to run, yet it started Ray or loaded the model")
+
+    monkeypatch.setattr(dispatch, "connect", refuse)
+    monkeypatch.setattr(models, "prepare_model", refuse)
+    code, out, err = run_cli(capsys, "run", job, "--results", results, "--resume", "--ray-temp-dir", ray_temp_dir)
+    assert code == 0, out + err
+    assert "cluster: not started" in out
+    assert "[resume] tiny-rt fp32-cpu: kept" in out and "[resume] tiny-rt int8-dynamic-cpu: kept" in out
+    table = first[first.index("tiny-rt (baseline"):first.index("wall ")]
+    assert table in out  # the same table, from the same files
