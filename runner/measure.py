@@ -106,7 +106,7 @@ def noisy_warning(stats: dict) -> str | None:
     cv = stats.get("repeat_cv")
     if cv is not None and cv > NOISY_CV:
         rate = stats.get("preemptions_per_s")
-        return (f"latency is noisy: passes of the same shape vary by {cv:.0%} (coefficient of variation, above "
+        return (f"latency is noisy: passes of the same shape vary by {cv:.1%} (coefficient of variation, above "
                 f"{NOISY_CV:.0%}); another process may have shared the cores"
                 + (f" (the variant's threads lost the CPU {rate:.0f} times a second while timed)" if rate is not None else ""))
     return None

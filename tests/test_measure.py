@@ -39,6 +39,8 @@ def test_identical_passes_are_not_noisy_and_scattered_ones_are():
     assert repeated == 4 and measure.noisy_warning({"repeat_cv": cv}) is None
     warning = measure.noisy_warning({"repeat_cv": measure.same_shape_cv(scattered, [(1, 8)] * 5)[0]})
     assert warning and "noisy" in warning
+    # Just above the line, the warning does not read as if the spread were on it.
+    assert "vary by 10.0%" in measure.noisy_warning({"repeat_cv": 0.1004})
 
 
 def test_different_lengths_alone_do_not_make_a_run_noisy():
