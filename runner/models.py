@@ -70,14 +70,27 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
             raise SpecError(job, f"{field}.config.model_type", model_type,
                             "not a model type transformers knows" + (f"; did you mean {', '.join(close)}?" if close else ""))
         try:
-            return AutoConfig.for_model(model_type, **config)
+            built = AutoConfig.for_model(model_type, **config)
         except (ValueError, TypeError) as error:
             raise SpecError(job, f"{field}.config", source.config, f"not a valid {model_type} config: {error}") from None
+        check_heads(built, job, field)
+        return built
     check_source(source, job, field)
     try:
         return AutoConfig.from_pretrained(pretrained_name(source), revision=source.revision)
     except (OSError, ValueError) as error:
         raise SpecError(job, field, source.describe(), f"cannot read the model's config: {error}") from None
+
+
+def check_heads(config, job: Path, field: str) -> None:
+    """The one rule of an inline architecture that its config accepts but building the model refuses
+    (in every variant, after Ray started): each attention head takes hidden_size / num_attention_heads
+    dimensions, unless the config names head_dim itself."""
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if getattr(config, "head_dim", None) is None and isinstance(hidden, int) and isinstance(heads, int) \
+            and heads > 0 and hidden % heads:
+        raise SpecError(job, f"{field}.config.hidden_size", hidden,
+                        f"must be a multiple of num_attention_heads ({heads}): each head takes an equal share")
 
 
 def label_names(config) -> list[str]:
@@ -128,6 +141,47 @@ def check_tokenizer_files(source: ModelSource, job: Path, field: str) -> None:
                 if field == "model" else "name a folder that holds one")
         raise SpecError(job, field, str(folder),
                         f"the folder has no tokenizer vocabulary (none of {', '.join(VOCABULARY_FILES)}); {hint}")
+
+
+# What a model's weights are saved in: one file, or shards listed in an index.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weight_files(source: ModelSource, job: Path, field: str = "model") -> None:
+    """A local folder must hold whole weights. Without them, or with a safetensors file cut short (an
+    interrupted copy), the run would stop at loading, after starting Ray. safetensors checks each file's
+    header against its size without reading the tensors (and without torch)."""
+    if not (source.path or source.package):
+        return
+    check_source(source, job, field)
+    folder = Path(pretrained_name(source))
+    if not folder.is_dir():
+        return
+    found = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not found:
+        raise SpecError(job, field, str(folder), f"the folder has no weights (none of {', '.join(WEIGHT_FILES)}); "
+                                                 "save them beside the config with model.save_pretrained")
+    files = [folder / name for name in found if not name.endswith(".index.json")]
+    for index in (folder / name for name in found if name.endswith(".index.json")):
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            raise SpecError(job, field, str(index), f"cannot read the shard index: {type(error).__name__}: {error}") from None
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise SpecError(job, field, str(index), f"the index names shards the folder does not hold: {', '.join(missing)}")
+        files += [folder / name for name in shards]
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue  # a pickled .bin is only read by torch, at load time
+        try:
+            with safe_open(str(path), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise SpecError(job, field, str(path), f"the weights file is damaged ({error}); "
+                                                   "copy or save the model again") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ def plan_job(path: str | Path) -> JobPlan:
         models.check_tokenizer_files(spec.tokenizer, shown, "tokenizer")
     else:
         models.check_tokenizer_files(spec.model, shown, "model")
+    models.check_weight_files(spec.model, shown)
     check_lengths(spec, shown, config)
     train = None
     if spec.finetune is None:

@@ -181,6 +181,30 @@ def test_a_model_folder_without_a_tokenizer_is_refused(capsys, tmp_path, tiny_mo
     assert code == 0, err
 
 
+@pytest.mark.parametrize("damage, expected", [
+    ("cut short", "the weights file is damaged"),  # an interrupted copy
+    ("removed", "the folder has no weights"),
+    ("sharded, one shard missing", "shards the folder does not hold: model-00002-of-00002.safetensors"),
+])
+def test_a_model_folder_without_whole_weights_is_refused(capsys, tmp_path, tiny_model, damage, expected):
+    import json
+    import shutil
+
+    folder = tmp_path / "copied-model"
+    shutil.copytree(tiny_model, folder)
+    weights = folder / "model.safetensors"
+    if damage == "cut short":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "removed":
+        weights.unlink()
+    else:
+        weights.rename(folder / "model-00001-of-00002.safetensors")
+        index = {"metadata": {}, "weight_map": {"bert.embeddings.word_embeddings.weight": "model-00001-of-00002.safetensors",
+                                                "classifier.weight": "model-00002-of-00002.safetensors"}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    check_refused(capsys, tmp_path, rt_job(folder), "model", str(folder), expected)
+
+
 @pytest.mark.parametrize("edit, field", [
     ("max_length: 32", "dataset.max_length"),  # the tiny model has 128 positions
     ("evaluation: {", "evaluation.fixed_shape"),
@@ -227,3 +251,15 @@ def test_a_missing_section_is_called_missing(capsys, tmp_path, tiny_model):
     text = rt_job(tiny_model)
     without_dataset = text[:text.index("dataset:")] + text[text.index("evaluation:"):]
     check_refused(capsys, tmp_path, without_dataset, "dataset: found nothing; this field is required")
+
+
+def test_an_inline_architecture_whose_heads_do_not_divide_its_width_is_refused(capsys, tmp_path, tiny_model):
+    # BertConfig takes it; building the model would fail in every variant, after Ray started.
+    text = rt_job(tiny_model).replace(f"model: {{path: {tiny_model}}}",
+                                      "model: {config: {model_type: bert, hidden_size: 30, num_attention_heads: 4, "
+                                      "num_hidden_layers: 1, intermediate_size: 37, id2label: {0: negative, 1: positive}}}\n"
+                                      f"tokenizer: {{path: {tiny_model}}}")
+    check_refused(capsys, tmp_path, text, "model.config.hidden_size", "30", "multiple of num_attention_heads (4)")
+    job = write_job(tmp_path / "ok", text.replace("hidden_size: 30", "hidden_size: 32"))
+    code, _, err = run_cli(capsys, "validate", job)
+    assert code == 0, err
