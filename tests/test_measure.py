@@ -161,8 +161,12 @@ def test_the_timed_passes_count_how_often_another_process_took_the_cpu():
         finally:
             spinner.kill()
             spinner.wait()
+        # Alone again: on a machine busy with other work, the quieter of the two is the baseline.
+        alone = min(alone, run_passes(SpinningModel(), batches, "cpu", 0, 1, min_time_s=0.5)[1].preemptions_per_s)
     finally:
         os.sched_setaffinity(0, allowed)
+    if alone > 50:  # other work already takes this CPU as often as a spinner would: nothing to tell apart
+        pytest.skip(f"CPU {cpu} is busy with other work ({alone:.0f} preemptions a second with no spinner)")
     assert shared > 50 and shared > 2 * alone, (alone, shared)
     warning = measure.noisy_warning({"repeat_cv": 0.2, "preemptions_per_s": shared})
     assert f"lost the CPU {shared:.0f} times a second" in warning
