@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from runner import results
 from runner.spec import JobSpec, ModelSource, SpecError
 
 MARKER = "quantbench-model.json"
@@ -275,6 +276,7 @@ def save_folder(key: str, info: dict, write) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
     try:
+        tmp.chmod(0o777 & ~results.current_umask())  # mkdtemp's 0700 would hide it from other users
         write(tmp)
         if not (tmp / MARKER).exists():
             (tmp / MARKER).write_text(json.dumps(info, indent=2))

@@ -27,6 +27,7 @@ def write_result(results_dir: Path, result: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from other users
         with os.fdopen(handle, "w") as out:
             json.dump(result, out, indent=1, allow_nan=False, default=str)
             out.write("\n")
@@ -35,6 +36,13 @@ def write_result(results_dir: Path, result: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process's umask: the permissions an ordinary open() would have left out."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_result(path: Path) -> dict | None:

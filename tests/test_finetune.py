@@ -4,6 +4,8 @@ that catches the published mistake on real SmSA rows."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -163,6 +165,21 @@ def test_save_folder_is_all_or_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         models.save_folder("abc", {}, half_then_crash)
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_results_and_cache_entries_are_readable_by_other_users(tmp_path, monkeypatch):
+    # Containers write as uid 1000 into the host's results/ and cache; the host user must read them.
+    from runner.results import write_result
+
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    old = os.umask(0o022)
+    try:
+        written = write_result(tmp_path / "results", {"job": "j", "variant": "fp32-cpu", "status": "ok"})
+        entry = models.save_folder("abc", {}, lambda folder: (folder / "config.json").write_text("{}"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o755
 
 
 def refused(capsys, tmp_path, text, *words):
