@@ -12,7 +12,7 @@ import hashlib
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.spec import DatasetSpec, SampleSpec, SpecError
@@ -22,6 +22,16 @@ from runner.spec import DatasetSpec, SampleSpec, SpecError
 class Example:
     text: str
     label: str  # the dataset's label value, as a string
+    where: str = field(default="", compare=False)  # "line 52 of train.csv": for errors about this row
+
+
+def first_rows_with(examples: list[Example], labels: list[str]) -> str:
+    """Where each of the labels first appears, for an error message: 'line 4 of a.csv: ""'."""
+    firsts = {}
+    for example in examples:
+        if example.label in labels and example.label not in firsts:
+            firsts[example.label] = example.where
+    return "; ".join(f"{firsts[label]}: {label!r}" for label in labels[:5] if firsts.get(label))
 
 
 def _column(header: list[str], wanted: str | int, job: Path, field: str, source: Path) -> int:
@@ -41,16 +51,16 @@ def _read_delimited(delimiter: str, quoting: int):
             rows = list(csv.reader(handle, delimiter=delimiter, quoting=quoting))
         rows = [row for row in rows if row]
         if not rows:
-            raise SpecError(job, "dataset.path", str(spec.path), "the file has no rows")
+            raise SpecError(job, f"{spec.field}.path", str(spec.path), "the file has no rows")
         header = rows.pop(0) if spec.header else [str(i) for i in range(len(rows[0]))]
-        text_at = _column(header, spec.text_column, job, "dataset.text_column", spec.path)
-        label_at = _column(header, spec.label_column, job, "dataset.label_column", spec.path)
+        text_at = _column(header, spec.text_column, job, f"{spec.field}.text_column", spec.path)
+        label_at = _column(header, spec.label_column, job, f"{spec.field}.label_column", spec.path)
         examples = []
         for number, row in enumerate(rows, start=2 if spec.header else 1):
             if max(text_at, label_at) >= len(row):
-                raise SpecError(job, "dataset.path", f"line {number} of {spec.path.name}: {row!r}",
+                raise SpecError(job, f"{spec.field}.path", f"line {number} of {spec.path.name}: {row!r}",
                                 f"every row needs {len(header)} columns")
-            examples.append(Example(row[text_at], row[label_at].strip()))
+            examples.append(Example(row[text_at], row[label_at].strip(), f"line {number} of {spec.path.name}"))
         return examples
 
     return read
@@ -59,15 +69,18 @@ def _read_delimited(delimiter: str, quoting: int):
 def _records_to_examples(records, spec: DatasetSpec, job: Path) -> list[Example]:
     examples = []
     for number, record in enumerate(records, start=1):
-        for field, key in (("dataset.text_column", spec.text_column), ("dataset.label_column", spec.label_column)):
+        for name, key in ((f"{spec.field}.text_column", spec.text_column), (f"{spec.field}.label_column", spec.label_column)):
             if key not in record:
-                raise SpecError(job, field, key, f"record {number} of {spec.path.name} has fields: {', '.join(record)}")
-        examples.append(Example(str(record[spec.text_column]), _label_text(record[spec.label_column])))
+                raise SpecError(job, name, key, f"record {number} of {spec.path.name} has fields: {', '.join(record)}")
+        examples.append(Example(str(record[spec.text_column]), _label_text(record[spec.label_column]),
+                                f"record {number} of {spec.path.name}"))
     return examples
 
 
 def _label_text(value) -> str:
     # 1 and 1.0 name the same label; a float label column would otherwise read as "1.0".
+    if value is None:
+        return ""  # a missing label reads as an empty one
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()
@@ -80,7 +93,7 @@ def _read_jsonl(spec: DatasetSpec, job: Path) -> list[Example]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise SpecError(job, "dataset.path", f"line {number} of {spec.path.name}", f"not JSON: {error.msg}") from None
+                raise SpecError(job, f"{spec.field}.path", f"line {number} of {spec.path.name}", f"not JSON: {error.msg}") from None
     return _records_to_examples(records, spec, job)
 
 
@@ -93,9 +106,9 @@ def _read_parquet(spec: DatasetSpec, job: Path) -> list[Example]:
 def _read_lines(spec: DatasetSpec, job: Path) -> list[Example]:
     examples = []
     for label, path in spec.files.items():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
-                examples.append(Example(line.strip(), label))
+                examples.append(Example(line.strip(), label, f"line {number} of {path.name}"))
     return examples
 
 
@@ -116,10 +129,15 @@ def read_examples(spec: DatasetSpec, job: Path) -> list[Example]:
         raise
     except (UnicodeDecodeError, csv.Error, ValueError, TypeError, AttributeError, OSError) as error:
         source = spec.path or ", ".join(map(str, spec.files.values()))
-        raise SpecError(job, "dataset.path", str(source),
+        raise SpecError(job, f"{spec.field}.path", str(source),
                         f"cannot read it as {spec.format}: {type(error).__name__}: {error}") from None
     if not examples:
-        raise SpecError(job, "dataset", spec.format, "the dataset has no rows")
+        raise SpecError(job, spec.field, spec.format, "the dataset has no rows")
+    unlabelled = [e for e in examples if not e.label]
+    if unlabelled:
+        raise SpecError(job, f"{spec.field}.label_column", spec.label_column,
+                        f"{len(unlabelled)} row(s) have an empty label, first {unlabelled[0].where}; "
+                        "give every row a label or remove the row")
     return examples
 
 

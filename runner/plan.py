@@ -52,12 +52,13 @@ def plan_job(path: str | Path) -> JobPlan:
         labels = spec.dataset.label_map.values() if spec.dataset.label_map else sorted({e.label for e in rows})
         model_labels = list(dict.fromkeys(labels))
         train = training_split(spec, shown, rows, sample_rows)
-    label_map = check_labels(spec, shown, {e.label for e in examples}, model_labels)
+    label_map = check_labels(spec, shown, examples, model_labels)
     if train is not None:
         unknown = sorted({e.label for e in train} - set(label_map))
         if unknown:
             raise SpecError(shown, "finetune.train", unknown,
-                            f"labels in the training data that the model does not know; it knows: {', '.join(label_map)}")
+                            f"labels in the training data that the model does not know (first at "
+                            f"{data.first_rows_with(train, unknown)}); it knows: {', '.join(label_map)}")
 
     return JobPlan(spec=spec, examples=examples, sample_rows=sample_rows, dataset_rows=len(rows),
                    label_map=label_map, model_labels=model_labels,
@@ -100,8 +101,9 @@ def check_lengths(spec: JobSpec, shown: Path, config: dict) -> None:
         raise SpecError(shown, "evaluation.fixed_shape", list(shape), f"its sequence length is too long: {allowed}")
 
 
-def check_labels(spec: JobSpec, shown: Path, dataset_labels: set[str], model_labels: list[str]) -> dict[str, str]:
+def check_labels(spec: JobSpec, shown: Path, examples: list[data.Example], model_labels: list[str]) -> dict[str, str]:
     """The dataset -> model label map, checked by name in both directions. Never by position."""
+    dataset_labels = {e.label for e in examples}
     label_map = spec.dataset.label_map
     if label_map is None:
         # Without a map the dataset's values must be the model's label names themselves.
@@ -113,8 +115,9 @@ def check_labels(spec: JobSpec, shown: Path, dataset_labels: set[str], model_lab
                       if len(dataset_labels) <= max(10, 3 * len(model_labels)) else
                       f"{len(dataset_labels)} different values look like text, not labels: check "
                       "dataset.label_column and dataset.text_column")
-            raise SpecError(shown, field, unknown,
-                            f"the dataset's labels are not the model's label names ({', '.join(model_labels)}); {advice}")
+            first = f" (first at {data.first_rows_with(examples, unknown[:1])})" if len(unknown) <= 10 else ""
+            raise SpecError(shown, field, unknown, f"the dataset's labels are not the model's label names "
+                                                   f"({', '.join(model_labels)}){first}; {advice}")
         return label_map
     for value, name in label_map.items():
         if name not in model_labels:
@@ -123,7 +126,8 @@ def check_labels(spec: JobSpec, shown: Path, dataset_labels: set[str], model_lab
     unmapped = sorted(label for label in dataset_labels if label not in label_map)
     if unmapped:
         raise SpecError(shown, "dataset.label_map", unmapped,
-                        f"these dataset labels have no model label; the map covers: {', '.join(label_map)}")
+                        f"these dataset labels have no model label (first at {data.first_rows_with(examples, unmapped)}); "
+                        f"the map covers: {', '.join(label_map)}")
     return label_map
 
 

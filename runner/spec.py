@@ -78,6 +78,7 @@ class DatasetSpec:
     label_map: dict[str, str] | None  # dataset label value -> model label name
     sample: SampleSpec
     max_length: int
+    field: str = "dataset"  # where it is in the job file: dataset, or finetune.train
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,7 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
 
     dataset = _dataset(file, shown, top.sub("dataset", required=True))
     finetune_reader = top.sub("finetune")
-    finetune = None if finetune_reader is None else _finetune(file, shown, finetune_reader)
+    finetune = None if finetune_reader is None else _finetune(file, shown, finetune_reader, dataset)
     evaluation = _evaluation(top.sub("evaluation") or _Reader(shown, {}, "evaluation"))
     settings = _settings(top.sub("settings") or _Reader(shown, {}, "settings"))
     variants = _variants(shown, top)
@@ -301,11 +302,11 @@ def _model_source(file: Path, shown: Path, reader: _Reader, allow_config: bool) 
 SOURCE_FIELDS = ("format", "path", "files", "header", "text_column", "label_column")
 
 
-def _finetune(file: Path, shown: Path, reader: _Reader) -> FinetuneSpec:
+def _finetune(file: Path, shown: Path, reader: _Reader, dataset: DatasetSpec) -> FinetuneSpec:
     reader.check_keys(("train", "epochs", "learning_rate", "batch_size", "max_samples", "seed",
                        "weight_decay", "warmup_ratio"))
     train_reader = reader.sub("train")
-    train = None if train_reader is None else _dataset(file, shown, train_reader, SOURCE_FIELDS)
+    train = None if train_reader is None else _dataset(file, shown, train_reader, SOURCE_FIELDS, like=dataset)
     values = {}
     for key, low, high in (("epochs", 0, 1000), ("learning_rate", 0, 1), ("weight_decay", -1e-12, 1),
                            ("warmup_ratio", -1e-12, 1)):
@@ -319,7 +320,10 @@ def _finetune(file: Path, shown: Path, reader: _Reader) -> FinetuneSpec:
                         **values)
 
 
-def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] | None = None) -> DatasetSpec:
+def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] | None = None,
+             like: DatasetSpec | None = None) -> DatasetSpec:
+    """A dataset's fields. A training file `like` the job's dataset (of its format) takes the dataset's
+    header and columns unless it names its own: it is usually the other split of the same data."""
     reader.check_keys(allowed or SOURCE_FIELDS + ("label_map", "sample", "max_length"))
     fmt = reader.get("format", str)
     path_value = reader.get("path", str)
@@ -346,10 +350,13 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
         if not path.is_file():
             raise SpecError(shown, reader.field("path"), path_value, f"no such file ({path})")
 
-    header = reader.get("header", bool, True)
+    like = like if like is not None and like.format == fmt else None
+    header = reader.get("header", bool, like.header if like else True)
     column_kinds = (str, int) if fmt in ("csv", "tsv") and not header else (str,)
-    text_column = reader.get("text_column", column_kinds, "text" if header or fmt not in ("csv", "tsv") else 0)
-    label_column = reader.get("label_column", column_kinds, "label" if header or fmt not in ("csv", "tsv") else 1)
+    text_column = reader.get("text_column", column_kinds, like.text_column if like and like.header == header
+                             else "text" if header or fmt not in ("csv", "tsv") else 0)
+    label_column = reader.get("label_column", column_kinds, like.label_column if like and like.header == header
+                              else "label" if header or fmt not in ("csv", "tsv") else 1)
 
     label_map_raw = reader.get("label_map", dict)
     label_map = None
@@ -371,7 +378,8 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
     sample = SampleSpec(n=n, fraction=fraction, seed=sample_reader.get("seed", int, 0))
     max_length = reader.positive_int("max_length", 128)
     return DatasetSpec(format=fmt, path=path, files=files, header=header, text_column=text_column,
-                       label_column=label_column, label_map=label_map, sample=sample, max_length=max_length)
+                       label_column=label_column, label_map=label_map, sample=sample, max_length=max_length,
+                       field=reader.where)
 
 
 def _tolerances(reader: _Reader | None) -> dict[str, float]:

@@ -200,7 +200,24 @@ def test_a_training_label_the_model_does_not_know_is_refused(capsys, tmp_path, s
     train = tmp_path / "train.tsv"
     train.write_text("bagus sekali\tpositive\nbiasa saja\tmixed\n")
     refused(capsys, tmp_path, finetune_job(smsa_base, train_path=train), "finetune.train", "'mixed'",
-            "does not know")
+            "does not know", "line 2 of train.tsv")
+
+
+def test_a_training_file_of_the_datasets_format_takes_its_header_and_columns(tmp_path, smsa_base):
+    # The other split of the same data: the dataset's `header: false` and column numbers hold for it too.
+    text = finetune_job(smsa_base).replace(f"train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}",
+                                           f"train: {{path: {SMSA / 'train_preprocess.tsv'}}}")
+    plan = plan_job(write_job(tmp_path, text))
+    assert len(plan.train_examples) == 1200
+    assert {e.label for e in plan.train_examples} == {"positive", "neutral", "negative"}
+
+
+def test_a_mistake_in_the_training_file_is_named_in_finetune_train(capsys, tmp_path, smsa_base):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"body": "bagus sekali", "tag": "positive"}\n')
+    text = finetune_job(smsa_base).replace(f"train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}",
+                                           f"train: {{path: {train}, label_column: tag}}")
+    refused(capsys, tmp_path, text, "finetune.train.text_column: found 'text'", "record 1 of train.jsonl has fields: body, tag")
 
 
 def test_an_empty_training_split_is_refused(capsys, tmp_path, smsa_base):

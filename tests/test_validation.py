@@ -263,3 +263,21 @@ def test_an_inline_architecture_whose_heads_do_not_divide_its_width_is_refused(c
     job = write_job(tmp_path / "ok", text.replace("hidden_size: 30", "hidden_size: 32"))
     code, _, err = run_cli(capsys, "validate", job)
     assert code == 0, err
+
+
+def test_a_row_without_a_label_is_named_by_its_line(capsys, tmp_path, tiny_model):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\na fine film,pos\nsome text,\na dull film,neg\n")
+    text = rt_job(tiny_model).replace(f"""  format: lines
+  path: {RT_POLARITY}
+  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""", f"  path: {data}")
+    check_refused(capsys, tmp_path, text, "dataset.label_column", "1 row(s) have an empty label, first line 3 of reviews.csv")
+
+
+def test_a_label_the_map_does_not_cover_is_named_with_its_first_line(capsys, tmp_path, tiny_model):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\na fine film,pos\na dull film,neg\nso-so,mixed\n")
+    text = rt_job(tiny_model).replace(f"""  format: lines
+  path: {RT_POLARITY}
+  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""", f"  path: {data}")
+    check_refused(capsys, tmp_path, text, "dataset.label_map", "line 4 of reviews.csv: 'mixed'")
