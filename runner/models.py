@@ -105,8 +105,13 @@ def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
     if source.path or source.package:
         check_source(source, job, field)
         folder = Path(pretrained_name(source))
+    if folder is not None and folder.is_dir() and not (folder / "config.json").is_file():
+        below = sorted(str(c.parent.relative_to(folder)) for c in folder.glob("*/config.json"))
+        hint = f"; a folder below holds one: {', '.join(below)}" if below else \
+            "; name the folder that save_pretrained wrote"
+        raise SpecError(job, field, str(folder), f"the folder has no config.json{hint}")
     if folder is None or not (folder / "config.json").is_file():
-        return read_config(source, job, field).to_dict()  # inline configs, the hub, odd folders
+        return read_config(source, job, field).to_dict()  # inline configs, the hub
     try:
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:

@@ -327,10 +327,12 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
     reader.check_keys(allowed or SOURCE_FIELDS + ("label_map", "sample", "max_length"))
     fmt = reader.get("format", str)
     path_value = reader.get("path", str)
-    if fmt is None and path_value:
+    inferred = fmt is None and bool(path_value)
+    if inferred:
         fmt = Path(path_value).suffix.lstrip(".").lower()  # data.csv -> csv
     if fmt not in DATASET_FORMATS:
-        raise SpecError(shown, reader.field("format"), fmt, f"allowed: {', '.join(DATASET_FORMATS)}")
+        said = f"; no format was given, so it was taken from the suffix of {path_value}: name one" if inferred else ""
+        raise SpecError(shown, reader.field("format"), fmt, f"allowed: {', '.join(DATASET_FORMATS)}{said}")
 
     path = files = None
     if fmt == "lines":

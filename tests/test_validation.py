@@ -142,6 +142,12 @@ def test_dataset_field_values(capsys, tmp_path, tiny_model_3, field, value, word
     check_refused(capsys, tmp_path, text, words)
 
 
+def test_a_format_taken_from_the_files_suffix_says_so(capsys, tmp_path, tiny_model_3):
+    text = smsa_job(tiny_model_3, "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}")
+    text = text.replace("  format: tsv\n", "").replace("test_preprocess.tsv", "test_preprocess.txt")
+    check_refused(capsys, tmp_path, text, "dataset.format: found 'txt'", "taken from the suffix of", "name one")
+
+
 @pytest.mark.parametrize("edit", ["as saved", "no id2label", "num_labels only"])
 def test_a_local_models_label_names_are_read_as_transformers_reads_them(tmp_path, tiny_model_3, edit):
     import json
@@ -281,3 +287,11 @@ def test_a_label_the_map_does_not_cover_is_named_with_its_first_line(capsys, tmp
   path: {RT_POLARITY}
   files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""", f"  path: {data}")
     check_refused(capsys, tmp_path, text, "dataset.label_map", "line 4 of reviews.csv: 'mixed'")
+
+
+def test_a_folder_above_the_model_is_refused_naming_the_folder_that_holds_it(capsys, tmp_path, tiny_model):
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
+    check_refused(capsys, tmp_path, rt_job(tmp_path / "models"), "model", "has no config.json",
+                  "a folder below holds one: tiny")
