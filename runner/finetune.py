@@ -32,6 +32,16 @@ class FinetuneTask:
     max_length: int
 
 
+def chance_note(train_loss: float | None, label_count: int) -> str:
+    """A word when the training loss stayed near what guessing gives (ln of the label count for
+    cross-entropy): the model then learned little, and every variant's accuracy will say so."""
+    chance = math.log(label_count) if label_count > 1 else 0.0
+    if train_loss is None or not chance or train_loss < 0.95 * chance:
+        return ""
+    return (f"; note: the loss stayed near ln {label_count} = {chance:.3f}, what guessing gives: the model "
+            "learned little (more rows or epochs, or another learning rate, may help)")
+
+
 def finetune_key(base_key: str, texts: list[str], labels: list[str], label_names: list[str],
                  settings: FinetuneSpec, max_length: int) -> str:
     digest = hashlib.sha256(b"quantbench-finetune-v1")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from runner import collect, dispatch, measure, models, results
-from runner.finetune import FinetuneTask, finetune_key
+from runner.finetune import FinetuneTask, chance_note, finetune_key
 from runner.plan import JobPlan
 from runner.spec import SpecError
 from runner.worker import VariantTask, base_result
@@ -195,7 +195,7 @@ def fine_tuned_model(plan: JobPlan, base_dir: Path, base_info: dict, cluster, sa
     if cached is not None:
         info = models.cached_info(cached)
         say(f"fine-tune: reusing the cached fine-tuned model {cached} (trained on {info['train_rows']} rows, "
-            f"train loss {info['train_loss']})")
+            f"train loss {info['train_loss']}){chance_note(info['train_loss'], len(plan.model_labels))}")
         return cached, {**info, "source": f"fine-tuned {base_info['source']}"}
     say(f"fine-tune: training on {len(texts)} rows ({spec.finetune.epochs:g} epoch(s), "
         f"batch {spec.finetune.batch_size}, learning rate {spec.finetune.learning_rate:g}) ...")
@@ -204,7 +204,7 @@ def fine_tuned_model(plan: JobPlan, base_dir: Path, base_info: dict, cluster, sa
     info = dispatch.finetune(task, cluster, placement_timeout_s,
                              precisions=[v.precision for v in spec.variants if v.device == "cpu"])
     say(f"fine-tune: done in {info['train_s']:.1f} s on {info['device']} ({info.get('node_ip')}), "
-        f"train loss {info['train_loss']}; cached as {info['folder']}")
+        f"train loss {info['train_loss']}; cached as {info['folder']}{chance_note(info['train_loss'], len(plan.model_labels))}")
     return Path(info["folder"]), {**info, "source": f"fine-tuned {base_info['source']}"}
 
 

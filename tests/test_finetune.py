@@ -224,3 +224,11 @@ def test_an_empty_training_split_is_refused(capsys, tmp_path, smsa_base):
     text = finetune_job(smsa_base).replace(f"  train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}\n", "")
     text = text.replace("sample: {n: 120, seed: 0}", "sample: {fraction: 1.0}")
     refused(capsys, tmp_path, text, "finetune", "training split is empty")
+
+
+def test_a_fine_tune_whose_loss_stayed_at_chance_says_the_model_learned_little():
+    # 0.6937 was a real MiniLM fine-tune on 300 rows: it predicted one class everywhere afterwards.
+    assert "ln 2 = 0.693" in finetune.chance_note(0.6937, 2) and "learned little" in finetune.chance_note(0.6937, 2)
+    assert "ln 3 = 1.099" in finetune.chance_note(1.08, 3)
+    assert finetune.chance_note(0.546075, 2) == ""  # the demo's fine-tune learned
+    assert finetune.chance_note(None, 2) == ""
