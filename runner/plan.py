@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import data, models
@@ -27,6 +27,7 @@ class JobPlan:
     sample_fingerprint: str
     spec_hash: str
     train_examples: list[data.Example] | None = None  # the fine-tune split, when the job fine-tunes
+    notes: list[str] = field(default_factory=list)  # what is allowed but worth saying before it runs
 
 
 def plan_job(path: str | Path) -> JobPlan:
@@ -60,10 +61,14 @@ def plan_job(path: str | Path) -> JobPlan:
                             f"labels in the training data that the model does not know (first at "
                             f"{data.first_rows_with(train, unknown)}); it knows: {', '.join(label_map)}")
 
+    notes = []
+    if len({e.label for e in examples}) == 1:
+        notes.append(f"every row of the evaluation sample has the label {examples[0].label!r}: accuracy cannot "
+                     "tell the model from one that always answers it")
     return JobPlan(spec=spec, examples=examples, sample_rows=sample_rows, dataset_rows=len(rows),
                    label_map=label_map, model_labels=model_labels,
                    sample_fingerprint=data.fingerprint(examples), spec_hash=_spec_hash(spec, examples, train),
-                   train_examples=train)
+                   train_examples=train, notes=notes)
 
 
 def training_split(spec: JobSpec, shown: Path, rows: list[data.Example], sample_rows: list[int]) -> list[data.Example]:

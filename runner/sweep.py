@@ -130,6 +130,8 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
                     f"{results.result_path(results_dir, name, variant_id)} ({why})")
             if not to_run[name]:
                 continue
+            for note in plan.notes:
+                say(f"note: {name}: {note}")
             prepared = time.perf_counter()
             try:
                 model_dir, model_info = models.prepare_model(plan.spec)
@@ -222,6 +224,7 @@ def describe_plan(plan: JobPlan) -> str:
                 f"epochs {spec.finetune.epochs:g}, learning rate {spec.finetune.learning_rate:g}, "
                 f"batch {spec.finetune.batch_size}, seed {spec.finetune.seed}"] if plan.train_examples else []),
              f"  baseline: {spec.baseline}",
+             *(f"  note: {note}" for note in plan.notes),
              "  variants:"]
     for variant in spec.variants:
         lines.append(f"    {variant.id:<20} runs on {dispatch.where_it_runs(variant.device)}")

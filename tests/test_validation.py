@@ -295,3 +295,16 @@ def test_a_folder_above_the_model_is_refused_naming_the_folder_that_holds_it(cap
     shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
     check_refused(capsys, tmp_path, rt_job(tmp_path / "models"), "model", "has no config.json",
                   "a folder below holds one: tiny")
+
+
+def test_an_evaluation_sample_of_one_label_is_pointed_out(capsys, tmp_path, tiny_model):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\na fine film,pos\na good film,pos\na great film,pos\n")
+    text = rt_job(tiny_model).replace(f"""  format: lines
+  path: {RT_POLARITY}
+  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""", f"  path: {data}")
+    code, out, err = run_cli(capsys, "validate", write_job(tmp_path, text))
+    assert code == 0, err
+    assert "note: every row of the evaluation sample has the label 'pos'" in out
+    code, out, err = run_cli(capsys, "validate", write_job(tmp_path / "two", rt_job(tiny_model)))
+    assert code == 0 and "note:" not in out
