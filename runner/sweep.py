@@ -128,21 +128,20 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
             for variant_id, why in replaced[name].items():
                 say(f"[resume] {name} {variant_id}: runs again and replaces "
                     f"{results.result_path(results_dir, name, variant_id)} ({why})")
+        # Every job's model before any variant: one that cannot be loaded stops the run with nothing written.
+        prepared_models = {}
+        for plan in plans:
+            if to_run[plan.spec.name]:
+                prepared = time.perf_counter()
+                prepared_models[plan.spec.name] = prepared_model(plan, say)
+                report.prepare_s += time.perf_counter() - prepared
+        for plan in plans:
+            name = plan.spec.name
             if not to_run[name]:
                 continue
             for note in plan.notes:
                 say(f"note: {name}: {note}")
-            prepared = time.perf_counter()
-            try:
-                model_dir, model_info = models.prepare_model(plan.spec)
-            except Exception as error:  # after validation, but before any result of this job is written
-                raise SpecError(plan.spec.file, "model", plan.spec.model.describe(),
-                                f"cannot load and save the model: {type(error).__name__}: {error}") from None
-            report.prepare_s += time.perf_counter() - prepared
-            say(f"model: {model_info['source']} -> {model_dir}" + (" (cached)" if model_info["cached"] else ""))
-            if model_info.get("newly_initialised") and plan.train_examples is None:
-                say(f"note: {len(model_info['newly_initialised'])} weight tensor(s) were randomly initialised "
-                    "(no trained classification head): accuracy is chance until the model is fine-tuned")
+            model_dir, model_info = prepared_models[name]
             if plan.train_examples is not None:
                 prepared = time.perf_counter()
                 try:
@@ -184,6 +183,21 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
             dispatch.shutdown()
     report.wall_s = time.perf_counter() - started
     return report
+
+
+def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:
+    """The job's FP32 checkpoint, from the cache or made now; a model that cannot be loaded is the job's
+    mistake (exit 2), as validation would have said if it could read weights."""
+    try:
+        model_dir, model_info = models.prepare_model(plan.spec)
+    except Exception as error:
+        raise SpecError(plan.spec.file, "model", plan.spec.model.describe(),
+                        f"cannot load and save the model: {type(error).__name__}: {error}") from None
+    say(f"model: {model_info['source']} -> {model_dir}" + (" (cached)" if model_info["cached"] else ""))
+    if model_info.get("newly_initialised") and plan.train_examples is None:
+        say(f"note: {len(model_info['newly_initialised'])} weight tensor(s) were randomly initialised "
+            "(no trained classification head): accuracy is chance until the model is fine-tuned")
+    return model_dir, model_info
 
 
 def fine_tuned_model(plan: JobPlan, base_dir: Path, base_info: dict, cluster, say,

@@ -195,3 +195,24 @@ def test_resume_of_a_finished_sweep_prints_the_table_without_starting_ray(capsys
     assert "[resume] tiny-rt fp32-cpu: kept" in out and "[resume] tiny-rt int8-dynamic-cpu: kept" in out
     table = first[first.index("tiny-rt (baseline"):first.index("wall ")]
     assert table in out  # the same table, from the same files
+
+
+def test_a_second_job_whose_model_cannot_load_stops_the_run_before_any_variant(capsys, tmp_path, tiny_model,
+                                                                             ray_temp_dir, monkeypatch):
+    # What validation cannot see (a pickled .bin that torch cannot read, say): exit 2, nothing written.
+    from runner import models
+
+    prepare = models.prepare_model
+
+    def second_job_fails(spec):
+        if spec.name == "second":
+            raise OSError("pytorch_model.bin: invalid load key")
+        return prepare(spec)
+
+    monkeypatch.setattr(models, "prepare_model", second_job_fails)
+    first = write_job(tmp_path / "a", rt_job(tiny_model, variants="[fp32-cpu]"))
+    second = write_job(tmp_path / "b", rt_job(tiny_model, name="second", variants="[fp32-cpu]"))
+    results = tmp_path / "results"
+    code, out, err = run_cli(capsys, "run", first, second, "--results", results, "--ray-temp-dir", ray_temp_dir)
+    assert code == 2 and "second" in err and "invalid load key" in err, out + err
+    assert not list(results.rglob("*.json")) and "[1/1]" not in out
