@@ -2,8 +2,8 @@
 
 Plain functions, no Ray and no I/O. Everything returned is JSON-ready (python floats, ints, lists, dicts;
 never numpy scalars or tensors) except `dequantized_linear_weights`, whose tensors feed the others.
-Float results are always finite: where a quantity is undefined (SQNR of an unchanged layer, the
-precision of a class never predicted, ...) the value is None and the docstring says so.
+Float results are always finite: where a quantity is undefined (the SQNR of an unchanged layer, ...)
+the value is None and the docstring says so. What the predictions did is in `effects.py`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,6 @@ __all__ = [
     "weight_histograms",
     "quantization_grid",
     "activation_outlier_columns",
-    "macro_f1",
-    "prediction_effects",
-    "paired_bootstrap_delta",
-    "mcnemar_exact",
 ]
 
 LAYER_TYPES = ("query", "key", "value", "attention_output", "intermediate", "output", "classifier", "pooler", "other")

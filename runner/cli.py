@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("jobs", nargs="+", type=Path, help="job files (YAML)")
     run.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results/)")
     run.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else an embedded local cluster)")
-    run.add_argument("--resume", action="store_true", help="skip variants whose result for the same spec exists")
+    run.add_argument("--resume", action="store_true", help="keep the ok results of the same job spec, rerun the rest (replacing their files)")
     run.add_argument("--ray-temp-dir", help="temporary folder of an embedded Ray cluster")
     run.add_argument("--placement-timeout", type=float, metavar="SECONDS",
                      help="how long to wait for a node that can run a variant before it is skipped "

@@ -22,10 +22,11 @@ from tabulate import tabulate
 
 from runner import effects
 from runner.measure import hardware_label
+from runner.precisions import PRECISIONS
 from runner.results import find_results
 from runner.spec import TOLERANCES
 
-PRECISION_ORDER = ["fp32", "fp16", "bf16", "int8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4"]
+PRECISION_ORDER = list(PRECISIONS)  # the table's columns in the registry's order
 
 # How a delta is called noise: a percentile interval of a paired bootstrap that contains 0 and, for
 # accuracy, McNemar's exact test at ALPHA. Seeded, so the same results always give the same marks.

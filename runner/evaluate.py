@@ -1,8 +1,10 @@
 """Evaluation: forward passes over the sample, timed one by one, and what the predictions say.
 
-The sample is tokenized before the clock starts. Warm-up passes are not timed. Every pass of the
-evaluation is timed (the per-sample latency the published study measured); timing goes on over the
-sample again until both the job's minimum pass count and minimum duration are reached. Labels are
+The sample is tokenized before the clock starts. Warm-up passes are not timed, nor is one more pass
+of every distinct batch shape. In latency mode `dataset` every batch of the sample is timed (the
+per-sample latency the published study measured), in whole passes over the sample until both the
+job's minimum pass count and minimum duration are reached; in mode `fixed` one batch of the fixed
+shape is timed instead, and the sample is evaluated once, untimed. Labels are
 compared by name, and a guard checks whether another reading of the same predictions would fit the
 gold labels far better: that is a mapping mistake, not a quantization effect.
 """

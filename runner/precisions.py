@@ -1,9 +1,11 @@
 """The precisions: one registry entry each, a name mapped to how a model is loaded and quantized.
 
-Adding a precision touches this file only. Each entry says which devices it runs on (validation uses
-that), how it loads a saved FP32 checkpoint, and how it quantizes the loaded model, and returns the
-settings that change its results so they can be recorded beside them. torch and transformers are
-imported inside the functions: the driver validates jobs without importing them.
+Each entry says which devices it runs on (validation uses that), how it loads a saved FP32
+checkpoint, and how it quantizes the loaded model, and returns the settings that change its results
+so they can be recorded beside them. Its place in the registry is its column's place in the table. A
+new quantized precision also needs its grid of representable values in `analysis._GRIDS`, or its
+weight analysis ends in a warning. torch and transformers are imported inside the functions: the
+driver validates jobs on a local model without importing them.
 """
 
 from __future__ import annotations

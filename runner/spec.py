@@ -1,8 +1,9 @@
 """The job spec: a YAML file read into plain dataclasses, every mistake named by file and field.
 
 A job names a model, a labelled dataset, evaluation settings, the variants to run (precision x device)
-and the baseline. This module only checks the shape of the file; `plan.py` checks it against the
-world (files on disk, the dataset's columns and labels, the model's label names).
+and the baseline. This module checks the shape of the file and that the files it names exist;
+`plan.py` checks it against their contents (the dataset's columns and labels, the model's config,
+tokenizer and weights).
 """
 
 from __future__ import annotations

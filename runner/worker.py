@@ -1,7 +1,8 @@
 """One variant, start to finish: load, quantize, measure size, evaluate and time, and return a result.
 
 `run_variant` is a plain function of a plain value: tests call it directly, and the dispatcher calls
-it in a process of its own on a Ray worker (runner/isolation.py). It never raises for a variant's own failure: the result says
+it on a Ray worker: a CPU variant in a process of its own forked for it (runner/isolation.py), a CUDA
+variant in a fresh worker process of its own. It never raises for a variant's own failure: the result says
 `failed` with the error, so one broken precision never stops a sweep.
 """
 
