@@ -67,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         plans = _plans(args.jobs)
-        names = [p.spec.name for p in plans]
-        if len(set(names)) != len(names):
-            raise SpecError(args.jobs[0], "name", names, "each job run together needs its own name")
+        for plan in plans:
+            same = [str(other.spec.file) for other in plans if other.spec.name == plan.spec.name]
+            if len(same) > 1:  # their results would share one folder
+                raise SpecError(plan.spec.file, "name", plan.spec.name,
+                                f"each job run together needs its own name; these files share it: {', '.join(same)}")
         from runner import sweep
 
         report = sweep.run_sweep(plans, args.results, args.resume, args.address, ray_temp_dir=args.ray_temp_dir,

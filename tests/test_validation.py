@@ -308,3 +308,11 @@ def test_an_evaluation_sample_of_one_label_is_pointed_out(capsys, tmp_path, tiny
     assert "note: every row of the evaluation sample has the label 'pos'" in out
     code, out, err = run_cli(capsys, "validate", write_job(tmp_path / "two", rt_job(tiny_model)))
     assert code == 0 and "note:" not in out
+
+
+def test_two_jobs_of_one_name_are_refused_naming_both_files(capsys, tmp_path, tiny_model):
+    first = write_job(tmp_path / "a", rt_job(tiny_model))
+    second = write_job(tmp_path / "b", rt_job(tiny_model))
+    code, _, err = run_cli(capsys, "run", first, second, "--results", tmp_path / "results")
+    assert code == 2 and "tiny-rt" in err and str(first) in err and str(second) in err, err
+    assert not (tmp_path / "results").exists()
