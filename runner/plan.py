@@ -45,6 +45,7 @@ def plan_job(path: str | Path) -> JobPlan:
         models.check_tokenizer_files(spec.model, shown, "model")
     models.check_weight_files(spec.model, shown)
     check_lengths(spec, shown, config)
+    notes: list[str] = []
     train = None
     if spec.finetune is None:
         model_labels = labels_of_model
@@ -52,7 +53,7 @@ def plan_job(path: str | Path) -> JobPlan:
         # Fine-tuning gives the model a new head whose labels are the names the job maps to.
         labels = spec.dataset.label_map.values() if spec.dataset.label_map else sorted({e.label for e in rows})
         model_labels = list(dict.fromkeys(labels))
-        train = training_split(spec, shown, rows, sample_rows)
+        train = training_split(spec, shown, rows, sample_rows, notes)
     label_map = check_labels(spec, shown, examples, model_labels)
     if train is not None:
         unknown = sorted({e.label for e in train} - set(label_map))
@@ -61,7 +62,13 @@ def plan_job(path: str | Path) -> JobPlan:
                             f"labels in the training data that the model does not know (first at "
                             f"{data.first_rows_with(train, unknown)}); it knows: {', '.join(label_map)}")
 
-    notes = []
+    empty = sum(not e.text.strip() for e in examples)
+    if empty:
+        notes.append(f"{empty} row(s) of the evaluation sample have an empty text (first at "
+                     f"{next(e.where for e in examples if not e.text.strip())}); they are evaluated as they are")
+    repeated = len(examples) - len({e.text for e in examples})
+    if repeated:
+        notes.append(f"{repeated} row(s) of the evaluation sample repeat a text of another row; each is counted")
     if len({e.label for e in examples}) == 1:
         notes.append(f"every row of the evaluation sample has the label {examples[0].label!r}: accuracy cannot "
                      "tell the model from one that always answers it")
@@ -71,8 +78,10 @@ def plan_job(path: str | Path) -> JobPlan:
                    train_examples=train, notes=notes)
 
 
-def training_split(spec: JobSpec, shown: Path, rows: list[data.Example], sample_rows: list[int]) -> list[data.Example]:
-    """The fine-tune's rows: a file of its own, or the dataset minus the evaluation sample. Never both."""
+def training_split(spec: JobSpec, shown: Path, rows: list[data.Example], sample_rows: list[int],
+                   notes: list[str]) -> list[data.Example]:
+    """The fine-tune's rows: a file of its own, or the dataset minus the evaluation sample. Never both.
+    What the user may not expect goes into notes."""
     settings = spec.finetune
     evaluated = {rows[i].text for i in sample_rows}
     if settings.train is not None:
@@ -84,6 +93,9 @@ def training_split(spec: JobSpec, shown: Path, rows: list[data.Example], sample_
     else:
         held_out = set(sample_rows)
         train = [e for i, e in enumerate(rows) if i not in held_out and e.text not in evaluated]
+        if len(rows) - len(held_out) > len(train):
+            notes.append(f"{len(rows) - len(held_out) - len(train)} row(s) outside the evaluation sample are left "
+                         "out of the training split: their text is also in the evaluation sample")
     if settings.max_samples is not None and settings.max_samples < len(train):
         keep = data.sample_indices(len(train), SampleSpec(n=settings.max_samples, seed=settings.seed))
         train = [train[i] for i in keep]

@@ -232,3 +232,22 @@ def test_a_fine_tune_whose_loss_stayed_at_chance_says_the_model_learned_little()
     assert "ln 3 = 1.099" in finetune.chance_note(1.08, 3)
     assert finetune.chance_note(0.546075, 2) == ""  # the demo's fine-tune learned
     assert finetune.chance_note(None, 2) == ""
+
+
+def test_rows_left_out_of_the_training_split_for_sharing_a_text_are_counted(capsys, tmp_path, tiny_model_3):
+    # Each text twice: the copies of the evaluated texts must not be trained on, and the user hears so.
+    rows = [f"kalimat nomor {i},{['positive', 'neutral', 'negative'][i % 3]}" for i in range(10)]
+    data = tmp_path / "twice.csv"
+    data.write_text("text,label\n" + "\n".join(rows + rows) + "\n")
+    job = write_job(tmp_path, f"""
+name: twice
+model: {{path: {tiny_model_3}}}
+dataset: {{path: {data}, label_map: {{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}}, sample: {{n: 4, seed: 0}}}}
+finetune: {{epochs: 1}}
+variants: [fp32-cpu]
+""")
+    plan = plan_job(job)
+    assert len(plan.train_examples) == 12  # 16 rows outside the sample, 4 of them copies of evaluated texts
+    code, out, err = run_cli(capsys, "validate", job)
+    assert code == 0, err
+    assert "note: 4 row(s) outside the evaluation sample are left out of the training split" in out

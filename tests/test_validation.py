@@ -316,3 +316,15 @@ def test_two_jobs_of_one_name_are_refused_naming_both_files(capsys, tmp_path, ti
     code, _, err = run_cli(capsys, "run", first, second, "--results", tmp_path / "results")
     assert code == 2 and "tiny-rt" in err and str(first) in err and str(second) in err, err
     assert not (tmp_path / "results").exists()
+
+
+def test_empty_and_repeated_texts_in_the_evaluation_sample_are_pointed_out(capsys, tmp_path, tiny_model):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\na fine film,pos\n,neg\na fine film,pos\na dull film,neg\n")
+    text = rt_job(tiny_model).replace(f"""  format: lines
+  path: {RT_POLARITY}
+  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""", f"  path: {data}")
+    code, out, err = run_cli(capsys, "validate", write_job(tmp_path, text))
+    assert code == 0, err
+    assert "note: 1 row(s) of the evaluation sample have an empty text (first at line 3 of reviews.csv)" in out
+    assert "note: 1 row(s) of the evaluation sample repeat a text of another row" in out
