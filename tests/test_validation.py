@@ -271,21 +271,22 @@ def test_an_inline_architecture_whose_heads_do_not_divide_its_width_is_refused(c
     assert code == 0, err
 
 
-def test_a_row_without_a_label_is_named_by_its_line(capsys, tmp_path, tiny_model):
+def csv_job(tmp_path, model, contents: str) -> str:
+    """The tiny rt job, reading its rows from reviews.csv with these contents instead."""
     data = tmp_path / "reviews.csv"
-    data.write_text("text,label\na fine film,pos\nsome text,\na dull film,neg\n")
-    text = rt_job(tiny_model).replace(f"""  format: lines
+    data.write_text(contents)
+    return rt_job(model).replace(f"""  format: lines
   path: {RT_POLARITY}
   files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""", f"  path: {data}")
+
+
+def test_a_row_without_a_label_is_named_by_its_line(capsys, tmp_path, tiny_model):
+    text = csv_job(tmp_path, tiny_model, "text,label\na fine film,pos\nsome text,\na dull film,neg\n")
     check_refused(capsys, tmp_path, text, "dataset.label_column", "1 row(s) have an empty label, first line 3 of reviews.csv")
 
 
 def test_a_label_the_map_does_not_cover_is_named_with_its_first_line(capsys, tmp_path, tiny_model):
-    data = tmp_path / "reviews.csv"
-    data.write_text("text,label\na fine film,pos\na dull film,neg\nso-so,mixed\n")
-    text = rt_job(tiny_model).replace(f"""  format: lines
-  path: {RT_POLARITY}
-  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""", f"  path: {data}")
+    text = csv_job(tmp_path, tiny_model, "text,label\na fine film,pos\na dull film,neg\nso-so,mixed\n")
     check_refused(capsys, tmp_path, text, "dataset.label_map", "line 4 of reviews.csv: 'mixed'")
 
 
@@ -298,11 +299,7 @@ def test_a_folder_above_the_model_is_refused_naming_the_folder_that_holds_it(cap
 
 
 def test_an_evaluation_sample_of_one_label_is_pointed_out(capsys, tmp_path, tiny_model):
-    data = tmp_path / "reviews.csv"
-    data.write_text("text,label\na fine film,pos\na good film,pos\na great film,pos\n")
-    text = rt_job(tiny_model).replace(f"""  format: lines
-  path: {RT_POLARITY}
-  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""", f"  path: {data}")
+    text = csv_job(tmp_path, tiny_model, "text,label\na fine film,pos\na good film,pos\na great film,pos\n")
     code, out, err = run_cli(capsys, "validate", write_job(tmp_path, text))
     assert code == 0, err
     assert "note: every row of the evaluation sample has the label 'pos'" in out
@@ -319,11 +316,7 @@ def test_two_jobs_of_one_name_are_refused_naming_both_files(capsys, tmp_path, ti
 
 
 def test_empty_and_repeated_texts_in_the_evaluation_sample_are_pointed_out(capsys, tmp_path, tiny_model):
-    data = tmp_path / "reviews.csv"
-    data.write_text("text,label\na fine film,pos\n,neg\na fine film,pos\na dull film,neg\n")
-    text = rt_job(tiny_model).replace(f"""  format: lines
-  path: {RT_POLARITY}
-  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""", f"  path: {data}")
+    text = csv_job(tmp_path, tiny_model, "text,label\na fine film,pos\n,neg\na fine film,pos\na dull film,neg\n")
     code, out, err = run_cli(capsys, "validate", write_job(tmp_path, text))
     assert code == 0, err
     assert "note: 1 row(s) of the evaluation sample have an empty text (first at line 3 of reviews.csv)" in out
