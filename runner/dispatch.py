@@ -267,11 +267,16 @@ def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
         if time.monotonic() >= deadline:
             break
         time.sleep(1.0)  # an autoscaler may be adding the node; poll the cluster state
+    return why_no_node(device, nodes, timeout_s)
+
+
+def why_no_node(device: str, nodes: list[dict], waited_s: float) -> str:
+    needs = requirements(device)
     have = "; ".join(f"{n['NodeManagerAddress']}: " + ", ".join(
         f"{k}={v:g}" for k, v in sorted(n["Resources"].items()) if k.startswith(("quantbench", "GPU", "CPU")))
         for n in nodes)
     return (f"no node in the cluster can run {device} variants (needs {', '.join(f'{k}={v}' for k, v in needs.items())}); "
-            f"waited {timeout_s:g} s; nodes: {have or 'none'}")
+            f"waited {waited_s:g} s; nodes: {have or 'none'}")
 
 
 def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
@@ -333,7 +338,8 @@ _remote_execute = _remote_per_device(_execute)
 
 
 def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable[[dict], None],
-                 placement_timeout_s: float | None = None, model_dir: Path | None = None) -> list[dict]:
+                 placement_timeout_s: float | None = None, model_dir: Path | None = None,
+                 say: Callable[[str], None] = print) -> list[dict]:
     """Run every task where it can run; call on_result as each result arrives; return them all."""
     placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
     archive = []
@@ -343,21 +349,45 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
 
     also_import = fork_server_imports([t.variant.precision for t in tasks if t.variant.device == "cpu"])
     results, pending = [], {}
-    # Decided for every device before anything is submitted: no wait runs beside a timed variant.
-    unplaceable = {device: wait_for_capable_node(device, placement_timeout_s)
-                   for device in dict.fromkeys(task.variant.device for task in tasks)}
+
+    def skip(task: VariantTask, reason: str) -> None:
+        result = base_result(task, "skipped", reason)
+        result["ended_at"] = measure.now()
+        results.append(result)
+        on_result(result)
+
+    # A device no node can run now: its variants wait in Ray's queue, for a node that joins (an
+    # autoscaler), until a deadline, while the others run. ray.wait sleeps until a result or the
+    # deadline: nothing polls beside a timed variant.
+    nodes = alive_nodes()
+    missing = [device for device in dict.fromkeys(task.variant.device for task in tasks)
+               if not any(_fits(node, requirements(device)) for node in nodes)]
+    deadlines = {device: time.monotonic() + placement_timeout_s for device in missing}
+    for device in missing:
+        if placement_timeout_s > 0:
+            say(f"waiting up to {placement_timeout_s:g} s for a node that can run {device} variants; "
+                "the others run meanwhile")
     for task in tasks:
         device = task.variant.device
-        if unplaceable[device]:
-            result = base_result(task, "skipped", unplaceable[device])
-            result["ended_at"] = measure.now()
-            results.append(result)
-            on_result(result)
+        if device in missing and placement_timeout_s <= 0:
+            skip(task, why_no_node(device, nodes, placement_timeout_s))
             continue
         pending[_remote_execute[device].options(**task_options(device)).remote(task, archive, also_import)] = task
 
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        wait_s = max(0.0, min(deadlines.values()) - time.monotonic()) if deadlines else None
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+        if not done:  # a deadline passed: a node came (its variants stay queued or run) or they are skipped
+            nodes = alive_nodes()
+            for device in [d for d, at in deadlines.items() if at <= time.monotonic()]:
+                del deadlines[device]
+                if any(_fits(node, requirements(device)) for node in nodes):
+                    continue
+                for ref, task in [(r, t) for r, t in pending.items() if t.variant.device == device]:
+                    ray.cancel(ref, force=True)
+                    del pending[ref]
+                    skip(task, why_no_node(device, nodes, placement_timeout_s))
+            continue
         task = pending.pop(done[0])
         try:
             result = ray.get(done[0])

@@ -176,7 +176,7 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
                 say(progress_line(count[0], total, merged))
 
             job_results = dispatch.run_variants(tasks, cluster, on_result, placement_timeout_s=placement_timeout_s,
-                                                model_dir=model_dir)
+                                                model_dir=model_dir, say=say)
             report.variants_s += sum(r.get("wall_s") or 0.0 for r in job_results)
     finally:
         if cluster is not None:

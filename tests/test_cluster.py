@@ -306,17 +306,21 @@ def test_a_variant_no_node_can_run_is_skipped_after_the_placement_timeout(cluste
     if cluster.running("gpu"):
         cluster.stop("gpu")
     cluster.wait_for_nodes({"cpu": True, "gpu": False})
-    job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp16-cuda]", n=8, extra="baseline: fp16-cuda"))
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp16-cuda, fp32-cpu]", n=8))
     results = tmp_path / "results"
 
     code, out, seconds = run_cli(cluster, capsys, "run", job, "--results", results, "--address", cluster.address,
-                                 "--placement-timeout", "3")
+                                 "--placement-timeout", "20")
 
     assert code == 0, out  # skipped is not failed
-    result = results_of(results / "tiny-rt")["fp16-cuda"]
+    assert "waiting up to 20 s for a node that can run cuda variants; the others run meanwhile" in out
+    files = results_of(results / "tiny-rt")
+    result = files["fp16-cuda"]
     assert result["status"] == "skipped"
-    assert "no node in the cluster can run cuda variants" in result["error"] and "waited 3 s" in result["error"]
-    assert 3 <= seconds < 60, f"the run took {seconds:.0f} s\n{out}"
+    assert "no node in the cluster can run cuda variants" in result["error"] and "waited 20 s" in result["error"]
+    # The CPU variant ran during the wait, not after it.
+    assert files["fp32-cpu"]["status"] == "ok" and files["fp32-cpu"]["ended_at"] < result["ended_at"]
+    assert 20 <= seconds < 70, f"the run took {seconds:.0f} s\n{out}"
 
 
 def test_a_wrong_token_is_refused_with_what_to_check(cluster, capsys, tmp_path, tiny_model):
