@@ -14,6 +14,17 @@ from pathlib import Path
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds, 0 or more: nan or inf would wait forever, a negative wait means nothing."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, 0 or more; found {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -24,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else an embedded local cluster)")
     run.add_argument("--resume", action="store_true", help="keep the ok results of the same job spec, rerun the rest (replacing their files)")
     run.add_argument("--ray-temp-dir", help="temporary folder of an embedded Ray cluster")
-    run.add_argument("--placement-timeout", type=float, metavar="SECONDS",
+    run.add_argument("--placement-timeout", type=_seconds, metavar="SECONDS",
                      help="how long to wait for a node that can run a variant before it is skipped "
                           "(default: 0 on the embedded cluster, 30 on a cluster given by address)")
 

@@ -119,7 +119,9 @@ def connect(address: str | None = None, temp_dir: str | None = None,
             raise ConnectionError(
                 f"{error}. {address} answers, but Ray could not join it: check that this shell's RAY_AUTH_TOKEN is "
                 "the cluster's (when it uses token authentication, RAY_AUTH_MODE=token), that the cluster runs "
-                f"Ray {ray.__version__} as this machine does, and that {address} is the head's GCS port") from None
+                f"Ray {ray.__version__} as this machine does, and that {address} is the head's "
+                + ("Ray Client port (10001 by default)" if address.startswith("ray://") else "GCS port (6379 by default)")
+                + "; a Ray Client server needs a few seconds after the head starts") from None
     else:
         gpus = local_gpu_count()  # it may run nvidia-smi: once
         if cpu_precisions is not None:
@@ -150,6 +152,11 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
     error reaches the user (cli: "cannot reach the Ray cluster", exit 2). HOST:PORT is a GCS address,
     ray://HOST:PORT a Ray Client server; what Ray resolves itself (auto, local, other schemes) is left to it.
     """
+    source = f"given by {given_by}" if given_by.startswith("--") else f"from {given_by}"
+    if address.startswith(("http://", "https://")):  # ray.init's own error blames RAY_ADDRESS, in a traceback
+        raise ConnectionError(f"{address} ({source}) is a web address, like the dashboard's that `ray job submit` "
+                              "takes; quantbench run takes the head's GCS address HOST:PORT (port 6379 by default) "
+                              "or its Ray Client address ray://HOST:PORT (port 10001 by default)")
     target = _tcp_target(address)
     if target is None:
         return False
@@ -172,7 +179,6 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
     else:
         check = (f"that the cluster's head is running on that machine (`ray start --head --port={port}` starts "
                  "one), and that this is its GCS port (6379 by default) and open from this machine")
-    source = f"given by {given_by}" if given_by.startswith("--") else f"from {given_by}"
     raise ConnectionError(f"{address} ({source}): {what}. Check {check}.")
 
 

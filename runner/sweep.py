@@ -26,12 +26,15 @@ class SweepReport:
     cluster_start_s: float = 0.0
     prepare_s: float = 0.0
     variants_s: float = 0.0  # the sum of the variants' own work (run_variant, inside each worker)
+    nothing_ran: bool = False  # --resume kept every result
 
     @property
     def failed(self) -> bool:
         return any(r["status"] == "failed" for r in self.results)
 
     def split(self) -> str:
+        if self.nothing_ran:
+            return f"wall {self.wall_s:.1f} s: nothing ran, every result was kept"
         overhead = self.wall_s - self.variants_s - self.prepare_s
         share = overhead / self.wall_s if self.wall_s else 0.0
         return (f"wall {self.wall_s:.1f} s = variants' own work {self.variants_s:.1f} s"
@@ -117,7 +120,7 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
         report.cluster_start_s = time.perf_counter() - started
         say(f"cluster: {cluster.describe()}")
     else:  # a finished sweep run again with --resume: the table from the kept results, at once
-        cluster = None
+        cluster, report.nothing_ran = None, True
         say("cluster: not started: --resume kept every variant's result, nothing left to run")
     try:
         for plan in plans:

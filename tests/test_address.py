@@ -96,7 +96,7 @@ def test_an_address_that_answers_passes_the_check(form):
         assert dispatch.check_address(form.format(port=port), "--address") is True  # raises nothing
 
 
-@pytest.mark.parametrize("address", ["auto", "local", "ray://auto", "anyscale://my-cluster", "http://127.0.0.1:8265"])
+@pytest.mark.parametrize("address", ["auto", "local", "ray://auto", "anyscale://my-cluster"])
 def test_what_ray_resolves_itself_is_left_to_ray(address, monkeypatch):
     def connect(*args, **kwargs):
         raise AssertionError(f"{address} was checked: {args}")
@@ -120,3 +120,23 @@ def test_each_way_of_not_answering_is_said(error, says, monkeypatch):
     message = str(raised.value)
     assert message.startswith("head.example:6379 (given by --address): ") and says in message, message
     assert "ray start --head --port=6379" in message, message
+
+
+def test_a_dashboard_address_is_refused_saying_which_addresses_run_takes(tmp_path, tiny_model):
+    # The form `ray job submit --address` takes: a user easily gives it to quantbench run too.
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, n=8))
+    code, out, _ = run_quantbench("run", str(job), "--results", str(tmp_path / "results"),
+                                  "--address", "http://127.0.0.1:8265", env=user_env(), timeout_s=90)
+    assert code == 2, out
+    assert "http://127.0.0.1:8265 (given by --address) is a web address" in out and "ray://HOST:PORT" in out, out
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5", "abc"])
+def test_a_placement_timeout_that_is_not_a_finite_wait_is_refused(tmp_path, tiny_model, capsys, value):
+    from runner.cli import main
+
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, n=8))
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(job), "--placement-timeout", value])
+    assert exit_.value.code == 2 and "--placement-timeout" in capsys.readouterr().err
