@@ -264,16 +264,19 @@ def where_it_runs(device: str) -> str:
 
 def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
     """None when some node can run the device's variants; else why none can, after waiting timeout_s."""
-    needs = requirements(device)
     deadline = time.monotonic() + timeout_s
     while True:
         nodes = alive_nodes()
-        if any(_fits(node, needs) for node in nodes):
+        if can_run(nodes, device):
             return None
         if time.monotonic() >= deadline:
             break
         time.sleep(1.0)  # an autoscaler may be adding the node; poll the cluster state
     return why_no_node(device, nodes, timeout_s)
+
+
+def can_run(nodes: list[dict], device: str) -> bool:
+    return any(_fits(node, requirements(device)) for node in nodes)
 
 
 def why_no_node(device: str, nodes: list[dict], waited_s: float) -> str:
@@ -366,13 +369,12 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
     # autoscaler), until a deadline, while the others run. ray.wait sleeps until a result or the
     # deadline: nothing polls beside a timed variant.
     nodes = alive_nodes()
-    missing = [device for device in dict.fromkeys(task.variant.device for task in tasks)
-               if not any(_fits(node, requirements(device)) for node in nodes)]
-    deadlines = {device: time.monotonic() + placement_timeout_s for device in missing}
-    for device in missing:
-        if placement_timeout_s > 0:
-            say(f"waiting up to {placement_timeout_s:g} s for a node that can run {device} variants; "
-                "the others run meanwhile")
+    missing = [device for device in dict.fromkeys(task.variant.device for task in tasks) if not can_run(nodes, device)]
+    deadline = time.monotonic() + placement_timeout_s
+    waiting = missing if placement_timeout_s > 0 else []
+    for device in waiting:
+        say(f"waiting up to {placement_timeout_s:g} s for a node that can run {device} variants; "
+            "the others run meanwhile")
     for task in tasks:
         device = task.variant.device
         if device in missing and placement_timeout_s <= 0:
@@ -381,18 +383,16 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
         pending[_remote_execute[device].options(**task_options(device)).remote(task, archive, also_import)] = task
 
     while pending:
-        wait_s = max(0.0, min(deadlines.values()) - time.monotonic()) if deadlines else None
+        wait_s = max(0.0, deadline - time.monotonic()) if waiting else None
         done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
-        if not done:  # a deadline passed: a node came (its variants stay queued or run) or they are skipped
+        if not done:  # the deadline passed: a node came (its variants stay queued or run) or they are skipped
             nodes = alive_nodes()
-            for device in [d for d, at in deadlines.items() if at <= time.monotonic()]:
-                del deadlines[device]
-                if any(_fits(node, requirements(device)) for node in nodes):
-                    continue
+            for device in [d for d in waiting if not can_run(nodes, d)]:
                 for ref, task in [(r, t) for r, t in pending.items() if t.variant.device == device]:
                     ray.cancel(ref, force=True)
                     del pending[ref]
                     skip(task, why_no_node(device, nodes, placement_timeout_s))
+            waiting = []
             continue
         task = pending.pop(done[0])
         try:

@@ -98,20 +98,27 @@ def label_names(config) -> list[str]:
     return [config.id2label[i] for i in sorted(config.id2label)]
 
 
+def local_folder(source: ModelSource, job: Path, field: str) -> Path | None:
+    """The folder of a path or package source, whose files can be checked here; None for the hub (its
+    files cannot be listed offline), an inline config (it has none) or a path that is not a folder."""
+    if not (source.path or source.package):
+        return None
+    check_source(source, job, field)
+    folder = Path(pretrained_name(source))
+    return folder if folder.is_dir() else None
+
+
 def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
     """The model's config as a dict. A local model's is its config.json, read without importing
     transformers (and torch): planning stays quick."""
-    folder = None
-    if source.path or source.package:
-        check_source(source, job, field)
-        folder = Path(pretrained_name(source))
-    if folder is not None and folder.is_dir() and not (folder / "config.json").is_file():
+    folder = local_folder(source, job, field)
+    if folder is None:
+        return read_config(source, job, field).to_dict()  # inline configs, the hub
+    if not (folder / "config.json").is_file():
         below = sorted(str(c.parent.relative_to(folder)) for c in folder.glob("*/config.json"))
         hint = f"; a folder below holds one: {', '.join(below)}" if below else \
             "; name the folder that save_pretrained wrote"
         raise SpecError(job, field, str(folder), f"the folder has no config.json{hint}")
-    if folder is None or not (folder / "config.json").is_file():
-        return read_config(source, job, field).to_dict()  # inline configs, the hub
     try:
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -138,11 +145,8 @@ VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.mode
 def check_tokenizer_files(source: ModelSource, job: Path, field: str) -> None:
     """A local folder must hold a tokenizer's vocabulary. Without one, transformers builds a tokenizer of
     a handful of special tokens, every word becomes [UNK], and every variant runs 'ok' on nonsense."""
-    if not (source.path or source.package):
-        return  # the hub's files cannot be listed offline; an inline config has no files
-    check_source(source, job, field)
-    folder = Path(pretrained_name(source))
-    if folder.is_dir() and not any((folder / name).is_file() for name in VOCABULARY_FILES):
+    folder = local_folder(source, job, field)
+    if folder is not None and not any((folder / name).is_file() for name in VOCABULARY_FILES):
         hint = ("save the tokenizer beside the model (tokenizer.save_pretrained) or name one with tokenizer:"
                 if field == "model" else "name a folder that holds one")
         raise SpecError(job, field, str(folder),
@@ -157,11 +161,8 @@ def check_weight_files(source: ModelSource, job: Path, field: str = "model") -> 
     """A local folder must hold whole weights. Without them, or with a safetensors file cut short (an
     interrupted copy), the run would stop at loading, after starting Ray. safetensors checks each file's
     header against its size without reading the tensors (and without torch)."""
-    if not (source.path or source.package):
-        return
-    check_source(source, job, field)
-    folder = Path(pretrained_name(source))
-    if not folder.is_dir():
+    folder = local_folder(source, job, field)
+    if folder is None:
         return
     found = [name for name in WEIGHT_FILES if (folder / name).is_file()]
     if not found:

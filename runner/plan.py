@@ -62,10 +62,10 @@ def plan_job(path: str | Path) -> JobPlan:
                             f"labels in the training data that the model does not know (first at "
                             f"{data.first_rows_with(train, unknown)}); it knows: {', '.join(label_map)}")
 
-    empty = sum(not e.text.strip() for e in examples)
+    empty = [e for e in examples if not e.text.strip()]
     if empty:
-        notes.append(f"{empty} row(s) of the evaluation sample have an empty text (first at "
-                     f"{next(e.where for e in examples if not e.text.strip())}); they are evaluated as they are")
+        notes.append(f"{len(empty)} row(s) of the evaluation sample have an empty text (first at "
+                     f"{empty[0].where}); they are evaluated as they are")
     repeated = len(examples) - len({e.text for e in examples})
     if repeated:
         notes.append(f"{repeated} row(s) of the evaluation sample repeat a text of another row; each is counted")
