@@ -316,13 +316,24 @@ def unpack_archive(key: str, archive: bytes) -> Path:
     import io
     import tarfile
 
-    def write(tmp: Path) -> None:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r") as tar:
-            tar.extractall(tmp, filter="data")
-
     existing = cached_model(key)
     if existing is not None:
         return existing
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r") as tar:
         info = json.load(tar.extractfile(MARKER))
-    return save_folder(key, info, write)
+    return save_folder(key, info, lambda tmp: extract_flat(archive, tmp))
+
+
+def extract_flat(archive: bytes, folder: Path) -> None:
+    """The plain files of a flat tar (what archive_folder makes) into folder, and nothing else: a link,
+    a device, a folder or a name with a path in it is refused. By hand rather than with
+    extractall(filter="data"), which Python 3.11.0-3.11.3 do not have."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r") as tar:
+        for member in tar:
+            if not member.isfile() or member.name in ("", ".", "..") or Path(member.name).name != member.name:
+                raise ValueError(f"model archive: refusing {member.name!r}: only plain files at its top level")
+            with tar.extractfile(member) as source, open(Path(folder) / member.name, "xb") as out:
+                shutil.copyfileobj(source, out)
