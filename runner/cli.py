@@ -63,7 +63,7 @@ def _plans(paths: list[Path]):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from runner.results import ResultsConflict
+    from runner.results import ResultsError
     from runner.spec import SpecError
 
     try:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep.print_table(report, plans)
         print(report.split())
         return EXIT_FAILED if report.failed else EXIT_OK
-    except (SpecError, ResultsConflict) as error:
+    except (SpecError, ResultsError) as error:
         print(f"quantbench: {error}", file=sys.stderr)
         return EXIT_USAGE
     except ConnectionError as error:  # e.g. no Ray cluster at --address

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import tempfile
 from pathlib import Path
 
 
-class ResultsConflict(Exception):
+class ResultsError(Exception):
+    """A results folder the run must not or cannot write: said before anything runs (exit 2)."""
+
+
+class ResultsConflict(ResultsError):
+    pass
+
+
+class ResultsUnwritable(ResultsError):
     pass
 
 
@@ -103,3 +112,34 @@ def plan_folder(results_dir: Path, job: str, spec_hash: str, variant_ids: list[s
         else:
             kept[v] = r
     return kept, replaced
+
+
+def check_writable(results_dir: Path, jobs: list[str]) -> None:
+    """Before anything runs: this user can make each job's results folder and write a file in it.
+    Folders the check made are removed again when it fails, so a refusal leaves nothing behind."""
+    for job in jobs:
+        folder = Path(results_dir) / job
+        made = [p for p in (folder, *folder.parents) if not p.exists()][::-1]  # outermost first
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            for path in reversed(made):
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+            raise ResultsUnwritable(
+                f"results folder {folder}: user {_user()} cannot {'create' if made else 'write in'} it "
+                f"({error.strerror}); give this user write access to it, or choose another folder with "
+                "--results") from None
+
+
+def _user() -> str:
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"

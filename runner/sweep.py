@@ -102,7 +102,7 @@ def progress_line(done: int, total: int, result: dict) -> str:
 def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: str | None,
               say: Callable[[str], None] = print, ray_temp_dir: str | None = None,
               placement_timeout_s: float | None = None) -> SweepReport:
-    """Run every planned job. Raises results.ResultsConflict before starting anything."""
+    """Run every planned job. Raises results.ResultsError before starting anything."""
     folders = {plan.spec.name: results.plan_folder(results_dir, plan.spec.name, plan.spec_hash,
                                                    [v.id for v in plan.spec.variants], resume)
                for plan in plans}
@@ -114,6 +114,7 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
     cpu_precisions = [v.precision for variants in to_run.values() for v in variants if v.device == "cpu"]
     # A fine-tune is CPU work too where the cluster has no GPU.
     cpu_work = cpu_precisions or any(plan.train_examples is not None and to_run[plan.spec.name] for plan in plans)
+    results.check_writable(results_dir, [name for name, variants in to_run.items() if variants])
     if any(to_run.values()):
         cluster = dispatch.connect(address, temp_dir=ray_temp_dir,
                                    cpu_precisions=cpu_precisions if cpu_work else None)

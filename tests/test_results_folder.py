@@ -1,0 +1,69 @@
+"""A run that could not write its results stops before anything runs, saying which folder and who."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from runner import cli
+from runner.results import ResultsUnwritable, check_writable
+from tests.conftest import rt_job, write_job
+
+
+def test_a_results_folder_that_is_a_file_stops_the_run_before_ray(capsys, tmp_path, tiny_model, ray_temp_dir):
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp32-cpu]"))
+    results = tmp_path / "results"
+    results.write_text("not a folder")
+
+    code = cli.main(["run", str(job), "--results", str(results), "--ray-temp-dir", ray_temp_dir])
+
+    out = capsys.readouterr()
+    assert code == 2
+    assert f"results folder {results / 'tiny-rt'}" in out.err
+    assert pwd.getpwuid(os.geteuid()).pw_name in out.err and "--results" in out.err
+    assert "cluster:" not in out.out  # no Ray, no variant
+    assert results.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="becomes another user (nobody), which needs root")
+def test_another_users_folder_is_refused_naming_the_user_and_the_check_leaves_nothing():
+    """As nobody, a root-owned 0755 folder: the check says who cannot do what, and the folders it
+    tried to make are gone again."""
+    folder = Path(tempfile.mkdtemp(prefix="qb-results-"))
+    try:
+        folder.chmod(0o755)
+        nobody = pwd.getpwnam("nobody")
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child becomes nobody and sends back what the check said
+            os.close(read)
+            message = b"no refusal"
+            try:
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                check_writable(folder / "deeper", ["job"])
+            except ResultsUnwritable as error:
+                message = str(error).encode()
+            finally:
+                os.write(write, message)
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as said:
+            message = said.read().decode()
+        os.waitpid(child, 0)
+        assert message.startswith(f"results folder {folder / 'deeper' / 'job'}: user nobody (uid {nobody.pw_uid})")
+        assert "cannot create it (Permission denied)" in message
+        assert list(folder.iterdir()) == []
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_check_writable_makes_the_folder_and_leaves_no_probe(tmp_path):
+    check_writable(tmp_path / "results", ["a", "b"])
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["a", "b"]
+    assert not any((tmp_path / "results").rglob("*.write-check-*"))
