@@ -36,6 +36,10 @@ class SweepReport:
         if self.nothing_ran:
             return f"wall {self.wall_s:.1f} s: nothing ran, every result was kept"
         overhead = self.wall_s - self.variants_s - self.prepare_s
+        if overhead < 0:  # variants ran on several nodes at once: their work outlasts the wall time
+            return (f"wall {self.wall_s:.1f} s, while the variants' own work added up to {self.variants_s:.1f} s"
+                    f" (they ran on several nodes at once) and model preparation took {self.prepare_s:.1f} s"
+                    f" (cluster start {self.cluster_start_s:.1f} s)")
         share = overhead / self.wall_s if self.wall_s else 0.0
         return (f"wall {self.wall_s:.1f} s = variants' own work {self.variants_s:.1f} s"
                 f" + model preparation {self.prepare_s:.1f} s"

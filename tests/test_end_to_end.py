@@ -216,3 +216,13 @@ def test_a_second_job_whose_model_cannot_load_stops_the_run_before_any_variant(c
     code, out, err = run_cli(capsys, "run", first, second, "--results", results, "--ray-temp-dir", ray_temp_dir)
     assert code == 2 and "second" in err and "invalid load key" in err, out + err
     assert not list(results.rglob("*.json")) and "[1/1]" not in out
+
+
+def test_the_wall_time_split_of_variants_that_ran_on_several_nodes_at_once_has_no_negative_overhead():
+    from runner.sweep import SweepReport
+
+    parallel = SweepReport(wall_s=101.8, cluster_start_s=0.1, prepare_s=9.8, variants_s=150.3).split()
+    sequential = SweepReport(wall_s=44.0, cluster_start_s=0.1, prepare_s=11.0, variants_s=19.6).split()
+
+    assert "-" not in parallel and "ran on several nodes at once" in parallel and "150.3 s" in parallel
+    assert sequential.startswith("wall 44.0 s = variants' own work 19.6 s") and "overhead 13.4 s (30%" in sequential
