@@ -9,6 +9,7 @@ tokenizer and weights).
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,12 @@ class SpecError(Exception):
         self.file, self.field, self.found, self.allowed = str(file), field, found, allowed
         where = f"{self.file}: {field}" if field else self.file
         super().__init__(f"{where}: found {_show(found)}; {allowed}")
+
+
+def _no_such(what: str) -> str:
+    """'no such file', and inside a container which host folders it can see (compose.yaml says)."""
+    mounts = os.environ.get("QUANTBENCH_MOUNTS")
+    return f"{what}; this container sees only {mounts}: put it there, or mount its folder" if mounts else what
 
 
 def _show(value: Any) -> str:
@@ -213,7 +220,7 @@ def load_job(path: str | Path) -> JobSpec:
     file = Path(path).resolve()
     shown = Path(path)
     if not file.is_file():
-        raise SpecError(shown, "", str(path), "no such job file")
+        raise SpecError(shown, "", str(path), _no_such("no such job file"))
     try:
         raw = yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
@@ -293,7 +300,7 @@ def _model_source(file: Path, shown: Path, reader: _Reader, allow_config: bool) 
     if kind == "path":
         path = _resolve(file, value)
         if not path.is_dir():
-            raise SpecError(shown, reader.field("path"), value, f"no such folder ({path})")
+            raise SpecError(shown, reader.field("path"), value, _no_such(f"no such folder ({path})"))
         return ModelSource(path=path)
     if kind == "package":
         return ModelSource(package=value)
@@ -345,13 +352,13 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
             files[str(label)] = _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
         for label, value in files.items():
             if not value.is_file():
-                raise SpecError(shown, reader.field(f"files.{label}"), str(value), "no such file")
+                raise SpecError(shown, reader.field(f"files.{label}"), str(value), _no_such("no such file"))
     else:
         if path_value is None:
             raise SpecError(shown, reader.field("path"), None, "this field is required")
         path = _resolve(file, path_value)
         if not path.is_file():
-            raise SpecError(shown, reader.field("path"), path_value, f"no such file ({path})")
+            raise SpecError(shown, reader.field("path"), path_value, _no_such(f"no such file ({path})"))
 
     like = like if like is not None and like.format == fmt else None
     header = reader.get("header", bool, like.header if like else True)

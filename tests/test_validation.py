@@ -321,3 +321,17 @@ def test_empty_and_repeated_texts_in_the_evaluation_sample_are_pointed_out(capsy
     assert code == 0, err
     assert "note: 1 row(s) of the evaluation sample have an empty text (first at line 3 of reviews.csv)" in out
     assert "note: 1 row(s) of the evaluation sample repeat a text of another row" in out
+
+
+def test_inside_a_container_a_missing_file_names_the_folders_it_can_see(capsys, tmp_path, monkeypatch):
+    """compose.yaml sets QUANTBENCH_MOUNTS on the drivers; a job or data file outside them is named so."""
+    monkeypatch.setenv("QUANTBENCH_MOUNTS", "./jobs as /workspace/main/jobs")
+    job = write_job(tmp_path, "name: j\nmodel: {path: /nowhere}\n")
+
+    assert main(["validate", str(tmp_path / "absent.yaml")]) == 2
+    assert main(["validate", str(job)]) == 2
+
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith("no such job file; this container sees only ./jobs as /workspace/main/jobs: "
+                           "put it there, or mount its folder")
+    assert "model.path: found '/nowhere'; no such folder (/nowhere); this container sees only" in err[1]
