@@ -4,7 +4,7 @@ A head (no resources for variants), a CPU worker node and a "GPU" worker node (R
 GPU; this machine has none), each its own `ray start --block` process with its own temp folder and its
 own QUANTBENCH_CACHE, so the prepared model can only reach the workers through Ray's object store. The
 job runs through the CLI against the cluster's address, 127.0.0.1:PORT, with the cluster's own token
-(RAY_AUTH_MODE=token, as README.md (Clusters and containers) sets a cluster up).
+(RAY_AUTH_MODE=token, as docs/clusters.md sets a cluster up).
 
 The test stops exactly the processes it started (the `ray start` processes and what they spawned),
 never `ray stop` and never by name: other Ray clusters on this machine must survive.
@@ -62,7 +62,7 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, subprocess.Popen] = {}
         self.caches = {"cpu": root / "cache-cpu", "gpu": root / "cache-gpu"}
-        # The cluster's own token, as README.md (Clusters and containers) sets one up: never the user's ~/.ray/auth_token.
+        # The cluster's own token, as docs/clusters.md sets one up: never the user's ~/.ray/auth_token.
         self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
     def _env(self, cache: Path | None) -> dict:

@@ -135,11 +135,12 @@ def test_up_runs_the_job_and_its_results_belong_to_the_owner_of_results(stack):
     assert {r["environment"]["python"] for r in found.values()} == {"3.11.2"}
 
 
-def test_two_cpu_workers_share_the_variants(stack):
+def test_two_cpu_workers_share_the_variants_of_two_jobs(stack):
     ran = stack.compose("up", "--scale", "cpu-worker=2", "--exit-code-from", "submitter",
-                        env={"QB_JOBS": "jobs/ci-four.yaml"})
+                        env={"QB_JOBS": "jobs/ci-four.yaml jobs/ci-small.yaml"})
 
     assert ran.returncode == 0, _said(ran)
+    assert "ci-four (baseline" in ran.stdout and "ci-small (baseline" in ran.stdout  # both jobs' tables
     hosts = {r["environment"]["host"] for r in stack.results("ci-four").values()}
     assert len(hosts) == 2, hosts
     assert "they ran on several nodes at once" in ran.stdout
