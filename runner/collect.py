@@ -24,7 +24,7 @@ from runner import effects
 from runner.measure import hardware_label
 from runner.precisions import PRECISIONS
 from runner.results import find_results
-from runner.spec import TOLERANCES
+from runner.spec import RESERVED_NAMES, TOLERANCES
 
 PRECISION_ORDER = list(PRECISIONS)  # the table's columns in the registry's order
 
@@ -121,7 +121,7 @@ def _order(result: dict) -> tuple:
 # The repository ships its own measured results under results/reference/, inside `quantbench run`'s
 # default output folder: walking results/ must not merge them with the user's runs. A folder named
 # reference below a folder given on the command line is skipped; naming it (or one inside it) includes it.
-SKIPPED_FOLDER = "reference"
+SKIPPED_FOLDER = RESERVED_NAMES[0]  # a job may not take this name
 
 
 def gather(folders: list[Path]) -> tuple[list[dict], list[Path]]:
