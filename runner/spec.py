@@ -391,6 +391,21 @@ def _model_source(file: Path, shown: Path, reader: _Reader, allow_config: bool) 
     return ModelSource(hub=value, revision=reader.get("revision", str))
 
 
+WHOLE_NUMBER = re.compile(r"([+-]?[0-9]+)\.0*")
+
+
+def label_name(value: Any) -> str:
+    """A dataset label as text. A whole number reads one way however it is written (2, 2.0 or "2.0"): a float
+    label column, a CSV cell and a label_map key must name the same label."""
+    if value is None:
+        return ""  # a missing label reads as an empty one
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    whole = WHOLE_NUMBER.fullmatch(text)
+    return str(int(whole.group(1))) if whole else text
+
+
 SOURCE_FIELDS = ("format", "path", "files", "header", "text_column", "label_column")
 
 
@@ -433,7 +448,7 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
         for label, name in files_raw.items():
             if not isinstance(name, str):
                 raise SpecError(shown, reader.field(f"files.{label}"), name, "expected a file name")
-            files[str(label)] = _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
+            files[label_name(label)] = _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
         for label, value in files.items():
             if not value.is_file():
                 raise SpecError(shown, reader.field(f"files.{label}"), str(value), "no such file")
@@ -459,7 +474,11 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
         for key, value in label_map_raw.items():
             if not isinstance(value, (str, int)) or isinstance(value, bool):
                 raise SpecError(shown, reader.field(f"label_map.{key}"), value, "expected a model label name")
-            label_map[str(key)] = str(value)
+            name = label_name(key)
+            if name in label_map:
+                raise SpecError(shown, reader.field(f"label_map.{key}"), key,
+                                f"names the same dataset label as another key ({name}); give each label once")
+            label_map[name] = str(value)
 
     sample_reader = reader.sub("sample") or _Reader(shown, {}, reader.field("sample"))
     sample_reader.check_keys(("n", "fraction", "seed"))
