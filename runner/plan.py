@@ -38,7 +38,7 @@ def plan_job(path: str | Path) -> JobPlan:
     examples = [rows[i] for i in sample_rows]
 
     config = models.model_config(spec.model, shown)
-    labels_of_model = models.labels_in_config(config)
+    labels_of_model = models.config_labels(config, shown, spec.model)
     if spec.tokenizer is not None:
         models.check_tokenizer_files(spec.tokenizer, shown, "tokenizer")
     else:
