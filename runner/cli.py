@@ -106,7 +106,9 @@ def _found(command: str, folders: list[Path], baseline: str | None) -> list[dict
     if missing:
         print(f"quantbench {command}: no such folder: {', '.join(missing)}", file=sys.stderr)
         return None
-    found, skipped = collect.gather(folders)
+    found, skipped, unusable = collect.gather(folders)
+    for file, why in unusable:
+        print(f"quantbench {command}: skipped {file}: {why}", file=sys.stderr)
     if skipped:
         names = " ".join(map(str, skipped))
         print(f"quantbench {command}: skipped {names} (folders named {collect.SKIPPED_FOLDER} hold reference "

@@ -124,8 +124,9 @@ def _order(result: dict) -> tuple:
 SKIPPED_FOLDER = RESERVED_NAMES[0]  # a job may not take this name
 
 
-def gather(folders: list[Path]) -> tuple[list[dict], list[Path]]:
-    """The results under the folders (or the files themselves), and the reference folders skipped."""
+def gather(folders: list[Path]) -> tuple[list[dict], list[Path], list[tuple[Path, str]]]:
+    """The results under the folders (or the files themselves), the reference folders skipped, and the
+    files that hold no result, as (file, why)."""
     files, skipped = [], []
     given = {Path(f).resolve() for f in folders}
     for root in map(Path, folders):
@@ -140,7 +141,8 @@ def gather(folders: list[Path]) -> tuple[list[dict], list[Path]]:
             folder = root.joinpath(*parts[:parts.index(SKIPPED_FOLDER) + 1])
             if folder not in skipped and folder.resolve() not in given:  # given as well: collected from there
                 skipped.append(folder)
-    return find_results(files), skipped
+    unusable: list[tuple[Path, str]] = []
+    return find_results(files, unusable), skipped, unusable
 
 
 class UnknownBaseline(ValueError):
