@@ -75,7 +75,7 @@ _ANALYSIS = {
 }
 RESULT_SHAPE = {
     "job": str, "variant": str, "status": str, "device": str, "precision": str, "spec_hash": Maybe(str),
-    "warnings": Maybe([ANY]), "metrics": {**_METRICS, "latency_ms": Maybe(_LATENCY)},
+    "warnings": Maybe([ANY]), "!metrics": {**_METRICS, "latency_ms": Maybe(_LATENCY)},
     "environment": {"host": str, "cpu": {"model": ANY}, "gpu": Maybe({"!name": str})},
     "spec": Maybe({"baseline": Maybe(str), "tolerances": Maybe({"*": Maybe(NUM)})}),
     "sample": Maybe({"fingerprint": ANY}),
@@ -120,8 +120,11 @@ def shape_error(value: Any, shape: Any, where: str = "") -> str | None:
     return f"{where}: expected {wanted}, found a JSON {_json_kind(value)}"
 
 
-def predictions_error(result: dict) -> str | None:
-    """What the shape cannot say: lists that must be as long as each other."""
+def lengths_error(result: dict) -> str | None:
+    """What the shape cannot say: lists that must be as long as each other, or of a given length."""
+    interval = ((result.get("metrics") or {}).get("latency_ms") or {}).get("median_ci95")
+    if interval is not None and len(interval) != 2:
+        return f"metrics.latency_ms.median_ci95: {len(interval)} values where an interval has 2"
     preds = result.get("predictions") or {}
     gold, predicted, labels = preds.get("gold") or [], preds.get("predicted") or [], preds.get("labels") or []
     if preds.get("predicted") is not None and len(gold) != len(predicted):
@@ -170,7 +173,7 @@ def load_result(path: Path) -> dict:
     if result["schema_version"] not in READABLE_SCHEMA_VERSIONS or isinstance(result["schema_version"], bool):
         raise UnusableFile(f"schema_version {result['schema_version']!r}: this quantbench reads schema_version "
                            + ", ".join(map(str, READABLE_SCHEMA_VERSIONS)) + " (a newer quantbench wrote it?)")
-    problem = shape_error(result, RESULT_SHAPE) or predictions_error(result)
+    problem = shape_error(result, RESULT_SHAPE) or lengths_error(result)
     if problem:
         raise UnusableFile(f"a malformed result: {problem}")
     return result
