@@ -25,6 +25,26 @@ def _seconds(text: str) -> float:
     return value
 
 
+# Ray puts its unix sockets at TEMP/session_<date>_<time>_<microseconds>_<pid>/sockets/plasma_store, and a
+# socket's path may hold at most 107 bytes: the session part takes up to 66 of them.
+RAY_SOCKET_PATH_MAX, RAY_SESSION_PART = 107, 66
+
+
+def _ray_temp_dir(text: str) -> str:
+    """A folder Ray can start in: a longer path fails in Ray's start with a traceback, a file as well."""
+    path = Path(text).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, not a folder: name a folder (Ray creates it "
+                                         "if it does not exist)")
+    longest = RAY_SOCKET_PATH_MAX - RAY_SESSION_PART
+    if len(str(path).encode()) > longest:
+        raise argparse.ArgumentTypeError(
+            f"{text} is {len(str(path).encode())} bytes long as an absolute path; Ray's socket paths below it would "
+            f"pass the 107-byte limit of a unix socket: name a folder of at most {longest} bytes, e.g. under /tmp")
+    return str(path)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -34,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results/)")
     run.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else an embedded local cluster)")
     run.add_argument("--resume", action="store_true", help="keep the ok results of the same job spec, rerun the rest (replacing their files)")
-    run.add_argument("--ray-temp-dir", help="temporary folder of an embedded Ray cluster")
+    run.add_argument("--ray-temp-dir", type=_ray_temp_dir, help="temporary folder of an embedded Ray cluster "
+                     f"(at most {RAY_SOCKET_PATH_MAX - RAY_SESSION_PART} bytes long: Ray's sockets go below it)")
     run.add_argument("--placement-timeout", type=_seconds, metavar="SECONDS",
                      help="how long to wait for a node that can run a variant before it is skipped "
                           "(default: 0 on the embedded cluster, 30 on a cluster given by address)")
@@ -106,7 +127,9 @@ def _found(command: str, folders: list[Path], baseline: str | None) -> list[dict
     if missing:
         print(f"quantbench {command}: no such folder: {', '.join(missing)}", file=sys.stderr)
         return None
-    found, skipped = collect.gather(folders)
+    found, skipped, unusable = collect.gather(folders)
+    for file, why in unusable:
+        print(f"quantbench {command}: skipped {file}: {why}", file=sys.stderr)
     if skipped:
         names = " ".join(map(str, skipped))
         print(f"quantbench {command}: skipped {names} (folders named {collect.SKIPPED_FOLDER} hold reference "
@@ -140,7 +163,15 @@ def _report(args) -> int:
     from runner.report import write_report
 
     out = args.out or (args.folders[0] if args.folders[0].is_dir() else args.folders[0].parent) / "report.html"
-    rendered = write_report(found, out, args.baseline)
+    if out.is_dir():
+        print(f"quantbench report: --out: {out} is a folder; name the HTML file to write, e.g. "
+              f"--out {out / 'report.html'}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        rendered = write_report(found, out, args.baseline)
+    except OSError as error:  # a folder above it is a file, or it cannot be written
+        print(f"quantbench report: cannot write {error.filename or out}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE
     figures = f"{len(rendered.figures)} figures also as PNG in {rendered.figures[0].parent}" if rendered.figures \
         else "no figures: nothing to plot"
     print(f"wrote {rendered.path} ({len(found)} result{'s' if len(found) != 1 else ''}; {figures})")

@@ -24,7 +24,7 @@ from runner import effects
 from runner.measure import hardware_label
 from runner.precisions import PRECISIONS
 from runner.results import find_results
-from runner.spec import TOLERANCES
+from runner.spec import RESERVED_NAMES, TOLERANCES
 
 PRECISION_ORDER = list(PRECISIONS)  # the table's columns in the registry's order
 
@@ -121,11 +121,12 @@ def _order(result: dict) -> tuple:
 # The repository ships its own measured results under results/reference/, inside `quantbench run`'s
 # default output folder: walking results/ must not merge them with the user's runs. A folder named
 # reference below a folder given on the command line is skipped; naming it (or one inside it) includes it.
-SKIPPED_FOLDER = "reference"
+SKIPPED_FOLDER = RESERVED_NAMES[0]  # a job may not take this name
 
 
-def gather(folders: list[Path]) -> tuple[list[dict], list[Path]]:
-    """The results under the folders (or the files themselves), and the reference folders skipped."""
+def gather(folders: list[Path]) -> tuple[list[dict], list[Path], list[tuple[Path, str]]]:
+    """The results under the folders (or the files themselves), the reference folders skipped, and the
+    files that hold no result, as (file, why)."""
     files, skipped = [], []
     given = {Path(f).resolve() for f in folders}
     for root in map(Path, folders):
@@ -140,7 +141,8 @@ def gather(folders: list[Path]) -> tuple[list[dict], list[Path]]:
             folder = root.joinpath(*parts[:parts.index(SKIPPED_FOLDER) + 1])
             if folder not in skipped and folder.resolve() not in given:  # given as well: collected from there
                 skipped.append(folder)
-    return find_results(files), skipped
+    unusable: list[tuple[Path, str]] = []
+    return find_results(files, unusable), skipped, unusable
 
 
 class UnknownBaseline(ValueError):

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.spec import DatasetSpec, SampleSpec, SpecError
+from runner.spec import DatasetSpec, SampleSpec, SpecError, label_name
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Example:
     text: str
     label: str  # the dataset's label value, as a string
     where: str = field(default="", compare=False)  # "line 52 of train.csv": for errors about this row
+    lines: int = field(default=1, compare=False)  # physical lines of a CSV row: a quoted cell may span several
 
 
 def first_rows_with(examples: list[Example], labels: list[str]) -> str:
@@ -48,42 +49,54 @@ def _read_delimited(delimiter: str, quoting: int):
     def read(spec: DatasetSpec, job: Path) -> list[Example]:
         csv.field_size_limit(sys.maxsize)
         with spec.path.open(encoding="utf-8-sig", newline="") as handle:
-            rows = list(csv.reader(handle, delimiter=delimiter, quoting=quoting))
-        rows = [row for row in rows if row]
+            rows = _rows_with_lines(csv.reader(handle, delimiter=delimiter, quoting=quoting))
         if not rows:
             raise SpecError(job, f"{spec.field}.path", str(spec.path), "the file has no rows")
-        header = rows.pop(0) if spec.header else [str(i) for i in range(len(rows[0]))]
+        header = rows.pop(0)[0] if spec.header else [str(i) for i in range(len(rows[0][0]))]
         text_at = _column(header, spec.text_column, job, f"{spec.field}.text_column", spec.path)
         label_at = _column(header, spec.label_column, job, f"{spec.field}.label_column", spec.path)
         examples = []
-        for number, row in enumerate(rows, start=2 if spec.header else 1):
+        for row, first, last in rows:
+            where = f"line {first} of {spec.path.name}" if first == last else \
+                f"lines {first}-{last} of {spec.path.name}"
             if max(text_at, label_at) >= len(row):
-                raise SpecError(job, f"{spec.field}.path", f"line {number} of {spec.path.name}: {row!r}",
-                                f"every row needs {len(header)} columns")
-            examples.append(Example(row[text_at], row[label_at].strip(), f"line {number} of {spec.path.name}"))
+                raise SpecError(job, f"{spec.field}.path", f"{where}: {row!r}", f"every row needs {len(header)} columns")
+            examples.append(Example(row[text_at], label_name(row[label_at]), where, last - first + 1))
         return examples
 
     return read
 
 
-def _records_to_examples(records, spec: DatasetSpec, job: Path) -> list[Example]:
+def _rows_with_lines(reader) -> list[tuple[list[str], int, int]]:
+    """(row, its first line, its last line) for each row that is not blank. A quoted cell may hold line
+    breaks, so a row's line is where the reader was, not its index."""
+    rows, last = [], 0
+    for row in reader:
+        first, last = last + 1, reader.line_num
+        if row:
+            rows.append((row, first, last))
+    return rows
+
+
+def _records_to_examples(records, spec: DatasetSpec, job: Path, unit: str = "record") -> list[Example]:
+    """records: (number, record) pairs; unit names what the number counts, for errors ("line 3 of a.jsonl")."""
     examples = []
-    for number, record in enumerate(records, start=1):
+    for number, record in records:
+        where = f"{unit} {number} of {spec.path.name}"
+        if not isinstance(record, dict):
+            raise SpecError(job, f"{spec.field}.path", f"{where}: {record!r}",
+                            "each record must be a JSON object with the text and label fields")
         for name, key in ((f"{spec.field}.text_column", spec.text_column), (f"{spec.field}.label_column", spec.label_column)):
             if key not in record:
-                raise SpecError(job, name, key, f"record {number} of {spec.path.name} has fields: {', '.join(record)}")
-        examples.append(Example(str(record[spec.text_column]), _label_text(record[spec.label_column]),
-                                f"record {number} of {spec.path.name}"))
+                raise SpecError(job, name, key, f"{where} has fields: {', '.join(map(str, record))}")
+        text, label = record[spec.text_column], record[spec.label_column]
+        if not isinstance(text, str):  # null would be evaluated as the word "None"
+            raise SpecError(job, f"{spec.field}.text_column", f"{where}: {text!r}", "expected a text (a string)")
+        if isinstance(label, (bool, list, dict)):
+            raise SpecError(job, f"{spec.field}.label_column", f"{where}: {label!r}",
+                            "expected a label: a string or a number")
+        examples.append(Example(text, label_name(label), where))
     return examples
-
-
-def _label_text(value) -> str:
-    # 1 and 1.0 name the same label; a float label column would otherwise read as "1.0".
-    if value is None:
-        return ""  # a missing label reads as an empty one
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value).strip()
 
 
 def _read_jsonl(spec: DatasetSpec, job: Path) -> list[Example]:
@@ -91,16 +104,16 @@ def _read_jsonl(spec: DatasetSpec, job: Path) -> list[Example]:
     for number, line in enumerate(spec.path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                records.append((number, json.loads(line)))
             except json.JSONDecodeError as error:
                 raise SpecError(job, f"{spec.field}.path", f"line {number} of {spec.path.name}", f"not JSON: {error.msg}") from None
-    return _records_to_examples(records, spec, job)
+    return _records_to_examples(records, spec, job, unit="line")
 
 
 def _read_parquet(spec: DatasetSpec, job: Path) -> list[Example]:
     import pyarrow.parquet as pq
 
-    return _records_to_examples(pq.read_table(spec.path).to_pylist(), spec, job)
+    return _records_to_examples(enumerate(pq.read_table(spec.path).to_pylist(), start=1), spec, job)
 
 
 def _read_lines(spec: DatasetSpec, job: Path) -> list[Example]:

@@ -159,8 +159,15 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
                               "or its Ray Client address ray://HOST:PORT (port 10001 by default)")
     target = _tcp_target(address)
     if target is None:
-        return False
+        if address in ("auto", "local") or "://" in address:
+            return False
+        # ray.init would end in a traceback about the address, blaming RAY_ADDRESS even for --address.
+        raise ConnectionError(f"{address!r} ({source}) is not a cluster address; quantbench run takes the head's "
+                              "GCS address HOST:PORT (port 6379 by default), its Ray Client address "
+                              "ray://HOST:PORT (port 10001 by default), or auto")
     host, port, client = target
+    if not 0 < port < 65536:  # the socket module says OverflowError; Ray, "connection refused"
+        raise ConnectionError(f"{address} ({source}): {port} is not a TCP port; a port is 1 to 65535")
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             return True

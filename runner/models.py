@@ -120,9 +120,30 @@ def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
             "; name the folder that save_pretrained wrote"
         raise SpecError(job, field, str(folder), f"the folder has no config.json{hint}")
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise SpecError(job, field, source.describe(), f"cannot read the model's config: {error}") from None
+    if not isinstance(config, dict):
+        raise SpecError(job, field, f"{folder / 'config.json'}: a JSON {type(config).__name__}",
+                        "a model's config.json is one JSON object of the model's settings")
+    return config
+
+
+def config_labels(config: dict, job: Path, source: ModelSource, field: str = "model") -> list[str]:
+    """labels_in_config, after checking the fields it reads: a hand-edited config.json can hold what
+    transformers would refuse only while loading, after Ray started."""
+    where = f"{source.describe()}: config.json"
+    id2label, count = config.get("id2label"), config.get("num_labels", 2)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise SpecError(job, field, f"{where}: num_labels {count!r}", "num_labels is a whole number, 1 or more")
+    if id2label:
+        if not isinstance(id2label, dict):
+            raise SpecError(job, field, f"{where}: id2label {id2label!r}", "id2label maps label ids to names: {\"0\": ...}")
+        bad = [key for key in id2label if not str(key).strip().lstrip("-").isdigit()]
+        if bad:
+            raise SpecError(job, field, f"{where}: id2label key {bad[0]!r}",
+                            "the keys of id2label are label ids, whole numbers (\"0\", \"1\", ...)")
+    return labels_in_config(config)
 
 
 def labels_in_config(config: dict) -> list[str]:
@@ -145,12 +166,29 @@ VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.mode
 def check_tokenizer_files(source: ModelSource, job: Path, field: str) -> None:
     """A local folder must hold a tokenizer's vocabulary. Without one, transformers builds a tokenizer of
     a handful of special tokens, every word becomes [UNK], and every variant runs 'ok' on nonsense."""
+    if source.hub:
+        check_hub_tokenizer(source, job, field)
     folder = local_folder(source, job, field)
     if folder is not None and not any((folder / name).is_file() for name in VOCABULARY_FILES):
         hint = ("save the tokenizer beside the model (tokenizer.save_pretrained) or name one with tokenizer:"
                 if field == "model" else "name a folder that holds one")
         raise SpecError(job, field, str(folder),
                         f"the folder has no tokenizer vocabulary (none of {', '.join(VOCABULARY_FILES)}); {hint}")
+
+
+def check_hub_tokenizer(source: ModelSource, job: Path, field: str) -> None:
+    """A hub tokenizer is loaded now, as a hub model's config is: offline and not in the cache, it would
+    fail only at model preparation, after Ray started (blaming the model). Online, this fills the cache
+    that preparation then reads."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(source.hub, revision=source.revision)
+    except (OSError, ValueError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        said = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache; " if offline else ""
+        raise SpecError(job, f"{field}.hub", source.hub, f"cannot load the tokenizer: {said}"
+                        f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
 
 # What a model's weights are saved in: one file, or shards listed in an index.

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner import data, models
+from runner import data, measure, models
 from runner.spec import JobSpec, SampleSpec, SpecError, load_job
 
 
@@ -38,7 +38,7 @@ def plan_job(path: str | Path) -> JobPlan:
     examples = [rows[i] for i in sample_rows]
 
     config = models.model_config(spec.model, shown)
-    labels_of_model = models.labels_in_config(config)
+    labels_of_model = models.config_labels(config, shown, spec.model)
     if spec.tokenizer is not None:
         models.check_tokenizer_files(spec.tokenizer, shown, "tokenizer")
     else:
@@ -69,6 +69,14 @@ def plan_job(path: str | Path) -> JobPlan:
     repeated = len(examples) - len({e.text for e in examples})
     if repeated:
         notes.append(f"{repeated} row(s) of the evaluation sample repeat a text of another row; each is counted")
+    spanning(rows, "the dataset", notes)
+    if train is not None and spec.finetune.train is not None:
+        spanning(train, "the training data", notes)
+    cpus = measure.available_cpus()
+    if spec.evaluation.threads is not None and spec.evaluation.threads > cpus:
+        notes.append(f"evaluation.threads {spec.evaluation.threads} is more than this machine's {cpus} CPUs: "
+                     "where a node has fewer CPUs than threads, the threads take turns and every timing is "
+                     "slower (leave threads out to use the CPUs a node has)")
     if len({e.label for e in examples}) == 1:
         notes.append(f"every row of the evaluation sample has the label {examples[0].label!r}: accuracy cannot "
                      "tell the model from one that always answers it")
@@ -76,6 +84,16 @@ def plan_job(path: str | Path) -> JobPlan:
                    label_map=label_map, model_labels=model_labels,
                    sample_fingerprint=data.fingerprint(examples), spec_hash=_spec_hash(spec, examples, train),
                    train_examples=train, notes=notes)
+
+
+def spanning(rows: list[data.Example], what: str, notes: list[str]) -> None:
+    """A note on CSV rows that span several lines: a quoted cell may hold line breaks, but a stray quote
+    makes one row of every line up to the next quote, and the rows it swallowed are gone."""
+    merged = [e for e in rows if e.lines > 1]
+    if merged:
+        notes.append(f"{len(merged)} row(s) of {what} span several lines, {sum(e.lines for e in merged)} lines "
+                     f"in all (first at {merged[0].where}): a quoted cell holds line breaks; if each line is a row, "
+                     "a stray quote there merged them")
 
 
 def training_split(spec: JobSpec, shown: Path, rows: list[data.Example], sample_rows: list[int],

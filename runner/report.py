@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from runner import collect
@@ -396,18 +397,21 @@ def write_report(results: list[dict], out: Path, baseline: str | None = None) ->
         return _figure_html(png, alt, caption)
 
     sections = []
-    for table in collect.build_tables(results, baseline):
-        body = [f"<h2>{_esc(table.job)}</h2>",
-                f"<p>Baseline: {_esc(table.baseline or 'none')}; Δ = (variant − baseline) / baseline.</p>",
-                f'<div class="scroll">{_table_html(table)}</div>', "<h3>Deployment verdict</h3>", _verdict_html(table)]
-        for plot in PLOTS:
-            body.append(f"<h3>{_esc(plot.heading)}</h3>")
-            body.append(emit(plot.draw(table), f"{table.job}-{plot.name}", f"{table.job}: {plot.heading}",
-                             plot.caption, plot.missing))
-            if plot.name == "sqnr-by-depth":  # the weights' story together; histograms are one figure per variant
-                body.append("<h3>Weight histograms and quantization grids</h3>" + _histograms_html(table, emit))
-        body.append("<h3>Per variant</h3>" + (_details_html(table) or '<p class="missing">– no ok results</p>'))
-        sections.append("<section>" + "".join(body) + "</section>")
+    # Names (a job, a variant, a label) are drawn as written: matplotlib would read $...$ as a formula
+    # and stop the report at one it cannot parse.
+    with rc_context({"text.parse_math": False}):
+        for table in collect.build_tables(results, baseline):
+            body = [f"<h2>{_esc(table.job)}</h2>",
+                    f"<p>Baseline: {_esc(table.baseline or 'none')}; Δ = (variant − baseline) / baseline.</p>",
+                    f'<div class="scroll">{_table_html(table)}</div>', "<h3>Deployment verdict</h3>", _verdict_html(table)]
+            for plot in PLOTS:
+                body.append(f"<h3>{_esc(plot.heading)}</h3>")
+                body.append(emit(plot.draw(table), f"{table.job}-{plot.name}", f"{table.job}: {plot.heading}",
+                                 plot.caption, plot.missing))
+                if plot.name == "sqnr-by-depth":  # the weights' story together; histograms are one figure per variant
+                    body.append("<h3>Weight histograms and quantization grids</h3>" + _histograms_html(table, emit))
+            body.append("<h3>Per variant</h3>" + (_details_html(table) or '<p class="missing">– no ok results</p>'))
+            sections.append("<section>" + "".join(body) + "</section>")
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>quantbench report</title>'

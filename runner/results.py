@@ -11,7 +11,9 @@ import json
 import os
 import pwd
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class ResultsError(Exception):
@@ -54,40 +56,176 @@ def current_umask() -> int:
     return mask
 
 
+# ---------------------------------------------------------------------------------------------
+# The shape of a result, as far as collect and report read it: a hand-edited or foreign file that
+# breaks it is skipped and named, instead of crashing the table halfway. A dict is a mapping whose
+# listed keys are checked when present ("!" required; "*" every other key); a list [shape] is a list
+# of such items; Maybe allows null; types are types (a number is never true or false).
+
+
+@dataclass(frozen=True)
+class Maybe:
+    shape: Any
+
+
+ANY = object()
+NUM = (int, float)
+_LATENCY = {"median_ci95": Maybe([NUM]), **{name: Maybe(NUM) for name in ("mean", "median", "std", "p90", "p99")}}
+_METRICS = {name: Maybe(NUM) for name in ("model_size_mib", "accuracy", "avg_confidence", "macro_f1",
+                                          "throughput_sps", "peak_rss_mib", "peak_cuda_mib", "load_s", "quantize_s")}
+_ANALYSIS = {
+    "layers": Maybe([{"!layer_type": str, "!depth": Maybe(int), "!sqnr_db": Maybe(NUM)}]),
+    "summary": Maybe({"by_depth": Maybe([{"!depth": Maybe(int), "mean_sqnr_db": Maybe(NUM)}]),
+                      "overall": Maybe({"mean_sqnr_db": Maybe(NUM)})}),
+    "histograms": Maybe({"by_layer_type": Maybe({"*": {"!edges": [NUM], "!counts": [NUM], "!n_layers": int,
+                                                       "!n_weights": int, "!min": NUM, "!max": NUM}})}),
+    "grids": Maybe({"*": Maybe({"!values": [NUM], "!granularity": str})}),
+    "outlier_columns": Maybe({"*": [ANY]}),
+}
+RESULT_SHAPE = {
+    "job": str, "variant": str, "status": str, "device": str, "precision": str, "spec_hash": Maybe(str),
+    "warnings": Maybe([ANY]), "!metrics": {**_METRICS, "latency_ms": Maybe(_LATENCY)},
+    "environment": {"host": str, "cpu": {"model": ANY}, "gpu": Maybe({"!name": str})},
+    "spec": Maybe({"baseline": Maybe(str), "tolerances": Maybe({"*": Maybe(NUM)})}),
+    "sample": Maybe({"fingerprint": ANY}),
+    "predictions": Maybe({"labels": Maybe([str]), "gold": Maybe([str]), "predicted": Maybe([str]),
+                          "probabilities": Maybe([[NUM]])}),
+    "analysis": Maybe(_ANALYSIS),
+}
+REQUIRED = ("schema_version", "job", "variant", "status", "device")
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "object", list: "list", str: "string", bool: "true or false", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def shape_error(value: Any, shape: Any, where: str = "") -> str | None:
+    """What in `value` breaks `shape` ("metrics.accuracy: expected a number, found a JSON string"), or None."""
+    if shape is ANY or (isinstance(shape, Maybe) and value is None):
+        return None
+    if isinstance(shape, Maybe):
+        return shape_error(value, shape.shape, where)
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where}: expected a list, found a JSON {_json_kind(value)}"
+        return next((e for i, item in enumerate(value) if (e := shape_error(item, shape[0], f"{where}[{i}]"))), None)
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where}: expected an object, found a JSON {_json_kind(value)}"
+        inside = f"{where}." if where else ""
+        missing = [k[1:] for k in shape if k.startswith("!") and k[1:] not in value]
+        if missing:
+            return f"{inside}{missing[0]}: missing"
+        for key, item in value.items():
+            sub = shape.get(key, shape.get("!" + key, shape.get("*")))
+            if sub is not None and (error := shape_error(item, sub, f"{inside}{key}")):
+                return error
+        return None
+    kinds = shape if isinstance(shape, tuple) else (shape,)
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return None
+    wanted = "a number" if kinds == NUM else "an integer" if kinds == (int,) else "a string"
+    return f"{where}: expected {wanted}, found a JSON {_json_kind(value)}"
+
+
+def lengths_error(result: dict) -> str | None:
+    """What the shape cannot say: lists that must be as long as each other, or of a given length."""
+    interval = ((result.get("metrics") or {}).get("latency_ms") or {}).get("median_ci95")
+    if interval is not None and len(interval) != 2:
+        return f"metrics.latency_ms.median_ci95: {len(interval)} values where an interval has 2"
+    preds = result.get("predictions") or {}
+    gold, predicted, labels = preds.get("gold") or [], preds.get("predicted") or [], preds.get("labels") or []
+    if preds.get("predicted") is not None and len(gold) != len(predicted):
+        return f"predictions: {len(gold)} gold labels but {len(predicted)} predicted"
+    ragged = [i for i, row in enumerate(preds.get("probabilities") or []) if len(row) != len(labels)]
+    if ragged:
+        return f"predictions.probabilities[{ragged[0]}]: {len(labels)} values expected, one per label"
+    by_type = ((result.get("analysis") or {}).get("histograms") or {}).get("by_layer_type") or {}
+    uneven = [name for name, hist in by_type.items() if len(hist["edges"]) != len(hist["counts"]) + 1]
+    if uneven:
+        return f"analysis.histograms.by_layer_type.{uneven[0]}: expected one edge more than counts"
+    return None
+
+
+# The schema versions this code reads: every worker.SCHEMA_VERSION so far. A result of a newer one may
+# mean other things by the same fields.
+READABLE_SCHEMA_VERSIONS = (1,)
+
+
+class UnusableFile(ValueError):
+    """A *.json file that is not a result this code can read; str() says why, for the user."""
+
+
+def load_result(path: Path) -> dict:
+    """The result in the file; raises UnusableFile saying why it is none."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as error:
+        raise UnusableFile(f"cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise UnusableFile(f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})") from None
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.pos >= len(text.rstrip()):
+            raise UnusableFile(f"truncated JSON (it ends at line {error.lineno} before the value is complete; "
+                               "a copy or a write cut short)") from None
+        raise UnusableFile(f"not JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    except RecursionError:
+        raise UnusableFile("not a result (JSON nested too deep to read)") from None
+    if not isinstance(result, dict):
+        raise UnusableFile(f"not a result: a JSON {_json_kind(result)}, where a result is one JSON object")
+    missing = [key for key in REQUIRED if key not in result]
+    if missing:
+        raise UnusableFile(f"not a result: it has no {', '.join(missing)}")
+    if result["schema_version"] not in READABLE_SCHEMA_VERSIONS or isinstance(result["schema_version"], bool):
+        raise UnusableFile(f"schema_version {result['schema_version']!r}: this quantbench reads schema_version "
+                           + ", ".join(map(str, READABLE_SCHEMA_VERSIONS)) + " (a newer quantbench wrote it?)")
+    problem = shape_error(result, RESULT_SHAPE) or lengths_error(result)
+    if problem:
+        raise UnusableFile(f"a malformed result: {problem}")
+    return result
+
+
 def read_result(path: Path) -> dict | None:
     try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+        return load_result(path)
+    except UnusableFile:
         return None
-    required = ("schema_version", "job", "variant", "status", "device")
-    return result if isinstance(result, dict) and all(key in result for key in required) else None
 
 
-def find_results(paths: list[Path]) -> list[dict]:
-    """Every result file under the given folders (or the files themselves), in a stable order."""
+def find_results(paths: list[Path], skipped: list[tuple[Path, str]] | None = None) -> list[dict]:
+    """Every result file under the given folders (or the files themselves), in a stable order; each file
+    that holds none goes into `skipped` as (file, why)."""
     found = []
     for root in map(Path, paths):
         files = [root] if root.is_file() else sorted(root.rglob("*.json"))
         for file in files:
-            result = read_result(file)
-            if result is not None:
-                result["_file"] = str(file)
-                found.append(result)
+            try:
+                result = load_result(file)
+            except UnusableFile as why:
+                if skipped is not None:
+                    skipped.append((file, str(why)))
+                continue
+            result["_file"] = str(file)
+            found.append(result)
     return found
 
 
-def existing_results(results_dir: Path, job: str) -> dict[str, dict]:
+def existing_results(results_dir: Path, job: str, skipped: list[tuple[Path, str]] | None = None) -> dict[str, dict]:
     folder = Path(results_dir) / job
     if not folder.is_dir():
         return {}
-    return {r["variant"]: r for r in find_results([folder])}
+    return {r["variant"]: r for r in find_results([folder], skipped)}
 
 
 def plan_folder(results_dir: Path, job: str, spec_hash: str, variant_ids: list[str],
-                resume: bool) -> tuple[dict[str, dict], dict[str, str]]:
+                resume: bool, skipped: list[tuple[Path, str]] | None = None) -> tuple[dict[str, dict], dict[str, str]]:
     """(the existing results to keep, the existing results the run will replace: variant -> why) with
-    --resume; raises when the folder holds another spec's results."""
-    existing = existing_results(results_dir, job)
+    --resume; raises when the folder holds another spec's results. Files that hold no result go into
+    `skipped` as (file, why)."""
+    existing = existing_results(results_dir, job, skipped)
     if not resume:
         different = sorted(v for v, r in existing.items() if r.get("spec_hash") != spec_hash)
         if different:
@@ -116,7 +254,7 @@ def plan_folder(results_dir: Path, job: str, spec_hash: str, variant_ids: list[s
 
 def check_writable(results_dir: Path, jobs: list[str]) -> None:
     """Before anything runs: this user can make each job's results folder and write a file in it.
-    Folders the check made are removed again when it fails, so a refusal leaves nothing behind."""
+    The folders the check made are removed again, so a run refused later leaves nothing behind."""
     for job in jobs:
         folder = Path(results_dir) / job
         made = [p for p in (folder, *folder.parents) if not p.exists()][::-1]  # outermost first
@@ -126,15 +264,16 @@ def check_writable(results_dir: Path, jobs: list[str]) -> None:
             os.close(handle)
             os.unlink(probe)
         except OSError as error:
+            raise ResultsUnwritable(
+                f"results folder {folder}: user {_user()} cannot {'create' if made else 'write in'} it "
+                f"({error.strerror}); give this user write access to it, or choose another folder with "
+                "--results") from None
+        finally:
             for path in reversed(made):
                 try:
                     path.rmdir()
                 except OSError:
                     pass
-            raise ResultsUnwritable(
-                f"results folder {folder}: user {_user()} cannot {'create' if made else 'write in'} it "
-                f"({error.strerror}); give this user write access to it, or choose another folder with "
-                "--results") from None
 
 
 def _user() -> str:

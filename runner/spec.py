@@ -9,6 +9,7 @@ tokenizer and weights).
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -159,7 +160,8 @@ class JobSpec:
 # Reading.
 
 DATASET_FORMATS = ("csv", "tsv", "jsonl", "parquet", "lines")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RESERVED_NAMES = ("reference",)  # collect.SKIPPED_FOLDER
 
 
 class _Reader:
@@ -215,20 +217,104 @@ def _kind_names(kinds: tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+# Job files are small; these bounds keep a hostile one from taking minutes or gigabytes to read. A
+# 1.1 KB file of nested aliases ("billion laughs") expands to millions of nodes, and a deeply nested one
+# overflows the reader's recursion.
+MAX_JOB_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # counted with every alias expanded; a real job has a few hundred
+MAX_YAML_DEPTH = 64
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that is well formed but not taken: `allowed` says what is."""
+
+    def __init__(self, problem: str, mark, allowed: str):
+        super().__init__(problem=problem, problem_mark=mark)
+        self.allowed = allowed
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """safe_load with the bounds above, refusing a key given twice in one mapping (the later one would
+    silently win: a repeated label_map key remaps a class)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth, self._nodes, self._sizes = 0, 0, {}
+
+    def compose_node(self, parent, index):
+        alias = self.check_event(yaml.AliasEvent)
+        mark = self.peek_event().start_mark
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _Refused(f"nesting deeper than {MAX_YAML_DEPTH} levels", mark, "a job file nests a few levels")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if not alias:
+            children = node.value if isinstance(node, yaml.SequenceNode) else \
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+            self._sizes[id(node)] = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        self._nodes += self._sizes.get(id(node), 1) if alias else 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _Refused(f"more than {MAX_YAML_NODES:,} values once its aliases (*name) are expanded", mark,
+                           "a job file holds a few hundred; use fewer or no aliases")
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the constructor says so itself
+                if first is not key_node:
+                    raise _Refused(f"the key {key!r} a second time (first at line {first.start_mark.line + 1})",
+                                   key_node.start_mark, "each key may appear once in a mapping")
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(file: Path, shown: Path) -> Any:
+    """The file's YAML, bounded in size, values and nesting. Raises SpecError."""
+    size = file.stat().st_size
+    if size > MAX_JOB_BYTES:
+        raise SpecError(shown, "", f"{size:,} bytes", f"a job file may hold at most {MAX_JOB_BYTES:,} bytes")
+    try:
+        return yaml.load(file.read_text(encoding="utf-8"), Loader=_BoundedLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(shown, where, getattr(error, "problem", None) or str(error),
+                        getattr(error, "allowed", "the file must be valid YAML")) from None
+    except UnicodeDecodeError as error:
+        raise SpecError(shown, "", str(error), "the file must be UTF-8 text") from None
+
+
+def check_finite(shown: Path, value: Any, where: str = "") -> None:
+    """NaN or infinity anywhere in a job: .inf in min_time_s never ends, .nan runs every variant and then
+    no result can be written (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(shown, where, value, "expected a finite number (.nan and .inf are not allowed)")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, float):
+            check_finite(shown, key, where)
+        check_finite(shown, item, f"{where}[{key}]" if isinstance(value, list) else
+                     f"{where}.{key}" if where else str(key))
+
+
 def load_job(path: str | Path) -> JobSpec:
     """Read and shape-check one job file. Raises SpecError."""
     file = Path(path).resolve()
     shown = Path(path)
     if not file.is_file():
         raise SpecError(shown, "", str(path), _no_such("no such job file"))
-    try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(shown, where, getattr(error, "problem", str(error)), "the file must be valid YAML") from None
-    except UnicodeDecodeError as error:
-        raise SpecError(shown, "", str(error), "the file must be UTF-8 text") from None
+    raw = read_yaml(file, shown)
+    check_finite(shown, raw)
     return _parse(file, shown, raw)
 
 
@@ -250,8 +336,13 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
     top.check_keys(TOP_FIELDS)
 
     name = top.get("name", str, required=True)
-    if not NAME_PATTERN.match(name):
-        raise SpecError(shown, "name", name, "use letters, digits, '.', '_' and '-' (it names the results folder)")
+    # fullmatch: a pattern's $ also matches before a final newline ("pwn\n" made a folder named so).
+    if not NAME_PATTERN.fullmatch(name):
+        raise SpecError(shown, "name", name, "use letters, digits, '.', '_' and '-', starting with a letter or "
+                                             "digit (it names the results folder)")
+    if name in RESERVED_NAMES:
+        raise SpecError(shown, "name", name, f"{name!r} is taken: collect and report skip folders of this name "
+                                             "(they hold the repository's reference results); choose another")
     seed = top.get("seed", int, 0)
 
     model = _model_source(file, shown, top.sub("model", required=True), allow_config=True)
@@ -307,6 +398,21 @@ def _model_source(file: Path, shown: Path, reader: _Reader, allow_config: bool) 
     return ModelSource(hub=value, revision=reader.get("revision", str))
 
 
+WHOLE_NUMBER = re.compile(r"([+-]?[0-9]+)\.0*")
+
+
+def label_name(value: Any) -> str:
+    """A dataset label as text. A whole number reads one way however it is written (2, 2.0 or "2.0"): a float
+    label column, a CSV cell and a label_map key must name the same label."""
+    if value is None:
+        return ""  # a missing label reads as an empty one
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    whole = WHOLE_NUMBER.fullmatch(text)
+    return str(int(whole.group(1))) if whole else text
+
+
 SOURCE_FIELDS = ("format", "path", "files", "header", "text_column", "label_column")
 
 
@@ -349,7 +455,7 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
         for label, name in files_raw.items():
             if not isinstance(name, str):
                 raise SpecError(shown, reader.field(f"files.{label}"), name, "expected a file name")
-            files[str(label)] = _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
+            files[label_name(label)] = _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
         for label, value in files.items():
             if not value.is_file():
                 raise SpecError(shown, reader.field(f"files.{label}"), str(value), _no_such("no such file"))
@@ -375,7 +481,11 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
         for key, value in label_map_raw.items():
             if not isinstance(value, (str, int)) or isinstance(value, bool):
                 raise SpecError(shown, reader.field(f"label_map.{key}"), value, "expected a model label name")
-            label_map[str(key)] = str(value)
+            name = label_name(key)
+            if name in label_map:
+                raise SpecError(shown, reader.field(f"label_map.{key}"), key,
+                                f"names the same dataset label as another key ({name}); give each label once")
+            label_map[name] = str(value)
 
     sample_reader = reader.sub("sample") or _Reader(shown, {}, reader.field("sample"))
     sample_reader.check_keys(("n", "fraction", "seed"))

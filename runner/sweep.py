@@ -107,9 +107,12 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
               say: Callable[[str], None] = print, ray_temp_dir: str | None = None,
               placement_timeout_s: float | None = None) -> SweepReport:
     """Run every planned job. Raises results.ResultsError before starting anything."""
+    unusable: list[tuple[Path, str]] = []
     folders = {plan.spec.name: results.plan_folder(results_dir, plan.spec.name, plan.spec_hash,
-                                                   [v.id for v in plan.spec.variants], resume)
+                                                   [v.id for v in plan.spec.variants], resume, unusable)
                for plan in plans}
+    for file, why in unusable:  # a variant's own file among them is replaced when it runs
+        say(f"skipped {file}: {why}")
     kept = {name: keep for name, (keep, _) in folders.items()}
     replaced = {name: why for name, (_, why) in folders.items()}
     to_run = {plan.spec.name: [v for v in plan.spec.variants if v.id not in kept[plan.spec.name]] for plan in plans}

@@ -217,7 +217,7 @@ def test_a_mistake_in_the_training_file_is_named_in_finetune_train(capsys, tmp_p
     train.write_text('{"body": "bagus sekali", "tag": "positive"}\n')
     text = finetune_job(smsa_base).replace(f"train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}",
                                            f"train: {{path: {train}, label_column: tag}}")
-    refused(capsys, tmp_path, text, "finetune.train.text_column: found 'text'", "record 1 of train.jsonl has fields: body, tag")
+    refused(capsys, tmp_path, text, "finetune.train.text_column: found 'text'", "line 1 of train.jsonl has fields: body, tag")
 
 
 def test_an_empty_training_split_is_refused(capsys, tmp_path, smsa_base):
