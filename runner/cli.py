@@ -8,6 +8,7 @@ collect, or a --baseline that names no variant of the results.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--placement-timeout", type=_seconds, metavar="SECONDS",
                      help="how long to wait for a node that can run a variant before it is skipped "
                           "(default: 0 on the embedded cluster, 30 on a cluster given by address)")
+
+    run.add_argument("--wait-for-lock", type=_seconds, nargs="?", const=float("inf"), metavar="SECONDS",
+                     help="when another run is writing a job's results folder, wait for it (at most SECONDS for "
+                          "each folder; without SECONDS until it ends) instead of stopping with exit code 2")
 
     validate = commands.add_parser("validate", help="check job files and print the variants they expand to")
     validate.add_argument("jobs", nargs="+", type=Path)
@@ -86,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         from runner import sweep
 
         report = sweep.run_sweep(plans, args.results, args.resume, args.address, ray_temp_dir=args.ray_temp_dir,
-                                 placement_timeout_s=args.placement_timeout)
+                                 placement_timeout_s=args.placement_timeout, lock_wait_s=args.wait_for_lock,
+                                 command=_command_line(argv))
         sweep.print_table(report, plans)
         print(report.split())
         return EXIT_FAILED if report.failed else EXIT_OK
@@ -96,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as error:  # e.g. no Ray cluster at --address
         print(f"quantbench: cannot reach the Ray cluster: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _command_line(argv: list[str] | None) -> str:
+    """How this run was started, as a shell would take it: said to whoever finds its lock."""
+    return shlex.join(["quantbench", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _found(command: str, folders: list[Path], baseline: str | None) -> list[dict] | None:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runner import collect, dispatch, measure, models, results
+from runner import collect, dispatch, locks, measure, models, results
 from runner.finetune import FinetuneTask, chance_note, finetune_key
 from runner.plan import JobPlan
 from runner.spec import SpecError
@@ -101,8 +101,18 @@ def progress_line(done: int, total: int, result: dict) -> str:
 
 def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: str | None,
               say: Callable[[str], None] = print, ray_temp_dir: str | None = None,
-              placement_timeout_s: float | None = None) -> SweepReport:
-    """Run every planned job. Raises results.ResultsConflict before starting anything."""
+              placement_timeout_s: float | None = None, lock_wait_s: float | None = None,
+              command: str = "quantbench run") -> SweepReport:
+    """Run every planned job. Raises results.ResultsConflict before starting anything, also
+    locks.ResultsLocked when another run writes a job's folder and lock_wait_s (None: not at all) passed."""
+    with locks.job_folders_locked(results_dir, [plan.spec.name for plan in plans], command, lock_wait_s, say):
+        # Under the lock: what the folder holds cannot change between reading it and writing to it.
+        return _run_sweep(plans, results_dir, resume, address, say, ray_temp_dir, placement_timeout_s)
+
+
+def _run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: str | None,
+               say: Callable[[str], None], ray_temp_dir: str | None,
+               placement_timeout_s: float | None) -> SweepReport:
     folders = {plan.spec.name: results.plan_folder(results_dir, plan.spec.name, plan.spec_hash,
                                                    [v.id for v in plan.spec.variants], resume)
                for plan in plans}

@@ -1,0 +1,146 @@
+"""Faults around a run, with real processes and real signals: a results folder another run holds, two
+runs timing on one machine, a run stopped by SIGINT or SIGTERM, files that a killed run left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, rt_job, write_job
+from runner.cli import main
+
+# The longest any wait for a process's line may take: imports and a Ray start on 2 busy cores.
+DEADLINE_S = 180.0
+
+
+def environment(**extra: str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def start(args: list[str], **extra: str) -> subprocess.Popen:
+    """A process of this checkout's Python, its output read line by line."""
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=environment(**extra), text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def start_run(*args, **extra: str) -> subprocess.Popen:
+    return start(["-m", "runner.cli", "run", *map(str, args)], **extra)
+
+
+def read_until(process: subprocess.Popen, marker: str, deadline_s: float = DEADLINE_S) -> str:
+    """Lines of the process's stdout until one holds the marker; fails at the deadline or its end."""
+    seen, ends = [], time.monotonic() + deadline_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while time.monotonic() < ends:
+            if not selector.select(timeout=ends - time.monotonic()):
+                break
+            line = process.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if marker in line:
+                return "".join(seen)
+    process.kill()
+    out, err = process.communicate()
+    pytest.fail(f"no line with {marker!r} (exit {process.returncode}); out:\n{''.join(seen)}{out}\nerr:\n{err}")
+
+
+HOLD = """
+import sys
+from pathlib import Path
+from runner import locks
+fd, _ = locks.lock_job_folder(Path(sys.argv[1]), "the test's holder", None, print)
+print("held", flush=True)
+sys.stdin.read()  # until the test closes it
+"""
+
+
+def hold_folder(folder: Path) -> subprocess.Popen:
+    holder = start(["-c", HOLD, str(folder)])
+    read_until(holder, "held", 60)
+    return holder
+
+
+def release(holder: subprocess.Popen) -> None:
+    holder.stdin.close()
+    assert holder.wait(timeout=60) == 0, holder.stderr.read()
+
+
+def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(tmp_path, tiny_model):
+    job = write_job(tmp_path, rt_job(tiny_model, variants="[fp32-cpu]"))
+    results = tmp_path / "results"
+    holder = hold_folder(results / "tiny-rt")
+    try:
+        before = sorted(p.name for p in results.rglob("*"))
+        run = start_run(job, "--results", results)
+        out, err = run.communicate(timeout=DEADLINE_S)
+        assert run.returncode == 2, out + err
+        assert f"pid {holder.pid}" in err and os.uname().nodename in err and "the test's holder" in err
+        assert "--wait-for-lock" in err and "--results NEW_FOLDER" in err and "Traceback" not in err
+        assert "cluster:" not in out  # refused before Ray started
+        assert sorted(p.name for p in results.rglob("*")) == before  # nothing written
+        # A bounded wait ends with the same refusal, saying how long it waited.
+        run = start_run(job, "--results", results, "--wait-for-lock", "0.5")
+        out, err = run.communicate(timeout=DEADLINE_S)
+        assert run.returncode == 2 and "after 0.5 s" in err and f"pid {holder.pid}" in err, out + err
+        assert "waiting for" in out
+    finally:
+        release(holder)
+
+
+def seed_ok_result(job: Path, results: Path, variant: str = "fp32-cpu") -> Path:
+    """An ok result of the job's own spec, so that --resume keeps it and runs nothing."""
+    from runner.plan import plan_job
+
+    plan = plan_job(job)
+    result = {"schema_version": 1, "job": plan.spec.name, "variant": variant, "precision": "fp32", "device": "cpu",
+              "status": "ok", "error": None, "warnings": [], "spec_hash": plan.spec_hash, "spec": plan.spec.raw,
+              "metrics": {"model_size_mib": 1.0, "accuracy": 0.5}, "environment": {}}
+    path = results / plan.spec.name / f"{variant}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_a_run_asked_to_wait_says_so_and_goes_on_when_the_holder_ends(tmp_path, tiny_model):
+    job = write_job(tmp_path, rt_job(tiny_model, variants="[fp32-cpu]"))
+    results = tmp_path / "results"
+    seed_ok_result(job, results)
+    holder = hold_folder(results / "tiny-rt")
+    try:
+        run = start_run(job, "--results", results, "--resume", "--wait-for-lock")
+        waiting = read_until(run, "waiting for")
+        assert f"pid {holder.pid}" in waiting and "until it ends" in waiting
+        assert run.poll() is None  # still waiting
+    finally:
+        release(holder)
+    out, err = run.communicate(timeout=DEADLINE_S)
+    assert run.returncode == 0, out + err
+    assert "[resume] tiny-rt fp32-cpu: kept" in out
+    assert not (results / "tiny-rt" / ".quantbench.lock").exists()
+
+
+def test_a_run_removes_the_partial_files_a_killed_run_left(capsys, tmp_path, tiny_model):
+    job = write_job(tmp_path, rt_job(tiny_model, variants="[fp32-cpu]"))
+    results = tmp_path / "results"
+    kept = seed_ok_result(job, results)
+    stale = results / "tiny-rt" / ".fp32-cpu-k2_x9q0a.tmp"  # write_result's name for a result being written
+    stale.write_text('{"schema_version": 1, "job": "tin')
+    mine = results / "tiny-rt" / ".notes.tmp"  # not one of quantbench's: left alone
+    mine.write_text("keep")
+
+    code = main(["run", str(job), "--results", str(results), "--resume"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert not stale.exists() and f"removed {stale}" in out
+    assert mine.exists() and kept.exists()
