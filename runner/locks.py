@@ -177,3 +177,71 @@ def job_folders_locked(results_dir: Path, jobs: list[str], command: str, wait_s:
     finally:
         for folder, fd, created in reversed(held):
             unlock_job_folder(folder, fd, created)
+
+
+def timing_lock_path() -> str:
+    return os.environ.get(TIMING_LOCK_VARIABLE) or TIMING_LOCK
+
+
+def _open_shared(path: str) -> tuple[int, bool]:
+    """(fd, writable) of the machine's lock file, made on first use. A file of another user's in /tmp
+    cannot be opened with O_CREAT (protected_regular), so it is opened first and made only if missing;
+    never through a link someone else put there."""
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | flags), True
+        except PermissionError:  # made read-only for others: flock needs no more than reading
+            return os.open(path, os.O_RDONLY | flags), False
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o666)
+        except FileExistsError:  # another run made it first
+            continue
+        os.fchmod(fd, 0o666)  # every user's runs take it and say who holds it, whatever the umask
+        return fd, True
+
+
+class TimingLock:
+    """What became of the wait: seconds waited, and a warning when the clock ran unserialized."""
+
+    def __init__(self, path: str):
+        self.path, self.waited_s, self.warning = path, 0.0, None
+
+
+def _say_on_stderr(text: str) -> None:
+    print(f"quantbench: {text}", file=sys.stderr, flush=True)  # a Ray worker's log, or a test's pipe
+
+
+@contextlib.contextmanager
+def timing_lock(what: str, timeout_s: float = TIMING_LOCK_TIMEOUT_S, say=_say_on_stderr):
+    """The machine's timing lock for the block: no other quantbench run's clock runs meanwhile.
+    what: who holds it, in words (the job and the variant). Never raises for the lock's sake."""
+    lock = TimingLock(timing_lock_path())
+    try:
+        fd, writable = _open_shared(lock.path)
+    except OSError as error:
+        lock.warning = (f"timed without the machine's timing lock: cannot open {lock.path} ({error.strerror}): "
+                        "another quantbench run on this machine may have timed at the same time")
+        yield lock
+        return
+
+    def waiting(holder: str) -> None:
+        say(f"{what}: waiting for the machine's timing lock {lock.path}, held by {holder}: the clock starts "
+            f"when that run's timed passes end (waits at most {timeout_s:g} s)")
+
+    try:
+        waited = flock_within(fd, timeout_s, waiting)
+        lock.waited_s = timeout_s if waited is None else waited
+        if waited is None:
+            lock.warning = (f"timed beside another run: the machine's timing lock {lock.path} was still held after "
+                            f"{timeout_s:g} s, by {read_holder(fd)}; latencies may be too high")
+        elif writable:
+            write_holder(fd, what)
+        yield lock
+    finally:
+        if writable and lock.warning is None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # nobody holds it now
+        os.close(fd)  # lets go of it

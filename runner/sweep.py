@@ -92,6 +92,8 @@ def progress_line(done: int, total: int, result: dict) -> str:
     latency = metrics.get("latency_ms") or {}
     text = (f"{head} accuracy {metrics.get('accuracy', 0):.4f}  median {latency.get('median', 0):.2f} ms"
             f"  size {metrics.get('model_size_mib', 0):.1f} MiB  ({result.get('wall_s', 0):.1f} s)")
+    if latency.get("timing_lock_wait_s"):  # another quantbench run on the machine was timing
+        text += f"  waited {latency['timing_lock_wait_s']:.1f} s for another run's timing"
     if result.get("repeats"):
         text += f"  {result['repeats']['n']} runs, medians spread {result['repeats']['spread']:.1%}"
     if result.get("warnings"):

@@ -188,7 +188,7 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     with memory.phase("evaluate"):
         probabilities, timings = evaluate.run_passes(
             model, batches, device, task.evaluation.warmup_passes, task.evaluation.timed_passes,
-            task.evaluation.min_time_s, fixed)
+            task.evaluation.min_time_s, fixed, holder=f"timing {task.job} {variant.id}")
     probabilities = evaluate.in_sample_order(probabilities, order)
     if not np.isfinite(probabilities).all():
         raise FloatingPointError(f"{variant.id} produced non-finite outputs (NaN or inf) for "
@@ -211,7 +211,8 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     noise_cv, repeated = timings.noise_cv()
     latency = {**measure.latency_stats(timings.seconds), "repeat_cv": noise_cv, "repeat_n": repeated,
                "preemptions_per_s": timings.preemptions_per_s,
-               "clock_started_at": timings.clock_started_at, "clock_s": timings.clock_s}
+               "clock_started_at": timings.clock_started_at, "clock_s": timings.clock_s,
+               "timing_lock_wait_s": timings.timing_lock_wait_s}
     timed_total = sum(timings.seconds)
     result["metrics"] = {
         "model_size_mib": size_mib,
@@ -228,6 +229,8 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     result["warnings"] = evaluate.label_guard(gold_ids, predicted, task.model_labels)
     if analysis_warning:
         result["warnings"].append(analysis_warning)
+    if timings.timing_lock_warning:
+        result["warnings"].append(timings.timing_lock_warning)
     noisy = measure.noisy_warning(latency)
     if noisy:
         result["warnings"].append(noisy)

@@ -36,15 +36,15 @@ def start_run(*args, **extra: str) -> subprocess.Popen:
     return start(["-m", "runner.cli", "run", *map(str, args)], **extra)
 
 
-def read_until(process: subprocess.Popen, marker: str, deadline_s: float = DEADLINE_S) -> str:
-    """Lines of the process's stdout until one holds the marker; fails at the deadline or its end."""
-    seen, ends = [], time.monotonic() + deadline_s
+def read_until(process: subprocess.Popen, marker: str, deadline_s: float = DEADLINE_S, stream: str = "stdout") -> str:
+    """Lines of the process's stdout (or stderr) until one holds the marker; fails at the deadline or its end."""
+    seen, ends, lines = [], time.monotonic() + deadline_s, getattr(process, stream)
     with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
+        selector.register(lines, selectors.EVENT_READ)
         while time.monotonic() < ends:
             if not selector.select(timeout=ends - time.monotonic()):
                 break
-            line = process.stdout.readline()
+            line = lines.readline()
             if not line:
                 break
             seen.append(line)
@@ -144,3 +144,57 @@ def test_a_run_removes_the_partial_files_a_killed_run_left(capsys, tmp_path, tin
     assert code == 0, out
     assert not stale.exists() and f"removed {stale}" in out
     assert mine.exists() and kept.exists()
+
+
+HOLD_TIMING = """
+import sys
+from runner import locks
+with locks.timing_lock("the test's timer"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes it
+"""
+
+TIME_A_VARIANT = """
+import json, sys
+sys.path.insert(0, "tests")
+from test_worker import make_task
+from runner.sweep import progress_line
+from runner.worker import run_variant
+result = run_variant(make_task(sys.argv[1], min_time_s=0.5))
+print(json.dumps({**result["metrics"]["latency_ms"], "status": result["status"], "error": result["error"],
+                  "warnings": result["warnings"], "line": progress_line(1, 1, result)}))
+"""
+
+
+def test_variants_of_two_processes_time_one_after_the_other_and_say_they_waited(tmp_path, tiny_model, monkeypatch):
+    from datetime import datetime, timedelta
+
+    from runner import locks, measure
+
+    lock = str(tmp_path / "timing.lock")  # this machine's lock, but the test's own
+    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, lock)
+    holder = start(["-c", HOLD_TIMING], QUANTBENCH_TIMING_LOCK=lock)
+    read_until(holder, "held", 60)
+    timers = [start(["-c", TIME_A_VARIANT, str(tiny_model)], QUANTBENCH_TIMING_LOCK=lock) for _ in range(2)]
+    try:
+        for timer in timers:  # both variants wait, and say for whom
+            waiting = read_until(timer, "waiting for the machine's timing lock", stream="stderr")
+            assert f"pid {holder.pid}" in waiting and "the test's timer" in waiting
+        # A wait has an end: past it, the clock runs anyway and the result says so.
+        with locks.timing_lock("a third", timeout_s=0.3) as third:
+            assert third.waited_s == 0.3 and f"still held after 0.3 s, by pid {holder.pid}" in third.warning
+        released = datetime.fromisoformat(measure.now())
+    finally:
+        release(holder)
+    found = []
+    for timer in timers:
+        out, err = timer.communicate(timeout=DEADLINE_S)
+        assert timer.returncode == 0, err
+        found.append(json.loads(out.splitlines()[-1]))
+    assert all(r["status"] == "ok" and not any("timing lock" in w for w in r["warnings"]) for r in found), found
+    first, second = sorted(found, key=lambda r: r["clock_started_at"])
+    first_start, second_start = (datetime.fromisoformat(r["clock_started_at"]) for r in (first, second))
+    assert first_start >= released
+    assert second_start >= first_start + timedelta(seconds=first["clock_s"])  # the clocks never overlapped
+    assert 0 < first["timing_lock_wait_s"] < second["timing_lock_wait_s"]
+    assert all("for another run's timing" in r["line"] for r in found)
