@@ -2,7 +2,8 @@
 
 Exit codes: 0 every variant ok or skipped; 1 a variant failed (the others still ran and were written);
 2 a bad job file or usage (nothing was run and nothing was written), or for collect and report: nothing to
-collect, or a --baseline that names no variant of the results.
+collect, or a --baseline that names no variant of the results; 130 or 143 a run stopped by SIGINT (Ctrl-C) or
+SIGTERM (the finished results are kept, and it prints the --resume command that finishes the sweep).
 """
 
 from __future__ import annotations
@@ -88,11 +89,16 @@ def main(argv: list[str] | None = None) -> int:
             if len(same) > 1:  # their results would share one folder
                 raise SpecError(plan.spec.file, "name", plan.spec.name,
                                 f"each job run together needs its own name; these files share it: {', '.join(same)}")
-        from runner import sweep
+        from runner import interrupt, sweep
 
-        report = sweep.run_sweep(plans, args.results, args.resume, args.address, ray_temp_dir=args.ray_temp_dir,
-                                 placement_timeout_s=args.placement_timeout, lock_wait_s=args.wait_for_lock,
-                                 command=_command_line(argv))
+        try:
+            with interrupt.handled():
+                report = sweep.run_sweep(plans, args.results, args.resume, args.address,
+                                         ray_temp_dir=args.ray_temp_dir, placement_timeout_s=args.placement_timeout,
+                                         lock_wait_s=args.wait_for_lock, command=_command_line(argv))
+        except KeyboardInterrupt:  # interrupt.Interrupted, or Ray's own for it
+            print(_stopped(interrupt.signal_name(), args, argv, plans), file=sys.stderr)
+            return interrupt.exit_code()
         sweep.print_table(report, plans)
         print(report.split())
         return EXIT_FAILED if report.failed else EXIT_OK
@@ -102,6 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as error:  # e.g. no Ray cluster at --address
         print(f"quantbench: cannot reach the Ray cluster: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
+    """What a run stopped by a signal kept, and the command that finishes it."""
+    from runner.results import find_results
+
+    folders = [args.results / plan.spec.name for plan in plans]
+    kept = [r for r in find_results([f for f in folders if f.is_dir()]) if r["status"] == "ok"]
+    words = list(sys.argv[1:] if argv is None else argv)
+    again = shlex.join(["quantbench", *words, *([] if "--resume" in words else ["--resume"])])
+    return (f"quantbench: stopped by {signal_name}: the cluster this run started is stopped; {len(kept)} ok result(s) "
+            f"are kept under {args.results}, and the variants that had not finished have no result.\n"
+            f"To finish the sweep (it keeps the ok results and runs the rest): {again}")
 
 
 def _command_line(argv: list[str] | None) -> str:

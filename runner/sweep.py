@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runner import collect, dispatch, locks, measure, models, results
+from runner import collect, dispatch, interrupt, locks, measure, models, results
 from runner.finetune import FinetuneTask, chance_note, finetune_key
 from runner.plan import JobPlan
 from runner.spec import SpecError
@@ -129,6 +129,7 @@ def _run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: s
     if any(to_run.values()):
         cluster = dispatch.connect(address, temp_dir=ray_temp_dir,
                                    cpu_precisions=cpu_precisions if cpu_work else None)
+        interrupt.install()  # ray.init replaced the SIGTERM handler
         report.cluster_start_s = time.perf_counter() - started
         say(f"cluster: {cluster.describe()}")
     else:  # a finished sweep run again with --resume: the table from the kept results, at once

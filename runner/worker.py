@@ -9,6 +9,7 @@ variant in a fresh worker process of its own. It never raises for a variant's ow
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -101,6 +102,8 @@ def run_variant_in_own_process(task: VariantTask) -> dict:
         os._exit(3)  # the process dies as in a segfault or an OOM kill
     if fault == "raise":
         raise RuntimeError(f"fault injected into {task.variant.id}")
+    while fault == "hang":  # a variant that never ends, until its process is killed
+        signal.pause()
     models.quiet_libraries()
     result = run_variant(task)
     result["environment"]["variant_pid"] = os.getpid()
@@ -108,7 +111,8 @@ def run_variant_in_own_process(task: VariantTask) -> dict:
 
 
 def _injected_fault(variant_id: str) -> str | None:
-    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise": how tests make a worker die or a variant raise."""
+    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise,fp32-cpu=hang": how tests make a worker die,
+    a variant raise, or a variant run until it is stopped."""
     for item in os.environ.get("QUANTBENCH_FAULT_INJECT", "").split(","):
         name, _, fault = item.partition("=")
         if name.strip() == variant_id:

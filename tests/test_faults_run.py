@@ -3,6 +3,7 @@ runs timing on one machine, a run stopped by SIGINT or SIGTERM, files that a kil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -198,3 +199,40 @@ def test_variants_of_two_processes_time_one_after_the_other_and_say_they_waited(
     assert second_start >= first_start + timedelta(seconds=first["clock_s"])  # the clocks never overlapped
     assert 0 < first["timing_lock_wait_s"] < second["timing_lock_wait_s"]
     assert all("for another run's timing" in r["line"] for r in found)
+
+
+def end_all(processes: list[psutil.Process], timeout_s: float = 60) -> list[psutil.Process]:
+    """The processes still running timeout_s after they were asked to end; the test kills them then."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    return alive
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_run_keeping_what_finished_and_saying_how_to_resume(tmp_path, tiny_model, ray_temp_dir,
+                                                                              signum, code):
+    job = write_job(tmp_path, rt_job(tiny_model, variants="[fp32-cpu, int8-dynamic-cpu]"))
+    results = tmp_path / "results"
+    run = start_run(job, "--results", results, "--ray-temp-dir", ray_temp_dir,
+                    QUANTBENCH_FAULT_INJECT="int8-dynamic-cpu=hang")  # runs until it is stopped
+    started = []
+    try:
+        read_until(run, "[1/2] tiny-rt fp32-cpu")
+        started = psutil.Process(run.pid).children(recursive=True)  # the cluster, the fork server, the variant's
+        assert len(started) >= 3
+        run.send_signal(signum)
+        out, err = run.communicate(timeout=DEADLINE_S)
+    finally:
+        run.kill()
+        left = end_all(started)
+    assert run.returncode == code, out + err
+    assert "Traceback" not in err and 'File "' not in err, err  # neither Python's nor Ray's stack lines
+    assert f"stopped by {signal.Signals(signum).name}" in err and "1 ok result(s) are kept" in err
+    again = f"quantbench run {job} --results {results} --ray-temp-dir {ray_temp_dir} --resume"
+    assert again in err.splitlines()[-1], err
+    # The finished result is kept; the stopped variant has none, and nothing half-written or locked is left.
+    assert sorted(p.name for p in (results / "tiny-rt").iterdir()) == ["fp32-cpu.json"]
+    assert json.loads((results / "tiny-rt" / "fp32-cpu.json").read_text())["status"] == "ok"
+    assert not left, f"still running after the run ended: {left}"
