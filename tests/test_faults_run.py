@@ -236,3 +236,21 @@ def test_a_signal_stops_the_run_keeping_what_finished_and_saying_how_to_resume(t
     assert sorted(p.name for p in (results / "tiny-rt").iterdir()) == ["fp32-cpu.json"]
     assert json.loads((results / "tiny-rt" / "fp32-cpu.json").read_text())["status"] == "ok"
     assert not left, f"still running after the run ended: {left}"
+
+
+def test_collect_names_two_runs_on_one_host_by_their_folders(capsys, tmp_path):
+    def result_in(folder: str, host: str) -> None:
+        result = {"schema_version": 1, "job": "j", "variant": "fp32-cpu", "precision": "fp32", "device": "cpu",
+                  "status": "ok", "error": None, "metrics": {"model_size_mib": 1.0, "accuracy": 0.5},
+                  "environment": {"host": host}}
+        path = tmp_path / folder / "j" / "fp32-cpu.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(result))
+
+    result_in("monday", "vm-a")
+    result_in("tuesday", "vm-a")  # another run on the same host: named by its folder, not "@vm-a"
+    result_in("other/tuesday", "vm-a")  # and a folder of the same name again: numbered
+    result_in("elsewhere", "vm-b")  # another host: named by its host
+    assert main(["collect", str(tmp_path), "--format", "json"]) == 0
+    columns = json.loads(capsys.readouterr().out)[0]["variants"]
+    assert set(columns) == {"fp32-cpu", "fp32-cpu@tuesday", "fp32-cpu@tuesday#2", "fp32-cpu@vm-b"}
