@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             return interrupt.exit_code()
         sweep.print_table(report, plans)
         print(report.split())
+        for note in sweep.stale_report_notes(args.results, [plan.spec.name for plan in plans]):
+            print(note)
         return EXIT_FAILED if report.failed else EXIT_OK
     except (SpecError, ResultsConflict) as error:
         print(f"quantbench: {error}", file=sys.stderr)

@@ -201,6 +201,20 @@ def _run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: s
     return report
 
 
+def stale_report_notes(results_dir: Path, jobs: list[str]) -> list[str]:
+    """Notes on each report.html where `quantbench report` writes it by default (the folder it is given:
+    DIR or DIR/<job>) that is older than a result of these jobs under that folder. Such a page shows
+    what the folder held before; run leaves it, as it may be the only record of results it replaced."""
+    notes = []
+    for folder, covers in [(Path(results_dir), jobs), *((Path(results_dir) / job, [job]) for job in jobs)]:
+        page = folder / "report.html"
+        results_in = [p for job in covers for p in (Path(results_dir) / job).glob("*.json")]
+        if page.is_file() and any(p.stat().st_mtime > page.stat().st_mtime for p in results_in):
+            notes.append(f"note: {page} is older than results under {folder}: it shows what was there before; "
+                         f"to update it: quantbench report {folder}")
+    return notes
+
+
 def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:
     """The job's FP32 checkpoint, from the cache or made now; a model that cannot be loaded is the job's
     mistake (exit 2), as validation would have said if it could read weights."""

@@ -254,3 +254,21 @@ def test_collect_names_two_runs_on_one_host_by_their_folders(capsys, tmp_path):
     assert main(["collect", str(tmp_path), "--format", "json"]) == 0
     columns = json.loads(capsys.readouterr().out)[0]["variants"]
     assert set(columns) == {"fp32-cpu", "fp32-cpu@tuesday", "fp32-cpu@tuesday#2", "fp32-cpu@vm-b"}
+
+
+def test_run_says_which_report_is_older_than_the_results(capsys, tmp_path, tiny_model):
+    job = write_job(tmp_path, rt_job(tiny_model, variants="[fp32-cpu]"))
+    results = tmp_path / "results"
+    kept = seed_ok_result(job, results)
+    old, fresh = results / "tiny-rt" / "report.html", results / "report.html"
+    old.write_text("<html>before</html>")
+    fresh.write_text("<html>after</html>")
+    then = kept.stat().st_mtime
+    os.utime(old, (then - 3600, then - 3600))  # made before the result it should show
+    os.utime(fresh, (then + 1, then + 1))
+
+    assert main(["run", str(job), "--results", str(results), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {old} is older than results under {results / 'tiny-rt'}" in out
+    assert f"quantbench report {results / 'tiny-rt'}" in out and f"note: {fresh}" not in out
+    assert old.read_text() == "<html>before</html>"  # left as it was: it may be all that is left of older results
