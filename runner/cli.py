@@ -27,6 +27,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _wait_seconds(text: str) -> float:
+    try:
+        float(text)
+    except ValueError:  # `run --wait-for-lock job.yaml` reads the job file as SECONDS
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r} (without SECONDS, "
+                                         "put --wait-for-lock after the job files)") from None
+    return _seconds(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="how long to wait for a node that can run a variant before it is skipped "
                           "(default: 0 on the embedded cluster, 30 on a cluster given by address)")
 
-    run.add_argument("--wait-for-lock", type=_seconds, nargs="?", const=float("inf"), metavar="SECONDS",
+    run.add_argument("--wait-for-lock", type=_wait_seconds, nargs="?", const=float("inf"), metavar="SECONDS",
                      help="when another run is writing a job's results folder, wait for it (at most SECONDS for "
                           "each folder; without SECONDS until it ends) instead of stopping with exit code 2")
 

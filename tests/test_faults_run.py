@@ -272,3 +272,11 @@ def test_run_says_which_report_is_older_than_the_results(capsys, tmp_path, tiny_
     assert f"note: {old} is older than results under {results / 'tiny-rt'}" in out
     assert f"quantbench report {results / 'tiny-rt'}" in out and f"note: {fresh}" not in out
     assert old.read_text() == "<html>before</html>"  # left as it was: it may be all that is left of older results
+
+
+@pytest.mark.parametrize("value, said", [("job.yaml", "put --wait-for-lock after the job files"),
+                                         ("nan", "finite number of seconds"), ("-1", "0 or more")])
+def test_a_wait_for_lock_that_is_no_number_of_seconds_is_refused(capsys, value, said):
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "--wait-for-lock", value, "job.yaml"])
+    assert stop.value.code == 2 and said in capsys.readouterr().err
