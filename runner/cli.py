@@ -126,10 +126,13 @@ def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
     from runner.results import find_results
 
     folders = [args.results / plan.spec.name for plan in plans]
-    kept = [r for r in find_results([f for f in folders if f.is_dir()]) if r["status"] == "ok"]
+    try:
+        kept = f"{sum(r['status'] == 'ok' for r in find_results([f for f in folders if f.is_dir()]))} ok result(s)"
+    except Exception:  # a file it cannot read: what it says must not fail
+        kept = "the finished results"
     words = list(sys.argv[1:] if argv is None else argv)
     again = shlex.join(["quantbench", *words, *([] if "--resume" in words else ["--resume"])])
-    return (f"quantbench: stopped by {signal_name}: the cluster this run started is stopped; {len(kept)} ok result(s) "
+    return (f"quantbench: stopped by {signal_name}, and the variants still running with it; {kept} "
             f"are kept under {args.results}, and the variants that had not finished have no result.\n"
             f"To finish the sweep (it keeps the ok results and runs the rest): {again}")
 

@@ -100,12 +100,12 @@ class ResultsLocked(results.ResultsConflict):
     """Another run writes this job's results folder, or its lock cannot be made (cli: exit 2)."""
 
 
-def lock_job_folder(folder: Path, command: str, wait_s: float | None, say) -> tuple[int, bool]:
-    """(the lock's fd, whether this call made the folder). wait_s None: refuse at once when held.
+def lock_job_folder(folder: Path, command: str, wait_s: float | None, say) -> tuple[int, Path | None]:
+    """(the lock's fd, the outermost folder this call made, if any). wait_s None: refuse at once when held.
 
     The holder removes the file as it lets go, so a waiter may end up locking a file no longer at the
     path: it checks that what it locked is still there, and tries again if not."""
-    created = not folder.is_dir()
+    created = next((f for f in reversed([folder, *folder.parents]) if not f.exists()), None)
     folder.mkdir(parents=True, exist_ok=True)
     path, deadline, told = folder / RESULTS_LOCK, time.monotonic() + (wait_s or 0.0), []
 
@@ -121,8 +121,7 @@ def lock_job_folder(folder: Path, command: str, wait_s: float | None, say) -> tu
         if waited is None:
             holder = read_holder(fd)
             os.close(fd)
-            if created:
-                _remove_if_empty(folder)
+            _remove_if_empty(folder, created)
             raise ResultsLocked(_refusal(folder, holder, wait_s))
         if _same_file(fd, path):
             write_holder(fd, command)
@@ -143,18 +142,26 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def unlock_job_folder(folder: Path, fd: int, created: bool) -> None:
+def unlock_job_folder(folder: Path, fd: int, created: Path | None) -> None:
     """Removes the lock file while holding it (a waiter then sees it gone and takes a new one)."""
     with contextlib.suppress(OSError):
         (folder / RESULTS_LOCK).unlink()
     os.close(fd)
-    if created:
-        _remove_if_empty(folder)
+    _remove_if_empty(folder, created)
 
 
-def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not empty: it holds results now
-        folder.rmdir()
+def _remove_if_empty(folder: Path, created: Path | None) -> None:
+    """The folders made for the lock, from folder up to created, where nothing was put in them: a run
+    refused or stopped before it wrote leaves nothing behind."""
+    if created is None:
+        return
+    for made in [folder, *folder.parents]:
+        try:
+            made.rmdir()
+        except OSError:  # not empty: it holds results (or another job's folder)
+            return
+        if made == created:
+            return
 
 
 @contextlib.contextmanager

@@ -280,3 +280,15 @@ def test_a_wait_for_lock_that_is_no_number_of_seconds_is_refused(capsys, value, 
     with pytest.raises(SystemExit) as stop:
         main(["run", "--wait-for-lock", value, "job.yaml"])
     assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_lock_taken_and_let_go_leaves_no_folder_it_made(tmp_path):
+    from runner import locks
+
+    folder = tmp_path / "new" / "results" / "job"
+    with locks.job_folders_locked(tmp_path / "new" / "results", ["job"], "quantbench run x", None, print):
+        assert (folder / locks.RESULTS_LOCK).is_file()
+    assert list(tmp_path.iterdir()) == []  # a run refused after locking (another spec, a bad model) leaves nothing
+    with locks.job_folders_locked(tmp_path / "new" / "results", ["job"], "quantbench run x", None, print):
+        (folder / "fp32-cpu.json").write_text("{}")
+    assert [p.name for p in folder.iterdir()] == ["fp32-cpu.json"]
