@@ -92,16 +92,15 @@ def main(argv: list[str] | None = None) -> int:
             return _collect(args)
         if args.command == "report":
             return _report(args)
-        plans = _plans(args.jobs)
-        for plan in plans:
-            same = [str(other.spec.file) for other in plans if other.spec.name == plan.spec.name]
-            if len(same) > 1:  # their results would share one folder
-                raise SpecError(plan.spec.file, "name", plan.spec.name,
-                                f"each job run together needs its own name; these files share it: {', '.join(same)}")
-        from runner import interrupt, sweep
+        from runner import interrupt
 
+        plans = []
         try:
-            with interrupt.handled():
+            with interrupt.handled():  # from the start: a Ctrl-C while the job files are read is no traceback either
+                plans = _plans(args.jobs)
+                _check_names(plans)
+                from runner import sweep  # after validation: a bad job file is told without importing Ray
+
                 report = sweep.run_sweep(plans, args.results, args.resume, args.address,
                                          ray_temp_dir=args.ray_temp_dir, placement_timeout_s=args.placement_timeout,
                                          lock_wait_s=args.wait_for_lock, command=_command_line(argv))
@@ -119,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as error:  # e.g. no Ray cluster at --address
         print(f"quantbench: cannot reach the Ray cluster: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _check_names(plans) -> None:
+    for plan in plans:
+        same = [str(other.spec.file) for other in plans if other.spec.name == plan.spec.name]
+        if len(same) > 1:  # their results would share one folder
+            from runner.spec import SpecError
+
+            raise SpecError(plan.spec.file, "name", plan.spec.name,
+                            f"each job run together needs its own name; these files share it: {', '.join(same)}")
 
 
 def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
