@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import selectors
+import select
 import signal
 import subprocess
 import sys
@@ -38,22 +38,30 @@ def start_run(*args, **extra: str) -> subprocess.Popen:
 
 
 def read_until(process: subprocess.Popen, marker: str, deadline_s: float = DEADLINE_S, stream: str = "stdout") -> str:
-    """Lines of the process's stdout (or stderr) until one holds the marker; fails at the deadline or its end."""
-    seen, ends, lines = [], time.monotonic() + deadline_s, getattr(process, stream)
-    with selectors.DefaultSelector() as selector:
-        selector.register(lines, selectors.EVENT_READ)
-        while time.monotonic() < ends:
-            if not selector.select(timeout=ends - time.monotonic()):
-                break
-            line = lines.readline()
-            if not line:
-                break
-            seen.append(line)
-            if marker in line:
-                return "".join(seen)
-    process.kill()
-    out, err = process.communicate()
-    pytest.fail(f"no line with {marker!r} (exit {process.returncode}); out:\n{''.join(seen)}{out}\nerr:\n{err}")
+    """The process's stdout (or stderr) up to the end of the first line that holds the marker; fails at the
+    deadline or the stream's end. It reads the pipe itself: a Python file object would buffer lines past
+    the one it returns, where select() no longer sees them. finish() gives what it read beyond."""
+    fd, rest = getattr(process, stream).fileno(), process.__dict__.setdefault("rest", {"stdout": b"", "stderr": b""})
+    text, wanted, ends = rest[stream], marker.encode(), time.monotonic() + deadline_s
+    while wanted not in text:
+        left = ends - time.monotonic()
+        chunk = os.read(fd, 65536) if left > 0 and select.select([fd], [], [], left)[0] else b""
+        if not chunk:
+            process.kill()
+            out, err = finish(process)
+            pytest.fail(f"no line with {marker!r} in its {stream} (exit {process.returncode}); out:\n{out}\nerr:\n{err}")
+        text += chunk
+    line_end = text.find(b"\n", text.index(wanted))
+    cut = len(text) if line_end < 0 else line_end + 1
+    rest[stream] = text[cut:]
+    return text[:cut].decode(errors="replace")
+
+
+def finish(process: subprocess.Popen, timeout_s: float = DEADLINE_S) -> tuple[str, str]:
+    """(stdout, stderr) of the process once it ends, with what read_until had read beyond its line."""
+    out, err = process.communicate(timeout=timeout_s)
+    rest = getattr(process, "rest", {})
+    return (rest.get("stdout", b"").decode(errors="replace") + out, rest.get("stderr", b"").decode(errors="replace") + err)
 
 
 HOLD = """
@@ -84,7 +92,7 @@ def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(tmp_path, 
     try:
         before = sorted(p.name for p in results.rglob("*"))
         run = start_run(job, "--results", results)
-        out, err = run.communicate(timeout=DEADLINE_S)
+        out, err = finish(run)
         assert run.returncode == 2, out + err
         assert f"pid {holder.pid}" in err and os.uname().nodename in err and "the test's holder" in err
         assert "--wait-for-lock" in err and "--results NEW_FOLDER" in err and "Traceback" not in err
@@ -92,7 +100,7 @@ def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(tmp_path, 
         assert sorted(p.name for p in results.rglob("*")) == before  # nothing written
         # A bounded wait ends with the same refusal, saying how long it waited.
         run = start_run(job, "--results", results, "--wait-for-lock", "0.5")
-        out, err = run.communicate(timeout=DEADLINE_S)
+        out, err = finish(run)
         assert run.returncode == 2 and "after 0.5 s" in err and f"pid {holder.pid}" in err, out + err
         assert "waiting for" in out
     finally:
@@ -125,7 +133,7 @@ def test_a_run_asked_to_wait_says_so_and_goes_on_when_the_holder_ends(tmp_path, 
         assert run.poll() is None  # still waiting
     finally:
         release(holder)
-    out, err = run.communicate(timeout=DEADLINE_S)
+    out, err = finish(run)
     assert run.returncode == 0, out + err
     assert "[resume] tiny-rt fp32-cpu: kept" in out
     assert not (results / "tiny-rt" / ".quantbench.lock").exists()
@@ -189,7 +197,7 @@ def test_variants_of_two_processes_time_one_after_the_other_and_say_they_waited(
         release(holder)
     found = []
     for timer in timers:
-        out, err = timer.communicate(timeout=DEADLINE_S)
+        out, err = finish(timer)
         assert timer.returncode == 0, err
         found.append(json.loads(out.splitlines()[-1]))
     assert all(r["status"] == "ok" and not any("timing lock" in w for w in r["warnings"]) for r in found), found
@@ -223,7 +231,7 @@ def test_a_signal_stops_the_run_keeping_what_finished_and_saying_how_to_resume(t
         started = psutil.Process(run.pid).children(recursive=True)  # the cluster, the fork server, the variant's
         assert len(started) >= 3
         run.send_signal(signum)
-        out, err = run.communicate(timeout=DEADLINE_S)
+        out, err = finish(run)
     finally:
         run.kill()
         left = end_all(started)
