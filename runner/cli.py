@@ -2,12 +2,14 @@
 
 Exit codes: 0 every variant ok or skipped; 1 a variant failed (the others still ran and were written);
 2 a bad job file or usage (nothing was run and nothing was written), or for collect and report: nothing to
-collect, or a --baseline that names no variant of the results.
+collect, or a --baseline that names no variant of the results; 130 or 143 a run stopped by SIGINT (Ctrl-C) or
+SIGTERM (the finished results are kept, and it prints the --resume command that finishes the sweep).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -45,6 +47,15 @@ def _ray_temp_dir(text: str) -> str:
     return str(path)
 
 
+def _wait_seconds(text: str) -> float:
+    try:
+        float(text)
+    except ValueError:  # `run --wait-for-lock job.yaml` reads the job file as SECONDS
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r} (without SECONDS, "
+                                         "put --wait-for-lock after the job files)") from None
+    return _seconds(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--placement-timeout", type=_seconds, metavar="SECONDS",
                      help="how long to wait for a node that can run a variant before it is skipped "
                           "(default: 0 on the embedded cluster, 30 on a cluster given by address)")
+
+    run.add_argument("--wait-for-lock", type=_wait_seconds, nargs="?", const=float("inf"), metavar="SECONDS",
+                     help="when another run is writing a job's results folder, wait for it (at most SECONDS for "
+                          "each folder; without SECONDS until it ends) instead of stopping with exit code 2")
 
     validate = commands.add_parser("validate", help="check job files and print the variants they expand to")
     validate.add_argument("jobs", nargs="+", type=Path)
@@ -98,18 +113,25 @@ def main(argv: list[str] | None = None) -> int:
             return _collect(args)
         if args.command == "report":
             return _report(args)
-        plans = _plans(args.jobs)
-        for plan in plans:
-            same = [str(other.spec.file) for other in plans if other.spec.name == plan.spec.name]
-            if len(same) > 1:  # their results would share one folder
-                raise SpecError(plan.spec.file, "name", plan.spec.name,
-                                f"each job run together needs its own name; these files share it: {', '.join(same)}")
-        from runner import sweep
+        from runner import interrupt
 
-        report = sweep.run_sweep(plans, args.results, args.resume, args.address, ray_temp_dir=args.ray_temp_dir,
-                                 placement_timeout_s=args.placement_timeout)
+        plans = []
+        try:
+            with interrupt.handled():  # from the start: a Ctrl-C while the job files are read is no traceback either
+                plans = _plans(args.jobs)
+                _check_names(plans)
+                from runner import sweep  # after validation: a bad job file is told without importing Ray
+
+                report = sweep.run_sweep(plans, args.results, args.resume, args.address,
+                                         ray_temp_dir=args.ray_temp_dir, placement_timeout_s=args.placement_timeout,
+                                         lock_wait_s=args.wait_for_lock, command=_command_line(argv))
+        except KeyboardInterrupt:  # interrupt.Interrupted, or Ray's own for it
+            print(_stopped(interrupt.signal_name(), args, argv, plans), file=sys.stderr)
+            return interrupt.exit_code()
         sweep.print_table(report, plans)
         print(report.split())
+        for note in sweep.stale_report_notes(args.results, [plan.spec.name for plan in plans]):
+            print(note)
         return EXIT_FAILED if report.failed else EXIT_OK
     except (SpecError, ResultsError) as error:
         print(f"quantbench: {error}", file=sys.stderr)
@@ -117,6 +139,37 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as error:  # e.g. no Ray cluster at --address
         print(f"quantbench: cannot reach the Ray cluster: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _check_names(plans) -> None:
+    for plan in plans:
+        same = [str(other.spec.file) for other in plans if other.spec.name == plan.spec.name]
+        if len(same) > 1:  # their results would share one folder
+            from runner.spec import SpecError
+
+            raise SpecError(plan.spec.file, "name", plan.spec.name,
+                            f"each job run together needs its own name; these files share it: {', '.join(same)}")
+
+
+def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
+    """What a run stopped by a signal kept, and the command that finishes it."""
+    from runner.results import find_results
+
+    folders = [args.results / plan.spec.name for plan in plans]
+    try:
+        kept = f"{sum(r['status'] == 'ok' for r in find_results([f for f in folders if f.is_dir()]))} ok result(s)"
+    except Exception:  # a file it cannot read: what it says must not fail
+        kept = "the finished results"
+    words = list(sys.argv[1:] if argv is None else argv)
+    again = shlex.join(["quantbench", *words, *([] if "--resume" in words else ["--resume"])])
+    return (f"quantbench: stopped by {signal_name}, and the variants still running with it; {kept} "
+            f"are kept under {args.results}, and the variants that had not finished have no result.\n"
+            f"To finish the sweep (it keeps the ok results and runs the rest): {again}")
+
+
+def _command_line(argv: list[str] | None) -> str:
+    """How this run was started, as a shell would take it: said to whoever finds its lock."""
+    return shlex.join(["quantbench", *(sys.argv[1:] if argv is None else argv)])
 
 
 def _found(command: str, folders: list[Path], baseline: str | None) -> list[dict] | None:

@@ -163,14 +163,29 @@ def _columns(results: list[dict], job: str) -> dict[str, dict]:
     """A job's results by column key, in table order."""
     columns: dict[str, dict] = {}
     for result in sorted((r for r in results if r["job"] == job), key=_order):
-        key = result["variant"]
-        if key in columns:  # the same variant from several machines: one column each, named by host
-            key = f"{key}@{(result.get('environment') or {}).get('host', '?')}"
-            number = 2
-            while key in columns:  # and from several runs on one machine
-                key, number = f"{key.split('#')[0]}#{number}", number + 1
-        columns[key] = result
+        columns[_column_key(result, columns)] = result
     return columns
+
+
+def _host(result: dict) -> str:
+    return (result.get("environment") or {}).get("host") or "?"
+
+
+def _column_key(result: dict, columns: dict[str, dict]) -> str:
+    """The variant's id; the same variant again is named by what tells it apart: the host it ran on, or,
+    for another run on a host already shown, the results folder it came from (DIR of DIR/<job>/...);
+    a number where even that is the same."""
+    variant = result["variant"]
+    if variant not in columns:
+        return variant
+    hosts = {_host(r) for r in columns.values() if r["variant"] == variant}
+    file = result.get("_file")
+    folder = Path(file).parent.parent.name if file else ""
+    key = f"{variant}@{_host(result)}" if _host(result) not in hosts or not folder else f"{variant}@{folder}"
+    candidate, number = key, 2
+    while candidate in columns:
+        candidate, number = f"{key}#{number}", number + 1
+    return candidate
 
 
 def build_tables(results: list[dict], baseline: str | None = None) -> list[JobTable]:

@@ -391,7 +391,7 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
 
     while pending:
         wait_s = max(0.0, deadline - time.monotonic()) if waiting else None
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+        done = _wait_for_one(list(pending), wait_s)
         if not done:  # the deadline passed: a node came (its variants stay queued or run) or they are skipped
             nodes = alive_nodes()
             for device in [d for d in waiting if not can_run(nodes, d)]:
@@ -410,6 +410,22 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
         results.append(result)
         on_result(result)
     return results
+
+
+# ray.wait returns for no signal (ray.get looks for one every second, get_check_signal_interval_milliseconds):
+# the driver waits in slices of
+# this many seconds, so that Ctrl-C and SIGTERM reach its handlers (runner/interrupt.py) within one.
+SIGNAL_CHECK_S = 1.0
+
+
+def _wait_for_one(refs: list, timeout_s: float | None) -> list:
+    """The refs of ray.wait(refs, num_returns=1, timeout=timeout_s), waited for a slice at a time."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        left = SIGNAL_CHECK_S if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = ray.wait(refs, num_returns=1, timeout=min(SIGNAL_CHECK_S, left))
+        if done or (deadline is not None and left <= SIGNAL_CHECK_S):
+            return done
 
 
 def _short_error(error: Exception) -> str:

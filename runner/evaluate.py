@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runner import effects, measure
+from runner import effects, locks, measure
 
 # The label guard speaks when a relabelling of the predictions beats the job's map by this much.
 RELABEL_MARGIN = 0.10
@@ -69,6 +69,10 @@ class PassTimings:
     # machine did then (another job's log, a monitor, the benchmark's plain loop taking turns).
     clock_started_at: str | None = None
     clock_s: float | None = None
+    # How long the passes waited for another quantbench run's clock on this machine (locks.timing_lock),
+    # and a warning when they could not wait for it (they timed beside it).
+    timing_lock_wait_s: float | None = None
+    timing_lock_warning: str | None = None
 
     def noise_cv(self) -> tuple[float | None, int]:
         """The spread of passes of one shape, timed passes and repeats together; and how many passes
@@ -94,11 +98,13 @@ def batch_shape(batch: dict) -> tuple[int, ...]:
 
 
 def run_passes(model, batches: list[dict], device: str, warmup_passes: int, timed_passes: int,
-               min_time_s: float, fixed_batch: dict | None = None) -> tuple[np.ndarray, PassTimings]:
+               min_time_s: float, fixed_batch: dict | None = None,
+               holder: str = "a quantbench variant") -> tuple[np.ndarray, PassTimings]:
     """Class probabilities for every sample and the timed passes.
 
     Dataset mode (fixed_batch None): the passes over the sample are the timed passes. Fixed mode: the
-    sample is evaluated untimed, and the timed passes all run on fixed_batch.
+    sample is evaluated untimed, and the timed passes all run on fixed_batch. holder: who times, in
+    words, for whoever waits for the machine's timing lock meanwhile.
     """
     import torch
 
@@ -108,48 +114,51 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
     with torch.inference_mode():
         if fixed_batch is not None:
             probabilities = [torch.softmax(model(**b).logits.float(), dim=-1).cpu() for b in batches]
-        for i in range(warmup_passes):
-            model(**timed_batches[i % len(timed_batches)])
-        # Then every batch shape not met yet, once: the first pass of a new shape pays one-time costs
-        # (CUDA loads kernels lazily and picks them per shape; oneDNN builds primitives per shape), and
-        # a timed pass must not.
-        shapes_per_pass = [batch_shape(b) for b in timed_batches]
-        seen = set(shapes_per_pass[:warmup_passes])
-        for batch, shape in zip(timed_batches, shapes_per_pass):
-            if shape not in seen:
-                seen.add(shape)
-                model(**batch)
-        sync()
-        # Whole passes over the sample only: every batch is timed equally often, whatever the lengths.
-        per_pass = len(timed_batches)
-        total_passes = -(-max(per_pass, timed_passes) // per_pass) * per_pass
-        repeated = total_passes - len(seen)  # at least; min_time_s may add passes
-        repeats = []
-        for _ in range(REPEATS_FOR_NOISE if repeated < MIN_SAME_SHAPE_PASSES else 0):
-            start = time.perf_counter()
-            model(**timed_batches[0])
+        # No other quantbench run on this machine times while this one warms up and times: they would
+        # share the cores (and the GPU). Warm-up is inside, so the clock starts on a warm machine.
+        with locks.timing_lock(holder) as lock:
+            for i in range(warmup_passes):
+                model(**timed_batches[i % len(timed_batches)])
+            # Then every batch shape not met yet, once: the first pass of a new shape pays one-time costs
+            # (CUDA loads kernels lazily and picks them per shape; oneDNN builds primitives per shape), and
+            # a timed pass must not.
+            shapes_per_pass = [batch_shape(b) for b in timed_batches]
+            seen = set(shapes_per_pass[:warmup_passes])
+            for batch, shape in zip(timed_batches, shapes_per_pass):
+                if shape not in seen:
+                    seen.add(shape)
+                    model(**batch)
             sync()
-            repeats.append(time.perf_counter() - start)
-        preempted_before = measure.preemptions()
-        clock_started_at = measure.now()
-        clock_started = time.perf_counter()
-        i = 0
-        while i < total_passes or i % per_pass or time.perf_counter() - clock_started < min_time_s:
-            batch = timed_batches[i % len(timed_batches)]
-            sync()
-            start = time.perf_counter()
-            logits = model(**batch).logits
-            sync()
-            seconds.append(time.perf_counter() - start)
-            samples += batch["input_ids"].shape[0]
-            if fixed_batch is None and i < len(batches):
-                probabilities.append(torch.softmax(logits.float(), dim=-1).cpu())
-            i += 1
-        clock_s = time.perf_counter() - clock_started
-        preempted = measure.preemptions()
+            # Whole passes over the sample only: every batch is timed equally often, whatever the lengths.
+            per_pass = len(timed_batches)
+            total_passes = -(-max(per_pass, timed_passes) // per_pass) * per_pass
+            repeated = total_passes - len(seen)  # at least; min_time_s may add passes
+            repeats = []
+            for _ in range(REPEATS_FOR_NOISE if repeated < MIN_SAME_SHAPE_PASSES else 0):
+                start = time.perf_counter()
+                model(**timed_batches[0])
+                sync()
+                repeats.append(time.perf_counter() - start)
+            preempted_before = measure.preemptions()
+            clock_started_at = measure.now()
+            clock_started = time.perf_counter()
+            i = 0
+            while i < total_passes or i % per_pass or time.perf_counter() - clock_started < min_time_s:
+                batch = timed_batches[i % len(timed_batches)]
+                sync()
+                start = time.perf_counter()
+                logits = model(**batch).logits
+                sync()
+                seconds.append(time.perf_counter() - start)
+                samples += batch["input_ids"].shape[0]
+                if fixed_batch is None and i < len(batches):
+                    probabilities.append(torch.softmax(logits.float(), dim=-1).cpu())
+                i += 1
+            clock_s = time.perf_counter() - clock_started
+            preempted = measure.preemptions()
     rate = round((preempted - preempted_before) / clock_s, 1) if preempted is not None and clock_s > 0 else None
     timings = PassTimings(seconds, samples, [shapes_per_pass[k % per_pass] for k in range(len(seconds))], repeats, rate,
-                          clock_started_at, round(clock_s, 3))
+                          clock_started_at, round(clock_s, 3), round(lock.waited_s, 3), lock.warning)
     return torch.cat(probabilities).numpy(), timings
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,19 @@ def write_result(results_dir: Path, result: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# write_result's temporary files: mkstemp's prefix, 8 random characters, its suffix.
+TEMPORARY = re.compile(r"\..+-[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Removes the temporary files of results that a killed run was writing; the caller holds the
+    folder's lock, so no live run is writing them. Returns what it removed."""
+    stale = [p for p in sorted(Path(folder).glob(".*.tmp")) if TEMPORARY.fullmatch(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def current_umask() -> int:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runner import collect, dispatch, measure, models, results
+from runner import collect, dispatch, interrupt, locks, measure, models, results
 from runner.finetune import FinetuneTask, chance_note, finetune_key
 from runner.plan import JobPlan
 from runner.spec import SpecError
@@ -96,6 +96,8 @@ def progress_line(done: int, total: int, result: dict) -> str:
     latency = metrics.get("latency_ms") or {}
     text = (f"{head} accuracy {metrics.get('accuracy', 0):.4f}  median {latency.get('median', 0):.2f} ms"
             f"  size {metrics.get('model_size_mib', 0):.1f} MiB  ({result.get('wall_s', 0):.1f} s)")
+    if latency.get("timing_lock_wait_s"):  # another quantbench run on the machine was timing
+        text += f"  waited {latency['timing_lock_wait_s']:.1f} s for another run's timing"
     if result.get("repeats"):
         text += f"  {result['repeats']['n']} runs, medians spread {result['repeats']['spread']:.1%}"
     if result.get("warnings"):
@@ -105,8 +107,21 @@ def progress_line(done: int, total: int, result: dict) -> str:
 
 def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: str | None,
               say: Callable[[str], None] = print, ray_temp_dir: str | None = None,
-              placement_timeout_s: float | None = None) -> SweepReport:
-    """Run every planned job. Raises results.ResultsError before starting anything."""
+              placement_timeout_s: float | None = None, lock_wait_s: float | None = None,
+              command: str = "quantbench run") -> SweepReport:
+    """Run every planned job. Raises results.ResultsError before starting anything: another spec's results,
+    a folder this user cannot write, or (locks.ResultsLocked) another run writing a job's folder after
+    lock_wait_s (None: not at all)."""
+    # A folder that cannot be written cannot be locked either: say which and who, first.
+    results.check_writable(results_dir, [plan.spec.name for plan in plans])
+    with locks.job_folders_locked(results_dir, [plan.spec.name for plan in plans], command, lock_wait_s, say):
+        # Under the lock: what the folder holds cannot change between reading it and writing to it.
+        return _run_sweep(plans, results_dir, resume, address, say, ray_temp_dir, placement_timeout_s)
+
+
+def _run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: str | None,
+               say: Callable[[str], None], ray_temp_dir: str | None,
+               placement_timeout_s: float | None) -> SweepReport:
     unusable: list[tuple[Path, str]] = []
     folders = {plan.spec.name: results.plan_folder(results_dir, plan.spec.name, plan.spec_hash,
                                                    [v.id for v in plan.spec.variants], resume, unusable)
@@ -121,10 +136,10 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
     cpu_precisions = [v.precision for variants in to_run.values() for v in variants if v.device == "cpu"]
     # A fine-tune is CPU work too where the cluster has no GPU.
     cpu_work = cpu_precisions or any(plan.train_examples is not None and to_run[plan.spec.name] for plan in plans)
-    results.check_writable(results_dir, [name for name, variants in to_run.items() if variants])
     if any(to_run.values()):
         cluster = dispatch.connect(address, temp_dir=ray_temp_dir,
                                    cpu_precisions=cpu_precisions if cpu_work else None)
+        interrupt.install()  # ray.init replaced the SIGTERM handler
         report.cluster_start_s = time.perf_counter() - started
         say(f"cluster: {cluster.describe()}")
     else:  # a finished sweep run again with --resume: the table from the kept results, at once
@@ -194,6 +209,20 @@ def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: st
             dispatch.shutdown()
     report.wall_s = time.perf_counter() - started
     return report
+
+
+def stale_report_notes(results_dir: Path, jobs: list[str]) -> list[str]:
+    """Notes on each report.html where `quantbench report` writes it by default (the folder it is given:
+    DIR or DIR/<job>) that is older than a result of these jobs under that folder. Such a page shows
+    what the folder held before; run leaves it, as it may be the only record of results it replaced."""
+    notes = []
+    for folder, covers in [(Path(results_dir), jobs), *((Path(results_dir) / job, [job]) for job in jobs)]:
+        page = folder / "report.html"
+        results_in = [p for job in covers for p in (Path(results_dir) / job).glob("*.json")]
+        if page.is_file() and any(p.stat().st_mtime > page.stat().st_mtime for p in results_in):
+            notes.append(f"note: {page} is older than results under {folder}: it shows what was there before; "
+                         f"to update it: quantbench report {folder}")
+    return notes
 
 
 def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:

@@ -9,6 +9,7 @@ variant in a fresh worker process of its own. It never raises for a variant's ow
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -101,6 +102,8 @@ def run_variant_in_own_process(task: VariantTask) -> dict:
         os._exit(3)  # the process dies as in a segfault or an OOM kill
     if fault == "raise":
         raise RuntimeError(f"fault injected into {task.variant.id}")
+    while fault == "hang":  # a variant that never ends, until its process is killed
+        signal.pause()
     models.quiet_libraries()
     result = run_variant(task)
     result["environment"]["variant_pid"] = os.getpid()
@@ -108,7 +111,8 @@ def run_variant_in_own_process(task: VariantTask) -> dict:
 
 
 def _injected_fault(variant_id: str) -> str | None:
-    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise": how tests make a worker die or a variant raise."""
+    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise,fp32-cpu=hang": how tests make a worker die,
+    a variant raise, or a variant run until it is stopped."""
     for item in os.environ.get("QUANTBENCH_FAULT_INJECT", "").split(","):
         name, _, fault = item.partition("=")
         if name.strip() == variant_id:
@@ -188,7 +192,7 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     with memory.phase("evaluate"):
         probabilities, timings = evaluate.run_passes(
             model, batches, device, task.evaluation.warmup_passes, task.evaluation.timed_passes,
-            task.evaluation.min_time_s, fixed)
+            task.evaluation.min_time_s, fixed, holder=f"timing {task.job} {variant.id}")
     probabilities = evaluate.in_sample_order(probabilities, order)
     if not np.isfinite(probabilities).all():
         raise FloatingPointError(f"{variant.id} produced non-finite outputs (NaN or inf) for "
@@ -211,7 +215,8 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     noise_cv, repeated = timings.noise_cv()
     latency = {**measure.latency_stats(timings.seconds), "repeat_cv": noise_cv, "repeat_n": repeated,
                "preemptions_per_s": timings.preemptions_per_s,
-               "clock_started_at": timings.clock_started_at, "clock_s": timings.clock_s}
+               "clock_started_at": timings.clock_started_at, "clock_s": timings.clock_s,
+               "timing_lock_wait_s": timings.timing_lock_wait_s}
     timed_total = sum(timings.seconds)
     result["metrics"] = {
         "model_size_mib": size_mib,
@@ -228,6 +233,8 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     result["warnings"] = evaluate.label_guard(gold_ids, predicted, task.model_labels)
     if analysis_warning:
         result["warnings"].append(analysis_warning)
+    if timings.timing_lock_warning:
+        result["warnings"].append(timings.timing_lock_warning)
     noisy = measure.noisy_warning(latency)
     if noisy:
         result["warnings"].append(noisy)
