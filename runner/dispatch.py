@@ -234,7 +234,9 @@ def alive_nodes() -> list[dict]:
 
 
 def requirements(device: str) -> dict:
-    needs = {SLOT: 1, DEVICE_RESOURCE[device]: 1}
+    """What a node needs to run the device's variants: exactly what task_options asks Ray for, so a
+    node Ray can never place a variant on (a worker started with --num-cpus=0) is not counted."""
+    needs = {SLOT: 1, DEVICE_RESOURCE[device]: 1, "CPU": 1}
     if device == "cuda":
         needs["GPU"] = 1
     return needs
@@ -245,9 +247,10 @@ def _fits(node: dict, needs: dict) -> bool:
 
 
 def task_options(device: str) -> dict:
-    """How a variant or fine-tune asks Ray for a node of its kind (GPU by num_gpus, the rest by resources)."""
-    return {"resources": {k: v for k, v in requirements(device).items() if k != "GPU"},
-            "num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}
+    """How a variant or fine-tune asks Ray for a node of its kind (CPU and GPU by count, the rest by resources)."""
+    needs = requirements(device)
+    return {"resources": {k: v for k, v in needs.items() if k not in ("CPU", "GPU")},
+            "num_gpus": needs.get("GPU", 0), "num_cpus": needs["CPU"]}
 
 
 def default_placement_timeout(cluster: Cluster, placement_timeout_s: float | None) -> float:
@@ -281,11 +284,16 @@ def can_run(nodes: list[dict], device: str) -> bool:
 
 def why_no_node(device: str, nodes: list[dict], waited_s: float) -> str:
     needs = requirements(device)
-    have = "; ".join(f"{n['NodeManagerAddress']}: " + ", ".join(
-        f"{k}={v:g}" for k, v in sorted(n["Resources"].items()) if k.startswith(("quantbench", "GPU", "CPU")))
-        for n in nodes)
+    have = "; ".join(_node_resources(node, needs) for node in nodes)
     return (f"no node in the cluster can run {device} variants (needs {', '.join(f'{k}={v}' for k, v in needs.items())}); "
             f"waited {waited_s:g} s; nodes: {have or 'none'}")
+
+
+def _node_resources(node: dict, needs: dict) -> str:
+    """A node's share of what the variants need (0 where it has none) and its quantbench resources."""
+    have = node["Resources"]
+    names = sorted(set(needs) | {name for name in have if name.startswith("quantbench")})
+    return f"{node['NodeManagerAddress']}: " + ", ".join(f"{name}={have.get(name, 0):g}" for name in names)
 
 
 def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
@@ -346,63 +354,75 @@ def _model_on_this_node(model_dir: str, archive: list) -> str:
 _remote_execute = _remote_per_device(_execute)
 
 
+# How often the driver looks at the cluster's nodes while variants wait in Ray's queue: a node may
+# leave (its raylet killed) with variants queued for it, and Ray would keep them queued forever.
+NODE_CHECK_S = 5.0
+
+
 def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable[[dict], None],
                  placement_timeout_s: float | None = None, model_dir: Path | None = None,
                  say: Callable[[str], None] = print) -> list[dict]:
-    """Run every task where it can run; call on_result as each result arrives; return them all."""
+    """Run every task where it can run; call on_result as each result arrives; return them all.
+
+    A device no node can run, at the start or later (its node died), gets placement_timeout_s for a
+    node to come: its variants wait in Ray's queue meanwhile, while the others run, then end
+    `skipped`. ray.wait sleeps until a result, the deadline or the next look at the nodes."""
     placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
     archive = []
     if not cluster.embedded and model_dir is not None:
         # Nodes may not share this machine's disk: the prepared model travels through the object store.
         archive = [ray.put(models.archive_folder(model_dir))]
-
     also_import = fork_server_imports([t.variant.precision for t in tasks if t.variant.device == "cpu"])
-    results, pending = [], {}
+    results, pending, deadlines = [], {}, {}
 
-    def skip(task: VariantTask, reason: str) -> None:
-        result = base_result(task, "skipped", reason)
-        result["ended_at"] = measure.now()
-        results.append(result)
-        on_result(result)
-
-    # A device no node can run now: its variants wait in Ray's queue, for a node that joins (an
-    # autoscaler), until a deadline, while the others run. ray.wait sleeps until a result or the
-    # deadline: nothing polls beside a timed variant.
-    nodes = alive_nodes()
-    missing = [device for device in dict.fromkeys(task.variant.device for task in tasks) if not can_run(nodes, device)]
-    deadline = time.monotonic() + placement_timeout_s
-    waiting = missing if placement_timeout_s > 0 else []
-    for device in waiting:
-        say(f"waiting up to {placement_timeout_s:g} s for a node that can run {device} variants; "
-            "the others run meanwhile")
-    for task in tasks:
-        device = task.variant.device
-        if device in missing and placement_timeout_s <= 0:
-            skip(task, why_no_node(device, nodes, placement_timeout_s))
-            continue
-        pending[_remote_execute[device].options(**task_options(device)).remote(task, archive, also_import)] = task
-
-    while pending:
-        wait_s = max(0.0, deadline - time.monotonic()) if waiting else None
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
-        if not done:  # the deadline passed: a node came (its variants stay queued or run) or they are skipped
-            nodes = alive_nodes()
-            for device in [d for d in waiting if not can_run(nodes, d)]:
-                for ref, task in [(r, t) for r, t in pending.items() if t.variant.device == device]:
-                    ray.cancel(ref, force=True)
-                    del pending[ref]
-                    skip(task, why_no_node(device, nodes, placement_timeout_s))
-            waiting = []
-            continue
-        task = pending.pop(done[0])
-        try:
-            result = ray.get(done[0])
-        except Exception as error:  # the worker process or its node died, or the task could not start
-            result = base_result(task, "failed", _short_error(error))
+    def finish(task: VariantTask, result: dict) -> None:
+        if result.get("ended_at") is None:  # a base_result: skipped, or failed before the variant ended
             result["ended_at"] = measure.now()
         results.append(result)
         on_result(result)
+
+    nodes = alive_nodes()
+    for task in tasks:
+        device = task.variant.device
+        if placement_timeout_s <= 0 and not can_run(nodes, device):
+            finish(task, base_result(task, "skipped", why_no_node(device, nodes, placement_timeout_s)))
+            continue
+        pending[_remote_execute[device].options(**task_options(device)).remote(task, archive, also_import)] = task
+    while pending:
+        _check_placement(pending, deadlines, placement_timeout_s, say, finish)
+        if not pending:
+            break
+        next_look = min([NODE_CHECK_S, *(d - time.monotonic() for d in deadlines.values())])
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, next_look))
+        if done:
+            task = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except Exception as error:  # the worker process or its node died, or the task could not start
+                result = base_result(task, "failed", _short_error(error))
+            finish(task, result)
     return results
+
+
+def _check_placement(pending: dict, deadlines: dict, timeout_s: float, say: Callable[[str], None],
+                     finish: Callable) -> None:
+    """Start, end or act on each pending device's wait for a node: past its deadline, its variants
+    are cancelled and end `skipped`, saying why."""
+    nodes = alive_nodes()
+    now = time.monotonic()
+    for device in dict.fromkeys(task.variant.device for task in pending.values()):
+        if can_run(nodes, device):
+            deadlines.pop(device, None)  # a node came (or came back): its variants stay queued or run
+            continue
+        if device not in deadlines and timeout_s > 0:
+            deadlines[device] = now + timeout_s
+            say(f"waiting up to {timeout_s:g} s for a node that can run {device} variants; the others run meanwhile")
+        if now >= deadlines.get(device, now):
+            deadlines.pop(device, None)
+            for ref, task in [(r, t) for r, t in pending.items() if t.variant.device == device]:
+                ray.cancel(ref, force=True)
+                del pending[ref]
+                finish(task, base_result(task, "skipped", why_no_node(device, nodes, timeout_s)))
 
 
 def _short_error(error: Exception) -> str:

@@ -9,9 +9,11 @@ variant in a fresh worker process of its own. It never raises for a variant's ow
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -101,6 +103,10 @@ def run_variant_in_own_process(task: VariantTask) -> dict:
         os._exit(3)  # the process dies as in a segfault or an OOM kill
     if fault == "raise":
         raise RuntimeError(f"fault injected into {task.variant.id}")
+    if fault == "hold":  # a variant that hangs until killed; its pid in QUANTBENCH_FAULT_DIR says it began
+        Path(os.environ["QUANTBENCH_FAULT_DIR"], f"{task.variant.id}.pid").write_text(str(os.getpid()))
+        while True:
+            signal.pause()
     models.quiet_libraries()
     result = run_variant(task)
     result["environment"]["variant_pid"] = os.getpid()
@@ -108,7 +114,8 @@ def run_variant_in_own_process(task: VariantTask) -> dict:
 
 
 def _injected_fault(variant_id: str) -> str | None:
-    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise": how tests make a worker die or a variant raise."""
+    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise,fp32-cpu=hold": how tests make a worker die,
+    a variant raise or hang."""
     for item in os.environ.get("QUANTBENCH_FAULT_INJECT", "").split(","):
         name, _, fault = item.partition("=")
         if name.strip() == variant_id:

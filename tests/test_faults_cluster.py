@@ -8,6 +8,7 @@ the exit code, and that no process it started is left running.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -92,3 +93,121 @@ def test_another_users_process_is_turned_away_before_a_byte_is_read():
         assert call_through(server, timeout_s=60).returncode == 0  # it still serves its own user
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# A loopback cluster of `ray start` processes, as tests/test_cluster.py starts one; nodes that die
+# or can never take a variant.
+
+from test_cluster import CPU_RESOURCES, LocalCluster, _is_ours  # noqa: E402
+from test_address import QUANTBENCH, run_quantbench  # noqa: E402
+
+
+class FaultCluster(LocalCluster):
+    """Its worker nodes' variants obey QUANTBENCH_FAULT_INJECT and announce themselves in fault_dir."""
+
+    def __init__(self, root, faults: str = ""):
+        super().__init__(root)
+        self.fault_dir = root / "faults"
+        self.fault_dir.mkdir()
+        self.faults = faults
+
+    def _env(self, cache):
+        env = super()._env(cache)
+        env.update(QUANTBENCH_FAULT_INJECT=self.faults, QUANTBENCH_FAULT_DIR=str(self.fault_dir))
+        return env
+
+    def user_env(self) -> dict:
+        """The shell of a user of this cluster: its address and token, none of this test's Ray variables."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "QUANTBENCH_FAULT"))}
+        env.update(self.auth, RAY_USAGE_STATS_ENABLED="0")
+        return env
+
+
+@pytest.fixture(scope="module")
+def faulty():
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="qbf-", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    local = FaultCluster(root, faults="fp32-cpu=hold")
+    try:
+        local.start("head", "--num-cpus=0", "--num-gpus=0")
+        local.wait_for_head()
+        yield local
+    finally:
+        left = local.stop_all()
+        survivors = [p.pid for p in psutil.process_iter() if p.pid != os.getpid() and _is_ours(p, root)]
+        shutil.rmtree(root, ignore_errors=True)
+        assert not survivors, f"processes of this test's cluster survived: {survivors} (killed by PID: {left})"
+
+
+def results_in(folder) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+
+
+def test_a_worker_with_no_cpus_gets_the_placement_deadline_then_its_variants_are_skipped(faulty, tmp_path, tiny_model):
+    from conftest import rt_job, write_job
+
+    # Ray can never place a task asking 1 CPU there; it has every quantbench resource.
+    faulty.start("cpu", "--num-cpus=0", "--num-gpus=0", f"--resources={CPU_RESOURCES}")
+    try:
+        faulty.wait_for_nodes({"cpu": True})
+        job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp32-cpu, int8-dynamic-cpu]", n=8))
+        results = tmp_path / "results"
+        code, out, seconds = run_quantbench("run", str(job), "--results", str(results), "--address", faulty.address,
+                                            "--placement-timeout", "3", env=faulty.user_env(), timeout_s=150)
+    finally:
+        faulty.stop("cpu")
+    assert code == 0, out  # skipped is not failed
+    assert "waiting up to 3 s for a node that can run cpu variants" in out, out
+    files = results_in(results / "tiny-rt")
+    assert set(files) == {"fp32-cpu", "int8-dynamic-cpu"}, out
+    for result in files.values():
+        assert result["status"] == "skipped", result
+        assert "no node in the cluster can run cpu variants" in result["error"] and "CPU=1" in result["error"]
+        assert "CPU=0" in result["error"] and "waited 3 s" in result["error"], result["error"]
+    assert "skipped" in out and "Traceback" not in out, out
+    assert seconds < 90, f"{seconds:.0f} s\n{out}"
+
+
+def test_a_node_killed_mid_variant_fails_that_variant_and_the_deadline_ends_the_others(faulty, tmp_path, tiny_model):
+    from conftest import rt_job, write_job
+
+    faulty.start_cpu_worker()
+    faulty.wait_for_nodes({"cpu": True})
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp32-cpu, int8-dynamic-cpu]", n=8))
+    results = tmp_path / "results"
+    run = subprocess.Popen([str(QUANTBENCH), "run", str(job), "--results", str(results), "--address", faulty.address,
+                            "--placement-timeout", "5"], env=faulty.user_env(), cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        held = faulty.fault_dir / "fp32-cpu.pid"
+        deadline = time.monotonic() + 180
+        while not held.exists():  # the variant has begun on the CPU node, and holds its only slot
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0][-3000:]
+            time.sleep(0.2)
+        node = psutil.Process(faulty.nodes["cpu"].pid)
+        raylet = [p for p in node.children(recursive=True) if p.name() == "raylet"]
+        assert len(raylet) == 1, node.children(recursive=True)
+        killed_at = time.monotonic()
+        raylet[0].kill()
+        out, _ = run.communicate(timeout=150)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, 9)  # our own child's group
+            run.communicate()
+        faulty.stop("cpu")
+    ended_s = time.monotonic() - killed_at
+    assert run.returncode == 1, out  # a variant failed; the other was written
+    files = results_in(results / "tiny-rt")
+    assert set(files) == {"fp32-cpu", "int8-dynamic-cpu"}, out
+    assert files["fp32-cpu"]["status"] == "failed" and files["fp32-cpu"]["error"], files["fp32-cpu"]
+    skipped = files["int8-dynamic-cpu"]
+    assert skipped["status"] == "skipped", skipped
+    assert "no node in the cluster can run cpu variants" in skipped["error"] and "waited 5 s" in skipped["error"]
+    assert "waiting up to 5 s for a node that can run cpu variants" in out, out
+    assert "Traceback" not in out, out
+    assert ended_s < 120, f"the run ended {ended_s:.0f} s after the kill\n{out}"
+    assert not psutil.pid_exists(int(held.read_text())) or psutil.Process(int(held.read_text())).status() == "zombie"
