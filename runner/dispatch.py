@@ -141,14 +141,15 @@ ADDRESS_CHECK_TIMEOUT_S = 5.0
 
 
 def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_TIMEOUT_S) -> bool:
-    """Raise ConnectionError, saying what to check, when the address does not accept a TCP connection;
-    True when it does, False for an address left to Ray.
+    """Raise ConnectionError, saying what to check, when the address does not accept a TCP connection
+    or what answers is not a gRPC server (what_answers); True when it is, False for an address left to Ray.
 
     given_by: where the address came from, "--address" or "RAY_ADDRESS".
 
     Why: ray.init retries an address where nothing answers for minutes (Ray 2.60 with a GCS address:
     still retrying after 10 minutes, its only output "Failed to get cluster ID from GCS server";
-    with ray://, "ray client connection timeout" after 30 s). ConnectionError is how every cluster
+    with ray://, "ray client connection timeout" after 30 s), and one where a web server answers
+    (the dashboard's 8265) for as long. ConnectionError is how every cluster
     error reaches the user (cli: "cannot reach the Ray cluster", exit 2). HOST:PORT is a GCS address,
     ray://HOST:PORT a Ray Client server; what Ray resolves itself (auto, local, other schemes) is left to it.
     """
@@ -162,8 +163,8 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
         return False
     host, port, client = target
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
+        with socket.create_connection((host, port), timeout=timeout_s) as connection:
+            other = None if _uses_tls() else what_answers(connection, host)
     except socket.gaierror as error:
         what = f"unknown host {host!r} ({error.strerror})"
     except TimeoutError:
@@ -172,6 +173,13 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
         what = f"connection refused: nothing listens on port {port} there"
     except OSError as error:
         what = error.strerror or str(error)
+    else:
+        if other is None:
+            return True
+        raise ConnectionError(
+            f"{address} ({source}) answers, but it is not a Ray head: {other}. quantbench run takes the head's GCS "
+            "address HOST:PORT (port 6379 by default) or its Ray Client address ray://HOST:PORT (port 10001 by "
+            "default); the dashboard's port (8265 by default) is for `ray job submit`")
     if client:
         check = (f"that the head runs a Ray Client server on port {port} (`ray start --head "
                  f"--ray-client-server-port={port}`; Ray's default is 10001), and that this port is open or "
@@ -180,6 +188,51 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
         check = (f"that the cluster's head is running on that machine (`ray start --head --port={port}` starts "
                  "one), and that this is its GCS port (6379 by default) and open from this machine")
     raise ConnectionError(f"{address} ({source}): {what}. Check {check}.")
+
+
+# A gRPC server (a GCS, a Ray Client server) sends its HTTP/2 SETTINGS frame as soon as it accepts,
+# unasked (a Ray 2.60 GCS: within 1 ms); a web server says nothing until it is asked.
+PROTOCOL_CHECK_S = 3.0
+
+
+def what_answers(connection: socket.socket, host: str) -> str | None:
+    """None when the peer speaks HTTP/2 first, as a Ray head's gRPC ports do; else what answered.
+
+    Nothing is sent to a peer that speaks first, so a real GCS sees a connection opened and closed;
+    a silent one is asked for the headers of `/` over HTTP/1.0, which disturbs no web server."""
+    connection.settimeout(PROTOCOL_CHECK_S)
+    first = _first_bytes(connection)
+    if first is None:
+        try:
+            connection.sendall(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        except OSError:
+            return "it closed the connection without a word"
+        first = _first_bytes(connection)
+    if first is None:
+        return f"it accepted the connection, then said nothing in {2 * PROTOCOL_CHECK_S:g} s, even when asked over HTTP"
+    if len(first) >= 9 and first[3] == 0x04 and first[5:9] == b"\0\0\0\0":  # an HTTP/2 SETTINGS frame
+        return None
+    if not first:
+        return "it closed the connection without a word"
+    if first.startswith(b"HTTP/"):
+        status = first.split(b"\r\n", 1)[0].decode("latin-1")
+        return f"a web server answered ({status!r}), such as the Ray dashboard"
+    return f"a server of another protocol answered (its first bytes: {first[:24]!r})"
+
+
+def _first_bytes(connection: socket.socket) -> bytes | None:
+    """What the peer sends first (b"" when it closes), None when it sends nothing in time."""
+    try:
+        return connection.recv(256)
+    except TimeoutError:
+        return None
+    except OSError:
+        return b""
+
+
+def _uses_tls() -> bool:
+    # A TLS head (RAY_USE_TLS) waits for this side's TLS greeting: only the TCP check applies.
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
 def _tcp_target(address: str) -> tuple[str, int, bool] | None:

@@ -211,3 +211,119 @@ def test_a_node_killed_mid_variant_fails_that_variant_and_the_deadline_ends_the_
     assert "Traceback" not in out, out
     assert ended_s < 120, f"the run ended {ended_s:.0f} s after the kill\n{out}"
     assert not psutil.pid_exists(int(held.read_text())) or psutil.Process(int(held.read_text())).status() == "zombie"
+
+
+# ---------------------------------------------------------------------------------------------
+# --address to something that answers but is not a Ray head.
+
+import contextlib  # noqa: E402
+import threading  # noqa: E402
+
+HTTP2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # what a gRPC server sends first: an empty SETTINGS frame
+
+
+@contextlib.contextmanager
+def web_server():
+    """A plain HTTP server on loopback, as the dashboard's port is: it answers only when asked."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def peer_that_says(first: bytes | None):
+    """A loopback server that accepts, sends `first` (None: nothing, ever) and holds the connection open."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held, stop = [], threading.Event()
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                peer, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            held.append(peer)
+            if first is not None:
+                peer.sendall(first)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(10)
+        for peer in held:
+            peer.close()
+        listener.close()
+
+
+def user_shell() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
+    env.update(RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+def test_a_web_server_at_the_address_is_told_apart_in_seconds(tmp_path, tiny_model):
+    from conftest import rt_job, write_job
+
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, n=8))
+    results = tmp_path / "results"
+    with web_server() as port:
+        code, out, seconds = run_quantbench("run", str(job), "--results", str(results), "--address",
+                                            f"127.0.0.1:{port}", env=user_shell(), timeout_s=120)
+    assert code == 2, out
+    assert f"127.0.0.1:{port} (given by --address) answers, but it is not a Ray head" in out, out
+    assert "a web server answered ('HTTP/1.0 200 OK')" in out and "6379" in out and "8265" in out, out
+    assert "Traceback" not in out and not results.exists(), out
+    assert seconds < 40, f"{seconds:.0f} s\n{out}"  # the probe's share is about 3 s; the rest is Python's start
+
+
+@pytest.mark.parametrize("first, says", [(None, "then said nothing in 6 s"),
+                                         (b"SSH-2.0-OpenSSH_9.6\r\n", "another protocol answered")])
+def test_a_peer_that_is_silent_or_speaks_another_protocol_is_refused(first, says):
+    from runner import dispatch
+
+    with peer_that_says(first) as port:
+        started = time.monotonic()
+        with pytest.raises(ConnectionError) as raised:
+            dispatch.check_address(f"127.0.0.1:{port}", "--address")
+    assert says in str(raised.value) and "not a Ray head" in str(raised.value), raised.value
+    assert time.monotonic() - started < 15
+
+
+def test_a_real_gcs_passes_the_protocol_check_and_can_be_joined_after_it(faulty):
+    import logging
+
+    import ray
+
+    from runner import dispatch
+
+    assert dispatch.check_address(faulty.address, "--address") is True
+    with faulty.driver():  # the probe left the GCS as it was: a driver joins it
+        ray.init(address=faulty.address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            assert any(node["Alive"] for node in ray.nodes())
+        finally:
+            ray.shutdown()
