@@ -14,11 +14,12 @@ import functools
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,7 @@ class Cluster:
     address: str  # "local" for an embedded cluster
     embedded: bool
     nodes: list[dict]
+    warnings: list[str] = field(default_factory=list)  # for the user, said once connected
 
     def describe(self) -> str:
         kinds = []
@@ -122,18 +124,27 @@ def connect(address: str | None = None, temp_dir: str | None = None,
                 f"Ray {ray.__version__} as this machine does, and that {address} is the head's "
                 + ("Ray Client port (10001 by default)" if address.startswith("ray://") else "GCS port (6379 by default)")
                 + "; a Ray Client server needs a few seconds after the head starts") from None
+        warnings = [] if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else [unauthenticated_warning(address)]
     else:
         gpus = local_gpu_count()  # it may run nvidia-smi: once
         if cpu_precisions is not None:
             _fork_server = isolation.start_server(_server_preload(fork_server_imports(cpu_precisions), gpus > 0))
             os.environ[isolation.ADDRESS_VARIABLE] = _fork_server.describe()  # Ray's processes inherit it
+        warnings = []
         try:
             _embedded_head = start_embedded_head(temp_dir, gpus)
             ray.init(address=_embedded_head.address, **quiet)
         except BaseException:  # nothing of this cluster may outlive the failure
             shutdown()
             raise
-    return Cluster(address=address or "local", embedded=not address, nodes=alive_nodes())
+    return Cluster(address=address or "local", embedded=not address, nodes=alive_nodes(), warnings=warnings)
+
+
+def unauthenticated_warning(address: str) -> str:
+    return (f"{address} is joined without token authentication (RAY_AUTH_MODE is not `token` in this shell): "
+            "if the cluster has none either, anyone who can reach its ports can run code on its machines. "
+            "Start every node, and this run, with RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN "
+            "(README.md, Clusters and containers)")
 
 
 # How long a cluster address has to accept a TCP connection before ray.init is tried.
@@ -249,25 +260,103 @@ def _tcp_target(address: str) -> tuple[str, int, bool] | None:
     return host, int(port), client
 
 
-def start_embedded_head(temp_dir: str | None, gpus: int):
-    """A one-node cluster on this machine, started without the parts a one-node sweep never uses.
+@dataclass
+class EmbeddedHead:
+    """The embedded cluster's one node, and the environment it was started in, restored when it stops."""
+    node: object  # ray._private.node.Node
+    saved_environment: dict
+
+    @property
+    def address(self) -> str:
+        return self.node.gcs_address
+
+    def shutdown(self) -> None:
+        try:
+            self.node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+        finally:
+            _restore_environment(self.saved_environment)
+
+
+def start_embedded_head(temp_dir: str | None, gpus: int) -> EmbeddedHead:
+    """A one-node cluster on this machine, on loopback only, that only holders of a per-run token can join.
 
     ray.init() would also start the autoscaler's monitor and a log monitor: an embedded cluster never
     grows, and worker output is not forwarded (log_to_driver is off). Without them a sweep starts
     and stops about 2 s sooner on 2 cores (start 4.0-4.6 s against 4.7-5.6 s, stop 0.3-0.6 s
-    against 1.5-1.6 s) and two Python processes fewer poll beside the timed variants. Ray's
-    cluster_utils.Cluster takes the same node settings as `ray start`.
+    against 1.5-1.6 s) and two Python processes fewer poll beside the timed variants. Ray's own
+    test helper (cluster_utils) would also write the address to /tmp/ray for any later ray.init().
+    Every port (the GCS, the raylet, the agents, each worker) listens on the node's IP, 127.0.0.1.
     """
-    from ray.cluster_utils import Cluster as LocalCluster
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
 
     resources = {SLOT: 1, DEVICE_RESOURCE["cpu"]: 1}
     if gpus:
         resources[DEVICE_RESOURCE["cuda"]] = 1
-    return LocalCluster(initialize_head=True, connect=False, head_node_args=dict(
+    saved = _loopback_and_token_environment()
+    params = RayParams(
         num_cpus=measure.available_cpus(), num_gpus=gpus, resources=resources, include_dashboard=False,
         no_monitor=True, include_log_monitor=False, temp_dir=temp_dir, _system_config=EMBEDDED_RAY_CONFIG,
+        node_ip_address=LOOPBACK, min_worker_port=0, max_worker_port=0,
+        dashboard_agent_listen_port=_free_loopback_port(),  # Ray's 52365 may be another run's
         # Only samples and results travel through the store here: the model is read from this disk.
-        object_store_memory=512 * 2**20))
+        object_store_memory=512 * 2**20)
+    try:
+        return EmbeddedHead(Node(params, head=True, shutdown_at_exit=True, spawn_reaper=True), saved)
+    except BaseException:
+        _restore_environment(saved)
+        raise
+
+
+LOOPBACK = "127.0.0.1"
+# Set while an embedded cluster runs: its processes inherit them, and this one reads them anew.
+_EMBEDDED_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+
+
+def _loopback_and_token_environment() -> dict:
+    """Token authentication with a new random token, and 127.0.0.1 left as it is; what was there before.
+
+    Ray 2.60 replaces a loopback address with the machine's routable IP unless it is told that this
+    is no multi-machine cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at import: set here too)."""
+    import ray._private.ray_constants as ray_constants
+
+    saved = {name: os.environ.get(name) for name in _EMBEDDED_VARIABLES}
+    saved["enable_cluster"] = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=new_token(), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    _reload_ray_authentication()
+    return saved
+
+
+def _restore_environment(saved: dict) -> None:
+    import ray._private.ray_constants as ray_constants
+
+    for name in _EMBEDDED_VARIABLES:
+        if saved.get(name) is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved[name]
+    ray_constants.ENABLE_RAY_CLUSTER = saved["enable_cluster"]
+    _reload_ray_authentication()
+
+
+def _reload_ray_authentication() -> None:
+    """Ray reads the mode and caches the token once per process: both are read again from the environment."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # before the token is dropped, as Ray's own test helper does
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def new_token() -> str:
+    return secrets.token_hex(32)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
 
 
 def shutdown() -> None:

@@ -96,6 +96,105 @@ def test_another_users_process_is_turned_away_before_a_byte_is_read():
 
 
 # ---------------------------------------------------------------------------------------------
+# The embedded cluster: loopback only, and a per-run token nobody else holds.
+
+INTRUDER = """
+import sys, ray
+try:
+    ray.init(address=sys.argv[1], log_to_driver=False)
+except Exception as error:
+    print("REFUSED", type(error).__name__, str(error)[:300].replace(chr(10), " "))
+    sys.exit(3)
+print("JOINED", ray.get(ray.remote(lambda: "ran work").remote(), timeout=60))
+"""
+
+
+def intrude(address: str, home, **auth: str) -> subprocess.CompletedProcess:
+    """Another process on this machine joins the run's cluster: no token (an empty home, no ~/.ray), or a wrong one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS"))}
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", **auth)
+    return subprocess.run([sys.executable, "-c", INTRUDER, address], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def listening_sockets(processes: list[psutil.Process]) -> list[tuple[int, str, str, int]]:
+    found = []
+    for process in processes:
+        try:
+            found += [(process.pid, process.name(), c.laddr.ip, c.laddr.port) for c in process.net_connections("inet")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+
+def files_holding(secret: bytes, folders: list) -> list:
+    from pathlib import Path
+
+    return [path for folder in folders for path in Path(folder).rglob("*") if path.is_file() and secret in path.read_bytes()]
+
+
+def test_the_embedded_cluster_listens_on_loopback_only_and_refuses_whoever_lacks_its_token(
+        tmp_path, tiny_model, ray_temp_dir, capsys, monkeypatch):
+    from conftest import rt_job, write_job
+    from runner import dispatch
+    from runner.cli import main
+
+    seen, real_run = {}, dispatch.run_variants
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+
+    def run_variants(tasks, cluster, *args, **kwargs):  # while the cluster is up
+        address = dispatch._embedded_head.address
+        seen["processes"] = psutil.Process().children(recursive=True)
+        started = time.monotonic()
+        seen["no token"] = intrude(address, tmp_path)
+        seen["wrong token"] = intrude(address, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
+        seen["intruders_s"] = time.monotonic() - started
+        seen["sockets"] = listening_sockets(seen["processes"] + [psutil.Process()])
+        seen["address"] = address
+        seen["auth"] = (os.environ.get("RAY_AUTH_MODE"), os.environ.get("RAY_AUTH_TOKEN"))  # what Ray's processes got
+        return real_run(tasks, cluster, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "run_variants", run_variants)
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp32-cpu]", n=8))
+    results = tmp_path / "results"
+    code = main(["run", str(job), "--results", str(results), "--ray-temp-dir", ray_temp_dir])
+    out = capsys.readouterr()
+
+    assert code == 0, out.out + out.err
+    assert json.loads((results / "tiny-rt" / "fp32-cpu.json").read_text())["status"] == "ok"
+    assert seen["address"].startswith("127.0.0.1:"), seen["address"]
+    for who in ("no token", "wrong token"):
+        shown = seen[who]
+        assert shown.returncode == 3 and "REFUSED" in shown.stdout and "JOINED" not in shown.stdout, \
+            (who, shown.stdout, shown.stderr[-2000:])
+    sockets = seen["sockets"]
+    names = {name for _, name, _, _ in sockets}
+    assert "gcs_server" in names and "raylet" in names, sockets  # the ones that were on every interface
+    assert all(is_loopback(ip) for _, _, ip, _ in sockets), [s for s in sockets if not is_loopback(s[2])]
+    # The token: random, in no message, no result and nothing Ray wrote.
+    mode, token = seen["auth"]
+    assert mode == "token" and token and len(token) == 64, seen["auth"]
+    token = token.encode()
+    assert token not in (out.out + out.err).encode()
+    assert files_holding(token, [results, tmp_path / "jobs", ray_temp_dir]) == []
+    # The environment of this process is as it was; nothing of the cluster is left running.
+    assert "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ
+    _, alive = psutil.wait_procs(seen["processes"], timeout=30)
+    assert not alive, alive
+    print(f"intruders refused in {seen['intruders_s']:.1f} s: {seen['no token'].stdout.strip()[:200]} | "
+          f"{seen['wrong token'].stdout.strip()[:200]}")
+
+
+# ---------------------------------------------------------------------------------------------
 # A loopback cluster of `ray start` processes, as tests/test_cluster.py starts one; nodes that die
 # or can never take a variant.
 
@@ -327,3 +426,17 @@ def test_a_real_gcs_passes_the_protocol_check_and_can_be_joined_after_it(faulty)
             assert any(node["Alive"] for node in ray.nodes())
         finally:
             ray.shutdown()
+
+
+def test_an_address_joined_without_token_authentication_is_warned_about(monkeypatch, capsys):
+    from runner import dispatch
+
+    monkeypatch.setattr(dispatch.ray, "init", lambda **kwargs: None)  # a cluster that lets anyone in
+    monkeypatch.setattr(dispatch, "alive_nodes", lambda: [])
+    with peer_that_says(HTTP2_SETTINGS) as port:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        warned = dispatch.connect(f"127.0.0.1:{port}").warnings
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        quiet = dispatch.connect(f"127.0.0.1:{port}").warnings
+    assert len(warned) == 1 and "without token authentication" in warned[0] and "RAY_AUTH_MODE" in warned[0], warned
+    assert quiet == []
