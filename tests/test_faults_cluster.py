@@ -48,12 +48,18 @@ def test_a_connection_that_never_sends_stalls_no_other_call():
             shown = call_through(server, timeout_s=60)
             assert shown.returncode == 0 and shown.stdout.strip().isdigit(), shown.stderr[-2000:]
         # A call is about 1 s here (the caller's interpreter start); before, each waited behind the held ones forever.
-        assert time.monotonic() - started < 30
+        took = time.monotonic() - started
+        assert took < 30, took
+        supervisors = psutil.Process(server.process.pid).children()  # one per held connection, each on its deadline
+        assert len(supervisors) >= len(held), supervisors  # (and a finished call's, ending)
         for connection in held:
             connection.close()
     finally:
         server.stop()
     assert server.process.poll() is not None
+    _, alive = psutil.wait_procs(supervisors, timeout=30)  # they die with the server
+    assert not alive, alive
+    print(f"two calls beside {len(held)} silent connections: {took:.1f} s")
 
 
 def test_a_connection_that_never_sends_is_dropped_after_the_deadline(monkeypatch):
