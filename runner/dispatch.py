@@ -14,11 +14,12 @@ import functools
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,7 @@ class Cluster:
     address: str  # "local" for an embedded cluster
     embedded: bool
     nodes: list[dict]
+    warnings: list[str] = field(default_factory=list)  # for the user, said once connected
 
     def describe(self) -> str:
         kinds = []
@@ -122,18 +124,27 @@ def connect(address: str | None = None, temp_dir: str | None = None,
                 f"Ray {ray.__version__} as this machine does, and that {address} is the head's "
                 + ("Ray Client port (10001 by default)" if address.startswith("ray://") else "GCS port (6379 by default)")
                 + "; a Ray Client server needs a few seconds after the head starts") from None
+        warnings = [] if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else [unauthenticated_warning(address)]
     else:
         gpus = local_gpu_count()  # it may run nvidia-smi: once
         if cpu_precisions is not None:
             _fork_server = isolation.start_server(_server_preload(fork_server_imports(cpu_precisions), gpus > 0))
             os.environ[isolation.ADDRESS_VARIABLE] = _fork_server.describe()  # Ray's processes inherit it
+        warnings = []
         try:
             _embedded_head = start_embedded_head(temp_dir, gpus)
             ray.init(address=_embedded_head.address, **quiet)
         except BaseException:  # nothing of this cluster may outlive the failure
             shutdown()
             raise
-    return Cluster(address=address or "local", embedded=not address, nodes=alive_nodes())
+    return Cluster(address=address or "local", embedded=not address, nodes=alive_nodes(), warnings=warnings)
+
+
+def unauthenticated_warning(address: str) -> str:
+    return (f"{address} is joined without token authentication (RAY_AUTH_MODE is not `token` in this shell): "
+            "if the cluster has none either, anyone who can reach its ports can run code on its machines. "
+            "Start every node, and this run, with RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN "
+            "(README.md, Clusters and containers)")
 
 
 # How long a cluster address has to accept a TCP connection before ray.init is tried.
@@ -141,14 +152,15 @@ ADDRESS_CHECK_TIMEOUT_S = 5.0
 
 
 def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_TIMEOUT_S) -> bool:
-    """Raise ConnectionError, saying what to check, when the address does not accept a TCP connection;
-    True when it does, False for an address left to Ray.
+    """Raise ConnectionError, saying what to check, when the address does not accept a TCP connection
+    or what answers is not a gRPC server (what_answers); True when it is, False for an address left to Ray.
 
     given_by: where the address came from, "--address" or "RAY_ADDRESS".
 
     Why: ray.init retries an address where nothing answers for minutes (Ray 2.60 with a GCS address:
     still retrying after 10 minutes, its only output "Failed to get cluster ID from GCS server";
-    with ray://, "ray client connection timeout" after 30 s). ConnectionError is how every cluster
+    with ray://, "ray client connection timeout" after 30 s), and one where a web server answers
+    (the dashboard's 8265) for as long. ConnectionError is how every cluster
     error reaches the user (cli: "cannot reach the Ray cluster", exit 2). HOST:PORT is a GCS address,
     ray://HOST:PORT a Ray Client server; what Ray resolves itself (auto, local, other schemes) is left to it.
     """
@@ -169,8 +181,8 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
     if not 0 < port < 65536:  # the socket module says OverflowError; Ray, "connection refused"
         raise ConnectionError(f"{address} ({source}): {port} is not a TCP port; a port is 1 to 65535")
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
+        with socket.create_connection((host, port), timeout=timeout_s) as connection:
+            other = None if _uses_tls() else what_answers(connection, host)
     except socket.gaierror as error:
         what = f"unknown host {host!r} ({error.strerror})"
     except TimeoutError:
@@ -179,6 +191,13 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
         what = f"connection refused: nothing listens on port {port} there"
     except OSError as error:
         what = error.strerror or str(error)
+    else:
+        if other is None:
+            return True
+        raise ConnectionError(
+            f"{address} ({source}) answers, but it is not a Ray head: {other}. quantbench run takes the head's GCS "
+            "address HOST:PORT (port 6379 by default) or its Ray Client address ray://HOST:PORT (port 10001 by "
+            "default); the dashboard's port (8265 by default) is for `ray job submit`")
     if client:
         check = (f"that the head runs a Ray Client server on port {port} (`ray start --head "
                  f"--ray-client-server-port={port}`; Ray's default is 10001), and that this port is open or "
@@ -187,6 +206,51 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
         check = (f"that the cluster's head is running on that machine (`ray start --head --port={port}` starts "
                  "one), and that this is its GCS port (6379 by default) and open from this machine")
     raise ConnectionError(f"{address} ({source}): {what}. Check {check}.")
+
+
+# A gRPC server (a GCS, a Ray Client server) sends its HTTP/2 SETTINGS frame as soon as it accepts,
+# unasked (a Ray 2.60 GCS: within 1 ms); a web server says nothing until it is asked.
+PROTOCOL_CHECK_S = 3.0
+
+
+def what_answers(connection: socket.socket, host: str) -> str | None:
+    """None when the peer speaks HTTP/2 first, as a Ray head's gRPC ports do; else what answered.
+
+    Nothing is sent to a peer that speaks first, so a real GCS sees a connection opened and closed;
+    a silent one is asked for the headers of `/` over HTTP/1.0, which disturbs no web server."""
+    connection.settimeout(PROTOCOL_CHECK_S)
+    first = _first_bytes(connection)
+    if first is None:
+        try:
+            connection.sendall(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        except OSError:
+            return "it closed the connection without a word"
+        first = _first_bytes(connection)
+    if first is None:
+        return f"it accepted the connection, then said nothing in {2 * PROTOCOL_CHECK_S:g} s, even when asked over HTTP"
+    if len(first) >= 9 and first[3] == 0x04 and first[5:9] == b"\0\0\0\0":  # an HTTP/2 SETTINGS frame
+        return None
+    if not first:
+        return "it closed the connection without a word"
+    if first.startswith(b"HTTP/"):
+        status = first.split(b"\r\n", 1)[0].decode("latin-1")
+        return f"a web server answered ({status!r}), such as the Ray dashboard"
+    return f"a server of another protocol answered (its first bytes: {first[:24]!r})"
+
+
+def _first_bytes(connection: socket.socket) -> bytes | None:
+    """What the peer sends first (b"" when it closes), None when it sends nothing in time."""
+    try:
+        return connection.recv(256)
+    except TimeoutError:
+        return None
+    except OSError:
+        return b""
+
+
+def _uses_tls() -> bool:
+    # A TLS head (RAY_USE_TLS) waits for this side's TLS greeting: only the TCP check applies.
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
 def _tcp_target(address: str) -> tuple[str, int, bool] | None:
@@ -203,25 +267,103 @@ def _tcp_target(address: str) -> tuple[str, int, bool] | None:
     return host, int(port), client
 
 
-def start_embedded_head(temp_dir: str | None, gpus: int):
-    """A one-node cluster on this machine, started without the parts a one-node sweep never uses.
+@dataclass
+class EmbeddedHead:
+    """The embedded cluster's one node, and the environment it was started in, restored when it stops."""
+    node: object  # ray._private.node.Node
+    saved_environment: dict
+
+    @property
+    def address(self) -> str:
+        return self.node.gcs_address
+
+    def shutdown(self) -> None:
+        try:
+            self.node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+        finally:
+            _restore_environment(self.saved_environment)
+
+
+def start_embedded_head(temp_dir: str | None, gpus: int) -> EmbeddedHead:
+    """A one-node cluster on this machine, on loopback only, that only holders of a per-run token can join.
 
     ray.init() would also start the autoscaler's monitor and a log monitor: an embedded cluster never
     grows, and worker output is not forwarded (log_to_driver is off). Without them a sweep starts
     and stops about 2 s sooner on 2 cores (start 4.0-4.6 s against 4.7-5.6 s, stop 0.3-0.6 s
-    against 1.5-1.6 s) and two Python processes fewer poll beside the timed variants. Ray's
-    cluster_utils.Cluster takes the same node settings as `ray start`.
+    against 1.5-1.6 s) and two Python processes fewer poll beside the timed variants. Ray's own
+    test helper (cluster_utils) would also write the address to /tmp/ray for any later ray.init().
+    Every port (the GCS, the raylet, the agents, each worker) listens on the node's IP, 127.0.0.1.
     """
-    from ray.cluster_utils import Cluster as LocalCluster
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
 
     resources = {SLOT: 1, DEVICE_RESOURCE["cpu"]: 1}
     if gpus:
         resources[DEVICE_RESOURCE["cuda"]] = 1
-    return LocalCluster(initialize_head=True, connect=False, head_node_args=dict(
+    saved = _loopback_and_token_environment()
+    params = RayParams(
         num_cpus=measure.available_cpus(), num_gpus=gpus, resources=resources, include_dashboard=False,
         no_monitor=True, include_log_monitor=False, temp_dir=temp_dir, _system_config=EMBEDDED_RAY_CONFIG,
+        node_ip_address=LOOPBACK, min_worker_port=0, max_worker_port=0,
+        dashboard_agent_listen_port=_free_loopback_port(),  # Ray's 52365 may be another run's
         # Only samples and results travel through the store here: the model is read from this disk.
-        object_store_memory=512 * 2**20))
+        object_store_memory=512 * 2**20)
+    try:
+        return EmbeddedHead(Node(params, head=True, shutdown_at_exit=True, spawn_reaper=True), saved)
+    except BaseException:
+        _restore_environment(saved)
+        raise
+
+
+LOOPBACK = "127.0.0.1"
+# Set while an embedded cluster runs: its processes inherit them, and this one reads them anew.
+_EMBEDDED_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+
+
+def _loopback_and_token_environment() -> dict:
+    """Token authentication with a new random token, and 127.0.0.1 left as it is; what was there before.
+
+    Ray 2.60 replaces a loopback address with the machine's routable IP unless it is told that this
+    is no multi-machine cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at import: set here too)."""
+    import ray._private.ray_constants as ray_constants
+
+    saved = {name: os.environ.get(name) for name in _EMBEDDED_VARIABLES}
+    saved["enable_cluster"] = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=new_token(), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    _reload_ray_authentication()
+    return saved
+
+
+def _restore_environment(saved: dict) -> None:
+    import ray._private.ray_constants as ray_constants
+
+    for name in _EMBEDDED_VARIABLES:
+        if saved.get(name) is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved[name]
+    ray_constants.ENABLE_RAY_CLUSTER = saved["enable_cluster"]
+    _reload_ray_authentication()
+
+
+def _reload_ray_authentication() -> None:
+    """Ray reads the mode and caches the token once per process: both are read again from the environment."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # before the token is dropped, as Ray's own test helper does
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def new_token() -> str:
+    return secrets.token_hex(32)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
 
 
 def shutdown() -> None:
@@ -241,7 +383,9 @@ def alive_nodes() -> list[dict]:
 
 
 def requirements(device: str) -> dict:
-    needs = {SLOT: 1, DEVICE_RESOURCE[device]: 1}
+    """What a node needs to run the device's variants: exactly what task_options asks Ray for, so a
+    node Ray can never place a variant on (a worker started with --num-cpus=0) is not counted."""
+    needs = {SLOT: 1, DEVICE_RESOURCE[device]: 1, "CPU": 1}
     if device == "cuda":
         needs["GPU"] = 1
     return needs
@@ -252,9 +396,10 @@ def _fits(node: dict, needs: dict) -> bool:
 
 
 def task_options(device: str) -> dict:
-    """How a variant or fine-tune asks Ray for a node of its kind (GPU by num_gpus, the rest by resources)."""
-    return {"resources": {k: v for k, v in requirements(device).items() if k != "GPU"},
-            "num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}
+    """How a variant or fine-tune asks Ray for a node of its kind (CPU and GPU by count, the rest by resources)."""
+    needs = requirements(device)
+    return {"resources": {k: v for k, v in needs.items() if k not in ("CPU", "GPU")},
+            "num_gpus": needs.get("GPU", 0), "num_cpus": needs["CPU"]}
 
 
 def default_placement_timeout(cluster: Cluster, placement_timeout_s: float | None) -> float:
@@ -288,11 +433,16 @@ def can_run(nodes: list[dict], device: str) -> bool:
 
 def why_no_node(device: str, nodes: list[dict], waited_s: float) -> str:
     needs = requirements(device)
-    have = "; ".join(f"{n['NodeManagerAddress']}: " + ", ".join(
-        f"{k}={v:g}" for k, v in sorted(n["Resources"].items()) if k.startswith(("quantbench", "GPU", "CPU")))
-        for n in nodes)
+    have = "; ".join(_node_resources(node, needs) for node in nodes)
     return (f"no node in the cluster can run {device} variants (needs {', '.join(f'{k}={v}' for k, v in needs.items())}); "
             f"waited {waited_s:g} s; nodes: {have or 'none'}")
+
+
+def _node_resources(node: dict, needs: dict) -> str:
+    """A node's share of what the variants need (0 where it has none) and its quantbench resources."""
+    have = node["Resources"]
+    names = sorted(set(needs) | {name for name in have if name.startswith("quantbench")})
+    return f"{node['NodeManagerAddress']}: " + ", ".join(f"{name}={have.get(name, 0):g}" for name in names)
 
 
 def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
@@ -353,68 +503,80 @@ def _model_on_this_node(model_dir: str, archive: list) -> str:
 _remote_execute = _remote_per_device(_execute)
 
 
+# How often the driver looks at the cluster's nodes while variants wait in Ray's queue: a node may
+# leave (its raylet killed) with variants queued for it, and Ray would keep them queued forever.
+NODE_CHECK_S = 5.0
+
+
 def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable[[dict], None],
                  placement_timeout_s: float | None = None, model_dir: Path | None = None,
                  say: Callable[[str], None] = print) -> list[dict]:
-    """Run every task where it can run; call on_result as each result arrives; return them all."""
+    """Run every task where it can run; call on_result as each result arrives; return them all.
+
+    A device no node can run, at the start or later (its node died), gets placement_timeout_s for a
+    node to come: its variants wait in Ray's queue meanwhile, while the others run, then end
+    `skipped`. the driver waits until a result, the deadline or the next look at the nodes."""
     placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
     archive = []
     if not cluster.embedded and model_dir is not None:
         # Nodes may not share this machine's disk: the prepared model travels through the object store.
         archive = [ray.put(models.archive_folder(model_dir))]
-
     also_import = fork_server_imports([t.variant.precision for t in tasks if t.variant.device == "cpu"])
-    results, pending = [], {}
+    results, pending, deadlines = [], {}, {}
 
-    def skip(task: VariantTask, reason: str) -> None:
-        result = base_result(task, "skipped", reason)
-        result["ended_at"] = measure.now()
-        results.append(result)
-        on_result(result)
-
-    # A device no node can run now: its variants wait in Ray's queue, for a node that joins (an
-    # autoscaler), until a deadline, while the others run. ray.wait sleeps until a result or the
-    # deadline: nothing polls beside a timed variant.
-    nodes = alive_nodes()
-    missing = [device for device in dict.fromkeys(task.variant.device for task in tasks) if not can_run(nodes, device)]
-    deadline = time.monotonic() + placement_timeout_s
-    waiting = missing if placement_timeout_s > 0 else []
-    for device in waiting:
-        say(f"waiting up to {placement_timeout_s:g} s for a node that can run {device} variants; "
-            "the others run meanwhile")
-    for task in tasks:
-        device = task.variant.device
-        if device in missing and placement_timeout_s <= 0:
-            skip(task, why_no_node(device, nodes, placement_timeout_s))
-            continue
-        pending[_remote_execute[device].options(**task_options(device)).remote(task, archive, also_import)] = task
-
-    while pending:
-        wait_s = max(0.0, deadline - time.monotonic()) if waiting else None
-        done = _wait_for_one(list(pending), wait_s)
-        if not done:  # the deadline passed: a node came (its variants stay queued or run) or they are skipped
-            nodes = alive_nodes()
-            for device in [d for d in waiting if not can_run(nodes, d)]:
-                for ref, task in [(r, t) for r, t in pending.items() if t.variant.device == device]:
-                    ray.cancel(ref, force=True)
-                    del pending[ref]
-                    skip(task, why_no_node(device, nodes, placement_timeout_s))
-            waiting = []
-            continue
-        task = pending.pop(done[0])
-        try:
-            result = ray.get(done[0])
-        except Exception as error:  # the worker process or its node died, or the task could not start
-            result = base_result(task, "failed", _short_error(error))
+    def finish(task: VariantTask, result: dict) -> None:
+        if result.get("ended_at") is None:  # a base_result: skipped, or failed before the variant ended
             result["ended_at"] = measure.now()
         results.append(result)
         on_result(result)
+
+    nodes = alive_nodes()
+    for task in tasks:
+        device = task.variant.device
+        if placement_timeout_s <= 0 and not can_run(nodes, device):
+            finish(task, base_result(task, "skipped", why_no_node(device, nodes, placement_timeout_s)))
+            continue
+        pending[_remote_execute[device].options(**task_options(device)).remote(task, archive, also_import)] = task
+    while pending:
+        _check_placement(pending, deadlines, placement_timeout_s, say, finish)
+        if not pending:
+            break
+        next_look = min([NODE_CHECK_S, *(d - time.monotonic() for d in deadlines.values())])
+        done = _wait_for_one(list(pending), max(0.0, next_look))
+        if done:
+            task = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except Exception as error:  # the worker process or its node died, or the task could not start
+                result = base_result(task, "failed", _short_error(error))
+            finish(task, result)
     return results
 
 
+def _check_placement(pending: dict, deadlines: dict, timeout_s: float, say: Callable[[str], None],
+                     finish: Callable) -> None:
+    """Start, end or act on each pending device's wait for a node: past its deadline, its variants
+    are cancelled and end `skipped`, saying why."""
+    nodes = alive_nodes()
+    now = time.monotonic()
+    for device in dict.fromkeys(task.variant.device for task in pending.values()):
+        if can_run(nodes, device):
+            deadlines.pop(device, None)  # a node came (or came back): its variants stay queued or run
+            continue
+        if device not in deadlines and timeout_s > 0:
+            deadlines[device] = now + timeout_s
+            say(f"waiting up to {timeout_s:g} s for a node that can run {device} variants; the others run meanwhile")
+        if now >= deadlines.get(device, now):
+            deadlines.pop(device, None)
+            for ref, task in [(r, t) for r, t in pending.items() if t.variant.device == device]:
+                ray.cancel(ref, force=True)
+                del pending[ref]
+                finish(task, base_result(task, "skipped", why_no_node(device, nodes, timeout_s)))
+
+
 # ray.wait returns for no signal (ray.get looks for one every second, get_check_signal_interval_milliseconds):
-# the driver waits in slices of
-# this many seconds, so that Ctrl-C and SIGTERM reach its handlers (runner/interrupt.py) within one.
+# the driver waits in slices of this many seconds, so that Ctrl-C and SIGTERM reach its handlers
+# (runner/interrupt.py) within one.
 SIGNAL_CHECK_S = 1.0
 
 

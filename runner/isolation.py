@@ -27,12 +27,14 @@ import os
 import pickle
 import secrets
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError, reduction
-from multiprocessing.connection import Client, Listener, wait
+from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge, wait
 from typing import Any, Callable
 
 # What the server imports before it forks: the heavy, model-independent part of a variant's imports.
@@ -43,13 +45,19 @@ PRELOAD = ["torch", "runner.worker", "runner.finetune", "runner.analysis", "tran
 ADDRESS_VARIABLE = "QUANTBENCH_FORK_SERVER"
 
 
+# How long a caller has to prove the key and send its call: a connection that never sends is dropped.
+AUTHENTICATION_DEADLINE_S = 10
+
+
 class ProcessDied(RuntimeError):
     """The variant's process ended (killed, crashed, out of memory) before it returned a result."""
 
 
 def socket_address(name: str) -> str:
-    """Linux: an abstract Unix socket, which leaves no file behind. Elsewhere a socket file, which
-    other users cannot write to (the umask); the key is checked either way."""
+    """Linux: an abstract Unix socket, which leaves no file behind; any local user can connect to
+    it, so the server turns away other users' processes (SO_PEERCRED) before it reads a byte.
+    Elsewhere a socket file, which other users cannot write to (the umask). The key is checked
+    either way, by the call's own supervisor, within a deadline."""
     if sys.platform.startswith("linux"):
         return "\0" + name
     return os.path.join(tempfile.gettempdir(), name)
@@ -80,7 +88,8 @@ def start_server(also_import: list[str] = ()) -> ForkServer:
     the caller goes on. Calls made before it is ready wait for it."""
     server = ForkServer(name=f"quantbench-fork-{secrets.token_hex(8)}", key=secrets.token_bytes(32))
     setup = json.dumps({"name": server.name, "key": server.key.hex(), "modules": PRELOAD + list(also_import),
-                        "sys_path": sys.path, "parent": os.getpid()})
+                        "sys_path": sys.path, "parent": os.getpid(),
+                        "deadline_s": AUTHENTICATION_DEADLINE_S})
     # The setup goes through a pipe: a command line, key included, is visible to every user.
     # One OpenMP thread while importing: otherwise importing torch and transformers starts OpenMP's
     # pool (2 more threads on 2 cores), and a process forked from a threaded one inherits a broken
@@ -163,7 +172,9 @@ def serve(setup: dict) -> None:
     _die_with_parent()
     if os.getppid() != setup["parent"]:  # it ended before this process could follow it
         return
-    listener = Listener(socket_address(setup["name"]), "AF_UNIX", authkey=bytes.fromhex(setup["key"]))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_address(setup["name"]))
+    listener.listen(64)
     with open(1, "wb", closefd=False) as starter:  # the starter waits for this line, then closes the pipe
         starter.write(b"listening\n")
     quiet = os.open(os.devnull, os.O_WRONLY)  # a forked process writes where its caller writes
@@ -175,26 +186,57 @@ def serve(setup: dict) -> None:
         except ImportError:  # the variant's process imports what it needs, and reports what fails
             pass
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
-    while True:
+    key = bytes.fromhex(setup["key"])
+    while True:  # only accepts: a caller that never sends stalls its own supervisor, not this loop
         try:
-            connection = listener.accept()  # authenticates the caller
-        except (OSError, EOFError, AuthenticationError):  # a caller that went away or had the wrong key
+            peer, _ = listener.accept()
+        except OSError:
+            continue
+        if not same_user(peer):  # an abstract socket has no permissions: refused before a byte is read
+            peer.close()
             continue
         if os.fork() == 0:
             listener.close()
-            _supervise(connection)  # never returns
-        connection.close()
+            _supervise(Connection(peer.detach()), key, setup["deadline_s"])  # never returns
+        peer.close()
 
 
-def _supervise(connection) -> None:
-    """Forks the process that runs the call and waits for whichever ends first: that process (its
-    exit code goes to the caller, who reads it only if no answer came before) or the caller (the
-    process is killed: nobody waits for its result)."""
+def same_user(peer: socket.socket) -> bool:
+    """Whether the process at the other end runs as this user (Linux: SO_PEERCRED; elsewhere the
+    socket file's permissions keep other users out)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return True
+    try:
+        _, uid, _ = struct.unpack("3i", peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return False
+    return uid == os.getuid()
+
+
+
+def _authenticated_request(connection, key: bytes, deadline_s: int) -> tuple[list[bytes], list[int]]:
+    """The caller's key checked, then its call and its output descriptors read, within the deadline
+    (SIGALRM ends this supervisor, and with it the connection)."""
+    signal.alarm(deadline_s)
+    deliver_challenge(connection, key)
+    answer_challenge(connection, key)
+    request = [connection.recv_bytes(), connection.recv_bytes()]
+    output = [reduction.recv_handle(connection) for _ in (1, 2)]
+    signal.alarm(0)
+    return request, output
+
+
+def _supervise(connection, key: bytes, deadline_s: int) -> None:
+    """Checks the caller's key, forks the process that runs the call and waits for whichever ends
+    first: that process (its exit code goes to the caller, who reads it only if no answer came
+    before) or the caller (the process is killed: nobody waits for its result)."""
     code = 1
     try:
         _die_with_parent()
-        request = [connection.recv_bytes(), connection.recv_bytes()]
-        output = [reduction.recv_handle(connection) for _ in (1, 2)]
+        try:
+            request, output = _authenticated_request(connection, key, deadline_s)
+        except (OSError, EOFError, AuthenticationError):  # a caller that went away or had the wrong key
+            return
         # The child's end arrives as SIGCHLD, which writes a byte into this pipe: waitable beside
         # the connection, and never missed, even if the child ends before the wait begins.
         child_ended, on_signal = os.pipe()

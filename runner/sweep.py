@@ -142,6 +142,8 @@ def _run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: s
         interrupt.install()  # ray.init replaced the SIGTERM handler
         report.cluster_start_s = time.perf_counter() - started
         say(f"cluster: {cluster.describe()}")
+        for warning in cluster.warnings:
+            say(f"warning: {warning}")
     else:  # a finished sweep run again with --resume: the table from the kept results, at once
         cluster, report.nothing_ran = None, True
         say("cluster: not started: --resume kept every variant's result, nothing left to run")

@@ -13,6 +13,7 @@ import signal
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -102,8 +103,11 @@ def run_variant_in_own_process(task: VariantTask) -> dict:
         os._exit(3)  # the process dies as in a segfault or an OOM kill
     if fault == "raise":
         raise RuntimeError(f"fault injected into {task.variant.id}")
-    while fault == "hang":  # a variant that never ends, until its process is killed
-        signal.pause()
+    if fault == "hold":  # a variant that hangs until killed; its pid in QUANTBENCH_FAULT_DIR says it began
+        if os.environ.get("QUANTBENCH_FAULT_DIR"):
+            Path(os.environ["QUANTBENCH_FAULT_DIR"], f"{task.variant.id}.pid").write_text(str(os.getpid()))
+        while True:
+            signal.pause()
     models.quiet_libraries()
     result = run_variant(task)
     result["environment"]["variant_pid"] = os.getpid()
@@ -111,8 +115,8 @@ def run_variant_in_own_process(task: VariantTask) -> dict:
 
 
 def _injected_fault(variant_id: str) -> str | None:
-    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise,fp32-cpu=hang": how tests make a worker die,
-    a variant raise, or a variant run until it is stopped."""
+    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise,fp32-cpu=hold": how tests make a worker die,
+    a variant raise or hang."""
     for item in os.environ.get("QUANTBENCH_FAULT_INJECT", "").split(","):
         name, _, fault = item.partition("=")
         if name.strip() == variant_id:

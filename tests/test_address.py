@@ -34,10 +34,12 @@ def port_nobody_listens_on():
 
 @contextlib.contextmanager
 def listening_port():
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(8)
-        yield server.getsockname()[1]
+    """A port that answers as a gRPC server does (a Ray head's GCS or Ray Client port): an HTTP/2 SETTINGS
+    frame sent at once, unasked (tests/test_faults_cluster.py tries a real GCS)."""
+    from test_faults_cluster import HTTP2_SETTINGS, peer_that_says
+
+    with peer_that_says(HTTP2_SETTINGS) as port:
+        yield port
 
 
 def run_quantbench(*args: str, env: dict, timeout_s: float) -> tuple[int, str, float]:

@@ -224,7 +224,7 @@ def test_a_signal_stops_the_run_keeping_what_finished_and_saying_how_to_resume(t
     job = write_job(tmp_path, rt_job(tiny_model, variants="[fp32-cpu, int8-dynamic-cpu]"))
     results = tmp_path / "results"
     run = start_run(job, "--results", results, "--ray-temp-dir", ray_temp_dir,
-                    QUANTBENCH_FAULT_INJECT="int8-dynamic-cpu=hang")  # runs until it is stopped
+                    QUANTBENCH_FAULT_INJECT="int8-dynamic-cpu=hold")  # runs until it is stopped
     started = []
     try:
         read_until(run, "[1/2] tiny-rt fp32-cpu")
