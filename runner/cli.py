@@ -3,17 +3,20 @@
 Exit codes: 0 every variant ok or skipped; 1 a variant failed (the others still ran and were written);
 2 a bad job file or usage (nothing was run and nothing was written), or for collect and report: nothing to
 collect, or a --baseline that names no variant of the results; 130 or 143 a run stopped by SIGINT (Ctrl-C) or
-SIGTERM (the finished results are kept, and it prints the --resume command that finishes the sweep).
+SIGTERM (the finished results are kept, and it prints the --resume command that finishes the sweep); 141
+its output pipe closed early (`quantbench validate … | head`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell tool killed by it
 
 
 def _seconds(text: str) -> float:
@@ -34,6 +37,8 @@ RAY_SOCKET_PATH_MAX, RAY_SESSION_PART = 107, 66
 
 def _ray_temp_dir(text: str) -> str:
     """A folder Ray can start in: a longer path fails in Ray's start with a traceback, a file as well."""
+    if not text.strip():  # Path("") is the current folder: Ray's sessions would land there unasked
+        raise argparse.ArgumentTypeError("expected a folder, found an empty string")
     path = Path(text).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
@@ -136,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ResultsError) as error:
         print(f"quantbench: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `quantbench validate … | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python complains at exit
+        return EXIT_BROKEN_PIPE
     except ConnectionError as error:  # e.g. no Ray cluster at --address
         print(f"quantbench: cannot reach the Ray cluster: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -109,6 +109,8 @@ def connect(address: str | None = None, temp_dir: str | None = None,
     global _embedded_head, _fork_server
     given_by = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
+    if address == "local":  # Ray's word for a cluster on this machine: ours, with its resources and token
+        address = None
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     if address:
         answers = check_address(address, given_by)  # in seconds: ray.init retries a silent address for minutes

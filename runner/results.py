@@ -277,6 +277,10 @@ def check_writable(results_dir: Path, jobs: list[str]) -> None:
             handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
             os.close(handle)
             os.unlink(probe)
+        except (NotADirectoryError, FileExistsError):
+            file = next(p for p in (folder, *folder.parents) if p.exists() and not p.is_dir())
+            raise ResultsUnwritable(f"results folder {folder}: {file} is a file, not a folder; move it away, or "
+                                    "choose another folder with --results") from None
         except OSError as error:
             raise ResultsUnwritable(
                 f"results folder {folder}: user {_user()} cannot {'create' if made else 'write in'} it "

@@ -311,6 +311,8 @@ def load_job(path: str | Path) -> JobSpec:
     """Read and shape-check one job file. Raises SpecError."""
     file = Path(path).resolve()
     shown = Path(path)
+    if file.is_dir():
+        raise SpecError(shown, "", str(path), "this is a folder; name a job file (YAML) in it")
     if not file.is_file():
         raise SpecError(shown, "", str(path), _no_such("no such job file"))
     raw = read_yaml(file, shown)

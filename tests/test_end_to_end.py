@@ -226,3 +226,17 @@ def test_the_wall_time_split_of_variants_that_ran_on_several_nodes_at_once_has_n
 
     assert "-" not in parallel and "ran on several nodes at once" in parallel and "150.3 s" in parallel
     assert sequential.startswith("wall 44.0 s = variants' own work 19.6 s") and "overhead 13.4 s (30%" in sequential
+
+
+def test_address_local_is_the_embedded_cluster(capsys, tmp_path, tiny_model, ray_temp_dir, monkeypatch):
+    """Ray's "local" started a plain Ray cluster without quantbench's resources: every variant waited
+    30 s, ended skipped, and the run exited 0 having run nothing."""
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp32-cpu]", n=8))
+
+    code, out, err = run_cli(capsys, "run", job, "--results", tmp_path / "results", "--ray-temp-dir", ray_temp_dir)
+
+    assert code == 0, out + err
+    assert "cluster: embedded local cluster: 1 node(s): 127.0.0.1 (cpu)" in out
+    result = json.loads((tmp_path / "results" / "tiny-rt" / "fp32-cpu.json").read_text())
+    assert result["status"] == "ok"

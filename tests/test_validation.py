@@ -335,3 +335,28 @@ def test_inside_a_container_a_missing_file_names_the_folders_it_can_see(capsys, 
     assert err[0].endswith("no such job file; this container sees only ./jobs as /workspace/main/jobs: "
                            "put it there, or mount its folder")
     assert "model.path: found '/nowhere'; no such folder (/nowhere); this container sees only" in err[1]
+
+
+def test_a_folder_given_as_the_job_file_is_named_a_folder(capsys, tmp_path):
+    assert main(["validate", str(tmp_path)]) == 2
+    assert "this is a folder; name a job file (YAML) in it" in capsys.readouterr().err
+
+
+def test_an_empty_ray_temp_dir_is_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", str(tmp_path / "job.yaml"), "--ray-temp-dir", ""])
+    assert stopped.value.code == 2
+    assert "expected a folder, found an empty string" in capsys.readouterr().err
+
+
+def test_a_closed_output_pipe_is_no_cluster_error(tmp_path, tiny_model):
+    """`quantbench validate … | head -1` said 'cannot reach the Ray cluster: Broken pipe'."""
+    import subprocess
+    import sys
+
+    job = write_job(tmp_path, rt_job(tiny_model), name="a.yaml")
+    # true has exited long before validation prints: the first write meets a closed pipe.
+    shell = f"{sys.executable} -m runner.cli validate {job} | true; echo ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "141", done.stdout + done.stderr
+    assert done.stderr == "", done.stderr
