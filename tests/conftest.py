@@ -123,3 +123,27 @@ dataset:
   {dataset_extra}
 {rest}
 """
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """quantbench's command line in this process: (exit code, stdout, stderr)."""
+    from runner.cli import main
+
+    code = main(list(map(str, args)))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def check_refused(capsys, tmp_path, job_text: str, *expected: str) -> str:
+    """validate and run both exit 2 naming the job file and the expected words; run writes nothing."""
+    job = write_job(tmp_path / "jobs", job_text)
+    code, _, err = run_cli(capsys, "validate", job)
+    assert code == 2, err
+    assert job.name in err and "Traceback" not in err, err
+    for words in expected:
+        assert words in err, f"{words!r} not in {err!r}"
+    results = tmp_path / "results"
+    code, _, err_run = run_cli(capsys, "run", job, "--results", results)
+    assert code == 2 and err_run == err, err_run
+    assert not results.exists()
+    return err

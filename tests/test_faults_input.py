@@ -15,31 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, RT_POLARITY, rt_job, write_job
+from conftest import REPO, RT_POLARITY, check_refused, rt_job, run_cli, write_job
 from runner.cli import main
 
 REFERENCE = REPO / "results" / "reference" / "cpu-2core-amd-epyc" / "demo"
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main(list(map(str, args)))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def refused(capsys, tmp_path, job_text: str, *expected: str) -> str:
-    """validate and run both exit 2 naming the job file and the expected words; run writes nothing."""
-    job = write_job(tmp_path / "jobs", job_text)
-    code, _, err = run_cli(capsys, "validate", job)
-    assert code == 2, err
-    assert job.name in err and "Traceback" not in err, err
-    for words in expected:
-        assert words in err, f"{words!r} not in {err!r}"
-    results = tmp_path / "results"
-    code, _, err_run = run_cli(capsys, "run", job, "--results", results)
-    assert code == 2 and err_run == err, err_run
-    assert not results.exists()
-    return err
 
 
 def valid(capsys, tmp_path, job_text: str) -> str:
@@ -67,14 +46,14 @@ def inline_job(model: Path, config: str) -> str:
     ("finetune: {learning_rate: .NaN}\nevaluation: {", "finetune.learning_rate"),
 ])
 def test_nan_and_infinity_are_refused_naming_the_field(capsys, tmp_path, tiny_model, edit, field):
-    refused(capsys, tmp_path, rt_job(tiny_model).replace("evaluation: {", edit), f"{field}: found",
+    check_refused(capsys, tmp_path, rt_job(tiny_model).replace("evaluation: {", edit), f"{field}: found",
             "expected a finite number")
 
 
 def test_nan_in_an_inline_config_field_is_refused(capsys, tmp_path, tiny_model):
     text = inline_job(tiny_model, "hidden_size: 32, num_attention_heads: 2, num_hidden_layers: 1, "
                                   "intermediate_size: 37, layer_norm_eps: .nan, id2label: {0: negative, 1: positive}")
-    refused(capsys, tmp_path, text, "model.config.layer_norm_eps: found nan", "expected a finite number")
+    check_refused(capsys, tmp_path, text, "model.config.layer_norm_eps: found nan", "expected a finite number")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,21 +72,21 @@ def test_a_yaml_alias_bomb_is_refused_at_once(capsys, tmp_path, tiny_model):
     text = rt_job(tiny_model) + "x-anchors:\n" + "".join(f"  {line}\n" for line in alias_bomb().splitlines())
     assert len(text.encode()) < 2000
     started = time.monotonic()
-    refused(capsys, tmp_path, text, "line 2", "aliases (*name) are expanded", "use fewer or no aliases")
+    check_refused(capsys, tmp_path, text, "line 2", "aliases (*name) are expanded", "use fewer or no aliases")
     assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("style", ["flow", "block"])
 def test_yaml_nested_1000_deep_is_refused_without_a_traceback(capsys, tmp_path, tiny_model, style):
     deep = "[" * 1000 + "]" * 1000 if style == "flow" else "\n" + "".join(" " * (i + 1) + "a:\n" for i in range(1000))
-    refused(capsys, tmp_path, rt_job(tiny_model) + f"x-deep: {deep}\n", "nesting deeper than 64 levels")
+    check_refused(capsys, tmp_path, rt_job(tiny_model) + f"x-deep: {deep}\n", "nesting deeper than 64 levels")
 
 
 def test_a_job_file_over_the_size_limit_is_refused(capsys, tmp_path, tiny_model):
     from runner.spec import MAX_JOB_BYTES
 
     padding = "# padding\n" * (MAX_JOB_BYTES // 10 + 1)
-    refused(capsys, tmp_path, rt_job(tiny_model) + padding, "bytes", f"at most {MAX_JOB_BYTES:,} bytes")
+    check_refused(capsys, tmp_path, rt_job(tiny_model) + padding, "bytes", f"at most {MAX_JOB_BYTES:,} bytes")
 
 
 def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(capsys, tmp_path, tiny_model):
@@ -115,7 +94,7 @@ def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(capsys, tmp_
     text = rt_job(tiny_model).replace("label_map: {pos: positive, neg: negative}",
                                       "label_map:\n    pos: positive\n    neg: negative\n    pos: negative")
     line = text.splitlines().index("    pos: negative") + 1
-    refused(capsys, tmp_path, text, f"line {line}, column 5", "the key 'pos' a second time",
+    check_refused(capsys, tmp_path, text, f"line {line}, column 5", "the key 'pos' a second time",
             f"first at line {line - 2}", "each key may appear once")
     # A merge key (<<) is no repeat: the mapping's own keys still override what it merges.
     text = rt_job(tiny_model).replace("evaluation: {batch_size: 4, warmup_passes: 1, timed_passes: 8}",
@@ -133,7 +112,7 @@ def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(capsys, tmp_
     ("reference", "collect and report skip folders of this name"),
 ])
 def test_a_job_name_that_is_no_plain_results_folder_is_refused(capsys, tmp_path, tiny_model, name, says):
-    refused(capsys, tmp_path, rt_job(tiny_model, name=name), "name: found", says)
+    check_refused(capsys, tmp_path, rt_job(tiny_model, name=name), "name: found", says)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +141,7 @@ def test_a_stray_csv_quote_that_merges_rows_is_noted_with_its_lines(capsys, tmp_
 
 def test_rows_after_a_quoted_line_break_are_named_by_their_own_line(capsys, tmp_path, tiny_model):
     text = csv_job(tmp_path, tiny_model, 'text,label\n"two\nlines",pos\nfine,neg\nsome text,\n')
-    refused(capsys, tmp_path, text, "first line 5 of reviews.csv")
+    check_refused(capsys, tmp_path, text, "first line 5 of reviews.csv")
 
 
 @pytest.mark.parametrize("line, says", [
@@ -175,7 +154,7 @@ def test_rows_after_a_quoted_line_break_are_named_by_their_own_line(capsys, tmp_
 def test_a_jsonl_line_that_is_no_text_record_is_refused_by_its_line(capsys, tmp_path, tiny_model, line, says):
     rows = ['{"text": "a fine film", "label": "pos"}', line, "", '{"text": "a dull film", "label": "neg"}']
     text = csv_job(tmp_path, tiny_model, "\n".join(rows) + "\n", suffix="jsonl")
-    refused(capsys, tmp_path, text, says)
+    check_refused(capsys, tmp_path, text, says)
 
 
 def test_a_whole_number_label_reads_alike_in_the_data_and_the_label_map(capsys, tmp_path, tiny_model):
@@ -190,7 +169,7 @@ def test_a_whole_number_label_reads_alike_in_the_data_and_the_label_map(capsys, 
 def test_a_label_map_naming_one_label_twice_is_refused(capsys, tmp_path, tiny_model):
     text = rt_job(tiny_model).replace("label_map: {pos: positive, neg: negative}",
                                       "label_map: {2: positive, '2.0': negative}")
-    refused(capsys, tmp_path, text, "dataset.label_map.2.0", "names the same dataset label as another key (2)")
+    check_refused(capsys, tmp_path, text, "dataset.label_map.2.0", "names the same dataset label as another key (2)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +188,7 @@ def test_a_config_json_of_the_wrong_shape_is_refused(capsys, tmp_path, tiny_mode
     shutil.copytree(tiny_model, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(edit(config)))
-    refused(capsys, tmp_path, rt_job(folder), "model: found", says)
+    check_refused(capsys, tmp_path, rt_job(folder), "model: found", says)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,29 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import RT_POLARITY, SMSA, rt_job, smsa_job, write_job
+from conftest import RT_POLARITY, SMSA, check_refused, rt_job, run_cli, smsa_job, write_job
 from runner.cli import main
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main(list(map(str, args)))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def check_refused(capsys, tmp_path, job_text: str, *expected: str) -> str:
-    """validate and run both exit 2 with the file and the expected words; run writes nothing."""
-    job = write_job(tmp_path / "jobs", job_text)
-    code, _, err = run_cli(capsys, "validate", job)
-    assert code == 2, err
-    assert str(job.name) in err and "Traceback" not in err
-    for words in expected:
-        assert words in err, f"{words!r} not in {err!r}"
-    results = tmp_path / "results"
-    code, _, err_run = run_cli(capsys, "run", job, "--results", results)
-    assert code == 2 and err_run == err
-    assert not results.exists()
-    return err
 
 
 def test_a_valid_job_lists_its_variants_and_where_they_run(capsys, tmp_path, tiny_model):
