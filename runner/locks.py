@@ -105,7 +105,7 @@ def lock_job_folder(folder: Path, command: str, wait_s: float | None, say) -> tu
 
     The holder removes the file as it lets go, so a waiter may end up locking a file no longer at the
     path: it checks that what it locked is still there, and tries again if not."""
-    created = next((f for f in reversed([folder, *folder.parents]) if not f.exists()), None)
+    created = results.outermost_missing(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path, deadline, told = folder / RESULTS_LOCK, time.monotonic() + (wait_s or 0.0), []
 
@@ -121,7 +121,7 @@ def lock_job_folder(folder: Path, command: str, wait_s: float | None, say) -> tu
         if waited is None:
             holder = read_holder(fd)
             os.close(fd)
-            _remove_if_empty(folder, created)
+            results.remove_if_empty(folder, created)
             raise ResultsLocked(_refusal(folder, holder, wait_s))
         if _same_file(fd, path):
             write_holder(fd, command)
@@ -147,21 +147,7 @@ def unlock_job_folder(folder: Path, fd: int, created: Path | None) -> None:
     with contextlib.suppress(OSError):
         (folder / RESULTS_LOCK).unlink()
     os.close(fd)
-    _remove_if_empty(folder, created)
-
-
-def _remove_if_empty(folder: Path, created: Path | None) -> None:
-    """The folders made for the lock, from folder up to created, where nothing was put in them: a run
-    refused or stopped before it wrote leaves nothing behind."""
-    if created is None:
-        return
-    for made in [folder, *folder.parents]:
-        try:
-            made.rmdir()
-        except OSError:  # not empty: it holds results (or another job's folder)
-            return
-        if made == created:
-            return
+    results.remove_if_empty(folder, created)
 
 
 @contextlib.contextmanager

@@ -271,7 +271,7 @@ def check_writable(results_dir: Path, jobs: list[str]) -> None:
     The folders the check made are removed again, so a run refused later leaves nothing behind."""
     for job in jobs:
         folder = Path(results_dir) / job
-        made = [p for p in (folder, *folder.parents) if not p.exists()][::-1]  # outermost first
+        made = outermost_missing(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
@@ -287,11 +287,28 @@ def check_writable(results_dir: Path, jobs: list[str]) -> None:
                 f"({error.strerror}); give this user write access to it, or choose another folder with "
                 "--results") from None
         finally:
-            for path in reversed(made):
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass
+            remove_if_empty(folder, made)
+
+
+def outermost_missing(folder: Path) -> Path | None:
+    """The outermost of folder and its parents that does not exist yet: what mkdir(parents=True) makes."""
+    return next((f for f in reversed([folder, *folder.parents]) if not f.exists()), None)
+
+
+def remove_if_empty(folder: Path, created: Path | None) -> None:
+    """The folders made from created down to folder, where nothing was put in them: a check or a run
+    refused or stopped before it wrote leaves nothing behind."""
+    if created is None:
+        return
+    for made in [folder, *folder.parents]:
+        try:
+            made.rmdir()
+        except FileNotFoundError:  # never made: mkdir stopped part way down
+            pass
+        except OSError:  # not empty: it holds results (or another job's folder)
+            return
+        if made == created:
+            return
 
 
 def _user() -> str:
