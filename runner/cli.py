@@ -1,10 +1,10 @@
 """The command line: quantbench run | validate | collect | report.
 
-Exit codes: 0 every variant ok or skipped; 1 a variant failed (the others still ran and were written);
-2 a bad job file or usage (nothing was run and nothing was written), or for collect and report: nothing to
-collect, or a --baseline that names no variant of the results; 130 or 143 a run stopped by SIGINT (Ctrl-C) or
-SIGTERM (the finished results are kept, and it prints the --resume command that finishes the sweep); 141
-its output pipe closed early (`quantbench validate … | head`).
+Exit codes: 0 every variant ok or skipped; 1 a variant failed (the others still ran and were
+written); 2 a bad job file or usage (nothing was run and nothing was written), or for collect and
+report: nothing to collect, or a --baseline that names no variant of the results; 130 or 143 a run
+stopped by SIGINT (Ctrl-C) or SIGTERM (the finished results are kept, and it prints the --resume
+command that finishes the sweep); 141 its output pipe closed early (`quantbench validate … | head`).
 """
 
 from __future__ import annotations
@@ -20,35 +20,45 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell tool killed by it
 
 
 def _seconds(text: str) -> float:
-    """A number of seconds, 0 or more: nan or inf would wait forever, a negative wait means nothing."""
+    """A number of seconds, 0 or more: nan or inf would wait forever, a negative wait means
+    nothing."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r}") from None
     if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, 0 or more; found {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number of seconds, 0 or more; found {text!r}"
+        )
     return value
 
 
-# Ray puts its unix sockets at TEMP/session_<date>_<time>_<microseconds>_<pid>/sockets/plasma_store, and a
+# Ray puts its unix sockets at TEMP/session_<date>_<time>_<microseconds>_<pid>/sockets/plasma_store,
+# and a
 # socket's path may hold at most 107 bytes: the session part takes up to 66 of them.
 RAY_SOCKET_PATH_MAX, RAY_SESSION_PART = 107, 66
 
 
 def _ray_temp_dir(text: str) -> str:
-    """A folder Ray can start in: a longer path fails in Ray's start with a traceback, a file as well."""
+    """A folder Ray can start in: a longer path fails in Ray's start with a traceback, a file as
+    well."""
     if not text.strip():  # Path("") is the current folder: Ray's sessions would land there unasked
         raise argparse.ArgumentTypeError("expected a folder, found an empty string")
     path = Path(text).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"{existing} is a file, not a folder: name a folder (Ray creates it "
-                                         "if it does not exist)")
+        raise argparse.ArgumentTypeError(
+            f"{existing} is a file, not a folder: name a folder (Ray creates it "
+            "if it does not exist)"
+        )
     longest = RAY_SOCKET_PATH_MAX - RAY_SESSION_PART
     if len(str(path).encode()) > longest:
         raise argparse.ArgumentTypeError(
-            f"{text} is {len(str(path).encode())} bytes long as an absolute path; Ray's socket paths below it would "
-            f"pass the 107-byte limit of a unix socket: name a folder of at most {longest} bytes, e.g. under /tmp")
+            f"{text} is {len(str(path).encode())} bytes long as an absolute path; Ray's socket "
+            "paths below it would "
+            f"pass the 107-byte limit of a unix socket: name a folder of at most {longest} bytes, "
+            "e.g. under /tmp"
+        )
     return str(path)
 
 
@@ -56,8 +66,10 @@ def _wait_seconds(text: str) -> float:
     try:
         float(text)
     except ValueError:  # `run --wait-for-lock job.yaml` reads the job file as SECONDS
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r} (without SECONDS, "
-                                         "put --wait-for-lock after the job files)") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds, found {text!r} (without SECONDS, "
+            "put --wait-for-lock after the job files)"
+        ) from None
     return _seconds(text)
 
 
@@ -65,34 +77,72 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="validate, run every variant, write results, print the table")
+    run = commands.add_parser(
+        "run", help="validate, run every variant, write results, print the table"
+    )
     run.add_argument("jobs", nargs="+", type=Path, help="job files (YAML)")
-    run.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results/)")
-    run.add_argument("--address", help="Ray cluster address (else RAY_ADDRESS, else an embedded local cluster)")
-    run.add_argument("--resume", action="store_true", help="keep the ok results of the same job spec, rerun the rest (replacing their files)")
-    run.add_argument("--ray-temp-dir", type=_ray_temp_dir, help="temporary folder of an embedded Ray cluster "
-                     f"(at most {RAY_SOCKET_PATH_MAX - RAY_SESSION_PART} bytes long: Ray's sockets go below it)")
-    run.add_argument("--placement-timeout", type=_seconds, metavar="SECONDS",
-                     help="how long to wait for a node that can run a variant before it is skipped "
-                          "(default: 0 on the embedded cluster, 30 on a cluster given by address)")
+    run.add_argument(
+        "--results", type=Path, default=Path("results"), help="results folder (default: results/)"
+    )
+    run.add_argument(
+        "--address", help="Ray cluster address (else RAY_ADDRESS, else an embedded local cluster)"
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the ok results of the same job spec, rerun the rest (replacing their files)",
+    )
+    run.add_argument(
+        "--ray-temp-dir",
+        type=_ray_temp_dir,
+        help="temporary folder of an embedded Ray cluster "
+        f"(at most {RAY_SOCKET_PATH_MAX - RAY_SESSION_PART} bytes long: Ray's sockets go below it)",
+    )
+    run.add_argument(
+        "--placement-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how long to wait for a node that can run a variant before it is skipped "
+        "(default: 0 on the embedded cluster, 30 on a cluster given by address)",
+    )
 
-    run.add_argument("--wait-for-lock", type=_wait_seconds, nargs="?", const=float("inf"), metavar="SECONDS",
-                     help="when another run is writing a job's results folder, wait for it (at most SECONDS for "
-                          "each folder; without SECONDS until it ends) instead of stopping with exit code 2")
+    run.add_argument(
+        "--wait-for-lock",
+        type=_wait_seconds,
+        nargs="?",
+        const=float("inf"),
+        metavar="SECONDS",
+        help="when another run is writing a job's results folder, wait for it (at most SECONDS for "
+        "each folder; without SECONDS until it ends) instead of stopping with exit code 2",
+    )
 
-    validate = commands.add_parser("validate", help="check job files and print the variants they expand to")
+    validate = commands.add_parser(
+        "validate", help="check job files and print the variants they expand to"
+    )
     validate.add_argument("jobs", nargs="+", type=Path)
 
-    collect = commands.add_parser("collect", help="the comparison table of the results under folders")
+    collect = commands.add_parser(
+        "collect", help="the comparison table of the results under folders"
+    )
     collect.add_argument("folders", nargs="+", type=Path)
     collect.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
-    collect.add_argument("--baseline", help="variant to compare against (default: the job's baseline)")
+    collect.add_argument(
+        "--baseline", help="variant to compare against (default: the job's baseline)"
+    )
 
-    report = commands.add_parser("report", help="one self-contained HTML file with the table, plots and verdict")
+    report = commands.add_parser(
+        "report", help="one self-contained HTML file with the table, plots and verdict"
+    )
     report.add_argument("folders", nargs="+", type=Path)
-    report.add_argument("--out", type=Path, help="the HTML file (default: report.html in the first folder); "
-                                                 "its PNGs go into <name>_figures/ beside it")
-    report.add_argument("--baseline", help="variant to compare against (default: the job's baseline)")
+    report.add_argument(
+        "--out",
+        type=Path,
+        help="the HTML file (default: report.html in the first folder); "
+        "its PNGs go into <name>_figures/ beside it",
+    )
+    report.add_argument(
+        "--baseline", help="variant to compare against (default: the job's baseline)"
+    )
     return parser
 
 
@@ -122,14 +172,25 @@ def main(argv: list[str] | None = None) -> int:
 
         plans = []
         try:
-            with interrupt.handled():  # from the start: a Ctrl-C while the job files are read is no traceback either
+            with (
+                interrupt.handled()
+            ):  # from the start: a Ctrl-C while the job files are read is no traceback either
                 plans = _plans(args.jobs)
                 _check_names(plans)
-                from runner import sweep  # after validation: a bad job file is told without importing Ray
+                from runner import (
+                    sweep,
+                )  # after validation: a bad job file is told without importing Ray
 
-                report = sweep.run_sweep(plans, args.results, args.resume, args.address,
-                                         ray_temp_dir=args.ray_temp_dir, placement_timeout_s=args.placement_timeout,
-                                         lock_wait_s=args.wait_for_lock, command=_command_line(argv))
+                report = sweep.run_sweep(
+                    plans,
+                    args.results,
+                    args.resume,
+                    args.address,
+                    ray_temp_dir=args.ray_temp_dir,
+                    placement_timeout_s=args.placement_timeout,
+                    lock_wait_s=args.wait_for_lock,
+                    command=_command_line(argv),
+                )
         except KeyboardInterrupt:  # interrupt.Interrupted, or Ray's own for it
             print(_stopped(interrupt.signal_name(), args, argv, plans), file=sys.stderr)
             return interrupt.exit_code()
@@ -142,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantbench: {error}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `quantbench validate … | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python complains at exit
+        os.dup2(
+            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
+        )  # else Python complains at exit
         return EXIT_BROKEN_PIPE
     except ConnectionError as error:  # e.g. no Ray cluster at --address
         print(f"quantbench: cannot reach the Ray cluster: {error}", file=sys.stderr)
@@ -155,8 +218,13 @@ def _check_names(plans) -> None:
         if len(same) > 1:  # their results would share one folder
             from runner.spec import SpecError
 
-            raise SpecError(plan.spec.file, "name", plan.spec.name,
-                            f"each job run together needs its own name; these files share it: {', '.join(same)}")
+            raise SpecError(
+                plan.spec.file,
+                "name",
+                plan.spec.name,
+                "each job run together needs its own name; these files share it: "
+                f"{', '.join(same)}",
+            )
 
 
 def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
@@ -165,14 +233,17 @@ def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
 
     folders = [args.results / plan.spec.name for plan in plans]
     try:
-        kept = f"{sum(r['status'] == 'ok' for r in find_results([f for f in folders if f.is_dir()]))} ok result(s)"
+        ok = sum(r["status"] == "ok" for r in find_results([f for f in folders if f.is_dir()]))
+        kept = f"{ok} ok result(s)"
     except Exception:  # a file it cannot read: what it says must not fail
         kept = "the finished results"
     words = list(sys.argv[1:] if argv is None else argv)
     again = shlex.join(["quantbench", *words, *([] if "--resume" in words else ["--resume"])])
-    return (f"quantbench: stopped by {signal_name}, and the variants still running with it; {kept} "
-            f"are kept under {args.results}, and the variants that had not finished have no result.\n"
-            f"To finish the sweep (it keeps the ok results and runs the rest): {again}")
+    return (
+        f"quantbench: stopped by {signal_name}, and the variants still running with it; {kept} "
+        f"are kept under {args.results}, and the variants that had not finished have no result.\n"
+        f"To finish the sweep (it keeps the ok results and runs the rest): {again}"
+    )
 
 
 def _command_line(argv: list[str] | None) -> str:
@@ -181,7 +252,8 @@ def _command_line(argv: list[str] | None) -> str:
 
 
 def _found(command: str, folders: list[Path], baseline: str | None) -> list[dict] | None:
-    """The results under the folders, or None after saying why there are none (or why they cannot be used)."""
+    """The results under the folders, or None after saying why there are none (or why they cannot be
+    used)."""
     from runner import collect
 
     missing = [str(f) for f in folders if not f.exists()]
@@ -193,11 +265,18 @@ def _found(command: str, folders: list[Path], baseline: str | None) -> list[dict
         print(f"quantbench {command}: skipped {file}: {why}", file=sys.stderr)
     if skipped:
         names = " ".join(map(str, skipped))
-        print(f"quantbench {command}: skipped {names} (folders named {collect.SKIPPED_FOLDER} hold reference "
-              f"results, not your runs); to include them, name the folder: quantbench {command} {names}",
-              file=sys.stderr)
+        print(
+            f"quantbench {command}: skipped {names} (folders named {collect.SKIPPED_FOLDER} hold "
+            "reference "
+            f"results, not your runs); to include them, name the folder: quantbench {command} "
+            f"{names}",
+            file=sys.stderr,
+        )
     if not found:
-        print(f"quantbench {command}: no result files under {', '.join(map(str, folders))}", file=sys.stderr)
+        print(
+            f"quantbench {command}: no result files under {', '.join(map(str, folders))}",
+            file=sys.stderr,
+        )
         return None
     try:
         collect.check_baseline(found, baseline)
@@ -223,18 +302,30 @@ def _report(args) -> int:
         return EXIT_USAGE
     from runner.report import write_report
 
-    out = args.out or (args.folders[0] if args.folders[0].is_dir() else args.folders[0].parent) / "report.html"
+    out = (
+        args.out
+        or (args.folders[0] if args.folders[0].is_dir() else args.folders[0].parent) / "report.html"
+    )
     if out.is_dir():
-        print(f"quantbench report: --out: {out} is a folder; name the HTML file to write, e.g. "
-              f"--out {out / 'report.html'}", file=sys.stderr)
+        print(
+            f"quantbench report: --out: {out} is a folder; name the HTML file to write, e.g. "
+            f"--out {out / 'report.html'}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         rendered = write_report(found, out, args.baseline)
     except OSError as error:  # a folder above it is a file, or it cannot be written
-        print(f"quantbench report: cannot write {error.filename or out}: {error.strerror or error}", file=sys.stderr)
+        print(
+            f"quantbench report: cannot write {error.filename or out}: {error.strerror or error}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    figures = f"{len(rendered.figures)} figures also as PNG in {rendered.figures[0].parent}" if rendered.figures \
+    figures = (
+        f"{len(rendered.figures)} figures also as PNG in {rendered.figures[0].parent}"
+        if rendered.figures
         else "no figures: nothing to plot"
+    )
     print(f"wrote {rendered.path} ({len(found)} result{'s' if len(found) != 1 else ''}; {figures})")
     return EXIT_OK
 

@@ -1,8 +1,8 @@
 """Collect: results from any number of runs and machines, merged into one comparison table per job.
 
 Rows are metrics, columns are variants (each naming the hardware it ran on) with a delta column
-against the baseline: (variant - baseline) / baseline, so a smaller model shows a negative size delta
-and a slower one a positive latency delta. What the predictions say is computed here, from the
+against the baseline: (variant - baseline) / baseline, so a smaller model shows a negative size
+delta and a slower one a positive latency delta. What the predictions say is computed here, from the
 per-sample predictions each result keeps: agreement and flips against the baseline, KL divergence,
 calibration, and whether the accuracy and macro-F1 deltas are beyond noise. A job's tolerances give
 each variant a deployment verdict. Output formats are a registry: table, markdown, csv, json.
@@ -13,9 +13,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tabulate import tabulate
@@ -44,7 +44,8 @@ class Row:
     digits: int | None = 4  # None: three significant digits
     delta: bool = True  # whether a relative delta means anything for this metric
     signed: bool = False
-    # "accuracy" | "macro_f1": the delta cell (or, in a row of absolute deltas, the value cell with its
+    # "accuracy" | "macro_f1": the delta cell (or, in a row of absolute deltas, the value cell with
+    # its
     # bootstrap interval) carries the within-noise mark.
     noise: str | None = None
 
@@ -75,11 +76,30 @@ ROWS = [
     Row("avg confidence", _metric("avg_confidence"), 4),
     Row("macro-F1", _metric("macro_f1"), 4, noise="macro_f1"),
     Row("agreement with baseline", lambda r, s: s.get("agreement"), 4, delta=False),
-    Row("flip rate", lambda r, s: None if s.get("agreement") is None else 1.0 - s["agreement"], 4, delta=False),
+    Row(
+        "flip rate",
+        lambda r, s: None if s.get("agreement") is None else 1.0 - s["agreement"],
+        4,
+        delta=False,
+    ),
     Row("flips correct→wrong", _mcnemar("b"), 0, delta=False),
     Row("flips wrong→correct", _mcnemar("c"), 0, delta=False),
-    Row("accuracy Δ vs baseline (abs)", _delta_of("accuracy"), 4, delta=False, signed=True, noise="accuracy"),
-    Row("macro-F1 Δ vs baseline (abs)", _delta_of("macro_f1"), 4, delta=False, signed=True, noise="macro_f1"),
+    Row(
+        "accuracy Δ vs baseline (abs)",
+        _delta_of("accuracy"),
+        4,
+        delta=False,
+        signed=True,
+        noise="accuracy",
+    ),
+    Row(
+        "macro-F1 Δ vs baseline (abs)",
+        _delta_of("macro_f1"),
+        4,
+        delta=False,
+        signed=True,
+        noise="macro_f1",
+    ),
     Row("McNemar p", _mcnemar("p_value"), None, delta=False),
     Row("KL vs baseline (nats)", _effect("mean_kl_baseline_variant"), None, delta=False),
     Row("ECE", lambda r, s: (s.get("calibration") or {}).get("ece"), 4, delta=False),
@@ -111,8 +131,15 @@ class JobTable:
 
 def _order(result: dict) -> tuple:
     precision = result.get("precision", "")
-    rank = PRECISION_ORDER.index(precision) if precision in PRECISION_ORDER else len(PRECISION_ORDER)
-    return (result.get("device") != "cpu", rank, result.get("variant", ""), result.get("environment", {}).get("host", ""))
+    rank = (
+        PRECISION_ORDER.index(precision) if precision in PRECISION_ORDER else len(PRECISION_ORDER)
+    )
+    return (
+        result.get("device") != "cpu",
+        rank,
+        result.get("variant", ""),
+        result.get("environment", {}).get("host", ""),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,13 +147,14 @@ def _order(result: dict) -> tuple:
 
 # The repository ships its own measured results under results/reference/, inside `quantbench run`'s
 # default output folder: walking results/ must not merge them with the user's runs. A folder named
-# reference below a folder given on the command line is skipped; naming it (or one inside it) includes it.
+# reference below a folder given on the command line is skipped; naming it (or one inside it)
+# includes it.
 SKIPPED_FOLDER = RESERVED_NAMES[0]  # a job may not take this name
 
 
 def gather(folders: list[Path]) -> tuple[list[dict], list[Path], list[tuple[Path, str]]]:
-    """The results under the folders (or the files themselves), the reference folders skipped, and the
-    files that hold no result, as (file, why)."""
+    """The results under the folders (or the files themselves), the reference folders skipped, and
+    the files that hold no result, as (file, why)."""
     files, skipped = [], []
     given = {Path(f).resolve() for f in folders}
     for root in map(Path, folders):
@@ -138,8 +166,10 @@ def gather(folders: list[Path]) -> tuple[list[dict], list[Path], list[tuple[Path
             if SKIPPED_FOLDER not in parts:
                 files.append(file)
                 continue
-            folder = root.joinpath(*parts[:parts.index(SKIPPED_FOLDER) + 1])
-            if folder not in skipped and folder.resolve() not in given:  # given as well: collected from there
+            folder = root.joinpath(*parts[: parts.index(SKIPPED_FOLDER) + 1])
+            if (
+                folder not in skipped and folder.resolve() not in given
+            ):  # given as well: collected from there
                 skipped.append(folder)
     unusable: list[tuple[Path, str]] = []
     return find_results(files, unusable), skipped, unusable
@@ -155,7 +185,10 @@ def check_baseline(results: list[dict], baseline: str | None) -> None:
         return
     known = {job: list(_columns(results, job)) for job in sorted({r["job"] for r in results})}
     if not any(baseline in keys for keys in known.values()):
-        allowed = "; ".join((f"for {job}: " if len(known) > 1 else "") + ", ".join(keys) for job, keys in known.items())
+        allowed = "; ".join(
+            (f"for {job}: " if len(known) > 1 else "") + ", ".join(keys)
+            for job, keys in known.items()
+        )
         raise UnknownBaseline(f"--baseline: found {baseline!r}; allowed: {allowed}")
 
 
@@ -172,16 +205,20 @@ def _host(result: dict) -> str:
 
 
 def _column_key(result: dict, columns: dict[str, dict]) -> str:
-    """The variant's id; the same variant again is named by what tells it apart: the host it ran on, or,
-    for another run on a host already shown, the results folder it came from (DIR of DIR/<job>/...);
-    a number where even that is the same."""
+    """The variant's id; the same variant again is named by what tells it apart: the host it ran on,
+    or, for another run on a host already shown, the results folder it came from (DIR of
+    DIR/<job>/...); a number where even that is the same."""
     variant = result["variant"]
     if variant not in columns:
         return variant
     hosts = {_host(r) for r in columns.values() if r["variant"] == variant}
     file = result.get("_file")
     folder = Path(file).parent.parent.name if file else ""
-    key = f"{variant}@{_host(result)}" if _host(result) not in hosts or not folder else f"{variant}@{folder}"
+    key = (
+        f"{variant}@{_host(result)}"
+        if _host(result) not in hosts or not folder
+        else f"{variant}@{folder}"
+    )
     candidate, number = key, 2
     while candidate in columns:
         candidate, number = f"{key}#{number}", number + 1
@@ -193,7 +230,9 @@ def build_tables(results: list[dict], baseline: str | None = None) -> list[JobTa
     for job in sorted({r["job"] for r in results}):
         columns = _columns(results, job)
         mine = list(columns.values())
-        wanted = baseline or next((_spec(r).get("baseline") for r in mine if _spec(r).get("baseline")), "fp32-cpu")
+        wanted = baseline or next(
+            (_spec(r).get("baseline") for r in mine if _spec(r).get("baseline")), "fp32-cpu"
+        )
         chosen = wanted if wanted in columns and columns[wanted]["status"] == "ok" else None
         notes = []
         if chosen is None:
@@ -201,15 +240,22 @@ def build_tables(results: list[dict], baseline: str | None = None) -> list[JobTa
         order = ([chosen] if chosen else []) + [k for k in columns if k != chosen]
         if chosen:
             base = columns[chosen]
-            other_spec = [k for k in order if columns[k].get("spec_hash") not in (None, base.get("spec_hash"))]
+            other_spec = [
+                k for k in order if columns[k].get("spec_hash") not in (None, base.get("spec_hash"))
+            ]
             if other_spec:
-                notes.append(f"{', '.join(other_spec)}: run from a different job spec than the baseline "
-                             "(model, data or settings differ): deltas compare more than precision")
+                notes.append(
+                    f"{', '.join(other_spec)}: run from a different job spec than the baseline "
+                    "(model, data or settings differ): deltas compare more than precision"
+                )
             hosts = {k: (columns[k].get("environment") or {}).get("host") for k in order}
             elsewhere = [k for k in order if hosts[k] and hosts[k] != hosts[chosen]]
             if elsewhere:
-                notes.append(f"{', '.join(elsewhere)}: ran on another host than the baseline: latency, throughput "
-                             "and memory deltas compare machines as well as precisions")
+                notes.append(
+                    f"{', '.join(elsewhere)}: ran on another host than the baseline: latency, "
+                    "throughput "
+                    "and memory deltas compare machines as well as precisions"
+                )
         table = JobTable(job, chosen, order, columns, notes)
         table.tolerances = _tolerances(table)
         table.stats = compare(table)
@@ -229,11 +275,15 @@ def _tolerances(table: JobTable) -> dict[str, float]:
     if chosen is None:
         chosen = next((t for t in found.values() if t), {})
     if any(t != chosen for t in found.values() if t):
-        table.notes.append("results carry different tolerances; the verdict uses "
-                           + ("the baseline's" if table.baseline else "the first found"))
+        table.notes.append(
+            "results carry different tolerances; the verdict uses "
+            + ("the baseline's" if table.baseline else "the first found")
+        )
     unknown = sorted(set(chosen) - set(TOLERANCES))
     if unknown:
-        table.notes.append(f"unknown tolerances ignored: {', '.join(unknown)}; known: {', '.join(TOLERANCES)}")
+        table.notes.append(
+            f"unknown tolerances ignored: {', '.join(unknown)}; known: {', '.join(TOLERANCES)}"
+        )
     return {k: float(v) for k, v in chosen.items() if v is not None and k in TOLERANCES}
 
 
@@ -242,25 +292,39 @@ def _tolerances(table: JobTable) -> dict[str, float]:
 
 
 def compare(table: JobTable) -> dict[str, dict]:
-    """Per column: {agreement, effects, significance, calibration, confusion_matrix, per_class, verdict}.
+    """Per column: {agreement, effects, significance, calibration, confusion_matrix, per_class,
+    verdict}.
 
-    effects: effects.prediction_effects against the baseline, plus flipped_samples [{index, gold, from,
-    to}]; significance: paired bootstrap intervals of the accuracy and macro-F1 deltas, McNemar's exact
-    test and within_noise per metric. Both are None for the baseline's own significance, for results
-    without predictions and for results on another sample than the baseline's. calibration (ECE and its
-    bins), confusion_matrix and per_class describe the variant on its own, baseline or not.
+    effects: effects.prediction_effects against the baseline, plus flipped_samples [{index, gold,
+    from, to}]; significance: paired bootstrap intervals of the accuracy and macro-F1 deltas,
+    McNemar's exact test and within_noise per metric. Both are None for the baseline's own
+    significance, for results without predictions and for results on another sample than the
+    baseline's. calibration (ECE and its bins), confusion_matrix and per_class describe the variant
+    on its own, baseline or not.
     """
     base = table.results.get(table.baseline) if table.baseline else None
     stats = {}
     for key in table.columns:
         result = table.results[key]
-        entry = {"agreement": None, "effects": None, "significance": None, "calibration": None,
-                 "confusion_matrix": None, "per_class": None, "verdict": None}
+        entry = {
+            "agreement": None,
+            "effects": None,
+            "significance": None,
+            "calibration": None,
+            "confusion_matrix": None,
+            "per_class": None,
+            "verdict": None,
+        }
         own = _encoded(result, result) if result["status"] == "ok" else None
         if own is not None and own["probs"] is not None:
-            alone = effects.prediction_effects(own["gold"], own["probs"], own["probs"], own["labels"])
-            entry.update(calibration=alone["calibration_variant"], confusion_matrix=alone["confusion_matrix"],
-                         per_class=alone["per_class"])
+            alone = effects.prediction_effects(
+                own["gold"], own["probs"], own["probs"], own["labels"]
+            )
+            entry.update(
+                calibration=alone["calibration_variant"],
+                confusion_matrix=alone["confusion_matrix"],
+                per_class=alone["per_class"],
+            )
         paired = _paired(table, key, base) if own is not None and base is not None else None
         if paired is not None:
             entry.update(_against_baseline(paired, key == table.baseline))
@@ -270,9 +334,17 @@ def compare(table: JobTable) -> dict[str, dict]:
 
 
 def _encoded(result: dict, reference: dict) -> dict | None:
-    """A result's predictions as class indices in `reference`'s label order (None when they cannot be)."""
-    preds, labels = result.get("predictions") or {}, (reference.get("predictions") or {}).get("labels")
-    if not preds.get("predicted") or not labels or set(preds.get("labels") or labels) != set(labels):
+    """A result's predictions as class indices in `reference`'s label order (None when they cannot
+    be)."""
+    preds, labels = (
+        result.get("predictions") or {},
+        (reference.get("predictions") or {}).get("labels"),
+    )
+    if (
+        not preds.get("predicted")
+        or not labels
+        or set(preds.get("labels") or labels) != set(labels)
+    ):
         return None
     index = {name: i for i, name in enumerate(labels)}
     if any(name not in index for name in list(preds["gold"]) + list(preds["predicted"])):
@@ -286,7 +358,8 @@ def _encoded(result: dict, reference: dict) -> dict | None:
         if probs.shape != (len(predicted), len(labels)):
             return None
         probs = probs[:, own_order]
-        # Results round probabilities to 6 digits, which can tie two classes: the recorded label breaks it.
+        # Results round probabilities to 6 digits, which can tie two classes: the recorded label
+        # breaks it.
         rows = np.flatnonzero(probs.argmax(axis=1) != predicted)
         probs[rows, predicted[rows]] += 1e-9
     return {"labels": list(labels), "gold": gold, "predicted": predicted, "probs": probs}
@@ -294,12 +367,18 @@ def _encoded(result: dict, reference: dict) -> dict | None:
 
 def _paired(table: JobTable, key: str, base: dict) -> dict | None:
     result = table.results[key]
-    if (result.get("sample") or {}).get("fingerprint") != (base.get("sample") or {}).get("fingerprint"):
-        table.notes.append(f"{key}: evaluated on a different sample than the baseline; no agreement")
+    if (result.get("sample") or {}).get("fingerprint") != (base.get("sample") or {}).get(
+        "fingerprint"
+    ):
+        table.notes.append(
+            f"{key}: evaluated on a different sample than the baseline; no agreement"
+        )
         return None
     mine, theirs = _encoded(result, base), _encoded(base, base)
     if mine is None or theirs is None or not np.array_equal(mine["gold"], theirs["gold"]):
-        table.notes.append(f"{key}: its predictions cannot be paired with the baseline's (other labels or gold)")
+        table.notes.append(
+            f"{key}: its predictions cannot be paired with the baseline's (other labels or gold)"
+        )
         return None
     return {"variant": mine, "baseline": theirs}
 
@@ -311,38 +390,67 @@ def _against_baseline(paired: dict, is_baseline: bool) -> dict:
     if var["probs"] is not None and base["probs"] is not None:
         changes = effects.prediction_effects(gold, base["probs"], var["probs"], labels)
         changes["flipped_samples"] = [
-            {"index": int(i), "gold": labels[gold[i]], "from": labels[base["predicted"][i]],
-             "to": labels[var["predicted"][i]]}
-            for i in np.flatnonzero(var["predicted"] != base["predicted"])]
+            {
+                "index": int(i),
+                "gold": labels[gold[i]],
+                "from": labels[base["predicted"][i]],
+                "to": labels[var["predicted"][i]],
+            }
+            for i in np.flatnonzero(var["predicted"] != base["predicted"])
+        ]
         out["effects"] = changes
     if not is_baseline:
-        accuracy = effects.paired_bootstrap_delta(gold, base["predicted"], var["predicted"], "accuracy", **BOOTSTRAP)
-        f1 = effects.paired_bootstrap_delta(gold, base["predicted"], var["predicted"], "macro_f1", **BOOTSTRAP)
+        accuracy = effects.paired_bootstrap_delta(
+            gold, base["predicted"], var["predicted"], "accuracy", **BOOTSTRAP
+        )
+        f1 = effects.paired_bootstrap_delta(
+            gold, base["predicted"], var["predicted"], "macro_f1", **BOOTSTRAP
+        )
         mcnemar = effects.mcnemar_exact(gold, base["predicted"], var["predicted"], ALPHA)
         out["significance"] = {
-            "accuracy": accuracy, "macro_f1": f1, "mcnemar": mcnemar,
-            # McNemar speaks to which samples are right, i.e. accuracy; macro-F1 has the bootstrap alone.
-            "within_noise": {"accuracy": accuracy["within_noise"] and mcnemar["within_noise"],
-                             "macro_f1": f1["within_noise"]},
+            "accuracy": accuracy,
+            "macro_f1": f1,
+            "mcnemar": mcnemar,
+            # McNemar speaks to which samples are right, i.e. accuracy; macro-F1 has the bootstrap
+            # alone.
+            "within_noise": {
+                "accuracy": accuracy["within_noise"] and mcnemar["within_noise"],
+                "macro_f1": f1["within_noise"],
+            },
         }
     return out
 
 
 # What each tolerance measures and how its value is shown; min_* limits are floors, max_* ceilings.
 _CHECKS = {
-    "max_accuracy_drop": ("accuracy drop", lambda r, s, b: None if s["agreement"] is None
-                          else b["metrics"]["accuracy"] - r["metrics"]["accuracy"], "{:.4f}"),
+    "max_accuracy_drop": (
+        "accuracy drop",
+        lambda r, s, b: (
+            None if s["agreement"] is None else b["metrics"]["accuracy"] - r["metrics"]["accuracy"]
+        ),
+        "{:.4f}",
+    ),
     "min_agreement": ("agreement", lambda r, s, b: s["agreement"], "{:.4f}"),
-    "max_latency_ms": ("latency median", lambda r, s, b: (r["metrics"].get("latency_ms") or {}).get("median"),
-                       "{:.2f} ms"),
+    "max_latency_ms": (
+        "latency median",
+        lambda r, s, b: (r["metrics"].get("latency_ms") or {}).get("median"),
+        "{:.2f} ms",
+    ),
     "max_size_mib": ("size", lambda r, s, b: r["metrics"].get("model_size_mib"), "{:.2f} MiB"),
-    "max_peak_rss_mib": ("peak RSS", lambda r, s, b: r["metrics"].get("peak_rss_mib"), "{:.0f} MiB"),
+    "max_peak_rss_mib": (
+        "peak RSS",
+        lambda r, s, b: r["metrics"].get("peak_rss_mib"),
+        "{:.0f} MiB",
+    ),
 }
 _SLACK = 1e-9  # a value equal to its limit passes, whatever the float rounding
 
 
-def _judge(result: dict, entry: dict, base: dict | None, tolerances: dict[str, float]) -> dict | None:
-    """pass | fail (with every tolerance it breaks) | no result; None when the job states no tolerances."""
+def _judge(
+    result: dict, entry: dict, base: dict | None, tolerances: dict[str, float]
+) -> dict | None:
+    """pass | fail (with every tolerance it breaks) | no result; None when the job states no
+    tolerances."""
     if not tolerances:
         return None
     if result["status"] != "ok":
@@ -352,21 +460,36 @@ def _judge(result: dict, entry: dict, base: dict | None, tolerances: dict[str, f
         what, measure, shown = _CHECKS[name]
         value = measure(result, entry, base)
         if value is None:
-            failures.append({"tolerance": name, "limit": limit, "value": None,
-                             "reason": f"{what} not measured against a baseline on the same sample"
-                             if name in ("max_accuracy_drop", "min_agreement") else f"{what} not measured"})
+            failures.append(
+                {
+                    "tolerance": name,
+                    "limit": limit,
+                    "value": None,
+                    "reason": f"{what} not measured against a baseline on the same sample"
+                    if name in ("max_accuracy_drop", "min_agreement")
+                    else f"{what} not measured",
+                }
+            )
             continue
         broken = value < limit - _SLACK if name.startswith("min_") else value > limit + _SLACK
         if broken:
             sign = "<" if name.startswith("min_") else ">"
-            failures.append({"tolerance": name, "limit": limit, "value": value,
-                             "reason": f"{what} {shown.format(value)} {sign} {name} {limit:g}"})
+            failures.append(
+                {
+                    "tolerance": name,
+                    "limit": limit,
+                    "value": value,
+                    "reason": f"{what} {shown.format(value)} {sign} {name} {limit:g}",
+                }
+            )
     return {"status": "fail" if failures else "pass", "failures": failures, "reason": None}
 
 
 def best_passing(table: JobTable) -> str | None:
     """The fastest (median latency) variant that passes; the smaller one on a tie."""
-    passing = [k for k in table.columns if (table.stats[k].get("verdict") or {}).get("status") == "pass"]
+    passing = [
+        k for k in table.columns if (table.stats[k].get("verdict") or {}).get("status") == "pass"
+    ]
 
     def speed(key):
         metrics = table.results[key]["metrics"]
@@ -400,9 +523,14 @@ def _delta(value, base) -> str:
 
 
 def _noise_footnote() -> str:
-    return (f"{NOISE_MARK} within noise: the {BOOTSTRAP['confidence']:.0%} paired-bootstrap interval of the "
-            f"delta ({BOOTSTRAP['n_resamples']} resamples of the samples) contains 0 and, for accuracy, McNemar's "
-            f"exact test on the paired predictions gives p ≥ {ALPHA:g}; a delta without the mark is beyond noise")
+    return (
+        f"{NOISE_MARK} within noise: the {BOOTSTRAP['confidence']:.0%} paired-bootstrap interval "
+        "of the "
+        f"delta ({BOOTSTRAP['n_resamples']} resamples of the samples) contains 0 and, for "
+        "accuracy, McNemar's "
+        f"exact test on the paired predictions gives p ≥ {ALPHA:g}; a delta without the mark is "
+        "beyond noise"
+    )
 
 
 def table_rows(table: JobTable) -> tuple[list[str], list[list[str]], list[str]]:
@@ -420,8 +548,10 @@ def table_rows(table: JobTable) -> tuple[list[str], list[list[str]], list[str]]:
         for warning in result.get("warnings") or []:
             marks.setdefault(key, []).append(len(footnotes) + 1)
             footnotes.append(f"[{len(footnotes) + 1}] {key}: {warning}")
-    rows = [_text_row("hardware", table, lambda r: _hardware(r)),
-            _text_row("status", table, lambda r: r["status"])]
+    rows = [
+        _text_row("hardware", table, lambda r: _hardware(r)),
+        _text_row("status", table, lambda r: r["status"]),
+    ]
     base = table.results.get(table.baseline) if table.baseline else None
     base_stats = table.stats.get(table.baseline, {}) if table.baseline else {}
     noise_marked = False
@@ -437,7 +567,8 @@ def table_rows(table: JobTable) -> tuple[list[str], list[list[str]], list[str]]:
                 text += " ⚠" + ",".join(map(str, marks[key]))
             if spec.noise and not spec.delta and value is not None:
                 interval = significance[spec.noise]
-                text += f" [{_signed(interval['ci_low'], spec.digits)}, {_signed(interval['ci_high'], spec.digits)}]"
+                low, high = (_signed(interval[k], spec.digits) for k in ("ci_low", "ci_high"))
+                text += f" [{low}, {high}]"
                 if noise:
                     text += " " + NOISE_MARK
                     noise_marked = True
@@ -461,8 +592,11 @@ def verdict_lines(table: JobTable) -> list[str]:
     limits = ", ".join(f"{name} {value:g}" for name, value in table.tolerances.items())
     lines = [f"verdict against the job's tolerances ({limits}):"]
     lines += [f"{key}: {verdict_text(table.stats[key]['verdict'])}" for key in table.columns]
-    lines.append(f"best variant that passes: {table.best} ({BEST_RULE})" if table.best
-                 else "best variant that passes: none passes")
+    lines.append(
+        f"best variant that passes: {table.best} ({BEST_RULE})"
+        if table.best
+        else "best variant that passes: none passes"
+    )
     return lines
 
 
@@ -499,15 +633,29 @@ def _as_text(tables: list[JobTable], style: str) -> str:
     parts = []
     for table in tables:
         header, rows, footnotes = table_rows(table)
-        title = f"{table.job} (baseline: {table.baseline or 'none'}; Δ = (variant − baseline) / baseline)"
-        parts.append(("## " if style == "github" else "") + title + "\n\n" + tabulate(rows, header, tablefmt=style,
-                                                                                   disable_numparse=True))
+        title = (
+            f"{table.job} (baseline: {table.baseline or 'none'}; "
+            "Δ = (variant − baseline) / baseline)"
+        )
+        parts.append(
+            ("## " if style == "github" else "")
+            + title
+            + "\n\n"
+            + tabulate(rows, header, tablefmt=style, disable_numparse=True)
+        )
         if footnotes:
-            parts.append("\n".join(("- " if style == "github" else "  ") + note for note in footnotes))
+            parts.append(
+                "\n".join(("- " if style == "github" else "  ") + note for note in footnotes)
+            )
         verdict = verdict_lines(table)
         if verdict:
             if style == "github":
-                parts.append("### " + verdict[0].rstrip(":") + "\n\n" + "\n".join(f"- {line}" for line in verdict[1:]))
+                parts.append(
+                    "### "
+                    + verdict[0].rstrip(":")
+                    + "\n\n"
+                    + "\n".join(f"- {line}" for line in verdict[1:])
+                )
             else:
                 parts.append(verdict[0] + "\n" + "\n".join(f"  {line}" for line in verdict[1:]))
     return "\n\n".join(parts) + "\n"
@@ -516,8 +664,25 @@ def _as_text(tables: list[JobTable], style: str) -> str:
 def _as_csv(tables: list[JobTable]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["job", "variant", "status", "device", "hardware", "metric", "value", "baseline", "delta",
-                     "ci_low", "ci_high", "within_noise", "verdict", "failed_tolerances", "best"])
+    writer.writerow(
+        [
+            "job",
+            "variant",
+            "status",
+            "device",
+            "hardware",
+            "metric",
+            "value",
+            "baseline",
+            "delta",
+            "ci_low",
+            "ci_high",
+            "within_noise",
+            "verdict",
+            "failed_tolerances",
+            "best",
+        ]
+    )
     for table in tables:
         base = table.results.get(table.baseline) if table.baseline else None
         base_stats = table.stats.get(table.baseline, {}) if table.baseline else {}
@@ -529,17 +694,39 @@ def _as_csv(tables: list[JobTable]) -> str:
             for spec in ROWS:
                 value = spec.get(result, stats) if result["status"] == "ok" else None
                 base_value = spec.get(base, base_stats) if base else None
-                delta = (value - base_value) / base_value if spec.delta and value is not None and base_value else None
-                # The interval belongs to the rows of absolute deltas; the noise call to them and to the
+                delta = (
+                    (value - base_value) / base_value
+                    if spec.delta and value is not None and base_value
+                    else None
+                )
+                # The interval belongs to the rows of absolute deltas; the noise call to them and to
+                # the
                 # relative delta of accuracy and macro-F1.
-                interval = (significance.get(spec.noise) or {}) if spec.noise and not spec.delta else {}
-                noise = (significance.get("within_noise") or {}).get(spec.noise) if spec.noise else None
-                writer.writerow([table.job, key, result["status"], result["device"], _hardware(result), spec.label,
-                                 "" if value is None else value, table.baseline or "",
-                                 "" if delta is None else round(delta, 6),
-                                 interval.get("ci_low", ""), interval.get("ci_high", ""),
-                                 "" if noise is None else str(noise).lower(),
-                                 verdict.get("status", ""), failed, "yes" if key == table.best else ""])
+                interval = (
+                    (significance.get(spec.noise) or {}) if spec.noise and not spec.delta else {}
+                )
+                noise = (
+                    (significance.get("within_noise") or {}).get(spec.noise) if spec.noise else None
+                )
+                writer.writerow(
+                    [
+                        table.job,
+                        key,
+                        result["status"],
+                        result["device"],
+                        _hardware(result),
+                        spec.label,
+                        "" if value is None else value,
+                        table.baseline or "",
+                        "" if delta is None else round(delta, 6),
+                        interval.get("ci_low", ""),
+                        interval.get("ci_high", ""),
+                        "" if noise is None else str(noise).lower(),
+                        verdict.get("status", ""),
+                        failed,
+                        "yes" if key == table.best else "",
+                    ]
+                )
     return out.getvalue()
 
 
@@ -551,17 +738,41 @@ def _as_json(tables: list[JobTable]) -> str:
         variants = {}
         for key in table.columns:
             result, stats = table.results[key], table.stats[key]
-            values = {spec.label: spec.get(result, stats) if result["status"] == "ok" else None for spec in ROWS}
-            deltas = {spec.label: ((values[spec.label] - spec.get(base, base_stats)) / spec.get(base, base_stats))
-                      for spec in ROWS
-                      if spec.delta and base and values[spec.label] is not None and spec.get(base, base_stats)}
-            variants[key] = {"variant": result["variant"], "status": result["status"], "error": result.get("error"),
-                             "device": result["device"], "hardware": _hardware(result),
-                             "warnings": result.get("warnings", []), "metrics": values, "deltas": deltas,
-                             **stats}
-        payload.append({"job": table.job, "baseline": table.baseline, "notes": table.notes, "variants": variants,
-                        "significance_method": {**BOOTSTRAP, "alpha": ALPHA, "rule": _noise_footnote()},
-                        "verdict": {"tolerances": table.tolerances, "best": table.best, "rule": BEST_RULE}})
+            values = {
+                spec.label: spec.get(result, stats) if result["status"] == "ok" else None
+                for spec in ROWS
+            }
+            deltas = {
+                spec.label: (
+                    (values[spec.label] - spec.get(base, base_stats)) / spec.get(base, base_stats)
+                )
+                for spec in ROWS
+                if spec.delta
+                and base
+                and values[spec.label] is not None
+                and spec.get(base, base_stats)
+            }
+            variants[key] = {
+                "variant": result["variant"],
+                "status": result["status"],
+                "error": result.get("error"),
+                "device": result["device"],
+                "hardware": _hardware(result),
+                "warnings": result.get("warnings", []),
+                "metrics": values,
+                "deltas": deltas,
+                **stats,
+            }
+        payload.append(
+            {
+                "job": table.job,
+                "baseline": table.baseline,
+                "notes": table.notes,
+                "variants": variants,
+                "significance_method": {**BOOTSTRAP, "alpha": ALPHA, "rule": _noise_footnote()},
+                "verdict": {"tolerances": table.tolerances, "best": table.best, "rule": BEST_RULE},
+            }
+        )
     return json.dumps(payload, indent=2) + "\n"
 
 

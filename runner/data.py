@@ -1,7 +1,8 @@
-"""Datasets: read labelled texts from csv, tsv, jsonl, parquet or one-file-per-label folders, and sample.
+"""Datasets: read labelled texts from csv, tsv, jsonl, parquet or one-file-per-label folders, and
+sample.
 
-A registry maps each format to a small reader returning (text, label) rows with labels as strings, so
-labels are compared by name everywhere after this point. Sampling is seeded and returns the row
+A registry maps each format to a small reader returning (text, label) rows with labels as strings,
+so labels are compared by name everywhere after this point. Sampling is seeded and returns the row
 indices too: the evaluation sample and a training split drawn from the rest never overlap.
 """
 
@@ -22,8 +23,12 @@ from runner.spec import DatasetSpec, SampleSpec, SpecError, label_name
 class Example:
     text: str
     label: str  # the dataset's label value, as a string
-    where: str = field(default="", compare=False)  # "line 52 of train.csv": for errors about this row
-    lines: int = field(default=1, compare=False)  # physical lines of a CSV row: a quoted cell may span several
+    where: str = field(
+        default="", compare=False
+    )  # "line 52 of train.csv": for errors about this row
+    lines: int = field(
+        default=1, compare=False
+    )  # physical lines of a CSV row: a quoted cell may span several
 
 
 def first_rows_with(examples: list[Example], labels: list[str]) -> str:
@@ -38,10 +43,17 @@ def first_rows_with(examples: list[Example], labels: list[str]) -> str:
 def _column(header: list[str], wanted: str | int, job: Path, field: str, source: Path) -> int:
     if isinstance(wanted, int):
         if not 0 <= wanted < len(header):
-            raise SpecError(job, field, wanted, f"{source.name} has {len(header)} columns (0 to {len(header) - 1})")
+            raise SpecError(
+                job,
+                field,
+                wanted,
+                f"{source.name} has {len(header)} columns (0 to {len(header) - 1})",
+            )
         return wanted
     if wanted not in header:
-        raise SpecError(job, field, wanted, f"columns in {source.name}: {', '.join(map(str, header))}")
+        raise SpecError(
+            job, field, wanted, f"columns in {source.name}: {', '.join(map(str, header))}"
+        )
     return header.index(wanted)
 
 
@@ -57,19 +69,29 @@ def _read_delimited(delimiter: str, quoting: int):
         label_at = _column(header, spec.label_column, job, f"{spec.field}.label_column", spec.path)
         examples = []
         for row, first, last in rows:
-            where = f"line {first} of {spec.path.name}" if first == last else \
-                f"lines {first}-{last} of {spec.path.name}"
+            where = (
+                f"line {first} of {spec.path.name}"
+                if first == last
+                else f"lines {first}-{last} of {spec.path.name}"
+            )
             if max(text_at, label_at) >= len(row):
-                raise SpecError(job, f"{spec.field}.path", f"{where}: {row!r}", f"every row needs {len(header)} columns")
-            examples.append(Example(row[text_at], label_name(row[label_at]), where, last - first + 1))
+                raise SpecError(
+                    job,
+                    f"{spec.field}.path",
+                    f"{where}: {row!r}",
+                    f"every row needs {len(header)} columns",
+                )
+            examples.append(
+                Example(row[text_at], label_name(row[label_at]), where, last - first + 1)
+            )
         return examples
 
     return read
 
 
 def _rows_with_lines(reader) -> list[tuple[list[str], int, int]]:
-    """(row, its first line, its last line) for each row that is not blank. A quoted cell may hold line
-    breaks, so a row's line is where the reader was, not its index."""
+    """(row, its first line, its last line) for each row that is not blank. A quoted cell may hold
+    line breaks, so a row's line is where the reader was, not its index."""
     rows, last = [], 0
     for row in reader:
         first, last = last + 1, reader.line_num
@@ -78,23 +100,41 @@ def _rows_with_lines(reader) -> list[tuple[list[str], int, int]]:
     return rows
 
 
-def _records_to_examples(records, spec: DatasetSpec, job: Path, unit: str = "record") -> list[Example]:
-    """records: (number, record) pairs; unit names what the number counts, for errors ("line 3 of a.jsonl")."""
+def _records_to_examples(
+    records, spec: DatasetSpec, job: Path, unit: str = "record"
+) -> list[Example]:
+    """records: (number, record) pairs; unit names what the number counts, for errors ("line 3 of
+    a.jsonl")."""
     examples = []
     for number, record in records:
         where = f"{unit} {number} of {spec.path.name}"
         if not isinstance(record, dict):
-            raise SpecError(job, f"{spec.field}.path", f"{where}: {record!r}",
-                            "each record must be a JSON object with the text and label fields")
-        for name, key in ((f"{spec.field}.text_column", spec.text_column), (f"{spec.field}.label_column", spec.label_column)):
+            raise SpecError(
+                job,
+                f"{spec.field}.path",
+                f"{where}: {record!r}",
+                "each record must be a JSON object with the text and label fields",
+            )
+        for name, key in (
+            (f"{spec.field}.text_column", spec.text_column),
+            (f"{spec.field}.label_column", spec.label_column),
+        ):
             if key not in record:
-                raise SpecError(job, name, key, f"{where} has fields: {', '.join(map(str, record))}")
+                raise SpecError(
+                    job, name, key, f"{where} has fields: {', '.join(map(str, record))}"
+                )
         text, label = record[spec.text_column], record[spec.label_column]
         if not isinstance(text, str):  # null would be evaluated as the word "None"
-            raise SpecError(job, f"{spec.field}.text_column", f"{where}: {text!r}", "expected a text (a string)")
+            raise SpecError(
+                job, f"{spec.field}.text_column", f"{where}: {text!r}", "expected a text (a string)"
+            )
         if isinstance(label, (bool, list, dict)):
-            raise SpecError(job, f"{spec.field}.label_column", f"{where}: {label!r}",
-                            "expected a label: a string or a number")
+            raise SpecError(
+                job,
+                f"{spec.field}.label_column",
+                f"{where}: {label!r}",
+                "expected a label: a string or a number",
+            )
         examples.append(Example(text, label_name(label), where))
     return examples
 
@@ -106,7 +146,12 @@ def _read_jsonl(spec: DatasetSpec, job: Path) -> list[Example]:
             try:
                 records.append((number, json.loads(line)))
             except json.JSONDecodeError as error:
-                raise SpecError(job, f"{spec.field}.path", f"line {number} of {spec.path.name}", f"not JSON: {error.msg}") from None
+                raise SpecError(
+                    job,
+                    f"{spec.field}.path",
+                    f"line {number} of {spec.path.name}",
+                    f"not JSON: {error.msg}",
+                ) from None
     return _records_to_examples(records, spec, job, unit="line")
 
 
@@ -127,7 +172,8 @@ def _read_lines(spec: DatasetSpec, job: Path) -> list[Example]:
 
 READERS = {
     "csv": _read_delimited(",", csv.QUOTE_MINIMAL),
-    # TSV files in the wild hold bare quotes inside texts: quoting is off, a tab is the only separator.
+    # TSV files in the wild hold bare quotes inside texts: quoting is off, a tab is the only
+    # separator.
     "tsv": _read_delimited("\t", csv.QUOTE_NONE),
     "jsonl": _read_jsonl,
     "parquet": _read_parquet,
@@ -142,15 +188,23 @@ def read_examples(spec: DatasetSpec, job: Path) -> list[Example]:
         raise
     except (UnicodeDecodeError, csv.Error, ValueError, TypeError, AttributeError, OSError) as error:
         source = spec.path or ", ".join(map(str, spec.files.values()))
-        raise SpecError(job, f"{spec.field}.path", str(source),
-                        f"cannot read it as {spec.format}: {type(error).__name__}: {error}") from None
+        raise SpecError(
+            job,
+            f"{spec.field}.path",
+            str(source),
+            f"cannot read it as {spec.format}: {type(error).__name__}: {error}",
+        ) from None
     if not examples:
         raise SpecError(job, spec.field, spec.format, "the dataset has no rows")
     unlabelled = [e for e in examples if not e.label]
     if unlabelled:
-        raise SpecError(job, f"{spec.field}.label_column", spec.label_column,
-                        f"{len(unlabelled)} row(s) have an empty label, first {unlabelled[0].where}; "
-                        "give every row a label or remove the row")
+        raise SpecError(
+            job,
+            f"{spec.field}.label_column",
+            spec.label_column,
+            f"{len(unlabelled)} row(s) have an empty label, first {unlabelled[0].where}; "
+            "give every row a label or remove the row",
+        )
     return examples
 
 
@@ -164,7 +218,8 @@ def sample_indices(total: int, sample: SampleSpec) -> list[int]:
 
 
 def fingerprint(examples: list[Example]) -> str:
-    """A short content hash of texts and labels: two results are comparable only on the same sample."""
+    """A short content hash of texts and labels: two results are comparable only on the same
+    sample."""
     digest = hashlib.sha256()
     for example in examples:
         digest.update(example.text.encode())

@@ -1,8 +1,8 @@
 """Dispatch: Ray places each variant on a node that can run it, one fresh process per variant.
 
 The only module that imports ray. Placement is by what a node is: nodes that run variants carry
-custom resources (`quantbench_cpu` for CPU workers, `quantbench_cuda` for GPU workers) and exactly one
-`quantbench_slot`, which every variant holds while it runs, so timed variants on one node never
+custom resources (`quantbench_cpu` for CPU workers, `quantbench_cuda` for GPU workers) and exactly
+one `quantbench_slot`, which every variant holds while it runs, so timed variants on one node never
 overlap. An embedded local cluster gets the same resources, so local runs use the same placement.
 A variant that no node can run ends `skipped` after a bounded wait; one whose process dies ends
 `failed`; either way the others go on.
@@ -19,9 +19,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import ray
 
@@ -47,11 +47,15 @@ class Cluster:
             res = node["Resources"]
             roles = [d for d, r in DEVICE_RESOURCE.items() if res.get(r)]
             kinds.append(f"{node['NodeManagerAddress']} ({'+'.join(roles) or 'no variants'})")
-        return f"{'embedded local cluster' if self.embedded else self.address}: {len(self.nodes)} node(s): " + ", ".join(kinds)
+        return (
+            f"{'embedded local cluster' if self.embedded else self.address}: {len(self.nodes)} "
+            "node(s): " + ", ".join(kinds)
+        )
 
 
 def local_gpu_count(proc: Path | str = "/proc/driver/nvidia/gpus") -> int:
-    """GPUs the NVIDIA driver shows here, honouring CUDA_VISIBLE_DEVICES, without importing torch."""
+    """GPUs the NVIDIA driver shows here, honouring CUDA_VISIBLE_DEVICES, without importing
+    torch."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return 0
@@ -70,23 +74,37 @@ def nvidia_smi_gpu_count() -> int:
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return 0
-    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
+    return (
+        sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
+        if listed.returncode == 0
+        else 0
+    )
 
 
 # The embedded cluster's own housekeeping, made rarer. Idle, Ray's processes take about 9% of a core
-# (measured on 2 cores), and with as many timed threads as cores it takes their time: a plain int8 loop
-# timed beside an idle cluster took 14.0-16.5 ms against 12.1-13.3 ms alone. These settings halve the load. No metrics are exported, no idle workers
+# (measured on 2 cores), and with as many timed threads as cores it takes their time: a plain int8
+# loop
+# timed beside an idle cluster took 14.0-16.5 ms against 12.1-13.3 ms alone. These settings halve
+# the load. No metrics are exported, no idle workers
 # are prestarted, and reports to the head come every few seconds instead of 10 times a second.
 # Workers start one at a time: else the first task's lease starts two, and the idle one wakes 100
 # times a second to check for signals while the variant times (a MiniLM int8 variant was preempted
 # 386 times a second with it, 268 without; a plain loop alone, 29). Variants run one at a time here.
 EMBEDDED_RAY_CONFIG = {
-    "enable_metrics_collection": False, "event_stats": False, "metrics_report_interval_ms": 600_000,
-    "task_events_report_interval_ms": 10_000, "raylet_report_resources_period_milliseconds": 1_000,
-    "gcs_pull_resource_loads_period_milliseconds": 10_000, "memory_monitor_refresh_ms": 1_000,
-    "debug_dump_period_milliseconds": 600_000, "raylet_check_gc_period_milliseconds": 600_000,
-    "free_objects_period_milliseconds": 10_000, "kill_idle_workers_interval_ms": 10_000,
-    "prestart_worker_first_driver": False, "enable_worker_prestart": False, "worker_maximum_startup_concurrency": 1,
+    "enable_metrics_collection": False,
+    "event_stats": False,
+    "metrics_report_interval_ms": 600_000,
+    "task_events_report_interval_ms": 10_000,
+    "raylet_report_resources_period_milliseconds": 1_000,
+    "gcs_pull_resource_loads_period_milliseconds": 10_000,
+    "memory_monitor_refresh_ms": 1_000,
+    "debug_dump_period_milliseconds": 600_000,
+    "raylet_check_gc_period_milliseconds": 600_000,
+    "free_objects_period_milliseconds": 10_000,
+    "kill_idle_workers_interval_ms": 10_000,
+    "prestart_worker_first_driver": False,
+    "enable_worker_prestart": False,
+    "worker_maximum_startup_concurrency": 1,
     # Ray starts its workers at niceness 15, so that its own processes come first. A timed variant
     # must not yield to them (a CUDA variant runs in its worker), and a plain script runs at 0.
     "worker_niceness": 0,
@@ -98,22 +116,27 @@ _embedded_head = None
 _fork_server = None
 
 
-def connect(address: str | None = None, temp_dir: str | None = None,
-            cpu_precisions: list[str] | None = None) -> Cluster:
+def connect(
+    address: str | None = None, temp_dir: str | None = None, cpu_precisions: list[str] | None = None
+) -> Cluster:
     """Join the cluster at address (else RAY_ADDRESS), or start an embedded one on this machine.
 
     cpu_precisions: where CPU work will run on an embedded cluster, its fork server is started first
-    and imports torch and transformers (and these precisions' libraries) while Ray starts: on 2 cores
-    Ray's start leaves about one core idle for 4-5 s.
+    and imports torch and transformers (and these precisions' libraries) while Ray starts: on 2
+    cores Ray's start leaves about one core idle for 4-5 s.
     """
     global _embedded_head, _fork_server
     given_by = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
-    if address == "local":  # Ray's word for a cluster on this machine: ours, with its resources and token
+    if (
+        address == "local"
+    ):  # Ray's word for a cluster on this machine: ours, with its resources and token
         address = None
     quiet = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     if address:
-        answers = check_address(address, given_by)  # in seconds: ray.init retries a silent address for minutes
+        answers = check_address(
+            address, given_by
+        )  # in seconds: ray.init retries a silent address for minutes
         try:
             ray.init(address=address, **quiet)
         except ConnectionError as error:
@@ -121,17 +144,32 @@ def connect(address: str | None = None, temp_dir: str | None = None,
                 raise
             # It answered, yet Ray did not let us in; Ray's own words don't say why.
             raise ConnectionError(
-                f"{error}. {address} answers, but Ray could not join it: check that this shell's RAY_AUTH_TOKEN is "
-                "the cluster's (when it uses token authentication, RAY_AUTH_MODE=token), that the cluster runs "
+                f"{error}. {address} answers, but Ray could not join it: check that this shell's "
+                "RAY_AUTH_TOKEN is "
+                "the cluster's (when it uses token authentication, RAY_AUTH_MODE=token), that the "
+                "cluster runs "
                 f"Ray {ray.__version__} as this machine does, and that {address} is the head's "
-                + ("Ray Client port (10001 by default)" if address.startswith("ray://") else "GCS port (6379 by default)")
-                + "; a Ray Client server needs a few seconds after the head starts") from None
-        warnings = [] if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else [unauthenticated_warning(address)]
+                + (
+                    "Ray Client port (10001 by default)"
+                    if address.startswith("ray://")
+                    else "GCS port (6379 by default)"
+                )
+                + "; a Ray Client server needs a few seconds after the head starts"
+            ) from None
+        warnings = (
+            []
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+            else [unauthenticated_warning(address)]
+        )
     else:
         gpus = local_gpu_count()  # it may run nvidia-smi: once
         if cpu_precisions is not None:
-            _fork_server = isolation.start_server(_server_preload(fork_server_imports(cpu_precisions), gpus > 0))
-            os.environ[isolation.ADDRESS_VARIABLE] = _fork_server.describe()  # Ray's processes inherit it
+            _fork_server = isolation.start_server(
+                _server_preload(fork_server_imports(cpu_precisions), gpus > 0)
+            )
+            os.environ[isolation.ADDRESS_VARIABLE] = (
+                _fork_server.describe()
+            )  # Ray's processes inherit it
         warnings = []
         try:
             _embedded_head = start_embedded_head(temp_dir, gpus)
@@ -139,14 +177,20 @@ def connect(address: str | None = None, temp_dir: str | None = None,
         except BaseException:  # nothing of this cluster may outlive the failure
             shutdown()
             raise
-    return Cluster(address=address or "local", embedded=not address, nodes=alive_nodes(), warnings=warnings)
+    return Cluster(
+        address=address or "local", embedded=not address, nodes=alive_nodes(), warnings=warnings
+    )
 
 
 def unauthenticated_warning(address: str) -> str:
-    return (f"{address} is joined without token authentication (RAY_AUTH_MODE is not `token` in this shell): "
-            "if the cluster has none either, anyone who can reach its ports can run code on its machines. "
-            "Start every node, and this run, with RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN "
-            "(README.md, Clusters and containers)")
+    return (
+        f"{address} is joined without token authentication (RAY_AUTH_MODE is not `token` in this "
+        "shell): "
+        "if the cluster has none either, anyone who can reach its ports can run code on its "
+        "machines. "
+        "Start every node, and this run, with RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN "
+        "(README.md, Clusters and containers)"
+    )
 
 
 # How long a cluster address has to accept a TCP connection before ray.init is tried.
@@ -154,8 +198,9 @@ ADDRESS_CHECK_TIMEOUT_S = 5.0
 
 
 def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_TIMEOUT_S) -> bool:
-    """Raise ConnectionError, saying what to check, when the address does not accept a TCP connection
-    or what answers is not a gRPC server (what_answers); True when it is, False for an address left to Ray.
+    """Raise ConnectionError, saying what to check, when the address does not accept a TCP
+    connection or what answers is not a gRPC server (what_answers); True when it is, False for an
+    address left to Ray.
 
     given_by: where the address came from, "--address" or "RAY_ADDRESS".
 
@@ -163,32 +208,44 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
     still retrying after 10 minutes, its only output "Failed to get cluster ID from GCS server";
     with ray://, "ray client connection timeout" after 30 s), and one where a web server answers
     (the dashboard's 8265) for as long. ConnectionError is how every cluster
-    error reaches the user (cli: "cannot reach the Ray cluster", exit 2). HOST:PORT is a GCS address,
-    ray://HOST:PORT a Ray Client server; what Ray resolves itself (auto, local, other schemes) is left to it.
+    error reaches the user (cli: "cannot reach the Ray cluster", exit 2). HOST:PORT is a GCS
+    address, ray://HOST:PORT a Ray Client server; what Ray resolves itself (auto, local, other
+    schemes) is left to it.
     """
     source = f"given by {given_by}" if given_by.startswith("--") else f"from {given_by}"
-    if address.startswith(("http://", "https://")):  # ray.init's own error blames RAY_ADDRESS, in a traceback
-        raise ConnectionError(f"{address} ({source}) is a web address, like the dashboard's that `ray job submit` "
-                              "takes; quantbench run takes the head's GCS address HOST:PORT (port 6379 by default) "
-                              "or its Ray Client address ray://HOST:PORT (port 10001 by default)")
+    if address.startswith(
+        ("http://", "https://")
+    ):  # ray.init's own error blames RAY_ADDRESS, in a traceback
+        raise ConnectionError(
+            f"{address} ({source}) is a web address, like the dashboard's that `ray job submit` "
+            "takes; quantbench run takes the head's GCS address HOST:PORT (port 6379 by default) "
+            "or its Ray Client address ray://HOST:PORT (port 10001 by default)"
+        )
     target = _tcp_target(address)
     if target is None:
         if address in ("auto", "local") or "://" in address:
             return False
-        # ray.init would end in a traceback about the address, blaming RAY_ADDRESS even for --address.
-        raise ConnectionError(f"{address!r} ({source}) is not a cluster address; quantbench run takes the head's "
-                              "GCS address HOST:PORT (port 6379 by default), its Ray Client address "
-                              "ray://HOST:PORT (port 10001 by default), or auto")
+        # ray.init would end in a traceback about the address, blaming RAY_ADDRESS even for
+        # --address.
+        raise ConnectionError(
+            f"{address!r} ({source}) is not a cluster address; quantbench run takes the head's "
+            "GCS address HOST:PORT (port 6379 by default), its Ray Client address "
+            "ray://HOST:PORT (port 10001 by default), or auto"
+        )
     host, port, client = target
     if not 0 < port < 65536:  # the socket module says OverflowError; Ray, "connection refused"
-        raise ConnectionError(f"{address} ({source}): {port} is not a TCP port; a port is 1 to 65535")
+        raise ConnectionError(
+            f"{address} ({source}): {port} is not a TCP port; a port is 1 to 65535"
+        )
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as connection:
             other = None if _uses_tls() else what_answers(connection, host)
     except socket.gaierror as error:
         what = f"unknown host {host!r} ({error.strerror})"
     except TimeoutError:
-        what = f"no answer within {timeout_s:g} s (a wrong host, a firewall, or the machine is down)"
+        what = (
+            f"no answer within {timeout_s:g} s (a wrong host, a firewall, or the machine is down)"
+        )
     except ConnectionRefusedError:
         what = f"connection refused: nothing listens on port {port} there"
     except OSError as error:
@@ -197,16 +254,25 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
         if other is None:
             return True
         raise ConnectionError(
-            f"{address} ({source}) answers, but it is not a Ray head: {other}. quantbench run takes the head's GCS "
-            "address HOST:PORT (port 6379 by default) or its Ray Client address ray://HOST:PORT (port 10001 by "
-            "default); the dashboard's port (8265 by default) is for `ray job submit`")
+            f"{address} ({source}) answers, but it is not a Ray head: {other}. quantbench run "
+            "takes the head's GCS "
+            "address HOST:PORT (port 6379 by default) or its Ray Client address ray://HOST:PORT "
+            "(port 10001 by "
+            "default); the dashboard's port (8265 by default) is for `ray job submit`"
+        )
     if client:
-        check = (f"that the head runs a Ray Client server on port {port} (`ray start --head "
-                 f"--ray-client-server-port={port}`; Ray's default is 10001), and that this port is open or "
-                 "tunnelled from this machine")
+        check = (
+            f"that the head runs a Ray Client server on port {port} (`ray start --head "
+            f"--ray-client-server-port={port}`; Ray's default is 10001), and that this port is "
+            "open or "
+            "tunnelled from this machine"
+        )
     else:
-        check = (f"that the cluster's head is running on that machine (`ray start --head --port={port}` starts "
-                 "one), and that this is its GCS port (6379 by default) and open from this machine")
+        check = (
+            "that the cluster's head is running on that machine (`ray start --head "
+            f"--port={port}` starts "
+            "one), and that this is its GCS port (6379 by default) and open from this machine"
+        )
     raise ConnectionError(f"{address} ({source}): {what}. Check {check}.")
 
 
@@ -229,8 +295,13 @@ def what_answers(connection: socket.socket, host: str) -> str | None:
             return "it closed the connection without a word"
         first = _first_bytes(connection)
     if first is None:
-        return f"it accepted the connection, then said nothing in {2 * PROTOCOL_CHECK_S:g} s, even when asked over HTTP"
-    if len(first) >= 9 and first[3] == 0x04 and first[5:9] == b"\0\0\0\0":  # an HTTP/2 SETTINGS frame
+        return (
+            f"it accepted the connection, then said nothing in {2 * PROTOCOL_CHECK_S:g} s, "
+            "even when asked over HTTP"
+        )
+    if (
+        len(first) >= 9 and first[3] == 0x04 and first[5:9] == b"\0\0\0\0"
+    ):  # an HTTP/2 SETTINGS frame
         return None
     if not first:
         return "it closed the connection without a word"
@@ -256,7 +327,8 @@ def _uses_tls() -> bool:
 
 
 def _tcp_target(address: str) -> tuple[str, int, bool] | None:
-    """(host, port, is a Ray Client address) for HOST:PORT and ray://HOST:PORT; None for anything else."""
+    """(host, port, is a Ray Client address) for HOST:PORT and ray://HOST:PORT; None for anything
+    else."""
     client = "://" in address
     if client:
         scheme, _, address = address.partition("://")
@@ -271,7 +343,9 @@ def _tcp_target(address: str) -> tuple[str, int, bool] | None:
 
 @dataclass
 class EmbeddedHead:
-    """The embedded cluster's one node, and the environment it was started in, restored when it stops."""
+    """The embedded cluster's one node, and the environment it was started in, restored when it
+    stops."""
+
     node: object  # ray._private.node.Node
     saved_environment: dict
 
@@ -287,11 +361,12 @@ class EmbeddedHead:
 
 
 def start_embedded_head(temp_dir: str | None, gpus: int) -> EmbeddedHead:
-    """A one-node cluster on this machine, on loopback only, that only holders of a per-run token can join.
+    """A one-node cluster on this machine, on loopback only, that only holders of a per-run token
+    can join.
 
-    ray.init() would also start the autoscaler's monitor and a log monitor: an embedded cluster never
-    grows, and worker output is not forwarded (log_to_driver is off). Without them a sweep starts
-    and stops about 2 s sooner on 2 cores (start 4.0-4.6 s against 4.7-5.6 s, stop 0.3-0.6 s
+    ray.init() would also start the autoscaler's monitor and a log monitor: an embedded cluster
+    never grows, and worker output is not forwarded (log_to_driver is off). Without them a sweep
+    starts and stops about 2 s sooner on 2 cores (start 4.0-4.6 s against 4.7-5.6 s, stop 0.3-0.6 s
     against 1.5-1.6 s) and two Python processes fewer poll beside the timed variants. Ray's own
     test helper (cluster_utils) would also write the address to /tmp/ray for any later ray.init().
     Every port (the GCS, the raylet, the agents, each worker) listens on the node's IP, 127.0.0.1.
@@ -304,14 +379,25 @@ def start_embedded_head(temp_dir: str | None, gpus: int) -> EmbeddedHead:
         resources[DEVICE_RESOURCE["cuda"]] = 1
     saved = _loopback_and_token_environment()
     params = RayParams(
-        num_cpus=measure.available_cpus(), num_gpus=gpus, resources=resources, include_dashboard=False,
-        no_monitor=True, include_log_monitor=False, temp_dir=temp_dir, _system_config=EMBEDDED_RAY_CONFIG,
-        node_ip_address=LOOPBACK, min_worker_port=0, max_worker_port=0,
+        num_cpus=measure.available_cpus(),
+        num_gpus=gpus,
+        resources=resources,
+        include_dashboard=False,
+        no_monitor=True,
+        include_log_monitor=False,
+        temp_dir=temp_dir,
+        _system_config=EMBEDDED_RAY_CONFIG,
+        node_ip_address=LOOPBACK,
+        min_worker_port=0,
+        max_worker_port=0,
         dashboard_agent_listen_port=_free_loopback_port(),  # Ray's 52365 may be another run's
         # Only samples and results travel through the store here: the model is read from this disk.
-        object_store_memory=512 * 2**20)
+        object_store_memory=512 * 2**20,
+    )
     try:
-        return EmbeddedHead(Node(params, head=True, shutdown_at_exit=True, spawn_reaper=True), saved)
+        return EmbeddedHead(
+            Node(params, head=True, shutdown_at_exit=True, spawn_reaper=True), saved
+        )
     except BaseException:
         _restore_environment(saved)
         raise
@@ -319,20 +405,29 @@ def start_embedded_head(temp_dir: str | None, gpus: int) -> EmbeddedHead:
 
 LOOPBACK = "127.0.0.1"
 # Set while an embedded cluster runs: its processes inherit them, and this one reads them anew.
-_EMBEDDED_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+_EMBEDDED_VARIABLES = (
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+)
 
 
 def _loopback_and_token_environment() -> dict:
-    """Token authentication with a new random token, and 127.0.0.1 left as it is; what was there before.
+    """Token authentication with a new random token, and 127.0.0.1 left as it is; what was there
+    before.
 
     Ray 2.60 replaces a loopback address with the machine's routable IP unless it is told that this
-    is no multi-machine cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at import: set here too)."""
+    is no multi-machine cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at import: set here
+    too)."""
     import ray._private.ray_constants as ray_constants
 
     saved = {name: os.environ.get(name) for name in _EMBEDDED_VARIABLES}
     saved["enable_cluster"] = ray_constants.ENABLE_RAY_CLUSTER
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=new_token(), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    os.environ.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=new_token(), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
+    )
     ray_constants.ENABLE_RAY_CLUSTER = False
     _reload_ray_authentication()
     return saved
@@ -351,7 +446,8 @@ def _restore_environment(saved: dict) -> None:
 
 
 def _reload_ray_authentication() -> None:
-    """Ray reads the mode and caches the token once per process: both are read again from the environment."""
+    """Ray reads the mode and caches the token once per process: both are read again from the
+    environment."""
     from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")  # before the token is dropped, as Ray's own test helper does
@@ -398,14 +494,19 @@ def _fits(node: dict, needs: dict) -> bool:
 
 
 def task_options(device: str) -> dict:
-    """How a variant or fine-tune asks Ray for a node of its kind (CPU and GPU by count, the rest by resources)."""
+    """How a variant or fine-tune asks Ray for a node of its kind (CPU and GPU by count, the rest by
+    resources)."""
     needs = requirements(device)
-    return {"resources": {k: v for k, v in needs.items() if k not in ("CPU", "GPU")},
-            "num_gpus": needs.get("GPU", 0), "num_cpus": needs["CPU"]}
+    return {
+        "resources": {k: v for k, v in needs.items() if k not in ("CPU", "GPU")},
+        "num_gpus": needs.get("GPU", 0),
+        "num_cpus": needs["CPU"],
+    }
 
 
 def default_placement_timeout(cluster: Cluster, placement_timeout_s: float | None) -> float:
-    """An embedded cluster never grows; a real one may be adding the node (an autoscaler): wait a little."""
+    """An embedded cluster never grows; a real one may be adding the node (an autoscaler): wait a
+    little."""
     if placement_timeout_s is not None:
         return placement_timeout_s
     return 0.0 if cluster.embedded else 30.0
@@ -413,11 +514,16 @@ def default_placement_timeout(cluster: Cluster, placement_timeout_s: float | Non
 
 def where_it_runs(device: str) -> str:
     worker = {"cpu": "a CPU worker node", "cuda": "a GPU worker node"}[device]
-    return f"{worker} (Ray resources " + ", ".join(f"{k}={v}" for k, v in requirements(device).items()) + ")"
+    return (
+        f"{worker} (Ray resources "
+        + ", ".join(f"{k}={v}" for k, v in requirements(device).items())
+        + ")"
+    )
 
 
 def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
-    """None when some node can run the device's variants; else why none can, after waiting timeout_s."""
+    """None when some node can run the device's variants; else why none can, after waiting
+    timeout_s."""
     deadline = time.monotonic() + timeout_s
     while True:
         nodes = alive_nodes()
@@ -436,15 +542,21 @@ def can_run(nodes: list[dict], device: str) -> bool:
 def why_no_node(device: str, nodes: list[dict], waited_s: float) -> str:
     needs = requirements(device)
     have = "; ".join(_node_resources(node, needs) for node in nodes)
-    return (f"no node in the cluster can run {device} variants (needs {', '.join(f'{k}={v}' for k, v in needs.items())}); "
-            f"waited {waited_s:g} s; nodes: {have or 'none'}")
+    return (
+        f"no node in the cluster can run {device} variants (needs "
+        f"{', '.join(f'{k}={v}' for k, v in needs.items())}); "
+        f"waited {waited_s:g} s; nodes: {have or 'none'}"
+    )
 
 
 def _node_resources(node: dict, needs: dict) -> str:
-    """A node's share of what the variants need (0 where it has none) and its quantbench resources."""
+    """A node's share of what the variants need (0 where it has none) and its quantbench
+    resources."""
     have = node["Resources"]
     names = sorted(set(needs) | {name for name in have if name.startswith("quantbench")})
-    return f"{node['NodeManagerAddress']}: " + ", ".join(f"{name}={have.get(name, 0):g}" for name in names)
+    return f"{node['NodeManagerAddress']}: " + ", ".join(
+        f"{name}={have.get(name, 0):g}" for name in names
+    )
 
 
 def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
@@ -452,26 +564,35 @@ def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
     leak: a CPU variant one forked from this machine's warm fork server, a CUDA variant this worker
     itself, which is fresh (max_calls=1)."""
     task.model_dir = _model_on_this_node(task.model_dir, archive)
-    result = _in_a_process_of_its_own(task.variant.device, run_variant_in_own_process, task, also_import)
+    result = _in_a_process_of_its_own(
+        task.variant.device, run_variant_in_own_process, task, also_import
+    )
     context = ray.get_runtime_context()
-    result["environment"]["ray"] = {"node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-                                    "worker_pid": os.getpid()}
+    result["environment"]["ray"] = {
+        "node_id": context.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "worker_pid": os.getpid(),
+    }
     return result
 
 
 def fork_server_imports(cpu_precisions: list[str]) -> list[str]:
     """What these CPU precisions import beyond the fork server's own preload."""
-    return sorted({module for precision in cpu_precisions for module in PRECISIONS[precision].imports})
+    return sorted(
+        {module for precision in cpu_precisions for module in PRECISIONS[precision].imports}
+    )
 
 
 def _in_a_process_of_its_own(device: str, function: Callable, task, also_import: list[str]):
-    """function(task) on this worker, in a process of its own. On the CPU: forked from the fork server
-    that `quantbench run` started beside its embedded cluster, else from this worker's own, which later
-    CPU tasks on this worker find warm. On CUDA: this worker itself, which is fresh (max_calls=1),
-    since a CUDA context cannot cross a fork."""
+    """function(task) on this worker, in a process of its own. On the CPU: forked from the fork
+    server that `quantbench run` started beside its embedded cluster, else from this worker's own,
+    which later CPU tasks on this worker find warm. On CUDA: this worker itself, which is fresh
+    (max_calls=1), since a CUDA context cannot cross a fork."""
     if device != "cpu":
         return function(task)
-    return isolation.run_in_fresh_process(function, task, also_import=_server_preload(also_import, _node_has_gpu()))
+    return isolation.run_in_fresh_process(
+        function, task, also_import=_server_preload(also_import, _node_has_gpu())
+    )
 
 
 def _server_preload(also_import: list[str], node_has_gpu: bool) -> list[str]:
@@ -486,14 +607,17 @@ def _node_has_gpu() -> bool:  # asked once per worker: it may run nvidia-smi
 
 
 def _remote_per_device(function: Callable) -> dict:
-    """A CPU worker is kept for the next task (with its fork server, if it started one); a CUDA worker is
-    fresh each time."""
-    return {"cpu": ray.remote(max_calls=0, max_retries=0)(function),
-            "cuda": ray.remote(max_calls=1, max_retries=0)(function)}
+    """A CPU worker is kept for the next task (with its fork server, if it started one); a CUDA
+    worker is fresh each time."""
+    return {
+        "cpu": ray.remote(max_calls=0, max_retries=0)(function),
+        "cuda": ray.remote(max_calls=1, max_retries=0)(function),
+    }
 
 
 def _model_on_this_node(model_dir: str, archive: list) -> str:
-    """The prepared model's folder here: the driver's cache when shared, else unpacked from the archive."""
+    """The prepared model's folder here: the driver's cache when shared, else unpacked from the
+    archive."""
     key = Path(model_dir).name
     if models.cached_model(key) is not None:
         return str(models.cached_model(key))
@@ -510,9 +634,14 @@ _remote_execute = _remote_per_device(_execute)
 NODE_CHECK_S = 5.0
 
 
-def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable[[dict], None],
-                 placement_timeout_s: float | None = None, model_dir: Path | None = None,
-                 say: Callable[[str], None] = print) -> list[dict]:
+def run_variants(
+    tasks: list[VariantTask],
+    cluster: Cluster,
+    on_result: Callable[[dict], None],
+    placement_timeout_s: float | None = None,
+    model_dir: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> list[dict]:
     """Run every task where it can run; call on_result as each result arrives; return them all.
 
     A device no node can run, at the start or later (its node died), gets placement_timeout_s for a
@@ -521,13 +650,18 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
     placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
     archive = []
     if not cluster.embedded and model_dir is not None:
-        # Nodes may not share this machine's disk: the prepared model travels through the object store.
+        # Nodes may not share this machine's disk: the prepared model travels through the object
+        # store.
         archive = [ray.put(models.archive_folder(model_dir))]
-    also_import = fork_server_imports([t.variant.precision for t in tasks if t.variant.device == "cpu"])
+    also_import = fork_server_imports(
+        [t.variant.precision for t in tasks if t.variant.device == "cpu"]
+    )
     results, pending, deadlines = [], {}, {}
 
     def finish(task: VariantTask, result: dict) -> None:
-        if result.get("ended_at") is None:  # a base_result: skipped, or failed before the variant ended
+        if (
+            result.get("ended_at") is None
+        ):  # a base_result: skipped, or failed before the variant ended
             result["ended_at"] = measure.now()
         results.append(result)
         on_result(result)
@@ -536,9 +670,15 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
     for task in tasks:
         device = task.variant.device
         if placement_timeout_s <= 0 and not can_run(nodes, device):
-            finish(task, base_result(task, "skipped", why_no_node(device, nodes, placement_timeout_s)))
+            finish(
+                task, base_result(task, "skipped", why_no_node(device, nodes, placement_timeout_s))
+            )
             continue
-        pending[_remote_execute[device].options(**task_options(device)).remote(task, archive, also_import)] = task
+        pending[
+            _remote_execute[device]
+            .options(**task_options(device))
+            .remote(task, archive, also_import)
+        ] = task
     while pending:
         _check_placement(pending, deadlines, placement_timeout_s, say, finish)
         if not pending:
@@ -549,25 +689,33 @@ def run_variants(tasks: list[VariantTask], cluster: Cluster, on_result: Callable
             task = pending.pop(done[0])
             try:
                 result = ray.get(done[0])
-            except Exception as error:  # the worker process or its node died, or the task could not start
+            except (
+                Exception
+            ) as error:  # the worker process or its node died, or the task could not start
                 result = base_result(task, "failed", _short_error(error))
             finish(task, result)
     return results
 
 
-def _check_placement(pending: dict, deadlines: dict, timeout_s: float, say: Callable[[str], None],
-                     finish: Callable) -> None:
+def _check_placement(
+    pending: dict, deadlines: dict, timeout_s: float, say: Callable[[str], None], finish: Callable
+) -> None:
     """Start, end or act on each pending device's wait for a node: past its deadline, its variants
     are cancelled and end `skipped`, saying why."""
     nodes = alive_nodes()
     now = time.monotonic()
     for device in dict.fromkeys(task.variant.device for task in pending.values()):
         if can_run(nodes, device):
-            deadlines.pop(device, None)  # a node came (or came back): its variants stay queued or run
+            deadlines.pop(
+                device, None
+            )  # a node came (or came back): its variants stay queued or run
             continue
         if device not in deadlines and timeout_s > 0:
             deadlines[device] = now + timeout_s
-            say(f"waiting up to {timeout_s:g} s for a node that can run {device} variants; the others run meanwhile")
+            say(
+                f"waiting up to {timeout_s:g} s for a node that can run {device} variants; the "
+                "others run meanwhile"
+            )
         if now >= deadlines.get(device, now):
             deadlines.pop(device, None)
             for ref, task in [(r, t) for r, t in pending.items() if t.variant.device == device]:
@@ -576,14 +724,16 @@ def _check_placement(pending: dict, deadlines: dict, timeout_s: float, say: Call
                 finish(task, base_result(task, "skipped", why_no_node(device, nodes, timeout_s)))
 
 
-# ray.wait returns for no signal (ray.get looks for one every second, get_check_signal_interval_milliseconds):
+# ray.wait returns for no signal (ray.get looks for one every second,
+# get_check_signal_interval_milliseconds):
 # the driver waits in slices of this many seconds, so that Ctrl-C and SIGTERM reach its handlers
 # (runner/interrupt.py) within one.
 SIGNAL_CHECK_S = 1.0
 
 
 def _wait_for_one(refs: list, timeout_s: float | None) -> list:
-    """The refs of ray.wait(refs, num_returns=1, timeout=timeout_s), waited for a slice at a time."""
+    """The refs of ray.wait(refs, num_returns=1, timeout=timeout_s), waited for a slice at a
+    time."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         left = SIGNAL_CHECK_S if deadline is None else max(0.0, deadline - time.monotonic())
@@ -596,7 +746,9 @@ def _short_error(error: Exception) -> str:
     cause = getattr(error, "cause", None)  # a RayTaskError wraps what the task raised
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {cause}"[:2000]
-    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    lines = [
+        line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()
+    ]
     return f"{type(error).__name__}: {' '.join(lines[:3])}"[:2000]
 
 
@@ -604,8 +756,9 @@ def _short_error(error: Exception) -> str:
 # The fine-tune stage: one task, on a GPU worker when the cluster has one.
 
 
-def _finetune_on_worker(task: FinetuneTask, archive: list, send_back: bool, device: str,
-                        also_import: list[str]) -> dict:
+def _finetune_on_worker(
+    task: FinetuneTask, archive: list, send_back: bool, device: str, also_import: list[str]
+) -> dict:
     task.base_dir = _model_on_this_node(task.base_dir, archive)
     # Like a CPU variant, a CPU fine-tune is forked from the fork server: the variants that follow
     # find it warm (one import of torch and transformers per run, not two).
@@ -619,9 +772,14 @@ def _finetune_on_worker(task: FinetuneTask, archive: list, send_back: bool, devi
 _remote_finetune = _remote_per_device(_finetune_on_worker)
 
 
-def finetune(task: FinetuneTask, cluster: Cluster, placement_timeout_s: float | None = None,
-             precisions: list[str] = ()) -> dict:
-    """Fine-tune on a GPU worker if there is one, else a CPU worker; the model lands in this machine's cache.
+def finetune(
+    task: FinetuneTask,
+    cluster: Cluster,
+    placement_timeout_s: float | None = None,
+    precisions: list[str] = (),
+) -> dict:
+    """Fine-tune on a GPU worker if there is one, else a CPU worker; the model lands in this
+    machine's cache.
 
     precisions: the job's CPU precisions, whose imports a fork server started now then preloads."""
     placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
@@ -631,8 +789,11 @@ def finetune(task: FinetuneTask, cluster: Cluster, placement_timeout_s: float | 
         raise RuntimeError(f"cannot fine-tune: {reason}")
     archive = [] if cluster.embedded else [ray.put(models.archive_folder(Path(task.base_dir)))]
     try:
-        info = ray.get(_remote_finetune[device].options(**task_options(device)).remote(
-            task, archive, not cluster.embedded, device, fork_server_imports(precisions)))
+        info = ray.get(
+            _remote_finetune[device]
+            .options(**task_options(device))
+            .remote(task, archive, not cluster.embedded, device, fork_server_imports(precisions))
+        )
     except ray.exceptions.RayTaskError as error:
         raise RuntimeError(_short_error(error)) from None
     if "archive" in info:

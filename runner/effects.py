@@ -2,14 +2,15 @@
 difference between two variants is beyond noise (paired bootstrap, McNemar's exact test).
 
 Plain functions of numpy arrays, no torch, no Ray and no I/O: the driver uses them for `collect`
-without importing torch. Everything returned is JSON-ready (python floats, ints, lists, dicts). Float
-results are always finite: where a quantity is undefined (the precision of a class never predicted,
-...) the value is None and the docstring says so.
+without importing torch. Everything returned is JSON-ready (python floats, ints, lists, dicts).
+Float results are always finite: where a quantity is undefined (the precision of a class never
+predicted, ...) the value is None and the docstring says so.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
 
 def _labels(name: str, values, n_classes: int | None = None) -> np.ndarray:
     arr = np.asarray(values)
@@ -19,7 +20,10 @@ def _labels(name: str, values, n_classes: int | None = None) -> np.ndarray:
         raise ValueError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
     if n_classes is not None and arr.size and (arr.min() < 0 or arr.max() >= n_classes):
-        raise ValueError(f"{name} holds class indices outside 0..{n_classes - 1}: min {arr.min()}, max {arr.max()}")
+        raise ValueError(
+            f"{name} holds class indices outside 0..{n_classes - 1}: min {arr.min()}, max "
+            f"{arr.max()}"
+        )
     return arr
 
 
@@ -39,7 +43,8 @@ def _macro_f1_from_counts(tp: np.ndarray, n_gold: np.ndarray, n_pred: np.ndarray
 
 
 def macro_f1(gold, pred, n_classes: int) -> float:
-    """Unweighted mean F1 over the classes that occur in gold or in pred (as sklearn's average='macro').
+    """Unweighted mean F1 over the classes that occur in gold or in pred (as sklearn's
+    average='macro').
 
     A class absent from both would score 0/0 and is left out rather than counted as 0 or 1.
     """
@@ -53,7 +58,9 @@ def macro_f1(gold, pred, n_classes: int) -> float:
 def _probs(name: str, probs, n_classes: int) -> np.ndarray:
     arr = np.asarray(probs, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != n_classes:
-        raise ValueError(f"{name} must have shape [n, {n_classes}] (one column per label name), got {arr.shape}")
+        raise ValueError(
+            f"{name} must have shape [n, {n_classes}] (one column per label name), got {arr.shape}"
+        )
     if not np.all(np.isfinite(arr)) or arr.min() < 0:
         raise ValueError(f"{name} must hold finite, non-negative probabilities")
     return arr
@@ -72,8 +79,15 @@ def _calibration(gold: np.ndarray, probs: np.ndarray, n_bins: int) -> dict:
         accuracy = float(correct[in_bin].mean()) if count else None
         if count:
             ece += count / len(gold) * abs(accuracy - mean_conf)
-        bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": count,
-                     "mean_confidence": mean_conf, "accuracy": accuracy})  # fmt: skip
+        bins.append(
+            {
+                "lo": b / n_bins,
+                "hi": (b + 1) / n_bins,
+                "count": count,
+                "mean_confidence": mean_conf,
+                "accuracy": accuracy,
+            }
+        )
     return {"ece": float(ece), "n_bins": int(n_bins), "bins": bins}
 
 
@@ -81,21 +95,25 @@ def prediction_effects(gold, baseline_probs, variant_probs, label_names, n_bins:
     """How the variant's predictions differ from the baseline's on the same samples.
 
     Returns n, accuracy_baseline, accuracy_variant, agreement (same predicted label), flip_rate,
-    flips [{from, to, count}] (baseline label -> variant label, most frequent first), correct_to_wrong,
-    wrong_to_correct, mean_kl_baseline_variant (KL(baseline || variant) in nats, averaged over samples;
-    probabilities are floored at 1e-12 so it stays finite), per_class [{label, precision, recall, f1,
-    support}] for the variant (precision None when the class is never predicted, recall None with no
-    support), macro_f1_variant, confusion_matrix {labels, rows: "gold", cols: "predicted", matrix},
-    calibration_variant / calibration_baseline {ece, n_bins, bins [{lo, hi, count, mean_confidence,
-    accuracy}]} over max-probability confidence, mean_confidence_baseline, mean_confidence_variant and
-    mean_confidence_change (variant - baseline, in probability units).
+    flips [{from, to, count}] (baseline label -> variant label, most frequent first),
+    correct_to_wrong, wrong_to_correct, mean_kl_baseline_variant (KL(baseline || variant) in nats,
+    averaged over samples; probabilities are floored at 1e-12 so it stays finite), per_class
+    [{label, precision, recall, f1, support}] for the variant (precision None when the class is
+    never predicted, recall None with no support), macro_f1_variant, confusion_matrix {labels, rows:
+    "gold", cols: "predicted", matrix}, calibration_variant / calibration_baseline {ece, n_bins,
+    bins [{lo, hi, count, mean_confidence, accuracy}]} over max-probability confidence,
+    mean_confidence_baseline, mean_confidence_variant and mean_confidence_change (variant -
+    baseline, in probability units).
     """
     label_names = [str(n) for n in label_names]
     k = len(label_names)
     if n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins}")
     gold = _labels("gold", gold, k)
-    p_base, p_var = _probs("baseline_probs", baseline_probs, k), _probs("variant_probs", variant_probs, k)
+    p_base, p_var = (
+        _probs("baseline_probs", baseline_probs, k),
+        _probs("variant_probs", variant_probs, k),
+    )
     _same_length(gold=gold, baseline_probs=p_base, variant_probs=p_var)
     n = len(gold)
     pred_base, pred_var = p_base.argmax(axis=1), p_var.argmax(axis=1)
@@ -116,11 +134,17 @@ def prediction_effects(gold, baseline_probs, variant_probs, label_names, n_bins:
     confusion = np.bincount(gold * k + pred_var, minlength=k * k).reshape(k, k)
     per_class = []
     for c, label in enumerate(label_names):
-        tp, predicted, support = int(confusion[c, c]), int(confusion[:, c].sum()), int(confusion[c, :].sum())
+        tp, predicted, support = (
+            int(confusion[c, c]),
+            int(confusion[:, c].sum()),
+            int(confusion[c, :].sum()),
+        )
         precision = tp / predicted if predicted else None
         recall = tp / support if support else None
         f1 = 2 * tp / (predicted + support) if predicted + support else None
-        per_class.append({"label": label, "precision": precision, "recall": recall, "f1": f1, "support": support})
+        per_class.append(
+            {"label": label, "precision": precision, "recall": recall, "f1": f1, "support": support}
+        )
 
     base_correct, var_correct = pred_base == gold, pred_var == gold
     conf_base, conf_var = float(p_base.max(axis=1).mean()), float(p_var.max(axis=1).mean())
@@ -137,8 +161,12 @@ def prediction_effects(gold, baseline_probs, variant_probs, label_names, n_bins:
         "mean_kl_baseline_variant": float(kl.mean()),
         "per_class": per_class,
         "macro_f1_variant": macro_f1(gold, pred_var, k),
-        "confusion_matrix": {"labels": label_names, "rows": "gold", "cols": "predicted",
-                             "matrix": [[int(x) for x in row] for row in confusion]},  # fmt: skip
+        "confusion_matrix": {
+            "labels": label_names,
+            "rows": "gold",
+            "cols": "predicted",
+            "matrix": [[int(x) for x in row] for row in confusion],
+        },
         "calibration_variant": _calibration(gold, p_var, n_bins),
         "calibration_baseline": _calibration(gold, p_base, n_bins),
         "mean_confidence_baseline": conf_base,
@@ -147,7 +175,9 @@ def prediction_effects(gold, baseline_probs, variant_probs, label_names, n_bins:
     }
 
 
-def _resampled_metric(metric: str, gold: np.ndarray, pred: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+def _resampled_metric(
+    metric: str, gold: np.ndarray, pred: np.ndarray, idx: np.ndarray, k: int
+) -> np.ndarray:
     g, p = gold[idx], pred[idx]  # [r, n]
     if metric == "accuracy":
         return (g == p).mean(axis=1)
@@ -161,14 +191,19 @@ def _resampled_metric(metric: str, gold: np.ndarray, pred: np.ndarray, idx: np.n
 
 
 def paired_bootstrap_delta(
-    gold, baseline_pred, variant_pred, metric: str = "accuracy", n_resamples: int = 2000, seed: int = 0,
+    gold,
+    baseline_pred,
+    variant_pred,
+    metric: str = "accuracy",
+    n_resamples: int = 2000,
+    seed: int = 0,
     confidence: float = 0.95,
-) -> dict:  # fmt: skip
+) -> dict:
     """Paired bootstrap of metric(variant) - metric(baseline), resampling samples with replacement.
 
     metric is 'accuracy' or 'macro_f1' (see macro_f1). Returns metric, n, n_resamples, confidence,
-    baseline, variant, delta (on all samples), ci_low and ci_high (percentile interval of the resampled
-    deltas), within_noise (the interval contains 0).
+    baseline, variant, delta (on all samples), ci_low and ci_high (percentile interval of the
+    resampled deltas), within_noise (the interval contains 0).
     """
     if metric not in ("accuracy", "macro_f1"):
         raise ValueError(f"metric must be 'accuracy' or 'macro_f1', got {metric!r}")
@@ -192,7 +227,10 @@ def paired_bootstrap_delta(
     chunk = max(1, min(n_resamples, 2_000_000 // n))
     for start in range(0, n_resamples, chunk):
         idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
-        deltas.append(_resampled_metric(metric, gold, var, idx, k) - _resampled_metric(metric, gold, base, idx, k))
+        deltas.append(
+            _resampled_metric(metric, gold, var, idx, k)
+            - _resampled_metric(metric, gold, base, idx, k)
+        )
     deltas = np.concatenate(deltas)
     alpha = (1.0 - confidence) / 2.0
     ci_low, ci_high = (float(x) for x in np.quantile(deltas, [alpha, 1.0 - alpha]))
@@ -212,20 +250,24 @@ def paired_bootstrap_delta(
 
 
 def mcnemar_exact(gold, baseline_pred, variant_pred, alpha: float = 0.05) -> dict:
-    """Exact McNemar test: do baseline and variant err on different samples more than chance explains?
+    """Exact McNemar test: do baseline and variant err on different samples more than chance
+    explains?
 
     b = samples the baseline gets right and the variant wrong, c = the reverse. p_value is the exact
-    two-sided binomial test of b out of b + c at 1/2 (1.0 when b + c = 0). within_noise: p_value >= alpha.
-    Returns b, c, n_discordant, p_value, alpha, within_noise.
+    two-sided binomial test of b out of b + c at 1/2 (1.0 when b + c = 0). within_noise: p_value >=
+    alpha. Returns b, c, n_discordant, p_value, alpha, within_noise.
     """
-    from scipy.special import bdtr  # the binomial CDF; scipy.stats would cost 2 s of import per collect
+    from scipy.special import (
+        bdtr,
+    )  # the binomial CDF; scipy.stats would cost 2 s of import per collect
 
     gold = _labels("gold", gold)
     base, var = _labels("baseline_pred", baseline_pred), _labels("variant_pred", variant_pred)
     _same_length(gold=gold, baseline_pred=base, variant_pred=var)
     base_ok, var_ok = base == gold, var == gold
     b, c = int(np.sum(base_ok & ~var_ok)), int(np.sum(~base_ok & var_ok))
-    # At 1/2 the binomial is symmetric: the two-sided exact p is twice the smaller tail (scipy's binomtest).
+    # At 1/2 the binomial is symmetric: the two-sided exact p is twice the smaller tail (scipy's
+    # binomtest).
     p_value = min(1.0, 2.0 * float(bdtr(min(b, c), b + c, 0.5))) if b + c else 1.0
     return {
         "b": b,

@@ -22,21 +22,31 @@ from runner import effects, locks, measure
 RELABEL_MARGIN = 0.10
 
 
-def tokenize_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device: str) -> list[dict]:
+def tokenize_batches(
+    tokenizer, texts: list[str], batch_size: int, max_length: int, device: str
+) -> list[dict]:
     batches = []
     for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
+        encoded = tokenizer(
+            texts[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         batches.append({k: v.to(device) for k, v in encoded.items()})
     return batches
 
 
 def batch_order(tokenizer, texts: list[str], max_length: int, how: str) -> list[int]:
     """The order in which the sample is batched. "length": by token count, shortest first (a stable
-    sort), so each batch pads to nearly its own length; at batch size 1 the order changes nothing."""
+    sort), so each batch pads to nearly its own length; at batch size 1 the order changes
+    nothing."""
     if how == "sample":
         return list(range(len(texts)))
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    lengths = [
+        len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    ]
     return sorted(range(len(texts)), key=lengths.__getitem__)
 
 
@@ -60,24 +70,33 @@ class PassTimings:
     seconds: list[float]
     samples: int  # samples processed in timed passes
     shapes: list[tuple[int, ...]]  # each timed pass's input shape
-    repeats: list[float]  # the first batch timed again, only where the timed passes repeat too few shapes
-    # How often another thread took a CPU from this process while the clock ran, per second: what else
-    # ran beside the timed passes. Brief wake-ups cost little (a process waking 250 times a second did
-    # not slow a MiniLM loop measurably on 2 cores); a high rate beside noisy passes points at a neighbour.
+    repeats: list[
+        float
+    ]  # the first batch timed again, only where the timed passes repeat too few shapes
+    # How often another thread took a CPU from this process while the clock ran, per second: what
+    # else
+    # ran beside the timed passes. Brief wake-ups cost little (a process waking 250 times a second
+    # did
+    # not slow a MiniLM loop measurably on 2 cores); a high rate beside noisy passes points at a
+    # neighbour.
     preemptions_per_s: float | None = None
     # When the clock ran (UTC, ISO 8601) and for how long: lines the timings up with what else the
     # machine did then (another job's log, a monitor, the benchmark's plain loop taking turns).
     clock_started_at: str | None = None
     clock_s: float | None = None
-    # How long the passes waited for another quantbench run's clock on this machine (locks.timing_lock),
+    # How long the passes waited for another quantbench run's clock on this machine
+    # (locks.timing_lock),
     # and a warning when they could not wait for it (they timed beside it).
     timing_lock_wait_s: float | None = None
     timing_lock_warning: str | None = None
 
     def noise_cv(self) -> tuple[float | None, int]:
         """The spread of passes of one shape, timed passes and repeats together; and how many passes
-        beyond the first of each shape it rests on. The repeats have the first timed pass's shape."""
-        return measure.same_shape_cv(self.seconds + self.repeats, self.shapes + self.shapes[:1] * len(self.repeats))
+        beyond the first of each shape it rests on. The repeats have the first timed pass's
+        shape."""
+        return measure.same_shape_cv(
+            self.seconds + self.repeats, self.shapes + self.shapes[:1] * len(self.repeats)
+        )
 
 
 def fixed_shape_batch(tokenizer, batch_size: int, sequence_length: int, device: str) -> dict:
@@ -97,14 +116,21 @@ def batch_shape(batch: dict) -> tuple[int, ...]:
     return tuple(batch["input_ids"].shape)
 
 
-def run_passes(model, batches: list[dict], device: str, warmup_passes: int, timed_passes: int,
-               min_time_s: float, fixed_batch: dict | None = None,
-               holder: str = "a quantbench variant") -> tuple[np.ndarray, PassTimings]:
+def run_passes(
+    model,
+    batches: list[dict],
+    device: str,
+    warmup_passes: int,
+    timed_passes: int,
+    min_time_s: float,
+    fixed_batch: dict | None = None,
+    holder: str = "a quantbench variant",
+) -> tuple[np.ndarray, PassTimings]:
     """Class probabilities for every sample and the timed passes.
 
-    Dataset mode (fixed_batch None): the passes over the sample are the timed passes. Fixed mode: the
-    sample is evaluated untimed, and the timed passes all run on fixed_batch. holder: who times, in
-    words, for whoever waits for the machine's timing lock meanwhile.
+    Dataset mode (fixed_batch None): the passes over the sample are the timed passes. Fixed mode:
+    the sample is evaluated untimed, and the timed passes all run on fixed_batch. holder: who times,
+    in words, for whoever waits for the machine's timing lock meanwhile.
     """
     import torch
 
@@ -113,14 +139,19 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
     probabilities, seconds, samples = [], [], 0
     with torch.inference_mode():
         if fixed_batch is not None:
-            probabilities = [torch.softmax(model(**b).logits.float(), dim=-1).cpu() for b in batches]
-        # No other quantbench run on this machine times while this one warms up and times: they would
+            probabilities = [
+                torch.softmax(model(**b).logits.float(), dim=-1).cpu() for b in batches
+            ]
+        # No other quantbench run on this machine times while this one warms up and times: they
+        # would
         # share the cores (and the GPU). Warm-up is inside, so the clock starts on a warm machine.
         with locks.timing_lock(holder) as lock:
             for i in range(warmup_passes):
                 model(**timed_batches[i % len(timed_batches)])
-            # Then every batch shape not met yet, once: the first pass of a new shape pays one-time costs
-            # (CUDA loads kernels lazily and picks them per shape; oneDNN builds primitives per shape), and
+            # Then every batch shape not met yet, once: the first pass of a new shape pays one-time
+            # costs
+            # (CUDA loads kernels lazily and picks them per shape; oneDNN builds primitives per
+            # shape), and
             # a timed pass must not.
             shapes_per_pass = [batch_shape(b) for b in timed_batches]
             seen = set(shapes_per_pass[:warmup_passes])
@@ -129,7 +160,8 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
                     seen.add(shape)
                     model(**batch)
             sync()
-            # Whole passes over the sample only: every batch is timed equally often, whatever the lengths.
+            # Whole passes over the sample only: every batch is timed equally often, whatever the
+            # lengths.
             per_pass = len(timed_batches)
             total_passes = -(-max(per_pass, timed_passes) // per_pass) * per_pass
             repeated = total_passes - len(seen)  # at least; min_time_s may add passes
@@ -143,7 +175,9 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
             clock_started_at = measure.now()
             clock_started = time.perf_counter()
             i = 0
-            while i < total_passes or i % per_pass or time.perf_counter() - clock_started < min_time_s:
+            while (
+                i < total_passes or i % per_pass or time.perf_counter() - clock_started < min_time_s
+            ):
                 batch = timed_batches[i % len(timed_batches)]
                 sync()
                 start = time.perf_counter()
@@ -156,13 +190,28 @@ def run_passes(model, batches: list[dict], device: str, warmup_passes: int, time
                 i += 1
             clock_s = time.perf_counter() - clock_started
             preempted = measure.preemptions()
-    rate = round((preempted - preempted_before) / clock_s, 1) if preempted is not None and clock_s > 0 else None
-    timings = PassTimings(seconds, samples, [shapes_per_pass[k % per_pass] for k in range(len(seconds))], repeats, rate,
-                          clock_started_at, round(clock_s, 3), round(lock.waited_s, 3), lock.warning)
+    rate = (
+        round((preempted - preempted_before) / clock_s, 1)
+        if preempted is not None and clock_s > 0
+        else None
+    )
+    timings = PassTimings(
+        seconds,
+        samples,
+        [shapes_per_pass[k % per_pass] for k in range(len(seconds))],
+        repeats,
+        rate,
+        clock_started_at,
+        round(clock_s, 3),
+        round(lock.waited_s, 3),
+        lock.warning,
+    )
     return torch.cat(probabilities).numpy(), timings
 
 
-def prediction_metrics(probabilities: np.ndarray, gold_ids: np.ndarray, label_names: list[str]) -> dict:
+def prediction_metrics(
+    probabilities: np.ndarray, gold_ids: np.ndarray, label_names: list[str]
+) -> dict:
     predicted = probabilities.argmax(axis=1)
     confidence = probabilities.max(axis=1)
     return {
@@ -184,12 +233,21 @@ def label_guard(gold_ids: np.ndarray, predicted: np.ndarray, label_names: list[s
     rows, cols = linear_sum_assignment(counts, maximize=True)
     best = counts[rows, cols].sum() / len(gold_ids)
     majority = np.bincount(gold_ids, minlength=k).max() / len(gold_ids)
-    # A model that predicts one class whatever it reads (untrained, collapsed) scores the majority share
-    # under some relabelling: that says nothing about the map. Only a relabelling that beats guessing does.
+    # A model that predicts one class whatever it reads (untrained, collapsed) scores the majority
+    # share
+    # under some relabelling: that says nothing about the map. Only a relabelling that beats
+    # guessing does.
     if best - accuracy >= RELABEL_MARGIN and best - majority >= RELABEL_MARGIN:
-        reading = ", ".join(f"{label_names[r]}→{label_names[c]}" for r, c in zip(rows, cols) if r != c)
-        warnings.append(f"label mapping suspect: accuracy {accuracy:.2%} under the job's label map, but reading "
-                        f"the predictions as {reading} gives {best:.2%}; check dataset.label_map")
+        reading = ", ".join(
+            f"{label_names[r]}→{label_names[c]}" for r, c in zip(rows, cols) if r != c
+        )
+        warnings.append(
+            f"label mapping suspect: accuracy {accuracy:.2%} under the job's label map, but "
+            "reading "
+            f"the predictions as {reading} gives {best:.2%}; check dataset.label_map"
+        )
     if accuracy < majority:
-        warnings.append(f"accuracy {accuracy:.2%} is below always guessing the majority class ({majority:.2%})")
+        warnings.append(
+            f"accuracy {accuracy:.2%} is below always guessing the majority class ({majority:.2%})"
+        )
     return warnings

@@ -38,62 +38,121 @@ def chance_note(train_loss: float | None, label_count: int) -> str:
     chance = math.log(label_count) if label_count > 1 else 0.0
     if train_loss is None or not chance or train_loss < 0.95 * chance:
         return ""
-    return (f"; note: the loss stayed near ln {label_count} = {chance:.3f}, what guessing gives: the model "
-            "learned little (more rows or epochs, or another learning rate, may help)")
+    return (
+        f"; note: the loss stayed near ln {label_count} = {chance:.3f}, what guessing gives: the "
+        "model "
+        "learned little (more rows or epochs, or another learning rate, may help)"
+    )
 
 
-def finetune_key(base_key: str, texts: list[str], labels: list[str], label_names: list[str],
-                 settings: FinetuneSpec, max_length: int) -> str:
+def finetune_key(
+    base_key: str,
+    texts: list[str],
+    labels: list[str],
+    label_names: list[str],
+    settings: FinetuneSpec,
+    max_length: int,
+) -> str:
     digest = hashlib.sha256(b"quantbench-finetune-v1")
     digest.update(base_key.encode())
     for text, label in zip(texts, labels):
         digest.update(text.encode() + b"\x1f" + label.encode() + b"\x1e")
     settings_without_source = {k: v for k, v in asdict(settings).items() if k != "train"}
-    digest.update(json.dumps([label_names, settings_without_source, max_length], sort_keys=True).encode())
+    digest.update(
+        json.dumps([label_names, settings_without_source, max_length], sort_keys=True).encode()
+    )
     return digest.hexdigest()[:20]
 
 
 def run_finetune(task: FinetuneTask) -> dict:
-    """Train and save into the cache. Returns what was done, for the results and the run's output."""
+    """Train and save into the cache. Returns what was done, for the results and the run's
+    output."""
     existing = models.cached_model(task.key)
     if existing is not None:
         return models.cached_info(existing)
 
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     models.quiet_libraries()
     started = time.perf_counter()
-    torch.set_num_threads(measure.available_cpus())  # Ray's one thread per task would halve the speed
+    torch.set_num_threads(
+        measure.available_cpus()
+    )  # Ray's one thread per task would halve the speed
     set_seed(task.settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(task.base_dir)
     index = {name: i for i, name in enumerate(task.label_names)}
     model = AutoModelForSequenceClassification.from_pretrained(
-        task.base_dir, num_labels=len(task.label_names), id2label=dict(enumerate(task.label_names)),
-        label2id=index, ignore_mismatched_sizes=True, dtype=torch.float32)
+        task.base_dir,
+        num_labels=len(task.label_names),
+        id2label=dict(enumerate(task.label_names)),
+        label2id=index,
+        ignore_mismatched_sizes=True,
+        dtype=torch.float32,
+    )
     encoded = tokenizer(task.texts, truncation=True, max_length=task.max_length)
-    train_set = [{"input_ids": encoded["input_ids"][i], "attention_mask": encoded["attention_mask"][i],
-                  **({"token_type_ids": encoded["token_type_ids"][i]} if "token_type_ids" in encoded else {}),
-                  "labels": index[label]} for i, label in enumerate(task.labels)]
+    train_set = [
+        {
+            "input_ids": encoded["input_ids"][i],
+            "attention_mask": encoded["attention_mask"][i],
+            **(
+                {"token_type_ids": encoded["token_type_ids"][i]}
+                if "token_type_ids" in encoded
+                else {}
+            ),
+            "labels": index[label],
+        }
+        for i, label in enumerate(task.labels)
+    ]
     s = task.settings
     steps = math.ceil(math.ceil(len(train_set) / s.batch_size) * s.epochs)
     with tempfile.TemporaryDirectory(prefix="quantbench-finetune-") as scratch:
         arguments = TrainingArguments(
-            output_dir=scratch, num_train_epochs=s.epochs, learning_rate=s.learning_rate,
-            per_device_train_batch_size=s.batch_size, weight_decay=s.weight_decay, warmup_steps=round(s.warmup_ratio * steps),
-            seed=s.seed, data_seed=s.seed, save_strategy="no", report_to=[], logging_strategy="no",
-            disable_tqdm=True, dataloader_num_workers=0,
+            output_dir=scratch,
+            num_train_epochs=s.epochs,
+            learning_rate=s.learning_rate,
+            per_device_train_batch_size=s.batch_size,
+            weight_decay=s.weight_decay,
+            warmup_steps=round(s.warmup_ratio * steps),
+            seed=s.seed,
+            data_seed=s.seed,
+            save_strategy="no",
+            report_to=[],
+            logging_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
             train_sampling_strategy="group_by_length",  # less padding: faster steps on a CPU
-            use_cpu=not torch.cuda.is_available())
-        trainer = Trainer(model=model, args=arguments, train_dataset=train_set,
-                          data_collator=DataCollatorWithPadding(tokenizer))
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = Trainer(
+            model=model,
+            args=arguments,
+            train_dataset=train_set,
+            data_collator=DataCollatorWithPadding(tokenizer),
+        )
         outcome = trainer.train()
     model.eval()
-    info = {"key": task.key, "base": task.base_key, "label_names": task.label_names, "train_rows": len(task.texts),
-            "settings": {k: v for k, v in asdict(s).items() if k != "train"}, "max_length": task.max_length,
-            "train_loss": round(float(outcome.training_loss), 6), "train_s": round(time.perf_counter() - started, 2),
-            "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
-            "newly_initialised": []}
-    folder = models.save_folder(task.key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    info = {
+        "key": task.key,
+        "base": task.base_key,
+        "label_names": task.label_names,
+        "train_rows": len(task.texts),
+        "settings": {k: v for k, v in asdict(s).items() if k != "train"},
+        "max_length": task.max_length,
+        "train_loss": round(float(outcome.training_loss), 6),
+        "train_s": round(time.perf_counter() - started, 2),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "newly_initialised": [],
+    }
+    folder = models.save_folder(
+        task.key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
+    )
     return {**info, "cached": False, "folder": str(folder)}

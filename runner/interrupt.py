@@ -1,7 +1,7 @@
-"""Stopping `quantbench run` with SIGINT (Ctrl-C) or SIGTERM: the first signal raises Interrupted where
-the driver is, so the sweep's `finally` blocks run (the embedded cluster and the fork server are
-stopped, a result being written loses its temporary file, the results folder is unlocked), and the
-command line says what is kept and how to resume, with exit code 128 + the signal (130, 143).
+"""Stopping `quantbench run` with SIGINT (Ctrl-C) or SIGTERM: the first signal raises Interrupted
+where the driver is, so the sweep's `finally` blocks run (the embedded cluster and the fork server
+are stopped, a result being written loses its temporary file, the results folder is unlocked), and
+the command line says what is kept and how to resume, with exit code 128 + the signal (130, 143).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def exit_code() -> int:
-    """128 + the signal, as a shell reports a process that a signal ended: 130 SIGINT, 143 SIGTERM."""
+    """128 + the signal, as a shell reports a process that a signal ended: 130 SIGINT, 143
+    SIGTERM."""
     return 128 + (received or signal.SIGINT)
 
 

@@ -1,16 +1,16 @@
 """Isolation: a CPU variant runs in a process of its own, forked from a server that imported once.
 
-Importing torch and transformers takes 5-10 s on a small machine. A fresh interpreter per variant pays
-that every time, and it was most of what a sweep spent outside the variants' work. Here a fork server
-(a single-threaded process) imports them once and forks a new process for every variant: fresh
-memory peaks, fresh thread pools, nothing left over from the variant before. The caller only waits
-on a socket meanwhile. A CPU fine-tune comes here too. CUDA work does not: a CUDA context cannot
-cross a fork, so it runs in a fresh Ray worker.
+Importing torch and transformers takes 5-10 s on a small machine. A fresh interpreter per variant
+pays that every time, and it was most of what a sweep spent outside the variants' work. Here a fork
+server (a single-threaded process) imports them once and forks a new process for every variant:
+fresh memory peaks, fresh thread pools, nothing left over from the variant before. The caller only
+waits on a socket meanwhile. A CPU fine-tune comes here too. CUDA work does not: a CUDA context
+cannot cross a fork, so it runs in a fresh Ray worker.
 
 Whoever knows early that variants will run on this machine starts the server ahead of time:
-`quantbench run` does before it starts its embedded Ray cluster, so the imports run while Ray starts.
-The cluster's processes inherit its address (QUANTBENCH_FORK_SERVER). Elsewhere, a worker starts its
-own server at its first call.
+`quantbench run` does before it starts its embedded Ray cluster, so the imports run while Ray
+starts. The cluster's processes inherit its address (QUANTBENCH_FORK_SERVER). Elsewhere, a worker
+starts its own server at its first call.
 
 For each call the server forks a supervisor, which forks the process that runs the function. The
 supervisor reports that process's exit code if it dies before it answers, and kills it if the caller
@@ -32,20 +32,30 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError, reduction
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge, wait
-from typing import Any, Callable
+from typing import Any
 
 # What the server imports before it forks: the heavy, model-independent part of a variant's imports.
-PRELOAD = ["torch", "runner.worker", "runner.finetune", "runner.analysis", "transformers.modeling_utils",
-           "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto"]
+PRELOAD = [
+    "torch",
+    "runner.worker",
+    "runner.finetune",
+    "runner.analysis",
+    "transformers.modeling_utils",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+]
 
-# "NAME KEY": the abstract Unix socket a server on this machine listens on, and its authentication key.
+# "NAME KEY": the abstract Unix socket a server on this machine listens on, and its authentication
+# key.
 ADDRESS_VARIABLE = "QUANTBENCH_FORK_SERVER"
 
 
-# How long a caller has to prove the key and send its call: a connection that never sends is dropped.
+# How long a caller has to prove the key and send its call: a connection that never sends is
+# dropped.
 AUTHENTICATION_DEADLINE_S = 10
 
 
@@ -87,24 +97,40 @@ def start_server(also_import: list[str] = ()) -> ForkServer:
     """Starts a fork server and returns once it listens (a fraction of a second): it imports while
     the caller goes on. Calls made before it is ready wait for it."""
     server = ForkServer(name=f"quantbench-fork-{secrets.token_hex(8)}", key=secrets.token_bytes(32))
-    setup = json.dumps({"name": server.name, "key": server.key.hex(), "modules": PRELOAD + list(also_import),
-                        "sys_path": sys.path, "parent": os.getpid(),
-                        "deadline_s": AUTHENTICATION_DEADLINE_S})
+    setup = json.dumps(
+        {
+            "name": server.name,
+            "key": server.key.hex(),
+            "modules": PRELOAD + list(also_import),
+            "sys_path": sys.path,
+            "parent": os.getpid(),
+            "deadline_s": AUTHENTICATION_DEADLINE_S,
+        }
+    )
     # The setup goes through a pipe: a command line, key included, is visible to every user.
     # One OpenMP thread while importing: otherwise importing torch and transformers starts OpenMP's
     # pool (2 more threads on 2 cores), and a process forked from a threaded one inherits a broken
     # pool. A forked process sets its own thread count (the job's `threads`). A session of its own:
     # Ctrl-C and Ctrl-Z at the terminal reach `quantbench run`, which stops the server.
     server.process = subprocess.Popen(
-        [sys.executable, "-c", "import json, sys; setup = json.loads(sys.stdin.readline()); "
-                               "sys.path[:] = setup['sys_path']; from runner.isolation import serve; serve(setup)"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True)
+        [
+            sys.executable,
+            "-c",
+            "import json, sys; setup = json.loads(sys.stdin.readline()); "
+            "sys.path[:] = setup['sys_path']; from runner.isolation import serve; serve(setup)",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
     server.process.stdin.write(setup.encode() + b"\n")
     server.process.stdin.close()
     if server.process.stdout.readline() != b"listening\n":  # blocks, no polling
         server.process.wait()
-        raise RuntimeError(f"the fork server ended with exit code {server.process.returncode} before it listened")
+        raise RuntimeError(
+            f"the fork server ended with exit code {server.process.returncode} before it listened"
+        )
     server.process.stdout.close()
     return server
 
@@ -125,8 +151,11 @@ def run_in_fresh_process(function: Callable[..., Any], *args, also_import: list[
     """
     global _own_server
     if getattr(function, "__module__", None) == "__main__":
-        raise ValueError(f"{function.__name__} is defined in the main script: the process that runs it imports it "
-                         "by its module's name, so it must live in an importable module")
+        raise ValueError(
+            f"{function.__name__} is defined in the main script: the process that runs it imports "
+            "it "
+            "by its module's name, so it must live in an importable module"
+        )
     server = server_from_environment()
     try:
         connection = Client(server.address, "AF_UNIX", authkey=server.key) if server else None
@@ -137,23 +166,29 @@ def run_in_fresh_process(function: Callable[..., Any], *args, also_import: list[
             _own_server = start_server(also_import)
         connection = Client(_own_server.address, "AF_UNIX", authkey=_own_server.key)
     with connection:
-        connection.send_bytes(pickle.dumps((sys.path, os.getcwd(), dict(os.environ))))  # where it runs first
+        connection.send_bytes(
+            pickle.dumps((sys.path, os.getcwd(), dict(os.environ)))
+        )  # where it runs first
         connection.send_bytes(pickle.dumps((function, args)))
         for fd in (1, 2):  # the process writes where this one writes (a Ray worker: its log files)
             reduction.send_handle(connection, fd, None)
         try:
             kind, value = connection.recv()  # blocks; no polling beside the timed passes
         except EOFError:
-            raise ProcessDied("the fork server's process for this call ended before the variant's process "
-                              "returned a result (the server was stopped or killed)") from None
+            raise ProcessDied(
+                "the fork server's process for this call ended before the variant's process "
+                "returned a result (the server was stopped or killed)"
+            ) from None
     if kind == "ok":
         return value
     if kind == "error":
         raise RuntimeError(value)
     pid, code = value
-    how = (f"was killed by signal {code_name(-code)}" if code < 0 else f"ended with exit code {code}")
-    raise ProcessDied(f"the variant's process (pid {pid}) {how} before it returned a result "
-                      "(killed, crashed or out of memory: the out-of-memory killer sends SIGKILL)")
+    how = f"was killed by signal {code_name(-code)}" if code < 0 else f"ended with exit code {code}"
+    raise ProcessDied(
+        f"the variant's process (pid {pid}) {how} before it returned a result "
+        "(killed, crashed or out of memory: the out-of-memory killer sends SIGKILL)"
+    )
 
 
 def code_name(number: int) -> str:
@@ -168,14 +203,17 @@ def code_name(number: int) -> str:
 
 
 def serve(setup: dict) -> None:
-    """The server: listen first (callers queue meanwhile), import, then fork a supervisor per call."""
+    """The server: listen first (callers queue meanwhile), import, then fork a supervisor per
+    call."""
     _die_with_parent()
     if os.getppid() != setup["parent"]:  # it ended before this process could follow it
         return
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_address(setup["name"]))
     listener.listen(64)
-    with open(1, "wb", closefd=False) as starter:  # the starter waits for this line, then closes the pipe
+    with open(
+        1, "wb", closefd=False
+    ) as starter:  # the starter waits for this line, then closes the pipe
         starter.write(b"listening\n")
     quiet = os.open(os.devnull, os.O_WRONLY)  # a forked process writes where its caller writes
     os.dup2(quiet, 1)
@@ -192,7 +230,9 @@ def serve(setup: dict) -> None:
             peer, _ = listener.accept()
         except OSError:
             continue
-        if not same_user(peer):  # an abstract socket has no permissions: refused before a byte is read
+        if not same_user(
+            peer
+        ):  # an abstract socket has no permissions: refused before a byte is read
             peer.close()
             continue
         if os.fork() == 0:
@@ -207,14 +247,17 @@ def same_user(peer: socket.socket) -> bool:
     if not hasattr(socket, "SO_PEERCRED"):
         return True
     try:
-        _, uid, _ = struct.unpack("3i", peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        _, uid, _ = struct.unpack(
+            "3i", peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
     except OSError:
         return False
     return uid == os.getuid()
 
 
-
-def _authenticated_request(connection, key: bytes, deadline_s: int) -> tuple[list[bytes], list[int]]:
+def _authenticated_request(
+    connection, key: bytes, deadline_s: int
+) -> tuple[list[bytes], list[int]]:
     """The caller's key checked, then its call and its output descriptors read, within the deadline
     (SIGALRM ends this supervisor, and with it the connection)."""
     signal.alarm(deadline_s)
@@ -235,7 +278,11 @@ def _supervise(connection, key: bytes, deadline_s: int) -> None:
         _die_with_parent()
         try:
             request, output = _authenticated_request(connection, key, deadline_s)
-        except (OSError, EOFError, AuthenticationError):  # a caller that went away or had the wrong key
+        except (
+            OSError,
+            EOFError,
+            AuthenticationError,
+        ):  # a caller that went away or had the wrong key
             return
         # The child's end arrives as SIGCHLD, which writes a byte into this pipe: waitable beside
         # the connection, and never missed, even if the child ends before the wait begins.
@@ -279,7 +326,9 @@ def _run_call(connection, request: list[bytes], output: list[int]) -> None:
         os.setpgid(0, 0)  # a group of its own: what it starts is killed with it when the call ends
         for fd, caller_fd in zip((1, 2), output):
             os.dup2(caller_fd, fd)
-            os.close(caller_fd)  # received inheritable: a program this process runs would keep it open
+            os.close(
+                caller_fd
+            )  # received inheritable: a program this process runs would keep it open
         try:
             sys.path[:], cwd, environment = pickle.loads(request[0])
             os.chdir(cwd)
@@ -289,12 +338,17 @@ def _run_call(connection, request: list[bytes], output: list[int]) -> None:
             outcome = ("ok", function(*args))
         except BaseException as error:  # reported to the caller, which fails the variant with it
             outcome = ("error", f"{type(error).__name__}: {error}")
-        for stream in (sys.stdout, sys.stderr):  # before the answer: the caller may go once it has it
+        for stream in (
+            sys.stdout,
+            sys.stderr,
+        ):  # before the answer: the caller may go once it has it
             stream.flush()
         try:
             connection.send(outcome)
         except Exception as error:  # a result that cannot be pickled
-            connection.send(("error", f"the result could not be sent back: {type(error).__name__}: {error}"))
+            connection.send(
+                ("error", f"the result could not be sent back: {type(error).__name__}: {error}")
+            )
         code = 0
     finally:
         os._exit(code)

@@ -2,8 +2,8 @@
 runs its clock at a time, across every quantbench run there.
 
 The kernel drops a flock when its holder dies, however it dies, so a killed run never leaves a lock
-held; the file may stay, and the next run takes it. A lock file says who holds it (pid, host, command,
-since when), so whoever is refused can say whom it waits for.
+held; the file may stay, and the next run takes it. A lock file says who holds it (pid, host,
+command, since when), so whoever is refused can say whom it waits for.
 """
 
 from __future__ import annotations
@@ -43,15 +43,19 @@ class LockHeld(Exception):
 
 
 def holder_record(what: str) -> str:
-    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": what, "since": measure.now()})
+    return json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "command": what, "since": measure.now()}
+    )
 
 
 def describe_holder(text: str) -> str:
     """The lock file's record as words; a file just created may not have it yet."""
     try:
         record = json.loads(text)
-        return (f"pid {record['pid']} on {record['host']} ({record['command']}), "
-                f"holding it since {record['since']}")
+        return (
+            f"pid {record['pid']} on {record['host']} ({record['command']}), "
+            f"holding it since {record['since']}"
+        )
     except (ValueError, TypeError, KeyError):
         return "a process that has not said who it is yet (it may have just started)"
 
@@ -100,11 +104,14 @@ class ResultsLocked(results.ResultsConflict):
     """Another run writes this job's results folder, or its lock cannot be made (cli: exit 2)."""
 
 
-def lock_job_folder(folder: Path, command: str, wait_s: float | None, say) -> tuple[int, Path | None]:
-    """(the lock's fd, the outermost folder this call made, if any). wait_s None: refuse at once when held.
+def lock_job_folder(
+    folder: Path, command: str, wait_s: float | None, say
+) -> tuple[int, Path | None]:
+    """(the lock's fd, the outermost folder this call made, if any). wait_s None: refuse at once
+    when held.
 
-    The holder removes the file as it lets go, so a waiter may end up locking a file no longer at the
-    path: it checks that what it locked is still there, and tries again if not."""
+    The holder removes the file as it lets go, so a waiter may end up locking a file no longer at
+    the path: it checks that what it locked is still there, and tries again if not."""
     created = results.outermost_missing(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path, deadline, told = folder / RESULTS_LOCK, time.monotonic() + (wait_s or 0.0), []
@@ -113,11 +120,16 @@ def lock_job_folder(folder: Path, command: str, wait_s: float | None, say) -> tu
         if not told:
             told.append(holder)
             until = "until it ends" if wait_s == float("inf") else f"up to {wait_s:g} s"
-            say(f"waiting for {folder}: another run is writing it: {holder}; waiting {until} (--wait-for-lock)")
+            say(
+                f"waiting for {folder}: another run is writing it: {holder}; waiting {until} "
+                "(--wait-for-lock)"
+            )
 
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        waited = flock_within(fd, max(0.0, deadline - time.monotonic()), waiting if wait_s else None)
+        waited = flock_within(
+            fd, max(0.0, deadline - time.monotonic()), waiting if wait_s else None
+        )
         if waited is None:
             holder = read_holder(fd)
             os.close(fd)
@@ -130,9 +142,15 @@ def lock_job_folder(folder: Path, command: str, wait_s: float | None, say) -> tu
 
 
 def _refusal(folder: Path, holder: str, wait_s: float | None) -> str:
-    waited = f"is still being written by another run after {wait_s:g} s" if wait_s else "is being written by another run"
-    return (f"{folder} {waited}: {holder}. Let that run finish (or stop it), wait for it with "
-            "--wait-for-lock [SECONDS], or write these results elsewhere with --results NEW_FOLDER")
+    waited = (
+        f"is still being written by another run after {wait_s:g} s"
+        if wait_s
+        else "is being written by another run"
+    )
+    return (
+        f"{folder} {waited}: {holder}. Let that run finish (or stop it), wait for it with "
+        "--wait-for-lock [SECONDS], or write these results elsewhere with --results NEW_FOLDER"
+    )
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -161,11 +179,18 @@ def job_folders_locked(results_dir: Path, jobs: list[str], command: str, wait_s:
             try:
                 held.append((folder, *lock_job_folder(folder, command, wait_s, say)))
             except OSError as error:
-                raise ResultsLocked(f"cannot lock {folder / RESULTS_LOCK}: {error.strerror}; "
-                                    "check that the results folder is a folder you can write, "
-                                    "or name another with --results NEW_FOLDER") from None
-            for path in results.remove_stale_temporaries(folder):  # no live run writes it: we hold the lock
-                say(f"removed {path}: part of a result left by a run that was killed while writing it")
+                raise ResultsLocked(
+                    f"cannot lock {folder / RESULTS_LOCK}: {error.strerror}; "
+                    "check that the results folder is a folder you can write, "
+                    "or name another with --results NEW_FOLDER"
+                ) from None
+            for path in results.remove_stale_temporaries(
+                folder
+            ):  # no live run writes it: we hold the lock
+                say(
+                    f"removed {path}: part of a result left by a run that was killed while "
+                    "writing it"
+                )
         yield
     finally:
         for folder, fd, created in reversed(held):
@@ -177,9 +202,9 @@ def timing_lock_path() -> str:
 
 
 def _open_shared(path: str) -> tuple[int, bool]:
-    """(fd, writable) of the machine's lock file, made on first use. A file of another user's in /tmp
-    cannot be opened with O_CREAT (protected_regular), so it is opened first and made only if missing;
-    never through a link someone else put there."""
+    """(fd, writable) of the machine's lock file, made on first use. A file of another user's in
+    /tmp cannot be opened with O_CREAT (protected_regular), so it is opened first and made only if
+    missing; never through a link someone else put there."""
     flags = os.O_NOFOLLOW | os.O_CLOEXEC
     while True:
         try:
@@ -204,7 +229,9 @@ class TimingLock:
 
 
 def _say_on_stderr(text: str) -> None:
-    print(f"quantbench: {text}", file=sys.stderr, flush=True)  # a Ray worker's log, or a test's pipe
+    print(
+        f"quantbench: {text}", file=sys.stderr, flush=True
+    )  # a Ray worker's log, or a test's pipe
 
 
 @contextlib.contextmanager
@@ -215,21 +242,29 @@ def timing_lock(what: str, timeout_s: float = TIMING_LOCK_TIMEOUT_S, say=_say_on
     try:
         fd, writable = _open_shared(lock.path)
     except OSError as error:
-        lock.warning = (f"timed without the machine's timing lock: cannot open {lock.path} ({error.strerror}): "
-                        "another quantbench run on this machine may have timed at the same time")
+        lock.warning = (
+            f"timed without the machine's timing lock: cannot open {lock.path} ({error.strerror}): "
+            "another quantbench run on this machine may have timed at the same time"
+        )
         yield lock
         return
 
     def waiting(holder: str) -> None:
-        say(f"{what}: waiting for the machine's timing lock {lock.path}, held by {holder}: the clock starts "
-            f"when that run's timed passes end (waits at most {timeout_s:g} s)")
+        say(
+            f"{what}: waiting for the machine's timing lock {lock.path}, held by {holder}: the "
+            "clock starts "
+            f"when that run's timed passes end (waits at most {timeout_s:g} s)"
+        )
 
     try:
         waited = flock_within(fd, timeout_s, waiting)
         lock.waited_s = timeout_s if waited is None else waited
         if waited is None:
-            lock.warning = (f"timed beside another run: the machine's timing lock {lock.path} was still held after "
-                            f"{timeout_s:g} s, by {read_holder(fd)}; latencies may be too high")
+            lock.warning = (
+                f"timed beside another run: the machine's timing lock {lock.path} was still held "
+                "after "
+                f"{timeout_s:g} s, by {read_holder(fd)}; latencies may be too high"
+            )
         elif writable:
             write_holder(fd, what)
         yield lock

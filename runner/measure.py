@@ -16,15 +16,24 @@ import socket
 import statistics
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 # Instruction-set extensions that decide CPU speed for FP32/BF16/INT8 kernels.
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+SPEED_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def now() -> str:
     """The time now, UTC, ISO 8601 to the millisecond: how results say when something happened."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 # A latency distribution is called noisy when its coefficient of variation exceeds this.
@@ -32,7 +41,8 @@ NOISY_CV = 0.10
 
 
 def latency_stats(seconds: list[float]) -> dict:
-    """The distribution of per-pass latencies, in milliseconds, with a 95% interval for the median."""
+    """The distribution of per-pass latencies, in milliseconds, with a 95% interval for the
+    median."""
     ms = sorted(s * 1000.0 for s in seconds)
     n = len(ms)
     if n == 0:
@@ -40,13 +50,27 @@ def latency_stats(seconds: list[float]) -> dict:
     mean = statistics.fmean(ms)
     std = statistics.stdev(ms) if n > 1 else 0.0
     stats = {
-        "mean": mean, "median": statistics.median(ms), "std": std,
-        "p90": _percentile(ms, 90), "p99": _percentile(ms, 99), "min": ms[0], "max": ms[-1], "n": n,
+        "mean": mean,
+        "median": statistics.median(ms),
+        "std": std,
+        "p90": _percentile(ms, 90),
+        "p99": _percentile(ms, 99),
+        "min": ms[0],
+        "max": ms[-1],
+        "n": n,
         "cv": std / mean if mean else 0.0,
         "median_ci95": median_ci95(ms),
     }
-    return {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] if isinstance(v, list) else v)
-            for k, v in stats.items()}
+    return {
+        k: (
+            round(v, 4)
+            if isinstance(v, float)
+            else [round(x, 4) for x in v]
+            if isinstance(v, list)
+            else v
+        )
+        for k, v in stats.items()
+    }
 
 
 def median_ci95(sorted_values: list[float]) -> list[float]:
@@ -68,10 +92,10 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def same_shape_cv(seconds: list[float], shapes: list) -> tuple[float | None, int]:
-    """The coefficient of variation of passes of the same shape, pooled over the shapes: the machine's
-    noise, whatever the inputs' lengths. Each pass deviates from its own shape's mean, relative to
-    that mean; with n passes of k shapes, n - k of them carry the spread. Returns (cv, n - k); cv is
-    None when no shape was timed twice."""
+    """The coefficient of variation of passes of the same shape, pooled over the shapes: the
+    machine's noise, whatever the inputs' lengths. Each pass deviates from its own shape's mean,
+    relative to that mean; with n passes of k shapes, n - k of them carry the spread. Returns (cv, n
+    - k); cv is None when no shape was timed twice."""
     groups: dict = {}
     for value, shape in zip(seconds, shapes):
         groups.setdefault(shape, []).append(value)
@@ -86,8 +110,8 @@ def same_shape_cv(seconds: list[float], shapes: list) -> tuple[float | None, int
 
 
 def preemptions() -> int | None:
-    """How often the kernel has taken a CPU from this process's threads for another runnable thread so
-    far (involuntary context switches); None where the platform does not count them."""
+    """How often the kernel has taken a CPU from this process's threads for another runnable thread
+    so far (involuntary context switches); None where the platform does not count them."""
     try:
         import resource
     except ImportError:  # Windows
@@ -97,8 +121,11 @@ def preemptions() -> int | None:
 
 def niceness_warning(env: dict) -> str | None:
     if (env.get("niceness") or 0) > 0:
-        return (f"the variant ran at niceness {env['niceness']} (Ray starts its workers at 15 unless the node "
-                "sets RAY_worker_niceness=0): every process at a lower niceness took the CPU before it")
+        return (
+            f"the variant ran at niceness {env['niceness']} (Ray starts its workers at 15 unless "
+            "the node "
+            "sets RAY_worker_niceness=0): every process at a lower niceness took the CPU before it"
+        )
     return None
 
 
@@ -106,9 +133,16 @@ def noisy_warning(stats: dict) -> str | None:
     cv = stats.get("repeat_cv")
     if cv is not None and cv > NOISY_CV:
         rate = stats.get("preemptions_per_s")
-        return (f"latency is noisy: passes of the same shape vary by {cv:.1%} (coefficient of variation, above "
-                f"{NOISY_CV:.0%}); another process may have shared the cores"
-                + (f" (the variant's threads lost the CPU {rate:.0f} times a second while timed)" if rate is not None else ""))
+        return (
+            f"latency is noisy: passes of the same shape vary by {cv:.1%} (coefficient of "
+            "variation, above "
+            f"{NOISY_CV:.0%}); another process may have shared the cores"
+            + (
+                f" (the variant's threads lost the CPU {rate:.0f} times a second while timed)"
+                if rate is not None
+                else ""
+            )
+        )
     return None
 
 
@@ -165,13 +199,19 @@ class MemoryPhases:
     MEASURED = ("load", "quantize", "evaluate")
 
     def peak_rss_mib(self) -> float | None:
-        values = [p["peak_rss_mib"] for name, p in self.phases.items()
-                  if name in self.MEASURED and p.get("peak_rss_mib") is not None]
+        values = [
+            p["peak_rss_mib"]
+            for name, p in self.phases.items()
+            if name in self.MEASURED and p.get("peak_rss_mib") is not None
+        ]
         return max(values) if values else None
 
     def peak_cuda_mib(self) -> float | None:
-        values = [p["peak_cuda_allocated_mib"] for name, p in self.phases.items()
-                  if name in self.MEASURED and "peak_cuda_allocated_mib" in p]
+        values = [
+            p["peak_cuda_allocated_mib"]
+            for name, p in self.phases.items()
+            if name in self.MEASURED and "peak_cuda_allocated_mib" in p
+        ]
         return max(values) if values else None
 
 
@@ -220,8 +260,12 @@ def cpu_info() -> dict:
         flags = set(found.group(1).split()) if found else set()
     except OSError:
         pass
-    return {"model": model, "logical_cpus": os.cpu_count(), "available_cpus": available_cpus(),
-            "flags": {flag: flag in flags for flag in SPEED_FLAGS}}
+    return {
+        "model": model,
+        "logical_cpus": os.cpu_count(),
+        "available_cpus": available_cpus(),
+        "flags": {flag: flag in flags for flag in SPEED_FLAGS},
+    }
 
 
 def available_cpus() -> int:
@@ -237,9 +281,13 @@ def gpu_info() -> dict | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
-    return {"name": props.name, "memory_mib": round(props.total_memory / 2**20),
-            "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
-            "count": torch.cuda.device_count()}
+    return {
+        "name": props.name,
+        "memory_mib": round(props.total_memory / 2**20),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "cuda": torch.version.cuda,
+        "count": torch.cuda.device_count(),
+    }
 
 
 def _version(module: str) -> str | None:
@@ -258,7 +306,10 @@ def environment() -> dict:
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {name: _version(name) for name in ("torch", "transformers", "accelerate", "bitsandbytes", "ray")},
+        "versions": {
+            name: _version(name)
+            for name in ("torch", "transformers", "accelerate", "bitsandbytes", "ray")
+        },
         "cpu": cpu_info(),
         "gpu": gpu_info(),
         "torch_threads": torch.get_num_threads(),

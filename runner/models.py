@@ -1,9 +1,9 @@
 """Models: where a job's weights come from, their label names, and the prepared FP32 checkpoint.
 
-Every variant of a job quantizes the same saved FP32 checkpoint. `prepare_model` materialises it once
-(a randomly initialised classification head or inline architecture gets its weights here, from the
-job's seed) into a cache folder keyed by a content hash, so variants on any worker load identical
-weights and a second run reuses the folder.
+Every variant of a job quantizes the same saved FP32 checkpoint. `prepare_model` materialises it
+once (a randomly initialised classification head or inline architecture gets its weights here, from
+the job's seed) into a cache folder keyed by a content hash, so variants on any worker load
+identical weights and a second run reuses the folder.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def check_source(source: ModelSource, job: Path, field: str) -> None:
         try:
             package_folder(source.package)
         except FileNotFoundError as error:
-            raise SpecError(job, f"{field}.package", source.package, f"{error}; install it first") from None
+            raise SpecError(
+                job, f"{field}.package", source.package, f"{error}; install it first"
+            ) from None
 
 
 def read_config(source: ModelSource, job: Path, field: str = "model"):
@@ -66,32 +68,55 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
 
         config = dict(source.config)
         model_type = config.pop("model_type")
-        if model_type not in CONFIG_MAPPING:  # transformers' own message lists every type it knows (12 KB)
+        if (
+            model_type not in CONFIG_MAPPING
+        ):  # transformers' own message lists every type it knows (12 KB)
             close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
-            raise SpecError(job, f"{field}.config.model_type", model_type,
-                            "not a model type transformers knows" + (f"; did you mean {', '.join(close)}?" if close else ""))
+            raise SpecError(
+                job,
+                f"{field}.config.model_type",
+                model_type,
+                "not a model type transformers knows"
+                + (f"; did you mean {', '.join(close)}?" if close else ""),
+            )
         try:
             built = AutoConfig.for_model(model_type, **config)
         except (ValueError, TypeError) as error:
-            raise SpecError(job, f"{field}.config", source.config, f"not a valid {model_type} config: {error}") from None
+            raise SpecError(
+                job, f"{field}.config", source.config, f"not a valid {model_type} config: {error}"
+            ) from None
         check_heads(built, job, field)
         return built
     check_source(source, job, field)
     try:
         return AutoConfig.from_pretrained(pretrained_name(source), revision=source.revision)
     except (OSError, ValueError) as error:
-        raise SpecError(job, field, source.describe(), f"cannot read the model's config: {error}") from None
+        raise SpecError(
+            job, field, source.describe(), f"cannot read the model's config: {error}"
+        ) from None
 
 
 def check_heads(config, job: Path, field: str) -> None:
     """The one rule of an inline architecture that its config accepts but building the model refuses
-    (in every variant, after Ray started): each attention head takes hidden_size / num_attention_heads
-    dimensions, unless the config names head_dim itself."""
-    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
-    if getattr(config, "head_dim", None) is None and isinstance(hidden, int) and isinstance(heads, int) \
-            and heads > 0 and hidden % heads:
-        raise SpecError(job, f"{field}.config.hidden_size", hidden,
-                        f"must be a multiple of num_attention_heads ({heads}): each head takes an equal share")
+    (in every variant, after Ray started): each attention head takes hidden_size /
+    num_attention_heads dimensions, unless the config names head_dim itself."""
+    hidden, heads = (
+        getattr(config, "hidden_size", None),
+        getattr(config, "num_attention_heads", None),
+    )
+    if (
+        getattr(config, "head_dim", None) is None
+        and isinstance(hidden, int)
+        and isinstance(heads, int)
+        and heads > 0
+        and hidden % heads
+    ):
+        raise SpecError(
+            job,
+            f"{field}.config.hidden_size",
+            hidden,
+            f"must be a multiple of num_attention_heads ({heads}): each head takes an equal share",
+        )
 
 
 def label_names(config) -> list[str]:
@@ -99,8 +124,9 @@ def label_names(config) -> list[str]:
 
 
 def local_folder(source: ModelSource, job: Path, field: str) -> Path | None:
-    """The folder of a path or package source, whose files can be checked here; None for the hub (its
-    files cannot be listed offline), an inline config (it has none) or a path that is not a folder."""
+    """The folder of a path or package source, whose files can be checked here; None for the hub
+    (its files cannot be listed offline), an inline config (it has none) or a path that is not a
+    folder."""
     if not (source.path or source.package):
         return None
     check_source(source, job, field)
@@ -116,16 +142,25 @@ def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
         return read_config(source, job, field).to_dict()  # inline configs, the hub
     if not (folder / "config.json").is_file():
         below = sorted(str(c.parent.relative_to(folder)) for c in folder.glob("*/config.json"))
-        hint = f"; a folder below holds one: {', '.join(below)}" if below else \
-            "; name the folder that save_pretrained wrote"
+        hint = (
+            f"; a folder below holds one: {', '.join(below)}"
+            if below
+            else "; name the folder that save_pretrained wrote"
+        )
         raise SpecError(job, field, str(folder), f"the folder has no config.json{hint}")
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise SpecError(job, field, source.describe(), f"cannot read the model's config: {error}") from None
+        raise SpecError(
+            job, field, source.describe(), f"cannot read the model's config: {error}"
+        ) from None
     if not isinstance(config, dict):
-        raise SpecError(job, field, f"{folder / 'config.json'}: a JSON {type(config).__name__}",
-                        "a model's config.json is one JSON object of the model's settings")
+        raise SpecError(
+            job,
+            field,
+            f"{folder / 'config.json'}: a JSON {type(config).__name__}",
+            "a model's config.json is one JSON object of the model's settings",
+        )
     return config
 
 
@@ -135,14 +170,25 @@ def config_labels(config: dict, job: Path, source: ModelSource, field: str = "mo
     where = f"{source.describe()}: config.json"
     id2label, count = config.get("id2label"), config.get("num_labels", 2)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise SpecError(job, field, f"{where}: num_labels {count!r}", "num_labels is a whole number, 1 or more")
+        raise SpecError(
+            job, field, f"{where}: num_labels {count!r}", "num_labels is a whole number, 1 or more"
+        )
     if id2label:
         if not isinstance(id2label, dict):
-            raise SpecError(job, field, f"{where}: id2label {id2label!r}", "id2label maps label ids to names: {\"0\": ...}")
+            raise SpecError(
+                job,
+                field,
+                f"{where}: id2label {id2label!r}",
+                'id2label maps label ids to names: {"0": ...}',
+            )
         bad = [key for key in id2label if not str(key).strip().lstrip("-").isdigit()]
         if bad:
-            raise SpecError(job, field, f"{where}: id2label key {bad[0]!r}",
-                            "the keys of id2label are label ids, whole numbers (\"0\", \"1\", ...)")
+            raise SpecError(
+                job,
+                field,
+                f"{where}: id2label key {bad[0]!r}",
+                'the keys of id2label are label ids, whole numbers ("0", "1", ...)',
+            )
     return labels_in_config(config)
 
 
@@ -158,28 +204,45 @@ def model_label_names(source: ModelSource, job: Path, field: str = "model") -> l
     return labels_in_config(model_config(source, job, field))
 
 
-# What a tokenizer's vocabulary is saved in, by kind: WordPiece, BPE, SentencePiece, or any fast tokenizer.
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
-                    "sentencepiece.bpe.model")
+# What a tokenizer's vocabulary is saved in, by kind: WordPiece, BPE, SentencePiece, or any fast
+# tokenizer.
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def check_tokenizer_files(source: ModelSource, job: Path, field: str) -> None:
-    """A local folder must hold a tokenizer's vocabulary. Without one, transformers builds a tokenizer of
-    a handful of special tokens, every word becomes [UNK], and every variant runs 'ok' on nonsense."""
+    """A local folder must hold a tokenizer's vocabulary. Without one, transformers builds a
+    tokenizer of a handful of special tokens, every word becomes [UNK], and every variant runs 'ok'
+    on nonsense."""
     if source.hub:
         check_hub_tokenizer(source, job, field)
     folder = local_folder(source, job, field)
     if folder is not None and not any((folder / name).is_file() for name in VOCABULARY_FILES):
-        hint = ("save the tokenizer beside the model (tokenizer.save_pretrained) or name one with tokenizer:"
-                if field == "model" else "name a folder that holds one")
-        raise SpecError(job, field, str(folder),
-                        f"the folder has no tokenizer vocabulary (none of {', '.join(VOCABULARY_FILES)}); {hint}")
+        hint = (
+            "save the tokenizer beside the model (tokenizer.save_pretrained) or name one with "
+            "tokenizer:"
+            if field == "model"
+            else "name a folder that holds one"
+        )
+        raise SpecError(
+            job,
+            field,
+            str(folder),
+            f"the folder has no tokenizer vocabulary (none of {', '.join(VOCABULARY_FILES)}); "
+            f"{hint}",
+        )
 
 
 def check_hub_tokenizer(source: ModelSource, job: Path, field: str) -> None:
-    """A hub tokenizer is loaded now, as a hub model's config is: offline and not in the cache, it would
-    fail only at model preparation, after Ray started (blaming the model). Online, this fills the cache
-    that preparation then reads."""
+    """A hub tokenizer is loaded now, as a hub model's config is: offline and not in the cache, it
+    would fail only at model preparation, after Ray started (blaming the model). Online, this fills
+    the cache that preparation then reads."""
     from transformers import AutoTokenizer
 
     try:
@@ -187,34 +250,61 @@ def check_hub_tokenizer(source: ModelSource, job: Path, field: str) -> None:
     except (OSError, ValueError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         said = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache; " if offline else ""
-        raise SpecError(job, f"{field}.hub", source.hub, f"cannot load the tokenizer: {said}"
-                        f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise SpecError(
+            job,
+            f"{field}.hub",
+            source.hub,
+            f"cannot load the tokenizer: {said}"
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}",
+        ) from None
 
 
 # What a model's weights are saved in: one file, or shards listed in an index.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def check_weight_files(source: ModelSource, job: Path, field: str = "model") -> None:
-    """A local folder must hold whole weights. Without them, or with a safetensors file cut short (an
-    interrupted copy), the run would stop at loading, after starting Ray. safetensors checks each file's
-    header against its size without reading the tensors (and without torch)."""
+    """A local folder must hold whole weights. Without them, or with a safetensors file cut short
+    (an interrupted copy), the run would stop at loading, after starting Ray. safetensors checks
+    each file's header against its size without reading the tensors (and without torch)."""
     folder = local_folder(source, job, field)
     if folder is None:
         return
     found = [name for name in WEIGHT_FILES if (folder / name).is_file()]
     if not found:
-        raise SpecError(job, field, str(folder), f"the folder has no weights (none of {', '.join(WEIGHT_FILES)}); "
-                                                 "save them beside the config with model.save_pretrained")
+        raise SpecError(
+            job,
+            field,
+            str(folder),
+            f"the folder has no weights (none of {', '.join(WEIGHT_FILES)}); "
+            "save them beside the config with model.save_pretrained",
+        )
     files = [folder / name for name in found if not name.endswith(".index.json")]
     for index in (folder / name for name in found if name.endswith(".index.json")):
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            shards = sorted(
+                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            )
         except (OSError, ValueError, KeyError, AttributeError) as error:
-            raise SpecError(job, field, str(index), f"cannot read the shard index: {type(error).__name__}: {error}") from None
+            raise SpecError(
+                job,
+                field,
+                str(index),
+                f"cannot read the shard index: {type(error).__name__}: {error}",
+            ) from None
         missing = [name for name in shards if not (folder / name).is_file()]
         if missing:
-            raise SpecError(job, field, str(index), f"the index names shards the folder does not hold: {', '.join(missing)}")
+            raise SpecError(
+                job,
+                field,
+                str(index),
+                f"the index names shards the folder does not hold: {', '.join(missing)}",
+            )
         files += [folder / name for name in shards]
     from safetensors import SafetensorError, safe_open
 
@@ -225,8 +315,12 @@ def check_weight_files(source: ModelSource, job: Path, field: str = "model") -> 
             with safe_open(str(path), framework="numpy"):
                 pass
         except (SafetensorError, OSError) as error:
-            raise SpecError(job, field, str(path), f"the weights file is damaged ({error}); "
-                                                   "copy or save the model again") from None
+            raise SpecError(
+                job,
+                field,
+                str(path),
+                f"the weights file is damaged ({error}); copy or save the model again",
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,20 +364,23 @@ def cached_info(folder: Path) -> dict:
 
 
 def quiet_libraries() -> None:
-    """Loading reports, progress bars and deprecation notices are not for our output: what matters goes
-    into the results."""
+    """Loading reports, progress bars and deprecation notices are not for our output: what matters
+    goes into the results."""
     import warnings
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")  # said once in the settings
+    warnings.filterwarnings(
+        "ignore", message=".*inputs will be cast from.*"
+    )  # said once in the settings
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao.quantization")
 
 
 def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
-    """The job's FP32 checkpoint and tokenizer in the cache; (folder, its description). Cached by content."""
+    """The job's FP32 checkpoint and tokenizer in the cache; (folder, its description). Cached by
+    content."""
     key = model_key(spec)
     folder = cached_model(key)
     if folder is not None:
@@ -301,14 +398,25 @@ def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
         newly_initialised = ["all weights (inline architecture)"]
     else:
         model, loading = AutoModelForSequenceClassification.from_pretrained(
-            pretrained_name(spec.model), revision=spec.model.revision, dtype=torch.float32, output_loading_info=True)
+            pretrained_name(spec.model),
+            revision=spec.model.revision,
+            dtype=torch.float32,
+            output_loading_info=True,
+        )
         newly_initialised = sorted(loading.get("missing_keys", []))
     tokenizer_source = spec.tokenizer or spec.model
-    tokenizer = AutoTokenizer.from_pretrained(pretrained_name(tokenizer_source), revision=tokenizer_source.revision)
-    info = {"key": key, "source": spec.model.describe(), "tokenizer": tokenizer_source.describe(),
-            "seed": spec.seed, "newly_initialised": newly_initialised,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "label_names": label_names(model.config)}
+    tokenizer = AutoTokenizer.from_pretrained(
+        pretrained_name(tokenizer_source), revision=tokenizer_source.revision
+    )
+    info = {
+        "key": key,
+        "source": spec.model.describe(),
+        "tokenizer": tokenizer_source.describe(),
+        "seed": spec.seed,
+        "newly_initialised": newly_initialised,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "label_names": label_names(model.config),
+    }
     save_folder(key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     info["prepare_s"] = round(time.perf_counter() - started, 3)
     return cache_root() / "models" / key, {**info, "cached": False}
@@ -339,7 +447,8 @@ def save_folder(key: str, info: dict, write) -> Path:
 
 
 def archive_folder(folder: Path) -> bytes:
-    """The folder as an uncompressed tar (weights do not compress): sent once through Ray's object store."""
+    """The folder as an uncompressed tar (weights do not compress): sent once through Ray's object
+    store."""
     import io
     import tarfile
 
@@ -363,15 +472,21 @@ def unpack_archive(key: str, archive: bytes) -> Path:
 
 
 def extract_flat(archive: bytes, folder: Path) -> None:
-    """The plain files of a flat tar (what archive_folder makes) into folder, and nothing else: a link,
-    a device, a folder or a name with a path in it is refused. By hand rather than with
+    """The plain files of a flat tar (what archive_folder makes) into folder, and nothing else: a
+    link, a device, a folder or a name with a path in it is refused. By hand rather than with
     extractall(filter="data"), which Python 3.11.0-3.11.3 do not have."""
     import io
     import tarfile
 
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r") as tar:
         for member in tar:
-            if not member.isfile() or member.name in ("", ".", "..") or Path(member.name).name != member.name:
-                raise ValueError(f"model archive: refusing {member.name!r}: only plain files at its top level")
+            if (
+                not member.isfile()
+                or member.name in ("", ".", "..")
+                or Path(member.name).name != member.name
+            ):
+                raise ValueError(
+                    f"model archive: refusing {member.name!r}: only plain files at its top level"
+                )
             with tar.extractfile(member) as source, open(Path(folder) / member.name, "xb") as out:
                 shutil.copyfileobj(source, out)

@@ -10,8 +10,9 @@ driver validates jobs on a local model without importing them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 DEVICES = ("cpu", "cuda")
 
@@ -21,7 +22,8 @@ class Precision:
     name: str
     devices: tuple[str, ...]
     how: str
-    # (model_dir, device, settings) -> (model, recorded settings); weights arrive at their final dtype
+    # (model_dir, device, settings) -> (model, recorded settings); weights arrive at their final
+    # dtype
     load: Callable[..., tuple[Any, dict]]
     # (model, settings) -> (model, recorded settings); None where loading already quantized
     quantize: Callable[..., tuple[Any, dict]] | None = None
@@ -52,7 +54,8 @@ def _quantize_dynamic_int8(model, settings):
     engine = settings.quantized_engine or torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     modules = {getattr(torch.nn, name) for name in settings.dynamic_modules}
-    # inplace: the FP32 Linear weights are released as each layer is replaced, not kept as a second copy.
+    # inplace: the FP32 Linear weights are released as each layer is replaced, not kept as a second
+    # copy.
     model = torch.ao.quantization.quantize_dynamic(model, modules, dtype=torch.qint8, inplace=True)
     return model, {
         "method": "torch.ao.quantization.quantize_dynamic",
@@ -69,15 +72,26 @@ def _load_bnb(kind: str):
         from transformers import BitsAndBytesConfig
 
         if kind == "int8":
-            config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=settings.llm_int8_threshold)
-            recorded = {"method": "bitsandbytes LLM.int8()", "llm_int8_threshold": settings.llm_int8_threshold}
+            config = BitsAndBytesConfig(
+                load_in_8bit=True, llm_int8_threshold=settings.llm_int8_threshold
+            )
+            recorded = {
+                "method": "bitsandbytes LLM.int8()",
+                "llm_int8_threshold": settings.llm_int8_threshold,
+            }
         else:
-            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
-                                        bnb_4bit_compute_dtype=getattr(torch, settings.bnb_4bit_compute_dtype),
-                                        bnb_4bit_use_double_quant=settings.bnb_4bit_use_double_quant)
-            recorded = {"method": f"bitsandbytes 4-bit {kind}", "bnb_4bit_quant_type": kind,
-                        "bnb_4bit_compute_dtype": settings.bnb_4bit_compute_dtype,
-                        "bnb_4bit_use_double_quant": settings.bnb_4bit_use_double_quant}
+            config = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=kind,
+                bnb_4bit_compute_dtype=getattr(torch, settings.bnb_4bit_compute_dtype),
+                bnb_4bit_use_double_quant=settings.bnb_4bit_use_double_quant,
+            )
+            recorded = {
+                "method": f"bitsandbytes 4-bit {kind}",
+                "bnb_4bit_quant_type": kind,
+                "bnb_4bit_compute_dtype": settings.bnb_4bit_compute_dtype,
+                "bnb_4bit_use_double_quant": settings.bnb_4bit_use_double_quant,
+            }
         # Quantized while loading, layer by layer: no full FP32 model is held at any time.
         model = _auto_model(model_dir, quantization_config=config, device_map={"": device}).eval()
         recorded["quantized_while_loading"] = True
@@ -94,26 +108,49 @@ PRECISIONS: dict[str, Precision] = {
         Precision("fp32", ("cpu", "cuda"), "weights as loaded", _load_as("float32")),
         Precision("fp16", ("cpu", "cuda"), "loaded as float16", _load_as("float16")),
         Precision("bf16", ("cpu", "cuda"), "loaded as bfloat16", _load_as("bfloat16")),
-        Precision("int8-dynamic", ("cpu",), "torch dynamic post-training quantization, CPU kernels only",
-                  _load_as("float32"), _quantize_dynamic_int8),
-        Precision("bnb-int8", ("cpu", "cuda"), "bitsandbytes LLM.int8()", _load_bnb("int8"),
-                  imports=BNB_IMPORTS),
-        Precision("bnb-nf4", ("cpu", "cuda"), "bitsandbytes 4-bit NormalFloat", _load_bnb("nf4"),
-                  imports=BNB_IMPORTS),
-        Precision("bnb-fp4", ("cpu", "cuda"), "bitsandbytes 4-bit float", _load_bnb("fp4"),
-                  imports=BNB_IMPORTS),
+        Precision(
+            "int8-dynamic",
+            ("cpu",),
+            "torch dynamic post-training quantization, CPU kernels only",
+            _load_as("float32"),
+            _quantize_dynamic_int8,
+        ),
+        Precision(
+            "bnb-int8",
+            ("cpu", "cuda"),
+            "bitsandbytes LLM.int8()",
+            _load_bnb("int8"),
+            imports=BNB_IMPORTS,
+        ),
+        Precision(
+            "bnb-nf4",
+            ("cpu", "cuda"),
+            "bitsandbytes 4-bit NormalFloat",
+            _load_bnb("nf4"),
+            imports=BNB_IMPORTS,
+        ),
+        Precision(
+            "bnb-fp4",
+            ("cpu", "cuda"),
+            "bitsandbytes 4-bit float",
+            _load_bnb("fp4"),
+            imports=BNB_IMPORTS,
+        ),
     ]
 }
 
 
 def linear_layer_kinds(model) -> dict[str, int]:
-    """How many linear layers of each class the model computes with: shows what was really quantized."""
+    """How many linear layers of each class the model computes with: shows what was really
+    quantized."""
     import torch
 
     counts: dict[str, int] = {}
     for module in model.modules():
         name = type(module).__module__ + "." + type(module).__name__
         kind = type(module).__name__
-        if isinstance(module, torch.nn.Linear) or (kind.endswith("Linear") or "Linear8bit" in kind or "Linear4bit" in kind):
+        if isinstance(module, torch.nn.Linear) or (
+            kind.endswith("Linear") or "Linear8bit" in kind or "Linear4bit" in kind
+        ):
             counts[name] = counts.get(name, 0) + 1
     return counts

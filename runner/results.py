@@ -1,8 +1,8 @@
 """Results as files: one JSON per variant under DIR/<job>/<variant>.json, written atomically.
 
 The folder is the record. A folder that holds results of a different job spec is refused unless the
-user resumes (which reruns what does not match) or names a new folder; `--resume` skips variants whose
-result for the same spec is already there and ok.
+user resumes (which reruns what does not match) or names a new folder; `--resume` skips variants
+whose result for the same spec is already there and ok.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def result_path(results_dir: Path, job: str, variant_id: str) -> Path:
 
 
 def write_result(results_dir: Path, result: dict) -> Path:
-    """Through a temporary file in the same folder and a rename: a reader never sees half a result."""
+    """Through a temporary file in the same folder and a rename: a reader never sees half a
+    result."""
     path = result_path(results_dir, result["job"], result["variant"])
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
@@ -57,7 +58,11 @@ TEMPORARY = re.compile(r"\..+-[a-z0-9_]{8}\.tmp")
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Removes the temporary files of results that a killed run was writing; the caller holds the
     folder's lock, so no live run is writing them. Returns what it removed."""
-    stale = [p for p in sorted(Path(folder).glob(".*.tmp")) if TEMPORARY.fullmatch(p.name) and p.is_file()]
+    stale = [
+        p
+        for p in sorted(Path(folder).glob(".*.tmp"))
+        if TEMPORARY.fullmatch(p.name) and p.is_file()
+    ]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -84,26 +89,71 @@ class Maybe:
 
 ANY = object()
 NUM = (int, float)
-_LATENCY = {"median_ci95": Maybe([NUM]), **{name: Maybe(NUM) for name in ("mean", "median", "std", "p90", "p99")}}
-_METRICS = {name: Maybe(NUM) for name in ("model_size_mib", "accuracy", "avg_confidence", "macro_f1",
-                                          "throughput_sps", "peak_rss_mib", "peak_cuda_mib", "load_s", "quantize_s")}
+_LATENCY = {
+    "median_ci95": Maybe([NUM]),
+    **{name: Maybe(NUM) for name in ("mean", "median", "std", "p90", "p99")},
+}
+_METRICS = {
+    name: Maybe(NUM)
+    for name in (
+        "model_size_mib",
+        "accuracy",
+        "avg_confidence",
+        "macro_f1",
+        "throughput_sps",
+        "peak_rss_mib",
+        "peak_cuda_mib",
+        "load_s",
+        "quantize_s",
+    )
+}
 _ANALYSIS = {
     "layers": Maybe([{"!layer_type": str, "!depth": Maybe(int), "!sqnr_db": Maybe(NUM)}]),
-    "summary": Maybe({"by_depth": Maybe([{"!depth": Maybe(int), "mean_sqnr_db": Maybe(NUM)}]),
-                      "overall": Maybe({"mean_sqnr_db": Maybe(NUM)})}),
-    "histograms": Maybe({"by_layer_type": Maybe({"*": {"!edges": [NUM], "!counts": [NUM], "!n_layers": int,
-                                                       "!n_weights": int, "!min": NUM, "!max": NUM}})}),
+    "summary": Maybe(
+        {
+            "by_depth": Maybe([{"!depth": Maybe(int), "mean_sqnr_db": Maybe(NUM)}]),
+            "overall": Maybe({"mean_sqnr_db": Maybe(NUM)}),
+        }
+    ),
+    "histograms": Maybe(
+        {
+            "by_layer_type": Maybe(
+                {
+                    "*": {
+                        "!edges": [NUM],
+                        "!counts": [NUM],
+                        "!n_layers": int,
+                        "!n_weights": int,
+                        "!min": NUM,
+                        "!max": NUM,
+                    }
+                }
+            )
+        }
+    ),
     "grids": Maybe({"*": Maybe({"!values": [NUM], "!granularity": str})}),
     "outlier_columns": Maybe({"*": [ANY]}),
 }
 RESULT_SHAPE = {
-    "job": str, "variant": str, "status": str, "device": str, "precision": str, "spec_hash": Maybe(str),
-    "warnings": Maybe([ANY]), "!metrics": {**_METRICS, "latency_ms": Maybe(_LATENCY)},
+    "job": str,
+    "variant": str,
+    "status": str,
+    "device": str,
+    "precision": str,
+    "spec_hash": Maybe(str),
+    "warnings": Maybe([ANY]),
+    "!metrics": {**_METRICS, "latency_ms": Maybe(_LATENCY)},
     "environment": {"host": str, "cpu": {"model": ANY}, "gpu": Maybe({"!name": str})},
     "spec": Maybe({"baseline": Maybe(str), "tolerances": Maybe({"*": Maybe(NUM)})}),
     "sample": Maybe({"fingerprint": ANY}),
-    "predictions": Maybe({"labels": Maybe([str]), "gold": Maybe([str]), "predicted": Maybe([str]),
-                          "probabilities": Maybe([[NUM]])}),
+    "predictions": Maybe(
+        {
+            "labels": Maybe([str]),
+            "gold": Maybe([str]),
+            "predicted": Maybe([str]),
+            "probabilities": Maybe([[NUM]]),
+        }
+    ),
     "analysis": Maybe(_ANALYSIS),
 }
 REQUIRED = ("schema_version", "job", "variant", "status", "device")
@@ -115,7 +165,8 @@ def _json_kind(value: Any) -> str:
 
 
 def shape_error(value: Any, shape: Any, where: str = "") -> str | None:
-    """What in `value` breaks `shape` ("metrics.accuracy: expected a number, found a JSON string"), or None."""
+    """What in `value` breaks `shape` ("metrics.accuracy: expected a number, found a JSON string"),
+    or None."""
     if shape is ANY or (isinstance(shape, Maybe) and value is None):
         return None
     if isinstance(shape, Maybe):
@@ -123,7 +174,14 @@ def shape_error(value: Any, shape: Any, where: str = "") -> str | None:
     if isinstance(shape, list):
         if not isinstance(value, list):
             return f"{where}: expected a list, found a JSON {_json_kind(value)}"
-        return next((e for i, item in enumerate(value) if (e := shape_error(item, shape[0], f"{where}[{i}]"))), None)
+        return next(
+            (
+                e
+                for i, item in enumerate(value)
+                if (e := shape_error(item, shape[0], f"{where}[{i}]"))
+            ),
+            None,
+        )
     if isinstance(shape, dict):
         if not isinstance(value, dict):
             return f"{where}: expected an object, found a JSON {_json_kind(value)}"
@@ -149,20 +207,31 @@ def lengths_error(result: dict) -> str | None:
     if interval is not None and len(interval) != 2:
         return f"metrics.latency_ms.median_ci95: {len(interval)} values where an interval has 2"
     preds = result.get("predictions") or {}
-    gold, predicted, labels = preds.get("gold") or [], preds.get("predicted") or [], preds.get("labels") or []
+    gold, predicted, labels = (
+        preds.get("gold") or [],
+        preds.get("predicted") or [],
+        preds.get("labels") or [],
+    )
     if preds.get("predicted") is not None and len(gold) != len(predicted):
         return f"predictions: {len(gold)} gold labels but {len(predicted)} predicted"
-    ragged = [i for i, row in enumerate(preds.get("probabilities") or []) if len(row) != len(labels)]
+    ragged = [
+        i for i, row in enumerate(preds.get("probabilities") or []) if len(row) != len(labels)
+    ]
     if ragged:
-        return f"predictions.probabilities[{ragged[0]}]: {len(labels)} values expected, one per label"
+        return (
+            f"predictions.probabilities[{ragged[0]}]: {len(labels)} values expected, one per label"
+        )
     by_type = ((result.get("analysis") or {}).get("histograms") or {}).get("by_layer_type") or {}
-    uneven = [name for name, hist in by_type.items() if len(hist["edges"]) != len(hist["counts"]) + 1]
+    uneven = [
+        name for name, hist in by_type.items() if len(hist["edges"]) != len(hist["counts"]) + 1
+    ]
     if uneven:
         return f"analysis.histograms.by_layer_type.{uneven[0]}: expected one edge more than counts"
     return None
 
 
-# The schema versions this code reads: every worker.SCHEMA_VERSION so far. A result of a newer one may
+# The schema versions this code reads: every worker.SCHEMA_VERSION so far. A result of a newer one
+# may
 # mean other things by the same fields.
 READABLE_SCHEMA_VERSIONS = (1,)
 
@@ -178,24 +247,37 @@ def load_result(path: Path) -> dict:
     except OSError as error:
         raise UnusableFile(f"cannot be read ({error.strerror or error})") from None
     except UnicodeDecodeError as error:
-        raise UnusableFile(f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})") from None
+        raise UnusableFile(
+            f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})"
+        ) from None
     try:
         result = json.loads(text)
     except json.JSONDecodeError as error:
         if error.pos >= len(text.rstrip()):
-            raise UnusableFile(f"truncated JSON (it ends at line {error.lineno} before the value is complete; "
-                               "a copy or a write cut short)") from None
-        raise UnusableFile(f"not JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+            raise UnusableFile(
+                f"truncated JSON (it ends at line {error.lineno} before the value is complete; "
+                "a copy or a write cut short)"
+            ) from None
+        raise UnusableFile(
+            f"not JSON ({error.msg} at line {error.lineno}, column {error.colno})"
+        ) from None
     except RecursionError:
         raise UnusableFile("not a result (JSON nested too deep to read)") from None
     if not isinstance(result, dict):
-        raise UnusableFile(f"not a result: a JSON {_json_kind(result)}, where a result is one JSON object")
+        raise UnusableFile(
+            f"not a result: a JSON {_json_kind(result)}, where a result is one JSON object"
+        )
     missing = [key for key in REQUIRED if key not in result]
     if missing:
         raise UnusableFile(f"not a result: it has no {', '.join(missing)}")
-    if result["schema_version"] not in READABLE_SCHEMA_VERSIONS or isinstance(result["schema_version"], bool):
-        raise UnusableFile(f"schema_version {result['schema_version']!r}: this quantbench reads schema_version "
-                           + ", ".join(map(str, READABLE_SCHEMA_VERSIONS)) + " (a newer quantbench wrote it?)")
+    if result["schema_version"] not in READABLE_SCHEMA_VERSIONS or isinstance(
+        result["schema_version"], bool
+    ):
+        raise UnusableFile(
+            f"schema_version {result['schema_version']!r}: this quantbench reads schema_version "
+            + ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
+            + " (a newer quantbench wrote it?)"
+        )
     problem = shape_error(result, RESULT_SHAPE) or lengths_error(result)
     if problem:
         raise UnusableFile(f"a malformed result: {problem}")
@@ -210,8 +292,8 @@ def read_result(path: Path) -> dict | None:
 
 
 def find_results(paths: list[Path], skipped: list[tuple[Path, str]] | None = None) -> list[dict]:
-    """Every result file under the given folders (or the files themselves), in a stable order; each file
-    that holds none goes into `skipped` as (file, why)."""
+    """Every result file under the given folders (or the files themselves), in a stable order; each
+    file that holds none goes into `skipped` as (file, why)."""
     found = []
     for root in map(Path, paths):
         files = [root] if root.is_file() else sorted(root.rglob("*.json"))
@@ -227,16 +309,25 @@ def find_results(paths: list[Path], skipped: list[tuple[Path, str]] | None = Non
     return found
 
 
-def existing_results(results_dir: Path, job: str, skipped: list[tuple[Path, str]] | None = None) -> dict[str, dict]:
+def existing_results(
+    results_dir: Path, job: str, skipped: list[tuple[Path, str]] | None = None
+) -> dict[str, dict]:
     folder = Path(results_dir) / job
     if not folder.is_dir():
         return {}
     return {r["variant"]: r for r in find_results([folder], skipped)}
 
 
-def plan_folder(results_dir: Path, job: str, spec_hash: str, variant_ids: list[str],
-                resume: bool, skipped: list[tuple[Path, str]] | None = None) -> tuple[dict[str, dict], dict[str, str]]:
-    """(the existing results to keep, the existing results the run will replace: variant -> why) with
+def plan_folder(
+    results_dir: Path,
+    job: str,
+    spec_hash: str,
+    variant_ids: list[str],
+    resume: bool,
+    skipped: list[tuple[Path, str]] | None = None,
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """(the existing results to keep, the existing results the run will replace: variant -> why)
+    with
     --resume; raises when the folder holds another spec's results. Files that hold no result go into
     `skipped` as (file, why)."""
     existing = existing_results(results_dir, job, skipped)
@@ -244,15 +335,22 @@ def plan_folder(results_dir: Path, job: str, spec_hash: str, variant_ids: list[s
         different = sorted(v for v, r in existing.items() if r.get("spec_hash") != spec_hash)
         if different:
             raise ResultsConflict(
-                f"{Path(results_dir) / job} holds results of a different job spec ({', '.join(different)}); "
+                f"{Path(results_dir) / job} holds results of a different job spec "
+                f"({', '.join(different)}); "
                 "use --resume to keep what matches and rerun the rest (it replaces the others), "
-                "or --results NEW_FOLDER")
+                "or --results NEW_FOLDER"
+            )
         return {}, {}
-    stranded = sorted(v for v, r in existing.items() if v not in variant_ids and r.get("spec_hash") != spec_hash)
+    stranded = sorted(
+        v for v, r in existing.items() if v not in variant_ids and r.get("spec_hash") != spec_hash
+    )
     if stranded:
         raise ResultsConflict(
-            f"{Path(results_dir) / job} holds results of a different job spec for variants this job no longer runs "
-            f"({', '.join(stranded)}): --resume would leave them beside the new ones; use --results NEW_FOLDER")
+            f"{Path(results_dir) / job} holds results of a different job spec for variants this "
+            "job no longer runs "
+            f"({', '.join(stranded)}): --resume would leave them beside the new ones; use "
+            "--results NEW_FOLDER"
+        )
     kept, replaced = {}, {}
     for v, r in existing.items():
         if v not in variant_ids:
@@ -279,19 +377,25 @@ def check_writable(results_dir: Path, jobs: list[str]) -> None:
             os.unlink(probe)
         except (NotADirectoryError, FileExistsError):
             file = next(p for p in (folder, *folder.parents) if p.exists() and not p.is_dir())
-            raise ResultsUnwritable(f"results folder {folder}: {file} is a file, not a folder; move it away, or "
-                                    "choose another folder with --results") from None
+            raise ResultsUnwritable(
+                f"results folder {folder}: {file} is a file, not a folder; move it away, or "
+                "choose another folder with --results"
+            ) from None
         except OSError as error:
             raise ResultsUnwritable(
-                f"results folder {folder}: user {_user()} cannot {'create' if made else 'write in'} it "
-                f"({error.strerror}); give this user write access to it, or choose another folder with "
-                "--results") from None
+                f"results folder {folder}: user {_user()} cannot "
+                f"{'create' if made else 'write in'} it "
+                f"({error.strerror}); give this user write access to it, or choose another folder "
+                "with "
+                "--results"
+            ) from None
         finally:
             remove_if_empty(folder, made)
 
 
 def outermost_missing(folder: Path) -> Path | None:
-    """The outermost of folder and its parents that does not exist yet: what mkdir(parents=True) makes."""
+    """The outermost of folder and its parents that does not exist yet: what mkdir(parents=True)
+    makes."""
     return next((f for f in reversed([folder, *folder.parents]) if not f.exists()), None)
 
 

@@ -1,9 +1,9 @@
 """The job spec: a YAML file read into plain dataclasses, every mistake named by file and field.
 
-A job names a model, a labelled dataset, evaluation settings, the variants to run (precision x device)
-and the baseline. This module checks the shape of the file and that the files it names exist;
-`plan.py` checks it against their contents (the dataset's columns and labels, the model's config,
-tokenizer and weights).
+A job names a model, a labelled dataset, evaluation settings, the variants to run (precision x
+device) and the baseline. This module checks the shape of the file and that the files it names
+exist; `plan.py` checks it against their contents (the dataset's columns and labels, the model's
+config, tokenizer and weights).
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ class SpecError(Exception):
 def _no_such(what: str) -> str:
     """'no such file', and inside a container which host folders it can see (compose.yaml says)."""
     mounts = os.environ.get("QUANTBENCH_MOUNTS")
-    return f"{what}; this container sees only {mounts}: put it there, or mount its folder" if mounts else what
+    return (
+        f"{what}; this container sees only {mounts}: put it there, or mount its folder"
+        if mounts
+        else what
+    )
 
 
 def _show(value: Any) -> str:
@@ -41,7 +45,9 @@ def _show(value: Any) -> str:
         return "nothing"
     if isinstance(value, list) and len(value) > 10:  # a wrong column can hold thousands of values
         return "[" + ", ".join(map(repr, value[:10])) + f", … ({len(value)} in all)]"
-    text = repr(value) if not isinstance(value, str) or len(value) < 200 else repr(value[:200] + "…")
+    text = (
+        repr(value) if not isinstance(value, str) or len(value) < 200 else repr(value[:200] + "…")
+    )
     return text
 
 
@@ -55,7 +61,9 @@ class ModelSource:
 
     hub: str | None = None  # a Hugging Face hub id, e.g. "bert-base-uncased"
     path: Path | None = None  # a local folder saved with save_pretrained
-    package: str | None = None  # "python_package/sub/folder": files shipped inside an installed package
+    package: str | None = (
+        None  # "python_package/sub/folder": files shipped inside an installed package
+    )
     config: dict | None = None  # an inline architecture: randomly initialised weights of this shape
     revision: str | None = None  # hub revision
 
@@ -98,9 +106,15 @@ class EvaluationSpec:
     min_time_s: float = 0.0
     threads: int | None = None  # None: every CPU the variant's worker was given
     weight_analysis: bool = True  # per-layer weight error against FP32, computed after timing
-    batch_order: str = "sample"  # sample: batches in sample order; length: shortest sentences first, less padding
-    latency_mode: str = "dataset"  # dataset: the sample's batches are timed; fixed: one batch of fixed_shape
-    fixed_shape: tuple[int, int] | None = None  # (batch size, sequence length) for latency_mode fixed
+    batch_order: str = (
+        "sample"  # sample: batches in sample order; length: shortest sentences first, less padding
+    )
+    latency_mode: str = (
+        "dataset"  # dataset: the sample's batches are timed; fixed: one batch of fixed_shape
+    )
+    fixed_shape: tuple[int, int] | None = (
+        None  # (batch size, sequence length) for latency_mode fixed
+    )
     repeats: int = 1  # runs of each variant, each in a fresh process
 
 
@@ -153,7 +167,9 @@ class JobSpec:
     seed: int
     finetune: FinetuneSpec | None = None
     tolerances: dict[str, float] = field(default_factory=dict)
-    raw: dict = field(default_factory=dict, repr=False)  # the YAML as read, kept in every result as "the spec as run"
+    raw: dict = field(
+        default_factory=dict, repr=False
+    )  # the YAML as read, kept in every result as "the spec as run"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,10 +197,16 @@ class _Reader:
             if key not in allowed:
                 close = difflib.get_close_matches(str(key), allowed, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise SpecError(self.file, self.field(str(key)), key,
-                                f"unknown field{hint}; allowed here: {', '.join(allowed)}")
+                raise SpecError(
+                    self.file,
+                    self.field(str(key)),
+                    key,
+                    f"unknown field{hint}; allowed here: {', '.join(allowed)}",
+                )
 
-    def get(self, key: str, kinds: type | tuple[type, ...], default: Any = None, required: bool = False):
+    def get(
+        self, key: str, kinds: type | tuple[type, ...], default: Any = None, required: bool = False
+    ):
         if key not in self.data or self.data[key] is None:
             if required:
                 raise SpecError(self.file, self.field(key), None, "this field is required")
@@ -206,19 +228,26 @@ class _Reader:
             raise SpecError(self.file, self.field(key), value, f"expected an integer >= {minimum}")
         return value
 
-    def sub(self, key: str, required: bool = False) -> "_Reader | None":
+    def sub(self, key: str, required: bool = False) -> _Reader | None:
         value = self.get(key, dict, required=required)
         return None if value is None else _Reader(self.file, value, self.field(key))
 
 
 def _kind_names(kinds: tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             dict: "a mapping", list: "a list"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 # Job files are small; these bounds keep a hostile one from taking minutes or gigabytes to read. A
-# 1.1 KB file of nested aliases ("billion laughs") expands to millions of nodes, and a deeply nested one
+# 1.1 KB file of nested aliases ("billion laughs") expands to millions of nodes, and a deeply nested
+# one
 # overflows the reader's recursion.
 MAX_JOB_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000  # counted with every alias expanded; a real job has a few hundred
@@ -234,8 +263,8 @@ class _Refused(yaml.MarkedYAMLError):
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """safe_load with the bounds above, refusing a key given twice in one mapping (the later one would
-    silently win: a repeated label_map key remaps a class)."""
+    """safe_load with the bounds above, refusing a key given twice in one mapping (the later one
+    would silently win: a repeated label_map key remaps a class)."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -246,19 +275,31 @@ class _BoundedLoader(yaml.SafeLoader):
         mark = self.peek_event().start_mark
         self._depth += 1
         if self._depth > MAX_YAML_DEPTH:
-            raise _Refused(f"nesting deeper than {MAX_YAML_DEPTH} levels", mark, "a job file nests a few levels")
+            raise _Refused(
+                f"nesting deeper than {MAX_YAML_DEPTH} levels",
+                mark,
+                "a job file nests a few levels",
+            )
         try:
             node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
         if not alias:
-            children = node.value if isinstance(node, yaml.SequenceNode) else \
-                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+            children = (
+                node.value
+                if isinstance(node, yaml.SequenceNode)
+                else [n for pair in node.value for n in pair]
+                if isinstance(node, yaml.MappingNode)
+                else []
+            )
             self._sizes[id(node)] = 1 + sum(self._sizes.get(id(child), 1) for child in children)
         self._nodes += self._sizes.get(id(node), 1) if alias else 1
         if self._nodes > MAX_YAML_NODES:
-            raise _Refused(f"more than {MAX_YAML_NODES:,} values once its aliases (*name) are expanded", mark,
-                           "a job file holds a few hundred; use fewer or no aliases")
+            raise _Refused(
+                f"more than {MAX_YAML_NODES:,} values once its aliases (*name) are expanded",
+                mark,
+                "a job file holds a few hundred; use fewer or no aliases",
+            )
         return node
 
     def construct_mapping(self, node, deep=False):
@@ -273,8 +314,12 @@ class _BoundedLoader(yaml.SafeLoader):
                 except TypeError:
                     continue  # an unhashable key: the constructor says so itself
                 if first is not key_node:
-                    raise _Refused(f"the key {key!r} a second time (first at line {first.start_mark.line + 1})",
-                                   key_node.start_mark, "each key may appear once in a mapping")
+                    raise _Refused(
+                        f"the key {key!r} a second time "
+                        f"(first at line {first.start_mark.line + 1})",
+                        key_node.start_mark,
+                        "each key may appear once in a mapping",
+                    )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -282,29 +327,50 @@ def read_yaml(file: Path, shown: Path) -> Any:
     """The file's YAML, bounded in size, values and nesting. Raises SpecError."""
     size = file.stat().st_size
     if size > MAX_JOB_BYTES:
-        raise SpecError(shown, "", f"{size:,} bytes", f"a job file may hold at most {MAX_JOB_BYTES:,} bytes")
+        raise SpecError(
+            shown, "", f"{size:,} bytes", f"a job file may hold at most {MAX_JOB_BYTES:,} bytes"
+        )
     try:
         return yaml.load(file.read_text(encoding="utf-8"), Loader=_BoundedLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(shown, where, getattr(error, "problem", None) or str(error),
-                        getattr(error, "allowed", "the file must be valid YAML")) from None
+        raise SpecError(
+            shown,
+            where,
+            getattr(error, "problem", None) or str(error),
+            getattr(error, "allowed", "the file must be valid YAML"),
+        ) from None
     except UnicodeDecodeError as error:
         raise SpecError(shown, "", str(error), "the file must be UTF-8 text") from None
 
 
 def check_finite(shown: Path, value: Any, where: str = "") -> None:
-    """NaN or infinity anywhere in a job: .inf in min_time_s never ends, .nan runs every variant and then
-    no result can be written (JSON has neither)."""
+    """NaN or infinity anywhere in a job: .inf in min_time_s never ends, .nan runs every variant and
+    then no result can be written (JSON has neither)."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise SpecError(shown, where, value, "expected a finite number (.nan and .inf are not allowed)")
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        raise SpecError(
+            shown, where, value, "expected a finite number (.nan and .inf are not allowed)"
+        )
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
     for key, item in items:
         if isinstance(key, float):
             check_finite(shown, key, where)
-        check_finite(shown, item, f"{where}[{key}]" if isinstance(value, list) else
-                     f"{where}.{key}" if where else str(key))
+        check_finite(
+            shown,
+            item,
+            f"{where}[{key}]"
+            if isinstance(value, list)
+            else f"{where}.{key}"
+            if where
+            else str(key),
+        )
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -320,8 +386,21 @@ def load_job(path: str | Path) -> JobSpec:
     return _parse(file, shown, raw)
 
 
-TOP_FIELDS = ("name", "model", "tokenizer", "dataset", "finetune", "evaluation", "settings", "variants",
-              "precisions", "devices", "baseline", "seed", "tolerances")
+TOP_FIELDS = (
+    "name",
+    "model",
+    "tokenizer",
+    "dataset",
+    "finetune",
+    "evaluation",
+    "settings",
+    "variants",
+    "precisions",
+    "devices",
+    "baseline",
+    "seed",
+    "tolerances",
+)
 
 # What a deployment may give up, against the baseline: `collect` marks each variant pass or fail.
 TOLERANCES = {
@@ -340,19 +419,38 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
     name = top.get("name", str, required=True)
     # fullmatch: a pattern's $ also matches before a final newline ("pwn\n" made a folder named so).
     if not NAME_PATTERN.fullmatch(name):
-        raise SpecError(shown, "name", name, "use letters, digits, '.', '_' and '-', starting with a letter or "
-                                             "digit (it names the results folder)")
+        raise SpecError(
+            shown,
+            "name",
+            name,
+            "use letters, digits, '.', '_' and '-', starting with a letter or "
+            "digit (it names the results folder)",
+        )
     if name in RESERVED_NAMES:
-        raise SpecError(shown, "name", name, f"{name!r} is taken: collect and report skip folders of this name "
-                                             "(they hold the repository's reference results); choose another")
+        raise SpecError(
+            shown,
+            "name",
+            name,
+            f"{name!r} is taken: collect and report skip folders of this name "
+            "(they hold the repository's reference results); choose another",
+        )
     seed = top.get("seed", int, 0)
 
     model = _model_source(file, shown, top.sub("model", required=True), allow_config=True)
     tokenizer_reader = top.sub("tokenizer")
-    tokenizer = None if tokenizer_reader is None else _model_source(file, shown, tokenizer_reader, allow_config=False)
+    tokenizer = (
+        None
+        if tokenizer_reader is None
+        else _model_source(file, shown, tokenizer_reader, allow_config=False)
+    )
     if model.config is not None and tokenizer is None:
-        raise SpecError(shown, "tokenizer", None,
-                        "an inline model config has no tokenizer files: name one with tokenizer.hub, .path or .package")
+        raise SpecError(
+            shown,
+            "tokenizer",
+            None,
+            "an inline model config has no tokenizer files: name one with tokenizer.hub, .path or "
+            ".package",
+        )
 
     dataset = _dataset(file, shown, top.sub("dataset", required=True))
     finetune_reader = top.sub("finetune")
@@ -365,10 +463,27 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
     default = next((i for i in ("fp32-cpu", "fp32-cuda") if i in ids), ids[0])
     baseline = top.get("baseline", str, default)
     if baseline not in ids:
-        raise SpecError(shown, "baseline", baseline, f"the baseline must be one of the job's variants: {', '.join(ids)}")
-    return JobSpec(file=file, name=name, model=model, tokenizer=tokenizer, dataset=dataset,
-                   evaluation=evaluation, settings=settings, variants=tuple(variants), baseline=baseline,
-                   seed=seed, finetune=finetune, tolerances=_tolerances(top.sub("tolerances")), raw=raw)
+        raise SpecError(
+            shown,
+            "baseline",
+            baseline,
+            f"the baseline must be one of the job's variants: {', '.join(ids)}",
+        )
+    return JobSpec(
+        file=file,
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        evaluation=evaluation,
+        settings=settings,
+        variants=tuple(variants),
+        baseline=baseline,
+        seed=seed,
+        finetune=finetune,
+        tolerances=_tolerances(top.sub("tolerances")),
+        raw=raw,
+    )
 
 
 def _resolve(file: Path, value: str) -> Path:
@@ -381,19 +496,27 @@ def _model_source(file: Path, shown: Path, reader: _Reader, allow_config: bool) 
     reader.check_keys(kinds + ("revision",))
     given = [k for k in kinds if reader.data.get(k) is not None]
     if len(given) != 1:
-        raise SpecError(shown, reader.where, reader.data, f"give exactly one of: {', '.join(kinds)}")
+        raise SpecError(
+            shown, reader.where, reader.data, f"give exactly one of: {', '.join(kinds)}"
+        )
     kind = given[0]
     if kind == "config":
         config = reader.get("config", dict)
         if not isinstance(config.get("model_type"), str):
-            raise SpecError(shown, reader.field("config.model_type"), config.get("model_type"),
-                            "an inline config needs model_type (e.g. bert) and that architecture's fields")
+            raise SpecError(
+                shown,
+                reader.field("config.model_type"),
+                config.get("model_type"),
+                "an inline config needs model_type (e.g. bert) and that architecture's fields",
+            )
         return ModelSource(config=config)
     value = reader.get(kind, str)
     if kind == "path":
         path = _resolve(file, value)
         if not path.is_dir():
-            raise SpecError(shown, reader.field("path"), value, _no_such(f"no such folder ({path})"))
+            raise SpecError(
+                shown, reader.field("path"), value, _no_such(f"no such folder ({path})")
+            )
         return ModelSource(path=path)
     if kind == "package":
         return ModelSource(package=value)
@@ -404,8 +527,8 @@ WHOLE_NUMBER = re.compile(r"([+-]?[0-9]+)\.0*")
 
 
 def label_name(value: Any) -> str:
-    """A dataset label as text. A whole number reads one way however it is written (2, 2.0 or "2.0"): a float
-    label column, a CSV cell and a label_map key must name the same label."""
+    """A dataset label as text. A whole number reads one way however it is written (2, 2.0 or
+    "2.0"): a float label column, a CSV cell and a label_map key must name the same label."""
     if value is None:
         return ""  # a missing label reads as an empty one
     if isinstance(value, float) and value.is_integer():
@@ -419,27 +542,55 @@ SOURCE_FIELDS = ("format", "path", "files", "header", "text_column", "label_colu
 
 
 def _finetune(file: Path, shown: Path, reader: _Reader, dataset: DatasetSpec) -> FinetuneSpec:
-    reader.check_keys(("train", "epochs", "learning_rate", "batch_size", "max_samples", "seed",
-                       "weight_decay", "warmup_ratio"))
+    reader.check_keys(
+        (
+            "train",
+            "epochs",
+            "learning_rate",
+            "batch_size",
+            "max_samples",
+            "seed",
+            "weight_decay",
+            "warmup_ratio",
+        )
+    )
     train_reader = reader.sub("train")
-    train = None if train_reader is None else _dataset(file, shown, train_reader, SOURCE_FIELDS, like=dataset)
+    train = (
+        None
+        if train_reader is None
+        else _dataset(file, shown, train_reader, SOURCE_FIELDS, like=dataset)
+    )
     values = {}
-    for key, low, high in (("epochs", 0, 1000), ("learning_rate", 0, 1), ("weight_decay", -1e-12, 1),
-                           ("warmup_ratio", -1e-12, 1)):
+    for key, low, high in (
+        ("epochs", 0, 1000),
+        ("learning_rate", 0, 1),
+        ("weight_decay", -1e-12, 1),
+        ("warmup_ratio", -1e-12, 1),
+    ):
         value = reader.get(key, float, getattr(FinetuneSpec, key))
         if not low < value <= high:
             span = f"({low:g}, {high:g}]" if low >= 0 else f"[0, {high:g}]"
             raise SpecError(shown, reader.field(key), value, f"expected a number in {span}")
         values[key] = value
-    return FinetuneSpec(train=train, batch_size=reader.positive_int("batch_size", 32),
-                        max_samples=reader.positive_int("max_samples", None), seed=reader.get("seed", int, 0),
-                        **values)
+    return FinetuneSpec(
+        train=train,
+        batch_size=reader.positive_int("batch_size", 32),
+        max_samples=reader.positive_int("max_samples", None),
+        seed=reader.get("seed", int, 0),
+        **values,
+    )
 
 
-def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] | None = None,
-             like: DatasetSpec | None = None) -> DatasetSpec:
-    """A dataset's fields. A training file `like` the job's dataset (of its format) takes the dataset's
-    header and columns unless it names its own: it is usually the other split of the same data."""
+def _dataset(
+    file: Path,
+    shown: Path,
+    reader: _Reader,
+    allowed: tuple[str, ...] | None = None,
+    like: DatasetSpec | None = None,
+) -> DatasetSpec:
+    """A dataset's fields. A training file `like` the job's dataset (of its format) takes the
+    dataset's header and columns unless it names its own: it is usually the other split of the same
+    data."""
     reader.check_keys(allowed or SOURCE_FIELDS + ("label_map", "sample", "max_length"))
     fmt = reader.get("format", str)
     path_value = reader.get("path", str)
@@ -447,8 +598,14 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
     if inferred:
         fmt = Path(path_value).suffix.lstrip(".").lower()  # data.csv -> csv
     if fmt not in DATASET_FORMATS:
-        said = f"; no format was given, so it was taken from the suffix of {path_value}: name one" if inferred else ""
-        raise SpecError(shown, reader.field("format"), fmt, f"allowed: {', '.join(DATASET_FORMATS)}{said}")
+        said = (
+            f"; no format was given, so it was taken from the suffix of {path_value}: name one"
+            if inferred
+            else ""
+        )
+        raise SpecError(
+            shown, reader.field("format"), fmt, f"allowed: {', '.join(DATASET_FORMATS)}{said}"
+        )
 
     path = files = None
     if fmt == "lines":
@@ -457,24 +614,44 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
         for label, name in files_raw.items():
             if not isinstance(name, str):
                 raise SpecError(shown, reader.field(f"files.{label}"), name, "expected a file name")
-            files[label_name(label)] = _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
+            files[label_name(label)] = (
+                _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
+            )
         for label, value in files.items():
             if not value.is_file():
-                raise SpecError(shown, reader.field(f"files.{label}"), str(value), _no_such("no such file"))
+                raise SpecError(
+                    shown, reader.field(f"files.{label}"), str(value), _no_such("no such file")
+                )
     else:
         if path_value is None:
             raise SpecError(shown, reader.field("path"), None, "this field is required")
         path = _resolve(file, path_value)
         if not path.is_file():
-            raise SpecError(shown, reader.field("path"), path_value, _no_such(f"no such file ({path})"))
+            raise SpecError(
+                shown, reader.field("path"), path_value, _no_such(f"no such file ({path})")
+            )
 
     like = like if like is not None and like.format == fmt else None
     header = reader.get("header", bool, like.header if like else True)
     column_kinds = (str, int) if fmt in ("csv", "tsv") and not header else (str,)
-    text_column = reader.get("text_column", column_kinds, like.text_column if like and like.header == header
-                             else "text" if header or fmt not in ("csv", "tsv") else 0)
-    label_column = reader.get("label_column", column_kinds, like.label_column if like and like.header == header
-                              else "label" if header or fmt not in ("csv", "tsv") else 1)
+    text_column = reader.get(
+        "text_column",
+        column_kinds,
+        like.text_column
+        if like and like.header == header
+        else "text"
+        if header or fmt not in ("csv", "tsv")
+        else 0,
+    )
+    label_column = reader.get(
+        "label_column",
+        column_kinds,
+        like.label_column
+        if like and like.header == header
+        else "label"
+        if header or fmt not in ("csv", "tsv")
+        else 1,
+    )
 
     label_map_raw = reader.get("label_map", dict)
     label_map = None
@@ -482,11 +659,17 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
         label_map = {}
         for key, value in label_map_raw.items():
             if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise SpecError(shown, reader.field(f"label_map.{key}"), value, "expected a model label name")
+                raise SpecError(
+                    shown, reader.field(f"label_map.{key}"), value, "expected a model label name"
+                )
             name = label_name(key)
             if name in label_map:
-                raise SpecError(shown, reader.field(f"label_map.{key}"), key,
-                                f"names the same dataset label as another key ({name}); give each label once")
+                raise SpecError(
+                    shown,
+                    reader.field(f"label_map.{key}"),
+                    key,
+                    f"names the same dataset label as another key ({name}); give each label once",
+                )
             label_map[name] = str(value)
 
     sample_reader = reader.sub("sample") or _Reader(shown, {}, reader.field("sample"))
@@ -494,14 +677,27 @@ def _dataset(file: Path, shown: Path, reader: _Reader, allowed: tuple[str, ...] 
     n = sample_reader.positive_int("n", None)
     fraction = sample_reader.get("fraction", float)
     if n is not None and fraction is not None:
-        raise SpecError(shown, sample_reader.where, sample_reader.data, "give n or fraction, not both")
+        raise SpecError(
+            shown, sample_reader.where, sample_reader.data, "give n or fraction, not both"
+        )
     if fraction is not None and not 0 < fraction <= 1:
-        raise SpecError(shown, sample_reader.field("fraction"), fraction, "expected a fraction in (0, 1]")
+        raise SpecError(
+            shown, sample_reader.field("fraction"), fraction, "expected a fraction in (0, 1]"
+        )
     sample = SampleSpec(n=n, fraction=fraction, seed=sample_reader.get("seed", int, 0))
     max_length = reader.positive_int("max_length", 128)
-    return DatasetSpec(format=fmt, path=path, files=files, header=header, text_column=text_column,
-                       label_column=label_column, label_map=label_map, sample=sample, max_length=max_length,
-                       field=reader.where)
+    return DatasetSpec(
+        format=fmt,
+        path=path,
+        files=files,
+        header=header,
+        text_column=text_column,
+        label_column=label_column,
+        label_map=label_map,
+        sample=sample,
+        max_length=max_length,
+        field=reader.where,
+    )
 
 
 def _tolerances(reader: _Reader | None) -> dict[str, float]:
@@ -513,8 +709,13 @@ def _tolerances(reader: _Reader | None) -> dict[str, float]:
         value = reader.get(key, float)
         if value is not None:
             if value < 0 or (key == "min_agreement" and value > 1):
-                raise SpecError(reader.file, reader.field(key), value, f"expected {TOLERANCES[key]}, >= 0"
-                                + (" and <= 1" if key == "min_agreement" else ""))
+                raise SpecError(
+                    reader.file,
+                    reader.field(key),
+                    value,
+                    f"expected {TOLERANCES[key]}, >= 0"
+                    + (" and <= 1" if key == "min_agreement" else ""),
+                )
             values[key] = value
     return values
 
@@ -523,31 +724,58 @@ BATCH_ORDERS = ("sample", "length")
 
 
 def _evaluation(reader: _Reader) -> EvaluationSpec:
-    reader.check_keys(("batch_size", "warmup_passes", "timed_passes", "min_time_s", "threads", "weight_analysis",
-                       "batch_order", "latency_mode", "fixed_shape", "repeats"))
+    reader.check_keys(
+        (
+            "batch_size",
+            "warmup_passes",
+            "timed_passes",
+            "min_time_s",
+            "threads",
+            "weight_analysis",
+            "batch_order",
+            "latency_mode",
+            "fixed_shape",
+            "repeats",
+        )
+    )
     order = reader.get("batch_order", str, "sample")
     if order not in BATCH_ORDERS:
-        raise SpecError(reader.file, reader.field("batch_order"), order, "allowed: " + ", ".join(BATCH_ORDERS))
+        raise SpecError(
+            reader.file, reader.field("batch_order"), order, "allowed: " + ", ".join(BATCH_ORDERS)
+        )
     mode = reader.get("latency_mode", str, "dataset")
     if mode not in ("dataset", "fixed"):
         raise SpecError(reader.file, reader.field("latency_mode"), mode, "allowed: dataset, fixed")
     shape = reader.get("fixed_shape", list)
     if mode == "fixed" or shape is not None:
-        if mode != "fixed" or shape is None or len(shape) != 2 or not all(
-                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape):
-            raise SpecError(reader.file, reader.field("fixed_shape"), shape,
-                            "latency_mode: fixed takes fixed_shape: [batch size, sequence length], and only it does")
+        if (
+            mode != "fixed"
+            or shape is None
+            or len(shape) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape)
+        ):
+            raise SpecError(
+                reader.file,
+                reader.field("fixed_shape"),
+                shape,
+                "latency_mode: fixed takes fixed_shape: [batch size, sequence length], and only "
+                "it does",
+            )
     min_time = reader.get("min_time_s", float, 0.0)
     if min_time < 0:
         raise SpecError(reader.file, reader.field("min_time_s"), min_time, "expected a number >= 0")
-    return EvaluationSpec(batch_size=reader.positive_int("batch_size", 1),
-                          warmup_passes=reader.positive_int("warmup_passes", 5, minimum=0),
-                          timed_passes=reader.positive_int("timed_passes", 50),
-                          min_time_s=min_time,
-                          threads=reader.positive_int("threads", None),
-                          weight_analysis=reader.get("weight_analysis", bool, True),
-                          batch_order=order, latency_mode=mode, fixed_shape=tuple(shape) if shape else None,
-                          repeats=reader.positive_int("repeats", 1))
+    return EvaluationSpec(
+        batch_size=reader.positive_int("batch_size", 1),
+        warmup_passes=reader.positive_int("warmup_passes", 5, minimum=0),
+        timed_passes=reader.positive_int("timed_passes", 50),
+        min_time_s=min_time,
+        threads=reader.positive_int("threads", None),
+        weight_analysis=reader.get("weight_analysis", bool, True),
+        batch_order=order,
+        latency_mode=mode,
+        fixed_shape=tuple(shape) if shape else None,
+        repeats=reader.positive_int("repeats", 1),
+    )
 
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
@@ -556,25 +784,52 @@ DYNAMIC_MODULES = ("Linear",)
 
 
 def _settings(reader: _Reader) -> QuantSettings:
-    reader.check_keys(("llm_int8_threshold", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant",
-                       "dynamic_modules", "quantized_engine"))
+    reader.check_keys(
+        (
+            "llm_int8_threshold",
+            "bnb_4bit_compute_dtype",
+            "bnb_4bit_use_double_quant",
+            "dynamic_modules",
+            "quantized_engine",
+        )
+    )
     compute_dtype = reader.get("bnb_4bit_compute_dtype", str, "float32")
     if compute_dtype not in COMPUTE_DTYPES:
-        raise SpecError(reader.file, reader.field("bnb_4bit_compute_dtype"), compute_dtype,
-                        f"allowed: {', '.join(COMPUTE_DTYPES)}")
+        raise SpecError(
+            reader.file,
+            reader.field("bnb_4bit_compute_dtype"),
+            compute_dtype,
+            f"allowed: {', '.join(COMPUTE_DTYPES)}",
+        )
     engine = reader.get("quantized_engine", str)
     if engine is not None and engine not in QUANTIZED_ENGINES:
-        raise SpecError(reader.file, reader.field("quantized_engine"), engine, f"allowed: {', '.join(QUANTIZED_ENGINES)}")
+        raise SpecError(
+            reader.file,
+            reader.field("quantized_engine"),
+            engine,
+            f"allowed: {', '.join(QUANTIZED_ENGINES)}",
+        )
     modules = reader.get("dynamic_modules", list, list(DYNAMIC_MODULES))
     for module in modules:
         if module not in DYNAMIC_MODULES:
-            raise SpecError(reader.file, reader.field("dynamic_modules"), module, f"allowed: {', '.join(DYNAMIC_MODULES)}")
+            raise SpecError(
+                reader.file,
+                reader.field("dynamic_modules"),
+                module,
+                f"allowed: {', '.join(DYNAMIC_MODULES)}",
+            )
     threshold = reader.get("llm_int8_threshold", float, 6.0)
     if threshold < 0:
-        raise SpecError(reader.file, reader.field("llm_int8_threshold"), threshold, "expected a number >= 0")
-    return QuantSettings(llm_int8_threshold=threshold, bnb_4bit_compute_dtype=compute_dtype,
-                         bnb_4bit_use_double_quant=reader.get("bnb_4bit_use_double_quant", bool, False),
-                         dynamic_modules=tuple(modules), quantized_engine=engine)
+        raise SpecError(
+            reader.file, reader.field("llm_int8_threshold"), threshold, "expected a number >= 0"
+        )
+    return QuantSettings(
+        llm_int8_threshold=threshold,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=reader.get("bnb_4bit_use_double_quant", bool, False),
+        dynamic_modules=tuple(modules),
+        quantized_engine=engine,
+    )
 
 
 def _variants(shown: Path, top: _Reader) -> list[Variant]:
@@ -582,30 +837,51 @@ def _variants(shown: Path, top: _Reader) -> list[Variant]:
     precisions = top.get("precisions", list)
     devices = top.get("devices", list)
     if listed is not None and (precisions is not None or devices is not None):
-        raise SpecError(shown, "variants", listed, "give either variants or precisions x devices, not both")
-    pairs: list[tuple[str, str, Any, Any]] = []  # (where the precision is, where the device is, precision, device)
+        raise SpecError(
+            shown, "variants", listed, "give either variants or precisions x devices, not both"
+        )
+    pairs: list[
+        tuple[str, str, Any, Any]
+    ] = []  # (where the precision is, where the device is, precision, device)
     if listed is not None:
         for i, item in enumerate(listed):
             if not isinstance(item, str):
-                raise SpecError(shown, f"variants[{i}]", item, "expected '<precision>-<device>', e.g. fp16-cuda")
+                raise SpecError(
+                    shown, f"variants[{i}]", item, "expected '<precision>-<device>', e.g. fp16-cuda"
+                )
             precision, _, device = item.rpartition("-")
             pairs.append((f"variants[{i}]", f"variants[{i}]", precision, device))
     else:
         if not precisions or not devices:
-            raise SpecError(shown, "precisions" if not precisions else "devices", precisions if not precisions else devices,
-                            "give variants: [fp32-cpu, …] or both precisions: […] and devices: […]")
-        pairs = [(f"precisions[{i}]", f"devices[{j}]", p, d)
-                 for i, p in enumerate(precisions) for j, d in enumerate(devices)]
+            raise SpecError(
+                shown,
+                "precisions" if not precisions else "devices",
+                precisions if not precisions else devices,
+                "give variants: [fp32-cpu, …] or both precisions: […] and devices: […]",
+            )
+        pairs = [
+            (f"precisions[{i}]", f"devices[{j}]", p, d)
+            for i, p in enumerate(precisions)
+            for j, d in enumerate(devices)
+        ]
     variants, seen = [], set()
     for where, device_where, precision, device in pairs:
         if device not in DEVICES:
-            raise SpecError(shown, device_where, device, f"unknown device; allowed: {', '.join(DEVICES)}")
+            raise SpecError(
+                shown, device_where, device, f"unknown device; allowed: {', '.join(DEVICES)}"
+            )
         if precision not in PRECISIONS:
-            raise SpecError(shown, where, precision, f"unknown precision; allowed: {', '.join(PRECISIONS)}")
+            raise SpecError(
+                shown, where, precision, f"unknown precision; allowed: {', '.join(PRECISIONS)}"
+            )
         spec = PRECISIONS[precision]
         if device not in spec.devices:
-            raise SpecError(shown, where, f"{precision}-{device}",
-                            f"{precision} runs on {', '.join(spec.devices)} only ({spec.how})")
+            raise SpecError(
+                shown,
+                where,
+                f"{precision}-{device}",
+                f"{precision} runs on {', '.join(spec.devices)} only ({spec.how})",
+            )
         variant = Variant(precision, device)
         if variant.id in seen:
             raise SpecError(shown, where, variant.id, "each variant may appear once")

@@ -1,16 +1,16 @@
 """A sweep: planned jobs in, result files and a table out. The driver's side of `quantbench run`.
 
-The driver validates everything first, prepares each job's FP32 checkpoint once, hands the variants to
-the dispatcher, writes each result as it arrives and prints progress. It only waits while variants
-run, so it never competes with a timed pass for the CPU.
+The driver validates everything first, prepares each job's FP32 checkpoint once, hands the variants
+to the dispatcher, writes each result as it arrives and prints progress. It only waits while
+variants run, so it never competes with a timed pass for the CPU.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from runner import collect, dispatch, interrupt, locks, measure, models, results
 from runner.finetune import FinetuneTask, chance_note, finetune_key
@@ -37,28 +37,54 @@ class SweepReport:
             return f"wall {self.wall_s:.1f} s: nothing ran, every result was kept"
         overhead = self.wall_s - self.variants_s - self.prepare_s
         if overhead < 0:  # variants ran on several nodes at once: their work outlasts the wall time
-            return (f"wall {self.wall_s:.1f} s, while the variants' own work added up to {self.variants_s:.1f} s"
-                    f" (they ran on several nodes at once) and model preparation took {self.prepare_s:.1f} s"
-                    f" (cluster start {self.cluster_start_s:.1f} s)")
+            return (
+                f"wall {self.wall_s:.1f} s, while the variants' own work added up to "
+                f"{self.variants_s:.1f} s"
+                " (they ran on several nodes at once) and model preparation took "
+                f"{self.prepare_s:.1f} s"
+                f" (cluster start {self.cluster_start_s:.1f} s)"
+            )
         share = overhead / self.wall_s if self.wall_s else 0.0
-        return (f"wall {self.wall_s:.1f} s = variants' own work {self.variants_s:.1f} s"
-                f" + model preparation {self.prepare_s:.1f} s"
-                f" + overhead {overhead:.1f} s ({share:.0%}: cluster start {self.cluster_start_s:.1f} s,"
-                " worker process start, transfers, writing)")
+        return (
+            f"wall {self.wall_s:.1f} s = variants' own work {self.variants_s:.1f} s"
+            f" + model preparation {self.prepare_s:.1f} s"
+            f" + overhead {overhead:.1f} s ({share:.0%}: cluster start {self.cluster_start_s:.1f} "
+            "s,"
+            " worker process start, transfers, writing)"
+        )
 
 
-def build_tasks(plan: JobPlan, model_dir: Path, model_info: dict, skip: set[str]) -> list[VariantTask]:
+def build_tasks(
+    plan: JobPlan, model_dir: Path, model_info: dict, skip: set[str]
+) -> list[VariantTask]:
     spec = plan.spec
-    sample = {"rows": len(plan.examples), "of": plan.dataset_rows, "seed": spec.dataset.sample.seed,
-              "fingerprint": plan.sample_fingerprint}
-    return [VariantTask(job=spec.name, variant=variant, model_dir=str(model_dir),
-                        texts=[e.text for e in plan.examples],
-                        gold_labels=[plan.label_map[e.label] for e in plan.examples],
-                        model_labels=plan.model_labels, evaluation=spec.evaluation, settings=spec.settings,
-                        max_length=spec.dataset.max_length, spec_hash=plan.spec_hash, spec_as_run=spec.raw,
-                        sample=sample, model_info=model_info, repeat=repeat)
-            for variant in spec.variants if variant.id not in skip
-            for repeat in range(spec.evaluation.repeats)]
+    sample = {
+        "rows": len(plan.examples),
+        "of": plan.dataset_rows,
+        "seed": spec.dataset.sample.seed,
+        "fingerprint": plan.sample_fingerprint,
+    }
+    return [
+        VariantTask(
+            job=spec.name,
+            variant=variant,
+            model_dir=str(model_dir),
+            texts=[e.text for e in plan.examples],
+            gold_labels=[plan.label_map[e.label] for e in plan.examples],
+            model_labels=plan.model_labels,
+            evaluation=spec.evaluation,
+            settings=spec.settings,
+            max_length=spec.dataset.max_length,
+            spec_hash=plan.spec_hash,
+            spec_as_run=spec.raw,
+            sample=sample,
+            model_info=model_info,
+            repeat=repeat,
+        )
+        for variant in spec.variants
+        if variant.id not in skip
+        for repeat in range(spec.evaluation.repeats)
+    ]
 
 
 def merge_repeats(runs: list[dict]) -> dict:
@@ -69,16 +95,25 @@ def merge_repeats(runs: list[dict]) -> dict:
         return runs[0]
     failed = [r for r in runs if r["status"] != "ok"]
     if failed:
-        return {**failed[0], "repeats": {"n": len(runs), "failed": len(failed),
-                                         "errors": [r.get("error") for r in failed]}}
+        return {
+            **failed[0],
+            "repeats": {
+                "n": len(runs),
+                "failed": len(failed),
+                "errors": [r.get("error") for r in failed],
+            },
+        }
     medians = [r["metrics"]["latency_ms"]["median"] for r in runs]
     middle = sorted(range(len(runs)), key=lambda i: medians[i])[len(runs) // 2]
     merged = dict(runs[middle])
     center = sorted(medians)[len(medians) // 2]
     merged["repeats"] = {
-        "n": len(runs), "representative": runs[middle].get("repeat", middle),
-        "median_ms": medians, "throughput_sps": [r["metrics"]["throughput_sps"] for r in runs],
-        "peak_rss_mib": [r["metrics"]["peak_rss_mib"] for r in runs], "wall_s": [r.get("wall_s") for r in runs],
+        "n": len(runs),
+        "representative": runs[middle].get("repeat", middle),
+        "median_ms": medians,
+        "throughput_sps": [r["metrics"]["throughput_sps"] for r in runs],
+        "peak_rss_mib": [r["metrics"]["peak_rss_mib"] for r in runs],
+        "wall_s": [r.get("wall_s") for r in runs],
         "variant_pid": [r.get("environment", {}).get("variant_pid") for r in runs],
         "spread": round((max(medians) - min(medians)) / center, 4) if center else None,
     }
@@ -94,8 +129,11 @@ def progress_line(done: int, total: int, result: dict) -> str:
     if result["status"] != "ok":
         return f"{head} {result.get('error')}"
     latency = metrics.get("latency_ms") or {}
-    text = (f"{head} accuracy {metrics.get('accuracy', 0):.4f}  median {latency.get('median', 0):.2f} ms"
-            f"  size {metrics.get('model_size_mib', 0):.1f} MiB  ({result.get('wall_s', 0):.1f} s)")
+    text = (
+        f"{head} accuracy {metrics.get('accuracy', 0):.4f}  median {latency.get('median', 0):.2f} "
+        "ms"
+        f"  size {metrics.get('model_size_mib', 0):.1f} MiB  ({result.get('wall_s', 0):.1f} s)"
+    )
     if latency.get("timing_lock_wait_s"):  # another quantbench run on the machine was timing
         text += f"  waited {latency['timing_lock_wait_s']:.1f} s for another run's timing"
     if result.get("repeats"):
@@ -105,40 +143,73 @@ def progress_line(done: int, total: int, result: dict) -> str:
     return text
 
 
-def run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: str | None,
-              say: Callable[[str], None] = print, ray_temp_dir: str | None = None,
-              placement_timeout_s: float | None = None, lock_wait_s: float | None = None,
-              command: str = "quantbench run") -> SweepReport:
-    """Run every planned job. Raises results.ResultsError before starting anything: another spec's results,
-    a folder this user cannot write, or (locks.ResultsLocked) another run writing a job's folder after
-    lock_wait_s (None: not at all)."""
+def run_sweep(
+    plans: list[JobPlan],
+    results_dir: Path,
+    resume: bool,
+    address: str | None,
+    say: Callable[[str], None] = print,
+    ray_temp_dir: str | None = None,
+    placement_timeout_s: float | None = None,
+    lock_wait_s: float | None = None,
+    command: str = "quantbench run",
+) -> SweepReport:
+    """Run every planned job. Raises results.ResultsError before starting anything: another spec's
+    results, a folder this user cannot write, or (locks.ResultsLocked) another run writing a job's
+    folder after lock_wait_s (None: not at all)."""
     # A folder that cannot be written cannot be locked either: say which and who, first.
     results.check_writable(results_dir, [plan.spec.name for plan in plans])
-    with locks.job_folders_locked(results_dir, [plan.spec.name for plan in plans], command, lock_wait_s, say):
+    with locks.job_folders_locked(
+        results_dir, [plan.spec.name for plan in plans], command, lock_wait_s, say
+    ):
         # Under the lock: what the folder holds cannot change between reading it and writing to it.
-        return _run_sweep(plans, results_dir, resume, address, say, ray_temp_dir, placement_timeout_s)
+        return _run_sweep(
+            plans, results_dir, resume, address, say, ray_temp_dir, placement_timeout_s
+        )
 
 
-def _run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: str | None,
-               say: Callable[[str], None], ray_temp_dir: str | None,
-               placement_timeout_s: float | None) -> SweepReport:
+def _run_sweep(
+    plans: list[JobPlan],
+    results_dir: Path,
+    resume: bool,
+    address: str | None,
+    say: Callable[[str], None],
+    ray_temp_dir: str | None,
+    placement_timeout_s: float | None,
+) -> SweepReport:
     unusable: list[tuple[Path, str]] = []
-    folders = {plan.spec.name: results.plan_folder(results_dir, plan.spec.name, plan.spec_hash,
-                                                   [v.id for v in plan.spec.variants], resume, unusable)
-               for plan in plans}
+    folders = {
+        plan.spec.name: results.plan_folder(
+            results_dir,
+            plan.spec.name,
+            plan.spec_hash,
+            [v.id for v in plan.spec.variants],
+            resume,
+            unusable,
+        )
+        for plan in plans
+    }
     for file, why in unusable:  # a variant's own file among them is replaced when it runs
         say(f"skipped {file}: {why}")
     kept = {name: keep for name, (keep, _) in folders.items()}
     replaced = {name: why for name, (_, why) in folders.items()}
-    to_run = {plan.spec.name: [v for v in plan.spec.variants if v.id not in kept[plan.spec.name]] for plan in plans}
+    to_run = {
+        plan.spec.name: [v for v in plan.spec.variants if v.id not in kept[plan.spec.name]]
+        for plan in plans
+    }
     report = SweepReport()
     started = time.perf_counter()
-    cpu_precisions = [v.precision for variants in to_run.values() for v in variants if v.device == "cpu"]
+    cpu_precisions = [
+        v.precision for variants in to_run.values() for v in variants if v.device == "cpu"
+    ]
     # A fine-tune is CPU work too where the cluster has no GPU.
-    cpu_work = cpu_precisions or any(plan.train_examples is not None and to_run[plan.spec.name] for plan in plans)
+    cpu_work = cpu_precisions or any(
+        plan.train_examples is not None and to_run[plan.spec.name] for plan in plans
+    )
     if any(to_run.values()):
-        cluster = dispatch.connect(address, temp_dir=ray_temp_dir,
-                                   cpu_precisions=cpu_precisions if cpu_work else None)
+        cluster = dispatch.connect(
+            address, temp_dir=ray_temp_dir, cpu_precisions=cpu_precisions if cpu_work else None
+        )
         interrupt.install()  # ray.init replaced the SIGTERM handler
         report.cluster_start_s = time.perf_counter() - started
         say(f"cluster: {cluster.describe()}")
@@ -151,12 +222,18 @@ def _run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: s
         for plan in plans:
             name = plan.spec.name
             for variant_id, result in kept[name].items():
-                say(f"[resume] {name} {variant_id}: kept {results.result_path(results_dir, name, variant_id)}")
+                say(
+                    f"[resume] {name} {variant_id}: kept "
+                    f"{results.result_path(results_dir, name, variant_id)}"
+                )
                 report.results.append(result)
             for variant_id, why in replaced[name].items():
-                say(f"[resume] {name} {variant_id}: runs again and replaces "
-                    f"{results.result_path(results_dir, name, variant_id)} ({why})")
-        # Every job's model before any variant: one that cannot be loaded stops the run with nothing written.
+                say(
+                    f"[resume] {name} {variant_id}: runs again and replaces "
+                    f"{results.result_path(results_dir, name, variant_id)} ({why})"
+                )
+        # Every job's model before any variant: one that cannot be loaded stops the run with nothing
+        # written.
         prepared_models = {}
         for plan in plans:
             if to_run[plan.spec.name]:
@@ -173,13 +250,21 @@ def _run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: s
             if plan.train_examples is not None:
                 prepared = time.perf_counter()
                 try:
-                    model_dir, model_info = fine_tuned_model(plan, model_dir, model_info, cluster, say,
-                                                             placement_timeout_s)
+                    model_dir, model_info = fine_tuned_model(
+                        plan, model_dir, model_info, cluster, say, placement_timeout_s
+                    )
                 except Exception as error:  # every variant of this job needs the fine-tuned model
                     report.prepare_s += time.perf_counter() - prepared
-                    failed = [dict(base_result(t, "failed", f"fine-tune failed: {type(error).__name__}: {error}"),
-                                   ended_at=measure.now()) for t in build_tasks(plan, model_dir, model_info, set(kept[name]))
-                              if t.repeat == 0]
+                    failed = [
+                        dict(
+                            base_result(
+                                t, "failed", f"fine-tune failed: {type(error).__name__}: {error}"
+                            ),
+                            ended_at=measure.now(),
+                        )
+                        for t in build_tasks(plan, model_dir, model_info, set(kept[name]))
+                        if t.repeat == 0
+                    ]
                     for number, result in enumerate(failed, start=1):
                         results.write_result(results_dir, result)
                         say(progress_line(number, len(failed), result))
@@ -203,8 +288,14 @@ def _run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: s
                 count[0] += 1
                 say(progress_line(count[0], total, merged))
 
-            job_results = dispatch.run_variants(tasks, cluster, on_result, placement_timeout_s=placement_timeout_s,
-                                                model_dir=model_dir, say=say)
+            job_results = dispatch.run_variants(
+                tasks,
+                cluster,
+                on_result,
+                placement_timeout_s=placement_timeout_s,
+                model_dir=model_dir,
+                say=say,
+            )
             report.variants_s += sum(r.get("wall_s") or 0.0 for r in job_results)
     finally:
         if cluster is not None:
@@ -214,80 +305,148 @@ def _run_sweep(plans: list[JobPlan], results_dir: Path, resume: bool, address: s
 
 
 def stale_report_notes(results_dir: Path, jobs: list[str]) -> list[str]:
-    """Notes on each report.html where `quantbench report` writes it by default (the folder it is given:
-    DIR or DIR/<job>) that is older than a result of these jobs under that folder. Such a page shows
-    what the folder held before; run leaves it, as it may be the only record of results it replaced."""
+    """Notes on each report.html where `quantbench report` writes it by default (the folder it is
+    given: DIR or DIR/<job>) that is older than a result of these jobs under that folder. Such a
+    page shows what the folder held before; run leaves it, as it may be the only record of results
+    it replaced."""
     notes = []
-    for folder, covers in [(Path(results_dir), jobs), *((Path(results_dir) / job, [job]) for job in jobs)]:
+    for folder, covers in [
+        (Path(results_dir), jobs),
+        *((Path(results_dir) / job, [job]) for job in jobs),
+    ]:
         page = folder / "report.html"
         results_in = [p for job in covers for p in (Path(results_dir) / job).glob("*.json")]
         if page.is_file() and any(p.stat().st_mtime > page.stat().st_mtime for p in results_in):
-            notes.append(f"note: {page} is older than results under {folder}: it shows what was there before; "
-                         f"to update it: quantbench report {folder}")
+            notes.append(
+                f"note: {page} is older than results under {folder}: it shows what was there "
+                "before; "
+                f"to update it: quantbench report {folder}"
+            )
     return notes
 
 
 def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:
-    """The job's FP32 checkpoint, from the cache or made now; a model that cannot be loaded is the job's
-    mistake (exit 2), as validation would have said if it could read weights."""
+    """The job's FP32 checkpoint, from the cache or made now; a model that cannot be loaded is the
+    job's mistake (exit 2), as validation would have said if it could read weights."""
     try:
         model_dir, model_info = models.prepare_model(plan.spec)
     except Exception as error:
-        raise SpecError(plan.spec.file, "model", plan.spec.model.describe(),
-                        f"cannot load and save the model: {type(error).__name__}: {error}") from None
-    say(f"model: {model_info['source']} -> {model_dir}" + (" (cached)" if model_info["cached"] else ""))
+        raise SpecError(
+            plan.spec.file,
+            "model",
+            plan.spec.model.describe(),
+            f"cannot load and save the model: {type(error).__name__}: {error}",
+        ) from None
+    say(
+        f"model: {model_info['source']} -> {model_dir}"
+        + (" (cached)" if model_info["cached"] else "")
+    )
     if model_info.get("newly_initialised") and plan.train_examples is None:
-        say(f"note: {len(model_info['newly_initialised'])} weight tensor(s) were randomly initialised "
-            "(no trained classification head): accuracy is chance until the model is fine-tuned")
+        say(
+            f"note: {len(model_info['newly_initialised'])} weight tensor(s) were randomly "
+            "initialised "
+            "(no trained classification head): accuracy is chance until the model is fine-tuned"
+        )
     return model_dir, model_info
 
 
-def fine_tuned_model(plan: JobPlan, base_dir: Path, base_info: dict, cluster, say,
-                     placement_timeout_s: float | None = None) -> tuple[Path, dict]:
+def fine_tuned_model(
+    plan: JobPlan,
+    base_dir: Path,
+    base_info: dict,
+    cluster,
+    say,
+    placement_timeout_s: float | None = None,
+) -> tuple[Path, dict]:
     """The job's fine-tuned FP32 model: from the cache, or trained now as a Ray task."""
     spec = plan.spec
     texts = [e.text for e in plan.train_examples]
     labels = [plan.label_map[e.label] for e in plan.train_examples]
-    key = finetune_key(base_info["key"], texts, labels, plan.model_labels, spec.finetune, spec.dataset.max_length)
+    key = finetune_key(
+        base_info["key"], texts, labels, plan.model_labels, spec.finetune, spec.dataset.max_length
+    )
     cached = models.cached_model(key)
     if cached is not None:
         info = models.cached_info(cached)
-        say(f"fine-tune: reusing the cached fine-tuned model {cached} (trained on {info['train_rows']} rows, "
-            f"train loss {info['train_loss']}){chance_note(info['train_loss'], len(plan.model_labels))}")
+        say(
+            f"fine-tune: reusing the cached fine-tuned model {cached} (trained on "
+            f"{info['train_rows']} rows, "
+            "train loss "
+            f"{info['train_loss']}){chance_note(info['train_loss'], len(plan.model_labels))}"
+        )
         return cached, {**info, "source": f"fine-tuned {base_info['source']}"}
-    say(f"fine-tune: training on {len(texts)} rows ({spec.finetune.epochs:g} epoch(s), "
-        f"batch {spec.finetune.batch_size}, learning rate {spec.finetune.learning_rate:g}) ...")
-    task = FinetuneTask(key=key, base_dir=str(base_dir), base_key=base_info["key"], texts=texts, labels=labels,
-                        label_names=plan.model_labels, settings=spec.finetune, max_length=spec.dataset.max_length)
-    info = dispatch.finetune(task, cluster, placement_timeout_s,
-                             precisions=[v.precision for v in spec.variants if v.device == "cpu"])
-    say(f"fine-tune: done in {info['train_s']:.1f} s on {info['device']} ({info.get('node_ip')}), "
-        f"train loss {info['train_loss']}; cached as {info['folder']}{chance_note(info['train_loss'], len(plan.model_labels))}")
+    say(
+        f"fine-tune: training on {len(texts)} rows ({spec.finetune.epochs:g} epoch(s), "
+        f"batch {spec.finetune.batch_size}, learning rate {spec.finetune.learning_rate:g}) ..."
+    )
+    task = FinetuneTask(
+        key=key,
+        base_dir=str(base_dir),
+        base_key=base_info["key"],
+        texts=texts,
+        labels=labels,
+        label_names=plan.model_labels,
+        settings=spec.finetune,
+        max_length=spec.dataset.max_length,
+    )
+    info = dispatch.finetune(
+        task,
+        cluster,
+        placement_timeout_s,
+        precisions=[v.precision for v in spec.variants if v.device == "cpu"],
+    )
+    say(
+        f"fine-tune: done in {info['train_s']:.1f} s on {info['device']} ({info.get('node_ip')}), "
+        f"train loss {info['train_loss']}; cached as "
+        f"{info['folder']}{chance_note(info['train_loss'], len(plan.model_labels))}"
+    )
     return Path(info["folder"]), {**info, "source": f"fine-tuned {base_info['source']}"}
 
 
 def describe_plan(plan: JobPlan) -> str:
     spec = plan.spec
     asked = spec.dataset.sample.n
-    capped = f"; sample.n asks for {asked}, all {plan.dataset_rows} are used" if asked and asked > plan.dataset_rows else ""
-    lines = [f"{spec.file}: job '{spec.name}' is valid",
-             f"  model: {spec.model.describe()}  labels: {', '.join(plan.model_labels)}",
-             f"  dataset: {spec.dataset.format}, {len(plan.examples)} of {plan.dataset_rows} rows "
-             f"(seed {spec.dataset.sample.seed}{capped}); label map: "
-             + ", ".join(f"{k}→{v}" for k, v in sorted(plan.label_map.items())),
-             "  evaluation: " + ", ".join(f"{k} {v}" for k, v in asdict(spec.evaluation).items() if v is not None),
-             *([f"  fine-tune: {len(plan.train_examples)} training rows, none in the evaluation sample; "
+    capped = (
+        f"; sample.n asks for {asked}, all {plan.dataset_rows} are used"
+        if asked and asked > plan.dataset_rows
+        else ""
+    )
+    lines = [
+        f"{spec.file}: job '{spec.name}' is valid",
+        f"  model: {spec.model.describe()}  labels: {', '.join(plan.model_labels)}",
+        f"  dataset: {spec.dataset.format}, {len(plan.examples)} of {plan.dataset_rows} rows "
+        f"(seed {spec.dataset.sample.seed}{capped}); label map: "
+        + ", ".join(f"{k}→{v}" for k, v in sorted(plan.label_map.items())),
+        "  evaluation: "
+        + ", ".join(f"{k} {v}" for k, v in asdict(spec.evaluation).items() if v is not None),
+        *(
+            [
+                f"  fine-tune: {len(plan.train_examples)} training rows, none in the evaluation "
+                "sample; "
                 f"epochs {spec.finetune.epochs:g}, learning rate {spec.finetune.learning_rate:g}, "
-                f"batch {spec.finetune.batch_size}, seed {spec.finetune.seed}"] if plan.train_examples else []),
-             f"  baseline: {spec.baseline}",
-             *(f"  note: {note}" for note in plan.notes),
-             "  variants:"]
+                f"batch {spec.finetune.batch_size}, seed {spec.finetune.seed}"
+            ]
+            if plan.train_examples
+            else []
+        ),
+        f"  baseline: {spec.baseline}",
+        *(f"  note: {note}" for note in plan.notes),
+        "  variants:",
+    ]
     for variant in spec.variants:
         lines.append(f"    {variant.id:<20} runs on {dispatch.where_it_runs(variant.device)}")
     return "\n".join(lines)
 
 
-def print_table(report: SweepReport, plans: list[JobPlan], say: Callable[[str], None] = print) -> None:
+def print_table(
+    report: SweepReport, plans: list[JobPlan], say: Callable[[str], None] = print
+) -> None:
     say("")
     for plan in plans:  # each job against its own baseline, whatever older kept results say
-        say(collect.render([r for r in report.results if r["job"] == plan.spec.name], "table", plan.spec.baseline))
+        say(
+            collect.render(
+                [r for r in report.results if r["job"] == plan.spec.name],
+                "table",
+                plan.spec.baseline,
+            )
+        )

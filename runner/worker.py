@@ -1,9 +1,10 @@
-"""One variant, start to finish: load, quantize, measure size, evaluate and time, and return a result.
+"""One variant, start to finish: load, quantize, measure size, evaluate and time, and return a
+result.
 
 `run_variant` is a plain function of a plain value: tests call it directly, and the dispatcher calls
-it on a Ray worker: a CPU variant in a process of its own forked for it (runner/isolation.py), a CUDA
-variant in a fresh worker process of its own. It never raises for a variant's own failure: the result says
-`failed` with the error, so one broken precision never stops a sweep.
+it on a Ray worker: a CPU variant in a process of its own forked for it (runner/isolation.py), a
+CUDA variant in a fresh worker process of its own. It never raises for a variant's own failure: the
+result says `failed` with the error, so one broken precision never stops a sweep.
 """
 
 from __future__ import annotations
@@ -96,16 +97,21 @@ def run_variant(task: VariantTask) -> dict:
 
 
 def run_variant_in_own_process(task: VariantTask) -> dict:
-    """run_variant as the dispatcher runs it, in the variant's own process. This module imports no Ray:
-    a process forked to run a variant starts without importing it (0.3-0.5 s each on 2 cores)."""
+    """run_variant as the dispatcher runs it, in the variant's own process. This module imports no
+    Ray: a process forked to run a variant starts without importing it (0.3-0.5 s each on 2
+    cores)."""
     fault = _injected_fault(task.variant.id)
     if fault == "exit":
         os._exit(3)  # the process dies as in a segfault or an OOM kill
     if fault == "raise":
         raise RuntimeError(f"fault injected into {task.variant.id}")
-    if fault == "hold":  # a variant that hangs until killed; its pid in QUANTBENCH_FAULT_DIR says it began
+    if (
+        fault == "hold"
+    ):  # a variant that hangs until killed; its pid in QUANTBENCH_FAULT_DIR says it began
         if os.environ.get("QUANTBENCH_FAULT_DIR"):
-            Path(os.environ["QUANTBENCH_FAULT_DIR"], f"{task.variant.id}.pid").write_text(str(os.getpid()))
+            Path(os.environ["QUANTBENCH_FAULT_DIR"], f"{task.variant.id}.pid").write_text(
+                str(os.getpid())
+            )
         while True:
             signal.pause()
     models.quiet_libraries()
@@ -115,8 +121,8 @@ def run_variant_in_own_process(task: VariantTask) -> dict:
 
 
 def _injected_fault(variant_id: str) -> str | None:
-    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise,fp32-cpu=hold": how tests make a worker die,
-    a variant raise or hang."""
+    """QUANTBENCH_FAULT_INJECT="fp16-cpu=exit,bf16-cpu=raise,fp32-cpu=hold": how tests make a worker
+    die, a variant raise or hang."""
     for item in os.environ.get("QUANTBENCH_FAULT_INJECT", "").split(","):
         name, _, fault = item.partition("=")
         if name.strip() == variant_id:
@@ -129,14 +135,17 @@ OUTLIER_BATCHES = 4
 
 
 def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
-    """Per-layer error of the weights this variant computes with, against the FP32 weights they came from."""
+    """Per-layer error of the weights this variant computes with, against the FP32 weights they came
+    from."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from runner import analysis
 
     started = time.perf_counter()
-    reference_model = AutoModelForSequenceClassification.from_pretrained(task.model_dir, dtype=torch.float32).eval()
+    reference_model = AutoModelForSequenceClassification.from_pretrained(
+        task.model_dir, dtype=torch.float32
+    ).eval()
     reference = analysis.dequantized_linear_weights(reference_model)
     variant = analysis.dequantized_linear_weights(model)
     rows = analysis.layer_weight_errors(reference, variant)
@@ -145,12 +154,20 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
         layer_type, _ = analysis.classify_layer(name)
         if layer_type not in grids:
             grids[layer_type] = analysis.quantization_grid(task.variant.precision, weight)
-    outcome = {"layers": rows, "summary": analysis.summarise_layer_errors(rows),
-               "histograms": analysis.weight_histograms(reference), "grids": grids}
+    outcome = {
+        "layers": rows,
+        "summary": analysis.summarise_layer_errors(rows),
+        "histograms": analysis.weight_histograms(reference),
+        "grids": grids,
+    }
     if task.variant.precision == "bnb-int8":
-        spread = batches[::max(1, len(batches) // OUTLIER_BATCHES)][:OUTLIER_BATCHES]  # short and long ones
+        spread = batches[:: max(1, len(batches) // OUTLIER_BATCHES)][
+            :OUTLIER_BATCHES
+        ]  # short and long ones
         cpu_batches = [{k: v.cpu() for k, v in b.items()} for b in spread]
-        columns = analysis.activation_outlier_columns(reference_model, cpu_batches, task.settings.llm_int8_threshold)
+        columns = analysis.activation_outlier_columns(
+            reference_model, cpu_batches, task.settings.llm_int8_threshold
+        )
         outcome["outlier_columns"] = {name: cols for name, cols in columns.items() if cols}
         outcome["outlier_samples"] = sum(b["input_ids"].shape[0] for b in cpu_batches)
     del reference_model
@@ -162,8 +179,10 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     variant, device = task.variant, task.variant.device
     precision = PRECISIONS[variant.precision]
     if device == "cuda" and not torch.cuda.is_available():
-        raise NoCudaDevice(f"no CUDA device on this node (torch {torch.__version__}, "
-                           f"built with CUDA {torch.version.cuda}); {variant.id} needs an NVIDIA GPU")
+        raise NoCudaDevice(
+            f"no CUDA device on this node (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda}); {variant.id} needs an NVIDIA GPU"
+        )
     threads = task.evaluation.threads or measure.available_cpus()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -187,20 +206,36 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(task.model_dir)
-    order = evaluate.batch_order(tokenizer, task.texts, task.max_length, task.evaluation.batch_order)
-    batches = evaluate.tokenize_batches(tokenizer, [task.texts[i] for i in order], task.evaluation.batch_size,
-                                        task.max_length, device)
+    order = evaluate.batch_order(
+        tokenizer, task.texts, task.max_length, task.evaluation.batch_order
+    )
+    batches = evaluate.tokenize_batches(
+        tokenizer,
+        [task.texts[i] for i in order],
+        task.evaluation.batch_size,
+        task.max_length,
+        device,
+    )
     fixed = None
     if task.evaluation.latency_mode == "fixed":
         fixed = evaluate.fixed_shape_batch(tokenizer, *task.evaluation.fixed_shape, device)
     with memory.phase("evaluate"):
         probabilities, timings = evaluate.run_passes(
-            model, batches, device, task.evaluation.warmup_passes, task.evaluation.timed_passes,
-            task.evaluation.min_time_s, fixed, holder=f"timing {task.job} {variant.id}")
+            model,
+            batches,
+            device,
+            task.evaluation.warmup_passes,
+            task.evaluation.timed_passes,
+            task.evaluation.min_time_s,
+            fixed,
+            holder=f"timing {task.job} {variant.id}",
+        )
     probabilities = evaluate.in_sample_order(probabilities, order)
     if not np.isfinite(probabilities).all():
-        raise FloatingPointError(f"{variant.id} produced non-finite outputs (NaN or inf) for "
-                                 f"{int((~np.isfinite(probabilities)).any(axis=1).sum())} of {len(task.texts)} samples")
+        raise FloatingPointError(
+            f"{variant.id} produced non-finite outputs (NaN or inf) for "
+            f"{int((~np.isfinite(probabilities)).any(axis=1).sum())} of {len(task.texts)} samples"
+        )
 
     analysis_warning = None
     if task.evaluation.weight_analysis:
@@ -217,10 +252,15 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     gold_ids = np.array([index[name] for name in task.gold_labels])
     predicted = probabilities.argmax(axis=1)
     noise_cv, repeated = timings.noise_cv()
-    latency = {**measure.latency_stats(timings.seconds), "repeat_cv": noise_cv, "repeat_n": repeated,
-               "preemptions_per_s": timings.preemptions_per_s,
-               "clock_started_at": timings.clock_started_at, "clock_s": timings.clock_s,
-               "timing_lock_wait_s": timings.timing_lock_wait_s}
+    latency = {
+        **measure.latency_stats(timings.seconds),
+        "repeat_cv": noise_cv,
+        "repeat_n": repeated,
+        "preemptions_per_s": timings.preemptions_per_s,
+        "clock_started_at": timings.clock_started_at,
+        "clock_s": timings.clock_s,
+        "timing_lock_wait_s": timings.timing_lock_wait_s,
+    }
     timed_total = sum(timings.seconds)
     result["metrics"] = {
         "model_size_mib": size_mib,
@@ -230,7 +270,8 @@ def _run(task: VariantTask, result: dict, torch) -> None:
         "peak_rss_mib": memory.peak_rss_mib(),
         "peak_cuda_mib": memory.peak_cuda_mib(),
         "memory_phases": memory.phases,
-        "memory_phases_reset": memory.resettable,  # false: each phase's peak includes the ones before
+        # false: each phase's peak includes the ones before
+        "memory_phases_reset": memory.resettable,
         "load_s": round(load_s, 4),
         "quantize_s": round(quantize_s, 4),
     }
@@ -242,11 +283,18 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     noisy = measure.noisy_warning(latency)
     if noisy:
         result["warnings"].append(noisy)
-    result["settings"] = {**settings, "batch_size": task.evaluation.batch_size,
-                          "batch_order": task.evaluation.batch_order, "max_length": task.max_length,
-                          "warmup_passes": task.evaluation.warmup_passes, "timed_passes": task.evaluation.timed_passes,
-                          "min_time_s": task.evaluation.min_time_s, "latency_mode": task.evaluation.latency_mode,
-                          "fixed_shape": task.evaluation.fixed_shape, "quantization": asdict(task.settings)}
+    result["settings"] = {
+        **settings,
+        "batch_size": task.evaluation.batch_size,
+        "batch_order": task.evaluation.batch_order,
+        "max_length": task.max_length,
+        "warmup_passes": task.evaluation.warmup_passes,
+        "timed_passes": task.evaluation.timed_passes,
+        "min_time_s": task.evaluation.min_time_s,
+        "latency_mode": task.evaluation.latency_mode,
+        "fixed_shape": task.evaluation.fixed_shape,
+        "quantization": asdict(task.settings),
+    }
     result["predictions"] = {
         "labels": task.model_labels,
         "gold": task.gold_labels,

@@ -1,13 +1,12 @@
 """Shared fixtures: tiny models built here, real rows from ../shared/data, private caches.
 
-Nothing is downloaded: the model is a random BertConfig saved with save_pretrained, and its tokenizer
-is a WordPiece vocabulary written from the rt-polarity sentences themselves.
+Nothing is downloaded: the model is a random BertConfig saved with save_pretrained, and its
+tokenizer is a WordPiece vocabulary written from the rt-polarity sentences themselves.
 """
 
 from __future__ import annotations
 
 import collections
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,36 +28,60 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 
 def corpus_lines(paths: list[Path], per_file: int = 2000) -> list[str]:
-    return [line.split("\t")[0] for path in paths for line in path.read_text(encoding="utf-8").splitlines()[:per_file]]
+    return [
+        line.split("\t")[0]
+        for path in paths
+        for line in path.read_text(encoding="utf-8").splitlines()[:per_file]
+    ]
 
 
 def build_tokenizer(folder: Path, vocab_size: int = 2000, corpus: list[str] | None = None):
     from transformers import BertTokenizerFast
 
     words = collections.Counter()
-    for line in corpus or corpus_lines([RT_POLARITY / "rt-polarity.pos", RT_POLARITY / "rt-polarity.neg"]):
+    for line in corpus or corpus_lines(
+        [RT_POLARITY / "rt-polarity.pos", RT_POLARITY / "rt-polarity.neg"]
+    ):
         words.update(line.split())
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in words.most_common(vocab_size)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
+        w for w, _ in words.most_common(vocab_size)
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(dict.fromkeys(vocab))}, do_lower_case=True)
+    tokenizer = BertTokenizerFast(
+        vocab={word: i for i, word in enumerate(dict.fromkeys(vocab))}, do_lower_case=True
+    )
     assert len(tokenizer) > 100, "the tokenizer did not take the vocabulary"
     tokenizer.save_pretrained(folder)
     return tokenizer
 
 
-def build_tiny_bert(folder: Path, labels: list[str], hidden: int = 32, layers: int = 2, seed: int = 0,
-                    corpus: list[str] | None = None) -> Path:
-    """A random-initialised BERT classifier with the given label names, saved with save_pretrained."""
+def build_tiny_bert(
+    folder: Path,
+    labels: list[str],
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    corpus: list[str] | None = None,
+) -> Path:
+    """A random-initialised BERT classifier with the given label names, saved with
+    save_pretrained."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     tokenizer = build_tokenizer(folder, corpus=corpus)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=128,
-                        num_labels=len(labels), id2label=dict(enumerate(labels)),
-                        label2id={name: i for i, name in enumerate(labels)})
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
 
@@ -71,13 +94,17 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_3(tmp_path_factory) -> Path:
-    """Three labels in the published model's order: LABEL_0 positive, LABEL_1 neutral, LABEL_2 negative."""
-    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert-3"), ["LABEL_0", "LABEL_1", "LABEL_2"])
+    """Three labels in the published model's order: LABEL_0 positive, LABEL_1 neutral, LABEL_2
+    negative."""
+    return build_tiny_bert(
+        tmp_path_factory.mktemp("tiny-bert-3"), ["LABEL_0", "LABEL_1", "LABEL_2"]
+    )
 
 
 @pytest.fixture
 def ray_temp_dir():
-    """Ray's own temp folder for the clusters a test starts (short: Ray's socket paths are limited)."""
+    """Ray's own temp folder for the clusters a test starts (short: Ray's socket paths are
+    limited)."""
     folder = tempfile.mkdtemp(prefix="qbray-", dir="/tmp")
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -90,8 +117,13 @@ def write_job(folder: Path, text: str, name: str = "job.yaml") -> Path:
     return path
 
 
-def rt_job(model: Path, extra: str = "", name: str = "tiny-rt", variants: str = "[fp32-cpu, int8-dynamic-cpu]",
-           n: int = 24) -> str:
+def rt_job(
+    model: Path,
+    extra: str = "",
+    name: str = "tiny-rt",
+    variants: str = "[fp32-cpu, int8-dynamic-cpu]",
+    n: int = 24,
+) -> str:
     return f"""
 name: {name}
 model: {{path: {model}}}
@@ -108,15 +140,23 @@ variants: {variants}
 """
 
 
-def smsa_job(model: Path, label_map: str, rest: str = "variants: [fp32-cpu]", name: str = "smsa-tiny", n: int = 50,
-             seed: int = 0, dataset_extra: str = "") -> str:
-    """A job on the real SmSA test rows (tab-separated, no header row, three labels); `rest` follows the dataset."""
+def smsa_job(
+    model: Path,
+    label_map: str,
+    rest: str = "variants: [fp32-cpu]",
+    name: str = "smsa-tiny",
+    n: int = 50,
+    seed: int = 0,
+    dataset_extra: str = "",
+) -> str:
+    """A job on the real SmSA test rows (tab-separated, no header row, three labels); `rest` follows
+    the dataset."""
     return f"""
 name: {name}
 model: {{path: {model}}}
 dataset:
   format: tsv
-  path: {SMSA / 'test_preprocess.tsv'}
+  path: {SMSA / "test_preprocess.tsv"}
   header: false
   label_map: {label_map}
   sample: {{n: {n}, seed: {seed}}}
@@ -135,7 +175,8 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 
 
 def check_refused(capsys, tmp_path, job_text: str, *expected: str) -> str:
-    """validate and run both exit 2 naming the job file and the expected words; run writes nothing."""
+    """validate and run both exit 2 naming the job file and the expected words; run writes
+    nothing."""
     job = write_job(tmp_path / "jobs", job_text)
     code, _, err = run_cli(capsys, "validate", job)
     assert code == 2, err

@@ -1,4 +1,5 @@
-"""runner.analysis against hand computations and against what the quantized layers really compute."""
+"""runner.analysis against hand computations and against what the quantized layers really
+compute."""
 
 import copy
 import json
@@ -43,7 +44,9 @@ def test_layer_errors_match_hand_computation():
     wq[15] += 0.1  # beyond the FP32 max: stays in the edge bin
     ref = torch.nn.Sequential(_linear(torch.tensor(w).reshape(4, 4)))
     var = torch.nn.Sequential(_linear(torch.tensor(wq).reshape(4, 4)))
-    rows = A.layer_weight_errors(A.dequantized_linear_weights(ref), A.dequantized_linear_weights(var))
+    rows = A.layer_weight_errors(
+        A.dequantized_linear_weights(ref), A.dequantized_linear_weights(var)
+    )
     assert len(rows) == 1
     row = rows[0]
 
@@ -58,7 +61,9 @@ def test_layer_errors_match_hand_computation():
     assert row["sqnr_db"] == pytest.approx(18.325, abs=1e-3)  # 10 log10(3.4 / 0.050001)
     assert row["rel_l2"] == pytest.approx(math.sqrt(noise / signal), rel=1e-9)
     dot = sum(a * b for a, b in zip(w32, q32))
-    assert row["cosine"] == pytest.approx(dot / math.sqrt(signal * sum(b * b for b in q32)), rel=1e-12)
+    assert row["cosine"] == pytest.approx(
+        dot / math.sqrt(signal * sum(b * b for b in q32)), rel=1e-12
+    )
     assert row["max_abs_error"] == pytest.approx(0.2, rel=1e-6)
     assert row["changed_bucket_share"] == pytest.approx(1 / 16)
     assert row["n_weights"] == 16 and row["identical"] is False
@@ -71,7 +76,9 @@ def test_identical_layer_has_null_sqnr_and_flag():
     weights = A.dequantized_linear_weights(torch.nn.ModuleDict({"classifier": layer}))
     (row,) = A.layer_weight_errors(weights, {k: v.clone() for k, v in weights.items()})
     assert row["identical"] is True and row["sqnr_db"] is None
-    assert row["rel_l2"] == 0.0 and row["max_abs_error"] == 0.0 and row["changed_bucket_share"] == 0.0
+    assert (
+        row["rel_l2"] == 0.0 and row["max_abs_error"] == 0.0 and row["changed_bucket_share"] == 0.0
+    )
     assert row["cosine"] == pytest.approx(1.0)
     _json_ok(row)
 
@@ -105,8 +112,18 @@ def test_classify_layer(name, layer_type, depth):
 
 def test_summary_groups_and_weights():
     def row(layer_type, depth, n, sqnr, rel, cos, mx, share):
-        return {"layer": "x", "layer_type": layer_type, "depth": depth, "n_weights": n, "identical": sqnr is None,
-                "sqnr_db": sqnr, "rel_l2": rel, "cosine": cos, "max_abs_error": mx, "changed_bucket_share": share}  # fmt: skip
+        return {
+            "layer": "x",
+            "layer_type": layer_type,
+            "depth": depth,
+            "n_weights": n,
+            "identical": sqnr is None,
+            "sqnr_db": sqnr,
+            "rel_l2": rel,
+            "cosine": cos,
+            "max_abs_error": mx,
+            "changed_bucket_share": share,
+        }
 
     rows = [
         row("query", 0, 100, 40.0, 0.01, 0.99, 0.1, 0.5),
@@ -118,11 +135,17 @@ def test_summary_groups_and_weights():
     query = summary["by_layer_type"][0]
     assert query["layer_type"] == "query" and query["n_layers"] == 2 and query["n_weights"] == 400
     assert query["mean_sqnr_db"] == pytest.approx(35.0) and query["min_sqnr_db"] == 30.0
-    assert query["mean_rel_l2"] == pytest.approx(0.02) and query["mean_cosine"] == pytest.approx(0.98)
+    assert query["mean_rel_l2"] == pytest.approx(0.02) and query["mean_cosine"] == pytest.approx(
+        0.98
+    )
     assert query["max_abs_error"] == 0.3
     assert query["changed_bucket_share"] == pytest.approx((0.5 * 100 + 0.1 * 300) / 400)
     classifier = summary["by_layer_type"][1]
-    assert classifier["n_identical"] == 1 and classifier["mean_sqnr_db"] is None and classifier["min_sqnr_db"] is None
+    assert (
+        classifier["n_identical"] == 1
+        and classifier["mean_sqnr_db"] is None
+        and classifier["min_sqnr_db"] is None
+    )
     assert [d["depth"] for d in summary["by_depth"]] == [0, 1, None]
     assert summary["overall"]["min_sqnr_db"] == 30.0 and summary["overall"]["n_weights"] == 410
 
@@ -157,7 +180,9 @@ def test_gpt2_conv1d_is_linear_like():
     model = torch.nn.ModuleDict({"c_fc": Conv1D(6, 4)})  # 4 inputs, 6 outputs, weight stored [4, 6]
     w = A.dequantized_linear_weights(model)["c_fc"]
     x = torch.randn(3, 4)
-    assert w.shape == (6, 4) and torch.allclose(model["c_fc"](x), torch.nn.functional.linear(x, w, model["c_fc"].bias))
+    assert w.shape == (6, 4) and torch.allclose(
+        model["c_fc"](x), torch.nn.functional.linear(x, w, model["c_fc"].bias)
+    )
 
     class Wrap(torch.nn.Module):
         def __init__(self):
@@ -175,7 +200,9 @@ def test_int8_dynamic_per_tensor_matches_hand_quantization():
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     ref = A.dequantized_linear_weights(model)
-    got = A.dequantized_linear_weights(_quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.qint8))
+    got = A.dequantized_linear_weights(
+        _quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.qint8)
+    )
     assert list(got) == ["0", "2"]
     for name, w in ref.items():
         # Default dynamic qconfig: symmetric per-tensor qint8, scale = max|w| / 127.5.
@@ -195,14 +222,19 @@ def test_int8_dynamic_per_channel_and_float16():
     model = torch.nn.Sequential(torch.nn.Linear(16, 6))
     w = A.dequantized_linear_weights(model)["0"]
     spec = {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
-    got = A.dequantized_linear_weights(_quantize_dynamic(copy.deepcopy(model), spec, torch.qint8))["0"]
+    got = A.dequantized_linear_weights(_quantize_dynamic(copy.deepcopy(model), spec, torch.qint8))[
+        "0"
+    ]
     scales = w.abs().amax(dim=1).double() / 127.5
-    by_torch = torch.quantize_per_channel(w, scales, torch.zeros(6, dtype=torch.long), 0, torch.qint8).dequantize()
+    by_torch = torch.quantize_per_channel(
+        w, scales, torch.zeros(6, dtype=torch.long), 0, torch.qint8
+    ).dequantize()
     assert torch.allclose(got, by_torch, rtol=0, atol=1e-7)
     ratio = w.double() / scales[:, None]
     by_round = torch.clamp(torch.round(ratio), -128, 127) * scales[:, None]
     step = (got.double() - by_round).abs() / scales[:, None]
-    # Only the largest |w| of a row sits on a tie (+-127.5), which torch's kernel may round either way.
+    # Only the largest |w| of a row sits on a tie (+-127.5), which torch's kernel may round either
+    # way.
     tie = (ratio.abs() - 127.5).abs() < 1e-4
     assert step[~tie].max() < 1e-4 and step[tie].max() < 1 + 1e-4
     # Per-channel must beat per-tensor here, or the scales were not per row.
@@ -210,7 +242,9 @@ def test_int8_dynamic_per_channel_and_float16():
     per_tensor = A.dequantized_linear_weights(per_tensor_model)["0"]
     assert (got - w).pow(2).sum() < (per_tensor - w).pow(2).sum()
 
-    fp16 = A.dequantized_linear_weights(_quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.float16))["0"]
+    fp16 = A.dequantized_linear_weights(
+        _quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.float16)
+    )["0"]
     assert torch.equal(fp16, w.half().float())
 
 
@@ -221,8 +255,14 @@ def test_int8_dynamic_per_channel_and_float16():
 LINEAR_NAMES = [
     f"bert.encoder.layer.{i}.{part}"
     for i in range(2)
-    for part in ("attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense", "intermediate.dense", "output.dense")  # fmt: skip
+    for part in (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    )
 ] + ["bert.pooler.dense", "classifier"]
 
 
@@ -231,9 +271,14 @@ def tiny_bert(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, num_labels=3,
-    )  # fmt: skip
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     path = tmp_path_factory.mktemp("tiny_bert")
     transformers.BertForSequenceClassification(config).save_pretrained(path)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
@@ -265,12 +310,15 @@ def test_bnb_int8_on_cpu(tiny_bert):
     for name, w in got.items():
         layer = model.get_submodule(name)
         assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.dtype == torch.int8
-        # LLM.int8() by hand: row-wise absmax of the fp16-cast weight, codes round(w * (127 / absmax))
+        # LLM.int8() by hand: row-wise absmax of the fp16-cast weight, codes round(w * (127 /
+        # absmax))
         # (in that order: w * 127 / absmax rounds a rare tie the other way).
         w16 = ref[name].half().float()
         absmax = w16.abs().amax(dim=1, keepdim=True)
         assert torch.equal(layer.weight.SCB, absmax.squeeze(1))
-        assert torch.allclose(w, torch.round(w16 * (127 / absmax)) * absmax / 127, rtol=0, atol=1e-7)
+        assert torch.allclose(
+            w, torch.round(w16 * (127 / absmax)) * absmax / 127, rtol=0, atol=1e-7
+        )
 
     rows = A.layer_weight_errors(ref, got)
     sqnr = [r["sqnr_db"] for r in rows]
@@ -278,18 +326,25 @@ def test_bnb_int8_on_cpu(tiny_bert):
     assert all(40.0 < s < 50.0 for s in sqnr), sqnr
     assert all(r["cosine"] > 0.9999 for r in rows)
 
-    # It is the weight the layer computes with: bnb's dequantizing CPU path (train mode) reproduces F.linear.
+    # It is the weight the layer computes with: bnb's dequantizing CPU path (train mode) reproduces
+    # F.linear.
     layer = model.get_submodule("bert.encoder.layer.0.intermediate.dense")
     x = torch.randn(4, 32)
     layer.train()
     with torch.no_grad():
         out = layer(x)
     layer.eval()
-    expected = torch.nn.functional.linear(x, got["bert.encoder.layer.0.intermediate.dense"], layer.bias)
+    expected = torch.nn.functional.linear(
+        x, got["bert.encoder.layer.0.intermediate.dense"], layer.bias
+    )
     assert torch.allclose(out.float(), expected, atol=1e-5)
 
-    # The first forward moves codes and scales from the weight into layer.state; reading must not change.
-    batch = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    # The first forward moves codes and scales from the weight into layer.state; reading must not
+    # change.
+    batch = {
+        "input_ids": torch.randint(0, 100, (2, 8)),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+    }
     with torch.no_grad():
         logits = model(**batch).logits
         ref_logits = fp32(**batch).logits
@@ -298,18 +353,22 @@ def test_bnb_int8_on_cpu(tiny_bert):
     assert all(torch.equal(after[k], got[k]) for k in got)
     assert torch.allclose(logits, ref_logits, atol=2e-3)
 
-    # Each quantized row lies on the bnb-int8 grid of its own absmax; the grid's scale is the largest one.
+    # Each quantized row lies on the bnb-int8 grid of its own absmax; the grid's scale is the
+    # largest one.
     w = ref["bert.encoder.layer.0.output.dense"]
     grid = A.quantization_grid("bnb-int8", w)
     assert grid["granularity"] == "row" and grid["n_groups"] == 32 and len(grid["codes"]) == 255
     assert grid["scale"] == pytest.approx(w.abs().max().item(), rel=1e-3)
     top = int(w.abs().amax(dim=1).argmax())
     row = got["bert.encoder.layer.0.output.dense"][top]
-    assert (row.double().reshape(-1, 1) - torch.tensor(grid["values"])).abs().min(dim=1).values.max() < 1e-6
+    assert (row.double().reshape(-1, 1) - torch.tensor(grid["values"])).abs().min(
+        dim=1
+    ).values.max() < 1e-6
 
 
 def _check_on_4bit_grid(code, ref_w, got_w):
-    # Blocks of 64 run over the flattened weight; zero padding fills the classifier's last, partial block.
+    # Blocks of 64 run over the flattened weight; zero padding fills the classifier's last, partial
+    # block.
     pad = (-ref_w.numel()) % 64
     flat = torch.nn.functional.pad(ref_w.reshape(-1), (0, pad)).reshape(-1, 64)
     q = torch.nn.functional.pad(got_w.reshape(-1), (0, pad)).reshape(-1, 64)
@@ -320,7 +379,10 @@ def _check_on_4bit_grid(code, ref_w, got_w):
 
 @pytest.mark.parametrize(
     "quant_type, low, high, code",
-    [("nf4", 18.0, 23.0, A.NF4_CODE), ("fp4", 15.5, 21.0, A.FP4_CODE)],  # measured 20.3-21.1 and 17.8-18.5
+    [
+        ("nf4", 18.0, 23.0, A.NF4_CODE),
+        ("fp4", 15.5, 21.0, A.FP4_CODE),
+    ],  # measured 20.3-21.1 and 17.8-18.5
 )
 def test_bnb_4bit_on_cpu(tiny_bert, quant_type, low, high, code):
     path, _, ref = tiny_bert
@@ -347,17 +409,23 @@ def test_bnb_4bit_on_cpu(tiny_bert, quant_type, low, high, code):
 
     grid = A.quantization_grid(f"bnb-{quant_type}", ref["bert.encoder.layer.1.output.dense"])
     assert grid["granularity"] == "block" and grid["block_size"] == 64 and grid["n_groups"] == 32
-    assert grid["values"][-1] == pytest.approx(ref["bert.encoder.layer.1.output.dense"].abs().max().item())
+    assert grid["values"][-1] == pytest.approx(
+        ref["bert.encoder.layer.1.output.dense"].abs().max().item()
+    )
     _json_ok(grid)
 
 
 def test_bnb_4bit_cpu_packed_layout(tiny_bert):
-    """bnb repacks 4-bit weights (bf16 absmax) on CPUs with AVX512-BF16 at the first forward; decode that too."""
+    """bnb repacks 4-bit weights (bf16 absmax) on CPUs with AVX512-BF16 at the first forward; decode
+    that too."""
     path, _, ref = tiny_bert
-    model = _load_bnb(path, load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    model = _load_bnb(
+        path, load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+    )
     import bitsandbytes as bnb
 
-    name = "bert.encoder.layer.0.output.dense"  # [32, 64]: the packing needs N % 32 == 0 and K % 64 == 0
+    # [32, 64]: the packing needs N % 32 == 0 and K % 64 == 0
+    name = "bert.encoder.layer.0.output.dense"
     layer = model.get_submodule(name)
     plain = A.dequantized_linear_weights(model)[name]
     state = layer.weight.quant_state
@@ -370,7 +438,11 @@ def test_bnb_4bit_cpu_packed_layout(tiny_bert):
     got = A.dequantized_linear_weights(model)[name]
     assert packed_state.packing_format_for_cpu  # reading did not undo the packing
     # Same codes, but each block scaled by its absmax rounded to bf16.
-    ratio = (absmax.to(torch.bfloat16).float() / absmax.float()).repeat_interleave(64).reshape(plain.shape)
+    ratio = (
+        (absmax.to(torch.bfloat16).float() / absmax.float())
+        .repeat_interleave(64)
+        .reshape(plain.shape)
+    )
     assert torch.allclose(got, plain * ratio, rtol=0, atol=1e-7)
     assert not torch.equal(got, plain)
     assert A.layer_weight_errors({name: ref[name]}, {name: got})[0]["sqnr_db"] > 18.0
@@ -390,8 +462,12 @@ def test_weight_histograms(tiny_bert):
     query = by_type["query"]
     assert query["n_layers"] == 2 and query["n_weights"] == 2 * 32 * 32 == sum(query["counts"])
     assert len(query["edges"]) == 17 and len(query["counts"]) == 16
-    both = torch.cat([ref[f"bert.encoder.layer.{i}.attention.self.query"].reshape(-1) for i in range(2)])
-    assert query["edges"][0] == both.min().item() and query["edges"][-1] == pytest.approx(both.max().item())
+    both = torch.cat(
+        [ref[f"bert.encoder.layer.{i}.attention.self.query"].reshape(-1) for i in range(2)]
+    )
+    assert query["edges"][0] == both.min().item() and query["edges"][-1] == pytest.approx(
+        both.max().item()
+    )
     assert query["counts"] == np.histogram(both.double().numpy(), bins=16)[0].tolist()
 
 
@@ -432,12 +508,17 @@ def test_activation_outlier_columns():
 
 def test_activation_outliers_on_bert(tiny_bert):
     _, model, _ = tiny_bert
-    batch = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.randint(0, 100, (2, 8)),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+    }
     low = A.activation_outlier_columns(model, [batch], threshold=0.0)
     assert list(low) == LINEAR_NAMES
     # Every column of every input hits |x| >= 0; with an unreachable threshold none do.
     assert all(cols == list(range(model.get_submodule(n).in_features)) for n, cols in low.items())
-    assert all(cols == [] for cols in A.activation_outlier_columns(model, [batch], threshold=1e6).values())
+    assert all(
+        cols == [] for cols in A.activation_outlier_columns(model, [batch], threshold=1e6).values()
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,7 +533,8 @@ def test_macro_f1_matches_sklearn():
     gold = rng.integers(0, 4, 50)  # class 4 appears in neither, class 3 only in gold
     pred = np.where(rng.random(50) < 0.6, gold, rng.integers(0, 3, 50))
     assert E.macro_f1(gold, pred, 5) == pytest.approx(f1_score(gold, pred, average="macro"))
-    # Hand case: class 0 tp 1, gold 2, predicted 2 -> F1 1/2; class 1 F1 0; class 2 only predicted -> F1 0.
+    # Hand case: class 0 tp 1, gold 2, predicted 2 -> F1 1/2; class 1 F1 0; class 2 only predicted
+    # -> F1 0.
     assert E.macro_f1([0, 0, 1], [0, 2, 0], 3) == pytest.approx((0.5 + 0 + 0) / 3)
     assert E.macro_f1([0, 0, 1], [0, 0, 1], 5) == 1.0  # classes 2-4 absent from both: left out
 
@@ -460,14 +542,21 @@ def test_macro_f1_matches_sklearn():
 def test_prediction_effects_hand_case():
     labels = ["neg", "neu", "pos"]
     gold = np.array([0, 0, 1, 2, 2])
-    base = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
-    var = np.array([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.2, 0.3]])
+    base = np.array(
+        [[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]
+    )
+    var = np.array(
+        [[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.2, 0.3]]
+    )
     # base predicts 0,0,1,2,2 (all right); variant predicts 0,1,1,2,0.
     out = E.prediction_effects(gold, base, var, labels, n_bins=5)
     _json_ok(out)
     assert out["accuracy_baseline"] == 1.0 and out["accuracy_variant"] == pytest.approx(0.6)
     assert out["agreement"] == pytest.approx(0.6) and out["flip_rate"] == pytest.approx(0.4)
-    assert out["flips"] == [{"from": "neg", "to": "neu", "count": 1}, {"from": "pos", "to": "neg", "count": 1}]
+    assert out["flips"] == [
+        {"from": "neg", "to": "neu", "count": 1},
+        {"from": "pos", "to": "neg", "count": 1},
+    ]
     assert out["correct_to_wrong"] == 2 and out["wrong_to_correct"] == 0
     kl = [sum(p * math.log(p / q) for p, q in zip(b, v)) for b, v in zip(base, var)]
     assert out["mean_kl_baseline_variant"] == pytest.approx(sum(kl) / 5)
@@ -476,7 +565,13 @@ def test_prediction_effects_hand_case():
     # gold neg predicted neu sits in row 0, column 1; gold pos predicted neg in row 2, column 0.
     assert cm["matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
     per_class = {c["label"]: c for c in out["per_class"]}
-    assert per_class["neg"] == {"label": "neg", "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert per_class["neg"] == {
+        "label": "neg",
+        "precision": 0.5,
+        "recall": 0.5,
+        "f1": 0.5,
+        "support": 2,
+    }
     assert per_class["neu"]["precision"] == 0.5 and per_class["neu"]["recall"] == 1.0
     assert per_class["pos"]["precision"] == 1.0 and per_class["pos"]["recall"] == 0.5
     assert out["macro_f1_variant"] == pytest.approx((0.5 + 2 / 3 + 2 / 3) / 3)
@@ -498,9 +593,19 @@ def test_expected_calibration_error():
     cal = E.prediction_effects(gold, probs, probs, ["a", "b"], n_bins=10)["calibration_variant"]
     assert cal["ece"] == pytest.approx(0.0, abs=1e-12)
     filled = [b for b in cal["bins"] if b["count"]]
-    assert len(filled) == 1 and filled[0]["lo"] == pytest.approx(0.7) and filled[0]["hi"] == pytest.approx(0.8)
-    assert filled[0]["accuracy"] == pytest.approx(0.8) and filled[0]["mean_confidence"] == pytest.approx(0.8)
-    assert all(b["accuracy"] is None and b["mean_confidence"] is None for b in cal["bins"] if not b["count"])
+    assert (
+        len(filled) == 1
+        and filled[0]["lo"] == pytest.approx(0.7)
+        and filled[0]["hi"] == pytest.approx(0.8)
+    )
+    assert filled[0]["accuracy"] == pytest.approx(0.8) and filled[0][
+        "mean_confidence"
+    ] == pytest.approx(0.8)
+    assert all(
+        b["accuracy"] is None and b["mean_confidence"] is None
+        for b in cal["bins"]
+        if not b["count"]
+    )
 
     # Half the samples at 0.9 and all wrong, half at 0.6 and all right: ECE = 0.5 * 0.9 + 0.5 * 0.4.
     gold = np.array([1, 1, 0, 0])
@@ -528,7 +633,12 @@ def test_bootstrap_identical_predictions_are_noise():
     for metric in ("accuracy", "macro_f1"):
         out = E.paired_bootstrap_delta(gold, pred, pred, metric=metric, n_resamples=500)
         _json_ok(out)
-        assert out["delta"] == 0.0 and out["ci_low"] == 0.0 and out["ci_high"] == 0.0 and out["within_noise"]
+        assert (
+            out["delta"] == 0.0
+            and out["ci_low"] == 0.0
+            and out["ci_high"] == 0.0
+            and out["within_noise"]
+        )
 
 
 def test_bootstrap_ci_covers_true_delta_with_right_width():
@@ -551,14 +661,17 @@ def test_bootstrap_ci_covers_true_delta_with_right_width():
     from sklearn.metrics import f1_score
 
     f1 = E.paired_bootstrap_delta(gold, base, var, metric="macro_f1", n_resamples=300)
-    assert f1["delta"] == pytest.approx(f1_score(gold, var, average="macro") - f1_score(gold, base, average="macro"))
+    assert f1["delta"] == pytest.approx(
+        f1_score(gold, var, average="macro") - f1_score(gold, base, average="macro")
+    )
     assert f1["ci_low"] <= f1["delta"] <= f1["ci_high"]
     with pytest.raises(ValueError, match="metric"):
         E.paired_bootstrap_delta(gold, base, var, metric="auc")
 
 
 def test_mcnemar_exact_known_p_values():
-    # b = 1 (baseline right, variant wrong), c = 9: p = 2 * P(X <= 1), X ~ Bin(10, 1/2) = 2 * 11 / 1024.
+    # b = 1 (baseline right, variant wrong), c = 9: p = 2 * P(X <= 1), X ~ Bin(10, 1/2) = 2 * 11 /
+    # 1024.
     gold = np.zeros(30, dtype=int)
     base = np.array([0] * 1 + [1] * 9 + [0] * 15 + [1] * 5)
     var = np.array([1] * 1 + [0] * 9 + [0] * 15 + [1] * 5)

@@ -1,4 +1,5 @@
-"""The benchmark's fairness device: two process trees taking turns on the CPU, never running at once."""
+"""The benchmark's fairness device: two process trees taking turns on the CPU, never running at
+once."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ try:
         while time.perf_counter() < end:
             pass
         if child and started is None and time.monotonic() > deadline - seconds + 0.3:
-            started = subprocess.Popen([sys.executable, "-c", sys.argv[4], out + ".child", str(deadline - time.monotonic())])
+            left = str(deadline - time.monotonic())
+            started = subprocess.Popen([sys.executable, "-c", sys.argv[4], out + ".child", left])
     if started:
         started.wait()
 finally:
@@ -34,16 +36,24 @@ finally:
 
 
 def test_two_process_trees_take_turns_and_never_run_at_once(tmp_path):
-    first = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "first"), "2.5", "child", WRITER])
+    first = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path / "first"), "2.5", "child", WRITER]
+    )
     second = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "second"), "60"])
     try:
         turns = take_turns(first, second, window_s=0.2)
-        assert psutil.Process(second.pid).status() != psutil.STATUS_STOPPED  # nothing is left stopped
+        assert (
+            psutil.Process(second.pid).status() != psutil.STATUS_STOPPED
+        )  # nothing is left stopped
     finally:
         second.terminate()
         second.wait()
 
-    stamps = [(t, "first") for name in ("first", "first.child") for t in json.loads((tmp_path / name).read_text())]
+    stamps = [
+        (t, "first")
+        for name in ("first", "first.child")
+        for t in json.loads((tmp_path / name).read_text())
+    ]
     stamps += [(t, "second") for t in json.loads((tmp_path / "second").read_text())]
     assert len(json.loads((tmp_path / "first.child").read_text())) > 100  # it ran, in first's turns
     sides = [side for _, side in sorted(stamps)]
@@ -92,7 +102,9 @@ def test_a_head_start_lets_both_start_up_and_turns_begin_after_it(tmp_path):
     stop = second_stamps.index("stopped")
     # Before it stopped itself, second ran at the same time as first: their stamps interleave finely
     # (in turns of 0.1-0.3 s they would alternate a few times at most).
-    merged = sorted([(t, "first") for t in first_stamps] + [(t, "second") for t in second_stamps[:stop]])
+    merged = sorted(
+        [(t, "first") for t in first_stamps] + [(t, "second") for t in second_stamps[:stop]]
+    )
     sides = [side for t, side in merged if second_stamps[0] <= t <= second_stamps[stop - 1]]
     assert sum(a != b for a, b in zip(sides, sides[1:])) > 50
     # It stayed stopped until the turns began, 1.5 s after first started.

@@ -1,10 +1,11 @@
-"""Which results `quantbench collect` and `quantbench report` read, and a --baseline that names no variant.
+"""Which results `quantbench collect` and `quantbench report` read, and a --baseline that names no
+variant.
 
-A user runs into results/ (`quantbench run`'s default), where the repository also ships its own reference
-results under results/reference/. The user's results here are real (run_variant on the tiny BERT, written
-with write_result as a run writes them); the reference folder is a copy of the one the repository ships,
-plus the same tiny job as measured on the reference machine (host "vm"), which is what merged into the
-user's table before: columns fp32-cpu and fp32-cpu@vm.
+A user runs into results/ (`quantbench run`'s default), where the repository also ships its own
+reference results under results/reference/. The user's results here are real (run_variant on the
+tiny BERT, written with write_result as a run writes them); the reference folder is a copy of the
+one the repository ships, plus the same tiny job as measured on the reference machine (host "vm"),
+which is what merged into the user's table before: columns fp32-cpu and fp32-cpu@vm.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+from test_collect_stats import make_task
+
 from runner.cli import main
 from runner.results import write_result
 from runner.worker import run_variant
-from test_collect_stats import make_task
 
 SHIPPED = REPO / "results" / "reference"
 
@@ -35,7 +36,8 @@ def runs(tiny_model) -> list[dict]:
 
 @pytest.fixture
 def results_dir(runs, tmp_path) -> Path:
-    """results/ after the user's run: their results in results/tiny/, the shipped ones in results/reference/."""
+    """results/ after the user's run: their results in results/tiny/, the shipped ones in
+    results/reference/."""
     folder = tmp_path / "results"
     for result in runs:
         write_result(folder, result)
@@ -57,13 +59,18 @@ def test_collect_of_the_results_folder_shows_only_the_users_runs(results_dir, ca
     code, payload, err = collected(capsys, str(results_dir))
     assert code == 0
     assert [table["job"] for table in payload] == ["tiny"]
-    assert set(payload[0]["variants"]) == {"fp32-cpu", "int8-dynamic-cpu"}  # no fp32-cpu@another-machine
+    assert set(payload[0]["variants"]) == {
+        "fp32-cpu",
+        "int8-dynamic-cpu",
+    }  # no fp32-cpu@another-machine
     assert payload[0]["baseline"] == "fp32-cpu" and payload[0]["notes"] == []
     # One line says what was skipped and how to include it.
     reference = results_dir / "reference"
     lines = [line for line in err.splitlines() if "skipped" in line]
     assert len(lines) == 1
-    assert f"skipped {reference} " in lines[0] and lines[0].endswith(f"quantbench collect {reference}")
+    assert f"skipped {reference} " in lines[0] and lines[0].endswith(
+        f"quantbench collect {reference}"
+    )
 
 
 def test_collecting_the_reference_folder_by_its_path_includes_it(results_dir, capsys):
@@ -91,9 +98,16 @@ def test_report_of_the_results_folder_shows_only_the_users_runs(results_dir, cap
     out = results_dir / "report.html"
     assert main(["report", str(results_dir), "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert f"skipped {results_dir / 'reference'} " in err and f"quantbench report {results_dir / 'reference'}" in err
+    assert (
+        f"skipped {results_dir / 'reference'} " in err
+        and f"quantbench report {results_dir / 'reference'}" in err
+    )
     page = out.read_text(encoding="utf-8")
-    assert "<h2>tiny</h2>" in page and "<h2>demo</h2>" not in page and "fp32-cpu@another-machine" not in page
+    assert (
+        "<h2>tiny</h2>" in page
+        and "<h2>demo</h2>" not in page
+        and "fp32-cpu@another-machine" not in page
+    )
     assert "<p>2 results," in page
 
 
@@ -104,14 +118,25 @@ def test_a_baseline_that_names_no_variant_exits_2_and_lists_the_variants(results
 
     out = results_dir / "nope.html"
     assert main(["report", str(results_dir), "--out", str(out), "--baseline", "nope"]) == 2
-    assert "--baseline: found 'nope'; allowed: fp32-cpu, int8-dynamic-cpu" in capsys.readouterr().err
+    assert (
+        "--baseline: found 'nope'; allowed: fp32-cpu, int8-dynamic-cpu" in capsys.readouterr().err
+    )
     assert not out.exists()
 
     # Several jobs: the variants of each.
-    code, _, err = collected(capsys, str(results_dir / "reference" / "cpu-2core-amd-epyc"), "--baseline", "fp32")
-    assert code == 2 and "found 'fp32'; allowed: for demo: fp32-cpu, " in err and "; for tiny: fp32-cpu" in err
+    code, _, err = collected(
+        capsys, str(results_dir / "reference" / "cpu-2core-amd-epyc"), "--baseline", "fp32"
+    )
+    assert (
+        code == 2
+        and "found 'fp32'; allowed: for demo: fp32-cpu, " in err
+        and "; for tiny: fp32-cpu" in err
+    )
 
     # A variant that exists is taken.
     code, payload, _ = collected(capsys, str(results_dir), "--baseline", "int8-dynamic-cpu")
     assert code == 0 and payload[0]["baseline"] == "int8-dynamic-cpu"
-    assert set(payload[0]["variants"]["fp32-cpu"]["deltas"]) >= {"size (MiB)", "latency median (ms)"}
+    assert set(payload[0]["variants"]["fp32-cpu"]["deltas"]) >= {
+        "size (MiB)",
+        "latency median (ms)",
+    }

@@ -1,8 +1,10 @@
-"""collect's statistics on real results: flips, KL, calibration, within-noise marks and the deployment verdict.
+"""collect's statistics on real results: flips, KL, calibration, within-noise marks and the
+deployment verdict.
 
-The results come from run_variant on the tiny BERT; a "degraded" variant is a copy of the FP32 result whose
-predictions are flipped on chosen samples (probabilities swapped, so labels and probabilities agree).
-Every expected number is recounted here from the predictions, never taken from collect itself.
+The results come from run_variant on the tiny BERT; a "degraded" variant is a copy of the FP32
+result whose predictions are flipped on chosen samples (probabilities swapped, so labels and
+probabilities agree). Every expected number is recounted here from the predictions, never taken from
+collect itself.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import RT_POLARITY
+
 from runner import collect
 from runner.cli import main
 from runner.results import write_result
@@ -31,20 +33,41 @@ def _sentences(name: str) -> list[str]:
     return (RT_POLARITY / name).read_text(encoding="utf-8").splitlines()[:N_EACH]
 
 
-def make_task(model_dir, precision: str, device: str = "cpu", tolerances: dict | None = None) -> VariantTask:
-    texts = [t for pair in zip(_sentences("rt-polarity.pos"), _sentences("rt-polarity.neg")) for t in pair]
-    spec = {"name": "tiny", "baseline": "fp32-cpu", **({"tolerances": tolerances} if tolerances else {})}
-    return VariantTask(job="tiny", variant=Variant(precision, device), model_dir=str(model_dir), texts=texts,
-                       gold_labels=["positive", "negative"] * N_EACH, model_labels=LABELS,
-                       evaluation=EvaluationSpec(batch_size=4, warmup_passes=1, timed_passes=10),
-                       settings=QuantSettings(), max_length=32, spec_hash="test", spec_as_run=spec,
-                       sample={"rows": 2 * N_EACH, "fingerprint": "rt-40"})
+def make_task(
+    model_dir, precision: str, device: str = "cpu", tolerances: dict | None = None
+) -> VariantTask:
+    texts = [
+        t
+        for pair in zip(_sentences("rt-polarity.pos"), _sentences("rt-polarity.neg"))
+        for t in pair
+    ]
+    spec = {
+        "name": "tiny",
+        "baseline": "fp32-cpu",
+        **({"tolerances": tolerances} if tolerances else {}),
+    }
+    return VariantTask(
+        job="tiny",
+        variant=Variant(precision, device),
+        model_dir=str(model_dir),
+        texts=texts,
+        gold_labels=["positive", "negative"] * N_EACH,
+        model_labels=LABELS,
+        evaluation=EvaluationSpec(batch_size=4, warmup_passes=1, timed_passes=10),
+        settings=QuantSettings(),
+        max_length=32,
+        spec_hash="test",
+        spec_as_run=spec,
+        sample={"rows": 2 * N_EACH, "fingerprint": "rt-40"},
+    )
 
 
 @pytest.fixture(scope="module")
 def measured(tiny_model) -> dict[str, dict]:
     results = {p: run_variant(make_task(tiny_model, p)) for p in ("fp32", "int8-dynamic")}
-    assert all(r["status"] == "ok" for r in results.values()), [r.get("error") for r in results.values()]
+    assert all(r["status"] == "ok" for r in results.values()), [
+        r.get("error") for r in results.values()
+    ]
     return results
 
 
@@ -106,7 +129,10 @@ def row(table: collect.JobTable, label: str) -> dict[str, tuple[str, str]]:
 
 def test_flips_equal_an_independent_recount_from_the_predictions(measured):
     fp32 = measured["fp32"]
-    flip = correct_samples(fp32)[:6] + [i for i in range(2 * N_EACH) if i not in correct_samples(fp32)][:2]
+    flip = (
+        correct_samples(fp32)[:6]
+        + [i for i in range(2 * N_EACH) if i not in correct_samples(fp32)][:2]
+    )
     worse = degraded(fp32, "bnb-nf4-cpu", flip)
     table = only_table([fp32, measured["int8-dynamic"], worse])
 
@@ -119,8 +145,12 @@ def test_flips_equal_an_independent_recount_from_the_predictions(measured):
         effects = table.stats[key]["effects"]
         assert {(f["from"], f["to"]): f["count"] for f in effects["flips"]} == dict(recount)
         assert [s["index"] for s in effects["flipped_samples"]] == changed
-        assert all(s["gold"] == gold[s["index"]] and s["from"] == base_pred[s["index"]]
-                   and s["to"] == var_pred[s["index"]] for s in effects["flipped_samples"])
+        assert all(
+            s["gold"] == gold[s["index"]]
+            and s["from"] == base_pred[s["index"]]
+            and s["to"] == var_pred[s["index"]]
+            for s in effects["flipped_samples"]
+        )
         assert effects["correct_to_wrong"] == sum(base_pred[i] == gold[i] for i in changed)
         assert effects["wrong_to_correct"] == sum(var_pred[i] == gold[i] for i in changed)
         assert table.stats[key]["agreement"] == pytest.approx(1 - len(changed) / len(gold))
@@ -131,8 +161,13 @@ def test_flips_equal_an_independent_recount_from_the_predictions(measured):
     assert table.stats["bnb-nf4-cpu"]["effects"]["correct_to_wrong"] == 6
     assert table.stats["bnb-nf4-cpu"]["effects"]["wrong_to_correct"] == 2
     # The baseline against itself: nothing flips, nothing diverges.
-    assert table.stats["fp32-cpu"]["effects"]["flips"] == [] and row(table, "flip rate")["fp32-cpu"][0] == "0.0000"
-    assert table.stats["fp32-cpu"]["effects"]["mean_kl_baseline_variant"] == pytest.approx(0, abs=1e-12)
+    assert (
+        table.stats["fp32-cpu"]["effects"]["flips"] == []
+        and row(table, "flip rate")["fp32-cpu"][0] == "0.0000"
+    )
+    assert table.stats["fp32-cpu"]["effects"]["mean_kl_baseline_variant"] == pytest.approx(
+        0, abs=1e-12
+    )
 
 
 def test_kl_confidence_and_calibration_follow_the_probabilities(measured):
@@ -144,7 +179,9 @@ def test_kl_confidence_and_calibration_follow_the_probabilities(measured):
     q = np.asarray(int8["predictions"]["probabilities"])
     kl = np.mean(np.sum(p * np.log(np.clip(p, 1e-12, None) / np.clip(q, 1e-12, None)), axis=1))
     assert effects["mean_kl_baseline_variant"] == pytest.approx(kl, rel=1e-6, abs=1e-12)
-    assert effects["mean_kl_baseline_variant"] > 0  # int8 weights do move the probabilities a little
+    assert (
+        effects["mean_kl_baseline_variant"] > 0
+    )  # int8 weights do move the probabilities a little
     # The worker's own mean confidences, from unrounded probabilities.
     change = int8["metrics"]["avg_confidence"] - fp32["metrics"]["avg_confidence"]
     assert effects["mean_confidence_change"] == pytest.approx(change, abs=2e-6)
@@ -160,7 +197,9 @@ def test_kl_confidence_and_calibration_follow_the_probabilities(measured):
     assert table.stats["int8-dynamic-cpu"]["calibration"]["ece"] == pytest.approx(ece)
     assert row(table, "ECE")["int8-dynamic-cpu"][0] == f"{ece:.4f}"
     matrix = table.stats["int8-dynamic-cpu"]["confusion_matrix"]["matrix"]
-    assert sum(map(sum, matrix)) == 2 * N_EACH and sum(matrix[i][i] for i in range(2)) == right.sum()
+    assert (
+        sum(map(sum, matrix)) == 2 * N_EACH and sum(matrix[i][i] for i in range(2)) == right.sum()
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,14 +220,19 @@ def test_within_noise_marks_identical_and_tiny_changes_but_not_a_real_drop(measu
     for key in ("fp16-cpu", "bf16-cpu"):
         assert accuracy[key][1].endswith(collect.NOISE_MARK), (key, accuracy[key])
         assert table.stats[key]["significance"]["within_noise"]["accuracy"]
-    assert accuracy["fp16-cpu"][1] == f"+0.0% {collect.NOISE_MARK}" and f1["fp16-cpu"][1].endswith(collect.NOISE_MARK)
-    assert collect.NOISE_MARK not in accuracy["bnb-nf4-cpu"][1] and collect.NOISE_MARK not in f1["bnb-nf4-cpu"][1]
+    assert accuracy["fp16-cpu"][1] == f"+0.0% {collect.NOISE_MARK}" and f1["fp16-cpu"][1].endswith(
+        collect.NOISE_MARK
+    )
+    assert (
+        collect.NOISE_MARK not in accuracy["bnb-nf4-cpu"][1]
+        and collect.NOISE_MARK not in f1["bnb-nf4-cpu"][1]
+    )
     assert collect.NOISE_MARK not in row(table, "accuracy Δ vs baseline (abs)")["bnb-nf4-cpu"][0]
 
     significance = table.stats["bnb-nf4-cpu"]["significance"]
     # 12 samples the baseline got right are now wrong, none the other way: b = 12, c = 0.
     assert (significance["mcnemar"]["b"], significance["mcnemar"]["c"]) == (12, 0)
-    assert significance["mcnemar"]["p_value"] == pytest.approx(2 * 0.5 ** 12)
+    assert significance["mcnemar"]["p_value"] == pytest.approx(2 * 0.5**12)
     assert significance["accuracy"]["delta"] == pytest.approx(-12 / 40)
     assert significance["accuracy"]["ci_low"] <= -12 / 40 <= significance["accuracy"]["ci_high"] < 0
     assert not significance["within_noise"]["accuracy"]
@@ -196,7 +240,10 @@ def test_within_noise_marks_identical_and_tiny_changes_but_not_a_real_drop(measu
     assert table.stats["bf16-cpu"]["significance"]["mcnemar"]["p_value"] == 1.0
 
     _, _, footnotes = collect.table_rows(table)
-    assert any(note.startswith(collect.NOISE_MARK + " within noise") and "McNemar" in note for note in footnotes)
+    assert any(
+        note.startswith(collect.NOISE_MARK + " within noise") and "McNemar" in note
+        for note in footnotes
+    )
     text = collect.render([fp32, same, one, many])
     assert "≈ within noise" in text
 
@@ -206,7 +253,9 @@ def test_within_noise_marks_identical_and_tiny_changes_but_not_a_real_drop(measu
 # ------------------------------------------------------------------------------------------------
 
 
-def test_verdict_fails_the_variant_above_a_latency_limit_set_between_two_measured_medians(measured, tiny_model):
+def test_verdict_fails_the_variant_above_a_latency_limit_set_between_two_measured_medians(
+    measured, tiny_model
+):
     fp32, int8 = measured["fp32"], measured["int8-dynamic"]
     failed = run_variant(make_task(tiny_model, "fp16", "cuda"))  # no GPU here: a failed result
     medians = {r["variant"]: r["metrics"]["latency_ms"]["median"] for r in (fp32, int8)}
@@ -217,28 +266,39 @@ def test_verdict_fails_the_variant_above_a_latency_limit_set_between_two_measure
 
     assert table.stats[fast]["verdict"] == {"status": "pass", "failures": [], "reason": None}
     verdict = table.stats[slow]["verdict"]
-    assert verdict["status"] == "fail" and [f["tolerance"] for f in verdict["failures"]] == ["max_latency_ms"]
+    assert verdict["status"] == "fail" and [f["tolerance"] for f in verdict["failures"]] == [
+        "max_latency_ms"
+    ]
     assert verdict["failures"][0]["value"] == medians[slow]
     assert table.stats["fp16-cuda"]["verdict"]["status"] == "no result"
     assert table.best == fast
 
     lines = collect.verdict_lines(table)
-    assert f"{slow}: fail: latency median {medians[slow]:.2f} ms > max_latency_ms {limit:g}" in lines
+    assert (
+        f"{slow}: fail: latency median {medians[slow]:.2f} ms > max_latency_ms {limit:g}" in lines
+    )
     assert f"{fast}: pass" in lines and "fp16-cuda: no verdict (failed)" in lines
     assert lines[-1] == f"best variant that passes: {fast} (fastest median latency among passing)"
 
     # A limit equal to a measured value passes it; a limit under both passes none.
     assert only_table(with_tolerances([fp32, int8], {"max_latency_ms": medians[slow]})).best == fast
     none = only_table(with_tolerances([fp32, int8], {"max_latency_ms": medians[fast] / 2}))
-    assert none.best is None and collect.verdict_lines(none)[-1] == "best variant that passes: none passes"
+    assert (
+        none.best is None
+        and collect.verdict_lines(none)[-1] == "best variant that passes: none passes"
+    )
 
 
 def test_verdict_names_every_tolerance_a_variant_breaks(measured):
     fp32 = measured["fp32"]
     many = degraded(fp32, "bnb-nf4-cpu", correct_samples(fp32)[:8])  # accuracy -0.2, agreement 0.8
     size = fp32["metrics"]["model_size_mib"]
-    tolerances = {"max_accuracy_drop": 0.1, "min_agreement": 0.9, "max_size_mib": size * 1.01,
-                  "max_peak_rss_mib": 1e6}
+    tolerances = {
+        "max_accuracy_drop": 0.1,
+        "min_agreement": 0.9,
+        "max_size_mib": size * 1.01,
+        "max_peak_rss_mib": 1e6,
+    }
     table = only_table(with_tolerances([fp32, many], tolerances))
     verdict = table.stats["bnb-nf4-cpu"]["verdict"]
     assert [f["tolerance"] for f in verdict["failures"]] == ["max_accuracy_drop", "min_agreement"]
@@ -249,7 +309,9 @@ def test_verdict_names_every_tolerance_a_variant_breaks(measured):
     assert table.stats["fp32-cpu"]["verdict"]["status"] == "pass" and table.best == "fp32-cpu"
 
     # Tolerances that admit the drop: the degraded variant passes.
-    loose = only_table(with_tolerances([fp32, many], {"max_accuracy_drop": 0.2, "min_agreement": 0.8}))
+    loose = only_table(
+        with_tolerances([fp32, many], {"max_accuracy_drop": 0.2, "min_agreement": 0.8})
+    )
     assert loose.stats["bnb-nf4-cpu"]["verdict"]["status"] == "pass"
 
 
@@ -264,7 +326,9 @@ def test_without_tolerances_there_is_no_verdict_section(measured):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_a_variant_on_another_sample_gets_no_effects_and_cannot_pass_an_accuracy_tolerance(measured):
+def test_a_variant_on_another_sample_gets_no_effects_and_cannot_pass_an_accuracy_tolerance(
+    measured,
+):
     other = renamed(measured["int8-dynamic"], "int8-dynamic-cpu")
     other["sample"] = {**other["sample"], "fingerprint": "another"}
     table = only_table(with_tolerances([measured["fp32"], other], {"max_accuracy_drop": 0.5}))
@@ -285,7 +349,10 @@ def test_results_without_probabilities_still_get_flips_and_significance(measured
     table = only_table(old)
     stats = table.stats["int8-dynamic-cpu"]
     assert stats["effects"] is None and stats["calibration"] is None
-    same = sum(a == b for a, b in zip(old[0]["predictions"]["predicted"], old[1]["predictions"]["predicted"]))
+    same = sum(
+        a == b
+        for a, b in zip(old[0]["predictions"]["predicted"], old[1]["predictions"]["predicted"])
+    )
     assert stats["agreement"] == pytest.approx(same / 40)
     assert stats["significance"]["mcnemar"]["n_discordant"] <= 40 - same
     assert row(table, "ECE")["int8-dynamic-cpu"][0] == "–"
@@ -305,7 +372,10 @@ def test_json_and_csv_carry_effects_significance_and_verdict(measured):
     nf4 = payload["variants"]["bnb-nf4-cpu"]
     assert nf4["effects"]["correct_to_wrong"] == 12 and len(nf4["effects"]["flipped_samples"]) == 12
     assert nf4["significance"]["within_noise"] == {"accuracy": False, "macro_f1": False}
-    assert nf4["verdict"]["status"] == "fail" and nf4["verdict"]["failures"][0]["tolerance"] == "max_accuracy_drop"
+    assert (
+        nf4["verdict"]["status"] == "fail"
+        and nf4["verdict"]["failures"][0]["tolerance"] == "max_accuracy_drop"
+    )
     assert payload["variants"]["fp32-cpu"]["significance"] is None
     assert payload["verdict"]["tolerances"] == {"max_accuracy_drop": 0.05}
     assert payload["verdict"]["best"] in ("fp32-cpu", "int8-dynamic-cpu")
@@ -317,8 +387,11 @@ def test_json_and_csv_carry_effects_significance_and_verdict(measured):
     assert mine["accuracy Δ vs baseline (abs)"]["within_noise"] == "false"
     assert float(mine["accuracy Δ vs baseline (abs)"]["ci_high"]) < 0
     assert float(mine["accuracy Δ vs baseline (abs)"]["value"]) == pytest.approx(-12 / 40)
-    assert mine["accuracy"]["verdict"] == "fail" and mine["accuracy"]["failed_tolerances"] == "max_accuracy_drop"
-    assert float(mine["McNemar p"]["value"]) == pytest.approx(2 * 0.5 ** 12)
+    assert (
+        mine["accuracy"]["verdict"] == "fail"
+        and mine["accuracy"]["failed_tolerances"] == "max_accuracy_drop"
+    )
+    assert float(mine["McNemar p"]["value"]) == pytest.approx(2 * 0.5**12)
     best = {r["variant"] for r in rows if r["best"] == "yes"}
     assert best == {payload["verdict"]["best"]}
 
@@ -329,7 +402,9 @@ def test_collect_command_prints_the_verdict_under_the_table(measured, tmp_path, 
         write_result(tmp_path, result)
     assert main(["collect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.index("latency median (ms)") < out.index("verdict against the job's tolerances (min_agreement 0.5)")
+    assert out.index("latency median (ms)") < out.index(
+        "verdict against the job's tolerances (min_agreement 0.5)"
+    )
     assert "fp32-cpu: pass" in out and "best variant that passes:" in out
     assert main(["collect", str(tmp_path), "--format", "markdown"]) == 0
     assert "### verdict against the job's tolerances" in capsys.readouterr().out

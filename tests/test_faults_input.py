@@ -1,6 +1,7 @@
-"""Hostile or unlucky input (issue 18): refused before anything runs, with exit 2 and the field or line
-named, or read with a note; result folders with files that are not results are read around them, each
-skipped file named. Every input is a real file written here; nothing is mocked but the network's absence.
+"""Hostile or unlucky input (issue 18): refused before anything runs, with exit 2 and the field or
+line named, or read with a note; result folders with files that are not results are read around
+them, each skipped file named. Every input is a real file written here; nothing is mocked but the
+network's absence.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, RT_POLARITY, check_refused, rt_job, run_cli, write_job
+
 from runner.cli import main
 
 REFERENCE = REPO / "results" / "reference" / "cpu-2core-amd-epyc" / "demo"
@@ -28,32 +29,49 @@ def valid(capsys, tmp_path, job_text: str) -> str:
 
 
 def inline_job(model: Path, config: str) -> str:
-    """The tiny rt job with an inline architecture (random weights) and the tiny model's tokenizer."""
-    return rt_job(model).replace(f"model: {{path: {model}}}", f"model: {{config: {{model_type: bert, {config}}}}}\n"
-                                                              f"tokenizer: {{path: {model}}}")
+    """The tiny rt job with an inline architecture (random weights) and the tiny model's
+    tokenizer."""
+    return rt_job(model).replace(
+        f"model: {{path: {model}}}",
+        f"model: {{config: {{model_type: bert, {config}}}}}\ntokenizer: {{path: {model}}}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# NaN and infinity: .inf in min_time_s never ended; .nan ran every variant, then no result could be written.
+# NaN and infinity: .inf in min_time_s never ended; .nan ran every variant, then no result could be
+# written.
 
 
-@pytest.mark.parametrize("edit, field", [
-    ("evaluation: {min_time_s: .inf, ", "evaluation.min_time_s"),
-    ("evaluation: {min_time_s: .nan, ", "evaluation.min_time_s"),
-    ("tolerances: {max_latency_ms: .nan}\nevaluation: {", "tolerances.max_latency_ms"),
-    ("tolerances: {min_agreement: -.inf}\nevaluation: {", "tolerances.min_agreement"),
-    ("settings: {llm_int8_threshold: .nan}\nevaluation: {", "settings.llm_int8_threshold"),
-    ("finetune: {learning_rate: .NaN}\nevaluation: {", "finetune.learning_rate"),
-])
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        ("evaluation: {min_time_s: .inf, ", "evaluation.min_time_s"),
+        ("evaluation: {min_time_s: .nan, ", "evaluation.min_time_s"),
+        ("tolerances: {max_latency_ms: .nan}\nevaluation: {", "tolerances.max_latency_ms"),
+        ("tolerances: {min_agreement: -.inf}\nevaluation: {", "tolerances.min_agreement"),
+        ("settings: {llm_int8_threshold: .nan}\nevaluation: {", "settings.llm_int8_threshold"),
+        ("finetune: {learning_rate: .NaN}\nevaluation: {", "finetune.learning_rate"),
+    ],
+)
 def test_nan_and_infinity_are_refused_naming_the_field(capsys, tmp_path, tiny_model, edit, field):
-    check_refused(capsys, tmp_path, rt_job(tiny_model).replace("evaluation: {", edit), f"{field}: found",
-            "expected a finite number")
+    check_refused(
+        capsys,
+        tmp_path,
+        rt_job(tiny_model).replace("evaluation: {", edit),
+        f"{field}: found",
+        "expected a finite number",
+    )
 
 
 def test_nan_in_an_inline_config_field_is_refused(capsys, tmp_path, tiny_model):
-    text = inline_job(tiny_model, "hidden_size: 32, num_attention_heads: 2, num_hidden_layers: 1, "
-                                  "intermediate_size: 37, layer_norm_eps: .nan, id2label: {0: negative, 1: positive}")
-    check_refused(capsys, tmp_path, text, "model.config.layer_norm_eps: found nan", "expected a finite number")
+    text = inline_job(
+        tiny_model,
+        "hidden_size: 32, num_attention_heads: 2, num_hidden_layers: 1, "
+        "intermediate_size: 37, layer_norm_eps: .nan, id2label: {0: negative, 1: positive}",
+    )
+    check_refused(
+        capsys, tmp_path, text, "model.config.layer_norm_eps: found nan", "expected a finite number"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,43 +81,71 @@ def test_nan_in_an_inline_config_field_is_refused(capsys, tmp_path, tiny_model):
 def alias_bomb() -> str:
     """Nine levels of nine aliases each: 9**9 strings once expanded, in a few hundred bytes."""
     levels = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+    levels += [
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]"
+        for i in range(8)
+    ]
     return "\n".join(levels)
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once(capsys, tmp_path, tiny_model):
-    # Under an unknown field, so that the code before this check refused it too, without naming the aliases.
-    text = rt_job(tiny_model) + "x-anchors:\n" + "".join(f"  {line}\n" for line in alias_bomb().splitlines())
+    # Under an unknown field, so that the code before this check refused it too, without naming the
+    # aliases.
+    text = (
+        rt_job(tiny_model)
+        + "x-anchors:\n"
+        + "".join(f"  {line}\n" for line in alias_bomb().splitlines())
+    )
     assert len(text.encode()) < 2000
     started = time.monotonic()
-    check_refused(capsys, tmp_path, text, "line 2", "aliases (*name) are expanded", "use fewer or no aliases")
+    check_refused(
+        capsys, tmp_path, text, "line 2", "aliases (*name) are expanded", "use fewer or no aliases"
+    )
     assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("style", ["flow", "block"])
 def test_yaml_nested_1000_deep_is_refused_without_a_traceback(capsys, tmp_path, tiny_model, style):
-    deep = "[" * 1000 + "]" * 1000 if style == "flow" else "\n" + "".join(" " * (i + 1) + "a:\n" for i in range(1000))
-    check_refused(capsys, tmp_path, rt_job(tiny_model) + f"x-deep: {deep}\n", "nesting deeper than 64 levels")
+    deep = (
+        "[" * 1000 + "]" * 1000
+        if style == "flow"
+        else "\n" + "".join(" " * (i + 1) + "a:\n" for i in range(1000))
+    )
+    check_refused(
+        capsys, tmp_path, rt_job(tiny_model) + f"x-deep: {deep}\n", "nesting deeper than 64 levels"
+    )
 
 
 def test_a_job_file_over_the_size_limit_is_refused(capsys, tmp_path, tiny_model):
     from runner.spec import MAX_JOB_BYTES
 
     padding = "# padding\n" * (MAX_JOB_BYTES // 10 + 1)
-    check_refused(capsys, tmp_path, rt_job(tiny_model) + padding, "bytes", f"at most {MAX_JOB_BYTES:,} bytes")
+    check_refused(
+        capsys, tmp_path, rt_job(tiny_model) + padding, "bytes", f"at most {MAX_JOB_BYTES:,} bytes"
+    )
 
 
 def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(capsys, tmp_path, tiny_model):
     # The second pos would have remapped the class silently.
-    text = rt_job(tiny_model).replace("label_map: {pos: positive, neg: negative}",
-                                      "label_map:\n    pos: positive\n    neg: negative\n    pos: negative")
+    text = rt_job(tiny_model).replace(
+        "label_map: {pos: positive, neg: negative}",
+        "label_map:\n    pos: positive\n    neg: negative\n    pos: negative",
+    )
     line = text.splitlines().index("    pos: negative") + 1
-    check_refused(capsys, tmp_path, text, f"line {line}, column 5", "the key 'pos' a second time",
-            f"first at line {line - 2}", "each key may appear once")
+    check_refused(
+        capsys,
+        tmp_path,
+        text,
+        f"line {line}, column 5",
+        "the key 'pos' a second time",
+        f"first at line {line - 2}",
+        "each key may appear once",
+    )
     # A merge key (<<) is no repeat: the mapping's own keys still override what it merges.
-    text = rt_job(tiny_model).replace("evaluation: {batch_size: 4, warmup_passes: 1, timed_passes: 8}",
-                                      "evaluation: {<<: {batch_size: 2, warmup_passes: 1}, batch_size: 4, "
-                                      "timed_passes: 8}")
+    text = rt_job(tiny_model).replace(
+        "evaluation: {batch_size: 4, warmup_passes: 1, timed_passes: 8}",
+        "evaluation: {<<: {batch_size: 2, warmup_passes: 1}, batch_size: 4, timed_passes: 8}",
+    )
     assert "batch_size 4," in valid(capsys, tmp_path / "merged", text)
 
 
@@ -107,11 +153,16 @@ def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(capsys, tmp_
 # Job names: a plain folder name, and not the one collect hides.
 
 
-@pytest.mark.parametrize("name, says", [
-    ('"pwn\\n"', "letters, digits, '.', '_' and '-'"),
-    ("reference", "collect and report skip folders of this name"),
-])
-def test_a_job_name_that_is_no_plain_results_folder_is_refused(capsys, tmp_path, tiny_model, name, says):
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ('"pwn\\n"', "letters, digits, '.', '_' and '-'"),
+        ("reference", "collect and report skip folders of this name"),
+    ],
+)
+def test_a_job_name_that_is_no_plain_results_folder_is_refused(
+    capsys, tmp_path, tiny_model, name, says
+):
     check_refused(capsys, tmp_path, rt_job(tiny_model, name=name), "name: found", says)
 
 
@@ -122,9 +173,12 @@ def test_a_job_name_that_is_no_plain_results_folder_is_refused(capsys, tmp_path,
 def csv_job(tmp_path, model, contents: str, suffix: str = "csv") -> str:
     data = tmp_path / f"reviews.{suffix}"
     data.write_text(contents)
-    return rt_job(model).replace(f"""  format: lines
+    return rt_job(model).replace(
+        f"""  format: lines
   path: {RT_POLARITY}
-  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""", f"  path: {data}")
+  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}""",
+        f"  path: {data}",
+    )
 
 
 def test_a_stray_csv_quote_that_merges_rows_is_noted_with_its_lines(capsys, tmp_path, tiny_model):
@@ -134,8 +188,10 @@ def test_a_stray_csv_quote_that_merges_rows_is_noted_with_its_lines(capsys, tmp_
     text = csv_job(tmp_path, tiny_model, "text,label\n" + "\n".join(rows) + "\n")
     out = valid(capsys, tmp_path, text)
     assert "24 of 26 rows" in out  # 30 lines, 26 rows: what the note explains
-    assert "note: 1 row(s) of the dataset span several lines, 5 lines in all (first at lines 5-9 of reviews.csv)" \
-           in out, out
+    assert (
+        "note: 1 row(s) of the dataset span several lines, 5 lines in all (first at lines 5-9 of "
+        "reviews.csv)" in out
+    ), out
     assert "stray quote" in out
 
 
@@ -144,43 +200,75 @@ def test_rows_after_a_quoted_line_break_are_named_by_their_own_line(capsys, tmp_
     check_refused(capsys, tmp_path, text, "first line 5 of reviews.csv")
 
 
-@pytest.mark.parametrize("line, says", [
-    ('{"text": null, "label": "pos"}', "dataset.text_column: found 'line 2 of reviews.jsonl: None'"),
-    ('{"text": ["a"], "label": "pos"}', "dataset.text_column: found \"line 2 of reviews.jsonl: ['a']\""),
-    ('["a fine film", "pos"]', "line 2 of reviews.jsonl: ['a fine film', 'pos']"),
-    ("42", "line 2 of reviews.jsonl: 42"),
-    ('{"text": "a film", "label": {"x": 1}}', "dataset.label_column: found \"line 2 of reviews.jsonl"),
-])
-def test_a_jsonl_line_that_is_no_text_record_is_refused_by_its_line(capsys, tmp_path, tiny_model, line, says):
-    rows = ['{"text": "a fine film", "label": "pos"}', line, "", '{"text": "a dull film", "label": "neg"}']
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        (
+            '{"text": null, "label": "pos"}',
+            "dataset.text_column: found 'line 2 of reviews.jsonl: None'",
+        ),
+        (
+            '{"text": ["a"], "label": "pos"}',
+            "dataset.text_column: found \"line 2 of reviews.jsonl: ['a']\"",
+        ),
+        ('["a fine film", "pos"]', "line 2 of reviews.jsonl: ['a fine film', 'pos']"),
+        ("42", "line 2 of reviews.jsonl: 42"),
+        (
+            '{"text": "a film", "label": {"x": 1}}',
+            'dataset.label_column: found "line 2 of reviews.jsonl',
+        ),
+    ],
+)
+def test_a_jsonl_line_that_is_no_text_record_is_refused_by_its_line(
+    capsys, tmp_path, tiny_model, line, says
+):
+    rows = [
+        '{"text": "a fine film", "label": "pos"}',
+        line,
+        "",
+        '{"text": "a dull film", "label": "neg"}',
+    ]
     text = csv_job(tmp_path, tiny_model, "\n".join(rows) + "\n", suffix="jsonl")
     check_refused(capsys, tmp_path, text, says)
 
 
-def test_a_whole_number_label_reads_alike_in_the_data_and_the_label_map(capsys, tmp_path, tiny_model):
+def test_a_whole_number_label_reads_alike_in_the_data_and_the_label_map(
+    capsys, tmp_path, tiny_model
+):
     # The jsonl's 2.0 was read as 2, the label_map's 2.0 key as "2.0": every row was "unmapped".
     rows = [json.dumps({"text": f"film {i}", "label": 2.0 if i % 2 else 1}) for i in range(8)]
     text = csv_job(tmp_path, tiny_model, "\n".join(rows) + "\n", suffix="jsonl").replace(
-        "label_map: {pos: positive, neg: negative}", "label_map: {2.0: positive, 1: negative}")
+        "label_map: {pos: positive, neg: negative}", "label_map: {2.0: positive, 1: negative}"
+    )
     out = valid(capsys, tmp_path, text)
     assert "label map: 1→negative, 2→positive" in out, out
 
 
 def test_a_label_map_naming_one_label_twice_is_refused(capsys, tmp_path, tiny_model):
-    text = rt_job(tiny_model).replace("label_map: {pos: positive, neg: negative}",
-                                      "label_map: {2: positive, '2.0': negative}")
-    check_refused(capsys, tmp_path, text, "dataset.label_map.2.0", "names the same dataset label as another key (2)")
+    text = rt_job(tiny_model).replace(
+        "label_map: {pos: positive, neg: negative}", "label_map: {2: positive, '2.0': negative}"
+    )
+    check_refused(
+        capsys,
+        tmp_path,
+        text,
+        "dataset.label_map.2.0",
+        "names the same dataset label as another key (2)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # A model's config.json that transformers would refuse only after Ray started.
 
 
-@pytest.mark.parametrize("edit, says", [
-    (lambda c: [c], "config.json: a JSON list"),
-    (lambda c: {**c, "id2label": {"neg": "negative", "pos": "positive"}}, "id2label key 'neg'"),
-    (lambda c: {**c, "id2label": None, "label2id": None, "num_labels": "2"}, "num_labels '2'"),
-])
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (lambda c: [c], "config.json: a JSON list"),
+        (lambda c: {**c, "id2label": {"neg": "negative", "pos": "positive"}}, "id2label key 'neg'"),
+        (lambda c: {**c, "id2label": None, "label2id": None, "num_labels": "2"}, "num_labels '2'"),
+    ],
+)
 def test_a_config_json_of_the_wrong_shape_is_refused(capsys, tmp_path, tiny_model, edit, says):
     import shutil
 
@@ -198,20 +286,45 @@ def test_a_config_json_of_the_wrong_shape_is_refused(capsys, tmp_path, tiny_mode
 def test_more_threads_than_cpus_is_noted(capsys, tmp_path, tiny_model):
     from runner.measure import available_cpus
 
-    out = valid(capsys, tmp_path, rt_job(tiny_model).replace("evaluation: {", "evaluation: {threads: 1000, "))
-    assert f"note: evaluation.threads 1000 is more than this machine's {available_cpus()} CPUs" in out, out
-    assert "note:" not in valid(capsys, tmp_path / "fits", rt_job(tiny_model).replace("evaluation: {",
-                                                                                       "evaluation: {threads: 1, "))
+    out = valid(
+        capsys,
+        tmp_path,
+        rt_job(tiny_model).replace("evaluation: {", "evaluation: {threads: 1000, "),
+    )
+    assert (
+        f"note: evaluation.threads 1000 is more than this machine's {available_cpus()} CPUs" in out
+    ), out
+    assert "note:" not in valid(
+        capsys,
+        tmp_path / "fits",
+        rt_job(tiny_model).replace("evaluation: {", "evaluation: {threads: 1, "),
+    )
 
 
 def test_a_hub_tokenizer_offline_is_refused_naming_the_tokenizer(tmp_path, tiny_model):
     # HF_HUB_OFFLINE is read when huggingface_hub is imported: a process of its own.
-    job = write_job(tmp_path / "jobs", rt_job(tiny_model, extra="tokenizer: {hub: bert-base-uncased}"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "runner.cli", "validate", str(job)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    job = write_job(
+        tmp_path / "jobs", rt_job(tiny_model, extra="tokenizer: {hub: bert-base-uncased}")
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "runner.cli", "validate", str(job)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr
-    assert "tokenizer.hub: found 'bert-base-uncased'" in done.stderr and "HF_HUB_OFFLINE" in done.stderr, done.stderr
+    assert (
+        "tokenizer.hub: found 'bert-base-uncased'" in done.stderr
+        and "HF_HUB_OFFLINE" in done.stderr
+    ), done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "results").exists()
 
 
@@ -219,14 +332,21 @@ def test_a_hub_tokenizer_offline_is_refused_naming_the_tokenizer(tmp_path, tiny_
 # The command line: cluster addresses, Ray's temp folder, report --out.
 
 
-@pytest.mark.parametrize("address, says", [
-    ("foo", "'foo' (from RAY_ADDRESS) is not a cluster address"),
-    ("head:http", "'head:http' (from RAY_ADDRESS) is not a cluster address"),
-    ("127.0.0.1:99999", "127.0.0.1:99999 (from RAY_ADDRESS): 99999 is not a TCP port; a port is 1 to 65535"),
-    ("ray://127.0.0.1:0", "ray://127.0.0.1:0 (from RAY_ADDRESS): 0 is not a TCP port"),
-])
-def test_a_bad_ray_address_exits_2_saying_where_it_came_from(capsys, tmp_path, tiny_model, monkeypatch,
-                                                             address, says):
+@pytest.mark.parametrize(
+    "address, says",
+    [
+        ("foo", "'foo' (from RAY_ADDRESS) is not a cluster address"),
+        ("head:http", "'head:http' (from RAY_ADDRESS) is not a cluster address"),
+        (
+            "127.0.0.1:99999",
+            "127.0.0.1:99999 (from RAY_ADDRESS): 99999 is not a TCP port; a port is 1 to 65535",
+        ),
+        ("ray://127.0.0.1:0", "ray://127.0.0.1:0 (from RAY_ADDRESS): 0 is not a TCP port"),
+    ],
+)
+def test_a_bad_ray_address_exits_2_saying_where_it_came_from(
+    capsys, tmp_path, tiny_model, monkeypatch, address, says
+):
     monkeypatch.setenv("RAY_ADDRESS", address)
     job = write_job(tmp_path / "jobs", rt_job(tiny_model, n=8))
     code, _, err = run_cli(capsys, "run", job, "--results", tmp_path / "results")
@@ -238,9 +358,22 @@ def test_a_bad_ray_address_exits_2_saying_where_it_came_from(capsys, tmp_path, t
 def test_a_ray_temp_dir_ray_cannot_use_is_refused(capsys, tmp_path, tiny_model, kind):
     job = write_job(tmp_path / "jobs", rt_job(tiny_model, n=8))
     (tmp_path / "file").write_text("")
-    folder = {"too long": tmp_path / ("x" * 40), "a file": tmp_path / "file", "below a file": tmp_path / "file" / "ray"}
+    folder = {
+        "too long": tmp_path / ("x" * 40),
+        "a file": tmp_path / "file",
+        "below a file": tmp_path / "file" / "ray",
+    }
     with pytest.raises(SystemExit) as exit_:
-        main(["run", str(job), "--results", str(tmp_path / "results"), "--ray-temp-dir", str(folder[kind])])
+        main(
+            [
+                "run",
+                str(job),
+                "--results",
+                str(tmp_path / "results"),
+                "--ray-temp-dir",
+                str(folder[kind]),
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--ray-temp-dir" in err, err
     assert ("107-byte limit" if kind == "too long" else "is a file, not a folder") in err, err
@@ -260,7 +393,9 @@ def test_report_out_naming_a_folder_is_refused(capsys, tmp_path):
     copied_results(tmp_path / "results")
     (tmp_path / "out").mkdir()
     code, _, err = run_cli(capsys, "report", tmp_path / "results", "--out", tmp_path / "out")
-    assert code == 2 and f"--out: {tmp_path / 'out'} is a folder" in err and "report.html" in err, err
+    assert code == 2 and f"--out: {tmp_path / 'out'} is a folder" in err and "report.html" in err, (
+        err
+    )
     assert not list((tmp_path / "out").iterdir()) and not list(tmp_path.glob("*_figures"))
 
 
@@ -273,7 +408,9 @@ def test_dollars_in_label_names_are_drawn_as_written(capsys, tmp_path):
             preds[key] = [names[n] for n in preds[key]]
         (tmp_path / "results").mkdir(exist_ok=True)
         (tmp_path / "results" / f"{result['variant']}.json").write_text(json.dumps(result))
-    code, out, err = run_cli(capsys, "report", tmp_path / "results", "--out", tmp_path / "report.html")
+    code, out, err = run_cli(
+        capsys, "report", tmp_path / "results", "--out", tmp_path / "report.html"
+    )
     assert code == 0, err
     assert r"$\undefinedcommand$" in (tmp_path / "report.html").read_text()
     assert list((tmp_path / "report_figures").glob("*confusion*.png"))
@@ -292,36 +429,78 @@ def damaged(field: str, value):
             target = target[key]
         target[last] = value
         return out
-    return lambda: json.dumps(edit(json.loads((REFERENCE / "int8-dynamic-cpu.json").read_text()))).encode()
+
+    return lambda: json.dumps(
+        edit(json.loads((REFERENCE / "int8-dynamic-cpu.json").read_text()))
+    ).encode()
 
 
 MALFORMED = "a malformed result: "
 WHOLE = (REFERENCE / "int8-dynamic-cpu.json").read_bytes
 BAD_FILES = {
-    "latin-1": (lambda: '{"job": "café"}'.encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 12)"),
+    "latin-1": (
+        lambda: '{"job": "café"}'.encode("latin-1"),
+        "not UTF-8 text (byte 0xe9 at offset 12)",
+    ),
     "not json": (lambda: b"job: demo\n", "not JSON (Expecting value at line 1, column 1)"),
     "truncated": (lambda: WHOLE()[:5000], "truncated JSON"),
     "a list": (lambda: b"[1, 2]", "not a result: a JSON list"),
-    "other json": (lambda: b'{"hello": 1}', "not a result: it has no schema_version, job, variant, status, device"),
-    "schema 99": (damaged("schema_version", 99), "schema_version 99: this quantbench reads schema_version 1"),
-    "metric text": (damaged("metrics.accuracy", "high"), MALFORMED + "metrics.accuracy: expected a number, found a JSON string"),
-    "no metrics": (lambda: json.dumps({k: v for k, v in json.loads(WHOLE()).items() if k != "metrics"}).encode(),
-                   MALFORMED + "metrics: missing"),
+    "other json": (
+        lambda: b'{"hello": 1}',
+        "not a result: it has no schema_version, job, variant, status, device",
+    ),
+    "schema 99": (
+        damaged("schema_version", 99),
+        "schema_version 99: this quantbench reads schema_version 1",
+    ),
+    "metric text": (
+        damaged("metrics.accuracy", "high"),
+        MALFORMED + "metrics.accuracy: expected a number, found a JSON string",
+    ),
+    "no metrics": (
+        lambda: json.dumps(
+            {k: v for k, v in json.loads(WHOLE()).items() if k != "metrics"}
+        ).encode(),
+        MALFORMED + "metrics: missing",
+    ),
     "job number": (damaged("job", 7), MALFORMED + "job: expected a string, found a JSON number"),
-    "environment list": (damaged("environment", []), MALFORMED + "environment: expected an object, found a JSON list"),
-    "latency list": (damaged("metrics.latency_ms", [1]), MALFORMED + "metrics.latency_ms: expected an object"),
-    "tolerance text": (damaged("spec.tolerances", {"max_size_mib": "big"}), MALFORMED + "spec.tolerances.max_size_mib"),
-    "ragged probabilities": (damaged("predictions.probabilities", [[0.5]]), MALFORMED + "predictions.probabilities[0]"),
-    "gold numbers": (damaged("predictions.gold", [1, 2]), MALFORMED + "predictions.gold[0]: expected a string"),
-    "interval of one": (damaged("metrics.latency_ms.median_ci95", [1.0]), MALFORMED + "metrics.latency_ms.median_ci95"),
-    "layers without depth": (damaged("analysis.layers", [{"layer_type": "query"}]), MALFORMED + "analysis.layers[0].depth: missing"),
+    "environment list": (
+        damaged("environment", []),
+        MALFORMED + "environment: expected an object, found a JSON list",
+    ),
+    "latency list": (
+        damaged("metrics.latency_ms", [1]),
+        MALFORMED + "metrics.latency_ms: expected an object",
+    ),
+    "tolerance text": (
+        damaged("spec.tolerances", {"max_size_mib": "big"}),
+        MALFORMED + "spec.tolerances.max_size_mib",
+    ),
+    "ragged probabilities": (
+        damaged("predictions.probabilities", [[0.5]]),
+        MALFORMED + "predictions.probabilities[0]",
+    ),
+    "gold numbers": (
+        damaged("predictions.gold", [1, 2]),
+        MALFORMED + "predictions.gold[0]: expected a string",
+    ),
+    "interval of one": (
+        damaged("metrics.latency_ms.median_ci95", [1.0]),
+        MALFORMED + "metrics.latency_ms.median_ci95",
+    ),
+    "layers without depth": (
+        damaged("analysis.layers", [{"layer_type": "query"}]),
+        MALFORMED + "analysis.layers[0].depth: missing",
+    ),
 }
 
 
-# report draws every plot of the good result each time (seconds): the kinds of damage once each there.
-CASES = [(case, "collect") for case in BAD_FILES] + [(case, "report") for case in
-                                                     ("latin-1", "truncated", "metric text", "interval of one",
-                                                      "layers without depth")]
+# report draws every plot of the good result each time (seconds): the kinds of damage once each
+# there.
+CASES = [(case, "collect") for case in BAD_FILES] + [
+    (case, "report")
+    for case in ("latin-1", "truncated", "metric text", "interval of one", "layers without depth")
+]
 
 
 @pytest.mark.parametrize("case, command", CASES)
@@ -345,7 +524,8 @@ def test_the_schema_versions_read_include_the_one_written():
 
 
 def test_run_resume_names_the_files_it_skips(capsys, tmp_path, tiny_model):
-    """Every variant's ok result is kept (so no cluster starts); a non-UTF-8 file beside them is named."""
+    """Every variant's ok result is kept (so no cluster starts); a non-UTF-8 file beside them is
+    named."""
     from runner import sweep, worker
     from runner.plan import plan_job
     from runner.results import write_result

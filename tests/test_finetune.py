@@ -1,5 +1,5 @@
-"""The fine-tune stage: trained once as a Ray task, cached by content, deterministic, and a label guard
-that catches the published mistake on real SmSA rows."""
+"""The fine-tune stage: trained once as a Ray task, cached by content, deterministic, and a label
+guard that catches the published mistake on real SmSA rows."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import stat
 
 import pytest
-
 from conftest import SMSA, build_tiny_bert, corpus_lines, smsa_job, write_job
+
 from runner import finetune, models
 from runner.cli import main
 from runner.plan import plan_job
@@ -24,15 +24,26 @@ LABELS = "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}"  # the publi
 def smsa_base(tmp_path_factory):
     """A tiny BERT whose vocabulary comes from the SmSA training texts (Indonesian)."""
     corpus = corpus_lines([SMSA / "train_preprocess.tsv"], per_file=4000)
-    return build_tiny_bert(tmp_path_factory.mktemp("smsa-base"), ["LABEL_0", "LABEL_1", "LABEL_2"], hidden=64,
-                           corpus=corpus)
+    return build_tiny_bert(
+        tmp_path_factory.mktemp("smsa-base"),
+        ["LABEL_0", "LABEL_1", "LABEL_2"],
+        hidden=64,
+        corpus=corpus,
+    )
 
 
 EVALUATION = "evaluation: {batch_size: 16, warmup_passes: 1, timed_passes: 4}"
 
 
-def finetune_job(model, label_map=LABELS, train_path=SMSA / "train_preprocess.tsv", finetune_extra="") -> str:
-    return smsa_job(model, label_map, n=120, dataset_extra="max_length: 64", rest=f"""finetune:
+def finetune_job(
+    model, label_map=LABELS, train_path=SMSA / "train_preprocess.tsv", finetune_extra=""
+) -> str:
+    return smsa_job(
+        model,
+        label_map,
+        n=120,
+        dataset_extra="max_length: 64",
+        rest=f"""finetune:
   train: {{format: tsv, path: {train_path}, header: false}}
   epochs: 2
   learning_rate: 2.0e-3
@@ -41,7 +52,8 @@ def finetune_job(model, label_map=LABELS, train_path=SMSA / "train_preprocess.ts
   seed: 0
   {finetune_extra}
 {EVALUATION}
-variants: [fp32-cpu, int8-dynamic-cpu]""")
+variants: [fp32-cpu, int8-dynamic-cpu]""",
+    )
 
 
 def run_cli(capsys, *args):
@@ -52,16 +64,27 @@ def run_cli(capsys, *args):
 
 def test_finetune_runs_as_a_ray_task_then_is_reused(capsys, tmp_path, smsa_base, ray_temp_dir):
     job = write_job(tmp_path, finetune_job(smsa_base))
-    code, out, err = run_cli(capsys, "run", job, "--results", tmp_path / "first", "--ray-temp-dir", ray_temp_dir)
+    code, out, err = run_cli(
+        capsys, "run", job, "--results", tmp_path / "first", "--ray-temp-dir", ray_temp_dir
+    )
     assert code == 0, out + err
     assert "fine-tune: training on 1200 rows" in out and "fine-tune: done in" in out
     first = json.loads((tmp_path / "first" / "smsa-tiny" / "fp32-cpu.json").read_text())
-    assert first["model"]["train_rows"] == 1200 and first["model"]["label_names"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
-    assert first["model"]["train_loss"] < 1.0986  # below ln(3), the loss of knowing nothing: it learned
-    # Trained on the CPU worker that then ran the variant, both forked from the same warm fork server.
+    assert first["model"]["train_rows"] == 1200 and first["model"]["label_names"] == [
+        "LABEL_0",
+        "LABEL_1",
+        "LABEL_2",
+    ]
+    assert (
+        first["model"]["train_loss"] < 1.0986
+    )  # below ln(3), the loss of knowing nothing: it learned
+    # Trained on the CPU worker that then ran the variant, both forked from the same warm fork
+    # server.
     assert first["model"]["worker_pid"] == first["environment"]["ray"]["worker_pid"]
 
-    code, out, err = run_cli(capsys, "run", job, "--results", tmp_path / "second", "--ray-temp-dir", ray_temp_dir)
+    code, out, err = run_cli(
+        capsys, "run", job, "--results", tmp_path / "second", "--ray-temp-dir", ray_temp_dir
+    )
     assert code == 0, out + err
     assert "reusing the cached fine-tuned model" in out and "training on" not in out
     second = json.loads((tmp_path / "second" / "smsa-tiny" / "fp32-cpu.json").read_text())
@@ -75,11 +98,24 @@ def train_directly(job_path, cache, monkeypatch):
     base_dir, base_info = models.prepare_model(plan.spec)
     texts = [e.text for e in plan.train_examples]
     labels = [plan.label_map[e.label] for e in plan.train_examples]
-    key = finetune.finetune_key(base_info["key"], texts, labels, plan.model_labels, plan.spec.finetune,
-                                plan.spec.dataset.max_length)
-    task = finetune.FinetuneTask(key=key, base_dir=str(base_dir), base_key=base_info["key"], texts=texts,
-                                 labels=labels, label_names=plan.model_labels, settings=plan.spec.finetune,
-                                 max_length=plan.spec.dataset.max_length)
+    key = finetune.finetune_key(
+        base_info["key"],
+        texts,
+        labels,
+        plan.model_labels,
+        plan.spec.finetune,
+        plan.spec.dataset.max_length,
+    )
+    task = finetune.FinetuneTask(
+        key=key,
+        base_dir=str(base_dir),
+        base_key=base_info["key"],
+        texts=texts,
+        labels=labels,
+        label_names=plan.model_labels,
+        settings=plan.spec.finetune,
+        max_length=plan.spec.dataset.max_length,
+    )
     return plan, task, finetune.run_finetune(task)
 
 
@@ -91,7 +127,9 @@ def accuracy_of(plan, folder, info) -> tuple[float, list[str]]:
 
 
 def test_finetune_is_deterministic(tmp_path, smsa_base, monkeypatch):
-    job = write_job(tmp_path, finetune_job(smsa_base).replace("max_samples: 1200", "max_samples: 300"))
+    job = write_job(
+        tmp_path, finetune_job(smsa_base).replace("max_samples: 1200", "max_samples: 300")
+    )
     plan, _, one = train_directly(job, tmp_path / "cache-one", monkeypatch)
     _, _, two = train_directly(job, tmp_path / "cache-two", monkeypatch)
     assert one["key"] == two["key"] and one["train_loss"] == two["train_loss"]
@@ -101,39 +139,74 @@ def test_finetune_is_deterministic(tmp_path, smsa_base, monkeypatch):
 
 
 def test_the_label_guard_catches_the_published_mistake(tmp_path, smsa_base, monkeypatch):
-    """Real SmSA rows and a model that knows them (fine-tuned on exactly these rows, to stand in for a well
-    trained model), read once with the right map and once with positive and negative swapped."""
+    """Real SmSA rows and a model that knows them (fine-tuned on exactly these rows, to stand in for
+    a well trained model), read once with the right map and once with positive and negative
+    swapped."""
     monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
     plan = plan_job(write_job(tmp_path, finetune_job(smsa_base)))
     texts, gold = [e.text for e in plan.examples], [plan.label_map[e.label] for e in plan.examples]
-    settings = FinetuneSpec(train=None, epochs=15, learning_rate=2e-3, batch_size=16, seed=0, warmup_ratio=0.0)
-    knows = finetune.run_finetune(finetune.FinetuneTask(
-        key="knows-the-rows", base_dir=str(smsa_base), base_key="base", texts=texts, labels=gold,
-        label_names=plan.model_labels, settings=settings, max_length=64))["folder"]
+    settings = FinetuneSpec(
+        train=None, epochs=15, learning_rate=2e-3, batch_size=16, seed=0, warmup_ratio=0.0
+    )
+    knows = finetune.run_finetune(
+        finetune.FinetuneTask(
+            key="knows-the-rows",
+            base_dir=str(smsa_base),
+            base_key="base",
+            texts=texts,
+            labels=gold,
+            label_names=plan.model_labels,
+            settings=settings,
+            max_length=64,
+        )
+    )["folder"]
     right, warnings = accuracy_of(plan, knows, {})
     assert right > 0.9 and not [w for w in warnings if "label mapping" in w]
 
     wrong_map = "{positive: LABEL_2, neutral: LABEL_1, negative: LABEL_0}"
-    wrong = write_job(tmp_path, smsa_job(knows, wrong_map, f"{EVALUATION}\nvariants: [fp32-cpu]", name="smsa-wrong-map",
-                                         n=120, dataset_extra="max_length: 64"), "wrong.yaml")
+    wrong = write_job(
+        tmp_path,
+        smsa_job(
+            knows,
+            wrong_map,
+            f"{EVALUATION}\nvariants: [fp32-cpu]",
+            name="smsa-wrong-map",
+            n=120,
+            dataset_extra="max_length: 64",
+        ),
+        "wrong.yaml",
+    )
     wrong_plan = plan_job(wrong)
     assert wrong_plan.examples == plan.examples
     accuracy, warnings = accuracy_of(wrong_plan, knows, {})
     assert accuracy < right - 0.3
     guard = [w for w in warnings if "label mapping suspect" in w]
     assert guard, warnings
-    assert "LABEL_0→LABEL_2" in guard[0] and "LABEL_2→LABEL_0" in guard[0] and f"{right:.2%}" in guard[0]
+    assert (
+        "LABEL_0→LABEL_2" in guard[0]
+        and "LABEL_2→LABEL_0" in guard[0]
+        and f"{right:.2%}" in guard[0]
+    )
 
 
-def test_the_label_guard_does_not_blame_the_map_for_a_model_that_predicts_one_class(tmp_path, tiny_model_3):
-    """An untrained or collapsed model predicts one class whatever it reads. Some relabelling then scores
-    the majority share, which says nothing about the map: the guard says the accuracy is below guessing."""
+def test_the_label_guard_does_not_blame_the_map_for_a_model_that_predicts_one_class(
+    tmp_path, tiny_model_3
+):
+    """An untrained or collapsed model predicts one class whatever it reads. Some relabelling then
+    scores the majority share, which says nothing about the map: the guard says the accuracy is
+    below guessing."""
     import numpy as np
 
     from runner import evaluate
 
-    plan = plan_job(write_job(tmp_path, smsa_job(tiny_model_3, "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}",
-                                                 n=200)))
+    plan = plan_job(
+        write_job(
+            tmp_path,
+            smsa_job(
+                tiny_model_3, "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}", n=200
+            ),
+        )
+    )
     gold = np.array([plan.model_labels.index(plan.label_map[e.label]) for e in plan.examples])
     rarest = int(np.bincount(gold, minlength=3).argmin())
     warnings = evaluate.label_guard(gold, np.full_like(gold, rarest), plan.model_labels)
@@ -152,7 +225,9 @@ def test_a_failed_finetune_leaves_no_cache_entry(tmp_path, smsa_base, monkeypatc
     with pytest.raises(RuntimeError, match="power cut"):
         train_directly(job, tmp_path / "cache", monkeypatch)
     entries = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
-    assert len(entries) == 1  # the prepared base model only: no fine-tuned entry, no temporary folder
+    assert (
+        len(entries) == 1
+    )  # the prepared base model only: no fine-tuned entry, no temporary folder
 
 
 def test_save_folder_is_all_or_nothing(tmp_path, monkeypatch):
@@ -174,8 +249,12 @@ def test_results_and_cache_entries_are_readable_by_other_users(tmp_path, monkeyp
     monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
     old = os.umask(0o022)
     try:
-        written = write_result(tmp_path / "results", {"job": "j", "variant": "fp32-cpu", "status": "ok"})
-        entry = models.save_folder("abc", {}, lambda folder: (folder / "config.json").write_text("{}"))
+        written = write_result(
+            tmp_path / "results", {"job": "j", "variant": "fp32-cpu", "status": "ok"}
+        )
+        entry = models.save_folder(
+            "abc", {}, lambda folder: (folder / "config.json").write_text("{}")
+        )
     finally:
         os.umask(old)
     assert stat.S_IMODE(written.stat().st_mode) == 0o644
@@ -191,22 +270,39 @@ def refused(capsys, tmp_path, text, *words):
     assert not (tmp_path / "results").exists()
 
 
-def test_a_training_split_that_overlaps_the_evaluation_sample_is_refused(capsys, tmp_path, smsa_base):
-    refused(capsys, tmp_path, finetune_job(smsa_base, train_path=SMSA / "test_preprocess.tsv"),
-            "finetune.train", "must not overlap the evaluation sample")
+def test_a_training_split_that_overlaps_the_evaluation_sample_is_refused(
+    capsys, tmp_path, smsa_base
+):
+    refused(
+        capsys,
+        tmp_path,
+        finetune_job(smsa_base, train_path=SMSA / "test_preprocess.tsv"),
+        "finetune.train",
+        "must not overlap the evaluation sample",
+    )
 
 
 def test_a_training_label_the_model_does_not_know_is_refused(capsys, tmp_path, smsa_base):
     train = tmp_path / "train.tsv"
     train.write_text("bagus sekali\tpositive\nbiasa saja\tmixed\n")
-    refused(capsys, tmp_path, finetune_job(smsa_base, train_path=train), "finetune.train", "'mixed'",
-            "does not know", "line 2 of train.tsv")
+    refused(
+        capsys,
+        tmp_path,
+        finetune_job(smsa_base, train_path=train),
+        "finetune.train",
+        "'mixed'",
+        "does not know",
+        "line 2 of train.tsv",
+    )
 
 
 def test_a_training_file_of_the_datasets_format_takes_its_header_and_columns(tmp_path, smsa_base):
-    # The other split of the same data: the dataset's `header: false` and column numbers hold for it too.
-    text = finetune_job(smsa_base).replace(f"train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}",
-                                           f"train: {{path: {SMSA / 'train_preprocess.tsv'}}}")
+    # The other split of the same data: the dataset's `header: false` and column numbers hold for it
+    # too.
+    text = finetune_job(smsa_base).replace(
+        f"train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}",
+        f"train: {{path: {SMSA / 'train_preprocess.tsv'}}}",
+    )
     plan = plan_job(write_job(tmp_path, text))
     assert len(plan.train_examples) == 1200
     assert {e.label for e in plan.train_examples} == {"positive", "neutral", "negative"}
@@ -215,39 +311,60 @@ def test_a_training_file_of_the_datasets_format_takes_its_header_and_columns(tmp
 def test_a_mistake_in_the_training_file_is_named_in_finetune_train(capsys, tmp_path, smsa_base):
     train = tmp_path / "train.jsonl"
     train.write_text('{"body": "bagus sekali", "tag": "positive"}\n')
-    text = finetune_job(smsa_base).replace(f"train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}",
-                                           f"train: {{path: {train}, label_column: tag}}")
-    refused(capsys, tmp_path, text, "finetune.train.text_column: found 'text'", "line 1 of train.jsonl has fields: body, tag")
+    text = finetune_job(smsa_base).replace(
+        f"train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}",
+        f"train: {{path: {train}, label_column: tag}}",
+    )
+    refused(
+        capsys,
+        tmp_path,
+        text,
+        "finetune.train.text_column: found 'text'",
+        "line 1 of train.jsonl has fields: body, tag",
+    )
 
 
 def test_an_empty_training_split_is_refused(capsys, tmp_path, smsa_base):
-    text = finetune_job(smsa_base).replace(f"  train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}\n", "")
+    text = finetune_job(smsa_base).replace(
+        f"  train: {{format: tsv, path: {SMSA / 'train_preprocess.tsv'}, header: false}}\n", ""
+    )
     text = text.replace("sample: {n: 120, seed: 0}", "sample: {fraction: 1.0}")
     refused(capsys, tmp_path, text, "finetune", "training split is empty")
 
 
 def test_a_fine_tune_whose_loss_stayed_at_chance_says_the_model_learned_little():
     # 0.6937 was a real MiniLM fine-tune on 300 rows: it predicted one class everywhere afterwards.
-    assert "ln 2 = 0.693" in finetune.chance_note(0.6937, 2) and "learned little" in finetune.chance_note(0.6937, 2)
+    assert "ln 2 = 0.693" in finetune.chance_note(
+        0.6937, 2
+    ) and "learned little" in finetune.chance_note(0.6937, 2)
     assert "ln 3 = 1.099" in finetune.chance_note(1.08, 3)
     assert finetune.chance_note(0.546075, 2) == ""  # the demo's fine-tune learned
     assert finetune.chance_note(None, 2) == ""
 
 
-def test_rows_left_out_of_the_training_split_for_sharing_a_text_are_counted(capsys, tmp_path, tiny_model_3):
-    # Each text twice: the copies of the evaluated texts must not be trained on, and the user hears so.
+def test_rows_left_out_of_the_training_split_for_sharing_a_text_are_counted(
+    capsys, tmp_path, tiny_model_3
+):
+    # Each text twice: the copies of the evaluated texts must not be trained on, and the user hears
+    # so.
     rows = [f"kalimat nomor {i},{['positive', 'neutral', 'negative'][i % 3]}" for i in range(10)]
     data = tmp_path / "twice.csv"
     data.write_text("text,label\n" + "\n".join(rows + rows) + "\n")
-    job = write_job(tmp_path, f"""
+    job = write_job(
+        tmp_path,
+        f"""
 name: twice
 model: {{path: {tiny_model_3}}}
-dataset: {{path: {data}, label_map: {{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}}, sample: {{n: 4, seed: 0}}}}
+dataset: {{path: {data}, label_map: {{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}},
+          sample: {{n: 4, seed: 0}}}}
 finetune: {{epochs: 1}}
 variants: [fp32-cpu]
-""")
+""",
+    )
     plan = plan_job(job)
-    assert len(plan.train_examples) == 12  # 16 rows outside the sample, 4 of them copies of evaluated texts
+    assert (
+        len(plan.train_examples) == 12
+    )  # 16 rows outside the sample, 4 of them copies of evaluated texts
     code, out, err = run_cli(capsys, "validate", job)
     assert code == 0, err
     assert "note: 4 row(s) outside the evaluation sample are left out of the training split" in out

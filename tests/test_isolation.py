@@ -1,5 +1,5 @@
-"""Each CPU variant runs in a new process forked from a warm fork server: its result, its error or its
-death comes back to the worker, and nothing of one run is left in the next."""
+"""Each CPU variant runs in a new process forked from a warm fork server: its result, its error or
+its death comes back to the worker, and nothing of one run is left in the next."""
 
 from __future__ import annotations
 
@@ -16,8 +16,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_python(code: str, timeout: float = 300, env: dict | None = None):
     """`python -c code` in a process of its own, from the checkout: its server starts with it."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+    )
 
 
 _STATE = []
@@ -36,7 +42,9 @@ def test_each_call_runs_in_a_new_process_with_nothing_left_from_the_last():
     first = isolation.run_in_fresh_process(remember_and_report, "a")
     second = isolation.run_in_fresh_process(remember_and_report, "b")
     assert first["pid"] != second["pid"] and os.getpid() not in (first["pid"], second["pid"])
-    assert first["state"] == ["a"] and second["state"] == ["b"]  # a fresh copy of the server each time
+    assert first["state"] == ["a"] and second["state"] == [
+        "b"
+    ]  # a fresh copy of the server each time
     assert _STATE == []  # and nothing ran in this process
 
 
@@ -56,16 +64,20 @@ def already_imported(name):
 
 def test_the_server_imports_beforehand_what_its_first_call_names(tmp_path):
     # The server starts once per process, so a process of its own shows what its first call did.
-    code = ("from runner import isolation; from tests.test_isolation import already_imported as seen; "
-            "print(isolation.run_in_fresh_process(seen, 'colorsys', also_import=['colorsys']), "
-            "isolation.run_in_fresh_process(seen, 'wave'))")
+    code = (
+        "from runner import isolation; from tests.test_isolation import already_imported as seen; "
+        "print(isolation.run_in_fresh_process(seen, 'colorsys', also_import=['colorsys']), "
+        "isolation.run_in_fresh_process(seen, 'wave'))"
+    )
     shown = run_python(code)
     assert shown.stdout.split() == ["True", "False"], shown.stderr[-2000:]
 
 
 def test_the_parents_main_script_is_not_run_again_in_the_variants_process(tmp_path):
-    # A Ray worker's main script is Ray's own: multiprocessing's fork server, used before, ran it again
-    # before each variant (0.4-0.5 s). A function of the main script is refused instead (test below).
+    # A Ray worker's main script is Ray's own: multiprocessing's fork server, used before, ran it
+    # again
+    # before each variant (0.4-0.5 s). A function of the main script is refused instead (test
+    # below).
     runs = tmp_path / "pids-that-ran-the-script.txt"
     script = tmp_path / "main_script.py"
     script.write_text(f"""import os, sys
@@ -75,7 +87,9 @@ if __name__ == "__main__":
     from runner import isolation
     print(isolation.run_in_fresh_process(os.getpid), os.getpid())
 """)
-    shown = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    shown = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
     child, parent = shown.stdout.split()
     assert child != parent, shown.stderr[-2000:]
     assert runs.read_text().split() == [parent]  # the child never ran it
@@ -88,9 +102,12 @@ def test_what_a_variants_process_runs_imports_no_ray():
 
     assert dispatch.run_variant_in_own_process is worker.run_variant_in_own_process
     assert dispatch.run_finetune is finetune.run_finetune
-    code = ("import sys; from runner import isolation; [__import__(m) for m in isolation.PRELOAD]; "
-            "from runner.worker import run_variant_in_own_process; from runner.finetune import run_finetune; "
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    code = (
+        "import sys; from runner import isolation; [__import__(m) for m in isolation.PRELOAD]; "
+        "from runner.worker import run_variant_in_own_process; from runner.finetune import "
+        "run_finetune; "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
     shown = run_python(code)
     assert shown.stdout.strip() == "[]", shown.stdout[-2000:] + shown.stderr[-2000:]
 
@@ -103,11 +120,15 @@ def server_pid() -> int:
 
 def test_a_server_started_ahead_serves_the_processes_that_inherit_its_address(monkeypatch):
     # quantbench run starts one before its Ray cluster, so the imports run while Ray starts.
-    monkeypatch.syspath_prepend(REPO)  # the server imports what its callers name: tests.test_isolation
+    monkeypatch.syspath_prepend(
+        REPO
+    )  # the server imports what its callers name: tests.test_isolation
     server = isolation.start_server()
     try:
-        code = ("from runner import isolation; from tests.test_isolation import server_pid; "
-                "print(isolation.run_in_fresh_process(server_pid))")
+        code = (
+            "from runner import isolation; from tests.test_isolation import server_pid; "
+            "print(isolation.run_in_fresh_process(server_pid))"
+        )
         shown = run_python(code, env={**os.environ, isolation.ADDRESS_VARIABLE: server.describe()})
         assert shown.stdout.strip() == str(server.process.pid), shown.stderr[-2000:]
     finally:
@@ -117,17 +138,23 @@ def test_a_server_started_ahead_serves_the_processes_that_inherit_its_address(mo
 
 def test_the_variants_output_goes_where_its_caller_writes():
     # On a Ray worker that is the worker's log, not the terminal of whoever started the server.
-    code = ("import os; from runner import isolation; "
-            "isolation.run_in_fresh_process(print, 'said by the variant'); "
-            "isolation.run_in_fresh_process(os.write, 2, b'warned by the variant')")
+    code = (
+        "import os; from runner import isolation; "
+        "isolation.run_in_fresh_process(print, 'said by the variant'); "
+        "isolation.run_in_fresh_process(os.write, 2, b'warned by the variant')"
+    )
     shown = run_python(code)
-    assert shown.stdout == "said by the variant\n" and "warned by the variant" in shown.stderr, shown.stderr[-2000:]
+    assert shown.stdout == "said by the variant\n" and "warned by the variant" in shown.stderr, (
+        shown.stderr[-2000:]
+    )
 
 
 def wait_on_a_fifo(fifo: str) -> None:
     with open(fifo, "w") as announce:
         announce.write(f"{os.getpid()}\n")
-    with open(fifo) as never_written:  # blocks until killed: nobody opens the fifo for writing again
+    with open(
+        fifo
+    ) as never_written:  # blocks until killed: nobody opens the fifo for writing again
         never_written.read()
 
 
@@ -141,10 +168,15 @@ def test_a_variants_process_is_killed_when_its_caller_goes_away(tmp_path, monkey
     os.mkfifo(fifo)
     monkeypatch.syspath_prepend(REPO)
     server = isolation.start_server()
-    code = ("from runner import isolation; from tests.test_isolation import wait_on_a_fifo; "
-            f"isolation.run_in_fresh_process(wait_on_a_fifo, {str(fifo)!r})")
-    caller = subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
-                              env={**os.environ, isolation.ADDRESS_VARIABLE: server.describe()})
+    code = (
+        "from runner import isolation; from tests.test_isolation import wait_on_a_fifo; "
+        f"isolation.run_in_fresh_process(wait_on_a_fifo, {str(fifo)!r})"
+    )
+    caller = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, isolation.ADDRESS_VARIABLE: server.describe()},
+    )
     try:
         with open(fifo) as announced:
             variant = int(announced.readline())
@@ -180,8 +212,11 @@ def test_a_death_is_reported_at_once_though_a_process_it_started_lives_on(tmp_pa
     import signal
 
     pid_file = tmp_path / "child.pid"
-    code = ("from runner import isolation; from tests.test_isolation import start_a_child_then_die as f; "
-            f"isolation.run_in_fresh_process(f, {str(pid_file)!r})")
+    code = (
+        "from runner import isolation; from tests.test_isolation import start_a_child_then_die as "
+        "f; "
+        f"isolation.run_in_fresh_process(f, {str(pid_file)!r})"
+    )
     try:
         shown = run_python(code, timeout=60)
         assert "exit code 5" in shown.stderr, shown.stderr[-2000:]
@@ -202,7 +237,8 @@ def openmp_threads_of_the_server() -> str | None:
 
 def test_the_server_imports_torch_with_one_openmp_thread():
     # Importing torch and transformers the way `quantbench run` does (from the checkout) started
-    # OpenMP's pool: the server held 3 threads 12 s after it started, 1 with this setting (measured).
+    # OpenMP's pool: the server held 3 threads 12 s after it started, 1 with this setting
+    # (measured).
     # Forking a threaded process copies one thread, so every variant would inherit a broken pool.
     # The variant's process sets its own thread count (the job's `threads`).
     assert isolation.run_in_fresh_process(openmp_threads_of_the_server) == "1"

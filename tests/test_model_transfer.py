@@ -25,7 +25,9 @@ def _file(name: str, data: bytes = b"x") -> tuple[tarfile.TarInfo, bytes]:
 
 
 def test_a_folder_round_trips_where_extractall_has_no_filter(tmp_path, monkeypatch):
-    """Python 3.11.0-3.11.3 (Debian 12's is 3.11.2) have no filter= argument: unpacking must not need it."""
+    """Python 3.11.0-3.11.3 (Debian 12's is 3.11.2) have no filter= argument: unpacking must not
+    need it."""
+
     def old_extractall(self, path=".", members=None, *, numeric_owner=False):
         raise AssertionError("unpacking must not rely on extractall")
 
@@ -39,7 +41,9 @@ def test_a_folder_round_trips_where_extractall_has_no_filter(tmp_path, monkeypat
     unpacked = models.unpack_archive("k-roundtrip", models.archive_folder(source))
 
     assert sorted(p.name for p in unpacked.iterdir()) == sorted(p.name for p in source.iterdir())
-    assert (unpacked / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    assert (unpacked / "model.safetensors").read_bytes() == (
+        source / "model.safetensors"
+    ).read_bytes()
 
 
 def _link(name: str, target: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
@@ -54,11 +58,18 @@ def _folder(name: str) -> tuple[tarfile.TarInfo, None]:
     return info, None
 
 
-@pytest.mark.parametrize("member", [
-    _file("../escaped"), _file("/etc/escaped"), _file("sub/dir/file"),
-    _link("link", "/etc/passwd", tarfile.SYMTYPE), _link("hard", "/etc/passwd", tarfile.LNKTYPE),
-    _folder("folder"),
-], ids=["dot-dot", "absolute", "nested", "symlink", "hardlink", "folder"])
+@pytest.mark.parametrize(
+    "member",
+    [
+        _file("../escaped"),
+        _file("/etc/escaped"),
+        _file("sub/dir/file"),
+        _link("link", "/etc/passwd", tarfile.SYMTYPE),
+        _link("hard", "/etc/passwd", tarfile.LNKTYPE),
+        _folder("folder"),
+    ],
+    ids=["dot-dot", "absolute", "nested", "symlink", "hardlink", "folder"],
+)
 def test_anything_but_a_plain_top_level_file_is_refused(tmp_path, member):
     target = tmp_path / "entry"
     target.mkdir()

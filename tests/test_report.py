@@ -1,8 +1,9 @@
-"""quantbench report: one self-contained HTML file with the table, the plots and the verdict, PNGs beside it.
+"""quantbench report: one self-contained HTML file with the table, the plots and the verdict, PNGs
+beside it.
 
-The results are real: run_variant on the tiny BERT for FP32, dynamic INT8 and bitsandbytes NF4 (each with
-the worker's per-layer analysis) and a CUDA variant that fails on this machine. A headless Chromium opens
-the file, offline, and reports whether every image decoded.
+The results are real: run_variant on the tiny BERT for FP32, dynamic INT8 and bitsandbytes NF4 (each
+with the worker's per-layer analysis) and a CUDA variant that fails on this machine. A headless
+Chromium opens the file, offline, and reports whether every image decoded.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
+from test_collect_stats import make_task
 
 from runner import collect, report
 from runner.cli import main
 from runner.results import write_result
 from runner.worker import run_variant
-from test_collect_stats import make_task
 
 CHROMIUM = Path("/usr/bin/chromium")
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]*)">')
@@ -32,9 +33,15 @@ IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]
 
 @pytest.fixture(scope="module")
 def results(tiny_model) -> list[dict]:
-    runs = [run_variant(make_task(tiny_model, p, d, tolerances={"max_accuracy_drop": 0.05, "max_size_mib": 1e3}))
-            for p, d in (("fp32", "cpu"), ("int8-dynamic", "cpu"), ("bnb-nf4", "cpu"), ("fp16", "cuda"))]
-    assert [r["status"] for r in runs] == ["ok", "ok", "ok", "failed"], [r.get("error") for r in runs]
+    runs = [
+        run_variant(
+            make_task(tiny_model, p, d, tolerances={"max_accuracy_drop": 0.05, "max_size_mib": 1e3})
+        )
+        for p, d in (("fp32", "cpu"), ("int8-dynamic", "cpu"), ("bnb-nf4", "cpu"), ("fp16", "cuda"))
+    ]
+    assert [r["status"] for r in runs] == ["ok", "ok", "ok", "failed"], [
+        r.get("error") for r in runs
+    ]
     return runs
 
 
@@ -58,19 +65,28 @@ def test_report_embeds_every_figure_and_writes_the_same_pngs_beside_it(rendered)
     out, page = rendered
     pngs = sorted((out.parent / "tiny_figures").glob("*.png"))
     names = {p.stem for p in pngs}
-    assert names == {"tiny-accuracy-latency", "tiny-sqnr-by-depth", "tiny-reliability", "tiny-confusion",
-                     "tiny-histograms-int8-dynamic-cpu", "tiny-histograms-bnb-nf4-cpu"}
+    assert names == {
+        "tiny-accuracy-latency",
+        "tiny-sqnr-by-depth",
+        "tiny-reliability",
+        "tiny-confusion",
+        "tiny-histograms-int8-dynamic-cpu",
+        "tiny-histograms-bnb-nf4-cpu",
+    }
     embedded = [base64.b64decode(data) for data, _ in IMG.findall(page)]
     assert len(embedded) == page.count("<img") == len(pngs)
     assert sorted(embedded) == sorted(p.read_bytes() for p in pngs)
     assert all(min(png_size(data)) > 200 for data in embedded)
-    for data in embedded:  # decodes to the end: a browser would show a cut-short PNG half drawn, not broken
+    for data in (
+        embedded
+    ):  # decodes to the end: a browser would show a cut-short PNG half drawn, not broken
         assert imread(io.BytesIO(data), format="png").shape[2] == 4
 
 
 def test_report_opens_offline(rendered):
     _, page = rendered
-    # Nothing to fetch: no links, no external scripts or styles, no URLs at all outside the data URIs.
+    # Nothing to fetch: no links, no external scripts or styles, no URLs at all outside the data
+    # URIs.
     without_data = IMG.sub("", page)
     assert not re.search(r"(https?:|//[a-z0-9]|<link|<script|@import|url\()", without_data, re.I)
 
@@ -81,7 +97,14 @@ def test_report_holds_the_table_the_verdict_and_the_details(rendered, results):
     header, rows, _ = collect.table_rows(table)
     assert '<table class="metrics">' in page
     assert "".join(f"<th>{html.escape(h)}</th>" for h in header) in page
-    for label in ("accuracy", "flip rate", "KL vs baseline (nats)", "ECE", "McNemar p", "latency median (ms)"):
+    for label in (
+        "accuracy",
+        "flip rate",
+        "KL vs baseline (nats)",
+        "ECE",
+        "McNemar p",
+        "latency median (ms)",
+    ):
         assert f"<th>{html.escape(label)}</th>" in page
     assert f"best variant that passes: {table.best}" in page and table.best is not None
     assert "<b>fp16-cuda</b>: no verdict (failed)" in page
@@ -100,8 +123,13 @@ def test_sqnr_plot_draws_every_changed_layer_of_each_precision(results):
         drawn = sorted(float(y) for c in ax.collections for _, y in c.get_offsets())
         expected = sorted(row["sqnr_db"] for row in table.results[key]["analysis"]["layers"])
         assert drawn == pytest.approx(expected)
-    means = {ax.get_title().split(" ")[0]: float(ax.get_title().split("mean ")[1].split(" dB")[0]) for ax in panels}
-    assert means["int8-dynamic-cpu"] > means["bnb-nf4-cpu"]  # 8 bits keep more of the weights than 4
+    means = {
+        ax.get_title().split(" ")[0]: float(ax.get_title().split("mean ")[1].split(" dB")[0])
+        for ax in panels
+    }
+    assert (
+        means["int8-dynamic-cpu"] > means["bnb-nf4-cpu"]
+    )  # 8 bits keep more of the weights than 4
 
 
 def test_histogram_plot_draws_the_grid_of_the_precision(results):
@@ -115,7 +143,9 @@ def test_histogram_plot_draws_the_grid_of_the_precision(results):
     assert ticks == pytest.approx(sorted(inside)) and len(grid["values"]) == 16
     # FP32 has no grid: its histograms are drawn plain.
     fp32 = report.plot_weight_histograms(table, "fp32-cpu")
-    assert not any(c.get_segments() for ax in fp32.axes for c in ax.collections if hasattr(c, "get_segments"))
+    assert not any(
+        c.get_segments() for ax in fp32.axes for c in ax.collections if hasattr(c, "get_segments")
+    )
 
 
 def test_results_without_analysis_still_make_a_report(results, tmp_path):
@@ -126,7 +156,11 @@ def test_results_without_analysis_still_make_a_report(results, tmp_path):
     page = rendered.path.read_text(encoding="utf-8")
     assert "no per-layer weight analysis in these results" in page
     assert "no weight histograms in these results" in page
-    assert {p.stem for p in rendered.figures} == {"tiny-accuracy-latency", "tiny-reliability", "tiny-confusion"}
+    assert {p.stem for p in rendered.figures} == {
+        "tiny-accuracy-latency",
+        "tiny-reliability",
+        "tiny-confusion",
+    }
     assert page.count("<img") == 3
 
 
@@ -140,7 +174,8 @@ def test_report_command_without_results_exits_2(tmp_path, capsys):
 # In a real browser
 # ------------------------------------------------------------------------------------------------
 
-# Runs on the load event, when every image has loaded or failed: records what the page holds into the DOM,
+# Runs on the load event, when every image has loaded or failed: records what the page holds into
+# the DOM,
 # which --dump-dom then prints.
 CHECK = """<script>
 window.addEventListener('load', () => {
@@ -169,28 +204,52 @@ def browser_check(page: str, folder: Path) -> dict:
     checked.write_text(page.replace("</body>", CHECK + "</body>"), encoding="utf-8")
     profile = folder / "profile"
     done = subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--dump-dom", checked.as_uri()],
-        capture_output=True, text=True, timeout=120)
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            checked.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     found = re.search(r'<pre id="qb-check">(.*?)</pre>', done.stdout, re.S)
     assert found, f"chromium printed no check (exit {done.returncode}): {done.stderr[-2000:]}"
     return json.loads(html.unescape(found.group(1)))
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                                                  "(apt-get install -y chromium)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)",
+)
 def test_chromium_loads_every_image_and_the_table(rendered, results, tmp_path):
     _, page = rendered
     found = browser_check(page, tmp_path)
     header, rows, _ = collect.table_rows(collect.build_tables(results)[0])
-    assert found == {"images": 6, "broken": [], "external": [], "metric_tables": 1, "metric_rows": len(rows)}
+    assert found == {
+        "images": 6,
+        "broken": [],
+        "external": [],
+        "metric_tables": 1,
+        "metric_rows": len(rows),
+    }
 
-    # The check does see broken images: data that is no PNG, and a file that is not there (which would also
+    # The check does see broken images: data that is no PNG, and a file that is not there (which
+    # would also
     # be a load from outside the page).
     (garbage, garbage_alt), (missing, missing_alt) = IMG.findall(page)[1:3]
     broken = page.replace(garbage, base64.b64encode(b"not a png").decode(), 1).replace(
-        f"data:image/png;base64,{missing}", "missing.png", 1)
+        f"data:image/png;base64,{missing}", "missing.png", 1
+    )
     found = browser_check(broken, tmp_path / "broken")
     assert found["broken"] == [html.unescape(garbage_alt), html.unescape(missing_alt)]
     assert [Path(url).name for url in found["external"]] == ["missing.png"]

@@ -1,4 +1,5 @@
-"""A run that could not write its results stops before anything runs, saying which folder and who."""
+"""A run that could not write its results stops before anything runs, saying which folder and
+who."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from runner.results import ResultsUnwritable, check_writable
 from tests.conftest import rt_job, write_job
 
 
-def test_a_results_folder_that_is_a_file_stops_the_run_before_ray(capsys, tmp_path, tiny_model, ray_temp_dir):
+def test_a_results_folder_that_is_a_file_stops_the_run_before_ray(
+    capsys, tmp_path, tiny_model, ray_temp_dir
+):
     job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp32-cpu]"))
     results = tmp_path / "results"
     results.write_text("not a folder")
@@ -56,7 +59,9 @@ def test_another_users_folder_is_refused_naming_the_user_and_the_check_leaves_no
         with os.fdopen(read, "rb") as said:
             message = said.read().decode()
         os.waitpid(child, 0)
-        assert message.startswith(f"results folder {folder / 'deeper' / 'job'}: user nobody (uid {nobody.pw_uid})")
+        assert message.startswith(
+            f"results folder {folder / 'deeper' / 'job'}: user nobody (uid {nobody.pw_uid})"
+        )
         assert "cannot create it (Permission denied)" in message
         assert list(folder.iterdir()) == []
     finally:
@@ -66,5 +71,7 @@ def test_another_users_folder_is_refused_naming_the_user_and_the_check_leaves_no
 def test_a_writable_folder_passes_and_the_check_leaves_nothing_behind(tmp_path):
     (tmp_path / "results" / "a").mkdir(parents=True)
     check_writable(tmp_path / "results", ["a", "b"])
-    assert [p.name for p in (tmp_path / "results").iterdir()] == ["a"]  # b was made, probed, removed
+    assert [p.name for p in (tmp_path / "results").iterdir()] == [
+        "a"
+    ]  # b was made, probed, removed
     assert not any((tmp_path / "results").rglob("*.write-check-*"))

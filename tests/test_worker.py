@@ -4,43 +4,91 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import SMSA, smsa_job
+
 from runner import data
 from runner.plan import plan_job
 from runner.spec import EvaluationSpec, QuantSettings, Variant
 from runner.worker import VariantTask, run_variant
 
-TEXTS = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate clichés",
-         "effective but too-tepid biopic", "it's a mess", "one of the best films of the year",
-         "dull and lifeless"]
+TEXTS = [
+    "a gorgeous , witty , seductive movie .",
+    "the plot is nothing but boilerplate clichés",
+    "effective but too-tepid biopic",
+    "it's a mess",
+    "one of the best films of the year",
+    "dull and lifeless",
+]
 
 
-def make_task(model_dir, precision="fp32", device="cpu", gold=None, labels=("negative", "positive"), **evaluation):
+def make_task(
+    model_dir,
+    precision="fp32",
+    device="cpu",
+    gold=None,
+    labels=("negative", "positive"),
+    **evaluation,
+):
     gold = gold or ["positive", "negative", "positive", "negative", "positive", "negative"]
     settings = dict(batch_size=2, warmup_passes=1, timed_passes=5)
     settings.update(evaluation)
-    return VariantTask(job="tiny", variant=Variant(precision, device), model_dir=str(model_dir), texts=TEXTS,
-                       gold_labels=gold, model_labels=list(labels), evaluation=EvaluationSpec(**settings),
-                       settings=QuantSettings(), max_length=32, spec_hash="test")
+    return VariantTask(
+        job="tiny",
+        variant=Variant(precision, device),
+        model_dir=str(model_dir),
+        texts=TEXTS,
+        gold_labels=gold,
+        model_labels=list(labels),
+        evaluation=EvaluationSpec(**settings),
+        settings=QuantSettings(),
+        max_length=32,
+        spec_hash="test",
+    )
 
 
 @pytest.fixture(scope="module")
 def all_precisions(tiny_model):
-    return {p: run_variant(make_task(tiny_model, p))
-            for p in ["fp32", "fp16", "bf16", "int8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4"]}
+    return {
+        p: run_variant(make_task(tiny_model, p))
+        for p in ["fp32", "fp16", "bf16", "int8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4"]
+    }
 
 
 def test_every_cpu_precision_runs_and_reports_the_contract(all_precisions):
     for precision, result in all_precisions.items():
         assert result["status"] == "ok", (precision, result["error"], result.get("traceback"))
         metrics = result["metrics"]
-        for name in ("model_size_mib", "accuracy", "macro_f1", "avg_confidence", "latency_ms", "throughput_sps",
-                     "peak_rss_mib", "peak_cuda_mib", "load_s", "quantize_s"):
+        for name in (
+            "model_size_mib",
+            "accuracy",
+            "macro_f1",
+            "avg_confidence",
+            "latency_ms",
+            "throughput_sps",
+            "peak_rss_mib",
+            "peak_cuda_mib",
+            "load_s",
+            "quantize_s",
+        ):
             assert name in metrics, (precision, name)
-        assert set(metrics["latency_ms"]) >= {"mean", "median", "std", "p90", "p99", "min", "max", "n"}
-        assert metrics["latency_ms"]["n"] == 6  # 3 batches of 2, at least 5 timed passes: two whole passes
-        assert metrics["latency_ms"]["min"] <= metrics["latency_ms"]["median"] <= metrics["latency_ms"]["max"]
+        assert set(metrics["latency_ms"]) >= {
+            "mean",
+            "median",
+            "std",
+            "p90",
+            "p99",
+            "min",
+            "max",
+            "n",
+        }
+        assert (
+            metrics["latency_ms"]["n"] == 6
+        )  # 3 batches of 2, at least 5 timed passes: two whole passes
+        assert (
+            metrics["latency_ms"]["min"]
+            <= metrics["latency_ms"]["median"]
+            <= metrics["latency_ms"]["max"]
+        )
         assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.5 <= metrics["avg_confidence"] <= 1.0
         assert metrics["peak_cuda_mib"] is None and metrics["peak_rss_mib"] > 50
         assert len(result["predictions"]["predicted"]) == len(TEXTS)
@@ -60,7 +108,10 @@ def test_sizes_follow_the_bits(all_precisions):
 
 def test_settings_that_change_results_are_recorded(all_precisions):
     assert all_precisions["int8-dynamic"]["settings"]["quantized_engine"]
-    assert "torch.ao.nn.quantized.dynamic.modules.linear.Linear" in all_precisions["int8-dynamic"]["settings"]["linear_layers"]
+    assert (
+        "torch.ao.nn.quantized.dynamic.modules.linear.Linear"
+        in all_precisions["int8-dynamic"]["settings"]["linear_layers"]
+    )
     assert all_precisions["bnb-int8"]["settings"]["llm_int8_threshold"] == 6.0
     assert all_precisions["bnb-nf4"]["settings"]["bnb_4bit_quant_type"] == "nf4"
     assert all_precisions["bnb-fp4"]["settings"]["bnb_4bit_compute_dtype"] == "float32"
@@ -87,17 +138,33 @@ def test_a_broken_model_folder_is_a_failed_result_not_an_exception(tmp_path):
 
 
 def test_accuracy_is_computed_by_label_name(tiny_model_3, tmp_path):
-    """The published mistake: the model orders LABEL_0=positive, LABEL_1=neutral, LABEL_2=negative."""
+    """The published mistake: the model orders LABEL_0=positive, LABEL_1=neutral,
+    LABEL_2=negative."""
     job = tmp_path / "smsa.yaml"
-    job.write_text(smsa_job(tiny_model_3, "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}", name="smsa",
-                            n=30, seed=3))
+    job.write_text(
+        smsa_job(
+            tiny_model_3,
+            "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}",
+            name="smsa",
+            n=30,
+            seed=3,
+        )
+    )
     plan = plan_job(job)
     gold = [plan.label_map[e.label] for e in plan.examples]
     assert gold.count("LABEL_0") == sum(e.label == "positive" for e in plan.examples)
-    task = VariantTask(job="smsa", variant=Variant("fp32", "cpu"), model_dir=str(tiny_model_3),
-                       texts=[e.text for e in plan.examples], gold_labels=gold, model_labels=plan.model_labels,
-                       evaluation=EvaluationSpec(batch_size=8, warmup_passes=0, timed_passes=1),
-                       settings=QuantSettings(), max_length=64, spec_hash="x")
+    task = VariantTask(
+        job="smsa",
+        variant=Variant("fp32", "cpu"),
+        model_dir=str(tiny_model_3),
+        texts=[e.text for e in plan.examples],
+        gold_labels=gold,
+        model_labels=plan.model_labels,
+        evaluation=EvaluationSpec(batch_size=8, warmup_passes=0, timed_passes=1),
+        settings=QuantSettings(),
+        max_length=64,
+        spec_hash="x",
+    )
     result = run_variant(task)
     predicted = result["predictions"]["predicted"]
     expected = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
@@ -107,8 +174,17 @@ def test_accuracy_is_computed_by_label_name(tiny_model_3, tmp_path):
 def test_smsa_tsv_keeps_bare_quotes_and_every_row(tmp_path):
     from runner.spec import DatasetSpec, SampleSpec
 
-    spec = DatasetSpec(format="tsv", path=SMSA / "test_preprocess.tsv", files=None, header=False, text_column=0,
-                       label_column=1, label_map=None, sample=SampleSpec(), max_length=128)
+    spec = DatasetSpec(
+        format="tsv",
+        path=SMSA / "test_preprocess.tsv",
+        files=None,
+        header=False,
+        text_column=0,
+        label_column=1,
+        label_map=None,
+        sample=SampleSpec(),
+        max_length=128,
+    )
     rows = data.read_examples(spec, tmp_path / "job.yaml")
     assert len(rows) == 500
     assert {r.label for r in rows} == {"positive", "neutral", "negative"}
@@ -117,7 +193,11 @@ def test_smsa_tsv_keeps_bare_quotes_and_every_row(tmp_path):
 
 
 def test_weight_analysis_ranks_precisions_by_their_bits(all_precisions):
-    sqnr = {p: r["analysis"]["summary"]["overall"]["mean_sqnr_db"] for p, r in all_precisions.items() if p != "fp32"}
+    sqnr = {
+        p: r["analysis"]["summary"]["overall"]["mean_sqnr_db"]
+        for p, r in all_precisions.items()
+        if p != "fp32"
+    }
     assert all_precisions["fp32"]["analysis"]["summary"]["overall"]["n_identical"] == 14
     assert sqnr["fp16"] > sqnr["bf16"] > sqnr["bnb-int8"] > sqnr["bnb-nf4"] > 10
     assert sqnr["int8-dynamic"] > sqnr["bnb-nf4"]
@@ -139,12 +219,22 @@ def test_length_order_batches_short_sentences_together_and_reports_in_sample_ord
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     order = evaluate.batch_order(tokenizer, TEXTS, 32, "length")
     lengths = [len(tokenizer(TEXTS[i])["input_ids"]) for i in order]
-    assert sorted(order) == list(range(len(TEXTS))) and lengths == sorted(lengths) and order != sorted(order)
+    assert (
+        sorted(order) == list(range(len(TEXTS)))
+        and lengths == sorted(lengths)
+        and order != sorted(order)
+    )
     by_sample = run_variant(make_task(tiny_model, batch_size=3))
     by_length = run_variant(make_task(tiny_model, batch_size=3, batch_order="length"))
     assert by_sample["status"] == by_length["status"] == "ok", by_length["error"]
     # The same sentences, batched differently: each prediction is still reported on its own row.
-    np.testing.assert_allclose(by_length["predictions"]["probabilities"], by_sample["predictions"]["probabilities"],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        by_length["predictions"]["probabilities"],
+        by_sample["predictions"]["probabilities"],
+        atol=1e-5,
+    )
     assert by_length["predictions"]["predicted"] == by_sample["predictions"]["predicted"]
-    assert by_length["settings"]["batch_order"] == "length" and by_sample["settings"]["batch_order"] == "sample"
+    assert (
+        by_length["settings"]["batch_order"] == "length"
+        and by_sample["settings"]["batch_order"] == "sample"
+    )

@@ -35,7 +35,9 @@ def image_exists(name: str) -> bool:
 def _run(command: list[str], what: str, timeout_s: float, **options) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, **options)
     if done.returncode != 0:
-        raise RuntimeError(f"{what} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{what} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
 
 
 def rootfs_image() -> str:
@@ -48,8 +50,18 @@ def rootfs_image() -> str:
         raise StandinUnavailable("debootstrap needs root")
     with tempfile.TemporaryDirectory(prefix="qb-rootfs-") as tmp:
         root = Path(tmp) / "rootfs"
-        _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-              "bookworm", str(root), DEBIAN_MIRROR], "debootstrap", 900)
+        _run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates",
+                "bookworm",
+                str(root),
+                DEBIAN_MIRROR,
+            ],
+            "debootstrap",
+            900,
+        )
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
         _run(["docker", "import", "-", ROOTFS_IMAGE], "docker import", 600, stdin=tar.stdout)
         tar.wait()
@@ -60,17 +72,24 @@ def torch_wheel() -> Path:
     """The CPU build of torch in the local wheel folder that pip's configuration names."""
     folders = os.environ.get("PIP_FIND_LINKS", "").split()
     listed = subprocess.run(["pip", "config", "list"], capture_output=True, text=True).stdout
-    folders += [line.split("=", 1)[1].strip("'") for line in listed.splitlines() if "find-links" in line]
+    folders += [
+        line.split("=", 1)[1].strip("'") for line in listed.splitlines() if "find-links" in line
+    ]
     for folder in map(Path, folders):
         wheels = sorted(folder.glob("torch-2.13.0+cpu-cp311-*.whl")) if folder.is_dir() else []
         if wheels:
             return wheels[0]
-    raise StandinUnavailable(f"no torch 2.13.0+cpu wheel in pip's find-links folders ({folders or 'none'})")
+    raise StandinUnavailable(
+        f"no torch 2.13.0+cpu wheel in pip's find-links folders ({folders or 'none'})"
+    )
 
 
 def ca_bundle() -> Path:
-    for name in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"),
-                 "/etc/ssl/certs/ca-certificates.crt"):
+    for name in (
+        os.environ.get("PIP_CERT"),
+        os.environ.get("SSL_CERT_FILE"),
+        "/etc/ssl/certs/ca-certificates.crt",
+    ):
         if name and Path(name).is_file():
             return Path(name)
     raise StandinUnavailable("no CA bundle to give pip inside the build (PIP_CERT)")
@@ -88,12 +107,27 @@ def ray_image() -> str:
         shutil.copy(ca_bundle(), context / "ca-bundle.crt")
         index = context / "torch-index" / "torch"
         index.mkdir(parents=True)
-        os.link(wheel, index / wheel.name) if _same_device(wheel, index) else shutil.copy(wheel, index)
+        os.link(wheel, index / wheel.name) if _same_device(wheel, index) else shutil.copy(
+            wheel, index
+        )
         # A file:// index is read from index.html, not from the folder's listing.
         link = urllib.parse.quote(wheel.name)
         (index / "index.html").write_text(f'<a href="{link}">{html.escape(wheel.name)}</a>\n')
-        _run(["docker", "build", "--network", "host", "--build-arg", f"ROOTFS_IMAGE={rootfs}",
-              "-t", RAY_IMAGE, str(context)], "building the Ray stand-in", 1200)
+        _run(
+            [
+                "docker",
+                "build",
+                "--network",
+                "host",
+                "--build-arg",
+                f"ROOTFS_IMAGE={rootfs}",
+                "-t",
+                RAY_IMAGE,
+                str(context),
+            ],
+            "building the Ray stand-in",
+            1200,
+        )
     return RAY_IMAGE
 
 
