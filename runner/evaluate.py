@@ -1,25 +1,23 @@
-"""Evaluation: forward passes over the sample, timed one by one, and what the predictions say.
+"""Evaluation: forward passes over the sample, timed one by one; what a pass answers is the task's.
 
 The sample is tokenized before the clock starts. Warm-up passes are not timed, nor is one more pass
 of every distinct batch shape. In latency mode `dataset` every batch of the sample is timed (the
 per-sample latency the published study measured), in whole passes over the sample until both the
-job's minimum pass count and minimum duration are reached; in mode `fixed` one batch of the fixed
-shape is timed instead, and the sample is evaluated once, untimed. Labels are
-compared by name, and a guard checks whether another reading of the same predictions would fit the
-gold labels far better: that is a mapping mistake, not a quantization effect.
+job's minimum pass count and minimum duration are reached, and the first pass gives the outputs; in
+mode `fixed` one batch of the fixed shape is timed instead, and the sample is evaluated once,
+untimed. The task (runner/tasks/) reads each pass's output after the clock has stopped.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from runner import effects, locks, measure
-
-# The label guard speaks when a relabelling of the predictions beats the job's map by this much.
-RELABEL_MARGIN = 0.10
+from runner import locks, measure
+from runner.tasks import classification
 
 
 def tokenize_batches(
@@ -125,129 +123,122 @@ def run_passes(
     min_time_s: float,
     fixed_batch: dict | None = None,
     holder: str = "a quantbench variant",
+    read_output: Callable | None = None,
 ) -> tuple[np.ndarray, PassTimings]:
-    """Class probabilities for every sample and the timed passes.
+    """The task's output for every sample (class probabilities by default) and the timed passes.
 
-    Dataset mode (fixed_batch None): the passes over the sample are the timed passes. Fixed mode:
-    the sample is evaluated untimed, and the timed passes all run on fixed_batch. holder: who times,
-    in words, for whoever waits for the machine's timing lock meanwhile.
+    Dataset mode (fixed_batch None): the passes over the sample are the timed passes, and the first
+    of them gives the outputs. Fixed mode: the sample is evaluated untimed, and the timed passes all
+    run on fixed_batch. holder: who times, in words, for whoever waits for the machine's timing
+    lock meanwhile. read_output: a forward pass's output -> one CPU tensor row per sample.
     """
     import torch
 
-    sync = measure.synchronizer(device)
-    timed_batches = [fixed_batch] if fixed_batch is not None else batches
-    probabilities, seconds, samples = [], [], 0
+    read_output = read_output or classification.class_probabilities
+    outputs = []
     with torch.inference_mode():
-        if fixed_batch is not None:
-            probabilities = [
-                torch.softmax(model(**b).logits.float(), dim=-1).cpu() for b in batches
-            ]
-        # No other quantbench run on this machine times while this one warms up and times: they
-        # would
-        # share the cores (and the GPU). Warm-up is inside, so the clock starts on a warm machine.
-        with locks.timing_lock(holder) as lock:
-            for i in range(warmup_passes):
-                model(**timed_batches[i % len(timed_batches)])
-            # Then every batch shape not met yet, once: the first pass of a new shape pays one-time
-            # costs
-            # (CUDA loads kernels lazily and picks them per shape; oneDNN builds primitives per
-            # shape), and
-            # a timed pass must not.
-            shapes_per_pass = [batch_shape(b) for b in timed_batches]
-            seen = set(shapes_per_pass[:warmup_passes])
-            for batch, shape in zip(timed_batches, shapes_per_pass):
-                if shape not in seen:
-                    seen.add(shape)
-                    model(**batch)
-            sync()
-            # Whole passes over the sample only: every batch is timed equally often, whatever the
-            # lengths.
-            per_pass = len(timed_batches)
-            total_passes = -(-max(per_pass, timed_passes) // per_pass) * per_pass
-            repeated = total_passes - len(seen)  # at least; min_time_s may add passes
-            repeats = []
-            for _ in range(REPEATS_FOR_NOISE if repeated < MIN_SAME_SHAPE_PASSES else 0):
-                start = time.perf_counter()
-                model(**timed_batches[0])
-                sync()
-                repeats.append(time.perf_counter() - start)
-            preempted_before = measure.preemptions()
-            clock_started_at = measure.now()
-            clock_started = time.perf_counter()
-            i = 0
-            while (
-                i < total_passes or i % per_pass or time.perf_counter() - clock_started < min_time_s
-            ):
-                batch = timed_batches[i % len(timed_batches)]
-                sync()
-                start = time.perf_counter()
-                logits = model(**batch).logits
-                sync()
-                seconds.append(time.perf_counter() - start)
-                samples += batch["input_ids"].shape[0]
-                if fixed_batch is None and i < len(batches):
-                    probabilities.append(torch.softmax(logits.float(), dim=-1).cpu())
-                i += 1
-            clock_s = time.perf_counter() - clock_started
-            preempted = measure.preemptions()
+        if fixed_batch is None:
+
+            def keep(index: int, output) -> None:
+                if index < len(batches):
+                    outputs.append(read_output(output))
+
+            timings = timed_passes_of(
+                model, batches, device, warmup_passes, timed_passes, min_time_s, holder, keep
+            )
+        else:
+            outputs = [read_output(model(**batch)) for batch in batches]
+            timings = timed_passes_of(
+                model, [fixed_batch], device, warmup_passes, timed_passes, min_time_s, holder
+            )
+    return torch.cat(outputs).numpy(), timings
+
+
+def timed_passes_of(
+    model,
+    timed_batches: list[dict],
+    device: str,
+    warmup_passes: int,
+    timed_passes: int,
+    min_time_s: float,
+    holder: str,
+    on_output: Callable[[int, object], None] | None = None,
+) -> PassTimings:
+    """Warm up, then time whole passes over timed_batches; on_output(i, output) sees each timed
+    pass's output after its clock stopped."""
+    sync = measure.synchronizer(device)
+    # No other quantbench run on this machine times while this one warms up and times: they would
+    # share the cores (and the GPU). Warm-up is inside, so the clock starts on a warm machine.
+    with locks.timing_lock(holder) as lock:
+        seen = warm_up(model, timed_batches, warmup_passes)
+        sync()
+        # Whole passes over the sample only: every batch is timed equally often, whatever the
+        # lengths.
+        per_pass = len(timed_batches)
+        total_passes = -(-max(per_pass, timed_passes) // per_pass) * per_pass
+        repeated = total_passes - len(seen)  # at least; min_time_s may add passes
+        repeats = noise_repeats(model, timed_batches[0], sync, repeated)
+        timings = clock_passes(model, timed_batches, sync, total_passes, min_time_s, on_output)
+    timings.repeats = repeats
+    timings.timing_lock_wait_s = round(lock.waited_s, 3)
+    timings.timing_lock_warning = lock.warning
+    return timings
+
+
+def warm_up(model, timed_batches: list[dict], warmup_passes: int) -> set[tuple[int, ...]]:
+    """The warm-up passes, then every batch shape not met yet, once: the first pass of a new shape
+    pays one-time costs (CUDA loads kernels lazily and picks them per shape; oneDNN builds
+    primitives per shape), and a timed pass must not. Returns the shapes met."""
+    for i in range(warmup_passes):
+        model(**timed_batches[i % len(timed_batches)])
+    seen = {batch_shape(b) for b in timed_batches[:warmup_passes]}
+    for batch in timed_batches:
+        if batch_shape(batch) not in seen:
+            seen.add(batch_shape(batch))
+            model(**batch)
+    return seen
+
+
+def noise_repeats(model, batch: dict, sync, repeated: int) -> list[float]:
+    """The first batch timed REPEATS_FOR_NOISE times more, where the timed passes repeat too few
+    shapes to tell the machine's noise."""
+    repeats = []
+    for _ in range(REPEATS_FOR_NOISE if repeated < MIN_SAME_SHAPE_PASSES else 0):
+        start = time.perf_counter()
+        model(**batch)
+        sync()
+        repeats.append(time.perf_counter() - start)
+    return repeats
+
+
+def clock_passes(
+    model, timed_batches: list[dict], sync, total_passes: int, min_time_s: float, on_output
+) -> PassTimings:
+    """The timed passes, one forward pass per clock reading, until both the pass count and
+    min_time_s are reached, in whole passes."""
+    per_pass = len(timed_batches)
+    seconds, samples = [], 0
+    preempted_before = measure.preemptions()
+    clock_started_at = measure.now()
+    clock_started = time.perf_counter()
+    i = 0
+    while i < total_passes or i % per_pass or time.perf_counter() - clock_started < min_time_s:
+        batch = timed_batches[i % per_pass]
+        sync()
+        start = time.perf_counter()
+        output = model(**batch)
+        sync()
+        seconds.append(time.perf_counter() - start)
+        samples += batch["input_ids"].shape[0]
+        if on_output is not None:
+            on_output(i, output)
+        i += 1
+    clock_s = time.perf_counter() - clock_started
+    preempted = measure.preemptions()
     rate = (
         round((preempted - preempted_before) / clock_s, 1)
         if preempted is not None and clock_s > 0
         else None
     )
-    timings = PassTimings(
-        seconds,
-        samples,
-        [shapes_per_pass[k % per_pass] for k in range(len(seconds))],
-        repeats,
-        rate,
-        clock_started_at,
-        round(clock_s, 3),
-        round(lock.waited_s, 3),
-        lock.warning,
-    )
-    return torch.cat(probabilities).numpy(), timings
-
-
-def prediction_metrics(
-    probabilities: np.ndarray, gold_ids: np.ndarray, label_names: list[str]
-) -> dict:
-    predicted = probabilities.argmax(axis=1)
-    confidence = probabilities.max(axis=1)
-    return {
-        "accuracy": float((predicted == gold_ids).mean()),
-        "macro_f1": effects.macro_f1(gold_ids, predicted, len(label_names)),
-        "avg_confidence": float(confidence.mean()),
-    }
-
-
-def label_guard(gold_ids: np.ndarray, predicted: np.ndarray, label_names: list[str]) -> list[str]:
-    """Warnings when the accuracy says more about the label map than about the model."""
-    from scipy.optimize import linear_sum_assignment
-
-    warnings = []
-    k = len(label_names)
-    accuracy = float((predicted == gold_ids).mean())
-    counts = np.zeros((k, k), dtype=np.int64)  # rows: predicted id, columns: gold id
-    np.add.at(counts, (predicted, gold_ids), 1)
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    best = counts[rows, cols].sum() / len(gold_ids)
-    majority = np.bincount(gold_ids, minlength=k).max() / len(gold_ids)
-    # A model that predicts one class whatever it reads (untrained, collapsed) scores the majority
-    # share
-    # under some relabelling: that says nothing about the map. Only a relabelling that beats
-    # guessing does.
-    if best - accuracy >= RELABEL_MARGIN and best - majority >= RELABEL_MARGIN:
-        reading = ", ".join(
-            f"{label_names[r]}→{label_names[c]}" for r, c in zip(rows, cols) if r != c
-        )
-        warnings.append(
-            f"label mapping suspect: accuracy {accuracy:.2%} under the job's label map, but "
-            "reading "
-            f"the predictions as {reading} gives {best:.2%}; check dataset.label_map"
-        )
-    if accuracy < majority:
-        warnings.append(
-            f"accuracy {accuracy:.2%} is below always guessing the majority class ({majority:.2%})"
-        )
-    return warnings
+    shapes = [batch_shape(timed_batches[k % per_pass]) for k in range(len(seconds))]
+    return PassTimings(seconds, samples, shapes, [], rate, clock_started_at, round(clock_s, 3))

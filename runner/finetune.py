@@ -1,4 +1,4 @@
-"""Fine-tuning: train a classification head and the encoder on a training split, once, cached.
+"""Fine-tuning: train the task's new head and the encoder on a training split, once, cached.
 
 Runs where the dispatcher places it (a GPU node when the cluster has one), with the transformers
 Trainer (accelerate underneath) rather than a hand-written loop. The result is a saved FP32
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from runner import measure, models
 from runner.spec import FinetuneSpec
+from runner.tasks import DEFAULT_TASK, TASKS
 
 
 @dataclass
@@ -30,6 +31,7 @@ class FinetuneTask:
     label_names: list[str]  # the fine-tuned head's id2label, in id order
     settings: FinetuneSpec
     max_length: int
+    task_name: str = DEFAULT_TASK  # a name in runner.tasks.TASKS
 
 
 def chance_note(train_loss: float | None, label_count: int) -> str:
@@ -73,7 +75,6 @@ def run_finetune(task: FinetuneTask) -> dict:
 
     import torch
     from transformers import (
-        AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
@@ -89,14 +90,7 @@ def run_finetune(task: FinetuneTask) -> dict:
     set_seed(task.settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(task.base_dir)
     index = {name: i for i, name in enumerate(task.label_names)}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        task.base_dir,
-        num_labels=len(task.label_names),
-        id2label=dict(enumerate(task.label_names)),
-        label2id=index,
-        ignore_mismatched_sizes=True,
-        dtype=torch.float32,
-    )
+    model = TASKS[task.task_name].finetune_model(task.base_dir, task.label_names)
     encoded = tokenizer(task.texts, truncation=True, max_length=task.max_length)
     train_set = [
         {

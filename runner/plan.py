@@ -14,6 +14,7 @@ from pathlib import Path
 
 from runner import data, measure, models
 from runner.spec import JobSpec, SampleSpec, SpecError, load_job
+from runner.tasks import TASKS
 
 
 @dataclass
@@ -40,38 +41,47 @@ def plan_job(path: str | Path) -> JobPlan:
     examples = [rows[i] for i in sample_rows]
 
     config = models.model_config(spec.model, shown)
-    labels_of_model = models.config_labels(config, shown, spec.model)
+    check_model_files(spec, shown, config)
+    notes: list[str] = []
+    train = None
+    if spec.finetune is not None:
+        train = training_split(spec, shown, rows, sample_rows, notes)
+    targets = TASKS[spec.task].plan_targets(spec, shown, config, rows, examples, train)
+
+    notes += sample_notes(spec, rows, examples, train)
+    notes.extend(targets.notes)
+    return JobPlan(
+        spec=spec,
+        examples=examples,
+        sample_rows=sample_rows,
+        dataset_rows=len(rows),
+        label_map=targets.label_map,
+        model_labels=targets.model_labels,
+        sample_fingerprint=data.fingerprint(examples),
+        spec_hash=_spec_hash(spec, examples, train),
+        train_examples=train,
+        notes=notes,
+    )
+
+
+def check_model_files(spec: JobSpec, shown: Path, config: dict) -> None:
+    """The tokenizer and weight files are there, and the sample fits the model's positions."""
     if spec.tokenizer is not None:
         models.check_tokenizer_files(spec.tokenizer, shown, "tokenizer")
     else:
         models.check_tokenizer_files(spec.model, shown, "model")
     models.check_weight_files(spec.model, shown)
     check_lengths(spec, shown, config)
-    notes: list[str] = []
-    train = None
-    if spec.finetune is None:
-        model_labels = labels_of_model
-    else:
-        # Fine-tuning gives the model a new head whose labels are the names the job maps to.
-        labels = (
-            spec.dataset.label_map.values()
-            if spec.dataset.label_map
-            else sorted({e.label for e in rows})
-        )
-        model_labels = list(dict.fromkeys(labels))
-        train = training_split(spec, shown, rows, sample_rows, notes)
-    label_map = check_labels(spec, shown, examples, model_labels)
-    if train is not None:
-        unknown = sorted({e.label for e in train} - set(label_map))
-        if unknown:
-            raise SpecError(
-                shown,
-                "finetune.train",
-                unknown,
-                f"labels in the training data that the model does not know (first at "
-                f"{data.first_rows_with(train, unknown)}); it knows: {', '.join(label_map)}",
-            )
 
+
+def sample_notes(
+    spec: JobSpec,
+    rows: list[data.Example],
+    examples: list[data.Example],
+    train: list[data.Example] | None,
+) -> list[str]:
+    """What is allowed in the data but worth saying before it runs."""
+    notes: list[str] = []
     empty = [e for e in examples if not e.text.strip()]
     if empty:
         notes.append(
@@ -95,24 +105,7 @@ def plan_job(path: str | Path) -> JobPlan:
             "where a node has fewer CPUs than threads, the threads take turns and every timing is "
             "slower (leave threads out to use the CPUs a node has)"
         )
-    if len({e.label for e in examples}) == 1:
-        notes.append(
-            f"every row of the evaluation sample has the label {examples[0].label!r}: accuracy "
-            "cannot "
-            "tell the model from one that always answers it"
-        )
-    return JobPlan(
-        spec=spec,
-        examples=examples,
-        sample_rows=sample_rows,
-        dataset_rows=len(rows),
-        label_map=label_map,
-        model_labels=model_labels,
-        sample_fingerprint=data.fingerprint(examples),
-        spec_hash=_spec_hash(spec, examples, train),
-        train_examples=train,
-        notes=notes,
-    )
+    return notes
 
 
 def spanning(rows: list[data.Example], what: str, notes: list[str]) -> None:
@@ -188,61 +181,6 @@ def check_lengths(spec: JobSpec, shown: Path, config: dict) -> None:
             list(shape),
             f"its sequence length is too long: {allowed}",
         )
-
-
-def check_labels(
-    spec: JobSpec, shown: Path, examples: list[data.Example], model_labels: list[str]
-) -> dict[str, str]:
-    """The dataset -> model label map, checked by name in both directions. Never by position."""
-    dataset_labels = {e.label for e in examples}
-    label_map = spec.dataset.label_map
-    if label_map is None:
-        # Without a map the dataset's values must be the model's label names themselves.
-        label_map = {
-            label: label
-            for label in dataset_labels | (set(model_labels) if spec.finetune else set())
-        }
-        field = "dataset.label_map"
-        unknown = sorted(label for label in dataset_labels if label not in model_labels)
-        if unknown:
-            advice = (
-                "add a label_map from dataset value to model label name"
-                if len(dataset_labels) <= max(10, 3 * len(model_labels))
-                else f"{len(dataset_labels)} different values look like text, not labels: check "
-                "dataset.label_column and dataset.text_column"
-            )
-            first = (
-                f" (first at {data.first_rows_with(examples, unknown[:1])})"
-                if len(unknown) <= 10
-                else ""
-            )
-            raise SpecError(
-                shown,
-                field,
-                unknown,
-                f"the dataset's labels are not the model's label names "
-                f"({', '.join(model_labels)}){first}; {advice}",
-            )
-        return label_map
-    for value, name in label_map.items():
-        if name not in model_labels:
-            raise SpecError(
-                shown,
-                f"dataset.label_map.{value}",
-                name,
-                f"the model's label names are: {', '.join(model_labels)}",
-            )
-    unmapped = sorted(label for label in dataset_labels if label not in label_map)
-    if unmapped:
-        raise SpecError(
-            shown,
-            "dataset.label_map",
-            unmapped,
-            "these dataset labels have no model label (first at "
-            f"{data.first_rows_with(examples, unmapped)}); "
-            f"the map covers: {', '.join(label_map)}",
-        )
-    return label_map
 
 
 def _spec_hash(

@@ -167,6 +167,7 @@ class JobSpec:
     seed: int
     finetune: FinetuneSpec | None = None
     tolerances: dict[str, float] = field(default_factory=dict)
+    task: str = "classification"  # a name in runner.tasks.TASKS
     raw: dict = field(
         default_factory=dict, repr=False
     )  # the YAML as read, kept in every result as "the spec as run"
@@ -388,6 +389,7 @@ def load_job(path: str | Path) -> JobSpec:
 
 TOP_FIELDS = (
     "name",
+    "task",
     "model",
     "tokenizer",
     "dataset",
@@ -482,8 +484,18 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
         seed=seed,
         finetune=finetune,
         tolerances=_tolerances(top.sub("tolerances")),
+        task=_task(top),
         raw=raw,
     )
+
+
+def _task(top: _Reader) -> str:
+    from runner.tasks import DEFAULT_TASK, TASKS  # the tasks import models, which imports this
+
+    name = top.get("task", str, DEFAULT_TASK)
+    if name not in TASKS:
+        raise SpecError(top.file, "task", name, f"allowed: {', '.join(TASKS)}")
+    return name
 
 
 def _resolve(file: Path, value: str) -> Path:

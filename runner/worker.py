@@ -21,6 +21,7 @@ import numpy as np
 from runner import evaluate, measure, models
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.spec import EvaluationSpec, QuantSettings, Variant
+from runner.tasks import DEFAULT_TASK, TASKS
 
 SCHEMA_VERSION = 1
 
@@ -43,6 +44,7 @@ class VariantTask:
     sample: dict = field(default_factory=dict)  # where the sample came from, for the record
     model_info: dict = field(default_factory=dict)
     repeat: int = 0  # which of the evaluation's repeats this run is
+    task_name: str = DEFAULT_TASK  # a name in runner.tasks.TASKS
 
 
 class NoCudaDevice(RuntimeError):
@@ -176,22 +178,64 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
 
 
 def _run(task: VariantTask, result: dict, torch) -> None:
-    variant, device = task.variant, task.variant.device
-    precision = PRECISIONS[variant.precision]
-    if device == "cuda" and not torch.cuda.is_available():
-        raise NoCudaDevice(
-            f"no CUDA device on this node (torch {torch.__version__}, "
-            f"built with CUDA {torch.version.cuda}); {variant.id} needs an NVIDIA GPU"
-        )
+    """The variant's steps, in the order they run; each writes its part of the result."""
+    kind = TASKS[task.task_name]
+    check_device(task, torch)
     threads = task.evaluation.threads or measure.available_cpus()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    memory = measure.MemoryPhases(device)
-    settings: dict = {"threads": threads}
+    memory = measure.MemoryPhases(task.variant.device)
+    loaded = load_variant(task, memory, threads)
+    size_mib = measure.model_size_mib(loaded.model)
+    batches, order, fixed = prepare_batches(task)
+    with memory.phase("evaluate"):
+        outputs, timings = evaluate.run_passes(
+            loaded.model,
+            batches,
+            task.variant.device,
+            task.evaluation.warmup_passes,
+            task.evaluation.timed_passes,
+            task.evaluation.min_time_s,
+            fixed,
+            holder=f"timing {task.job} {task.variant.id}",
+            read_output=kind.read_output,
+        )
+    outputs = evaluate.in_sample_order(outputs, order)
+    check_finite(task, outputs)
+    analysis_warning = weight_analysis(loaded.model, task, batches, memory, result)
+    scored = kind.score(task, outputs)
+    result["metrics"] = measured_metrics(size_mib, scored.metrics, timings, memory, loaded)
+    extra = [analysis_warning, timings.timing_lock_warning]
+    extra.append(measure.noisy_warning(result["metrics"]["latency_ms"]))
+    result["warnings"] = scored.warnings + [warning for warning in extra if warning]
+    result["settings"] = recorded_settings(task, loaded.settings)
+    result["predictions"] = scored.predictions
 
+
+def check_device(task: VariantTask, torch) -> None:
+    if task.variant.device == "cuda" and not torch.cuda.is_available():
+        raise NoCudaDevice(
+            f"no CUDA device on this node (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda}); {task.variant.id} needs an NVIDIA GPU"
+        )
+
+
+@dataclass
+class LoadedVariant:
+    """The model as the variant computes with it, and what loading and quantizing recorded."""
+
+    model: object
+    settings: dict
+    load_s: float
+    quantize_s: float
+
+
+def load_variant(task: VariantTask, memory: measure.MemoryPhases, threads: int) -> LoadedVariant:
+    precision = PRECISIONS[task.variant.precision]
+    settings: dict = {"threads": threads}
     with memory.phase("load"):
         started = time.perf_counter()
-        model, loaded = precision.load(task.model_dir, device, task.settings)
+        model, loaded = precision.load(task.model_dir, task.variant.device, task.settings)
         load_s = time.perf_counter() - started
     settings.update(loaded)
     with memory.phase("quantize"):
@@ -201,56 +245,50 @@ def _run(task: VariantTask, result: dict, torch) -> None:
             settings.update(quantized)
         quantize_s = time.perf_counter() - started
     settings["linear_layers"] = linear_layer_kinds(model)
-    size_mib = measure.model_size_mib(model)
+    return LoadedVariant(model, settings, load_s, quantize_s)
 
+
+def prepare_batches(task: VariantTask) -> tuple[list[dict], list[int], dict | None]:
+    """The sample tokenized into batches in the evaluation's order, that order, and the fixed-shape
+    batch when latency is timed on one: all before any clock starts."""
     from transformers import AutoTokenizer
 
+    evaluation, device = task.evaluation, task.variant.device
     tokenizer = AutoTokenizer.from_pretrained(task.model_dir)
-    order = evaluate.batch_order(
-        tokenizer, task.texts, task.max_length, task.evaluation.batch_order
-    )
+    order = evaluate.batch_order(tokenizer, task.texts, task.max_length, evaluation.batch_order)
     batches = evaluate.tokenize_batches(
-        tokenizer,
-        [task.texts[i] for i in order],
-        task.evaluation.batch_size,
-        task.max_length,
-        device,
+        tokenizer, [task.texts[i] for i in order], evaluation.batch_size, task.max_length, device
     )
     fixed = None
-    if task.evaluation.latency_mode == "fixed":
-        fixed = evaluate.fixed_shape_batch(tokenizer, *task.evaluation.fixed_shape, device)
-    with memory.phase("evaluate"):
-        probabilities, timings = evaluate.run_passes(
-            model,
-            batches,
-            device,
-            task.evaluation.warmup_passes,
-            task.evaluation.timed_passes,
-            task.evaluation.min_time_s,
-            fixed,
-            holder=f"timing {task.job} {variant.id}",
-        )
-    probabilities = evaluate.in_sample_order(probabilities, order)
-    if not np.isfinite(probabilities).all():
+    if evaluation.latency_mode == "fixed":
+        fixed = evaluate.fixed_shape_batch(tokenizer, *evaluation.fixed_shape, device)
+    return batches, order, fixed
+
+
+def check_finite(task: VariantTask, outputs: np.ndarray) -> None:
+    if not np.isfinite(outputs).all():
         raise FloatingPointError(
-            f"{variant.id} produced non-finite outputs (NaN or inf) for "
-            f"{int((~np.isfinite(probabilities)).any(axis=1).sum())} of {len(task.texts)} samples"
+            f"{task.variant.id} produced non-finite outputs (NaN or inf) for "
+            f"{int((~np.isfinite(outputs)).any(axis=1).sum())} of {len(task.texts)} samples"
         )
 
-    analysis_warning = None
-    if task.evaluation.weight_analysis:
-        # After the clock has stopped: no timed pass runs while this computes. It is optional: its
-        # failure is a warning, never the loss of a measured variant.
-        with memory.phase("analysis"):
-            try:
-                result["analysis"] = analyse_weights(model, task, batches)
-            except Exception as error:
-                result["analysis"] = {"error": f"{type(error).__name__}: {error}"}
-                analysis_warning = f"weight analysis failed: {type(error).__name__}: {error}"
 
-    index = {name: i for i, name in enumerate(task.model_labels)}
-    gold_ids = np.array([index[name] for name in task.gold_labels])
-    predicted = probabilities.argmax(axis=1)
+def weight_analysis(model, task: VariantTask, batches, memory, result: dict) -> str | None:
+    """result["analysis"], after the clock has stopped: no timed pass runs while this computes. It
+    is optional: its failure is a warning (returned), never the loss of a measured variant."""
+    if not task.evaluation.weight_analysis:
+        return None
+    with memory.phase("analysis"):
+        try:
+            result["analysis"] = analyse_weights(model, task, batches)
+        except Exception as error:
+            result["analysis"] = {"error": f"{type(error).__name__}: {error}"}
+            return f"weight analysis failed: {type(error).__name__}: {error}"
+    return None
+
+
+def measured_metrics(size_mib, task_metrics: dict, timings, memory, loaded: LoadedVariant) -> dict:
+    """result["metrics"]: size, the task's metrics, latency, throughput, memory, load times."""
     noise_cv, repeated = timings.noise_cv()
     latency = {
         **measure.latency_stats(timings.seconds),
@@ -262,9 +300,9 @@ def _run(task: VariantTask, result: dict, torch) -> None:
         "timing_lock_wait_s": timings.timing_lock_wait_s,
     }
     timed_total = sum(timings.seconds)
-    result["metrics"] = {
+    return {
         "model_size_mib": size_mib,
-        **evaluate.prediction_metrics(probabilities, gold_ids, task.model_labels),
+        **task_metrics,
         "latency_ms": latency,
         "throughput_sps": round(timings.samples / timed_total, 3) if timed_total else None,
         "peak_rss_mib": memory.peak_rss_mib(),
@@ -272,33 +310,24 @@ def _run(task: VariantTask, result: dict, torch) -> None:
         "memory_phases": memory.phases,
         # false: each phase's peak includes the ones before
         "memory_phases_reset": memory.resettable,
-        "load_s": round(load_s, 4),
-        "quantize_s": round(quantize_s, 4),
+        "load_s": round(loaded.load_s, 4),
+        "quantize_s": round(loaded.quantize_s, 4),
     }
-    result["warnings"] = evaluate.label_guard(gold_ids, predicted, task.model_labels)
-    if analysis_warning:
-        result["warnings"].append(analysis_warning)
-    if timings.timing_lock_warning:
-        result["warnings"].append(timings.timing_lock_warning)
-    noisy = measure.noisy_warning(latency)
-    if noisy:
-        result["warnings"].append(noisy)
-    result["settings"] = {
-        **settings,
-        "batch_size": task.evaluation.batch_size,
-        "batch_order": task.evaluation.batch_order,
+
+
+def recorded_settings(task: VariantTask, loaded_settings: dict) -> dict:
+    """result["settings"]: what loading recorded, then every evaluation setting that changes
+    results."""
+    evaluation = task.evaluation
+    return {
+        **loaded_settings,
+        "batch_size": evaluation.batch_size,
+        "batch_order": evaluation.batch_order,
         "max_length": task.max_length,
-        "warmup_passes": task.evaluation.warmup_passes,
-        "timed_passes": task.evaluation.timed_passes,
-        "min_time_s": task.evaluation.min_time_s,
-        "latency_mode": task.evaluation.latency_mode,
-        "fixed_shape": task.evaluation.fixed_shape,
+        "warmup_passes": evaluation.warmup_passes,
+        "timed_passes": evaluation.timed_passes,
+        "min_time_s": evaluation.min_time_s,
+        "latency_mode": evaluation.latency_mode,
+        "fixed_shape": evaluation.fixed_shape,
         "quantization": asdict(task.settings),
-    }
-    result["predictions"] = {
-        "labels": task.model_labels,
-        "gold": task.gold_labels,
-        "predicted": [task.model_labels[i] for i in predicted],
-        "confidence": [round(float(c), 6) for c in probabilities.max(axis=1)],
-        "probabilities": [[round(float(p), 6) for p in row] for row in probabilities],
     }

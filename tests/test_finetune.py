@@ -197,7 +197,7 @@ def test_the_label_guard_does_not_blame_the_map_for_a_model_that_predicts_one_cl
     below guessing."""
     import numpy as np
 
-    from runner import evaluate
+    from runner.tasks import classification
 
     plan = plan_job(
         write_job(
@@ -209,7 +209,7 @@ def test_the_label_guard_does_not_blame_the_map_for_a_model_that_predicts_one_cl
     )
     gold = np.array([plan.model_labels.index(plan.label_map[e.label]) for e in plan.examples])
     rarest = int(np.bincount(gold, minlength=3).argmin())
-    warnings = evaluate.label_guard(gold, np.full_like(gold, rarest), plan.model_labels)
+    warnings = classification.label_guard(gold, np.full_like(gold, rarest), plan.model_labels)
     assert not [w for w in warnings if "label mapping" in w], warnings
     assert [w for w in warnings if "below always guessing the majority class" in w], warnings
 

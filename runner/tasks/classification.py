@@ -1,0 +1,225 @@
+"""Sequence classification: a text in, one of the model's labels out.
+
+What a prediction is here: the softmax over the classification head's logits, one probability per
+label; the predicted label is the most probable one. Labels are matched by name, never by position:
+the plan ties the dataset's values to the model's id2label names through the job's label map, and
+the label guard warns when another reading of the same predictions would fit the gold labels far
+better (a mapping mistake, not a quantization effect). Fine-tuning gives the encoder a new head
+whose labels are the names the job maps to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runner import data, effects, models
+from runner.spec import JobSpec, SpecError
+from runner.tasks.task import Scored, Targets, Task
+
+# The label guard speaks when a relabelling of the predictions beats the job's map by this much.
+RELABEL_MARGIN = 0.10
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: the model's labels and the dataset's, tied by name.
+
+
+def plan_targets(
+    spec: JobSpec,
+    shown: Path,
+    config: dict,
+    rows: list[data.Example],
+    examples: list[data.Example],
+    train: list[data.Example] | None,
+) -> Targets:
+    labels_of_model = models.config_labels(config, shown, spec.model)
+    if spec.finetune is None:
+        model_labels = labels_of_model
+    else:
+        # Fine-tuning gives the model a new head whose labels are the names the job maps to.
+        labels = (
+            spec.dataset.label_map.values()
+            if spec.dataset.label_map
+            else sorted({e.label for e in rows})
+        )
+        model_labels = list(dict.fromkeys(labels))
+    label_map = check_labels(spec, shown, examples, model_labels)
+    if train is not None:
+        check_training_labels(shown, train, label_map)
+    notes = []
+    if len({e.label for e in examples}) == 1:
+        notes.append(
+            f"every row of the evaluation sample has the label {examples[0].label!r}: accuracy "
+            "cannot tell the model from one that always answers it"
+        )
+    return Targets(label_map=label_map, model_labels=model_labels, notes=notes)
+
+
+def check_labels(
+    spec: JobSpec, shown: Path, examples: list[data.Example], model_labels: list[str]
+) -> dict[str, str]:
+    """The dataset -> model label map, checked by name in both directions. Never by position."""
+    dataset_labels = {e.label for e in examples}
+    label_map = spec.dataset.label_map
+    if label_map is None:
+        # Without a map the dataset's values must be the model's label names themselves.
+        unknown = sorted(label for label in dataset_labels if label not in model_labels)
+        if unknown:
+            raise unknown_labels(shown, examples, dataset_labels, unknown, model_labels)
+        own = set(model_labels) if spec.finetune else set()
+        return {label: label for label in dataset_labels | own}
+    for value, name in label_map.items():
+        if name not in model_labels:
+            raise SpecError(
+                shown,
+                f"dataset.label_map.{value}",
+                name,
+                f"the model's label names are: {', '.join(model_labels)}",
+            )
+    unmapped = sorted(label for label in dataset_labels if label not in label_map)
+    if unmapped:
+        raise SpecError(
+            shown,
+            "dataset.label_map",
+            unmapped,
+            "these dataset labels have no model label (first at "
+            f"{data.first_rows_with(examples, unmapped)}); "
+            f"the map covers: {', '.join(label_map)}",
+        )
+    return label_map
+
+
+def unknown_labels(shown, examples, dataset_labels, unknown, model_labels) -> SpecError:
+    """The dataset's values are not the model's label names, and the job has no label map."""
+    advice = (
+        "add a label_map from dataset value to model label name"
+        if len(dataset_labels) <= max(10, 3 * len(model_labels))
+        else f"{len(dataset_labels)} different values look like text, not labels: check "
+        "dataset.label_column and dataset.text_column"
+    )
+    first = (
+        f" (first at {data.first_rows_with(examples, unknown[:1])})" if len(unknown) <= 10 else ""
+    )
+    return SpecError(
+        shown,
+        "dataset.label_map",
+        unknown,
+        f"the dataset's labels are not the model's label names "
+        f"({', '.join(model_labels)}){first}; {advice}",
+    )
+
+
+def check_training_labels(
+    shown: Path, train: list[data.Example], label_map: dict[str, str]
+) -> None:
+    unknown = sorted({e.label for e in train} - set(label_map))
+    if unknown:
+        raise SpecError(
+            shown,
+            "finetune.train",
+            unknown,
+            f"labels in the training data that the model does not know (first at "
+            f"{data.first_rows_with(train, unknown)}); it knows: {', '.join(label_map)}",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# A forward pass's answer, and the answers scored.
+
+
+def class_probabilities(output):
+    """One row of label probabilities per sample, in float32 on the CPU."""
+    import torch
+
+    return torch.softmax(output.logits.float(), dim=-1).cpu()
+
+
+def score(task, probabilities: np.ndarray) -> Scored:
+    """task: the worker's VariantTask; probabilities: [samples, labels] in sample order."""
+    index = {name: i for i, name in enumerate(task.model_labels)}
+    gold_ids = np.array([index[name] for name in task.gold_labels])
+    predicted = probabilities.argmax(axis=1)
+    predictions = {
+        "labels": task.model_labels,
+        "gold": task.gold_labels,
+        "predicted": [task.model_labels[i] for i in predicted],
+        "confidence": [round(float(c), 6) for c in probabilities.max(axis=1)],
+        "probabilities": [[round(float(p), 6) for p in row] for row in probabilities],
+    }
+    return Scored(
+        metrics=prediction_metrics(probabilities, gold_ids, task.model_labels),
+        warnings=label_guard(gold_ids, predicted, task.model_labels),
+        predictions=predictions,
+    )
+
+
+def prediction_metrics(
+    probabilities: np.ndarray, gold_ids: np.ndarray, label_names: list[str]
+) -> dict:
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    return {
+        "accuracy": float((predicted == gold_ids).mean()),
+        "macro_f1": effects.macro_f1(gold_ids, predicted, len(label_names)),
+        "avg_confidence": float(confidence.mean()),
+    }
+
+
+def label_guard(gold_ids: np.ndarray, predicted: np.ndarray, label_names: list[str]) -> list[str]:
+    """Warnings when the accuracy says more about the label map than about the model."""
+    from scipy.optimize import linear_sum_assignment
+
+    warnings = []
+    k = len(label_names)
+    accuracy = float((predicted == gold_ids).mean())
+    counts = np.zeros((k, k), dtype=np.int64)  # rows: predicted id, columns: gold id
+    np.add.at(counts, (predicted, gold_ids), 1)
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    best = counts[rows, cols].sum() / len(gold_ids)
+    majority = np.bincount(gold_ids, minlength=k).max() / len(gold_ids)
+    # A model that predicts one class whatever it reads (untrained, collapsed) scores the majority
+    # share under some relabelling: that says nothing about the map. Only a relabelling that beats
+    # guessing does.
+    if best - accuracy >= RELABEL_MARGIN and best - majority >= RELABEL_MARGIN:
+        reading = ", ".join(
+            f"{label_names[r]}→{label_names[c]}" for r, c in zip(rows, cols) if r != c
+        )
+        warnings.append(
+            f"label mapping suspect: accuracy {accuracy:.2%} under the job's label map, but "
+            f"reading the predictions as {reading} gives {best:.2%}; check dataset.label_map"
+        )
+    if accuracy < majority:
+        warnings.append(
+            f"accuracy {accuracy:.2%} is below always guessing the majority class ({majority:.2%})"
+        )
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: the encoder with a new head, one output per label name.
+
+
+def finetune_model(base_dir: str, label_names: list[str]):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        base_dir,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        ignore_mismatched_sizes=True,
+        dtype=torch.float32,
+    )
+
+
+TASK = Task(
+    name="classification",
+    model_class="AutoModelForSequenceClassification",
+    plan_targets=plan_targets,
+    read_output=class_probabilities,
+    score=score,
+    finetune_model=finetune_model,
+)

@@ -1,0 +1,49 @@
+"""The `Task` record: the functions a task gives the steps of the data flow that depend on it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Targets:
+    """What the plan learned about the answers: the model's names for them and how the dataset's
+    values map onto those names, with notes worth saying before anything runs."""
+
+    label_map: dict[str, str]  # dataset label value -> model label name
+    model_labels: list[str]  # the model's answers, in the order of its outputs
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Scored:
+    """A variant's outputs scored: metrics, warnings and the per-sample record collect pairs."""
+
+    metrics: dict[str, Any]
+    warnings: list[str]
+    predictions: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    # The transformers Auto class its checkpoints load as.
+    model_class: str
+    # (spec, job file, model config, dataset rows, evaluation sample, training rows) -> Targets;
+    # raises SpecError for answers the model cannot give.
+    plan_targets: Callable[..., Targets]
+    # A forward pass's output -> one float CPU tensor row per sample (computed after the clock).
+    read_output: Callable[[Any], Any]
+    # (VariantTask, outputs in sample order) -> Scored.
+    score: Callable[..., Scored]
+    # (base checkpoint folder, answer names) -> a model with a new head to fine-tune; None: the
+    # task cannot be fine-tuned.
+    finetune_model: Callable[..., Any] | None = None
+
+    def auto_model(self):
+        """The transformers class that loads this task's checkpoints."""
+        import transformers
+
+        return getattr(transformers, self.model_class)
