@@ -110,6 +110,25 @@ def _unpack_cpu_packed_4bit(data: torch.Tensor, quant_state) -> torch.Tensor:
     return code[idx] * scale
 
 
+def _decode_4bit(data: torch.Tensor, quant_state) -> torch.Tensor:
+    # Decoded here, not with bnb's dequantize_4bit: on CPUs with AVX512, bnb's CPU kernel takes the
+    # blocks of 64 as lying within rows, while quantize_4bit made them over the flattened weight, so
+    # for in_features not a multiple of 64 it scales values by another block's absmax. This is the
+    # arithmetic of bnb's portable kernel (backends/default/ops.py): the high nibble first, code
+    # times the block's absmax in float32, cast to the weight's dtype.
+    n = math.prod(quant_state.shape)
+    packed = data.detach().reshape(-1).view(torch.uint8)
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        import bitsandbytes.functional as bnbf  # present: the model holds bnb layers
+
+        absmax = bnbf.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
+    scale = absmax.float().repeat_interleave(quant_state.blocksize)[:n]
+    values = quant_state.code.to(torch.float32)[nibbles] * scale
+    return _as_cpu_float(values.to(quant_state.dtype).reshape(tuple(quant_state.shape)))
+
+
 def _bnb_4bit_weight(name: str, layer) -> torch.Tensor:
     weight = layer.weight
     quant_state = getattr(weight, "quant_state", None)
@@ -121,11 +140,7 @@ def _bnb_4bit_weight(name: str, layer) -> torch.Tensor:
         )
     if getattr(quant_state, "packing_format_for_cpu", False):
         return _unpack_cpu_packed_4bit(weight.data, quant_state)
-    import bitsandbytes.functional as bnbf  # present: the model holds bnb layers
-
-    return _as_cpu_float(
-        bnbf.dequantize_4bit(weight.data, quant_state).reshape(tuple(quant_state.shape))
-    )
+    return _decode_4bit(weight.data, quant_state)
 
 
 def _effective_weight(name: str, module: torch.nn.Module) -> torch.Tensor | None:

@@ -94,10 +94,25 @@ def _load_bnb(kind: str):
             }
         # Quantized while loading, layer by layer: no full FP32 model is held at any time.
         model = _auto_model(model_dir, quantization_config=config, device_map={"": device}).eval()
+        if device == "cpu":
+            _keep_unpackable_layers_unpacked(model)
         recorded["quantized_while_loading"] = True
         return model, recorded
 
     return load
+
+
+def _keep_unpackable_layers_unpacked(model) -> None:
+    # On CPUs with AVX512-BF16, bnb's Linear4bit repacks its weight at the first forward into tiles
+    # of 32 outputs x 64 inputs and crashes on a layer that does not fill whole tiles (a 32-wide
+    # hidden size, a 3-label classifier). Such a layer keeps the layout every other CPU uses.
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            blocksize = module.weight.quant_state.blocksize
+            if module.in_features % blocksize or module.out_features % 32:
+                module.support_avx512bf16_for_cpu = False
 
 
 BNB_IMPORTS = ("bitsandbytes", "transformers.integrations.bitsandbytes")

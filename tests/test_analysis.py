@@ -287,12 +287,20 @@ def tiny_bert(tmp_path_factory):
 
 def _load_bnb(path, **kwargs):
     pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     import transformers
 
     config = transformers.BitsAndBytesConfig(**kwargs)
-    return transformers.AutoModelForSequenceClassification.from_pretrained(
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
         path, quantization_config=config, device_map="cpu"
     ).eval()
+    # The portable 4-bit path (dequantize, then multiply in float32) on every CPU: on one with
+    # AVX512-BF16 bnb would repack at the first forward and multiply in bf16, which
+    # test_bnb_4bit_cpu_packed_layout checks on its own.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def test_fp32_reference_names(tiny_bert):
