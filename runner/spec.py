@@ -12,13 +12,13 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from runner.precisions import DEVICES, PRECISIONS
+from runner.precisions import DEVICES, PRECISIONS, read_settings, settings_fields
 
 
 class SpecError(Exception):
@@ -118,15 +118,10 @@ class EvaluationSpec:
     repeats: int = 1  # runs of each variant, each in a fresh process
 
 
-@dataclass(frozen=True)
-class QuantSettings:
-    """Settings that change results; recorded in every result so runs can be compared."""
-
-    llm_int8_threshold: float = 6.0
-    bnb_4bit_compute_dtype: str = "float32"
-    bnb_4bit_use_double_quant: bool = False
-    dynamic_modules: tuple[str, ...] = ("Linear",)
-    quantized_engine: str | None = None  # None: torch's default for this CPU
+# Settings that change results; recorded in every result so runs can be compared. Every precision
+# family's settings side by side, flat as a job writes them (runner/precisions/).
+QuantSettings = make_dataclass("QuantSettings", settings_fields(), frozen=True)
+QuantSettings.__module__ = __name__  # workers unpickle it from here
 
 
 @dataclass(frozen=True)
@@ -191,6 +186,10 @@ class _Reader:
 
     def field(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
+
+    def error(self, key: str, found: Any, allowed: str) -> SpecError:
+        """The SpecError for a bad value of one of this mapping's fields."""
+        return SpecError(self.file, self.field(key), found, allowed)
 
     def check_keys(self, allowed: tuple[str, ...]) -> None:
         for key in self.data:
@@ -778,58 +777,9 @@ def _evaluation(reader: _Reader) -> EvaluationSpec:
     )
 
 
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
-QUANTIZED_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
-DYNAMIC_MODULES = ("Linear",)
-
-
 def _settings(reader: _Reader) -> QuantSettings:
-    reader.check_keys(
-        (
-            "llm_int8_threshold",
-            "bnb_4bit_compute_dtype",
-            "bnb_4bit_use_double_quant",
-            "dynamic_modules",
-            "quantized_engine",
-        )
-    )
-    compute_dtype = reader.get("bnb_4bit_compute_dtype", str, "float32")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise SpecError(
-            reader.file,
-            reader.field("bnb_4bit_compute_dtype"),
-            compute_dtype,
-            f"allowed: {', '.join(COMPUTE_DTYPES)}",
-        )
-    engine = reader.get("quantized_engine", str)
-    if engine is not None and engine not in QUANTIZED_ENGINES:
-        raise SpecError(
-            reader.file,
-            reader.field("quantized_engine"),
-            engine,
-            f"allowed: {', '.join(QUANTIZED_ENGINES)}",
-        )
-    modules = reader.get("dynamic_modules", list, list(DYNAMIC_MODULES))
-    for module in modules:
-        if module not in DYNAMIC_MODULES:
-            raise SpecError(
-                reader.file,
-                reader.field("dynamic_modules"),
-                module,
-                f"allowed: {', '.join(DYNAMIC_MODULES)}",
-            )
-    threshold = reader.get("llm_int8_threshold", float, 6.0)
-    if threshold < 0:
-        raise SpecError(
-            reader.file, reader.field("llm_int8_threshold"), threshold, "expected a number >= 0"
-        )
-    return QuantSettings(
-        llm_int8_threshold=threshold,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_use_double_quant=reader.get("bnb_4bit_use_double_quant", bool, False),
-        dynamic_modules=tuple(modules),
-        quantized_engine=engine,
-    )
+    reader.check_keys(tuple(f.name for f in fields(QuantSettings)))
+    return QuantSettings(**read_settings(reader))
 
 
 def _variants(shown: Path, top: _Reader) -> list[Variant]:

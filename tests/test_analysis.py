@@ -12,6 +12,7 @@ import torch
 
 from runner import analysis as A
 from runner import effects as E
+from runner.precisions.bitsandbytes import FP4_CODE, NF4_CODE
 
 torch.set_num_threads(1)
 
@@ -388,8 +389,8 @@ def _check_on_4bit_grid(code, ref_w, got_w):
 @pytest.mark.parametrize(
     "quant_type, low, high, code",
     [
-        ("nf4", 18.0, 23.0, A.NF4_CODE),
-        ("fp4", 15.5, 21.0, A.FP4_CODE),
+        ("nf4", 18.0, 23.0, NF4_CODE),
+        ("fp4", 15.5, 21.0, FP4_CODE),
     ],  # measured 20.3-21.1 and 17.8-18.5
 )
 def test_bnb_4bit_on_cpu(tiny_bert, quant_type, low, high, code):
