@@ -591,6 +591,28 @@ def _dataset(
     dataset's header and columns unless it names its own: it is usually the other split of the same
     data."""
     reader.check_keys(allowed or SOURCE_FIELDS + ("label_map", "sample", "max_length"))
+    fmt, path_value = _dataset_format(shown, reader)
+    path, files = _dataset_files(file, shown, reader, fmt, path_value)
+    like = like if like is not None and like.format == fmt else None
+    header, text_column, label_column = _dataset_columns(reader, fmt, like)
+    label_map = _label_map(shown, reader)
+    sample = _sample(shown, reader)
+    return DatasetSpec(
+        format=fmt,
+        path=path,
+        files=files,
+        header=header,
+        text_column=text_column,
+        label_column=label_column,
+        label_map=label_map,
+        sample=sample,
+        max_length=reader.positive_int("max_length", 128),
+        field=reader.where,
+    )
+
+
+def _dataset_format(shown: Path, reader: _Reader) -> tuple[str, str | None]:
+    """(format, path as written): the format given, or else taken from the path's suffix."""
     fmt = reader.get("format", str)
     path_value = reader.get("path", str)
     inferred = fmt is None and bool(path_value)
@@ -605,23 +627,14 @@ def _dataset(
         raise SpecError(
             shown, reader.field("format"), fmt, f"allowed: {', '.join(DATASET_FORMATS)}{said}"
         )
+    return fmt, path_value
 
-    path = files = None
-    if fmt == "lines":
-        files_raw = reader.get("files", dict, required=True)
-        files = {}
-        for label, name in files_raw.items():
-            if not isinstance(name, str):
-                raise SpecError(shown, reader.field(f"files.{label}"), name, "expected a file name")
-            files[label_name(label)] = (
-                _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
-            )
-        for label, value in files.items():
-            if not value.is_file():
-                raise SpecError(
-                    shown, reader.field(f"files.{label}"), str(value), _no_such("no such file")
-                )
-    else:
+
+def _dataset_files(
+    file: Path, shown: Path, reader: _Reader, fmt: str, path_value: str | None
+) -> tuple[Path | None, dict[str, Path] | None]:
+    """(path, files): the one data file, or for format lines one file per label; each exists."""
+    if fmt != "lines":
         if path_value is None:
             raise SpecError(shown, reader.field("path"), None, "this field is required")
         path = _resolve(file, path_value)
@@ -629,48 +642,65 @@ def _dataset(
             raise SpecError(
                 shown, reader.field("path"), path_value, _no_such(f"no such file ({path})")
             )
+        return path, None
+    files_raw = reader.get("files", dict, required=True)
+    files = {}
+    for label, name in files_raw.items():
+        if not isinstance(name, str):
+            raise SpecError(shown, reader.field(f"files.{label}"), name, "expected a file name")
+        files[label_name(label)] = (
+            _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
+        )
+    for label, value in files.items():
+        if not value.is_file():
+            raise SpecError(
+                shown, reader.field(f"files.{label}"), str(value), _no_such("no such file")
+            )
+    return None, files
 
-    like = like if like is not None and like.format == fmt else None
+
+def _dataset_columns(
+    reader: _Reader, fmt: str, like: DatasetSpec | None
+) -> tuple[bool, str | int, str | int]:
+    """(header, text_column, label_column): a headerless csv/tsv names columns by index, and a
+    training file `like` the dataset with the same header takes its columns."""
     header = reader.get("header", bool, like.header if like else True)
     column_kinds = (str, int) if fmt in ("csv", "tsv") and not header else (str,)
+    named = header or fmt not in ("csv", "tsv")
+    same = like is not None and like.header == header
     text_column = reader.get(
-        "text_column",
-        column_kinds,
-        like.text_column
-        if like and like.header == header
-        else "text"
-        if header or fmt not in ("csv", "tsv")
-        else 0,
+        "text_column", column_kinds, like.text_column if same else "text" if named else 0
     )
     label_column = reader.get(
-        "label_column",
-        column_kinds,
-        like.label_column
-        if like and like.header == header
-        else "label"
-        if header or fmt not in ("csv", "tsv")
-        else 1,
+        "label_column", column_kinds, like.label_column if same else "label" if named else 1
     )
+    return header, text_column, label_column
 
+
+def _label_map(shown: Path, reader: _Reader) -> dict[str, str] | None:
+    """dataset label value -> model label name, each dataset label once however it is written."""
     label_map_raw = reader.get("label_map", dict)
-    label_map = None
-    if label_map_raw is not None:
-        label_map = {}
-        for key, value in label_map_raw.items():
-            if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise SpecError(
-                    shown, reader.field(f"label_map.{key}"), value, "expected a model label name"
-                )
-            name = label_name(key)
-            if name in label_map:
-                raise SpecError(
-                    shown,
-                    reader.field(f"label_map.{key}"),
-                    key,
-                    f"names the same dataset label as another key ({name}); give each label once",
-                )
-            label_map[name] = str(value)
+    if label_map_raw is None:
+        return None
+    label_map = {}
+    for key, value in label_map_raw.items():
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise SpecError(
+                shown, reader.field(f"label_map.{key}"), value, "expected a model label name"
+            )
+        name = label_name(key)
+        if name in label_map:
+            raise SpecError(
+                shown,
+                reader.field(f"label_map.{key}"),
+                key,
+                f"names the same dataset label as another key ({name}); give each label once",
+            )
+        label_map[name] = str(value)
+    return label_map
 
+
+def _sample(shown: Path, reader: _Reader) -> SampleSpec:
     sample_reader = reader.sub("sample") or _Reader(shown, {}, reader.field("sample"))
     sample_reader.check_keys(("n", "fraction", "seed"))
     n = sample_reader.positive_int("n", None)
@@ -683,20 +713,7 @@ def _dataset(
         raise SpecError(
             shown, sample_reader.field("fraction"), fraction, "expected a fraction in (0, 1]"
         )
-    sample = SampleSpec(n=n, fraction=fraction, seed=sample_reader.get("seed", int, 0))
-    max_length = reader.positive_int("max_length", 128)
-    return DatasetSpec(
-        format=fmt,
-        path=path,
-        files=files,
-        header=header,
-        text_column=text_column,
-        label_column=label_column,
-        label_map=label_map,
-        sample=sample,
-        max_length=max_length,
-        field=reader.where,
-    )
+    return SampleSpec(n=n, fraction=fraction, seed=sample_reader.get("seed", int, 0))
 
 
 def _tolerances(reader: _Reader | None) -> dict[str, float]:
