@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
+from runner import precisions
+
 __all__ = [
     "dequantized_linear_weights",
     "classify_layer",
@@ -48,123 +50,15 @@ CHANGE_BINS = 256
 # --------------------------------------------------------------------------------------------------
 
 
-def _as_cpu_float(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float32)
-
-
-def _bnb_int8_weight(name: str, layer) -> torch.Tensor:
-    # bnb keeps the int8 codes and the per-row absmax (SCB) on the weight right after loading, and
-    # moves
-    # both to layer.state on the first forward (init_8bit_state), leaving weight.CB/SCB None.
-    weight = layer.weight
-    state = getattr(layer, "state", None)
-    codes = getattr(weight, "CB", None)
-    if codes is None and state is not None:
-        codes = getattr(state, "CB", None)
-    if codes is None and weight.dtype == torch.int8:
-        codes = weight.data
-    scales = getattr(weight, "SCB", None)
-    if scales is None and state is not None:
-        scales = getattr(state, "SCB", None)
-    if codes is None or scales is None or codes.dtype != torch.int8:
-        raise ValueError(
-            f"layer {name!r} is a bitsandbytes Linear8bitLt without int8 codes and row scales "
-            f"(weight dtype {weight.dtype}, "
-            f"has_fp16_weights={getattr(weight, 'has_fp16_weights', None)}); "
-            "only inference-quantized layers (has_fp16_weights=False, moved to a device) can be "
-            "read"
-        )
-    # Same arithmetic as bnb's own dequantizing matmul: codes * absmax / 127, row by row.
-    return (
-        codes.detach()
-        .to(torch.float32)
-        .mul(scales.detach().to(torch.float32).unsqueeze(1) / 127.0)
-        .cpu()
-    )
-
-
-def _unpack_cpu_packed_4bit(data: torch.Tensor, quant_state) -> torch.Tensor:
-    # On CPUs with AVX512-BF16, bnb repacks 4-bit weights on the first forward into a blocked layout
-    # with bf16 absmax of shape [K / blocksize, N]; dequantize_4bit no longer understands it, and
-    # bnb's
-    # own inverse rewrites the module's quant_state in place, so decode the layout here without
-    # touching
-    # the module. Layout: each 32-byte row holds 64 codes of an [N/32, K/2, 32, 2] tile, the first
-    # 32 in
-    # the low nibbles and the next 32 in the high ones
-    # (bitsandbytes.functional._convert_weight_packed_for_cpu).
-    block_n = 32
-    n_out, k_half = data.shape
-    k_in = 2 * k_half
-    packed = data.detach().cpu().view(torch.uint8).reshape(-1, block_n)
-    nibbles = torch.cat([packed & 0xF, (packed >> 4) & 0xF], dim=-1)
-    idx = (
-        nibbles.reshape(n_out // block_n, k_half, block_n, 2)
-        .transpose(1, 2)
-        .reshape(n_out, k_in)
-        .long()
-    )
-    code = quant_state.code.detach().cpu().to(torch.float32)
-    absmax = quant_state.absmax.detach().cpu().to(torch.float32).T  # [N, K / blocksize]
-    scale = absmax.repeat_interleave(quant_state.blocksize, dim=1)
-    return code[idx] * scale
-
-
-def _bnb_4bit_weight(name: str, layer) -> torch.Tensor:
-    weight = layer.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None:
-        raise ValueError(
-            f"layer {name!r} is a bitsandbytes Linear4bit whose weight is not quantized yet (no "
-            "quant_state); "
-            "read it after the model has been loaded or moved to its device"
-        )
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        return _unpack_cpu_packed_4bit(weight.data, quant_state)
-    import bitsandbytes.functional as bnbf  # present: the model holds bnb layers
-
-    return _as_cpu_float(
-        bnbf.dequantize_4bit(weight.data, quant_state).reshape(tuple(quant_state.shape))
-    )
-
-
-def _effective_weight(name: str, module: torch.nn.Module) -> torch.Tensor | None:
-    """The float32 CPU weight a linear-like module computes with, or None for other modules."""
-    # bitsandbytes is looked up, never imported: it is slow to import and absent on CPU workers,
-    # and a model can only hold its layers once it has been imported.
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is not None:
-        # bnb layers subclass nn.Linear, so they must be recognised first.
-        if isinstance(module, bnb.nn.Linear8bitLt):
-            return _bnb_int8_weight(name, module)
-        if isinstance(module, bnb.nn.Linear4bit):
-            return _bnb_4bit_weight(name, module)
-    import torch.ao.nn.quantized.dynamic as nnqd
-
-    if isinstance(module, nnqd.Linear):
-        w = module.weight()
-        # float16 dynamic quantization unpacks to a plain float tensor.
-        return _as_cpu_float(w.dequantize() if w.is_quantized else w)
-    if isinstance(module, torch.nn.Linear):
-        return _as_cpu_float(module.weight)
-    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
-    if pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D):
-        # GPT-2 style Conv1D stores [in, out]; transpose to nn.Linear's [out, in].
-        return _as_cpu_float(module.weight).T.contiguous()
-    return None
-
-
 def dequantized_linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Float32 CPU weight, [out_features, in_features], of every linear-like layer, keyed by module
-    name.
-
-    Handles nn.Linear in any float dtype, torch dynamic-quantized Linear, bitsandbytes Linear8bitLt
-    (int8 codes * row absmax / 127; LLM.int8()'s outlier columns multiply these same dequantized
-    weights in fp16) and Linear4bit (nf4/fp4, also after bnb's CPU repacking, whose absmax is bf16).
+    name: the weight the layer really computes with, as its precision family reads it back
+    (runner/precisions/: nn.Linear in any float dtype and GPT-2 Conv1D, torch dynamic-quantized
+    Linear, bitsandbytes Linear8bitLt and Linear4bit).
     """
     weights = {}
     for name, module in model.named_modules():
-        w = _effective_weight(name, module)
+        w = precisions.layer_weight(name, module)
         if w is not None:
             weights[name] = w
     return weights
@@ -366,49 +260,9 @@ def weight_histograms(reference_weights: Mapping[str, torch.Tensor], bins: int =
     return {"bins": int(bins), "by_layer_type": out}
 
 
-# bitsandbytes code books (bitsandbytes.functional.get_4bit_type), copied so that CPU workers
-# without
-# bitsandbytes can draw the grid; a test checks them against the installed library.
-NF4_CODE = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
-FP4_CODE = (
-    0.0,
-    0.0052083334885537624,
-    0.6666666865348816,
-    1.0,
-    0.3333333432674408,
-    0.5,
-    0.1666666716337204,
-    0.25,
-    0.0,
-    -0.0052083334885537624,
-    -0.6666666865348816,
-    -1.0,
-    -0.3333333432674408,
-    -0.5,
-    -0.1666666716337204,
-    -0.25,
-)
-BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes' default and what transformers' BitsAndBytesConfig uses
-
-
-def _grid(precision, scheme, granularity, codes, group_scales, block_size=None) -> dict:
+def make_grid(precision, scheme, granularity, codes, group_scales, block_size=None) -> dict:
+    """A grid record: the normalised codes, and the scales of the groups (tensor, rows or blocks)
+    that multiply them. A family's `grid` builds one."""
     codes = sorted(set(float(c) for c in codes))
     group_scales = group_scales.to(torch.float64)
     scale = float(group_scales.max())
@@ -427,54 +281,15 @@ def _grid(precision, scheme, granularity, codes, group_scales, block_size=None) 
     }
 
 
-def _int8_dynamic_grid(precision: str, w: torch.Tensor) -> dict:
-    # torch's default dynamic qconfig: per-tensor symmetric qint8, scale = max|w| / ((127 - -128) /
-    # 2).
-    scale = w.abs().max() / 127.5
-    return _grid(
-        precision,
-        "int8 symmetric, codes -128..127 times scale",
-        "tensor",
-        range(-128, 128),
-        scale.reshape(1),
-    )
-
-
-def _bnb_int8_grid(precision: str, w: torch.Tensor) -> dict:
-    # LLM.int8() weights: one absmax per output row of the fp16-cast weight, codes -127..127 / 127.
-    absmax = w.to(torch.float16).to(torch.float64).abs().amax(dim=1)
-    return _grid(
-        precision,
-        "int8 absmax per row, codes -127..127 / 127 times row absmax",
-        "row",
-        [k / 127.0 for k in range(-127, 128)],
-        absmax,
-    )
-
-
-def _bnb_4bit_grid(code_book):
-    def grid(precision: str, w: torch.Tensor) -> dict:
-        flat = w.reshape(-1)
-        pad = (-flat.numel()) % BNB_4BIT_BLOCKSIZE
-        absmax = (
-            torch.nn.functional.pad(flat.abs(), (0, pad))
-            .reshape(-1, BNB_4BIT_BLOCKSIZE)
-            .amax(dim=1)
+def layer_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A layer weight as a float64 CPU [out, in] matrix, for the grid functions. Raises ValueError
+    for anything else."""
+    w = weight.detach().cpu().to(torch.float64)
+    if w.dim() != 2 or w.numel() == 0:
+        raise ValueError(
+            f"expected a non-empty 2-D [out, in] weight, got shape {tuple(weight.shape)}"
         )
-        scheme = f"{precision.removeprefix('bnb-')} code book times block absmax"
-        return _grid(precision, scheme, "block", code_book, absmax, BNB_4BIT_BLOCKSIZE)
-
-    return grid
-
-
-# A float format's grid is all of its representable numbers, too dense to draw over a histogram.
-_FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
-_GRIDS = {
-    "int8-dynamic": _int8_dynamic_grid,
-    "bnb-int8": _bnb_int8_grid,
-    "bnb-nf4": _bnb_4bit_grid(NF4_CODE),
-    "bnb-fp4": _bnb_4bit_grid(FP4_CODE),
-}
+    return w
 
 
 def quantization_grid(precision: str, weight: torch.Tensor) -> dict | None:
@@ -486,17 +301,10 @@ def quantization_grid(precision: str, weight: torch.Tensor) -> dict | None:
     scale_max: the grid of the group holding the layer's largest |w|. Other rows/blocks use the same
     codes times their own, smaller scale.
     """
-    if precision in _FLOAT_PRECISIONS:
-        return None
-    if precision not in _GRIDS:
-        known = sorted(_GRIDS) + list(_FLOAT_PRECISIONS)
+    if precision not in precisions.PRECISIONS:
+        known = list(precisions.PRECISIONS)
         raise ValueError(f"no quantization grid for precision {precision!r}; known: {known}")
-    w = weight.detach().cpu().to(torch.float64)
-    if w.dim() != 2 or w.numel() == 0:
-        raise ValueError(
-            f"expected a non-empty 2-D [out, in] weight, got shape {tuple(weight.shape)}"
-        )
-    return _GRIDS[precision](precision, w)
+    return precisions.quantization_grid(precision, weight)
 
 
 # --------------------------------------------------------------------------------------------------

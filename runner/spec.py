@@ -12,13 +12,13 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from runner.precisions import DEVICES, PRECISIONS
+from runner.precisions import DEVICES, PRECISIONS, read_settings, settings_fields
 
 
 class SpecError(Exception):
@@ -118,15 +118,10 @@ class EvaluationSpec:
     repeats: int = 1  # runs of each variant, each in a fresh process
 
 
-@dataclass(frozen=True)
-class QuantSettings:
-    """Settings that change results; recorded in every result so runs can be compared."""
-
-    llm_int8_threshold: float = 6.0
-    bnb_4bit_compute_dtype: str = "float32"
-    bnb_4bit_use_double_quant: bool = False
-    dynamic_modules: tuple[str, ...] = ("Linear",)
-    quantized_engine: str | None = None  # None: torch's default for this CPU
+# Settings that change results; recorded in every result so runs can be compared. Every precision
+# family's settings side by side, flat as a job writes them (runner/precisions/).
+QuantSettings = make_dataclass("QuantSettings", settings_fields(), frozen=True)
+QuantSettings.__module__ = __name__  # workers unpickle it from here
 
 
 @dataclass(frozen=True)
@@ -192,6 +187,10 @@ class _Reader:
 
     def field(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
+
+    def error(self, key: str, found: Any, allowed: str) -> SpecError:
+        """The SpecError for a bad value of one of this mapping's fields."""
+        return SpecError(self.file, self.field(key), found, allowed)
 
     def check_keys(self, allowed: tuple[str, ...]) -> None:
         for key in self.data:
@@ -604,6 +603,28 @@ def _dataset(
     dataset's header and columns unless it names its own: it is usually the other split of the same
     data."""
     reader.check_keys(allowed or SOURCE_FIELDS + ("label_map", "sample", "max_length"))
+    fmt, path_value = _dataset_format(shown, reader)
+    path, files = _dataset_files(file, shown, reader, fmt, path_value)
+    like = like if like is not None and like.format == fmt else None
+    header, text_column, label_column = _dataset_columns(reader, fmt, like)
+    label_map = _label_map(shown, reader)
+    sample = _sample(shown, reader)
+    return DatasetSpec(
+        format=fmt,
+        path=path,
+        files=files,
+        header=header,
+        text_column=text_column,
+        label_column=label_column,
+        label_map=label_map,
+        sample=sample,
+        max_length=reader.positive_int("max_length", 128),
+        field=reader.where,
+    )
+
+
+def _dataset_format(shown: Path, reader: _Reader) -> tuple[str, str | None]:
+    """(format, path as written): the format given, or else taken from the path's suffix."""
     fmt = reader.get("format", str)
     path_value = reader.get("path", str)
     inferred = fmt is None and bool(path_value)
@@ -618,23 +639,14 @@ def _dataset(
         raise SpecError(
             shown, reader.field("format"), fmt, f"allowed: {', '.join(DATASET_FORMATS)}{said}"
         )
+    return fmt, path_value
 
-    path = files = None
-    if fmt == "lines":
-        files_raw = reader.get("files", dict, required=True)
-        files = {}
-        for label, name in files_raw.items():
-            if not isinstance(name, str):
-                raise SpecError(shown, reader.field(f"files.{label}"), name, "expected a file name")
-            files[label_name(label)] = (
-                _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
-            )
-        for label, value in files.items():
-            if not value.is_file():
-                raise SpecError(
-                    shown, reader.field(f"files.{label}"), str(value), _no_such("no such file")
-                )
-    else:
+
+def _dataset_files(
+    file: Path, shown: Path, reader: _Reader, fmt: str, path_value: str | None
+) -> tuple[Path | None, dict[str, Path] | None]:
+    """(path, files): the one data file, or for format lines one file per label; each exists."""
+    if fmt != "lines":
         if path_value is None:
             raise SpecError(shown, reader.field("path"), None, "this field is required")
         path = _resolve(file, path_value)
@@ -642,48 +654,65 @@ def _dataset(
             raise SpecError(
                 shown, reader.field("path"), path_value, _no_such(f"no such file ({path})")
             )
+        return path, None
+    files_raw = reader.get("files", dict, required=True)
+    files = {}
+    for label, name in files_raw.items():
+        if not isinstance(name, str):
+            raise SpecError(shown, reader.field(f"files.{label}"), name, "expected a file name")
+        files[label_name(label)] = (
+            _resolve(file, name) if path_value is None else _resolve(file, path_value) / name
+        )
+    for label, value in files.items():
+        if not value.is_file():
+            raise SpecError(
+                shown, reader.field(f"files.{label}"), str(value), _no_such("no such file")
+            )
+    return None, files
 
-    like = like if like is not None and like.format == fmt else None
+
+def _dataset_columns(
+    reader: _Reader, fmt: str, like: DatasetSpec | None
+) -> tuple[bool, str | int, str | int]:
+    """(header, text_column, label_column): a headerless csv/tsv names columns by index, and a
+    training file `like` the dataset with the same header takes its columns."""
     header = reader.get("header", bool, like.header if like else True)
     column_kinds = (str, int) if fmt in ("csv", "tsv") and not header else (str,)
+    named = header or fmt not in ("csv", "tsv")
+    same = like is not None and like.header == header
     text_column = reader.get(
-        "text_column",
-        column_kinds,
-        like.text_column
-        if like and like.header == header
-        else "text"
-        if header or fmt not in ("csv", "tsv")
-        else 0,
+        "text_column", column_kinds, like.text_column if same else "text" if named else 0
     )
     label_column = reader.get(
-        "label_column",
-        column_kinds,
-        like.label_column
-        if like and like.header == header
-        else "label"
-        if header or fmt not in ("csv", "tsv")
-        else 1,
+        "label_column", column_kinds, like.label_column if same else "label" if named else 1
     )
+    return header, text_column, label_column
 
+
+def _label_map(shown: Path, reader: _Reader) -> dict[str, str] | None:
+    """dataset label value -> model label name, each dataset label once however it is written."""
     label_map_raw = reader.get("label_map", dict)
-    label_map = None
-    if label_map_raw is not None:
-        label_map = {}
-        for key, value in label_map_raw.items():
-            if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise SpecError(
-                    shown, reader.field(f"label_map.{key}"), value, "expected a model label name"
-                )
-            name = label_name(key)
-            if name in label_map:
-                raise SpecError(
-                    shown,
-                    reader.field(f"label_map.{key}"),
-                    key,
-                    f"names the same dataset label as another key ({name}); give each label once",
-                )
-            label_map[name] = str(value)
+    if label_map_raw is None:
+        return None
+    label_map = {}
+    for key, value in label_map_raw.items():
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise SpecError(
+                shown, reader.field(f"label_map.{key}"), value, "expected a model label name"
+            )
+        name = label_name(key)
+        if name in label_map:
+            raise SpecError(
+                shown,
+                reader.field(f"label_map.{key}"),
+                key,
+                f"names the same dataset label as another key ({name}); give each label once",
+            )
+        label_map[name] = str(value)
+    return label_map
 
+
+def _sample(shown: Path, reader: _Reader) -> SampleSpec:
     sample_reader = reader.sub("sample") or _Reader(shown, {}, reader.field("sample"))
     sample_reader.check_keys(("n", "fraction", "seed"))
     n = sample_reader.positive_int("n", None)
@@ -696,20 +725,7 @@ def _dataset(
         raise SpecError(
             shown, sample_reader.field("fraction"), fraction, "expected a fraction in (0, 1]"
         )
-    sample = SampleSpec(n=n, fraction=fraction, seed=sample_reader.get("seed", int, 0))
-    max_length = reader.positive_int("max_length", 128)
-    return DatasetSpec(
-        format=fmt,
-        path=path,
-        files=files,
-        header=header,
-        text_column=text_column,
-        label_column=label_column,
-        label_map=label_map,
-        sample=sample,
-        max_length=max_length,
-        field=reader.where,
-    )
+    return SampleSpec(n=n, fraction=fraction, seed=sample_reader.get("seed", int, 0))
 
 
 def _tolerances(reader: _Reader | None) -> dict[str, float]:
@@ -790,58 +806,9 @@ def _evaluation(reader: _Reader) -> EvaluationSpec:
     )
 
 
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
-QUANTIZED_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
-DYNAMIC_MODULES = ("Linear",)
-
-
 def _settings(reader: _Reader) -> QuantSettings:
-    reader.check_keys(
-        (
-            "llm_int8_threshold",
-            "bnb_4bit_compute_dtype",
-            "bnb_4bit_use_double_quant",
-            "dynamic_modules",
-            "quantized_engine",
-        )
-    )
-    compute_dtype = reader.get("bnb_4bit_compute_dtype", str, "float32")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise SpecError(
-            reader.file,
-            reader.field("bnb_4bit_compute_dtype"),
-            compute_dtype,
-            f"allowed: {', '.join(COMPUTE_DTYPES)}",
-        )
-    engine = reader.get("quantized_engine", str)
-    if engine is not None and engine not in QUANTIZED_ENGINES:
-        raise SpecError(
-            reader.file,
-            reader.field("quantized_engine"),
-            engine,
-            f"allowed: {', '.join(QUANTIZED_ENGINES)}",
-        )
-    modules = reader.get("dynamic_modules", list, list(DYNAMIC_MODULES))
-    for module in modules:
-        if module not in DYNAMIC_MODULES:
-            raise SpecError(
-                reader.file,
-                reader.field("dynamic_modules"),
-                module,
-                f"allowed: {', '.join(DYNAMIC_MODULES)}",
-            )
-    threshold = reader.get("llm_int8_threshold", float, 6.0)
-    if threshold < 0:
-        raise SpecError(
-            reader.file, reader.field("llm_int8_threshold"), threshold, "expected a number >= 0"
-        )
-    return QuantSettings(
-        llm_int8_threshold=threshold,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_use_double_quant=reader.get("bnb_4bit_use_double_quant", bool, False),
-        dynamic_modules=tuple(modules),
-        quantized_engine=engine,
-    )
+    reader.check_keys(tuple(f.name for f in fields(QuantSettings)))
+    return QuantSettings(**read_settings(reader))
 
 
 def _variants(shown: Path, top: _Reader) -> list[Variant]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import evaluate, measure, models
+from runner import evaluate, measure, models, precisions
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.spec import EvaluationSpec, QuantSettings, Variant
 from runner.tasks import DEFAULT_TASK, TASKS
@@ -132,10 +132,6 @@ def _injected_fault(variant_id: str) -> str | None:
     return None
 
 
-# Outlier columns of LLM.int8() are found on this many evaluation batches of the FP32 model.
-OUTLIER_BATCHES = 4
-
-
 def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     """Per-layer error of the weights this variant computes with, against the FP32 weights they came
     from."""
@@ -162,16 +158,9 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
         "histograms": analysis.weight_histograms(reference),
         "grids": grids,
     }
-    if task.variant.precision == "bnb-int8":
-        spread = batches[:: max(1, len(batches) // OUTLIER_BATCHES)][
-            :OUTLIER_BATCHES
-        ]  # short and long ones
-        cpu_batches = [{k: v.cpu() for k, v in b.items()} for b in spread]
-        columns = analysis.activation_outlier_columns(
-            reference_model, cpu_batches, task.settings.llm_int8_threshold
-        )
-        outcome["outlier_columns"] = {name: cols for name, cols in columns.items() if cols}
-        outcome["outlier_samples"] = sum(b["input_ids"].shape[0] for b in cpu_batches)
+    outcome.update(
+        precisions.extra_analysis(task.variant.precision, reference_model, batches, task.settings)
+    )
     del reference_model
     outcome["analysis_s"] = round(time.perf_counter() - started, 3)
     return outcome

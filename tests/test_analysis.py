@@ -12,6 +12,7 @@ import torch
 
 from runner import analysis as A
 from runner import effects as E
+from runner.precisions.bitsandbytes import FP4_CODE, NF4_CODE
 
 torch.set_num_threads(1)
 
@@ -287,12 +288,20 @@ def tiny_bert(tmp_path_factory):
 
 def _load_bnb(path, **kwargs):
     pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     import transformers
 
     config = transformers.BitsAndBytesConfig(**kwargs)
-    return transformers.AutoModelForSequenceClassification.from_pretrained(
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
         path, quantization_config=config, device_map="cpu"
     ).eval()
+    # The portable 4-bit path (dequantize, then multiply in float32) on every CPU: on one with
+    # AVX512-BF16 bnb would repack at the first forward and multiply in bf16, which
+    # test_bnb_4bit_cpu_packed_layout checks on its own.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def test_fp32_reference_names(tiny_bert):
@@ -380,8 +389,8 @@ def _check_on_4bit_grid(code, ref_w, got_w):
 @pytest.mark.parametrize(
     "quant_type, low, high, code",
     [
-        ("nf4", 18.0, 23.0, A.NF4_CODE),
-        ("fp4", 15.5, 21.0, A.FP4_CODE),
+        ("nf4", 18.0, 23.0, NF4_CODE),
+        ("fp4", 15.5, 21.0, FP4_CODE),
     ],  # measured 20.3-21.1 and 17.8-18.5
 )
 def test_bnb_4bit_on_cpu(tiny_bert, quant_type, low, high, code):

@@ -1,0 +1,105 @@
+"""The precisions: a registry of names, each run by one family, a module of this package.
+
+A family is one way of quantizing, in the manner of torchao: a settings dataclass plus the functions
+registered for it. Each family module (casts, torch_ao, bitsandbytes) defines:
+
+- `Settings` and `read_settings(reader)`: its keys of the job's `settings:` (flat, all families'
+  side by side), checked as they are read;
+- `PRECISIONS`: its registry entries (how each loads a saved FP32 checkpoint and quantizes it);
+- `linear_classes()`, `layer_weight(name, module)`: the layer classes it computes with, and the
+  float32 weight one of its layers really computes with;
+- `is_quantized(precision, module)`, `leaves_unquantized(model, name)`;
+- `grid(precision, weight)`: the values it can represent at a layer's scale (None for a float cast);
+- `extra_analysis(precision, reference_model, batches, settings)`: anything only it needs.
+
+A new family is one module plus its line below. The order of PRECISIONS is the table's column
+order. torch and each family's library are imported inside the functions: the driver validates
+jobs without importing them.
+"""
+
+from __future__ import annotations
+
+from runner.precisions import bitsandbytes, casts, torch_ao
+from runner.precisions.common import Precision
+
+__all__ = ["DEVICES", "FAMILIES", "PRECISIONS", "Precision"]
+
+DEVICES = ("cpu", "cuda")
+
+# The order their layers are asked in (bnb's layers subclass nn.Linear, so the plain casts come
+# last) and the order of their settings in a job's errors and a result's record.
+FAMILIES = {"bitsandbytes": bitsandbytes, "torch_ao": torch_ao, "casts": casts}
+
+PRECISIONS: dict[str, Precision] = {
+    p.name: p for p in [*casts.PRECISIONS, *torch_ao.PRECISIONS, *bitsandbytes.PRECISIONS]
+}
+
+
+def family_of(precision: str):
+    """The module that knows this precision. Raises ValueError for an unknown one."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {list(PRECISIONS)}")
+    return FAMILIES[PRECISIONS[precision].family]
+
+
+def settings_fields() -> list[tuple[str, type, object]]:
+    """(name, type, default) of every family's settings, in FAMILIES order."""
+    from dataclasses import MISSING, fields
+
+    found = []
+    for family in FAMILIES.values():
+        for f in fields(family.Settings):
+            assert f.default is not MISSING, f"{family.__name__}.Settings.{f.name} needs a default"
+            found.append((f.name, f.type, f.default))
+    return found
+
+
+def read_settings(reader) -> dict:
+    """The values of every family's settings, read and checked by its own read_settings."""
+    from dataclasses import fields
+
+    values = {}
+    for family in FAMILIES.values():
+        settings = family.read_settings(reader)
+        values.update({f.name: getattr(settings, f.name) for f in fields(settings)})
+    return values
+
+
+def layer_weight(name: str, module):
+    """The float32 CPU weight, [out, in], a linear-like module computes with; None for others."""
+    for family in FAMILIES.values():
+        weight = family.layer_weight(name, module)
+        if weight is not None:
+            return weight
+    return None
+
+
+def is_quantized(precision: str, module) -> bool:
+    """Whether this layer holds its weight as the precision does (a cast: in its dtype)."""
+    return family_of(precision).is_quantized(precision, module)
+
+
+def leaves_unquantized(precision: str, model, name: str) -> bool:
+    """Whether the precision's family keeps this linear layer out of quantization."""
+    return family_of(precision).leaves_unquantized(model, name)
+
+
+def quantization_grid(precision: str, weight):
+    return family_of(precision).grid(precision, weight)
+
+
+def extra_analysis(precision: str, reference_model, batches: list[dict], settings) -> dict:
+    """What the precision's family analyses beyond weight errors (bnb-int8: outlier columns)."""
+    return family_of(precision).extra_analysis(precision, reference_model, batches, settings)
+
+
+def linear_layer_kinds(model) -> dict[str, int]:
+    """How many linear layers of each class the model computes with: shows what was really
+    quantized."""
+    classes = tuple(c for family in FAMILIES.values() for c in family.linear_classes())
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, classes):
+            name = type(module).__module__ + "." + type(module).__name__
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,35 @@
+"""What every precision family shares: the Precision record and loading a saved checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    family: str  # the module in runner/precisions/ that knows this precision
+    devices: tuple[str, ...]
+    how: str
+    # (model_dir, device, settings) -> (model, recorded settings); weights arrive at their final
+    # dtype
+    load: Callable[..., tuple[Any, dict]]
+    # (model, settings) -> (model, recorded settings); None where loading already quantized
+    quantize: Callable[..., tuple[Any, dict]] | None = None
+    # What load imports beyond torch and transformers: the fork server can import it once.
+    imports: tuple[str, ...] = ()
+
+
+def auto_model(model_dir, **kwargs):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs)
+
+
+def as_cpu_float(t):
+    """A weight as float32 on the CPU: what every family's read-back weights are."""
+    import torch
+
+    return t.detach().to(device="cpu", dtype=torch.float32)

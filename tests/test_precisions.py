@@ -1,0 +1,156 @@
+"""Every registered precision on the CPU: it loads a tiny saved BERT, runs it, quantizes what its
+family says it does, and reads back the weights its layers really compute with."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import fields
+
+import pytest
+import torch
+
+from runner import analysis, precisions
+from runner.spec import QuantSettings
+
+torch.set_num_threads(1)
+
+CPU_PRECISIONS = [name for name, p in precisions.PRECISIONS.items() if "cpu" in p.devices]
+# How far layer(x) may be from F.linear(x, read-back weight, bias), relative to its norm: the
+# dynamic int8 kinds also quantize the activations; bnb 4-bit multiplies in bf16 on CPUs with
+# AVX512-BF16 (and exactly elsewhere).
+RELATIVE_TOLERANCE = {"int8-dynamic": 0.03, "bnb-int8": 0.03, "bnb-nf4": 0.01, "bnb-fp4": 0.01}
+
+
+def _save_tiny_bert(folder, hidden: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_64(tmp_path_factory):
+    # in_features a multiple of bnb's 4-bit block (64): bnb's own CPU kernels read it right on any
+    # CPU, so the layer's output can be checked against the weights read back.
+    return _save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-64"), 64)
+
+
+def _load(precision: str, folder):
+    spec = precisions.PRECISIONS[precision]
+    if spec.family == "bitsandbytes":
+        pytest.importorskip("bitsandbytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao deprecation notice
+        model, _ = spec.load(str(folder), "cpu", QuantSettings())
+        if spec.quantize is not None:
+            model, _ = spec.quantize(model, QuantSettings())
+    return model
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "input_ids": torch.randint(0, 100, (2, 8), generator=generator),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+    }
+
+
+def _input_dtype(layer) -> torch.dtype:
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float16, torch.bfloat16):
+        return weight.dtype
+    return torch.float32
+
+
+@pytest.mark.parametrize("precision", CPU_PRECISIONS)
+def test_precision_runs_quantizes_and_reads_back(tiny_bert_64, precision):
+    model = _load(precision, tiny_bert_64)
+    with torch.inference_mode():
+        logits = model(**_batch()).logits
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+    # Read after a forward, as the worker does: bnb may have repacked its layers by now.
+    weights = analysis.dequantized_linear_weights(model)
+    assert len(weights) == 14  # 6 per encoder layer, pooler, classifier
+    assert sum(precisions.linear_layer_kinds(model).values()) == 14
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2))
+    for name, weight in weights.items():
+        layer = model.get_submodule(name)
+        if precisions.leaves_unquantized(precision, model, name):
+            continue
+        assert precisions.is_quantized(precision, layer), (precision, name, type(layer))
+        inputs = x[:, : weight.shape[1]].to(_input_dtype(layer))
+        with torch.inference_mode():
+            out = layer(inputs).float()
+        bias = layer.bias() if callable(getattr(layer, "bias", None)) else layer.bias
+        bias = None if bias is None else bias.float()
+        expected = torch.nn.functional.linear(inputs.float(), weight, bias)
+        if precision in RELATIVE_TOLERANCE:
+            error = (out - expected).norm() / expected.norm()
+            assert error < RELATIVE_TOLERANCE[precision], (precision, name, float(error))
+        else:
+            # A cast computes in its own dtype: the same product, rounded as the layer rounds it.
+            dtype = _input_dtype(layer)
+            assert torch.allclose(out, expected.to(dtype).float(), rtol=1e-2, atol=1e-3), name
+
+
+@pytest.mark.parametrize("precision", CPU_PRECISIONS)
+def test_grid_of_every_precision(tiny_bert_64, precision):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_64)
+    weight = analysis.dequantized_linear_weights(model)["bert.encoder.layer.0.output.dense"]
+    grid = analysis.quantization_grid(precision, weight)
+    if precisions.PRECISIONS[precision].family == "casts":
+        assert grid is None
+    else:
+        assert grid["precision"] == precision and grid["values"]
+        # The group holding the largest |w| reaches it (int8-dynamic's codes end at 127 / 127.5).
+        assert max(grid["values"]) == pytest.approx(weight.abs().max().item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bnb_4bit_reads_like_its_portable_kernel_on_a_32_wide_model(tmp_path, quant_type):
+    """in_features 32: no 4-bit tile or block fills a row. On CPUs with AVX512-BF16 bnb would
+    crash repacking these layers and its CPU kernel would misread them; the family loads them
+    unpacked and reads them as bnb's portable kernel computes."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    model = _load(f"bnb-{quant_type}", _save_tiny_bert(tmp_path, 32))
+    for name, weight in analysis.dequantized_linear_weights(model).items():
+        state = model.get_submodule(name).weight.quant_state
+        data = model.get_submodule(name).weight.data.view(torch.uint8).reshape(-1)
+        by_bnb = _dequantize_4bit_compute(
+            data, state.absmax.float(), state.code, state.blocksize, state.shape, state.dtype
+        )
+        assert torch.equal(weight, by_bnb.float()), name
+    with torch.inference_mode():  # the layers bnb cannot repack run unpacked
+        assert torch.isfinite(model(**_batch()).logits).all()
+
+
+def test_settings_are_every_familys_side_by_side():
+    names = [f.name for f in fields(QuantSettings)]
+    assert names == [
+        "llm_int8_threshold",
+        "bnb_4bit_compute_dtype",
+        "bnb_4bit_use_double_quant",
+        "dynamic_modules",
+        "quantized_engine",
+    ]
+    assert names == [
+        f.name for family in precisions.FAMILIES.values() for f in fields(family.Settings)
+    ]
+    assert list(precisions.PRECISIONS) == [
+        "fp32", "fp16", "bf16", "int8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4"
+    ]  # fmt: skip
