@@ -136,14 +136,12 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     """Per-layer error of the weights this variant computes with, against the FP32 weights they came
     from."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     from runner import analysis
 
     started = time.perf_counter()
-    reference_model = AutoModelForSequenceClassification.from_pretrained(
-        task.model_dir, dtype=torch.float32
-    ).eval()
+    model_class = TASKS[task.task_name].auto_model()
+    reference_model = model_class.from_pretrained(task.model_dir, dtype=torch.float32).eval()
     reference = analysis.dequantized_linear_weights(reference_model)
     variant = analysis.dequantized_linear_weights(model)
     rows = analysis.layer_weight_errors(reference, variant)
@@ -224,7 +222,10 @@ def load_variant(task: VariantTask, memory: measure.MemoryPhases, threads: int) 
     settings: dict = {"threads": threads}
     with memory.phase("load"):
         started = time.perf_counter()
-        model, loaded = precision.load(task.model_dir, task.variant.device, task.settings)
+        model_class = TASKS[task.task_name].auto_model()
+        model, loaded = precision.load(
+            model_class, task.model_dir, task.variant.device, task.settings
+        )
         load_s = time.perf_counter() - started
     settings.update(loaded)
     with memory.phase("quantize"):

@@ -11,6 +11,7 @@ import torch
 
 from runner import analysis, precisions
 from runner.spec import QuantSettings
+from runner.tasks import TASKS
 
 torch.set_num_threads(1)
 
@@ -51,7 +52,8 @@ def _load(precision: str, folder):
         pytest.importorskip("bitsandbytes")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notice
-        model, _ = spec.load(str(folder), "cpu", QuantSettings())
+        model_class = TASKS["classification"].auto_model()
+        model, _ = spec.load(model_class, str(folder), "cpu", QuantSettings())
         if spec.quantize is not None:
             model, _ = spec.quantize(model, QuantSettings())
     return model

@@ -14,7 +14,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from runner.precisions.common import Precision, as_cpu_float, auto_model
+from runner.precisions.common import Precision, as_cpu_float
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes' default and what transformers' BitsAndBytesConfig uses
@@ -110,10 +110,12 @@ def _keep_unpackable_layers_unpacked(model) -> None:
 
 
 def _load(kind: str):
-    def load(model_dir, device, settings):
+    def load(model_class, model_dir, device, settings):
         config, recorded = _config(kind, settings)
         # Quantized while loading, layer by layer: no full FP32 model is held at any time.
-        model = auto_model(model_dir, quantization_config=config, device_map={"": device}).eval()
+        model = model_class.from_pretrained(
+            model_dir, quantization_config=config, device_map={"": device}
+        ).eval()
         if device == "cpu":
             _keep_unpackable_layers_unpacked(model)
         recorded["quantized_while_loading"] = True

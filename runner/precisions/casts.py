@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from runner.precisions.common import Precision, as_cpu_float, auto_model
+from runner.precisions.common import Precision, as_cpu_float
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -25,11 +25,12 @@ def read_settings(reader) -> Settings:
 
 
 def _load_as(dtype_name: str):
-    def load(model_dir, device, settings):
+    def load(model_class, model_dir, device, settings):
         import torch
 
         # Loading straight into the target dtype: a cast variant never holds an FP32 copy it drops.
-        model = auto_model(model_dir, dtype=getattr(torch, dtype_name)).to(device).eval()
+        model = model_class.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
+        model = model.to(device).eval()
         return model, {"dtype": dtype_name}
 
     return load

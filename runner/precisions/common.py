@@ -13,19 +13,13 @@ class Precision:
     family: str  # the module in runner/precisions/ that knows this precision
     devices: tuple[str, ...]
     how: str
-    # (model_dir, device, settings) -> (model, recorded settings); weights arrive at their final
-    # dtype
+    # (model_class, model_dir, device, settings) -> (model, recorded settings): model_class is the
+    # task's transformers Auto class; weights arrive at their final dtype
     load: Callable[..., tuple[Any, dict]]
     # (model, settings) -> (model, recorded settings); None where loading already quantized
     quantize: Callable[..., tuple[Any, dict]] | None = None
     # What load imports beyond torch and transformers: the fork server can import it once.
     imports: tuple[str, ...] = ()
-
-
-def auto_model(model_dir, **kwargs):
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs)
 
 
 def as_cpu_float(t):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runner.precisions.common import Precision, as_cpu_float, auto_model
+from runner.precisions.common import Precision, as_cpu_float
 
 QUANTIZED_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
 DYNAMIC_MODULES = ("Linear",)
@@ -33,10 +33,10 @@ def read_settings(reader) -> Settings:
     return Settings(dynamic_modules=tuple(modules), quantized_engine=engine)
 
 
-def _load_float32(model_dir, device, settings):
+def _load_float32(model_class, model_dir, device, settings):
     import torch
 
-    model = auto_model(model_dir, dtype=torch.float32).to(device).eval()
+    model = model_class.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     return model, {"dtype": "float32"}
 
 
