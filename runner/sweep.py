@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from runner import cluster as ray_cluster
 from runner import collect, dispatch, interrupt, locks, measure, models, results
 from runner.finetune import FinetuneTask, chance_note, finetune_key
 from runner.plan import JobPlan
@@ -207,7 +208,7 @@ def _run_sweep(
         plan.train_examples is not None and to_run[plan.spec.name] for plan in plans
     )
     if any(to_run.values()):
-        cluster = dispatch.connect(
+        cluster = ray_cluster.connect(
             address, temp_dir=ray_temp_dir, cpu_precisions=cpu_precisions if cpu_work else None
         )
         interrupt.install()  # ray.init replaced the SIGTERM handler
@@ -299,7 +300,7 @@ def _run_sweep(
             report.variants_s += sum(r.get("wall_s") or 0.0 for r in job_results)
     finally:
         if cluster is not None:
-            dispatch.shutdown()
+            ray_cluster.shutdown()
     report.wall_s = time.perf_counter() - started
     return report
 
