@@ -3,8 +3,8 @@
 Every variant of a job quantizes the same saved FP32 checkpoint. `prepare_model` materialises it
 once (a randomly initialised classification head or inline architecture gets its weights here, from
 the job's seed) into a cache folder keyed by a content hash, so variants on any worker load
-identical weights and a second run reuses the folder. Nodes that do not share this machine's disk
-get the folder as a tar.
+identical weights and a second run reuses the folder. A hub model is keyed by the commit its
+revision resolves to. Nodes that do not share this machine's disk get the folder as a tar.
 """
 
 from __future__ import annotations
@@ -50,8 +50,28 @@ def _hash_folder(folder: Path, digest) -> None:
                 digest.update(block)
 
 
+def hub_commit(source: ModelSource) -> str | None:
+    """The commit a hub source's revision resolves to in the local Hugging Face cache, without the
+    network: the snapshot folder is named by it. None for other sources, or a revision not cached.
+
+    Validation reads a hub model's config and tokenizer first, which fills the cache (its
+    refs/<revision> names the commit): a branch that moves on the hub then gives a new key."""
+    if not source.hub:
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(source.hub, revision=source.revision, local_files_only=True)
+    except (OSError, ValueError):  # not in the cache (LocalEntryNotFoundError), or no repo id
+        return None
+    return Path(folder).name
+
+
 def _hash_source(source: ModelSource, digest) -> None:
     digest.update(source.describe().encode() if source.hub or source.config is None else b"inline")
+    commit = hub_commit(source)
+    if commit is not None:
+        digest.update(f"|commit={commit}".encode())
     if source.config is not None:
         digest.update(json.dumps(source.config, sort_keys=True).encode())
     elif source.hub is None:
@@ -96,7 +116,7 @@ def quiet_libraries() -> None:
 def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
     """The job's FP32 checkpoint and tokenizer in the cache; (folder, its description). Cached by
     content."""
-    key = model_key(spec)
+    key, commit = model_key(spec), hub_commit(spec.model)
     folder = cached_model(key)
     if folder is not None:
         return folder, cached_info(folder)
@@ -114,18 +134,20 @@ def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
     else:
         model, loading = AutoModelForSequenceClassification.from_pretrained(
             pretrained_name(spec.model),
-            revision=spec.model.revision,
+            revision=commit or spec.model.revision,  # the weights the key names
             dtype=torch.float32,
             output_loading_info=True,
         )
         newly_initialised = sorted(loading.get("missing_keys", []))
     tokenizer_source = spec.tokenizer or spec.model
     tokenizer = AutoTokenizer.from_pretrained(
-        pretrained_name(tokenizer_source), revision=tokenizer_source.revision
+        pretrained_name(tokenizer_source),
+        revision=hub_commit(tokenizer_source) or tokenizer_source.revision,
     )
     info = {
         "key": key,
         "source": spec.model.describe(),
+        **({"commit": commit} if spec.model.hub else {}),
         "tokenizer": tokenizer_source.describe(),
         "seed": spec.seed,
         "newly_initialised": newly_initialised,

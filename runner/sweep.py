@@ -424,7 +424,7 @@ def fine_tuned_model(
             "train loss "
             f"{info['train_loss']}){chance_note(info['train_loss'], len(plan.model_labels))}"
         )
-        return cached, {**info, "source": f"fine-tuned {base_info['source']}"}
+        return cached, fine_tuned_info(info, base_info)
     say(
         f"fine-tune: training on {len(task.texts)} rows ({spec.finetune.epochs:g} epoch(s), "
         f"batch {spec.finetune.batch_size}, learning rate {spec.finetune.learning_rate:g}) ..."
@@ -440,7 +440,13 @@ def fine_tuned_model(
         f"train loss {info['train_loss']}; cached as "
         f"{info['folder']}{chance_note(info['train_loss'], len(plan.model_labels))}"
     )
-    return Path(info["folder"]), {**info, "source": f"fine-tuned {base_info['source']}"}
+    return Path(info["folder"]), fine_tuned_info(info, base_info)
+
+
+def fine_tuned_info(info: dict, base_info: dict) -> dict:
+    """A fine-tuned model's description for its results; a hub base model's commit stays in it."""
+    commit = {"commit": base_info["commit"]} if "commit" in base_info else {}
+    return {**info, "source": f"fine-tuned {base_info['source']}", **commit}
 
 
 def finetune_task(plan: JobPlan, base_dir: Path, base_info: dict) -> FinetuneTask:
