@@ -34,8 +34,7 @@ def _seconds(text: str) -> float:
 
 
 # Ray puts its unix sockets at TEMP/session_<date>_<time>_<microseconds>_<pid>/sockets/plasma_store,
-# and a
-# socket's path may hold at most 107 bytes: the session part takes up to 66 of them.
+# and a socket's path may hold at most 107 bytes: the session part takes up to 66 of them.
 RAY_SOCKET_PATH_MAX, RAY_SESSION_PART = 107, 66
 
 
@@ -76,7 +75,16 @@ def _wait_seconds(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_run(commands)
+    validate = commands.add_parser(
+        "validate", help="check job files and print the variants they expand to"
+    )
+    validate.add_argument("jobs", nargs="+", type=Path)
+    _add_collect_and_report(commands)
+    return parser
 
+
+def _add_run(commands) -> None:
     run = commands.add_parser(
         "run", help="validate, run every variant, write results, print the table"
     )
@@ -116,11 +124,8 @@ def _parser() -> argparse.ArgumentParser:
         "each folder; without SECONDS until it ends) instead of stopping with exit code 2",
     )
 
-    validate = commands.add_parser(
-        "validate", help="check job files and print the variants they expand to"
-    )
-    validate.add_argument("jobs", nargs="+", type=Path)
 
+def _add_collect_and_report(commands) -> None:
     collect = commands.add_parser(
         "collect", help="the comparison table of the results under folders"
     )
@@ -143,7 +148,6 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--baseline", help="variant to compare against (default: the job's baseline)"
     )
-    return parser
 
 
 def _plans(paths: list[Path]):
@@ -168,48 +172,48 @@ def main(argv: list[str] | None = None) -> int:
             return _collect(args)
         if args.command == "report":
             return _report(args)
-        from runner import interrupt
-
-        plans = []
-        try:
-            with (
-                interrupt.handled()
-            ):  # from the start: a Ctrl-C while the job files are read is no traceback either
-                plans = _plans(args.jobs)
-                _check_names(plans)
-                from runner import (
-                    sweep,
-                )  # after validation: a bad job file is told without importing Ray
-
-                report = sweep.run_sweep(
-                    plans,
-                    args.results,
-                    args.resume,
-                    args.address,
-                    ray_temp_dir=args.ray_temp_dir,
-                    placement_timeout_s=args.placement_timeout,
-                    lock_wait_s=args.wait_for_lock,
-                    command=_command_line(argv),
-                )
-        except KeyboardInterrupt:  # interrupt.Interrupted, or Ray's own for it
-            print(_stopped(interrupt.signal_name(), args, argv, plans), file=sys.stderr)
-            return interrupt.exit_code()
-        sweep.print_table(report, plans)
-        print(report.split())
-        for note in sweep.stale_report_notes(args.results, [plan.spec.name for plan in plans]):
-            print(note)
-        return EXIT_FAILED if report.failed else EXIT_OK
+        return _run(args, argv)
     except (SpecError, ResultsError) as error:
         print(f"quantbench: {error}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `quantbench validate … | head`: the reader has all it wanted
-        os.dup2(
-            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
-        )  # else Python complains at exit
+        # Else Python complains at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except ConnectionError as error:  # e.g. no Ray cluster at --address
         print(f"quantbench: cannot reach the Ray cluster: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _run(args, argv: list[str] | None) -> int:
+    from runner import interrupt
+
+    plans = []
+    try:
+        # From the start: a Ctrl-C while the job files are read is no traceback either.
+        with interrupt.handled():
+            plans = _plans(args.jobs)
+            _check_names(plans)
+            from runner import sweep  # after validation: a bad job file is told without Ray
+
+            report = sweep.run_sweep(
+                plans,
+                args.results,
+                args.resume,
+                args.address,
+                ray_temp_dir=args.ray_temp_dir,
+                placement_timeout_s=args.placement_timeout,
+                lock_wait_s=args.wait_for_lock,
+                command=_command_line(argv),
+            )
+    except KeyboardInterrupt:  # interrupt.Interrupted, or Ray's own for it
+        print(_stopped(interrupt.signal_name(), args, argv, plans), file=sys.stderr)
+        return interrupt.exit_code()
+    sweep.print_table(report, plans)
+    print(report.split())
+    for note in sweep.stale_report_notes(args.results, [plan.spec.name for plan in plans]):
+        print(note)
+    return EXIT_FAILED if report.failed else EXIT_OK
 
 
 def _check_names(plans) -> None:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner import data, measure, models
+from runner import data, measure, model_checks, models
 from runner.spec import JobSpec, SampleSpec, SpecError, load_job
 from runner.tasks import TASKS
 
@@ -40,7 +40,7 @@ def plan_job(path: str | Path) -> JobPlan:
     sample_rows = data.sample_indices(len(rows), spec.dataset.sample)
     examples = [rows[i] for i in sample_rows]
 
-    config = models.model_config(spec.model, shown)
+    config = model_checks.model_config(spec.model, shown)
     check_model_files(spec, shown, config)
     notes: list[str] = []
     train = None
@@ -67,10 +67,10 @@ def plan_job(path: str | Path) -> JobPlan:
 def check_model_files(spec: JobSpec, shown: Path, config: dict) -> None:
     """The tokenizer and weight files are there, and the sample fits the model's positions."""
     if spec.tokenizer is not None:
-        models.check_tokenizer_files(spec.tokenizer, shown, "tokenizer")
+        model_checks.check_tokenizer_files(spec.tokenizer, shown, "tokenizer")
     else:
-        models.check_tokenizer_files(spec.model, shown, "model")
-    models.check_weight_files(spec.model, shown)
+        model_checks.check_tokenizer_files(spec.model, shown, "model")
+    model_checks.check_weight_files(spec.model, shown)
     check_lengths(spec, shown, config)
 
 

@@ -12,10 +12,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from runner import cluster as ray_cluster
 from runner import collect, dispatch, interrupt, locks, measure, models, results
+from runner.cluster import Cluster
 from runner.finetune import FinetuneTask, chance_note, finetune_key
 from runner.plan import JobPlan
-from runner.spec import SpecError
+from runner.spec import SpecError, Variant
 from runner.worker import VariantTask, base_result
 
 
@@ -80,6 +82,7 @@ def build_tasks(
             sample=sample,
             model_info=model_info,
             repeat=repeat,
+            task_name=spec.task,
         )
         for variant in spec.variants
         if variant.id not in skip
@@ -168,6 +171,21 @@ def run_sweep(
         )
 
 
+@dataclass
+class Sweep:
+    """What a run's phases share: where results go, what each job's folder kept, what is left."""
+
+    plans: list[JobPlan]
+    results_dir: Path
+    say: Callable[[str], None]
+    placement_timeout_s: float | None
+    report: SweepReport = field(default_factory=SweepReport)
+    kept: dict[str, dict[str, dict]] = field(default_factory=dict)  # job -> variant -> result
+    replaced: dict[str, dict[str, str]] = field(default_factory=dict)  # job -> variant -> why
+    to_run: dict[str, list[Variant]] = field(default_factory=dict)  # job -> variants left to run
+    cluster: Cluster | None = None  # None when nothing is left to run
+
+
 def _run_sweep(
     plans: list[JobPlan],
     results_dir: Path,
@@ -177,131 +195,168 @@ def _run_sweep(
     ray_temp_dir: str | None,
     placement_timeout_s: float | None,
 ) -> SweepReport:
+    sweep = Sweep(plans, results_dir, say, placement_timeout_s)
+    read_job_folders(sweep, resume)
+    started = time.perf_counter()
+    start_cluster(sweep, address, ray_temp_dir, started)
+    try:
+        say_what_resume_keeps(sweep)
+        # Every job's model before any variant: one that cannot be loaded stops the run with nothing
+        # written.
+        prepared_models = prepare_models(sweep)
+        for plan in plans:
+            if sweep.to_run[plan.spec.name]:
+                run_job(sweep, plan, *prepared_models[plan.spec.name])
+    finally:
+        if sweep.cluster is not None:
+            ray_cluster.shutdown()
+    sweep.report.wall_s = time.perf_counter() - started
+    return sweep.report
+
+
+def read_job_folders(sweep: Sweep, resume: bool) -> None:
+    """What each job's results folder keeps (with --resume) and replaces; what is left to run."""
     unusable: list[tuple[Path, str]] = []
-    folders = {
-        plan.spec.name: results.plan_folder(
-            results_dir,
-            plan.spec.name,
+    for plan in sweep.plans:
+        spec = plan.spec
+        sweep.kept[spec.name], sweep.replaced[spec.name] = results.plan_folder(
+            sweep.results_dir,
+            spec.name,
             plan.spec_hash,
-            [v.id for v in plan.spec.variants],
+            [v.id for v in spec.variants],
             resume,
             unusable,
         )
-        for plan in plans
-    }
     for file, why in unusable:  # a variant's own file among them is replaced when it runs
-        say(f"skipped {file}: {why}")
-    kept = {name: keep for name, (keep, _) in folders.items()}
-    replaced = {name: why for name, (_, why) in folders.items()}
-    to_run = {
-        plan.spec.name: [v for v in plan.spec.variants if v.id not in kept[plan.spec.name]]
-        for plan in plans
-    }
-    report = SweepReport()
-    started = time.perf_counter()
+        sweep.say(f"skipped {file}: {why}")
+    for plan in sweep.plans:
+        kept = sweep.kept[plan.spec.name]
+        sweep.to_run[plan.spec.name] = [v for v in plan.spec.variants if v.id not in kept]
+
+
+def start_cluster(
+    sweep: Sweep, address: str | None, ray_temp_dir: str | None, started: float
+) -> None:
+    """Join or start the cluster, unless --resume kept every result; started: the sweep's start."""
+    say, report = sweep.say, sweep.report
+    if not any(sweep.to_run.values()):
+        # A finished sweep run again with --resume: the table from the kept results, at once.
+        report.nothing_ran = True
+        say("cluster: not started: --resume kept every variant's result, nothing left to run")
+        return
     cpu_precisions = [
-        v.precision for variants in to_run.values() for v in variants if v.device == "cpu"
+        v.precision for variants in sweep.to_run.values() for v in variants if v.device == "cpu"
     ]
     # A fine-tune is CPU work too where the cluster has no GPU.
     cpu_work = cpu_precisions or any(
-        plan.train_examples is not None and to_run[plan.spec.name] for plan in plans
+        plan.train_examples is not None and sweep.to_run[plan.spec.name] for plan in sweep.plans
     )
-    if any(to_run.values()):
-        cluster = dispatch.connect(
-            address, temp_dir=ray_temp_dir, cpu_precisions=cpu_precisions if cpu_work else None
-        )
-        interrupt.install()  # ray.init replaced the SIGTERM handler
-        report.cluster_start_s = time.perf_counter() - started
-        say(f"cluster: {cluster.describe()}")
-        for warning in cluster.warnings:
-            say(f"warning: {warning}")
-    else:  # a finished sweep run again with --resume: the table from the kept results, at once
-        cluster, report.nothing_ran = None, True
-        say("cluster: not started: --resume kept every variant's result, nothing left to run")
-    try:
-        for plan in plans:
-            name = plan.spec.name
-            for variant_id, result in kept[name].items():
-                say(
-                    f"[resume] {name} {variant_id}: kept "
-                    f"{results.result_path(results_dir, name, variant_id)}"
-                )
-                report.results.append(result)
-            for variant_id, why in replaced[name].items():
-                say(
-                    f"[resume] {name} {variant_id}: runs again and replaces "
-                    f"{results.result_path(results_dir, name, variant_id)} ({why})"
-                )
-        # Every job's model before any variant: one that cannot be loaded stops the run with nothing
-        # written.
-        prepared_models = {}
-        for plan in plans:
-            if to_run[plan.spec.name]:
-                prepared = time.perf_counter()
-                prepared_models[plan.spec.name] = prepared_model(plan, say)
-                report.prepare_s += time.perf_counter() - prepared
-        for plan in plans:
-            name = plan.spec.name
-            if not to_run[name]:
-                continue
-            for note in plan.notes:
-                say(f"note: {name}: {note}")
-            model_dir, model_info = prepared_models[name]
-            if plan.train_examples is not None:
-                prepared = time.perf_counter()
-                try:
-                    model_dir, model_info = fine_tuned_model(
-                        plan, model_dir, model_info, cluster, say, placement_timeout_s
-                    )
-                except Exception as error:  # every variant of this job needs the fine-tuned model
-                    report.prepare_s += time.perf_counter() - prepared
-                    failed = [
-                        dict(
-                            base_result(
-                                t, "failed", f"fine-tune failed: {type(error).__name__}: {error}"
-                            ),
-                            ended_at=measure.now(),
-                        )
-                        for t in build_tasks(plan, model_dir, model_info, set(kept[name]))
-                        if t.repeat == 0
-                    ]
-                    for number, result in enumerate(failed, start=1):
-                        results.write_result(results_dir, result)
-                        say(progress_line(number, len(failed), result))
-                        report.results.append(result)
-                    continue
-                report.prepare_s += time.perf_counter() - prepared
-            tasks = build_tasks(plan, model_dir, model_info, set(kept[name]))
-            count, runs, done = [0], {}, set()
-            repeats = plan.spec.evaluation.repeats
+    sweep.cluster = ray_cluster.connect(
+        address, temp_dir=ray_temp_dir, cpu_precisions=cpu_precisions if cpu_work else None
+    )
+    interrupt.install()  # ray.init replaced the SIGTERM handler
+    report.cluster_start_s = time.perf_counter() - started
+    say(f"cluster: {sweep.cluster.describe()}")
+    for warning in sweep.cluster.warnings:
+        say(f"warning: {warning}")
 
-            def on_result(result: dict, total=len(tasks) // repeats) -> None:
-                if result["variant"] in done:  # the other repeats of a skipped variant
-                    return
-                runs.setdefault(result["variant"], []).append(result)
-                if len(runs[result["variant"]]) < repeats and result["status"] != "skipped":
-                    return
-                done.add(result["variant"])
-                merged = merge_repeats(runs[result["variant"]])
-                results.write_result(results_dir, merged)
-                report.results.append(merged)
-                count[0] += 1
-                say(progress_line(count[0], total, merged))
 
-            job_results = dispatch.run_variants(
-                tasks,
-                cluster,
-                on_result,
-                placement_timeout_s=placement_timeout_s,
-                model_dir=model_dir,
-                say=say,
+def say_what_resume_keeps(sweep: Sweep) -> None:
+    for plan in sweep.plans:
+        name = plan.spec.name
+        for variant_id, result in sweep.kept[name].items():
+            sweep.say(
+                f"[resume] {name} {variant_id}: kept "
+                f"{results.result_path(sweep.results_dir, name, variant_id)}"
             )
-            report.variants_s += sum(r.get("wall_s") or 0.0 for r in job_results)
-    finally:
-        if cluster is not None:
-            dispatch.shutdown()
-    report.wall_s = time.perf_counter() - started
-    return report
+            sweep.report.results.append(result)
+        for variant_id, why in sweep.replaced[name].items():
+            sweep.say(
+                f"[resume] {name} {variant_id}: runs again and replaces "
+                f"{results.result_path(sweep.results_dir, name, variant_id)} ({why})"
+            )
+
+
+def prepare_models(sweep: Sweep) -> dict[str, tuple[Path, dict]]:
+    """Each job's FP32 checkpoint, for the jobs with variants left to run: job -> (folder, info)."""
+    prepared_models = {}
+    for plan in sweep.plans:
+        if sweep.to_run[plan.spec.name]:
+            prepared = time.perf_counter()
+            prepared_models[plan.spec.name] = prepared_model(plan, sweep.say)
+            sweep.report.prepare_s += time.perf_counter() - prepared
+    return prepared_models
+
+
+def run_job(sweep: Sweep, plan: JobPlan, model_dir: Path, model_info: dict) -> None:
+    """Fine-tune the job's model where it asks for it, then run its variants."""
+    for note in plan.notes:
+        sweep.say(f"note: {plan.spec.name}: {note}")
+    if plan.train_examples is not None:
+        prepared = time.perf_counter()
+        try:
+            model_dir, model_info = fine_tuned_model(
+                plan, model_dir, model_info, sweep.cluster, sweep.say, sweep.placement_timeout_s
+            )
+        except Exception as error:  # every variant of this job needs the fine-tuned model
+            sweep.report.prepare_s += time.perf_counter() - prepared
+            write_fine_tune_failure(sweep, plan, model_dir, model_info, error)
+            return
+        sweep.report.prepare_s += time.perf_counter() - prepared
+    tasks = build_tasks(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]))
+    progress = JobProgress(sweep, plan.spec.evaluation.repeats, len(tasks))
+    job_results = dispatch.run_variants(
+        tasks,
+        sweep.cluster,
+        progress.on_result,
+        placement_timeout_s=sweep.placement_timeout_s,
+        model_dir=model_dir,
+        say=sweep.say,
+    )
+    sweep.report.variants_s += sum(r.get("wall_s") or 0.0 for r in job_results)
+
+
+def write_fine_tune_failure(
+    sweep: Sweep, plan: JobPlan, model_dir: Path, model_info: dict, error: Exception
+) -> None:
+    """Every variant left to run ends `failed`, saying why the fine-tune failed."""
+    why = f"fine-tune failed: {type(error).__name__}: {error}"
+    failed = [
+        dict(base_result(task, "failed", why), ended_at=measure.now())
+        for task in build_tasks(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]))
+        if task.repeat == 0
+    ]
+    for number, result in enumerate(failed, start=1):
+        results.write_result(sweep.results_dir, result)
+        sweep.say(progress_line(number, len(failed), result))
+        sweep.report.results.append(result)
+
+
+@dataclass
+class JobProgress:
+    """A job's results as they arrive: a variant's repeats merged into one result once all have
+    come (or one was skipped), written, and counted in the progress lines."""
+
+    sweep: Sweep
+    repeats: int
+    tasks: int  # one per repeat of each variant
+    runs: dict[str, list[dict]] = field(default_factory=dict)  # variant -> its results so far
+    done: set[str] = field(default_factory=set)
+    written: int = 0
+
+    def on_result(self, result: dict) -> None:
+        variant = result["variant"]
+        if variant in self.done:  # the other repeats of a skipped variant
+            return
+        self.runs.setdefault(variant, []).append(result)
+        if len(self.runs[variant]) < self.repeats and result["status"] != "skipped":
+            return
+        self.done.add(variant)
+        merged = merge_repeats(self.runs[variant])
+        results.write_result(self.sweep.results_dir, merged)
+        self.sweep.report.results.append(merged)
+        self.written += 1
+        self.sweep.say(progress_line(self.written, self.tasks // self.repeats, merged))
 
 
 def stale_report_notes(results_dir: Path, jobs: list[str]) -> list[str]:
@@ -360,12 +415,8 @@ def fine_tuned_model(
 ) -> tuple[Path, dict]:
     """The job's fine-tuned FP32 model: from the cache, or trained now as a Ray task."""
     spec = plan.spec
-    texts = [e.text for e in plan.train_examples]
-    labels = [plan.label_map[e.label] for e in plan.train_examples]
-    key = finetune_key(
-        base_info["key"], texts, labels, plan.model_labels, spec.finetune, spec.dataset.max_length
-    )
-    cached = models.cached_model(key)
+    task = finetune_task(plan, base_dir, base_info)
+    cached = models.cached_model(task.key)
     if cached is not None:
         info = models.cached_info(cached)
         say(
@@ -374,20 +425,10 @@ def fine_tuned_model(
             "train loss "
             f"{info['train_loss']}){chance_note(info['train_loss'], len(plan.model_labels))}"
         )
-        return cached, {**info, "source": f"fine-tuned {base_info['source']}"}
+        return cached, fine_tuned_info(info, base_info)
     say(
-        f"fine-tune: training on {len(texts)} rows ({spec.finetune.epochs:g} epoch(s), "
+        f"fine-tune: training on {len(task.texts)} rows ({spec.finetune.epochs:g} epoch(s), "
         f"batch {spec.finetune.batch_size}, learning rate {spec.finetune.learning_rate:g}) ..."
-    )
-    task = FinetuneTask(
-        key=key,
-        base_dir=str(base_dir),
-        base_key=base_info["key"],
-        texts=texts,
-        labels=labels,
-        label_names=plan.model_labels,
-        settings=spec.finetune,
-        max_length=spec.dataset.max_length,
     )
     info = dispatch.finetune(
         task,
@@ -400,7 +441,34 @@ def fine_tuned_model(
         f"train loss {info['train_loss']}; cached as "
         f"{info['folder']}{chance_note(info['train_loss'], len(plan.model_labels))}"
     )
-    return Path(info["folder"]), {**info, "source": f"fine-tuned {base_info['source']}"}
+    return Path(info["folder"]), fine_tuned_info(info, base_info)
+
+
+def fine_tuned_info(info: dict, base_info: dict) -> dict:
+    """A fine-tuned model's description for its results; a hub base model's commit stays in it."""
+    commit = {"commit": base_info["commit"]} if "commit" in base_info else {}
+    return {**info, "source": f"fine-tuned {base_info['source']}", **commit}
+
+
+def finetune_task(plan: JobPlan, base_dir: Path, base_info: dict) -> FinetuneTask:
+    """What the job's fine-tune trains on, keyed as its cache entry."""
+    spec = plan.spec
+    texts = [e.text for e in plan.train_examples]
+    labels = [plan.label_map[e.label] for e in plan.train_examples]
+    key = finetune_key(
+        base_info["key"], texts, labels, plan.model_labels, spec.finetune, spec.dataset.max_length
+    )
+    return FinetuneTask(
+        key=key,
+        base_dir=str(base_dir),
+        base_key=base_info["key"],
+        texts=texts,
+        labels=labels,
+        label_names=plan.model_labels,
+        settings=spec.finetune,
+        max_length=spec.dataset.max_length,
+        task_name=spec.task,
+    )
 
 
 def describe_plan(plan: JobPlan) -> str:

@@ -3,7 +3,7 @@
 
 Ray itself retries such an address for minutes (`quantbench run --address 127.0.0.1:PORT` with
 nothing there was still running after 10 minutes, printing only Ray's "Failed to get cluster ID from
-GCS server"), so dispatch.connect() checks the address on TCP before it calls ray.init.
+GCS server"), so cluster.connect() checks the address on TCP before it calls ray.init.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, rt_job, write_job
 
-from runner import dispatch
+from runner import cluster
 
 QUANTBENCH = Path(sys.executable).with_name("quantbench")
 
@@ -104,7 +104,7 @@ def test_an_address_from_RAY_ADDRESS_is_named_as_such(monkeypatch):
         monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")
         started = time.monotonic()
         with pytest.raises(ConnectionError) as raised:
-            dispatch.connect(None)
+            cluster.connect(None)
     message = str(raised.value)
     assert time.monotonic() - started < 10
     assert f"ray://127.0.0.1:{port} (from RAY_ADDRESS)" in message, message
@@ -116,7 +116,7 @@ def test_an_address_from_RAY_ADDRESS_is_named_as_such(monkeypatch):
 @pytest.mark.parametrize("form", ["127.0.0.1:{port}", "localhost:{port}", "ray://127.0.0.1:{port}"])
 def test_an_address_that_answers_passes_the_check(form):
     with listening_port() as port:
-        assert dispatch.check_address(form.format(port=port), "--address") is True  # raises nothing
+        assert cluster.check_address(form.format(port=port), "--address") is True  # raises nothing
 
 
 @pytest.mark.parametrize("address", ["auto", "local", "ray://auto", "anyscale://my-cluster"])
@@ -126,7 +126,7 @@ def test_what_ray_resolves_itself_is_left_to_ray(address, monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", connect)
     assert (
-        dispatch.check_address(address, "--address") is False
+        cluster.check_address(address, "--address") is False
     )  # so a failure is not said to have answered
 
 
@@ -144,7 +144,7 @@ def test_each_way_of_not_answering_is_said(error, says, monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", connect)
     with pytest.raises(ConnectionError) as raised:
-        dispatch.check_address("head.example:6379", "--address")
+        cluster.check_address("head.example:6379", "--address")
     message = str(raised.value)
     assert message.startswith("head.example:6379 (given by --address): ") and says in message, (
         message

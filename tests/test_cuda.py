@@ -18,7 +18,7 @@ from conftest import rt_job, write_job
 from test_end_to_end import run_cli
 from test_worker import make_task
 
-from runner import dispatch
+from runner import cluster
 from runner.worker import run_variant
 
 CUDA_PRECISIONS = ["fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4", "bnb-fp4"]
@@ -45,19 +45,19 @@ def test_gpus_are_counted_by_nvidia_smi_where_the_driver_has_no_proc_entry(tmp_p
     monkeypatch.setenv("PATH", str(fake_nvidia_smi(tmp_path, TWO_GPUS)))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     missing = tmp_path / "no-proc"
-    assert dispatch.local_gpu_count(missing) == 2
+    assert cluster.local_gpu_count(missing) == 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert dispatch.local_gpu_count(missing) == 1
+    assert cluster.local_gpu_count(missing) == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert dispatch.local_gpu_count(missing) == 0
+    assert cluster.local_gpu_count(missing) == 0
 
 
 def test_no_gpu_when_nvidia_smi_is_missing_or_fails(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert dispatch.local_gpu_count(tmp_path / "no-proc") == 0
+    assert cluster.local_gpu_count(tmp_path / "no-proc") == 0
     monkeypatch.setenv("PATH", str(fake_nvidia_smi(tmp_path, "NVIDIA-SMI has failed", code=9)))
-    assert dispatch.local_gpu_count(tmp_path / "no-proc") == 0
+    assert cluster.local_gpu_count(tmp_path / "no-proc") == 0
 
 
 def test_the_driver_proc_entry_counts_gpus_first(tmp_path, monkeypatch):
@@ -66,7 +66,7 @@ def test_the_driver_proc_entry_counts_gpus_first(tmp_path, monkeypatch):
     proc = tmp_path / "gpus"
     for bus in ("0000:01:00.0", "0000:02:00.0", "0000:03:00.0"):
         (proc / bus).mkdir(parents=True)
-    assert dispatch.local_gpu_count(proc) == 3
+    assert cluster.local_gpu_count(proc) == 3
 
 
 @pytest.fixture(scope="module")

@@ -211,7 +211,7 @@ def test_the_embedded_cluster_forks_cpu_work_from_a_server_started_before_ray(ra
 
     import ray
 
-    from runner import dispatch, isolation
+    from runner import cluster, dispatch, isolation
 
     def workers_beside_this_one() -> list[str]:
         """The other Ray workers of this node (the raylet's children, without its agents)."""
@@ -231,7 +231,7 @@ def test_the_embedded_cluster_forks_cpu_work_from_a_server_started_before_ray(ra
                 workers.append(command)
         return workers
 
-    dispatch.connect(None, temp_dir=ray_temp_dir, cpu_precisions=["fp32", "int8-dynamic"])
+    cluster.connect(None, temp_dir=ray_temp_dir, cpu_precisions=["fp32", "int8-dynamic"])
     try:
         # A variant's worker is alone: an idle one beside it would wake 100 times a second.
         assert (
@@ -240,7 +240,7 @@ def test_the_embedded_cluster_forks_cpu_work_from_a_server_started_before_ray(ra
             )
             == []
         )
-        server = dispatch._fork_server
+        server = cluster._fork_server
         tests = os.path.dirname(os.path.abspath(__file__))  # where the worker finds this module
         on_a_worker = ray.remote(
             num_cpus=1, max_retries=0, runtime_env={"env_vars": {"PYTHONPATH": tests}}
@@ -249,7 +249,7 @@ def test_the_embedded_cluster_forks_cpu_work_from_a_server_started_before_ray(ra
         # And its workers run at niceness 0, not Ray's 15: a CUDA variant runs in its worker.
         assert ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote()) == 0
     finally:
-        dispatch.shutdown()
+        cluster.shutdown()
     assert server.process.poll() is not None and isolation.ADDRESS_VARIABLE not in os.environ
 
 
@@ -263,12 +263,12 @@ def test_resume_of_a_finished_sweep_prints_the_table_without_starting_ray(
     )
     assert code == 0, first + err
 
-    from runner import dispatch, models
+    from runner import cluster, models
 
     def refuse(*args, **kwargs):
         raise AssertionError("nothing is left to run, yet it started Ray or loaded the model")
 
-    monkeypatch.setattr(dispatch, "connect", refuse)
+    monkeypatch.setattr(cluster, "connect", refuse)
     monkeypatch.setattr(models, "prepare_model", refuse)
     code, out, err = run_cli(
         capsys, "run", job, "--results", results, "--resume", "--ray-temp-dir", ray_temp_dir

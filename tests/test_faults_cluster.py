@@ -194,15 +194,15 @@ def test_the_embedded_cluster_listens_on_loopback_only_and_refuses_whoever_lacks
 ):
     from conftest import rt_job, write_job
 
-    from runner import dispatch
+    from runner import cluster, dispatch
     from runner.cli import main
 
     seen, real_run = {}, dispatch.run_variants
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
 
-    def run_variants(tasks, cluster, *args, **kwargs):  # while the cluster is up
-        address = dispatch._embedded_head.address
+    def run_variants(tasks, joined, *args, **kwargs):  # while the cluster is up
+        address = cluster._embedded_head.address
         seen["processes"] = psutil.Process().children(recursive=True)
         started = time.monotonic()
         seen["no token"] = intrude(address, tmp_path)
@@ -216,7 +216,7 @@ def test_the_embedded_cluster_listens_on_loopback_only_and_refuses_whoever_lacks
             os.environ.get("RAY_AUTH_MODE"),
             os.environ.get("RAY_AUTH_TOKEN"),
         )  # what Ray's processes got
-        return real_run(tasks, cluster, *args, **kwargs)
+        return real_run(tasks, joined, *args, **kwargs)
 
     monkeypatch.setattr(dispatch, "run_variants", run_variants)
     job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp32-cpu]", n=8))
@@ -535,12 +535,12 @@ def test_a_web_server_at_the_address_is_told_apart_in_seconds(tmp_path, tiny_mod
     [(None, "then said nothing in 6 s"), (b"SSH-2.0-OpenSSH_9.6\r\n", "another protocol answered")],
 )
 def test_a_peer_that_is_silent_or_speaks_another_protocol_is_refused(first, says):
-    from runner import dispatch
+    from runner import cluster
 
     with peer_that_says(first) as port:
         started = time.monotonic()
         with pytest.raises(ConnectionError) as raised:
-            dispatch.check_address(f"127.0.0.1:{port}", "--address")
+            cluster.check_address(f"127.0.0.1:{port}", "--address")
     assert says in str(raised.value) and "not a Ray head" in str(raised.value), raised.value
     assert time.monotonic() - started < 15
 
@@ -550,9 +550,9 @@ def test_a_real_gcs_passes_the_protocol_check_and_can_be_joined_after_it(faulty)
 
     import ray
 
-    from runner import dispatch
+    from runner import cluster
 
-    assert dispatch.check_address(faulty.address, "--address") is True
+    assert cluster.check_address(faulty.address, "--address") is True
     with faulty.driver():  # the probe left the GCS as it was: a driver joins it
         ray.init(address=faulty.address, logging_level=logging.WARNING, log_to_driver=False)
         try:
@@ -562,17 +562,15 @@ def test_a_real_gcs_passes_the_protocol_check_and_can_be_joined_after_it(faulty)
 
 
 def test_an_address_joined_without_token_authentication_is_warned_about(monkeypatch, capsys):
-    from runner import dispatch
+    from runner import cluster
 
-    monkeypatch.setattr(
-        dispatch.ray, "init", lambda **kwargs: None
-    )  # a cluster that lets anyone in
-    monkeypatch.setattr(dispatch, "alive_nodes", lambda: [])
+    monkeypatch.setattr(cluster.ray, "init", lambda **kwargs: None)  # a cluster that lets anyone in
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: [])
     with peer_that_says(HTTP2_SETTINGS) as port:
         monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-        warned = dispatch.connect(f"127.0.0.1:{port}").warnings
+        warned = cluster.connect(f"127.0.0.1:{port}").warnings
         monkeypatch.setenv("RAY_AUTH_MODE", "token")
-        quiet = dispatch.connect(f"127.0.0.1:{port}").warnings
+        quiet = cluster.connect(f"127.0.0.1:{port}").warnings
     assert (
         len(warned) == 1
         and "without token authentication" in warned[0]

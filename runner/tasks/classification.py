@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import data, effects, models
+from runner import data, effects, model_checks
 from runner.spec import JobSpec, SpecError
 from runner.tasks.task import Scored, Targets, Task
 
@@ -34,7 +34,7 @@ def plan_targets(
     examples: list[data.Example],
     train: list[data.Example] | None,
 ) -> Targets:
-    labels_of_model = models.config_labels(config, shown, spec.model)
+    labels_of_model = model_checks.config_labels(config, shown, spec.model)
     if spec.finetune is None:
         model_labels = labels_of_model
     else:

@@ -1,0 +1,312 @@
+"""Model checks: a job's model source read and checked before Ray starts.
+
+Where the weights come from (a folder, an installed package, the hub, an inline architecture), the
+model's config and label names, and whether a local folder holds a tokenizer's vocabulary and whole
+weights. Each of these would otherwise fail only while loading, in every variant, after Ray started.
+A local model's files are read without importing transformers (and torch): planning stays quick.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from runner.spec import ModelSource, SpecError
+
+
+def package_folder(package: str) -> Path:
+    """'pkg/sub/folder' -> the folder inside the installed package pkg."""
+    name, _, rest = package.partition("/")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"no installed Python package named {name!r}")
+    folder = Path(list(spec.submodule_search_locations)[0]) / rest
+    if not folder.is_dir():
+        raise FileNotFoundError(f"package {name!r} has no folder {rest!r} ({folder})")
+    return folder
+
+
+def pretrained_name(source: ModelSource) -> str:
+    """What to hand to from_pretrained for a source that has files."""
+    if source.path:
+        return str(source.path)
+    if source.package:
+        return str(package_folder(source.package))
+    return source.hub
+
+
+def check_source(source: ModelSource, job: Path, field: str) -> None:
+    if source.package:
+        try:
+            package_folder(source.package)
+        except FileNotFoundError as error:
+            raise SpecError(
+                job, f"{field}.package", source.package, f"{error}; install it first"
+            ) from None
+
+
+def read_config(source: ModelSource, job: Path, field: str = "model"):
+    """The model's transformers config (config.json only: no weights are read)."""
+    from transformers import AutoConfig
+
+    if source.config is not None:
+        from transformers import CONFIG_MAPPING
+
+        config = dict(source.config)
+        model_type = config.pop("model_type")
+        if (
+            model_type not in CONFIG_MAPPING
+        ):  # transformers' own message lists every type it knows (12 KB)
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            raise SpecError(
+                job,
+                f"{field}.config.model_type",
+                model_type,
+                "not a model type transformers knows"
+                + (f"; did you mean {', '.join(close)}?" if close else ""),
+            )
+        try:
+            built = AutoConfig.for_model(model_type, **config)
+        except (ValueError, TypeError) as error:
+            raise SpecError(
+                job, f"{field}.config", source.config, f"not a valid {model_type} config: {error}"
+            ) from None
+        check_heads(built, job, field)
+        return built
+    check_source(source, job, field)
+    try:
+        return AutoConfig.from_pretrained(pretrained_name(source), revision=source.revision)
+    except (OSError, ValueError) as error:
+        raise SpecError(
+            job, field, source.describe(), f"cannot read the model's config: {error}"
+        ) from None
+
+
+def check_heads(config, job: Path, field: str) -> None:
+    """The one rule of an inline architecture that its config accepts but building the model refuses
+    (in every variant, after Ray started): each attention head takes hidden_size /
+    num_attention_heads dimensions, unless the config names head_dim itself."""
+    hidden, heads = (
+        getattr(config, "hidden_size", None),
+        getattr(config, "num_attention_heads", None),
+    )
+    if (
+        getattr(config, "head_dim", None) is None
+        and isinstance(hidden, int)
+        and isinstance(heads, int)
+        and heads > 0
+        and hidden % heads
+    ):
+        raise SpecError(
+            job,
+            f"{field}.config.hidden_size",
+            hidden,
+            f"must be a multiple of num_attention_heads ({heads}): each head takes an equal share",
+        )
+
+
+def local_folder(source: ModelSource, job: Path, field: str) -> Path | None:
+    """The folder of a path or package source, whose files can be checked here; None for the hub
+    (its files cannot be listed offline), an inline config (it has none) or a path that is not a
+    folder."""
+    if not (source.path or source.package):
+        return None
+    check_source(source, job, field)
+    folder = Path(pretrained_name(source))
+    return folder if folder.is_dir() else None
+
+
+def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
+    """The model's config as a dict. A local model's is its config.json, read without importing
+    transformers (and torch): planning stays quick."""
+    folder = local_folder(source, job, field)
+    if folder is None:
+        return read_config(source, job, field).to_dict()  # inline configs, the hub
+    if not (folder / "config.json").is_file():
+        below = sorted(str(c.parent.relative_to(folder)) for c in folder.glob("*/config.json"))
+        hint = (
+            f"; a folder below holds one: {', '.join(below)}"
+            if below
+            else "; name the folder that save_pretrained wrote"
+        )
+        raise SpecError(job, field, str(folder), f"the folder has no config.json{hint}")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SpecError(
+            job, field, source.describe(), f"cannot read the model's config: {error}"
+        ) from None
+    if not isinstance(config, dict):
+        raise SpecError(
+            job,
+            field,
+            f"{folder / 'config.json'}: a JSON {type(config).__name__}",
+            "a model's config.json is one JSON object of the model's settings",
+        )
+    return config
+
+
+def config_labels(config: dict, job: Path, source: ModelSource, field: str = "model") -> list[str]:
+    """labels_in_config, after checking the fields it reads: a hand-edited config.json can hold what
+    transformers would refuse only while loading, after Ray started."""
+    where = f"{source.describe()}: config.json"
+    id2label, count = config.get("id2label"), config.get("num_labels", 2)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise SpecError(
+            job, field, f"{where}: num_labels {count!r}", "num_labels is a whole number, 1 or more"
+        )
+    if id2label:
+        if not isinstance(id2label, dict):
+            raise SpecError(
+                job,
+                field,
+                f"{where}: id2label {id2label!r}",
+                'id2label maps label ids to names: {"0": ...}',
+            )
+        bad = [key for key in id2label if not str(key).strip().lstrip("-").isdigit()]
+        if bad:
+            raise SpecError(
+                job,
+                field,
+                f"{where}: id2label key {bad[0]!r}",
+                'the keys of id2label are label ids, whole numbers ("0", "1", ...)',
+            )
+    return labels_in_config(config)
+
+
+def labels_in_config(config: dict) -> list[str]:
+    """The label names in id order, as transformers reads them from a config."""
+    if config.get("id2label"):
+        id2label = {int(i): name for i, name in config["id2label"].items()}
+        return [id2label[i] for i in sorted(id2label)]
+    return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))]  # transformers' defaults
+
+
+# What a tokenizer's vocabulary is saved in, by kind: WordPiece, BPE, SentencePiece, or any fast
+# tokenizer.
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def check_tokenizer_files(source: ModelSource, job: Path, field: str) -> None:
+    """A local folder must hold a tokenizer's vocabulary. Without one, transformers builds a
+    tokenizer of a handful of special tokens, every word becomes [UNK], and every variant runs 'ok'
+    on nonsense."""
+    if source.hub:
+        check_hub_tokenizer(source, job, field)
+    folder = local_folder(source, job, field)
+    if folder is not None and not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        hint = (
+            "save the tokenizer beside the model (tokenizer.save_pretrained) or name one with "
+            "tokenizer:"
+            if field == "model"
+            else "name a folder that holds one"
+        )
+        raise SpecError(
+            job,
+            field,
+            str(folder),
+            f"the folder has no tokenizer vocabulary (none of {', '.join(VOCABULARY_FILES)}); "
+            f"{hint}",
+        )
+
+
+def check_hub_tokenizer(source: ModelSource, job: Path, field: str) -> None:
+    """A hub tokenizer is loaded now, as a hub model's config is: offline and not in the cache, it
+    would fail only at model preparation, after Ray started (blaming the model). Online, this fills
+    the cache that preparation then reads."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(source.hub, revision=source.revision)
+    except (OSError, ValueError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        said = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache; " if offline else ""
+        raise SpecError(
+            job,
+            f"{field}.hub",
+            source.hub,
+            f"cannot load the tokenizer: {said}"
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}",
+        ) from None
+
+
+# What a model's weights are saved in: one file, or shards listed in an index.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_weight_files(source: ModelSource, job: Path, field: str = "model") -> None:
+    """A local folder must hold whole weights. Without them, or with a safetensors file cut short
+    (an interrupted copy), the run would stop at loading, after starting Ray. safetensors checks
+    each file's header against its size without reading the tensors (and without torch)."""
+    folder = local_folder(source, job, field)
+    if folder is None:
+        return
+    found = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not found:
+        raise SpecError(
+            job,
+            field,
+            str(folder),
+            f"the folder has no weights (none of {', '.join(WEIGHT_FILES)}); "
+            "save them beside the config with model.save_pretrained",
+        )
+    files = [folder / name for name in found if not name.endswith(".index.json")]
+    for index in (folder / name for name in found if name.endswith(".index.json")):
+        files += shard_files(index, job, field)
+    check_safetensors_headers(files, job, field)
+
+
+def shard_files(index: Path, job: Path, field: str) -> list[Path]:
+    """The shards a weights index names, each of which the folder must hold."""
+    folder = index.parent
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as error:
+        raise SpecError(
+            job,
+            field,
+            str(index),
+            f"cannot read the shard index: {type(error).__name__}: {error}",
+        ) from None
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        raise SpecError(
+            job,
+            field,
+            str(index),
+            f"the index names shards the folder does not hold: {', '.join(missing)}",
+        )
+    return [folder / name for name in shards]
+
+
+def check_safetensors_headers(files: list[Path], job: Path, field: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue  # a pickled .bin is only read by torch, at load time
+        try:
+            with safe_open(str(path), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise SpecError(
+                job,
+                field,
+                str(path),
+                f"the weights file is damaged ({error}); copy or save the model again",
+            ) from None

@@ -1,0 +1,97 @@
+"""The prepared-model cache key of a hub model pins the commit its revision resolves to.
+
+No network: a Hugging Face cache folder is laid out here as huggingface_hub lays it out
+(models--ORG--NAME/refs/main names a commit, snapshots/<commit>/ holds its files), and the jobs
+run with HF_HUB_OFFLINE=1. HF_HUB_CACHE and HF_HUB_OFFLINE are read when huggingface_hub is
+imported: each look runs in a process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, rt_job, write_job
+
+REPO_ID = "quantbench-test/tiny-bert"
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+# Plans the job, prepares its model and builds a variant's result, as a sweep does; prints what
+# the cache and the result say of the model.
+LOOK = """
+import json, sys
+from runner import models
+from runner.plan import plan_job
+from runner.sweep import build_tasks
+from runner.worker import base_result
+
+plan = plan_job(sys.argv[1])
+folder, info = models.prepare_model(plan.spec)
+result = base_result(build_tasks(plan, folder, info, set())[0], "skipped")
+print(json.dumps({"key": models.model_key(plan.spec), "folder": str(folder),
+                  "cached": info["cached"], "model": result["model"]}))
+"""
+
+
+def point_main_at(hub_cache: Path, commit: str, model: Path) -> None:
+    """refs/main names commit, whose snapshot holds the model's files."""
+    repo = hub_cache / f"models--{REPO_ID.replace('/', '--')}"
+    if not (repo / "snapshots" / commit).is_dir():
+        shutil.copytree(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def look(job: Path, hub_cache: Path, tmp_path: Path) -> dict:
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(hub_cache),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "PYTHONPATH": str(REPO),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", LOOK, str(job)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_two_commits_of_a_hub_model_give_two_cache_keys_and_results_name_the_commit(
+    tmp_path, tiny_model
+):
+    hub_cache = tmp_path / "hub"
+    job = write_job(
+        tmp_path / "jobs",
+        rt_job(tiny_model).replace(f"{{path: {tiny_model}}}", f"{{hub: {REPO_ID}}}"),
+    )
+    point_main_at(hub_cache, COMMIT_A, tiny_model)
+    first = look(job, hub_cache, tmp_path)
+    again = look(job, hub_cache, tmp_path)
+    point_main_at(hub_cache, COMMIT_B, tiny_model)  # main moved on the hub
+    moved = look(job, hub_cache, tmp_path)
+
+    assert first["model"]["commit"] == COMMIT_A and moved["model"]["commit"] == COMMIT_B
+    assert first["key"] != moved["key"] and first["folder"] != moved["folder"]
+    assert Path(first["folder"]).name == first["key"]
+    assert again["key"] == first["key"] and again["cached"] and not first["cached"]
+    assert again["model"]["commit"] == COMMIT_A  # read back from the cache entry
+    assert first["model"]["source"] == f"hub:{REPO_ID}"
+
+
+def test_a_local_model_records_no_commit(tmp_path, tiny_model):
+    from runner import models
+    from runner.plan import plan_job
+
+    plan = plan_job(write_job(tmp_path / "jobs", rt_job(tiny_model)))
+    _, info = models.prepare_model(plan.spec)
+    assert "commit" not in info
