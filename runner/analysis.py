@@ -135,43 +135,39 @@ def layer_weight_errors(
                 f"layer {name!r}: reference weight shape {tuple(ref.shape)} != variant "
                 f"{tuple(var.shape)}"
             )
-        w = ref.detach().cpu().to(torch.float64).reshape(-1)
-        wq = var.detach().cpu().to(torch.float64).reshape(-1)
-        err = w - wq
-        signal = float(torch.dot(w, w))
-        noise = float(torch.dot(err, err))
-        var_energy = float(torch.dot(wq, wq))
-        identical = noise == 0.0
-        if identical:
-            sqnr = None
-        elif signal == 0.0:
-            sqnr = None  # -inf: nothing to measure against
-        else:
-            sqnr = _finite_or_none(10.0 * math.log10(signal / noise))
-        low, high = (float(w.min()), float(w.max())) if w.numel() else (0.0, 0.0)
-        changed = (
-            (_bin_index(w, low, high, CHANGE_BINS) != _bin_index(wq, low, high, CHANGE_BINS))
-            .double()
-            .mean()
-        )
         layer_type, depth = classify_layer(name)
         rows.append(
-            {
-                "layer": name,
-                "layer_type": layer_type,
-                "depth": depth,
-                "n_weights": int(w.numel()),
-                "identical": bool(identical),
-                "sqnr_db": sqnr,
-                "rel_l2": math.sqrt(noise / signal) if signal > 0 else None,
-                "cosine": float(torch.dot(w, wq)) / math.sqrt(signal * var_energy)
-                if signal * var_energy > 0
-                else None,
-                "max_abs_error": float(err.abs().max()) if w.numel() else 0.0,
-                "changed_bucket_share": float(changed) if w.numel() else 0.0,
-            }
+            {"layer": name, "layer_type": layer_type, "depth": depth, **_layer_error(ref, var)}
         )
     return rows
+
+
+def _layer_error(ref: torch.Tensor, var: torch.Tensor) -> dict:
+    """One row of layer_weight_errors, from n_weights on."""
+    w = ref.detach().cpu().to(torch.float64).reshape(-1)
+    wq = var.detach().cpu().to(torch.float64).reshape(-1)
+    err = w - wq
+    signal = float(torch.dot(w, w))
+    noise = float(torch.dot(err, err))
+    var_energy = float(torch.dot(wq, wq))
+    identical = noise == 0.0
+    if identical or signal == 0.0:
+        sqnr = None  # identical: no noise; no signal: -inf, nothing to measure against
+    else:
+        sqnr = _finite_or_none(10.0 * math.log10(signal / noise))
+    low, high = (float(w.min()), float(w.max())) if w.numel() else (0.0, 0.0)
+    moved = _bin_index(w, low, high, CHANGE_BINS) != _bin_index(wq, low, high, CHANGE_BINS)
+    return {
+        "n_weights": int(w.numel()),
+        "identical": bool(identical),
+        "sqnr_db": sqnr,
+        "rel_l2": math.sqrt(noise / signal) if signal > 0 else None,
+        "cosine": float(torch.dot(w, wq)) / math.sqrt(signal * var_energy)
+        if signal * var_energy > 0
+        else None,
+        "max_abs_error": float(err.abs().max()) if w.numel() else 0.0,
+        "changed_bucket_share": float(moved.double().mean()) if w.numel() else 0.0,
+    }
 
 
 def _summarise_group(rows: list[dict]) -> dict:

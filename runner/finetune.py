@@ -74,13 +74,7 @@ def run_finetune(task: FinetuneTask) -> dict:
         return models.cached_info(existing)
 
     import torch
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+    from transformers import AutoTokenizer, set_seed
 
     models.quiet_libraries()
     started = time.perf_counter()
@@ -89,23 +83,44 @@ def run_finetune(task: FinetuneTask) -> dict:
     )  # Ray's one thread per task would halve the speed
     set_seed(task.settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(task.base_dir)
-    index = {name: i for i, name in enumerate(task.label_names)}
     model = TASKS[task.task_name].finetune_model(task.base_dir, task.label_names)
+    outcome = train(model, tokenizer, training_rows(tokenizer, task), task.settings)
+    model.eval()
+    info = {
+        "key": task.key,
+        "base": task.base_key,
+        "label_names": task.label_names,
+        "train_rows": len(task.texts),
+        "settings": {k: v for k, v in asdict(task.settings).items() if k != "train"},
+        "max_length": task.max_length,
+        "train_loss": round(float(outcome.training_loss), 6),
+        "train_s": round(time.perf_counter() - started, 2),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "newly_initialised": [],
+    }
+    folder = models.save_folder(
+        task.key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
+    )
+    return {**info, "cached": False, "folder": str(folder)}
+
+
+def training_rows(tokenizer, task: FinetuneTask) -> list[dict]:
+    """The training texts tokenized, each with its answer's index among the head's outputs."""
+    index = {name: i for i, name in enumerate(task.label_names)}
     encoded = tokenizer(task.texts, truncation=True, max_length=task.max_length)
-    train_set = [
-        {
-            "input_ids": encoded["input_ids"][i],
-            "attention_mask": encoded["attention_mask"][i],
-            **(
-                {"token_type_ids": encoded["token_type_ids"][i]}
-                if "token_type_ids" in encoded
-                else {}
-            ),
-            "labels": index[label],
-        }
+    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encoded]
+    return [
+        {**{c: encoded[c][i] for c in columns}, "labels": index[label]}
         for i, label in enumerate(task.labels)
     ]
-    s = task.settings
+
+
+def train(model, tokenizer, train_set: list[dict], s: FinetuneSpec):
+    """The transformers Trainer over the rows, with the job's settings; its TrainOutput."""
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
     steps = math.ceil(math.ceil(len(train_set) / s.batch_size) * s.epochs)
     with tempfile.TemporaryDirectory(prefix="quantbench-finetune-") as scratch:
         arguments = TrainingArguments(
@@ -131,22 +146,4 @@ def run_finetune(task: FinetuneTask) -> dict:
             train_dataset=train_set,
             data_collator=DataCollatorWithPadding(tokenizer),
         )
-        outcome = trainer.train()
-    model.eval()
-    info = {
-        "key": task.key,
-        "base": task.base_key,
-        "label_names": task.label_names,
-        "train_rows": len(task.texts),
-        "settings": {k: v for k, v in asdict(s).items() if k != "train"},
-        "max_length": task.max_length,
-        "train_loss": round(float(outcome.training_loss), 6),
-        "train_s": round(time.perf_counter() - started, 2),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "newly_initialised": [],
-    }
-    folder = models.save_folder(
-        task.key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
-    )
-    return {**info, "cached": False, "folder": str(folder)}
+        return trainer.train()

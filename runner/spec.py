@@ -416,7 +416,34 @@ TOLERANCES = {
 def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
     top = _Reader(shown, raw, "")
     top.check_keys(TOP_FIELDS)
+    name = _name(shown, top)
+    seed = top.get("seed", int, 0)
+    model, tokenizer = _model_and_tokenizer(file, shown, top)
+    dataset = _dataset(file, shown, top.sub("dataset", required=True))
+    finetune_reader = top.sub("finetune")
+    finetune = None if finetune_reader is None else _finetune(file, shown, finetune_reader, dataset)
+    evaluation = _evaluation(top.sub("evaluation") or _Reader(shown, {}, "evaluation"))
+    settings = _settings(top.sub("settings") or _Reader(shown, {}, "settings"))
+    variants = _variants(shown, top)
+    return JobSpec(
+        file=file,
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        evaluation=evaluation,
+        settings=settings,
+        variants=tuple(variants),
+        baseline=_baseline(shown, top, variants),
+        seed=seed,
+        finetune=finetune,
+        tolerances=_tolerances(top.sub("tolerances")),
+        task=_task(top),
+        raw=raw,
+    )
 
+
+def _name(shown: Path, top: _Reader) -> str:
     name = top.get("name", str, required=True)
     # fullmatch: a pattern's $ also matches before a final newline ("pwn\n" made a folder named so).
     if not NAME_PATTERN.fullmatch(name):
@@ -435,8 +462,12 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
             f"{name!r} is taken: collect and report skip folders of this name "
             "(they hold the repository's reference results); choose another",
         )
-    seed = top.get("seed", int, 0)
+    return name
 
+
+def _model_and_tokenizer(
+    file: Path, shown: Path, top: _Reader
+) -> tuple[ModelSource, ModelSource | None]:
     model = _model_source(file, shown, top.sub("model", required=True), allow_config=True)
     tokenizer_reader = top.sub("tokenizer")
     tokenizer = (
@@ -452,13 +483,10 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
             "an inline model config has no tokenizer files: name one with tokenizer.hub, .path or "
             ".package",
         )
+    return model, tokenizer
 
-    dataset = _dataset(file, shown, top.sub("dataset", required=True))
-    finetune_reader = top.sub("finetune")
-    finetune = None if finetune_reader is None else _finetune(file, shown, finetune_reader, dataset)
-    evaluation = _evaluation(top.sub("evaluation") or _Reader(shown, {}, "evaluation"))
-    settings = _settings(top.sub("settings") or _Reader(shown, {}, "settings"))
-    variants = _variants(shown, top)
+
+def _baseline(shown: Path, top: _Reader, variants: list[Variant]) -> str:
     ids = [v.id for v in variants]
     # Default: the FP32 reference, on the CPU where the job has it (the published study's baseline).
     default = next((i for i in ("fp32-cpu", "fp32-cuda") if i in ids), ids[0])
@@ -470,22 +498,7 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
             baseline,
             f"the baseline must be one of the job's variants: {', '.join(ids)}",
         )
-    return JobSpec(
-        file=file,
-        name=name,
-        model=model,
-        tokenizer=tokenizer,
-        dataset=dataset,
-        evaluation=evaluation,
-        settings=settings,
-        variants=tuple(variants),
-        baseline=baseline,
-        seed=seed,
-        finetune=finetune,
-        tolerances=_tolerances(top.sub("tolerances")),
-        task=_task(top),
-        raw=raw,
-    )
+    return baseline
 
 
 def _task(top: _Reader) -> str:
@@ -751,26 +764,47 @@ def _tolerances(reader: _Reader | None) -> dict[str, float]:
 BATCH_ORDERS = ("sample", "length")
 
 
+EVALUATION_FIELDS = (
+    "batch_size",
+    "warmup_passes",
+    "timed_passes",
+    "min_time_s",
+    "threads",
+    "weight_analysis",
+    "batch_order",
+    "latency_mode",
+    "fixed_shape",
+    "repeats",
+)
+
+
 def _evaluation(reader: _Reader) -> EvaluationSpec:
-    reader.check_keys(
-        (
-            "batch_size",
-            "warmup_passes",
-            "timed_passes",
-            "min_time_s",
-            "threads",
-            "weight_analysis",
-            "batch_order",
-            "latency_mode",
-            "fixed_shape",
-            "repeats",
-        )
-    )
+    reader.check_keys(EVALUATION_FIELDS)
     order = reader.get("batch_order", str, "sample")
     if order not in BATCH_ORDERS:
         raise SpecError(
             reader.file, reader.field("batch_order"), order, "allowed: " + ", ".join(BATCH_ORDERS)
         )
+    mode, shape = _latency_mode(reader)
+    min_time = reader.get("min_time_s", float, 0.0)
+    if min_time < 0:
+        raise SpecError(reader.file, reader.field("min_time_s"), min_time, "expected a number >= 0")
+    return EvaluationSpec(
+        batch_size=reader.positive_int("batch_size", 1),
+        warmup_passes=reader.positive_int("warmup_passes", 5, minimum=0),
+        timed_passes=reader.positive_int("timed_passes", 50),
+        min_time_s=min_time,
+        threads=reader.positive_int("threads", None),
+        weight_analysis=reader.get("weight_analysis", bool, True),
+        batch_order=order,
+        latency_mode=mode,
+        fixed_shape=shape,
+        repeats=reader.positive_int("repeats", 1),
+    )
+
+
+def _latency_mode(reader: _Reader) -> tuple[str, tuple[int, int] | None]:
+    """latency_mode, and fixed_shape: given with mode fixed, and only then."""
     mode = reader.get("latency_mode", str, "dataset")
     if mode not in ("dataset", "fixed"):
         raise SpecError(reader.file, reader.field("latency_mode"), mode, "allowed: dataset, fixed")
@@ -789,21 +823,7 @@ def _evaluation(reader: _Reader) -> EvaluationSpec:
                 "latency_mode: fixed takes fixed_shape: [batch size, sequence length], and only "
                 "it does",
             )
-    min_time = reader.get("min_time_s", float, 0.0)
-    if min_time < 0:
-        raise SpecError(reader.file, reader.field("min_time_s"), min_time, "expected a number >= 0")
-    return EvaluationSpec(
-        batch_size=reader.positive_int("batch_size", 1),
-        warmup_passes=reader.positive_int("warmup_passes", 5, minimum=0),
-        timed_passes=reader.positive_int("timed_passes", 50),
-        min_time_s=min_time,
-        threads=reader.positive_int("threads", None),
-        weight_analysis=reader.get("weight_analysis", bool, True),
-        batch_order=order,
-        latency_mode=mode,
-        fixed_shape=tuple(shape) if shape else None,
-        repeats=reader.positive_int("repeats", 1),
-    )
+    return mode, tuple(shape) if shape else None
 
 
 def _settings(reader: _Reader) -> QuantSettings:
@@ -812,39 +832,8 @@ def _settings(reader: _Reader) -> QuantSettings:
 
 
 def _variants(shown: Path, top: _Reader) -> list[Variant]:
-    listed = top.get("variants", list)
-    precisions = top.get("precisions", list)
-    devices = top.get("devices", list)
-    if listed is not None and (precisions is not None or devices is not None):
-        raise SpecError(
-            shown, "variants", listed, "give either variants or precisions x devices, not both"
-        )
-    pairs: list[
-        tuple[str, str, Any, Any]
-    ] = []  # (where the precision is, where the device is, precision, device)
-    if listed is not None:
-        for i, item in enumerate(listed):
-            if not isinstance(item, str):
-                raise SpecError(
-                    shown, f"variants[{i}]", item, "expected '<precision>-<device>', e.g. fp16-cuda"
-                )
-            precision, _, device = item.rpartition("-")
-            pairs.append((f"variants[{i}]", f"variants[{i}]", precision, device))
-    else:
-        if not precisions or not devices:
-            raise SpecError(
-                shown,
-                "precisions" if not precisions else "devices",
-                precisions if not precisions else devices,
-                "give variants: [fp32-cpu, …] or both precisions: […] and devices: […]",
-            )
-        pairs = [
-            (f"precisions[{i}]", f"devices[{j}]", p, d)
-            for i, p in enumerate(precisions)
-            for j, d in enumerate(devices)
-        ]
     variants, seen = [], set()
-    for where, device_where, precision, device in pairs:
+    for where, device_where, precision, device in _variant_pairs(shown, top):
         if device not in DEVICES:
             raise SpecError(
                 shown, device_where, device, f"unknown device; allowed: {', '.join(DEVICES)}"
@@ -869,3 +858,37 @@ def _variants(shown: Path, top: _Reader) -> list[Variant]:
     if not variants:
         raise SpecError(shown, "variants", [], "the job has no variant to run")
     return variants
+
+
+def _variant_pairs(shown: Path, top: _Reader) -> list[tuple[str, str, Any, Any]]:
+    """(where the precision is, where the device is, precision, device) for each variant asked
+    for, as variants: [...] or as precisions: [...] x devices: [...]."""
+    listed = top.get("variants", list)
+    precisions = top.get("precisions", list)
+    devices = top.get("devices", list)
+    if listed is not None and (precisions is not None or devices is not None):
+        raise SpecError(
+            shown, "variants", listed, "give either variants or precisions x devices, not both"
+        )
+    if listed is None:
+        if not precisions or not devices:
+            raise SpecError(
+                shown,
+                "precisions" if not precisions else "devices",
+                precisions if not precisions else devices,
+                "give variants: [fp32-cpu, …] or both precisions: […] and devices: […]",
+            )
+        return [
+            (f"precisions[{i}]", f"devices[{j}]", p, d)
+            for i, p in enumerate(precisions)
+            for j, d in enumerate(devices)
+        ]
+    pairs = []
+    for i, item in enumerate(listed):
+        if not isinstance(item, str):
+            raise SpecError(
+                shown, f"variants[{i}]", item, "expected '<precision>-<device>', e.g. fp16-cuda"
+            )
+        precision, _, device = item.rpartition("-")
+        pairs.append((f"variants[{i}]", f"variants[{i}]", precision, device))
+    return pairs
