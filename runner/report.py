@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from runner import collect
 from runner.analysis import LAYER_TYPES
+from runner.results import Latency
 
 DPI = 120
 PANEL_IN = 3.4  # width and height of one small-multiple panel, inches
@@ -55,7 +56,7 @@ DEVICE_COLOURS = {"cpu": "#1f77b4", "cuda": "#2ca02c"}
 
 
 def _ok(table: collect.JobTable) -> list[str]:
-    return [k for k in table.columns if table.results[k]["status"] == "ok"]
+    return [k for k in table.columns if table.results[k].status == "ok"]
 
 
 def _panels(n: int, title: str) -> tuple[Figure, list]:
@@ -69,35 +70,68 @@ def _panels(n: int, title: str) -> tuple[Figure, list]:
     return figure, axes[:n]
 
 
-def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
-    """Accuracy against median latency per variant; marker area follows the model size."""
+@dataclass(frozen=True)
+class _Point:
+    """One variant in the accuracy-latency plot."""
+
+    key: str
+    latency: Latency
+    accuracy: float
+    size: float  # MiB
+    device: str
+
+
+def _accuracy_latency_points(table: collect.JobTable) -> list[_Point]:
     points = []
     for key in _ok(table):
-        metrics = table.results[key]["metrics"]
-        latency = metrics.get("latency_ms") or {}
-        if metrics.get("accuracy") is not None and latency.get("median"):
+        result = table.results[key]
+        metrics = result.metrics
+        if metrics.accuracy is not None and metrics.latency.median:
             points.append(
-                (
+                _Point(
                     key,
-                    latency,
-                    metrics["accuracy"],
-                    metrics.get("model_size_mib") or 0.0,
-                    table.results[key]["device"],
+                    metrics.latency,
+                    metrics.accuracy,
+                    metrics.model_size_mib or 0.0,
+                    result.device,
                 )
             )
+    return points
+
+
+def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
+    """Accuracy against median latency per variant; marker area follows the model size."""
+    points = _accuracy_latency_points(table)
     if not points:
         return None
-    largest = max(p[3] for p in points) or 1.0
     figure = Figure(figsize=(7.5, 5.0), layout="constrained")
     ax = figure.subplots()
-    for i, (key, latency, accuracy, size, device) in enumerate(
-        sorted(points, key=lambda p: p[1]["median"])
-    ):
-        median = latency["median"]
-        low, high = latency.get("median_ci95") or (median, median)
+    _draw_points(ax, points, table.best)
+    latencies = [p.latency.median for p in points]
+    if max(latencies) / min(latencies) > 20:
+        ax.set_xscale("log")
+    _draw_tolerances(ax, table)
+    for device, colour in DEVICE_COLOURS.items():
+        if any(p.device == device for p in points):
+            ax.scatter([], [], color=colour, alpha=0.55, label=device)
+    ax.margins(x=0.12, y=0.15)  # room for the labels
+    ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("median latency per forward pass (ms; bars: 95% interval of the median)")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{table.job}: accuracy vs latency (marker area ∝ model size)")
+    return figure
+
+
+def _draw_points(ax, points: list[_Point], best: str | None) -> None:
+    """Each variant with the interval of its median latency and its label."""
+    largest = max(p.size for p in points) or 1.0
+    for i, point in enumerate(sorted(points, key=lambda p: p.latency.median)):
+        median = point.latency.median
+        low, high = point.latency.median_ci95 or (median, median)
         ax.errorbar(
             median,
-            accuracy,
+            point.accuracy,
             xerr=[[max(median - low, 0)], [max(high - median, 0)]],
             fmt="none",
             ecolor="#999999",
@@ -106,25 +140,26 @@ def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
         )
         ax.scatter(
             median,
-            accuracy,
-            s=60 + 900 * size / largest,
-            color=DEVICE_COLOURS.get(device, "#7f7f7f"),
+            point.accuracy,
+            s=60 + 900 * point.size / largest,
+            color=DEVICE_COLOURS.get(point.device, "#7f7f7f"),
             alpha=0.55,
             edgecolors="black",
-            linewidths=2 if key == table.best else 0.6,
+            linewidths=2 if point.key == best else 0.6,
         )
-        label = f"{key}\n{size:.1f} MiB" + ("  ★ best" if key == table.best else "")
+        label = f"{point.key}\n{point.size:.1f} MiB" + ("  ★ best" if point.key == best else "")
         # Neighbours along the latency axis take turns above and below their point.
         ax.annotate(
             label,
-            (median, accuracy),
+            (median, point.accuracy),
             textcoords="offset points",
             xytext=(8, 8 if i % 2 == 0 else -22),
             fontsize=8,
         )
-    latencies = [p[1]["median"] for p in points]
-    if max(latencies) / min(latencies) > 20:
-        ax.set_xscale("log")
+
+
+def _draw_tolerances(ax, table: collect.JobTable) -> None:
+    """The job's latency and accuracy limits, as lines."""
     tolerances = table.tolerances
     if "max_latency_ms" in tolerances:
         ax.axvline(
@@ -136,7 +171,7 @@ def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
         )
     base = table.results.get(table.baseline) if table.baseline else None
     if "max_accuracy_drop" in tolerances and base is not None:
-        floor = base["metrics"]["accuracy"] - tolerances["max_accuracy_drop"]
+        floor = base.metrics.accuracy - tolerances["max_accuracy_drop"]
         ax.axhline(
             floor,
             color="#d62728",
@@ -144,20 +179,10 @@ def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
             linewidth=1,
             label=f"baseline accuracy − max_accuracy_drop {tolerances['max_accuracy_drop']:g}",
         )
-    for device, colour in DEVICE_COLOURS.items():
-        if any(p[4] == device for p in points):
-            ax.scatter([], [], color=colour, alpha=0.55, label=device)
-    ax.margins(x=0.12, y=0.15)  # room for the labels
-    ax.legend(loc="best", fontsize=8)
-    ax.set_xlabel("median latency per forward pass (ms; bars: 95% interval of the median)")
-    ax.set_ylabel("accuracy")
-    ax.grid(True, alpha=0.3)
-    ax.set_title(f"{table.job}: accuracy vs latency (marker area ∝ model size)")
-    return figure
 
 
 def _analysis(table: collect.JobTable, key: str) -> dict:
-    analysis = table.results[key].get("analysis")
+    analysis = table.results[key].analysis
     return analysis if isinstance(analysis, dict) else {}
 
 
@@ -187,49 +212,7 @@ def plot_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
     types = [t for t in LAYER_TYPES if t in present]
     offsets = {t: (i - (len(types) - 1) / 2) * 0.06 for i, t in enumerate(types)}
     for ax, key in zip(axes, shown):
-        analysis = _analysis(table, key)
-        for layer_type in types:
-            rows = [
-                r
-                for r in analysis["layers"]
-                if r["layer_type"] == layer_type and r["sqnr_db"] is not None
-            ]
-            if rows:
-                ax.scatter(
-                    [
-                        (head if r["depth"] is None else r["depth"]) + offsets[layer_type]
-                        for r in rows
-                    ],
-                    [r["sqnr_db"] for r in rows],
-                    s=18,
-                    color=TYPE_COLOURS[layer_type],
-                    label=layer_type,
-                )
-        groups = [
-            g
-            for g in (analysis.get("summary") or {}).get("by_depth", [])
-            if g.get("mean_sqnr_db") is not None
-        ]
-        if groups:
-            ax.plot(
-                [head if g["depth"] is None else g["depth"] for g in groups],
-                [g["mean_sqnr_db"] for g in groups],
-                color="black",
-                linewidth=1,
-                marker="_",
-                label="mean",
-            )
-        overall = ((analysis.get("summary") or {}).get("overall") or {}).get("mean_sqnr_db")
-        ax.set_title(
-            f"{key}" + (f" (mean {overall:.1f} dB)" if overall is not None else ""), fontsize=10
-        )
-        ax.set_xticks(
-            list(range(head)) + [head] * has_head,
-            [str(d) for d in range(head)] + ["head"] * has_head,
-        )
-        ax.set_xlabel("encoder layer")
-        ax.set_ylabel("SQNR (dB)")
-        ax.grid(True, alpha=0.3)
+        _draw_sqnr_panel(ax, key, _analysis(table, key), offsets, head, has_head)
     legend = {}  # one entry per label over all panels: a type may be missing from one
     for ax in axes:
         legend.update(zip(*reversed(ax.get_legend_handles_labels())))
@@ -243,6 +226,51 @@ def plot_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
     return figure
 
 
+def _draw_sqnr_panel(
+    ax, key: str, analysis: dict, offsets: dict[str, float], head: int, has_head: bool
+) -> None:
+    """One variant's layers (coloured by type, types side by side) and their mean per depth."""
+    for layer_type, offset in offsets.items():
+        rows = [
+            r
+            for r in analysis["layers"]
+            if r["layer_type"] == layer_type and r["sqnr_db"] is not None
+        ]
+        if rows:
+            ax.scatter(
+                [(head if r["depth"] is None else r["depth"]) + offset for r in rows],
+                [r["sqnr_db"] for r in rows],
+                s=18,
+                color=TYPE_COLOURS[layer_type],
+                label=layer_type,
+            )
+    groups = [
+        g
+        for g in (analysis.get("summary") or {}).get("by_depth", [])
+        if g.get("mean_sqnr_db") is not None
+    ]
+    if groups:
+        ax.plot(
+            [head if g["depth"] is None else g["depth"] for g in groups],
+            [g["mean_sqnr_db"] for g in groups],
+            color="black",
+            linewidth=1,
+            marker="_",
+            label="mean",
+        )
+    overall = ((analysis.get("summary") or {}).get("overall") or {}).get("mean_sqnr_db")
+    ax.set_title(
+        f"{key}" + (f" (mean {overall:.1f} dB)" if overall is not None else ""), fontsize=10
+    )
+    ax.set_xticks(
+        list(range(head)) + [head] * has_head,
+        [str(d) for d in range(head)] + ["head"] * has_head,
+    )
+    ax.set_xlabel("encoder layer")
+    ax.set_ylabel("SQNR (dB)")
+    ax.grid(True, alpha=0.3)
+
+
 def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
     """FP32 weights pooled by layer type, with the values `key`'s precision can represent drawn over
     them.
@@ -254,7 +282,7 @@ def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
     if not by_type:
         return None
     grids = analysis.get("grids") or {}
-    precision = table.results[key].get("precision", "")
+    precision = table.results[key].precision
     title = (
         f"{table.job}: FP32 weights by layer type, with the {precision} grid of each type's first "
         "layer"
