@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import jinja2
+from markupsafe import Markup
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
@@ -443,13 +445,26 @@ PLOTS = [
 
 
 # ---------------------------------------------------------------------------------------------
-# The HTML file and the PNGs beside it.
+# The HTML file and the PNGs beside it. The page is templates/report.html.j2; here are the values it
+# shows, computed in the order the figures are drawn.
+
+TEMPLATES = Path(__file__).parent / "templates"
 
 
 @dataclass
 class Rendered:
     path: Path
     figures: list[Path]
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A figure as the page shows it: its PNG in base64, or None and what to say instead."""
+
+    png_base64: str | None
+    alt: str = ""
+    caption: str = ""
+    missing: str = ""
 
 
 def _png(figure: Figure) -> bytes:
@@ -462,112 +477,22 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def _esc(value) -> str:
-    return html.escape(str(value))
+class FigureFiles:
+    """Writes each figure as a PNG into one folder, and keeps what it wrote."""
 
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.written: list[Path] = []
 
-def _figure_html(png: bytes, alt: str, caption: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
-        f"<figcaption>{_esc(caption)}</figcaption></figure>"
-    )
-
-
-def _table_html(table: collect.JobTable) -> str:
-    header, rows, footnotes = collect.table_rows(table)
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td>{_esc(c)}</td>" if i else f"<th>{_esc(c)}</th>" for i, c in enumerate(row))
-        + "</tr>"
-        for row in rows
-    )
-    notes = "".join(f"<li>{_esc(n)}</li>" for n in footnotes)
-    return f'<table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>' + (
-        f'<ul class="notes">{notes}</ul>' if notes else ""
-    )
-
-
-def _verdict_html(table: collect.JobTable) -> str:
-    lines = collect.verdict_lines(table)
-    if not lines:
-        return (
-            "<p>The job states no tolerances: no verdict. Add <code>tolerances:</code> to the job "
-            "file "
-            "(max_accuracy_drop, min_agreement, max_latency_ms, max_size_mib, "
-            "max_peak_rss_mib).</p>"
-        )
-    items = []
-    for key in table.columns:
-        verdict = table.stats[key]["verdict"]
-        items.append(
-            f'<li class="{verdict["status"].replace(" ", "-")}"><b>{_esc(key)}</b>: '
-            f"{_esc(collect.verdict_text(verdict))}</li>"
-        )
-    return (
-        f'<p>{_esc(lines[0])}</p><ul class="verdict">{"".join(items)}</ul>'
-        f'<p class="best">{_esc(lines[-1])}</p>'
-    )
-
-
-def _number(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _details_html(table: collect.JobTable) -> str:
-    """Per-class scores, flipped samples and LLM.int8() outlier columns, per variant."""
-    parts = []
-    for key in _ok(table):
-        stats = table.stats[key]
-        block = []
-        if stats.get("per_class"):
-            rows = "".join(
-                f"<tr><th>{_esc(c['label'])}</th><td>{_number(c['precision'])}</td>"
-                f"<td>{_number(c['recall'])}</td><td>{_number(c['f1'])}</td><td>{c['support']}</td></tr>"
-                for c in stats["per_class"]
-            )
-            block.append(
-                "<table><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
-                f"<th>support</th></tr></thead><tbody>{rows}</tbody></table>"
-            )
-        effects = stats.get("effects")
-        if effects and key != table.baseline:
-            flips = (
-                ", ".join(f"{f['from']} → {f['to']}: {f['count']}" for f in effects["flips"])
-                or "none"
-            )
-            block.append(
-                f"<p>Flips against {_esc(table.baseline)}: {_esc(flips)} (correct → wrong "
-                f"{effects['correct_to_wrong']}, wrong → correct "
-                f"{effects['wrong_to_correct']}).</p>"
-            )
-            if effects["flipped_samples"]:
-                rows = "".join(
-                    f"<tr><td>{s['index']}</td><td>{_esc(s['gold'])}</td><td>{_esc(s['from'])}</td>"
-                    f"<td>{_esc(s['to'])}</td></tr>"
-                    for s in effects["flipped_samples"]
-                )
-                block.append(
-                    "<details><summary>flipped samples (index in the evaluation "
-                    "sample)</summary><table>"
-                    "<thead><tr><th>sample</th><th>gold</th><th>baseline</th><th>variant</th></tr></thead>"
-                    f"<tbody>{rows}</tbody></table></details>"
-                )
-        outliers = _analysis(table, key).get("outlier_columns")
-        if outliers is not None:
-            text = (
-                "; ".join(
-                    f"{layer}: {len(cols)} "
-                    f"({', '.join(map(str, cols[:12]))}{', …' * (len(cols) > 12)})"
-                    for layer, cols in outliers.items()
-                )
-                or "none"
-            )
-            block.append(f"<p>LLM.int8() outlier input columns (kept in 16-bit): {_esc(text)}</p>")
-        if block:
-            parts.append(f"<h4>{_esc(key)}</h4>" + "".join(block))
-    return "".join(parts)
+    def show(self, figure: Figure | None, name: str, alt: str, caption: str, missing: str) -> Shown:
+        if figure is None:
+            return Shown(None, missing=missing)
+        png = _png(figure)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{_safe(name)}.png"
+        path.write_bytes(png)
+        self.written.append(path)
+        return Shown(base64.b64encode(png).decode("ascii"), alt, caption)
 
 
 HISTOGRAM_CAPTION = (
@@ -579,16 +504,14 @@ HISTOGRAM_CAPTION = (
 )
 
 
-def _histograms_html(table: collect.JobTable, emit) -> str:
+def _histograms(table: collect.JobTable, figures: FigureFiles) -> list[Shown]:
     """One figure per variant with a quantization grid; else the FP32 weights once, from any
-    variant."""
+    variant; none when no result holds histograms."""
     drawn = [k for k in _ok(table) if any((_analysis(table, k).get("grids") or {}).values())]
     if not drawn:
         drawn = [k for k in _ok(table) if _analysis(table, k).get("histograms")][:1]
-    if not drawn:
-        return '<p class="missing">– no weight histograms in these results</p>'
-    return "".join(
-        emit(
+    return [
+        figures.show(
             plot_weight_histograms(table, key),
             f"{table.job}-histograms-{key}",
             f"{table.job}: weight histograms, {key}",
@@ -596,91 +519,116 @@ def _histograms_html(table: collect.JobTable, emit) -> str:
             "",
         )
         for key in drawn
+    ]
+
+
+def _number(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class VariantDetails:
+    """Per-class scores, flips against the baseline and LLM.int8() outlier columns of a variant."""
+
+    key: str
+    per_class: list[dict] | None
+    effects: dict | None
+    flips: str | None  # None for the baseline and for variants not paired with it
+    outliers: str | None  # None where the precision keeps no outlier columns
+
+
+def _details(table: collect.JobTable) -> list[VariantDetails]:
+    """The ok variants that have any details."""
+    details = []
+    for key in _ok(table):
+        stats = table.stats[key]
+        effects = stats.get("effects") if key != table.baseline else None
+        flips = None
+        if effects:
+            flips = ", ".join(f"{f['from']} → {f['to']}: {f['count']}" for f in effects["flips"])
+        outliers = _analysis(table, key).get("outlier_columns")
+        shown = VariantDetails(
+            key,
+            stats.get("per_class") or None,
+            effects or None,
+            None if not effects else flips or "none",
+            None if outliers is None else _outliers_text(outliers),
+        )
+        if shown.per_class or shown.flips is not None or shown.outliers is not None:
+            details.append(shown)
+    return details
+
+
+def _outliers_text(outliers: dict[str, list]) -> str:
+    return (
+        "; ".join(
+            f"{layer}: {len(cols)} ({', '.join(map(str, cols[:12]))}{', …' * (len(cols) > 12)})"
+            for layer, cols in outliers.items()
+        )
+        or "none"
     )
 
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
-table { border-collapse: collapse; margin: 0.5em 0; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; white-space: nowrap; }
-thead th { background: #f0f0f0; }
-tbody th { text-align: left; font-weight: normal; background: #fafafa; }
-.scroll { overflow-x: auto; }
-ul.notes { font-size: 12px; color: #555; }
-ul.verdict li.pass { color: #1a7f37; }
-ul.verdict li.fail { color: #b42318; }
-ul.verdict li.no-result { color: #777; }
-p.best { font-weight: bold; }
-figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { font-size: 12px; color: #555; max-width: 900px; }
-p.missing { color: #777; font-style: italic; }
-"""
+def _section(table: collect.JobTable, figures: FigureFiles) -> dict:
+    """What the page shows of one job; draws and writes its figures."""
+    header, rows, footnotes = collect.table_rows(table)
+    verdict_lines = collect.verdict_lines(table)
+    plots, histograms = [], []
+    for plot in PLOTS:
+        shown = figures.show(
+            plot.draw(table),
+            f"{table.job}-{plot.name}",
+            f"{table.job}: {plot.heading}",
+            plot.caption,
+            plot.missing,
+        )
+        plots.append((plot, shown))
+        if plot.name == "sqnr-by-depth":  # drawn after it, and shown after it
+            histograms = _histograms(table, figures)
+    verdicts = [table.stats[key]["verdict"] for key in table.columns] if verdict_lines else []
+    verdicts = [
+        (key, verdict["status"], collect.verdict_text(verdict))
+        for key, verdict in zip(table.columns, verdicts)
+    ]
+    return {
+        "job": table.job,
+        "baseline": table.baseline,
+        **{"header": header, "rows": rows, "footnotes": footnotes},
+        **{"verdict_lines": verdict_lines, "verdicts": verdicts},
+        **{"plots": plots, "histograms": histograms, "details": _details(table)},
+    }
+
+
+def _escaped(value) -> Markup:
+    """Autoescape as html.escape writes it (&#x27;, as the report always has); markup passes."""
+    return value if isinstance(value, Markup) else Markup(html.escape(str(value)))
+
+
+def _template() -> jinja2.Template:
+    environment = jinja2.Environment(
+        autoescape=True, finalize=_escaped, undefined=jinja2.StrictUndefined
+    )
+    environment.filters["number"] = _number
+    source = (TEMPLATES / "report.html.j2").read_text(encoding="utf-8")
+    # The template's line breaks and indentation are for reading; the page has none.
+    return environment.from_string(re.sub(r"\n\s*", "", source))
 
 
 def write_report(results: list[dict], out: Path, baseline: str | None = None) -> Rendered:
     """Write `out` (HTML) and its PNGs into `<out stem>_figures/`; returns both paths."""
     out = Path(out)
-    figures_dir = out.parent / f"{out.stem}_figures"
-    written: list[Path] = []
-
-    def emit(figure: Figure | None, name: str, alt: str, caption: str, missing: str) -> str:
-        if figure is None:
-            return f'<p class="missing">– {_esc(missing)}</p>'
-        png = _png(figure)
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        path = figures_dir / f"{_safe(name)}.png"
-        path.write_bytes(png)
-        written.append(path)
-        return _figure_html(png, alt, caption)
-
-    sections = []
+    figures = FigureFiles(out.parent / f"{out.stem}_figures")
     # Names (a job, a variant, a label) are drawn as written: matplotlib would read $...$ as a
-    # formula
-    # and stop the report at one it cannot parse.
+    # formula and stop the report at one it cannot parse.
     with rc_context({"text.parse_math": False}):
-        for table in collect.build_tables(results, baseline):
-            body = [
-                f"<h2>{_esc(table.job)}</h2>",
-                f"<p>Baseline: {_esc(table.baseline or 'none')}; Δ = (variant − baseline) / "
-                "baseline.</p>",
-                f'<div class="scroll">{_table_html(table)}</div>',
-                "<h3>Deployment verdict</h3>",
-                _verdict_html(table),
-            ]
-            for plot in PLOTS:
-                body.append(f"<h3>{_esc(plot.heading)}</h3>")
-                body.append(
-                    emit(
-                        plot.draw(table),
-                        f"{table.job}-{plot.name}",
-                        f"{table.job}: {plot.heading}",
-                        plot.caption,
-                        plot.missing,
-                    )
-                )
-                if (
-                    plot.name == "sqnr-by-depth"
-                ):  # the weights' story together; histograms are one figure per variant
-                    body.append(
-                        "<h3>Weight histograms and quantization grids</h3>"
-                        + _histograms_html(table, emit)
-                    )
-            body.append(
-                "<h3>Per variant</h3>"
-                + (_details_html(table) or '<p class="missing">– no ok results</p>')
-            )
-            sections.append("<section>" + "".join(body) + "</section>")
-
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>quantbench '
-        "report</title>"
-        f"<style>{STYLE}</style></head><body><h1>quantbench report</h1>"
-        f"<p>{len(results)} result{'s' * (len(results) != 1)}, written {stamp}. "
-        f"Figures are also in {_esc(figures_dir.name)}/.</p>"
-        + "".join(sections)
-        + "</body></html>\n"
+        sections = [_section(table, figures) for table in collect.build_tables(results, baseline)]
+    page = _template().render(
+        style=(TEMPLATES / "report.css").read_text(encoding="utf-8"),
+        n_results=len(results),
+        stamp=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        figures_folder=figures.folder.name,
+        sections=sections,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
-    return Rendered(out, written)
+    return Rendered(out, figures.written)
