@@ -61,7 +61,7 @@ def load(model_dir: str, precision: str, device: str):
     return model
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="a plain PyTorch loop timing a model's forward passes"
     )
@@ -75,68 +75,78 @@ def main() -> None:
     parser.add_argument("--until", default=None)
     parser.add_argument("--every-pass", action="store_true")
     parser.add_argument("--stop-when-ready", action="store_true")
-    args = parser.parse_args()
-    device = args.device
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     torch.set_num_threads(args.threads)
     texts = json.loads(open(args.texts_file).read())
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     inputs = [
-        tokenizer([t], truncation=True, max_length=args.max_length, return_tensors="pt").to(device)
+        tokenizer([t], truncation=True, max_length=args.max_length, return_tensors="pt").to(
+            args.device
+        )
         for t in texts
     ]
-
-    def go_on(clock_started: float, passes: int) -> bool:
-        return (
-            passes < args.passes
-            or time.perf_counter() - clock_started < args.min_time
-            or (args.until is not None and not os.path.exists(args.until))
-        )
-
     for precision in args.precisions.split(","):
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        model = load(args.model_dir, precision, device)
-        latencies, ended = [], []
-        with torch.inference_mode():
-            for i in range(args.warmup):
-                model(**inputs[i % len(inputs)])
-            for length in sorted(
-                {batch["input_ids"].shape[1] for batch in inputs}
-            ):  # each shape once, untimed
-                model(**next(batch for batch in inputs if batch["input_ids"].shape[1] == length))
-            sync()
-            if args.stop_when_ready:
-                os.kill(os.getpid(), signal.SIGSTOP)
-                args.stop_when_ready = False
-            preempted = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
-            clock_started = time.perf_counter()
-            while go_on(clock_started, len(latencies) // len(inputs)):  # whole passes only
-                for batch in inputs:
-                    start = time.perf_counter()
-                    model(**batch)
-                    sync()
-                    latencies.append(time.perf_counter() - start)
-                    ended.append(time.time())
-            preemptions_per_s = (resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - preempted) / (
-                time.perf_counter() - clock_started
-            )
-        row = {
-            "precision": precision,
-            "median_ms": statistics.median(latencies) * 1000,
-            "mean_ms": statistics.fmean(latencies) * 1000,
-            "n": len(latencies),
-            "preemptions_per_s": round(preemptions_per_s, 1),
-            "work_s": time.perf_counter() - started,
-            "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20
-            if device == "cuda"
-            else None,
-        }
-        if args.every_pass:
-            row.update(latencies_ms=[x * 1000 for x in latencies], ended_unix=ended)
+        row = time_precision(args, precision, inputs, sync)
         print(json.dumps(row), flush=True)
-        del model
+
+
+def go_on(args: argparse.Namespace, clock_started: float, passes: int) -> bool:
+    """Whether to time another whole pass over the inputs."""
+    return (
+        passes < args.passes
+        or time.perf_counter() - clock_started < args.min_time
+        or (args.until is not None and not os.path.exists(args.until))
+    )
+
+
+def time_precision(args: argparse.Namespace, precision: str, inputs: list, sync) -> dict:
+    """Loads the model in one precision, warms it up and times its passes; the line to print."""
+    device = args.device
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    model = load(args.model_dir, precision, device)
+    latencies, ended = [], []
+    with torch.inference_mode():
+        for i in range(args.warmup):
+            model(**inputs[i % len(inputs)])
+        for length in sorted({batch["input_ids"].shape[1] for batch in inputs}):
+            # each shape once, untimed
+            model(**next(batch for batch in inputs if batch["input_ids"].shape[1] == length))
+        sync()
+        if args.stop_when_ready:
+            os.kill(os.getpid(), signal.SIGSTOP)
+            args.stop_when_ready = False
+        preempted = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+        clock_started = time.perf_counter()
+        while go_on(args, clock_started, len(latencies) // len(inputs)):  # whole passes only
+            for batch in inputs:
+                start = time.perf_counter()
+                model(**batch)
+                sync()
+                latencies.append(time.perf_counter() - start)
+                ended.append(time.time())
+        preemptions_per_s = (resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - preempted) / (
+            time.perf_counter() - clock_started
+        )
+    row = {
+        "precision": precision,
+        "median_ms": statistics.median(latencies) * 1000,
+        "mean_ms": statistics.fmean(latencies) * 1000,
+        "n": len(latencies),
+        "preemptions_per_s": round(preemptions_per_s, 1),
+        "work_s": time.perf_counter() - started,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+    }
+    if args.every_pass:
+        row.update(latencies_ms=[x * 1000 for x in latencies], ended_unix=ended)
+    del model
+    return row
 
 
 if __name__ == "__main__":

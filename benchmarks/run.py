@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -81,6 +82,31 @@ baseline: {precisions[0]}-{device}
 
 
 def main() -> int:
+    args = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="qb-bench-"))
+    try:
+        lines = measure_all(args, work)
+    except BaseException:
+        print(
+            f"\nthe benchmark's files (jobs, logs, results, Ray's logs) are kept in {work}",
+            file=sys.stderr,
+        )
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    # Dated to the minute: a second run on the same day is a new file, not the first one
+    # overwritten.
+    out = args.out or HERE / "results" / (
+        f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{args.model}-{args.device}-"
+        f"{os.uname().nodename}.md"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="minilm")
     parser.add_argument("--samples", type=int, default=200)
@@ -125,37 +151,30 @@ def main() -> int:
             "--device cuda: this machine shows no NVIDIA GPU (none in /proc/driver/nvidia/gpus or "
             "`nvidia-smi -L`, or CUDA_VISIBLE_DEVICES hides them)"
         )
-    work = Path(tempfile.mkdtemp(prefix="qb-bench-"))
-    try:
-        lines = measure_all(args, work)
-    except BaseException:
-        print(
-            f"\nthe benchmark's files (jobs, logs, results, Ray's logs) are kept in {work}",
-            file=sys.stderr,
-        )
-        raise
-    shutil.rmtree(work, ignore_errors=True)
-    # Dated to the minute: a second run on the same day is a new file, not the first one
-    # overwritten.
-    out = args.out or HERE / "results" / (
-        f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{args.model}-{args.device}-"
-        f"{os.uname().nodename}.md"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwritten: {out}")
-    return 0
+    return args
 
 
-def measure_all(args, work: Path) -> list[str]:
-    """(b) and (c) in rounds, then (a) in matches; the report's lines. Everything it writes goes in
-    work."""
+@dataclass(frozen=True)
+class Bench:
+    """What every run of the benchmark shares: its options, its folder, the jobs and the inputs."""
+
+    args: argparse.Namespace
+    work: Path  # everything the benchmark writes goes here
+    precisions: list[str]
+    job: Path  # the four-variant sweep of (b) and (c)
+    one_variant_jobs: dict[str, Path]  # per precision, for (a)'s matches
+    job_name: str
+    model_dir: Path
+    texts: Path
+
+
+def prepare(args: argparse.Namespace, work: Path) -> Bench:
+    """The jobs and the inputs, and the model prepared before the clocks start, for both sides."""
     precisions = PRECISIONS[args.device]
     job = work / "job.yaml"
     # The sweeps time a fixed number of passes, on both sides: after a minimum time, whichever
-    # side's
-    # pass ends just short of it does one more whole pass, and the two no longer do the same work.
+    # side's pass ends just short of it does one more whole pass, and the two no longer do the same
+    # work.
     job.write_text(
         job_text(
             args.model, args.samples, args.threads, args.device, precisions, 0, args.sweep_passes
@@ -167,156 +186,109 @@ def measure_all(args, work: Path) -> list[str]:
             job_text(args.model, args.samples, args.threads, args.device, [p], 2 * args.min_time)
         )
     plan = plan_job(job)
-    model_dir, _ = models.prepare_model(
-        plan.spec
-    )  # prepared before the clocks start, for both sides
+    model_dir, _ = models.prepare_model(plan.spec)
     texts = work / "texts.json"
     texts.write_text(json.dumps([e.text for e in plan.examples]))
+    return Bench(args, work, precisions, job, one_variant_jobs, plan.spec.name, model_dir, texts)
 
-    def quantbench_command(job_file: Path, folder: Path) -> list[str]:
-        """`quantbench run` as a user runs it."""
-        return [
-            sys.executable,
-            "-m",
-            "runner.cli",
-            "run",
-            str(job_file),
-            "--results",
-            str(folder),
-            "--ray-temp-dir",
-            str(work / "ray"),
-        ]
 
-    def read_result(folder: Path, precision: str) -> dict:
-        return json.loads((folder / plan.spec.name / f"{precision}-{args.device}.json").read_text())
-
-    def run_quantbench(job_file: Path, folder: Path, variants: list[str]) -> dict:
-        """`quantbench run`, timed from outside."""
-        launched_unix, started = time.time(), time.perf_counter()
-        sweep = subprocess.run(
-            quantbench_command(job_file, folder), capture_output=True, text=True, cwd=REPO
+def measure_all(args, work: Path) -> list[str]:
+    """(b) and (c) in rounds, then (a) in matches; the report's lines. Everything it writes goes in
+    work."""
+    bench = prepare(args, work)
+    rounds = run_rounds(bench)
+    if args.keep_results:
+        shutil.copytree(
+            rounds[-1]["folder"] / bench.job_name, args.keep_results, dirs_exist_ok=True
         )
-        sweep_wall = time.perf_counter() - started
-        if sweep.returncode != 0:
-            print(sweep.stdout[-3000:], sweep.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"quantbench run {job_file} failed (exit {sweep.returncode})")
-        results = {p: read_result(folder, p) for p in variants}
-        split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
-        return dict(
-            results=results,
-            sweep_wall=sweep_wall,
-            split=split,
-            folder=folder,
-            launched_unix=launched_unix,
-        )
+    matches = run_matches(bench, rounds)
+    return report(args, bench.precisions, rounds, matches, measure.cpu_info())
 
-    def plain_command(variants: list[str], *options: str) -> list[str]:
-        return [
-            sys.executable,
-            str(HERE / "plain.py"),
-            str(model_dir),
-            ",".join(variants),
-            str(texts),
-            str(args.threads),
-            "10",
-            "128",
-            "--device",
-            args.device,
-            *options,
-        ]
 
-    def run_plain(variants: list[str]) -> dict:
-        """The plain script, the same work, the same threads, all the given precisions in one
-        process."""
-        started = time.perf_counter()
-        plain = subprocess.run(
-            plain_command(variants, "--passes", str(args.sweep_passes)),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return dict(
-            plain_wall=time.perf_counter() - started,
-            reference={row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())},
-        )
+def quantbench_command(bench: Bench, job_file: Path, folder: Path) -> list[str]:
+    """`quantbench run` as a user runs it."""
+    return [
+        sys.executable,
+        "-m",
+        "runner.cli",
+        "run",
+        str(job_file),
+        "--results",
+        str(folder),
+        "--ray-temp-dir",
+        str(bench.work / "ray"),
+    ]
 
-    def run_match(precision: str, number: int, window_s: float, head_start_s: float) -> dict:
-        """A one-variant `quantbench run` and the plain loop taking turns on the CPU until
-        quantbench is done; the plain loop's passes over the span quantbench's clock ran against
-        quantbench's median. Only that span is compared, so the start-ups are not spread over turns:
-        both start at once, the plain loop stops itself before its clock, quantbench runs on for
-        head_start_s (most of its start-up), and then the turns begin."""
-        folder = work / f"match-{number}-{precision}"
-        folder.mkdir()
-        done = folder / "quantbench-done"
-        with (
-            open(folder / "quantbench.log", "w") as log,
-            open(folder / "plain.log", "w") as plain_log,
-        ):
-            ours = subprocess.Popen(
-                quantbench_command(one_variant_jobs[precision], folder),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-            plain = subprocess.Popen(
-                plain_command(
-                    [precision], "--until", str(done), "--every-pass", "--stop-when-ready"
-                ),
-                stdout=subprocess.PIPE,
-                stderr=plain_log,
-                text=True,
-            )
-            try:
-                turns = take_turns(ours, plain, window_s, seed=number, head_start_s=head_start_s)
-            finally:
-                done.touch()  # the plain loop ends with its pass, also when quantbench failed
-                printed = None
-                while printed is None:
-                    try:
-                        printed = plain.communicate(timeout=5)[0]
-                    except (
-                        subprocess.TimeoutExpired
-                    ):  # it stopped itself when quantbench was already done
-                        continue_tree(plain.pid)
-        for name, process in (("quantbench.log", ours), ("plain.log", plain)):
-            if process.returncode != 0:
-                raise SystemExit(
-                    f"{process.args} failed (exit {process.returncode}):\n"
-                    + (folder / name).read_text()[-3000:]
-                )
-        reference = json.loads(printed)
-        latency = read_result(folder, precision)["metrics"]["latency_ms"]
-        clock_from = datetime.fromisoformat(latency["clock_started_at"]).timestamp()
-        inside = [
-            ms
-            for ms, ended in zip(reference["latencies_ms"], reference["ended_unix"])
-            if clock_from <= ended <= clock_from + latency["clock_s"]
-        ]
-        if len(inside) < 20:
-            raise SystemExit(
-                f"match {number} {precision}: only {len(inside)} plain passes while quantbench's "
-                "clock "
-                f"ran ({latency['clock_s']:.1f} s); raise --min-time"
-            )
-        return {
-            "quantbench_ms": latency["median"],
-            "plain_ms": statistics.median(inside),
-            "quantbench_n": latency["n"],
-            "plain_n": len(inside),
-            "turns_before_clock_s": clock_from - turns.second_began_unix
-            if turns.second_began_unix
-            else None,
-        }
 
-    rounds = []
+def read_result(bench: Bench, folder: Path, precision: str) -> dict:
+    return json.loads(
+        (folder / bench.job_name / f"{precision}-{bench.args.device}.json").read_text()
+    )
+
+
+def run_quantbench(bench: Bench, job_file: Path, folder: Path, variants: list[str]) -> dict:
+    """`quantbench run`, timed from outside."""
+    launched_unix, started = time.time(), time.perf_counter()
+    sweep = subprocess.run(
+        quantbench_command(bench, job_file, folder), capture_output=True, text=True, cwd=REPO
+    )
+    sweep_wall = time.perf_counter() - started
+    if sweep.returncode != 0:
+        print(sweep.stdout[-3000:], sweep.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"quantbench run {job_file} failed (exit {sweep.returncode})")
+    results = {p: read_result(bench, folder, p) for p in variants}
+    split = next(line for line in sweep.stdout.splitlines() if line.startswith("wall "))
+    return dict(
+        results=results,
+        sweep_wall=sweep_wall,
+        split=split,
+        folder=folder,
+        launched_unix=launched_unix,
+    )
+
+
+def plain_command(bench: Bench, variants: list[str], *options: str) -> list[str]:
+    return [
+        sys.executable,
+        str(HERE / "plain.py"),
+        str(bench.model_dir),
+        ",".join(variants),
+        str(bench.texts),
+        str(bench.args.threads),
+        "10",
+        "128",
+        "--device",
+        bench.args.device,
+        *options,
+    ]
+
+
+def run_plain(bench: Bench, variants: list[str]) -> dict:
+    """The plain script, the same work, the same threads, all the given precisions in one
+    process."""
+    started = time.perf_counter()
+    plain = subprocess.run(
+        plain_command(bench, variants, "--passes", str(bench.args.sweep_passes)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dict(
+        plain_wall=time.perf_counter() - started,
+        reference={row["precision"]: row for row in map(json.loads, plain.stdout.splitlines())},
+    )
+
+
+def run_rounds(bench: Bench) -> list[dict]:
+    """(b) and (c): the sweep and the plain script, once each per round."""
+    args, precisions, rounds = bench.args, bench.precisions, []
     for number in range(args.rounds):
-        # (b) and (c). The order alternates (sweep first, then the plain script first, ...): the
-        # machine's speed drifts over minutes, and a drift then favours neither side across rounds.
+        # The order alternates (sweep first, then the plain script first, ...): the machine's speed
+        # drifts over minutes, and a drift then favours neither side across rounds.
         plain_first = number % 2 == 1
-        plain = run_plain(precisions) if plain_first else None
-        sweep = run_quantbench(job, work / f"results-{number}", precisions)
-        plain = plain or run_plain(precisions)
+        plain = run_plain(bench, precisions) if plain_first else None
+        sweep = run_quantbench(bench, bench.job, bench.work / f"results-{number}", precisions)
+        plain = plain or run_plain(bench, precisions)
         rounds.append(
             {
                 **sweep,
@@ -329,13 +301,13 @@ def measure_all(args, work: Path) -> list[str]:
             f"{plain['plain_wall']:.1f} s ({rounds[-1]['order']})",
             flush=True,
         )
-    if args.keep_results:
-        shutil.copytree(
-            rounds[-1]["folder"] / plan.spec.name, args.keep_results, dirs_exist_ok=True
-        )
+    return rounds
 
-    # (a) Turns of about 10 passes (by the sweeps' medians), at least a second: a pass that a turn's
-    # end
+
+def run_matches(bench: Bench, rounds: list[dict]) -> dict[str, list[dict]]:
+    """(a): the matches of each precision, with turns and head starts set by the sweeps."""
+    precisions = bench.precisions
+    # Turns of about 10 passes (by the sweeps' medians), at least a second: a pass that a turn's end
     # cuts counts the other side's turn, and with long turns few do (as many on both sides).
     windows_s = {
         p: max(
@@ -353,19 +325,97 @@ def measure_all(args, work: Path) -> list[str]:
         p: 0.8 * statistics.median(lead_in_s(r, p) for r in rounds) for p in precisions
     }
     matches = {p: [] for p in precisions}
-    for number in range(args.matches):
+    for number in range(bench.args.matches):
         for p in precisions:
-            matches[p].append(run_match(p, number, windows_s[p], head_starts_s[p]))
+            matches[p].append(run_match(bench, p, number, windows_s[p], head_starts_s[p]))
         print(
-            f"match {number + 1}/{args.matches}: "
+            f"match {number + 1}/{bench.args.matches}: "
             + ", ".join(
                 f"{p} {matches[p][-1]['quantbench_ms'] / matches[p][-1]['plain_ms']:.3f}"
                 for p in precisions
             ),
             flush=True,
         )
+    return matches
 
-    return report(args, precisions, rounds, matches, measure.cpu_info())
+
+def run_match(
+    bench: Bench, precision: str, number: int, window_s: float, head_start_s: float
+) -> dict:
+    """A one-variant `quantbench run` and the plain loop taking turns on the CPU until quantbench
+    is done; the plain loop's passes over the span quantbench's clock ran against quantbench's
+    median. Only that span is compared, so the start-ups are not spread over turns: both start at
+    once, the plain loop stops itself before its clock, quantbench runs on for head_start_s (most
+    of its start-up), and then the turns begin."""
+    folder = bench.work / f"match-{number}-{precision}"
+    folder.mkdir()
+    turns, printed = take_match_turns(bench, precision, folder, number, window_s, head_start_s)
+    reference = json.loads(printed)
+    latency = read_result(bench, folder, precision)["metrics"]["latency_ms"]
+    clock_from = datetime.fromisoformat(latency["clock_started_at"]).timestamp()
+    inside = [
+        ms
+        for ms, ended in zip(reference["latencies_ms"], reference["ended_unix"])
+        if clock_from <= ended <= clock_from + latency["clock_s"]
+    ]
+    if len(inside) < 20:
+        raise SystemExit(
+            f"match {number} {precision}: only {len(inside)} plain passes while quantbench's "
+            "clock "
+            f"ran ({latency['clock_s']:.1f} s); raise --min-time"
+        )
+    return {
+        "quantbench_ms": latency["median"],
+        "plain_ms": statistics.median(inside),
+        "quantbench_n": latency["n"],
+        "plain_n": len(inside),
+        "turns_before_clock_s": clock_from - turns.second_began_unix
+        if turns.second_began_unix
+        else None,
+    }
+
+
+def take_match_turns(
+    bench: Bench, precision: str, folder: Path, number: int, window_s: float, head_start_s: float
+):
+    """Starts both sides of a match and has them take turns until quantbench is done; (the turns,
+    what the plain loop printed). Each side's output goes to a log in folder."""
+    done = folder / "quantbench-done"
+    with (
+        open(folder / "quantbench.log", "w") as log,
+        open(folder / "plain.log", "w") as plain_log,
+    ):
+        ours = subprocess.Popen(
+            quantbench_command(bench, bench.one_variant_jobs[precision], folder),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        plain = subprocess.Popen(
+            plain_command(
+                bench, [precision], "--until", str(done), "--every-pass", "--stop-when-ready"
+            ),
+            stdout=subprocess.PIPE,
+            stderr=plain_log,
+            text=True,
+        )
+        try:
+            turns = take_turns(ours, plain, window_s, seed=number, head_start_s=head_start_s)
+        finally:
+            done.touch()  # the plain loop ends with its pass, also when quantbench failed
+            printed = None
+            while printed is None:
+                try:
+                    printed = plain.communicate(timeout=5)[0]
+                except subprocess.TimeoutExpired:  # it stopped itself: quantbench was done first
+                    continue_tree(plain.pid)
+    for name, process in (("quantbench.log", ours), ("plain.log", plain)):
+        if process.returncode != 0:
+            raise SystemExit(
+                f"{process.args} failed (exit {process.returncode}):\n"
+                + (folder / name).read_text()[-3000:]
+            )
+    return turns, printed
 
 
 def lead_in_s(sweep: dict, precision: str) -> float:
@@ -407,6 +457,17 @@ def ratio_cells(ours: list[float], theirs: list[float]) -> tuple[str, list[float
 
 def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: dict) -> list[str]:
     first = rounds[0]["results"][precisions[0]]["environment"]
+    return (
+        _header_lines(args, rounds, first, env)
+        + _fidelity_lines(args, precisions, matches)
+        + _sweep_ratio_lines(precisions, rounds)
+        + _overhead_lines(rounds)
+        + _memory_lines(args, precisions, rounds)
+    )
+
+
+def _header_lines(args, rounds: list[dict], first: dict, env: dict) -> list[str]:
+    """The title and how the benchmark ran: the machine, the versions, the command."""
     gpu = first.get("gpu")
     lines = [
         f"# quantbench benchmark: {args.model} on {args.device}, {args.samples} samples, batch "
@@ -433,6 +494,13 @@ def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: 
         f"{2 * args.min_time:g} s have passed (quantbench: `min_time_s`), taking turns",
         f"- overhead: both sides time {args.sweep_passes} whole passes over the samples per "
         "precision",
+    ]
+    return lines
+
+
+def _fidelity_lines(args, precisions: list[str], matches: dict) -> list[str]:
+    """(a): the matches' ratios per precision against the target."""
+    lines = [
         "",
         "## (a) Fidelity: median latency per forward pass",
         "",
@@ -474,24 +542,28 @@ def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: 
             f"| {p} | {cells} | {low:.3f}–{high:.3f} | {ok(0.9 <= middle <= 1.1)} | "
             f"{counts[0]:.0f}, {counts[1]:.0f} |"
         )
+    return lines + ["", _turns_began_line(precisions, matches)]
+
+
+def _turns_began_line(precisions: list[str], matches: dict) -> str:
+    """Whether the turns began before quantbench's clock in every match, as they should."""
     leads = [m["turns_before_clock_s"] for p in precisions for m in matches[p]]
     late = sum(lead is None or lead < 0 for lead in leads)
     known = [lead for lead in leads if lead is not None]
-    lines += [
-        "",
-        (
-            "The turns began before quantbench's clock in every match, by "
-            f"{min(known):.1f}–{max(known):.1f} s."
-            if not late
-            else f"In {late} of {len(leads)} matches quantbench's clock started before the "
-            "turns began: its first passes ran while the plain loop waited (seconds of turns "
-            "before the "
-            "clock: "
-            + ", ".join("none" if lead is None else f"{lead:.1f}" for lead in leads)
-            + ")."
-        ),
-    ]
-    lines += [
+    return (
+        "The turns began before quantbench's clock in every match, by "
+        f"{min(known):.1f}–{max(known):.1f} s."
+        if not late
+        else f"In {late} of {len(leads)} matches quantbench's clock started before the "
+        "turns began: its first passes ran while the plain loop waited (seconds of turns "
+        "before the "
+        "clock: " + ", ".join("none" if lead is None else f"{lead:.1f}" for lead in leads) + ")."
+    )
+
+
+def _sweep_ratio_lines(precisions: list[str], rounds: list[dict]) -> list[str]:
+    """The same ratios inside the sweeps of (b), for information."""
+    lines = [
         "",
         "The same ratios inside the sweeps of (b): each precision at its place in a four-variant "
         "run",
@@ -510,6 +582,11 @@ def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: 
             [r["reference"][p]["median_ms"] for r in rounds],
         )
         lines.append(f"| {p} | {cells} |")
+    return lines
+
+
+def _overhead_lines(rounds: list[dict]) -> list[str]:
+    """(b): the sweep's wall time against the variants' own work and the plain script."""
     sweep_wall = sum(r["sweep_wall"] for r in rounds)
     plain_wall = sum(r["plain_wall"] for r in rounds)
     own = sum(x["wall_s"] for r in rounds for x in r["results"].values())
@@ -518,7 +595,7 @@ def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: 
     # between rounds.
     overhead = statistics.median(r["sweep_wall"] / r["plain_wall"] for r in rounds)
     extra = statistics.median(r["sweep_wall"] - r["plain_wall"] for r in rounds)
-    lines += [
+    lines = [
         "",
         "## (b) Overhead of the sweep",
         "",
@@ -550,6 +627,13 @@ def report(args, precisions: list[str], rounds: list[dict], matches: dict, env: 
         f"{ok(overhead <= 1.15)}); all rounds pooled: {sweep_wall / plain_wall:.2f}",
         "- what the sweep adds to the plain script's wall time, median of the rounds: "
         f"{extra:.1f} s",
+    ]
+    return lines
+
+
+def _memory_lines(args, precisions: list[str], rounds: list[dict]) -> list[str]:
+    """(c): the last round's peak memory against the model's size."""
+    lines = [
         "",
         "## (c) Memory (the last round)",
         "",

@@ -23,7 +23,7 @@ from tabulate import tabulate
 from runner import effects
 from runner.measure import hardware_label
 from runner.precisions import PRECISIONS
-from runner.results import find_results
+from runner.results import Predictions, Result, as_result, walk
 from runner.spec import RESERVED_NAMES, TOLERANCES
 
 PRECISION_ORDER = list(PRECISIONS)  # the table's columns in the registry's order
@@ -40,7 +40,7 @@ BEST_RULE = "fastest median latency among passing"
 @dataclass(frozen=True)
 class Row:
     label: str
-    get: Callable[[dict, dict], float | None]  # (result, its statistics from compare()) -> value
+    get: Callable[[Result, dict], float | None]  # (result, its statistics from compare()) -> value
     digits: int | None = 4  # None: three significant digits
     delta: bool = True  # whether a relative delta means anything for this metric
     signed: bool = False
@@ -51,11 +51,11 @@ class Row:
 
 
 def _metric(name: str):
-    return lambda r, s: r["metrics"].get(name)
+    return lambda r, s: getattr(r.metrics, name)
 
 
 def _latency(name: str):
-    return lambda r, s: (r["metrics"].get("latency_ms") or {}).get(name)
+    return lambda r, s: getattr(r.metrics.latency, name)
 
 
 def _effect(name: str):
@@ -122,24 +122,32 @@ class JobTable:
     job: str
     baseline: str | None
     columns: list[str]  # column keys, baseline first
-    results: dict[str, dict]  # column key -> result
+    results: dict[str, Result]  # column key -> result
     notes: list[str] = field(default_factory=list)
     tolerances: dict[str, float] = field(default_factory=dict)
     stats: dict[str, dict] = field(default_factory=dict)  # column key -> compare()'s plain dict
     best: str | None = None  # the best variant that passes the tolerances
+    # column key -> row label -> its cell, computed once; every output format renders these.
+    cells: dict[str, dict[str, Cell]] = field(default_factory=dict)
 
 
-def _order(result: dict) -> tuple:
-    precision = result.get("precision", "")
+@dataclass(frozen=True)
+class Cell:
+    """One metric of one column."""
+
+    value: float | None
+    delta: float | None = None  # (value - baseline's) / baseline's, where a delta means something
+    ci_low: float | None = None  # in the rows of absolute deltas: the bootstrap interval
+    ci_high: float | None = None
+    within_noise: bool | None = None  # the rows of accuracy and macro-F1 (Row.noise)
+
+
+def _order(result: Result) -> tuple:
+    precision = result.precision
     rank = (
         PRECISION_ORDER.index(precision) if precision in PRECISION_ORDER else len(PRECISION_ORDER)
     )
-    return (
-        result.get("device") != "cpu",
-        rank,
-        result.get("variant", ""),
-        result.get("environment", {}).get("host", ""),
-    )
+    return (result.device != "cpu", rank, result.variant, result.host or "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,38 +160,23 @@ def _order(result: dict) -> tuple:
 SKIPPED_FOLDER = RESERVED_NAMES[0]  # a job may not take this name
 
 
-def gather(folders: list[Path]) -> tuple[list[dict], list[Path], list[tuple[Path, str]]]:
+def gather(folders: list[Path]) -> tuple[list[Result], list[Path], list[tuple[Path, str]]]:
     """The results under the folders (or the files themselves), the reference folders skipped, and
     the files that hold no result, as (file, why)."""
-    files, skipped = [], []
-    given = {Path(f).resolve() for f in folders}
-    for root in map(Path, folders):
-        if root.is_file():
-            files.append(root)
-            continue
-        for file in sorted(root.rglob("*.json")):
-            parts = file.relative_to(root).parts[:-1]
-            if SKIPPED_FOLDER not in parts:
-                files.append(file)
-                continue
-            folder = root.joinpath(*parts[: parts.index(SKIPPED_FOLDER) + 1])
-            if (
-                folder not in skipped and folder.resolve() not in given
-            ):  # given as well: collected from there
-                skipped.append(folder)
-    unusable: list[tuple[Path, str]] = []
-    return find_results(files, unusable), skipped, unusable
+    found = walk(folders, skip=SKIPPED_FOLDER)
+    return found.results, found.skipped_folders, found.unusable
 
 
 class UnknownBaseline(ValueError):
     pass
 
 
-def check_baseline(results: list[dict], baseline: str | None) -> None:
+def check_baseline(results: list[Result | dict], baseline: str | None) -> None:
     """Raises UnknownBaseline when `baseline` names no column of any job in the results."""
     if baseline is None:
         return
-    known = {job: list(_columns(results, job)) for job in sorted({r["job"] for r in results})}
+    results = [as_result(r) for r in results]
+    known = {job: list(_columns(results, job)) for job in sorted({r.job for r in results})}
     if not any(baseline in keys for keys in known.values()):
         allowed = "; ".join(
             (f"for {job}: " if len(known) > 1 else "") + ", ".join(keys)
@@ -192,28 +185,27 @@ def check_baseline(results: list[dict], baseline: str | None) -> None:
         raise UnknownBaseline(f"--baseline: found {baseline!r}; allowed: {allowed}")
 
 
-def _columns(results: list[dict], job: str) -> dict[str, dict]:
+def _columns(results: list[Result], job: str) -> dict[str, Result]:
     """A job's results by column key, in table order."""
-    columns: dict[str, dict] = {}
-    for result in sorted((r for r in results if r["job"] == job), key=_order):
+    columns: dict[str, Result] = {}
+    for result in sorted((r for r in results if r.job == job), key=_order):
         columns[_column_key(result, columns)] = result
     return columns
 
 
-def _host(result: dict) -> str:
-    return (result.get("environment") or {}).get("host") or "?"
+def _host(result: Result) -> str:
+    return result.host or "?"
 
 
-def _column_key(result: dict, columns: dict[str, dict]) -> str:
+def _column_key(result: Result, columns: dict[str, Result]) -> str:
     """The variant's id; the same variant again is named by what tells it apart: the host it ran on,
     or, for another run on a host already shown, the results folder it came from (DIR of
     DIR/<job>/...); a number where even that is the same."""
-    variant = result["variant"]
+    variant = result.variant
     if variant not in columns:
         return variant
-    hosts = {_host(r) for r in columns.values() if r["variant"] == variant}
-    file = result.get("_file")
-    folder = Path(file).parent.parent.name if file else ""
+    hosts = {_host(r) for r in columns.values() if r.variant == variant}
+    folder = result.file.parent.parent.name if result.file else ""
     key = (
         f"{variant}@{_host(result)}"
         if _host(result) not in hosts or not folder
@@ -225,52 +217,52 @@ def _column_key(result: dict, columns: dict[str, dict]) -> str:
     return candidate
 
 
-def build_tables(results: list[dict], baseline: str | None = None) -> list[JobTable]:
+def build_tables(results: list[Result | dict], baseline: str | None = None) -> list[JobTable]:
+    """One table per job, every statistic and cell computed."""
+    results = [as_result(r) for r in results]
     tables = []
-    for job in sorted({r["job"] for r in results}):
+    for job in sorted({r.job for r in results}):
         columns = _columns(results, job)
-        mine = list(columns.values())
-        wanted = baseline or next(
-            (_spec(r).get("baseline") for r in mine if _spec(r).get("baseline")), "fp32-cpu"
-        )
-        chosen = wanted if wanted in columns and columns[wanted]["status"] == "ok" else None
-        notes = []
-        if chosen is None:
-            notes.append(f"baseline {wanted} has no ok result here: no deltas or agreement")
+        wanted = baseline or next((r.baseline for r in columns.values() if r.baseline), "fp32-cpu")
+        chosen = wanted if wanted in columns and columns[wanted].status == "ok" else None
         order = ([chosen] if chosen else []) + [k for k in columns if k != chosen]
-        if chosen:
-            base = columns[chosen]
-            other_spec = [
-                k for k in order if columns[k].get("spec_hash") not in (None, base.get("spec_hash"))
-            ]
-            if other_spec:
-                notes.append(
-                    f"{', '.join(other_spec)}: run from a different job spec than the baseline "
-                    "(model, data or settings differ): deltas compare more than precision"
-                )
-            hosts = {k: (columns[k].get("environment") or {}).get("host") for k in order}
-            elsewhere = [k for k in order if hosts[k] and hosts[k] != hosts[chosen]]
-            if elsewhere:
-                notes.append(
-                    f"{', '.join(elsewhere)}: ran on another host than the baseline: latency, "
-                    "throughput "
-                    "and memory deltas compare machines as well as precisions"
-                )
-        table = JobTable(job, chosen, order, columns, notes)
+        table = JobTable(
+            job, chosen, order, columns, _baseline_notes(columns, order, wanted, chosen)
+        )
         table.tolerances = _tolerances(table)
         table.stats = compare(table)
         table.best = best_passing(table)
+        table.cells = compute_cells(table)
         tables.append(table)
     return tables
 
 
-def _spec(result: dict) -> dict:
-    return result.get("spec") if isinstance(result.get("spec"), dict) else {}
+def _baseline_notes(
+    columns: dict[str, Result], order: list[str], wanted: str, chosen: str | None
+) -> list[str]:
+    """What the deltas against the baseline compare besides precisions."""
+    if chosen is None:
+        return [f"baseline {wanted} has no ok result here: no deltas or agreement"]
+    notes, base = [], columns[chosen]
+    other_spec = [k for k in order if columns[k].spec_hash not in (None, base.spec_hash)]
+    if other_spec:
+        notes.append(
+            f"{', '.join(other_spec)}: run from a different job spec than the baseline "
+            "(model, data or settings differ): deltas compare more than precision"
+        )
+    elsewhere = [k for k in order if columns[k].host and columns[k].host != base.host]
+    if elsewhere:
+        notes.append(
+            f"{', '.join(elsewhere)}: ran on another host than the baseline: latency, "
+            "throughput "
+            "and memory deltas compare machines as well as precisions"
+        )
+    return notes
 
 
 def _tolerances(table: JobTable) -> dict[str, float]:
     """The job's tolerances: the baseline's spec decides when runs merged here disagree."""
-    found = {key: dict(_spec(r).get("tolerances") or {}) for key, r in table.results.items()}
+    found = {key: dict(r.tolerances) for key, r in table.results.items()}
     chosen = found.get(table.baseline) if table.baseline else None
     if chosen is None:
         chosen = next((t for t in found.values() if t), {})
@@ -315,7 +307,7 @@ def compare(table: JobTable) -> dict[str, dict]:
             "per_class": None,
             "verdict": None,
         }
-        own = _encoded(result, result) if result["status"] == "ok" else None
+        own = _encoded(result, result) if result.status == "ok" else None
         if own is not None and own["probs"] is not None:
             alone = effects.prediction_effects(
                 own["gold"], own["probs"], own["probs"], own["labels"]
@@ -333,28 +325,22 @@ def compare(table: JobTable) -> dict[str, dict]:
     return stats
 
 
-def _encoded(result: dict, reference: dict) -> dict | None:
+def _encoded(result: Result, reference: Result) -> dict | None:
     """A result's predictions as class indices in `reference`'s label order (None when they cannot
     be)."""
-    preds, labels = (
-        result.get("predictions") or {},
-        (reference.get("predictions") or {}).get("labels"),
-    )
-    if (
-        not preds.get("predicted")
-        or not labels
-        or set(preds.get("labels") or labels) != set(labels)
-    ):
+    preds = result.predictions or Predictions()
+    labels = (reference.predictions or Predictions()).labels
+    if not preds.predicted or not labels or set(preds.labels or labels) != set(labels):
         return None
     index = {name: i for i, name in enumerate(labels)}
-    if any(name not in index for name in list(preds["gold"]) + list(preds["predicted"])):
+    if any(name not in index for name in list(preds.gold) + list(preds.predicted)):
         return None
-    gold = np.array([index[name] for name in preds["gold"]])
-    predicted = np.array([index[name] for name in preds["predicted"]])
+    gold = np.array([index[name] for name in preds.gold])
+    predicted = np.array([index[name] for name in preds.predicted])
     probs = None
-    if preds.get("probabilities"):
-        own_order = [(preds.get("labels") or labels).index(name) for name in labels]
-        probs = np.asarray(preds["probabilities"], dtype=np.float64)
+    if preds.probabilities:
+        own_order = [(preds.labels or labels).index(name) for name in labels]
+        probs = np.asarray(preds.probabilities, dtype=np.float64)
         if probs.shape != (len(predicted), len(labels)):
             return None
         probs = probs[:, own_order]
@@ -365,11 +351,9 @@ def _encoded(result: dict, reference: dict) -> dict | None:
     return {"labels": list(labels), "gold": gold, "predicted": predicted, "probs": probs}
 
 
-def _paired(table: JobTable, key: str, base: dict) -> dict | None:
+def _paired(table: JobTable, key: str, base: Result) -> dict | None:
     result = table.results[key]
-    if (result.get("sample") or {}).get("fingerprint") != (base.get("sample") or {}).get(
-        "fingerprint"
-    ):
+    if result.fingerprint != base.fingerprint:
         table.notes.append(
             f"{key}: evaluated on a different sample than the baseline; no agreement"
         )
@@ -425,36 +409,30 @@ def _against_baseline(paired: dict, is_baseline: bool) -> dict:
 _CHECKS = {
     "max_accuracy_drop": (
         "accuracy drop",
-        lambda r, s, b: (
-            None if s["agreement"] is None else b["metrics"]["accuracy"] - r["metrics"]["accuracy"]
-        ),
+        lambda r, s, b: None if s["agreement"] is None else b.metrics.accuracy - r.metrics.accuracy,
         "{:.4f}",
     ),
     "min_agreement": ("agreement", lambda r, s, b: s["agreement"], "{:.4f}"),
     "max_latency_ms": (
         "latency median",
-        lambda r, s, b: (r["metrics"].get("latency_ms") or {}).get("median"),
+        lambda r, s, b: r.metrics.latency.median,
         "{:.2f} ms",
     ),
-    "max_size_mib": ("size", lambda r, s, b: r["metrics"].get("model_size_mib"), "{:.2f} MiB"),
-    "max_peak_rss_mib": (
-        "peak RSS",
-        lambda r, s, b: r["metrics"].get("peak_rss_mib"),
-        "{:.0f} MiB",
-    ),
+    "max_size_mib": ("size", lambda r, s, b: r.metrics.model_size_mib, "{:.2f} MiB"),
+    "max_peak_rss_mib": ("peak RSS", lambda r, s, b: r.metrics.peak_rss_mib, "{:.0f} MiB"),
 }
 _SLACK = 1e-9  # a value equal to its limit passes, whatever the float rounding
 
 
 def _judge(
-    result: dict, entry: dict, base: dict | None, tolerances: dict[str, float]
+    result: Result, entry: dict, base: Result | None, tolerances: dict[str, float]
 ) -> dict | None:
     """pass | fail (with every tolerance it breaks) | no result; None when the job states no
     tolerances."""
     if not tolerances:
         return None
-    if result["status"] != "ok":
-        return {"status": "no result", "failures": [], "reason": result["status"]}
+    if result.status != "ok":
+        return {"status": "no result", "failures": [], "reason": result.status}
     failures = []
     for name, limit in tolerances.items():
         what, measure, shown = _CHECKS[name]
@@ -492,18 +470,53 @@ def best_passing(table: JobTable) -> str | None:
     ]
 
     def speed(key):
-        metrics = table.results[key]["metrics"]
-        median = (metrics.get("latency_ms") or {}).get("median")
-        return (median is None, median or 0.0, metrics.get("model_size_mib") or 0.0)
+        metrics = table.results[key].metrics
+        median = metrics.latency.median
+        return (median is None, median or 0.0, metrics.model_size_mib or 0.0)
 
     return min(passing, key=speed) if passing else None
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering.
+# The cells: each metric of each column and its delta, computed once for every output format.
 
 
-def _cell(value, row: Row) -> str:
+def compute_cells(table: JobTable) -> dict[str, dict[str, Cell]]:
+    """Column key -> row label -> cell, for every row of ROWS."""
+    base = table.results.get(table.baseline) if table.baseline else None
+    base_stats = table.stats.get(table.baseline, {}) if table.baseline else {}
+    return {
+        key: {
+            row.label: _compute_cell(row, table.results[key], table.stats[key], base, base_stats)
+            for row in ROWS
+        }
+        for key in table.columns
+    }
+
+
+def _compute_cell(
+    row: Row, result: Result, stats: dict, base: Result | None, base_stats: dict
+) -> Cell:
+    value = row.get(result, stats) if result.status == "ok" else None
+    base_value = row.get(base, base_stats) if base is not None else None
+    delta = (
+        (value - base_value) / base_value
+        if row.delta and value is not None and base_value
+        else None
+    )
+    significance = stats["significance"] or {}
+    # The interval belongs to the rows of absolute deltas; the noise call to them and to the
+    # relative delta of accuracy and macro-F1.
+    interval = (significance.get(row.noise) or {}) if row.noise and not row.delta else {}
+    noise = (significance.get("within_noise") or {}).get(row.noise) if row.noise else None
+    return Cell(value, delta, interval.get("ci_low"), interval.get("ci_high"), noise)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering the cells as text.
+
+
+def _value_text(value, row: Row) -> str:
     if value is None:
         return "–"
     if row.digits is None:
@@ -515,10 +528,9 @@ def _signed(value: float, digits: int) -> str:
     return f"{value if round(value, digits) else 0.0:+,.{digits}f}"  # never "-0.0000"
 
 
-def _delta(value, base) -> str:
-    if value is None or base in (None, 0):
+def _delta(relative: float | None) -> str:
+    if relative is None:
         return ""
-    relative = (value - base) / base
     return f"{relative if round(relative, 3) else 0.0:+.1%}"  # never "-0.0%"
 
 
@@ -533,56 +545,65 @@ def _noise_footnote() -> str:
     )
 
 
+def _has_delta(table: JobTable, key: str) -> bool:
+    """Whether the column has a Δ column beside it: every one but the baseline's, if any."""
+    return bool(key != table.baseline and table.baseline)
+
+
 def table_rows(table: JobTable) -> tuple[list[str], list[list[str]], list[str]]:
     """Header, rows and footnotes (warnings, errors), as text."""
     header = ["metric"]
     for key in table.columns:
-        header.append(key)
-        if key != table.baseline and table.baseline:
-            header.append("Δ")
-    footnotes, marks = [], {}
-    for key in table.columns:
-        result = table.results[key]
-        if result.get("error"):
-            footnotes.append(f"{key}: {result['status']}: {result['error']}")
-        for warning in result.get("warnings") or []:
-            marks.setdefault(key, []).append(len(footnotes) + 1)
-            footnotes.append(f"[{len(footnotes) + 1}] {key}: {warning}")
+        header += [key, "Δ"] if _has_delta(table, key) else [key]
+    footnotes, marks = _footnotes(table)
     rows = [
-        _text_row("hardware", table, lambda r: _hardware(r)),
-        _text_row("status", table, lambda r: r["status"]),
+        _text_row("hardware", table, _hardware),
+        _text_row("status", table, lambda r: r.status),
     ]
-    base = table.results.get(table.baseline) if table.baseline else None
-    base_stats = table.stats.get(table.baseline, {}) if table.baseline else {}
     noise_marked = False
-    for spec in ROWS:
-        row = [spec.label]
-        for key in table.columns:
-            result, stats = table.results[key], table.stats.get(key, {})
-            value = spec.get(result, stats) if result["status"] == "ok" else None
-            significance = stats.get("significance") or {}
-            noise = (significance.get("within_noise") or {}).get(spec.noise) if spec.noise else None
-            text = _cell(value, spec)
-            if spec.label == "accuracy" and key in marks:
-                text += " ⚠" + ",".join(map(str, marks[key]))
-            if spec.noise and not spec.delta and value is not None:
-                interval = significance[spec.noise]
-                low, high = (_signed(interval[k], spec.digits) for k in ("ci_low", "ci_high"))
-                text += f" [{low}, {high}]"
-                if noise:
-                    text += " " + NOISE_MARK
-                    noise_marked = True
-            row.append(text)
-            if key != table.baseline and table.baseline:
-                delta = _delta(value, spec.get(base, base_stats)) if spec.delta else ""
-                if delta and noise:
-                    delta += " " + NOISE_MARK
-                    noise_marked = True
-                row.append(delta)
-        rows.append(row)
+    for row in ROWS:
+        texts, marked = _metric_row(table, row, marks)
+        rows.append(texts)
+        noise_marked = noise_marked or marked
     if noise_marked:
         footnotes.append(_noise_footnote())
     return header, rows, table.notes + footnotes
+
+
+def _footnotes(table: JobTable) -> tuple[list[str], dict[str, list[int]]]:
+    """The errors and numbered warnings of the columns, and each column's warning numbers."""
+    footnotes, marks = [], {}
+    for key in table.columns:
+        result = table.results[key]
+        if result.error:
+            footnotes.append(f"{key}: {result.status}: {result.error}")
+        for warning in result.warnings or []:
+            marks.setdefault(key, []).append(len(footnotes) + 1)
+            footnotes.append(f"[{len(footnotes) + 1}] {key}: {warning}")
+    return footnotes, marks
+
+
+def _metric_row(table: JobTable, row: Row, marks: dict[str, list[int]]) -> tuple[list[str], bool]:
+    """One metric's row of text, and whether a cell of it carries the within-noise mark."""
+    texts, noise_marked = [row.label], False
+    for key in table.columns:
+        cell = table.cells[key][row.label]
+        text = _value_text(cell.value, row)
+        if row.label == "accuracy" and key in marks:
+            text += " ⚠" + ",".join(map(str, marks[key]))
+        if row.noise and not row.delta and cell.value is not None:
+            text += f" [{_signed(cell.ci_low, row.digits)}, {_signed(cell.ci_high, row.digits)}]"
+            if cell.within_noise:
+                text += " " + NOISE_MARK
+                noise_marked = True
+        texts.append(text)
+        if _has_delta(table, key):
+            delta = _delta(cell.delta)
+            if delta and cell.within_noise:
+                delta += " " + NOISE_MARK
+                noise_marked = True
+            texts.append(delta)
+    return texts, noise_marked
 
 
 def verdict_lines(table: JobTable) -> list[str]:
@@ -608,19 +629,18 @@ def verdict_text(verdict: dict) -> str:
     return "fail: " + "; ".join(f["reason"] for f in verdict["failures"])
 
 
-def _hardware(result: dict) -> str:
-    env = result.get("environment") or {}
+def _hardware(result: Result) -> str:
+    env = result.environment or {}
     if not env:
         return "–"
-    host = env.get("host", "?")
-    return f"{hardware_label(env, result['device'])} @ {host}"
+    return f"{hardware_label(env, result.device)} @ {env.get('host', '?')}"
 
 
 def _text_row(label: str, table: JobTable, get) -> list[str]:
     row = [label]
     for key in table.columns:
         row.append(get(table.results[key]))
-        if key != table.baseline and table.baseline:
+        if _has_delta(table, key):
             row.append("")
     return row
 
@@ -661,119 +681,76 @@ def _as_text(tables: list[JobTable], style: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+CSV_COLUMNS = [
+    *("job", "variant", "status", "device", "hardware", "metric", "value", "baseline", "delta"),
+    *("ci_low", "ci_high", "within_noise", "verdict", "failed_tolerances", "best"),
+]
+
+
 def _as_csv(tables: list[JobTable]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(
-        [
-            "job",
-            "variant",
-            "status",
-            "device",
-            "hardware",
-            "metric",
-            "value",
-            "baseline",
-            "delta",
-            "ci_low",
-            "ci_high",
-            "within_noise",
-            "verdict",
-            "failed_tolerances",
-            "best",
-        ]
-    )
+    writer.writerow(CSV_COLUMNS)
     for table in tables:
-        base = table.results.get(table.baseline) if table.baseline else None
-        base_stats = table.stats.get(table.baseline, {}) if table.baseline else {}
         for key in table.columns:
-            result, stats = table.results[key], table.stats[key]
-            verdict = stats["verdict"] or {}
-            failed = ";".join(f["tolerance"] for f in verdict.get("failures", []))
-            significance = stats["significance"] or {}
-            for spec in ROWS:
-                value = spec.get(result, stats) if result["status"] == "ok" else None
-                base_value = spec.get(base, base_stats) if base else None
-                delta = (
-                    (value - base_value) / base_value
-                    if spec.delta and value is not None and base_value
-                    else None
-                )
-                # The interval belongs to the rows of absolute deltas; the noise call to them and to
-                # the
-                # relative delta of accuracy and macro-F1.
-                interval = (
-                    (significance.get(spec.noise) or {}) if spec.noise and not spec.delta else {}
-                )
-                noise = (
-                    (significance.get("within_noise") or {}).get(spec.noise) if spec.noise else None
-                )
-                writer.writerow(
-                    [
-                        table.job,
-                        key,
-                        result["status"],
-                        result["device"],
-                        _hardware(result),
-                        spec.label,
-                        "" if value is None else value,
-                        table.baseline or "",
-                        "" if delta is None else round(delta, 6),
-                        interval.get("ci_low", ""),
-                        interval.get("ci_high", ""),
-                        "" if noise is None else str(noise).lower(),
-                        verdict.get("status", ""),
-                        failed,
-                        "yes" if key == table.best else "",
-                    ]
-                )
+            writer.writerows(_csv_rows(table, key))
     return out.getvalue()
 
 
-def _as_json(tables: list[JobTable]) -> str:
-    payload = []
-    for table in tables:
-        base = table.results.get(table.baseline) if table.baseline else None
-        base_stats = table.stats.get(table.baseline, {}) if table.baseline else {}
-        variants = {}
-        for key in table.columns:
-            result, stats = table.results[key], table.stats[key]
-            values = {
-                spec.label: spec.get(result, stats) if result["status"] == "ok" else None
-                for spec in ROWS
-            }
-            deltas = {
-                spec.label: (
-                    (values[spec.label] - spec.get(base, base_stats)) / spec.get(base, base_stats)
-                )
-                for spec in ROWS
-                if spec.delta
-                and base
-                and values[spec.label] is not None
-                and spec.get(base, base_stats)
-            }
-            variants[key] = {
-                "variant": result["variant"],
-                "status": result["status"],
-                "error": result.get("error"),
-                "device": result["device"],
-                "hardware": _hardware(result),
-                "warnings": result.get("warnings", []),
-                "metrics": values,
-                "deltas": deltas,
-                **stats,
-            }
-        payload.append(
-            {
-                "job": table.job,
-                "baseline": table.baseline,
-                "notes": table.notes,
-                "variants": variants,
-                "significance_method": {**BOOTSTRAP, "alpha": ALPHA, "rule": _noise_footnote()},
-                "verdict": {"tolerances": table.tolerances, "best": table.best, "rule": BEST_RULE},
-            }
+def _csv_rows(table: JobTable, key: str) -> list[list]:
+    """One column's rows: one per metric."""
+    result, verdict = table.results[key], table.stats[key]["verdict"] or {}
+    failed = ";".join(f["tolerance"] for f in verdict.get("failures", []))
+    hardware = _hardware(result)
+    rows = []
+    for row in ROWS:
+        cell = table.cells[key][row.label]
+        rows.append(
+            [
+                *(table.job, key, result.status, result.device, hardware, row.label),
+                "" if cell.value is None else cell.value,
+                table.baseline or "",
+                "" if cell.delta is None else round(cell.delta, 6),
+                "" if cell.ci_low is None else cell.ci_low,
+                "" if cell.ci_high is None else cell.ci_high,
+                "" if cell.within_noise is None else str(cell.within_noise).lower(),
+                verdict.get("status", ""),
+                failed,
+                "yes" if key == table.best else "",
+            ]
         )
-    return json.dumps(payload, indent=2) + "\n"
+    return rows
+
+
+def _as_json(tables: list[JobTable]) -> str:
+    return json.dumps([_json_table(table) for table in tables], indent=2) + "\n"
+
+
+def _json_table(table: JobTable) -> dict:
+    variants = {}
+    for key in table.columns:
+        result, cells = table.results[key], table.cells[key]
+        variants[key] = {
+            "variant": result.variant,
+            "status": result.status,
+            "error": result.error,
+            "device": result.device,
+            "hardware": _hardware(result),
+            "warnings": result.warnings,
+            "metrics": {label: cell.value for label, cell in cells.items()},
+            "deltas": {
+                label: cell.delta for label, cell in cells.items() if cell.delta is not None
+            },
+            **table.stats[key],
+        }
+    return {
+        "job": table.job,
+        "baseline": table.baseline,
+        "notes": table.notes,
+        "variants": variants,
+        "significance_method": {**BOOTSTRAP, "alpha": ALPHA, "rule": _noise_footnote()},
+        "verdict": {"tolerances": table.tolerances, "best": table.best, "rule": BEST_RULE},
+    }
 
 
 FORMATS: dict[str, Callable[[list[JobTable]], str]] = {
@@ -784,5 +761,5 @@ FORMATS: dict[str, Callable[[list[JobTable]], str]] = {
 }
 
 
-def render(results: list[dict], fmt: str = "table", baseline: str | None = None) -> str:
+def render(results: list[Result | dict], fmt: str = "table", baseline: str | None = None) -> str:
     return FORMATS[fmt](build_tables(results, baseline))

@@ -105,19 +105,50 @@ def prediction_effects(gold, baseline_probs, variant_probs, label_names, n_bins:
     mean_confidence_baseline, mean_confidence_variant and mean_confidence_change (variant -
     baseline, in probability units).
     """
-    label_names = [str(n) for n in label_names]
-    k = len(label_names)
     if n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins}")
+    label_names = [str(n) for n in label_names]
+    k = len(label_names)
     gold = _labels("gold", gold, k)
     p_base, p_var = (
         _probs("baseline_probs", baseline_probs, k),
         _probs("variant_probs", variant_probs, k),
     )
     _same_length(gold=gold, baseline_probs=p_base, variant_probs=p_var)
-    n = len(gold)
     pred_base, pred_var = p_base.argmax(axis=1), p_var.argmax(axis=1)
+    base_correct, var_correct = pred_base == gold, pred_var == gold
+    conf_base, conf_var = float(p_base.max(axis=1).mean()), float(p_var.max(axis=1).mean())
+    agreement = float(np.mean(pred_base == pred_var))
+    confusion = np.bincount(gold * k + pred_var, minlength=k * k).reshape(k, k)
+    return {
+        "n": len(gold),
+        "accuracy_baseline": float(base_correct.mean()),
+        "accuracy_variant": float(var_correct.mean()),
+        "agreement": agreement,
+        "flip_rate": 1.0 - agreement,
+        "flips": _flips(pred_base, pred_var, label_names),
+        "correct_to_wrong": int(np.sum(base_correct & ~var_correct)),
+        "wrong_to_correct": int(np.sum(~base_correct & var_correct)),
+        "mean_kl_baseline_variant": _mean_kl(p_base, p_var),
+        "per_class": _per_class(confusion, label_names),
+        "macro_f1_variant": macro_f1(gold, pred_var, k),
+        "confusion_matrix": _confusion_json(confusion, label_names),
+        "calibration_variant": _calibration(gold, p_var, n_bins),
+        "calibration_baseline": _calibration(gold, p_base, n_bins),
+        "mean_confidence_baseline": conf_base,
+        "mean_confidence_variant": conf_var,
+        "mean_confidence_change": conf_var - conf_base,
+    }
 
+
+def _confusion_json(confusion: np.ndarray, label_names: list[str]) -> dict:
+    matrix = [[int(x) for x in row] for row in confusion]
+    return {"labels": label_names, "rows": "gold", "cols": "predicted", "matrix": matrix}
+
+
+def _flips(pred_base: np.ndarray, pred_var: np.ndarray, label_names: list[str]) -> list[dict]:
+    """[{from, to, count}] of the samples whose label changed, most frequent first."""
+    k = len(label_names)
     transitions = np.bincount(pred_base * k + pred_var, minlength=k * k).reshape(k, k)
     flips = [
         {"from": label_names[a], "to": label_names[b], "count": int(transitions[a, b])}
@@ -126,12 +157,17 @@ def prediction_effects(gold, baseline_probs, variant_probs, label_names, n_bins:
         if a != b and transitions[a, b]
     ]
     flips.sort(key=lambda f: -f["count"])
+    return flips
 
-    eps = 1e-12
+
+def _mean_kl(p_base: np.ndarray, p_var: np.ndarray, eps: float = 1e-12) -> float:
+    """KL(baseline || variant) in nats, averaged over samples; floored at eps to stay finite."""
     p, q = np.clip(p_base, eps, None), np.clip(p_var, eps, None)
-    kl = np.sum(p_base * (np.log(p) - np.log(q)), axis=1)
+    return float(np.sum(p_base * (np.log(p) - np.log(q)), axis=1).mean())
 
-    confusion = np.bincount(gold * k + pred_var, minlength=k * k).reshape(k, k)
+
+def _per_class(confusion: np.ndarray, label_names: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows gold)."""
     per_class = []
     for c, label in enumerate(label_names):
         tp, predicted, support = (
@@ -145,34 +181,7 @@ def prediction_effects(gold, baseline_probs, variant_probs, label_names, n_bins:
         per_class.append(
             {"label": label, "precision": precision, "recall": recall, "f1": f1, "support": support}
         )
-
-    base_correct, var_correct = pred_base == gold, pred_var == gold
-    conf_base, conf_var = float(p_base.max(axis=1).mean()), float(p_var.max(axis=1).mean())
-    agreement = float(np.mean(pred_base == pred_var))
-    return {
-        "n": int(n),
-        "accuracy_baseline": float(base_correct.mean()),
-        "accuracy_variant": float(var_correct.mean()),
-        "agreement": agreement,
-        "flip_rate": 1.0 - agreement,
-        "flips": flips,
-        "correct_to_wrong": int(np.sum(base_correct & ~var_correct)),
-        "wrong_to_correct": int(np.sum(~base_correct & var_correct)),
-        "mean_kl_baseline_variant": float(kl.mean()),
-        "per_class": per_class,
-        "macro_f1_variant": macro_f1(gold, pred_var, k),
-        "confusion_matrix": {
-            "labels": label_names,
-            "rows": "gold",
-            "cols": "predicted",
-            "matrix": [[int(x) for x in row] for row in confusion],
-        },
-        "calibration_variant": _calibration(gold, p_var, n_bins),
-        "calibration_baseline": _calibration(gold, p_base, n_bins),
-        "mean_confidence_baseline": conf_base,
-        "mean_confidence_variant": conf_var,
-        "mean_confidence_change": conf_var - conf_base,
-    }
+    return per_class
 
 
 def _resampled_metric(
@@ -221,17 +230,7 @@ def paired_bootstrap_delta(
     def full(pred):
         return float(np.mean(gold == pred)) if metric == "accuracy" else macro_f1(gold, pred, k)
 
-    rng = np.random.default_rng(seed)
-    deltas = []
-    # Chunks keep the [resamples, n] index matrix small for large evaluation sets.
-    chunk = max(1, min(n_resamples, 2_000_000 // n))
-    for start in range(0, n_resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
-        deltas.append(
-            _resampled_metric(metric, gold, var, idx, k)
-            - _resampled_metric(metric, gold, base, idx, k)
-        )
-    deltas = np.concatenate(deltas)
+    deltas = _resampled_deltas(metric, gold, base, var, k, n_resamples, seed)
     alpha = (1.0 - confidence) / 2.0
     ci_low, ci_high = (float(x) for x in np.quantile(deltas, [alpha, 1.0 - alpha]))
     baseline_value, variant_value = full(base), full(var)
@@ -247,6 +246,29 @@ def paired_bootstrap_delta(
         "ci_high": ci_high,
         "within_noise": bool(ci_low <= 0.0 <= ci_high),
     }
+
+
+def _resampled_deltas(
+    metric: str,
+    gold: np.ndarray,
+    base: np.ndarray,
+    var: np.ndarray,
+    k: int,
+    n_resamples: int,
+    seed: int,
+) -> np.ndarray:
+    """metric(variant) - metric(baseline) on n_resamples resamples of the samples, seeded."""
+    rng = np.random.default_rng(seed)
+    n, deltas = len(gold), []
+    # Chunks keep the [resamples, n] index matrix small for large evaluation sets.
+    chunk = max(1, min(n_resamples, 2_000_000 // n))
+    for start in range(0, n_resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
+        deltas.append(
+            _resampled_metric(metric, gold, var, idx, k)
+            - _resampled_metric(metric, gold, base, idx, k)
+        )
+    return np.concatenate(deltas)
 
 
 def mcnemar_exact(gold, baseline_pred, variant_pred, alpha: float = 0.05) -> dict:

@@ -18,6 +18,8 @@ import time
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+import numpy as np
+
 # Instruction-set extensions that decide CPU speed for FP32/BF16/INT8 kernels.
 SPEED_FLAGS = (
     "avx2",
@@ -53,8 +55,9 @@ def latency_stats(seconds: list[float]) -> dict:
         "mean": mean,
         "median": statistics.median(ms),
         "std": std,
-        "p90": _percentile(ms, 90),
-        "p99": _percentile(ms, 99),
+        # numpy's default "linear": between the closest ranks, at (n - 1) * q / 100.
+        "p90": float(np.percentile(ms, 90, method="linear")),
+        "p99": float(np.percentile(ms, 99, method="linear")),
         "min": ms[0],
         "max": ms[-1],
         "n": n,
@@ -81,14 +84,6 @@ def median_ci95(sorted_values: list[float]) -> list[float]:
     low = max(0, math.floor(n / 2 - half_width) - 1)
     high = min(n - 1, math.ceil(n / 2 + half_width) - 1)
     return [sorted_values[low], sorted_values[high]]
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    position = (len(sorted_values) - 1) * q / 100
-    lower = math.floor(position)
-    upper = min(lower + 1, len(sorted_values) - 1)
-    return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * (position - lower)
 
 
 def same_shape_cv(seconds: list[float], shapes: list) -> tuple[float | None, int]:

@@ -21,11 +21,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import jinja2
+from markupsafe import Markup
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from runner import collect
 from runner.analysis import LAYER_TYPES
+from runner.results import Latency
 
 DPI = 120
 PANEL_IN = 3.4  # width and height of one small-multiple panel, inches
@@ -55,7 +58,7 @@ DEVICE_COLOURS = {"cpu": "#1f77b4", "cuda": "#2ca02c"}
 
 
 def _ok(table: collect.JobTable) -> list[str]:
-    return [k for k in table.columns if table.results[k]["status"] == "ok"]
+    return [k for k in table.columns if table.results[k].status == "ok"]
 
 
 def _panels(n: int, title: str) -> tuple[Figure, list]:
@@ -69,35 +72,68 @@ def _panels(n: int, title: str) -> tuple[Figure, list]:
     return figure, axes[:n]
 
 
-def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
-    """Accuracy against median latency per variant; marker area follows the model size."""
+@dataclass(frozen=True)
+class _Point:
+    """One variant in the accuracy-latency plot."""
+
+    key: str
+    latency: Latency
+    accuracy: float
+    size: float  # MiB
+    device: str
+
+
+def _accuracy_latency_points(table: collect.JobTable) -> list[_Point]:
     points = []
     for key in _ok(table):
-        metrics = table.results[key]["metrics"]
-        latency = metrics.get("latency_ms") or {}
-        if metrics.get("accuracy") is not None and latency.get("median"):
+        result = table.results[key]
+        metrics = result.metrics
+        if metrics.accuracy is not None and metrics.latency.median:
             points.append(
-                (
+                _Point(
                     key,
-                    latency,
-                    metrics["accuracy"],
-                    metrics.get("model_size_mib") or 0.0,
-                    table.results[key]["device"],
+                    metrics.latency,
+                    metrics.accuracy,
+                    metrics.model_size_mib or 0.0,
+                    result.device,
                 )
             )
+    return points
+
+
+def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
+    """Accuracy against median latency per variant; marker area follows the model size."""
+    points = _accuracy_latency_points(table)
     if not points:
         return None
-    largest = max(p[3] for p in points) or 1.0
     figure = Figure(figsize=(7.5, 5.0), layout="constrained")
     ax = figure.subplots()
-    for i, (key, latency, accuracy, size, device) in enumerate(
-        sorted(points, key=lambda p: p[1]["median"])
-    ):
-        median = latency["median"]
-        low, high = latency.get("median_ci95") or (median, median)
+    _draw_points(ax, points, table.best)
+    latencies = [p.latency.median for p in points]
+    if max(latencies) / min(latencies) > 20:
+        ax.set_xscale("log")
+    _draw_tolerances(ax, table)
+    for device, colour in DEVICE_COLOURS.items():
+        if any(p.device == device for p in points):
+            ax.scatter([], [], color=colour, alpha=0.55, label=device)
+    ax.margins(x=0.12, y=0.15)  # room for the labels
+    ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("median latency per forward pass (ms; bars: 95% interval of the median)")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{table.job}: accuracy vs latency (marker area ∝ model size)")
+    return figure
+
+
+def _draw_points(ax, points: list[_Point], best: str | None) -> None:
+    """Each variant with the interval of its median latency and its label."""
+    largest = max(p.size for p in points) or 1.0
+    for i, point in enumerate(sorted(points, key=lambda p: p.latency.median)):
+        median = point.latency.median
+        low, high = point.latency.median_ci95 or (median, median)
         ax.errorbar(
             median,
-            accuracy,
+            point.accuracy,
             xerr=[[max(median - low, 0)], [max(high - median, 0)]],
             fmt="none",
             ecolor="#999999",
@@ -106,25 +142,26 @@ def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
         )
         ax.scatter(
             median,
-            accuracy,
-            s=60 + 900 * size / largest,
-            color=DEVICE_COLOURS.get(device, "#7f7f7f"),
+            point.accuracy,
+            s=60 + 900 * point.size / largest,
+            color=DEVICE_COLOURS.get(point.device, "#7f7f7f"),
             alpha=0.55,
             edgecolors="black",
-            linewidths=2 if key == table.best else 0.6,
+            linewidths=2 if point.key == best else 0.6,
         )
-        label = f"{key}\n{size:.1f} MiB" + ("  ★ best" if key == table.best else "")
+        label = f"{point.key}\n{point.size:.1f} MiB" + ("  ★ best" if point.key == best else "")
         # Neighbours along the latency axis take turns above and below their point.
         ax.annotate(
             label,
-            (median, accuracy),
+            (median, point.accuracy),
             textcoords="offset points",
             xytext=(8, 8 if i % 2 == 0 else -22),
             fontsize=8,
         )
-    latencies = [p[1]["median"] for p in points]
-    if max(latencies) / min(latencies) > 20:
-        ax.set_xscale("log")
+
+
+def _draw_tolerances(ax, table: collect.JobTable) -> None:
+    """The job's latency and accuracy limits, as lines."""
     tolerances = table.tolerances
     if "max_latency_ms" in tolerances:
         ax.axvline(
@@ -136,7 +173,7 @@ def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
         )
     base = table.results.get(table.baseline) if table.baseline else None
     if "max_accuracy_drop" in tolerances and base is not None:
-        floor = base["metrics"]["accuracy"] - tolerances["max_accuracy_drop"]
+        floor = base.metrics.accuracy - tolerances["max_accuracy_drop"]
         ax.axhline(
             floor,
             color="#d62728",
@@ -144,20 +181,10 @@ def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
             linewidth=1,
             label=f"baseline accuracy − max_accuracy_drop {tolerances['max_accuracy_drop']:g}",
         )
-    for device, colour in DEVICE_COLOURS.items():
-        if any(p[4] == device for p in points):
-            ax.scatter([], [], color=colour, alpha=0.55, label=device)
-    ax.margins(x=0.12, y=0.15)  # room for the labels
-    ax.legend(loc="best", fontsize=8)
-    ax.set_xlabel("median latency per forward pass (ms; bars: 95% interval of the median)")
-    ax.set_ylabel("accuracy")
-    ax.grid(True, alpha=0.3)
-    ax.set_title(f"{table.job}: accuracy vs latency (marker area ∝ model size)")
-    return figure
 
 
 def _analysis(table: collect.JobTable, key: str) -> dict:
-    analysis = table.results[key].get("analysis")
+    analysis = table.results[key].analysis
     return analysis if isinstance(analysis, dict) else {}
 
 
@@ -187,49 +214,7 @@ def plot_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
     types = [t for t in LAYER_TYPES if t in present]
     offsets = {t: (i - (len(types) - 1) / 2) * 0.06 for i, t in enumerate(types)}
     for ax, key in zip(axes, shown):
-        analysis = _analysis(table, key)
-        for layer_type in types:
-            rows = [
-                r
-                for r in analysis["layers"]
-                if r["layer_type"] == layer_type and r["sqnr_db"] is not None
-            ]
-            if rows:
-                ax.scatter(
-                    [
-                        (head if r["depth"] is None else r["depth"]) + offsets[layer_type]
-                        for r in rows
-                    ],
-                    [r["sqnr_db"] for r in rows],
-                    s=18,
-                    color=TYPE_COLOURS[layer_type],
-                    label=layer_type,
-                )
-        groups = [
-            g
-            for g in (analysis.get("summary") or {}).get("by_depth", [])
-            if g.get("mean_sqnr_db") is not None
-        ]
-        if groups:
-            ax.plot(
-                [head if g["depth"] is None else g["depth"] for g in groups],
-                [g["mean_sqnr_db"] for g in groups],
-                color="black",
-                linewidth=1,
-                marker="_",
-                label="mean",
-            )
-        overall = ((analysis.get("summary") or {}).get("overall") or {}).get("mean_sqnr_db")
-        ax.set_title(
-            f"{key}" + (f" (mean {overall:.1f} dB)" if overall is not None else ""), fontsize=10
-        )
-        ax.set_xticks(
-            list(range(head)) + [head] * has_head,
-            [str(d) for d in range(head)] + ["head"] * has_head,
-        )
-        ax.set_xlabel("encoder layer")
-        ax.set_ylabel("SQNR (dB)")
-        ax.grid(True, alpha=0.3)
+        _draw_sqnr_panel(ax, key, _analysis(table, key), offsets, head, has_head)
     legend = {}  # one entry per label over all panels: a type may be missing from one
     for ax in axes:
         legend.update(zip(*reversed(ax.get_legend_handles_labels())))
@@ -243,6 +228,51 @@ def plot_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
     return figure
 
 
+def _draw_sqnr_panel(
+    ax, key: str, analysis: dict, offsets: dict[str, float], head: int, has_head: bool
+) -> None:
+    """One variant's layers (coloured by type, types side by side) and their mean per depth."""
+    for layer_type, offset in offsets.items():
+        rows = [
+            r
+            for r in analysis["layers"]
+            if r["layer_type"] == layer_type and r["sqnr_db"] is not None
+        ]
+        if rows:
+            ax.scatter(
+                [(head if r["depth"] is None else r["depth"]) + offset for r in rows],
+                [r["sqnr_db"] for r in rows],
+                s=18,
+                color=TYPE_COLOURS[layer_type],
+                label=layer_type,
+            )
+    groups = [
+        g
+        for g in (analysis.get("summary") or {}).get("by_depth", [])
+        if g.get("mean_sqnr_db") is not None
+    ]
+    if groups:
+        ax.plot(
+            [head if g["depth"] is None else g["depth"] for g in groups],
+            [g["mean_sqnr_db"] for g in groups],
+            color="black",
+            linewidth=1,
+            marker="_",
+            label="mean",
+        )
+    overall = ((analysis.get("summary") or {}).get("overall") or {}).get("mean_sqnr_db")
+    ax.set_title(
+        f"{key}" + (f" (mean {overall:.1f} dB)" if overall is not None else ""), fontsize=10
+    )
+    ax.set_xticks(
+        list(range(head)) + [head] * has_head,
+        [str(d) for d in range(head)] + ["head"] * has_head,
+    )
+    ax.set_xlabel("encoder layer")
+    ax.set_ylabel("SQNR (dB)")
+    ax.grid(True, alpha=0.3)
+
+
 def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
     """FP32 weights pooled by layer type, with the values `key`'s precision can represent drawn over
     them.
@@ -254,7 +284,7 @@ def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
     if not by_type:
         return None
     grids = analysis.get("grids") or {}
-    precision = table.results[key].get("precision", "")
+    precision = table.results[key].precision
     title = (
         f"{table.job}: FP32 weights by layer type, with the {precision} grid of each type's first "
         "layer"
@@ -415,13 +445,26 @@ PLOTS = [
 
 
 # ---------------------------------------------------------------------------------------------
-# The HTML file and the PNGs beside it.
+# The HTML file and the PNGs beside it. The page is templates/report.html.j2; here are the values it
+# shows, computed in the order the figures are drawn.
+
+TEMPLATES = Path(__file__).parent / "templates"
 
 
 @dataclass
 class Rendered:
     path: Path
     figures: list[Path]
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A figure as the page shows it: its PNG in base64, or None and what to say instead."""
+
+    png_base64: str | None
+    alt: str = ""
+    caption: str = ""
+    missing: str = ""
 
 
 def _png(figure: Figure) -> bytes:
@@ -434,112 +477,22 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def _esc(value) -> str:
-    return html.escape(str(value))
+class FigureFiles:
+    """Writes each figure as a PNG into one folder, and keeps what it wrote."""
 
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.written: list[Path] = []
 
-def _figure_html(png: bytes, alt: str, caption: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}">'
-        f"<figcaption>{_esc(caption)}</figcaption></figure>"
-    )
-
-
-def _table_html(table: collect.JobTable) -> str:
-    header, rows, footnotes = collect.table_rows(table)
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td>{_esc(c)}</td>" if i else f"<th>{_esc(c)}</th>" for i, c in enumerate(row))
-        + "</tr>"
-        for row in rows
-    )
-    notes = "".join(f"<li>{_esc(n)}</li>" for n in footnotes)
-    return f'<table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>' + (
-        f'<ul class="notes">{notes}</ul>' if notes else ""
-    )
-
-
-def _verdict_html(table: collect.JobTable) -> str:
-    lines = collect.verdict_lines(table)
-    if not lines:
-        return (
-            "<p>The job states no tolerances: no verdict. Add <code>tolerances:</code> to the job "
-            "file "
-            "(max_accuracy_drop, min_agreement, max_latency_ms, max_size_mib, "
-            "max_peak_rss_mib).</p>"
-        )
-    items = []
-    for key in table.columns:
-        verdict = table.stats[key]["verdict"]
-        items.append(
-            f'<li class="{verdict["status"].replace(" ", "-")}"><b>{_esc(key)}</b>: '
-            f"{_esc(collect.verdict_text(verdict))}</li>"
-        )
-    return (
-        f'<p>{_esc(lines[0])}</p><ul class="verdict">{"".join(items)}</ul>'
-        f'<p class="best">{_esc(lines[-1])}</p>'
-    )
-
-
-def _number(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _details_html(table: collect.JobTable) -> str:
-    """Per-class scores, flipped samples and LLM.int8() outlier columns, per variant."""
-    parts = []
-    for key in _ok(table):
-        stats = table.stats[key]
-        block = []
-        if stats.get("per_class"):
-            rows = "".join(
-                f"<tr><th>{_esc(c['label'])}</th><td>{_number(c['precision'])}</td>"
-                f"<td>{_number(c['recall'])}</td><td>{_number(c['f1'])}</td><td>{c['support']}</td></tr>"
-                for c in stats["per_class"]
-            )
-            block.append(
-                "<table><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
-                f"<th>support</th></tr></thead><tbody>{rows}</tbody></table>"
-            )
-        effects = stats.get("effects")
-        if effects and key != table.baseline:
-            flips = (
-                ", ".join(f"{f['from']} → {f['to']}: {f['count']}" for f in effects["flips"])
-                or "none"
-            )
-            block.append(
-                f"<p>Flips against {_esc(table.baseline)}: {_esc(flips)} (correct → wrong "
-                f"{effects['correct_to_wrong']}, wrong → correct "
-                f"{effects['wrong_to_correct']}).</p>"
-            )
-            if effects["flipped_samples"]:
-                rows = "".join(
-                    f"<tr><td>{s['index']}</td><td>{_esc(s['gold'])}</td><td>{_esc(s['from'])}</td>"
-                    f"<td>{_esc(s['to'])}</td></tr>"
-                    for s in effects["flipped_samples"]
-                )
-                block.append(
-                    "<details><summary>flipped samples (index in the evaluation "
-                    "sample)</summary><table>"
-                    "<thead><tr><th>sample</th><th>gold</th><th>baseline</th><th>variant</th></tr></thead>"
-                    f"<tbody>{rows}</tbody></table></details>"
-                )
-        outliers = _analysis(table, key).get("outlier_columns")
-        if outliers is not None:
-            text = (
-                "; ".join(
-                    f"{layer}: {len(cols)} "
-                    f"({', '.join(map(str, cols[:12]))}{', …' * (len(cols) > 12)})"
-                    for layer, cols in outliers.items()
-                )
-                or "none"
-            )
-            block.append(f"<p>LLM.int8() outlier input columns (kept in 16-bit): {_esc(text)}</p>")
-        if block:
-            parts.append(f"<h4>{_esc(key)}</h4>" + "".join(block))
-    return "".join(parts)
+    def show(self, figure: Figure | None, name: str, alt: str, caption: str, missing: str) -> Shown:
+        if figure is None:
+            return Shown(None, missing=missing)
+        png = _png(figure)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{_safe(name)}.png"
+        path.write_bytes(png)
+        self.written.append(path)
+        return Shown(base64.b64encode(png).decode("ascii"), alt, caption)
 
 
 HISTOGRAM_CAPTION = (
@@ -551,16 +504,14 @@ HISTOGRAM_CAPTION = (
 )
 
 
-def _histograms_html(table: collect.JobTable, emit) -> str:
+def _histograms(table: collect.JobTable, figures: FigureFiles) -> list[Shown]:
     """One figure per variant with a quantization grid; else the FP32 weights once, from any
-    variant."""
+    variant; none when no result holds histograms."""
     drawn = [k for k in _ok(table) if any((_analysis(table, k).get("grids") or {}).values())]
     if not drawn:
         drawn = [k for k in _ok(table) if _analysis(table, k).get("histograms")][:1]
-    if not drawn:
-        return '<p class="missing">– no weight histograms in these results</p>'
-    return "".join(
-        emit(
+    return [
+        figures.show(
             plot_weight_histograms(table, key),
             f"{table.job}-histograms-{key}",
             f"{table.job}: weight histograms, {key}",
@@ -568,91 +519,116 @@ def _histograms_html(table: collect.JobTable, emit) -> str:
             "",
         )
         for key in drawn
+    ]
+
+
+def _number(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class VariantDetails:
+    """Per-class scores, flips against the baseline and LLM.int8() outlier columns of a variant."""
+
+    key: str
+    per_class: list[dict] | None
+    effects: dict | None
+    flips: str | None  # None for the baseline and for variants not paired with it
+    outliers: str | None  # None where the precision keeps no outlier columns
+
+
+def _details(table: collect.JobTable) -> list[VariantDetails]:
+    """The ok variants that have any details."""
+    details = []
+    for key in _ok(table):
+        stats = table.stats[key]
+        effects = stats.get("effects") if key != table.baseline else None
+        flips = None
+        if effects:
+            flips = ", ".join(f"{f['from']} → {f['to']}: {f['count']}" for f in effects["flips"])
+        outliers = _analysis(table, key).get("outlier_columns")
+        shown = VariantDetails(
+            key,
+            stats.get("per_class") or None,
+            effects or None,
+            None if not effects else flips or "none",
+            None if outliers is None else _outliers_text(outliers),
+        )
+        if shown.per_class or shown.flips is not None or shown.outliers is not None:
+            details.append(shown)
+    return details
+
+
+def _outliers_text(outliers: dict[str, list]) -> str:
+    return (
+        "; ".join(
+            f"{layer}: {len(cols)} ({', '.join(map(str, cols[:12]))}{', …' * (len(cols) > 12)})"
+            for layer, cols in outliers.items()
+        )
+        or "none"
     )
 
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
-table { border-collapse: collapse; margin: 0.5em 0; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; white-space: nowrap; }
-thead th { background: #f0f0f0; }
-tbody th { text-align: left; font-weight: normal; background: #fafafa; }
-.scroll { overflow-x: auto; }
-ul.notes { font-size: 12px; color: #555; }
-ul.verdict li.pass { color: #1a7f37; }
-ul.verdict li.fail { color: #b42318; }
-ul.verdict li.no-result { color: #777; }
-p.best { font-weight: bold; }
-figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { font-size: 12px; color: #555; max-width: 900px; }
-p.missing { color: #777; font-style: italic; }
-"""
+def _section(table: collect.JobTable, figures: FigureFiles) -> dict:
+    """What the page shows of one job; draws and writes its figures."""
+    header, rows, footnotes = collect.table_rows(table)
+    verdict_lines = collect.verdict_lines(table)
+    plots, histograms = [], []
+    for plot in PLOTS:
+        shown = figures.show(
+            plot.draw(table),
+            f"{table.job}-{plot.name}",
+            f"{table.job}: {plot.heading}",
+            plot.caption,
+            plot.missing,
+        )
+        plots.append((plot, shown))
+        if plot.name == "sqnr-by-depth":  # drawn after it, and shown after it
+            histograms = _histograms(table, figures)
+    verdicts = [table.stats[key]["verdict"] for key in table.columns] if verdict_lines else []
+    verdicts = [
+        (key, verdict["status"], collect.verdict_text(verdict))
+        for key, verdict in zip(table.columns, verdicts)
+    ]
+    return {
+        "job": table.job,
+        "baseline": table.baseline,
+        **{"header": header, "rows": rows, "footnotes": footnotes},
+        **{"verdict_lines": verdict_lines, "verdicts": verdicts},
+        **{"plots": plots, "histograms": histograms, "details": _details(table)},
+    }
+
+
+def _escaped(value) -> Markup:
+    """Autoescape as html.escape writes it (&#x27;, as the report always has); markup passes."""
+    return value if isinstance(value, Markup) else Markup(html.escape(str(value)))
+
+
+def _template() -> jinja2.Template:
+    environment = jinja2.Environment(
+        autoescape=True, finalize=_escaped, undefined=jinja2.StrictUndefined
+    )
+    environment.filters["number"] = _number
+    source = (TEMPLATES / "report.html.j2").read_text(encoding="utf-8")
+    # The template's line breaks and indentation are for reading; the page has none.
+    return environment.from_string(re.sub(r"\n\s*", "", source))
 
 
 def write_report(results: list[dict], out: Path, baseline: str | None = None) -> Rendered:
     """Write `out` (HTML) and its PNGs into `<out stem>_figures/`; returns both paths."""
     out = Path(out)
-    figures_dir = out.parent / f"{out.stem}_figures"
-    written: list[Path] = []
-
-    def emit(figure: Figure | None, name: str, alt: str, caption: str, missing: str) -> str:
-        if figure is None:
-            return f'<p class="missing">– {_esc(missing)}</p>'
-        png = _png(figure)
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        path = figures_dir / f"{_safe(name)}.png"
-        path.write_bytes(png)
-        written.append(path)
-        return _figure_html(png, alt, caption)
-
-    sections = []
+    figures = FigureFiles(out.parent / f"{out.stem}_figures")
     # Names (a job, a variant, a label) are drawn as written: matplotlib would read $...$ as a
-    # formula
-    # and stop the report at one it cannot parse.
+    # formula and stop the report at one it cannot parse.
     with rc_context({"text.parse_math": False}):
-        for table in collect.build_tables(results, baseline):
-            body = [
-                f"<h2>{_esc(table.job)}</h2>",
-                f"<p>Baseline: {_esc(table.baseline or 'none')}; Δ = (variant − baseline) / "
-                "baseline.</p>",
-                f'<div class="scroll">{_table_html(table)}</div>',
-                "<h3>Deployment verdict</h3>",
-                _verdict_html(table),
-            ]
-            for plot in PLOTS:
-                body.append(f"<h3>{_esc(plot.heading)}</h3>")
-                body.append(
-                    emit(
-                        plot.draw(table),
-                        f"{table.job}-{plot.name}",
-                        f"{table.job}: {plot.heading}",
-                        plot.caption,
-                        plot.missing,
-                    )
-                )
-                if (
-                    plot.name == "sqnr-by-depth"
-                ):  # the weights' story together; histograms are one figure per variant
-                    body.append(
-                        "<h3>Weight histograms and quantization grids</h3>"
-                        + _histograms_html(table, emit)
-                    )
-            body.append(
-                "<h3>Per variant</h3>"
-                + (_details_html(table) or '<p class="missing">– no ok results</p>')
-            )
-            sections.append("<section>" + "".join(body) + "</section>")
-
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>quantbench '
-        "report</title>"
-        f"<style>{STYLE}</style></head><body><h1>quantbench report</h1>"
-        f"<p>{len(results)} result{'s' * (len(results) != 1)}, written {stamp}. "
-        f"Figures are also in {_esc(figures_dir.name)}/.</p>"
-        + "".join(sections)
-        + "</body></html>\n"
+        sections = [_section(table, figures) for table in collect.build_tables(results, baseline)]
+    page = _template().render(
+        style=(TEMPLATES / "report.css").read_text(encoding="utf-8"),
+        n_results=len(results),
+        stamp=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        figures_folder=figures.folder.name,
+        sections=sections,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
-    return Rendered(out, written)
+    return Rendered(out, figures.written)

@@ -12,9 +12,9 @@ import os
 import pwd
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 
 class ResultsError(Exception):
@@ -33,9 +33,11 @@ def result_path(results_dir: Path, job: str, variant_id: str) -> Path:
     return Path(results_dir) / job / f"{variant_id}.json"
 
 
-def write_result(results_dir: Path, result: dict) -> Path:
+def write_result(results_dir: Path, result: Result | dict) -> Path:
     """Through a temporary file in the same folder and a rename: a reader never sees half a
     result."""
+    if isinstance(result, Result):
+        result = result.to_json()
     path = result_path(results_dir, result["job"], result["variant"])
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
@@ -284,6 +286,224 @@ def load_result(path: Path) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------------
+# A result as a typed record. The JSON is the record of truth: from_json(d).to_json() == d, keys in
+# the same order, absent keys absent, keys this code has no name for kept as they are.
+
+
+def _json_fields(cls) -> list:
+    return [f for f in fields(cls) if f.metadata.get("json", True)]
+
+
+def _default(f):
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
+def _bookkeeping(**kwargs):
+    """A field that is not a JSON key."""
+    return field(**kwargs, metadata={"json": False}, repr=False, compare=False)
+
+
+@dataclass
+class Record:
+    """A JSON object as a dataclass: its named keys as fields (NESTED ones as records of their own),
+    every other key in `extra`, and the keys' order as read."""
+
+    extra: dict[str, Any] = _bookkeeping(default_factory=dict)
+    key_order: tuple[str, ...] | None = _bookkeeping(default=None)  # None: not read from JSON
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {}
+    ALWAYS: ClassVar[tuple[str, ...]] = ()  # the keys a record made here writes even when default
+
+    @classmethod
+    def from_json(cls, data: dict) -> Self:
+        named = {f.name for f in _json_fields(cls)}
+        values = {
+            key: cls.NESTED[key].from_json(value)
+            if key in cls.NESTED and value is not None
+            else value
+            for key, value in data.items()
+            if key in named
+        }
+        extra = {key: value for key, value in data.items() if key not in named}
+        return cls(**values, extra=extra, key_order=tuple(data))
+
+    def keys(self) -> list[str]:
+        """The JSON's keys: as read, then the fields set since (or, made here, ALWAYS and the fields
+        that hold more than their default), then extra keys added since."""
+        keys = list(self.ALWAYS if self.key_order is None else self.key_order)
+        keys += [
+            f.name
+            for f in _json_fields(self)
+            if f.name not in keys and getattr(self, f.name) != _default(f)
+        ]
+        return keys + [key for key in self.extra if key not in keys]
+
+    def __getitem__(self, key: str) -> Any:
+        """The JSON value of one key, for code written against result dicts."""
+        if key not in self.keys():
+            raise KeyError(key)
+        value = self.extra[key] if key in self.extra else getattr(self, key)
+        return value.to_json() if isinstance(value, Record) else value
+
+    def to_json(self) -> dict:
+        return {key: self[key] for key in self.keys()}
+
+
+@dataclass
+class Latency(Record):
+    """metrics.latency_ms: the distribution of per-pass latencies (measure.latency_stats) and how
+    the clock ran."""
+
+    mean: float | None = None
+    median: float | None = None
+    std: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    min: float | None = None
+    max: float | None = None
+    n: int | None = None
+    cv: float | None = None
+    median_ci95: list[float] | None = None
+    repeat_cv: float | None = None
+    repeat_n: int | None = None
+    preemptions_per_s: float | None = None
+    clock_started_at: str | None = None
+    clock_s: float | None = None
+    timing_lock_wait_s: float | None = None
+
+    @classmethod
+    def from_values(cls, seconds: list[float]) -> Latency:
+        """The statistics of per-pass latencies given in seconds."""
+        from runner.measure import latency_stats
+
+        return cls.from_json(latency_stats(seconds))
+
+
+@dataclass
+class Metrics(Record):
+    """A result's metrics: what the variant measured (empty when it did not run)."""
+
+    model_size_mib: float | None = None
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    avg_confidence: float | None = None
+    latency_ms: Latency | None = None
+    throughput_sps: float | None = None
+    peak_rss_mib: float | None = None
+    peak_cuda_mib: float | None = None
+    memory_phases: dict | None = None
+    memory_phases_reset: bool | None = None
+    load_s: float | None = None
+    quantize_s: float | None = None
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"latency_ms": Latency}
+
+    @property
+    def latency(self) -> Latency:
+        """latency_ms, or a latency with nothing measured."""
+        return self.latency_ms or Latency()
+
+
+@dataclass
+class Predictions(Record):
+    """Per-sample predictions, in sample order, with the label names of the model's classes."""
+
+    labels: list[str] | None = None
+    gold: list[str] | None = None
+    predicted: list[str] | None = None
+    confidence: list[float] | None = None
+    probabilities: list[list[float]] | None = None
+
+
+FILE_KEY = "_file"  # find_results' dicts name the file they were read from under this key
+
+
+@dataclass
+class Result(Record):
+    """One variant's result file. Read files with read_results (or from_json after load_result's
+    checks); write with write_result. traceback, analysis, predictions and wall_s appear in a file
+    only when present."""
+
+    schema_version: int | None = None
+    job: str = ""
+    variant: str = ""
+    precision: str = ""
+    device: str = ""
+    status: str = ""
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    settings: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
+    spec_hash: str | None = None
+    spec: dict | None = None
+    sample: dict | None = None
+    model: dict | None = None
+    repeat: int | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    analysis: dict | None = None
+    predictions: Predictions | None = None
+    traceback: str | None = None
+    wall_s: float | None = None
+    file: Path | None = _bookkeeping(default=None)  # the file it was read from
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"metrics": Metrics, "predictions": Predictions}
+    ALWAYS: ClassVar[tuple[str, ...]] = (
+        *("schema_version", "job", "variant", "precision", "device", "status", "error"),
+        *("warnings", "metrics", "settings", "environment", "spec_hash", "spec", "sample"),
+        *("model", "repeat", "started_at", "ended_at"),
+    )
+
+    @classmethod
+    def from_json(cls, data: dict, file: Path | None = None) -> Result:
+        """The record of a result dict (a FILE_KEY in it names its file)."""
+        if FILE_KEY in data:
+            data = dict(data)
+            file = Path(data.pop(FILE_KEY))
+        result = super().from_json(data)
+        result.file = file
+        return result
+
+    @classmethod
+    def load(cls, path: Path) -> Result:
+        """The result in the file; raises UnusableFile saying why it is none."""
+        return cls.from_json(load_result(path), Path(path))
+
+    def as_dict(self) -> dict:
+        """The JSON, with FILE_KEY naming its file: the dict form find_results has always given."""
+        return {**self.to_json(), **({FILE_KEY: str(self.file)} if self.file else {})}
+
+    @property
+    def host(self) -> str | None:
+        return self.environment.get("host")
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The evaluation sample's fingerprint: results on the same sample can be paired."""
+        return (self.sample or {}).get("fingerprint")
+
+    @property
+    def job_spec(self) -> dict:
+        """The job spec as run ({} when the result holds none)."""
+        return self.spec if isinstance(self.spec, dict) else {}
+
+    @property
+    def baseline(self) -> str | None:
+        """The baseline the job spec names."""
+        return self.job_spec.get("baseline")
+
+    @property
+    def tolerances(self) -> dict:
+        return self.job_spec.get("tolerances") or {}
+
+
+def as_result(result: Result | dict) -> Result:
+    """A result dict as its record; a record as it is."""
+    return result if isinstance(result, Result) else Result.from_json(result)
+
+
 def read_result(path: Path) -> dict | None:
     try:
         return load_result(path)
@@ -291,31 +511,54 @@ def read_result(path: Path) -> dict | None:
         return None
 
 
-def find_results(paths: list[Path], skipped: list[tuple[Path, str]] | None = None) -> list[dict]:
-    """Every result file under the given folders (or the files themselves), in a stable order; each
-    file that holds none goes into `skipped` as (file, why)."""
-    found = []
+@dataclass
+class Found:
+    """What a walk over results folders found."""
+
+    results: list[Result]  # in a stable order: by folder given, then by path
+    unusable: list[tuple[Path, str]]  # the *.json files that hold no result, and why
+    skipped_folders: list[Path]  # folders named `skip` below the folders given, left out
+
+
+def walk(paths: list[Path], skip: str | None = None) -> Found:
+    """Every result file under the given folders (or the files themselves). A folder named `skip`
+    below a folder given is left out, and named, unless it (or one inside it) is given itself."""
+    found = Found([], [], [])
+    given = {Path(p).resolve() for p in paths}
     for root in map(Path, paths):
-        files = [root] if root.is_file() else sorted(root.rglob("*.json"))
-        for file in files:
-            try:
-                result = load_result(file)
-            except UnusableFile as why:
-                if skipped is not None:
-                    skipped.append((file, str(why)))
+        for file in [root] if root.is_file() else sorted(root.rglob("*.json")):
+            parts = file.relative_to(root).parts[:-1] if file != root else ()
+            if skip in parts:
+                folder = root.joinpath(*parts[: parts.index(skip) + 1])
+                if folder not in found.skipped_folders and folder.resolve() not in given:
+                    found.skipped_folders.append(folder)  # given as well: collected from there
                 continue
-            result["_file"] = str(file)
-            found.append(result)
+            try:
+                found.results.append(Result.load(file))
+            except UnusableFile as why:
+                found.unusable.append((file, str(why)))
     return found
+
+
+def find_results(paths: list[Path], skipped: list[tuple[Path, str]] | None = None) -> list[dict]:
+    """Every result under the given folders (or the files themselves) as a dict naming its file
+    (FILE_KEY), in a stable order; each file that holds none goes into `skipped` as (file, why)."""
+    found = walk(paths)
+    if skipped is not None:
+        skipped.extend(found.unusable)
+    return [result.as_dict() for result in found.results]
 
 
 def existing_results(
     results_dir: Path, job: str, skipped: list[tuple[Path, str]] | None = None
-) -> dict[str, dict]:
+) -> dict[str, Result]:
     folder = Path(results_dir) / job
     if not folder.is_dir():
         return {}
-    return {r["variant"]: r for r in find_results([folder], skipped)}
+    found = walk([folder])
+    if skipped is not None:
+        skipped.extend(found.unusable)
+    return {result.variant: result for result in found.results}
 
 
 def plan_folder(
@@ -332,7 +575,7 @@ def plan_folder(
     `skipped` as (file, why)."""
     existing = existing_results(results_dir, job, skipped)
     if not resume:
-        different = sorted(v for v, r in existing.items() if r.get("spec_hash") != spec_hash)
+        different = sorted(v for v, r in existing.items() if r.spec_hash != spec_hash)
         if different:
             raise ResultsConflict(
                 f"{Path(results_dir) / job} holds results of a different job spec "
@@ -342,7 +585,7 @@ def plan_folder(
             )
         return {}, {}
     stranded = sorted(
-        v for v, r in existing.items() if v not in variant_ids and r.get("spec_hash") != spec_hash
+        v for v, r in existing.items() if v not in variant_ids and r.spec_hash != spec_hash
     )
     if stranded:
         raise ResultsConflict(
@@ -355,12 +598,12 @@ def plan_folder(
     for v, r in existing.items():
         if v not in variant_ids:
             continue
-        if r.get("spec_hash") != spec_hash:
+        if r.spec_hash != spec_hash:
             replaced[v] = "its result is of a different job spec"
-        elif r.get("status") != "ok":
-            replaced[v] = f"its result is {r.get('status')}"
+        elif r.status != "ok":
+            replaced[v] = f"its result is {r.status}"
         else:
-            kept[v] = r
+            kept[v] = r.as_dict()  # the sweep's results are dicts
     return kept, replaced
 
 

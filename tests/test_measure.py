@@ -228,3 +228,11 @@ def test_a_variant_that_ran_at_a_raised_niceness_says_so():
     assert measure.niceness_warning({"niceness": 0}) is None
     warning = measure.niceness_warning({"niceness": 15})
     assert "niceness 15" in warning and "RAY_worker_niceness=0" in warning
+
+
+def test_percentiles_interpolate_between_the_closest_ranks():
+    # At (n - 1) * q / 100 of the sorted values: p90 of 11 values is the 10th (0-based 9th) exactly,
+    # p99 of them lies 0.9 of the way from the 10th to the 11th.
+    seconds = [0.001 * v for v in (5, 1, 2, 3, 4, 6, 7, 8, 9, 10, 20)]
+    stats = measure.latency_stats(seconds)
+    assert stats["p90"] == 10.0 and stats["p99"] == pytest.approx(10 + 0.9 * 10, abs=1e-4)
