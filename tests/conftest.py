@@ -63,6 +63,7 @@ def build_tiny_bert(
     layers: int = 2,
     seed: int = 0,
     corpus: list[str] | None = None,
+    initializer_range: float = 0.02,
 ) -> Path:
     """A random-initialised BERT classifier with the given label names, saved with
     save_pretrained."""
@@ -81,6 +82,7 @@ def build_tiny_bert(
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
+        initializer_range=initializer_range,
     )
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
