@@ -232,7 +232,10 @@ def lengths_error(result: dict) -> str | None:
     return None
 
 
-# The schema versions this code reads: every worker.SCHEMA_VERSION so far. A result of a newer one
+# The version of the result format this code writes.
+SCHEMA_VERSION = 1
+
+# The schema versions this code reads: every SCHEMA_VERSION so far. A result of a newer one
 # may
 # mean other things by the same fields.
 READABLE_SCHEMA_VERSIONS = (1,)

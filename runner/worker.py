@@ -20,10 +20,9 @@ import numpy as np
 
 from runner import evaluate, measure, models, precisions
 from runner.precisions import PRECISIONS, linear_layer_kinds
+from runner.results import SCHEMA_VERSION, Metrics, Predictions, Result
 from runner.spec import EvaluationSpec, QuantSettings, Variant
 from runner.tasks import DEFAULT_TASK, TASKS
-
-SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -52,50 +51,50 @@ class NoCudaDevice(RuntimeError):
 
 
 def base_result(task: VariantTask, status: str, error: str | None = None) -> dict:
-    """The fields every result has, whatever became of the variant."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "job": task.job,
-        "variant": task.variant.id,
-        "precision": task.variant.precision,
-        "device": task.variant.device,
-        "status": status,
-        "error": error,
-        "warnings": [],
-        "metrics": {},
-        "settings": {},
-        "environment": {},
-        "spec_hash": task.spec_hash,
-        "spec": task.spec_as_run,
-        "sample": task.sample,
-        "model": task.model_info,
-        "repeat": task.repeat,
-        "started_at": measure.now(),
-        "ended_at": None,
-    }
+    """The fields every result has, whatever became of the variant, as JSON."""
+    return new_result(task, status, error).to_json()
+
+
+def new_result(task: VariantTask, status: str, error: str | None = None) -> Result:
+    return Result(
+        schema_version=SCHEMA_VERSION,
+        job=task.job,
+        variant=task.variant.id,
+        precision=task.variant.precision,
+        device=task.variant.device,
+        status=status,
+        error=error,
+        spec_hash=task.spec_hash,
+        spec=task.spec_as_run,
+        sample=task.sample,
+        model=task.model_info,
+        repeat=task.repeat,
+        started_at=measure.now(),
+    )
 
 
 def run_variant(task: VariantTask) -> dict:
+    """The variant's result as JSON (what travels back from a worker and is written)."""
     import torch
 
-    result = base_result(task, "ok")
+    result = new_result(task, "ok")
     watch = measure.Stopwatch()
     try:
         _run(task, result, torch)
     except Exception as error:  # the variant failed; the sweep goes on
-        result["status"] = "failed"
-        result["error"] = f"{type(error).__name__}: {error}"
-        result["traceback"] = traceback.format_exc(limit=8)
-    result["ended_at"] = measure.now()
-    result["wall_s"] = watch.seconds()
+        result.status = "failed"
+        result.error = f"{type(error).__name__}: {error}"
+        result.traceback = traceback.format_exc(limit=8)
+    result.ended_at = measure.now()
+    result.wall_s = watch.seconds()
     try:
-        result["environment"] = {**measure.environment(), **result["environment"]}
+        result.environment = {**measure.environment(), **result.environment}
     except Exception as error:  # never lose a result for want of a version string
-        result["environment"]["error"] = repr(error)
-    niceness = measure.niceness_warning(result["environment"])
-    if niceness and result["status"] == "ok":
-        result["warnings"].append(niceness)
-    return result
+        result.environment["error"] = repr(error)
+    niceness = measure.niceness_warning(result.environment)
+    if niceness and result.status == "ok":
+        result.warnings.append(niceness)
+    return result.to_json()
 
 
 def run_variant_in_own_process(task: VariantTask) -> dict:
@@ -164,7 +163,7 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     return outcome
 
 
-def _run(task: VariantTask, result: dict, torch) -> None:
+def _run(task: VariantTask, result: Result, torch) -> None:
     """The variant's steps, in the order they run; each writes its part of the result."""
     kind = TASKS[task.task_name]
     check_device(task, torch)
@@ -191,12 +190,14 @@ def _run(task: VariantTask, result: dict, torch) -> None:
     check_finite(task, outputs)
     analysis_warning = weight_analysis(loaded.model, task, batches, memory, result)
     scored = kind.score(task, outputs)
-    result["metrics"] = measured_metrics(size_mib, scored.metrics, timings, memory, loaded)
+    result.metrics = Metrics.from_json(
+        measured_metrics(size_mib, scored.metrics, timings, memory, loaded)
+    )
     extra = [analysis_warning, timings.timing_lock_warning]
-    extra.append(measure.noisy_warning(result["metrics"]["latency_ms"]))
-    result["warnings"] = scored.warnings + [warning for warning in extra if warning]
-    result["settings"] = recorded_settings(task, loaded.settings)
-    result["predictions"] = scored.predictions
+    extra.append(measure.noisy_warning(result.metrics.latency.to_json()))
+    result.warnings = scored.warnings + [warning for warning in extra if warning]
+    result.settings = recorded_settings(task, loaded.settings)
+    result.predictions = Predictions.from_json(scored.predictions)
 
 
 def check_device(task: VariantTask, torch) -> None:
@@ -263,16 +264,16 @@ def check_finite(task: VariantTask, outputs: np.ndarray) -> None:
         )
 
 
-def weight_analysis(model, task: VariantTask, batches, memory, result: dict) -> str | None:
-    """result["analysis"], after the clock has stopped: no timed pass runs while this computes. It
+def weight_analysis(model, task: VariantTask, batches, memory, result: Result) -> str | None:
+    """result.analysis, after the clock has stopped: no timed pass runs while this computes. It
     is optional: its failure is a warning (returned), never the loss of a measured variant."""
     if not task.evaluation.weight_analysis:
         return None
     with memory.phase("analysis"):
         try:
-            result["analysis"] = analyse_weights(model, task, batches)
+            result.analysis = analyse_weights(model, task, batches)
         except Exception as error:
-            result["analysis"] = {"error": f"{type(error).__name__}: {error}"}
+            result.analysis = {"error": f"{type(error).__name__}: {error}"}
             return f"weight analysis failed: {type(error).__name__}: {error}"
     return None
 
