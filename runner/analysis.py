@@ -288,19 +288,20 @@ def layer_matrix(weight: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def quantization_grid(precision: str, weight: torch.Tensor) -> dict | None:
+def quantization_grid(precision: str, weight: torch.Tensor, settings=None) -> dict | None:
     """Values a precision can represent at the scale of one FP32 layer weight; None for
-    fp32/fp16/bf16.
+    fp32/fp16/bf16. settings: the job's QuantSettings (None: the defaults), which shape some grids
+    (torchao's int4 group size).
 
-    Returns precision, scheme, granularity (tensor | row | block), block_size, n_groups, codes (the
-    normalised levels), group scales (scale_min, scale_median, scale_max), and values = codes *
-    scale_max: the grid of the group holding the layer's largest |w|. Other rows/blocks use the same
-    codes times their own, smaller scale.
+    Returns precision, scheme, granularity (tensor | row | block | group), block_size, n_groups,
+    codes (the normalised levels), group scales (scale_min, scale_median, scale_max), and values =
+    codes * scale_max: the grid of the group holding the layer's largest |w|. Other rows/blocks use
+    the same codes times their own, smaller scale.
     """
     if precision not in precisions.PRECISIONS:
         known = list(precisions.PRECISIONS)
         raise ValueError(f"no quantization grid for precision {precision!r}; known: {known}")
-    return precisions.quantization_grid(precision, weight)
+    return precisions.quantization_grid(precision, weight, settings)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,11 +15,23 @@ from runner.tasks import TASKS
 
 torch.set_num_threads(1)
 
+# CUDA-only precisions (torchao-float8-dynamic) are left out: these tests run on the CPU.
 CPU_PRECISIONS = [name for name, p in precisions.PRECISIONS.items() if "cpu" in p.devices]
 # How far layer(x) may be from F.linear(x, read-back weight, bias), relative to its norm: the
 # dynamic int8 kinds also quantize the activations; bnb 4-bit multiplies in bf16 on CPUs with
-# AVX512-BF16 (and exactly elsewhere).
-RELATIVE_TOLERANCE = {"int8-dynamic": 0.03, "bnb-int8": 0.03, "bnb-nf4": 0.01, "bnb-fp4": 0.01}
+# AVX512-BF16 (and exactly elsewhere); torchao's weight-only kinds multiply the weights they
+# dequantize, in float32.
+RELATIVE_TOLERANCE = {
+    "int8-dynamic": 0.03,
+    "torchao-int8-dynamic": 0.03,
+    "torchao-int8-weight": 1e-4,
+    "torchao-int4-weight": 1e-4,
+    "bnb-int8": 0.03,
+    "bnb-nf4": 0.01,
+    "bnb-fp4": 0.01,
+}
+# The model's layers take 64 or 128 inputs: torchao's default int4 group (128) does not fit all.
+SETTINGS = QuantSettings(torchao_int4_group_size=64)
 
 
 def _save_tiny_bert(folder, hidden: int):
@@ -48,14 +60,14 @@ def tiny_bert_64(tmp_path_factory):
 
 def _load(precision: str, folder):
     spec = precisions.PRECISIONS[precision]
-    if spec.family == "bitsandbytes":
-        pytest.importorskip("bitsandbytes")
+    if spec.family in ("bitsandbytes", "torchao"):
+        pytest.importorskip(spec.family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notice
         model_class = TASKS["classification"].auto_model()
-        model, _ = spec.load(model_class, str(folder), "cpu", QuantSettings())
+        model, _ = spec.load(model_class, str(folder), "cpu", SETTINGS)
         if spec.quantize is not None:
-            model, _ = spec.quantize(model, QuantSettings())
+            model, _ = spec.quantize(model, SETTINGS)
     return model
 
 
@@ -112,13 +124,16 @@ def test_grid_of_every_precision(tiny_bert_64, precision):
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_64)
     weight = analysis.dequantized_linear_weights(model)["bert.encoder.layer.0.output.dense"]
-    grid = analysis.quantization_grid(precision, weight)
+    grid = analysis.quantization_grid(precision, weight, SETTINGS)
     if precisions.PRECISIONS[precision].family == "casts":
         assert grid is None
     else:
         assert grid["precision"] == precision and grid["values"]
-        # The group holding the largest |w| reaches it (int8-dynamic's codes end at 127 / 127.5).
-        assert max(grid["values"]) == pytest.approx(weight.abs().max().item(), rel=1e-2)
+        # The group holding the largest |w| reaches it (int8's codes end at 127 / 127.5); symmetric
+        # int4's codes -8..7 times max|w| / 7.5 reach 7 / 7.5 of it one way and 8 / 7.5 the other.
+        reach = {"torchao-int4-weight": 8 / 7.5}.get(precision, 1.0)
+        extent = max(abs(v) for v in grid["values"])
+        assert extent == pytest.approx(reach * weight.abs().max().item(), rel=1e-2)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -149,10 +164,12 @@ def test_settings_are_every_familys_side_by_side():
         "bnb_4bit_use_double_quant",
         "dynamic_modules",
         "quantized_engine",
+        "torchao_int4_group_size",
     ]
     assert names == [
         f.name for family in precisions.FAMILIES.values() for f in fields(family.Settings)
     ]
     assert list(precisions.PRECISIONS) == [
-        "fp32", "fp16", "bf16", "int8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4"
+        "fp32", "fp16", "bf16", "int8-dynamic", "torchao-int8-dynamic", "torchao-int8-weight",
+        "torchao-int4-weight", "torchao-float8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4",
     ]  # fmt: skip

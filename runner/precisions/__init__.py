@@ -1,7 +1,7 @@
 """The precisions: a registry of names, each run by one family, a module of this package.
 
 A family is one way of quantizing, in the manner of torchao: a settings dataclass plus the functions
-registered for it. Each family module (casts, torch_ao, bitsandbytes) defines:
+registered for it. Each family module (casts, torch_ao, torchao, bitsandbytes) defines:
 
 - `Settings` and `read_settings(reader)`: its keys of the job's `settings:` (flat, all families'
   side by side), checked as they are read;
@@ -9,7 +9,8 @@ registered for it. Each family module (casts, torch_ao, bitsandbytes) defines:
 - `linear_classes()`, `layer_weight(name, module)`: the layer classes it computes with, and the
   float32 weight one of its layers really computes with;
 - `is_quantized(precision, module)`, `leaves_unquantized(model, name)`;
-- `grid(precision, weight)`: the values it can represent at a layer's scale (None for a float cast);
+- `grid(precision, weight, settings)`: the values it can represent at a layer's scale (None for a
+  float cast);
 - `extra_analysis(precision, reference_model, batches, settings)`: anything only it needs.
 
 A new family is one module plus its line below. The order of PRECISIONS is the table's column
@@ -19,19 +20,27 @@ jobs without importing them.
 
 from __future__ import annotations
 
-from runner.precisions import bitsandbytes, casts, torch_ao
+from runner.precisions import bitsandbytes, casts, torch_ao, torchao
 from runner.precisions.common import Precision
 
 __all__ = ["DEVICES", "FAMILIES", "PRECISIONS", "Precision"]
 
 DEVICES = ("cpu", "cuda")
 
-# The order their layers are asked in (bnb's layers subclass nn.Linear, so the plain casts come
-# last) and the order of their settings in a job's errors and a result's record.
-FAMILIES = {"bitsandbytes": bitsandbytes, "torch_ao": torch_ao, "casts": casts}
+# The order their layers are asked in (bnb's layers subclass nn.Linear and torchao's keep it, so
+# the plain casts come last) and the order of their settings in a job's errors and a result's
+# record.
+FAMILIES = {"bitsandbytes": bitsandbytes, "torch_ao": torch_ao, "torchao": torchao, "casts": casts}
 
+# torch.ao's int8-dynamic and torchao's precisions side by side: the two generations.
 PRECISIONS: dict[str, Precision] = {
-    p.name: p for p in [*casts.PRECISIONS, *torch_ao.PRECISIONS, *bitsandbytes.PRECISIONS]
+    p.name: p
+    for p in [
+        *casts.PRECISIONS,
+        *torch_ao.PRECISIONS,
+        *torchao.PRECISIONS,
+        *bitsandbytes.PRECISIONS,
+    ]
 }
 
 
@@ -84,8 +93,10 @@ def leaves_unquantized(precision: str, model, name: str) -> bool:
     return family_of(precision).leaves_unquantized(model, name)
 
 
-def quantization_grid(precision: str, weight):
-    return family_of(precision).grid(precision, weight)
+def quantization_grid(precision: str, weight, settings=None):
+    """The precision's grid at this FP32 weight's scale; settings: the job's QuantSettings (None:
+    the defaults), for a grid a setting shapes (torchao's int4 group size)."""
+    return family_of(precision).grid(precision, weight, settings)
 
 
 def extra_analysis(precision: str, reference_model, batches: list[dict], settings) -> dict:
@@ -95,11 +106,30 @@ def extra_analysis(precision: str, reference_model, batches: list[dict], setting
 
 def linear_layer_kinds(model) -> dict[str, int]:
     """How many linear layers of each class the model computes with: shows what was really
-    quantized."""
+    quantized. A layer that computes with a tensor subclass (torchao's) names it too:
+    "torch.nn.modules.linear.Linear[torchao.quantization.Int8Tensor]"."""
     classes = tuple(c for family in FAMILIES.values() for c in family.linear_classes())
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, classes):
-            name = type(module).__module__ + "." + type(module).__name__
+            name = _class_name(type(module))
+            weight_class = _tensor_subclass(getattr(module, "weight", None))
+            if weight_class is not None:
+                name += f"[{_class_name(weight_class)}]"
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def _class_name(cls: type) -> str:
+    return cls.__module__ + "." + cls.__name__
+
+
+def _tensor_subclass(weight) -> type | None:
+    """The weight's class where it is a tensor subclass that does its own matmul; None for a plain
+    tensor or a Parameter subclass (bnb's Int8Params, Params4bit: their layer class says it)."""
+    import torch
+
+    kind = type(weight)
+    if not isinstance(weight, torch.Tensor) or kind is torch.Tensor:
+        return None
+    return None if issubclass(kind, torch.nn.Parameter) else kind

@@ -302,7 +302,7 @@ def leaves_unquantized(model, name: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def grid(precision: str, weight) -> dict:
+def grid(precision: str, weight, settings=None) -> dict:
     from runner.analysis import layer_matrix, make_grid
 
     w = layer_matrix(weight)

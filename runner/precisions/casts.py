@@ -74,7 +74,7 @@ def leaves_unquantized(model, name: str) -> bool:
     return False  # every layer is cast
 
 
-def grid(precision: str, weight) -> None:
+def grid(precision: str, weight, settings=None) -> None:
     return None
 
 

@@ -1,5 +1,6 @@
 """int8-dynamic: torch.ao.quantization.quantize_dynamic, int8 weights and per-batch int8
-activations, on torch's CPU kernels only.
+activations, on torch's CPU kernels only. torch 2.13 deprecates torch.ao.quantization; its successor
+is torchao's quantize_ (torchao.py, torchao-int8-dynamic), kept beside it to compare the two.
 
 With the default qconfig each weight is quantized per tensor, symmetric: codes -128..127 times
 max|w| / 127.5. Every module of the types in `dynamic_modules` (nn.Linear) is replaced.
@@ -63,7 +64,8 @@ PRECISIONS = [
         "int8-dynamic",
         "torch_ao",
         ("cpu",),
-        "torch dynamic post-training quantization, CPU kernels only",
+        "torch.ao's dynamic quantization (deprecated since torch 2.13; torchao-int8-dynamic is its "
+        "successor), CPU kernels only",
         _load_float32,
         _quantize_dynamic_int8,
     ),
@@ -98,7 +100,7 @@ def leaves_unquantized(model, name: str) -> bool:
     return False  # quantize_dynamic replaces every nn.Linear
 
 
-def grid(precision: str, weight) -> dict:
+def grid(precision: str, weight, settings=None) -> dict:
     # torch's default dynamic qconfig: per-tensor symmetric qint8, scale = max|w| / ((127 - -128) /
     # 2).
     from runner.analysis import layer_matrix, make_grid
