@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -99,6 +100,22 @@ def cached_info(folder: Path) -> dict:
     return {**json.loads((folder / MARKER).read_text()), "cached": True, "folder": str(folder)}
 
 
+class _DropMessages(logging.Filter):
+    """Drops a logger's records whose message contains any of these texts."""
+
+    def __init__(self, *texts: str):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.texts)
+
+
+_TORCHAO_IMPORT_NOISE = _DropMessages("Failed to load")
+_PYTREE_ENUM_NOTICE = _DropMessages("is an Enum subclass")
+
+
 def quiet_libraries() -> None:
     """Loading reports, progress bars and deprecation notices are not for our output: what matters
     goes into the results."""
@@ -112,6 +129,11 @@ def quiet_libraries() -> None:
         "ignore", message=".*inputs will be cast from.*"
     )  # said once in the settings
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao.quantization")
+    # Importing torchao logs the CUDA extensions a CPU build cannot load, and a torch notice about
+    # how it registers its enums; its configs work without either.
+    # (A logger adds one filter object once: calling this again adds nothing.)
+    logging.getLogger("torchao").addFilter(_TORCHAO_IMPORT_NOISE)
+    logging.getLogger("torch.utils._pytree").addFilter(_PYTREE_ENUM_NOTICE)
 
 
 def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
