@@ -148,7 +148,9 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     for name, weight in reference.items():  # one representative layer per type: the first one met
         layer_type, _ = analysis.classify_layer(name)
         if layer_type not in grids:
-            grids[layer_type] = analysis.quantization_grid(task.variant.precision, weight)
+            grids[layer_type] = analysis.quantization_grid(
+                task.variant.precision, weight, task.settings
+            )
     outcome = {
         "layers": rows,
         "summary": analysis.summarise_layer_errors(rows),

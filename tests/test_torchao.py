@@ -74,11 +74,6 @@ def test_each_cpu_precision_runs_with_every_layer_quantized(results, precision):
         assert "error" not in result["analysis"], result["analysis"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner/worker.py's analyse_weights does not pass task.settings to "
-    "analysis.quantization_grid yet, so the grid is drawn at the default group size (128)",
-)
 def test_int4_weight_analysis_draws_the_grid_of_the_jobs_group_size(results):
     analysed = results["torchao-int4-weight"]["analysis"]
     assert "error" not in analysed, analysed
