@@ -9,6 +9,7 @@ result says `failed` with the error, so one broken precision never stops a sweep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import evaluate, measure, models, precisions
+from runner import evaluate, locks, measure, models, precisions
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.results import SCHEMA_VERSION, Metrics, Predictions, Result
 from runner.spec import EvaluationSpec, QuantSettings, Variant
@@ -174,9 +175,10 @@ def _run(task: VariantTask, result: Result, torch) -> None:
     loaded = load_variant(task, memory, threads)
     size_mib = measure.model_size_mib(loaded.model)
     batches, order, fixed = prepare_batches(task)
-    with memory.phase("evaluate"):
+    compiled = compile_model(task, loaded.model, batches[0] if fixed is None else fixed, memory)
+    with memory.phase("evaluate"), compile_checks(compiled, torch):
         outputs, timings = evaluate.run_passes(
-            loaded.model,
+            compiled.model if compiled else loaded.model,
             batches,
             task.variant.device,
             task.evaluation.warmup_passes,
@@ -185,18 +187,19 @@ def _run(task: VariantTask, result: Result, torch) -> None:
             fixed,
             holder=f"timing {task.job} {task.variant.id}",
             read_output=kind.read_output,
+            count_graphs=compiled.count_graphs if compiled else None,
         )
     outputs = evaluate.in_sample_order(outputs, order)
     check_finite(task, outputs)
     analysis_warning = weight_analysis(loaded.model, task, batches, memory, result)
     scored = kind.score(task, outputs)
     result.metrics = Metrics.from_json(
-        measured_metrics(size_mib, scored.metrics, timings, memory, loaded)
+        measured_metrics(size_mib, scored.metrics, timings, memory, loaded, compiled)
     )
-    extra = [analysis_warning, timings.timing_lock_warning]
+    extra = [analysis_warning, timings.timing_lock_warning, *compile_warnings(compiled, timings)]
     extra.append(measure.noisy_warning(result.metrics.latency.to_json()))
     result.warnings = scored.warnings + [warning for warning in extra if warning]
-    result.settings = recorded_settings(task, loaded.settings)
+    result.settings = recorded_settings(task, loaded.settings, compiled)
     result.predictions = Predictions.from_json(scored.predictions)
 
 
@@ -239,6 +242,90 @@ def load_variant(task: VariantTask, memory: measure.MemoryPhases, threads: int) 
     return LoadedVariant(model, settings, load_s, quantize_s)
 
 
+# How a compiled variant runs torch.compile. dynamic None is torch's own default: the first shape
+# compiles static and the first new shape recompiles with dynamic sizes, so a sample's many
+# sequence lengths cost warm-up a recompile or two, not one each (dynamic False: one each, and past
+# torch's recompile limit the rest would silently run eager).
+COMPILE = {"mode": "default", "backend": "inductor", "dynamic": None}
+
+
+class CompileFailed(RuntimeError):
+    """torch.compile could not compile the model: the variant fails, the sweep goes on."""
+
+
+@dataclass
+class CompiledModel:
+    """What torch.compile gave, and what compiling it on the first batch took."""
+
+    model: object  # the compiled module the passes run; weight analysis reads the eager one
+    compile_s: float
+    count_graphs: object  # () -> graphs compiled since compile_model began
+    graphs_first_pass: int
+    fx_graph_cache_hits: int  # in the first pass; inductor's on-disk cache shortens compile_s
+    timing_lock_warning: str | None
+
+
+def compile_model(task: VariantTask, model, first_batch: dict, memory) -> CompiledModel | None:
+    """torch.compile(model) and the first forward pass, which compiles it, timed as compile_s. It
+    holds the machine's timing lock: compiling takes every core, and no other run's clock may run
+    beside it. None for an eager variant."""
+    if not task.variant.compiled:
+        return None
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # an earlier variant's graphs in this process count towards the limit
+    graphs_before, hits_before = (
+        counters["stats"]["unique_graphs"],
+        counters["inductor"]["fxgraph_cache_hit"],
+    )
+    sync = measure.synchronizer(task.variant.device)
+    with (
+        memory.phase("compile"),
+        locks.timing_lock(f"compiling {task.job} {task.variant.id}") as lock,
+    ):
+        started = time.perf_counter()
+        compiled = torch.compile(model, **COMPILE)
+        try:
+            with torch.inference_mode():
+                compiled(**first_batch)
+            sync()
+        except Exception as error:
+            raise CompileFailed(
+                f"torch.compile ({COMPILE['backend']}, mode {COMPILE['mode']}) failed on the first "
+                f"batch of {task.variant.id}: {type(error).__name__}: {error}"
+            ) from error
+        compile_s = time.perf_counter() - started
+    return CompiledModel(
+        model=compiled,
+        compile_s=compile_s,
+        count_graphs=lambda: counters["stats"]["unique_graphs"] - graphs_before,
+        graphs_first_pass=counters["stats"]["unique_graphs"] - graphs_before,
+        fx_graph_cache_hits=counters["inductor"]["fxgraph_cache_hit"] - hits_before,
+        timing_lock_warning=lock.warning,
+    )
+
+
+def compile_checks(compiled: CompiledModel | None, torch):
+    """While a compiled model is evaluated, a shape past torch's recompile limit fails the variant
+    instead of running eager among compiled passes."""
+    if compiled is None:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+
+
+def compile_warnings(compiled: CompiledModel | None, timings) -> list[str]:
+    if compiled is None:
+        return []
+    warnings = [compiled.timing_lock_warning]
+    if timings.graphs_while_timed:
+        warnings.append(
+            f"torch.compile compiled {timings.graphs_while_timed} graph(s) while the clock ran: "
+            "some timed passes include compiling"
+        )
+    return [warning for warning in warnings if warning]
+
+
 def prepare_batches(task: VariantTask) -> tuple[list[dict], list[int], dict | None]:
     """The sample tokenized into batches in the evaluation's order, that order, and the fixed-shape
     batch when latency is timed on one: all before any clock starts."""
@@ -278,8 +365,11 @@ def weight_analysis(model, task: VariantTask, batches, memory, result: Result) -
     return None
 
 
-def measured_metrics(size_mib, task_metrics: dict, timings, memory, loaded: LoadedVariant) -> dict:
-    """result["metrics"]: size, the task's metrics, latency, throughput, memory, load times."""
+def measured_metrics(
+    size_mib, task_metrics: dict, timings, memory, loaded: LoadedVariant, compiled=None
+) -> dict:
+    """result["metrics"]: size, the task's metrics, latency, throughput, memory, load times (and a
+    compiled variant's compile time and graphs)."""
     noise_cv, repeated = timings.noise_cv()
     latency = {
         **measure.latency_stats(timings.seconds),
@@ -291,7 +381,7 @@ def measured_metrics(size_mib, task_metrics: dict, timings, memory, loaded: Load
         "timing_lock_wait_s": timings.timing_lock_wait_s,
     }
     timed_total = sum(timings.seconds)
-    return {
+    metrics = {
         "model_size_mib": size_mib,
         **task_metrics,
         "latency_ms": latency,
@@ -304,14 +394,24 @@ def measured_metrics(size_mib, task_metrics: dict, timings, memory, loaded: Load
         "load_s": round(loaded.load_s, 4),
         "quantize_s": round(loaded.quantize_s, 4),
     }
+    if compiled is not None:
+        metrics["compile_s"] = round(compiled.compile_s, 4)
+        metrics["compile_graphs"] = {
+            "first_pass": compiled.graphs_first_pass,
+            "warm_up": timings.graphs_at_clock - compiled.graphs_first_pass,
+            "timed": timings.graphs_while_timed,
+            "fx_graph_cache_hits": compiled.fx_graph_cache_hits,
+        }
+    return metrics
 
 
-def recorded_settings(task: VariantTask, loaded_settings: dict) -> dict:
+def recorded_settings(task: VariantTask, loaded_settings: dict, compiled=None) -> dict:
     """result["settings"]: what loading recorded, then every evaluation setting that changes
-    results."""
+    results; "compile" (torch.compile's arguments) only for a compiled variant."""
     evaluation = task.evaluation
     return {
         **loaded_settings,
+        **({"compile": dict(COMPILE)} if compiled is not None else {}),
         "batch_size": evaluation.batch_size,
         "batch_order": evaluation.batch_order,
         "max_length": task.max_length,
