@@ -402,8 +402,8 @@ class Metrics(Record):
     quantize_s: float | None = None
     compile_s: float | None = None  # a compiled variant's first pass, which compiles it
     # A compiled variant's graphs compiled in its first pass, in warm-up and while the clock ran
-    # (0 where warm-up met every shape), and inductor cache hits in its first pass.
-    compile_graphs: dict | None = None
+    # (0 where warm-up met every shape), graph breaks and cache hits (runner/worker.py).
+    compilation: dict | None = None
 
     NESTED: ClassVar[dict[str, type[Record]]] = {"latency_ms": Latency}
 

@@ -9,7 +9,6 @@ result says `failed` with the error, so one broken precision never stops a sweep
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -176,7 +175,7 @@ def _run(task: VariantTask, result: Result, torch) -> None:
     size_mib = measure.model_size_mib(loaded.model)
     batches, order, fixed = prepare_batches(task)
     compiled = compile_model(task, loaded.model, batches[0] if fixed is None else fixed, memory)
-    with memory.phase("evaluate"), compile_checks(compiled, torch):
+    with memory.phase("evaluate"):
         outputs, timings = evaluate.run_passes(
             compiled.model if compiled else loaded.model,
             batches,
@@ -244,13 +243,31 @@ def load_variant(task: VariantTask, memory: measure.MemoryPhases, threads: int) 
 
 # How a compiled variant runs torch.compile. dynamic None is torch's own default: the first shape
 # compiles static and the first new shape recompiles with dynamic sizes, so a sample's many
-# sequence lengths cost warm-up a recompile or two, not one each (dynamic False: one each, and past
-# torch's recompile limit the rest would silently run eager).
+# sequence lengths cost warm-up a recompile or two, not one each (dynamic False: one each, up to
+# torch's recompile limit).
 COMPILE = {"mode": "default", "backend": "inductor", "dynamic": None}
+RECOMPILE_LIMIT_HIT = "Dynamo recompile limit exceeded"  # how dynamo's counters name it
 
 
 class CompileFailed(RuntimeError):
     """torch.compile could not compile the model: the variant fails, the sweep goes on."""
+
+
+def compile_counts() -> dict[str, int]:
+    """What torch.compile has done in this process so far, from dynamo's and inductor's counters.
+    Past the recompile limit a function runs eager from then on: the model is only partly
+    compiled, as it is where a graph breaks."""
+    from torch._dynamo.utils import counters
+
+    unsupported = counters["unimplemented"]
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "recompile_limit_hits": sum(
+            n for why, n in unsupported.items() if why.startswith(RECOMPILE_LIMIT_HIT)
+        ),
+        "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+    }
 
 
 @dataclass
@@ -259,10 +276,16 @@ class CompiledModel:
 
     model: object  # the compiled module the passes run; weight analysis reads the eager one
     compile_s: float
-    count_graphs: object  # () -> graphs compiled since compile_model began
-    graphs_first_pass: int
-    fx_graph_cache_hits: int  # in the first pass; inductor's on-disk cache shortens compile_s
+    started: dict[str, int]  # compile_counts() before compiling
+    first_pass: dict[str, int]  # what the first pass compiled
     timing_lock_warning: str | None
+
+    def counts(self) -> dict[str, int]:
+        """compile_counts() since compiling began."""
+        return {key: n - self.started[key] for key, n in compile_counts().items()}
+
+    def count_graphs(self) -> int:
+        return self.counts()["graphs"]
 
 
 def compile_model(task: VariantTask, model, first_batch: dict, memory) -> CompiledModel | None:
@@ -272,19 +295,13 @@ def compile_model(task: VariantTask, model, first_batch: dict, memory) -> Compil
     if not task.variant.compiled:
         return None
     import torch
-    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # an earlier variant's graphs in this process count towards the limit
-    graphs_before, hits_before = (
-        counters["stats"]["unique_graphs"],
-        counters["inductor"]["fxgraph_cache_hit"],
-    )
+    started = compile_counts()
     sync = measure.synchronizer(task.variant.device)
-    with (
-        memory.phase("compile"),
-        locks.timing_lock(f"compiling {task.job} {task.variant.id}") as lock,
-    ):
-        started = time.perf_counter()
+    holder = f"compiling {task.job} {task.variant.id}"
+    with memory.phase("compile"), locks.timing_lock(holder) as lock:
+        clock = time.perf_counter()
         compiled = torch.compile(model, **COMPILE)
         try:
             with torch.inference_mode():
@@ -295,23 +312,25 @@ def compile_model(task: VariantTask, model, first_batch: dict, memory) -> Compil
                 f"torch.compile ({COMPILE['backend']}, mode {COMPILE['mode']}) failed on the first "
                 f"batch of {task.variant.id}: {type(error).__name__}: {error}"
             ) from error
-        compile_s = time.perf_counter() - started
-    return CompiledModel(
-        model=compiled,
-        compile_s=compile_s,
-        count_graphs=lambda: counters["stats"]["unique_graphs"] - graphs_before,
-        graphs_first_pass=counters["stats"]["unique_graphs"] - graphs_before,
-        fx_graph_cache_hits=counters["inductor"]["fxgraph_cache_hit"] - hits_before,
-        timing_lock_warning=lock.warning,
-    )
+        compile_s = time.perf_counter() - clock
+    first_pass = {key: n - started[key] for key, n in compile_counts().items()}
+    return CompiledModel(compiled, compile_s, started, first_pass, lock.warning)
 
 
-def compile_checks(compiled: CompiledModel | None, torch):
-    """While a compiled model is evaluated, a shape past torch's recompile limit fails the variant
-    instead of running eager among compiled passes."""
-    if compiled is None:
-        return contextlib.nullcontext()
-    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+def compilation_record(compiled: CompiledModel, timings) -> dict:
+    """metrics["compilation"]: graphs compiled in the first pass, in warm-up and while the clock
+    ran (0 where warm-up met every shape), graph breaks, recompile-limit hits and inductor cache
+    hits (a hit makes compile_s much shorter), in the whole run."""
+    total = compiled.counts()
+    first = compiled.first_pass["graphs"]
+    return {
+        "graphs_first_pass": first,
+        "graphs_warm_up": timings.graphs_at_clock - first,
+        "graphs_timed": timings.graphs_while_timed,
+        "graph_breaks": total["graph_breaks"],
+        "recompile_limit_hits": total["recompile_limit_hits"],
+        "fx_graph_cache_hits": total["fx_graph_cache_hits"],
+    }
 
 
 def compile_warnings(compiled: CompiledModel | None, timings) -> list[str]:
@@ -322,6 +341,13 @@ def compile_warnings(compiled: CompiledModel | None, timings) -> list[str]:
         warnings.append(
             f"torch.compile compiled {timings.graphs_while_timed} graph(s) while the clock ran: "
             "some timed passes include compiling"
+        )
+    counts = compiled.counts()
+    if counts["recompile_limit_hits"]:
+        warnings.append(
+            f"torch.compile reached its recompile limit {counts['recompile_limit_hits']} time(s) "
+            f"and broke the graph {counts['graph_breaks']} time(s): parts of the model run eager, "
+            "so this variant is only partly compiled"
         )
     return [warning for warning in warnings if warning]
 
@@ -396,12 +422,7 @@ def measured_metrics(
     }
     if compiled is not None:
         metrics["compile_s"] = round(compiled.compile_s, 4)
-        metrics["compile_graphs"] = {
-            "first_pass": compiled.graphs_first_pass,
-            "warm_up": timings.graphs_at_clock - compiled.graphs_first_pass,
-            "timed": timings.graphs_while_timed,
-            "fx_graph_cache_hits": compiled.fx_graph_cache_hits,
-        }
+        metrics["compilation"] = compilation_record(compiled, timings)
     return metrics
 
 

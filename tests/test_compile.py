@@ -100,8 +100,10 @@ def test_compile_time_is_reported_apart_and_never_timed(eager_and_compiled):
     assert (clock - started).total_seconds() >= compile_s
     # The six sentences batch into shapes of different lengths: the second shape recompiled, in
     # warm-up, and nothing compiled while the clock ran.
-    graphs = metrics["compile_graphs"]
-    assert graphs["first_pass"] >= 1 and graphs["warm_up"] >= 1 and graphs["timed"] == 0, graphs
+    record = metrics["compilation"]
+    assert record["graphs_first_pass"] >= 1 and record["graphs_warm_up"] >= 1, record
+    assert record["graphs_timed"] == 0 and record["recompile_limit_hits"] == 0, record
+    assert record["graph_breaks"] == 0, record  # BERT in float32 compiles whole
     phases = list(metrics["memory_phases"])
     assert phases.index("quantize") < phases.index("compile") < phases.index("evaluate"), phases
     assert result["settings"]["compile"] == {
@@ -116,7 +118,7 @@ def test_compile_time_is_reported_apart_and_never_timed(eager_and_compiled):
 def test_an_eager_result_says_nothing_of_compiling(eager_and_compiled):
     eager = eager_and_compiled[False]
     assert eager["variant"] == "fp32-cpu"
-    assert "compile_s" not in eager["metrics"] and "compile_graphs" not in eager["metrics"]
+    assert "compile_s" not in eager["metrics"] and "compilation" not in eager["metrics"]
     assert "compile" not in eager["settings"] and "compile" not in eager["metrics"]["memory_phases"]
 
 
@@ -137,13 +139,13 @@ def test_the_table_has_both_columns_and_a_compile_row(eager_and_compiled, tmp_pa
 
 
 @needs_compiler
-def test_a_compile_failure_fails_the_variant_not_the_run(varied_model, monkeypatch):
+def test_a_compile_failure_fails_the_variant_not_the_run(varied_model):
     import torch._inductor.config as inductor
 
-    # No C++ compiler, and no cached build to fall back on.
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, "no-such-c++"))
-    monkeypatch.setattr(inductor, "force_disable_caches", True)
-    result = run_variant(compiled_task(varied_model))
+    # No C++ compiler, and no cached build to fall back on. (The config's own patch: monkeypatch
+    # deletes force_disable_caches, an alias, when it undoes.)
+    with inductor.patch({"cpp.cxx": (None, "no-such-c++"), "force_disable_caches": True}):
+        result = run_variant(compiled_task(varied_model))
     assert result["status"] == "failed"
     assert result["error"].startswith("CompileFailed: torch.compile (inductor, mode default)")
     assert "fp32-cpu-compiled" in result["error"] and "no-such-c++" in result["error"]
@@ -249,3 +251,39 @@ def test_a_compiled_variant_named_twice_is_refused(capsys, tmp_path, tiny_model)
         "fp32-cpu-compiled",
         "each variant may appear once",
     )
+
+
+@pytest.fixture(scope="module")
+def int8_eager_and_compiled(varied_model):
+    """torch.ao's int8-dynamic, eager then compiled."""
+    return [
+        run_variant(compiled_task(varied_model, "int8-dynamic", compiled=compiled))
+        for compiled in (False, True)
+    ]
+
+
+@needs_compiler
+def test_a_model_that_compiles_only_in_part_runs_and_says_so(int8_eager_and_compiled):
+    """torch.ao's int8-dynamic Linear holds its weights in a ScriptObject that dynamo cannot trace:
+    the graph breaks at every layer, and what it cannot compile runs eager."""
+    eager, result = int8_eager_and_compiled
+    assert result["status"] == "ok", (result["error"], result.get("traceback"))
+    record = result["metrics"]["compilation"]
+    assert record["graph_breaks"] > 0 and record["graphs_timed"] == 0, record
+    assert result["predictions"]["predicted"] == eager["predictions"]["predicted"]
+    partly = [w for w in result["warnings"] if "only partly compiled" in w]
+    assert bool(partly) == (record["recompile_limit_hits"] > 0), result["warnings"]
+
+
+@needs_compiler
+def test_the_report_draws_a_compiled_twins_weights_once(int8_eager_and_compiled):
+    """Compiling changes no weight: the SQNR panels and grid histograms are the eager variant's."""
+    from runner import collect, report
+
+    table = collect.build_tables(int8_eager_and_compiled)[0]
+    assert table.columns == ["int8-dynamic-cpu", "int8-dynamic-cpu-compiled"]
+    figure = report.plot_sqnr_by_depth(table)
+    panels = [ax.get_title().split(" ")[0] for ax in figure.axes if ax.get_title()]
+    assert panels == ["int8-dynamic-cpu"]
+    alone = collect.build_tables(int8_eager_and_compiled[1:])[0]  # without its twin it is drawn
+    assert report._own_weights(alone) == ["int8-dynamic-cpu-compiled"]
