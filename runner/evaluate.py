@@ -145,6 +145,7 @@ def run_passes(
 
     read_output = read_output or classification.class_probabilities
     outputs = []
+    clock = (device, warmup_passes, timed_passes, min_time_s, holder)
     with torch.inference_mode():
         if fixed_batch is None:
 
@@ -152,30 +153,11 @@ def run_passes(
                 if index < len(batches):
                     outputs.append(read_output(output))
 
-            timings = timed_passes_of(
-                model,
-                batches,
-                device,
-                warmup_passes,
-                timed_passes,
-                min_time_s,
-                holder,
-                keep,
-                count_graphs,
-            )
+            timings = timed_passes_of(model, batches, *clock, keep, count_graphs)
         else:
             with locks.timing_lock(holder) if count_graphs else contextlib.nullcontext():
                 outputs = [read_output(model(**batch)) for batch in batches]
-            timings = timed_passes_of(
-                model,
-                [fixed_batch],
-                device,
-                warmup_passes,
-                timed_passes,
-                min_time_s,
-                holder,
-                count_graphs=count_graphs,
-            )
+            timings = timed_passes_of(model, [fixed_batch], *clock, None, count_graphs)
     return torch.cat(outputs).numpy(), timings
 
 

@@ -115,6 +115,19 @@ def test_compile_time_is_reported_apart_and_never_timed(eager_and_compiled):
 
 
 @needs_compiler
+def test_fixed_shape_latency_compiles_on_the_fixed_batch(varied_model, eager_and_compiled):
+    """latency_mode fixed: compiled on the timed shape; the untimed pass over the sample may
+    recompile, and still nothing compiles while the clock runs."""
+    task = compiled_task(varied_model, latency_mode="fixed", fixed_shape=(2, 16))
+    result = run_variant(task)
+    assert result["status"] == "ok", (result["error"], result.get("traceback"))
+    record = result["metrics"]["compilation"]
+    assert record["graphs_first_pass"] >= 1 and record["graphs_timed"] == 0, record
+    eager = eager_and_compiled[False]["predictions"]
+    assert result["predictions"]["predicted"] == eager["predicted"]
+
+
+@needs_compiler
 def test_an_eager_result_says_nothing_of_compiling(eager_and_compiled):
     eager = eager_and_compiled[False]
     assert eager["variant"] == "fp32-cpu"
