@@ -114,6 +114,7 @@ ROWS = [
     Row("peak CUDA (MiB)", _metric("peak_cuda_mib"), 0),
     Row("load (s)", _metric("load_s"), 2),
     Row("quantize (s)", _metric("quantize_s"), 2),
+    Row("compile (s)", _metric("compile_s"), 2),
 ]
 
 

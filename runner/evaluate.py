@@ -10,6 +10,7 @@ untimed. The task (runner/tasks/) reads each pass's output after the clock has s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,6 +88,11 @@ class PassTimings:
     # and a warning when they could not wait for it (they timed beside it).
     timing_lock_wait_s: float | None = None
     timing_lock_warning: str | None = None
+    # A compiled model's graph count (count_graphs) when the clock started, and how many graphs it
+    # compiled while the clock ran: a recompile in a timed pass would time the compiler, and
+    # warm_up's pass of every shape is there to prevent it. None for an eager model.
+    graphs_at_clock: int | None = None
+    graphs_while_timed: int | None = None
 
     def noise_cv(self) -> tuple[float | None, int]:
         """The spread of passes of one shape, timed passes and repeats together; and how many passes
@@ -124,6 +130,7 @@ def run_passes(
     fixed_batch: dict | None = None,
     holder: str = "a quantbench variant",
     read_output: Callable | None = None,
+    count_graphs: Callable[[], int] | None = None,
 ) -> tuple[np.ndarray, PassTimings]:
     """The task's output for every sample (class probabilities by default) and the timed passes.
 
@@ -131,11 +138,14 @@ def run_passes(
     of them gives the outputs. Fixed mode: the sample is evaluated untimed, and the timed passes all
     run on fixed_batch. holder: who times, in words, for whoever waits for the machine's timing
     lock meanwhile. read_output: a forward pass's output -> one CPU tensor row per sample.
+    count_graphs: for a compiled model, the graphs torch.compile has compiled so far; in fixed mode
+    its untimed passes over the sample then hold the timing lock too, as they may recompile.
     """
     import torch
 
     read_output = read_output or classification.class_probabilities
     outputs = []
+    clock = (device, warmup_passes, timed_passes, min_time_s, holder)
     with torch.inference_mode():
         if fixed_batch is None:
 
@@ -143,14 +153,11 @@ def run_passes(
                 if index < len(batches):
                     outputs.append(read_output(output))
 
-            timings = timed_passes_of(
-                model, batches, device, warmup_passes, timed_passes, min_time_s, holder, keep
-            )
+            timings = timed_passes_of(model, batches, *clock, keep, count_graphs)
         else:
-            outputs = [read_output(model(**batch)) for batch in batches]
-            timings = timed_passes_of(
-                model, [fixed_batch], device, warmup_passes, timed_passes, min_time_s, holder
-            )
+            with locks.timing_lock(holder) if count_graphs else contextlib.nullcontext():
+                outputs = [read_output(model(**batch)) for batch in batches]
+            timings = timed_passes_of(model, [fixed_batch], *clock, None, count_graphs)
     return torch.cat(outputs).numpy(), timings
 
 
@@ -163,9 +170,11 @@ def timed_passes_of(
     min_time_s: float,
     holder: str,
     on_output: Callable[[int, object], None] | None = None,
+    count_graphs: Callable[[], int] | None = None,
 ) -> PassTimings:
     """Warm up, then time whole passes over timed_batches; on_output(i, output) sees each timed
-    pass's output after its clock stopped."""
+    pass's output after its clock stopped; count_graphs (a compiled model's) is read when the clock
+    starts and when it stops."""
     sync = measure.synchronizer(device)
     # No other quantbench run on this machine times while this one warms up and times: they would
     # share the cores (and the GPU). Warm-up is inside, so the clock starts on a warm machine.
@@ -177,8 +186,12 @@ def timed_passes_of(
         per_pass = len(timed_batches)
         total_passes = -(-max(per_pass, timed_passes) // per_pass) * per_pass
         repeated = total_passes - len(seen)  # at least; min_time_s may add passes
+        graphs_at_clock = count_graphs() if count_graphs else None
         repeats = noise_repeats(model, timed_batches[0], sync, repeated)
         timings = clock_passes(model, timed_batches, sync, total_passes, min_time_s, on_output)
+    if count_graphs:
+        timings.graphs_at_clock = graphs_at_clock
+        timings.graphs_while_timed = count_graphs() - graphs_at_clock
     timings.repeats = repeats
     timings.timing_lock_wait_s = round(lock.waited_s, 3)
     timings.timing_lock_warning = lock.warning

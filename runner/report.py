@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from runner import collect
 from runner.analysis import LAYER_TYPES
 from runner.results import Latency
+from runner.spec import COMPILED_SUFFIX
 
 DPI = 120
 PANEL_IN = 3.4  # width and height of one small-multiple panel, inches
@@ -59,6 +60,22 @@ DEVICE_COLOURS = {"cpu": "#1f77b4", "cuda": "#2ca02c"}
 
 def _ok(table: collect.JobTable) -> list[str]:
     return [k for k in table.columns if table.results[k].status == "ok"]
+
+
+def _own_weights(table: collect.JobTable) -> list[str]:
+    """_ok's columns less each compiled variant whose eager twin (same host) is among them:
+    compiling changes no weight, so its weight plots would repeat the twin's."""
+    ran = {(table.results[k].variant, table.results[k].host) for k in _ok(table)}
+
+    def twin(result) -> tuple[str, str | None]:
+        return result.variant.removesuffix(COMPILED_SUFFIX), result.host
+
+    return [
+        k
+        for k in _ok(table)
+        if not table.results[k].variant.endswith(COMPILED_SUFFIX)
+        or twin(table.results[k]) not in ran
+    ]
 
 
 def _panels(n: int, title: str) -> tuple[Figure, list]:
@@ -192,7 +209,7 @@ def plot_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
     """Per-layer SQNR (dB) against encoder depth, one panel per variant whose weights changed."""
     shown = [
         k
-        for k in _ok(table)
+        for k in _own_weights(table)
         if any(row.get("sqnr_db") is not None for row in _analysis(table, k).get("layers") or [])
     ]
     if not shown:
@@ -507,7 +524,9 @@ HISTOGRAM_CAPTION = (
 def _histograms(table: collect.JobTable, figures: FigureFiles) -> list[Shown]:
     """One figure per variant with a quantization grid; else the FP32 weights once, from any
     variant; none when no result holds histograms."""
-    drawn = [k for k in _ok(table) if any((_analysis(table, k).get("grids") or {}).values())]
+    drawn = [
+        k for k in _own_weights(table) if any((_analysis(table, k).get("grids") or {}).values())
+    ]
     if not drawn:
         drawn = [k for k in _ok(table) if _analysis(table, k).get("histograms")][:1]
     return [

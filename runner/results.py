@@ -107,6 +107,7 @@ _METRICS = {
         "peak_cuda_mib",
         "load_s",
         "quantize_s",
+        "compile_s",
     )
 }
 _ANALYSIS = {
@@ -399,6 +400,10 @@ class Metrics(Record):
     memory_phases_reset: bool | None = None
     load_s: float | None = None
     quantize_s: float | None = None
+    compile_s: float | None = None  # a compiled variant's first pass, which compiles it
+    # A compiled variant's graphs compiled in its first pass, in warm-up and while the clock ran
+    # (0 where warm-up met every shape), graph breaks and cache hits (runner/worker.py).
+    compilation: dict | None = None
 
     NESTED: ClassVar[dict[str, type[Record]]] = {"latency_ms": Latency}
 

@@ -116,6 +116,9 @@ class EvaluationSpec:
         None  # (batch size, sequence length) for latency_mode fixed
     )
     repeats: int = 1  # runs of each variant, each in a fresh process
+    # False: every variant eager; True: every variant through torch.compile; "both": each variant
+    # twice, eager and compiled. Where it is false, a variant id may end in -compiled instead.
+    compile: bool | str = False
 
 
 # Settings that change results; recorded in every result so runs can be compared. Every precision
@@ -138,14 +141,18 @@ class FinetuneSpec:
     warmup_ratio: float = 0.1
 
 
+COMPILED_SUFFIX = "-compiled"  # a variant id's tail when the variant runs through torch.compile
+
+
 @dataclass(frozen=True)
 class Variant:
     precision: str
     device: str
+    compiled: bool = False  # run through torch.compile (runner/worker.py compile_model)
 
     @property
     def id(self) -> str:
-        return f"{self.precision}-{self.device}"
+        return f"{self.precision}-{self.device}" + (COMPILED_SUFFIX if self.compiled else "")
 
 
 @dataclass(frozen=True)
@@ -424,7 +431,7 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
     finetune = None if finetune_reader is None else _finetune(file, shown, finetune_reader, dataset)
     evaluation = _evaluation(top.sub("evaluation") or _Reader(shown, {}, "evaluation"))
     settings = _settings(top.sub("settings") or _Reader(shown, {}, "settings"))
-    variants = _variants(shown, top)
+    variants = _variants(shown, top, evaluation.compile)
     return JobSpec(
         file=file,
         name=name,
@@ -488,8 +495,10 @@ def _model_and_tokenizer(
 
 def _baseline(shown: Path, top: _Reader, variants: list[Variant]) -> str:
     ids = [v.id for v in variants]
-    # Default: the FP32 reference, on the CPU where the job has it (the published study's baseline).
-    default = next((i for i in ("fp32-cpu", "fp32-cuda") if i in ids), ids[0])
+    # Default: the FP32 reference, on the CPU where the job has it (the published study's baseline),
+    # eager where the job runs it eager.
+    preferred = ("fp32-cpu", "fp32-cuda", "fp32-cpu-compiled", "fp32-cuda-compiled")
+    default = next((i for i in preferred if i in ids), ids[0])
     baseline = top.get("baseline", str, default)
     if baseline not in ids:
         raise SpecError(
@@ -775,7 +784,10 @@ EVALUATION_FIELDS = (
     "latency_mode",
     "fixed_shape",
     "repeats",
+    "compile",
 )
+
+COMPILE_CHOICES = "false (every variant eager), true (every variant compiled) or both"
 
 
 def _evaluation(reader: _Reader) -> EvaluationSpec:
@@ -800,7 +812,18 @@ def _evaluation(reader: _Reader) -> EvaluationSpec:
         latency_mode=mode,
         fixed_shape=shape,
         repeats=reader.positive_int("repeats", 1),
+        compile=_compile(reader),
     )
+
+
+def _compile(reader: _Reader) -> bool | str:
+    """evaluation.compile: false, true or both (YAML's booleans, or the word both)."""
+    value = reader.data.get("compile")
+    if value is None:
+        return False
+    if value is True or value is False or value == "both":
+        return value
+    raise SpecError(reader.file, reader.field("compile"), value, f"allowed: {COMPILE_CHOICES}")
 
 
 def _latency_mode(reader: _Reader) -> tuple[str, tuple[int, int] | None]:
@@ -831,38 +854,63 @@ def _settings(reader: _Reader) -> QuantSettings:
     return QuantSettings(**read_settings(reader))
 
 
-def _variants(shown: Path, top: _Reader) -> list[Variant]:
+def _variants(shown: Path, top: _Reader, compile_choice: bool | str = False) -> list[Variant]:
+    """The variants asked for, each once; evaluation.compile makes them compiled (true) or adds a
+    compiled twin after each (both)."""
     variants, seen = [], set()
-    for where, device_where, precision, device in _variant_pairs(shown, top):
-        if device not in DEVICES:
-            raise SpecError(
-                shown, device_where, device, f"unknown device; allowed: {', '.join(DEVICES)}"
-            )
-        if precision not in PRECISIONS:
-            raise SpecError(
-                shown, where, precision, f"unknown precision; allowed: {', '.join(PRECISIONS)}"
-            )
-        spec = PRECISIONS[precision]
-        if device not in spec.devices:
+    for where, device_where, precision, device, compiled in _variant_pairs(shown, top):
+        _check_variant(shown, where, device_where, precision, device)
+        if compiled and compile_choice is not False:
             raise SpecError(
                 shown,
                 where,
-                f"{precision}-{device}",
-                f"{precision} runs on {', '.join(spec.devices)} only ({spec.how})",
+                f"{precision}-{device}{COMPILED_SUFFIX}",
+                f"evaluation.compile: {str(compile_choice).lower()} already compiles every "
+                f"variant: name {precision}-{device} here, or drop evaluation.compile to choose "
+                "per variant",
             )
-        variant = Variant(precision, device)
-        if variant.id in seen:
-            raise SpecError(shown, where, variant.id, "each variant may appear once")
-        seen.add(variant.id)
-        variants.append(variant)
+        for variant in _with_compile(Variant(precision, device, compiled), compile_choice):
+            if variant.id in seen:
+                raise SpecError(shown, where, variant.id, "each variant may appear once")
+            seen.add(variant.id)
+            variants.append(variant)
     if not variants:
         raise SpecError(shown, "variants", [], "the job has no variant to run")
     return variants
 
 
-def _variant_pairs(shown: Path, top: _Reader) -> list[tuple[str, str, Any, Any]]:
-    """(where the precision is, where the device is, precision, device) for each variant asked
-    for, as variants: [...] or as precisions: [...] x devices: [...]."""
+def _check_variant(shown: Path, where: str, device_where: str, precision, device) -> None:
+    """A known device, a known precision, and one that runs on that device."""
+    if device not in DEVICES:
+        raise SpecError(
+            shown, device_where, device, f"unknown device; allowed: {', '.join(DEVICES)}"
+        )
+    if precision not in PRECISIONS:
+        raise SpecError(
+            shown, where, precision, f"unknown precision; allowed: {', '.join(PRECISIONS)}"
+        )
+    spec = PRECISIONS[precision]
+    if device not in spec.devices:
+        raise SpecError(
+            shown,
+            where,
+            f"{precision}-{device}",
+            f"{precision} runs on {', '.join(spec.devices)} only ({spec.how})",
+        )
+
+
+def _with_compile(variant: Variant, compile_choice: bool | str) -> list[Variant]:
+    """The variant as evaluation.compile asks for it: as named, compiled, or eager then compiled."""
+    compiled = Variant(variant.precision, variant.device, compiled=True)
+    if compile_choice == "both":
+        return [variant, compiled]
+    return [compiled] if compile_choice is True else [variant]
+
+
+def _variant_pairs(shown: Path, top: _Reader) -> list[tuple[str, str, Any, Any, bool]]:
+    """(where the precision is, where the device is, precision, device, whether the id ends in
+    -compiled) for each variant asked for, as variants: [...] or as precisions: [...] x
+    devices: [...]."""
     listed = top.get("variants", list)
     precisions = top.get("precisions", list)
     devices = top.get("devices", list)
@@ -879,7 +927,7 @@ def _variant_pairs(shown: Path, top: _Reader) -> list[tuple[str, str, Any, Any]]
                 "give variants: [fp32-cpu, …] or both precisions: […] and devices: […]",
             )
         return [
-            (f"precisions[{i}]", f"devices[{j}]", p, d)
+            (f"precisions[{i}]", f"devices[{j}]", p, d, False)
             for i, p in enumerate(precisions)
             for j, d in enumerate(devices)
         ]
@@ -887,8 +935,12 @@ def _variant_pairs(shown: Path, top: _Reader) -> list[tuple[str, str, Any, Any]]
     for i, item in enumerate(listed):
         if not isinstance(item, str):
             raise SpecError(
-                shown, f"variants[{i}]", item, "expected '<precision>-<device>', e.g. fp16-cuda"
+                shown,
+                f"variants[{i}]",
+                item,
+                "expected '<precision>-<device>', e.g. fp16-cuda, or with -compiled after it",
             )
-        precision, _, device = item.rpartition("-")
-        pairs.append((f"variants[{i}]", f"variants[{i}]", precision, device))
+        compiled = item.endswith(COMPILED_SUFFIX)
+        precision, _, device = item.removesuffix(COMPILED_SUFFIX).rpartition("-")
+        pairs.append((f"variants[{i}]", f"variants[{i}]", precision, device, compiled))
     return pairs

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import evaluate, measure, models, precisions
+from runner import evaluate, locks, measure, models, precisions
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.results import SCHEMA_VERSION, Metrics, Predictions, Result
 from runner.spec import EvaluationSpec, QuantSettings, Variant
@@ -176,9 +176,10 @@ def _run(task: VariantTask, result: Result, torch) -> None:
     loaded = load_variant(task, memory, threads)
     size_mib = measure.model_size_mib(loaded.model)
     batches, order, fixed = prepare_batches(task)
+    compiled = compile_model(task, loaded.model, batches[0] if fixed is None else fixed, memory)
     with memory.phase("evaluate"):
         outputs, timings = evaluate.run_passes(
-            loaded.model,
+            compiled.model if compiled else loaded.model,
             batches,
             task.variant.device,
             task.evaluation.warmup_passes,
@@ -187,18 +188,19 @@ def _run(task: VariantTask, result: Result, torch) -> None:
             fixed,
             holder=f"timing {task.job} {task.variant.id}",
             read_output=kind.read_output,
+            count_graphs=compiled.count_graphs if compiled else None,
         )
     outputs = evaluate.in_sample_order(outputs, order)
     check_finite(task, outputs)
     analysis_warning = weight_analysis(loaded.model, task, batches, memory, result)
     scored = kind.score(task, outputs)
     result.metrics = Metrics.from_json(
-        measured_metrics(size_mib, scored.metrics, timings, memory, loaded)
+        measured_metrics(size_mib, scored.metrics, timings, memory, loaded, compiled)
     )
-    extra = [analysis_warning, timings.timing_lock_warning]
+    extra = [analysis_warning, timings.timing_lock_warning, *compile_warnings(compiled, timings)]
     extra.append(measure.noisy_warning(result.metrics.latency.to_json()))
     result.warnings = scored.warnings + [warning for warning in extra if warning]
-    result.settings = recorded_settings(task, loaded.settings)
+    result.settings = recorded_settings(task, loaded.settings, compiled)
     result.predictions = Predictions.from_json(scored.predictions)
 
 
@@ -241,6 +243,117 @@ def load_variant(task: VariantTask, memory: measure.MemoryPhases, threads: int) 
     return LoadedVariant(model, settings, load_s, quantize_s)
 
 
+# How a compiled variant runs torch.compile. dynamic None is torch's own default: the first shape
+# compiles static and the first new shape recompiles with dynamic sizes, so a sample's many
+# sequence lengths cost warm-up a recompile or two, not one each (dynamic False: one each, up to
+# torch's recompile limit).
+COMPILE = {"mode": "default", "backend": "inductor", "dynamic": None}
+RECOMPILE_LIMIT_HIT = "Dynamo recompile limit exceeded"  # how dynamo's counters name it
+
+
+class CompileFailed(RuntimeError):
+    """torch.compile could not compile the model: the variant fails, the sweep goes on."""
+
+
+def compile_counts() -> dict[str, int]:
+    """What torch.compile has done in this process so far, from dynamo's and inductor's counters.
+    Past the recompile limit a function runs eager from then on: the model is only partly
+    compiled, as it is where a graph breaks."""
+    from torch._dynamo.utils import counters
+
+    unsupported = counters["unimplemented"]
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "recompile_limit_hits": sum(
+            n for why, n in unsupported.items() if why.startswith(RECOMPILE_LIMIT_HIT)
+        ),
+        "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+    }
+
+
+@dataclass
+class CompiledModel:
+    """What torch.compile gave, and what compiling it on the first batch took."""
+
+    model: object  # the compiled module the passes run; weight analysis reads the eager one
+    compile_s: float
+    started: dict[str, int]  # compile_counts() before compiling
+    first_pass: dict[str, int]  # what the first pass compiled
+    timing_lock_warning: str | None
+
+    def counts(self) -> dict[str, int]:
+        """compile_counts() since compiling began."""
+        return {key: n - self.started[key] for key, n in compile_counts().items()}
+
+    def count_graphs(self) -> int:
+        return self.counts()["graphs"]
+
+
+def compile_model(task: VariantTask, model, first_batch: dict, memory) -> CompiledModel | None:
+    """torch.compile(model) and the first forward pass, which compiles it, timed as compile_s. It
+    holds the machine's timing lock: compiling takes every core, and no other run's clock may run
+    beside it. None for an eager variant."""
+    if not task.variant.compiled:
+        return None
+    import torch
+
+    torch._dynamo.reset()  # an earlier variant's graphs in this process count towards the limit
+    started = compile_counts()
+    sync = measure.synchronizer(task.variant.device)
+    holder = f"compiling {task.job} {task.variant.id}"
+    with memory.phase("compile"), locks.timing_lock(holder) as lock:
+        clock = time.perf_counter()
+        compiled = torch.compile(model, **COMPILE)
+        try:
+            with torch.inference_mode():
+                compiled(**first_batch)
+            sync()
+        except Exception as error:
+            raise CompileFailed(
+                f"torch.compile ({COMPILE['backend']}, mode {COMPILE['mode']}) failed on the first "
+                f"batch of {task.variant.id}: {type(error).__name__}: {error}"
+            ) from error
+        compile_s = time.perf_counter() - clock
+    first_pass = {key: n - started[key] for key, n in compile_counts().items()}
+    return CompiledModel(compiled, compile_s, started, first_pass, lock.warning)
+
+
+def compilation_record(compiled: CompiledModel, timings) -> dict:
+    """metrics["compilation"]: graphs compiled in the first pass, in warm-up and while the clock
+    ran (0 where warm-up met every shape), graph breaks, recompile-limit hits and inductor cache
+    hits (a hit makes compile_s much shorter), in the whole run."""
+    total = compiled.counts()
+    first = compiled.first_pass["graphs"]
+    return {
+        "graphs_first_pass": first,
+        "graphs_warm_up": timings.graphs_at_clock - first,
+        "graphs_timed": timings.graphs_while_timed,
+        "graph_breaks": total["graph_breaks"],
+        "recompile_limit_hits": total["recompile_limit_hits"],
+        "fx_graph_cache_hits": total["fx_graph_cache_hits"],
+    }
+
+
+def compile_warnings(compiled: CompiledModel | None, timings) -> list[str]:
+    if compiled is None:
+        return []
+    warnings = [compiled.timing_lock_warning]
+    if timings.graphs_while_timed:
+        warnings.append(
+            f"torch.compile compiled {timings.graphs_while_timed} graph(s) while the clock ran: "
+            "some timed passes include compiling"
+        )
+    counts = compiled.counts()
+    if counts["recompile_limit_hits"]:
+        warnings.append(
+            f"torch.compile reached its recompile limit {counts['recompile_limit_hits']} time(s) "
+            f"and broke the graph {counts['graph_breaks']} time(s): parts of the model run eager, "
+            "so this variant is only partly compiled"
+        )
+    return [warning for warning in warnings if warning]
+
+
 def prepare_batches(task: VariantTask) -> tuple[list[dict], list[int], dict | None]:
     """The sample tokenized into batches in the evaluation's order, that order, and the fixed-shape
     batch when latency is timed on one: all before any clock starts."""
@@ -280,8 +393,11 @@ def weight_analysis(model, task: VariantTask, batches, memory, result: Result) -
     return None
 
 
-def measured_metrics(size_mib, task_metrics: dict, timings, memory, loaded: LoadedVariant) -> dict:
-    """result["metrics"]: size, the task's metrics, latency, throughput, memory, load times."""
+def measured_metrics(
+    size_mib, task_metrics: dict, timings, memory, loaded: LoadedVariant, compiled=None
+) -> dict:
+    """result["metrics"]: size, the task's metrics, latency, throughput, memory, load times (and a
+    compiled variant's compile time and graphs)."""
     noise_cv, repeated = timings.noise_cv()
     latency = {
         **measure.latency_stats(timings.seconds),
@@ -293,7 +409,7 @@ def measured_metrics(size_mib, task_metrics: dict, timings, memory, loaded: Load
         "timing_lock_wait_s": timings.timing_lock_wait_s,
     }
     timed_total = sum(timings.seconds)
-    return {
+    metrics = {
         "model_size_mib": size_mib,
         **task_metrics,
         "latency_ms": latency,
@@ -306,14 +422,19 @@ def measured_metrics(size_mib, task_metrics: dict, timings, memory, loaded: Load
         "load_s": round(loaded.load_s, 4),
         "quantize_s": round(loaded.quantize_s, 4),
     }
+    if compiled is not None:
+        metrics["compile_s"] = round(compiled.compile_s, 4)
+        metrics["compilation"] = compilation_record(compiled, timings)
+    return metrics
 
 
-def recorded_settings(task: VariantTask, loaded_settings: dict) -> dict:
+def recorded_settings(task: VariantTask, loaded_settings: dict, compiled=None) -> dict:
     """result["settings"]: what loading recorded, then every evaluation setting that changes
-    results."""
+    results; "compile" (torch.compile's arguments) only for a compiled variant."""
     evaluation = task.evaluation
     return {
         **loaded_settings,
+        **({"compile": dict(COMPILE)} if compiled is not None else {}),
         "batch_size": evaluation.batch_size,
         "batch_order": evaluation.batch_order,
         "max_length": task.max_length,
