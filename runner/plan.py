@@ -186,13 +186,15 @@ def check_lengths(spec: JobSpec, shown: Path, config: dict) -> None:
 def _spec_hash(
     spec: JobSpec, examples: list[data.Example], train: list[data.Example] | None
 ) -> str:
-    """What makes two results comparable: everything in the job but the list of variants and the
-    baseline."""
+    """What makes two results comparable: everything in the job but the list of variants (and
+    evaluation.compile, which only adds variants) and the baseline."""
     raw = {
         k: v
         for k, v in spec.raw.items()
         if k not in ("variants", "precisions", "devices", "baseline")
     }
+    if isinstance(raw.get("evaluation"), dict) and "compile" in raw["evaluation"]:
+        raw["evaluation"] = {k: v for k, v in raw["evaluation"].items() if k != "compile"}
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode())
     digest.update(data.fingerprint(examples).encode())
     digest.update(data.fingerprint(train or []).encode())

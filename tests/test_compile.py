@@ -300,3 +300,19 @@ def test_the_report_draws_a_compiled_twins_weights_once(int8_eager_and_compiled)
     assert panels == ["int8-dynamic-cpu"]
     alone = collect.build_tables(int8_eager_and_compiled[1:])[0]  # without its twin it is drawn
     assert report._own_weights(alone) == ["int8-dynamic-cpu-compiled"]
+
+
+def test_asking_for_compiled_variants_keeps_the_results_comparable(tmp_path, tiny_model):
+    """evaluation.compile only adds variants, as the variants list does: a job switched from
+    eager to `both` has the same spec hash, so --resume keeps its eager results. Another
+    evaluation setting still tells two specs apart."""
+    from runner.plan import plan_job
+
+    eager = rt_job(tiny_model)
+    both = eager.replace("timed_passes: 8}", "timed_passes: 8, compile: both}")
+    other = eager.replace("timed_passes: 8}", "timed_passes: 9}")
+    hashes = {
+        name: plan_job(write_job(tmp_path / name, text)).spec_hash
+        for name, text in (("eager", eager), ("both", both), ("other", other))
+    }
+    assert hashes["eager"] == hashes["both"] != hashes["other"]
