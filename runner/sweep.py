@@ -501,8 +501,9 @@ def describe_plan(plan: JobPlan) -> str:
         *(f"  note: {note}" for note in plan.notes),
         "  variants:",
     ]
+    width = max(20, *(len(v.id) for v in spec.variants))  # compiled ids run longer
     for variant in spec.variants:
-        lines.append(f"    {variant.id:<20} runs on {dispatch.where_it_runs(variant.device)}")
+        lines.append(f"    {variant.id:<{width}} runs on {dispatch.where_it_runs(variant.device)}")
     return "\n".join(lines)
 
 
