@@ -2,7 +2,7 @@
 
     python benchmarks/plain.py MODEL_DIR PRECISIONS TEXTS.json THREADS WARMUP MAX_LENGTH
         [--device cpu|cuda] [--passes N] [--min-time SECONDS] [--until FILE] [--every-pass]
-        [--stop-when-ready]
+        [--stop-when-ready] [--compile] [--int4-group-size G]
 
 loads the model in each precision in turn, in this one process, times every forward pass over the
 texts at batch size 1 after warm-up and one untimed pass of each distinct length (on cuda, reading
@@ -12,7 +12,9 @@ stops it when quantbench is done), and prints one JSON line per precision: the l
 its threads lost the CPU while timed (involuntary context switches a second), the wall time of its
 work, on cuda the peak allocated GPU memory, and with --every-pass each pass's latency and when it
 ended (Unix time). With --stop-when-ready it stops itself (SIGSTOP) before the first precision's
-clock starts: the benchmark continues it for its turns.
+clock starts: the benchmark continues it for its turns. With --compile each model is passed through
+torch.compile (default mode) after quantizing; the warm-up compiles it, untimed. The torchao
+precisions are torchao's configs applied with quantize_, written here from torchao's documentation.
 """
 
 import argparse
@@ -27,7 +29,39 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
-def load(model_dir: str, precision: str, device: str):
+def torchao_config(precision: str, device: str, int4_group_size: int):
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        PerGroup,
+    )
+
+    if precision == "torchao-int8-dynamic":
+        return Int8DynamicActivationInt8WeightConfig()
+    if precision == "torchao-int8-weight":
+        return Int8WeightOnlyConfig()
+    if device == "cuda":
+        return Int4WeightOnlyConfig(
+            group_size=int4_group_size, int4_packing_format="tile_packed_to_4d"
+        )
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(int4_group_size))
+
+
+def load(model_dir: str, precision: str, device: str, int4_group_size: int = 128):
+    if precision.startswith("torchao-"):
+        from torchao.quantization import quantize_
+
+        dtype = torch.bfloat16 if precision == "torchao-int4-weight" and device == "cuda" else None
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        model = model.to(device).eval()
+        if dtype is not None:  # the CUDA int4 kernel takes bf16 weights
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(dtype)
+        quantize_(model, torchao_config(precision, device, int4_group_size))
+        return model
     if precision.startswith("bnb-"):
         from transformers import BitsAndBytesConfig
 
@@ -75,6 +109,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--until", default=None)
     parser.add_argument("--every-pass", action="store_true")
     parser.add_argument("--stop-when-ready", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--int4-group-size", type=int, default=128)
     return parser.parse_args()
 
 
@@ -110,7 +146,9 @@ def time_precision(args: argparse.Namespace, precision: str, inputs: list, sync)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    model = load(args.model_dir, precision, device)
+    model = load(args.model_dir, precision, device, args.int4_group_size)
+    if args.compile:
+        model = torch.compile(model)
     latencies, ended = [], []
     with torch.inference_mode():
         for i in range(args.warmup):

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda]
         [--rounds 3] [--matches 4] [--min-time 15] [--sweep-passes 2]
+        [--precisions fp32,torchao-int8-weight,...] [--compile]
 
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
@@ -16,6 +17,10 @@
     variants' own work, and against the plain single-process script doing the same work;
 (c) memory: each variant's peak RSS (and on cuda, peak allocated GPU memory) against the model's
 size. Run it on an otherwise idle machine: nothing else may share the cores while it times.
+
+--precisions replaces the device's list (the torchao precisions among them); --compile compiles
+every variant on both sides (`evaluation.compile: true`; the plain loop calls torch.compile), so the
+ratios compare compiled with compiled.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def job_text(
     precisions: list[str],
     min_time_s: float,
     passes: int = 1,
+    compiled: bool = False,
 ) -> str:
     return f"""name: bench-{model}
 {MODELS[model]}
@@ -75,9 +81,10 @@ dataset:
   sample: {{n: {samples}, seed: 0}}
   max_length: 128
 evaluation: {{batch_size: 1, warmup_passes: 10, timed_passes: {passes * samples},
-             min_time_s: {min_time_s}, threads: {threads}, weight_analysis: false}}
+             min_time_s: {min_time_s}, threads: {threads}, weight_analysis: false,
+             compile: {str(compiled).lower()}}}
 variants: [{", ".join(f"{p}-{device}" for p in precisions)}]
-baseline: {precisions[0]}-{device}
+baseline: {precisions[0]}-{device}{"-compiled" if compiled else ""}
 """
 
 
@@ -141,6 +148,14 @@ def parse_args() -> argparse.Namespace:
         help="whole passes over the sample each variant times in (b)'s sweeps and plain script: "
         "a fixed count, so that both sides do the same work",
     )
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="comma-separated precisions to measure instead of the device's list",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="compile every variant, on both sides"
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--keep-results", type=Path, default=None, help="copy the last sweep's result files here"
@@ -170,20 +185,24 @@ class Bench:
 
 def prepare(args: argparse.Namespace, work: Path) -> Bench:
     """The jobs and the inputs, and the model prepared before the clocks start, for both sides."""
-    precisions = PRECISIONS[args.device]
+    precisions = args.precisions.split(",") if args.precisions else PRECISIONS[args.device]
     job = work / "job.yaml"
     # The sweeps time a fixed number of passes, on both sides: after a minimum time, whichever
     # side's pass ends just short of it does one more whole pass, and the two no longer do the same
     # work.
     job.write_text(
         job_text(
-            args.model, args.samples, args.threads, args.device, precisions, 0, args.sweep_passes
+            *(args.model, args.samples, args.threads, args.device, precisions, 0),
+            *(args.sweep_passes, args.compile),
         )
     )
     one_variant_jobs = {p: work / f"job-{p}.yaml" for p in precisions}
     for p, path in one_variant_jobs.items():
         path.write_text(
-            job_text(args.model, args.samples, args.threads, args.device, [p], 2 * args.min_time)
+            job_text(
+                *(args.model, args.samples, args.threads, args.device, [p], 2 * args.min_time),
+                compiled=args.compile,
+            )
         )
     plan = plan_job(job)
     model_dir, _ = models.prepare_model(plan.spec)
@@ -222,7 +241,7 @@ def quantbench_command(bench: Bench, job_file: Path, folder: Path) -> list[str]:
 
 def read_result(bench: Bench, folder: Path, precision: str) -> dict:
     return json.loads(
-        (folder / bench.job_name / f"{precision}-{bench.args.device}.json").read_text()
+        (folder / bench.job_name / f"{precision}-{variant_suffix(bench.args)}.json").read_text()
     )
 
 
@@ -247,6 +266,11 @@ def run_quantbench(bench: Bench, job_file: Path, folder: Path, variants: list[st
     )
 
 
+def variant_suffix(args: argparse.Namespace) -> str:
+    """What follows the precision in the variant ids: the device, and whether it is compiled."""
+    return args.device + ("-compiled" if args.compile else "")
+
+
 def plain_command(bench: Bench, variants: list[str], *options: str) -> list[str]:
     return [
         sys.executable,
@@ -259,6 +283,7 @@ def plain_command(bench: Bench, variants: list[str], *options: str) -> list[str]
         "128",
         "--device",
         bench.args.device,
+        *(["--compile"] if bench.args.compile else []),
         *options,
     ]
 
@@ -489,7 +514,10 @@ def _header_lines(args, rounds: list[dict], first: dict, env: dict) -> list[str]
         f"- command: `python benchmarks/run.py --model {args.model} --samples {args.samples} "
         f"--device {args.device} --rounds {len(rounds)} --matches {args.matches} --min-time "
         f"{args.min_time:g} "
-        f"--sweep-passes {args.sweep_passes}`",
+        f"--sweep-passes {args.sweep_passes}"
+        + (f" --precisions {args.precisions}" if args.precisions else "")
+        + (" --compile" if args.compile else "")
+        + "`",
         f"- fidelity: both sides time whole passes over the {args.samples} samples until at least "
         f"{2 * args.min_time:g} s have passed (quantbench: `min_time_s`), taking turns",
         f"- overhead: both sides time {args.sweep_passes} whole passes over the samples per "
