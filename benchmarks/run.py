@@ -113,6 +113,18 @@ def main() -> int:
     return 0
 
 
+def add_variant_options(parser: argparse.ArgumentParser) -> None:
+    """Which variants: the precisions instead of the device's list, and compiled or not."""
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="comma-separated precisions to measure instead of the device's list",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="compile every variant, on both sides"
+    )
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="minilm")
@@ -148,14 +160,7 @@ def parse_args() -> argparse.Namespace:
         help="whole passes over the sample each variant times in (b)'s sweeps and plain script: "
         "a fixed count, so that both sides do the same work",
     )
-    parser.add_argument(
-        "--precisions",
-        default=None,
-        help="comma-separated precisions to measure instead of the device's list",
-    )
-    parser.add_argument(
-        "--compile", action="store_true", help="compile every variant, on both sides"
-    )
+    add_variant_options(parser)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--keep-results", type=Path, default=None, help="copy the last sweep's result files here"
