@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from runner.precisions.common import Precision, as_cpu_float
+from runner.precisions.common import Precision, as_cpu_float, load_as
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -26,12 +26,7 @@ def read_settings(reader) -> Settings:
 
 def _load_as(dtype_name: str):
     def load(model_class, model_dir, device, settings):
-        import torch
-
-        # Loading straight into the target dtype: a cast variant never holds an FP32 copy it drops.
-        model = model_class.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
-        model = model.to(device).eval()
-        return model, {"dtype": dtype_name}
+        return load_as(dtype_name, model_class, model_dir, device)
 
     return load
 

@@ -22,6 +22,15 @@ class Precision:
     imports: tuple[str, ...] = ()
 
 
+def load_as(dtype_name: str, model_class, model_dir, device):
+    """The checkpoint loaded straight into dtype_name (a cast variant never holds an FP32 copy it
+    drops), on the device, in eval mode; and what to record of it."""
+    import torch
+
+    model = model_class.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
+    return model.to(device).eval(), {"dtype": dtype_name}
+
+
 def as_cpu_float(t):
     """A weight as float32 on the CPU: what every family's read-back weights are."""
     import torch

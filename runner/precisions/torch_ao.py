@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runner.precisions.common import Precision, as_cpu_float
+from runner.precisions.common import Precision, as_cpu_float, load_as
 
 QUANTIZED_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
 DYNAMIC_MODULES = ("Linear",)
@@ -35,10 +35,7 @@ def read_settings(reader) -> Settings:
 
 
 def _load_float32(model_class, model_dir, device, settings):
-    import torch
-
-    model = model_class.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    return model, {"dtype": "float32"}
+    return load_as("float32", model_class, model_dir, device)
 
 
 def _quantize_dynamic_int8(model, settings):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from runner.precisions.common import Precision, as_cpu_float
+from runner.precisions.common import Precision, as_cpu_float, load_as
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torchao's Int4WeightOnlyConfig supports
 FLOAT8_MIN_CAPABILITY = (8, 9)  # float8 matmuls: Ada Lovelace, Hopper and newer
@@ -112,12 +112,9 @@ def check_float8_gpu(device: str) -> None:
 
 def _load_float32(precision: str):
     def load(model_class, model_dir, device, settings):
-        import torch
-
         if precision == "torchao-float8-dynamic":
             check_float8_gpu(device)
-        model = model_class.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-        return model, {"dtype": "float32"}
+        return load_as("float32", model_class, model_dir, device)
 
     return load
 
