@@ -250,11 +250,22 @@ def read_result(bench: Bench, folder: Path, precision: str) -> dict:
     )
 
 
+def cold_compile_env(folder: Path, side: str) -> dict[str, str]:
+    """The environment for one side's process: torch.compile's cache in a fresh folder of its own.
+    Inductor reuses what an earlier process compiled, so a match's compile would be shorter than
+    the sweep's it takes its head start from, and its clock could end before the turns begin."""
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(folder / f"inductor-cache-{side}")}
+
+
 def run_quantbench(bench: Bench, job_file: Path, folder: Path, variants: list[str]) -> dict:
     """`quantbench run`, timed from outside."""
     launched_unix, started = time.time(), time.perf_counter()
     sweep = subprocess.run(
-        quantbench_command(bench, job_file, folder), capture_output=True, text=True, cwd=REPO
+        quantbench_command(bench, job_file, folder),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=cold_compile_env(folder, "quantbench"),
     )
     sweep_wall = time.perf_counter() - started
     if sweep.returncode != 0:
@@ -302,6 +313,7 @@ def run_plain(bench: Bench, variants: list[str]) -> dict:
         capture_output=True,
         text=True,
         check=True,
+        env=cold_compile_env(Path(tempfile.mkdtemp(dir=bench.work)), "plain"),
     )
     return dict(
         plain_wall=time.perf_counter() - started,
@@ -420,6 +432,7 @@ def take_match_turns(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
+            env=cold_compile_env(folder, "quantbench"),
         )
         plain = subprocess.Popen(
             plain_command(
@@ -428,6 +441,7 @@ def take_match_turns(
             stdout=subprocess.PIPE,
             stderr=plain_log,
             text=True,
+            env=cold_compile_env(folder, "plain"),
         )
         try:
             turns = take_turns(ours, plain, window_s, seed=number, head_start_s=head_start_s)
