@@ -23,6 +23,7 @@ __all__ = [
     "dequantized_linear_weights",
     "classify_layer",
     "layer_weight_errors",
+    "layer_output_errors",
     "summarise_layer_errors",
     "weight_histograms",
     "quantization_grid",
@@ -170,11 +171,106 @@ def _layer_error(ref: torch.Tensor, var: torch.Tensor) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# Per-layer output errors
+# --------------------------------------------------------------------------------------------------
+
+# Samples whose layer outputs are compared: a few batches show the error's size; more only costs.
+OUTPUT_ERROR_SAMPLES = 64
+
+
+def layer_output_errors(
+    reference_model: torch.nn.Module,
+    variant_model: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    max_samples: int = OUTPUT_ERROR_SAMPLES,
+) -> dict[str, dict]:
+    """The error of every linear layer's output, the variant's layer against the FP32 one, both
+    given the same input: the input the FP32 layer receives in the FP32 model.
+
+    Hooks on the reference model's layers feed each layer's input to the variant's layer of the
+    same name too, so a row measures that layer alone (its weights and, for a dynamic precision,
+    its activation quantization), not the error that earlier layers passed on. Runs the reference
+    model (FP32, CPU) on the batches' first `max_samples` samples. Returns {layer: {output_sqnr_db
+    = 10 log10(sum y^2 / sum (y - y_q)^2) (None when the outputs are equal), output_rel_l2 =
+    ||y - y_q|| / ||y|| (None when ||y|| = 0)}}, sums in float64.
+    """
+    variant_layers = dict(variant_model.named_modules())
+    # Where a layer holds no float tensor to say (a quantized weight, no bias): the model's device.
+    device = next(
+        (t.device for t in [*variant_model.parameters(), *variant_model.buffers()]),
+        torch.device("cpu"),
+    )
+    sums: dict[str, list[float]] = {}  # layer: [signal, noise]
+    handles = [
+        module.register_forward_hook(_compare_output(name, variant_layers[name], device, sums))
+        for name, module in reference_model.named_modules()
+        if precisions.layer_weight(name, module) is not None and name in variant_layers
+    ]
+    try:
+        with torch.inference_mode():
+            for batch in _first_samples(batches, max_samples):
+                reference_model(**{k: v.cpu() for k, v in batch.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: _output_error(signal, noise) for name, (signal, noise) in sums.items()}
+
+
+def _compare_output(name: str, variant_layer: torch.nn.Module, model_device, sums: dict):
+    """A forward hook that runs variant_layer on the reference layer's input and adds up the
+    energy of the reference output and of the difference."""
+    device, dtype = _input_device_and_dtype(variant_layer, model_device)
+
+    def hook(module, args, output):
+        y = output.detach().to(torch.float64)
+        y_q = variant_layer(args[0].to(device=device, dtype=dtype)).detach()
+        err = y - y_q.to(device="cpu", dtype=torch.float64)
+        total = sums.setdefault(name, [0.0, 0.0])
+        total[0] += float((y * y).sum())
+        total[1] += float((err * err).sum())
+
+    return hook
+
+
+def _input_device_and_dtype(layer: torch.nn.Module, model_device) -> tuple:
+    """Where and in what float dtype the layer takes its input: that of its first float tensor
+    (a bias or an fp16 weight); float32 on the model's device for a layer holding only quantized
+    tensors (torch.ao's packed Linear)."""
+    for tensor in [*layer.parameters(), *layer.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return model_device, torch.float32
+
+
+def _first_samples(batches: Iterable[Mapping[str, torch.Tensor]], max_samples: int):
+    seen = 0
+    for batch in batches:
+        if seen >= max_samples:
+            return
+        take = max_samples - seen
+        batch = {k: v[:take] for k, v in batch.items()}
+        seen += len(next(iter(batch.values())))
+        yield batch
+
+
+def _output_error(signal: float, noise: float) -> dict:
+    if noise == 0.0 or signal == 0.0:
+        sqnr = None  # equal outputs: no noise; no signal: nothing to measure against
+    else:
+        sqnr = _finite_or_none(10.0 * math.log10(signal / noise))
+    return {
+        "output_sqnr_db": sqnr,
+        "output_rel_l2": math.sqrt(noise / signal) if signal > 0 else None,
+    }
+
+
 def _summarise_group(rows: list[dict]) -> dict:
-    def values(key):
-        return [r[key] for r in rows if r[key] is not None]
+    def values(key):  # results written before output errors were measured lack theirs
+        return [r[key] for r in rows if r.get(key) is not None]
 
     sqnr, rel, cos = values("sqnr_db"), values("rel_l2"), values("cosine")
+    out_sqnr, out_rel = values("output_sqnr_db"), values("output_rel_l2")
     n_weights = sum(r["n_weights"] for r in rows)
     return {
         "n_layers": len(rows),
@@ -184,6 +280,9 @@ def _summarise_group(rows: list[dict]) -> dict:
         "min_sqnr_db": min(sqnr) if sqnr else None,
         "mean_rel_l2": sum(rel) / len(rel) if rel else None,
         "mean_cosine": sum(cos) / len(cos) if cos else None,
+        "mean_output_sqnr_db": sum(out_sqnr) / len(out_sqnr) if out_sqnr else None,
+        "min_output_sqnr_db": min(out_sqnr) if out_sqnr else None,
+        "mean_output_rel_l2": sum(out_rel) / len(out_rel) if out_rel else None,
         "max_abs_error": max(r["max_abs_error"] for r in rows),
         # Weighted by layer size so it is the share of all weights in the group that moved bins.
         "changed_bucket_share": (
@@ -198,7 +297,9 @@ def summarise_layer_errors(rows: list[dict]) -> dict:
     """Rows of layer_weight_errors grouped: {overall, by_layer_type: [...], by_depth: [...]}.
 
     Each group: n_layers, n_weights, n_identical, mean_sqnr_db and min_sqnr_db (over layers that
-    changed; None if none did), mean_rel_l2, mean_cosine, max_abs_error (max over layers),
+    changed; None if none did), mean_rel_l2, mean_cosine, mean_output_sqnr_db,
+    min_output_sqnr_db and mean_output_rel_l2 (from the rows' layer_output_errors, where they
+    have them), max_abs_error (max over layers),
     changed_bucket_share (weighted by n_weights). by_layer_type entries carry layer_type (in
     LAYER_TYPES order), by_depth entries carry depth (ascending, layers outside the encoder stack
     last with depth None).

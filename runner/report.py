@@ -290,6 +290,50 @@ def _draw_sqnr_panel(
     ax.grid(True, alpha=0.3)
 
 
+def plot_output_against_weight_sqnr(table: collect.JobTable) -> Figure | None:
+    """Each layer's output SQNR against its weight SQNR, one panel per variant that has both."""
+
+    def measured(row) -> bool:
+        return row.get("sqnr_db") is not None and row.get("output_sqnr_db") is not None
+
+    shown = [
+        k
+        for k in _own_weights(table)
+        if any(measured(row) for row in _analysis(table, k).get("layers") or [])
+    ]
+    if not shown:
+        return None
+    figure, axes = _panels(
+        len(shown), f"{table.job}: per-layer output SQNR against weight SQNR (dB)"
+    )
+    for ax, key in zip(axes, shown):
+        rows = [r for r in _analysis(table, key)["layers"] if measured(r)]
+        for layer_type in LAYER_TYPES:
+            typed = [r for r in rows if r["layer_type"] == layer_type]
+            if typed:
+                ax.scatter(
+                    [r["sqnr_db"] for r in typed],
+                    [r["output_sqnr_db"] for r in typed],
+                    s=18,
+                    color=TYPE_COLOURS[layer_type],
+                    label=layer_type,
+                )
+        low = min(min(r["sqnr_db"], r["output_sqnr_db"]) for r in rows)
+        high = max(max(r["sqnr_db"], r["output_sqnr_db"]) for r in rows)
+        ax.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--")
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("weight SQNR (dB)")
+        ax.set_ylabel("output SQNR (dB)")
+        ax.grid(True, alpha=0.3)
+    legend = {}
+    for ax in axes:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    figure.legend(
+        list(legend.values()), list(legend), loc="outside lower center", ncols=5, fontsize=8
+    )
+    return figure
+
+
 def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
     """FP32 weights pooled by layer type, with the values `key`'s precision can represent drawn over
     them.
@@ -442,6 +486,17 @@ PLOTS = [
         "no per-layer weight analysis in these results",
     ),
     Plot(
+        "output-vs-weight-sqnr",
+        "Per-layer output SQNR against weight SQNR",
+        "Each point is a linear layer: x its weight SQNR, y the SQNR of its output against the "
+        "FP32 layer's output, both layers given the FP32 layer's input (the first 64 samples). "
+        "Below the dashed diagonal the output lost more than the weights: the input's "
+        "quantization, or a weight error the inputs amplify. Weight error alone can mislead; the "
+        "output error is what reaches the next layer.",
+        plot_output_against_weight_sqnr,
+        "no per-layer output errors in these results",
+    ),
+    Plot(
         "reliability",
         "Reliability diagrams",
         "Samples binned by confidence (the top class probability); a bar's height is the accuracy "
@@ -554,6 +609,8 @@ class VariantDetails:
     effects: dict | None
     flips: str | None  # None for the baseline and for variants not paired with it
     outliers: str | None  # None where the precision keeps no outlier columns
+    # The weight analysis's summary by layer type, where a layer changed: weight and output SQNR
+    layer_types: list[dict] | None = None
 
 
 def _details(table: collect.JobTable) -> list[VariantDetails]:
@@ -572,10 +629,17 @@ def _details(table: collect.JobTable) -> list[VariantDetails]:
             effects or None,
             None if not effects else flips or "none",
             None if outliers is None else _outliers_text(outliers),
+            _changed_layer_types(_analysis(table, key)),
         )
         if shown.per_class or shown.flips is not None or shown.outliers is not None:
             details.append(shown)
     return details
+
+
+def _changed_layer_types(analysis: dict) -> list[dict] | None:
+    groups = (analysis.get("summary") or {}).get("by_layer_type") or []
+    changed = [g for g in groups if g.get("mean_sqnr_db") is not None]
+    return changed or None
 
 
 def _outliers_text(outliers: dict[str, list]) -> str:

@@ -133,7 +133,7 @@ def _injected_fault(variant_id: str) -> str | None:
 
 def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     """Per-layer error of the weights this variant computes with, against the FP32 weights they came
-    from."""
+    from, and of each layer's output given the FP32 layer's input."""
     import torch
 
     from runner import analysis
@@ -144,6 +144,9 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     reference = analysis.dequantized_linear_weights(reference_model)
     variant = analysis.dequantized_linear_weights(model)
     rows = analysis.layer_weight_errors(reference, variant)
+    outputs = analysis.layer_output_errors(reference_model, model, batches)
+    for row in rows:  # a layer the hooks never reached (unused by the forward) has no output
+        row.update(outputs.get(row["layer"], {"output_sqnr_db": None, "output_rel_l2": None}))
     grids = {}
     for name, weight in reference.items():  # one representative layer per type: the first one met
         layer_type, _ = analysis.classify_layer(name)

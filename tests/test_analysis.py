@@ -218,6 +218,58 @@ def test_int8_dynamic_per_tensor_matches_hand_quantization():
         assert (got[name].reshape(-1, 1) - grid).abs().min(dim=1).values.max() < 1e-7
 
 
+class _TwoLayers(torch.nn.Module):
+    """Two linear layers called as model(**batch), as transformers models are."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(16, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def _energies(pairs) -> tuple[float, float]:
+    """(sum y^2, sum (y - y_q)^2) over (y, y_q) pairs, in float64."""
+    signal = sum(float((y.double() ** 2).sum()) for y, _ in pairs)
+    noise = sum(float(((y.double() - y_q.double()) ** 2).sum()) for y, y_q in pairs)
+    return signal, noise
+
+
+def _sqnr_db(pairs):
+    signal, noise = _energies(pairs)
+    return 10 * math.log10(signal / noise)
+
+
+def test_output_errors_give_each_layer_the_fp32_layers_input():
+    torch.manual_seed(3)
+    model = _TwoLayers().eval()
+    quantized = _quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.qint8)
+    batches = [{"x": torch.randn(5, 16)}, {"x": torch.randn(4, 16)}]
+    got = A.layer_output_errors(model, quantized, batches, max_samples=7)
+    # Only the first 7 samples count, batch by batch: int8-dynamic scales each batch's input.
+    inputs = [batches[0]["x"], batches[1]["x"][:2]]
+    with torch.no_grad():
+        first = [(model.first(x), quantized.first(x)) for x in inputs]
+        hidden = [torch.relu(model.first(x)) for x in inputs]  # the second layer's FP32 input
+        second = [(model.second(h), quantized.second(h)) for h in hidden]
+        # What the quantized model passes on instead: not the layer's own error.
+        passed_on = [(model(x), quantized(x)) for x in inputs]
+    assert got["first"]["output_sqnr_db"] == pytest.approx(_sqnr_db(first), abs=1e-6)
+    assert got["second"]["output_sqnr_db"] == pytest.approx(_sqnr_db(second), abs=1e-6)
+    assert abs(_sqnr_db(second) - _sqnr_db(passed_on)) > 0.1
+    signal, noise = _energies(first)
+    assert got["first"]["output_rel_l2"] == pytest.approx(math.sqrt(noise / signal), rel=1e-6)
+    _json_ok(got)
+
+
+def test_output_errors_of_an_unchanged_model_are_none():
+    model = _TwoLayers().eval()
+    got = A.layer_output_errors(model, copy.deepcopy(model), [{"x": torch.randn(3, 16)}])
+    assert got == {name: {"output_sqnr_db": None, "output_rel_l2": 0.0} for name in got}
+    assert set(got) == {"first", "second"}
+
+
 def test_int8_dynamic_per_channel_and_float16():
     torch.manual_seed(2)
     model = torch.nn.Sequential(torch.nn.Linear(16, 6))

@@ -68,6 +68,7 @@ def test_report_embeds_every_figure_and_writes_the_same_pngs_beside_it(rendered)
     assert names == {
         "tiny-accuracy-latency",
         "tiny-sqnr-by-depth",
+        "tiny-output-vs-weight-sqnr",
         "tiny-reliability",
         "tiny-confusion",
         "tiny-histograms-int8-dynamic-cpu",
@@ -108,6 +109,10 @@ def test_report_holds_the_table_the_verdict_and_the_details(rendered, results):
         assert f"<th>{html.escape(label)}</th>" in page
     assert f"best variant that passes: {table.best}" in page and table.best is not None
     assert "<b>fp16-cuda</b>: no verdict (failed)" in page
+    # Each quantized variant's layer types, weight and output SQNR side by side.
+    assert page.count("<th>output SQNR mean (dB)</th>") == 2  # int8-dynamic and bnb-nf4
+    summary = results[1]["analysis"]["summary"]["by_layer_type"][0]
+    assert f"<td>{summary['mean_output_sqnr_db']:.1f}</td>" in page
     # Per-class scores of every ok variant, and the SQNR picture's caption explains the unit.
     assert page.count("<th>precision</th><th>recall</th><th>F1</th>") == 3
     assert "10·log10(Σw² / Σ(w − w_q)²)" in page

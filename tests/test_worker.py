@@ -205,6 +205,16 @@ def test_weight_analysis_ranks_precisions_by_their_bits(all_precisions):
     assert layers["bert.encoder.layer.1.attention.self.query"]["layer_type"] == "query"
     assert layers["bert.encoder.layer.1.attention.self.query"]["depth"] == 1
     assert "outlier_columns" in all_precisions["bnb-int8"]["analysis"]
+    # Every quantized layer's output error, given the FP32 input; a dynamic precision's output
+    # also loses its activations' rounding, so it is no better than its weight's.
+    int8_rows = all_precisions["int8-dynamic"]["analysis"]["layers"]
+    measured = [r for r in int8_rows if not r["identical"]]
+    assert measured and all(r["output_sqnr_db"] is not None for r in measured)
+    assert all(r["output_sqnr_db"] is None for r in int8_rows if r["identical"])
+    overall = all_precisions["int8-dynamic"]["analysis"]["summary"]["overall"]
+    assert overall["mean_output_sqnr_db"] < overall["mean_sqnr_db"]
+    fp16 = all_precisions["fp16"]["analysis"]["summary"]["overall"]["mean_output_sqnr_db"]
+    assert fp16 > overall["mean_output_sqnr_db"] + 10
     assert all_precisions["bnb-nf4"]["analysis"]["grids"]["query"]["precision"] == "bnb-nf4"
     # The analysis phase is measured apart and never counted in the variant's peak memory.
     phases = all_precisions["int8-dynamic"]["metrics"]["memory_phases"]
