@@ -5,7 +5,8 @@ registered for it. Each family module (casts, torch_ao, torchao, bitsandbytes) d
 
 - `Settings` and `read_settings(reader)`: its keys of the job's `settings:` (flat, all families'
   side by side), checked as they are read;
-- `PRECISIONS`: its registry entries (how each loads a saved FP32 checkpoint and quantizes it);
+- `PRECISIONS`: its registry entries (how each loads a saved FP32 checkpoint and quantizes it,
+  leaving the linear layers named in `keep` in FP32: see load_quantized);
 - `linear_classes()`, `layer_weight(name, module)`: the layer classes it computes with, and the
   float32 weight one of its layers really computes with;
 - `is_quantized(precision, module)`, `leaves_unquantized(model, name)`;
@@ -23,7 +24,7 @@ from __future__ import annotations
 from runner.precisions import bitsandbytes, casts, torch_ao, torchao
 from runner.precisions.common import Precision
 
-__all__ = ["DEVICES", "FAMILIES", "PRECISIONS", "Precision"]
+__all__ = ["DEVICES", "FAMILIES", "PRECISIONS", "Precision", "load_quantized"]
 
 DEVICES = ("cpu", "cuda")
 
@@ -49,6 +50,24 @@ def family_of(precision: str):
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; known: {list(PRECISIONS)}")
     return FAMILIES[PRECISIONS[precision].family]
+
+
+def load_quantized(
+    precision: str, model_class, model_dir, device: str, settings, keep=frozenset()
+) -> tuple:
+    """The checkpoint loaded and quantized as the precision does, every linear layer but those
+    named in keep (full module names, kept as FP32 nn.Linear); (model, recorded settings). Raises
+    ValueError for a kept name that is not a linear layer, or a cast (fp16, bf16) asked to keep."""
+    family_of(precision)  # raises ValueError for an unknown precision
+    spec = PRECISIONS[precision]
+    keep = frozenset(keep)
+    model, recorded = spec.load(model_class, model_dir, device, settings, keep=keep)
+    if spec.quantize is not None:
+        model, quantized = spec.quantize(model, settings, keep=keep)
+        recorded.update(quantized)
+    if keep:
+        recorded["kept_in_fp32"] = sorted(keep)
+    return model, recorded
 
 
 def settings_fields() -> list[tuple[str, type, object]]:

@@ -6,15 +6,21 @@ the FP32 model. The 4-bit kinds keep a 4-bit code (NormalFloat or float) and one
 of 64 values of the flattened weight. bitsandbytes is imported inside functions and otherwise
 looked up in sys.modules: it is slow to import, CPU workers may lack it, and a model can only hold
 its layers once it has been imported.
+
+Layers named in `keep` stay plain FP32 nn.Linear: they join transformers' own skip list
+(`llm_int8_skip_modules`, used by the 4-bit kinds too). transformers matches a skip name as a regex
+from the start of a module name up to a dot boundary, or as a suffix; a full, escaped module name
+matches that module only (layer.1.output.dense never catches layer.11.output.dense).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass
 
-from runner.precisions.common import Precision, as_cpu_float
+from runner.precisions.common import Precision, as_cpu_float, check_keep
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes' default and what transformers' BitsAndBytesConfig uses
@@ -69,14 +75,17 @@ def read_settings(reader) -> Settings:
 # --------------------------------------------------------------------------------------------------
 
 
-def _config(kind: str, settings):
-    """transformers' BitsAndBytesConfig for one kind, and the settings recorded beside results."""
+def _config(kind: str, settings, skip: list[str] | None = None):
+    """transformers' BitsAndBytesConfig for one kind, and the settings recorded beside results.
+    skip: llm_int8_skip_modules (None: transformers' defaults)."""
     import torch
     from transformers import BitsAndBytesConfig
 
     if kind == "int8":
         config = BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=settings.llm_int8_threshold
+            load_in_8bit=True,
+            llm_int8_threshold=settings.llm_int8_threshold,
+            llm_int8_skip_modules=skip,
         )
         return config, {
             "method": "bitsandbytes LLM.int8()",
@@ -87,6 +96,7 @@ def _config(kind: str, settings):
         bnb_4bit_quant_type=kind,
         bnb_4bit_compute_dtype=getattr(torch, settings.bnb_4bit_compute_dtype),
         bnb_4bit_use_double_quant=settings.bnb_4bit_use_double_quant,
+        llm_int8_skip_modules=skip,
     )
     return config, {
         "method": f"bitsandbytes 4-bit {kind}",
@@ -109,13 +119,29 @@ def _keep_unpackable_layers_unpacked(model) -> None:
                 module.support_avx512bf16_for_cpu = False
 
 
+def _skip_modules(model_class, model_dir, keep: frozenset[str]) -> list[str] | None:
+    """transformers' default skip list (tied and output embeddings, the last module), found on an
+    empty model of the checkpoint's config, plus the kept layers' escaped full names; None (the
+    defaults, as before) when nothing is kept. A given skip list replaces the defaults."""
+    if not keep:
+        return None
+    import torch
+    from transformers import AutoConfig
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        empty = model_class.from_config(AutoConfig.from_pretrained(model_dir))
+    return sorted(get_keys_to_not_convert(empty)) + [re.escape(name) for name in sorted(keep)]
+
+
 def _load(kind: str):
-    def load(model_class, model_dir, device, settings):
-        config, recorded = _config(kind, settings)
+    def load(model_class, model_dir, device, settings, keep=frozenset()):
+        config, recorded = _config(kind, settings, _skip_modules(model_class, model_dir, keep))
         # Quantized while loading, layer by layer: no full FP32 model is held at any time.
         model = model_class.from_pretrained(
             model_dir, quantization_config=config, device_map={"": device}
         ).eval()
+        check_keep(model, keep, f"bnb-{kind}")
         if device == "cpu":
             _keep_unpackable_layers_unpacked(model)
         recorded["quantized_while_loading"] = True

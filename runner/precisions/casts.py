@@ -3,6 +3,10 @@
 Every linear layer keeps its nn.Linear (or GPT-2 Conv1D) and computes with its weight as stored. A
 float format's grid is every number it represents, too dense to draw over a histogram: none is
 given.
+
+Keeping layers in FP32 (`keep`): fp32 keeps every layer already, so any linear layers may be named;
+fp16 and bf16 refuse a non-empty keep, since the checkpoint is loaded straight into their dtype (no
+FP32 weights to keep) and a model of mixed float dtypes is out of scope.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from runner.precisions.common import Precision, as_cpu_float, load_as
+from runner.precisions.common import Precision, as_cpu_float, check_keep, load_as
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -25,8 +29,18 @@ def read_settings(reader) -> Settings:
 
 
 def _load_as(dtype_name: str):
-    def load(model_class, model_dir, device, settings):
-        return load_as(dtype_name, model_class, model_dir, device)
+    name = next(p for p, d in DTYPES.items() if d == dtype_name)
+
+    def load(model_class, model_dir, device, settings, keep=frozenset()):
+        if keep and dtype_name != "float32":
+            raise ValueError(
+                f"{name} cannot keep layers in FP32 (asked: {sorted(keep)}): a cast loads every "
+                "weight straight into its dtype; keep is allowed for fp32 and the quantized "
+                "precisions"
+            )
+        model, recorded = load_as(dtype_name, model_class, model_dir, device)
+        check_keep(model, keep, name)
+        return model, recorded
 
     return load
 

@@ -13,10 +13,12 @@ class Precision:
     family: str  # the module in runner/precisions/ that knows this precision
     devices: tuple[str, ...]
     how: str
-    # (model_class, model_dir, device, settings) -> (model, recorded settings): model_class is the
-    # task's transformers Auto class; weights arrive at their final dtype
+    # (model_class, model_dir, device, settings, keep=frozenset()) -> (model, recorded settings):
+    # model_class is the task's transformers Auto class; weights arrive at their final dtype. keep:
+    # module names of linear layers to leave in FP32 (a sensitivity study's mixed model).
     load: Callable[..., tuple[Any, dict]]
-    # (model, settings) -> (model, recorded settings); None where loading already quantized
+    # (model, settings, keep=frozenset()) -> (model, recorded settings); None where loading
+    # already quantized
     quantize: Callable[..., tuple[Any, dict]] | None = None
     # What load imports beyond torch and transformers: the fork server can import it once.
     imports: tuple[str, ...] = ()
@@ -36,3 +38,22 @@ def as_cpu_float(t):
     import torch
 
     return t.detach().to(device="cpu", dtype=torch.float32)
+
+
+def linear_names(model) -> list[str]:
+    """The module names of the model's nn.Linear layers (bnb's layers subclass it), in order."""
+    import torch
+
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def check_keep(model, keep: frozenset[str], precision: str) -> None:
+    """Every name to keep in FP32 must be a linear layer of the model. Raises ValueError."""
+    linears = linear_names(model)
+    unknown = sorted(set(keep) - set(linears))
+    if unknown:
+        shown = ", ".join(linears[:4]) + (", ..." if len(linears) > 4 else "")
+        raise ValueError(
+            f"{precision}: cannot keep {unknown} in FP32: not linear layers of the model; "
+            f"its {len(linears)} linear layers are named like {shown}"
+        )

@@ -3,14 +3,16 @@ activations, on torch's CPU kernels only. torch 2.13 deprecates torch.ao.quantiz
 is torchao's quantize_ (torchao.py, torchao-int8-dynamic), kept beside it to compare the two.
 
 With the default qconfig each weight is quantized per tensor, symmetric: codes -128..127 times
-max|w| / 127.5. Every module of the types in `dynamic_modules` (nn.Linear) is replaced.
+max|w| / 127.5. Every module of the types in `dynamic_modules` (nn.Linear) is replaced, except the
+layers named in `keep` (kept in FP32): quantize_dynamic is then given the set of module names to
+quantize instead of the set of types.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runner.precisions.common import Precision, as_cpu_float, load_as
+from runner.precisions.common import Precision, as_cpu_float, check_keep, load_as
 
 QUANTIZED_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
 DYNAMIC_MODULES = ("Linear",)
@@ -34,19 +36,24 @@ def read_settings(reader) -> Settings:
     return Settings(dynamic_modules=tuple(modules), quantized_engine=engine)
 
 
-def _load_float32(model_class, model_dir, device, settings):
+def _load_float32(model_class, model_dir, device, settings, keep=frozenset()):
     return load_as("float32", model_class, model_dir, device)
 
 
-def _quantize_dynamic_int8(model, settings):
+def _quantize_dynamic_int8(model, settings, keep=frozenset()):
     import torch
 
     engine = settings.quantized_engine or torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     modules = {getattr(torch.nn, name) for name in settings.dynamic_modules}
+    spec = modules
+    if keep:
+        check_keep(model, keep, "int8-dynamic")
+        # quantize_dynamic matches module types exactly, as it does with a set of types.
+        spec = {n for n, m in model.named_modules() if type(m) in modules and n not in keep}
     # inplace: the FP32 Linear weights are released as each layer is replaced, not kept as a second
     # copy.
-    model = torch.ao.quantization.quantize_dynamic(model, modules, dtype=torch.qint8, inplace=True)
+    model = torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     return model, {
         "method": "torch.ao.quantization.quantize_dynamic",
         "quantized_module_types": sorted(settings.dynamic_modules),

@@ -14,6 +14,9 @@ quantized matmul itself:
 - float8 (CUDA, compute capability 8.9 or newer): float8 e4m3 weights and activations, one scale
   per tensor.
 
+Layers named in `keep` stay in FP32: quantize_ is given a filter_fn that skips them (and torchao's
+int4 group size need not divide them).
+
 torchao is imported inside the functions and otherwise looked up in sys.modules: it takes seconds
 to import, and a model can only hold its tensors once it has been imported.
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from runner.precisions.common import Precision, as_cpu_float, load_as
+from runner.precisions.common import Precision, as_cpu_float, check_keep, load_as
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torchao's Int4WeightOnlyConfig supports
 FLOAT8_MIN_CAPABILITY = (8, 9)  # float8 matmuls: Ada Lovelace, Hopper and newer
@@ -77,12 +80,15 @@ def _config(precision: str, device: str, settings):
     return config, f"per group of {group_size}"
 
 
-def check_group_size(model, group_size: int) -> None:
-    """Every linear layer's in_features must be a whole number of groups: torchao would otherwise
-    fail deep inside (CPU) or silently leave the layer in float (CUDA). Raises ValueError."""
+def check_group_size(model, group_size: int, keep: frozenset[str] = frozenset()) -> None:
+    """Every linear layer's in_features, but those kept in FP32, must be a whole number of groups:
+    torchao would otherwise fail deep inside (CPU) or silently leave the layer in float (CUDA).
+    Raises ValueError."""
     import torch
 
     for name, module in model.named_modules():
+        if name in keep:
+            continue
         if isinstance(module, torch.nn.Linear) and module.in_features % group_size:
             fits = [g for g in INT4_GROUP_SIZES if module.in_features % g == 0]
             raise ValueError(
@@ -111,7 +117,7 @@ def check_float8_gpu(device: str) -> None:
 
 
 def _load_float32(precision: str):
-    def load(model_class, model_dir, device, settings):
+    def load(model_class, model_dir, device, settings, keep=frozenset()):
         if precision == "torchao-float8-dynamic":
             check_float8_gpu(device)
         return load_as("float32", model_class, model_dir, device)
@@ -120,23 +126,27 @@ def _load_float32(precision: str):
 
 
 def _quantize(precision: str):
-    def quantize(model, settings):
+    def quantize(model, settings, keep=frozenset()):
         import torch
         import torchao
         from torchao.core.config import config_to_dict
         from torchao.quantization import quantize_
 
+        check_keep(model, keep, precision)
         device = next(model.parameters()).device.type
         config, granularity = _config(precision, device, settings)
         group_size = None
         if precision == "torchao-int4-weight":
             group_size = settings.torchao_int4_group_size
-            check_group_size(model, group_size)
+            check_group_size(model, group_size, keep)
             if device != "cpu":  # tinygemm takes bfloat16 weights; the layers cast their inputs
-                for module in model.modules():
-                    if isinstance(module, torch.nn.Linear):
+                for name, module in model.named_modules():
+                    if isinstance(module, torch.nn.Linear) and name not in keep:
                         module.to(torch.bfloat16)
-        quantize_(model, config)
+        if keep:
+            quantize_(model, config, filter_fn=_linear_not_kept(keep))
+        else:
+            quantize_(model, config)
         return model, {
             "method": "torchao.quantization.quantize_",
             "torchao_config": type(config).__name__,
@@ -147,6 +157,17 @@ def _quantize(precision: str):
         }
 
     return quantize
+
+
+def _linear_not_kept(keep: frozenset[str]):
+    """quantize_'s filter: its own default (every nn.Linear whose weight is not yet a torchao
+    tensor) less the layers kept in FP32."""
+    from torchao.quantization.quant_api import _is_linear
+
+    def convert(module, name: str) -> bool:
+        return name not in keep and _is_linear(module, name)
+
+    return convert
 
 
 def _precision(name: str, devices: tuple[str, ...], how: str) -> Precision:

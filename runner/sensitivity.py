@@ -1,0 +1,218 @@
+"""A sensitivity study: which groups of linear layers hurt the predictions when quantized.
+
+Each group of a model's linear layers is measured twice on the evaluation sample against the FP32
+outputs: that group ONLY quantized (every other layer kept in FP32) and everything BUT that group
+quantized (the group kept). The groups are ranked most harmful first, and a recipe keeps the
+smallest prefix of the ranking in FP32 that meets a tolerance. Plain functions: the evaluation is
+a callback (keep set -> class probabilities), so no model is loaded here (see docs/sensitivity.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from runner import analysis, effects
+
+GROUPINGS = ("layer", "type", "depth")
+# Resamples of the paired bootstrap of the accuracy delta: as many as the variants' comparison.
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Study:
+    """What every measurement of one study shares. evaluate(keep) answers the class probabilities
+    [samples, labels], in sample order, of the model quantized all but the layers in keep."""
+
+    evaluate: Callable[[frozenset[str]], np.ndarray]
+    reference: np.ndarray  # the FP32 model's probabilities
+    gold: np.ndarray  # label indices
+    label_names: list[str]
+    layers: tuple[str, ...]  # every linear layer the precision quantizes
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What a mixed model must meet; None turns a bound off. Default: agreement with FP32 >= 0.99
+    (at most 1 flip in 100 samples), no bound on the accuracy drop."""
+
+    min_agreement: float | None = 0.99
+    max_accuracy_drop: float | None = None  # FP32 accuracy - mixed accuracy, in [0, 1]
+
+    def __post_init__(self):
+        for name in ("min_agreement", "max_accuracy_drop"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"tolerance {name} must be between 0 and 1 or None, got {value}")
+        if self.min_agreement is None and self.max_accuracy_drop is None:
+            raise ValueError("a tolerance needs min_agreement or max_accuracy_drop; both are None")
+
+    def met_by(self, measured: dict) -> bool:
+        if self.min_agreement is not None and measured["agreement"] < self.min_agreement:
+            return False
+        drop = measured["accuracy_fp32"] - measured["accuracy"]
+        return self.max_accuracy_drop is None or drop <= self.max_accuracy_drop
+
+
+# --------------------------------------------------------------------------------------------------
+# Groups
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_layers(model) -> list[str]:
+    """The names of the FP32 model's nn.Linear layers, in module order: what is quantized."""
+    import torch
+
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def study_groups(model, how: str) -> dict[str, list[str]]:
+    """Group name -> linear layer names, in module order. how: "layer" (one group per layer, named
+    by it), "type" (analysis.classify_layer's type: query, output, classifier, ...) or "depth"
+    ("depth 3": the encoder layer's linear layers; a layer of no depth, such as the pooler and the
+    classifier head, forms a group of its own type). Raises ValueError for another how."""
+    if how not in GROUPINGS:
+        raise ValueError(f"unknown grouping {how!r}; allowed: {', '.join(GROUPINGS)}")
+    groups: dict[str, list[str]] = {}
+    for name in linear_layers(model):
+        groups.setdefault(_group_of(name, how), []).append(name)
+    return groups
+
+
+def _group_of(name: str, how: str) -> str:
+    if how == "layer":
+        return name
+    layer_type, depth = analysis.classify_layer(name)
+    if how == "type" or depth is None:
+        return layer_type
+    return f"depth {depth}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------
+
+
+def compare(study: Study, probabilities: np.ndarray) -> dict:
+    """A model's probabilities against FP32's on the same samples: accuracy (and FP32's),
+    agreement, mean KL(FP32 || model) in nats, flips (samples whose label changed), the paired
+    bootstrap of the accuracy delta and exact McNemar (runner/effects.py)."""
+    found = effects.prediction_effects(
+        study.gold, study.reference, probabilities, study.label_names
+    )
+    base_pred, var_pred = study.reference.argmax(axis=1), probabilities.argmax(axis=1)
+    return {
+        "accuracy": found["accuracy_variant"],
+        "accuracy_fp32": found["accuracy_baseline"],
+        "agreement": found["agreement"],
+        "mean_kl": found["mean_kl_baseline_variant"],
+        "flips": int(np.sum(base_pred != var_pred)),
+        "bootstrap_accuracy_delta": effects.paired_bootstrap_delta(
+            study.gold, base_pred, var_pred, n_resamples=BOOTSTRAP_RESAMPLES
+        ),
+        "mcnemar": effects.mcnemar_exact(study.gold, base_pred, var_pred),
+    }
+
+
+def measure(study: Study, keep: frozenset[str]) -> dict:
+    """The model quantized all but keep, compared with FP32; keep recorded beside it."""
+    unknown = sorted(set(keep) - set(study.layers))
+    if unknown:
+        raise ValueError(f"cannot keep {unknown}: not among the study's {len(study.layers)} layers")
+    return {"kept": len(keep), **compare(study, study.evaluate(frozenset(keep)))}
+
+
+def run_group(study: Study, group: str, layers: list[str]) -> dict:
+    """One group measured twice: "only" (the group alone quantized, every other layer kept) and
+    "all_but" (every layer but the group quantized, the group kept)."""
+    if not layers:
+        raise ValueError(f"group {group!r} has no layers")
+    members = frozenset(layers)
+    return {
+        "group": group,
+        "layers": list(layers),
+        "only": measure(study, frozenset(study.layers) - members),
+        "all_but": measure(study, members),
+    }
+
+
+def run_study(study: Study, groups: dict[str, list[str]]) -> list[dict]:
+    """run_group for every group, ranked (see rank)."""
+    return rank([run_group(study, group, layers) for group, layers in groups.items()])
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranking and the recipe
+# --------------------------------------------------------------------------------------------------
+
+
+def ranking_key(result: dict) -> tuple:
+    """Most harmful first: the "only this group quantized" agreement with FP32 ascending, then its
+    mean KL descending, then the group name (a stable order for ties)."""
+    only = result["only"]
+    return (only["agreement"], -only["mean_kl"], result["group"])
+
+
+def rank(group_results: list[dict]) -> list[dict]:
+    """The ranking: run_group's results, most harmful first (ranking_key), each with its rank
+    (1 = most harmful), group, layers and both measurements."""
+    ordered = sorted(group_results, key=ranking_key)
+    return [{"rank": i + 1, **result} for i, result in enumerate(ordered)]
+
+
+def recipe(
+    ranking: list[dict],
+    full_result: dict,
+    measure_keep: Callable[[frozenset[str]], dict],
+    tolerance: Tolerance | None = None,
+) -> dict:
+    """The smallest prefix of the ranking to keep in FP32 for the mixed model to meet the
+    tolerance (default Tolerance(): agreement with FP32 >= 0.99). full_result: the fully quantized
+    model's measure (keep nothing when it meets the tolerance already); measure_keep(keep): the
+    model quantized all but keep, measured (measure's dict). Groups are kept greedily in ranking
+    order, each prefix measured, stopping at the first that meets it. Returns kept (module names),
+    groups, result (the last measured), met, tolerance and tried [{groups, kept, agreement,
+    accuracy, mean_kl}]."""
+    tolerance = tolerance or Tolerance()
+    keep: set[str] = set()
+    groups: list[str] = []
+    result, tried = full_result, []
+    for entry in ranking:
+        if tolerance.met_by(result):
+            break
+        keep.update(entry["layers"])
+        groups.append(entry["group"])
+        result = measure_keep(frozenset(keep))
+        tried.append(_tried(groups, keep, result))
+    return {
+        "kept": sorted(keep),
+        "groups": groups,
+        "result": result,
+        "met": tolerance.met_by(result),
+        "tolerance": asdict(tolerance),
+        "tried": tried,
+    }
+
+
+def _tried(groups: list[str], keep: set[str], result: dict) -> dict:
+    return {
+        "groups": len(groups),
+        "kept": len(keep),
+        "agreement": result["agreement"],
+        "accuracy": result["accuracy"],
+        "mean_kl": result["mean_kl"],
+    }
+
+
+def probabilities(model, batches: list[dict]) -> np.ndarray:
+    """The classifier's class probabilities [samples, labels] over tokenized batches, in order:
+    what a Study's evaluate answers."""
+    import torch
+
+    from runner.tasks import classification
+
+    with torch.inference_mode():
+        rows = [classification.class_probabilities(model(**batch)) for batch in batches]
+    return torch.cat(rows).numpy()

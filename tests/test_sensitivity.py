@@ -1,0 +1,277 @@
+"""The sensitivity study on a tiny BERT with one layer made hard to quantize, and the keep seam of
+every CPU precision family (runner/sensitivity.py, precisions.load_quantized)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import RT_POLARITY, build_tiny_bert
+
+from runner import precisions
+from runner import sensitivity as S
+from runner.evaluate import tokenize_batches
+from runner.spec import QuantSettings
+
+torch.set_num_threads(1)
+
+LABELS = ["negative", "positive"]
+HARD = "bert.encoder.layer.1.output.dense"
+# Times the layer's max |w|: its per-tensor int8 step then swamps every other weight.
+OUTLIER_FACTOR = 50.0
+DEAD_INPUT = 7  # the intermediate unit the outliers multiply, silenced so FP32 ignores them
+SENTENCES = 64  # per class
+SETTINGS = QuantSettings(torchao_int4_group_size=32)
+
+
+def _auto_model():
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification
+
+
+def _sentences() -> tuple[list[str], np.ndarray]:
+    texts, gold = [], []
+    for label, file in enumerate(["rt-polarity.neg", "rt-polarity.pos"]):
+        lines = (RT_POLARITY / file).read_text(encoding="utf-8").splitlines()[:SENTENCES]
+        texts += lines
+        gold += [label] * len(lines)
+    return texts, np.array(gold)
+
+
+def _plant_outliers(model) -> None:
+    # Three huge weights on an input that is always 0 (its intermediate unit has no weights and no
+    # bias: GELU(0) = 0): FP32 computes as before, but int8-dynamic's per-tensor scale becomes
+    # 50 max|w| / 127.5, rounding the layer's other weights to a few codes.
+    layer = model.get_submodule(HARD)
+    intermediate = model.get_submodule(HARD.replace("output", "intermediate"))
+    with torch.no_grad():
+        peak = layer.weight.abs().max()
+        layer.weight[[3, 10, 20], DEAD_INPUT] = (
+            torch.tensor([1.0, -1.0, 1.0]) * OUTLIER_FACTOR * peak
+        )
+        intermediate.weight[DEAD_INPUT] = 0.0
+        intermediate.bias[DEAD_INPUT] = 0.0
+
+
+def _centre_decisions(model, batches) -> None:
+    # A random head puts nearly every sentence in one class; centring its bias on the sample's
+    # median logit difference splits FP32's predictions, so a quantization error can flip them.
+    with torch.inference_mode():
+        logits = torch.cat([model(**batch).logits for batch in batches])
+    with torch.no_grad():
+        model.classifier.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+
+
+@pytest.fixture(scope="module")
+def hard_bert(tmp_path_factory):
+    """(model folder, batches, gold): a tiny BERT whose HARD layer int8-dynamic ruins."""
+    from transformers import AutoTokenizer
+
+    folder = build_tiny_bert(
+        tmp_path_factory.mktemp("hard-bert"), LABELS, layers=2, initializer_range=0.2
+    )
+    texts, gold = _sentences()
+    batches = tokenize_batches(AutoTokenizer.from_pretrained(folder), texts, 16, 32, "cpu")
+    model = _auto_model().from_pretrained(folder).eval()
+    _plant_outliers(model)
+    _centre_decisions(model, batches)
+    model.save_pretrained(folder)
+    return folder, batches, gold
+
+
+def _study(hard_bert, precision: str = "int8-dynamic") -> tuple[S.Study, dict]:
+    folder, batches, gold = hard_bert
+    reference = _auto_model().from_pretrained(folder).eval()
+
+    def evaluate(keep):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+            model, _ = precisions.load_quantized(
+                precision, _auto_model(), str(folder), "cpu", SETTINGS, keep
+            )
+        return S.probabilities(model, batches)
+
+    layers = tuple(S.linear_layers(reference))
+    study = S.Study(evaluate, S.probabilities(reference, batches), gold, LABELS, layers)
+    return study, S.study_groups(reference, "layer")
+
+
+@pytest.fixture(scope="module")
+def layer_study(hard_bert):
+    study, groups = _study(hard_bert)
+    full = S.measure(study, frozenset())
+    return study, groups, full, S.run_study(study, groups)
+
+
+def test_fully_quantized_model_flips_predictions(layer_study):
+    study, _, full, _ = layer_study
+    assert full["kept"] == 0 and full["flips"] >= 10, full
+    assert full["agreement"] < 0.9 and full["mean_kl"] > 0
+    assert full["flips"] == round((1 - full["agreement"]) * len(study.gold))
+    assert full["mcnemar"]["n_discordant"] <= full["flips"]
+    assert full["bootstrap_accuracy_delta"]["n"] == len(study.gold)
+
+
+def test_study_ranks_the_outlier_layer_first(layer_study):
+    study, groups, _, ranking = layer_study
+    assert len(ranking) == len(groups) == 14  # 6 per encoder layer, pooler, classifier
+    first = ranking[0]
+    assert (first["rank"], first["group"], first["layers"]) == (1, HARD, [HARD])
+    others = [entry["only"]["agreement"] for entry in ranking[1:]]
+    assert first["only"]["agreement"] < min(others) - 0.1, (first["only"], others)
+    assert first["only"]["kept"] == len(study.layers) - 1 and first["all_but"]["kept"] == 1
+    keys = [S.ranking_key(entry) for entry in ranking]
+    assert keys == sorted(keys)
+
+
+def test_recipe_keeps_the_outlier_layer(layer_study):
+    study, _, full, ranking = layer_study
+    found = S.recipe(ranking, full, lambda keep: S.measure(study, keep))
+    assert found["groups"][0] == HARD and HARD in found["kept"]
+    assert found["met"] and found["result"]["agreement"] >= 0.99
+    assert found["result"]["agreement"] > full["agreement"]
+    assert found["tolerance"] == {"min_agreement": 0.99, "max_accuracy_drop": None}
+    assert [t["groups"] for t in found["tried"]] == list(range(1, len(found["groups"]) + 1))
+
+    loose = S.recipe(ranking, full, lambda keep: S.measure(study, keep), S.Tolerance(0.95))
+    assert loose["kept"] == [HARD] and loose["met"]
+
+
+def test_mixed_model_agrees_more_than_fully_quantized(layer_study):
+    study, _, full, ranking = layer_study
+    mixed = S.measure(study, frozenset({HARD}))
+    assert mixed["agreement"] > full["agreement"] + 0.2
+    assert mixed["mean_kl"] < full["mean_kl"] / 10
+    assert mixed == ranking[0]["all_but"]
+
+
+def test_recipe_keeps_nothing_when_quantized_model_meets_tolerance():
+    calls = []
+    full = {"agreement": 1.0, "accuracy": 0.5, "accuracy_fp32": 0.5, "mean_kl": 0.0}
+    ranking = [{"group": "g", "layers": ["a"]}]
+    found = S.recipe(ranking, full, calls.append)
+    assert found["kept"] == [] and found["met"] and calls == []
+
+
+def test_recipe_reports_unmet_tolerance():
+    bad = {"agreement": 0.5, "accuracy": 0.2, "accuracy_fp32": 0.6, "mean_kl": 1.0}
+    ranking = [{"group": "g", "layers": ["a"]}, {"group": "h", "layers": ["b", "c"]}]
+    found = S.recipe(ranking, bad, lambda keep: dict(bad), S.Tolerance(None, 0.1))
+    assert found["kept"] == ["a", "b", "c"] and found["groups"] == ["g", "h"]
+    assert not found["met"] and len(found["tried"]) == 2
+
+
+def test_tolerance_checks():
+    assert S.Tolerance().met_by({"agreement": 0.99, "accuracy": 0.1, "accuracy_fp32": 0.9})
+    drop = S.Tolerance(min_agreement=None, max_accuracy_drop=0.05)
+    assert drop.met_by({"agreement": 0.0, "accuracy": 0.86, "accuracy_fp32": 0.9})
+    assert not drop.met_by({"agreement": 1.0, "accuracy": 0.8, "accuracy_fp32": 0.9})
+    with pytest.raises(ValueError, match="min_agreement must be between 0 and 1"):
+        S.Tolerance(min_agreement=99)
+    with pytest.raises(ValueError, match="both are None"):
+        S.Tolerance(None, None)
+
+
+def test_groups_by_type_and_depth(hard_bert):
+    model = _auto_model().from_pretrained(hard_bert[0])
+    by_type = S.study_groups(model, "type")
+    assert by_type["output"] == [
+        "bert.encoder.layer.0.output.dense",
+        "bert.encoder.layer.1.output.dense",
+    ]
+    assert by_type["classifier"] == ["classifier"] and by_type["pooler"] == ["bert.pooler.dense"]
+    assert len(by_type) == 8  # query key value attention_output intermediate output pooler head
+    by_depth = S.study_groups(model, "depth")
+    assert list(by_depth) == ["depth 0", "depth 1", "pooler", "classifier"]
+    assert len(by_depth["depth 1"]) == 6 and HARD in by_depth["depth 1"]
+    assert sum(map(len, by_depth.values())) == 14
+    with pytest.raises(ValueError, match="allowed: layer, type, depth"):
+        S.study_groups(model, "block")
+
+
+def test_measure_refuses_unknown_layers(layer_study):
+    study = layer_study[0]
+    with pytest.raises(ValueError, match="not among the study's 14 layers"):
+        S.measure(study, frozenset({"bert.encoder"}))
+
+
+# --------------------------------------------------------------------------------------------------
+# The keep seam of each family
+# --------------------------------------------------------------------------------------------------
+
+KEPT = "bert.encoder.layer.1.output.dense"
+LOOK_ALIKE = "bert.encoder.layer.11.output.dense"  # a skip name matched by prefix would catch it
+SEAM_PRECISIONS = [
+    "int8-dynamic",
+    "bnb-int8",
+    "bnb-nf4",
+    "torchao-int8-dynamic",
+    "torchao-int8-weight",
+    "torchao-int4-weight",
+]
+
+
+@pytest.fixture(scope="module")
+def deep_bert(tmp_path_factory):
+    return build_tiny_bert(tmp_path_factory.mktemp("deep-bert"), LABELS, layers=12)
+
+
+def _load(precision: str, folder, keep):
+    family = precisions.PRECISIONS[precision].family
+    if family in ("bitsandbytes", "torchao"):
+        pytest.importorskip(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return precisions.load_quantized(
+            precision, _auto_model(), str(folder), "cpu", SETTINGS, keep
+        )
+
+
+@pytest.mark.parametrize("precision", SEAM_PRECISIONS)
+def test_kept_layer_stays_float_and_others_are_quantized(deep_bert, precision):
+    model, recorded = _load(precision, deep_bert, {KEPT})
+    kept = model.get_submodule(KEPT)
+    assert type(kept) is torch.nn.Linear and type(kept.weight) is torch.nn.Parameter
+    assert kept.weight.dtype == torch.float32 and not precisions.is_quantized(precision, kept)
+    assert recorded["kept_in_fp32"] == [KEPT]
+    quantized = [
+        name
+        for name in S.linear_layers(_auto_model().from_pretrained(deep_bert))
+        if name != KEPT and not precisions.leaves_unquantized(precision, model, name)
+    ]
+    assert LOOK_ALIKE in quantized and len(quantized) >= 12 * 6 - 1
+    for name in quantized:
+        assert precisions.is_quantized(precision, model.get_submodule(name)), name
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([[2, 10, 11, 3]])).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "bnb-int8", "torchao-int8-weight"])
+def test_keep_empty_quantizes_every_layer(deep_bert, precision):
+    model, recorded = _load(precision, deep_bert, frozenset())
+    assert "kept_in_fp32" not in recorded
+    layer = model.get_submodule(KEPT)
+    assert precisions.is_quantized(precision, layer)
+
+
+def test_bnb_keep_leaves_the_default_skips(deep_bert):
+    pytest.importorskip("bitsandbytes")
+    plain, _ = _load("bnb-int8", deep_bert, frozenset())
+    mixed, _ = _load("bnb-int8", deep_bert, {KEPT})
+    defaults = set(plain.hf_quantizer.modules_to_not_convert)
+    assert defaults and defaults <= set(mixed.hf_quantizer.modules_to_not_convert)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_casts_refuse_keep(deep_bert, precision):
+    with pytest.raises(ValueError, match=f"{precision} cannot keep layers in FP32"):
+        _load(precision, deep_bert, {KEPT})
+
+
+def test_keep_names_an_unknown_layer(deep_bert):
+    with pytest.raises(ValueError, match=r"cannot keep \['bert.encoder'\] in FP32: not linear"):
+        _load("int8-dynamic", deep_bert, {"bert.encoder"})
