@@ -237,11 +237,13 @@ def browser_check(page: str, folder: Path) -> dict:
     reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)",
 )
 def test_chromium_loads_every_image_and_the_table(rendered, results, tmp_path):
-    _, page = rendered
+    out, page = rendered
     found = browser_check(page, tmp_path)
     header, rows, _ = collect.table_rows(collect.build_tables(results)[0])
+    figures = len(list((out.parent / "tiny_figures").glob("*.png")))
+    assert figures == 7  # the names are checked in the test above
     assert found == {
-        "images": 6,
+        "images": figures,
         "broken": [],
         "external": [],
         "metric_tables": 1,
