@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from runner import analysis, effects
+from runner.precisions.common import linear_names as linear_layers  # what is quantized
 
 GROUPINGS = ("layer", "type", "depth")
 # Resamples of the paired bootstrap of the accuracy delta: as many as the variants' comparison.
@@ -59,13 +60,6 @@ class Tolerance:
 # --------------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------------
-
-
-def linear_layers(model) -> list[str]:
-    """The names of the FP32 model's nn.Linear layers, in module order: what is quantized."""
-    import torch
-
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def study_groups(model, how: str) -> dict[str, list[str]]:
