@@ -202,10 +202,11 @@ def layer_output_errors(
         torch.device("cpu"),
     )
     sums: dict[str, list[float]] = {}  # layer: [signal, noise]
+    linear = precisions.linear_classes()
     handles = [
         module.register_forward_hook(_compare_output(name, variant_layers[name], device, sums))
         for name, module in reference_model.named_modules()
-        if precisions.layer_weight(name, module) is not None and name in variant_layers
+        if isinstance(module, linear) and name in variant_layers
     ]
     try:
         with torch.inference_mode():

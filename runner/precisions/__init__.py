@@ -123,11 +123,17 @@ def extra_analysis(precision: str, reference_model, batches: list[dict], setting
     return family_of(precision).extra_analysis(precision, reference_model, batches, settings)
 
 
+def linear_classes() -> tuple[type, ...]:
+    """Every layer class a family computes a linear layer with (nn.Linear, GPT-2 Conv1D, torch.ao's
+    and bitsandbytes' quantized Linear)."""
+    return tuple(c for family in FAMILIES.values() for c in family.linear_classes())
+
+
 def linear_layer_kinds(model) -> dict[str, int]:
     """How many linear layers of each class the model computes with: shows what was really
     quantized. A layer that computes with a tensor subclass (torchao's) names it too:
     "torch.nn.modules.linear.Linear[torchao.quantization.Int8Tensor]"."""
-    classes = tuple(c for family in FAMILIES.values() for c in family.linear_classes())
+    classes = linear_classes()
     counts: dict[str, int] = {}
     for module in model.modules():
         if isinstance(module, classes):
