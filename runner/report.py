@@ -205,6 +205,21 @@ def _analysis(table: collect.JobTable, key: str) -> dict:
     return analysis if isinstance(analysis, dict) else {}
 
 
+def _shared_legend(figure: Figure, axes: list) -> None:
+    """One legend under the panels, one entry per label over all of them: a layer type may be
+    missing from one panel."""
+    legend = {}
+    for ax in axes:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    figure.legend(
+        list(legend.values()),
+        list(legend),
+        loc="outside lower center",
+        ncols=min(len(legend), 5),
+        fontsize=8,
+    )
+
+
 def plot_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
     """Per-layer SQNR (dB) against encoder depth, one panel per variant whose weights changed."""
     shown = [
@@ -232,16 +247,7 @@ def plot_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
     offsets = {t: (i - (len(types) - 1) / 2) * 0.06 for i, t in enumerate(types)}
     for ax, key in zip(axes, shown):
         _draw_sqnr_panel(ax, key, _analysis(table, key), offsets, head, has_head)
-    legend = {}  # one entry per label over all panels: a type may be missing from one
-    for ax in axes:
-        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    figure.legend(
-        list(legend.values()),
-        list(legend),
-        loc="outside lower center",
-        ncols=min(len(legend), 5),
-        fontsize=8,
-    )
+    _shared_legend(figure, axes)
     return figure
 
 
@@ -325,12 +331,7 @@ def plot_output_against_weight_sqnr(table: collect.JobTable) -> Figure | None:
         ax.set_xlabel("weight SQNR (dB)")
         ax.set_ylabel("output SQNR (dB)")
         ax.grid(True, alpha=0.3)
-    legend = {}
-    for ax in axes:
-        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    figure.legend(
-        list(legend.values()), list(legend), loc="outside lower center", ncols=5, fontsize=8
-    )
+    _shared_legend(figure, axes)
     return figure
 
 
