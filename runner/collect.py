@@ -168,6 +168,12 @@ def gather(folders: list[Path]) -> tuple[list[Result], list[Path], list[tuple[Pa
     return found.results, found.skipped_folders, found.unusable
 
 
+def gather_studies(folders: list[Path]) -> list[dict]:
+    """The sensitivity studies under the folders (results.load_study), the reference folders
+    skipped as gather skips them."""
+    return walk(folders, skip=SKIPPED_FOLDER).studies
+
+
 class UnknownBaseline(ValueError):
     pass
 

@@ -38,19 +38,51 @@ def write_result(results_dir: Path, result: Result | dict) -> Path:
     result."""
     if isinstance(result, Result):
         result = result.to_json()
-    path = result_path(results_dir, result["job"], result["variant"])
+    return write_json(result_path(results_dir, result["job"], result["variant"]), result)
+
+
+def write_json(path: Path, value: dict) -> Path:
+    """value as JSON at path, through a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from other users
         with os.fdopen(handle, "w") as out:
-            json.dump(result, out, indent=1, allow_nan=False, default=str)
+            json.dump(value, out, indent=1, allow_nan=False, default=str)
             out.write("\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A sensitivity study's file, beside the variants' results: DIR/<job>/sensitivity-<variant>.json.
+
+STUDY_PREFIX = "sensitivity-"  # no variant id starts so: precisions do not
+STUDY_KIND = "sensitivity-study"
+
+
+def study_path(results_dir: Path, job: str, variant_id: str) -> Path:
+    """variant_id: the fully quantized variant the study takes apart, e.g. int8-dynamic-cpu."""
+    return Path(results_dir) / job / f"{STUDY_PREFIX}{variant_id}.json"
+
+
+def is_study_file(file: Path) -> bool:
+    return file.name.startswith(STUDY_PREFIX)
+
+
+def load_study(path: Path) -> dict:
+    """The study in the file, naming its file (FILE_KEY); raises UnusableFile saying why it is
+    none."""
+    try:
+        study = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnusableFile(f"not a readable sensitivity study ({error})") from None
+    if not isinstance(study, dict) or study.get("kind") != STUDY_KIND:
+        raise UnusableFile(f"named {STUDY_PREFIX}*.json but not a sensitivity study")
+    return {**study, FILE_KEY: str(path)}
 
 
 # write_result's temporary files: mkstemp's prefix, 8 random characters, its suffix.
@@ -526,6 +558,7 @@ class Found:
     results: list[Result]  # in a stable order: by folder given, then by path
     unusable: list[tuple[Path, str]]  # the *.json files that hold no result, and why
     skipped_folders: list[Path]  # folders named `skip` below the folders given, left out
+    studies: list[dict] = field(default_factory=list)  # the sensitivity studies (load_study)
 
 
 def walk(paths: list[Path], skip: str | None = None) -> Found:
@@ -542,7 +575,10 @@ def walk(paths: list[Path], skip: str | None = None) -> Found:
                     found.skipped_folders.append(folder)  # given as well: collected from there
                 continue
             try:
-                found.results.append(Result.load(file))
+                if is_study_file(file):
+                    found.studies.append(load_study(file))
+                else:
+                    found.results.append(Result.load(file))
             except UnusableFile as why:
                 found.unusable.append((file, str(why)))
     return found
