@@ -88,6 +88,70 @@ def build_tiny_bert(
     return folder
 
 
+# A tiny BERT with one layer made hard to quantize, for the sensitivity study's tests.
+HARD_BERT_LABELS = ["negative", "positive"]
+HARD = "bert.encoder.layer.1.output.dense"
+# Times the layer's max |w|: its per-tensor int8 step then swamps every other weight.
+OUTLIER_FACTOR = 50.0
+DEAD_INPUT = 7  # the intermediate unit the outliers multiply, silenced so FP32 ignores them
+HARD_SENTENCES = 64  # per class
+
+
+def hard_bert_sentences() -> tuple[list[str], list[int]]:
+    """The first HARD_SENTENCES sentences of each rt-polarity class, with their label index."""
+    texts, gold = [], []
+    for label, file in enumerate(["rt-polarity.neg", "rt-polarity.pos"]):
+        lines = (RT_POLARITY / file).read_text(encoding="utf-8").splitlines()[:HARD_SENTENCES]
+        texts += lines
+        gold += [label] * len(lines)
+    return texts, gold
+
+
+def build_hard_bert(folder: Path) -> Path:
+    """A 2-layer tiny BERT whose HARD layer int8-dynamic ruins while FP32 computes as before,
+    its head centred so that FP32's predictions are split between the classes."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from runner.evaluate import tokenize_batches
+
+    build_tiny_bert(folder, HARD_BERT_LABELS, layers=2, initializer_range=0.2)
+    texts, _ = hard_bert_sentences()
+    batches = tokenize_batches(AutoTokenizer.from_pretrained(folder), texts, 16, 32, "cpu")
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    _plant_outliers(model)
+    _centre_decisions(model, batches)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _plant_outliers(model) -> None:
+    # Three huge weights on an input that is always 0 (its intermediate unit has no weights and no
+    # bias: GELU(0) = 0): FP32 computes as before, but int8-dynamic's per-tensor scale becomes
+    # 50 max|w| / 127.5, rounding the layer's other weights to a few codes.
+    import torch
+
+    layer = model.get_submodule(HARD)
+    intermediate = model.get_submodule(HARD.replace("output", "intermediate"))
+    with torch.no_grad():
+        peak = layer.weight.abs().max()
+        layer.weight[[3, 10, 20], DEAD_INPUT] = (
+            torch.tensor([1.0, -1.0, 1.0]) * OUTLIER_FACTOR * peak
+        )
+        intermediate.weight[DEAD_INPUT] = 0.0
+        intermediate.bias[DEAD_INPUT] = 0.0
+
+
+def _centre_decisions(model, batches) -> None:
+    # A random head puts nearly every sentence in one class; centring its bias on the sample's
+    # median logit difference splits FP32's predictions, so a quantization error can flip them.
+    import torch
+
+    with torch.inference_mode():
+        logits = torch.cat([model(**batch).logits for batch in batches])
+    with torch.no_grad():
+        model.classifier.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Binary classifier, label names negative/positive."""

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import RT_POLARITY, build_tiny_bert
+from conftest import HARD, HARD_BERT_LABELS, build_hard_bert, build_tiny_bert, hard_bert_sentences
 
 from runner import precisions
 from runner import sensitivity as S
@@ -17,12 +17,7 @@ from runner.spec import QuantSettings
 
 torch.set_num_threads(1)
 
-LABELS = ["negative", "positive"]
-HARD = "bert.encoder.layer.1.output.dense"
-# Times the layer's max |w|: its per-tensor int8 step then swamps every other weight.
-OUTLIER_FACTOR = 50.0
-DEAD_INPUT = 7  # the intermediate unit the outliers multiply, silenced so FP32 ignores them
-SENTENCES = 64  # per class
+LABELS = HARD_BERT_LABELS
 SETTINGS = QuantSettings(torchao_int4_group_size=32)
 
 
@@ -32,54 +27,15 @@ def _auto_model():
     return AutoModelForSequenceClassification
 
 
-def _sentences() -> tuple[list[str], np.ndarray]:
-    texts, gold = [], []
-    for label, file in enumerate(["rt-polarity.neg", "rt-polarity.pos"]):
-        lines = (RT_POLARITY / file).read_text(encoding="utf-8").splitlines()[:SENTENCES]
-        texts += lines
-        gold += [label] * len(lines)
-    return texts, np.array(gold)
-
-
-def _plant_outliers(model) -> None:
-    # Three huge weights on an input that is always 0 (its intermediate unit has no weights and no
-    # bias: GELU(0) = 0): FP32 computes as before, but int8-dynamic's per-tensor scale becomes
-    # 50 max|w| / 127.5, rounding the layer's other weights to a few codes.
-    layer = model.get_submodule(HARD)
-    intermediate = model.get_submodule(HARD.replace("output", "intermediate"))
-    with torch.no_grad():
-        peak = layer.weight.abs().max()
-        layer.weight[[3, 10, 20], DEAD_INPUT] = (
-            torch.tensor([1.0, -1.0, 1.0]) * OUTLIER_FACTOR * peak
-        )
-        intermediate.weight[DEAD_INPUT] = 0.0
-        intermediate.bias[DEAD_INPUT] = 0.0
-
-
-def _centre_decisions(model, batches) -> None:
-    # A random head puts nearly every sentence in one class; centring its bias on the sample's
-    # median logit difference splits FP32's predictions, so a quantization error can flip them.
-    with torch.inference_mode():
-        logits = torch.cat([model(**batch).logits for batch in batches])
-    with torch.no_grad():
-        model.classifier.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
-
-
 @pytest.fixture(scope="module")
 def hard_bert(tmp_path_factory):
     """(model folder, batches, gold): a tiny BERT whose HARD layer int8-dynamic ruins."""
     from transformers import AutoTokenizer
 
-    folder = build_tiny_bert(
-        tmp_path_factory.mktemp("hard-bert"), LABELS, layers=2, initializer_range=0.2
-    )
-    texts, gold = _sentences()
+    folder = build_hard_bert(tmp_path_factory.mktemp("hard-bert"))
+    texts, gold = hard_bert_sentences()
     batches = tokenize_batches(AutoTokenizer.from_pretrained(folder), texts, 16, 32, "cpu")
-    model = _auto_model().from_pretrained(folder).eval()
-    _plant_outliers(model)
-    _centre_decisions(model, batches)
-    model.save_pretrained(folder)
-    return folder, batches, gold
+    return folder, batches, np.array(gold)
 
 
 def _study(hard_bert, precision: str = "int8-dynamic") -> tuple[S.Study, dict]:
