@@ -187,11 +187,12 @@ def _spec_hash(
     spec: JobSpec, examples: list[data.Example], train: list[data.Example] | None
 ) -> str:
     """What makes two results comparable: everything in the job but the list of variants (and
-    evaluation.compile, which only adds variants) and the baseline."""
+    evaluation.compile, which only adds variants), the baseline and the sensitivity study (which
+    only adds a study and its mixed variant)."""
     raw = {
         k: v
         for k, v in spec.raw.items()
-        if k not in ("variants", "precisions", "devices", "baseline")
+        if k not in ("variants", "precisions", "devices", "baseline", "sensitivity")
     }
     if isinstance(raw.get("evaluation"), dict) and "compile" in raw["evaluation"]:
         raw["evaluation"] = {k: v for k, v in raw["evaluation"].items() if k != "compile"}

@@ -16,8 +16,8 @@ import numpy as np
 
 from runner import analysis, effects
 from runner.precisions.common import linear_names as linear_layers  # what is quantized
+from runner.spec import GROUPINGS
 
-GROUPINGS = ("layer", "type", "depth")
 # Resamples of the paired bootstrap of the accuracy delta: as many as the variants' comparison.
 BOOTSTRAP_RESAMPLES = 2000
 

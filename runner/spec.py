@@ -142,6 +142,7 @@ class FinetuneSpec:
 
 
 COMPILED_SUFFIX = "-compiled"  # a variant id's tail when the variant runs through torch.compile
+MIXED = "mixed"  # <precision>-mixed-<device>: a sensitivity study's recipe, some layers in FP32
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,39 @@ class Variant:
     precision: str
     device: str
     compiled: bool = False  # run through torch.compile (runner/worker.py compile_model)
+    # Linear layers left in FP32 (module names): a sensitivity study's recipe, never a job's own
+    keep: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
+        if self.keep:
+            return mixed_id(self.precision, self.device)
         return f"{self.precision}-{self.device}" + (COMPILED_SUFFIX if self.compiled else "")
+
+
+def mixed_id(precision: str, device: str) -> str:
+    return f"{precision}-{MIXED}-{device}"
+
+
+GROUPINGS = ("layer", "type", "depth")  # how a sensitivity study groups the linear layers
+
+
+@dataclass(frozen=True)
+class SensitivitySpec:
+    """sensitivity: which precision's layers to take apart, on which device, grouped how."""
+
+    precision: str
+    device: str
+    groups: str = "layer"
+
+    @property
+    def variant_id(self) -> str:
+        """The fully quantized variant the study takes apart."""
+        return Variant(self.precision, self.device).id
+
+    @property
+    def mixed_id(self) -> str:
+        return mixed_id(self.precision, self.device)
 
 
 @dataclass(frozen=True)
@@ -170,6 +200,7 @@ class JobSpec:
     finetune: FinetuneSpec | None = None
     tolerances: dict[str, float] = field(default_factory=dict)
     task: str = "classification"  # a name in runner.tasks.TASKS
+    sensitivity: SensitivitySpec | None = None
     raw: dict = field(
         default_factory=dict, repr=False
     )  # the YAML as read, kept in every result as "the spec as run"
@@ -408,6 +439,7 @@ TOP_FIELDS = (
     "baseline",
     "seed",
     "tolerances",
+    "sensitivity",
 )
 
 # What a deployment may give up, against the baseline: `collect` marks each variant pass or fail.
@@ -446,6 +478,7 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
         finetune=finetune,
         tolerances=_tolerances(top.sub("tolerances")),
         task=_task(top),
+        sensitivity=_sensitivity(shown, top.sub("sensitivity"), variants),
         raw=raw,
     )
 
@@ -508,6 +541,36 @@ def _baseline(shown: Path, top: _Reader, variants: list[Variant]) -> str:
             f"the baseline must be one of the job's variants: {', '.join(ids)}",
         )
     return baseline
+
+
+def _sensitivity(
+    shown: Path, reader: _Reader | None, variants: list[Variant]
+) -> SensitivitySpec | None:
+    """sensitivity: {precision, device, groups}: a precision that quantizes linear layers one by one
+    (not a cast), on a device it runs on."""
+    if reader is None:
+        return None
+    reader.check_keys(tuple(f.name for f in fields(SensitivitySpec)))
+    precision = reader.get("precision", str, required=True)
+    device = reader.get("device", str, "cpu")
+    where = reader.field("precision")
+    _check_variant(shown, where, reader.field("device"), precision, device)
+    if PRECISIONS[precision].family == "casts":
+        studied = [p.name for p in PRECISIONS.values() if p.family != "casts"]
+        raise SpecError(
+            shown,
+            where,
+            precision,
+            "a cast changes every layer at once and keeps none in FP32; the study takes a "
+            f"precision that quantizes linear layers: {', '.join(studied)}",
+        )
+    groups = reader.get("groups", str, "layer")
+    if groups not in GROUPINGS:
+        raise SpecError(shown, reader.field("groups"), groups, f"allowed: {', '.join(GROUPINGS)}")
+    study = SensitivitySpec(precision, device, groups)
+    if study.mixed_id in {v.id for v in variants}:  # cannot happen today: no precision says mixed
+        raise SpecError(shown, where, study.mixed_id, "the study's mixed variant is a job variant")
+    return study
 
 
 def _task(top: _Reader) -> str:
