@@ -30,6 +30,7 @@ from runner.cluster import (
     server_preload,
 )
 from runner.finetune import FinetuneTask, run_finetune
+from runner.study_worker import StudyStep, run_step
 from runner.worker import VariantTask, base_result, run_variant_in_own_process
 
 
@@ -89,7 +90,12 @@ def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
 
 
 def can_run(nodes: list[dict], device: str) -> bool:
-    return any(_fits(node, requirements(device)) for node in nodes)
+    return capable_nodes(nodes, device) > 0
+
+
+def capable_nodes(nodes: list[dict], device: str) -> int:
+    """How many of the nodes can run the device's variants."""
+    return sum(_fits(node, requirements(device)) for node in nodes)
 
 
 def why_no_node(device: str, nodes: list[dict], waited_s: float) -> str:
@@ -351,3 +357,42 @@ def finetune(
         models.unpack_archive(task.key, info.pop("archive"))
     info["folder"] = str(models.cached_model(task.key))
     return info
+
+
+# ---------------------------------------------------------------------------------------------
+# A sensitivity study's steps: tasks like variants (the node's slot held, so they never overlap a
+# timed variant), each in a process of its own.
+
+
+def _study_step_on_worker(step: StudyStep, archive: list, also_import: list[str]) -> dict:
+    step.model_dir = _model_on_this_node(step.model_dir, archive)
+    return _in_a_process_of_its_own(step.study.device, run_step, step, also_import)
+
+
+_remote_study_step = _remote_per_device(_study_step_on_worker)
+
+
+def run_study_steps(
+    steps: list[StudyStep],
+    cluster: Cluster,
+    model_dir: Path,
+    placement_timeout_s: float | None = None,
+) -> list[dict]:
+    """Every step at once, where its device runs; their outcomes, in order. Raises RuntimeError
+    when no node can run the device or a step fails, saying why."""
+    device = steps[0].study.device
+    reason = wait_for_capable_node(device, default_placement_timeout(cluster, placement_timeout_s))
+    if reason:
+        raise RuntimeError(f"cannot run the sensitivity study: {reason}")
+    archive = [] if cluster.embedded else [ray.put(models.archive_folder(model_dir))]
+    also_import = fork_server_imports([steps[0].study.precision] if device == "cpu" else [])
+    remote = _remote_study_step[device].options(**task_options(device))
+    refs = [remote.remote(step, archive, also_import) for step in steps]
+    outcomes = []
+    for ref in refs:
+        _wait_for_one([ref], None)  # in slices, so that Ctrl-C is heard
+        try:
+            outcomes.append(ray.get(ref))
+        except Exception as error:  # the step raised, or its process or node died
+            raise RuntimeError(f"a sensitivity step failed: {_short_error(error)}") from None
+    return outcomes

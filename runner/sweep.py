@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runner import cluster as ray_cluster
-from runner import collect, dispatch, interrupt, locks, measure, models, results
+from runner import collect, dispatch, interrupt, locks, measure, models, results, study
 from runner.cluster import Cluster
 from runner.finetune import FinetuneTask, chance_note, finetune_key
 from runner.plan import JobPlan
@@ -28,16 +28,18 @@ class SweepReport:
     cluster_start_s: float = 0.0
     prepare_s: float = 0.0
     variants_s: float = 0.0  # the sum of the variants' own work (run_variant, inside each worker)
+    studies_s: float = 0.0  # the sensitivity studies' wall time, as the driver saw it
     nothing_ran: bool = False  # --resume kept every result
+    studies: list[dict] = field(default_factory=list)  # the sensitivity studies run
 
     @property
     def failed(self) -> bool:
-        return any(r["status"] == "failed" for r in self.results)
+        return any(r["status"] == "failed" for r in self.results + self.studies)
 
     def split(self) -> str:
         if self.nothing_ran:
             return f"wall {self.wall_s:.1f} s: nothing ran, every result was kept"
-        overhead = self.wall_s - self.variants_s - self.prepare_s
+        overhead = self.wall_s - self.variants_s - self.prepare_s - self.studies_s
         if overhead < 0:  # variants ran on several nodes at once: their work outlasts the wall time
             return (
                 f"wall {self.wall_s:.1f} s, while the variants' own work added up to "
@@ -50,15 +52,21 @@ class SweepReport:
         return (
             f"wall {self.wall_s:.1f} s = variants' own work {self.variants_s:.1f} s"
             f" + model preparation {self.prepare_s:.1f} s"
-            f" + overhead {overhead:.1f} s ({share:.0%}: cluster start {self.cluster_start_s:.1f} "
-            "s,"
+            + (f" + sensitivity study {self.studies_s:.1f} s" if self.studies_s else "")
+            + f" + overhead {overhead:.1f} s ({share:.0%}: cluster start "
+            f"{self.cluster_start_s:.1f} s,"
             " worker process start, transfers, writing)"
         )
 
 
 def build_tasks(
-    plan: JobPlan, model_dir: Path, model_info: dict, skip: set[str]
+    plan: JobPlan,
+    model_dir: Path,
+    model_info: dict,
+    skip: set[str],
+    variants: list[Variant] | None = None,
 ) -> list[VariantTask]:
+    """A task per repeat of each variant (the job's, or those given) not in skip."""
     spec = plan.spec
     sample = {
         "rows": len(plan.examples),
@@ -84,7 +92,7 @@ def build_tasks(
             repeat=repeat,
             task_name=spec.task,
         )
-        for variant in spec.variants
+        for variant in (spec.variants if variants is None else variants)
         if variant.id not in skip
         for repeat in range(spec.evaluation.repeats)
     ]
@@ -128,7 +136,7 @@ def merge_repeats(runs: list[dict]) -> dict:
 
 def progress_line(done: int, total: int, result: dict) -> str:
     metrics = result.get("metrics") or {}
-    head = f"[{done}/{total}] {result['job']} {result['variant']:<18} {result['status']:<8}"
+    head = f"[{done}/{total}] {result['job']} {result['variant']:<22} {result['status']:<8}"
     if result["status"] != "ok":
         return f"{head} {result.get('error')}"
     latency = metrics.get("latency_ms") or {}
@@ -183,6 +191,7 @@ class Sweep:
     kept: dict[str, dict[str, dict]] = field(default_factory=dict)  # job -> variant -> result
     replaced: dict[str, dict[str, str]] = field(default_factory=dict)  # job -> variant -> why
     to_run: dict[str, list[Variant]] = field(default_factory=dict)  # job -> variants left to run
+    study_to_run: dict[str, bool] = field(default_factory=dict)  # job -> its study runs
     cluster: Cluster | None = None  # None when nothing is left to run
 
 
@@ -205,7 +214,7 @@ def _run_sweep(
         # written.
         prepared_models = prepare_models(sweep)
         for plan in plans:
-            if sweep.to_run[plan.spec.name]:
+            if work_left(sweep, plan):
                 run_job(sweep, plan, *prepared_models[plan.spec.name])
     finally:
         if sweep.cluster is not None:
@@ -219,11 +228,12 @@ def read_job_folders(sweep: Sweep, resume: bool) -> None:
     unusable: list[tuple[Path, str]] = []
     for plan in sweep.plans:
         spec = plan.spec
+        mixed = [spec.sensitivity.mixed_id] if spec.sensitivity else []
         sweep.kept[spec.name], sweep.replaced[spec.name] = results.plan_folder(
             sweep.results_dir,
             spec.name,
             plan.spec_hash,
-            [v.id for v in spec.variants],
+            [v.id for v in spec.variants] + mixed,
             resume,
             unusable,
         )
@@ -232,6 +242,26 @@ def read_job_folders(sweep: Sweep, resume: bool) -> None:
     for plan in sweep.plans:
         kept = sweep.kept[plan.spec.name]
         sweep.to_run[plan.spec.name] = [v for v in plan.spec.variants if v.id not in kept]
+        sweep.study_to_run[plan.spec.name] = study_left(sweep, plan, resume)
+
+
+def study_left(sweep: Sweep, plan: JobPlan, resume: bool) -> bool:
+    """Whether the job's study runs: it has one, and --resume keeps no study of this spec with its
+    mixed variant (a kept mixed variant is rerun with the study that chooses its layers)."""
+    spec = plan.spec
+    if spec.sensitivity is None:
+        return False
+    found = study.kept_study(sweep.results_dir, plan) if resume else None
+    kept = sweep.kept[spec.name]
+    if found is not None and (not found["recipe"]["kept"] or spec.sensitivity.mixed_id in kept):
+        sweep.say(f"[resume] {spec.name}: kept the sensitivity study {found[results.FILE_KEY]}")
+        return False
+    kept.pop(spec.sensitivity.mixed_id, None)
+    return True
+
+
+def work_left(sweep: Sweep, plan: JobPlan) -> bool:
+    return bool(sweep.to_run[plan.spec.name]) or sweep.study_to_run[plan.spec.name]
 
 
 def start_cluster(
@@ -239,13 +269,17 @@ def start_cluster(
 ) -> None:
     """Join or start the cluster, unless --resume kept every result; started: the sweep's start."""
     say, report = sweep.say, sweep.report
-    if not any(sweep.to_run.values()):
+    if not any(work_left(sweep, plan) for plan in sweep.plans):
         # A finished sweep run again with --resume: the table from the kept results, at once.
         report.nothing_ran = True
         say("cluster: not started: --resume kept every variant's result, nothing left to run")
         return
     cpu_precisions = [
         v.precision for variants in sweep.to_run.values() for v in variants if v.device == "cpu"
+    ] + [
+        plan.spec.sensitivity.precision
+        for plan in sweep.plans
+        if sweep.study_to_run[plan.spec.name] and plan.spec.sensitivity.device == "cpu"
     ]
     # A fine-tune is CPU work too where the cluster has no GPU.
     cpu_work = cpu_precisions or any(
@@ -281,7 +315,7 @@ def prepare_models(sweep: Sweep) -> dict[str, tuple[Path, dict]]:
     """Each job's FP32 checkpoint, for the jobs with variants left to run: job -> (folder, info)."""
     prepared_models = {}
     for plan in sweep.plans:
-        if sweep.to_run[plan.spec.name]:
+        if work_left(sweep, plan):
             prepared = time.perf_counter()
             prepared_models[plan.spec.name] = prepared_model(plan, sweep.say)
             sweep.report.prepare_s += time.perf_counter() - prepared
@@ -303,7 +337,25 @@ def run_job(sweep: Sweep, plan: JobPlan, model_dir: Path, model_info: dict) -> N
             write_fine_tune_failure(sweep, plan, model_dir, model_info, error)
             return
         sweep.report.prepare_s += time.perf_counter() - prepared
-    tasks = build_tasks(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]))
+    run_variants(sweep, plan, model_dir, model_info, None)
+    if sweep.study_to_run[plan.spec.name]:
+        stage = study.StudyRun(
+            plan, model_dir, sweep.cluster, sweep.results_dir, sweep.say, sweep.placement_timeout_s
+        )
+        found, mixed = study.run(stage)
+        sweep.report.studies.append(found)
+        sweep.report.studies_s += found["wall_s"]
+        if mixed is not None:
+            run_variants(sweep, plan, model_dir, model_info, [mixed])
+
+
+def run_variants(
+    sweep: Sweep, plan: JobPlan, model_dir: Path, model_info: dict, variants: list[Variant] | None
+) -> None:
+    """The job's variants left to run (or those given), their results written as they come."""
+    tasks = build_tasks(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]), variants)
+    if not tasks:
+        return
     progress = JobProgress(sweep, plan.spec.evaluation.repeats, len(tasks))
     job_results = dispatch.run_variants(
         tasks,
@@ -504,6 +556,8 @@ def describe_plan(plan: JobPlan) -> str:
     width = max(20, *(len(v.id) for v in spec.variants))  # compiled ids run longer
     for variant in spec.variants:
         lines.append(f"    {variant.id:<{width}} runs on {dispatch.where_it_runs(variant.device)}")
+    if spec.sensitivity is not None:
+        lines.append(study.plan_text(spec))
     return "\n".join(lines)
 
 

@@ -227,21 +227,24 @@ class LoadedVariant:
 
 def load_variant(task: VariantTask, memory: measure.MemoryPhases, threads: int) -> LoadedVariant:
     precision = PRECISIONS[task.variant.precision]
+    keep = frozenset(task.variant.keep)  # a study's mixed variant: these layers stay FP32
     settings: dict = {"threads": threads}
     with memory.phase("load"):
         started = time.perf_counter()
         model_class = TASKS[task.task_name].auto_model()
         model, loaded = precision.load(
-            model_class, task.model_dir, task.variant.device, task.settings
+            model_class, task.model_dir, task.variant.device, task.settings, keep=keep
         )
         load_s = time.perf_counter() - started
     settings.update(loaded)
     with memory.phase("quantize"):
         started = time.perf_counter()
         if precision.quantize is not None:
-            model, quantized = precision.quantize(model, task.settings)
+            model, quantized = precision.quantize(model, task.settings, keep=keep)
             settings.update(quantized)
         quantize_s = time.perf_counter() - started
+    if keep:
+        settings["kept_in_fp32"] = sorted(keep)
     settings["linear_layers"] = linear_layer_kinds(model)
     return LoadedVariant(model, settings, load_s, quantize_s)
 
@@ -360,13 +363,22 @@ def compile_warnings(compiled: CompiledModel | None, timings) -> list[str]:
 def prepare_batches(task: VariantTask) -> tuple[list[dict], list[int], dict | None]:
     """The sample tokenized into batches in the evaluation's order, that order, and the fixed-shape
     batch when latency is timed on one: all before any clock starts."""
+    return tokenized_sample(
+        task.model_dir, task.texts, task.evaluation, task.max_length, task.variant.device
+    )
+
+
+def tokenized_sample(
+    model_dir: str, texts: list[str], evaluation: EvaluationSpec, max_length: int, device: str
+) -> tuple[list[dict], list[int], dict | None]:
+    """prepare_batches for any texts: batches in the evaluation's order, the order, the fixed-shape
+    batch (None unless latency is timed on one)."""
     from transformers import AutoTokenizer
 
-    evaluation, device = task.evaluation, task.variant.device
-    tokenizer = AutoTokenizer.from_pretrained(task.model_dir)
-    order = evaluate.batch_order(tokenizer, task.texts, task.max_length, evaluation.batch_order)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    order = evaluate.batch_order(tokenizer, texts, max_length, evaluation.batch_order)
     batches = evaluate.tokenize_batches(
-        tokenizer, [task.texts[i] for i in order], evaluation.batch_size, task.max_length, device
+        tokenizer, [texts[i] for i in order], evaluation.batch_size, max_length, device
     )
     fixed = None
     if evaluation.latency_mode == "fixed":

@@ -1,0 +1,258 @@
+"""The sensitivity study as a stage of `quantbench run`: after a job's variants, its `sensitivity:`
+block takes one precision apart, group by group, and runs the recipe as a variant.
+
+1. A probe step (one Ray task) computes the FP32 reference, measures the fully quantized model, the
+   per-layer SQNR and the groups, and times one load and one accuracy pass: the cost of the rest is
+   predicted from them and printed before it starts.
+2. The groups, split over the nodes that can run the study's device (all in one task on one
+   node: a task pays one model load), each measured "only" and "all_but".
+3. The ranking, then a recipe step: the smallest prefix of it kept in FP32 that meets the job's
+   tolerances (sensitivity.Tolerance's default without them).
+4. The study file, DIR/<job>/sensitivity-<variant>.json; then the recipe as the variant
+   <precision>-mixed-<device>, measured like every variant (runner/sweep.py runs it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from runner import dispatch, measure, results
+from runner import sensitivity as S
+from runner.cluster import Cluster, alive_nodes
+from runner.plan import JobPlan
+from runner.spec import JobSpec, Variant
+from runner.study_worker import StudyStep
+
+SCHEMA_VERSION = 1
+# The issue's bound on a study's cost: this many times (measurements x one accuracy pass), plus one
+# model load per Ray task.
+COST_BOUND = 1.5
+
+
+@dataclass
+class StudyRun:
+    """What a stage needs from the sweep."""
+
+    plan: JobPlan
+    model_dir: Path
+    cluster: Cluster
+    results_dir: Path
+    say: Callable[[str], None]
+    placement_timeout_s: float | None = None
+
+
+def tolerance(spec: JobSpec) -> S.Tolerance:
+    """The job's accuracy tolerances where it has them, else the study's default."""
+    chosen = {k: spec.tolerances.get(k) for k in ("min_agreement", "max_accuracy_drop")}
+    return S.Tolerance(**chosen) if any(v is not None for v in chosen.values()) else S.Tolerance()
+
+
+def plan_text(spec: JobSpec) -> str:
+    """What `quantbench validate` says of the job's study."""
+    study = spec.sensitivity
+    return (
+        f"  sensitivity: {study.variant_id} taken apart by {study.groups}, after the variants; "
+        f"its recipe keeps layers in FP32 until {tolerance_text(asdict(tolerance(spec)))}, and "
+        f"runs as {study.mixed_id}"
+    )
+
+
+def kept_study(results_dir: Path, plan: JobPlan) -> dict | None:
+    """The job's study file when --resume may keep it: ok, of this spec and this sensitivity."""
+    spec = plan.spec
+    path = results.study_path(results_dir, spec.name, spec.sensitivity.variant_id)
+    try:
+        study = results.load_study(path)
+    except results.UnusableFile:
+        return None
+    same = study.get("sensitivity") == asdict(spec.sensitivity)
+    ok = study["status"] == "ok" and study["spec_hash"] == plan.spec_hash
+    return study if same and ok else None
+
+
+def run(stage: StudyRun) -> tuple[dict, Variant | None]:
+    """The study, written; and the mixed variant to run (None where the recipe keeps nothing, or
+    the study failed: its file says why)."""
+    spec = stage.plan.spec
+    study = new_study(stage.plan)
+    started = time.perf_counter()
+    try:
+        measure_study(stage, study)
+    except Exception as error:  # the study failed; the variants' results stand
+        study.update(status="failed", error=f"{type(error).__name__}: {error}")
+    study["ended_at"], study["wall_s"] = measure.now(), round(time.perf_counter() - started, 3)
+    path = results.write_json(
+        results.study_path(stage.results_dir, spec.name, spec.sensitivity.variant_id), study
+    )
+    if study["status"] != "ok":
+        stage.say(f"sensitivity: {spec.name}: failed: {study['error']} (wrote {path})")
+        return study, None
+    for line in summary_lines(study):
+        stage.say(f"sensitivity: {spec.name}: {line}")
+    stage.say(f"sensitivity: {spec.name}: wrote {path}")
+    kept = study["recipe"]["kept"]
+    mixed = Variant(spec.sensitivity.precision, spec.sensitivity.device, keep=tuple(kept))
+    return study, mixed if kept else None
+
+
+def new_study(plan: JobPlan) -> dict:
+    spec = plan.spec
+    return {
+        "kind": results.STUDY_KIND,
+        "schema_version": SCHEMA_VERSION,
+        "job": spec.name,
+        "status": "ok",
+        "error": None,
+        "spec_hash": plan.spec_hash,
+        "sensitivity": asdict(spec.sensitivity),
+        "variant": spec.sensitivity.variant_id,
+        "mixed_variant": spec.sensitivity.mixed_id,
+        "samples": len(plan.examples),
+        "started_at": measure.now(),
+    }
+
+
+def first_step(stage: StudyRun) -> StudyStep:
+    plan = stage.plan
+    spec = plan.spec
+    return StudyStep(
+        kind="probe",
+        job=spec.name,
+        study=spec.sensitivity,
+        model_dir=str(stage.model_dir),
+        texts=[e.text for e in plan.examples],
+        gold_labels=[plan.label_map[e.label] for e in plan.examples],
+        model_labels=plan.model_labels,
+        evaluation=spec.evaluation,
+        settings=spec.settings,
+        max_length=spec.dataset.max_length,
+        task_name=spec.task,
+    )
+
+
+def measure_study(stage: StudyRun, study: dict) -> None:
+    """Probe, groups, ranking and recipe, into the study."""
+    say, name = stage.say, stage.plan.spec.name
+    run_steps = _runner(stage)
+    probe_step = first_step(stage)
+    (probe,) = run_steps([probe_step])
+    groups = probe["groups"]
+    shares = split(groups, dispatch.capable_nodes(alive_nodes(), probe_step.study.device))
+    study.update(layers=len(probe["layers"]), full=probe["full"])
+    say(f"sensitivity: {name}: {predicted_text(probe, len(groups), len(shares))}")
+    shared = replace(probe_step, reference=probe["reference"], layers=tuple(probe["layers"]))
+    measured = run_steps([replace(shared, kind="groups", groups=share) for share in shares])
+    ranking = with_sqnr(
+        S.rank([group for outcome in measured for group in outcome["groups"]]), probe["layer_sqnr"]
+    )
+    chosen = tolerance(stage.plan.spec)
+    recipe_step = replace(
+        shared, kind="recipe", ranking=ranking, full=probe["full"], tolerance=asdict(chosen)
+    )
+    (found,) = run_steps([recipe_step])
+    study.update(ranking=ranking, recipe=found["recipe"])
+    study["cost"] = cost(probe, measured, found)
+    study["steps"] = [_step_record(o) for o in [probe, *measured, found]]
+
+
+def _runner(stage: StudyRun) -> Callable[[list[StudyStep]], list[dict]]:
+    def run_steps(steps: list[StudyStep]) -> list[dict]:
+        return dispatch.run_study_steps(
+            steps, stage.cluster, stage.model_dir, stage.placement_timeout_s
+        )
+
+    return run_steps
+
+
+def split(groups: dict[str, list[str]], parts: int) -> list[dict[str, list[str]]]:
+    """The groups in `parts` contiguous shares of near-equal size (at least one group each)."""
+    names = list(groups)
+    parts = max(1, min(parts, len(names)))
+    size = math.ceil(len(names) / parts)
+    return [
+        {name: groups[name] for name in names[i : i + size]} for i in range(0, len(names), size)
+    ]
+
+
+def with_sqnr(ranking: list[dict], layer_sqnr: dict[str, dict]) -> list[dict]:
+    """Each ranked group with its layers' mean weight and output SQNR in the fully quantized
+    model (dB; None where no layer of it has one)."""
+    for entry in ranking:
+        for key in ("weight_sqnr_db", "output_sqnr_db"):
+            values = [layer_sqnr.get(layer, {}).get(key) for layer in entry["layers"]]
+            values = [v for v in values if v is not None]
+            entry[key] = round(sum(values) / len(values), 3) if values else None
+    return ranking
+
+
+def predicted_text(probe: dict, groups: int, tasks: int) -> str:
+    each = probe["quantize_s"] + probe["pass_s"]
+    predicted = tasks * probe["load_s"] + 2 * groups * each
+    return (
+        f"{groups} groups x 2 = {2 * groups} measurements in {tasks} Ray task(s): about "
+        f"{predicted:.0f} s predicted (each {each:.2f} s: quantizing {probe['quantize_s']:.2f} s "
+        f"+ one accuracy pass {probe['pass_s']:.2f} s; one model load {probe['load_s']:.2f} s per "
+        "task); then the recipe, one measurement per group it keeps"
+    )
+
+
+def cost(probe: dict, measured: list[dict], found: dict) -> dict:
+    """What the study cost against what it was predicted to and the bound: COST_BOUND x
+    (measurements x one accuracy pass) + one model load per Ray task, for the group and recipe
+    steps (the probe measures what the bound is made of)."""
+    measurements = sum(2 * len(o["groups"]) for o in measured) + len(found["recipe"]["tried"])
+    tasks = len(measured) + 1
+    each = probe["quantize_s"] + probe["pass_s"]
+    measured_s = sum(o["wall_s"] for o in [*measured, found])
+    bound_s = COST_BOUND * measurements * probe["pass_s"] + tasks * probe["load_s"]
+    return {
+        "measurements": measurements,
+        "tasks": tasks,
+        "pass_s": probe["pass_s"],
+        "quantize_s": probe["quantize_s"],
+        "load_s": probe["load_s"],
+        "predicted_s": round(len(measured) * probe["load_s"] + measurements * each, 3),
+        "measured_s": round(measured_s, 3),
+        "bound_s": round(bound_s, 3),
+        "within_bound": measured_s <= bound_s,
+    }
+
+
+def _step_record(outcome: dict) -> dict:
+    return {key: outcome[key] for key in ("wall_s", "load_s", "host", "pid")}
+
+
+def summary_lines(study: dict) -> list[str]:
+    """What the run prints of a study: the top of the ranking, the recipe, the cost."""
+    lines = [f"most harmful {study['sensitivity']['groups']} groups, quantized alone:"]
+    for entry in study["ranking"][:5]:
+        only = entry["only"]
+        lines.append(
+            f"  {entry['rank']}. {entry['group']}: agreement {only['agreement']:.4f}, "
+            f"{only['flips']} flips, KL {only['mean_kl']:.4g}"
+        )
+    recipe, full, spent = study["recipe"], study["full"], study["cost"]
+    verdict = "meets" if recipe["met"] else "does not meet"
+    lines.append(
+        f"recipe: keep {len(recipe['groups'])} group(s), {len(recipe['kept'])} layer(s), in FP32: "
+        f"agreement {full['agreement']:.4f} -> {recipe['result']['agreement']:.4f}, "
+        f"{verdict} {tolerance_text(recipe['tolerance'])}"
+    )
+    lines.append(
+        f"cost: {spent['measurements']} measurements in {spent['measured_s']:.1f} s "
+        f"(predicted {spent['predicted_s']:.1f} s, bound {spent['bound_s']:.1f} s)"
+    )
+    return lines
+
+
+def tolerance_text(tolerance: dict) -> str:
+    parts = []
+    if tolerance.get("min_agreement") is not None:
+        parts.append(f"agreement >= {tolerance['min_agreement']}")
+    if tolerance.get("max_accuracy_drop") is not None:
+        parts.append(f"accuracy drop <= {tolerance['max_accuracy_drop']}")
+    return " and ".join(parts)

@@ -1,0 +1,200 @@
+"""A sensitivity study's steps, as a worker runs them: one model load per step, many measurements.
+
+The driver (runner/study.py) sends three kinds of step, each a plain StudyStep value:
+
+- "probe": the FP32 reference probabilities, the fully quantized model measured against them, its
+  per-layer weight and output SQNR, the groups, and what one load and one accuracy pass cost;
+- "groups": a share of the groups, each measured "only" and "all_but" (runner/sensitivity.py);
+- "recipe": the greedy recipe over the ranking.
+
+The FP32 model is loaded once per step; each measurement quantizes a copy of it (bitsandbytes,
+which quantizes while loading, loads again). Accuracy only: nothing here is a latency measurement.
+Like runner/worker.py this module imports no Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runner import analysis, evaluate, measure, models, precisions
+from runner import sensitivity as S
+from runner.precisions import PRECISIONS
+from runner.spec import EvaluationSpec, QuantSettings, SensitivitySpec
+from runner.tasks import DEFAULT_TASK, TASKS
+
+
+@dataclass
+class StudyStep:
+    """Everything one step needs, with no file to read but the prepared model folder."""
+
+    kind: str  # probe | groups | recipe
+    job: str
+    study: SensitivitySpec
+    model_dir: str
+    texts: list[str]
+    gold_labels: list[str]  # model label names, in sample order
+    model_labels: list[str]  # id2label in id order
+    evaluation: EvaluationSpec  # its batch size and order; no pass is timed
+    settings: QuantSettings
+    max_length: int
+    task_name: str = DEFAULT_TASK
+    reference: list | None = None  # the probe's FP32 probabilities [samples][labels]
+    layers: tuple[str, ...] = ()  # the linear layers the precision quantizes (the probe's)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # kind "groups": this step's share
+    ranking: list[dict] = field(default_factory=list)  # kind "recipe"
+    full: dict | None = None  # kind "recipe": the fully quantized model's measure
+    tolerance: dict | None = None  # kind "recipe": sensitivity.Tolerance's fields
+
+
+@dataclass
+class Loaded:
+    """What a step shares between its measurements."""
+
+    step: StudyStep
+    model_class: type
+    fp32: object  # the FP32 model every measurement quantizes a copy of
+    batches: list[dict]
+    order: list[int]
+    gold: np.ndarray
+    load_s: float
+
+
+def run_step(step: StudyStep) -> dict:
+    """The step's outcome as JSON, with its wall time and where it ran. Raises on failure: the
+    driver turns it into the study's error."""
+    import torch
+
+    started = time.perf_counter()
+    models.quiet_libraries()
+    torch.set_num_threads(step.evaluation.threads or measure.available_cpus())
+    torch.manual_seed(0)
+    loaded = load(step)
+    outcome = {"probe": probe, "groups": groups, "recipe": recipe}[step.kind](loaded)
+    outcome.update(
+        load_s=round(loaded.load_s, 3),
+        wall_s=round(time.perf_counter() - started, 3),
+        host=measure.environment().get("host"),
+        pid=os.getpid(),
+    )
+    return outcome
+
+
+def load(step: StudyStep) -> Loaded:
+    import torch
+
+    from runner.worker import tokenized_sample
+
+    clock = time.perf_counter()
+    model_class = TASKS[step.task_name].auto_model()
+    fp32 = model_class.from_pretrained(step.model_dir, dtype=torch.float32)
+    fp32 = fp32.to(step.study.device).eval()
+    load_s = time.perf_counter() - clock
+    batches, order, _ = tokenized_sample(
+        step.model_dir, step.texts, step.evaluation, step.max_length, step.study.device
+    )
+    gold = np.array([step.model_labels.index(label) for label in step.gold_labels])
+    return Loaded(step, model_class, fp32, batches, order, gold, load_s)
+
+
+def quantized(loaded: Loaded, keep: frozenset[str]):
+    """The model as the precision quantizes it, every linear layer but keep."""
+    step = loaded.step
+    precision = PRECISIONS[step.study.precision]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice, once per measurement
+        if precision.quantize is None:  # quantized while loading (bitsandbytes): load again
+            return precisions.load_quantized(
+                precision.name,
+                loaded.model_class,
+                step.model_dir,
+                step.study.device,
+                step.settings,
+                keep,
+            )[0]
+        return precision.quantize(copy.deepcopy(loaded.fp32), step.settings, keep=keep)[0]
+
+
+def probabilities(loaded: Loaded, model) -> np.ndarray:
+    """The model's class probabilities in sample order."""
+    return evaluate.in_sample_order(S.probabilities(model, loaded.batches), loaded.order)
+
+
+def study_of(loaded: Loaded, reference: np.ndarray, layers: tuple[str, ...]) -> S.Study:
+    def evaluate_keep(keep: frozenset[str]) -> np.ndarray:
+        return probabilities(loaded, quantized(loaded, keep))
+
+    step = loaded.step
+    return S.Study(evaluate_keep, reference, loaded.gold, step.model_labels, layers)
+
+
+def probe(loaded: Loaded) -> dict:
+    """FP32's probabilities, the fully quantized model against them, its layers' SQNR, the
+    groups, and the cost of one quantization and one accuracy pass."""
+    clock = time.perf_counter()
+    reference = probabilities(loaded, loaded.fp32)
+    fp32_pass_s = time.perf_counter() - clock
+    clock = time.perf_counter()
+    full_model = quantized(loaded, frozenset())
+    quantize_s = time.perf_counter() - clock
+    clock = time.perf_counter()
+    full_probabilities = probabilities(loaded, full_model)
+    pass_s = time.perf_counter() - clock
+    layers = tuple(
+        name
+        for name in S.linear_layers(loaded.fp32)
+        if precisions.is_quantized(loaded.step.study.precision, full_model.get_submodule(name))
+    )
+    study = study_of(loaded, reference, layers)
+    groups = {
+        group: [name for name in names if name in layers]
+        for group, names in S.study_groups(loaded.fp32, loaded.step.study.groups).items()
+    }
+    return {
+        "reference": reference.tolist(),
+        "layers": list(layers),
+        "groups": {group: names for group, names in groups.items() if names},
+        "full": {"kept": 0, **S.compare(study, full_probabilities)},
+        "layer_sqnr": layer_sqnr(loaded, full_model),
+        "fp32_pass_s": round(fp32_pass_s, 3),
+        "quantize_s": round(quantize_s, 3),
+        "pass_s": round(pass_s, 3),
+    }
+
+
+def layer_sqnr(loaded: Loaded, full_model) -> dict[str, dict]:
+    """Layer -> the fully quantized model's weight and output SQNR (dB; None where no error)."""
+    weights = analysis.layer_weight_errors(
+        analysis.dequantized_linear_weights(loaded.fp32),
+        analysis.dequantized_linear_weights(full_model),
+    )
+    outputs = analysis.layer_output_errors(loaded.fp32, full_model, loaded.batches)
+    return {
+        row["layer"]: {
+            "weight_sqnr_db": row.get("sqnr_db"),
+            "output_sqnr_db": outputs.get(row["layer"], {}).get("output_sqnr_db"),
+        }
+        for row in weights
+    }
+
+
+def groups(loaded: Loaded) -> dict:
+    """This step's groups, each measured "only" and "all_but"."""
+    step = loaded.step
+    study = study_of(loaded, np.array(step.reference), step.layers)
+    return {"groups": [S.run_group(study, g, names) for g, names in step.groups.items()]}
+
+
+def recipe(loaded: Loaded) -> dict:
+    step = loaded.step
+    study = study_of(loaded, np.array(step.reference), step.layers)
+    tolerance = S.Tolerance(**step.tolerance) if step.tolerance else S.Tolerance()
+    found = S.recipe(
+        step.ranking, step.full, lambda keep: S.measure(study, keep), tolerance=tolerance
+    )
+    return {"recipe": found}

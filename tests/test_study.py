@@ -1,0 +1,172 @@
+"""A job's `sensitivity:` block through `quantbench run`: the study's file, its ranking and recipe,
+the mixed variant measured beside the others, --resume, a failed study, and the block's mistakes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+from conftest import HARD, build_hard_bert, check_refused, rt_job, run_cli, write_job
+
+from runner import results, study
+
+STUDY = "sensitivity: {precision: int8-dynamic, device: cpu, groups: layer}"
+
+
+def _job(model, sensitivity: str = STUDY, extra: str = "") -> str:
+    return rt_job(model, extra=f"{sensitivity}\n{extra}", n=160)
+
+
+@pytest.fixture(scope="module")
+def hard_bert(tmp_path_factory):
+    return build_hard_bert(tmp_path_factory.mktemp("hard-bert"))
+
+
+@pytest.fixture(scope="module")
+def studied(hard_bert, tmp_path_factory):
+    """(results folder, the run's stdout, its exit code): the job with its study, run once."""
+    from runner.cli import main
+
+    folder = tmp_path_factory.mktemp("study-run")
+    job = write_job(folder / "jobs", _job(hard_bert))
+    ray_temp = tempfile.mkdtemp(prefix="qbray-", dir="/tmp")  # Ray's socket paths are short
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(
+                ["run", str(job), "--results", str(folder / "results"), "--ray-temp-dir", ray_temp]
+            )
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    return folder / "results", out.getvalue(), code
+
+
+def _agreement(a: dict, b: dict) -> float:
+    return float(np.mean(np.array(a["predictions"]["predicted"]) == b["predictions"]["predicted"]))
+
+
+def test_the_study_ranks_the_outlier_layer_first_and_keeps_it(studied):
+    folder, out, code = studied
+    assert code == 0, out
+    found = results.load_study(results.study_path(folder, "tiny-rt", "int8-dynamic-cpu"))
+    assert found["status"] == "ok" and found["samples"] == 160 and found["layers"] == 14
+    ranking = found["ranking"]
+    assert [e["rank"] for e in ranking] == list(range(1, 15))
+    assert ranking[0]["group"] == HARD and ranking[0]["layers"] == [HARD]
+    only = [e["only"]["agreement"] for e in ranking]
+    assert only == sorted(only)  # most harmful first
+    assert ranking[0]["only"]["agreement"] < 0.9 <= ranking[1]["only"]["agreement"]
+    # The outlier layer's own SQNR is the worst of the model: the weights say it too.
+    worst = min(ranking, key=lambda e: e["output_sqnr_db"])
+    assert worst["group"] == HARD
+    recipe = found["recipe"]
+    assert recipe["groups"][0] == HARD and HARD in recipe["kept"] and recipe["met"]
+    assert recipe["tolerance"] == {"min_agreement": 0.99, "max_accuracy_drop": None}
+    assert recipe["result"]["agreement"] >= 0.99 > found["full"]["agreement"]
+
+
+def test_the_mixed_variant_is_measured_and_agrees_with_fp32_more(studied):
+    folder, out, _ = studied
+    job = folder / "tiny-rt"
+    fp32, full, mixed = (
+        json.loads((job / f"{v}.json").read_text())
+        for v in ("fp32-cpu", "int8-dynamic-cpu", "int8-dynamic-mixed-cpu")
+    )
+    found = results.load_study(results.study_path(folder, "tiny-rt", "int8-dynamic-cpu"))
+    assert mixed["status"] == "ok" and mixed["precision"] == "int8-dynamic"
+    assert mixed["settings"]["kept_in_fp32"] == found["recipe"]["kept"]
+    assert mixed["metrics"]["latency_ms"]["median"] > 0
+    assert fp32["metrics"]["model_size_mib"] > mixed["metrics"]["model_size_mib"]
+    assert mixed["metrics"]["model_size_mib"] > full["metrics"]["model_size_mib"]
+    assert _agreement(mixed, fp32) > _agreement(full, fp32)
+    # The variant measures what the study predicted, on the same sample.
+    assert _agreement(mixed, fp32) == pytest.approx(
+        found["recipe"]["result"]["agreement"], abs=0.02
+    )
+    assert "int8-dynamic-mixed-cpu" in out.split("tiny-rt (baseline")[1]  # in the table
+
+
+def test_the_run_prints_the_cost_before_the_groups_and_the_cost_after(studied):
+    folder, out, _ = studied
+    predicted = out.index("14 groups x 2 = 28 measurements in 1 Ray task(s)")
+    assert predicted < out.index(f"1. {HARD}") < out.index("[1/1] tiny-rt int8-dynamic-mixed-cpu")
+    found = results.load_study(results.study_path(folder, "tiny-rt", "int8-dynamic-cpu"))
+    spent = found["cost"]
+    assert spent["measurements"] == 28 + len(found["recipe"]["tried"])
+    assert spent["tasks"] == 2 and len(found["steps"]) == 3  # probe, groups, recipe
+    assert spent["bound_s"] == pytest.approx(
+        study.COST_BOUND * spent["measurements"] * spent["pass_s"] + 2 * spent["load_s"], abs=1e-2
+    )
+
+
+def test_resume_keeps_the_study_and_its_mixed_variant(studied, capsys, ray_temp_dir):
+    folder, _, _ = studied
+    job = folder.parent / "jobs" / "job.yaml"
+    before = results.study_path(folder, "tiny-rt", "int8-dynamic-cpu").read_text()
+    code, out, err = run_cli(
+        capsys, "run", job, "--results", folder, "--resume", "--ray-temp-dir", ray_temp_dir
+    )
+    assert code == 0, err
+    assert "kept the sensitivity study" in out and "nothing left to run" in out
+    assert results.study_path(folder, "tiny-rt", "int8-dynamic-cpu").read_text() == before
+
+
+def test_validate_says_what_the_study_will_do(hard_bert, capsys, tmp_path):
+    job = write_job(tmp_path, _job(hard_bert, extra="tolerances: {max_accuracy_drop: 0.02}"))
+    code, out, err = run_cli(capsys, "validate", job)
+    assert code == 0, err
+    assert "sensitivity: int8-dynamic-cpu taken apart by layer" in out
+    assert "until accuracy drop <= 0.02" in out and "int8-dynamic-mixed-cpu" in out
+
+
+def test_a_failed_study_is_written_and_fails_the_run_but_not_the_variants(
+    hard_bert, capsys, tmp_path, ray_temp_dir, monkeypatch
+):
+    from runner import dispatch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no worker could load the model")
+
+    monkeypatch.setattr(dispatch, "run_study_steps", broken)
+    job = write_job(tmp_path, _job(hard_bert, "sensitivity: {precision: int8-dynamic}"))
+    code, out, err = run_cli(
+        capsys, "run", job, "--results", tmp_path / "r", "--ray-temp-dir", ray_temp_dir
+    )
+    assert code == 1, out + err
+    found = results.load_study(results.study_path(tmp_path / "r", "tiny-rt", "int8-dynamic-cpu"))
+    assert found["status"] == "failed" and "no worker could load the model" in found["error"]
+    assert "sensitivity: tiny-rt: failed: RuntimeError: no worker could load" in out
+    assert not (tmp_path / "r" / "tiny-rt" / "int8-dynamic-mixed-cpu.json").exists()
+    for variant in ("fp32-cpu", "int8-dynamic-cpu"):
+        assert (
+            json.loads((tmp_path / "r" / "tiny-rt" / f"{variant}.json").read_text())["status"]
+            == "ok"
+        )
+
+
+@pytest.mark.parametrize(
+    "block, field, words",
+    [
+        ("{precision: int9}", "sensitivity.precision", "unknown precision; allowed: fp32"),
+        ("{precision: fp16}", "sensitivity.precision", "a cast changes every layer at once"),
+        ("{precision: int8-dynamic, device: tpu}", "sensitivity.device", "unknown device"),
+        (
+            "{precision: torchao-float8-dynamic, device: cpu}",
+            "sensitivity.precision",
+            "runs on cuda only",
+        ),
+        ("{precision: int8-dynamic, groups: head}", "sensitivity.groups", "layer, type, depth"),
+        ("{precision: int8-dynamic, group: layer}", "sensitivity.group", "did you mean 'groups'"),
+        ("{device: cpu}", "sensitivity.precision", "this field is required"),
+        ("int8-dynamic", "sensitivity", "expected a mapping"),
+    ],
+)
+def test_sensitivity_mistakes_exit_2_naming_the_field(
+    capsys, tmp_path, block, field, words, tiny_model
+):
+    check_refused(capsys, tmp_path, _job(tiny_model, f"sensitivity: {block}"), field, words)
