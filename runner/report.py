@@ -22,12 +22,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
+import numpy as np
 from markupsafe import Markup
 from matplotlib import rc_context
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from runner import collect
-from runner.analysis import LAYER_TYPES
+from runner.analysis import LAYER_TYPES, classify_layer
 from runner.results import Latency
 from runner.spec import COMPILED_SUFFIX
 
@@ -515,6 +517,131 @@ PLOTS = [
         "no predictions in these results",
     ),
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# A sensitivity study (DIR/<job>/sensitivity-<variant>.json, runner/sensitivity.py): each group of
+# linear layers quantized alone and all but it, ranked most harmful first, and the recipe that keeps
+# the top of the ranking in FP32. Drawn from the study's dict, not from a JobTable.
+
+STUDY_SCHEMA = 1  # the study file's schema_version this report reads
+RANKING_ROWS = 10  # the ranking table's rows; the rest are in the study file
+LABELLED_POINTS = 3  # the top-ranked groups named in the figure
+LABEL_CHARS = 28  # a longer group name loses its leading dotted parts in the figure
+SQNR_AXES = (("weight_sqnr_db", "weight SQNR (dB)"), ("output_sqnr_db", "output SQNR (dB)"))
+HARM_LABEL = "flips against FP32, only this group quantized"
+SEVERAL_TYPES = "several types"
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rank correlation: Pearson's of the ranks, ties given their average rank. None
+    where it says nothing: fewer than 3 points, or one side all equal."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs pairs: {len(x)} x values, {len(y)} y values")
+    if len(x) < 3:
+        return None
+    x_ranks, y_ranks = _average_ranks(x), _average_ranks(y)
+    if x_ranks.std() == 0 or y_ranks.std() == 0:
+        return None
+    return float(np.corrcoef(x_ranks, y_ranks)[0, 1])
+
+
+def _average_ranks(values) -> np.ndarray:
+    """1-based ranks; equal values share the mean of the ranks they span."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return ranks
+
+
+def _group_type(entry: dict) -> str:
+    """The layer type of a ranked group's layers, or SEVERAL_TYPES (a depth group)."""
+    types = {classify_layer(name)[0] for name in entry.get("layers") or [entry["group"]]}
+    return types.pop() if len(types) == 1 else SEVERAL_TYPES
+
+
+def _short_group(group: str) -> str:
+    """The group's name, less leading dotted parts while it is too long to label a point."""
+    parts = group.split(".")
+    while len(parts) > 1 and len(".".join(parts)) > LABEL_CHARS:
+        parts = parts[1:]
+    return ("…" if len(parts) < group.count(".") + 1 else "") + ".".join(parts)
+
+
+def plot_sensitivity(study: dict) -> Figure | None:
+    """Does weight error predict behaviour? Each ranked group's flips with only it quantized,
+    against its weight SQNR and its output SQNR (one panel each, the y axis shared)."""
+    ranking = study.get("ranking") or []
+    if not any(entry.get(field) is not None for entry in ranking for field, _ in SQNR_AXES):
+        return None
+    figure, axes = _panels(
+        len(SQNR_AXES),
+        f"{study['job']}: harm of each group of {study['variant']} quantized alone, by its SQNR",
+    )
+    axes[1].sharey(axes[0])
+    for ax, (field, label) in zip(axes, SQNR_AXES):
+        _draw_sensitivity_panel(ax, ranking, field, label)
+    axes[0].set_ylabel(HARM_LABEL)
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))  # flips are counts
+    _shared_legend(figure, axes)
+    return figure
+
+
+def _draw_sensitivity_panel(ax, ranking: list[dict], field: str, label: str) -> None:
+    """The groups that have `field`, coloured by layer type, the top-ranked named; ρ in the
+    title."""
+    drawn = [entry for entry in ranking if entry.get(field) is not None]
+    order = [*LAYER_TYPES, SEVERAL_TYPES]
+    by_type: dict[str, list[dict]] = {}
+    for entry in drawn:
+        by_type.setdefault(_group_type(entry), []).append(entry)
+    for layer_type in sorted(by_type, key=lambda t: order.index(t) if t in order else len(order)):
+        entries = by_type[layer_type]
+        ax.scatter(
+            [entry[field] for entry in entries],
+            [entry["only"]["flips"] for entry in entries],
+            s=18,
+            color=TYPE_COLOURS.get(layer_type, "#7f7f7f"),
+            label=layer_type,
+        )
+    for entry in drawn:
+        if entry["rank"] <= LABELLED_POINTS:
+            ax.annotate(
+                f"#{entry['rank']} {_short_group(entry['group'])}",
+                (entry[field], entry["only"]["flips"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
+    rho = spearman([entry[field] for entry in drawn], [entry["only"]["flips"] for entry in drawn])
+    said = "undefined" if rho is None else f"{rho:+.2f}"
+    ax.set_title(f"Spearman ρ = {said} ({len(drawn)} groups)", fontsize=10)
+    ax.set_xlabel(label)
+    ax.grid(True, alpha=0.3)
+
+
+def _sensitivity_caption(study: dict) -> str:
+    ranking = study.get("ranking") or []
+    caption = (
+        f"Each point is a group of linear layers ({study['sensitivity']['groups']} grouping), "
+        f"coloured by layer type: x the mean weight SQNR (left) and output SQNR (right) of its "
+        f"layers in the fully quantized {study['variant']}; y its flips against FP32 on the "
+        f"{study['samples']} evaluation samples when only that group is quantized. #n: rank, "
+        "most harmful first. ρ is Spearman's rank correlation of SQNR and flips: near −1, the "
+        "groups with the largest error (lowest SQNR) are the harmful ones, so that error predicts "
+        "the ranking; near 0, it does not, and only measuring the groups finds them."
+    )
+    for (field, _), panel in zip(SQNR_AXES, ("left", "right")):
+        missing = sum(entry.get(field) is None for entry in ranking)
+        if missing:
+            what = field.removesuffix("_sqnr_db")
+            caption += (
+                f" {missing} group{'s' * (missing != 1)} without {what} SQNR "
+                f"left out of the {panel} panel."
+            )
+    return caption
 
 
 # ---------------------------------------------------------------------------------------------
