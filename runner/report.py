@@ -780,11 +780,187 @@ def _outliers_text(outliers: dict[str, list]) -> str:
     )
 
 
-def _section(table: collect.JobTable, figures: FigureFiles) -> dict:
-    """What the page shows of one job; draws and writes its figures."""
+RANKING_HEADER = [
+    "rank",
+    "group",
+    "layers",
+    "only: agreement",
+    "only: flips",
+    "only: mean KL (nats)",
+    "all but: agreement",
+    "weight SQNR (dB)",
+    "output SQNR (dB)",
+]
+
+
+def _significant(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+@dataclass(frozen=True)
+class StudyShown:
+    """A sensitivity study as the page shows it; `notice` alone for one that cannot be shown."""
+
+    variant: str
+    file: str
+    notice: str | None = None  # why nothing else is shown: the study failed, or is unreadable
+    about: str = ""  # what was measured, in one sentence
+    figure: Shown | None = None
+    header: list[str] | None = None
+    rows: list[list[str]] | None = None
+    more: str | None = None  # the ranking's rows not in the table
+    recipe: list[str] | None = None
+
+
+def _study(study: dict, table: collect.JobTable, figures: FigureFiles) -> StudyShown:
+    variant = study.get("variant") or Path(study["_file"]).stem
+    file = Path(study["_file"]).name
+    notice = _study_notice(study, variant)
+    if notice:
+        return StudyShown(variant, file, notice)
+    ranking = study.get("ranking") or []
+    more = len(ranking) - RANKING_ROWS
+    return StudyShown(
+        variant,
+        file,
+        about=_study_about(study),
+        figure=figures.show(
+            plot_sensitivity(study),
+            f"{table.job}-sensitivity-{variant}",
+            f"{table.job}: sensitivity of {variant}'s groups against their SQNR",
+            _sensitivity_caption(study),
+            "no group in this study has a weight or output SQNR",
+        ),
+        header=RANKING_HEADER,
+        rows=[_ranking_row(entry) for entry in ranking[:RANKING_ROWS]],
+        more=f"… and {more} more group{'s' * (more != 1)} in {file}." if more > 0 else None,
+        recipe=_recipe_lines(study) + [_measured_line(study, table)],
+    )
+
+
+def _study_notice(study: dict, variant: str) -> str | None:
+    if study.get("schema_version") != STUDY_SCHEMA:
+        return (
+            f"The sensitivity study of {variant} has schema_version "
+            f"{study.get('schema_version')}; this quantbench reads {STUDY_SCHEMA}: not shown."
+        )
+    if study.get("status") != "ok":
+        return f"The sensitivity study of {variant} failed: {study.get('error') or 'no reason'}."
+    if not study.get("ranking") or not study.get("recipe") or not study.get("full"):
+        return f"The sensitivity study of {variant} holds no ranking, recipe or full measure."
+    return None
+
+
+def _study_about(study: dict) -> str:
+    about = study["sensitivity"]
+    return (
+        f"{about['precision']} on {about['device']}, the {study['layers']} linear layers it "
+        f"quantizes grouped by {about['groups']} ({len(study['ranking'])} groups), each measured "
+        f"against FP32's predictions on {study['samples']} samples: only that group quantized, "
+        "and all but that group. Ranked most harmful first (only: lowest agreement, then highest "
+        "mean KL)."
+    )
+
+
+def _ranking_row(entry: dict) -> list[str]:
+    only, all_but = entry["only"], entry["all_but"]
+    return [
+        str(entry["rank"]),
+        entry["group"],
+        str(len(entry["layers"])),
+        _number(only["agreement"], 4),
+        str(only["flips"]),
+        _significant(only["mean_kl"]),
+        _number(all_but["agreement"], 4),
+        _number(entry.get("weight_sqnr_db"), 1),
+        _number(entry.get("output_sqnr_db"), 1),
+    ]
+
+
+def _tolerance_text(tolerance: dict) -> str:
+    bounds = []
+    if tolerance.get("min_agreement") is not None:
+        bounds.append(f"agreement with FP32 ≥ {tolerance['min_agreement']:g}")
+    if tolerance.get("max_accuracy_drop") is not None:
+        bounds.append(f"accuracy drop from FP32 ≤ {tolerance['max_accuracy_drop']:g}")
+    return " and ".join(bounds) or "none stated"
+
+
+def _recipe_lines(study: dict) -> list[str]:
+    """Which groups the recipe keeps in FP32, whether it meets its tolerance, and what the study
+    measured of it and of the fully quantized model."""
+    recipe, full = study["recipe"], study["full"]
+    groups, kept = recipe["groups"], recipe["kept"]
+    tolerance = _tolerance_text(recipe.get("tolerance") or {})
+    if groups:
+        names = ", ".join(groups)
+        kept_line = (
+            f"Kept in FP32: {len(groups)} group{'s' * (len(groups) != 1)} ({len(kept)} of "
+            f"{study['layers']} layers): {names}."
+        )
+    else:
+        kept_line = "Kept in FP32: nothing; the fully quantized model is the recipe."
+    met = "met" if recipe["met"] else "NOT met"
+    result = recipe["result"]
+    return [
+        kept_line,
+        f"Tolerance ({tolerance}): {met}.",
+        f"Predicted by the study for {study['mixed_variant']}: agreement "
+        f"{result['agreement']:.4f}, accuracy {result['accuracy']:.4f} (FP32 "
+        f"{result['accuracy_fp32']:.4f}), {result['flips']} flips; fully quantized "
+        f"{study['variant']}: agreement {full['agreement']:.4f}, accuracy "
+        f"{full['accuracy']:.4f}, {full['flips']} flips.",
+    ]
+
+
+def _ok_result(table: collect.JobTable, variant: str | None):
+    """The first ok column of that variant id in the table (a variant may have run on hosts)."""
+    return next(
+        (
+            table.results[key]
+            for key in _ok(table)
+            if variant is not None and table.results[key].variant == variant
+        ),
+        None,
+    )
+
+
+def _measured_line(study: dict, table: collect.JobTable) -> str:
+    """The mixed variant as run, beside the fully quantized one and FP32, from the results."""
+    mixed_id = study["mixed_variant"]
+    mixed = _ok_result(table, mixed_id)
+    if mixed is None:
+        return f"Measured: no ok result of {mixed_id} in this job's results: run it to measure it."
+    shown = [
+        (mixed_id, mixed),
+        (study["variant"], _ok_result(table, study["variant"])),
+        (f"fp32-{mixed.device}", _ok_result(table, f"fp32-{mixed.device}")),
+    ]
+    line = "Measured: " + "; ".join(_measured(name, result) for name, result in shown if result)
+    if sorted(mixed.settings.get("kept_in_fp32") or []) != sorted(study["recipe"]["kept"]):
+        line += f". Note: {mixed_id} ran with other layers kept in FP32 than this recipe keeps"
+    return line + "."
+
+
+def _measured(name: str, result) -> str:
+    metrics = result.metrics
+    return (
+        f"{name} accuracy {_number(metrics.accuracy, 4)}, median latency "
+        f"{_number(metrics.latency.median, 2)} ms, {_number(metrics.model_size_mib, 1)} MiB"
+    )
+
+
+def _studies(table: collect.JobTable, studies, figures: FigureFiles) -> list[StudyShown]:
+    mine = [study for study in studies if study.get("job") == table.job]
+    return [_study(study, table, figures) for study in sorted(mine, key=lambda s: s["_file"])]
+
+
+def _section(table: collect.JobTable, figures: FigureFiles, studies=()) -> dict:
+    """What the page shows of one job; draws and writes its figures. studies: every study read;
+    those of this job are shown after the per-layer figures."""
     header, rows, footnotes = collect.table_rows(table)
     verdict_lines = collect.verdict_lines(table)
-    plots, histograms = [], []
+    plots, histograms, shown_studies = [], [], []
     for plot in PLOTS:
         shown = figures.show(
             plot.draw(table),
@@ -796,6 +972,8 @@ def _section(table: collect.JobTable, figures: FigureFiles) -> dict:
         plots.append((plot, shown))
         if plot.name == "sqnr-by-depth":  # drawn after it, and shown after it
             histograms = _histograms(table, figures)
+        if plot.name == "output-vs-weight-sqnr":  # the last per-layer figure
+            shown_studies = _studies(table, studies, figures)
     verdicts = [table.stats[key]["verdict"] for key in table.columns] if verdict_lines else []
     verdicts = [
         (key, verdict["status"], collect.verdict_text(verdict))
@@ -807,6 +985,7 @@ def _section(table: collect.JobTable, figures: FigureFiles) -> dict:
         **{"header": header, "rows": rows, "footnotes": footnotes},
         **{"verdict_lines": verdict_lines, "verdicts": verdicts},
         **{"plots": plots, "histograms": histograms, "details": _details(table)},
+        "studies": shown_studies,
     }
 
 
@@ -825,14 +1004,19 @@ def _template() -> jinja2.Template:
     return environment.from_string(re.sub(r"\n\s*", "", source))
 
 
-def write_report(results: list[dict], out: Path, baseline: str | None = None) -> Rendered:
-    """Write `out` (HTML) and its PNGs into `<out stem>_figures/`; returns both paths."""
+def write_report(
+    results: list[dict], out: Path, baseline: str | None = None, studies=()
+) -> Rendered:
+    """Write `out` (HTML) and its PNGs into `<out stem>_figures/`; returns both paths. studies:
+    sensitivity studies (collect.gather_studies), each shown in its job's section."""
     out = Path(out)
     figures = FigureFiles(out.parent / f"{out.stem}_figures")
     # Names (a job, a variant, a label) are drawn as written: matplotlib would read $...$ as a
     # formula and stop the report at one it cannot parse.
     with rc_context({"text.parse_math": False}):
-        sections = [_section(table, figures) for table in collect.build_tables(results, baseline)]
+        sections = [
+            _section(table, figures, studies) for table in collect.build_tables(results, baseline)
+        ]
     page = _template().render(
         style=(TEMPLATES / "report.css").read_text(encoding="utf-8"),
         n_results=len(results),
