@@ -6,7 +6,8 @@ data URIs and per-variant details; it loads nothing from anywhere, so it opens o
 being mailed. The same plots are written as PNG files into `<report name>_figures/` for papers.
 Plots are drawn with matplotlib's Agg canvas (no display, no pyplot state); each plot is one
 function of a JobTable that returns a Figure, or None when the results hold nothing to draw (older
-results without the per-layer analysis, failed variants).
+results without the per-layer analysis, failed variants). A sensitivity study's figure is drawn
+from the study file's dict instead, in the section of the study's job.
 """
 
 from __future__ import annotations
