@@ -304,6 +304,7 @@ def _report(args) -> int:
     found = _found("report", args.folders, args.baseline)
     if found is None:
         return EXIT_USAGE
+    from runner import collect
     from runner.report import write_report
 
     out = (
@@ -318,7 +319,9 @@ def _report(args) -> int:
         )
         return EXIT_USAGE
     try:
-        rendered = write_report(found, out, args.baseline)
+        rendered = write_report(
+            found, out, args.baseline, studies=collect.gather_studies(args.folders)
+        )
     except OSError as error:  # a folder above it is a file, or it cannot be written
         print(
             f"quantbench report: cannot write {error.filename or out}: {error.strerror or error}",
