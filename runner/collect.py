@@ -131,6 +131,10 @@ class JobTable:
     # column key -> row label -> its cell, computed once; every output format renders these.
     cells: dict[str, dict[str, Cell]] = field(default_factory=dict)
 
+    def ok_columns(self) -> list[str]:
+        """The columns whose variant ran to the end, in table order."""
+        return [k for k in self.columns if self.results[k].status == "ok"]
+
 
 @dataclass(frozen=True)
 class Cell:

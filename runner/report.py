@@ -12,10 +12,7 @@ from the study file's dict instead, in the section of the study's job.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,37 +20,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
-import numpy as np
 from markupsafe import Markup
 from matplotlib import rc_context
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
-from runner import collect
-from runner.analysis import LAYER_TYPES, classify_layer
+from runner import collect, report_study
+from runner.analysis import LAYER_TYPES
+from runner.report_figures import (
+    TYPE_COLOURS,
+    FigureFiles,
+    Shown,
+    number,
+    panels,
+    shared_legend,
+)
 from runner.results import Latency
 from runner.spec import COMPILED_SUFFIX
 
-DPI = 120
-PANEL_IN = 3.4  # width and height of one small-multiple panel, inches
-MAX_COLUMNS = 3
-# One colour per layer type, the same in every plot.
-TYPE_COLOURS = dict(
-    zip(
-        LAYER_TYPES,
-        [
-            "#1f77b4",
-            "#ff7f0e",
-            "#2ca02c",
-            "#d62728",
-            "#9467bd",
-            "#8c564b",
-            "#e377c2",
-            "#7f7f7f",
-            "#bcbd22",
-        ],
-    )
-)
 DEVICE_COLOURS = {"cpu": "#1f77b4", "cuda": "#2ca02c"}
 
 
@@ -61,35 +44,20 @@ DEVICE_COLOURS = {"cpu": "#1f77b4", "cuda": "#2ca02c"}
 # Plots: one function each, JobTable -> Figure | None.
 
 
-def _ok(table: collect.JobTable) -> list[str]:
-    return [k for k in table.columns if table.results[k].status == "ok"]
-
-
 def _own_weights(table: collect.JobTable) -> list[str]:
-    """_ok's columns less each compiled variant whose eager twin (same host) is among them:
+    """The ok columns less each compiled variant whose eager twin (same host) is among them:
     compiling changes no weight, so its weight plots would repeat the twin's."""
-    ran = {(table.results[k].variant, table.results[k].host) for k in _ok(table)}
+    ran = {(table.results[k].variant, table.results[k].host) for k in table.ok_columns()}
 
     def twin(result) -> tuple[str, str | None]:
         return result.variant.removesuffix(COMPILED_SUFFIX), result.host
 
     return [
         k
-        for k in _ok(table)
+        for k in table.ok_columns()
         if not table.results[k].variant.endswith(COMPILED_SUFFIX)
         or twin(table.results[k]) not in ran
     ]
-
-
-def _panels(n: int, title: str) -> tuple[Figure, list]:
-    columns = min(n, MAX_COLUMNS)
-    rows = math.ceil(n / columns)
-    figure = Figure(figsize=(PANEL_IN * columns, PANEL_IN * rows + 0.4), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
-    for unused in axes[n:]:
-        unused.set_visible(False)
-    figure.suptitle(title)
-    return figure, axes[:n]
 
 
 @dataclass(frozen=True)
@@ -105,7 +73,7 @@ class _Point:
 
 def _accuracy_latency_points(table: collect.JobTable) -> list[_Point]:
     points = []
-    for key in _ok(table):
+    for key in table.ok_columns():
         result = table.results[key]
         metrics = result.metrics
         if metrics.accuracy is not None and metrics.latency.median:
@@ -208,21 +176,6 @@ def _analysis(table: collect.JobTable, key: str) -> dict:
     return analysis if isinstance(analysis, dict) else {}
 
 
-def _shared_legend(figure: Figure, axes: list) -> None:
-    """One legend under the panels, one entry per label over all of them: a layer type may be
-    missing from one panel."""
-    legend = {}
-    for ax in axes:
-        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    figure.legend(
-        list(legend.values()),
-        list(legend),
-        loc="outside lower center",
-        ncols=min(len(legend), 5),
-        fontsize=8,
-    )
-
-
 def plot_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
     """Per-layer SQNR (dB) against encoder depth, one panel per variant whose weights changed."""
     shown = [
@@ -232,7 +185,7 @@ def plot_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
     ]
     if not shown:
         return None
-    figure, axes = _panels(
+    figure, axes = panels(
         len(shown), f"{table.job}: weight SQNR per layer by depth (higher is closer to FP32)"
     )
     depths = [
@@ -250,7 +203,7 @@ def plot_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
     offsets = {t: (i - (len(types) - 1) / 2) * 0.06 for i, t in enumerate(types)}
     for ax, key in zip(axes, shown):
         _draw_sqnr_panel(ax, key, _analysis(table, key), offsets, head, has_head)
-    _shared_legend(figure, axes)
+    shared_legend(figure, axes)
     return figure
 
 
@@ -312,7 +265,7 @@ def plot_output_against_weight_sqnr(table: collect.JobTable) -> Figure | None:
     ]
     if not shown:
         return None
-    figure, axes = _panels(
+    figure, axes = panels(
         len(shown), f"{table.job}: per-layer output SQNR against weight SQNR (dB)"
     )
     for ax, key in zip(axes, shown):
@@ -334,7 +287,7 @@ def plot_output_against_weight_sqnr(table: collect.JobTable) -> Figure | None:
         ax.set_xlabel("weight SQNR (dB)")
         ax.set_ylabel("output SQNR (dB)")
         ax.grid(True, alpha=0.3)
-    _shared_legend(figure, axes)
+    shared_legend(figure, axes)
     return figure
 
 
@@ -356,7 +309,7 @@ def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
         if any(grids.values())
         else f"{table.job}: FP32 weights by layer type"
     )
-    figure, axes = _panels(len(by_type), title)
+    figure, axes = panels(len(by_type), title)
     for ax, (layer_type, hist) in zip(axes, by_type.items()):
         edges, counts = hist["edges"], hist["counts"]
         ax.stairs(
@@ -384,10 +337,10 @@ def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
 def plot_reliability(table: collect.JobTable) -> Figure | None:
     """Reliability diagram per variant: accuracy against confidence in bins, the diagonal is
     calibrated."""
-    shown = [k for k in _ok(table) if table.stats[k].get("calibration")]
+    shown = [k for k in table.ok_columns() if table.stats[k].get("calibration")]
     if not shown:
         return None
-    figure, axes = _panels(
+    figure, axes = panels(
         len(shown), f"{table.job}: reliability (bars: accuracy per confidence bin)"
     )
     for ax, key in zip(axes, shown):
@@ -426,10 +379,10 @@ def plot_reliability(table: collect.JobTable) -> Figure | None:
 
 def plot_confusion(table: collect.JobTable) -> Figure | None:
     """Confusion matrix per variant: rows are the gold labels, columns the predicted ones."""
-    shown = [k for k in _ok(table) if table.stats[k].get("confusion_matrix")]
+    shown = [k for k in table.ok_columns() if table.stats[k].get("confusion_matrix")]
     if not shown:
         return None
-    figure, axes = _panels(
+    figure, axes = panels(
         len(shown), f"{table.job}: confusion matrices (rows gold, columns predicted)"
     )
     for ax, key in zip(axes, shown):
@@ -521,131 +474,6 @@ PLOTS = [
 
 
 # ---------------------------------------------------------------------------------------------
-# A sensitivity study (DIR/<job>/sensitivity-<variant>.json, runner/sensitivity.py): each group of
-# linear layers quantized alone and all but it, ranked most harmful first, and the recipe that keeps
-# the top of the ranking in FP32. Drawn from the study's dict, not from a JobTable.
-
-STUDY_SCHEMA = 1  # the study file's schema_version this report reads
-RANKING_ROWS = 10  # the ranking table's rows; the rest are in the study file
-LABELLED_POINTS = 3  # the top-ranked groups named in the figure
-LABEL_CHARS = 28  # a longer group name loses its leading dotted parts in the figure
-SQNR_AXES = (("weight_sqnr_db", "weight SQNR (dB)"), ("output_sqnr_db", "output SQNR (dB)"))
-HARM_LABEL = "flips against FP32, only this group quantized"
-SEVERAL_TYPES = "several types"
-
-
-def spearman(x, y) -> float | None:
-    """Spearman's rank correlation: Pearson's of the ranks, ties given their average rank. None
-    where it says nothing: fewer than 3 points, or one side all equal."""
-    if len(x) != len(y):
-        raise ValueError(f"spearman needs pairs: {len(x)} x values, {len(y)} y values")
-    if len(x) < 3:
-        return None
-    x_ranks, y_ranks = _average_ranks(x), _average_ranks(y)
-    if x_ranks.std() == 0 or y_ranks.std() == 0:
-        return None
-    return float(np.corrcoef(x_ranks, y_ranks)[0, 1])
-
-
-def _average_ranks(values) -> np.ndarray:
-    """1-based ranks; equal values share the mean of the ranks they span."""
-    values = np.asarray(values, dtype=float)
-    order = np.argsort(values, kind="stable")
-    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(values))
-    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
-    return ranks
-
-
-def _group_type(entry: dict) -> str:
-    """The layer type of a ranked group's layers, or SEVERAL_TYPES (a depth group)."""
-    types = {classify_layer(name)[0] for name in entry.get("layers") or [entry["group"]]}
-    return types.pop() if len(types) == 1 else SEVERAL_TYPES
-
-
-def _short_group(group: str) -> str:
-    """The group's name, less leading dotted parts while it is too long to label a point."""
-    parts = group.split(".")
-    while len(parts) > 1 and len(".".join(parts)) > LABEL_CHARS:
-        parts = parts[1:]
-    return ("…" if len(parts) < group.count(".") + 1 else "") + ".".join(parts)
-
-
-def plot_sensitivity(study: dict) -> Figure | None:
-    """Does weight error predict behaviour? Each ranked group's flips with only it quantized,
-    against its weight SQNR and its output SQNR (one panel each, the y axis shared)."""
-    ranking = study.get("ranking") or []
-    if not any(entry.get(field) is not None for entry in ranking for field, _ in SQNR_AXES):
-        return None
-    figure, axes = _panels(
-        len(SQNR_AXES),
-        f"{study['job']}: harm of each group of {study['variant']} quantized alone, by its SQNR",
-    )
-    axes[1].sharey(axes[0])
-    for ax, (field, label) in zip(axes, SQNR_AXES):
-        _draw_sensitivity_panel(ax, ranking, field, label)
-    axes[0].set_ylabel(HARM_LABEL)
-    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))  # flips are counts
-    _shared_legend(figure, axes)
-    return figure
-
-
-def _draw_sensitivity_panel(ax, ranking: list[dict], field: str, label: str) -> None:
-    """The groups that have `field`, coloured by layer type, the top-ranked named; ρ in the
-    title."""
-    drawn = [entry for entry in ranking if entry.get(field) is not None]
-    order = [*LAYER_TYPES, SEVERAL_TYPES]
-    by_type: dict[str, list[dict]] = {}
-    for entry in drawn:
-        by_type.setdefault(_group_type(entry), []).append(entry)
-    for layer_type in sorted(by_type, key=lambda t: order.index(t) if t in order else len(order)):
-        entries = by_type[layer_type]
-        ax.scatter(
-            [entry[field] for entry in entries],
-            [entry["only"]["flips"] for entry in entries],
-            s=18,
-            color=TYPE_COLOURS.get(layer_type, "#7f7f7f"),
-            label=layer_type,
-        )
-    for entry in drawn:
-        if entry["rank"] <= LABELLED_POINTS:
-            ax.annotate(
-                f"#{entry['rank']} {_short_group(entry['group'])}",
-                (entry[field], entry["only"]["flips"]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-            )
-    rho = spearman([entry[field] for entry in drawn], [entry["only"]["flips"] for entry in drawn])
-    said = "undefined" if rho is None else f"{rho:+.2f}"
-    ax.set_title(f"Spearman ρ = {said} ({len(drawn)} groups)", fontsize=10)
-    ax.set_xlabel(label)
-    ax.grid(True, alpha=0.3)
-
-
-def _sensitivity_caption(study: dict) -> str:
-    ranking = study.get("ranking") or []
-    caption = (
-        f"Each point is a group of linear layers ({study['sensitivity']['groups']} grouping), "
-        f"coloured by layer type: x the mean weight SQNR (left) and output SQNR (right) of its "
-        f"layers in the fully quantized {study['variant']}; y its flips against FP32 on the "
-        f"{study['samples']} evaluation samples when only that group is quantized. #n: rank, "
-        "most harmful first. ρ is Spearman's rank correlation of SQNR and flips: near −1, the "
-        "groups with the largest error (lowest SQNR) are the harmful ones, so that error predicts "
-        "the ranking; near 0, it does not, and only measuring the groups finds them."
-    )
-    for (field, _), panel in zip(SQNR_AXES, ("left", "right")):
-        missing = sum(entry.get(field) is None for entry in ranking)
-        if missing:
-            what = field.removesuffix("_sqnr_db")
-            caption += (
-                f" {missing} group{'s' * (missing != 1)} without {what} SQNR "
-                f"left out of the {panel} panel."
-            )
-    return caption
-
-
-# ---------------------------------------------------------------------------------------------
 # The HTML file and the PNGs beside it. The page is templates/report.html.j2; here are the values it
 # shows, computed in the order the figures are drawn.
 
@@ -656,44 +484,6 @@ TEMPLATES = Path(__file__).parent / "templates"
 class Rendered:
     path: Path
     figures: list[Path]
-
-
-@dataclass(frozen=True)
-class Shown:
-    """A figure as the page shows it: its PNG in base64, or None and what to say instead."""
-
-    png_base64: str | None
-    alt: str = ""
-    caption: str = ""
-    missing: str = ""
-
-
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-class FigureFiles:
-    """Writes each figure as a PNG into one folder, and keeps what it wrote."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.written: list[Path] = []
-
-    def show(self, figure: Figure | None, name: str, alt: str, caption: str, missing: str) -> Shown:
-        if figure is None:
-            return Shown(None, missing=missing)
-        png = _png(figure)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{_safe(name)}.png"
-        path.write_bytes(png)
-        self.written.append(path)
-        return Shown(base64.b64encode(png).decode("ascii"), alt, caption)
 
 
 HISTOGRAM_CAPTION = (
@@ -712,7 +502,7 @@ def _histograms(table: collect.JobTable, figures: FigureFiles) -> list[Shown]:
         k for k in _own_weights(table) if any((_analysis(table, k).get("grids") or {}).values())
     ]
     if not drawn:
-        drawn = [k for k in _ok(table) if _analysis(table, k).get("histograms")][:1]
+        drawn = [k for k in table.ok_columns() if _analysis(table, k).get("histograms")][:1]
     return [
         figures.show(
             plot_weight_histograms(table, key),
@@ -723,10 +513,6 @@ def _histograms(table: collect.JobTable, figures: FigureFiles) -> list[Shown]:
         )
         for key in drawn
     ]
-
-
-def _number(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
 
 
 @dataclass(frozen=True)
@@ -745,7 +531,7 @@ class VariantDetails:
 def _details(table: collect.JobTable) -> list[VariantDetails]:
     """The ok variants that have any details."""
     details = []
-    for key in _ok(table):
+    for key in table.ok_columns():
         stats = table.stats[key]
         effects = stats.get("effects") if key != table.baseline else None
         flips = None
@@ -781,181 +567,6 @@ def _outliers_text(outliers: dict[str, list]) -> str:
     )
 
 
-RANKING_HEADER = [
-    "rank",
-    "group",
-    "layers",
-    "only: agreement",
-    "only: flips",
-    "only: mean KL (nats)",
-    "all but: agreement",
-    "weight SQNR (dB)",
-    "output SQNR (dB)",
-]
-
-
-def _significant(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}g}"
-
-
-@dataclass(frozen=True)
-class StudyShown:
-    """A sensitivity study as the page shows it; `notice` alone for one that cannot be shown."""
-
-    variant: str
-    file: str
-    notice: str | None = None  # why nothing else is shown: the study failed, or is unreadable
-    about: str = ""  # what was measured, in one sentence
-    figure: Shown | None = None
-    header: list[str] | None = None
-    rows: list[list[str]] | None = None
-    more: str | None = None  # the ranking's rows not in the table
-    recipe: list[str] | None = None
-
-
-def _study(study: dict, table: collect.JobTable, figures: FigureFiles) -> StudyShown:
-    variant = study.get("variant") or Path(study["_file"]).stem
-    file = Path(study["_file"]).name
-    notice = _study_notice(study, variant)
-    if notice:
-        return StudyShown(variant, file, notice)
-    ranking = study.get("ranking") or []
-    more = len(ranking) - RANKING_ROWS
-    return StudyShown(
-        variant,
-        file,
-        about=_study_about(study),
-        figure=figures.show(
-            plot_sensitivity(study),
-            f"{table.job}-sensitivity-{variant}",
-            f"{table.job}: sensitivity of {variant}'s groups against their SQNR",
-            _sensitivity_caption(study),
-            "no group in this study has a weight or output SQNR",
-        ),
-        header=RANKING_HEADER,
-        rows=[_ranking_row(entry) for entry in ranking[:RANKING_ROWS]],
-        more=f"… and {more} more group{'s' * (more != 1)} in {file}." if more > 0 else None,
-        recipe=_recipe_lines(study) + [_measured_line(study, table)],
-    )
-
-
-def _study_notice(study: dict, variant: str) -> str | None:
-    if study.get("schema_version") != STUDY_SCHEMA:
-        return (
-            f"The sensitivity study of {variant} has schema_version "
-            f"{study.get('schema_version')}; this quantbench reads {STUDY_SCHEMA}: not shown."
-        )
-    if study.get("status") != "ok":
-        return f"The sensitivity study of {variant} failed: {study.get('error') or 'no reason'}."
-    if not study.get("ranking") or not study.get("recipe") or not study.get("full"):
-        return f"The sensitivity study of {variant} holds no ranking, recipe or full measure."
-    return None
-
-
-def _study_about(study: dict) -> str:
-    about = study["sensitivity"]
-    return (
-        f"{about['precision']} on {about['device']}, the {study['layers']} linear layers it "
-        f"quantizes grouped by {about['groups']} ({len(study['ranking'])} groups), each measured "
-        f"against FP32's predictions on {study['samples']} samples: only that group quantized, "
-        "and all but that group. Ranked most harmful first (only: lowest agreement, then highest "
-        "mean KL)."
-    )
-
-
-def _ranking_row(entry: dict) -> list[str]:
-    only, all_but = entry["only"], entry["all_but"]
-    return [
-        str(entry["rank"]),
-        entry["group"],
-        str(len(entry["layers"])),
-        _number(only["agreement"], 4),
-        str(only["flips"]),
-        _significant(only["mean_kl"]),
-        _number(all_but["agreement"], 4),
-        _number(entry.get("weight_sqnr_db"), 1),
-        _number(entry.get("output_sqnr_db"), 1),
-    ]
-
-
-def _tolerance_text(tolerance: dict) -> str:
-    bounds = []
-    if tolerance.get("min_agreement") is not None:
-        bounds.append(f"agreement with FP32 ≥ {tolerance['min_agreement']:g}")
-    if tolerance.get("max_accuracy_drop") is not None:
-        bounds.append(f"accuracy drop from FP32 ≤ {tolerance['max_accuracy_drop']:g}")
-    return " and ".join(bounds) or "none stated"
-
-
-def _recipe_lines(study: dict) -> list[str]:
-    """Which groups the recipe keeps in FP32, whether it meets its tolerance, and what the study
-    measured of it and of the fully quantized model."""
-    recipe, full = study["recipe"], study["full"]
-    groups, kept = recipe["groups"], recipe["kept"]
-    tolerance = _tolerance_text(recipe.get("tolerance") or {})
-    if groups:
-        names = ", ".join(groups)
-        kept_line = (
-            f"Kept in FP32: {len(groups)} group{'s' * (len(groups) != 1)} ({len(kept)} of "
-            f"{study['layers']} layers): {names}."
-        )
-    else:
-        kept_line = "Kept in FP32: nothing; the fully quantized model is the recipe."
-    met = "met" if recipe["met"] else "NOT met"
-    result = recipe["result"]
-    return [
-        kept_line,
-        f"Tolerance ({tolerance}): {met}.",
-        f"Predicted by the study for {study['mixed_variant']}: agreement "
-        f"{result['agreement']:.4f}, accuracy {result['accuracy']:.4f} (FP32 "
-        f"{result['accuracy_fp32']:.4f}), {result['flips']} flips; fully quantized "
-        f"{study['variant']}: agreement {full['agreement']:.4f}, accuracy "
-        f"{full['accuracy']:.4f}, {full['flips']} flips.",
-    ]
-
-
-def _ok_result(table: collect.JobTable, variant: str | None):
-    """The first ok column of that variant id in the table (a variant may have run on hosts)."""
-    return next(
-        (
-            table.results[key]
-            for key in _ok(table)
-            if variant is not None and table.results[key].variant == variant
-        ),
-        None,
-    )
-
-
-def _measured_line(study: dict, table: collect.JobTable) -> str:
-    """The mixed variant as run, beside the fully quantized one and FP32, from the results."""
-    mixed_id = study["mixed_variant"]
-    mixed = _ok_result(table, mixed_id)
-    if mixed is None:
-        return f"Measured: no ok result of {mixed_id} in this job's results: run it to measure it."
-    shown = [
-        (mixed_id, mixed),
-        (study["variant"], _ok_result(table, study["variant"])),
-        (f"fp32-{mixed.device}", _ok_result(table, f"fp32-{mixed.device}")),
-    ]
-    line = "Measured: " + "; ".join(_measured(name, result) for name, result in shown if result)
-    if sorted(mixed.settings.get("kept_in_fp32") or []) != sorted(study["recipe"]["kept"]):
-        line += f". Note: {mixed_id} ran with other layers kept in FP32 than this recipe keeps"
-    return line + "."
-
-
-def _measured(name: str, result) -> str:
-    metrics = result.metrics
-    return (
-        f"{name} accuracy {_number(metrics.accuracy, 4)}, median latency "
-        f"{_number(metrics.latency.median, 2)} ms, {_number(metrics.model_size_mib, 1)} MiB"
-    )
-
-
-def _studies(table: collect.JobTable, studies, figures: FigureFiles) -> list[StudyShown]:
-    mine = [study for study in studies if study.get("job") == table.job]
-    return [_study(study, table, figures) for study in sorted(mine, key=lambda s: s["_file"])]
-
-
 def _section(table: collect.JobTable, figures: FigureFiles, studies=()) -> dict:
     """What the page shows of one job; draws and writes its figures. studies: every study read;
     those of this job are shown after the per-layer figures."""
@@ -974,7 +585,7 @@ def _section(table: collect.JobTable, figures: FigureFiles, studies=()) -> dict:
         if plot.name == "sqnr-by-depth":  # drawn after it, and shown after it
             histograms = _histograms(table, figures)
         if plot.name == "output-vs-weight-sqnr":  # the last per-layer figure
-            shown_studies = _studies(table, studies, figures)
+            shown_studies = report_study.studies_shown(table, studies, figures)
     verdicts = [table.stats[key]["verdict"] for key in table.columns] if verdict_lines else []
     verdicts = [
         (key, verdict["status"], collect.verdict_text(verdict))
@@ -999,7 +610,7 @@ def _template() -> jinja2.Template:
     environment = jinja2.Environment(
         autoescape=True, finalize=_escaped, undefined=jinja2.StrictUndefined
     )
-    environment.filters["number"] = _number
+    environment.filters["number"] = number
     source = (TEMPLATES / "report.html.j2").read_text(encoding="utf-8")
     # The template's line breaks and indentation are for reading; the page has none.
     return environment.from_string(re.sub(r"\n\s*", "", source))

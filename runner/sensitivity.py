@@ -57,6 +57,16 @@ class Tolerance:
         return self.max_accuracy_drop is None or drop <= self.max_accuracy_drop
 
 
+def tolerance_text(tolerance: dict) -> str:
+    """A Tolerance's fields (asdict) in words, as the run and the report say them."""
+    bounds = []
+    if tolerance.get("min_agreement") is not None:
+        bounds.append(f"agreement with FP32 ≥ {tolerance['min_agreement']:g}")
+    if tolerance.get("max_accuracy_drop") is not None:
+        bounds.append(f"accuracy drop from FP32 ≤ {tolerance['max_accuracy_drop']:g}")
+    return " and ".join(bounds) or "none stated"
+
+
 # --------------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------------

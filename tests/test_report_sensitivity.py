@@ -23,7 +23,7 @@ from matplotlib.image import imread
 from scipy.stats import spearmanr
 from test_collect_stats import make_task
 
-from runner import collect, report
+from runner import collect, report, report_study
 from runner.cli import main
 from runner.results import study_path, write_json, write_result
 from runner.worker import run_variant
@@ -259,18 +259,20 @@ def test_report_command_counts_the_study_figure(studied, capsys, tmp_path):
 def test_spearman_matches_a_hand_computation_with_ties():
     # x ranks 1..5; y = 5 6 7 8 7 ranks 1 2 3.5 5 3.5 (the two 7s share ranks 3 and 4).
     # Deviations from the mean rank 3: x -2 -1 0 1 2, y -2 -1 .5 2 .5: Σxy = 8, Σx² = 10, Σy² = 9.5
-    assert report.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
-    assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
+    assert report_study.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(
+        8 / math.sqrt(95)
+    )
+    assert report_study.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 6, 40), rng.integers(0, 4, 40)  # many ties
-    assert report.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert report_study.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
 
 
 def test_spearman_is_undefined_without_spread_or_points():
-    assert report.spearman([1, 2, 3], [0, 0, 0]) is None
-    assert report.spearman([1, 2], [2, 1]) is None
+    assert report_study.spearman([1, 2, 3], [0, 0, 0]) is None
+    assert report_study.spearman([1, 2], [2, 1]) is None
     with pytest.raises(ValueError, match="pairs"):
-        report.spearman([1, 2, 3], [1, 2])
+        report_study.spearman([1, 2, 3], [1, 2])
 
 
 def small_study() -> dict:
@@ -289,7 +291,7 @@ def small_study() -> dict:
 
 
 def test_figure_panels_hold_the_groups_with_sqnr_and_their_correlation():
-    figure = report.plot_sensitivity(small_study())
+    figure = report_study.plot_sensitivity(small_study())
     weight, output = [ax for ax in figure.axes if ax.get_visible() and ax.get_xlabel()]
     assert weight.get_xlabel() == "weight SQNR (dB)" and output.get_xlabel() == "output SQNR (dB)"
     assert weight.get_title() == f"Spearman ρ = {-4.5 / math.sqrt(22.5):+.2f} (4 groups)"
@@ -304,14 +306,14 @@ def test_figure_panels_hold_the_groups_with_sqnr_and_their_correlation():
         "#2 …layer.0.attention.self.query",
         "#3 …layer.1.intermediate.dense",
     ]
-    assert weight.get_ylabel() == report.HARM_LABEL
+    assert weight.get_ylabel() == report_study.HARM_LABEL
 
 
 def test_a_study_without_any_sqnr_draws_no_figure():
     study = small_study()
     for entry in study["ranking"]:
         entry["weight_sqnr_db"] = entry["output_sqnr_db"] = None
-    assert report.plot_sensitivity(study) is None
+    assert report_study.plot_sensitivity(study) is None
 
 
 def test_mixed_variant_is_a_labelled_point_of_accuracy_latency(studied):

@@ -1,0 +1,104 @@
+"""What every figure of the report shares: its size, its colours, its panels and legend, and how
+it becomes a PNG file and an image on the page."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from runner.analysis import LAYER_TYPES
+
+DPI = 120
+PANEL_IN = 3.4  # width and height of one small-multiple panel, inches
+MAX_COLUMNS = 3
+# One colour per layer type, the same in every plot.
+TYPE_COLOURS = dict(
+    zip(
+        LAYER_TYPES,
+        [
+            "#1f77b4",
+            "#ff7f0e",
+            "#2ca02c",
+            "#d62728",
+            "#9467bd",
+            "#8c564b",
+            "#e377c2",
+            "#7f7f7f",
+            "#bcbd22",
+        ],
+    )
+)
+
+
+def panels(n: int, title: str) -> tuple[Figure, list]:
+    columns = min(n, MAX_COLUMNS)
+    rows = math.ceil(n / columns)
+    figure = Figure(figsize=(PANEL_IN * columns, PANEL_IN * rows + 0.4), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
+    for unused in axes[n:]:
+        unused.set_visible(False)
+    figure.suptitle(title)
+    return figure, axes[:n]
+
+
+def shared_legend(figure: Figure, axes: list) -> None:
+    """One legend under the panels, one entry per label over all of them: a layer type may be
+    missing from one panel."""
+    legend = {}
+    for ax in axes:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    figure.legend(
+        list(legend.values()),
+        list(legend),
+        loc="outside lower center",
+        ncols=min(len(legend), 5),
+        fontsize=8,
+    )
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A figure as the page shows it: its PNG in base64, or None and what to say instead."""
+
+    png_base64: str | None
+    alt: str = ""
+    caption: str = ""
+    missing: str = ""
+
+
+def png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+class FigureFiles:
+    """Writes each figure as a PNG into one folder, and keeps what it wrote."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.written: list[Path] = []
+
+    def show(self, figure: Figure | None, name: str, alt: str, caption: str, missing: str) -> Shown:
+        if figure is None:
+            return Shown(None, missing=missing)
+        encoded = png(figure)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{_safe(name)}.png"
+        path.write_bytes(encoded)
+        self.written.append(path)
+        return Shown(base64.b64encode(encoded).decode("ascii"), alt, caption)
+
+
+def number(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
