@@ -56,7 +56,7 @@ def plan_text(spec: JobSpec) -> str:
     study = spec.sensitivity
     return (
         f"  sensitivity: {study.variant_id} taken apart by {study.groups}, after the variants; "
-        f"its recipe keeps layers in FP32 until {tolerance_text(asdict(tolerance(spec)))}, and "
+        f"its recipe keeps layers in FP32 until {S.tolerance_text(asdict(tolerance(spec)))}, and "
         f"runs as {study.mixed_id}"
     )
 
@@ -240,19 +240,10 @@ def summary_lines(study: dict) -> list[str]:
     lines.append(
         f"recipe: keep {len(recipe['groups'])} group(s), {len(recipe['kept'])} layer(s), in FP32: "
         f"agreement {full['agreement']:.4f} -> {recipe['result']['agreement']:.4f}, "
-        f"{verdict} {tolerance_text(recipe['tolerance'])}"
+        f"{verdict} {S.tolerance_text(recipe['tolerance'])}"
     )
     lines.append(
         f"cost: {spent['measurements']} measurements in {spent['measured_s']:.1f} s "
         f"(predicted {spent['predicted_s']:.1f} s, bound {spent['bound_s']:.1f} s)"
     )
     return lines
-
-
-def tolerance_text(tolerance: dict) -> str:
-    parts = []
-    if tolerance.get("min_agreement") is not None:
-        parts.append(f"agreement >= {tolerance['min_agreement']}")
-    if tolerance.get("max_accuracy_drop") is not None:
-        parts.append(f"accuracy drop <= {tolerance['max_accuracy_drop']}")
-    return " and ".join(parts)

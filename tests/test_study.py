@@ -121,7 +121,7 @@ def test_validate_says_what_the_study_will_do(hard_bert, capsys, tmp_path):
     code, out, err = run_cli(capsys, "validate", job)
     assert code == 0, err
     assert "sensitivity: int8-dynamic-cpu taken apart by layer" in out
-    assert "until accuracy drop <= 0.02" in out and "int8-dynamic-mixed-cpu" in out
+    assert "until accuracy drop from FP32 ≤ 0.02" in out and "int8-dynamic-mixed-cpu" in out
 
 
 def test_a_failed_study_is_written_and_fails_the_run_but_not_the_variants(
