@@ -213,6 +213,7 @@ def cost(probe: dict, measured: list[dict], found: dict) -> dict:
         "measurements": measurements,
         "tasks": tasks,
         "pass_s": probe["pass_s"],
+        "fp32_pass_s": probe["fp32_pass_s"],  # FP32's pass: a mostly-FP32 measurement's speed
         "quantize_s": probe["quantize_s"],
         "load_s": probe["load_s"],
         "predicted_s": round(len(measured) * probe["load_s"] + measurements * each, 3),
