@@ -32,6 +32,21 @@ class JobPlan:
         default_factory=list
     )  # what is allowed but worth saying before it runs
 
+    def worker_inputs(self) -> dict:
+        """What every task a worker runs for this job gets of the job: its sample, labels and
+        settings (the fields VariantTask and a study's StudyStep share)."""
+        spec = self.spec
+        return {
+            "job": spec.name,
+            "texts": [e.text for e in self.examples],
+            "gold_labels": [self.label_map[e.label] for e in self.examples],
+            "model_labels": self.model_labels,
+            "evaluation": spec.evaluation,
+            "settings": spec.settings,
+            "max_length": spec.dataset.max_length,
+            "task_name": spec.task,
+        }
+
 
 def plan_job(path: str | Path) -> JobPlan:
     spec = load_job(path)

@@ -118,19 +118,11 @@ def new_study(plan: JobPlan) -> dict:
 
 def first_step(stage: StudyRun) -> StudyStep:
     plan = stage.plan
-    spec = plan.spec
     return StudyStep(
         kind="probe",
-        job=spec.name,
-        study=spec.sensitivity,
+        study=plan.spec.sensitivity,
         model_dir=str(stage.model_dir),
-        texts=[e.text for e in plan.examples],
-        gold_labels=[plan.label_map[e.label] for e in plan.examples],
-        model_labels=plan.model_labels,
-        evaluation=spec.evaluation,
-        settings=spec.settings,
-        max_length=spec.dataset.max_length,
-        task_name=spec.task,
+        **plan.worker_inputs(),
     )
 
 

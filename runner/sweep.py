@@ -76,21 +76,14 @@ def build_tasks(
     }
     return [
         VariantTask(
-            job=spec.name,
+            **plan.worker_inputs(),
             variant=variant,
             model_dir=str(model_dir),
-            texts=[e.text for e in plan.examples],
-            gold_labels=[plan.label_map[e.label] for e in plan.examples],
-            model_labels=plan.model_labels,
-            evaluation=spec.evaluation,
-            settings=spec.settings,
-            max_length=spec.dataset.max_length,
             spec_hash=plan.spec_hash,
             spec_as_run=spec.raw,
             sample=sample,
             model_info=model_info,
             repeat=repeat,
-            task_name=spec.task,
         )
         for variant in (spec.variants if variants is None else variants)
         if variant.id not in skip
