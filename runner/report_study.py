@@ -24,7 +24,7 @@ RANKING_ROWS = 10  # the ranking table's rows; the rest are in the study file
 LABELLED_POINTS = 3  # the top-ranked groups named in the figure
 LABEL_CHARS = 28  # a longer group name loses its leading dotted parts in the figure
 SQNR_AXES = (("weight_sqnr_db", "weight SQNR (dB)"), ("output_sqnr_db", "output SQNR (dB)"))
-HARM_LABEL = "flips against FP32, only this group quantized"
+HARM_LABEL = "flips vs FP32, group alone quantized"
 SEVERAL_TYPES = "several types"
 
 
@@ -73,7 +73,7 @@ def plot_sensitivity(study: dict) -> Figure | None:
         return None
     figure, axes = panels(
         len(SQNR_AXES),
-        f"{study['job']}: harm of each group of {study['variant']} quantized alone, by its SQNR",
+        f"{study['job']}: {study['variant']}, each group quantized alone",
     )
     axes[1].sharey(axes[0])
     for ax, (field, label) in zip(axes, SQNR_AXES):
