@@ -1,0 +1,284 @@
+"""Perplexity by rolling windows, the way lm-evaluation-harness's `loglikelihood_rolling` scores a
+document; see docs/causal-lm.md.
+
+A document is tokenized without special tokens and a prefix token (the tokenizer's BOS, else its
+EOS) is put before it, so that its first token is predicted too. It is cut into windows of at most
+`context` input tokens. The first window scores the first min(context, n) tokens; every later
+window scores the next `stride` tokens (fewer at the end) and reads the `context` tokens before
+its last one, so each token is scored exactly once. In lm-eval's terms (`get_rolling_token_windows`
+and `make_disjoint_window`): max_seq_len = context and context_len = context - stride + 1, the
+tokens the first scored token of a later window is conditioned on. stride == context is lm-eval's
+own choice (context_len=1): windows that score disjoint runs of tokens and overlap by one input
+token; a smaller stride gives every token of a later window at least context - stride + 1 tokens
+of context, at the price of context / stride forward passes per `context` tokens.
+
+torch is imported inside the functions: the driver imports this module without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Window:
+    """One forward pass's worth of a document: the model reads `input_ids`; its predictions at the
+    last len(targets) positions are scored against `targets`, the tokens that follow them."""
+
+    document: int  # index of the document in the list it came from
+    input_ids: list[int]  # at most `context` tokens
+    targets: list[int]  # the tokens the last len(targets) positions predict
+
+    @property
+    def scored(self) -> int:
+        return len(self.targets)
+
+
+@dataclass
+class WindowLoss:
+    """What one window's scored positions said."""
+
+    document: int
+    nll: float  # summed negative log-likelihood of the targets, nats
+    tokens: int  # how many targets were scored
+    greedy_ids: list[int]  # the most probable next token at each scored position
+    # Only when asked (see window_losses): [tokens, k] token ids and their log-probabilities,
+    # normalised over the whole vocabulary, and [tokens] the log of the mass on every other token.
+    top_ids: np.ndarray | None = None
+    top_log_probs: np.ndarray | None = None
+    rest_log_prob: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, for people: each names what it found and what is allowed.
+
+
+def check_window_settings(context: int, stride: int) -> None:
+    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
+        raise ValueError(
+            f"context is {context!r}: a window must hold at least 2 tokens (with 1, every token "
+            "would be predicted from the one before it alone); allowed: an integer of 2 or more"
+        )
+    if not isinstance(stride, int) or isinstance(stride, bool) or not 1 <= stride <= context:
+        raise ValueError(
+            f"stride is {stride!r}: allowed an integer from 1 to the context ({context}); "
+            "stride == context scores disjoint windows, a smaller stride gives each scored token "
+            "more context"
+        )
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token put before each document so that its first token is scored: BOS, else EOS."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise ValueError(
+        f"the tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '')!r}) "
+        "has neither a BOS nor an EOS token: nothing can stand before a document so that its "
+        "first token is scored; allowed: a tokenizer with bos_token or eos_token set"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows.
+
+
+def rolling_windows(
+    token_ids: list[int], prefix_id: int, context: int, stride: int, document: int = 0
+) -> list[Window]:
+    """One document's windows; every token in token_ids is a target of exactly one of them."""
+    check_window_settings(context, stride)
+    if not token_ids:
+        return []  # lm-eval too: an empty document scores nothing
+    first = min(context, len(token_ids))
+    windows = [Window(document, [prefix_id] + token_ids[: first - 1], token_ids[:first])]
+    done = first
+    while done < len(token_ids):
+        end = min(done + stride, len(token_ids))
+        # The `context` tokens before the last target: the first target reads
+        # context - (end - done) + 1 >= context - stride + 1 of them.
+        windows.append(
+            Window(document, token_ids[end - context - 1 : end - 1], token_ids[done:end])
+        )
+        done = end
+    return windows
+
+
+def document_windows(
+    tokenizer, documents: Sequence[str], context: int, stride: int
+) -> list[Window]:
+    """Every document's windows, in document order. Windows hold about n * context / stride token
+    ids in all for n document tokens: keep the stride near the context for long corpora."""
+    check_window_settings(context, stride)
+    if len(documents) == 0:
+        raise ValueError("no documents to score: the list is empty; allowed: one or more texts")
+    prefix_id = prefix_token_id(tokenizer)
+    # Without special tokens: the prefix token is the only one added, as in lm-eval.
+    encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
+    windows = [
+        window
+        for index, token_ids in enumerate(encoded)
+        for window in rolling_windows(token_ids, prefix_id, context, stride, index)
+    ]
+    if not windows:
+        raise ValueError(
+            f"none of the {len(documents)} documents has a token to score: they are all empty"
+        )
+    return windows
+
+
+def document_bytes(documents: Sequence[str]) -> int:
+    """The documents' UTF-8 bytes, bits_per_byte's denominator (lm-eval's count_bytes)."""
+    return sum(len(text.encode("utf-8")) for text in documents)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's losses on the windows.
+
+
+def window_losses(
+    model,
+    windows: Sequence[Window],
+    device,
+    batch_size: int,
+    pad_id: int | None,
+    top_k: int = 0,
+    log_probs_at: Sequence[np.ndarray] | None = None,
+) -> list[WindowLoss]:
+    """Each window's summed NLL of its targets, their count and the greedy next tokens.
+
+    Nothing vocabulary-sized is kept unless asked, because [tokens, vocab] log-probabilities of a
+    corpus run to gigabytes (100k tokens x 128k vocab x 4 bytes = 51 GB). For a KL between two
+    variants, ask the reference for its top_k most probable tokens per position (top_ids and their
+    log-probabilities, [tokens, k]); then ask the variant for its log-probabilities at those same
+    ids by passing the reference's top_ids, window by window, as log_probs_at. kl_divergence
+    compares the two. model: a causal LM in eval mode on `device`; its logits are
+    [batch_size, context, vocab] per forward pass. pad_id: any id (pads are masked and follow the
+    real tokens); None, for a tokenizer without one, pads with 0.
+    """
+    import torch
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size is {batch_size!r}: allowed an integer of 1 or more")
+    if top_k and log_probs_at is not None:
+        raise ValueError("ask for top_k or for log_probs_at, not both")
+    if log_probs_at is not None and len(log_probs_at) != len(windows):
+        raise ValueError(f"log_probs_at has {len(log_probs_at)} entries for {len(windows)} windows")
+    losses = []
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            at = None if log_probs_at is None else log_probs_at[start : start + batch_size]
+            losses += batch_losses(model, batch, device, pad_id or 0, top_k, at)
+    return losses
+
+
+def batch_losses(model, batch, device, pad_id: int, top_k: int, at) -> list[WindowLoss]:
+    import torch
+
+    longest = max(len(window.input_ids) for window in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, window in enumerate(batch):
+        # Right padding: a causal model's real positions never see the pads after them.
+        input_ids[row, : len(window.input_ids)] = torch.tensor(window.input_ids)
+        attention_mask[row, : len(window.input_ids)] = 1
+    logits = model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+    ).logits
+    return [
+        score_window(logits[row], window, top_k, None if at is None else at[row])
+        for row, window in enumerate(batch)
+    ]
+
+
+def score_window(logits, window: Window, top_k: int, ids_at: np.ndarray | None) -> WindowLoss:
+    """logits: [padded length, vocab] for one window."""
+    import torch
+
+    length = len(window.input_ids)
+    # Only the scored positions go to float32: the log-softmax is [scored, vocab], not more.
+    log_probs = logits[length - window.scored : length].float().log_softmax(dim=-1)
+    targets = torch.tensor(window.targets, device=log_probs.device)
+    target_log_probs = log_probs.gather(-1, targets[:, None])[:, 0]
+    loss = WindowLoss(
+        document=window.document,
+        nll=-float(target_log_probs.double().sum()),  # float64 from here on
+        tokens=window.scored,
+        greedy_ids=log_probs.argmax(dim=-1).tolist(),
+    )
+    if top_k:
+        ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).indices
+    elif ids_at is not None:
+        ids = torch.as_tensor(ids_at, dtype=torch.long, device=log_probs.device)
+    else:
+        return loss
+    loss.top_ids = ids.cpu().numpy()
+    loss.top_log_probs = log_probs.gather(-1, ids).cpu().numpy()
+    # The rest's mass summed from its own tokens, not 1 - sum(top): no cancellation, and exactly
+    # 0 (log -inf) when the ids cover the vocabulary.
+    rest = log_probs.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
+    loss.rest_log_prob = rest.cpu().numpy()
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics over all documents: token-weighted, never a mean of per-document means.
+
+
+def scored_tokens(losses: Sequence[WindowLoss]) -> int:
+    tokens = sum(loss.tokens for loss in losses)
+    if tokens == 0:
+        raise ValueError("no scored tokens: the losses are empty")
+    return tokens
+
+
+def mean_nll(losses: Sequence[WindowLoss]) -> float:
+    """Nats per token over all documents."""
+    return math.fsum(loss.nll for loss in losses) / scored_tokens(losses)
+
+
+def perplexity(losses: Sequence[WindowLoss]) -> float:
+    """exp(sum nll / sum tokens): token-level, so it depends on the tokenizer."""
+    return math.exp(mean_nll(losses))
+
+
+def bits_per_byte(losses: Sequence[WindowLoss], n_bytes: int) -> float:
+    """sum nll / (ln 2 * UTF-8 bytes of the documents): comparable across tokenizers."""
+    if n_bytes <= 0:
+        raise ValueError(f"n_bytes is {n_bytes}: allowed the documents' UTF-8 bytes, 1 or more")
+    scored_tokens(losses)
+    return math.fsum(loss.nll for loss in losses) / (math.log(2) * n_bytes)
+
+
+def kl_divergence(reference: Sequence[WindowLoss], variant: Sequence[WindowLoss]) -> float:
+    """Mean KL(reference || variant) per scored token, nats, over the reference's top-k tokens
+    plus one bin for the rest of the vocabulary: a lower bound of the full KL (merging tokens
+    never raises it), the full KL when k is the vocabulary's size."""
+    total = 0.0
+    for ref, var in zip(reference, variant, strict=True):
+        if (
+            ref.top_ids is None
+            or var.top_ids is None
+            or not np.array_equal(ref.top_ids, var.top_ids)
+        ):
+            raise ValueError(
+                "kl_divergence needs the reference's top_ids and the variant's log-probabilities "
+                "at the same ids (window_losses with top_k, then with log_probs_at)"
+            )
+        p_log = np.concatenate([ref.top_log_probs, ref.rest_log_prob[:, None]], axis=-1)
+        q_log = np.concatenate([var.top_log_probs, var.rest_log_prob[:, None]], axis=-1)
+        total += binned_kl(p_log.astype(np.float64), q_log.astype(np.float64))
+    return total / scored_tokens(reference)
+
+
+def binned_kl(p_log: np.ndarray, q_log: np.ndarray) -> float:
+    """sum p (log p - log q) over every entry of two arrays of log-probabilities; 0 log 0 = 0."""
+    p = np.exp(p_log)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(p > 0, p * (p_log - q_log), 0.0)
+    return float(terms.sum())
