@@ -17,14 +17,26 @@ from runner.results import (
     Latency,
     Result,
     find_results,
+    is_study_file,
     load_result,
+    load_study,
     walk,
     write_result,
 )
 from runner.spec import EvaluationSpec, QuantSettings, Variant
 from runner.worker import VariantTask, base_result
 
-SHIPPED = sorted((REPO / "results" / "reference").rglob("*.json"))
+REFERENCE = sorted((REPO / "results" / "reference").rglob("*.json"))
+SHIPPED = [path for path in REFERENCE if not is_study_file(path)]
+STUDIES = [path for path in REFERENCE if is_study_file(path)]
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_shipped_study_reads_as_a_study_and_names_its_results(path):
+    study = load_study(path)
+    assert study["status"] == "ok" and study["ranking"] and study["recipe"]["kept"]
+    for variant in (study["variant"], study["mixed_variant"]):
+        assert load_result(path.parent / f"{variant}.json")["status"] == "ok"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -170,3 +170,48 @@ def test_sensitivity_mistakes_exit_2_naming_the_field(
     capsys, tmp_path, block, field, words, tiny_model
 ):
     check_refused(capsys, tmp_path, _job(tiny_model, f"sensitivity: {block}"), field, words)
+
+
+def _step(model_dir, precision: str, **fields):
+    from conftest import hard_bert_sentences
+
+    from runner.spec import EvaluationSpec, QuantSettings, SensitivitySpec
+    from runner.study_worker import StudyStep
+
+    texts, gold = hard_bert_sentences()
+    labels = ["negative", "positive"]
+    return StudyStep(
+        kind="probe",
+        job="families",
+        study=SensitivitySpec(precision, "cpu", "type"),
+        model_dir=str(model_dir),
+        texts=texts[::4],
+        gold_labels=[labels[g] for g in gold[::4]],
+        model_labels=labels,
+        evaluation=EvaluationSpec(batch_size=8, threads=1),
+        settings=QuantSettings(torchao_int4_group_size=32),
+        max_length=32,
+        **fields,
+    )
+
+
+@pytest.mark.parametrize("precision", ["bnb-int8", "torchao-int8-dynamic"])
+def test_every_family_takes_part_in_a_study_its_own_way(hard_bert, precision):
+    from dataclasses import replace
+
+    from runner.study_worker import run_step
+
+    probe = run_step(_step(hard_bert, precision))
+    groups = probe["groups"]
+    # Every linear layer of the tiny BERT is quantized by both (transformers' default skips for
+    # bitsandbytes name nothing here), grouped by type.
+    assert len(probe["layers"]) == 14 and "classifier" in groups
+    assert sum(map(len, groups.values())) == len(probe["layers"])
+    assert len(probe["reference"]) == 32 and probe["full"]["kept"] == 0
+    shared = replace(
+        _step(hard_bert, precision), reference=probe["reference"], layers=tuple(probe["layers"])
+    )
+    measured = run_step(replace(shared, kind="groups", groups={"output": groups["output"]}))
+    (output,) = measured["groups"]
+    # Keeping every "output" layer in FP32 (all_but) quantizes the rest; "only" quantizes them.
+    assert output["all_but"]["kept"] == 2 and output["only"]["kept"] == len(probe["layers"]) - 2
