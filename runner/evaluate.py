@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runner import locks, measure
+from runner.spec import EvaluationSpec
 from runner.tasks import classification
 
 
@@ -116,6 +117,24 @@ def fixed_shape_batch(tokenizer, batch_size: int, sequence_length: int, device: 
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def tokenized_sample(
+    model_dir: str, texts: list[str], evaluation: EvaluationSpec, max_length: int, device: str
+) -> tuple[list[dict], list[int], dict | None]:
+    """The texts tokenized into batches in the evaluation's order (before any clock starts), that
+    order, and the fixed-shape batch when latency is timed on one (else None)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    order = batch_order(tokenizer, texts, max_length, evaluation.batch_order)
+    batches = tokenize_batches(
+        tokenizer, [texts[i] for i in order], evaluation.batch_size, max_length, device
+    )
+    fixed = None
+    if evaluation.latency_mode == "fixed":
+        fixed = fixed_shape_batch(tokenizer, *evaluation.fixed_shape, device)
+    return batches, order, fixed
+
+
 def batch_shape(batch: dict) -> tuple[int, ...]:
     return tuple(batch["input_ids"].shape)
 
@@ -137,7 +156,8 @@ def run_passes(
     Dataset mode (fixed_batch None): the passes over the sample are the timed passes, and the first
     of them gives the outputs. Fixed mode: the sample is evaluated untimed, and the timed passes all
     run on fixed_batch. holder: who times, in words, for whoever waits for the machine's timing
-    lock meanwhile. read_output: a forward pass's output -> one CPU tensor row per sample.
+    lock meanwhile. read_output: (a forward pass's output, its batch) -> one CPU tensor row per
+    sample.
     count_graphs: for a compiled model, the graphs torch.compile has compiled so far; in fixed mode
     its untimed passes over the sample then hold the timing lock too, as they may recompile.
     """
@@ -151,12 +171,12 @@ def run_passes(
 
             def keep(index: int, output) -> None:
                 if index < len(batches):
-                    outputs.append(read_output(output))
+                    outputs.append(read_output(output, batches[index]))
 
             timings = timed_passes_of(model, batches, *clock, keep, count_graphs)
         else:
             with locks.timing_lock(holder) if count_graphs else contextlib.nullcontext():
-                outputs = [read_output(model(**batch)) for batch in batches]
+                outputs = [read_output(model(**batch), batch) for batch in batches]
             timings = timed_passes_of(model, [fixed_batch], *clock, None, count_graphs)
     return torch.cat(outputs).numpy(), timings
 

@@ -88,14 +88,12 @@ def run_step(step: StudyStep) -> dict:
 def load(step: StudyStep) -> Loaded:
     import torch
 
-    from runner.worker import tokenized_sample
-
     clock = time.perf_counter()
     model_class = TASKS[step.task_name].auto_model()
     fp32 = model_class.from_pretrained(step.model_dir, dtype=torch.float32)
     fp32 = fp32.to(step.study.device).eval()
     load_s = time.perf_counter() - clock
-    batches, order, _ = tokenized_sample(
+    batches, order, _ = evaluate.tokenized_sample(
         step.model_dir, step.texts, step.evaluation, step.max_length, step.study.device
     )
     gold = np.array([step.model_labels.index(label) for label in step.gold_labels])

@@ -178,7 +178,7 @@ def _run(task: VariantTask, result: Result, torch) -> None:
     memory = measure.MemoryPhases(task.variant.device)
     loaded = load_variant(task, memory, threads)
     size_mib = measure.model_size_mib(loaded.model)
-    batches, order, fixed = prepare_batches(task)
+    batches, order, fixed = kind.prepare_batches(task)
     compiled = compile_model(task, loaded.model, batches[0] if fixed is None else fixed, memory)
     with memory.phase("evaluate"):
         outputs, timings = evaluate.run_passes(
@@ -358,32 +358,6 @@ def compile_warnings(compiled: CompiledModel | None, timings) -> list[str]:
             "so this variant is only partly compiled"
         )
     return [warning for warning in warnings if warning]
-
-
-def prepare_batches(task: VariantTask) -> tuple[list[dict], list[int], dict | None]:
-    """The sample tokenized into batches in the evaluation's order, that order, and the fixed-shape
-    batch when latency is timed on one: all before any clock starts."""
-    return tokenized_sample(
-        task.model_dir, task.texts, task.evaluation, task.max_length, task.variant.device
-    )
-
-
-def tokenized_sample(
-    model_dir: str, texts: list[str], evaluation: EvaluationSpec, max_length: int, device: str
-) -> tuple[list[dict], list[int], dict | None]:
-    """prepare_batches for any texts: batches in the evaluation's order, the order, the fixed-shape
-    batch (None unless latency is timed on one)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    order = evaluate.batch_order(tokenizer, texts, max_length, evaluation.batch_order)
-    batches = evaluate.tokenize_batches(
-        tokenizer, [texts[i] for i in order], evaluation.batch_size, max_length, device
-    )
-    fixed = None
-    if evaluation.latency_mode == "fixed":
-        fixed = evaluate.fixed_shape_batch(tokenizer, *evaluation.fixed_shape, device)
-    return batches, order, fixed
 
 
 def check_finite(task: VariantTask, outputs: np.ndarray) -> None:

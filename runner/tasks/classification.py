@@ -129,8 +129,19 @@ def check_training_labels(
 # A forward pass's answer, and the answers scored.
 
 
-def class_probabilities(output):
-    """One row of label probabilities per sample, in float32 on the CPU."""
+def prepare_batches(task) -> tuple[list[dict], list[int], dict | None]:
+    """task: the worker's VariantTask. Each text is one sample: the texts tokenized into batches in
+    the evaluation's order, that order, and the fixed-shape batch of latency_mode fixed."""
+    from runner import evaluate  # evaluate reads class probabilities by default: it imports this
+
+    return evaluate.tokenized_sample(
+        task.model_dir, task.texts, task.evaluation, task.max_length, task.variant.device
+    )
+
+
+def class_probabilities(output, batch: dict | None = None):
+    """One row of label probabilities per sample, in float32 on the CPU (the batch is not
+    needed: the head answers per sample)."""
     import torch
 
     return torch.softmax(output.logits.float(), dim=-1).cpu()
@@ -219,6 +230,7 @@ TASK = Task(
     name="classification",
     model_class="AutoModelForSequenceClassification",
     plan_targets=plan_targets,
+    prepare_batches=prepare_batches,
     read_output=class_probabilities,
     score=score,
     finetune_model=finetune_model,

@@ -34,8 +34,12 @@ class Task:
     # (spec, job file, model config, dataset rows, evaluation sample, training rows) -> Targets;
     # raises SpecError for answers the model cannot give.
     plan_targets: Callable[..., Targets]
-    # A forward pass's output -> one float CPU tensor row per sample (computed after the clock).
-    read_output: Callable[[Any], Any]
+    # (VariantTask) -> (the sample's batches in the evaluation's order, that order, the fixed-shape
+    # batch or None): all before any clock starts.
+    prepare_batches: Callable[..., tuple]
+    # (a forward pass's output, the batch it was given) -> one float CPU tensor row per sample
+    # (computed after the clock).
+    read_output: Callable[[Any, dict], Any]
     # (VariantTask, outputs in sample order) -> Scored.
     score: Callable[..., Scored]
     # (base checkpoint folder, answer names) -> a model with a new head to fine-tune; None: the
