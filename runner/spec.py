@@ -478,7 +478,7 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
         finetune=finetune,
         tolerances=_tolerances(top.sub("tolerances")),
         task=_task(top),
-        sensitivity=_sensitivity(shown, top.sub("sensitivity"), variants),
+        sensitivity=_sensitivity(shown, top.sub("sensitivity")),
         raw=raw,
     )
 
@@ -543,9 +543,7 @@ def _baseline(shown: Path, top: _Reader, variants: list[Variant]) -> str:
     return baseline
 
 
-def _sensitivity(
-    shown: Path, reader: _Reader | None, variants: list[Variant]
-) -> SensitivitySpec | None:
+def _sensitivity(shown: Path, reader: _Reader | None) -> SensitivitySpec | None:
     """sensitivity: {precision, device, groups}: a precision that quantizes linear layers one by one
     (not a cast), on a device it runs on."""
     if reader is None:
@@ -567,10 +565,7 @@ def _sensitivity(
     groups = reader.get("groups", str, "layer")
     if groups not in GROUPINGS:
         raise SpecError(shown, reader.field("groups"), groups, f"allowed: {', '.join(GROUPINGS)}")
-    study = SensitivitySpec(precision, device, groups)
-    if study.mixed_id in {v.id for v in variants}:  # cannot happen today: no precision says mixed
-        raise SpecError(shown, where, study.mixed_id, "the study's mixed variant is a job variant")
-    return study
+    return SensitivitySpec(precision, device, groups)
 
 
 def _task(top: _Reader) -> str:

@@ -74,9 +74,10 @@ def build_tasks(
         "seed": spec.dataset.sample.seed,
         "fingerprint": plan.sample_fingerprint,
     }
+    inputs = plan.worker_inputs()  # the sample's lists, built once for every variant
     return [
         VariantTask(
-            **plan.worker_inputs(),
+            **inputs,
             variant=variant,
             model_dir=str(model_dir),
             spec_hash=plan.spec_hash,
