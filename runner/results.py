@@ -134,6 +134,12 @@ _METRICS = {
         "accuracy",
         "avg_confidence",
         "macro_f1",
+        "perplexity",
+        "bits_per_byte",
+        "mean_nll",
+        "kl_vs_fp32",
+        "time_to_first_token_ms",
+        "decode_tokens_per_s",
         "throughput_sps",
         "peak_rss_mib",
         "peak_cuda_mib",
@@ -187,6 +193,10 @@ RESULT_SHAPE = {
             "gold": Maybe([str]),
             "predicted": Maybe([str]),
             "probabilities": Maybe([[NUM]]),
+            "windows": Maybe(
+                {"!document": [int], "!tokens": [int], "!nll": [NUM], "kl": Maybe([NUM])}
+            ),
+            "greedy": Maybe([[int]]),
         }
     ),
     "analysis": Maybe(_ANALYSIS),
@@ -256,12 +266,34 @@ def lengths_error(result: dict) -> str | None:
         return (
             f"predictions.probabilities[{ragged[0]}]: {len(labels)} values expected, one per label"
         )
+    windows_error = windows_lengths_error(preds)
+    if windows_error:
+        return windows_error
     by_type = ((result.get("analysis") or {}).get("histograms") or {}).get("by_layer_type") or {}
     uneven = [
         name for name, hist in by_type.items() if len(hist["edges"]) != len(hist["counts"]) + 1
     ]
     if uneven:
         return f"analysis.histograms.by_layer_type.{uneven[0]}: expected one edge more than counts"
+    return None
+
+
+def windows_lengths_error(preds: dict) -> str | None:
+    """A causal LM's per-window lists: one entry per window, one greedy token per scored one."""
+    windows = preds.get("windows")
+    if windows is None:
+        return None
+    count = len(windows["nll"])
+    for key in ("document", "tokens", "kl"):
+        if windows.get(key) is not None and len(windows[key]) != count:
+            return f"predictions.windows.{key}: {len(windows[key])} values for {count} windows"
+    greedy = preds.get("greedy")
+    if greedy is not None:
+        if len(greedy) != count:
+            return f"predictions.greedy: {len(greedy)} windows where windows.nll has {count}"
+        for i, (ids, tokens) in enumerate(zip(greedy, windows["tokens"])):
+            if len(ids) != tokens:
+                return f"predictions.greedy[{i}]: {len(ids)} tokens for {tokens} scored"
     return None
 
 
@@ -436,6 +468,19 @@ class Metrics(Record):
     # A compiled variant's graphs compiled in its first pass, in warm-up and while the clock ran
     # (0 where warm-up met every shape), graph breaks and cache hits (runner/worker.py).
     compilation: dict | None = None
+    # Causal LMs (runner/tasks/causal_lm.py): token-weighted over the evaluation documents.
+    perplexity: float | None = None
+    bits_per_byte: float | None = None
+    mean_nll: float | None = None  # nats per scored token
+    scored_tokens: int | None = None
+    # Mean KL(FP32 || variant) per scored token, nats, over FP32's top-k tokens and one bin for the
+    # rest of the vocabulary (a lower bound of the full KL).
+    kl_vs_fp32: float | None = None
+    # Greedy generation with the KV cache, at the first of the job's batch sizes; `generation`
+    # holds every batch size (runner/tasks/generation.py).
+    time_to_first_token_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+    generation: dict | None = None
 
     NESTED: ClassVar[dict[str, type[Record]]] = {"latency_ms": Latency}
 
@@ -454,6 +499,11 @@ class Predictions(Record):
     predicted: list[str] | None = None
     confidence: list[float] | None = None
     probabilities: list[list[float]] | None = None
+    # Causal LMs: one entry per rolling window, in window order. windows: {"document": [int],
+    # "tokens": [int] scored, "nll": [float] summed nats, "kl": [float] summed KL(FP32 || variant)
+    # nats}; greedy: per window, the most probable next token at each scored position.
+    windows: dict | None = None
+    greedy: list[list[int]] | None = None
 
 
 FILE_KEY = "_file"  # find_results' dicts name the file they were read from under this key
