@@ -34,11 +34,17 @@ LAYER_TYPES = (
     "query",
     "key",
     "value",
+    "query_key_value",  # one fused projection: GPT-2's attn.c_attn
     "attention_output",
     "intermediate",
     "output",
+    # A decoder's MLP: gate and up project into the MLP, down out of it (GPT-2: c_fc, c_proj).
+    "mlp_gate",
+    "mlp_up",
+    "mlp_down",
     "classifier",
     "pooler",
+    "lm_head",
     "other",
 )
 
@@ -83,6 +89,12 @@ _LAYER_TYPE_PATTERNS = [
     ("intermediate", re.compile(r"(intermediate\.dense|ffn\.lin1)$")),
     ("output", re.compile(r"(output\.dense|ffn\.lin2)$")),
     ("pooler", re.compile(r"(^|\.)pooler(\.|$)")),
+    ("query_key_value", re.compile(r"(^|\.)(c_attn|qkv_proj|query_key_value)$")),
+    ("attention_output", re.compile(r"attn\.c_proj$")),
+    ("mlp_gate", re.compile(r"(^|\.)gate_proj$")),
+    ("mlp_up", re.compile(r"((^|\.)up_proj|mlp\.c_fc)$")),
+    ("mlp_down", re.compile(r"((^|\.)down_proj|mlp\.c_proj)$")),
+    ("lm_head", re.compile(r"(^|\.)lm_head$")),
 ]
 _DEPTH_PATTERN = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 

@@ -17,23 +17,24 @@ from runner.analysis import LAYER_TYPES
 DPI = 120
 PANEL_IN = 3.4  # width and height of one small-multiple panel, inches
 MAX_COLUMNS = 3
-# One colour per layer type, the same in every plot.
-TYPE_COLOURS = dict(
-    zip(
-        LAYER_TYPES,
-        [
-            "#1f77b4",
-            "#ff7f0e",
-            "#2ca02c",
-            "#d62728",
-            "#9467bd",
-            "#8c564b",
-            "#e377c2",
-            "#7f7f7f",
-            "#bcbd22",
-        ],
-    )
-)
+# One colour per layer type, the same in every plot (tab20's: an encoder's types keep tab10's).
+TYPE_COLOURS = {
+    "query": "#1f77b4",
+    "key": "#ff7f0e",
+    "value": "#2ca02c",
+    "attention_output": "#d62728",
+    "intermediate": "#9467bd",
+    "output": "#8c564b",
+    "classifier": "#e377c2",
+    "pooler": "#7f7f7f",
+    "other": "#bcbd22",
+    "query_key_value": "#aec7e8",
+    "mlp_gate": "#17becf",
+    "mlp_up": "#c5b0d5",
+    "mlp_down": "#c49c94",
+    "lm_head": "#f7b6d2",
+}
+assert set(TYPE_COLOURS) == set(LAYER_TYPES), "a layer type without a colour"
 
 
 def panels(n: int, title: str) -> tuple[Figure, list]:

@@ -519,7 +519,8 @@ def test_weight_histograms(tiny_bert):
     hist = A.weight_histograms(ref, bins=16)
     _json_ok(hist)
     by_type = hist["by_layer_type"]
-    assert list(by_type) == [t for t in A.LAYER_TYPES if t != "other"]
+    encoder = ["query", "key", "value", "attention_output", "intermediate", "output"]
+    assert list(by_type) == encoder + ["classifier", "pooler"]  # in LAYER_TYPES order
     query = by_type["query"]
     assert query["n_layers"] == 2 and query["n_weights"] == 2 * 32 * 32 == sum(query["counts"])
     assert len(query["edges"]) == 17 and len(query["counts"]) == 16
