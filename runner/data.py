@@ -1,9 +1,10 @@
-"""Datasets: read labelled texts from csv, tsv, jsonl, parquet or one-file-per-label folders, and
-sample.
+"""Datasets: read labelled texts from csv, tsv, jsonl, parquet or one-file-per-label folders, or
+plain text files of one document per line, and sample.
 
 A registry maps each format to a small reader returning (text, label) rows with labels as strings,
-so labels are compared by name everywhere after this point. Sampling is seeded and returns the row
-indices too: the evaluation sample and a training split drawn from the rest never overlap.
+so labels are compared by name everywhere after this point; a task that reads text alone gets
+the label "" (and a `lines` dataset's file keys, which it ignores). Sampling is seeded and returns
+the row indices too: the evaluation sample and a training split drawn from the rest never overlap.
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ def _read_delimited(delimiter: str, quoting: int):
             raise SpecError(job, f"{spec.field}.path", str(spec.path), "the file has no rows")
         header = rows.pop(0)[0] if spec.header else [str(i) for i in range(len(rows[0][0]))]
         text_at = _column(header, spec.text_column, job, f"{spec.field}.text_column", spec.path)
-        label_at = _column(header, spec.label_column, job, f"{spec.field}.label_column", spec.path)
+        label_at = (
+            text_at  # text alone: the label is not read
+            if spec.label_column is None
+            else _column(header, spec.label_column, job, f"{spec.field}.label_column", spec.path)
+        )
         examples = []
         for row, first, last in rows:
             where = (
@@ -81,9 +86,8 @@ def _read_delimited(delimiter: str, quoting: int):
                     f"{where}: {row!r}",
                     f"every row needs {len(header)} columns",
                 )
-            examples.append(
-                Example(row[text_at], label_name(row[label_at]), where, last - first + 1)
-            )
+            label = "" if spec.label_column is None else label_name(row[label_at])
+            examples.append(Example(row[text_at], label, where, last - first + 1))
         return examples
 
     return read
@@ -119,11 +123,11 @@ def _records_to_examples(
             (f"{spec.field}.text_column", spec.text_column),
             (f"{spec.field}.label_column", spec.label_column),
         ):
-            if key not in record:
+            if key is not None and key not in record:
                 raise SpecError(
                     job, name, key, f"{where} has fields: {', '.join(map(str, record))}"
                 )
-        text, label = record[spec.text_column], record[spec.label_column]
+        text, label = record[spec.text_column], record.get(spec.label_column, "")
         if not isinstance(text, str):  # null would be evaluated as the word "None"
             raise SpecError(
                 job, f"{spec.field}.text_column", f"{where}: {text!r}", "expected a text (a string)"
@@ -170,6 +174,15 @@ def _read_lines(spec: DatasetSpec, job: Path) -> list[Example]:
     return examples
 
 
+def _read_text(spec: DatasetSpec, job: Path) -> list[Example]:
+    """A plain text file, one document per line (blank lines skipped), without labels."""
+    examples = []
+    for number, line in enumerate(spec.path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            examples.append(Example(line.strip(), "", f"line {number} of {spec.path.name}"))
+    return examples
+
+
 READERS = {
     "csv": _read_delimited(",", csv.QUOTE_MINIMAL),
     # TSV files in the wild hold bare quotes inside texts: quoting is off, a tab is the only
@@ -178,6 +191,7 @@ READERS = {
     "jsonl": _read_jsonl,
     "parquet": _read_parquet,
     "lines": _read_lines,
+    "text": _read_text,
 }
 
 
@@ -197,7 +211,7 @@ def read_examples(spec: DatasetSpec, job: Path) -> list[Example]:
     if not examples:
         raise SpecError(job, spec.field, spec.format, "the dataset has no rows")
     unlabelled = [e for e in examples if not e.label]
-    if unlabelled:
+    if unlabelled and spec.label_column is not None and spec.format != "lines":
         raise SpecError(
             job,
             f"{spec.field}.label_column",

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from runner import data, measure, model_checks, models
 from runner.spec import JobSpec, SampleSpec, SpecError, load_job
@@ -28,6 +29,7 @@ class JobPlan:
     sample_fingerprint: str
     spec_hash: str
     train_examples: list[data.Example] | None = None  # the fine-tune split, when the job fine-tunes
+    task_settings: Any = None  # the task's own settings as resolved against the model
     notes: list[str] = field(
         default_factory=list
     )  # what is allowed but worth saying before it runs
@@ -39,12 +41,14 @@ class JobPlan:
         return {
             "job": spec.name,
             "texts": [e.text for e in self.examples],
-            "gold_labels": [self.label_map[e.label] for e in self.examples],
+            # A task whose answers are not labels has no label map and no gold labels.
+            "gold_labels": [self.label_map[e.label] for e in self.examples if self.label_map],
             "model_labels": self.model_labels,
             "evaluation": spec.evaluation,
             "settings": spec.settings,
             "max_length": spec.dataset.max_length,
             "task_name": spec.task,
+            "task_settings": self.task_settings,
         }
 
 
@@ -76,6 +80,7 @@ def plan_job(path: str | Path) -> JobPlan:
         spec_hash=_spec_hash(spec, examples, train),
         train_examples=train,
         notes=notes,
+        task_settings=targets.task_settings,
     )
 
 
@@ -186,7 +191,8 @@ def check_lengths(spec: JobSpec, shown: Path, config: dict) -> None:
     if not isinstance(positions, int):
         return  # relative or rotary positions: no fixed table to outgrow
     allowed = f"the model takes at most {positions} tokens (max_position_embeddings in its config)"
-    if spec.dataset.max_length > positions:
+    # A task of text alone cuts its own windows (and checks them): max_length is not read.
+    if TASKS[spec.task].labelled and spec.dataset.max_length > positions:
         raise SpecError(shown, "dataset.max_length", spec.dataset.max_length, allowed)
     shape = spec.evaluation.fixed_shape
     if shape is not None and shape[1] > positions:

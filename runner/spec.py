@@ -91,7 +91,7 @@ class DatasetSpec:
     files: dict[str, Path] | None  # format "lines": label value -> file with one text per line
     header: bool
     text_column: str | int
-    label_column: str | int
+    label_column: str | int | None  # None: a task whose answers are not labels reads text alone
     label_map: dict[str, str] | None  # dataset label value -> model label name
     sample: SampleSpec
     max_length: int
@@ -200,6 +200,7 @@ class JobSpec:
     finetune: FinetuneSpec | None = None
     tolerances: dict[str, float] = field(default_factory=dict)
     task: str = "classification"  # a name in runner.tasks.TASKS
+    task_settings: Any = None  # the task's own job fields, read by the task (Task.read_settings)
     sensitivity: SensitivitySpec | None = None
     raw: dict = field(
         default_factory=dict, repr=False
@@ -209,7 +210,8 @@ class JobSpec:
 # ---------------------------------------------------------------------------------------------
 # Reading.
 
-DATASET_FORMATS = ("csv", "tsv", "jsonl", "parquet", "lines")
+# text: a plain text file, one document per line, no labels (a causal LM's data).
+DATASET_FORMATS = ("csv", "tsv", "jsonl", "parquet", "lines", "text")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RESERVED_NAMES = ("reference",)  # collect.SKIPPED_FOLDER
 
@@ -453,14 +455,22 @@ TOLERANCES = {
 
 
 def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
+    from runner.tasks import TASKS  # the tasks import models, which imports this
+
     top = _Reader(shown, raw, "")
-    top.check_keys(TOP_FIELDS)
+    top.check_keys(TOP_FIELDS + tuple(f for t in TASKS.values() for f in t.job_fields))
+    task = _task(top)
     name = _name(shown, top)
     seed = top.get("seed", int, 0)
     model, tokenizer = _model_and_tokenizer(file, shown, top)
-    dataset = _dataset(file, shown, top.sub("dataset", required=True))
+    labelled = TASKS[task].labelled
+    dataset = _dataset(file, shown, top.sub("dataset", required=True), labelled=labelled)
     finetune_reader = top.sub("finetune")
-    finetune = None if finetune_reader is None else _finetune(file, shown, finetune_reader, dataset)
+    finetune = (
+        None
+        if finetune_reader is None
+        else _finetune(file, shown, finetune_reader, dataset, labelled)
+    )
     evaluation = _evaluation(top.sub("evaluation") or _Reader(shown, {}, "evaluation"))
     settings = _settings(top.sub("settings") or _Reader(shown, {}, "settings"))
     variants = _variants(shown, top, evaluation.compile)
@@ -477,8 +487,9 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
         seed=seed,
         finetune=finetune,
         tolerances=_tolerances(top.sub("tolerances")),
-        task=_task(top),
-        sensitivity=_sensitivity(shown, top.sub("sensitivity")),
+        task=task,
+        task_settings=_task_settings(top, task),
+        sensitivity=_sensitivity(shown, top.sub("sensitivity"), labelled),
         raw=raw,
     )
 
@@ -543,11 +554,20 @@ def _baseline(shown: Path, top: _Reader, variants: list[Variant]) -> str:
     return baseline
 
 
-def _sensitivity(shown: Path, reader: _Reader | None) -> SensitivitySpec | None:
+def _sensitivity(shown: Path, reader: _Reader | None, labelled: bool) -> SensitivitySpec | None:
     """sensitivity: {precision, device, groups}: a precision that quantizes linear layers one by one
-    (not a cast), on a device it runs on."""
+    (not a cast), on a device it runs on; a task whose answers are labels (the study measures
+    label agreement)."""
     if reader is None:
         return None
+    if not labelled:
+        raise SpecError(
+            shown,
+            "sensitivity",
+            reader.data,
+            "the sensitivity study measures agreement of predicted labels: it runs on a "
+            "classification job; a causal-lm job cannot take it yet",
+        )
     reader.check_keys(tuple(f.name for f in fields(SensitivitySpec)))
     precision = reader.get("precision", str, required=True)
     device = reader.get("device", str, "cpu")
@@ -574,7 +594,24 @@ def _task(top: _Reader) -> str:
     name = top.get("task", str, DEFAULT_TASK)
     if name not in TASKS:
         raise SpecError(top.file, "task", name, f"allowed: {', '.join(TASKS)}")
+    for other in TASKS.values():
+        for key in other.job_fields:
+            if key in top.data and key not in TASKS[name].job_fields:
+                raise SpecError(
+                    top.file,
+                    key,
+                    top.data[key],
+                    f"only a job of task: {other.name} takes this field; this job's task is {name}",
+                )
     return name
+
+
+def _task_settings(top: _Reader, task: str) -> Any:
+    """The task's own fields, read by the task (None for a task without any)."""
+    from runner.tasks import TASKS
+
+    read = TASKS[task].read_settings
+    return None if read is None else read(top)
 
 
 def _resolve(file: Path, value: str) -> Path:
@@ -632,7 +669,9 @@ def label_name(value: Any) -> str:
 SOURCE_FIELDS = ("format", "path", "files", "header", "text_column", "label_column")
 
 
-def _finetune(file: Path, shown: Path, reader: _Reader, dataset: DatasetSpec) -> FinetuneSpec:
+def _finetune(
+    file: Path, shown: Path, reader: _Reader, dataset: DatasetSpec, labelled: bool = True
+) -> FinetuneSpec:
     reader.check_keys(
         (
             "train",
@@ -649,7 +688,7 @@ def _finetune(file: Path, shown: Path, reader: _Reader, dataset: DatasetSpec) ->
     train = (
         None
         if train_reader is None
-        else _dataset(file, shown, train_reader, SOURCE_FIELDS, like=dataset)
+        else _dataset(file, shown, train_reader, SOURCE_FIELDS, like=dataset, labelled=labelled)
     )
     values = {}
     for key, low, high in (
@@ -678,15 +717,28 @@ def _dataset(
     reader: _Reader,
     allowed: tuple[str, ...] | None = None,
     like: DatasetSpec | None = None,
+    labelled: bool = True,
 ) -> DatasetSpec:
     """A dataset's fields. A training file `like` the job's dataset (of its format) takes the
     dataset's header and columns unless it names its own: it is usually the other split of the same
-    data."""
+    data. Unlabelled (a task that reads text alone): no label column, no label map."""
     reader.check_keys(allowed or SOURCE_FIELDS + ("label_map", "sample", "max_length"))
+    if not labelled:
+        _no_labels(shown, reader)
     fmt, path_value = _dataset_format(shown, reader)
+    if fmt == "text" and labelled:
+        raise SpecError(
+            shown,
+            reader.field("format"),
+            fmt,
+            "a text file has no labels, and this job's task scores labels: use csv, tsv, jsonl, "
+            "parquet or lines",
+        )
     path, files = _dataset_files(file, shown, reader, fmt, path_value)
     like = like if like is not None and like.format == fmt else None
     header, text_column, label_column = _dataset_columns(reader, fmt, like)
+    if not labelled or fmt == "text":
+        label_column = None
     label_map = _label_map(shown, reader)
     sample = _sample(shown, reader)
     return DatasetSpec(
@@ -701,6 +753,18 @@ def _dataset(
         max_length=reader.positive_int("max_length", 128),
         field=reader.where,
     )
+
+
+def _no_labels(shown: Path, reader: _Reader) -> None:
+    """A task that reads text alone takes no label fields: say so rather than ignore them."""
+    for key in ("label_column", "label_map"):
+        if key in reader.data:
+            raise SpecError(
+                shown,
+                reader.field(key),
+                reader.data[key],
+                "this job's task reads text alone (no labels): leave the field out",
+            )
 
 
 def _dataset_format(shown: Path, reader: _Reader) -> tuple[str, str | None]:

@@ -44,6 +44,7 @@ class StudyStep:
     settings: QuantSettings
     max_length: int
     task_name: str = DEFAULT_TASK
+    task_settings: object = None  # the task's own settings (a study runs classification jobs)
     reference: list | None = None  # the probe's FP32 probabilities [samples][labels]
     layers: tuple[str, ...] = ()  # the linear layers the precision quantizes (the probe's)
     groups: dict[str, list[str]] = field(default_factory=dict)  # kind "groups": this step's share

@@ -15,6 +15,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class VariantTask:
     model_info: dict = field(default_factory=dict)
     repeat: int = 0  # which of the evaluation's repeats this run is
     task_name: str = DEFAULT_TASK  # a name in runner.tasks.TASKS
+    task_settings: Any = None  # the task's own settings, resolved by the plan (a causal LM's)
 
 
 class NoCudaDevice(RuntimeError):
@@ -197,6 +199,8 @@ def _run(task: VariantTask, result: Result, torch) -> None:
     check_finite(task, outputs)
     analysis_warning = weight_analysis(loaded.model, task, batches, memory, result)
     scored = kind.score(task, outputs)
+    if kind.measure_more is not None:  # after the clock, on the eager model
+        scored = kind.measure_more(task, loaded.model, batches, memory, scored)
     result.metrics = Metrics.from_json(
         measured_metrics(size_mib, scored.metrics, timings, memory, loaded, compiled)
     )
@@ -433,4 +437,5 @@ def recorded_settings(task: VariantTask, loaded_settings: dict, compiled=None) -
         "latency_mode": evaluation.latency_mode,
         "fixed_shape": evaluation.fixed_shape,
         "quantization": asdict(task.settings),
+        **(asdict(task.task_settings) if task.task_settings is not None else {}),
     }

@@ -7,10 +7,10 @@ results and the framing of collect and report never name a task: they call its f
 
 from __future__ import annotations
 
-from runner.tasks import classification
+from runner.tasks import causal_lm, classification
 from runner.tasks.task import Scored, Targets, Task
 
-TASKS: dict[str, Task] = {task.name: task for task in [classification.TASK]}
+TASKS: dict[str, Task] = {task.name: task for task in [classification.TASK, causal_lm.TASK]}
 DEFAULT_TASK = "classification"
 
 __all__ = ["DEFAULT_TASK", "TASKS", "Scored", "Targets", "Task"]

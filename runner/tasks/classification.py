@@ -34,6 +34,7 @@ def plan_targets(
     examples: list[data.Example],
     train: list[data.Example] | None,
 ) -> Targets:
+    model_checks.check_not_causal_lm(config, shown, spec.model, spec.task)
     labels_of_model = model_checks.config_labels(config, shown, spec.model)
     if spec.finetune is None:
         model_labels = labels_of_model

@@ -177,19 +177,22 @@ def window_losses(
     return losses
 
 
-def batch_losses(model, batch, device, pad_id: int, top_k: int, at) -> list[WindowLoss]:
+def window_inputs(windows: Sequence[Window], pad_id: int, device) -> dict:
+    """The windows' input_ids and attention_mask, right-padded to the longest, on device."""
     import torch
 
-    longest = max(len(window.input_ids) for window in batch)
-    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for row, window in enumerate(batch):
+    longest = max(len(window.input_ids) for window in windows)
+    input_ids = torch.full((len(windows), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(windows), longest), dtype=torch.long)
+    for row, window in enumerate(windows):
         # Right padding: a causal model's real positions never see the pads after them.
         input_ids[row, : len(window.input_ids)] = torch.tensor(window.input_ids)
         attention_mask[row, : len(window.input_ids)] = 1
-    logits = model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-    ).logits
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def batch_losses(model, batch, device, pad_id: int, top_k: int, at) -> list[WindowLoss]:
+    logits = model(**window_inputs(batch, pad_id, device), use_cache=False).logits
     return [
         score_window(logits[row], window, top_k, None if at is None else at[row])
         for row, window in enumerate(batch)
@@ -259,21 +262,21 @@ def kl_divergence(reference: Sequence[WindowLoss], variant: Sequence[WindowLoss]
     """Mean KL(reference || variant) per scored token, nats, over the reference's top-k tokens
     plus one bin for the rest of the vocabulary: a lower bound of the full KL (merging tokens
     never raises it), the full KL when k is the vocabulary's size."""
-    total = 0.0
-    for ref, var in zip(reference, variant, strict=True):
-        if (
-            ref.top_ids is None
-            or var.top_ids is None
-            or not np.array_equal(ref.top_ids, var.top_ids)
-        ):
-            raise ValueError(
-                "kl_divergence needs the reference's top_ids and the variant's log-probabilities "
-                "at the same ids (window_losses with top_k, then with log_probs_at)"
-            )
-        p_log = np.concatenate([ref.top_log_probs, ref.rest_log_prob[:, None]], axis=-1)
-        q_log = np.concatenate([var.top_log_probs, var.rest_log_prob[:, None]], axis=-1)
-        total += binned_kl(p_log.astype(np.float64), q_log.astype(np.float64))
+    total = math.fsum(window_kl(ref, var) for ref, var in zip(reference, variant, strict=True))
     return total / scored_tokens(reference)
+
+
+def window_kl(ref: WindowLoss, var: WindowLoss) -> float:
+    """KL(reference || variant) summed over one window's scored tokens, nats, binned as
+    kl_divergence says."""
+    if ref.top_ids is None or var.top_ids is None or not np.array_equal(ref.top_ids, var.top_ids):
+        raise ValueError(
+            "kl_divergence needs the reference's top_ids and the variant's log-probabilities "
+            "at the same ids (window_losses with top_k, then with log_probs_at)"
+        )
+    p_log = np.concatenate([ref.top_log_probs, ref.rest_log_prob[:, None]], axis=-1)
+    q_log = np.concatenate([var.top_log_probs, var.rest_log_prob[:, None]], axis=-1)
+    return binned_kl(p_log.astype(np.float64), q_log.astype(np.float64))
 
 
 def binned_kl(p_log: np.ndarray, q_log: np.ndarray) -> float:

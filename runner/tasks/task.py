@@ -15,6 +15,9 @@ class Targets:
     label_map: dict[str, str]  # dataset label value -> model label name
     model_labels: list[str]  # the model's answers, in the order of its outputs
     notes: list[str] = field(default_factory=list)
+    # The task's own job settings as the plan resolved them against the model (a causal LM's
+    # context), handed to every worker; None for a task without any.
+    task_settings: Any = None
 
 
 @dataclass
@@ -45,6 +48,16 @@ class Task:
     # (base checkpoint folder, answer names) -> a model with a new head to fine-tune; None: the
     # task cannot be fine-tuned.
     finetune_model: Callable[..., Any] | None = None
+    # Whether the task's answers are labels: a dataset's label column, a label map, gold labels.
+    # False: the dataset is text alone, and a labelled format's label column is not read.
+    labelled: bool = True
+    # Top-level job fields only this task takes, and (the job's top-level _Reader) -> its settings.
+    job_fields: tuple[str, ...] = ()
+    read_settings: Callable[..., Any] | None = None
+    # (VariantTask, the eager model, the batches, MemoryPhases, Scored) -> Scored: measurements
+    # after the timed passes and the weight analysis, outside their clocks (a causal LM's KL against
+    # FP32 and its generation speed).
+    measure_more: Callable[..., Scored] | None = None
 
     def auto_model(self):
         """The transformers class that loads this task's checkpoints."""
