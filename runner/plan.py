@@ -66,6 +66,8 @@ def plan_job(path: str | Path) -> JobPlan:
     if spec.finetune is not None:
         train = training_split(spec, shown, rows, sample_rows, notes)
     targets = TASKS[spec.task].plan_targets(spec, shown, config, rows, examples, train)
+    # After the task's checks: a model of the wrong kind is the first thing to say.
+    check_lengths(spec, shown, config)
 
     notes += sample_notes(spec, rows, examples, train)
     notes.extend(targets.notes)
@@ -85,13 +87,12 @@ def plan_job(path: str | Path) -> JobPlan:
 
 
 def check_model_files(spec: JobSpec, shown: Path, config: dict) -> None:
-    """The tokenizer and weight files are there, and the sample fits the model's positions."""
+    """The tokenizer and weight files are there."""
     if spec.tokenizer is not None:
         model_checks.check_tokenizer_files(spec.tokenizer, shown, "tokenizer")
     else:
         model_checks.check_tokenizer_files(spec.model, shown, "model")
     model_checks.check_weight_files(spec.model, shown)
-    check_lengths(spec, shown, config)
 
 
 def sample_notes(

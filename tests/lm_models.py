@@ -113,3 +113,35 @@ def load(folder: Path):
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+# Hand computations: each token's log-probability from its own forward pass over its own context.
+
+
+def next_token_log_probs(model, input_ids: list[int]):
+    """log-softmax over the vocabulary at every position of one unpadded sequence, by hand."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([input_ids])).logits[0]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def conditioning(token_ids: list[int], prefix_id: int, i: int, context: int, stride: int):
+    """What token i is predicted from, straight from the convention: the prefix and everything
+    before it in the first window; later, the `context` tokens before its window's last target."""
+    if i < context:
+        return [prefix_id] + token_ids[:i]
+    window = -(-(i - context + 1) // stride)  # the later window that scores token i, from 1
+    end = min(context + window * stride, len(token_ids))
+    return token_ids[end - context - 1 : i]
+
+
+def nll_token_by_token(model, token_ids, prefix_id, context, stride) -> list[float]:
+    """Each token's NLL from its own forward pass over its own context."""
+    nlls = []
+    for i, token in enumerate(token_ids):
+        before = conditioning(token_ids, prefix_id, i, context, stride)
+        assert 1 <= len(before) <= context
+        nlls.append(-float(next_token_log_probs(model, before)[-1, token]))
+    return nlls
