@@ -525,12 +525,14 @@ def describe_plan(plan: JobPlan) -> str:
         if asked and asked > plan.dataset_rows
         else ""
     )
+    labels = f"labels: {', '.join(plan.model_labels)}" if plan.label_map else f"task: {spec.task}"
+    label_map = ", ".join(f"{k}→{v}" for k, v in sorted(plan.label_map.items()))
     lines = [
         f"{spec.file}: job '{spec.name}' is valid",
-        f"  model: {spec.model.describe()}  labels: {', '.join(plan.model_labels)}",
+        f"  model: {spec.model.describe()}  {labels}",
         f"  dataset: {spec.dataset.format}, {len(plan.examples)} of {plan.dataset_rows} rows "
-        f"(seed {spec.dataset.sample.seed}{capped}); label map: "
-        + ", ".join(f"{k}→{v}" for k, v in sorted(plan.label_map.items())),
+        f"(seed {spec.dataset.sample.seed}{capped})"
+        + (f"; label map: {label_map}" if label_map else ""),
         "  evaluation: "
         + ", ".join(f"{k} {v}" for k, v in asdict(spec.evaluation).items() if v is not None),
         *(

@@ -120,10 +120,15 @@ def plan_targets(
             "there is no token to score; name the column that holds the text",
         )
     settings = resolved(spec.task_settings, config, shown)
-    notes = [
-        f"perplexity: windows of {settings.perplexity.context} tokens, stride "
-        f"{settings.perplexity.stride}"
-    ]
+    window, generation = settings.perplexity, settings.generation
+    kl = f"from FP32 over its top {window.kl_top_k} tokens" if window.kl_top_k else "not measured"
+    rolling = f"rolling windows of {window.context} tokens, stride {window.stride}"
+    notes = [f"perplexity: {rolling}; KL {kl}"]
+    if generation is not None:
+        notes.append(
+            f"generation: {generation.new_tokens} new tokens after prompts of "
+            f"{generation.prompt_length}, batch sizes {', '.join(map(str, generation.batch_sizes))}"
+        )
     return Targets(label_map={}, model_labels=[], notes=notes, task_settings=settings)
 
 
