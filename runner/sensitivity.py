@@ -4,13 +4,16 @@ Each group of a model's linear layers is measured twice on the evaluation sample
 outputs: that group ONLY quantized (every other layer kept in FP32) and everything BUT that group
 quantized (the group kept). The groups are ranked most harmful first, and a recipe keeps the
 smallest prefix of the ranking in FP32 that meets a tolerance. Plain functions: the evaluation is
-a callback (keep set -> class probabilities), so no model is loaded here (see docs/sensitivity.md).
+a callback (keep set -> the task's outputs, a classifier's class probabilities) and so is the
+comparison with FP32, so no model is loaded here (see docs/sensitivity.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -24,14 +27,39 @@ BOOTSTRAP_RESAMPLES = 2000
 
 @dataclass(frozen=True)
 class Study:
-    """What every measurement of one study shares. evaluate(keep) answers the class probabilities
-    [samples, labels], in sample order, of the model quantized all but the layers in keep."""
+    """What every measurement of one study shares. evaluate(keep) answers the task's outputs on
+    the evaluation sample (a classifier's class probabilities) of the model quantized all but the
+    layers in keep; compare(outputs) says what they are against FP32's (see compare_labels)."""
 
-    evaluate: Callable[[frozenset[str]], np.ndarray]
-    reference: np.ndarray  # the FP32 model's probabilities
-    gold: np.ndarray  # label indices
-    label_names: list[str]
+    evaluate: Callable[[frozenset[str]], Any]
+    compare: Callable[[Any], dict]
     layers: tuple[str, ...]  # every linear layer the precision quantizes
+
+
+def label_study(
+    evaluate: Callable[[frozenset[str]], np.ndarray],
+    reference: np.ndarray,
+    gold: np.ndarray,
+    label_names: list[str],
+    layers: tuple[str, ...],
+) -> Study:
+    """A classifier's study: its outputs are class probabilities, compared with FP32's
+    (reference) on the gold label indices."""
+    return Study(evaluate, partial(compare_labels, reference, gold, label_names), layers)
+
+
+@dataclass
+class StudyView:
+    """What a task gives a study step (runner/study_worker.py): the sample's batches (for the
+    per-layer output SQNR), a model's outputs on the sample, and compare (outputs against FP32's).
+    reference_json: FP32's outputs as the probe hands them to later steps (None: each step
+    computes them again); fp32_pass_s: how long computing them took here (None: handed in)."""
+
+    batches: list[dict]
+    outputs: Callable[[Any], Any]
+    compare: Callable[[Any], dict]
+    reference_json: Any = None
+    fp32_pass_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,14 +127,14 @@ def _group_of(name: str, how: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def compare(study: Study, probabilities: np.ndarray) -> dict:
-    """A model's probabilities against FP32's on the same samples: accuracy (and FP32's),
-    agreement, mean KL(FP32 || model) in nats, flips (samples whose label changed), the paired
-    bootstrap of the accuracy delta and exact McNemar (runner/effects.py)."""
-    found = effects.prediction_effects(
-        study.gold, study.reference, probabilities, study.label_names
-    )
-    base_pred, var_pred = study.reference.argmax(axis=1), probabilities.argmax(axis=1)
+def compare_labels(
+    reference: np.ndarray, gold: np.ndarray, label_names: list[str], probabilities: np.ndarray
+) -> dict:
+    """A model's probabilities against FP32's (reference) on the same samples: accuracy (and
+    FP32's), agreement, mean KL(FP32 || model) in nats, flips (samples whose label changed), the
+    paired bootstrap of the accuracy delta and exact McNemar (runner/effects.py)."""
+    found = effects.prediction_effects(gold, reference, probabilities, label_names)
+    base_pred, var_pred = reference.argmax(axis=1), probabilities.argmax(axis=1)
     return {
         "accuracy": found["accuracy_variant"],
         "accuracy_fp32": found["accuracy_baseline"],
@@ -114,9 +142,9 @@ def compare(study: Study, probabilities: np.ndarray) -> dict:
         "mean_kl": found["mean_kl_baseline_variant"],
         "flips": int(np.sum(base_pred != var_pred)),
         "bootstrap_accuracy_delta": effects.paired_bootstrap_delta(
-            study.gold, base_pred, var_pred, n_resamples=BOOTSTRAP_RESAMPLES
+            gold, base_pred, var_pred, n_resamples=BOOTSTRAP_RESAMPLES
         ),
-        "mcnemar": effects.mcnemar_exact(study.gold, base_pred, var_pred),
+        "mcnemar": effects.mcnemar_exact(gold, base_pred, var_pred),
     }
 
 
@@ -125,7 +153,7 @@ def measure(study: Study, keep: frozenset[str]) -> dict:
     unknown = sorted(set(keep) - set(study.layers))
     if unknown:
         raise ValueError(f"cannot keep {unknown}: not among the study's {len(study.layers)} layers")
-    return {"kept": len(keep), **compare(study, study.evaluate(frozenset(keep)))}
+    return {"kept": len(keep), **study.compare(study.evaluate(frozenset(keep)))}
 
 
 def run_group(study: Study, group: str, layers: list[str]) -> dict:

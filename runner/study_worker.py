@@ -20,9 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from runner import analysis, evaluate, measure, models, precisions
+from runner import analysis, measure, models, precisions
 from runner import sensitivity as S
 from runner.precisions import PRECISIONS
 from runner.spec import EvaluationSpec, QuantSettings, SensitivitySpec
@@ -45,7 +43,9 @@ class StudyStep:
     max_length: int
     task_name: str = DEFAULT_TASK
     task_settings: object = None  # the task's own settings (a study runs classification jobs)
-    reference: list | None = None  # the probe's FP32 probabilities [samples][labels]
+    # FP32's outputs as the probe hands them on (a classifier's probabilities [samples][labels]);
+    # None in the probe, and for a task whose view computes them in every step.
+    reference: list | None = None
     layers: tuple[str, ...] = ()  # the linear layers the precision quantizes (the probe's)
     groups: dict[str, list[str]] = field(default_factory=dict)  # kind "groups": this step's share
     ranking: list[dict] = field(default_factory=list)  # kind "recipe"
@@ -60,9 +60,7 @@ class Loaded:
     step: StudyStep
     model_class: type
     fp32: object  # the FP32 model every measurement quantizes a copy of
-    batches: list[dict]
-    order: list[int]
-    gold: np.ndarray
+    view: S.StudyView  # the task's: the sample's batches, a model's outputs, compare with FP32
     load_s: float
 
 
@@ -94,11 +92,8 @@ def load(step: StudyStep) -> Loaded:
     fp32 = model_class.from_pretrained(step.model_dir, dtype=torch.float32)
     fp32 = fp32.to(step.study.device).eval()
     load_s = time.perf_counter() - clock
-    batches, order, _ = evaluate.tokenized_sample(
-        step.model_dir, step.texts, step.evaluation, step.max_length, step.study.device
-    )
-    gold = np.array([step.model_labels.index(label) for label in step.gold_labels])
-    return Loaded(step, model_class, fp32, batches, order, gold, load_s)
+    view = TASKS[step.task_name].study_view(step, fp32)
+    return Loaded(step, model_class, fp32, view, load_s)
 
 
 def quantized(loaded: Loaded, keep: frozenset[str]):
@@ -119,48 +114,38 @@ def quantized(loaded: Loaded, keep: frozenset[str]):
         return precision.quantize(copy.deepcopy(loaded.fp32), step.settings, keep=keep)[0]
 
 
-def probabilities(loaded: Loaded, model) -> np.ndarray:
-    """The model's class probabilities in sample order."""
-    return evaluate.in_sample_order(S.probabilities(model, loaded.batches), loaded.order)
+def study_of(loaded: Loaded, layers: tuple[str, ...]) -> S.Study:
+    def evaluate_keep(keep: frozenset[str]):
+        return loaded.view.outputs(quantized(loaded, keep))
 
-
-def study_of(loaded: Loaded, reference: np.ndarray, layers: tuple[str, ...]) -> S.Study:
-    def evaluate_keep(keep: frozenset[str]) -> np.ndarray:
-        return probabilities(loaded, quantized(loaded, keep))
-
-    step = loaded.step
-    return S.Study(evaluate_keep, reference, loaded.gold, step.model_labels, layers)
+    return S.Study(evaluate_keep, loaded.view.compare, layers)
 
 
 def probe(loaded: Loaded) -> dict:
-    """FP32's probabilities, the fully quantized model against them, its layers' SQNR, the
-    groups, and the cost of one quantization and one accuracy pass."""
-    clock = time.perf_counter()
-    reference = probabilities(loaded, loaded.fp32)
-    fp32_pass_s = time.perf_counter() - clock
+    """FP32's outputs (the view computed them), the fully quantized model against them, its
+    layers' SQNR, the groups, and the cost of one quantization and one accuracy pass."""
     clock = time.perf_counter()
     full_model = quantized(loaded, frozenset())
     quantize_s = time.perf_counter() - clock
     clock = time.perf_counter()
-    full_probabilities = probabilities(loaded, full_model)
+    full_outputs = loaded.view.outputs(full_model)
     pass_s = time.perf_counter() - clock
     layers = tuple(
         name
         for name in S.linear_layers(loaded.fp32)
         if precisions.is_quantized(loaded.step.study.precision, full_model.get_submodule(name))
     )
-    study = study_of(loaded, reference, layers)
     groups = {
         group: [name for name in names if name in layers]
         for group, names in S.study_groups(loaded.fp32, loaded.step.study.groups).items()
     }
     return {
-        "reference": reference.tolist(),
+        "reference": loaded.view.reference_json,
         "layers": list(layers),
         "groups": {group: names for group, names in groups.items() if names},
-        "full": {"kept": 0, **S.compare(study, full_probabilities)},
+        "full": {"kept": 0, **loaded.view.compare(full_outputs)},
         "layer_sqnr": layer_sqnr(loaded, full_model),
-        "fp32_pass_s": round(fp32_pass_s, 3),
+        "fp32_pass_s": round(loaded.view.fp32_pass_s, 3),
         "quantize_s": round(quantize_s, 3),
         "pass_s": round(pass_s, 3),
     }
@@ -172,7 +157,7 @@ def layer_sqnr(loaded: Loaded, full_model) -> dict[str, dict]:
         analysis.dequantized_linear_weights(loaded.fp32),
         analysis.dequantized_linear_weights(full_model),
     )
-    outputs = analysis.layer_output_errors(loaded.fp32, full_model, loaded.batches)
+    outputs = analysis.layer_output_errors(loaded.fp32, full_model, loaded.view.batches)
     return {
         row["layer"]: {
             "weight_sqnr_db": row.get("sqnr_db"),
@@ -185,13 +170,13 @@ def layer_sqnr(loaded: Loaded, full_model) -> dict[str, dict]:
 def groups(loaded: Loaded) -> dict:
     """This step's groups, each measured "only" and "all_but"."""
     step = loaded.step
-    study = study_of(loaded, np.array(step.reference), step.layers)
+    study = study_of(loaded, step.layers)
     return {"groups": [S.run_group(study, g, names) for g, names in step.groups.items()]}
 
 
 def recipe(loaded: Loaded) -> dict:
     step = loaded.step
-    study = study_of(loaded, np.array(step.reference), step.layers)
+    study = study_of(loaded, step.layers)
     tolerance = S.Tolerance(**step.tolerance) if step.tolerance else S.Tolerance()
     found = S.recipe(
         step.ranking, step.full, lambda keep: S.measure(study, keep), tolerance=tolerance

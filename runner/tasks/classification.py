@@ -10,6 +10,7 @@ whose labels are the names the job maps to.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,36 @@ def label_guard(gold_ids: np.ndarray, predicted: np.ndarray, label_names: list[s
 
 
 # ---------------------------------------------------------------------------------------------
+# The sensitivity study's view: class probabilities, compared with FP32's by label.
+
+
+def study_view(step, fp32):
+    """step: a study_worker.StudyStep; fp32: the FP32 model on the study's device. FP32's
+    probabilities are the probe's (computed and timed here) or the ones it handed on."""
+    import time
+
+    from runner import evaluate
+    from runner import sensitivity as S
+
+    batches, order, _ = evaluate.tokenized_sample(
+        step.model_dir, step.texts, step.evaluation, step.max_length, step.study.device
+    )
+
+    def outputs(model) -> np.ndarray:
+        return evaluate.in_sample_order(S.probabilities(model, batches), order)
+
+    clock, fp32_pass_s = time.perf_counter(), None
+    if step.reference is None:
+        reference = outputs(fp32)
+        fp32_pass_s = time.perf_counter() - clock
+    else:
+        reference = np.array(step.reference)
+    gold = np.array([step.model_labels.index(label) for label in step.gold_labels])
+    compare = partial(S.compare_labels, reference, gold, step.model_labels)
+    return S.StudyView(batches, outputs, compare, reference.tolist(), fp32_pass_s)
+
+
+# ---------------------------------------------------------------------------------------------
 # Fine-tuning: the encoder with a new head, one output per label name.
 
 
@@ -235,4 +266,5 @@ TASK = Task(
     read_output=class_probabilities,
     score=score,
     finetune_model=finetune_model,
+    study_view=study_view,
 )

@@ -58,6 +58,9 @@ class Task:
     # after the timed passes and the weight analysis, outside their clocks (a causal LM's KL against
     # FP32 and its generation speed).
     measure_more: Callable[..., Scored] | None = None
+    # (StudyStep, the FP32 model on the study's device) -> sensitivity.StudyView: what a
+    # sensitivity study measures a model by, and how it compares it with FP32.
+    study_view: Callable[..., Any] | None = None
 
     def auto_model(self):
         """The transformers class that loads this task's checkpoints."""
