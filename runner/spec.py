@@ -489,7 +489,7 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
         tolerances=_tolerances(top.sub("tolerances")),
         task=task,
         task_settings=_task_settings(top, task),
-        sensitivity=_sensitivity(shown, top.sub("sensitivity"), labelled),
+        sensitivity=_sensitivity(shown, top.sub("sensitivity")),
         raw=raw,
     )
 
@@ -554,20 +554,11 @@ def _baseline(shown: Path, top: _Reader, variants: list[Variant]) -> str:
     return baseline
 
 
-def _sensitivity(shown: Path, reader: _Reader | None, labelled: bool) -> SensitivitySpec | None:
+def _sensitivity(shown: Path, reader: _Reader | None) -> SensitivitySpec | None:
     """sensitivity: {precision, device, groups}: a precision that quantizes linear layers one by one
-    (not a cast), on a device it runs on; a task whose answers are labels (the study measures
-    label agreement)."""
+    (not a cast), on a device it runs on."""
     if reader is None:
         return None
-    if not labelled:
-        raise SpecError(
-            shown,
-            "sensitivity",
-            reader.data,
-            "the sensitivity study measures agreement of predicted labels: it runs on a "
-            "classification job; a causal-lm job cannot take it yet",
-        )
     reader.check_keys(tuple(f.name for f in fields(SensitivitySpec)))
     precision = reader.get("precision", str, required=True)
     device = reader.get("device", str, "cpu")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,69 @@ def generation_metrics(task, model, memory) -> tuple[dict, str | None]:
     return metrics, timings.timing_lock_warning
 
 
+# ---------------------------------------------------------------------------------------------
+# The sensitivity study's view: next-token predictions, compared with FP32's position by position.
+
+# FP32's most probable tokens the study's KL keeps apart when the job's kl_top_k is 0.
+STUDY_TOP_K = 32
+
+
+def study_view(step, fp32):
+    """step: a study_worker.StudyStep; fp32: the FP32 model on the study's device. A sample is a
+    scored position: its answer is the greedy next token. FP32's top-k (for the KL) is computed
+    in every step, not handed on: it is [positions, k] ids and log-probabilities."""
+    import time
+
+    from runner import sensitivity as S
+
+    settings, device = step.task_settings.perplexity, step.study.device
+    tokenizer = load_tokenizer(step)
+    windows = perplexity.document_windows(tokenizer, step.texts, settings.context, settings.stride)
+    padding, size = pad_id(tokenizer), step.evaluation.batch_size
+    batches = [
+        perplexity.window_inputs(windows[i : i + size], padding, device)
+        for i in range(0, len(windows), size)
+    ]
+    clock = time.perf_counter()
+    top_k = settings.kl_top_k or STUDY_TOP_K
+    reference = perplexity.window_losses(fp32, windows, device, size, padding, top_k=top_k)
+    fp32_pass_s = time.perf_counter() - clock
+    at = [loss.top_ids for loss in reference]
+
+    def outputs(model) -> list[perplexity.WindowLoss]:
+        return perplexity.window_losses(model, windows, device, size, padding, log_probs_at=at)
+
+    compare = partial(compare_tokens, windows, reference)
+    return S.StudyView(batches, outputs, compare, None, fp32_pass_s)
+
+
+def compare_tokens(windows, reference, losses) -> dict:
+    """A model's next-token predictions against FP32's over every scored position, as
+    sensitivity.compare_labels says them for labels: accuracy is next-token accuracy against the
+    text's own next token; agreement, flips, McNemar and the bootstrap are by position; mean_kl is
+    the binned KL per position (nats); with the perplexities beside them."""
+    from runner import effects
+    from runner import sensitivity as S
+
+    gold = np.concatenate([window.targets for window in windows])
+    base = np.concatenate([loss.greedy_ids for loss in reference])
+    variant = np.concatenate([loss.greedy_ids for loss in losses])
+    kl = math.fsum(perplexity.window_kl(r, v) for r, v in zip(reference, losses, strict=True))
+    return {
+        "accuracy": float(np.mean(variant == gold)),
+        "accuracy_fp32": float(np.mean(base == gold)),
+        "agreement": float(np.mean(variant == base)),
+        "mean_kl": kl / len(gold),
+        "flips": int(np.sum(variant != base)),
+        "perplexity": perplexity.perplexity(losses),
+        "perplexity_fp32": perplexity.perplexity(reference),
+        "bootstrap_accuracy_delta": effects.paired_bootstrap_delta(
+            gold, base, variant, n_resamples=S.BOOTSTRAP_RESAMPLES
+        ),
+        "mcnemar": effects.mcnemar_exact(gold, base, variant),
+    }
+
+
 TASK = Task(
     name="causal-lm",
     model_class="AutoModelForCausalLM",
@@ -348,4 +412,5 @@ TASK = Task(
     job_fields=("perplexity", "generation"),
     read_settings=read_settings,
     measure_more=measure_more,
+    study_view=study_view,
 )
