@@ -416,6 +416,9 @@ class Plot:
     caption: str
     draw: Callable[[collect.JobTable], Figure | None]
     missing: str  # said in place of the plot when there is nothing to draw
+    # Shown for every task; the others only in the sections of tasks that name them
+    # (Comparison.plots).
+    every_task: bool = False
 
 
 PLOTS = [
@@ -441,6 +444,7 @@ PLOTS = [
         "out.",
         plot_sqnr_by_depth,
         "no per-layer weight analysis in these results",
+        every_task=True,
     ),
     Plot(
         "output-vs-weight-sqnr",
@@ -452,6 +456,7 @@ PLOTS = [
         "output error is what reaches the next layer.",
         plot_output_against_weight_sqnr,
         "no per-layer output errors in these results",
+        every_task=True,
     ),
     Plot(
         "reliability",
@@ -567,13 +572,18 @@ def _outliers_text(outliers: dict[str, list]) -> str:
     )
 
 
+def plots_of(table: collect.JobTable) -> list[Plot]:
+    """The plots of the table's task and every task's, in the order of PLOTS."""
+    return [p for p in PLOTS if p.every_task or p.name in table.comparison.plots]
+
+
 def _section(table: collect.JobTable, figures: FigureFiles, studies=()) -> dict:
     """What the page shows of one job; draws and writes its figures. studies: every study read;
     those of this job are shown after the per-layer figures."""
     header, rows, footnotes = collect.table_rows(table)
     verdict_lines = collect.verdict_lines(table)
     plots, histograms, shown_studies = [], [], []
-    for plot in PLOTS:
+    for plot in plots_of(table):
         shown = figures.show(
             plot.draw(table),
             f"{table.job}-{plot.name}",

@@ -16,6 +16,7 @@ import numpy as np
 
 from runner import data, effects, model_checks
 from runner.spec import JobSpec, SpecError
+from runner.tasks import classification_collect
 from runner.tasks.task import Scored, Targets, Task
 
 # The label guard speaks when a relabelling of the predictions beats the job's map by this much.
@@ -234,4 +235,5 @@ TASK = Task(
     read_output=class_probabilities,
     score=score,
     finetune_model=finetune_model,
+    comparison=classification_collect.COMPARISON,
 )

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.tasks.comparison import Comparison
+
 
 @dataclass
 class Targets:
@@ -45,6 +47,9 @@ class Task:
     # (base checkpoint folder, answer names) -> a model with a new head to fine-tune; None: the
     # task cannot be fine-tuned.
     finetune_model: Callable[..., Any] | None = None
+    # What collect's table shows of this task and what it computes against the baseline
+    # (runner/tasks/comparison.py); the default: only the rows every result has.
+    comparison: Comparison = field(default_factory=Comparison)
 
     def auto_model(self):
         """The transformers class that loads this task's checkpoints."""
