@@ -251,13 +251,18 @@ def _tolerances(table: JobTable) -> dict[str, float]:
         table.notes.append(
             f"unknown tolerances ignored: {', '.join(unknown)}; known: {', '.join(TOLERANCES)}"
         )
-    checked = {**CHECKS, **table.comparison.checks}
-    other_task = sorted(k for k in chosen if k in TOLERANCES and k not in checked)
+    checked = applicable_tolerances(table)
+    other_task = [k for k in TOLERANCES if k in chosen and k not in checked]
     if other_task:
         table.notes.append(
             f"tolerances that do not apply to a {table.task} job ignored: {', '.join(other_task)}"
         )
     return {k: float(v) for k, v in chosen.items() if v is not None and k in checked}
+
+
+def applicable_tolerances(table: JobTable) -> list[str]:
+    """The tolerances (spec.TOLERANCES, in its order) that the table's task can be judged by."""
+    return [name for name in TOLERANCES if name in CHECKS or name in table.comparison.checks]
 
 
 # ---------------------------------------------------------------------------------------------

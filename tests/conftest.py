@@ -168,6 +168,21 @@ def tiny_model_3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def causal_lm_task(monkeypatch):
+    """collect finds a job's task in TASKS. Until runner/tasks/causal_lm.py registers causal-lm, a
+    stand-in does, with the causal-LM comparison; once it does, it must carry that comparison."""
+    import dataclasses
+
+    from runner.tasks import TASKS, classification
+    from runner.tasks.causal_lm_collect import COMPARISON
+
+    if "causal-lm" not in TASKS:
+        stand_in = dataclasses.replace(classification.TASK, name="causal-lm", comparison=COMPARISON)
+        monkeypatch.setitem(TASKS, "causal-lm", stand_in)
+    assert TASKS["causal-lm"].comparison is COMPARISON
+
+
+@pytest.fixture
 def ray_temp_dir():
     """Ray's own temp folder for the clusters a test starts (short: Ray's socket paths are
     limited)."""
