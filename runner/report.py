@@ -26,7 +26,9 @@ from matplotlib.figure import Figure
 
 from runner import collect, report_study
 from runner.analysis import LAYER_TYPES
+from runner.report_causal_lm import plot_nll_delta, plot_perplexity_decode
 from runner.report_figures import (
+    DEVICE_COLOURS,
     TYPE_COLOURS,
     FigureFiles,
     Shown,
@@ -36,9 +38,6 @@ from runner.report_figures import (
 )
 from runner.results import Latency
 from runner.spec import COMPILED_SUFFIX
-
-DEVICE_COLOURS = {"cpu": "#1f77b4", "cuda": "#2ca02c"}
-
 
 # ---------------------------------------------------------------------------------------------
 # Plots: one function each, JobTable -> Figure | None.
@@ -434,6 +433,16 @@ PLOTS = [
         "no ok result with accuracy and latency",
     ),
     Plot(
+        "perplexity-decode",
+        "Perplexity vs decode speed",
+        "Each variant at its decode tokens/s (greedy decoding with the KV cache, at the job's "
+        "first generation batch size) and its perplexity on the evaluation documents; marker area "
+        "follows the model size, the thick outline is the best variant that passes. Dotted line: "
+        "the baseline's perplexity raised by the job's max_perplexity_increase.",
+        plot_perplexity_decode,
+        "no ok result with perplexity and decode speed",
+    ),
+    Plot(
         "sqnr-by-depth",
         "Per-layer weight SQNR by depth",
         "SQNR = 10·log10(Σw² / Σ(w − w_q)²) of each linear layer's weights against FP32, in dB; "
@@ -474,6 +483,15 @@ PLOTS = [
         "Counts of samples by gold label (rows) and predicted label (columns).",
         plot_confusion,
         "no predictions in these results",
+    ),
+    Plot(
+        "nll-delta",
+        "Per-window NLL change against the baseline",
+        "For each variant, its rolling windows binned by how much its NLL per scored token moved "
+        "against the baseline's on the same window (nats/token): right of 0 the variant predicts "
+        "that window's tokens worse. Dashed line: the mean over windows (not token-weighted).",
+        plot_nll_delta,
+        "no per-window predictions paired with the baseline's",
     ),
 ]
 
@@ -606,6 +624,7 @@ def _section(table: collect.JobTable, figures: FigureFiles, studies=()) -> dict:
         "baseline": table.baseline,
         **{"header": header, "rows": rows, "footnotes": footnotes},
         **{"verdict_lines": verdict_lines, "verdicts": verdicts},
+        "tolerance_names": collect.applicable_tolerances(table),
         **{"plots": plots, "histograms": histograms, "details": _details(table)},
         "studies": shown_studies,
     }
