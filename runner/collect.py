@@ -2,10 +2,11 @@
 
 Rows are metrics, columns are variants (each naming the hardware it ran on) with a delta column
 against the baseline: (variant - baseline) / baseline, so a smaller model shows a negative size
-delta and a slower one a positive latency delta. What the predictions say is computed here, from the
-per-sample predictions each result keeps: agreement and flips against the baseline, KL divergence,
-calibration, and whether the accuracy and macro-F1 deltas are beyond noise. A job's tolerances give
-each variant a deployment verdict. Output formats are a registry: table, markdown, csv, json.
+delta and a slower one a positive latency delta. The job's task decides the rows between the size
+and the latency rows and what is computed against the baseline from the per-sample predictions
+each result keeps (its `Comparison`: runner/tasks/comparison.py; a classifier's agreement, flips,
+calibration and significance are in runner/tasks/classification_collect.py). A job's tolerances
+give each variant a deployment verdict. Output formats are a registry: table, markdown, csv, json.
 """
 
 from __future__ import annotations
@@ -17,105 +18,41 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tabulate import tabulate
 
-from runner import effects
 from runner.measure import hardware_label
 from runner.precisions import PRECISIONS
-from runner.results import Predictions, Result, as_result, walk
+from runner.results import Result, as_result, walk
 from runner.spec import RESERVED_NAMES, TOLERANCES
+from runner.tasks import DEFAULT_TASK, TASKS
+from runner.tasks.comparison import (
+    ALPHA,
+    BOOTSTRAP,
+    NOISE_MARK,
+    Check,
+    Comparison,
+    Row,
+    latency,
+    metric,
+)
 
 PRECISION_ORDER = list(PRECISIONS)  # the table's columns in the registry's order
 
-# How a delta is called noise: a percentile interval of a paired bootstrap that contains 0 and, for
-# accuracy, McNemar's exact test at ALPHA. Seeded, so the same results always give the same marks.
-BOOTSTRAP = {"n_resamples": 2000, "confidence": 0.95, "seed": 0}
-ALPHA = 0.05
-NOISE_MARK = "≈"
-# The verdict's pick among variants that pass.
-BEST_RULE = "fastest median latency among passing"
-
-
-@dataclass(frozen=True)
-class Row:
-    label: str
-    get: Callable[[Result, dict], float | None]  # (result, its statistics from compare()) -> value
-    digits: int | None = 4  # None: three significant digits
-    delta: bool = True  # whether a relative delta means anything for this metric
-    signed: bool = False
-    # "accuracy" | "macro_f1": the delta cell (or, in a row of absolute deltas, the value cell with
-    # its
-    # bootstrap interval) carries the within-noise mark.
-    noise: str | None = None
-
-
-def _metric(name: str):
-    return lambda r, s: getattr(r.metrics, name)
-
-
-def _latency(name: str):
-    return lambda r, s: getattr(r.metrics.latency, name)
-
-
-def _effect(name: str):
-    return lambda r, s: (s.get("effects") or {}).get(name)
-
-
-def _delta_of(metric: str):
-    return lambda r, s: ((s.get("significance") or {}).get(metric) or {}).get("delta")
-
-
-def _mcnemar(name: str):
-    return lambda r, s: ((s.get("significance") or {}).get("mcnemar") or {}).get(name)
-
-
-ROWS = [
-    Row("size (MiB)", _metric("model_size_mib"), 2),
-    Row("accuracy", _metric("accuracy"), 4, noise="accuracy"),
-    Row("avg confidence", _metric("avg_confidence"), 4),
-    Row("macro-F1", _metric("macro_f1"), 4, noise="macro_f1"),
-    Row("agreement with baseline", lambda r, s: s.get("agreement"), 4, delta=False),
-    Row(
-        "flip rate",
-        lambda r, s: None if s.get("agreement") is None else 1.0 - s["agreement"],
-        4,
-        delta=False,
-    ),
-    Row("flips correct→wrong", _mcnemar("b"), 0, delta=False),
-    Row("flips wrong→correct", _mcnemar("c"), 0, delta=False),
-    Row(
-        "accuracy Δ vs baseline (abs)",
-        _delta_of("accuracy"),
-        4,
-        delta=False,
-        signed=True,
-        noise="accuracy",
-    ),
-    Row(
-        "macro-F1 Δ vs baseline (abs)",
-        _delta_of("macro_f1"),
-        4,
-        delta=False,
-        signed=True,
-        noise="macro_f1",
-    ),
-    Row("McNemar p", _mcnemar("p_value"), None, delta=False),
-    Row("KL vs baseline (nats)", _effect("mean_kl_baseline_variant"), None, delta=False),
-    Row("ECE", lambda r, s: (s.get("calibration") or {}).get("ece"), 4, delta=False),
-    Row("confidence change (abs)", _effect("mean_confidence_change"), 4, delta=False, signed=True),
-    Row("latency mean (ms)", _latency("mean"), 2),
-    Row("latency median (ms)", _latency("median"), 2),
-    Row("latency std (ms)", _latency("std"), 2),
-    Row("latency p90 (ms)", _latency("p90"), 2),
-    Row("latency p99 (ms)", _latency("p99"), 2),
-    Row("throughput (samples/s)", _metric("throughput_sps"), 1),
-    Row("peak RSS (MiB)", _metric("peak_rss_mib"), 0),
-    Row("peak CUDA (MiB)", _metric("peak_cuda_mib"), 0),
-    Row("load (s)", _metric("load_s"), 2),
-    Row("quantize (s)", _metric("quantize_s"), 2),
-    Row("compile (s)", _metric("compile_s"), 2),
-]
+# The rows every result has: the size first, then the task's rows, then how it ran.
+FIRST_ROWS = (Row("size (MiB)", metric("model_size_mib"), 2),)
+LAST_ROWS = (
+    Row("latency mean (ms)", latency("mean"), 2),
+    Row("latency median (ms)", latency("median"), 2),
+    Row("latency std (ms)", latency("std"), 2),
+    Row("latency p90 (ms)", latency("p90"), 2),
+    Row("latency p99 (ms)", latency("p99"), 2),
+    Row("throughput (samples/s)", metric("throughput_sps"), 1),
+    Row("peak RSS (MiB)", metric("peak_rss_mib"), 0),
+    Row("peak CUDA (MiB)", metric("peak_cuda_mib"), 0),
+    Row("load (s)", metric("load_s"), 2),
+    Row("quantize (s)", metric("quantize_s"), 2),
+    Row("compile (s)", metric("compile_s"), 2),
+)
 
 
 @dataclass
@@ -130,6 +67,13 @@ class JobTable:
     best: str | None = None  # the best variant that passes the tolerances
     # column key -> row label -> its cell, computed once; every output format renders these.
     cells: dict[str, dict[str, Cell]] = field(default_factory=dict)
+    task: str = DEFAULT_TASK  # what the job's task: says
+    comparison: Comparison = field(default_factory=Comparison)  # the task's rows and statistics
+
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        """The table's metric rows: the size, the task's own, then how the variant ran."""
+        return FIRST_ROWS + self.comparison.rows + LAST_ROWS
 
     def ok_columns(self) -> list[str]:
         """The columns whose variant ran to the end, in table order."""
@@ -144,7 +88,7 @@ class Cell:
     delta: float | None = None  # (value - baseline's) / baseline's, where a delta means something
     ci_low: float | None = None  # in the rows of absolute deltas: the bootstrap interval
     ci_high: float | None = None
-    within_noise: bool | None = None  # the rows of accuracy and macro-F1 (Row.noise)
+    within_noise: bool | None = None  # the rows with a noise call (Row.noise)
 
 
 def _order(result: Result) -> tuple:
@@ -240,12 +184,32 @@ def build_tables(results: list[Result | dict], baseline: str | None = None) -> l
         table = JobTable(
             job, chosen, order, columns, _baseline_notes(columns, order, wanted, chosen)
         )
+        table.task, table.comparison = _task(table)
         table.tolerances = _tolerances(table)
         table.stats = compare(table)
         table.best = best_passing(table)
         table.cells = compute_cells(table)
         tables.append(table)
     return tables
+
+
+def _task(table: JobTable) -> tuple[str, Comparison]:
+    """The job's task (results older than tasks are classification's) and its comparison; the
+    baseline's decides when results merged here disagree."""
+    named = {key: r.job_spec.get("task", DEFAULT_TASK) for key, r in table.results.items()}
+    name = named[table.baseline or table.columns[0]]
+    if len(set(named.values())) > 1:
+        table.notes.append(
+            f"results of different tasks ({', '.join(sorted(set(named.values())))}): "
+            f"compared as {name}"
+        )
+    if name not in TASKS:
+        table.notes.append(
+            f"task {name!r} is not known to this quantbench (known: {', '.join(TASKS)}): "
+            "only the rows every task has"
+        )
+        return name, Comparison()
+    return name, TASKS[name].comparison
 
 
 def _baseline_notes(
@@ -287,7 +251,18 @@ def _tolerances(table: JobTable) -> dict[str, float]:
         table.notes.append(
             f"unknown tolerances ignored: {', '.join(unknown)}; known: {', '.join(TOLERANCES)}"
         )
-    return {k: float(v) for k, v in chosen.items() if v is not None and k in TOLERANCES}
+    checked = applicable_tolerances(table)
+    other_task = [k for k in TOLERANCES if k in chosen and k not in checked]
+    if other_task:
+        table.notes.append(
+            f"tolerances that do not apply to a {table.task} job ignored: {', '.join(other_task)}"
+        )
+    return {k: float(v) for k, v in chosen.items() if v is not None and k in checked}
+
+
+def applicable_tolerances(table: JobTable) -> list[str]:
+    """The tolerances (spec.TOLERANCES, in its order) that the table's task can be judged by."""
+    return [name for name in TOLERANCES if name in CHECKS or name in table.comparison.checks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,197 +270,67 @@ def _tolerances(table: JobTable) -> dict[str, float]:
 
 
 def compare(table: JobTable) -> dict[str, dict]:
-    """Per column: {agreement, effects, significance, calibration, confusion_matrix, per_class,
-    verdict}.
-
-    effects: effects.prediction_effects against the baseline, plus flipped_samples [{index, gold,
-    from, to}]; significance: paired bootstrap intervals of the accuracy and macro-F1 deltas,
-    McNemar's exact test and within_noise per metric. Both are None for the baseline's own
-    significance, for results without predictions and for results on another sample than the
-    baseline's. calibration (ECE and its bins), confusion_matrix and per_class describe the variant
-    on its own, baseline or not.
-    """
+    """Per column: the task's statistics against the baseline (Comparison.compare), then the
+    verdict. The task's notes (why a column cannot be paired) go under the table."""
     base = table.results.get(table.baseline) if table.baseline else None
     stats = {}
     for key in table.columns:
         result = table.results[key]
-        entry = {
-            "agreement": None,
-            "effects": None,
-            "significance": None,
-            "calibration": None,
-            "confusion_matrix": None,
-            "per_class": None,
-            "verdict": None,
-        }
-        own = _encoded(result, result) if result.status == "ok" else None
-        if own is not None and own["probs"] is not None:
-            alone = effects.prediction_effects(
-                own["gold"], own["probs"], own["probs"], own["labels"]
-            )
-            entry.update(
-                calibration=alone["calibration_variant"],
-                confusion_matrix=alone["confusion_matrix"],
-                per_class=alone["per_class"],
-            )
-        paired = _paired(table, key, base) if own is not None and base is not None else None
-        if paired is not None:
-            entry.update(_against_baseline(paired, key == table.baseline))
-        entry["verdict"] = _judge(result, entry, base, table.tolerances)
-        stats[key] = entry
+        compared = table.comparison.compare(result, base)
+        table.notes += [f"{key}: {note}" for note in compared.notes]
+        verdict = _judge(result, compared.stats, base, table)
+        stats[key] = {**compared.stats, "verdict": verdict}
     return stats
 
 
-def _encoded(result: Result, reference: Result) -> dict | None:
-    """A result's predictions as class indices in `reference`'s label order (None when they cannot
-    be)."""
-    preds = result.predictions or Predictions()
-    labels = (reference.predictions or Predictions()).labels
-    if not preds.predicted or not labels or set(preds.labels or labels) != set(labels):
-        return None
-    index = {name: i for i, name in enumerate(labels)}
-    if any(name not in index for name in list(preds.gold) + list(preds.predicted)):
-        return None
-    gold = np.array([index[name] for name in preds.gold])
-    predicted = np.array([index[name] for name in preds.predicted])
-    probs = None
-    if preds.probabilities:
-        own_order = [(preds.labels or labels).index(name) for name in labels]
-        probs = np.asarray(preds.probabilities, dtype=np.float64)
-        if probs.shape != (len(predicted), len(labels)):
-            return None
-        probs = probs[:, own_order]
-        # Results round probabilities to 6 digits, which can tie two classes: the recorded label
-        # breaks it.
-        rows = np.flatnonzero(probs.argmax(axis=1) != predicted)
-        probs[rows, predicted[rows]] += 1e-9
-    return {"labels": list(labels), "gold": gold, "predicted": predicted, "probs": probs}
-
-
-def _paired(table: JobTable, key: str, base: Result) -> dict | None:
-    result = table.results[key]
-    if result.fingerprint != base.fingerprint:
-        table.notes.append(
-            f"{key}: evaluated on a different sample than the baseline; no agreement"
-        )
-        return None
-    mine, theirs = _encoded(result, base), _encoded(base, base)
-    if mine is None or theirs is None or not np.array_equal(mine["gold"], theirs["gold"]):
-        table.notes.append(
-            f"{key}: its predictions cannot be paired with the baseline's (other labels or gold)"
-        )
-        return None
-    return {"variant": mine, "baseline": theirs}
-
-
-def _against_baseline(paired: dict, is_baseline: bool) -> dict:
-    var, base = paired["variant"], paired["baseline"]
-    gold, labels = var["gold"], var["labels"]
-    out = {"agreement": float(np.mean(var["predicted"] == base["predicted"]))}
-    if var["probs"] is not None and base["probs"] is not None:
-        changes = effects.prediction_effects(gold, base["probs"], var["probs"], labels)
-        changes["flipped_samples"] = [
-            {
-                "index": int(i),
-                "gold": labels[gold[i]],
-                "from": labels[base["predicted"][i]],
-                "to": labels[var["predicted"][i]],
-            }
-            for i in np.flatnonzero(var["predicted"] != base["predicted"])
-        ]
-        out["effects"] = changes
-    if not is_baseline:
-        accuracy = effects.paired_bootstrap_delta(
-            gold, base["predicted"], var["predicted"], "accuracy", **BOOTSTRAP
-        )
-        f1 = effects.paired_bootstrap_delta(
-            gold, base["predicted"], var["predicted"], "macro_f1", **BOOTSTRAP
-        )
-        mcnemar = effects.mcnemar_exact(gold, base["predicted"], var["predicted"], ALPHA)
-        out["significance"] = {
-            "accuracy": accuracy,
-            "macro_f1": f1,
-            "mcnemar": mcnemar,
-            # McNemar speaks to which samples are right, i.e. accuracy; macro-F1 has the bootstrap
-            # alone.
-            "within_noise": {
-                "accuracy": accuracy["within_noise"] and mcnemar["within_noise"],
-                "macro_f1": f1["within_noise"],
-            },
-        }
-    return out
-
-
-# What each tolerance measures and how its value is shown; min_* limits are floors, max_* ceilings.
-_CHECKS = {
-    "max_accuracy_drop": (
-        "accuracy drop",
-        lambda r, s, b: None if s["agreement"] is None else b.metrics.accuracy - r.metrics.accuracy,
-        "{:.4f}",
+# What each tolerance every task has measures and how its value is shown (the task's own are in its
+# Comparison.checks); min_* limits are floors, max_* ceilings.
+CHECKS = {
+    "max_latency_ms": Check(
+        "latency median", lambda r, s, b: r.metrics.latency.median, "{:.2f} ms"
     ),
-    "min_agreement": ("agreement", lambda r, s, b: s["agreement"], "{:.4f}"),
-    "max_latency_ms": (
-        "latency median",
-        lambda r, s, b: r.metrics.latency.median,
-        "{:.2f} ms",
-    ),
-    "max_size_mib": ("size", lambda r, s, b: r.metrics.model_size_mib, "{:.2f} MiB"),
-    "max_peak_rss_mib": ("peak RSS", lambda r, s, b: r.metrics.peak_rss_mib, "{:.0f} MiB"),
+    "max_size_mib": Check("size", lambda r, s, b: r.metrics.model_size_mib, "{:.2f} MiB"),
+    "max_peak_rss_mib": Check("peak RSS", lambda r, s, b: r.metrics.peak_rss_mib, "{:.0f} MiB"),
 }
 _SLACK = 1e-9  # a value equal to its limit passes, whatever the float rounding
 
 
-def _judge(
-    result: Result, entry: dict, base: Result | None, tolerances: dict[str, float]
-) -> dict | None:
+def _judge(result: Result, stats: dict, base: Result | None, table: JobTable) -> dict | None:
     """pass | fail (with every tolerance it breaks) | no result; None when the job states no
     tolerances."""
-    if not tolerances:
+    if not table.tolerances:
         return None
     if result.status != "ok":
         return {"status": "no result", "failures": [], "reason": result.status}
+    checks = {**CHECKS, **table.comparison.checks}
     failures = []
-    for name, limit in tolerances.items():
-        what, measure, shown = _CHECKS[name]
-        value = measure(result, entry, base)
-        if value is None:
-            failures.append(
-                {
-                    "tolerance": name,
-                    "limit": limit,
-                    "value": None,
-                    "reason": f"{what} not measured against a baseline on the same sample"
-                    if name in ("max_accuracy_drop", "min_agreement")
-                    else f"{what} not measured",
-                }
-            )
-            continue
-        broken = value < limit - _SLACK if name.startswith("min_") else value > limit + _SLACK
-        if broken:
-            sign = "<" if name.startswith("min_") else ">"
-            failures.append(
-                {
-                    "tolerance": name,
-                    "limit": limit,
-                    "value": value,
-                    "reason": f"{what} {shown.format(value)} {sign} {name} {limit:g}",
-                }
-            )
+    for name, limit in table.tolerances.items():
+        failure = _failure(name, limit, checks[name], checks[name].measure(result, stats, base))
+        if failure:
+            failures.append(failure)
     return {"status": "fail" if failures else "pass", "failures": failures, "reason": None}
 
 
+def _failure(name: str, limit: float, check: Check, value: float | None) -> dict | None:
+    """The tolerance broken, or not measured; None when the value keeps within it."""
+    if value is None:
+        where = " against a baseline on the same sample" if check.against_baseline else ""
+        reason = f"{check.what} not measured{where}"
+        return {"tolerance": name, "limit": limit, "value": None, "reason": reason}
+    floor = name.startswith("min_")
+    if not (value < limit - _SLACK if floor else value > limit + _SLACK):
+        return None
+    reason = f"{check.what} {check.shown.format(value)} {'<' if floor else '>'} {name} {limit:g}"
+    return {"tolerance": name, "limit": limit, "value": value, "reason": reason}
+
+
 def best_passing(table: JobTable) -> str | None:
-    """The fastest (median latency) variant that passes; the smaller one on a tie."""
+    """The first variant that passes by the task's best_key (Comparison.best_rule)."""
     passing = [
         k for k in table.columns if (table.stats[k].get("verdict") or {}).get("status") == "pass"
     ]
-
-    def speed(key):
-        metrics = table.results[key].metrics
-        median = metrics.latency.median
-        return (median is None, median or 0.0, metrics.model_size_mib or 0.0)
-
-    return min(passing, key=speed) if passing else None
+    key = table.comparison.best_key
+    return min(passing, key=lambda k: key(table.results[k])) if passing else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,13 +338,13 @@ def best_passing(table: JobTable) -> str | None:
 
 
 def compute_cells(table: JobTable) -> dict[str, dict[str, Cell]]:
-    """Column key -> row label -> cell, for every row of ROWS."""
+    """Column key -> row label -> cell, for every row of the table."""
     base = table.results.get(table.baseline) if table.baseline else None
     base_stats = table.stats.get(table.baseline, {}) if table.baseline else {}
     return {
         key: {
             row.label: _compute_cell(row, table.results[key], table.stats[key], base, base_stats)
-            for row in ROWS
+            for row in table.rows
         }
         for key in table.columns
     }
@@ -515,7 +360,7 @@ def _compute_cell(
         if row.delta and value is not None and base_value
         else None
     )
-    significance = stats["significance"] or {}
+    significance = stats.get("significance") or {}
     # The interval belongs to the rows of absolute deltas; the noise call to them and to the
     # relative delta of accuracy and macro-F1.
     interval = (significance.get(row.noise) or {}) if row.noise and not row.delta else {}
@@ -545,17 +390,6 @@ def _delta(relative: float | None) -> str:
     return f"{relative if round(relative, 3) else 0.0:+.1%}"  # never "-0.0%"
 
 
-def _noise_footnote() -> str:
-    return (
-        f"{NOISE_MARK} within noise: the {BOOTSTRAP['confidence']:.0%} paired-bootstrap interval "
-        "of the "
-        f"delta ({BOOTSTRAP['n_resamples']} resamples of the samples) contains 0 and, for "
-        "accuracy, McNemar's "
-        f"exact test on the paired predictions gives p ≥ {ALPHA:g}; a delta without the mark is "
-        "beyond noise"
-    )
-
-
 def _has_delta(table: JobTable, key: str) -> bool:
     """Whether the column has a Δ column beside it: every one but the baseline's, if any."""
     return bool(key != table.baseline and table.baseline)
@@ -572,12 +406,12 @@ def table_rows(table: JobTable) -> tuple[list[str], list[list[str]], list[str]]:
         _text_row("status", table, lambda r: r.status),
     ]
     noise_marked = False
-    for row in ROWS:
+    for row in table.rows:
         texts, marked = _metric_row(table, row, marks)
         rows.append(texts)
         noise_marked = noise_marked or marked
     if noise_marked:
-        footnotes.append(_noise_footnote())
+        footnotes.append(table.comparison.noise_rule)
     return header, rows, table.notes + footnotes
 
 
@@ -600,7 +434,7 @@ def _metric_row(table: JobTable, row: Row, marks: dict[str, list[int]]) -> tuple
     for key in table.columns:
         cell = table.cells[key][row.label]
         text = _value_text(cell.value, row)
-        if row.label == "accuracy" and key in marks:
+        if row.carries_warnings and key in marks:
             text += " ⚠" + ",".join(map(str, marks[key]))
         if row.noise and not row.delta and cell.value is not None:
             text += f" [{_signed(cell.ci_low, row.digits)}, {_signed(cell.ci_high, row.digits)}]"
@@ -625,7 +459,7 @@ def verdict_lines(table: JobTable) -> list[str]:
     lines = [f"verdict against the job's tolerances ({limits}):"]
     lines += [f"{key}: {verdict_text(table.stats[key]['verdict'])}" for key in table.columns]
     lines.append(
-        f"best variant that passes: {table.best} ({BEST_RULE})"
+        f"best variant that passes: {table.best} ({table.comparison.best_rule})"
         if table.best
         else "best variant that passes: none passes"
     )
@@ -714,7 +548,7 @@ def _csv_rows(table: JobTable, key: str) -> list[list]:
     failed = ";".join(f["tolerance"] for f in verdict.get("failures", []))
     hardware = _hardware(result)
     rows = []
-    for row in ROWS:
+    for row in table.rows:
         cell = table.cells[key][row.label]
         rows.append(
             [
@@ -759,8 +593,12 @@ def _json_table(table: JobTable) -> dict:
         "baseline": table.baseline,
         "notes": table.notes,
         "variants": variants,
-        "significance_method": {**BOOTSTRAP, "alpha": ALPHA, "rule": _noise_footnote()},
-        "verdict": {"tolerances": table.tolerances, "best": table.best, "rule": BEST_RULE},
+        "significance_method": {**BOOTSTRAP, "alpha": ALPHA, "rule": table.comparison.noise_rule},
+        "verdict": {
+            "tolerances": table.tolerances,
+            "best": table.best,
+            "rule": table.comparison.best_rule,
+        },
     }
 
 

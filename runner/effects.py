@@ -216,10 +216,7 @@ def paired_bootstrap_delta(
     """
     if metric not in ("accuracy", "macro_f1"):
         raise ValueError(f"metric must be 'accuracy' or 'macro_f1', got {metric!r}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+    _check_bootstrap(n_resamples, confidence)
     gold = _labels("gold", gold)
     base, var = _labels("baseline_pred", baseline_pred), _labels("variant_pred", variant_pred)
     _same_length(gold=gold, baseline_pred=base, variant_pred=var)
@@ -246,6 +243,13 @@ def paired_bootstrap_delta(
         "ci_high": ci_high,
         "within_noise": bool(ci_low <= 0.0 <= ci_high),
     }
+
+
+def _check_bootstrap(n_resamples: int, confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
 
 
 def _resampled_deltas(
@@ -299,3 +303,66 @@ def mcnemar_exact(gold, baseline_pred, variant_pred, alpha: float = 0.05) -> dic
         "alpha": float(alpha),
         "within_noise": bool(p_value >= alpha),
     }
+
+
+def paired_bootstrap_perplexity(
+    tokens,
+    baseline_nll,
+    variant_nll,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict:
+    """Paired bootstrap of perplexity(variant) - perplexity(baseline) over a causal LM's windows.
+
+    tokens: each window's scored tokens; baseline_nll, variant_nll: each window's summed NLL in
+    nats, the same windows in the same order. Window indices are resampled with replacement, the
+    same ones for both sides, and each side's perplexity is recomputed token-weighted on the
+    resample, exp(sum nll / sum tokens), as on all windows. Returns metric ("perplexity"), n
+    (windows), n_resamples, confidence, baseline, variant, delta (on all windows), ci_low and
+    ci_high (percentile interval of the resampled deltas), within_noise (the interval contains 0).
+    """
+    _check_bootstrap(n_resamples, confidence)
+    tokens = np.asarray(tokens, dtype=np.float64)
+    base = np.asarray(baseline_nll, dtype=np.float64)
+    var = np.asarray(variant_nll, dtype=np.float64)
+    _same_length(tokens=tokens, baseline_nll=base, variant_nll=var)
+    if tokens.ndim != 1 or tokens.min() <= 0:
+        raise ValueError(
+            f"tokens must be a 1-D array of positive counts, got {tokens.tolist()[:5]}"
+        )
+    if not (np.all(np.isfinite(base)) and np.all(np.isfinite(var))):
+        raise ValueError("baseline_nll and variant_nll must be finite")
+    deltas = _resampled_perplexity_deltas(tokens, base, var, n_resamples, seed)
+    alpha = (1.0 - confidence) / 2.0
+    ci_low, ci_high = (float(x) for x in np.quantile(deltas, [alpha, 1.0 - alpha]))
+    baseline_value = float(np.exp(base.sum() / tokens.sum()))
+    variant_value = float(np.exp(var.sum() / tokens.sum()))
+    return {
+        "metric": "perplexity",
+        "n": len(tokens),
+        "n_resamples": int(n_resamples),
+        "confidence": float(confidence),
+        "baseline": baseline_value,
+        "variant": variant_value,
+        "delta": variant_value - baseline_value,
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "within_noise": bool(ci_low <= 0.0 <= ci_high),
+    }
+
+
+def _resampled_perplexity_deltas(
+    tokens: np.ndarray, base: np.ndarray, var: np.ndarray, n_resamples: int, seed: int
+) -> np.ndarray:
+    """perplexity(variant) - perplexity(baseline) on n_resamples seeded resamples of the windows."""
+    rng = np.random.default_rng(seed)
+    n, deltas = len(tokens), []
+    chunk = max(1, min(n_resamples, 2_000_000 // n))  # a small [resamples, n] index matrix
+    for start in range(0, n_resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
+        counted = tokens[idx].sum(axis=1)
+        deltas.append(
+            np.exp(var[idx].sum(axis=1) / counted) - np.exp(base[idx].sum(axis=1) / counted)
+        )
+    return np.concatenate(deltas)

@@ -26,7 +26,9 @@ from matplotlib.figure import Figure
 
 from runner import collect, report_study
 from runner.analysis import LAYER_TYPES
+from runner.report_causal_lm import plot_nll_delta, plot_perplexity_decode
 from runner.report_figures import (
+    DEVICE_COLOURS,
     TYPE_COLOURS,
     FigureFiles,
     Shown,
@@ -36,9 +38,6 @@ from runner.report_figures import (
 )
 from runner.results import Latency
 from runner.spec import COMPILED_SUFFIX
-
-DEVICE_COLOURS = {"cpu": "#1f77b4", "cuda": "#2ca02c"}
-
 
 # ---------------------------------------------------------------------------------------------
 # Plots: one function each, JobTable -> Figure | None.
@@ -416,6 +415,9 @@ class Plot:
     caption: str
     draw: Callable[[collect.JobTable], Figure | None]
     missing: str  # said in place of the plot when there is nothing to draw
+    # Shown for every task; the others only in the sections of tasks that name them
+    # (Comparison.plots).
+    every_task: bool = False
 
 
 PLOTS = [
@@ -431,6 +433,16 @@ PLOTS = [
         "no ok result with accuracy and latency",
     ),
     Plot(
+        "perplexity-decode",
+        "Perplexity vs decode speed",
+        "Each variant at its decode tokens/s (greedy decoding with the KV cache, at the job's "
+        "first generation batch size) and its perplexity on the evaluation documents; marker area "
+        "follows the model size, the thick outline is the best variant that passes. Dotted line: "
+        "the baseline's perplexity raised by the job's max_perplexity_increase.",
+        plot_perplexity_decode,
+        "no ok result with perplexity and decode speed",
+    ),
+    Plot(
         "sqnr-by-depth",
         "Per-layer weight SQNR by depth",
         "SQNR = 10·log10(Σw² / Σ(w − w_q)²) of each linear layer's weights against FP32, in dB; "
@@ -441,6 +453,7 @@ PLOTS = [
         "out.",
         plot_sqnr_by_depth,
         "no per-layer weight analysis in these results",
+        every_task=True,
     ),
     Plot(
         "output-vs-weight-sqnr",
@@ -452,6 +465,7 @@ PLOTS = [
         "output error is what reaches the next layer.",
         plot_output_against_weight_sqnr,
         "no per-layer output errors in these results",
+        every_task=True,
     ),
     Plot(
         "reliability",
@@ -469,6 +483,15 @@ PLOTS = [
         "Counts of samples by gold label (rows) and predicted label (columns).",
         plot_confusion,
         "no predictions in these results",
+    ),
+    Plot(
+        "nll-delta",
+        "Per-window NLL change against the baseline",
+        "For each variant, its rolling windows binned by how much its NLL per scored token moved "
+        "against the baseline's on the same window (nats/token): right of 0 the variant predicts "
+        "that window's tokens worse. Dashed line: the mean over windows (not token-weighted).",
+        plot_nll_delta,
+        "no per-window predictions paired with the baseline's",
     ),
 ]
 
@@ -567,13 +590,18 @@ def _outliers_text(outliers: dict[str, list]) -> str:
     )
 
 
+def plots_of(table: collect.JobTable) -> list[Plot]:
+    """The plots of the table's task and every task's, in the order of PLOTS."""
+    return [p for p in PLOTS if p.every_task or p.name in table.comparison.plots]
+
+
 def _section(table: collect.JobTable, figures: FigureFiles, studies=()) -> dict:
     """What the page shows of one job; draws and writes its figures. studies: every study read;
     those of this job are shown after the per-layer figures."""
     header, rows, footnotes = collect.table_rows(table)
     verdict_lines = collect.verdict_lines(table)
     plots, histograms, shown_studies = [], [], []
-    for plot in PLOTS:
+    for plot in plots_of(table):
         shown = figures.show(
             plot.draw(table),
             f"{table.job}-{plot.name}",
@@ -596,6 +624,7 @@ def _section(table: collect.JobTable, figures: FigureFiles, studies=()) -> dict:
         "baseline": table.baseline,
         **{"header": header, "rows": rows, "footnotes": footnotes},
         **{"verdict_lines": verdict_lines, "verdicts": verdicts},
+        "tolerance_names": collect.applicable_tolerances(table),
         **{"plots": plots, "histograms": histograms, "details": _details(table)},
         "studies": shown_studies,
     }

@@ -17,6 +17,7 @@ from runner.analysis import LAYER_TYPES
 DPI = 120
 PANEL_IN = 3.4  # width and height of one small-multiple panel, inches
 MAX_COLUMNS = 3
+DEVICE_COLOURS = {"cpu": "#1f77b4", "cuda": "#2ca02c"}  # a variant's marker, by its device
 # One colour per layer type, the same in every plot (tab20's: an encoder's types keep tab10's).
 TYPE_COLOURS = {
     "query": "#1f77b4",

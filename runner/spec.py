@@ -451,6 +451,7 @@ TOLERANCES = {
     "max_latency_ms": "median latency per forward pass, in milliseconds",
     "max_size_mib": "model size in MiB",
     "max_peak_rss_mib": "peak resident memory in MiB",
+    "max_perplexity_increase": "perplexity above the baseline's, as a fraction (0.05 = 5% higher)",
 }
 
 

@@ -168,6 +168,15 @@ def tiny_model_3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def causal_lm_task():
+    """collect finds a job's task in TASKS: causal-lm is registered with its comparison."""
+    from runner.tasks import TASKS
+    from runner.tasks.causal_lm_collect import COMPARISON
+
+    assert TASKS["causal-lm"].comparison is COMPARISON
+
+
+@pytest.fixture
 def ray_temp_dir():
     """Ray's own temp folder for the clusters a test starts (short: Ray's socket paths are
     limited)."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from runner import data, model_checks
 from runner.spec import JobSpec, SpecError
-from runner.tasks import perplexity
+from runner.tasks import causal_lm_collect, perplexity
 from runner.tasks.generation import GenerationSettings
 from runner.tasks.task import Scored, Targets, Task
 
@@ -413,4 +413,5 @@ TASK = Task(
     read_settings=read_settings,
     measure_more=measure_more,
     study_view=study_view,
+    comparison=causal_lm_collect.COMPARISON,
 )

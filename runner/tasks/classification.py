@@ -17,6 +17,7 @@ import numpy as np
 
 from runner import data, effects, model_checks
 from runner.spec import JobSpec, SpecError
+from runner.tasks import classification_collect
 from runner.tasks.task import Scored, Targets, Task
 
 # The label guard speaks when a relabelling of the predictions beats the job's map by this much.
@@ -267,4 +268,5 @@ TASK = Task(
     score=score,
     finetune_model=finetune_model,
     study_view=study_view,
+    comparison=classification_collect.COMPARISON,
 )

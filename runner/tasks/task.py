@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.tasks.comparison import Comparison
+
 
 @dataclass
 class Targets:
@@ -61,6 +63,9 @@ class Task:
     # (StudyStep, the FP32 model on the study's device) -> sensitivity.StudyView: what a
     # sensitivity study measures a model by, and how it compares it with FP32.
     study_view: Callable[..., Any] | None = None
+    # What collect's table shows of this task and what it computes against the baseline
+    # (runner/tasks/comparison.py); the default: only the rows every result has.
+    comparison: Comparison = field(default_factory=Comparison)
 
     def auto_model(self):
         """The transformers class that loads this task's checkpoints."""

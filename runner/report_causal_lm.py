@@ -1,0 +1,100 @@
+"""The report's plots of a causal-LM job: perplexity against decode speed, and how each window's
+NLL moved against the baseline. Each is a function of a JobTable that returns a Figure, or None
+when the results hold nothing to draw."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from runner import collect
+from runner.report_figures import DEVICE_COLOURS, panels
+
+
+def _decode_points(table: collect.JobTable) -> list[tuple[str, float, float, float, str]]:
+    """(key, decode tokens/s, perplexity, size MiB, device) of each ok variant that has both."""
+    points = []
+    for key in table.ok_columns():
+        result = table.results[key]
+        metrics = result.metrics
+        if metrics.perplexity is not None and metrics.decode_tokens_per_s:
+            size = metrics.model_size_mib or 0.0
+            points.append(
+                (key, metrics.decode_tokens_per_s, metrics.perplexity, size, result.device)
+            )
+    return points
+
+
+def plot_perplexity_decode(table: collect.JobTable) -> Figure | None:
+    """Perplexity against decode tokens/s per variant; marker area follows the model size."""
+    points = _decode_points(table)
+    if not points:
+        return None
+    figure = Figure(figsize=(7.5, 5.0), layout="constrained")
+    ax = figure.subplots()
+    largest = max(p[3] for p in points) or 1.0
+    for i, (key, speed, perplexity, size, device) in enumerate(sorted(points, key=lambda p: p[1])):
+        ax.scatter(
+            speed,
+            perplexity,
+            s=60 + 900 * size / largest,
+            color=DEVICE_COLOURS.get(device, "#7f7f7f"),
+            alpha=0.55,
+            edgecolors="black",
+            linewidths=2 if key == table.best else 0.6,
+        )
+        label = f"{key}\n{size:.1f} MiB" + ("  ★ best" if key == table.best else "")
+        # Neighbours along the speed axis take turns above and below their point.
+        offset = (8, 8 if i % 2 == 0 else -22)
+        ax.annotate(
+            label, (speed, perplexity), textcoords="offset points", xytext=offset, fontsize=8
+        )
+    speeds = [p[1] for p in points]
+    if max(speeds) / min(speeds) > 20:
+        ax.set_xscale("log")
+    _draw_perplexity_limit(ax, table)
+    for device, colour in DEVICE_COLOURS.items():
+        if any(p[4] == device for p in points):
+            ax.scatter([], [], color=colour, alpha=0.55, label=device)
+    ax.margins(x=0.12, y=0.15)  # room for the labels
+    ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("decode tokens/s at the first generation batch size (higher is faster)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{table.job}: perplexity vs decode speed (marker area ∝ model size)")
+    return figure
+
+
+def _draw_perplexity_limit(ax, table: collect.JobTable) -> None:
+    """The job's max_perplexity_increase above the baseline's perplexity, as a line."""
+    limit = table.tolerances.get("max_perplexity_increase")
+    base = table.results.get(table.baseline) if table.baseline else None
+    if limit is None or base is None or base.metrics.perplexity is None:
+        return
+    ax.axhline(
+        base.metrics.perplexity * (1 + limit),
+        color="#d62728",
+        linestyle=":",
+        linewidth=1,
+        label=f"baseline perplexity × (1 + max_perplexity_increase {limit:g})",
+    )
+
+
+def plot_nll_delta(table: collect.JobTable) -> Figure | None:
+    """Per variant, a histogram of its windows' NLL minus the baseline's, nats per scored token."""
+    shown = [k for k in table.ok_columns() if table.stats[k].get("window_nll_delta")]
+    if not shown:
+        return None
+    figure, axes = panels(
+        len(shown), f"{table.job}: per-window NLL change against {table.baseline} (nats/token)"
+    )
+    for ax, key in zip(axes, shown):
+        deltas = np.asarray(table.stats[key]["window_nll_delta"])
+        ax.hist(deltas, bins=min(40, max(5, len(deltas) // 5)), color="#1f77b4", alpha=0.7)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.axvline(deltas.mean(), color="#d62728", linestyle="--", linewidth=1)
+        worse = float(np.mean(deltas > 0))
+        ax.set_title(f"{key}\nmean {deltas.mean():+.4f}, {worse:.0%} of windows worse", fontsize=9)
+        ax.set_xlabel("variant NLL − baseline NLL (nats/token)")
+        ax.set_ylabel("windows")
+    return figure

@@ -1,0 +1,193 @@
+"""A causal LM's part of `collect`: its metric rows, and what its per-window predictions say against
+the baseline's: greedy agreement (the share of scored positions whose most probable next token is
+the baseline's) and the perplexity delta with a paired bootstrap over the rolling windows.
+
+Windows pair one to one when both results scored the same sample (its fingerprint) cut into the
+same windows (each window's document and scored tokens). Perplexity is token-weighted, as
+runner/tasks/perplexity.py computes it: exp(sum nll / sum tokens) over the windows. KL vs FP32 is
+the worker's, measured against the FP32 model whatever the baseline is; the generation numbers are
+those of the job's first generation batch size (metrics.generation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runner import effects
+from runner.results import Result
+from runner.tasks.comparison import (
+    BOOTSTRAP,
+    NOISE_MARK,
+    Check,
+    Compared,
+    Comparison,
+    Row,
+    metric,
+    sample_note,
+)
+
+
+def first_batch_size(result: Result) -> dict:
+    """metrics.generation's numbers at the job's first batch size ({} where there are none)."""
+    generation = result.metrics.generation or {}
+    sizes = generation.get("batch_sizes") or []
+    by_size = generation.get("by_batch_size") or {}
+    if not sizes:
+        return {}
+    # JSON keys are strings; a result built in memory may still hold ints.
+    return by_size.get(str(sizes[0])) or by_size.get(sizes[0]) or {}
+
+
+def _generation(name: str):
+    return lambda r, s: first_batch_size(r).get(name)
+
+
+def _decode_ms_per_token(result: Result, stats: dict) -> float | None:
+    return (first_batch_size(result).get("decode_ms_per_token") or {}).get("median")
+
+
+def _perplexity_delta(result: Result, stats: dict) -> float | None:
+    return ((stats.get("significance") or {}).get("perplexity") or {}).get("delta")
+
+
+ROWS = (
+    Row("perplexity", metric("perplexity"), 4, noise="perplexity", carries_warnings=True),
+    Row(
+        "perplexity Δ vs baseline (abs)",
+        _perplexity_delta,
+        4,
+        delta=False,
+        signed=True,
+        noise="perplexity",
+    ),
+    Row("bits per byte", metric("bits_per_byte"), 4),
+    Row("mean NLL (nats/token)", metric("mean_nll"), 4),
+    Row("scored tokens", metric("scored_tokens"), 0, delta=False),
+    Row("greedy agreement with baseline", lambda r, s: s.get("agreement"), 4, delta=False),
+    Row("KL vs FP32 (nats/token)", metric("kl_vs_fp32"), None, delta=False),
+    Row("generation batch size", _generation("batch_size"), 0, delta=False),
+    Row("time to first token (ms)", metric("time_to_first_token_ms"), 2),
+    Row("decode tokens/s", metric("decode_tokens_per_s"), 1),
+    Row("decode ms/token median", _decode_ms_per_token, 3),
+    Row("KV cache (MiB)", _generation("kv_cache_mib"), 2),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: one plain dict per variant.
+
+
+def compare(result: Result, baseline: Result | None) -> Compared:
+    """{agreement, perplexity_increase, significance, window_nll_delta}.
+
+    agreement: greedy agreement with the baseline (1.0 in the baseline's own column);
+    perplexity_increase: (perplexity - the baseline's) / the baseline's, on the same sample;
+    significance: {"perplexity": effects.paired_bootstrap_perplexity, "within_noise":
+    {"perplexity": ...}}; window_nll_delta: per window, the variant's NLL minus the baseline's in
+    nats per scored token. None where they cannot be computed; the notes say why.
+    """
+    stats = {
+        "agreement": None,
+        "perplexity_increase": None,
+        "significance": None,
+        "window_nll_delta": None,
+    }
+    if result.status != "ok" or baseline is None:
+        return Compared(stats)
+    other_sample = sample_note(result, baseline)
+    if other_sample:
+        return Compared(stats, [other_sample])
+    stats["perplexity_increase"] = _relative_increase(result, baseline)
+    mine, theirs = _windows(result), _windows(baseline)
+    if theirs is None or mine is None:
+        # Said once, in the baseline's column, when the baseline is what lacks them.
+        said = result is baseline or theirs is not None
+        note = "no per-window predictions: no greedy agreement or perplexity interval"
+        return Compared(stats, [note] if said else [])
+    if mine["document"] != theirs["document"] or mine["tokens"] != theirs["tokens"]:
+        note = (
+            "its windows are not the baseline's (other documents or scored tokens per window): "
+            "no greedy agreement or perplexity interval"
+        )
+        return Compared(stats, [note])
+    stats["agreement"] = greedy_agreement(result.predictions.greedy, baseline.predictions.greedy)
+    if result is not baseline:
+        stats.update(_against_baseline(mine, theirs))
+    return Compared(stats)
+
+
+def _windows(result: Result) -> dict | None:
+    return (result.predictions.windows if result.predictions else None) or None
+
+
+def _relative_increase(result: Result, baseline: Result) -> float | None:
+    mine, theirs = result.metrics.perplexity, baseline.metrics.perplexity
+    if mine is None or not theirs:
+        return None
+    return (mine - theirs) / theirs
+
+
+def greedy_agreement(variant: list[list[int]] | None, baseline: list[list[int]] | None):
+    """The share of scored positions, over all windows, where the two greedy next tokens are the
+    same; None when either result kept none."""
+    if not variant or not baseline:
+        return None
+    same = sum(int(np.sum(np.asarray(v) == np.asarray(b))) for v, b in zip(variant, baseline))
+    total = sum(len(b) for b in baseline)
+    return same / total if total else None
+
+
+def _against_baseline(mine: dict, theirs: dict) -> dict:
+    tokens = np.asarray(theirs["tokens"], dtype=np.float64)
+    perplexity = effects.paired_bootstrap_perplexity(
+        tokens, theirs["nll"], mine["nll"], **BOOTSTRAP
+    )
+    per_token = (np.asarray(mine["nll"]) - np.asarray(theirs["nll"])) / tokens
+    return {
+        "significance": {
+            "perplexity": perplexity,
+            "within_noise": {"perplexity": perplexity["within_noise"]},
+        },
+        "window_nll_delta": [round(float(d), 6) for d in per_token],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The tolerances only a causal LM measures, the verdict's pick, and the within-noise mark.
+
+
+CHECKS = {
+    "min_agreement": Check(
+        "greedy agreement", lambda r, s, b: s["agreement"], "{:.4f}", against_baseline=True
+    ),
+    "max_perplexity_increase": Check(
+        "perplexity increase",
+        lambda r, s, b: s["perplexity_increase"],
+        "{:.4f}",
+        against_baseline=True,
+    ),
+}
+
+
+def fastest_decode(result: Result) -> tuple:
+    """Sort key of the verdict's pick: the most decode tokens/s, the smaller model on a tie."""
+    metrics = result.metrics
+    speed = metrics.decode_tokens_per_s
+    return (speed is None, -(speed or 0.0), metrics.model_size_mib or 0.0)
+
+
+NOISE_RULE = (
+    f"{NOISE_MARK} within noise: the {BOOTSTRAP['confidence']:.0%} paired-bootstrap interval of "
+    f"the perplexity delta ({BOOTSTRAP['n_resamples']} resamples of the windows, each side's "
+    "perplexity recomputed token-weighted) contains 0; a delta without the mark is beyond noise"
+)
+
+COMPARISON = Comparison(
+    rows=ROWS,
+    compare=compare,
+    checks=CHECKS,
+    best_rule="fastest decode among passing: most decode tokens/s at the first batch size",
+    best_key=fastest_decode,
+    noise_rule=NOISE_RULE,
+    plots=("perplexity-decode", "nll-delta"),
+)

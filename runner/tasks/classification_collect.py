@@ -1,0 +1,221 @@
+"""A classifier's part of `collect`: its metric rows and what its predictions say against the
+baseline's (agreement and flips, KL divergence, calibration, and whether the accuracy and macro-F1
+deltas are beyond noise: a paired bootstrap and McNemar's exact test).
+
+Everything is computed from the per-sample predictions each result keeps, matched by label name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runner import effects
+from runner.results import Predictions, Result
+from runner.tasks.comparison import (
+    ALPHA,
+    BOOTSTRAP,
+    NOISE_MARK,
+    Check,
+    Compared,
+    Comparison,
+    Row,
+    metric,
+    sample_note,
+)
+
+
+def _effect(name: str):
+    return lambda r, s: (s.get("effects") or {}).get(name)
+
+
+def _delta_of(metric_name: str):
+    return lambda r, s: ((s.get("significance") or {}).get(metric_name) or {}).get("delta")
+
+
+def _mcnemar(name: str):
+    return lambda r, s: ((s.get("significance") or {}).get("mcnemar") or {}).get(name)
+
+
+ROWS = (
+    Row("accuracy", metric("accuracy"), 4, noise="accuracy", carries_warnings=True),
+    Row("avg confidence", metric("avg_confidence"), 4),
+    Row("macro-F1", metric("macro_f1"), 4, noise="macro_f1"),
+    Row("agreement with baseline", lambda r, s: s.get("agreement"), 4, delta=False),
+    Row(
+        "flip rate",
+        lambda r, s: None if s.get("agreement") is None else 1.0 - s["agreement"],
+        4,
+        delta=False,
+    ),
+    Row("flips correct→wrong", _mcnemar("b"), 0, delta=False),
+    Row("flips wrong→correct", _mcnemar("c"), 0, delta=False),
+    Row(
+        "accuracy Δ vs baseline (abs)",
+        _delta_of("accuracy"),
+        4,
+        delta=False,
+        signed=True,
+        noise="accuracy",
+    ),
+    Row(
+        "macro-F1 Δ vs baseline (abs)",
+        _delta_of("macro_f1"),
+        4,
+        delta=False,
+        signed=True,
+        noise="macro_f1",
+    ),
+    Row("McNemar p", _mcnemar("p_value"), None, delta=False),
+    Row("KL vs baseline (nats)", _effect("mean_kl_baseline_variant"), None, delta=False),
+    Row("ECE", lambda r, s: (s.get("calibration") or {}).get("ece"), 4, delta=False),
+    Row("confidence change (abs)", _effect("mean_confidence_change"), 4, delta=False, signed=True),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: one plain dict per variant.
+
+
+def compare(result: Result, baseline: Result | None) -> Compared:
+    """{agreement, effects, significance, calibration, confusion_matrix, per_class}.
+
+    effects: effects.prediction_effects against the baseline, plus flipped_samples [{index, gold,
+    from, to}]; significance: paired bootstrap intervals of the accuracy and macro-F1 deltas,
+    McNemar's exact test and within_noise per metric. Both are None for the baseline's own
+    significance, for results without predictions and for results on another sample than the
+    baseline's. calibration (ECE and its bins), confusion_matrix and per_class describe the variant
+    on its own, baseline or not.
+    """
+    stats = {
+        "agreement": None,
+        "effects": None,
+        "significance": None,
+        "calibration": None,
+        "confusion_matrix": None,
+        "per_class": None,
+    }
+    own = _encoded(result, result) if result.status == "ok" else None
+    if own is not None and own["probs"] is not None:
+        alone = effects.prediction_effects(own["gold"], own["probs"], own["probs"], own["labels"])
+        stats.update(
+            calibration=alone["calibration_variant"],
+            confusion_matrix=alone["confusion_matrix"],
+            per_class=alone["per_class"],
+        )
+    if own is None or baseline is None:
+        return Compared(stats)
+    paired, note = _paired(result, baseline)
+    if paired is not None:
+        stats.update(_against_baseline(paired, result is baseline))
+    return Compared(stats, [note] if note else [])
+
+
+def _encoded(result: Result, reference: Result) -> dict | None:
+    """A result's predictions as class indices in `reference`'s label order (None when they cannot
+    be)."""
+    preds = result.predictions or Predictions()
+    labels = (reference.predictions or Predictions()).labels
+    if not preds.predicted or not labels or set(preds.labels or labels) != set(labels):
+        return None
+    index = {name: i for i, name in enumerate(labels)}
+    if any(name not in index for name in list(preds.gold) + list(preds.predicted)):
+        return None
+    gold = np.array([index[name] for name in preds.gold])
+    predicted = np.array([index[name] for name in preds.predicted])
+    probs = None
+    if preds.probabilities:
+        own_order = [(preds.labels or labels).index(name) for name in labels]
+        probs = np.asarray(preds.probabilities, dtype=np.float64)
+        if probs.shape != (len(predicted), len(labels)):
+            return None
+        probs = probs[:, own_order]
+        # Results round probabilities to 6 digits, which can tie two classes: the recorded label
+        # breaks it.
+        rows = np.flatnonzero(probs.argmax(axis=1) != predicted)
+        probs[rows, predicted[rows]] += 1e-9
+    return {"labels": list(labels), "gold": gold, "predicted": predicted, "probs": probs}
+
+
+def _paired(result: Result, base: Result) -> tuple[dict | None, str | None]:
+    """Both results' predictions in the baseline's label order, or None and why not."""
+    note = sample_note(result, base)
+    if note:
+        return None, note
+    mine, theirs = _encoded(result, base), _encoded(base, base)
+    if mine is None or theirs is None or not np.array_equal(mine["gold"], theirs["gold"]):
+        return None, "its predictions cannot be paired with the baseline's (other labels or gold)"
+    return {"variant": mine, "baseline": theirs}, None
+
+
+def _against_baseline(paired: dict, is_baseline: bool) -> dict:
+    var, base = paired["variant"], paired["baseline"]
+    gold, labels = var["gold"], var["labels"]
+    out = {"agreement": float(np.mean(var["predicted"] == base["predicted"]))}
+    if var["probs"] is not None and base["probs"] is not None:
+        changes = effects.prediction_effects(gold, base["probs"], var["probs"], labels)
+        changes["flipped_samples"] = [
+            {
+                "index": int(i),
+                "gold": labels[gold[i]],
+                "from": labels[base["predicted"][i]],
+                "to": labels[var["predicted"][i]],
+            }
+            for i in np.flatnonzero(var["predicted"] != base["predicted"])
+        ]
+        out["effects"] = changes
+    if not is_baseline:
+        out["significance"] = _significance(gold, base["predicted"], var["predicted"])
+    return out
+
+
+def _significance(gold: np.ndarray, base: np.ndarray, var: np.ndarray) -> dict:
+    accuracy = effects.paired_bootstrap_delta(gold, base, var, "accuracy", **BOOTSTRAP)
+    f1 = effects.paired_bootstrap_delta(gold, base, var, "macro_f1", **BOOTSTRAP)
+    mcnemar = effects.mcnemar_exact(gold, base, var, ALPHA)
+    return {
+        "accuracy": accuracy,
+        "macro_f1": f1,
+        "mcnemar": mcnemar,
+        # McNemar speaks to which samples are right, i.e. accuracy; macro-F1 has the bootstrap
+        # alone.
+        "within_noise": {
+            "accuracy": accuracy["within_noise"] and mcnemar["within_noise"],
+            "macro_f1": f1["within_noise"],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The tolerances only a classifier measures, and what the within-noise mark means.
+
+
+def _accuracy_drop(result: Result, stats: dict, base: Result | None) -> float | None:
+    if stats["agreement"] is None:
+        return None
+    return base.metrics.accuracy - result.metrics.accuracy
+
+
+CHECKS = {
+    "max_accuracy_drop": Check("accuracy drop", _accuracy_drop, "{:.4f}", against_baseline=True),
+    "min_agreement": Check(
+        "agreement", lambda r, s, b: s["agreement"], "{:.4f}", against_baseline=True
+    ),
+}
+
+NOISE_RULE = (
+    f"{NOISE_MARK} within noise: the {BOOTSTRAP['confidence']:.0%} paired-bootstrap interval "
+    "of the "
+    f"delta ({BOOTSTRAP['n_resamples']} resamples of the samples) contains 0 and, for "
+    "accuracy, McNemar's "
+    f"exact test on the paired predictions gives p ≥ {ALPHA:g}; a delta without the mark is "
+    "beyond noise"
+)
+
+COMPARISON = Comparison(
+    rows=ROWS,
+    compare=compare,
+    checks=CHECKS,
+    best_rule="fastest median latency among passing",
+    noise_rule=NOISE_RULE,
+    plots=("accuracy-latency", "reliability", "confusion"),
+)
