@@ -128,6 +128,16 @@ def merge_repeats(runs: list[dict]) -> dict:
     return merged
 
 
+def headline(metrics: dict) -> str:
+    """What a progress line says of a variant's answers: a causal LM's perplexity and decode
+    speed, a classifier's accuracy."""
+    if metrics.get("perplexity") is not None:
+        decode = metrics.get("decode_tokens_per_s")
+        speed = f"  decode {decode:.1f} tokens/s" if decode is not None else ""
+        return f"perplexity {metrics['perplexity']:.4g}{speed}"
+    return f"accuracy {metrics.get('accuracy') or 0:.4f}"
+
+
 def progress_line(done: int, total: int, result: dict) -> str:
     metrics = result.get("metrics") or {}
     head = f"[{done}/{total}] {result['job']} {result['variant']:<22} {result['status']:<8}"
@@ -135,8 +145,7 @@ def progress_line(done: int, total: int, result: dict) -> str:
         return f"{head} {result.get('error')}"
     latency = metrics.get("latency_ms") or {}
     text = (
-        f"{head} accuracy {metrics.get('accuracy', 0):.4f}  median {latency.get('median', 0):.2f} "
-        "ms"
+        f"{head} {headline(metrics)}  median {latency.get('median', 0):.2f} ms"
         f"  size {metrics.get('model_size_mib', 0):.1f} MiB  ({result.get('wall_s', 0):.1f} s)"
     )
     if latency.get("timing_lock_wait_s"):  # another quantbench run on the machine was timing
@@ -446,7 +455,11 @@ def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:
         say(
             f"note: {len(model_info['newly_initialised'])} weight tensor(s) were randomly "
             "initialised "
-            "(no trained classification head): accuracy is chance until the model is fine-tuned"
+            + (
+                "(no trained classification head): accuracy is chance until the model is fine-tuned"
+                if plan.label_map
+                else "(an inline architecture): its perplexity is an untrained model's"
+            )
         )
     return model_dir, model_info
 

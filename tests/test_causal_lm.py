@@ -183,6 +183,8 @@ def test_a_run_writes_the_causal_lm_results(capsys, tmp_path, llama, ray_temp_di
         capsys, "run", job, "--results", results, "--ray-temp-dir", ray_temp_dir
     )
     assert code == 0, err
+    assert "fp32-cpu               ok       perplexity " in out and "decode " in out
+    assert "greedy agreement with baseline" in out and "KL vs FP32 (nats/token)" in out
     for variant in ("fp32-cpu", "int8-dynamic-cpu"):
         written = json.loads((results / "tiny-lm" / f"{variant}.json").read_text())
         assert written["status"] == "ok" and written["spec"]["task"] == "causal-lm"
