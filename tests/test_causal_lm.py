@@ -261,3 +261,38 @@ def test_an_inline_vocabulary_smaller_than_the_tokenizer_is_refused(capsys, tmp_
         f"model: {{path: {llama}}}", f"model: {{config: {inline}}}\ntokenizer: {{path: {llama}}}"
     )
     check_refused(capsys, tmp_path, job, "model.config.vocab_size", "at least")
+
+
+# ---------------------------------------------------------------------------------------------
+# The sensitivity study on a causal LM: a sample is a scored position.
+
+
+def test_a_study_step_compares_next_tokens_position_by_position(tmp_path, llama):
+    from dataclasses import replace
+
+    from runner import study_worker
+    from runner.spec import SensitivitySpec
+    from runner.study_worker import StudyStep
+
+    job = lm_job(llama) + "sensitivity: {precision: int8-dynamic, groups: type}\n"
+    plan = plan_job(write_job(tmp_path, job))
+    model_dir, _ = models.prepare_model(plan.spec)
+    probe = StudyStep(
+        kind="probe",
+        study=SensitivitySpec("int8-dynamic", "cpu", "type"),
+        model_dir=str(model_dir),
+        **plan.worker_inputs(),
+    )
+    found = study_worker.run_step(probe)
+    assert found["reference"] is None  # FP32's top-k is computed in every step, not handed on
+    assert {"query", "mlp_gate", "mlp_up", "mlp_down", "lm_head"} <= set(found["groups"])
+    full = found["full"]
+    positions = sum(w.scored for w in study_worker.load(probe).view.compare.args[0])
+    assert full["flips"] == round((1 - full["agreement"]) * positions)
+    assert full["bootstrap_accuracy_delta"]["n"] == positions and full["mean_kl"] > 0
+    assert full["perplexity_fp32"] != full["perplexity"]
+    step = replace(probe, kind="groups", layers=tuple(found["layers"]), groups=found["groups"])
+    kept_all = study_worker.study_of(study_worker.load(step), step.layers)
+    same = kept_all.compare(kept_all.evaluate(frozenset(step.layers)))  # nothing quantized
+    assert same["agreement"] == 1.0 and same["mean_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert same["accuracy"] == same["accuracy_fp32"]
