@@ -228,17 +228,24 @@ def paired_bootstrap_delta(
         return float(np.mean(gold == pred)) if metric == "accuracy" else macro_f1(gold, pred, k)
 
     deltas = _resampled_deltas(metric, gold, base, var, k, n_resamples, seed)
+    return _bootstrap_interval(metric, n, deltas, confidence, full(base), full(var))
+
+
+def _bootstrap_interval(
+    metric: str, n: int, deltas: np.ndarray, confidence: float, baseline: float, variant: float
+) -> dict:
+    """A paired bootstrap's record: the values on all samples, their delta and the percentile
+    interval of the resampled deltas; within_noise when it holds 0."""
     alpha = (1.0 - confidence) / 2.0
     ci_low, ci_high = (float(x) for x in np.quantile(deltas, [alpha, 1.0 - alpha]))
-    baseline_value, variant_value = full(base), full(var)
     return {
         "metric": metric,
         "n": int(n),
-        "n_resamples": int(n_resamples),
+        "n_resamples": len(deltas),
         "confidence": float(confidence),
-        "baseline": baseline_value,
-        "variant": variant_value,
-        "delta": variant_value - baseline_value,
+        "baseline": baseline,
+        "variant": variant,
+        "delta": variant - baseline,
         "ci_low": ci_low,
         "ci_high": ci_high,
         "within_noise": bool(ci_low <= 0.0 <= ci_high),
@@ -334,22 +341,11 @@ def paired_bootstrap_perplexity(
     if not (np.all(np.isfinite(base)) and np.all(np.isfinite(var))):
         raise ValueError("baseline_nll and variant_nll must be finite")
     deltas = _resampled_perplexity_deltas(tokens, base, var, n_resamples, seed)
-    alpha = (1.0 - confidence) / 2.0
-    ci_low, ci_high = (float(x) for x in np.quantile(deltas, [alpha, 1.0 - alpha]))
     baseline_value = float(np.exp(base.sum() / tokens.sum()))
     variant_value = float(np.exp(var.sum() / tokens.sum()))
-    return {
-        "metric": "perplexity",
-        "n": len(tokens),
-        "n_resamples": int(n_resamples),
-        "confidence": float(confidence),
-        "baseline": baseline_value,
-        "variant": variant_value,
-        "delta": variant_value - baseline_value,
-        "ci_low": ci_low,
-        "ci_high": ci_high,
-        "within_noise": bool(ci_low <= 0.0 <= ci_high),
-    }
+    return _bootstrap_interval(
+        "perplexity", len(tokens), deltas, confidence, baseline_value, variant_value
+    )
 
 
 def _resampled_perplexity_deltas(
