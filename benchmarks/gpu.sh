@@ -5,6 +5,7 @@
 #
 # Steps, in this order (GPU_STEPS, a space-separated list of their names, runs some of them; the
 # order stays this one):
+# 0. lm-tests: every CUDA precision on a tiny random Llama (tests/test_causal_lm.py -k cuda);
 # 1. lm-demo: the causal-LM demo (jobs/demo-lm.yaml) with its CUDA variants only, as the job
 #    `<its name>-cuda` (a copy written beside it for the run and removed after it);
 # 2. lm-llama: a random-weight 0.5B Llama-shaped causal LM on every CUDA precision
@@ -33,7 +34,7 @@ out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 python=${PYTHON:-python3}
 budget=${GPU_BUDGET_S:-560}
-steps=" ${GPU_STEPS:-lm-demo lm-llama benchmark-cuda test-cuda bert-base-inline} "
+steps=" ${GPU_STEPS:-lm-tests lm-demo lm-llama benchmark-cuda test-cuda bert-base-inline} "
 began=$(date +%s)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -155,6 +156,12 @@ PY
 } >"$out/machine.txt" 2>&1
 lay_shared_data
 
+# Every CUDA precision on a tiny random Llama through the worker (tests/test_causal_lm.py, skipped
+# without a GPU): quick, and it says which precision breaks before the larger jobs spend their time.
+if wanted lm-tests; then
+    step lm-tests 120 "$python" -m pytest -q -p no:cacheprovider tests/test_causal_lm.py -k cuda
+    pack lm-tests
+fi
 if wanted lm-demo; then
     if [ -f jobs/demo-lm.yaml ] && copy=$(cuda_copy jobs/demo-lm.yaml); then
         job_step lm-demo 150 "$copy"

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import RT_POLARITY, check_refused, run_cli, write_job
 from lm_models import (
     build_bpe_tokenizer,
@@ -73,13 +74,13 @@ variants: {variants}
 """
 
 
-def run_one(tmp_path, model, precision: str, text: str | None = None) -> tuple[dict, object]:
+def run_one(tmp_path, model, precision: str, device: str = "cpu") -> tuple[dict, object]:
     """(the variant's result as JSON, its plan): planned from a job file, run by the worker in
     this process, as a Ray worker would."""
-    job = write_job(tmp_path, text or lm_job(model, variants=f"[{precision}-cpu]"))
+    job = write_job(tmp_path, lm_job(model, variants=f"[{precision}-{device}]"))
     plan = plan_job(job)
     model_dir, info = models.prepare_model(plan.spec)
-    (task,) = build_tasks(plan, model_dir, info, set(), [Variant(precision, "cpu")])
+    (task,) = build_tasks(plan, model_dir, info, set(), [Variant(precision, device)])
     return run_variant(task), plan
 
 
@@ -147,6 +148,20 @@ def test_every_cpu_precision_runs_a_causal_lm(tmp_path, llama, precision):
     # Its decoder layers are named by type in the weight analysis.
     types = {layer["layer_type"] for layer in result["analysis"]["layers"]}
     assert {"query", "mlp_gate", "mlp_up", "mlp_down", "lm_head"} <= types
+
+
+CUDA_PRECISIONS = [name for name, p in PRECISIONS.items() if "cuda" in p.devices]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU and CUDA torch")
+@pytest.mark.parametrize("precision", CUDA_PRECISIONS)
+def test_every_cuda_precision_runs_a_causal_lm(tmp_path, llama, precision):
+    result, _ = run_one(tmp_path, llama, precision, "cuda")
+    assert result["status"] == "ok", result.get("error")
+    assert math.isfinite(result["metrics"]["perplexity"])
+    assert result["metrics"]["kl_vs_fp32"] >= 0 and result["metrics"]["decode_tokens_per_s"] > 0
+    phase = result["metrics"]["memory_phases"]["kv_cache"]
+    assert phase["peak_cuda_allocated_mib"] > 0 and phase["cuda_peak_beyond_model_mib"] >= 0
 
 
 def test_a_gpt2_runs_too(tmp_path, gpt2):
