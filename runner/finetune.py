@@ -1,7 +1,8 @@
 """Fine-tuning: train the model on a training split before anything is quantized, once, cached.
 
 What is trained is the task's (runner/tasks): a classification task gives the encoder a new head
-and trains both on labelled rows; its Task says how the rows are made and batched.
+and trains both on labelled rows; a causal LM trains every weight at next-token prediction on
+blocks of text (runner/tasks/lm_training.py). Each Task says how its rows are made and batched.
 
 Runs where the dispatcher places it (a GPU node when the cluster has one), with the transformers
 Trainer (accelerate underneath) rather than a hand-written loop. The result is a saved FP32
@@ -150,10 +151,16 @@ def train(model, train_set: list[dict], collator, s: FinetuneSpec):
             train_sampling_strategy="group_by_length",  # less padding: faster steps on a CPU
             use_cpu=not torch.cuda.is_available(),
         )
+        # The Trainer sets config.use_cache to its argument's False; the saved model keeps the
+        # base's, or generating with it from transformers would recompute every step.
+        use_cache = getattr(model.config, "use_cache", None)
         trainer = Trainer(
             model=model,
             args=arguments,
             train_dataset=train_set,
             data_collator=collator,
         )
-        return trainer.train()
+        outcome = trainer.train()
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        return outcome

@@ -24,7 +24,7 @@ import numpy as np
 
 from runner import data, model_checks
 from runner.spec import JobSpec, SpecError
-from runner.tasks import perplexity
+from runner.tasks import lm_training, perplexity
 from runner.tasks.generation import GenerationSettings
 from runner.tasks.task import Scored, Targets, Task
 
@@ -343,4 +343,10 @@ TASK = Task(
     job_fields=("perplexity", "generation"),
     read_settings=read_settings,
     measure_more=measure_more,
+    finetune_model=lm_training.finetune_model,
+    training_rows=lm_training.training_rows,
+    data_collator=lm_training.data_collator,
+    describe_training=lm_training.describe_training,
+    chance_loss=lm_training.chance_loss,
+    training_settings=lm_training.training_settings,
 )
