@@ -8,11 +8,12 @@ import math
 from types import SimpleNamespace
 
 import pytest
-from conftest import RT_POLARITY, write_job
+from conftest import REPO, RT_POLARITY, write_job
 from lm_models import BOS, BPE_SCRIPT, EOS, build_tiny_llama, load
 
 from runner import finetune, models
 from runner.plan import plan_job
+from runner.spec import load_job
 from runner.sweep import fine_tuned_model, finetune_task
 from runner.tasks import lm_training, perplexity
 
@@ -170,3 +171,17 @@ def test_the_shipped_tokenizer_is_what_its_script_builds():
     assert [shipped.bos_token_id, shipped.eos_token_id, shipped.pad_token_id] == [0, 1, 2]
     built = BPE_SCRIPT.build_tokenizer(BPE_SCRIPT.rt_polarity_sentences(RT_POLARITY))
     assert built.get_vocab() == shipped.get_vocab()
+
+
+def test_the_demo_job_plans_offline_with_its_shipped_tokenizer():
+    plan = plan_job(REPO / "jobs" / "demo-lm.yaml")  # the tokenizer's vocabulary fits the model's
+    assert plan.spec.model.config["vocab_size"] == BPE_SCRIPT.VOCAB_SIZE
+    assert len(plan.examples) == 800 and len(plan.train_examples) == 10662 - 800
+    assert plan.task_settings.perplexity.context == 64
+
+
+def test_the_hub_job_is_only_read_never_planned(monkeypatch):
+    # Planning it would download Qwen2.5-0.5B; reading the file must not touch the network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = load_job(REPO / "jobs" / "qwen2.5-0.5b.yaml")
+    assert spec.model.hub and spec.task == "causal-lm" and spec.finetune is None
