@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import REPO, RT_POLARITY, write_job
 from lm_models import BOS, BPE_SCRIPT, EOS, build_tiny_llama, load
 
 from runner import finetune, models
+from runner.cli import main
 from runner.plan import plan_job
 from runner.spec import load_job
 from runner.sweep import fine_tuned_model, finetune_task
@@ -122,6 +124,22 @@ def test_training_a_tiny_llama_lowers_held_out_perplexity_and_is_cached(tmp_path
         f"fine-tune: reusing the cached fine-tuned model {folder} (trained on "
         f"{info['trained_on']}, train loss {info['train_loss']})"
     ]
+
+
+def test_quantbench_run_trains_the_model_as_a_ray_task_and_its_variants_score_it(
+    capsys, tmp_path, ray_temp_dir
+):
+    job = write_job(tmp_path, lm_job(build_tiny_llama(tmp_path / "llama")))
+    arguments = ["run", job, "--results", tmp_path / "results", "--ray-temp-dir", ray_temp_dir]
+    code = main([str(a) for a in arguments])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(r"fine-tune: training on 300 documents, \d+ blocks of 32 tokens", out), out
+    result = json.loads((tmp_path / "results" / "lm-tiny" / "fp32-cpu.json").read_text())
+    assert result["status"] == "ok", result.get("error")
+    assert result["model"]["source"].startswith("fine-tuned ")
+    assert result["model"]["task_settings"] == {"block_tokens": 32}
+    assert result["metrics"]["perplexity"] < 0.5 * len(load(tmp_path / "llama")[1])
 
 
 def test_the_block_length_is_part_of_the_cache_key(tmp_path, monkeypatch):
