@@ -1,4 +1,8 @@
-"""Fine-tuning: train the task's new head and the encoder on a training split, once, cached.
+"""Fine-tuning: train the model on a training split before anything is quantized, once, cached.
+
+What is trained is the task's (runner/tasks): a classification task gives the encoder a new head
+and trains both on labelled rows; a causal LM trains every weight at next-token prediction on
+blocks of text (runner/tasks/lm_training.py). Each Task says how its rows are made and batched.
 
 Runs where the dispatcher places it (a GPU node when the cluster has one), with the transformers
 Trainer (accelerate underneath) rather than a hand-written loop. The result is a saved FP32
@@ -15,6 +19,7 @@ import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from runner import measure, models
 from runner.spec import FinetuneSpec
@@ -32,19 +37,26 @@ class FinetuneTask:
     settings: FinetuneSpec
     max_length: int
     task_name: str = DEFAULT_TASK  # a name in runner.tasks.TASKS
+    task_settings: Any = None  # the plan's resolved task settings (a causal LM's context)
 
 
-def chance_note(train_loss: float | None, label_count: int) -> str:
-    """A word when the training loss stayed near what guessing gives (ln of the label count for
-    cross-entropy): the model then learned little, and every variant's accuracy will say so."""
-    chance = math.log(label_count) if label_count > 1 else 0.0
-    if train_loss is None or not chance or train_loss < 0.95 * chance:
+def chance_note(train_loss: float | None, chance: tuple[float, str]) -> str:
+    """A word when the training loss stayed near what guessing gives (for cross-entropy, ln of the
+    number of answers: chance is that loss and how it is written): the model then learned
+    little, and every variant's metrics will say so."""
+    loss, written = chance
+    if train_loss is None or not loss or train_loss < 0.95 * loss:
         return ""
     return (
-        f"; note: the loss stayed near ln {label_count} = {chance:.3f}, what guessing gives: the "
-        "model "
+        f"; note: the loss stayed near {written} = {loss:.3f}, what guessing gives: the model "
         "learned little (more rows or epochs, or another learning rate, may help)"
     )
+
+
+def training_settings(task: FinetuneTask) -> dict:
+    """The part of the task's settings the training depends on ({} for most tasks)."""
+    own = TASKS[task.task_name].training_settings
+    return {} if own is None or task.task_settings is None else own(task.task_settings)
 
 
 def finetune_key(
@@ -54,7 +66,10 @@ def finetune_key(
     label_names: list[str],
     settings: FinetuneSpec,
     max_length: int,
+    task_settings: dict | None = None,
 ) -> str:
+    """task_settings: training_settings(), hashed only when there are some (a classification
+    model's key is what it always was)."""
     digest = hashlib.sha256(b"quantbench-finetune-v1")
     digest.update(base_key.encode())
     for text, label in zip(texts, labels):
@@ -63,6 +78,8 @@ def finetune_key(
     digest.update(
         json.dumps([label_names, settings_without_source, max_length], sort_keys=True).encode()
     )
+    if task_settings:
+        digest.update(json.dumps(task_settings, sort_keys=True).encode())
     return digest.hexdigest()[:20]
 
 
@@ -83,8 +100,10 @@ def run_finetune(task: FinetuneTask) -> dict:
     )  # Ray's one thread per task would halve the speed
     set_seed(task.settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(task.base_dir)
-    model = TASKS[task.task_name].finetune_model(task.base_dir, task.label_names)
-    outcome = train(model, tokenizer, training_rows(tokenizer, task), task.settings)
+    own = TASKS[task.task_name]
+    model = own.finetune_model(task.base_dir, task.label_names)
+    rows = own.training_rows(tokenizer, task)
+    outcome = train(model, rows, own.data_collator(tokenizer), task.settings)
     model.eval()
     info = {
         "key": task.key,
@@ -93,6 +112,8 @@ def run_finetune(task: FinetuneTask) -> dict:
         "train_rows": len(task.texts),
         "settings": {k: v for k, v in asdict(task.settings).items() if k != "train"},
         "max_length": task.max_length,
+        **({"task_settings": training_settings(task)} if training_settings(task) else {}),
+        "trained_on": own.describe_training(task),
         "train_loss": round(float(outcome.training_loss), 6),
         "train_s": round(time.perf_counter() - started, 2),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -105,21 +126,11 @@ def run_finetune(task: FinetuneTask) -> dict:
     return {**info, "cached": False, "folder": str(folder)}
 
 
-def training_rows(tokenizer, task: FinetuneTask) -> list[dict]:
-    """The training texts tokenized, each with its answer's index among the head's outputs."""
-    index = {name: i for i, name in enumerate(task.label_names)}
-    encoded = tokenizer(task.texts, truncation=True, max_length=task.max_length)
-    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encoded]
-    return [
-        {**{c: encoded[c][i] for c in columns}, "labels": index[label]}
-        for i, label in enumerate(task.labels)
-    ]
-
-
-def train(model, tokenizer, train_set: list[dict], s: FinetuneSpec):
-    """The transformers Trainer over the rows, with the job's settings; its TrainOutput."""
+def train(model, train_set: list[dict], collator, s: FinetuneSpec):
+    """The transformers Trainer over the rows, batched by the collator, with the job's settings;
+    its TrainOutput."""
     import torch
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     steps = math.ceil(math.ceil(len(train_set) / s.batch_size) * s.epochs)
     with tempfile.TemporaryDirectory(prefix="quantbench-finetune-") as scratch:
@@ -140,10 +151,16 @@ def train(model, tokenizer, train_set: list[dict], s: FinetuneSpec):
             train_sampling_strategy="group_by_length",  # less padding: faster steps on a CPU
             use_cpu=not torch.cuda.is_available(),
         )
+        # The Trainer sets config.use_cache to its argument's False; the saved model keeps the
+        # base's, or generating with it from transformers would recompute every step.
+        use_cache = getattr(model.config, "use_cache", None)
         trainer = Trainer(
             model=model,
             args=arguments,
             train_dataset=train_set,
-            data_collator=DataCollatorWithPadding(tokenizer),
+            data_collator=collator,
         )
-        return trainer.train()
+        outcome = trainer.train()
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        return outcome

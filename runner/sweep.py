@@ -15,9 +15,10 @@ from pathlib import Path
 from runner import cluster as ray_cluster
 from runner import collect, dispatch, interrupt, locks, measure, models, results, study
 from runner.cluster import Cluster
-from runner.finetune import FinetuneTask, chance_note, finetune_key
+from runner.finetune import FinetuneTask, chance_note, finetune_key, training_settings
 from runner.plan import JobPlan
 from runner.spec import SpecError, Variant
+from runner.tasks import TASKS
 from runner.worker import VariantTask, base_result
 
 
@@ -475,19 +476,21 @@ def fine_tuned_model(
     """The job's fine-tuned FP32 model: from the cache, or trained now as a Ray task."""
     spec = plan.spec
     task = finetune_task(plan, base_dir, base_info)
+    own = TASKS[spec.task]
+    chance = own.chance_loss(task)
     cached = models.cached_model(task.key)
     if cached is not None:
         info = models.cached_info(cached)
         say(
             f"fine-tune: reusing the cached fine-tuned model {cached} (trained on "
-            f"{info['train_rows']} rows, "
-            "train loss "
-            f"{info['train_loss']}){chance_note(info['train_loss'], len(plan.model_labels))}"
+            f"{own.describe_training(task)}, train loss "
+            f"{info['train_loss']}){chance_note(info['train_loss'], chance)}"
         )
         return cached, fine_tuned_info(info, base_info)
     say(
-        f"fine-tune: training on {len(task.texts)} rows ({spec.finetune.epochs:g} epoch(s), "
-        f"batch {spec.finetune.batch_size}, learning rate {spec.finetune.learning_rate:g}) ..."
+        f"fine-tune: training on {own.describe_training(task)} ({spec.finetune.epochs:g} "
+        f"epoch(s), batch {spec.finetune.batch_size}, learning rate "
+        f"{spec.finetune.learning_rate:g}) ..."
     )
     info = dispatch.finetune(
         task,
@@ -498,7 +501,7 @@ def fine_tuned_model(
     say(
         f"fine-tune: done in {info['train_s']:.1f} s on {info['device']} ({info.get('node_ip')}), "
         f"train loss {info['train_loss']}; cached as "
-        f"{info['folder']}{chance_note(info['train_loss'], len(plan.model_labels))}"
+        f"{info['folder']}{chance_note(info['train_loss'], chance)}"
     )
     return Path(info["folder"]), fine_tuned_info(info, base_info)
 
@@ -513,12 +516,10 @@ def finetune_task(plan: JobPlan, base_dir: Path, base_info: dict) -> FinetuneTas
     """What the job's fine-tune trains on, keyed as its cache entry."""
     spec = plan.spec
     texts = [e.text for e in plan.train_examples]
-    labels = [plan.label_map[e.label] for e in plan.train_examples]
-    key = finetune_key(
-        base_info["key"], texts, labels, plan.model_labels, spec.finetune, spec.dataset.max_length
-    )
-    return FinetuneTask(
-        key=key,
+    # A task whose answers are not labels (a causal LM) has no label map: it trains on text alone.
+    labels = [plan.label_map[e.label] for e in plan.train_examples if plan.label_map]
+    task = FinetuneTask(
+        key="",
         base_dir=str(base_dir),
         base_key=base_info["key"],
         texts=texts,
@@ -527,7 +528,18 @@ def finetune_task(plan: JobPlan, base_dir: Path, base_info: dict) -> FinetuneTas
         settings=spec.finetune,
         max_length=spec.dataset.max_length,
         task_name=spec.task,
+        task_settings=plan.task_settings,
     )
+    task.key = finetune_key(
+        base_info["key"],
+        texts,
+        labels,
+        plan.model_labels,
+        spec.finetune,
+        spec.dataset.max_length,
+        training_settings(task),
+    )
+    return task
 
 
 def describe_plan(plan: JobPlan) -> str:

@@ -7,11 +7,23 @@ that perplexity tokenizes without special tokens.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
-from conftest import RT_POLARITY, corpus_lines
+from conftest import REPO, RT_POLARITY, corpus_lines
 
-BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+def load_script(path: Path):
+    """A script of the repository as a module (tokenizers/ is no package: the name is the
+    tokenizers library's)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BPE_SCRIPT = load_script(REPO / "tokenizers" / "build_rt_polarity_bpe.py")
+BOS, EOS, PAD = BPE_SCRIPT.BOS, BPE_SCRIPT.EOS, BPE_SCRIPT.PAD
 # Larger than transformers' 0.02: a random model then prefers some tokens and reads its context,
 # so a window's context changes its losses by more than rounding.
 INITIALIZER_RANGE = 0.3
@@ -24,32 +36,9 @@ def rt_sentences() -> list[str]:
 def build_bpe_tokenizer(
     folder: Path, vocab_size: int = 500, bos: bool = True, eos: bool = True, pad: bool = True
 ):
-    """A byte-level BPE trained on rt-polarity, as a PreTrainedTokenizerFast saved in folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [token for token, wanted in [(BOS, bos), (EOS, eos), (PAD, pad)] if wanted]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(rt_sentences(), trainer)
-    if bos:
-        # Like Llama's tokenizer: BOS added to every text unless add_special_tokens=False.
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A", special_tokens=[(BOS, backend.token_to_id(BOS))]
-        )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=BOS if bos else None,
-        eos_token=EOS if eos else None,
-        pad_token=PAD if pad else None,
-    )
+    """A byte-level BPE trained on rt-polarity, as a PreTrainedTokenizerFast saved in folder: the
+    shipped tokenizer's recipe (tokenizers/build_rt_polarity_bpe.py), smaller."""
+    tokenizer = BPE_SCRIPT.build_tokenizer(rt_sentences(), vocab_size, bos, eos, pad)
     assert len(tokenizer) > 300, "the BPE did not learn its merges"
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)

@@ -4,6 +4,7 @@ guard that catches the published mistake on real SmSA rows."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 
@@ -14,7 +15,7 @@ from runner import finetune, models
 from runner.cli import main
 from runner.plan import plan_job
 from runner.spec import FinetuneSpec
-from runner.sweep import build_tasks
+from runner.sweep import build_tasks, finetune_task
 from runner.worker import run_variant
 
 LABELS = "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}"  # the published model's order
@@ -96,26 +97,7 @@ def train_directly(job_path, cache, monkeypatch):
     monkeypatch.setenv("QUANTBENCH_CACHE", str(cache))
     plan = plan_job(job_path)
     base_dir, base_info = models.prepare_model(plan.spec)
-    texts = [e.text for e in plan.train_examples]
-    labels = [plan.label_map[e.label] for e in plan.train_examples]
-    key = finetune.finetune_key(
-        base_info["key"],
-        texts,
-        labels,
-        plan.model_labels,
-        plan.spec.finetune,
-        plan.spec.dataset.max_length,
-    )
-    task = finetune.FinetuneTask(
-        key=key,
-        base_dir=str(base_dir),
-        base_key=base_info["key"],
-        texts=texts,
-        labels=labels,
-        label_names=plan.model_labels,
-        settings=plan.spec.finetune,
-        max_length=plan.spec.dataset.max_length,
-    )
+    task = finetune_task(plan, base_dir, base_info)
     return plan, task, finetune.run_finetune(task)
 
 
@@ -334,12 +316,13 @@ def test_an_empty_training_split_is_refused(capsys, tmp_path, smsa_base):
 
 def test_a_fine_tune_whose_loss_stayed_at_chance_says_the_model_learned_little():
     # 0.6937 was a real MiniLM fine-tune on 300 rows: it predicted one class everywhere afterwards.
-    assert "ln 2 = 0.693" in finetune.chance_note(
-        0.6937, 2
-    ) and "learned little" in finetune.chance_note(0.6937, 2)
-    assert "ln 3 = 1.099" in finetune.chance_note(1.08, 3)
-    assert finetune.chance_note(0.546075, 2) == ""  # the demo's fine-tune learned
-    assert finetune.chance_note(None, 2) == ""
+    two, three = (math.log(2), "ln 2"), (math.log(3), "ln 3")
+    assert "ln 2 = 0.693" in finetune.chance_note(0.6937, two)
+    assert "learned little" in finetune.chance_note(0.6937, two)
+    assert "ln 3 = 1.099" in finetune.chance_note(1.08, three)
+    assert finetune.chance_note(0.546075, two) == ""  # the demo's fine-tune learned
+    assert finetune.chance_note(None, two) == ""
+    assert finetune.chance_note(0.5, (0.0, "ln 1")) == ""  # one label: nothing to guess
 
 
 def test_rows_left_out_of_the_training_split_for_sharing_a_text_are_counted(

@@ -25,7 +25,7 @@ import numpy as np
 
 from runner import data, model_checks
 from runner.spec import JobSpec, SpecError
-from runner.tasks import causal_lm_collect, perplexity
+from runner.tasks import causal_lm_collect, lm_training, perplexity
 from runner.tasks.generation import GenerationSettings
 from runner.tasks.task import Scored, Targets, Task
 
@@ -414,4 +414,10 @@ TASK = Task(
     measure_more=measure_more,
     study_view=study_view,
     comparison=causal_lm_collect.COMPARISON,
+    finetune_model=lm_training.finetune_model,
+    training_rows=lm_training.training_rows,
+    data_collator=lm_training.data_collator,
+    describe_training=lm_training.describe_training,
+    chance_loss=lm_training.chance_loss,
+    training_settings=lm_training.training_settings,
 )

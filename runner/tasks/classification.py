@@ -10,6 +10,7 @@ whose labels are the names the job maps to.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -259,6 +260,35 @@ def finetune_model(base_dir: str, label_names: list[str]):
     )
 
 
+def training_rows(tokenizer, task) -> list[dict]:
+    """task: the FinetuneTask. The training texts tokenized, each with its answer's index among the
+    head's outputs."""
+    index = {name: i for i, name in enumerate(task.label_names)}
+    encoded = tokenizer(task.texts, truncation=True, max_length=task.max_length)
+    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encoded]
+    return [
+        {**{c: encoded[c][i] for c in columns}, "labels": index[label]}
+        for i, label in enumerate(task.labels)
+    ]
+
+
+def data_collator(tokenizer):
+    """Each batch padded to its longest text."""
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer)
+
+
+def describe_training(task) -> str:
+    return f"{len(task.texts)} rows"
+
+
+def chance_loss(task) -> tuple[float, str]:
+    """Cross-entropy's loss for guessing among the head's labels: ln of their count."""
+    count = len(task.label_names)
+    return (math.log(count) if count > 1 else 0.0), f"ln {count}"
+
+
 TASK = Task(
     name="classification",
     model_class="AutoModelForSequenceClassification",
@@ -269,4 +299,8 @@ TASK = Task(
     finetune_model=finetune_model,
     study_view=study_view,
     comparison=classification_collect.COMPARISON,
+    training_rows=training_rows,
+    data_collator=data_collator,
+    describe_training=describe_training,
+    chance_loss=chance_loss,
 )

@@ -66,6 +66,16 @@ class Task:
     # What collect's table shows of this task and what it computes against the baseline
     # (runner/tasks/comparison.py); the default: only the rows every result has.
     comparison: Comparison = field(default_factory=Comparison)
+    # Fine-tuning (runner/finetune.py), each taking the FinetuneTask: (tokenizer, FinetuneTask) ->
+    # the Trainer's rows; (tokenizer) -> the collator that batches them; (FinetuneTask) -> what is
+    # trained on, in words ("4000 rows"); (FinetuneTask) -> (the training loss of a model that
+    # learned nothing, how it is written, "ln 2"); (the task settings) -> the part of them the
+    # training depends on, recorded and hashed into the fine-tuned model's cache key.
+    training_rows: Callable[..., list[dict]] | None = None
+    data_collator: Callable[..., Any] | None = None
+    describe_training: Callable[..., str] | None = None
+    chance_loss: Callable[..., tuple[float, str]] | None = None
+    training_settings: Callable[..., dict] | None = None
 
     def auto_model(self):
         """The transformers class that loads this task's checkpoints."""
