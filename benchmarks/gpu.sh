@@ -159,21 +159,21 @@ lay_shared_data
 # Every CUDA precision on a tiny random Llama through the worker (tests/test_causal_lm.py, skipped
 # without a GPU): quick, and it says which precision breaks before the larger jobs spend their time.
 if wanted lm-tests; then
-    step lm-tests 120 "$python" -m pytest -q -p no:cacheprovider tests/test_causal_lm.py -k cuda
+    step lm-tests 100 "$python" -m pytest -q -p no:cacheprovider tests/test_causal_lm.py -k cuda
     pack lm-tests
 fi
 if wanted lm-demo; then
     if [ -f jobs/demo-lm.yaml ] && copy=$(cuda_copy jobs/demo-lm.yaml); then
-        job_step lm-demo 150 "$copy"
+        job_step lm-demo 140 "$copy"
         rm -f "$copy"
     else
         echo "== lm-demo: no jobs/demo-lm.yaml, or no CUDA variant in it"
         status=1
     fi
 fi
-# 7 variants of 0.5B parameters: loading, perplexity over 200 documents, the KL against FP32 and 28
-# timed generations of 64 tokens each; what ends in time is kept.
-wanted lm-llama && job_step lm-llama 330 jobs/gpu/llama-0.5b-inline.yaml
+# 7 variants of 0.5B parameters: loading, perplexity over 200 documents, the KL against FP32 and 8
+# generations of 64 tokens at each of two batch sizes; what ends in time is kept.
+wanted lm-llama && job_step lm-llama 300 jobs/gpu/llama-0.5b-inline.yaml
 # Sized to fit: 100 samples, one round, two fidelity matches per precision (each one-variant run's clock
 # runs for 6 s), by the H200's timings of an earlier version (300 samples: 11-25 s a variant).
 if wanted benchmark-cuda; then
