@@ -32,6 +32,7 @@ from runner.report_figures import (
     TYPE_COLOURS,
     FigureFiles,
     Shown,
+    log_scale,
     number,
     panels,
     shared_legend,
@@ -98,7 +99,7 @@ def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
     _draw_points(ax, points, table.best)
     latencies = [p.latency.median for p in points]
     if max(latencies) / min(latencies) > 20:
-        ax.set_xscale("log")
+        log_scale(ax, "x")
     _draw_tolerances(ax, table)
     for device, colour in DEVICE_COLOURS.items():
         if any(p.device == device for p in points):
@@ -314,7 +315,7 @@ def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
         ax.stairs(
             counts, edges, fill=True, color=TYPE_COLOURS.get(layer_type, "#7f7f7f"), alpha=0.6
         )
-        ax.set_yscale("log")
+        log_scale(ax, "y")
         grid = grids.get(layer_type)
         layers = f"{hist['n_layers']} layer" + ("s" if hist["n_layers"] != 1 else "")
         subtitle = f"{layer_type} ({layers}, {hist['n_weights']:,} weights)"

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from runner import collect
-from runner.report_figures import DEVICE_COLOURS, panels
+from runner.report_figures import DEVICE_COLOURS, log_scale, panels
 
 
 def _decode_points(table: collect.JobTable) -> list[tuple[str, float, float, float, str]]:
@@ -51,7 +51,7 @@ def plot_perplexity_decode(table: collect.JobTable) -> Figure | None:
         )
     speeds = [p[1] for p in points]
     if max(speeds) / min(speeds) > 20:
-        ax.set_xscale("log")
+        log_scale(ax, "x")
     _draw_perplexity_limit(ax, table)
     for device, colour in DEVICE_COLOURS.items():
         if any(p[4] == device for p in points):

@@ -38,6 +38,22 @@ TYPE_COLOURS = {
 assert set(TYPE_COLOURS) == set(LAYER_TYPES), "a layer type without a colour"
 
 
+def log_scale(ax, which: str) -> None:
+    """One axis of ax ("x" or "y"), drawn already, on a log scale with its ticks in plain numbers
+    (matplotlib's own log labels are formulas, which the report's text.parse_math=False would
+    print raw); over at most two decades ticks at 1, 2 and 5 times a power of ten, else at each
+    power of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    low, high = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+    decades = math.log10(high / low) if low > 0 else math.inf
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def panels(n: int, title: str) -> tuple[Figure, list]:
     columns = min(n, MAX_COLUMNS)
     rows = math.ceil(n / columns)

@@ -95,3 +95,22 @@ def test_nll_histogram_holds_every_window_of_each_variant():
     ]
     counts = [sum(p.get_height() for p in ax.patches) for ax in figure.axes if ax.get_visible()]
     assert counts == [3, 3]
+
+
+def test_a_log_axis_reads_in_plain_numbers():
+    # The report draws with text.parse_math off (names are drawn as written), which printed
+    # matplotlib's own log tick labels as raw formulas ($\mathdefault{10^{2}}$).
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure
+
+    from runner.report_figures import log_scale
+
+    with rc_context({"text.parse_math": False}):
+        figure = Figure()
+        ax = figure.subplots()
+        ax.scatter([17.8, 150.0, 497.0], [1, 2, 3])
+        log_scale(ax, "x")
+        figure.canvas.draw()
+        shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert shown and not any("$" in text for text in shown), shown
+    assert {"20", "50", "100", "200", "500"} <= set(shown)
