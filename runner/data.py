@@ -209,7 +209,13 @@ def read_examples(spec: DatasetSpec, job: Path) -> list[Example]:
             f"cannot read it as {spec.format}: {type(error).__name__}: {error}",
         ) from None
     if not examples:
-        raise SpecError(job, spec.field, spec.format, "the dataset has no rows")
+        source = spec.path or ", ".join(map(str, spec.files.values()))
+        raise SpecError(
+            job,
+            f"{spec.field}.path",
+            str(source),
+            f"the dataset has no rows (read as {spec.format}; blank lines are skipped)",
+        )
     unlabelled = [e for e in examples if not e.label]
     if unlabelled and spec.label_column is not None and spec.format != "lines":
         raise SpecError(

@@ -46,8 +46,15 @@ class StudyRun:
 
 
 def tolerance(spec: JobSpec) -> S.Tolerance:
-    """The job's accuracy tolerances where it has them, else the study's default."""
-    chosen = {k: spec.tolerances.get(k) for k in ("min_agreement", "max_accuracy_drop")}
+    """The job's agreement and accuracy tolerances where it has them and its task's verdict
+    judges them (a causal LM's: agreement alone), else the study's default."""
+    from runner.tasks import TASKS
+
+    judged = TASKS[spec.task].comparison.checks
+    chosen = {
+        k: spec.tolerances.get(k) if k in judged else None
+        for k in ("min_agreement", "max_accuracy_drop")
+    }
     return S.Tolerance(**chosen) if any(v is not None for v in chosen.values()) else S.Tolerance()
 
 

@@ -452,16 +452,20 @@ def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:
         f"model: {model_info['source']} -> {model_dir}"
         + (" (cached)" if model_info["cached"] else "")
     )
-    if model_info.get("newly_initialised") and plan.train_examples is None:
-        say(
-            f"note: {len(model_info['newly_initialised'])} weight tensor(s) were randomly "
-            "initialised "
-            + (
-                "(no trained classification head): accuracy is chance until the model is fine-tuned"
-                if plan.label_map
-                else "(an inline architecture): its perplexity is an untrained model's"
-            )
+    random = model_info.get("newly_initialised")
+    if random and plan.train_examples is None:
+        what = (
+            "every weight is random (an inline architecture)"
+            if plan.spec.model.config is not None
+            else f"{len(random)} weight tensor(s) were randomly initialised (no trained "
+            "classification head)"
         )
+        why = (
+            "accuracy is chance until the model is fine-tuned"
+            if plan.label_map
+            else "its perplexity is an untrained model's"
+        )
+        say(f"note: {what}: {why}")
     return model_dir, model_info
 
 

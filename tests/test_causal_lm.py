@@ -311,3 +311,22 @@ def test_a_study_step_compares_next_tokens_position_by_position(tmp_path, llama)
     same = kept_all.compare(kept_all.evaluate(frozenset(step.layers)))  # nothing quantized
     assert same["agreement"] == 1.0 and same["mean_kl"] == pytest.approx(0.0, abs=1e-12)
     assert same["accuracy"] == same["accuracy_fp32"]
+
+
+def test_an_empty_text_file_is_refused_naming_it(capsys, tmp_path, llama):
+    empty = tmp_path / "blank.txt"
+    empty.write_text("\n   \n")
+    dataset = f"\n  format: text\n  path: {empty}"
+    check_refused(
+        capsys, tmp_path, lm_job(llama, dataset=dataset), "dataset.path", "blank.txt", "no rows"
+    )
+
+
+def test_a_causal_lm_study_meets_the_tolerances_its_verdict_judges(tmp_path, llama):
+    from runner import study
+
+    job = lm_job(llama, "tolerances: {min_agreement: 0.9, max_accuracy_drop: 0.01}")
+    spec = plan_job(write_job(tmp_path, job)).spec
+    # collect judges a causal LM by greedy agreement, not by an accuracy it does not have
+    chosen = study.tolerance(spec)
+    assert (chosen.min_agreement, chosen.max_accuracy_drop) == (0.9, None)
