@@ -247,7 +247,7 @@ def _draw_sqnr_panel(
         list(range(head)) + [head] * has_head,
         [str(d) for d in range(head)] + ["head"] * has_head,
     )
-    ax.set_xlabel("encoder layer")
+    ax.set_xlabel("layer of the encoder or decoder stack")
     ax.set_ylabel("SQNR (dB)")
     ax.grid(True, alpha=0.3)
 
@@ -450,7 +450,8 @@ PLOTS = [
         "every 6 dB is "
         "about one bit of precision. Points are layers (coloured by type), the line their mean at "
         "each depth; "
-        "'head' is the pooler and classifier. Unchanged layers (FP32) have no SQNR and are left "
+        "'head' is the pooler and classifier, or the lm_head. Unchanged layers (FP32) have no SQNR "
+        "and are left "
         "out.",
         plot_sqnr_by_depth,
         "no per-layer weight analysis in these results",
