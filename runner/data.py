@@ -165,22 +165,22 @@ def _read_parquet(spec: DatasetSpec, job: Path) -> list[Example]:
     return _records_to_examples(enumerate(pq.read_table(spec.path).to_pylist(), start=1), spec, job)
 
 
+def _lines_of(path: Path, label: str) -> list[Example]:
+    """One text per line of the file (blank lines skipped), each with the label."""
+    return [
+        Example(line.strip(), label, f"line {number} of {path.name}")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if line.strip()
+    ]
+
+
 def _read_lines(spec: DatasetSpec, job: Path) -> list[Example]:
-    examples = []
-    for label, path in spec.files.items():
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                examples.append(Example(line.strip(), label, f"line {number} of {path.name}"))
-    return examples
+    return [example for label, path in spec.files.items() for example in _lines_of(path, label)]
 
 
 def _read_text(spec: DatasetSpec, job: Path) -> list[Example]:
     """A plain text file, one document per line (blank lines skipped), without labels."""
-    examples = []
-    for number, line in enumerate(spec.path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            examples.append(Example(line.strip(), "", f"line {number} of {spec.path.name}"))
-    return examples
+    return _lines_of(spec.path, "")
 
 
 READERS = {
@@ -196,12 +196,12 @@ READERS = {
 
 
 def read_examples(spec: DatasetSpec, job: Path) -> list[Example]:
+    source = spec.path or ", ".join(map(str, spec.files.values()))
     try:
         examples = READERS[spec.format](spec, job)
     except SpecError:
         raise
     except (UnicodeDecodeError, csv.Error, ValueError, TypeError, AttributeError, OSError) as error:
-        source = spec.path or ", ".join(map(str, spec.files.values()))
         raise SpecError(
             job,
             f"{spec.field}.path",
@@ -209,7 +209,6 @@ def read_examples(spec: DatasetSpec, job: Path) -> list[Example]:
             f"cannot read it as {spec.format}: {type(error).__name__}: {error}",
         ) from None
     if not examples:
-        source = spec.path or ", ".join(map(str, spec.files.values()))
         raise SpecError(
             job,
             f"{spec.field}.path",

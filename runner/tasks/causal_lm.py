@@ -176,6 +176,7 @@ class WindowBatch(dict):
 
     windows: list[perplexity.Window]
     width: int
+    padding: int  # the id the shorter windows are padded with
 
 
 def load_tokenizer(task):
@@ -191,28 +192,35 @@ def pad_id(tokenizer) -> int:
     return perplexity.prefix_token_id(tokenizer)
 
 
-def prepare_batches(task) -> tuple[list[dict], list[int], dict | None]:
-    """task: the worker's VariantTask. Every document's rolling windows, batch_size windows to a
-    forward pass, in window order; the fixed-shape batch of latency_mode fixed."""
-    from runner import evaluate
-
-    tokenizer = load_tokenizer(task)
-    context = task.task_settings.perplexity.context
-    windows = perplexity.document_windows(
-        tokenizer, task.texts, context, task.task_settings.perplexity.stride
-    )
-    size, device = task.evaluation.batch_size, task.variant.device
+def window_batches(tokenizer, texts, settings: PerplexitySettings, size: int, device):
+    """Every document's rolling windows, `size` windows to a forward pass, in window order."""
+    windows = perplexity.document_windows(tokenizer, texts, settings.context, settings.stride)
     batches, padding = [], pad_id(tokenizer)
     for start in range(0, len(windows), size):
         some = windows[start : start + size]
         batch = WindowBatch(perplexity.window_inputs(some, padding, device))
-        batch.windows, batch.width = some, ROW_HEAD + context
+        batch.windows, batch.width, batch.padding = some, ROW_HEAD + settings.context, padding
         batches.append(batch)
+    return batches
+
+
+def batch_windows(batches: list[WindowBatch]) -> list[perplexity.Window]:
+    return [window for batch in batches for window in batch.windows]
+
+
+def prepare_batches(task) -> tuple[list[dict], list[int], dict | None]:
+    """task: the worker's VariantTask. The sample's window_batches; the fixed-shape batch of
+    latency_mode fixed."""
+    from runner import evaluate
+
+    tokenizer = load_tokenizer(task)
+    size, device = task.evaluation.batch_size, task.variant.device
+    batches = window_batches(tokenizer, task.texts, task.task_settings.perplexity, size, device)
     fixed = None
     if task.evaluation.latency_mode == "fixed":
         fixed = evaluate.fixed_shape_batch(tokenizer, *task.evaluation.fixed_shape, device)
         fixed.pop("token_type_ids", None)  # a decoder takes none
-    return batches, list(range(len(windows))), fixed
+    return batches, list(range(len(batch_windows(batches)))), fixed
 
 
 def window_rows(output, batch: WindowBatch):
@@ -268,10 +276,9 @@ def measure_more(task, model, batches: list[WindowBatch], memory, scored: Scored
     generation timings added."""
     settings = task.task_settings
     metrics, predictions, warnings = dict(scored.metrics), dict(scored.predictions), []
-    windows = [window for batch in batches for window in batch.windows]
     if settings.perplexity.kl_top_k:
         with memory.phase("kl"):
-            kls = window_kls(task, model, windows)
+            kls = window_kls(task, model, batches)
         predictions["windows"] = {**predictions["windows"], "kl": [round(k, 8) for k in kls]}
         metrics["kl_vs_fp32"] = math.fsum(kls) / metrics["scored_tokens"]
     if settings.generation is not None:
@@ -281,7 +288,7 @@ def measure_more(task, model, batches: list[WindowBatch], memory, scored: Scored
     return Scored(metrics, scored.warnings + warnings, predictions)
 
 
-def window_kls(task, model, windows: list[perplexity.Window]) -> list[float]:
+def window_kls(task, model, batches: list[WindowBatch]) -> list[float]:
     """KL(FP32 || variant) summed over each window's scored tokens, over FP32's top-k tokens and
     one bin for the rest: the FP32 model is loaded on the variant's device, its top-k taken, then
     the variant's log-probabilities read at those ids."""
@@ -290,7 +297,7 @@ def window_kls(task, model, windows: list[perplexity.Window]) -> list[float]:
     from runner.tasks import TASKS
 
     device, size = task.variant.device, task.evaluation.batch_size
-    padding = pad_id(load_tokenizer(task))
+    windows, padding = batch_windows(batches), batches[0].padding
     reference_model = (
         TASKS[task.task_name].auto_model().from_pretrained(task.model_dir, dtype=torch.float32)
     )
@@ -354,13 +361,9 @@ def study_view(step, fp32):
     from runner import sensitivity as S
 
     settings, device = step.task_settings.perplexity, step.study.device
-    tokenizer = load_tokenizer(step)
-    windows = perplexity.document_windows(tokenizer, step.texts, settings.context, settings.stride)
-    padding, size = pad_id(tokenizer), step.evaluation.batch_size
-    batches = [
-        perplexity.window_inputs(windows[i : i + size], padding, device)
-        for i in range(0, len(windows), size)
-    ]
+    size = step.evaluation.batch_size
+    batches = window_batches(load_tokenizer(step), step.texts, settings, size, device)
+    windows, padding = batch_windows(batches), batches[0].padding
     clock = time.perf_counter()
     top_k = settings.kl_top_k or STUDY_TOP_K
     reference = perplexity.window_losses(fp32, windows, device, size, padding, top_k=top_k)

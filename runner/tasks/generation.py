@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runner import locks, measure
+from runner.tasks import perplexity
 
 # ---------------------------------------------------------------------------------------------
 # Settings, checked for people: each message names what it found and what is allowed.
@@ -95,9 +96,7 @@ def prompt_token_ids(
     separator = next(
         (t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), None
     )
-    stream: list[int] = []
-    for token_ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
-        stream += ([] if separator is None else [separator]) + token_ids
+    stream = perplexity.document_stream(tokenizer, documents, separator)
     runs = len(stream) // prompt_length
     if runs == 0:
         raise ValueError(

@@ -30,11 +30,7 @@ from runner.tasks import perplexity
 
 def token_stream(tokenizer, documents: list[str]) -> list[int]:
     """Every document's tokens (no special tokens), each after the prefix token, end to end."""
-    prefix = perplexity.prefix_token_id(tokenizer)
-    stream: list[int] = []
-    for token_ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
-        stream += [prefix, *token_ids]
-    return stream
+    return perplexity.document_stream(tokenizer, documents, perplexity.prefix_token_id(tokenizer))
 
 
 def cut_blocks(stream: list[int], block_tokens: int) -> list[list[int]]:

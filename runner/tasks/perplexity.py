@@ -131,6 +131,16 @@ def document_windows(
     return windows
 
 
+def document_stream(tokenizer, documents: Sequence[str], separator: int | None) -> list[int]:
+    """Every document's tokens (without special tokens), each after the separator token (none
+    when it is None), joined end to end: what training blocks and generation prompts are cut
+    from."""
+    stream: list[int] = []
+    for token_ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
+        stream += ([] if separator is None else [separator]) + token_ids
+    return stream
+
+
 def document_bytes(documents: Sequence[str]) -> int:
     """The documents' UTF-8 bytes, bits_per_byte's denominator (lm-eval's count_bytes)."""
     return sum(len(text.encode("utf-8")) for text in documents)
