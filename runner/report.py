@@ -32,7 +32,9 @@ from runner.report_figures import (
     TYPE_COLOURS,
     FigureFiles,
     Shown,
+    device_legend,
     log_scale,
+    log_scale_if_wide,
     number,
     panels,
     shared_legend,
@@ -97,15 +99,9 @@ def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
     figure = Figure(figsize=(7.5, 5.0), layout="constrained")
     ax = figure.subplots()
     _draw_points(ax, points, table.best)
-    latencies = [p.latency.median for p in points]
-    if max(latencies) / min(latencies) > 20:
-        log_scale(ax, "x")
+    log_scale_if_wide(ax, "x", [p.latency.median for p in points])
     _draw_tolerances(ax, table)
-    for device, colour in DEVICE_COLOURS.items():
-        if any(p.device == device for p in points):
-            ax.scatter([], [], color=colour, alpha=0.55, label=device)
-    ax.margins(x=0.12, y=0.15)  # room for the labels
-    ax.legend(loc="best", fontsize=8)
+    device_legend(ax, {p.device for p in points})
     ax.set_xlabel("median latency per forward pass (ms; bars: 95% interval of the median)")
     ax.set_ylabel("accuracy")
     ax.grid(True, alpha=0.3)

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from runner import collect
-from runner.report_figures import DEVICE_COLOURS, log_scale, panels
+from runner.report_figures import DEVICE_COLOURS, device_legend, log_scale_if_wide, panels
 
 
 def _decode_points(table: collect.JobTable) -> list[tuple[str, float, float, float, str]]:
@@ -49,15 +49,9 @@ def plot_perplexity_decode(table: collect.JobTable) -> Figure | None:
         ax.annotate(
             label, (speed, perplexity), textcoords="offset points", xytext=offset, fontsize=8
         )
-    speeds = [p[1] for p in points]
-    if max(speeds) / min(speeds) > 20:
-        log_scale(ax, "x")
+    log_scale_if_wide(ax, "x", [p[1] for p in points])
     _draw_perplexity_limit(ax, table)
-    for device, colour in DEVICE_COLOURS.items():
-        if any(p[4] == device for p in points):
-            ax.scatter([], [], color=colour, alpha=0.55, label=device)
-    ax.margins(x=0.12, y=0.15)  # room for the labels
-    ax.legend(loc="best", fontsize=8)
+    device_legend(ax, {p[4] for p in points})
     ax.set_xlabel("decode tokens/s at the first generation batch size (higher is faster)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.grid(True, alpha=0.3)

@@ -54,6 +54,22 @@ def log_scale(ax, which: str) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def log_scale_if_wide(ax, which: str, values: list[float], ratio: float = 20.0) -> None:
+    """log_scale where the values span more than ratio times: a linear axis would crowd the
+    small ones into a corner."""
+    if max(values) / min(values) > ratio:
+        log_scale(ax, which)
+
+
+def device_legend(ax, devices: set[str]) -> None:
+    """A legend entry per device the points ran on, and room around them for their labels."""
+    for device, colour in DEVICE_COLOURS.items():
+        if device in devices:
+            ax.scatter([], [], color=colour, alpha=0.55, label=device)
+    ax.margins(x=0.12, y=0.15)  # room for the labels
+    ax.legend(loc="best", fontsize=8)
+
+
 def panels(n: int, title: str) -> tuple[Figure, list]:
     columns = min(n, MAX_COLUMNS)
     rows = math.ceil(n / columns)
