@@ -10,7 +10,6 @@ layer, ...) the value is None and the docstring says so. What the predictions di
 from __future__ import annotations
 
 import math
-import re
 import sys
 from collections.abc import Iterable, Mapping
 
@@ -18,10 +17,10 @@ import numpy as np
 import torch
 
 from runner import precisions
+from runner.layers import LAYER_TYPES, classify_layer
 
 __all__ = [
     "dequantized_linear_weights",
-    "classify_layer",
     "layer_weight_errors",
     "layer_output_errors",
     "summarise_layer_errors",
@@ -29,24 +28,6 @@ __all__ = [
     "quantization_grid",
     "activation_outlier_columns",
 ]
-
-LAYER_TYPES = (
-    "query",
-    "key",
-    "value",
-    "query_key_value",  # one fused projection: GPT-2's attn.c_attn
-    "attention_output",
-    "intermediate",
-    "output",
-    # A decoder's MLP: gate and up project into the MLP, down out of it (GPT-2: c_fc, c_proj).
-    "mlp_gate",
-    "mlp_up",
-    "mlp_down",
-    "classifier",
-    "pooler",
-    "lm_head",
-    "other",
-)
 
 # Bins of the fixed histogram behind `changed_bucket_share`.
 CHANGE_BINS = 256
@@ -74,37 +55,6 @@ def dequantized_linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor
 # --------------------------------------------------------------------------------------------------
 # Per-layer weight errors
 # --------------------------------------------------------------------------------------------------
-
-# First match wins; order matters where one name contains another (attention.output before output).
-_LAYER_TYPE_PATTERNS = [
-    ("query", re.compile(r"(^|\.)(query|q_proj|q_lin)$")),
-    ("key", re.compile(r"(^|\.)(key|k_proj|k_lin)$")),
-    ("value", re.compile(r"(^|\.)(value|v_proj|v_lin)$")),
-    # Before attention_output: RoBERTa's head is classifier.out_proj.
-    ("classifier", re.compile(r"(^|\.)(pre_classifier|classifier)(\.|$)")),
-    (
-        "attention_output",
-        re.compile(r"(attention\.output\.dense|(^|\.)(o_proj|out_proj|out_lin))$"),
-    ),
-    ("intermediate", re.compile(r"(intermediate\.dense|ffn\.lin1)$")),
-    ("output", re.compile(r"(output\.dense|ffn\.lin2)$")),
-    ("pooler", re.compile(r"(^|\.)pooler(\.|$)")),
-    ("query_key_value", re.compile(r"(^|\.)(c_attn|qkv_proj|query_key_value)$")),
-    ("attention_output", re.compile(r"attn\.c_proj$")),
-    ("mlp_gate", re.compile(r"(^|\.)gate_proj$")),
-    ("mlp_up", re.compile(r"((^|\.)up_proj|mlp\.c_fc)$")),
-    ("mlp_down", re.compile(r"((^|\.)down_proj|mlp\.c_proj)$")),
-    ("lm_head", re.compile(r"(^|\.)lm_head$")),
-]
-_DEPTH_PATTERN = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
-
-
-def classify_layer(name: str) -> tuple[str, int | None]:
-    """(layer_type, depth) from a BERT-style module name; depth is the encoder layer index or
-    None."""
-    layer_type = next((t for t, pattern in _LAYER_TYPE_PATTERNS if pattern.search(name)), "other")
-    match = _DEPTH_PATTERN.search(name)
-    return layer_type, (int(match.group(1)) if match else None)
 
 
 def _bin_index(values: torch.Tensor, low: float, high: float, bins: int) -> torch.Tensor:

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "validate":
-            from runner.sweep import describe_plan
+            from runner.plan import describe_plan
 
             for plan in _plans(args.jobs):
                 print(describe_plan(plan))

@@ -23,10 +23,8 @@ from pathlib import Path
 import ray
 
 from runner import isolation, measure
+from runner.placement import DEVICE_RESOURCE, SLOT
 from runner.precisions import PRECISIONS
-
-SLOT = "quantbench_slot"
-DEVICE_RESOURCE = {"cpu": "quantbench_cpu", "cuda": "quantbench_cuda"}
 
 
 @dataclass

@@ -21,8 +21,6 @@ import ray
 
 from runner import isolation, measure, models
 from runner.cluster import (
-    DEVICE_RESOURCE,
-    SLOT,
     Cluster,
     alive_nodes,
     fork_server_imports,
@@ -30,21 +28,9 @@ from runner.cluster import (
     server_preload,
 )
 from runner.finetune import FinetuneTask, run_finetune
+from runner.placement import can_run, requirements, why_no_node
 from runner.study_worker import StudyStep, run_step
 from runner.worker import VariantTask, base_result, run_variant_in_own_process
-
-
-def requirements(device: str) -> dict:
-    """What a node needs to run the device's variants: exactly what task_options asks Ray for, so a
-    node Ray can never place a variant on (a worker started with --num-cpus=0) is not counted."""
-    needs = {SLOT: 1, DEVICE_RESOURCE[device]: 1, "CPU": 1}
-    if device == "cuda":
-        needs["GPU"] = 1
-    return needs
-
-
-def _fits(node: dict, needs: dict) -> bool:
-    return all(node["Resources"].get(name, 0) >= amount for name, amount in needs.items())
 
 
 def task_options(device: str) -> dict:
@@ -66,15 +52,6 @@ def default_placement_timeout(cluster: Cluster, placement_timeout_s: float | Non
     return 0.0 if cluster.embedded else 30.0
 
 
-def where_it_runs(device: str) -> str:
-    worker = {"cpu": "a CPU worker node", "cuda": "a GPU worker node"}[device]
-    return (
-        f"{worker} (Ray resources "
-        + ", ".join(f"{k}={v}" for k, v in requirements(device).items())
-        + ")"
-    )
-
-
 def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
     """None when some node can run the device's variants; else why none can, after waiting
     timeout_s."""
@@ -87,35 +64,6 @@ def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
             break
         time.sleep(1.0)  # an autoscaler may be adding the node; poll the cluster state
     return why_no_node(device, nodes, timeout_s)
-
-
-def can_run(nodes: list[dict], device: str) -> bool:
-    return capable_nodes(nodes, device) > 0
-
-
-def capable_nodes(nodes: list[dict], device: str) -> int:
-    """How many of the nodes can run the device's variants."""
-    return sum(_fits(node, requirements(device)) for node in nodes)
-
-
-def why_no_node(device: str, nodes: list[dict], waited_s: float) -> str:
-    needs = requirements(device)
-    have = "; ".join(_node_resources(node, needs) for node in nodes)
-    return (
-        f"no node in the cluster can run {device} variants (needs "
-        f"{', '.join(f'{k}={v}' for k, v in needs.items())}); "
-        f"waited {waited_s:g} s; nodes: {have or 'none'}"
-    )
-
-
-def _node_resources(node: dict, needs: dict) -> str:
-    """A node's share of what the variants need (0 where it has none) and its quantbench
-    resources."""
-    have = node["Resources"]
-    names = sorted(set(needs) | {name for name in have if name.startswith("quantbench")})
-    return f"{node['NodeManagerAddress']}: " + ", ".join(
-        f"{name}={have.get(name, 0):g}" for name in names
-    )
 
 
 def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:

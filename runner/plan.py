@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner import data, measure, model_checks, models
+from runner.placement import where_it_runs
+from runner.sensitivity import plan_text
 from runner.spec import JobSpec, SampleSpec, SpecError, load_job
 from runner.tasks import TASKS
 
@@ -223,3 +225,43 @@ def _spec_hash(
     digest.update(data.fingerprint(train or []).encode())
     digest.update(models.model_key(spec).encode())
     return digest.hexdigest()[:16]
+
+
+def describe_plan(plan: JobPlan) -> str:
+    spec = plan.spec
+    asked = spec.dataset.sample.n
+    capped = (
+        f"; sample.n asks for {asked}, all {plan.dataset_rows} are used"
+        if asked and asked > plan.dataset_rows
+        else ""
+    )
+    labels = f"labels: {', '.join(plan.model_labels)}" if plan.label_map else f"task: {spec.task}"
+    label_map = ", ".join(f"{k}→{v}" for k, v in sorted(plan.label_map.items()))
+    lines = [
+        f"{spec.file}: job '{spec.name}' is valid",
+        f"  model: {spec.model.describe()}  {labels}",
+        f"  dataset: {spec.dataset.format}, {len(plan.examples)} of {plan.dataset_rows} rows "
+        f"(seed {spec.dataset.sample.seed}{capped})"
+        + (f"; label map: {label_map}" if label_map else ""),
+        "  evaluation: "
+        + ", ".join(f"{k} {v}" for k, v in asdict(spec.evaluation).items() if v is not None),
+        *(
+            [
+                f"  fine-tune: {len(plan.train_examples)} training rows, none in the evaluation "
+                "sample; "
+                f"epochs {spec.finetune.epochs:g}, learning rate {spec.finetune.learning_rate:g}, "
+                f"batch {spec.finetune.batch_size}, seed {spec.finetune.seed}"
+            ]
+            if plan.train_examples
+            else []
+        ),
+        f"  baseline: {spec.baseline}",
+        *(f"  note: {note}" for note in plan.notes),
+        "  variants:",
+    ]
+    width = max(20, *(len(v.id) for v in spec.variants))  # compiled ids run longer
+    for variant in spec.variants:
+        lines.append(f"    {variant.id:<{width}} runs on {where_it_runs(variant.device)}")
+    if spec.sensitivity is not None:
+        lines.append(plan_text(spec))
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from runner import collect, report_study
-from runner.analysis import LAYER_TYPES
+from runner.layers import LAYER_TYPES
 from runner.report_causal_lm import plot_nll_delta, plot_perplexity_decode
 from runner.report_figures import (
     DEVICE_COLOURS,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from runner.analysis import LAYER_TYPES
+from runner.layers import LAYER_TYPES
 
 DPI = 120
 PANEL_IN = 3.4  # width and height of one small-multiple panel, inches

@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 
 from runner import collect
 from runner import sensitivity as S
-from runner.analysis import LAYER_TYPES, classify_layer
+from runner.layers import LAYER_TYPES, classify_layer
 from runner.report_figures import TYPE_COLOURS, FigureFiles, Shown, number, panels, shared_legend
 
 # the top of the ranking in FP32. Drawn from the study's dict, not from a JobTable.

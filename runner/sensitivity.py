@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from runner import analysis, effects
+from runner import effects
+from runner.layers import classify_layer
 from runner.precisions.common import linear_names as linear_layers  # what is quantized
-from runner.spec import GROUPINGS
+from runner.spec import GROUPINGS, JobSpec
+from runner.tasks import TASKS
 
 # Resamples of the paired bootstrap of the accuracy delta: as many as the variants' comparison.
 BOOTSTRAP_RESAMPLES = 2000
@@ -95,6 +97,27 @@ def tolerance_text(tolerance: dict) -> str:
     return " and ".join(bounds) or "none stated"
 
 
+def tolerance(spec: JobSpec) -> Tolerance:
+    """The job's agreement and accuracy tolerances where it has them and its task's verdict
+    judges them (a causal LM's: agreement alone), else the study's default."""
+    judged = TASKS[spec.task].comparison.checks
+    chosen = {
+        k: spec.tolerances.get(k) if k in judged else None
+        for k in ("min_agreement", "max_accuracy_drop")
+    }
+    return Tolerance(**chosen) if any(v is not None for v in chosen.values()) else Tolerance()
+
+
+def plan_text(spec: JobSpec) -> str:
+    """What `quantbench validate` says of the job's study."""
+    study = spec.sensitivity
+    return (
+        f"  sensitivity: {study.variant_id} taken apart by {study.groups}, after the variants; "
+        f"its recipe keeps layers in FP32 until {tolerance_text(asdict(tolerance(spec)))}, and "
+        f"runs as {study.mixed_id}"
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------------
@@ -102,7 +125,7 @@ def tolerance_text(tolerance: dict) -> str:
 
 def study_groups(model, how: str) -> dict[str, list[str]]:
     """Group name -> linear layer names, in module order. how: "layer" (one group per layer, named
-    by it), "type" (analysis.classify_layer's type: query, output, classifier, ...) or "depth"
+    by it), "type" (layers.classify_layer's type: query, output, classifier, ...) or "depth"
     ("depth 3": the encoder layer's linear layers; a layer of no depth, such as the pooler and the
     classifier head, forms a group of its own type). Raises ValueError for another how."""
     if how not in GROUPINGS:
@@ -116,7 +139,7 @@ def study_groups(model, how: str) -> dict[str, list[str]]:
 def _group_of(name: str, how: str) -> str:
     if how == "layer":
         return name
-    layer_type, depth = analysis.classify_layer(name)
+    layer_type, depth = classify_layer(name)
     if how == "type" or depth is None:
         return layer_type
     return f"depth {depth}"

@@ -23,8 +23,9 @@ from pathlib import Path
 from runner import dispatch, measure, results
 from runner import sensitivity as S
 from runner.cluster import Cluster, alive_nodes
+from runner.placement import capable_nodes
 from runner.plan import JobPlan
-from runner.spec import JobSpec, Variant
+from runner.spec import Variant
 from runner.study_worker import StudyStep
 
 SCHEMA_VERSION = 1
@@ -43,29 +44,6 @@ class StudyRun:
     results_dir: Path
     say: Callable[[str], None]
     placement_timeout_s: float | None = None
-
-
-def tolerance(spec: JobSpec) -> S.Tolerance:
-    """The job's agreement and accuracy tolerances where it has them and its task's verdict
-    judges them (a causal LM's: agreement alone), else the study's default."""
-    from runner.tasks import TASKS
-
-    judged = TASKS[spec.task].comparison.checks
-    chosen = {
-        k: spec.tolerances.get(k) if k in judged else None
-        for k in ("min_agreement", "max_accuracy_drop")
-    }
-    return S.Tolerance(**chosen) if any(v is not None for v in chosen.values()) else S.Tolerance()
-
-
-def plan_text(spec: JobSpec) -> str:
-    """What `quantbench validate` says of the job's study."""
-    study = spec.sensitivity
-    return (
-        f"  sensitivity: {study.variant_id} taken apart by {study.groups}, after the variants; "
-        f"its recipe keeps layers in FP32 until {S.tolerance_text(asdict(tolerance(spec)))}, and "
-        f"runs as {study.mixed_id}"
-    )
 
 
 def kept_study(results_dir: Path, plan: JobPlan) -> dict | None:
@@ -140,7 +118,7 @@ def measure_study(stage: StudyRun, study: dict) -> None:
     probe_step = first_step(stage)
     (probe,) = run_steps([probe_step])
     groups = probe["groups"]
-    shares = split(groups, dispatch.capable_nodes(alive_nodes(), probe_step.study.device))
+    shares = split(groups, capable_nodes(alive_nodes(), probe_step.study.device))
     study.update(layers=len(probe["layers"]), full=probe["full"])
     say(f"sensitivity: {name}: {predicted_text(probe, len(groups), len(shares))}")
     shared = replace(probe_step, reference=probe["reference"], layers=tuple(probe["layers"]))
@@ -148,7 +126,7 @@ def measure_study(stage: StudyRun, study: dict) -> None:
     ranking = with_sqnr(
         S.rank([group for outcome in measured for group in outcome["groups"]]), probe["layer_sqnr"]
     )
-    chosen = tolerance(stage.plan.spec)
+    chosen = S.tolerance(stage.plan.spec)
     recipe_step = replace(
         shared, kind="recipe", ranking=ranking, full=probe["full"], tolerance=asdict(chosen)
     )

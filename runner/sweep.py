@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import cluster as ray_cluster
@@ -544,46 +544,6 @@ def finetune_task(plan: JobPlan, base_dir: Path, base_info: dict) -> FinetuneTas
         training_settings(task),
     )
     return task
-
-
-def describe_plan(plan: JobPlan) -> str:
-    spec = plan.spec
-    asked = spec.dataset.sample.n
-    capped = (
-        f"; sample.n asks for {asked}, all {plan.dataset_rows} are used"
-        if asked and asked > plan.dataset_rows
-        else ""
-    )
-    labels = f"labels: {', '.join(plan.model_labels)}" if plan.label_map else f"task: {spec.task}"
-    label_map = ", ".join(f"{k}→{v}" for k, v in sorted(plan.label_map.items()))
-    lines = [
-        f"{spec.file}: job '{spec.name}' is valid",
-        f"  model: {spec.model.describe()}  {labels}",
-        f"  dataset: {spec.dataset.format}, {len(plan.examples)} of {plan.dataset_rows} rows "
-        f"(seed {spec.dataset.sample.seed}{capped})"
-        + (f"; label map: {label_map}" if label_map else ""),
-        "  evaluation: "
-        + ", ".join(f"{k} {v}" for k, v in asdict(spec.evaluation).items() if v is not None),
-        *(
-            [
-                f"  fine-tune: {len(plan.train_examples)} training rows, none in the evaluation "
-                "sample; "
-                f"epochs {spec.finetune.epochs:g}, learning rate {spec.finetune.learning_rate:g}, "
-                f"batch {spec.finetune.batch_size}, seed {spec.finetune.seed}"
-            ]
-            if plan.train_examples
-            else []
-        ),
-        f"  baseline: {spec.baseline}",
-        *(f"  note: {note}" for note in plan.notes),
-        "  variants:",
-    ]
-    width = max(20, *(len(v.id) for v in spec.variants))  # compiled ids run longer
-    for variant in spec.variants:
-        lines.append(f"    {variant.id:<{width}} runs on {dispatch.where_it_runs(variant.device)}")
-    if spec.sensitivity is not None:
-        lines.append(study.plan_text(spec))
-    return "\n".join(lines)
 
 
 def print_table(

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from runner import evaluate, locks, measure, models, precisions
+from runner.layers import classify_layer
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.results import SCHEMA_VERSION, Metrics, Predictions, Result
 from runner.spec import EvaluationSpec, QuantSettings, Variant
@@ -151,7 +152,7 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
         row.update(outputs.get(row["layer"], {"output_sqnr_db": None, "output_rel_l2": None}))
     grids = {}
     for name, weight in reference.items():  # one representative layer per type: the first one met
-        layer_type, _ = analysis.classify_layer(name)
+        layer_type, _ = classify_layer(name)
         if layer_type not in grids:
             grids[layer_type] = analysis.quantization_grid(
                 task.variant.precision, weight, task.settings

@@ -12,6 +12,7 @@ import torch
 
 from runner import analysis as A
 from runner import effects as E
+from runner.layers import classify_layer
 from runner.precisions.bitsandbytes import FP4_CODE, NF4_CODE
 
 torch.set_num_threads(1)
@@ -108,7 +109,7 @@ def test_layer_errors_reject_mismatched_layers():
     ],
 )
 def test_classify_layer(name, layer_type, depth):
-    assert A.classify_layer(name) == (layer_type, depth)
+    assert classify_layer(name) == (layer_type, depth)
 
 
 def test_summary_groups_and_weights():

@@ -323,10 +323,10 @@ def test_an_empty_text_file_is_refused_naming_it(capsys, tmp_path, llama):
 
 
 def test_a_causal_lm_study_meets_the_tolerances_its_verdict_judges(tmp_path, llama):
-    from runner import study
+    from runner import sensitivity
 
     job = lm_job(llama, "tolerances: {min_agreement: 0.9, max_accuracy_drop: 0.01}")
     spec = plan_job(write_job(tmp_path, job)).spec
     # collect judges a causal LM by greedy agreement, not by an accuracy it does not have
-    chosen = study.tolerance(spec)
+    chosen = sensitivity.tolerance(spec)
     assert (chosen.min_agreement, chosen.max_accuracy_drop) == (0.9, None)
