@@ -158,7 +158,7 @@ def _plans(paths: list[Path]):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from runner.results import ResultsError
+    from runner.folders import ResultsError
     from runner.spec import SpecError
 
     try:
@@ -233,11 +233,11 @@ def _check_names(plans) -> None:
 
 def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
     """What a run stopped by a signal kept, and the command that finishes it."""
-    from runner.results import find_results
+    from runner.results import walk
 
     folders = [args.results / plan.spec.name for plan in plans]
     try:
-        ok = sum(r["status"] == "ok" for r in find_results([f for f in folders if f.is_dir()]))
+        ok = sum(r.status == "ok" for r in walk([f for f in folders if f.is_dir()]).results)
         kept = f"{ok} ok result(s)"
     except Exception:  # a file it cannot read: what it says must not fail
         kept = "the finished results"
@@ -255,7 +255,7 @@ def _command_line(argv: list[str] | None) -> str:
     return shlex.join(["quantbench", *(sys.argv[1:] if argv is None else argv)])
 
 
-def _found(command: str, folders: list[Path], baseline: str | None) -> list[dict] | None:
+def _found(command: str, folders: list[Path], baseline: str | None) -> list | None:
     """The results under the folders, or None after saying why there are none (or why they cannot be
     used)."""
     from runner import collect

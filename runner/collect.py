@@ -22,7 +22,8 @@ from tabulate import tabulate
 
 from runner.measure import hardware_label
 from runner.precisions import PRECISIONS
-from runner.results import Result, as_result, walk
+from runner.results import StudyFile, walk
+from runner.schema import Result
 from runner.spec import RESERVED_NAMES, TOLERANCES
 from runner.tasks import DEFAULT_TASK, TASKS
 from runner.tasks.comparison import (
@@ -116,7 +117,7 @@ def gather(folders: list[Path]) -> tuple[list[Result], list[Path], list[tuple[Pa
     return found.results, found.skipped_folders, found.unusable
 
 
-def gather_studies(folders: list[Path]) -> list[dict]:
+def gather_studies(folders: list[Path]) -> list[StudyFile]:
     """The sensitivity studies under the folders (results.load_study), the reference folders
     skipped as gather skips them."""
     return walk(folders, skip=SKIPPED_FOLDER).studies
@@ -126,11 +127,10 @@ class UnknownBaseline(ValueError):
     pass
 
 
-def check_baseline(results: list[Result | dict], baseline: str | None) -> None:
+def check_baseline(results: list[Result], baseline: str | None) -> None:
     """Raises UnknownBaseline when `baseline` names no column of any job in the results."""
     if baseline is None:
         return
-    results = [as_result(r) for r in results]
     known = {job: list(_columns(results, job)) for job in sorted({r.job for r in results})}
     if not any(baseline in keys for keys in known.values()):
         allowed = "; ".join(
@@ -172,13 +172,13 @@ def _column_key(result: Result, columns: dict[str, Result]) -> str:
     return candidate
 
 
-def build_tables(results: list[Result | dict], baseline: str | None = None) -> list[JobTable]:
+def build_tables(results: list[Result], baseline: str | None = None) -> list[JobTable]:
     """One table per job, every statistic and cell computed."""
-    results = [as_result(r) for r in results]
     tables = []
     for job in sorted({r.job for r in results}):
         columns = _columns(results, job)
-        wanted = baseline or next((r.baseline for r in columns.values() if r.baseline), "fp32-cpu")
+        recorded = (r.job_record.baseline for r in columns.values())
+        wanted = baseline or next((name for name in recorded if name), "fp32-cpu")
         chosen = wanted if wanted in columns and columns[wanted].status == "ok" else None
         order = ([chosen] if chosen else []) + [k for k in columns if k != chosen]
         table = JobTable(
@@ -196,7 +196,7 @@ def build_tables(results: list[Result | dict], baseline: str | None = None) -> l
 def _task(table: JobTable) -> tuple[str, Comparison]:
     """The job's task (results older than tasks are classification's) and its comparison; the
     baseline's decides when results merged here disagree."""
-    named = {key: r.job_spec.get("task", DEFAULT_TASK) for key, r in table.results.items()}
+    named = {key: r.job_record.task or DEFAULT_TASK for key, r in table.results.items()}
     name = named[table.baseline or table.columns[0]]
     if len(set(named.values())) > 1:
         table.notes.append(
@@ -237,7 +237,7 @@ def _baseline_notes(
 
 def _tolerances(table: JobTable) -> dict[str, float]:
     """The job's tolerances: the baseline's spec decides when runs merged here disagree."""
-    found = {key: dict(r.tolerances) for key, r in table.results.items()}
+    found = {key: dict(r.job_record.tolerances) for key, r in table.results.items()}
     chosen = found.get(table.baseline) if table.baseline else None
     if chosen is None:
         chosen = next((t for t in found.values() if t), {})
@@ -610,5 +610,5 @@ FORMATS: dict[str, Callable[[list[JobTable]], str]] = {
 }
 
 
-def render(results: list[Result | dict], fmt: str = "table", baseline: str | None = None) -> str:
+def render(results: list[Result], fmt: str = "table", baseline: str | None = None) -> str:
     return FORMATS[fmt](build_tables(results, baseline))

@@ -29,6 +29,7 @@ from runner.cluster import (
 )
 from runner.finetune import FinetuneTask, run_finetune
 from runner.placement import can_run, requirements, why_no_node
+from runner.schema import Result
 from runner.study_worker import StudyStep, run_step
 from runner.worker import VariantTask, base_result, run_variant_in_own_process
 
@@ -66,7 +67,7 @@ def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
     return why_no_node(device, nodes, timeout_s)
 
 
-def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
+def _execute(task: VariantTask, archive: list, also_import: list[str]) -> Result:
     """Runs on a worker. The variant gets a process of its own, so memory peaks and CUDA state never
     leak: a CPU variant one forked from this machine's warm fork server, a CUDA variant this worker
     itself, which is fresh (max_calls=1)."""
@@ -75,7 +76,7 @@ def _execute(task: VariantTask, archive: list, also_import: list[str]) -> dict:
         task.variant.device, run_variant_in_own_process, task, also_import
     )
     context = ray.get_runtime_context()
-    result["environment"]["ray"] = {
+    result.environment["ray"] = {
         "node_id": context.get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
         "worker_pid": os.getpid(),
@@ -131,11 +132,11 @@ NODE_CHECK_S = 5.0
 def run_variants(
     tasks: list[VariantTask],
     cluster: Cluster,
-    on_result: Callable[[dict], None],
+    on_result: Callable[[Result], None],
     placement_timeout_s: float | None = None,
     model_dir: Path | None = None,
     say: Callable[[str], None] = print,
-) -> list[dict]:
+) -> list[Result]:
     """Run every task where it can run; call on_result as each result arrives; return them all.
 
     A device no node can run, at the start or later (its node died), gets placement_timeout_s for a
@@ -144,9 +145,9 @@ def run_variants(
     placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
     results = []
 
-    def finish(task: VariantTask, result: dict) -> None:
-        if result.get("ended_at") is None:  # a base_result: skipped, or failed before it ended
-            result["ended_at"] = measure.now()
+    def finish(task: VariantTask, result: Result) -> None:
+        if result.ended_at is None:  # a base_result: skipped, or failed before it ended
+            result.ended_at = measure.now()
         results.append(result)
         on_result(result)
 
@@ -195,7 +196,7 @@ def _submit(
     return pending
 
 
-def _result_of(ref, task: VariantTask) -> dict:
+def _result_of(ref, task: VariantTask) -> Result:
     try:
         return ray.get(ref)
     except Exception as error:  # the worker process or its node died, or the task could not start

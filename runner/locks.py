@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from runner import measure, results
+from runner import folders, measure
 
 # The job folder's lock: a dot file, which collect and report never read (they read *.json).
 RESULTS_LOCK = ".quantbench.lock"
@@ -100,7 +100,7 @@ def write_holder(fd: int, what: str) -> None:
     os.pwrite(fd, holder_record(what).encode(), 0)
 
 
-class ResultsLocked(results.ResultsConflict):
+class ResultsLocked(folders.ResultsConflict):
     """Another run writes this job's results folder, or its lock cannot be made (cli: exit 2)."""
 
 
@@ -112,7 +112,7 @@ def lock_job_folder(
 
     The holder removes the file as it lets go, so a waiter may end up locking a file no longer at
     the path: it checks that what it locked is still there, and tries again if not."""
-    created = results.outermost_missing(folder)
+    created = folders.outermost_missing(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path, deadline, told = folder / RESULTS_LOCK, time.monotonic() + (wait_s or 0.0), []
 
@@ -133,7 +133,7 @@ def lock_job_folder(
         if waited is None:
             holder = read_holder(fd)
             os.close(fd)
-            results.remove_if_empty(folder, created)
+            folders.remove_if_empty(folder, created)
             raise ResultsLocked(_refusal(folder, holder, wait_s))
         if _same_file(fd, path):
             write_holder(fd, command)
@@ -165,7 +165,7 @@ def unlock_job_folder(folder: Path, fd: int, created: Path | None) -> None:
     with contextlib.suppress(OSError):
         (folder / RESULTS_LOCK).unlink()
     os.close(fd)
-    results.remove_if_empty(folder, created)
+    folders.remove_if_empty(folder, created)
 
 
 @contextlib.contextmanager
@@ -184,7 +184,7 @@ def job_folders_locked(results_dir: Path, jobs: list[str], command: str, wait_s:
                     "check that the results folder is a folder you can write, "
                     "or name another with --results NEW_FOLDER"
                 ) from None
-            for path in results.remove_stale_temporaries(
+            for path in folders.remove_stale_temporaries(
                 folder
             ):  # no live run writes it: we hold the lock
                 say(

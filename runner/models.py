@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from runner import results
+from runner import folders
 from runner.model_checks import labels_in_config, model_config, pretrained_name, read_config
 from runner.spec import JobSpec, ModelSource
 from runner.tasks import TASKS
@@ -189,7 +189,7 @@ def save_folder(key: str, info: dict, write) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
     try:
-        tmp.chmod(0o777 & ~results.current_umask())  # mkdtemp's 0700 would hide it from other users
+        tmp.chmod(0o777 & ~folders.current_umask())  # mkdtemp's 0700 would hide it from other users
         write(tmp)
         if not (tmp / MARKER).exists():
             (tmp / MARKER).write_text(json.dumps(info, indent=2))

@@ -39,7 +39,7 @@ from runner.report_figures import (
     panels,
     shared_legend,
 )
-from runner.results import Latency
+from runner.schema import Latency, Result
 from runner.spec import COMPILED_SUFFIX
 
 # ---------------------------------------------------------------------------------------------
@@ -78,12 +78,12 @@ def _accuracy_latency_points(table: collect.JobTable) -> list[_Point]:
     for key in table.ok_columns():
         result = table.results[key]
         metrics = result.metrics
-        if metrics.accuracy is not None and metrics.latency.median:
+        if metrics.value("accuracy") is not None and metrics.latency.median:
             points.append(
                 _Point(
                     key,
                     metrics.latency,
-                    metrics.accuracy,
+                    metrics.value("accuracy"),
                     metrics.model_size_mib or 0.0,
                     result.device,
                 )
@@ -157,7 +157,7 @@ def _draw_tolerances(ax, table: collect.JobTable) -> None:
         )
     base = table.results.get(table.baseline) if table.baseline else None
     if "max_accuracy_drop" in tolerances and base is not None:
-        floor = base.metrics.accuracy - tolerances["max_accuracy_drop"]
+        floor = base.metrics.value("accuracy") - tolerances["max_accuracy_drop"]
         ax.axhline(
             floor,
             color="#d62728",
@@ -644,7 +644,7 @@ def _template() -> jinja2.Template:
 
 
 def write_report(
-    results: list[dict], out: Path, baseline: str | None = None, studies=()
+    results: list[Result], out: Path, baseline: str | None = None, studies=()
 ) -> Rendered:
     """Write `out` (HTML) and its PNGs into `<out stem>_figures/`; returns both paths. studies:
     sensitivity studies (collect.gather_studies), each shown in its job's section."""

@@ -17,10 +17,16 @@ def _decode_points(table: collect.JobTable) -> list[tuple[str, float, float, flo
     for key in table.ok_columns():
         result = table.results[key]
         metrics = result.metrics
-        if metrics.perplexity is not None and metrics.decode_tokens_per_s:
+        if metrics.value("perplexity") is not None and metrics.value("decode_tokens_per_s"):
             size = metrics.model_size_mib or 0.0
             points.append(
-                (key, metrics.decode_tokens_per_s, metrics.perplexity, size, result.device)
+                (
+                    key,
+                    metrics.value("decode_tokens_per_s"),
+                    metrics.value("perplexity"),
+                    size,
+                    result.device,
+                )
             )
     return points
 
@@ -63,10 +69,10 @@ def _draw_perplexity_limit(ax, table: collect.JobTable) -> None:
     """The job's max_perplexity_increase above the baseline's perplexity, as a line."""
     limit = table.tolerances.get("max_perplexity_increase")
     base = table.results.get(table.baseline) if table.baseline else None
-    if limit is None or base is None or base.metrics.perplexity is None:
+    if limit is None or base is None or base.metrics.value("perplexity") is None:
         return
     ax.axhline(
-        base.metrics.perplexity * (1 + limit),
+        base.metrics.value("perplexity") * (1 + limit),
         color="#d62728",
         linestyle=":",
         linewidth=1,

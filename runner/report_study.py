@@ -6,7 +6,6 @@ section of the study's job."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -16,6 +15,7 @@ from runner import collect
 from runner import sensitivity as S
 from runner.layers import LAYER_TYPES, classify_layer
 from runner.report_figures import TYPE_COLOURS, FigureFiles, Shown, number, panels, shared_legend
+from runner.results import StudyFile
 
 # the top of the ranking in FP32. Drawn from the study's dict, not from a JobTable.
 
@@ -171,9 +171,10 @@ class StudyShown:
     recipe: list[str] | None = None
 
 
-def _study(study: dict, table: collect.JobTable, figures: FigureFiles) -> StudyShown:
-    variant = study.get("variant") or Path(study["_file"]).stem
-    file = Path(study["_file"]).name
+def _study(found: StudyFile, table: collect.JobTable, figures: FigureFiles) -> StudyShown:
+    study = found.study
+    variant = study.get("variant") or found.file.stem
+    file = found.file.name
     notice = _study_notice(study, variant)
     if notice:
         return StudyShown(variant, file, notice)
@@ -295,11 +296,13 @@ def _measured_line(study: dict, table: collect.JobTable) -> str:
 def _measured(name: str, result) -> str:
     metrics = result.metrics
     return (
-        f"{name} accuracy {number(metrics.accuracy, 4)}, median latency "
+        f"{name} accuracy {number(metrics.value('accuracy'), 4)}, median latency "
         f"{number(metrics.latency.median, 2)} ms, {number(metrics.model_size_mib, 1)} MiB"
     )
 
 
-def studies_shown(table: collect.JobTable, studies, figures: FigureFiles) -> list[StudyShown]:
-    mine = [study for study in studies if study.get("job") == table.job]
-    return [_study(study, table, figures) for study in sorted(mine, key=lambda s: s["_file"])]
+def studies_shown(
+    table: collect.JobTable, studies: list[StudyFile], figures: FigureFiles
+) -> list[StudyShown]:
+    mine = [found for found in studies if found.study.get("job") == table.job]
+    return [_study(found, table, figures) for found in sorted(mine, key=lambda s: str(s.file))]

@@ -46,7 +46,7 @@ class StudyRun:
     placement_timeout_s: float | None = None
 
 
-def kept_study(results_dir: Path, plan: JobPlan) -> dict | None:
+def kept_study(results_dir: Path, plan: JobPlan) -> results.StudyFile | None:
     """The job's study file when --resume may keep it: ok, of this spec and this sensitivity."""
     spec = plan.spec
     path = results.study_path(results_dir, spec.name, spec.sensitivity.variant_id)
@@ -56,7 +56,7 @@ def kept_study(results_dir: Path, plan: JobPlan) -> dict | None:
         return None
     same = study.get("sensitivity") == asdict(spec.sensitivity)
     ok = study["status"] == "ok" and study["spec_hash"] == plan.spec_hash
-    return study if same and ok else None
+    return results.StudyFile(path, study) if same and ok else None
 
 
 def run(stage: StudyRun) -> tuple[dict, Variant | None]:

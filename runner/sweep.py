@@ -7,16 +7,18 @@ variants run, so it never competes with a timed pass for the CPU.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import cluster as ray_cluster
-from runner import collect, dispatch, interrupt, locks, measure, models, results, study
+from runner import collect, dispatch, folders, interrupt, locks, measure, models, results, study
 from runner.cluster import Cluster
 from runner.finetune import FinetuneTask, chance_note, finetune_key, training_settings
 from runner.plan import JobPlan
+from runner.schema import Metrics, Result
 from runner.spec import SpecError, Variant
 from runner.tasks import TASKS
 from runner.worker import VariantTask, base_result
@@ -24,7 +26,7 @@ from runner.worker import VariantTask, base_result
 
 @dataclass
 class SweepReport:
-    results: list[dict] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)  # as read back from their files
     wall_s: float = 0.0
     cluster_start_s: float = 0.0
     prepare_s: float = 0.0
@@ -32,10 +34,15 @@ class SweepReport:
     studies_s: float = 0.0  # the sensitivity studies' wall time, as the driver saw it
     nothing_ran: bool = False  # --resume kept every result
     studies: list[dict] = field(default_factory=list)  # the sensitivity studies run
+    unreadable: list[Path] = field(default_factory=list)  # written, but not read back
 
     @property
     def failed(self) -> bool:
-        return any(r["status"] == "failed" for r in self.results + self.studies)
+        return (
+            any(r.status == "failed" for r in self.results)
+            or any(study["status"] == "failed" for study in self.studies)
+            or bool(self.unreadable)
+        )
 
     def split(self) -> str:
         if self.nothing_ran:
@@ -93,68 +100,69 @@ def build_tasks(
     ]
 
 
-def merge_repeats(runs: list[dict]) -> dict:
+def merge_repeats(runs: list[Result]) -> Result:
     """One result from a variant's repeated runs: the run with the median median latency stands for
     them, and every run is listed with the spread, so a difference can be told from noise."""
-    runs = sorted(runs, key=lambda r: r.get("repeat", 0))
+    runs = sorted(runs, key=lambda r: r.repeat or 0)
     if len(runs) == 1:
         return runs[0]
-    failed = [r for r in runs if r["status"] != "ok"]
+    failed = [r for r in runs if r.status != "ok"]
     if failed:
-        return {
-            **failed[0],
-            "repeats": {
-                "n": len(runs),
-                "failed": len(failed),
-                "errors": [r.get("error") for r in failed],
-            },
+        merged = copy.copy(failed[0])
+        merged.extra = {
+            **failed[0].extra,
+            "repeats": {"n": len(runs), "failed": len(failed), "errors": [r.error for r in failed]},
         }
-    medians = [r["metrics"]["latency_ms"]["median"] for r in runs]
+        return merged
+    medians = [r.metrics.latency.median for r in runs]
     middle = sorted(range(len(runs)), key=lambda i: medians[i])[len(runs) // 2]
-    merged = dict(runs[middle])
+    merged = copy.copy(runs[middle])
     center = sorted(medians)[len(medians) // 2]
-    merged["repeats"] = {
-        "n": len(runs),
-        "representative": runs[middle].get("repeat", middle),
-        "median_ms": medians,
-        "throughput_sps": [r["metrics"]["throughput_sps"] for r in runs],
-        "peak_rss_mib": [r["metrics"]["peak_rss_mib"] for r in runs],
-        "wall_s": [r.get("wall_s") for r in runs],
-        "variant_pid": [r.get("environment", {}).get("variant_pid") for r in runs],
-        "spread": round((max(medians) - min(medians)) / center, 4) if center else None,
+    merged.extra = {
+        **merged.extra,
+        "repeats": {
+            "n": len(runs),
+            "representative": runs[middle].repeat if runs[middle].repeat is not None else middle,
+            "median_ms": medians,
+            "throughput_sps": [r.metrics.throughput_sps for r in runs],
+            "peak_rss_mib": [r.metrics.peak_rss_mib for r in runs],
+            "wall_s": [r.wall_s for r in runs],
+            "variant_pid": [r.environment.get("variant_pid") for r in runs],
+            "spread": round((max(medians) - min(medians)) / center, 4) if center else None,
+        },
     }
-    merged["warnings"] = list(dict.fromkeys(w for r in runs for w in r.get("warnings") or []))
-    merged["wall_s"] = sum(r.get("wall_s") or 0.0 for r in runs)
-    merged["started_at"], merged["ended_at"] = runs[0]["started_at"], runs[-1]["ended_at"]
+    merged.warnings = list(dict.fromkeys(w for r in runs for w in r.warnings or []))
+    merged.wall_s = sum(r.wall_s or 0.0 for r in runs)
+    merged.started_at, merged.ended_at = runs[0].started_at, runs[-1].ended_at
     return merged
 
 
-def headline(metrics: dict) -> str:
+def headline(metrics: Metrics) -> str:
     """What a progress line says of a variant's answers: a causal LM's perplexity and decode
     speed, a classifier's accuracy."""
-    if metrics.get("perplexity") is not None:
-        decode = metrics.get("decode_tokens_per_s")
+    if metrics.value("perplexity") is not None:
+        decode = metrics.value("decode_tokens_per_s")
         speed = f"  decode {decode:.1f} tokens/s" if decode is not None else ""
-        return f"perplexity {metrics['perplexity']:.4g}{speed}"
-    return f"accuracy {metrics.get('accuracy') or 0:.4f}"
+        return f"perplexity {metrics.value('perplexity'):.4g}{speed}"
+    return f"accuracy {metrics.value('accuracy') or 0:.4f}"
 
 
-def progress_line(done: int, total: int, result: dict) -> str:
-    metrics = result.get("metrics") or {}
-    head = f"[{done}/{total}] {result['job']} {result['variant']:<22} {result['status']:<8}"
-    if result["status"] != "ok":
-        return f"{head} {result.get('error')}"
-    latency = metrics.get("latency_ms") or {}
+def progress_line(done: int, total: int, result: Result) -> str:
+    head = f"[{done}/{total}] {result.job} {result.variant:<22} {result.status:<8}"
+    if result.status != "ok":
+        return f"{head} {result.error}"
+    metrics, latency = result.metrics, result.metrics.latency
     text = (
-        f"{head} {headline(metrics)}  median {latency.get('median', 0):.2f} ms"
-        f"  size {metrics.get('model_size_mib', 0):.1f} MiB  ({result.get('wall_s', 0):.1f} s)"
+        f"{head} {headline(metrics)}  median {latency.median or 0:.2f} ms"
+        f"  size {metrics.model_size_mib or 0:.1f} MiB  ({result.wall_s or 0:.1f} s)"
     )
-    if latency.get("timing_lock_wait_s"):  # another quantbench run on the machine was timing
-        text += f"  waited {latency['timing_lock_wait_s']:.1f} s for another run's timing"
-    if result.get("repeats"):
-        text += f"  {result['repeats']['n']} runs, medians spread {result['repeats']['spread']:.1%}"
-    if result.get("warnings"):
-        text += f"  ⚠ {len(result['warnings'])} warning(s)"
+    if latency.timing_lock_wait_s:  # another quantbench run on the machine was timing
+        text += f"  waited {latency.timing_lock_wait_s:.1f} s for another run's timing"
+    repeats = result.extra.get("repeats")
+    if repeats:
+        text += f"  {repeats['n']} runs, medians spread {repeats['spread']:.1%}"
+    if result.warnings:
+        text += f"  ⚠ {len(result.warnings)} warning(s)"
     return text
 
 
@@ -169,11 +177,11 @@ def run_sweep(
     lock_wait_s: float | None = None,
     command: str = "quantbench run",
 ) -> SweepReport:
-    """Run every planned job. Raises results.ResultsError before starting anything: another spec's
+    """Run every planned job. Raises folders.ResultsError before starting anything: another spec's
     results, a folder this user cannot write, or (locks.ResultsLocked) another run writing a job's
     folder after lock_wait_s (None: not at all)."""
     # A folder that cannot be written cannot be locked either: say which and who, first.
-    results.check_writable(results_dir, [plan.spec.name for plan in plans])
+    folders.check_writable(results_dir, [plan.spec.name for plan in plans])
     with locks.job_folders_locked(
         results_dir, [plan.spec.name for plan in plans], command, lock_wait_s, say
     ):
@@ -257,8 +265,10 @@ def study_left(sweep: Sweep, plan: JobPlan, resume: bool) -> bool:
         return False
     found = study.kept_study(sweep.results_dir, plan) if resume else None
     kept = sweep.kept[spec.name]
-    if found is not None and (not found["recipe"]["kept"] or spec.sensitivity.mixed_id in kept):
-        sweep.say(f"[resume] {spec.name}: kept the sensitivity study {found[results.FILE_KEY]}")
+    if found is not None and (
+        not found.study["recipe"]["kept"] or spec.sensitivity.mixed_id in kept
+    ):
+        sweep.say(f"[resume] {spec.name}: kept the sensitivity study {found.file}")
         return False
     kept.pop(spec.sensitivity.mixed_id, None)
     return True
@@ -369,7 +379,7 @@ def run_variants(
         model_dir=model_dir,
         say=sweep.say,
     )
-    sweep.report.variants_s += sum(r.get("wall_s") or 0.0 for r in job_results)
+    sweep.report.variants_s += sum(r.wall_s or 0.0 for r in job_results)
 
 
 def write_fine_tune_failure(
@@ -377,15 +387,11 @@ def write_fine_tune_failure(
 ) -> None:
     """Every variant left to run ends `failed`, saying why the fine-tune failed."""
     why = f"fine-tune failed: {type(error).__name__}: {error}"
-    failed = [
-        dict(base_result(task, "failed", why), ended_at=measure.now())
-        for task in build_tasks(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]))
-        if task.repeat == 0
-    ]
+    tasks = build_tasks(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]))
+    failed = [base_result(task, "failed", why) for task in tasks if task.repeat == 0]
     for number, result in enumerate(failed, start=1):
-        results.write_result(sweep.results_dir, result)
-        sweep.say(progress_line(number, len(failed), result))
-        sweep.report.results.append(result)
+        result.ended_at = measure.now()
+        sweep.say(progress_line(number, len(failed), write_and_read_back(sweep, result)))
 
 
 @dataclass
@@ -396,23 +402,35 @@ class JobProgress:
     sweep: Sweep
     repeats: int
     tasks: int  # one per repeat of each variant
-    runs: dict[str, list[dict]] = field(default_factory=dict)  # variant -> its results so far
+    runs: dict[str, list[Result]] = field(default_factory=dict)  # variant -> its results so far
     done: set[str] = field(default_factory=set)
     written: int = 0
 
-    def on_result(self, result: dict) -> None:
-        variant = result["variant"]
+    def on_result(self, result: Result) -> None:
+        variant = result.variant
         if variant in self.done:  # the other repeats of a skipped variant
             return
         self.runs.setdefault(variant, []).append(result)
-        if len(self.runs[variant]) < self.repeats and result["status"] != "skipped":
+        if len(self.runs[variant]) < self.repeats and result.status != "skipped":
             return
         self.done.add(variant)
-        merged = merge_repeats(self.runs[variant])
-        results.write_result(self.sweep.results_dir, merged)
-        self.sweep.report.results.append(merged)
+        merged = write_and_read_back(self.sweep, merge_repeats(self.runs[variant]))
         self.written += 1
         self.sweep.say(progress_line(self.written, self.tasks // self.repeats, merged))
+
+
+def write_and_read_back(sweep: Sweep, result: Result) -> Result:
+    """The result written, then read back through the check collect makes: run's table shows
+    what collect will. One that cannot be read back is said, and the run fails."""
+    path = results.write_result(sweep.results_dir, result)
+    try:
+        result = results.load_result(path)
+    except results.UnusableFile as why:
+        sweep.say(f"skipped {path}: {why}")
+        sweep.report.unreadable.append(path)
+        return result
+    sweep.report.results.append(result)
+    return result
 
 
 def stale_report_notes(results_dir: Path, jobs: list[str]) -> list[str]:
@@ -553,7 +571,7 @@ def print_table(
     for plan in plans:  # each job against its own baseline, whatever older kept results say
         say(
             collect.render(
-                [r for r in report.results if r["job"] == plan.spec.name],
+                [r for r in report.results if r.job == plan.spec.name],
                 "table",
                 plan.spec.baseline,
             )

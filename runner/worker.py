@@ -22,7 +22,7 @@ import numpy as np
 from runner import evaluate, locks, measure, models, precisions
 from runner.layers import classify_layer
 from runner.precisions import PRECISIONS, linear_layer_kinds
-from runner.results import SCHEMA_VERSION, Metrics, Predictions, Result
+from runner.schema import SCHEMA_VERSION, Metrics, Result
 from runner.spec import EvaluationSpec, QuantSettings, Variant
 from runner.tasks import DEFAULT_TASK, TASKS
 
@@ -53,12 +53,8 @@ class NoCudaDevice(RuntimeError):
     pass
 
 
-def base_result(task: VariantTask, status: str, error: str | None = None) -> dict:
-    """The fields every result has, whatever became of the variant, as JSON."""
-    return new_result(task, status, error).to_json()
-
-
-def new_result(task: VariantTask, status: str, error: str | None = None) -> Result:
+def base_result(task: VariantTask, status: str, error: str | None = None) -> Result:
+    """The fields every result has, whatever became of the variant."""
     return Result(
         schema_version=SCHEMA_VERSION,
         job=task.job,
@@ -76,11 +72,11 @@ def new_result(task: VariantTask, status: str, error: str | None = None) -> Resu
     )
 
 
-def run_variant(task: VariantTask) -> dict:
-    """The variant's result as JSON (what travels back from a worker and is written)."""
+def run_variant(task: VariantTask) -> Result:
+    """The variant's result (what travels back from a worker and is written)."""
     import torch
 
-    result = new_result(task, "ok")
+    result = base_result(task, "ok")
     watch = measure.Stopwatch()
     try:
         _run(task, result, torch)
@@ -97,10 +93,10 @@ def run_variant(task: VariantTask) -> dict:
     niceness = measure.niceness_warning(result.environment)
     if niceness and result.status == "ok":
         result.warnings.append(niceness)
-    return result.to_json()
+    return result
 
 
-def run_variant_in_own_process(task: VariantTask) -> dict:
+def run_variant_in_own_process(task: VariantTask) -> Result:
     """run_variant as the dispatcher runs it, in the variant's own process. This module imports no
     Ray: a process forked to run a variant starts without importing it (0.3-0.5 s each on 2
     cores)."""
@@ -120,7 +116,7 @@ def run_variant_in_own_process(task: VariantTask) -> dict:
             signal.pause()
     models.quiet_libraries()
     result = run_variant(task)
-    result["environment"]["variant_pid"] = os.getpid()
+    result.environment["variant_pid"] = os.getpid()
     return result
 
 
@@ -203,13 +199,14 @@ def _run(task: VariantTask, result: Result, torch) -> None:
     if kind.measure_more is not None:  # after the clock, on the eager model
         scored = kind.measure_more(task, loaded.model, batches, memory, scored)
     result.metrics = Metrics.from_json(
-        measured_metrics(size_mib, scored.metrics, timings, memory, loaded, compiled)
+        measured_metrics(size_mib, scored.metrics, timings, memory, loaded, compiled),
+        tuple(kind.metric_hints()),
     )
     extra = [analysis_warning, timings.timing_lock_warning, *compile_warnings(compiled, timings)]
     extra.append(measure.noisy_warning(result.metrics.latency.to_json()))
     result.warnings = scored.warnings + [warning for warning in extra if warning]
     result.settings = recorded_settings(task, loaded.settings, compiled)
-    result.predictions = Predictions.from_json(scored.predictions)
+    result.predictions = kind.predictions.from_json(scored.predictions)
 
 
 def check_device(task: VariantTask, torch) -> None:

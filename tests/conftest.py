@@ -263,3 +263,18 @@ def check_refused(capsys, tmp_path, job_text: str, *expected: str) -> str:
     assert code == 2 and err_run == err, err_run
     assert not results.exists()
     return err
+
+
+def variant_json(task) -> dict:
+    """run_variant in this process, its result as the JSON its file would hold."""
+    from runner.worker import run_variant
+
+    return run_variant(task).to_json()
+
+
+def typed(results) -> list:
+    """Result dicts (a result file's JSON) as the typed results collect reads, each checked as a
+    file is."""
+    from runner.results import read_json_result
+
+    return [read_json_result(result) for result in results]

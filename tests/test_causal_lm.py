@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import RT_POLARITY, check_refused, run_cli, write_job
+from conftest import RT_POLARITY, check_refused, run_cli, variant_json, write_job
 from lm_models import (
     build_bpe_tokenizer,
     build_tiny_gpt2,
@@ -24,7 +24,6 @@ from runner.plan import plan_job
 from runner.precisions import PRECISIONS
 from runner.spec import Variant
 from runner.sweep import build_tasks
-from runner.worker import run_variant
 
 CONTEXT, STRIDE = 16, 8
 PROMPT, NEW_TOKENS, BATCH_SIZES = 8, 5, (1, 3)
@@ -81,7 +80,7 @@ def run_one(tmp_path, model, precision: str, device: str = "cpu") -> tuple[dict,
     plan = plan_job(job)
     model_dir, info = models.prepare_model(plan.spec)
     (task,) = build_tasks(plan, model_dir, info, set(), [Variant(precision, device)])
-    return run_variant(task), plan
+    return variant_json(task), plan
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,19 +17,18 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, typed, variant_json
 from test_collect_stats import make_task
 
 from runner.cli import main
 from runner.results import write_result
-from runner.worker import run_variant
 
 SHIPPED = REPO / "results" / "reference"
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model) -> list[dict]:
-    results = [run_variant(make_task(tiny_model, p)) for p in ("fp32", "int8-dynamic")]
+    results = [variant_json(make_task(tiny_model, p)) for p in ("fp32", "int8-dynamic")]
     assert [r["status"] for r in results] == ["ok", "ok"], [r.get("error") for r in results]
     return results
 
@@ -40,12 +39,12 @@ def results_dir(runs, tmp_path) -> Path:
     results/reference/."""
     folder = tmp_path / "results"
     for result in runs:
-        write_result(folder, result)
+        write_result(folder, typed([result])[0])
     assert list(SHIPPED.rglob("*.json")), f"the repository ships reference results under {SHIPPED}"
     shutil.copytree(SHIPPED, folder / "reference")
     on_vm = copy.deepcopy(runs[0])
     on_vm["environment"] = {**on_vm["environment"], "host": "another-machine"}
-    write_result(folder / "reference" / "cpu-2core-amd-epyc", on_vm)
+    write_result(folder / "reference" / "cpu-2core-amd-epyc", typed([on_vm])[0])
     return folder
 
 

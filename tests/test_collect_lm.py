@@ -13,7 +13,7 @@ import json
 import math
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, typed
 from lm_results import BASELINE_GREEDY, lm_result, three_variants
 
 from runner import collect, effects
@@ -39,7 +39,7 @@ LM_ROWS = [
 
 
 def only_table(results: list[dict]) -> collect.JobTable:
-    tables = collect.build_tables(results)
+    tables = collect.build_tables(typed(results))
     assert len(tables) == 1
     return tables[0]
 
@@ -275,7 +275,7 @@ def test_a_classification_job_keeps_its_rows_beside_a_causal_lm_job():
         classification_result("fp32-cpu", ["negative", "positive", "negative", "positive"]),
         classification_result("int8-dynamic-cpu", ["negative", "positive", "positive", "positive"]),
     ]
-    tables = {t.job: t for t in collect.build_tables(classifier + three_variants())}
+    tables = {t.job: t for t in collect.build_tables(typed(classifier + three_variants()))}
     assert [row.label for row in tables["tiny-cls"].rows] == CLASSIFICATION_ROWS
     assert tables["tiny-cls"].task == "classification"
     assert tables["tiny-cls"].stats["int8-dynamic-cpu"]["agreement"] == 3 / 4
@@ -301,7 +301,7 @@ def test_an_unknown_task_gets_only_the_rows_every_task_has():
 @pytest.fixture
 def folder(tmp_path):
     for result in three_variants({"min_agreement": 0.7, "max_perplexity_increase": 0.05}):
-        write_result(tmp_path / "results", result)
+        write_result(tmp_path / "results", typed([result])[0])
     return tmp_path / "results"
 
 
@@ -347,5 +347,5 @@ def test_results_are_not_changed_by_collect():
     """collect reads: the result dicts it is given stay as they were."""
     results = three_variants()
     before = copy.deepcopy(results)
-    collect.render(results, "json")
+    collect.render(typed(results), "json")
     assert results == before

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RT_POLARITY, build_tiny_bert
+from conftest import RT_POLARITY, build_tiny_bert, typed, variant_json
 
 from runner import collect
 from runner.cli import main
 from runner.results import write_result
 from runner.spec import EvaluationSpec, QuantSettings, Variant
-from runner.worker import VariantTask, run_variant
+from runner.worker import VariantTask
 
 LABELS = ["negative", "positive"]
 N_EACH = 20
@@ -74,7 +74,7 @@ def spread_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def measured(spread_model) -> dict[str, dict]:
-    results = {p: run_variant(make_task(spread_model, p)) for p in ("fp32", "int8-dynamic")}
+    results = {p: variant_json(make_task(spread_model, p)) for p in ("fp32", "int8-dynamic")}
     assert all(r["status"] == "ok" for r in results.values()), [
         r.get("error") for r in results.values()
     ]
@@ -115,7 +115,7 @@ def with_tolerances(results: list[dict], tolerances: dict) -> list[dict]:
 
 
 def only_table(results: list[dict], baseline: str | None = None) -> collect.JobTable:
-    tables = collect.build_tables(results, baseline)
+    tables = collect.build_tables(typed(results), baseline)
     assert len(tables) == 1
     return tables[0]
 
@@ -254,7 +254,7 @@ def test_within_noise_marks_identical_and_tiny_changes_but_not_a_real_drop(measu
         note.startswith(collect.NOISE_MARK + " within noise") and "McNemar" in note
         for note in footnotes
     )
-    text = collect.render([fp32, same, one, many])
+    text = collect.render(typed([fp32, same, one, many]))
     assert "≈ within noise" in text
 
 
@@ -267,7 +267,7 @@ def test_verdict_fails_the_variant_above_a_latency_limit_set_between_two_measure
     measured, tiny_model
 ):
     fp32, int8 = measured["fp32"], measured["int8-dynamic"]
-    failed = run_variant(make_task(tiny_model, "fp16", "cuda"))  # no GPU here: a failed result
+    failed = variant_json(make_task(tiny_model, "fp16", "cuda"))  # no GPU here: a failed result
     medians = {r["variant"]: r["metrics"]["latency_ms"]["median"] for r in (fp32, int8)}
     assert medians["fp32-cpu"] != medians["int8-dynamic-cpu"]
     fast, slow = sorted(medians, key=medians.get)
@@ -328,7 +328,7 @@ def test_verdict_names_every_tolerance_a_variant_breaks(measured):
 def test_without_tolerances_there_is_no_verdict_section(measured):
     table = only_table([measured["fp32"], measured["int8-dynamic"]])
     assert table.tolerances == {} and table.best is None and collect.verdict_lines(table) == []
-    assert "verdict" not in collect.render([measured["fp32"], measured["int8-dynamic"]])
+    assert "verdict" not in collect.render(typed([measured["fp32"], measured["int8-dynamic"]]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def test_json_and_csv_carry_effects_significance_and_verdict(measured):
     many = degraded(fp32, "bnb-nf4-cpu", correct_samples(fp32)[:12])
     results = with_tolerances([fp32, measured["int8-dynamic"], many], {"max_accuracy_drop": 0.05})
 
-    payload = json.loads(collect.render(results, "json"))[0]
+    payload = json.loads(collect.render(typed(results), "json"))[0]
     nf4 = payload["variants"]["bnb-nf4-cpu"]
     assert nf4["effects"]["correct_to_wrong"] == 12 and len(nf4["effects"]["flipped_samples"]) == 12
     assert nf4["significance"]["within_noise"] == {"accuracy": False, "macro_f1": False}
@@ -392,7 +392,7 @@ def test_json_and_csv_carry_effects_significance_and_verdict(measured):
     assert payload["significance_method"]["n_resamples"] == collect.BOOTSTRAP["n_resamples"]
     assert nf4["metrics"]["flip rate"] == pytest.approx(12 / 40)
 
-    rows = list(csv.DictReader(io.StringIO(collect.render(results, "csv"))))
+    rows = list(csv.DictReader(io.StringIO(collect.render(typed(results), "csv"))))
     mine = {r["metric"]: r for r in rows if r["variant"] == "bnb-nf4-cpu"}
     assert mine["accuracy Δ vs baseline (abs)"]["within_noise"] == "false"
     assert float(mine["accuracy Δ vs baseline (abs)"]["ci_high"]) < 0
@@ -409,7 +409,7 @@ def test_json_and_csv_carry_effects_significance_and_verdict(measured):
 def test_collect_command_prints_the_verdict_under_the_table(measured, tmp_path, capsys):
     results = with_tolerances([measured["fp32"], measured["int8-dynamic"]], {"min_agreement": 0.5})
     for result in results:
-        write_result(tmp_path, result)
+        write_result(tmp_path, typed([result])[0])
     assert main(["collect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.index("latency median (ms)") < out.index(

@@ -16,13 +16,13 @@ from datetime import datetime
 
 import numpy as np
 import pytest
-from conftest import build_tiny_bert, check_refused, rt_job, write_job
+from conftest import build_tiny_bert, check_refused, rt_job, typed, variant_json, write_job
 from test_worker import make_task
 
 from runner.cli import main
 from runner.results import write_result
 from runner.spec import Variant, load_job
-from runner.worker import COMPILE, run_variant
+from runner.worker import COMPILE
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None,
@@ -61,7 +61,7 @@ def varied_model(tmp_path_factory):
 def eager_and_compiled(varied_model):
     """fp32 on the CPU, eager then compiled, as `compile: both` runs them."""
     return {
-        compiled: run_variant(compiled_task(varied_model, compiled=compiled))
+        compiled: variant_json(compiled_task(varied_model, compiled=compiled))
         for compiled in (False, True)
     }
 
@@ -119,7 +119,7 @@ def test_fixed_shape_latency_compiles_on_the_fixed_batch(varied_model, eager_and
     """latency_mode fixed: compiled on the timed shape; the untimed pass over the sample may
     recompile, and still nothing compiles while the clock runs."""
     task = compiled_task(varied_model, latency_mode="fixed", fixed_shape=(2, 16))
-    result = run_variant(task)
+    result = variant_json(task)
     assert result["status"] == "ok", (result["error"], result.get("traceback"))
     record = result["metrics"]["compilation"]
     assert record["graphs_first_pass"] >= 1 and record["graphs_timed"] == 0, record
@@ -138,7 +138,7 @@ def test_an_eager_result_says_nothing_of_compiling(eager_and_compiled):
 @needs_compiler
 def test_the_table_has_both_columns_and_a_compile_row(eager_and_compiled, tmp_path, capsys):
     for result in eager_and_compiled.values():
-        write_result(tmp_path, result)
+        write_result(tmp_path, typed([result])[0])
     assert main(["collect", str(tmp_path), "--format", "json"]) == 0
     table = json.loads(capsys.readouterr().out)
     text = json.dumps(table)
@@ -158,7 +158,7 @@ def test_a_compile_failure_fails_the_variant_not_the_run(varied_model):
     # No C++ compiler, and no cached build to fall back on. (The config's own patch: monkeypatch
     # deletes force_disable_caches, an alias, when it undoes.)
     with inductor.patch({"cpp.cxx": (None, "no-such-c++"), "force_disable_caches": True}):
-        result = run_variant(compiled_task(varied_model))
+        result = variant_json(compiled_task(varied_model))
     assert result["status"] == "failed"
     assert result["error"].startswith("CompileFailed: torch.compile (inductor, mode default)")
     assert "fp32-cpu-compiled" in result["error"] and "no-such-c++" in result["error"]
@@ -270,7 +270,7 @@ def test_a_compiled_variant_named_twice_is_refused(capsys, tmp_path, tiny_model)
 def int8_eager_and_compiled(varied_model):
     """torch.ao's int8-dynamic, eager then compiled."""
     return [
-        run_variant(compiled_task(varied_model, "int8-dynamic", compiled=compiled))
+        variant_json(compiled_task(varied_model, "int8-dynamic", compiled=compiled))
         for compiled in (False, True)
     ]
 
@@ -293,12 +293,14 @@ def test_the_report_draws_a_compiled_twins_weights_once(int8_eager_and_compiled)
     """Compiling changes no weight: the SQNR panels and grid histograms are the eager variant's."""
     from runner import collect, report
 
-    table = collect.build_tables(int8_eager_and_compiled)[0]
+    table = collect.build_tables(typed(int8_eager_and_compiled))[0]
     assert table.columns == ["int8-dynamic-cpu", "int8-dynamic-cpu-compiled"]
     figure = report.plot_sqnr_by_depth(table)
     panels = [ax.get_title().split(" ")[0] for ax in figure.axes if ax.get_title()]
     assert panels == ["int8-dynamic-cpu"]
-    alone = collect.build_tables(int8_eager_and_compiled[1:])[0]  # without its twin it is drawn
+    alone = collect.build_tables(typed(int8_eager_and_compiled[1:]))[
+        0
+    ]  # without its twin it is drawn
     assert report._own_weights(alone) == ["int8-dynamic-cpu-compiled"]
 
 

@@ -14,12 +14,11 @@ import stat
 import numpy as np
 import pytest
 import torch
-from conftest import rt_job, write_job
+from conftest import rt_job, variant_json, write_job
 from test_end_to_end import run_cli
 from test_worker import make_task
 
 from runner import cluster
-from runner.worker import run_variant
 
 CUDA_PRECISIONS = ["fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4", "bnb-fp4"]
 needs_cuda = pytest.mark.skipif(
@@ -71,7 +70,7 @@ def test_the_driver_proc_entry_counts_gpus_first(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cuda_results(tiny_model):
-    return {p: run_variant(make_task(tiny_model, p, device="cuda")) for p in CUDA_PRECISIONS}
+    return {p: variant_json(make_task(tiny_model, p, device="cuda")) for p in CUDA_PRECISIONS}
 
 
 @needs_cuda

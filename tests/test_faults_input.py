@@ -518,9 +518,9 @@ def test_a_file_that_is_no_result_is_skipped_and_named(capsys, tmp_path, command
 
 
 def test_the_schema_versions_read_include_the_one_written():
-    from runner import results, worker
+    from runner import schema, worker
 
-    assert worker.SCHEMA_VERSION in results.READABLE_SCHEMA_VERSIONS
+    assert worker.SCHEMA_VERSION in schema.READABLE_SCHEMA_VERSIONS
 
 
 def test_run_resume_names_the_files_it_skips(capsys, tmp_path, tiny_model):
@@ -533,7 +533,9 @@ def test_run_resume_names_the_files_it_skips(capsys, tmp_path, tiny_model):
     job = write_job(tmp_path / "jobs", rt_job(tiny_model, n=8, variants="[fp32-cpu]"))
     plan = plan_job(job)
     task = sweep.build_tasks(plan, tiny_model, {}, set())[0]
-    write_result(tmp_path / "results", dict(worker.base_result(task, "ok"), ended_at="now"))
+    result = worker.base_result(task, "ok")
+    result.ended_at = "now"
+    write_result(tmp_path / "results", result)
     junk = tmp_path / "results" / "tiny-rt" / "copy.json"
     junk.write_bytes(b"\xff\xfe{}")
     code, out, err = run_cli(capsys, "run", job, "--results", tmp_path / "results", "--resume")

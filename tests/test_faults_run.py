@@ -213,8 +213,8 @@ sys.path.insert(0, "tests")
 from test_worker import make_task
 from runner.sweep import progress_line
 from runner.worker import run_variant
-result = run_variant(make_task(sys.argv[1], min_time_s=0.5))
-line = progress_line(1, 1, result)
+typed = run_variant(make_task(sys.argv[1], min_time_s=0.5))
+line, result = progress_line(1, 1, typed), typed.to_json()
 print(json.dumps({**result["metrics"]["latency_ms"], "status": result["status"],
                   "error": result["error"], "warnings": result["warnings"], "line": line}))
 """

@@ -9,14 +9,13 @@ import os
 import stat
 
 import pytest
-from conftest import SMSA, build_tiny_bert, corpus_lines, smsa_job, write_job
+from conftest import SMSA, build_tiny_bert, corpus_lines, smsa_job, variant_json, write_job
 
 from runner import finetune, models
 from runner.cli import main
 from runner.plan import plan_job
 from runner.spec import FinetuneSpec
 from runner.sweep import build_tasks, finetune_task
-from runner.worker import run_variant
 
 LABELS = "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}"  # the published model's order
 
@@ -103,7 +102,7 @@ def train_directly(job_path, cache, monkeypatch):
 
 def accuracy_of(plan, folder, info) -> tuple[float, list[str]]:
     task = build_tasks(plan, folder, info, skip=set())[0]
-    result = run_variant(task)
+    result = variant_json(task)
     assert result["status"] == "ok", result["error"]
     return result["metrics"]["accuracy"], result["warnings"]
 
@@ -227,12 +226,13 @@ def test_save_folder_is_all_or_nothing(tmp_path, monkeypatch):
 def test_results_and_cache_entries_are_readable_by_other_users(tmp_path, monkeypatch):
     # Containers write as uid 1000 into the host's results/ and cache; the host user must read them.
     from runner.results import write_result
+    from runner.schema import Result
 
     monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
     old = os.umask(0o022)
     try:
         written = write_result(
-            tmp_path / "results", {"job": "j", "variant": "fp32-cpu", "status": "ok"}
+            tmp_path / "results", Result(job="j", variant="fp32-cpu", status="ok")
         )
         entry = models.save_folder(
             "abc", {}, lambda folder: (folder / "config.json").write_text("{}")

@@ -33,7 +33,7 @@ plan = plan_job(sys.argv[1])
 folder, info = models.prepare_model(plan.spec)
 result = base_result(build_tasks(plan, folder, info, set())[0], "skipped")
 print(json.dumps({"key": models.model_key(plan.spec), "folder": str(folder),
-                  "cached": info["cached"], "model": result["model"]}))
+                  "cached": info["cached"], "model": result.model}))
 """
 
 

@@ -19,13 +19,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import typed, variant_json
 from matplotlib.image import imread
 from test_collect_stats import make_task
 
 from runner import collect, report
 from runner.cli import main
 from runner.results import write_result
-from runner.worker import run_variant
 
 CHROMIUM = Path("/usr/bin/chromium")
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]*)">')
@@ -34,7 +34,7 @@ IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]
 @pytest.fixture(scope="module")
 def results(tiny_model) -> list[dict]:
     runs = [
-        run_variant(
+        variant_json(
             make_task(tiny_model, p, d, tolerances={"max_accuracy_drop": 0.05, "max_size_mib": 1e3})
         )
         for p, d in (("fp32", "cpu"), ("int8-dynamic", "cpu"), ("bnb-nf4", "cpu"), ("fp16", "cuda"))
@@ -50,7 +50,7 @@ def rendered(results, tmp_path_factory) -> tuple[Path, str]:
     """The report as a user makes it: results written to a folder, then `quantbench report`."""
     folder = tmp_path_factory.mktemp("results")
     for result in results:
-        write_result(folder, result)
+        write_result(folder, typed([result])[0])
     out = folder / "paper" / "tiny.html"
     assert main(["report", str(folder), "--out", str(out)]) == 0
     return out, out.read_text(encoding="utf-8")
@@ -94,7 +94,7 @@ def test_report_opens_offline(rendered):
 
 def test_report_holds_the_table_the_verdict_and_the_details(rendered, results):
     _, page = rendered
-    table = collect.build_tables(results)[0]
+    table = collect.build_tables(typed(results))[0]
     header, rows, _ = collect.table_rows(table)
     assert '<table class="metrics">' in page
     assert "".join(f"<th>{html.escape(h)}</th>" for h in header) in page
@@ -119,14 +119,14 @@ def test_report_holds_the_table_the_verdict_and_the_details(rendered, results):
 
 
 def test_sqnr_plot_draws_every_changed_layer_of_each_precision(results):
-    table = collect.build_tables(results)[0]
+    table = collect.build_tables(typed(results))[0]
     figure = report.plot_sqnr_by_depth(table)
     panels = [ax for ax in figure.axes if ax.get_visible() and ax.get_title()]
     # FP32 is unchanged (no SQNR) and the CUDA variant failed: one panel per quantized precision.
     assert [ax.get_title().split(" ")[0] for ax in panels] == ["int8-dynamic-cpu", "bnb-nf4-cpu"]
     for ax, key in zip(panels, ["int8-dynamic-cpu", "bnb-nf4-cpu"]):
         drawn = sorted(float(y) for c in ax.collections for _, y in c.get_offsets())
-        expected = sorted(row["sqnr_db"] for row in table.results[key]["analysis"]["layers"])
+        expected = sorted(row["sqnr_db"] for row in table.results[key].analysis["layers"])
         assert drawn == pytest.approx(expected)
     means = {
         ax.get_title().split(" ")[0]: float(ax.get_title().split("mean ")[1].split(" dB")[0])
@@ -138,11 +138,11 @@ def test_sqnr_plot_draws_every_changed_layer_of_each_precision(results):
 
 
 def test_histogram_plot_draws_the_grid_of_the_precision(results):
-    table = collect.build_tables(results)[0]
+    table = collect.build_tables(typed(results))[0]
     nf4 = report.plot_weight_histograms(table, "bnb-nf4-cpu")
     query = next(ax for ax in nf4.axes if ax.get_title().startswith("query"))
-    grid = table.results["bnb-nf4-cpu"]["analysis"]["grids"]["query"]
-    hist = table.results["bnb-nf4-cpu"]["analysis"]["histograms"]["by_layer_type"]["query"]
+    grid = table.results["bnb-nf4-cpu"].analysis["grids"]["query"]
+    hist = table.results["bnb-nf4-cpu"].analysis["histograms"]["by_layer_type"]["query"]
     inside = [v for v in grid["values"] if hist["min"] <= v <= hist["max"]]
     ticks = sorted(float(segment[0][0]) for c in query.collections for segment in c.get_segments())
     assert ticks == pytest.approx(sorted(inside)) and len(grid["values"]) == 16
@@ -157,7 +157,7 @@ def test_results_without_analysis_still_make_a_report(results, tmp_path):
     old = copy.deepcopy(results)
     for result in old:  # as written before the per-layer analysis existed
         result.pop("analysis", None)
-    rendered = report.write_report(old, tmp_path / "old.html")
+    rendered = report.write_report(typed(old), tmp_path / "old.html")
     page = rendered.path.read_text(encoding="utf-8")
     assert "no per-layer weight analysis in these results" in page
     assert "no weight histograms in these results" in page
@@ -239,7 +239,7 @@ def browser_check(page: str, folder: Path) -> dict:
 def test_chromium_loads_every_image_and_the_table(rendered, results, tmp_path):
     out, page = rendered
     found = browser_check(page, tmp_path)
-    header, rows, _ = collect.table_rows(collect.build_tables(results)[0])
+    header, rows, _ = collect.table_rows(collect.build_tables(typed(results))[0])
     figures = len(list((out.parent / "tiny_figures").glob("*.png")))
     assert figures == 7  # the names are checked in the test above
     assert found == {

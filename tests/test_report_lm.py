@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import typed
 from lm_results import three_variants
 from matplotlib.image import imread
 from test_collect_lm import classification_result
@@ -40,7 +41,7 @@ def rendered(tmp_path) -> tuple[str, list]:
         classification_result("int8-dynamic-cpu", ["negative", "positive", "positive", "positive"]),
     ]
     for result in three_variants() + classifier:
-        write_result(folder, result)
+        write_result(folder, typed([result])[0])
     out = tmp_path / "report.html"
     assert main(["report", str(folder), "--out", str(out)]) == 0
     figures = sorted((tmp_path / "report_figures").glob("*.png"))
@@ -73,7 +74,7 @@ def test_without_tolerances_the_hint_names_the_tasks_own(rendered):
 
 def test_perplexity_decode_plot_puts_each_variant_at_its_speed_and_perplexity():
     tolerances = {"max_perplexity_increase": 0.05}
-    (table,) = collect.build_tables(three_variants(tolerances))
+    (table,) = collect.build_tables(typed(three_variants(tolerances)))
     figure = report_causal_lm.plot_perplexity_decode(table)
     ax = figure.axes[0]
     drawn = sorted(
@@ -86,7 +87,7 @@ def test_perplexity_decode_plot_puts_each_variant_at_its_speed_and_perplexity():
 
 
 def test_nll_histogram_holds_every_window_of_each_variant():
-    (table,) = collect.build_tables(three_variants())
+    (table,) = collect.build_tables(typed(three_variants()))
     figure = report_causal_lm.plot_nll_delta(table)
     titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
     assert titles == [

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, typed, variant_json
 from matplotlib.image import imread
 from scipy.stats import spearmanr
 from test_collect_stats import make_task
@@ -26,7 +26,6 @@ from test_collect_stats import make_task
 from runner import collect, report, report_study
 from runner.cli import main
 from runner.results import study_path, write_json, write_result
-from runner.worker import run_variant
 
 MIXED = "int8-dynamic-mixed-cpu"
 SAMPLES = 40  # make_task's evaluation sample
@@ -35,7 +34,7 @@ FAILED_ERROR = "bnb-nf4 needs CUDA: no GPU on this host"
 
 @pytest.fixture(scope="module")
 def results(tiny_model) -> list[dict]:
-    runs = [run_variant(make_task(tiny_model, p)) for p in ("fp32", "int8-dynamic")]
+    runs = [variant_json(make_task(tiny_model, p)) for p in ("fp32", "int8-dynamic")]
     assert [r["status"] for r in runs] == ["ok", "ok"], [r.get("error") for r in runs]
     return runs
 
@@ -143,7 +142,7 @@ def studied(results, tmp_path_factory) -> dict:
     other["ranking"][0]["group"] = "other.job.group"
     tiny_results = [*results, mixed_result(results[1], study["recipe"]["kept"])]
     for result in tiny_results + [as_job(r, "other") for r in results]:
-        write_result(folder, result)
+        write_result(folder, typed([result])[0])
     write_json(study_path(folder, "tiny", "int8-dynamic-cpu"), study)
     write_json(study_path(folder, "other", "int8-dynamic-cpu"), other)
     failed = {
@@ -208,13 +207,13 @@ def test_report_states_the_recipe_and_compares_the_measured_mixed_variant(page, 
     assert f"Kept in FP32: 2 groups (2 of {study['layers']} layers): {kept}." in tiny
     assert "Tolerance (agreement with FP32 ≥ 0.99): met." in tiny
     assert f"Predicted by the study for {MIXED}: agreement 1.0000, accuracy 0.5500" in tiny
-    table = collect.build_tables(studied["results"])[0]
+    table = collect.build_tables(typed(studied["results"]))[0]
     mixed, full, fp32 = (table.results[k].metrics for k in (MIXED, "int8-dynamic-cpu", "fp32-cpu"))
     assert (
-        f"Measured: {MIXED} accuracy {mixed.accuracy:.4f}, median latency "
+        f"Measured: {MIXED} accuracy {mixed.value('accuracy'):.4f}, median latency "
         f"{mixed.latency.median:.2f} ms, {mixed.model_size_mib:.1f} MiB; int8-dynamic-cpu "
-        f"accuracy {full.accuracy:.4f}, median latency {full.latency.median:.2f} ms, "
-        f"{full.model_size_mib:.1f} MiB; fp32-cpu accuracy {fp32.accuracy:.4f}"
+        f"accuracy {full.value('accuracy'):.4f}, median latency {full.latency.median:.2f} ms, "
+        f"{full.model_size_mib:.1f} MiB; fp32-cpu accuracy {fp32.value('accuracy'):.4f}"
     ) in tiny
     assert "kept other layers" not in tiny  # it ran the recipe's layers
 
@@ -317,9 +316,9 @@ def test_a_study_without_any_sqnr_draws_no_figure():
 
 
 def test_mixed_variant_is_a_labelled_point_of_accuracy_latency(studied):
-    table = collect.build_tables(studied["results"])[0]
+    table = collect.build_tables(typed(studied["results"]))[0]
     figure = report.plot_accuracy_latency(table)
     labels = {t.get_text().split("\n")[0]: t.xy for t in figure.axes[0].texts}
     mixed = table.results[MIXED].metrics
-    assert labels[MIXED] == pytest.approx((mixed.latency.median, mixed.accuracy))
+    assert labels[MIXED] == pytest.approx((mixed.latency.median, mixed.value("accuracy")))
     assert labels[MIXED] != labels["int8-dynamic-cpu"]

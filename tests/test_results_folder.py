@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runner import cli
-from runner.results import ResultsUnwritable, check_writable
+from runner.folders import ResultsUnwritable, check_writable
 from tests.conftest import rt_job, write_job
 
 

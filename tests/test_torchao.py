@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
-from conftest import check_refused, rt_job
+from conftest import check_refused, rt_job, variant_json
 from test_worker import TEXTS, make_task
 
 from runner import analysis, precisions
 from runner.spec import QuantSettings
-from runner.worker import run_variant
 
 pytest.importorskip("torchao")
 
@@ -52,7 +51,7 @@ def results(tiny_model):
     found = {}
     for precision in CPU_PRECISIONS:
         skip_without_kernel(precision)
-        found[precision] = run_variant(torchao_task(tiny_model, precision))
+        found[precision] = variant_json(torchao_task(tiny_model, precision))
     return found
 
 
@@ -126,7 +125,7 @@ def test_int4_group_size_setting_sets_the_grid_groups():
 
 def test_a_group_size_that_does_not_divide_a_layer_fails_naming_it(tiny_model):
     skip_without_kernel("torchao-int4-weight")
-    result = run_variant(torchao_task(tiny_model, "torchao-int4-weight", QuantSettings()))
+    result = variant_json(torchao_task(tiny_model, "torchao-int4-weight", QuantSettings()))
     assert result["status"] == "failed"
     assert f"layer '{QUERY}' has in_features 32" in result["error"], result["error"]
     assert "torchao_int4_group_size 128" in result["error"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SMSA, smsa_job
+from conftest import SMSA, smsa_job, variant_json
 
 from runner import data
 from runner.plan import plan_job
 from runner.spec import EvaluationSpec, QuantSettings, Variant
-from runner.worker import VariantTask, run_variant
+from runner.worker import VariantTask
 
 TEXTS = [
     "a gorgeous , witty , seductive movie .",
@@ -49,7 +49,7 @@ def make_task(
 @pytest.fixture(scope="module")
 def all_precisions(tiny_model):
     return {
-        p: run_variant(make_task(tiny_model, p))
+        p: variant_json(make_task(tiny_model, p))
         for p in ["fp32", "fp16", "bf16", "int8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4"]
     }
 
@@ -126,14 +126,14 @@ def test_quantized_predictions_stay_close_to_fp32(all_precisions):
 
 
 def test_cuda_variant_without_a_gpu_fails_with_a_clear_error(tiny_model):
-    result = run_variant(make_task(tiny_model, "fp16", "cuda"))
+    result = variant_json(make_task(tiny_model, "fp16", "cuda"))
     assert result["status"] == "failed"
     assert "no CUDA device" in result["error"]
     assert result["environment"]["host"]
 
 
 def test_a_broken_model_folder_is_a_failed_result_not_an_exception(tmp_path):
-    result = run_variant(make_task(tmp_path))
+    result = variant_json(make_task(tmp_path))
     assert result["status"] == "failed" and result["error"] and result["ended_at"]
 
 
@@ -165,7 +165,7 @@ def test_accuracy_is_computed_by_label_name(tiny_model_3, tmp_path):
         max_length=64,
         spec_hash="x",
     )
-    result = run_variant(task)
+    result = variant_json(task)
     predicted = result["predictions"]["predicted"]
     expected = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
     assert result["metrics"]["accuracy"] == pytest.approx(expected)
@@ -234,8 +234,8 @@ def test_length_order_batches_short_sentences_together_and_reports_in_sample_ord
         and lengths == sorted(lengths)
         and order != sorted(order)
     )
-    by_sample = run_variant(make_task(tiny_model, batch_size=3))
-    by_length = run_variant(make_task(tiny_model, batch_size=3, batch_order="length"))
+    by_sample = variant_json(make_task(tiny_model, batch_size=3))
+    by_length = variant_json(make_task(tiny_model, batch_size=3, batch_order="length"))
     assert by_sample["status"] == by_length["status"] == "ok", by_length["error"]
     # The same sentences, batched differently: each prediction is still reported on its own row.
     np.testing.assert_allclose(

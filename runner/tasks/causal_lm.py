@@ -27,7 +27,7 @@ from runner import data, model_checks
 from runner.spec import JobSpec, SpecError
 from runner.tasks import causal_lm_collect, lm_training, perplexity
 from runner.tasks.generation import GenerationSettings
-from runner.tasks.task import Scored, Targets, Task
+from runner.tasks.task import Metric, Scored, Targets, Task
 
 # The context a job gets when it names none: the model's position table, at most this (as
 # lm-evaluation-harness's default max_length).
@@ -416,6 +416,21 @@ TASK = Task(
     read_settings=read_settings,
     measure_more=measure_more,
     study_view=study_view,
+    metrics=(
+        Metric("perplexity", float, higher_is_better=False),
+        Metric("bits_per_byte", float, higher_is_better=False),
+        Metric("mean_nll", float, higher_is_better=False),  # nats per scored token
+        Metric("scored_tokens", int),
+        # Mean KL(FP32 || variant) per scored token, nats, over FP32's top-k tokens and one bin
+        # for the rest of the vocabulary (a lower bound of the full KL).
+        Metric("kl_vs_fp32", float, higher_is_better=False),
+        # Greedy generation with the KV cache, at the first of the job's batch sizes; generation
+        # holds every batch size (runner/tasks/generation.py).
+        Metric("time_to_first_token_ms", float, higher_is_better=False),
+        Metric("decode_tokens_per_s", float, higher_is_better=True),
+        Metric("generation", dict),
+    ),
+    predictions=causal_lm_collect.WindowPredictions,
     comparison=causal_lm_collect.COMPARISON,
     finetune_model=lm_training.finetune_model,
     training_rows=lm_training.training_rows,

@@ -11,10 +11,14 @@ those of the job's first generation batch size (metrics.generation).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Required, TypedDict
+
 import numpy as np
 
 from runner import effects
-from runner.results import Result
+from runner.records import Record
+from runner.schema import Result
 from runner.tasks.comparison import (
     BOOTSTRAP,
     NOISE_MARK,
@@ -27,9 +31,47 @@ from runner.tasks.comparison import (
 )
 
 
+class Windows(TypedDict, total=False):
+    """Per rolling window, in window order: its document, its scored tokens, its summed NLL and
+    its summed KL(FP32 || variant), nats."""
+
+    document: Required[list[int]]
+    tokens: Required[list[int]]
+    nll: Required[list[float]]
+    kl: list[float] | None
+
+
+@dataclass
+class WindowPredictions(Record):
+    """A causal LM's per-window record (result.predictions): the windows' scores, and per window
+    the most probable next token at each scored position."""
+
+    windows: Windows | None = None
+    greedy: list[list[int]] | None = None
+
+    @classmethod
+    def invariant(cls, data: dict, where: str) -> str | None:
+        """One entry per window in every list, one greedy token per scored one."""
+        windows = data.get("windows")
+        if windows is None:
+            return None
+        count = len(windows["nll"])
+        for key in ("document", "tokens", "kl"):
+            if windows.get(key) is not None and len(windows[key]) != count:
+                return f"{where}.windows.{key}: {len(windows[key])} values for {count} windows"
+        greedy = data.get("greedy")
+        if greedy is not None:
+            if len(greedy) != count:
+                return f"{where}.greedy: {len(greedy)} windows where windows.nll has {count}"
+            for i, (ids, tokens) in enumerate(zip(greedy, windows["tokens"])):
+                if len(ids) != tokens:
+                    return f"{where}.greedy[{i}]: {len(ids)} tokens for {tokens} scored"
+        return None
+
+
 def first_batch_size(result: Result) -> dict:
     """metrics.generation's numbers at the job's first batch size ({} where there are none)."""
-    generation = result.metrics.generation or {}
+    generation = result.metrics.value("generation") or {}
     sizes = generation.get("batch_sizes") or []
     by_size = generation.get("by_batch_size") or {}
     if not sizes:
@@ -121,7 +163,7 @@ def _windows(result: Result) -> dict | None:
 
 
 def _relative_increase(result: Result, baseline: Result) -> float | None:
-    mine, theirs = result.metrics.perplexity, baseline.metrics.perplexity
+    mine, theirs = result.metrics.value("perplexity"), baseline.metrics.value("perplexity")
     if mine is None or not theirs:
         return None
     return (mine - theirs) / theirs
@@ -172,7 +214,7 @@ CHECKS = {
 def fastest_decode(result: Result) -> tuple:
     """Sort key of the verdict's pick: the most decode tokens/s, the smaller model on a tie."""
     metrics = result.metrics
-    speed = metrics.decode_tokens_per_s
+    speed = metrics.value("decode_tokens_per_s")
     return (speed is None, -(speed or 0.0), metrics.model_size_mib or 0.0)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from runner import data, effects, model_checks
 from runner.spec import JobSpec, SpecError
 from runner.tasks import classification_collect
-from runner.tasks.task import Scored, Targets, Task
+from runner.tasks.task import Metric, Scored, Targets, Task
 
 # The label guard speaks when a relabelling of the predictions beats the job's map by this much.
 RELABEL_MARGIN = 0.10
@@ -298,6 +298,12 @@ TASK = Task(
     score=score,
     finetune_model=finetune_model,
     study_view=study_view,
+    metrics=(
+        Metric("accuracy", float, higher_is_better=True),
+        Metric("macro_f1", float, higher_is_better=True),
+        Metric("avg_confidence", float),
+    ),
+    predictions=classification_collect.LabelPredictions,
     comparison=classification_collect.COMPARISON,
     training_rows=training_rows,
     data_collator=data_collator,

@@ -7,10 +7,13 @@ Everything is computed from the per-sample predictions each result keeps, matche
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from runner import effects
-from runner.results import Predictions, Result
+from runner.records import Record
+from runner.schema import Result
 from runner.tasks.comparison import (
     ALPHA,
     BOOTSTRAP,
@@ -22,6 +25,34 @@ from runner.tasks.comparison import (
     metric,
     sample_note,
 )
+
+
+@dataclass
+class LabelPredictions(Record):
+    """A classifier's per-sample predictions, in sample order, with the label names of the model's
+    classes (result.predictions)."""
+
+    labels: list[str] | None = None
+    gold: list[str] | None = None
+    predicted: list[str] | None = None
+    confidence: list[float] | None = None
+    probabilities: list[list[float]] | None = None
+
+    @classmethod
+    def invariant(cls, data: dict, where: str) -> str | None:
+        """As many predicted labels as gold ones, one probability per label in every row."""
+        gold, predicted = data.get("gold") or [], data.get("predicted") or []
+        labels = data.get("labels") or []
+        if data.get("predicted") is not None and len(gold) != len(predicted):
+            return f"{where}: {len(gold)} gold labels but {len(predicted)} predicted"
+        ragged = [
+            i for i, row in enumerate(data.get("probabilities") or []) if len(row) != len(labels)
+        ]
+        if ragged:
+            return (
+                f"{where}.probabilities[{ragged[0]}]: {len(labels)} values expected, one per label"
+            )
+        return None
 
 
 def _effect(name: str):
@@ -113,8 +144,8 @@ def compare(result: Result, baseline: Result | None) -> Compared:
 def _encoded(result: Result, reference: Result) -> dict | None:
     """A result's predictions as class indices in `reference`'s label order (None when they cannot
     be)."""
-    preds = result.predictions or Predictions()
-    labels = (reference.predictions or Predictions()).labels
+    preds = result.predictions or LabelPredictions()
+    labels = (reference.predictions or LabelPredictions()).labels
     if not preds.predicted or not labels or set(preds.labels or labels) != set(labels):
         return None
     index = {name: i for i, name in enumerate(labels)}
@@ -192,7 +223,7 @@ def _significance(gold: np.ndarray, base: np.ndarray, var: np.ndarray) -> dict:
 def _accuracy_drop(result: Result, stats: dict, base: Result | None) -> float | None:
     if stats["agreement"] is None:
         return None
-    return base.metrics.accuracy - result.metrics.accuracy
+    return base.metrics.value("accuracy") - result.metrics.value("accuracy")
 
 
 CHECKS = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runner.results import Result
+from runner.schema import Result
 
 # How a delta is called noise: a percentile interval of a paired bootstrap that contains 0 (and, for
 # a classifier's accuracy, McNemar's exact test at ALPHA). Seeded, so the same results always give
@@ -38,7 +38,7 @@ class Row:
 
 def metric(name: str) -> Callable[[Result, dict], float | None]:
     """A row's getter for one of the result's metrics."""
-    return lambda r, s: getattr(r.metrics, name)
+    return lambda r, s: r.metrics.value(name)
 
 
 def latency(name: str) -> Callable[[Result, dict], float | None]:

@@ -22,6 +22,16 @@ class Targets:
     task_settings: Any = None
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One of a task's metrics, as a result's metrics name it: its JSON type (a type hint:
+    float, int, dict) and which way is better (None: neither, a count or a record)."""
+
+    name: str
+    kind: Any = float
+    higher_is_better: bool | None = None
+
+
 @dataclass
 class Scored:
     """A variant's outputs scored: metrics, warnings and the per-sample record collect pairs."""
@@ -63,6 +73,10 @@ class Task:
     # (StudyStep, the FP32 model on the study's device) -> sensitivity.StudyView: what a
     # sensitivity study measures a model by, and how it compares it with FP32.
     study_view: Callable[..., Any] | None = None
+    # The task's metrics, as results hold them (schema.Metrics.task), and the record type of its
+    # per-sample predictions (results' `predictions`).
+    metrics: tuple[Metric, ...] = ()
+    predictions: type | None = None
     # What collect's table shows of this task and what it computes against the baseline
     # (runner/tasks/comparison.py); the default: only the rows every result has.
     comparison: Comparison = field(default_factory=Comparison)
@@ -76,6 +90,10 @@ class Task:
     describe_training: Callable[..., str] | None = None
     chance_loss: Callable[..., tuple[float, str]] | None = None
     training_settings: Callable[..., dict] | None = None
+
+    def metric_hints(self) -> dict[str, Any]:
+        """Each metric's name and the type hint a result's value of it is checked against."""
+        return {metric.name: metric.kind | None for metric in self.metrics}
 
     def auto_model(self):
         """The transformers class that loads this task's checkpoints."""
