@@ -4,8 +4,8 @@ Rows are metrics, columns are variants (each naming the hardware it ran on) with
 against the baseline: (variant - baseline) / baseline, so a smaller model shows a negative size
 delta and a slower one a positive latency delta. The job's task decides the rows between the size
 and the latency rows and what is computed against the baseline from the per-sample predictions
-each result keeps (its `Comparison`: runner/tasks/comparison.py; a classifier's agreement, flips,
-calibration and significance are in runner/tasks/classification_collect.py). A job's tolerances
+each result keeps (its declaration: runner/tasks/task.py; a classifier's agreement, flips,
+calibration and significance are in runner/tasks/classification/compare.py). A job's tolerances
 give each variant a deployment verdict. Output formats are a registry: table, markdown, csv, json.
 """
 
@@ -24,18 +24,9 @@ from runner.measure import hardware_label
 from runner.precisions import PRECISIONS
 from runner.results import StudyFile, walk
 from runner.schema import Result
-from runner.spec import RESERVED_NAMES, TOLERANCES
-from runner.tasks import DEFAULT_TASK, TASKS
-from runner.tasks.comparison import (
-    ALPHA,
-    BOOTSTRAP,
-    NOISE_MARK,
-    Check,
-    Comparison,
-    Row,
-    latency,
-    metric,
-)
+from runner.spec import RESERVED_NAMES
+from runner.tasks import DEFAULT_TASK, TASKS, Task, tolerances
+from runner.tasks.task import ALPHA, BOOTSTRAP, NOISE_MARK, Check, Row, latency, metric
 
 PRECISION_ORDER = list(PRECISIONS)  # the table's columns in the registry's order
 
@@ -69,12 +60,14 @@ class JobTable:
     # column key -> row label -> its cell, computed once; every output format renders these.
     cells: dict[str, dict[str, Cell]] = field(default_factory=dict)
     task: str = DEFAULT_TASK  # what the job's task: says
-    comparison: Comparison = field(default_factory=Comparison)  # the task's rows and statistics
+    # The task's declaration (runner/tasks): its rows, statistics against the baseline, the
+    # tolerances it is judged by and the verdict's pick.
+    declaration: Task = field(default_factory=Task)
 
     @property
     def rows(self) -> tuple[Row, ...]:
         """The table's metric rows: the size, the task's own, then how the variant ran."""
-        return FIRST_ROWS + self.comparison.rows + LAST_ROWS
+        return FIRST_ROWS + self.declaration.rows + LAST_ROWS
 
     def ok_columns(self) -> list[str]:
         """The columns whose variant ran to the end, in table order."""
@@ -184,7 +177,7 @@ def build_tables(results: list[Result], baseline: str | None = None) -> list[Job
         table = JobTable(
             job, chosen, order, columns, _baseline_notes(columns, order, wanted, chosen)
         )
-        table.task, table.comparison = _task(table)
+        table.task, table.declaration = _task(table)
         table.tolerances = _tolerances(table)
         table.stats = compare(table)
         table.best = best_passing(table)
@@ -193,8 +186,8 @@ def build_tables(results: list[Result], baseline: str | None = None) -> list[Job
     return tables
 
 
-def _task(table: JobTable) -> tuple[str, Comparison]:
-    """The job's task (results older than tasks are classification's) and its comparison; the
+def _task(table: JobTable) -> tuple[str, Task]:
+    """The job's task (results older than tasks are classification's) and its declaration; the
     baseline's decides when results merged here disagree."""
     named = {key: r.job_record.task or DEFAULT_TASK for key, r in table.results.items()}
     name = named[table.baseline or table.columns[0]]
@@ -208,8 +201,8 @@ def _task(table: JobTable) -> tuple[str, Comparison]:
             f"task {name!r} is not known to this quantbench (known: {', '.join(TASKS)}): "
             "only the rows every task has"
         )
-        return name, Comparison()
-    return name, TASKS[name].comparison
+        return name, Task()
+    return name, TASKS[name]
 
 
 def _baseline_notes(
@@ -246,13 +239,14 @@ def _tolerances(table: JobTable) -> dict[str, float]:
             "results carry different tolerances; the verdict uses "
             + ("the baseline's" if table.baseline else "the first found")
         )
-    unknown = sorted(set(chosen) - set(TOLERANCES))
+    known = tolerances()
+    unknown = sorted(set(chosen) - set(known))
     if unknown:
         table.notes.append(
-            f"unknown tolerances ignored: {', '.join(unknown)}; known: {', '.join(TOLERANCES)}"
+            f"unknown tolerances ignored: {', '.join(unknown)}; known: {', '.join(known)}"
         )
     checked = applicable_tolerances(table)
-    other_task = [k for k in TOLERANCES if k in chosen and k not in checked]
+    other_task = [k for k in known if k in chosen and k not in checked]
     if other_task:
         table.notes.append(
             f"tolerances that do not apply to a {table.task} job ignored: {', '.join(other_task)}"
@@ -261,8 +255,8 @@ def _tolerances(table: JobTable) -> dict[str, float]:
 
 
 def applicable_tolerances(table: JobTable) -> list[str]:
-    """The tolerances (spec.TOLERANCES, in its order) that the table's task can be judged by."""
-    return [name for name in TOLERANCES if name in CHECKS or name in table.comparison.checks]
+    """The tolerances the table's task can be judged by, in the order it names them."""
+    return [tolerance.name for tolerance in table.declaration.tolerances]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,22 +270,13 @@ def compare(table: JobTable) -> dict[str, dict]:
     stats = {}
     for key in table.columns:
         result = table.results[key]
-        compared = table.comparison.compare(result, base)
+        compared = table.declaration.compare(result, base)
         table.notes += [f"{key}: {note}" for note in compared.notes]
         verdict = _judge(result, compared.stats, base, table)
         stats[key] = {**compared.stats, "verdict": verdict}
     return stats
 
 
-# What each tolerance every task has measures and how its value is shown (the task's own are in its
-# Comparison.checks); min_* limits are floors, max_* ceilings.
-CHECKS = {
-    "max_latency_ms": Check(
-        "latency median", lambda r, s, b: r.metrics.latency.median, "{:.2f} ms"
-    ),
-    "max_size_mib": Check("size", lambda r, s, b: r.metrics.model_size_mib, "{:.2f} MiB"),
-    "max_peak_rss_mib": Check("peak RSS", lambda r, s, b: r.metrics.peak_rss_mib, "{:.0f} MiB"),
-}
 _SLACK = 1e-9  # a value equal to its limit passes, whatever the float rounding
 
 
@@ -302,7 +287,7 @@ def _judge(result: Result, stats: dict, base: Result | None, table: JobTable) ->
         return None
     if result.status != "ok":
         return {"status": "no result", "failures": [], "reason": result.status}
-    checks = {**CHECKS, **table.comparison.checks}
+    checks = {tolerance.name: tolerance.check for tolerance in table.declaration.tolerances}
     failures = []
     for name, limit in table.tolerances.items():
         failure = _failure(name, limit, checks[name], checks[name].measure(result, stats, base))
@@ -329,7 +314,7 @@ def best_passing(table: JobTable) -> str | None:
     passing = [
         k for k in table.columns if (table.stats[k].get("verdict") or {}).get("status") == "pass"
     ]
-    key = table.comparison.best_key
+    key = table.declaration.best_key
     return min(passing, key=lambda k: key(table.results[k])) if passing else None
 
 
@@ -411,7 +396,7 @@ def table_rows(table: JobTable) -> tuple[list[str], list[list[str]], list[str]]:
         rows.append(texts)
         noise_marked = noise_marked or marked
     if noise_marked:
-        footnotes.append(table.comparison.noise_rule)
+        footnotes.append(table.declaration.noise_rule)
     return header, rows, table.notes + footnotes
 
 
@@ -459,7 +444,7 @@ def verdict_lines(table: JobTable) -> list[str]:
     lines = [f"verdict against the job's tolerances ({limits}):"]
     lines += [f"{key}: {verdict_text(table.stats[key]['verdict'])}" for key in table.columns]
     lines.append(
-        f"best variant that passes: {table.best} ({table.comparison.best_rule})"
+        f"best variant that passes: {table.best} ({table.declaration.best_rule})"
         if table.best
         else "best variant that passes: none passes"
     )
@@ -593,11 +578,11 @@ def _json_table(table: JobTable) -> dict:
         "baseline": table.baseline,
         "notes": table.notes,
         "variants": variants,
-        "significance_method": {**BOOTSTRAP, "alpha": ALPHA, "rule": table.comparison.noise_rule},
+        "significance_method": {**BOOTSTRAP, "alpha": ALPHA, "rule": table.declaration.noise_rule},
         "verdict": {
             "tolerances": table.tolerances,
             "best": table.best,
-            "rule": table.comparison.best_rule,
+            "rule": table.declaration.best_rule,
         },
     }
 

@@ -265,7 +265,7 @@ def _short_error(error: Exception) -> str:
 def _finetune_on_worker(
     task: FinetuneTask, archive: list, send_back: bool, device: str, also_import: list[str]
 ) -> dict:
-    task.base_dir = _model_on_this_node(task.base_dir, archive)
+    task.model_dir = _model_on_this_node(task.model_dir, archive)
     # Like a CPU variant, a CPU fine-tune is forked from the fork server: the variants that follow
     # find it warm (one import of torch and transformers per run, not two).
     info = _in_a_process_of_its_own(device, run_finetune, task, also_import)
@@ -293,7 +293,7 @@ def finetune(
     reason = wait_for_capable_node(device, placement_timeout_s)
     if reason:
         raise RuntimeError(f"cannot fine-tune: {reason}")
-    archive = [] if cluster.embedded else [ray.put(models.archive_folder(Path(task.base_dir)))]
+    archive = [] if cluster.embedded else [ray.put(models.archive_folder(Path(task.model_dir)))]
     try:
         info = ray.get(
             _remote_finetune[device]

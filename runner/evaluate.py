@@ -15,11 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from runner import locks, measure
 from runner.spec import EvaluationSpec
-from runner.tasks import classification
 
 
 def tokenize_batches(
@@ -50,10 +47,11 @@ def batch_order(tokenizer, texts: list[str], max_length: int, how: str) -> list[
     return sorted(range(len(texts)), key=lengths.__getitem__)
 
 
-def in_sample_order(rows: np.ndarray, order: list[int]) -> np.ndarray:
-    """rows[i] belongs to sample row order[i]; back to the sample's own order."""
-    restored = np.empty_like(rows)
-    restored[np.asarray(order)] = rows
+def in_sample_order(answers: list, order: list[int]) -> list:
+    """answers[i] belongs to sample order[i]; back to the sample's own order."""
+    restored = [None] * len(answers)
+    for answer, row in zip(answers, order, strict=True):
+        restored[row] = answer
     return restored
 
 
@@ -148,22 +146,22 @@ def run_passes(
     min_time_s: float,
     fixed_batch: dict | None = None,
     holder: str = "a quantbench variant",
-    read_output: Callable | None = None,
+    *,
+    read_output: Callable[[object, dict], list],
     count_graphs: Callable[[], int] | None = None,
-) -> tuple[np.ndarray, PassTimings]:
-    """The task's output for every sample (class probabilities by default) and the timed passes.
+) -> tuple[list, PassTimings]:
+    """The task's answer for every sample, in batch order, and the timed passes.
 
     Dataset mode (fixed_batch None): the passes over the sample are the timed passes, and the first
     of them gives the outputs. Fixed mode: the sample is evaluated untimed, and the timed passes all
     run on fixed_batch. holder: who times, in words, for whoever waits for the machine's timing
-    lock meanwhile. read_output: (a forward pass's output, its batch) -> one CPU tensor row per
-    sample.
+    lock meanwhile. read_output: (a forward pass's output, its batch) -> one answer per sample
+    (TaskWorker.read_output).
     count_graphs: for a compiled model, the graphs torch.compile has compiled so far; in fixed mode
     its untimed passes over the sample then hold the timing lock too, as they may recompile.
     """
     import torch
 
-    read_output = read_output or classification.class_probabilities
     outputs = []
     clock = (device, warmup_passes, timed_passes, min_time_s, holder)
     with torch.inference_mode():
@@ -171,14 +169,15 @@ def run_passes(
 
             def keep(index: int, output) -> None:
                 if index < len(batches):
-                    outputs.append(read_output(output, batches[index]))
+                    outputs.extend(read_output(output, batches[index]))
 
             timings = timed_passes_of(model, batches, *clock, keep, count_graphs)
         else:
             with locks.timing_lock(holder) if count_graphs else contextlib.nullcontext():
-                outputs = [read_output(model(**batch), batch) for batch in batches]
+                for batch in batches:
+                    outputs.extend(read_output(model(**batch), batch))
             timings = timed_passes_of(model, [fixed_batch], *clock, None, count_graphs)
-    return torch.cat(outputs).numpy(), timings
+    return outputs, timings
 
 
 def timed_passes_of(

@@ -23,21 +23,21 @@ from typing import Any
 
 from runner import measure, models
 from runner.spec import FinetuneSpec
-from runner.tasks import DEFAULT_TASK, TASKS
+from runner.tasks import Task
 
 
 @dataclass
 class FinetuneTask:
     key: str  # the cache key of the fine-tuned model
-    base_dir: str  # the prepared base checkpoint
+    model_dir: str  # the prepared base checkpoint it trains
     base_key: str
     texts: list[str]
-    labels: list[str]  # model label names, already mapped from the dataset's values
+    labels: list[str]  # each text's answer (a classifier's label name); [] for a causal LM
     label_names: list[str]  # the fine-tuned head's id2label, in id order
     settings: FinetuneSpec
     max_length: int
-    task_name: str = DEFAULT_TASK  # a name in runner.tasks.TASKS
-    task_settings: Any = None  # the plan's resolved task settings (a causal LM's context)
+    task: Task  # the job's task: its worker makes the model, the rows and the collator
+    task_config: Any = None  # the task's configuration from its plan (a causal LM's context)
 
 
 def chance_note(train_loss: float | None, chance: tuple[float, str]) -> str:
@@ -54,9 +54,8 @@ def chance_note(train_loss: float | None, chance: tuple[float, str]) -> str:
 
 
 def training_settings(task: FinetuneTask) -> dict:
-    """The part of the task's settings the training depends on ({} for most tasks)."""
-    own = TASKS[task.task_name].training_settings
-    return {} if own is None or task.task_settings is None else own(task.task_settings)
+    """The part of the task's configuration the training depends on ({} for most tasks)."""
+    return task.task.training_settings(task.task_config)
 
 
 def finetune_key(
@@ -99,9 +98,9 @@ def run_finetune(task: FinetuneTask) -> dict:
         measure.available_cpus()
     )  # Ray's one thread per task would halve the speed
     set_seed(task.settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(task.base_dir)
-    own = TASKS[task.task_name]
-    model = own.finetune_model(task.base_dir, task.label_names)
+    tokenizer = AutoTokenizer.from_pretrained(task.model_dir)
+    own = task.task.worker()
+    model = own.finetune_model(task.model_dir, task.label_names)
     rows = own.training_rows(tokenizer, task)
     outcome = train(model, rows, own.data_collator(tokenizer), task.settings)
     model.eval()

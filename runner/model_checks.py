@@ -312,55 +312,6 @@ def check_safetensors_headers(files: list[Path], job: Path, field: str) -> None:
             ) from None
 
 
-# ---------------------------------------------------------------------------------------------
-# The task's kind of model: a causal LM for causal-lm, not one for classification.
-
-CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")  # LlamaForCausalLM, GPT2LMHeadModel
-
-
-def causal_lm_architectures(config: dict) -> list[str]:
-    return [a for a in config.get("architectures") or [] if str(a).endswith(CAUSAL_LM_HEADS)]
-
-
-def check_causal_lm(config: dict, job: Path, source: ModelSource) -> None:
-    """A causal-lm job's model computes next-token logits: its saved architecture says so, or an
-    inline config's model type has a causal-LM class in transformers."""
-    architectures = config.get("architectures") or []
-    if architectures and not causal_lm_architectures(config):
-        raise SpecError(
-            job,
-            "model",
-            f"{source.describe()}: architectures {architectures}",
-            "a causal-lm job needs a causal language model (an architecture ending in "
-            f"{' or '.join(CAUSAL_LM_HEADS)}); for this model use task: classification",
-        )
-    if source.config is not None:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise SpecError(
-                job,
-                "model.config.model_type",
-                config.get("model_type"),
-                "transformers has no causal-LM class for this model type; e.g. llama, gpt2, "
-                "qwen2, mistral",
-            )
-
-
-def check_not_causal_lm(config: dict, job: Path, source: ModelSource, task: str) -> None:
-    """A task that reads a classification head, given a causal LM, would train or read a head the
-    checkpoint does not have: say which task fits."""
-    found = causal_lm_architectures(config)
-    if found and found == list(config.get("architectures") or []):
-        raise SpecError(
-            job,
-            "task",
-            task,
-            f"the model ({source.describe()}) is a causal language model ({', '.join(found)}): "
-            "use task: causal-lm",
-        )
-
-
 def tokenizer_json_files(source: ModelSource, job: Path, field: str) -> dict[str, object]:
     """The tokenizer's JSON files of a local folder, by name (tokenizer_config.json,
     special_tokens_map.json, tokenizer.json), as read; {} for the hub or an unreadable file."""
@@ -383,37 +334,15 @@ def special_token(files: dict[str, object], name: str) -> str | None:
     return None
 
 
-def check_prefix_token(source: ModelSource, job: Path, field: str) -> None:
-    """Perplexity puts a BOS (else EOS) token before each document so that its first token is
-    scored: a local tokenizer must have one. A hub tokenizer's files are not read offline."""
-    files = tokenizer_json_files(source, job, field)
-    if not files or special_token(files, "bos_token") or special_token(files, "eos_token"):
+def check_model_class(task, source: ModelSource, config: dict, job: Path) -> None:
+    """An inline config's model type has a class of the task's transformers Auto class (a task
+    that says what to say otherwise: Task.no_model_class)."""
+    if source.config is None or task.no_model_class is None:
         return
-    raise SpecError(
-        job,
-        field,
-        source.describe(),
-        "the tokenizer has neither a BOS nor an EOS token (bos_token, eos_token in "
-        "tokenizer_config.json): perplexity puts one before each document so that its first "
-        "token is scored; name a tokenizer that has one",
-    )
+    import transformers
+    from transformers import CONFIG_MAPPING
 
-
-def check_vocabulary_fits(config: dict, source: ModelSource, job: Path, field: str) -> None:
-    """Every id the tokenizer gives must be a row of the model's embeddings."""
-    tokenizer = tokenizer_json_files(source, job, field).get("tokenizer.json")
-    vocab = config.get("vocab_size")
-    if not isinstance(tokenizer, dict) or not isinstance(vocab, int):
-        return
-    model = tokenizer.get("model") or {}
-    ids = list((model.get("vocab") or {}).values()) if isinstance(model.get("vocab"), dict) else []
-    ids += [t.get("id", 0) for t in tokenizer.get("added_tokens") or [] if isinstance(t, dict)]
-    size = max((i for i in ids if isinstance(i, int)), default=-1) + 1
-    if size > vocab:
-        raise SpecError(
-            job,
-            "model.config.vocab_size" if config.get("architectures") is None else field,
-            vocab,
-            f"the tokenizer gives ids up to {size - 1}: the model's vocab_size must be at least "
-            f"{size}",
-        )
+    model_type = config.get("model_type")
+    auto = getattr(transformers, task.model_class)
+    if model_type not in CONFIG_MAPPING or CONFIG_MAPPING[model_type] not in auto._model_mapping:
+        raise SpecError(job, "model.config.model_type", model_type, task.no_model_class)

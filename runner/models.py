@@ -145,13 +145,14 @@ def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
         return folder, cached_info(folder)
 
     import torch
+    import transformers
     from transformers import AutoTokenizer
 
     # The missing head is reported in the run's output and the results; not as a loader's table.
     quiet_libraries()
     started = time.perf_counter()
     torch.manual_seed(spec.seed)
-    model_class = TASKS[spec.task].auto_model()
+    model_class = getattr(transformers, TASKS[spec.task].model_class)
     if spec.model.config is not None:
         model = model_class.from_config(read_config(spec.model, spec.file))
         newly_initialised = ["all weights (inline architecture)"]

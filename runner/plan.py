@@ -1,7 +1,8 @@
 """Planning: a job spec checked against the world, before anything runs.
 
-`plan_job` reads the dataset, draws the evaluation sample, reads the model's label names and ties
-the dataset's labels to them by name through the job's label map. Any mismatch is a SpecError naming
+`plan_job` reads the dataset, draws the evaluation sample, reads the model's config and checks its
+kind and its files, then asks the job's task for its plan (a classifier's labels tied to the
+dataset's by name; a causal LM's windows fitted to the model). Any mismatch is a SpecError naming
 the file and field; nothing has been started or written when it is raised.
 """
 
@@ -11,52 +12,48 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from runner import data, measure, model_checks, models
 from runner.placement import where_it_runs
 from runner.sensitivity import plan_text
 from runner.spec import JobSpec, SampleSpec, SpecError, load_job
-from runner.tasks import TASKS
+from runner.tasks import DEFAULT_TASK, TASKS, Targets, Task, task_of_model
 
 
 @dataclass
 class JobPlan:
     spec: JobSpec
+    task: Task  # the job's task: what it asks the model and how it scores the answers
     examples: list[data.Example]  # the evaluation sample
     sample_rows: list[int]  # their row numbers in the dataset (0-based)
     dataset_rows: int
-    label_map: dict[str, str]  # dataset label value -> model label name
-    model_labels: list[str]  # the model's id2label, in id order
+    targets: Targets  # the task's configuration for every worker, from its plan
     sample_fingerprint: str
     spec_hash: str
     train_examples: list[data.Example] | None = None  # the fine-tune split, when the job fine-tunes
-    task_settings: Any = None  # the task's own settings as resolved against the model
     notes: list[str] = field(
         default_factory=list
     )  # what is allowed but worth saying before it runs
 
     def worker_inputs(self) -> dict:
-        """What every task a worker runs for this job gets of the job: its sample, labels and
-        settings (the fields VariantTask and a study's StudyStep share)."""
+        """What every piece of work a worker runs for this job gets of the job: its sample, its
+        task and the task's configuration, its settings."""
         spec = self.spec
         return {
             "job": spec.name,
             "texts": [e.text for e in self.examples],
-            # A task whose answers are not labels has no label map and no gold labels.
-            "gold_labels": [self.label_map[e.label] for e in self.examples if self.label_map],
-            "model_labels": self.model_labels,
             "evaluation": spec.evaluation,
             "settings": spec.settings,
             "max_length": spec.dataset.max_length,
-            "task_name": spec.task,
-            "task_settings": self.task_settings,
+            "task": self.task,
+            "task_config": self.targets.config,
         }
 
 
 def plan_job(path: str | Path) -> JobPlan:
     spec = load_job(path)
     shown = Path(path)
+    task = TASKS[spec.task]
     rows = data.read_examples(spec.dataset, shown)
     sample_rows = data.sample_indices(len(rows), spec.dataset.sample)
     examples = [rows[i] for i in sample_rows]
@@ -67,25 +64,50 @@ def plan_job(path: str | Path) -> JobPlan:
     train = None
     if spec.finetune is not None:
         train = training_split(spec, shown, rows, sample_rows, notes)
-    targets = TASKS[spec.task].plan_targets(spec, shown, config, rows, examples, train)
-    # After the task's checks: a model of the wrong kind is the first thing to say.
+    # The model's kind first: a model of the wrong kind is the first thing to say.
+    check_model_kind(task, spec, shown, config)
+    model_checks.check_model_class(task, spec.model, config, shown)
+    targets = task.plan(spec, shown, config, rows, examples, train)
     check_lengths(spec, shown, config)
 
     notes += sample_notes(spec, rows, examples, train)
     notes.extend(targets.notes)
     return JobPlan(
         spec=spec,
+        task=task,
         examples=examples,
         sample_rows=sample_rows,
         dataset_rows=len(rows),
-        label_map=targets.label_map,
-        model_labels=targets.model_labels,
+        targets=targets,
         sample_fingerprint=data.fingerprint(examples),
         spec_hash=_spec_hash(spec, examples, train),
         train_examples=train,
         notes=notes,
-        task_settings=targets.task_settings,
     )
+
+
+def check_model_kind(task: Task, spec: JobSpec, shown: Path, config: dict) -> None:
+    """The model's saved architectures are of the kind the task takes: a task that names its
+    architectures takes no other, and a model whose every architecture another task claims is
+    that task's."""
+    saved = list(config.get("architectures") or [])
+    if task.architectures and saved and not any(str(a).endswith(task.architectures) for a in saved):
+        raise SpecError(
+            shown,
+            "model",
+            f"{spec.model.describe()}: architectures {saved}",
+            f"a {task.name} job needs {task.model_words} (an architecture ending in "
+            f"{' or '.join(task.architectures)}); for this model use task: {DEFAULT_TASK}",
+        )
+    other = task_of_model(config)
+    if other is not None and other is not task:
+        raise SpecError(
+            shown,
+            "task",
+            task.name,
+            f"the model ({spec.model.describe()}) is {other.model_words} ({', '.join(saved)}): "
+            f"use task: {other.name}",
+        )
 
 
 def check_model_files(spec: JobSpec, shown: Path, config: dict) -> None:
@@ -235,14 +257,11 @@ def describe_plan(plan: JobPlan) -> str:
         if asked and asked > plan.dataset_rows
         else ""
     )
-    labels = f"labels: {', '.join(plan.model_labels)}" if plan.label_map else f"task: {spec.task}"
-    label_map = ", ".join(f"{k}→{v}" for k, v in sorted(plan.label_map.items()))
     lines = [
         f"{spec.file}: job '{spec.name}' is valid",
-        f"  model: {spec.model.describe()}  {labels}",
+        f"  model: {spec.model.describe()}  {plan.task.describe_answers(plan.targets)}",
         f"  dataset: {spec.dataset.format}, {len(plan.examples)} of {plan.dataset_rows} rows "
-        f"(seed {spec.dataset.sample.seed}{capped})"
-        + (f"; label map: {label_map}" if label_map else ""),
+        f"(seed {spec.dataset.sample.seed}{capped})" + plan.task.describe_dataset(plan.targets),
         "  evaluation: "
         + ", ".join(f"{k} {v}" for k, v in asdict(spec.evaluation).items() if v is not None),
         *(

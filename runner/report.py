@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,21 +25,20 @@ from matplotlib.figure import Figure
 
 from runner import collect, report_study
 from runner.layers import LAYER_TYPES
-from runner.report_causal_lm import plot_nll_delta, plot_perplexity_decode
 from runner.report_figures import (
-    DEVICE_COLOURS,
     TYPE_COLOURS,
     FigureFiles,
+    Plot,
     Shown,
-    device_legend,
+    TaskPlots,
     log_scale,
-    log_scale_if_wide,
     number,
     panels,
     shared_legend,
 )
-from runner.schema import Latency, Result
+from runner.schema import Result
 from runner.spec import COMPILED_SUFFIX
+from runner.tasks.task import resolve
 
 # ---------------------------------------------------------------------------------------------
 # Plots: one function each, JobTable -> Figure | None.
@@ -60,111 +58,6 @@ def _own_weights(table: collect.JobTable) -> list[str]:
         if not table.results[k].variant.endswith(COMPILED_SUFFIX)
         or twin(table.results[k]) not in ran
     ]
-
-
-@dataclass(frozen=True)
-class _Point:
-    """One variant in the accuracy-latency plot."""
-
-    key: str
-    latency: Latency
-    accuracy: float
-    size: float  # MiB
-    device: str
-
-
-def _accuracy_latency_points(table: collect.JobTable) -> list[_Point]:
-    points = []
-    for key in table.ok_columns():
-        result = table.results[key]
-        metrics = result.metrics
-        if metrics.value("accuracy") is not None and metrics.latency.median:
-            points.append(
-                _Point(
-                    key,
-                    metrics.latency,
-                    metrics.value("accuracy"),
-                    metrics.model_size_mib or 0.0,
-                    result.device,
-                )
-            )
-    return points
-
-
-def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
-    """Accuracy against median latency per variant; marker area follows the model size."""
-    points = _accuracy_latency_points(table)
-    if not points:
-        return None
-    figure = Figure(figsize=(7.5, 5.0), layout="constrained")
-    ax = figure.subplots()
-    _draw_points(ax, points, table.best)
-    log_scale_if_wide(ax, "x", [p.latency.median for p in points])
-    _draw_tolerances(ax, table)
-    device_legend(ax, {p.device for p in points})
-    ax.set_xlabel("median latency per forward pass (ms; bars: 95% interval of the median)")
-    ax.set_ylabel("accuracy")
-    ax.grid(True, alpha=0.3)
-    ax.set_title(f"{table.job}: accuracy vs latency (marker area ∝ model size)")
-    return figure
-
-
-def _draw_points(ax, points: list[_Point], best: str | None) -> None:
-    """Each variant with the interval of its median latency and its label."""
-    largest = max(p.size for p in points) or 1.0
-    for i, point in enumerate(sorted(points, key=lambda p: p.latency.median)):
-        median = point.latency.median
-        low, high = point.latency.median_ci95 or (median, median)
-        ax.errorbar(
-            median,
-            point.accuracy,
-            xerr=[[max(median - low, 0)], [max(high - median, 0)]],
-            fmt="none",
-            ecolor="#999999",
-            elinewidth=1,
-            capsize=3,
-        )
-        ax.scatter(
-            median,
-            point.accuracy,
-            s=60 + 900 * point.size / largest,
-            color=DEVICE_COLOURS.get(point.device, "#7f7f7f"),
-            alpha=0.55,
-            edgecolors="black",
-            linewidths=2 if point.key == best else 0.6,
-        )
-        label = f"{point.key}\n{point.size:.1f} MiB" + ("  ★ best" if point.key == best else "")
-        # Neighbours along the latency axis take turns above and below their point.
-        ax.annotate(
-            label,
-            (median, point.accuracy),
-            textcoords="offset points",
-            xytext=(8, 8 if i % 2 == 0 else -22),
-            fontsize=8,
-        )
-
-
-def _draw_tolerances(ax, table: collect.JobTable) -> None:
-    """The job's latency and accuracy limits, as lines."""
-    tolerances = table.tolerances
-    if "max_latency_ms" in tolerances:
-        ax.axvline(
-            tolerances["max_latency_ms"],
-            color="#d62728",
-            linestyle="--",
-            linewidth=1,
-            label=f"max_latency_ms {tolerances['max_latency_ms']:g}",
-        )
-    base = table.results.get(table.baseline) if table.baseline else None
-    if "max_accuracy_drop" in tolerances and base is not None:
-        floor = base.metrics.value("accuracy") - tolerances["max_accuracy_drop"]
-        ax.axhline(
-            floor,
-            color="#d62728",
-            linestyle=":",
-            linewidth=1,
-            label=f"baseline accuracy − max_accuracy_drop {tolerances['max_accuracy_drop']:g}",
-        )
 
 
 def _analysis(table: collect.JobTable, key: str) -> dict:
@@ -330,115 +223,8 @@ def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
     return figure
 
 
-def plot_reliability(table: collect.JobTable) -> Figure | None:
-    """Reliability diagram per variant: accuracy against confidence in bins, the diagonal is
-    calibrated."""
-    shown = [k for k in table.ok_columns() if table.stats[k].get("calibration")]
-    if not shown:
-        return None
-    figure, axes = panels(
-        len(shown), f"{table.job}: reliability (bars: accuracy per confidence bin)"
-    )
-    for ax, key in zip(axes, shown):
-        calibration = table.stats[key]["calibration"]
-        bins = [b for b in calibration["bins"] if b["count"]]
-        ax.bar(
-            [b["lo"] for b in bins],
-            [b["accuracy"] for b in bins],
-            width=[b["hi"] - b["lo"] for b in bins],
-            align="edge",
-            color="#1f77b4",
-            alpha=0.7,
-            edgecolor="black",
-            linewidth=0.5,
-            label="accuracy",
-        )
-        ax.scatter(
-            [b["mean_confidence"] for b in bins],
-            [b["accuracy"] for b in bins],
-            s=10,
-            color="black",
-            zorder=3,
-            label="mean confidence",
-        )
-        ax.plot([0, 1], [0, 1], color="#d62728", linestyle="--", linewidth=1)
-        for b in bins:
-            ax.annotate(str(b["count"]), ((b["lo"] + b["hi"]) / 2, 0.02), ha="center", fontsize=6)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{key} (ECE {calibration['ece']:.4f})", fontsize=10)
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("accuracy")
-    axes[0].legend(fontsize=7, loc="upper left")
-    return figure
-
-
-def plot_confusion(table: collect.JobTable) -> Figure | None:
-    """Confusion matrix per variant: rows are the gold labels, columns the predicted ones."""
-    shown = [k for k in table.ok_columns() if table.stats[k].get("confusion_matrix")]
-    if not shown:
-        return None
-    figure, axes = panels(
-        len(shown), f"{table.job}: confusion matrices (rows gold, columns predicted)"
-    )
-    for ax, key in zip(axes, shown):
-        confusion = table.stats[key]["confusion_matrix"]
-        matrix, labels = confusion["matrix"], confusion["labels"]
-        ax.imshow(matrix, cmap="Blues", vmin=0)
-        top = max(max(row) for row in matrix) or 1
-        for i, row in enumerate(matrix):
-            for j, count in enumerate(row):
-                ax.text(
-                    j,
-                    i,
-                    str(count),
-                    ha="center",
-                    va="center",
-                    fontsize=9,
-                    color="white" if count > top / 2 else "black",
-                )
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.set_title(key, fontsize=10)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("gold")
-    return figure
-
-
-@dataclass(frozen=True)
-class Plot:
-    name: str  # file name part
-    heading: str
-    caption: str
-    draw: Callable[[collect.JobTable], Figure | None]
-    missing: str  # said in place of the plot when there is nothing to draw
-    # Shown for every task; the others only in the sections of tasks that name them
-    # (Comparison.plots).
-    every_task: bool = False
-
-
-PLOTS = [
-    Plot(
-        "accuracy-latency",
-        "Accuracy vs latency",
-        "Each variant at its median latency (bars: the 95% interval of the median) and accuracy; "
-        "marker area "
-        "follows the model size, the thick outline is the best variant that passes. Dashed lines: "
-        "the job's "
-        "latency and accuracy tolerances.",
-        plot_accuracy_latency,
-        "no ok result with accuracy and latency",
-    ),
-    Plot(
-        "perplexity-decode",
-        "Perplexity vs decode speed",
-        "Each variant at its decode tokens/s (greedy decoding with the KV cache, at the job's "
-        "first generation batch size) and its perplexity on the evaluation documents; marker area "
-        "follows the model size, the thick outline is the best variant that passes. Dotted line: "
-        "the baseline's perplexity raised by the job's max_perplexity_increase.",
-        plot_perplexity_decode,
-        "no ok result with perplexity and decode speed",
-    ),
+# The figures every task has: what quantization did to the weights, layer by layer.
+EVERY_TASK_PLOTS = (
     Plot(
         "sqnr-by-depth",
         "Per-layer weight SQNR by depth",
@@ -451,7 +237,6 @@ PLOTS = [
         "out.",
         plot_sqnr_by_depth,
         "no per-layer weight analysis in these results",
-        every_task=True,
     ),
     Plot(
         "output-vs-weight-sqnr",
@@ -463,35 +248,8 @@ PLOTS = [
         "output error is what reaches the next layer.",
         plot_output_against_weight_sqnr,
         "no per-layer output errors in these results",
-        every_task=True,
     ),
-    Plot(
-        "reliability",
-        "Reliability diagrams",
-        "Samples binned by confidence (the top class probability); a bar's height is the accuracy "
-        "in its bin, "
-        "the dot the bin's mean confidence, the number its sample count. Bars under the diagonal: "
-        "overconfident. ECE is the sample-weighted mean gap.",
-        plot_reliability,
-        "no class probabilities in these results",
-    ),
-    Plot(
-        "confusion",
-        "Confusion matrices",
-        "Counts of samples by gold label (rows) and predicted label (columns).",
-        plot_confusion,
-        "no predictions in these results",
-    ),
-    Plot(
-        "nll-delta",
-        "Per-window NLL change against the baseline",
-        "For each variant, its rolling windows binned by how much its NLL per scored token moved "
-        "against the baseline's on the same window (nats/token): right of 0 the variant predicts "
-        "that window's tokens worse. Dashed line: the mean over windows (not token-weighted).",
-        plot_nll_delta,
-        "no per-window predictions paired with the baseline's",
-    ),
-]
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,8 +347,9 @@ def _outliers_text(outliers: dict[str, list]) -> str:
 
 
 def plots_of(table: collect.JobTable) -> list[Plot]:
-    """The plots of the table's task and every task's, in the order of PLOTS."""
-    return [p for p in PLOTS if p.every_task or p.name in table.comparison.plots]
+    """The table's task's first plots, the weight plots every task has, then the task's others."""
+    own = resolve(table.declaration.plots) if table.declaration.plots else TaskPlots()
+    return [*own.first, *EVERY_TASK_PLOTS, *own.last]
 
 
 def _section(table: collect.JobTable, figures: FigureFiles, studies=()) -> dict:

@@ -7,6 +7,7 @@ import base64
 import io
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,27 @@ def shared_legend(figure: Figure, axes: list) -> None:
         ncols=min(len(legend), 5),
         fontsize=8,
     )
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One figure of a job's section: its file name part, heading and caption, how it is drawn
+    from the job's collect.JobTable (None: nothing to draw), and what is said instead then."""
+
+    name: str
+    heading: str
+    caption: str
+    draw: Callable[..., Figure | None]
+    missing: str
+
+
+@dataclass(frozen=True)
+class TaskPlots:
+    """A task's figures: those shown before the figures of the weights every task has, and those
+    after them."""
+
+    first: tuple[Plot, ...] = ()
+    last: tuple[Plot, ...] = ()
 
 
 @dataclass(frozen=True)

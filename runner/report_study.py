@@ -287,16 +287,20 @@ def _measured_line(study: dict, table: collect.JobTable) -> str:
         (study["variant"], _ok_result(table, study["variant"])),
         (f"fp32-{mixed.device}", _ok_result(table, f"fp32-{mixed.device}")),
     ]
-    line = "Measured: " + "; ".join(_measured(name, result) for name, result in shown if result)
+    line = "Measured: " + "; ".join(
+        _measured(name, result, table.declaration) for name, result in shown if result
+    )
     if sorted(mixed.settings.get("kept_in_fp32") or []) != sorted(study["recipe"]["kept"]):
         line += f". Note: {mixed_id} ran with other layers kept in FP32 than this recipe keeps"
     return line + "."
 
 
-def _measured(name: str, result) -> str:
+def _measured(name: str, result, task) -> str:
+    """A variant's key metric (its task's), median latency and size."""
     metrics = result.metrics
+    metric, value, digits = task.key_metric(metrics)
     return (
-        f"{name} accuracy {number(metrics.value('accuracy'), 4)}, median latency "
+        f"{name} {metric} {number(value, digits)}, median latency "
         f"{number(metrics.latency.median, 2)} ms, {number(metrics.model_size_mib, 1)} MiB"
     )
 

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
-import numpy as np
-
-from runner import effects
 from runner.layers import classify_layer
 from runner.precisions.common import linear_names as linear_layers  # what is quantized
 from runner.spec import GROUPINGS, JobSpec
@@ -31,23 +27,12 @@ BOOTSTRAP_RESAMPLES = 2000
 class Study:
     """What every measurement of one study shares. evaluate(keep) answers the task's outputs on
     the evaluation sample (a classifier's class probabilities) of the model quantized all but the
-    layers in keep; compare(outputs) says what they are against FP32's (see compare_labels)."""
+    layers in keep; compare(outputs) says what they are against FP32's (the task's worker says
+    how: a classifier's compare_labels)."""
 
     evaluate: Callable[[frozenset[str]], Any]
     compare: Callable[[Any], dict]
     layers: tuple[str, ...]  # every linear layer the precision quantizes
-
-
-def label_study(
-    evaluate: Callable[[frozenset[str]], np.ndarray],
-    reference: np.ndarray,
-    gold: np.ndarray,
-    label_names: list[str],
-    layers: tuple[str, ...],
-) -> Study:
-    """A classifier's study: its outputs are class probabilities, compared with FP32's
-    (reference) on the gold label indices."""
-    return Study(evaluate, partial(compare_labels, reference, gold, label_names), layers)
 
 
 @dataclass
@@ -98,13 +83,9 @@ def tolerance_text(tolerance: dict) -> str:
 
 
 def tolerance(spec: JobSpec) -> Tolerance:
-    """The job's agreement and accuracy tolerances where it has them and its task's verdict
-    judges them (a causal LM's: agreement alone), else the study's default."""
-    judged = TASKS[spec.task].comparison.checks
-    chosen = {
-        k: spec.tolerances.get(k) if k in judged else None
-        for k in ("min_agreement", "max_accuracy_drop")
-    }
+    """The job's tolerances where its task judges the study by them (a classifier's agreement and
+    accuracy drop, a causal LM's greedy agreement), else the study's default."""
+    chosen = TASKS[spec.task].study_tolerance(spec.tolerances)
     return Tolerance(**chosen) if any(v is not None for v in chosen.values()) else Tolerance()
 
 
@@ -148,27 +129,6 @@ def _group_of(name: str, how: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------------
-
-
-def compare_labels(
-    reference: np.ndarray, gold: np.ndarray, label_names: list[str], probabilities: np.ndarray
-) -> dict:
-    """A model's probabilities against FP32's (reference) on the same samples: accuracy (and
-    FP32's), agreement, mean KL(FP32 || model) in nats, flips (samples whose label changed), the
-    paired bootstrap of the accuracy delta and exact McNemar (runner/effects.py)."""
-    found = effects.prediction_effects(gold, reference, probabilities, label_names)
-    base_pred, var_pred = reference.argmax(axis=1), probabilities.argmax(axis=1)
-    return {
-        "accuracy": found["accuracy_variant"],
-        "accuracy_fp32": found["accuracy_baseline"],
-        "agreement": found["agreement"],
-        "mean_kl": found["mean_kl_baseline_variant"],
-        "flips": int(np.sum(base_pred != var_pred)),
-        "bootstrap_accuracy_delta": effects.paired_bootstrap_delta(
-            gold, base_pred, var_pred, n_resamples=BOOTSTRAP_RESAMPLES
-        ),
-        "mcnemar": effects.mcnemar_exact(gold, base_pred, var_pred),
-    }
 
 
 def measure(study: Study, keep: frozenset[str]) -> dict:
@@ -259,15 +219,3 @@ def _tried(groups: list[str], keep: set[str], result: dict) -> dict:
         "accuracy": result["accuracy"],
         "mean_kl": result["mean_kl"],
     }
-
-
-def probabilities(model, batches: list[dict]) -> np.ndarray:
-    """The classifier's class probabilities [samples, labels] over tokenized batches, in order:
-    what a Study's evaluate answers."""
-    import torch
-
-    from runner.tasks import classification
-
-    with torch.inference_mode():
-        rows = [classification.class_probabilities(model(**batch)) for batch in batches]
-    return torch.cat(rows).numpy()

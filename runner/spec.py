@@ -444,16 +444,6 @@ TOP_FIELDS = (
     "sensitivity",
 )
 
-# What a deployment may give up, against the baseline: `collect` marks each variant pass or fail.
-TOLERANCES = {
-    "max_accuracy_drop": "accuracy points below the baseline, as a fraction (0.01 = one point)",
-    "min_agreement": "share of samples predicted as the baseline predicts them",
-    "max_latency_ms": "median latency per forward pass, in milliseconds",
-    "max_size_mib": "model size in MiB",
-    "max_peak_rss_mib": "peak resident memory in MiB",
-    "max_perplexity_increase": "perplexity above the baseline's, as a fraction (0.05 = 5% higher)",
-}
-
 
 def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
     from runner.tasks import TASKS  # the tasks import models, which imports this
@@ -602,8 +592,7 @@ def _task_settings(top: _Reader, task: str) -> Any:
     """The task's own fields, read by the task (None for a task without any)."""
     from runner.tasks import TASKS
 
-    read = TASKS[task].read_settings
-    return None if read is None else read(top)
+    return TASKS[task].read_config(top)
 
 
 def _resolve(file: Path, value: str) -> Path:
@@ -865,20 +854,25 @@ def _sample(shown: Path, reader: _Reader) -> SampleSpec:
 
 
 def _tolerances(reader: _Reader | None) -> dict[str, float]:
+    """What a deployment may give up, against the baseline (every task's tolerances may be
+    stated; collect judges a variant by those of its job's task)."""
+    from runner.tasks import tolerances  # the tasks import models, which imports this
+
     if reader is None:
         return {}
-    reader.check_keys(tuple(TOLERANCES))
+    known = tolerances()
+    reader.check_keys(tuple(known))
     values = {}
-    for key in TOLERANCES:
+    for key, tolerance in known.items():
         value = reader.get(key, float)
         if value is not None:
-            if value < 0 or (key == "min_agreement" and value > 1):
+            if value < 0 or (tolerance.at_most is not None and value > tolerance.at_most):
                 raise SpecError(
                     reader.file,
                     reader.field(key),
                     value,
-                    f"expected {TOLERANCES[key]}, >= 0"
-                    + (" and <= 1" if key == "min_agreement" else ""),
+                    f"expected {tolerance.means}, >= 0"
+                    + (f" and <= {tolerance.at_most:g}" if tolerance.at_most is not None else ""),
                 )
             values[key] = value
     return values

@@ -20,11 +20,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import transformers
+
 from runner import analysis, measure, models, precisions
 from runner import sensitivity as S
 from runner.precisions import PRECISIONS
 from runner.spec import EvaluationSpec, QuantSettings, SensitivitySpec
-from runner.tasks import DEFAULT_TASK, TASKS
+from runner.tasks import Task
 
 
 @dataclass
@@ -36,13 +38,11 @@ class StudyStep:
     study: SensitivitySpec
     model_dir: str
     texts: list[str]
-    gold_labels: list[str]  # model label names, in sample order
-    model_labels: list[str]  # id2label in id order
     evaluation: EvaluationSpec  # its batch size and order; no pass is timed
     settings: QuantSettings
     max_length: int
-    task_name: str = DEFAULT_TASK
-    task_settings: object = None  # the task's own settings (a study runs classification jobs)
+    task: Task  # the job's task: its worker says what the study measures a model by
+    task_config: object = None  # the task's configuration from its plan
     # FP32's outputs as the probe hands them on (a classifier's probabilities [samples][labels]);
     # None in the probe, and for a task whose view computes them in every step.
     reference: list | None = None
@@ -88,11 +88,11 @@ def load(step: StudyStep) -> Loaded:
     import torch
 
     clock = time.perf_counter()
-    model_class = TASKS[step.task_name].auto_model()
+    model_class = getattr(transformers, step.task.model_class)
     fp32 = model_class.from_pretrained(step.model_dir, dtype=torch.float32)
     fp32 = fp32.to(step.study.device).eval()
     load_s = time.perf_counter() - clock
-    view = TASKS[step.task_name].study_view(step, fp32)
+    view = step.task.worker().study_view(step, fp32)
     return Loaded(step, model_class, fp32, view, load_s)
 
 

@@ -18,9 +18,9 @@ from runner import collect, dispatch, folders, interrupt, locks, measure, models
 from runner.cluster import Cluster
 from runner.finetune import FinetuneTask, chance_note, finetune_key, training_settings
 from runner.plan import JobPlan
-from runner.schema import Metrics, Result
+from runner.schema import Result
 from runner.spec import SpecError, Variant
-from runner.tasks import TASKS
+from runner.tasks import DEFAULT_TASK, TASKS, Task
 from runner.worker import VariantTask, base_result
 
 
@@ -137,14 +137,9 @@ def merge_repeats(runs: list[Result]) -> Result:
     return merged
 
 
-def headline(metrics: Metrics) -> str:
-    """What a progress line says of a variant's answers: a causal LM's perplexity and decode
-    speed, a classifier's accuracy."""
-    if metrics.value("perplexity") is not None:
-        decode = metrics.value("decode_tokens_per_s")
-        speed = f"  decode {decode:.1f} tokens/s" if decode is not None else ""
-        return f"perplexity {metrics.value('perplexity'):.4g}{speed}"
-    return f"accuracy {metrics.value('accuracy') or 0:.4f}"
+def task_of(result: Result) -> Task:
+    """The task of the result's job (a task this quantbench does not know: the base's)."""
+    return TASKS.get(result.job_record.task or DEFAULT_TASK) or Task()
 
 
 def progress_line(done: int, total: int, result: Result) -> str:
@@ -153,7 +148,7 @@ def progress_line(done: int, total: int, result: Result) -> str:
         return f"{head} {result.error}"
     metrics, latency = result.metrics, result.metrics.latency
     text = (
-        f"{head} {headline(metrics)}  median {latency.median or 0:.2f} ms"
+        f"{head} {task_of(result).headline(metrics)}  median {latency.median or 0:.2f} ms"
         f"  size {metrics.model_size_mib or 0:.1f} MiB  ({result.wall_s or 0:.1f} s)"
     )
     if latency.timing_lock_wait_s:  # another quantbench run on the machine was timing
@@ -478,12 +473,7 @@ def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:
             else f"{len(random)} weight tensor(s) were randomly initialised (no trained "
             "classification head)"
         )
-        why = (
-            "accuracy is chance until the model is fine-tuned"
-            if plan.label_map
-            else "its perplexity is an untrained model's"
-        )
-        say(f"note: {what}: {why}")
+        say(f"note: {what}: {plan.task.untrained}")
     return model_dir, model_info
 
 
@@ -498,19 +488,19 @@ def fine_tuned_model(
     """The job's fine-tuned FP32 model: from the cache, or trained now as a Ray task."""
     spec = plan.spec
     task = finetune_task(plan, base_dir, base_info)
-    own = TASKS[spec.task]
-    chance = own.chance_loss(task)
+    chance = plan.task.chance_loss(task)
+    trained_on = plan.task.worker().describe_training(task)
     cached = models.cached_model(task.key)
     if cached is not None:
         info = models.cached_info(cached)
         say(
             f"fine-tune: reusing the cached fine-tuned model {cached} (trained on "
-            f"{own.describe_training(task)}, train loss "
+            f"{trained_on}, train loss "
             f"{info['train_loss']}){chance_note(info['train_loss'], chance)}"
         )
         return cached, fine_tuned_info(info, base_info)
     say(
-        f"fine-tune: training on {own.describe_training(task)} ({spec.finetune.epochs:g} "
+        f"fine-tune: training on {trained_on} ({spec.finetune.epochs:g} "
         f"epoch(s), batch {spec.finetune.batch_size}, learning rate "
         f"{spec.finetune.learning_rate:g}) ..."
     )
@@ -538,25 +528,25 @@ def finetune_task(plan: JobPlan, base_dir: Path, base_info: dict) -> FinetuneTas
     """What the job's fine-tune trains on, keyed as its cache entry."""
     spec = plan.spec
     texts = [e.text for e in plan.train_examples]
-    # A task whose answers are not labels (a causal LM) has no label map: it trains on text alone.
-    labels = [plan.label_map[e.label] for e in plan.train_examples if plan.label_map]
+    # A task whose answers are not labels (a causal LM) trains on text alone: no labels.
+    labels, label_names = plan.task.training_labels(plan.targets.config, plan.train_examples)
     task = FinetuneTask(
         key="",
-        base_dir=str(base_dir),
+        model_dir=str(base_dir),
         base_key=base_info["key"],
         texts=texts,
         labels=labels,
-        label_names=plan.model_labels,
+        label_names=label_names,
         settings=spec.finetune,
         max_length=spec.dataset.max_length,
-        task_name=spec.task,
-        task_settings=plan.task_settings,
+        task=plan.task,
+        task_config=plan.targets.config,
     )
     task.key = finetune_key(
         base_info["key"],
         texts,
         labels,
-        plan.model_labels,
+        label_names,
         spec.finetune,
         spec.dataset.max_length,
         training_settings(task),

@@ -17,14 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import transformers
 
 from runner import evaluate, locks, measure, models, precisions
 from runner.layers import classify_layer
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.schema import SCHEMA_VERSION, Metrics, Result
 from runner.spec import EvaluationSpec, QuantSettings, Variant
-from runner.tasks import DEFAULT_TASK, TASKS
+from runner.tasks import Task
 
 
 @dataclass
@@ -35,18 +35,21 @@ class VariantTask:
     variant: Variant
     model_dir: str
     texts: list[str]
-    gold_labels: list[str]  # model label names, already mapped from the dataset's values
-    model_labels: list[str]  # id2label in id order
     evaluation: EvaluationSpec
     settings: QuantSettings
     max_length: int
     spec_hash: str
+    task: Task  # the job's task (its declaration: the variant's process resolves its worker)
+    task_config: Any = None  # the task's configuration from its plan (a classifier's labels)
     spec_as_run: dict = field(default_factory=dict)
     sample: dict = field(default_factory=dict)  # where the sample came from, for the record
     model_info: dict = field(default_factory=dict)
     repeat: int = 0  # which of the evaluation's repeats this run is
-    task_name: str = DEFAULT_TASK  # a name in runner.tasks.TASKS
-    task_settings: Any = None  # the task's own settings, resolved by the plan (a causal LM's)
+
+
+def model_class(task: VariantTask) -> type:
+    """The transformers Auto class the task's checkpoints load as."""
+    return getattr(transformers, task.task.model_class)
 
 
 class NoCudaDevice(RuntimeError):
@@ -138,8 +141,8 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     from runner import analysis
 
     started = time.perf_counter()
-    model_class = TASKS[task.task_name].auto_model()
-    reference_model = model_class.from_pretrained(task.model_dir, dtype=torch.float32).eval()
+    reference_model = model_class(task).from_pretrained(task.model_dir, dtype=torch.float32)
+    reference_model = reference_model.eval()
     reference = analysis.dequantized_linear_weights(reference_model)
     variant = analysis.dequantized_linear_weights(model)
     rows = analysis.layer_weight_errors(reference, variant)
@@ -169,7 +172,7 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
 
 def _run(task: VariantTask, result: Result, torch) -> None:
     """The variant's steps, in the order they run; each writes its part of the result."""
-    kind = TASKS[task.task_name]
+    kind = task.task.worker()
     check_device(task, torch)
     threads = task.evaluation.threads or measure.available_cpus()
     torch.set_num_threads(threads)
@@ -177,7 +180,7 @@ def _run(task: VariantTask, result: Result, torch) -> None:
     memory = measure.MemoryPhases(task.variant.device)
     loaded = load_variant(task, memory, threads)
     size_mib = measure.model_size_mib(loaded.model)
-    batches, order, fixed = kind.prepare_batches(task)
+    batches, order, fixed = kind.batches(task)
     compiled = compile_model(task, loaded.model, batches[0] if fixed is None else fixed, memory)
     with memory.phase("evaluate"):
         outputs, timings = evaluate.run_passes(
@@ -192,21 +195,20 @@ def _run(task: VariantTask, result: Result, torch) -> None:
             read_output=kind.read_output,
             count_graphs=compiled.count_graphs if compiled else None,
         )
-    outputs = evaluate.in_sample_order(outputs, order)
-    check_finite(task, outputs)
+    answers = evaluate.in_sample_order(outputs, order)
+    check_finite(task, kind.non_finite(answers))
     analysis_warning = weight_analysis(loaded.model, task, batches, memory, result)
-    scored = kind.score(task, outputs)
-    if kind.measure_more is not None:  # after the clock, on the eager model
-        scored = kind.measure_more(task, loaded.model, batches, memory, scored)
+    scored = kind.score(task, answers)
+    scored = kind.measure_more(task, loaded.model, batches, memory, scored)  # on the eager model
     result.metrics = Metrics.from_json(
         measured_metrics(size_mib, scored.metrics, timings, memory, loaded, compiled),
-        tuple(kind.metric_hints()),
+        tuple(task.task.metric_hints()),
     )
     extra = [analysis_warning, timings.timing_lock_warning, *compile_warnings(compiled, timings)]
     extra.append(measure.noisy_warning(result.metrics.latency.to_json()))
     result.warnings = scored.warnings + [warning for warning in extra if warning]
     result.settings = recorded_settings(task, loaded.settings, compiled)
-    result.predictions = kind.predictions.from_json(scored.predictions)
+    result.predictions = task.task.predictions.from_json(scored.predictions)
 
 
 def check_device(task: VariantTask, torch) -> None:
@@ -233,9 +235,8 @@ def load_variant(task: VariantTask, memory: measure.MemoryPhases, threads: int) 
     settings: dict = {"threads": threads}
     with memory.phase("load"):
         started = time.perf_counter()
-        model_class = TASKS[task.task_name].auto_model()
         model, loaded = precision.load(
-            model_class, task.model_dir, task.variant.device, task.settings, keep=keep
+            model_class(task), task.model_dir, task.variant.device, task.settings, keep=keep
         )
         load_s = time.perf_counter() - started
     settings.update(loaded)
@@ -362,11 +363,12 @@ def compile_warnings(compiled: CompiledModel | None, timings) -> list[str]:
     return [warning for warning in warnings if warning]
 
 
-def check_finite(task: VariantTask, outputs: np.ndarray) -> None:
-    if not np.isfinite(outputs).all():
+def check_finite(task: VariantTask, non_finite: int) -> None:
+    """non_finite: how many of the samples' answers hold NaN or infinity."""
+    if non_finite:
         raise FloatingPointError(
             f"{task.variant.id} produced non-finite outputs (NaN or inf) for "
-            f"{int((~np.isfinite(outputs)).any(axis=1).sum())} of {len(task.texts)} samples"
+            f"{non_finite} of {len(task.texts)} samples"
         )
 
 
@@ -435,5 +437,5 @@ def recorded_settings(task: VariantTask, loaded_settings: dict, compiled=None) -
         "latency_mode": evaluation.latency_mode,
         "fixed_shape": evaluation.fixed_shape,
         "quantization": asdict(task.settings),
-        **(asdict(task.task_settings) if task.task_settings is not None else {}),
+        **task.task.recorded(task.task_config),
     }

@@ -171,9 +171,9 @@ def tiny_model_3(tmp_path_factory) -> Path:
 def causal_lm_task():
     """collect finds a job's task in TASKS: causal-lm is registered with its comparison."""
     from runner.tasks import TASKS
-    from runner.tasks.causal_lm_collect import COMPARISON
+    from runner.tasks.causal_lm import compare
 
-    assert TASKS["causal-lm"].comparison is COMPARISON
+    assert TASKS["causal-lm"].rows is compare.ROWS
 
 
 @pytest.fixture
@@ -278,3 +278,16 @@ def typed(results) -> list:
     from runner.results import read_json_result
 
     return [read_json_result(result) for result in results]
+
+
+def labelled(gold, labels) -> dict:
+    """A classifier's task and its configuration for a work item built by hand: the model's label
+    names and the sample's gold labels (as the plan gives them, the label map the identity)."""
+    from runner.tasks import TASKS
+    from runner.tasks.classification.labels import Labels
+
+    names = list(labels)
+    return {
+        "task": TASKS["classification"],
+        "task_config": Labels(names, {name: name for name in names}, list(gold)),
+    }

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from runner import analysis as A
-from runner import effects as E
 from runner.layers import classify_layer
 from runner.precisions.bitsandbytes import FP4_CODE, NF4_CODE
+from runner.tasks import statistics as E
+from runner.tasks.classification import effects
 
 torch.set_num_threads(1)
 
@@ -612,7 +613,7 @@ def test_prediction_effects_hand_case():
         [[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.2, 0.3]]
     )
     # base predicts 0,0,1,2,2 (all right); variant predicts 0,1,1,2,0.
-    out = E.prediction_effects(gold, base, var, labels, n_bins=5)
+    out = effects.prediction_effects(gold, base, var, labels, n_bins=5)
     _json_ok(out)
     assert out["accuracy_baseline"] == 1.0 and out["accuracy_variant"] == pytest.approx(0.6)
     assert out["agreement"] == pytest.approx(0.6) and out["flip_rate"] == pytest.approx(0.4)
@@ -645,7 +646,7 @@ def test_prediction_effects_hand_case():
 def test_prediction_effects_confusion_orientation():
     gold = np.zeros(4, dtype=int)
     probs = np.tile([0.1, 0.9], (4, 1))  # always predicts class 1
-    cm = E.prediction_effects(gold, probs, probs, ["a", "b"])["confusion_matrix"]["matrix"]
+    cm = effects.prediction_effects(gold, probs, probs, ["a", "b"])["confusion_matrix"]["matrix"]
     assert cm == [[0, 4], [0, 0]]
 
 
@@ -653,7 +654,9 @@ def test_expected_calibration_error():
     # Confidence 0.8 on every sample and 8 of 10 right: perfectly calibrated.
     gold = np.array([0] * 8 + [1] * 2)
     probs = np.tile([0.8, 0.2], (10, 1))
-    cal = E.prediction_effects(gold, probs, probs, ["a", "b"], n_bins=10)["calibration_variant"]
+    cal = effects.prediction_effects(gold, probs, probs, ["a", "b"], n_bins=10)[
+        "calibration_variant"
+    ]
     assert cal["ece"] == pytest.approx(0.0, abs=1e-12)
     filled = [b for b in cal["bins"] if b["count"]]
     assert (
@@ -673,16 +676,16 @@ def test_expected_calibration_error():
     # Half the samples at 0.9 and all wrong, half at 0.6 and all right: ECE = 0.5 * 0.9 + 0.5 * 0.4.
     gold = np.array([1, 1, 0, 0])
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
-    out = E.prediction_effects(gold, probs, probs, ["a", "b"], n_bins=5)
+    out = effects.prediction_effects(gold, probs, probs, ["a", "b"], n_bins=5)
     assert out["calibration_variant"]["ece"] == pytest.approx(0.65)
     assert [b["count"] for b in out["calibration_variant"]["bins"]] == [0, 0, 2, 0, 2]
 
 
 def test_prediction_effects_rejects_bad_shapes():
     with pytest.raises(ValueError, match="label name"):
-        E.prediction_effects([0, 1], np.eye(2), np.eye(2), ["a", "b", "c"])
+        effects.prediction_effects([0, 1], np.eye(2), np.eye(2), ["a", "b", "c"])
     with pytest.raises(ValueError, match="same length"):
-        E.prediction_effects([0, 1, 1], np.eye(2), np.eye(2), ["a", "b"])
+        effects.prediction_effects([0, 1, 1], np.eye(2), np.eye(2), ["a", "b"])
 
 
 # ------------------------------------------------------------------------------------------------

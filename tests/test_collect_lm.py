@@ -16,8 +16,9 @@ import pytest
 from conftest import run_cli, typed
 from lm_results import BASELINE_GREEDY, lm_result, three_variants
 
-from runner import collect, effects
+from runner import collect
 from runner.results import write_result
+from runner.tasks import statistics as effects
 
 pytestmark = pytest.mark.usefixtures("causal_lm_task")
 

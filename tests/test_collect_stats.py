@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RT_POLARITY, build_tiny_bert, typed, variant_json
+from conftest import RT_POLARITY, build_tiny_bert, labelled, typed, variant_json
 
 from runner import collect
 from runner.cli import main
@@ -52,8 +52,7 @@ def make_task(
         variant=Variant(precision, device),
         model_dir=str(model_dir),
         texts=texts,
-        gold_labels=["positive", "negative"] * N_EACH,
-        model_labels=LABELS,
+        **labelled(["positive", "negative"] * N_EACH, LABELS),
         evaluation=EvaluationSpec(batch_size=4, warmup_passes=1, timed_passes=10),
         settings=QuantSettings(),
         max_length=32,

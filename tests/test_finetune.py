@@ -125,20 +125,24 @@ def test_the_label_guard_catches_the_published_mistake(tmp_path, smsa_base, monk
     swapped."""
     monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
     plan = plan_job(write_job(tmp_path, finetune_job(smsa_base)))
-    texts, gold = [e.text for e in plan.examples], [plan.label_map[e.label] for e in plan.examples]
+    texts, gold = (
+        [e.text for e in plan.examples],
+        [plan.targets.config.label_map[e.label] for e in plan.examples],
+    )
     settings = FinetuneSpec(
         train=None, epochs=15, learning_rate=2e-3, batch_size=16, seed=0, warmup_ratio=0.0
     )
     knows = finetune.run_finetune(
         finetune.FinetuneTask(
             key="knows-the-rows",
-            base_dir=str(smsa_base),
+            model_dir=str(smsa_base),
             base_key="base",
             texts=texts,
             labels=gold,
-            label_names=plan.model_labels,
+            label_names=plan.targets.config.names,
             settings=settings,
             max_length=64,
+            task=plan.task,
         )
     )["folder"]
     right, warnings = accuracy_of(plan, knows, {})
@@ -178,7 +182,7 @@ def test_the_label_guard_does_not_blame_the_map_for_a_model_that_predicts_one_cl
     below guessing."""
     import numpy as np
 
-    from runner.tasks import classification
+    from runner.tasks.classification import worker
 
     plan = plan_job(
         write_job(
@@ -188,9 +192,14 @@ def test_the_label_guard_does_not_blame_the_map_for_a_model_that_predicts_one_cl
             ),
         )
     )
-    gold = np.array([plan.model_labels.index(plan.label_map[e.label]) for e in plan.examples])
+    gold = np.array(
+        [
+            plan.targets.config.names.index(plan.targets.config.label_map[e.label])
+            for e in plan.examples
+        ]
+    )
     rarest = int(np.bincount(gold, minlength=3).argmin())
-    warnings = classification.label_guard(gold, np.full_like(gold, rarest), plan.model_labels)
+    warnings = worker.label_guard(gold, np.full_like(gold, rarest), plan.targets.config.names)
     assert not [w for w in warnings if "label mapping" in w], warnings
     assert [w for w in warnings if "below always guessing the majority class" in w], warnings
 

@@ -1,6 +1,6 @@
-"""Generation speed (runner/tasks/generation.py) on tiny random GPT-2 and Llama models: the explicit
-greedy loop against model.generate, the KV cache's bytes against a hand computation, the prompts,
-the settings' checks; the timings for their structure only, never a speed."""
+"""Generation speed (runner/tasks/causal_lm/generation.py) on tiny random GPT-2 and Llama models:
+the explicit greedy loop against model.generate, the KV cache's bytes against a hand computation,
+the prompts, the settings' checks; the timings for their structure only, never a speed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lm_models import (
 )
 
 from runner import locks, measure
-from runner.tasks import generation as gen
+from runner.tasks.causal_lm import generation as gen
 
 
 def build_tiny_gqa_llama(folder):

@@ -17,7 +17,9 @@ from runner.cli import main
 from runner.plan import plan_job
 from runner.spec import load_job
 from runner.sweep import fine_tuned_model, finetune_task
-from runner.tasks import lm_training, perplexity
+from runner.tasks import TASKS
+from runner.tasks.causal_lm import perplexity
+from runner.tasks.causal_lm import training as lm_training
 
 
 class WordTokenizer:
@@ -34,7 +36,7 @@ class WordTokenizer:
 
 def lm_task(texts: list[str], context: int):
     settings = SimpleNamespace(perplexity=SimpleNamespace(context=context))
-    return SimpleNamespace(texts=texts, task_settings=settings)
+    return SimpleNamespace(texts=texts, task_config=settings)
 
 
 DOCUMENTS = ["a b c", "d e", "f g h i"]  # ids 10 11 12, 13 14, 15 16 17 18
@@ -103,7 +105,7 @@ def test_training_a_tiny_llama_lowers_held_out_perplexity_and_is_cached(tmp_path
     plan = plan_job(write_job(tmp_path, lm_job(build_tiny_llama(tmp_path / "llama"))))
     base_dir, base_info = models.prepare_model(plan.spec)
     task = finetune_task(plan, base_dir, base_info)
-    assert task.labels == [] and task.task_settings.perplexity.context == 32
+    assert task.labels == [] and task.task_config.perplexity.context == 32
 
     info = finetune.run_finetune(task)
     assert not info["cached"] and info["task_settings"] == {"block_tokens": 32}
@@ -156,7 +158,7 @@ def test_the_block_length_is_part_of_the_cache_key(tmp_path, monkeypatch):
 
 def test_the_chance_loss_of_a_language_model_is_ln_of_its_vocabulary(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 4096}))
-    loss, written = lm_training.chance_loss(SimpleNamespace(base_dir=str(tmp_path)))
+    loss, written = TASKS["causal-lm"].chance_loss(SimpleNamespace(model_dir=str(tmp_path)))
     assert loss == pytest.approx(math.log(4096)) and written.startswith("ln 4096")
     assert "ln 4096" in finetune.chance_note(8.30, (loss, written))
     assert finetune.chance_note(4.5, (loss, written)) == ""
@@ -195,7 +197,7 @@ def test_the_demo_job_plans_offline_with_its_shipped_tokenizer():
     plan = plan_job(REPO / "jobs" / "demo-lm.yaml")  # the tokenizer's vocabulary fits the model's
     assert plan.spec.model.config["vocab_size"] == BPE_SCRIPT.VOCAB_SIZE
     assert len(plan.examples) == 800 and len(plan.train_examples) == 10662 - 800
-    assert plan.task_settings.perplexity.context == 64
+    assert plan.targets.config.perplexity.context == 64
 
 
 def test_the_hub_job_is_only_read_never_planned(monkeypatch):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from runner import measure
+from runner.tasks.classification.worker import ClassificationWorker
 
 
 def test_latency_stats_match_numpy_in_milliseconds():
@@ -67,6 +68,11 @@ def test_different_lengths_alone_do_not_make_a_run_noisy():
     )  # no shape timed twice: cannot tell
 
 
+def no_answer(output, batch: dict) -> list:
+    """A read_output for a test that times passes and reads no answer."""
+    return []
+
+
 class RecordingModel:
     """Stands in for a classifier: records the shape of every forward pass it is asked for."""
 
@@ -93,7 +99,13 @@ def test_no_timed_pass_is_the_first_of_its_shape():
     model = RecordingModel()
 
     probabilities, timings = run_passes(
-        model, batches, "cpu", warmup_passes=2, timed_passes=8, min_time_s=0.0
+        model,
+        batches,
+        "cpu",
+        warmup_passes=2,
+        timed_passes=8,
+        min_time_s=0.0,
+        read_output=ClassificationWorker().read_output,
     )
 
     timed = len(timings.seconds)
@@ -102,7 +114,7 @@ def test_no_timed_pass_is_the_first_of_its_shape():
     assert set(timed_shapes) <= set(untimed)  # every shape met before the clock ran
     warm_up = untimed[: len(untimed) - len(timings.repeats)]
     assert warm_up == [(2, 5), (2, 9), (2, 12), (2, 7)]  # the new shapes once each, nothing more
-    assert probabilities.shape == (16, 2)
+    assert np.stack(probabilities).shape == (16, 2)
     # 8 timed passes of 4 shapes repeat too few to tell the noise: the first batch was timed again.
     assert (
         len(timings.repeats) == 10 and timings.noise_cv()[1] == 4 + 10
@@ -120,7 +132,15 @@ def test_timed_passes_that_repeat_their_shapes_measure_the_noise_without_extra_p
     ]
     model = RecordingModel()
 
-    _, timings = run_passes(model, batches, "cpu", warmup_passes=2, timed_passes=16, min_time_s=0.0)
+    _, timings = run_passes(
+        model,
+        batches,
+        "cpu",
+        warmup_passes=2,
+        timed_passes=16,
+        min_time_s=0.0,
+        read_output=no_answer,
+    )
 
     assert (
         timings.repeats == [] and len(model.shapes) == 2 + 16
@@ -142,7 +162,13 @@ def test_the_timings_say_when_the_clock_ran_and_for_how_long():
     ]
     before = datetime.now().astimezone()
     _, timings = run_passes(
-        SpinningModel(), batches, "cpu", warmup_passes=1, timed_passes=1, min_time_s=0.3
+        SpinningModel(),
+        batches,
+        "cpu",
+        warmup_passes=1,
+        timed_passes=1,
+        min_time_s=0.3,
+        read_output=no_answer,
     )
     after = datetime.now().astimezone()
 
@@ -183,7 +209,7 @@ def test_the_timed_passes_count_how_often_another_process_took_the_cpu():
     cpu = min(allowed)
     os.sched_setaffinity(0, {cpu})  # this thread, on one CPU
     try:
-        alone = run_passes(SpinningModel(), batches, "cpu", 0, 1, min_time_s=0.5)[
+        alone = run_passes(SpinningModel(), batches, "cpu", 0, 1, 0.5, read_output=no_answer)[
             1
         ].preemptions_per_s
         # Another process spinning on the same CPU: the scheduler shares it, taking it from the
@@ -201,7 +227,7 @@ def test_the_timed_passes_count_how_often_another_process_took_the_cpu():
         )
         try:
             assert spinner.stdout.readline() == "spinning\n"
-            shared = run_passes(SpinningModel(), batches, "cpu", 0, 1, min_time_s=0.5)[
+            shared = run_passes(SpinningModel(), batches, "cpu", 0, 1, 0.5, read_output=no_answer)[
                 1
             ].preemptions_per_s
         finally:
@@ -210,7 +236,9 @@ def test_the_timed_passes_count_how_often_another_process_took_the_cpu():
         # Alone again: on a machine busy with other work, the quieter of the two is the baseline.
         alone = min(
             alone,
-            run_passes(SpinningModel(), batches, "cpu", 0, 1, min_time_s=0.5)[1].preemptions_per_s,
+            run_passes(SpinningModel(), batches, "cpu", 0, 1, 0.5, read_output=no_answer)[
+                1
+            ].preemptions_per_s,
         )
     finally:
         os.sched_setaffinity(0, allowed)

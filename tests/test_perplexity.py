@@ -1,6 +1,6 @@
-"""Perplexity by rolling windows (runner/tasks/perplexity.py) against hand computations on tiny
-random GPT-2 and Llama models: each token's log-probability is computed on its own, from exactly
-the context the convention gives it, and the windows must add up to the same."""
+"""Perplexity by rolling windows (runner/tasks/causal_lm/perplexity.py) against hand computations
+on tiny random GPT-2 and Llama models: each token's log-probability is computed on its own, from
+exactly the context the convention gives it, and the windows must add up to the same."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from lm_models import (
     rt_sentences,
 )
 
-from runner.tasks import perplexity as ppl
+from runner.tasks.causal_lm import perplexity as ppl
 
 CONTEXT = 16
 REL = 1e-5  # float32 logits, summed in float64

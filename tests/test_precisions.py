@@ -8,10 +8,10 @@ from dataclasses import fields
 
 import pytest
 import torch
+import transformers
 
 from runner import analysis, precisions
 from runner.spec import QuantSettings
-from runner.tasks import TASKS
 
 torch.set_num_threads(1)
 
@@ -64,7 +64,7 @@ def _load(precision: str, folder):
         pytest.importorskip(spec.family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notice
-        model_class = TASKS["classification"].auto_model()
+        model_class = transformers.AutoModelForSequenceClassification
         model, _ = spec.load(model_class, str(folder), "cpu", SETTINGS)
         if spec.quantize is not None:
             model, _ = spec.quantize(model, SETTINGS)

@@ -14,9 +14,10 @@ from lm_results import three_variants
 from matplotlib.image import imread
 from test_collect_lm import classification_result
 
-from runner import collect, report_causal_lm
+from runner import collect
 from runner.cli import main
 from runner.results import write_result
+from runner.tasks.causal_lm import plots as report_causal_lm
 
 pytestmark = pytest.mark.usefixtures("causal_lm_task")
 

@@ -23,9 +23,10 @@ from matplotlib.image import imread
 from scipy.stats import spearmanr
 from test_collect_stats import make_task
 
-from runner import collect, report, report_study
+from runner import collect, report_study
 from runner.cli import main
 from runner.results import study_path, write_json, write_result
+from runner.tasks.classification import plots as classifier_plots
 
 MIXED = "int8-dynamic-mixed-cpu"
 SAMPLES = 40  # make_task's evaluation sample
@@ -317,7 +318,7 @@ def test_a_study_without_any_sqnr_draws_no_figure():
 
 def test_mixed_variant_is_a_labelled_point_of_accuracy_latency(studied):
     table = collect.build_tables(typed(studied["results"]))[0]
-    figure = report.plot_accuracy_latency(table)
+    figure = classifier_plots.plot_accuracy_latency(table)
     labels = {t.get_text().split("\n")[0]: t.xy for t in figure.axes[0].texts}
     mixed = table.results[MIXED].metrics
     assert labels[MIXED] == pytest.approx((mixed.latency.median, mixed.value("accuracy")))

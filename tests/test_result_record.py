@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO
+from conftest import REPO, labelled
 
 from runner import measure
 from runner.results import (
@@ -57,8 +57,7 @@ def test_a_base_result_and_its_later_fields_in_the_order_a_worker_writes_them():
         variant=Variant("fp32", "cpu"),
         model_dir="unused",
         texts=["a"],
-        gold_labels=["x"],
-        model_labels=["x", "y"],
+        **labelled(["x"], ["x", "y"]),
         evaluation=EvaluationSpec(),
         settings=QuantSettings(),
         max_length=8,

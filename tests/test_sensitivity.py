@@ -14,6 +14,7 @@ from runner import precisions
 from runner import sensitivity as S
 from runner.evaluate import tokenize_batches
 from runner.spec import QuantSettings
+from runner.tasks.classification.worker import label_study, probabilities
 
 torch.set_num_threads(1)
 
@@ -48,10 +49,10 @@ def _study(hard_bert, precision: str = "int8-dynamic") -> tuple[S.Study, dict]:
             model, _ = precisions.load_quantized(
                 precision, _auto_model(), str(folder), "cpu", SETTINGS, keep
             )
-        return S.probabilities(model, batches)
+        return probabilities(model, batches)
 
     layers = tuple(S.linear_layers(reference))
-    study = S.label_study(evaluate, S.probabilities(reference, batches), gold, LABELS, layers)
+    study = label_study(evaluate, probabilities(reference, batches), gold, LABELS, layers)
     return study, S.study_groups(reference, "layer")
 
 

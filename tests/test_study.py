@@ -11,7 +11,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from conftest import HARD, build_hard_bert, check_refused, rt_job, run_cli, write_job
+from conftest import HARD, build_hard_bert, check_refused, labelled, rt_job, run_cli, write_job
 
 from runner import results, study
 
@@ -186,8 +186,7 @@ def _step(model_dir, precision: str, **fields):
         study=SensitivitySpec(precision, "cpu", "type"),
         model_dir=str(model_dir),
         texts=texts[::4],
-        gold_labels=[labels[g] for g in gold[::4]],
-        model_labels=labels,
+        **labelled([labels[g] for g in gold[::4]], labels),
         evaluation=EvaluationSpec(batch_size=8, threads=1),
         settings=QuantSettings(torchao_int4_group_size=32),
         max_length=32,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SMSA, smsa_job, variant_json
+from conftest import SMSA, labelled, smsa_job, variant_json
 
 from runner import data
 from runner.plan import plan_job
@@ -37,8 +37,7 @@ def make_task(
         variant=Variant(precision, device),
         model_dir=str(model_dir),
         texts=TEXTS,
-        gold_labels=gold,
-        model_labels=list(labels),
+        **labelled(gold, list(labels)),
         evaluation=EvaluationSpec(**settings),
         settings=QuantSettings(),
         max_length=32,
@@ -151,15 +150,14 @@ def test_accuracy_is_computed_by_label_name(tiny_model_3, tmp_path):
         )
     )
     plan = plan_job(job)
-    gold = [plan.label_map[e.label] for e in plan.examples]
+    gold = [plan.targets.config.label_map[e.label] for e in plan.examples]
     assert gold.count("LABEL_0") == sum(e.label == "positive" for e in plan.examples)
     task = VariantTask(
         job="smsa",
         variant=Variant("fp32", "cpu"),
         model_dir=str(tiny_model_3),
         texts=[e.text for e in plan.examples],
-        gold_labels=gold,
-        model_labels=plan.model_labels,
+        **labelled(gold, plan.targets.config.names),
         evaluation=EvaluationSpec(batch_size=8, warmup_passes=0, timed_passes=1),
         settings=QuantSettings(),
         max_length=64,

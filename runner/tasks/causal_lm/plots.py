@@ -1,4 +1,4 @@
-"""The report's plots of a causal-LM job: perplexity against decode speed, and how each window's
+"""A causal LM's figures in the report: perplexity against decode speed, and how each window's
 NLL moved against the baseline. Each is a function of a JobTable that returns a Figure, or None
 when the results hold nothing to draw."""
 
@@ -8,7 +8,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from runner import collect
-from runner.report_figures import DEVICE_COLOURS, device_legend, log_scale_if_wide, panels
+from runner.report_figures import (
+    DEVICE_COLOURS,
+    Plot,
+    TaskPlots,
+    device_legend,
+    log_scale_if_wide,
+    panels,
+)
 
 
 def _decode_points(table: collect.JobTable) -> list[tuple[str, float, float, float, str]]:
@@ -98,3 +105,31 @@ def plot_nll_delta(table: collect.JobTable) -> Figure | None:
         ax.set_xlabel("variant NLL − baseline NLL (nats/token)")
         ax.set_ylabel("windows")
     return figure
+
+
+PLOTS = TaskPlots(
+    first=(
+        Plot(
+            "perplexity-decode",
+            "Perplexity vs decode speed",
+            "Each variant at its decode tokens/s (greedy decoding with the KV cache, at the job's "
+            "first generation batch size) and its perplexity on the evaluation documents; marker "
+            "area follows the model size, the thick outline is the best variant that passes. "
+            "Dotted line: the baseline's perplexity raised by the job's max_perplexity_increase.",
+            plot_perplexity_decode,
+            "no ok result with perplexity and decode speed",
+        ),
+    ),
+    last=(
+        Plot(
+            "nll-delta",
+            "Per-window NLL change against the baseline",
+            "For each variant, its rolling windows binned by how much its NLL per scored token "
+            "moved against the baseline's on the same window (nats/token): right of 0 the variant "
+            "predicts that window's tokens worse. Dashed line: the mean over windows (not "
+            "token-weighted).",
+            plot_nll_delta,
+            "no per-window predictions paired with the baseline's",
+        ),
+    ),
+)

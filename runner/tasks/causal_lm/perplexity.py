@@ -11,8 +11,6 @@ tokens the first scored token of a later window is conditioned on. stride == con
 own choice (context_len=1): windows that score disjoint runs of tokens and overlap by one input
 token; a smaller stride gives every token of a later window at least context - stride + 1 tokens
 of context, at the price of context / stride forward passes per `context` tokens.
-
-torch is imported inside the functions: the driver imports this module without it.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -170,8 +169,6 @@ def window_losses(
     [batch_size, context, vocab] per forward pass. pad_id: any id (pads are masked and follow the
     real tokens); None, for a tokenizer without one, pads with 0.
     """
-    import torch
-
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size is {batch_size!r}: allowed an integer of 1 or more")
     if top_k and log_probs_at is not None:
@@ -189,8 +186,6 @@ def window_losses(
 
 def window_inputs(windows: Sequence[Window], pad_id: int, device) -> dict:
     """The windows' input_ids and attention_mask, right-padded to the longest, on device."""
-    import torch
-
     longest = max(len(window.input_ids) for window in windows)
     input_ids = torch.full((len(windows), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(windows), longest), dtype=torch.long)
@@ -211,8 +206,6 @@ def batch_losses(model, batch, device, pad_id: int, top_k: int, at) -> list[Wind
 
 def score_window(logits, window: Window, top_k: int, ids_at: np.ndarray | None) -> WindowLoss:
     """logits: [padded length, vocab] for one window."""
-    import torch
-
     length = len(window.input_ids)
     # Only the scored positions go to float32: the log-softmax is [scored, vocab], not more.
     log_probs = logits[length - window.scored : length].float().log_softmax(dim=-1)

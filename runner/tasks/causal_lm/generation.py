@@ -8,8 +8,6 @@ prompts are cut from the evaluation documents' tokens with a seed, so every vari
 prompts. The KV cache is measured as its own number: the bytes of the tensors the cache holds after
 the last step and, on CUDA, the peak allocated during a generation beyond what was allocated before
 it (the model and the prompts).
-
-torch is imported inside the functions: the driver imports this module without it.
 """
 
 from __future__ import annotations
@@ -20,54 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from runner import locks, measure
-from runner.tasks import perplexity
+from runner.tasks.causal_lm import perplexity
+from runner.tasks.causal_lm.config import GenerationSettings, check_count
 
 # ---------------------------------------------------------------------------------------------
 # Settings, checked for people: each message names what it found and what is allowed.
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    prompt_length: int  # tokens per prompt, no padding
-    new_tokens: int  # tokens generated per sequence, the first one from the prefill
-    batch_sizes: tuple[int, ...]  # timed one after the other, in this order
-    warmup_runs: int = 2  # untimed whole generations per batch size before the timed ones
-    timed_runs: int = 10  # timed whole generations per batch size
-    seed: int = 0  # chooses the prompts
-
-    def check(self, max_positions: int | None = None) -> None:
-        """max_positions: the model's position table (model_max_positions), None if it has none."""
-        check_count("prompt_length", self.prompt_length, 1)
-        check_count("new_tokens", self.new_tokens, 1)
-        check_count("warmup_runs", self.warmup_runs, 0)
-        check_count("timed_runs", self.timed_runs, 1)
-        check_count("seed", self.seed, 0)
-        if not isinstance(self.batch_sizes, tuple | list) or not self.batch_sizes:
-            raise ValueError(
-                f"batch_sizes is {self.batch_sizes!r}: allowed a non-empty list of integers of 1 "
-                "or more"
-            )
-        for batch_size in self.batch_sizes:
-            check_count("a batch size", batch_size, 1)
-        if len(set(self.batch_sizes)) != len(self.batch_sizes):
-            raise ValueError(
-                f"batch_sizes is {list(self.batch_sizes)!r}: a batch size is listed twice; "
-                "allowed: each batch size once"
-            )
-        total = self.prompt_length + self.new_tokens
-        if max_positions is not None and total > max_positions:
-            raise ValueError(
-                f"prompt_length + new_tokens is {self.prompt_length} + {self.new_tokens} = "
-                f"{total}: the model takes at most {max_positions} tokens (max_position_embeddings "
-                f"in its config); allowed: a sum of at most {max_positions}"
-            )
-
-
-def check_count(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} is {value!r}: allowed an integer of {minimum} or more")
 
 
 def model_max_positions(model) -> int | None:
@@ -110,8 +68,6 @@ def prompt_token_ids(
 
 def prompt_batch(prompts: Sequence[Sequence[int]], batch_size: int, device):
     """The first batch_size prompts as one [batch_size, prompt_length] tensor on device."""
-    import torch
-
     if len(prompts) < batch_size:
         raise ValueError(f"{len(prompts)} prompts for a batch of {batch_size}: too few")
     return torch.tensor([list(p) for p in prompts[:batch_size]], dtype=torch.long).to(device)
@@ -151,8 +107,6 @@ def cache_tensors(cache) -> list:
     """Every tensor a KV cache holds, once each: a transformers Cache (its layers' keys and
     values, and whatever else its layers keep, such as a quantized layer's tensors) or the legacy
     tuple of (key, value) per layer."""
-    import torch
-
     found, seen, pending = [], set(), [cache]
     while pending:
         value = pending.pop()
@@ -212,8 +166,6 @@ def greedy_generate(model, input_ids, new_tokens: int, sync: Callable = no_sync)
     after sync() (measure.synchronizer), so each reading follows the device's work. Each step's
     clock starts where the one before stopped: nothing between the steps goes untimed. The last
     token is chosen, never fed: the cache ends at prompt + new_tokens - 1 tokens."""
-    import torch
-
     keyword, options = forward_options(model)
     with torch.inference_mode():
         sync()
@@ -261,8 +213,6 @@ class CudaPeak:
 
 def run_with_cuda_peak(model, input_ids, new_tokens: int, sync, cuda: bool):
     """(the run, its CudaPeak or None). Resets CUDA's peak statistics: see kv_cache_phase."""
-    import torch
-
     if not cuda:
         return greedy_generate(model, input_ids, new_tokens, sync), None
     torch.cuda.synchronize()
@@ -333,8 +283,6 @@ def time_generation(
 ) -> GenerationTimings:
     """Every batch size's generation speed, under the machine's timing lock (warm-up included,
     as in evaluate.timed_passes_of). prompts: prompt_token_ids's, at least the largest batch."""
-    import torch
-
     settings.check(model_max_positions(model))
     if any(len(prompt) != settings.prompt_length for prompt in prompts):
         raise ValueError(f"every prompt must hold prompt_length ({settings.prompt_length}) tokens")

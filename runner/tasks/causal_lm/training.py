@@ -15,17 +15,16 @@ labels its own tokens, shifted by one inside the model: a block of C tokens trai
 predictions. The fine-tuned model is cached by finetune.py like a classification model; the block
 length is part of its key.
 
-torch and transformers are imported inside the functions: the driver imports this module without
-them.
+Runs where the fine-tune runs (resolved through the task's worker): transformers is imported here.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
+import copy
 
-from runner.tasks import perplexity
+from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+
+from runner.tasks.causal_lm import perplexity
 
 
 def token_stream(tokenizer, documents: list[str]) -> list[int]:
@@ -39,28 +38,28 @@ def cut_blocks(stream: list[int], block_tokens: int) -> list[list[int]]:
     return [stream[start : start + block_tokens] for start in range(0, whole, block_tokens)]
 
 
-def block_tokens(task_settings) -> int:
+def block_tokens(config) -> int:
     """The length of a training block: the tokens a perplexity window reads."""
-    return task_settings.perplexity.context
+    return config.perplexity.context
 
 
-def training_blocks(tokenizer, task) -> list[list[int]]:
-    """task: the FinetuneTask. Its documents as blocks; raises ValueError, saying why, when they
-    do not fill one."""
-    length = block_tokens(task.task_settings)
-    stream = token_stream(tokenizer, task.texts)
+def training_blocks(tokenizer, work) -> list[list[int]]:
+    """work: the fine-tune's work item. Its documents as blocks; raises ValueError, saying why,
+    when they do not fill one."""
+    length = block_tokens(work.task_config)
+    stream = token_stream(tokenizer, work.texts)
     blocks = cut_blocks(stream, length)
     if not blocks:
         raise ValueError(
-            f"the {len(task.texts)} training documents hold {len(stream)} tokens with their "
+            f"the {len(work.texts)} training documents hold {len(stream)} tokens with their "
             f"prefixes, fewer than one training block of {length} tokens (perplexity.context); "
             "allowed: training data of at least one block (more documents, or a shorter context)"
         )
     return blocks
 
 
-def training_rows(tokenizer, task) -> list[dict]:
-    return [{"input_ids": block} for block in training_blocks(tokenizer, task)]
+def training_rows(tokenizer, work) -> list[dict]:
+    return [{"input_ids": block} for block in training_blocks(tokenizer, work)]
 
 
 def data_collator(tokenizer):
@@ -69,48 +68,19 @@ def data_collator(tokenizer):
     copy, as the saved tokenizer must stay as it was. Labels equal to the pad id are not trained:
     where the pad is also the prefix token (GPT-2's, Qwen's EOS) the prefix goes unpredicted,
     which perplexity never scores either."""
-    import copy
-
-    from transformers import DataCollatorForLanguageModeling
-
     if tokenizer.pad_token is None:
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.bos_token
     return DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
 
-def finetune_model(base_dir: str, label_names: list[str]):
-    """The prepared model as it is, in FP32: a causal LM has no head to add (label_names is
-    empty)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-
-
-def describe_training(task) -> str:
-    """task: the FinetuneTask. "9662 documents, 1234 blocks of 64 tokens" (its tokenizer is read
-    from the base model's folder; tokenizing a few thousand documents takes well under a second)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(task.base_dir)
-    blocks = cut_blocks(token_stream(tokenizer, task.texts), block_tokens(task.task_settings))
+def describe_training(work) -> str:
+    """work: the fine-tune's work item. "9662 documents, 1234 blocks of 64 tokens" (its tokenizer
+    is read from the base model's folder; tokenizing a few thousand documents takes well under a
+    second)."""
+    tokenizer = AutoTokenizer.from_pretrained(work.model_dir)
+    blocks = cut_blocks(token_stream(tokenizer, work.texts), block_tokens(work.task_config))
     return (
-        f"{len(task.texts)} documents, {len(blocks)} blocks of "
-        f"{block_tokens(task.task_settings)} tokens"
+        f"{len(work.texts)} documents, {len(blocks)} blocks of "
+        f"{block_tokens(work.task_config)} tokens"
     )
-
-
-def chance_loss(task) -> tuple[float, str]:
-    """A uniform guess over the vocabulary: ln of its size (the model's config.json)."""
-    config = json.loads((Path(task.base_dir) / "config.json").read_text(encoding="utf-8"))
-    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    if not isinstance(size, int) or size < 2:
-        return 0.0, "ln 1"
-    return math.log(size), f"ln {size} (the vocabulary)"
-
-
-def training_settings(task_settings) -> dict:
-    """What of the task's settings the training depends on: the block length (the stride, the KL
-    and generation settings change no weight)."""
-    return {"block_tokens": block_tokens(task_settings)}

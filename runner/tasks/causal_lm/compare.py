@@ -16,16 +16,16 @@ from typing import Required, TypedDict
 
 import numpy as np
 
-from runner import effects
 from runner.records import Record
 from runner.schema import Result
-from runner.tasks.comparison import (
+from runner.tasks import statistics
+from runner.tasks.task import (
     BOOTSTRAP,
     NOISE_MARK,
     Check,
     Compared,
-    Comparison,
     Row,
+    Tolerance,
     metric,
     sample_note,
 )
@@ -181,7 +181,7 @@ def greedy_agreement(variant: list[list[int]] | None, baseline: list[list[int]] 
 
 def _against_baseline(mine: dict, theirs: dict) -> dict:
     tokens = np.asarray(theirs["tokens"], dtype=np.float64)
-    perplexity = effects.paired_bootstrap_perplexity(
+    perplexity = statistics.paired_bootstrap_perplexity(
         tokens, theirs["nll"], mine["nll"], **BOOTSTRAP
     )
     per_token = (np.asarray(mine["nll"]) - np.asarray(theirs["nll"])) / tokens
@@ -198,17 +198,22 @@ def _against_baseline(mine: dict, theirs: dict) -> dict:
 # The tolerances only a causal LM measures, the verdict's pick, and the within-noise mark.
 
 
-CHECKS = {
-    "min_agreement": Check(
-        "greedy agreement", lambda r, s, b: s["agreement"], "{:.4f}", against_baseline=True
-    ),
-    "max_perplexity_increase": Check(
+MIN_GREEDY_AGREEMENT = Tolerance(
+    "min_agreement",
+    "share of samples predicted as the baseline predicts them",
+    Check("greedy agreement", lambda r, s, b: s["agreement"], "{:.4f}", against_baseline=True),
+    at_most=1.0,
+)
+MAX_PERPLEXITY_INCREASE = Tolerance(
+    "max_perplexity_increase",
+    "perplexity above the baseline's, as a fraction (0.05 = 5% higher)",
+    Check(
         "perplexity increase",
         lambda r, s, b: s["perplexity_increase"],
         "{:.4f}",
         against_baseline=True,
     ),
-}
+)
 
 
 def fastest_decode(result: Result) -> tuple:
@@ -222,14 +227,4 @@ NOISE_RULE = (
     f"{NOISE_MARK} within noise: the {BOOTSTRAP['confidence']:.0%} paired-bootstrap interval of "
     f"the perplexity delta ({BOOTSTRAP['n_resamples']} resamples of the windows, each side's "
     "perplexity recomputed token-weighted) contains 0; a delta without the mark is beyond noise"
-)
-
-COMPARISON = Comparison(
-    rows=ROWS,
-    compare=compare,
-    checks=CHECKS,
-    best_rule="fastest decode among passing: most decode tokens/s at the first batch size",
-    best_key=fastest_decode,
-    noise_rule=NOISE_RULE,
-    plots=("perplexity-decode", "nll-delta"),
 )

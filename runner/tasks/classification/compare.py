@@ -11,17 +11,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runner import effects
 from runner.records import Record
 from runner.schema import Result
-from runner.tasks.comparison import (
+from runner.tasks import statistics
+from runner.tasks.classification import effects
+from runner.tasks.task import (
     ALPHA,
     BOOTSTRAP,
     NOISE_MARK,
     Check,
     Compared,
-    Comparison,
     Row,
+    Tolerance,
     metric,
     sample_note,
 )
@@ -200,9 +201,9 @@ def _against_baseline(paired: dict, is_baseline: bool) -> dict:
 
 
 def _significance(gold: np.ndarray, base: np.ndarray, var: np.ndarray) -> dict:
-    accuracy = effects.paired_bootstrap_delta(gold, base, var, "accuracy", **BOOTSTRAP)
-    f1 = effects.paired_bootstrap_delta(gold, base, var, "macro_f1", **BOOTSTRAP)
-    mcnemar = effects.mcnemar_exact(gold, base, var, ALPHA)
+    accuracy = statistics.paired_bootstrap_delta(gold, base, var, "accuracy", **BOOTSTRAP)
+    f1 = statistics.paired_bootstrap_delta(gold, base, var, "macro_f1", **BOOTSTRAP)
+    mcnemar = statistics.mcnemar_exact(gold, base, var, ALPHA)
     return {
         "accuracy": accuracy,
         "macro_f1": f1,
@@ -226,12 +227,17 @@ def _accuracy_drop(result: Result, stats: dict, base: Result | None) -> float | 
     return base.metrics.value("accuracy") - result.metrics.value("accuracy")
 
 
-CHECKS = {
-    "max_accuracy_drop": Check("accuracy drop", _accuracy_drop, "{:.4f}", against_baseline=True),
-    "min_agreement": Check(
-        "agreement", lambda r, s, b: s["agreement"], "{:.4f}", against_baseline=True
-    ),
-}
+MAX_ACCURACY_DROP = Tolerance(
+    "max_accuracy_drop",
+    "accuracy points below the baseline, as a fraction (0.01 = one point)",
+    Check("accuracy drop", _accuracy_drop, "{:.4f}", against_baseline=True),
+)
+MIN_AGREEMENT = Tolerance(
+    "min_agreement",
+    "share of samples predicted as the baseline predicts them",
+    Check("agreement", lambda r, s, b: s["agreement"], "{:.4f}", against_baseline=True),
+    at_most=1.0,
+)
 
 NOISE_RULE = (
     f"{NOISE_MARK} within noise: the {BOOTSTRAP['confidence']:.0%} paired-bootstrap interval "
@@ -240,13 +246,4 @@ NOISE_RULE = (
     "accuracy, McNemar's "
     f"exact test on the paired predictions gives p ≥ {ALPHA:g}; a delta without the mark is "
     "beyond noise"
-)
-
-COMPARISON = Comparison(
-    rows=ROWS,
-    compare=compare,
-    checks=CHECKS,
-    best_rule="fastest median latency among passing",
-    noise_rule=NOISE_RULE,
-    plots=("accuracy-latency", "reliability", "confusion"),
 )

@@ -1,0 +1,133 @@
+"""Causal language modelling: documents in, the next token's distribution out, at every position.
+
+A sample is one rolling window of a document; the metrics are token-weighted over every document:
+perplexity, bits per byte, the mean NLL. After the timed passes, outside their clocks, the model is
+measured twice more: the KL of its next-token distributions from the FP32 model's, per window, and
+greedy generation with the KV cache at the job's batch sizes, the cache as its own memory phase.
+
+The job's own fields are `perplexity:` (context, stride, kl_top_k) and `generation:`
+(config.py); the plan resolves the context against the model's position table. This module is the
+declaration, torch-free; worker.py runs on the model, compare.py is collect's part and plots.py
+the report's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from runner.schema import Metrics
+from runner.spec import SpecError
+from runner.tasks.causal_lm import compare, config
+from runner.tasks.task import EVERY_TASK_TOLERANCES, Metric, Targets, Task
+
+
+class CausalLM(Task):
+    name = "causal-lm"
+    model_class = "AutoModelForCausalLM"
+    architectures = ("ForCausalLM", "LMHeadModel")  # LlamaForCausalLM, GPT2LMHeadModel
+    model_words = "a causal language model"
+    no_model_class = (
+        "transformers has no causal-LM class for this model type; e.g. llama, gpt2, qwen2, mistral"
+    )
+    labelled = False
+    job_fields = ("perplexity", "generation")
+    metrics = (
+        Metric("perplexity", float, higher_is_better=False),
+        Metric("bits_per_byte", float, higher_is_better=False),
+        Metric("mean_nll", float, higher_is_better=False),  # nats per scored token
+        Metric("scored_tokens", int),
+        # Mean KL(FP32 || variant) per scored token, nats, over FP32's top-k tokens and one bin
+        # for the rest of the vocabulary (a lower bound of the full KL).
+        Metric("kl_vs_fp32", float, higher_is_better=False),
+        # Greedy generation with the KV cache, at the first of the job's batch sizes; generation
+        # holds every batch size (runner/tasks/causal_lm/generation.py).
+        Metric("time_to_first_token_ms", float, higher_is_better=False),
+        Metric("decode_tokens_per_s", float, higher_is_better=True),
+        Metric("generation", dict),
+    )
+    predictions = compare.WindowPredictions
+    tolerances = (
+        compare.MIN_GREEDY_AGREEMENT,
+        *EVERY_TASK_TOLERANCES,
+        compare.MAX_PERPLEXITY_INCREASE,
+    )
+    rows = compare.ROWS
+    best_rule = "fastest decode among passing: most decode tokens/s at the first batch size"
+    noise_rule = compare.NOISE_RULE
+    untrained = "its perplexity is an untrained model's"
+    worker_side = "runner.tasks.causal_lm.worker:CausalLMWorker"
+    plots = "runner.tasks.causal_lm.plots:PLOTS"
+
+    def read_config(self, top) -> config.CausalLMSettings:
+        return config.read_settings(top)
+
+    def plan(self, spec, job, model_config: dict, rows, examples, train) -> Targets:
+        """Its tokenizer can prefix a document, the vocabulary fits, the sample has text, the
+        windows fit the model."""
+        tokenizer_source = spec.tokenizer or spec.model
+        field = "tokenizer" if spec.tokenizer else "model"
+        config.check_prefix_token(tokenizer_source, job, field)
+        config.check_vocabulary_fits(model_config, tokenizer_source, job, field)
+        if not any(e.text.strip() for e in examples):
+            raise SpecError(
+                job,
+                f"{spec.dataset.field}.text_column",
+                spec.dataset.text_column,
+                f"every one of the {len(examples)} documents of the evaluation sample is empty: "
+                "there is no token to score; name the column that holds the text",
+            )
+        settings = config.resolved(spec.task_settings, model_config, job)
+        return Targets(settings, plan_notes(settings))
+
+    def recorded(self, settings: config.CausalLMSettings) -> dict:
+        return asdict(settings)
+
+    def headline(self, metrics: Metrics) -> str:
+        """A causal LM's perplexity and decode speed."""
+        decode = metrics.value("decode_tokens_per_s")
+        speed = f"  decode {decode:.1f} tokens/s" if decode is not None else ""
+        return f"perplexity {metrics.value('perplexity'):.4g}{speed}"
+
+    def key_metric(self, metrics: Metrics) -> tuple[str, float | None, int]:
+        return "perplexity", metrics.value("perplexity"), 2
+
+    def compare(self, result, baseline):
+        return compare.compare(result, baseline)
+
+    def best_key(self, result) -> tuple:
+        return compare.fastest_decode(result)
+
+    def study_tolerance(self, tolerances: dict[str, float]) -> dict[str, float | None]:
+        """Greedy agreement with FP32: a causal LM's verdict judges no accuracy."""
+        return {"min_agreement": tolerances.get("min_agreement")}
+
+    def training_settings(self, settings: config.CausalLMSettings) -> dict:
+        """The block length (the stride, the KL and generation settings change no weight)."""
+        return {"block_tokens": settings.perplexity.context}
+
+    def chance_loss(self, work) -> tuple[float, str]:
+        """A uniform guess over the vocabulary: ln of its size (the model's config.json)."""
+        saved = json.loads((Path(work.model_dir) / "config.json").read_text(encoding="utf-8"))
+        size = saved.get("vocab_size") or saved.get("text_config", {}).get("vocab_size")
+        if not isinstance(size, int) or size < 2:
+            return 0.0, "ln 1"
+        return math.log(size), f"ln {size} (the vocabulary)"
+
+
+def plan_notes(settings: config.CausalLMSettings) -> list[str]:
+    window, generation = settings.perplexity, settings.generation
+    kl = f"from FP32 over its top {window.kl_top_k} tokens" if window.kl_top_k else "not measured"
+    rolling = f"rolling windows of {window.context} tokens, stride {window.stride}"
+    notes = [f"perplexity: {rolling}; KL {kl}"]
+    if generation is not None:
+        notes.append(
+            f"generation: {generation.new_tokens} new tokens after prompts of "
+            f"{generation.prompt_length}, batch sizes {', '.join(map(str, generation.batch_sizes))}"
+        )
+    return notes
+
+
+TASK = CausalLM()

@@ -1,0 +1,232 @@
+"""A causal LM on the model: rolling windows in, each window's losses out; after the clock, the KL
+of its next-token distributions from the FP32 model's and greedy generation with the KV cache; the
+sensitivity study's view; the fine-tune's blocks.
+
+What a sample is here: one rolling window of a document (runner/tasks/causal_lm/perplexity.py has
+the convention, lm-evaluation-harness's `loglikelihood_rolling`). One forward pass reads a batch of
+windows; what it answers, per window, is a WindowLoss: the summed negative log-likelihood of its
+scored tokens and the most probable next token at each of them. Runs in the variant's own process:
+torch and transformers are imported here, at the top.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from runner import evaluate, sensitivity
+from runner.tasks import statistics
+from runner.tasks.causal_lm import generation, perplexity, training
+from runner.tasks.task import Scored, TaskWorker
+
+# FP32's most probable tokens the study's KL keeps apart when the job's kl_top_k is 0.
+STUDY_TOP_K = 32
+
+
+class WindowBatch(dict):
+    """A forward pass's inputs (the dict the model is called with) that also carries its windows
+    and the id the shorter ones are padded with, for read_output."""
+
+    windows: list[perplexity.Window]
+    padding: int
+
+
+class CausalLMWorker(TaskWorker):
+    """work.task_config: the plan's config.CausalLMSettings, resolved against the model."""
+
+    def batches(self, work) -> tuple[list[dict], list[int], dict | None]:
+        """The sample's window_batches; the fixed-shape batch of latency_mode fixed."""
+        tokenizer = load_tokenizer(work)
+        size, device = work.evaluation.batch_size, work.variant.device
+        batches = window_batches(tokenizer, work.texts, work.task_config.perplexity, size, device)
+        fixed = None
+        if work.evaluation.latency_mode == "fixed":
+            fixed = evaluate.fixed_shape_batch(tokenizer, *work.evaluation.fixed_shape, device)
+            fixed.pop("token_type_ids", None)  # a decoder takes none
+        return batches, list(range(len(batch_windows(batches)))), fixed
+
+    def read_output(self, output, batch: WindowBatch) -> list[perplexity.WindowLoss]:
+        """Each window's summed NLL, scored tokens and greedy tokens."""
+        return [
+            perplexity.score_window(output.logits[row], window, 0, None)
+            for row, window in enumerate(batch.windows)
+        ]
+
+    def non_finite(self, answers: list[perplexity.WindowLoss]) -> int:
+        return sum(not math.isfinite(loss.nll) for loss in answers)
+
+    def score(self, work, answers: list[perplexity.WindowLoss]) -> Scored:
+        """answers: each window's loss, in window order."""
+        metrics = {
+            "perplexity": perplexity.perplexity(answers),
+            "bits_per_byte": perplexity.bits_per_byte(
+                answers, perplexity.document_bytes(work.texts)
+            ),
+            "mean_nll": perplexity.mean_nll(answers),
+            "scored_tokens": perplexity.scored_tokens(answers),
+        }
+        predictions = {
+            "windows": {
+                "document": [loss.document for loss in answers],
+                "tokens": [loss.tokens for loss in answers],
+                "nll": [round(loss.nll, 6) for loss in answers],
+            },
+            "greedy": [loss.greedy_ids for loss in answers],
+        }
+        return Scored(metrics=metrics, warnings=[], predictions=predictions)
+
+    def measure_more(self, work, model, batches: list, memory, scored: Scored) -> Scored:
+        """The scored answers with the KL from FP32 (per window and its mean per token) and the
+        generation timings added."""
+        settings = work.task_config
+        metrics, predictions, warnings = dict(scored.metrics), dict(scored.predictions), []
+        if settings.perplexity.kl_top_k:
+            with memory.phase("kl"):
+                kls = window_kls(work, model, batches)
+            predictions["windows"] = {**predictions["windows"], "kl": [round(k, 8) for k in kls]}
+            metrics["kl_vs_fp32"] = math.fsum(kls) / metrics["scored_tokens"]
+        if settings.generation is not None:
+            timed, warning = generation_metrics(work, model, memory)
+            metrics.update(timed)
+            warnings += [warning] if warning else []
+        return Scored(metrics, scored.warnings + warnings, predictions)
+
+    def study_view(self, step, fp32) -> sensitivity.StudyView:
+        """A sample is a scored position: its answer is the greedy next token. FP32's top-k (for
+        the KL) is computed in every step, not handed on: it is [positions, k] ids and
+        log-probabilities."""
+        settings, device = step.task_config.perplexity, step.study.device
+        size = step.evaluation.batch_size
+        batches = window_batches(load_tokenizer(step), step.texts, settings, size, device)
+        windows, padding = batch_windows(batches), batches[0].padding
+        clock = time.perf_counter()
+        top_k = settings.kl_top_k or STUDY_TOP_K
+        reference = perplexity.window_losses(fp32, windows, device, size, padding, top_k=top_k)
+        fp32_pass_s = time.perf_counter() - clock
+        at = [loss.top_ids for loss in reference]
+
+        def outputs(model) -> list[perplexity.WindowLoss]:
+            return perplexity.window_losses(model, windows, device, size, padding, log_probs_at=at)
+
+        compare = partial(compare_tokens, windows, reference)
+        return sensitivity.StudyView(batches, outputs, compare, None, fp32_pass_s)
+
+    # Fine-tuning: every weight, at next-token prediction (runner/tasks/causal_lm/training.py).
+
+    def finetune_model(self, base_dir: str, answer_names: list[str]):
+        """The prepared model as it is, in FP32: a causal LM has no head to add."""
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+
+    def training_rows(self, tokenizer, work) -> list[dict]:
+        return training.training_rows(tokenizer, work)
+
+    def data_collator(self, tokenizer):
+        return training.data_collator(tokenizer)
+
+    def describe_training(self, work) -> str:
+        return training.describe_training(work)
+
+
+def load_tokenizer(work):
+    return AutoTokenizer.from_pretrained(work.model_dir)
+
+
+def pad_id(tokenizer) -> int:
+    """Any id pads (pads follow the real tokens, masked): the tokenizer's, else the prefix."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return perplexity.prefix_token_id(tokenizer)
+
+
+def window_batches(tokenizer, texts, settings, size: int, device) -> list[WindowBatch]:
+    """Every document's rolling windows, `size` windows to a forward pass, in window order."""
+    windows = perplexity.document_windows(tokenizer, texts, settings.context, settings.stride)
+    batches, padding = [], pad_id(tokenizer)
+    for start in range(0, len(windows), size):
+        some = windows[start : start + size]
+        batch = WindowBatch(perplexity.window_inputs(some, padding, device))
+        batch.windows, batch.padding = some, padding
+        batches.append(batch)
+    return batches
+
+
+def batch_windows(batches: list[WindowBatch]) -> list[perplexity.Window]:
+    return [window for batch in batches for window in batch.windows]
+
+
+def window_kls(work, model, batches: list[WindowBatch]) -> list[float]:
+    """KL(FP32 || variant) summed over each window's scored tokens, over FP32's top-k tokens and
+    one bin for the rest: the FP32 model is loaded on the variant's device, its top-k taken, then
+    the variant's log-probabilities read at those ids."""
+    device, size = work.variant.device, work.evaluation.batch_size
+    windows, padding = batch_windows(batches), batches[0].padding
+    reference_model = AutoModelForCausalLM.from_pretrained(work.model_dir, dtype=torch.float32)
+    reference_model = reference_model.to(device).eval()
+    top_k = work.task_config.perplexity.kl_top_k
+    reference = perplexity.window_losses(reference_model, windows, device, size, padding, top_k)
+    del reference_model
+    at = [loss.top_ids for loss in reference]
+    variant = perplexity.window_losses(model, windows, device, size, padding, log_probs_at=at)
+    return [perplexity.window_kl(ref, var) for ref, var in zip(reference, variant, strict=True)]
+
+
+def generation_metrics(work, model, memory) -> tuple[dict, str | None]:
+    """Greedy generation at every batch size, inside the kv_cache memory phase: the first batch
+    size's time to first token and decode tokens/s, and every batch size's record."""
+    settings = work.task_config.generation
+    prompts = generation.prompt_token_ids(
+        load_tokenizer(work),
+        work.texts,
+        settings.prompt_length,
+        max(settings.batch_sizes),
+        settings.seed,
+    )
+    holder = f"generating {work.job} {work.variant.id}"
+    device = work.variant.device
+    timings = generation.kv_cache_phase(memory, model, prompts, settings, device, holder)
+    first = timings.by_batch_size[settings.batch_sizes[0]]
+    record = {
+        "prompt_length": settings.prompt_length,
+        "new_tokens": settings.new_tokens,
+        "batch_sizes": list(settings.batch_sizes),
+        "warmup_runs": settings.warmup_runs,
+        "timed_runs": settings.timed_runs,
+        "seed": settings.seed,
+        "timing_lock_wait_s": timings.timing_lock_wait_s,
+        "by_batch_size": {str(b): result for b, result in timings.by_batch_size.items()},
+    }
+    metrics = {
+        "time_to_first_token_ms": first["time_to_first_token_ms"],
+        "decode_tokens_per_s": first["decode_tokens_per_s"],
+        "generation": record,
+    }
+    return metrics, timings.timing_lock_warning
+
+
+def compare_tokens(windows, reference, losses) -> dict:
+    """A model's next-token predictions against FP32's over every scored position, as a
+    classifier's study says them for labels: accuracy is next-token accuracy against the text's
+    own next token; agreement, flips, McNemar and the bootstrap are by position; mean_kl is the
+    binned KL per position (nats); with the perplexities beside them."""
+    gold = np.concatenate([window.targets for window in windows])
+    base = np.concatenate([loss.greedy_ids for loss in reference])
+    variant = np.concatenate([loss.greedy_ids for loss in losses])
+    kl = math.fsum(perplexity.window_kl(r, v) for r, v in zip(reference, losses, strict=True))
+    return {
+        "accuracy": float(np.mean(variant == gold)),
+        "accuracy_fp32": float(np.mean(base == gold)),
+        "agreement": float(np.mean(variant == base)),
+        "mean_kl": kl / len(gold),
+        "flips": int(np.sum(variant != base)),
+        "perplexity": perplexity.perplexity(losses),
+        "perplexity_fp32": perplexity.perplexity(reference),
+        "bootstrap_accuracy_delta": statistics.paired_bootstrap_delta(
+            gold, base, variant, n_resamples=sensitivity.BOOTSTRAP_RESAMPLES
+        ),
+        "mcnemar": statistics.mcnemar_exact(gold, base, variant),
+    }

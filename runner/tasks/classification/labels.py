@@ -1,0 +1,123 @@
+"""A classifier's labels at plan time: the model's label names and the dataset's values, tied by
+name through the job's label map, never by position. Any mismatch is a SpecError naming the file
+and the field; nothing has run when it is raised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner import data, model_checks
+from runner.spec import JobSpec, SpecError
+from runner.tasks.task import Targets
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A classification job's configuration, as every worker gets it: the model's label names in
+    the order of its outputs, the dataset value -> label name map, and the sample's gold label
+    names in sample order."""
+
+    names: list[str]
+    label_map: dict[str, str]
+    gold: list[str]
+
+
+def plan_targets(
+    spec: JobSpec,
+    shown: Path,
+    config: dict,
+    rows: list[data.Example],
+    examples: list[data.Example],
+    train: list[data.Example] | None,
+) -> Targets:
+    labels_of_model = model_checks.config_labels(config, shown, spec.model)
+    if spec.finetune is None:
+        model_labels = labels_of_model
+    else:
+        # Fine-tuning gives the model a new head whose labels are the names the job maps to.
+        labels = (
+            spec.dataset.label_map.values()
+            if spec.dataset.label_map
+            else sorted({e.label for e in rows})
+        )
+        model_labels = list(dict.fromkeys(labels))
+    label_map = check_labels(spec, shown, examples, model_labels)
+    if train is not None:
+        check_training_labels(shown, train, label_map)
+    notes = []
+    if len({e.label for e in examples}) == 1:
+        notes.append(
+            f"every row of the evaluation sample has the label {examples[0].label!r}: accuracy "
+            "cannot tell the model from one that always answers it"
+        )
+    gold = [label_map[e.label] for e in examples]
+    return Targets(Labels(model_labels, label_map, gold), notes)
+
+
+def check_labels(
+    spec: JobSpec, shown: Path, examples: list[data.Example], model_labels: list[str]
+) -> dict[str, str]:
+    """The dataset -> model label map, checked by name in both directions. Never by position."""
+    dataset_labels = {e.label for e in examples}
+    label_map = spec.dataset.label_map
+    if label_map is None:
+        # Without a map the dataset's values must be the model's label names themselves.
+        unknown = sorted(label for label in dataset_labels if label not in model_labels)
+        if unknown:
+            raise unknown_labels(shown, examples, dataset_labels, unknown, model_labels)
+        own = set(model_labels) if spec.finetune else set()
+        return {label: label for label in dataset_labels | own}
+    for value, name in label_map.items():
+        if name not in model_labels:
+            raise SpecError(
+                shown,
+                f"dataset.label_map.{value}",
+                name,
+                f"the model's label names are: {', '.join(model_labels)}",
+            )
+    unmapped = sorted(label for label in dataset_labels if label not in label_map)
+    if unmapped:
+        raise SpecError(
+            shown,
+            "dataset.label_map",
+            unmapped,
+            "these dataset labels have no model label (first at "
+            f"{data.first_rows_with(examples, unmapped)}); "
+            f"the map covers: {', '.join(label_map)}",
+        )
+    return label_map
+
+
+def unknown_labels(shown, examples, dataset_labels, unknown, model_labels) -> SpecError:
+    """The dataset's values are not the model's label names, and the job has no label map."""
+    advice = (
+        "add a label_map from dataset value to model label name"
+        if len(dataset_labels) <= max(10, 3 * len(model_labels))
+        else f"{len(dataset_labels)} different values look like text, not labels: check "
+        "dataset.label_column and dataset.text_column"
+    )
+    first = (
+        f" (first at {data.first_rows_with(examples, unknown[:1])})" if len(unknown) <= 10 else ""
+    )
+    return SpecError(
+        shown,
+        "dataset.label_map",
+        unknown,
+        f"the dataset's labels are not the model's label names "
+        f"({', '.join(model_labels)}){first}; {advice}",
+    )
+
+
+def check_training_labels(
+    shown: Path, train: list[data.Example], label_map: dict[str, str]
+) -> None:
+    unknown = sorted({e.label for e in train} - set(label_map))
+    if unknown:
+        raise SpecError(
+            shown,
+            "finetune.train",
+            unknown,
+            f"labels in the training data that the model does not know (first at "
+            f"{data.first_rows_with(train, unknown)}); it knows: {', '.join(label_map)}",
+        )
