@@ -354,7 +354,7 @@ def layer_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 def quantization_grid(precision: str, weight: torch.Tensor, settings=None) -> dict | None:
     """Values a precision can represent at the scale of one FP32 layer weight; None for
-    fp32/fp16/bf16. settings: the job's QuantSettings (None: the defaults), which shape some grids
+    fp32/fp16/bf16. settings: the job's flat settings (None: the defaults), which shape some grids
     (torchao's int4 group size).
 
     Returns precision, scheme, granularity (tensor | row | block | group), block_size, n_groups,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from runner import analysis, measure, models, precisions
 from runner import sensitivity as S
 from runner.precisions import PRECISIONS
-from runner.spec import EvaluationSpec, QuantSettings, SensitivitySpec
+from runner.spec import EvaluationSpec, SensitivitySpec
 from runner.tasks import DEFAULT_TASK, TASKS
 
 
@@ -39,7 +39,7 @@ class StudyStep:
     gold_labels: list[str]  # model label names, in sample order
     model_labels: list[str]  # id2label in id order
     evaluation: EvaluationSpec  # its batch size and order; no pass is timed
-    settings: QuantSettings
+    settings: dict  # every precision family's settings, flat (JobSpec.settings)
     max_length: int
     task_name: str = DEFAULT_TASK
     task_settings: object = None  # the task's own settings (a study runs classification jobs)

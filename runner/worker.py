@@ -23,7 +23,7 @@ from runner import evaluate, locks, measure, models, precisions
 from runner.layers import classify_layer
 from runner.precisions import PRECISIONS, linear_layer_kinds
 from runner.schema import SCHEMA_VERSION, Metrics, Result
-from runner.spec import EvaluationSpec, QuantSettings, Variant
+from runner.spec import EvaluationSpec, Variant
 from runner.tasks import DEFAULT_TASK, TASKS
 
 
@@ -38,7 +38,7 @@ class VariantTask:
     gold_labels: list[str]  # model label names, already mapped from the dataset's values
     model_labels: list[str]  # id2label in id order
     evaluation: EvaluationSpec
-    settings: QuantSettings
+    settings: dict  # every precision family's settings, flat (JobSpec.settings)
     max_length: int
     spec_hash: str
     spec_as_run: dict = field(default_factory=dict)
@@ -434,6 +434,6 @@ def recorded_settings(task: VariantTask, loaded_settings: dict, compiled=None) -
         "min_time_s": evaluation.min_time_s,
         "latency_mode": evaluation.latency_mode,
         "fixed_shape": evaluation.fixed_shape,
-        "quantization": asdict(task.settings),
+        "quantization": dict(task.settings),
         **(asdict(task.task_settings) if task.task_settings is not None else {}),
     }

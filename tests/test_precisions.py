@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from runner import analysis, precisions
-from runner.spec import QuantSettings
 from runner.tasks import TASKS
 
 torch.set_num_threads(1)
@@ -31,7 +30,7 @@ RELATIVE_TOLERANCE = {
     "bnb-fp4": 0.01,
 }
 # The model's layers take 64 or 128 inputs: torchao's default int4 group (128) does not fit all.
-SETTINGS = QuantSettings(torchao_int4_group_size=64)
+SETTINGS = precisions.default_settings(torchao_int4_group_size=64)
 
 
 def _save_tiny_bert(folder, hidden: int):
@@ -157,7 +156,7 @@ def test_bnb_4bit_reads_like_its_portable_kernel_on_a_32_wide_model(tmp_path, qu
 
 
 def test_settings_are_every_familys_side_by_side():
-    names = [f.name for f in fields(QuantSettings)]
+    names = list(precisions.default_settings())
     assert names == [
         "llm_int8_threshold",
         "bnb_4bit_compute_dtype",

@@ -13,12 +13,11 @@ from conftest import HARD, HARD_BERT_LABELS, build_hard_bert, build_tiny_bert, h
 from runner import precisions
 from runner import sensitivity as S
 from runner.evaluate import tokenize_batches
-from runner.spec import QuantSettings
 
 torch.set_num_threads(1)
 
 LABELS = HARD_BERT_LABELS
-SETTINGS = QuantSettings(torchao_int4_group_size=32)
+SETTINGS = precisions.default_settings(torchao_int4_group_size=32)
 
 
 def _auto_model():

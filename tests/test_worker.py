@@ -8,7 +8,8 @@ from conftest import SMSA, smsa_job, variant_json
 
 from runner import data
 from runner.plan import plan_job
-from runner.spec import EvaluationSpec, QuantSettings, Variant
+from runner.precisions import default_settings
+from runner.spec import EvaluationSpec, Variant
 from runner.worker import VariantTask
 
 TEXTS = [
@@ -40,7 +41,7 @@ def make_task(
         gold_labels=gold,
         model_labels=list(labels),
         evaluation=EvaluationSpec(**settings),
-        settings=QuantSettings(),
+        settings=default_settings(),
         max_length=32,
         spec_hash="test",
     )
@@ -161,7 +162,7 @@ def test_accuracy_is_computed_by_label_name(tiny_model_3, tmp_path):
         gold_labels=gold,
         model_labels=plan.model_labels,
         evaluation=EvaluationSpec(batch_size=8, warmup_passes=0, timed_passes=1),
-        settings=QuantSettings(),
+        settings=default_settings(),
         max_length=64,
         spec_hash="x",
     )

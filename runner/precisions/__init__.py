@@ -24,7 +24,7 @@ from __future__ import annotations
 from runner.precisions import bitsandbytes, casts, torch_ao, torchao
 from runner.precisions.common import Precision
 
-__all__ = ["DEVICES", "FAMILIES", "PRECISIONS", "Precision", "load_quantized"]
+__all__ = ["DEVICES", "FAMILIES", "PRECISIONS", "Precision", "default_settings", "load_quantized"]
 
 DEVICES = ("cpu", "cuda")
 
@@ -70,15 +70,20 @@ def load_quantized(
     return model, recorded
 
 
-def settings_fields() -> list[tuple[str, type, object]]:
-    """(name, type, default) of every family's settings, in FAMILIES order."""
+def default_settings(**values) -> dict:
+    """Every family's keys of the job's flat `settings:` with their defaults, in FAMILIES order,
+    the given values in place of theirs. Raises ValueError for a key no family reads."""
     from dataclasses import MISSING, fields
 
-    found = []
+    found = {}
     for family in FAMILIES.values():
         for f in fields(family.Settings):
             assert f.default is not MISSING, f"{family.__name__}.Settings.{f.name} needs a default"
-            found.append((f.name, f.type, f.default))
+            found[f.name] = f.default
+    unknown = sorted(set(values) - set(found))
+    if unknown:
+        raise ValueError(f"no precision family reads settings {unknown}; known: {list(found)}")
+    found.update(values)
     return found
 
 
@@ -113,8 +118,9 @@ def leaves_unquantized(precision: str, model, name: str) -> bool:
 
 
 def quantization_grid(precision: str, weight, settings=None):
-    """The precision's grid at this FP32 weight's scale; settings: the job's QuantSettings (None:
+    """The precision's grid at this FP32 weight's scale; settings: the job's flat settings (None:
     the defaults), for a grid a setting shapes (torchao's int4 group size)."""
+    settings = default_settings() if settings is None else settings
     return family_of(precision).grid(precision, weight, settings)
 
 

@@ -84,25 +84,25 @@ def _config(kind: str, settings, skip: list[str] | None = None):
     if kind == "int8":
         config = BitsAndBytesConfig(
             load_in_8bit=True,
-            llm_int8_threshold=settings.llm_int8_threshold,
+            llm_int8_threshold=settings["llm_int8_threshold"],
             llm_int8_skip_modules=skip,
         )
         return config, {
             "method": "bitsandbytes LLM.int8()",
-            "llm_int8_threshold": settings.llm_int8_threshold,
+            "llm_int8_threshold": settings["llm_int8_threshold"],
         }
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=kind,
-        bnb_4bit_compute_dtype=getattr(torch, settings.bnb_4bit_compute_dtype),
-        bnb_4bit_use_double_quant=settings.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, settings["bnb_4bit_compute_dtype"]),
+        bnb_4bit_use_double_quant=settings["bnb_4bit_use_double_quant"],
         llm_int8_skip_modules=skip,
     )
     return config, {
         "method": f"bitsandbytes 4-bit {kind}",
         "bnb_4bit_quant_type": kind,
-        "bnb_4bit_compute_dtype": settings.bnb_4bit_compute_dtype,
-        "bnb_4bit_use_double_quant": settings.bnb_4bit_use_double_quant,
+        "bnb_4bit_compute_dtype": settings["bnb_4bit_compute_dtype"],
+        "bnb_4bit_use_double_quant": settings["bnb_4bit_use_double_quant"],
     }
 
 
@@ -369,7 +369,9 @@ def extra_analysis(precision: str, reference_model, batches: list[dict], setting
 
     spread = batches[:: max(1, len(batches) // OUTLIER_BATCHES)][:OUTLIER_BATCHES]
     cpu_batches = [{k: v.cpu() for k, v in b.items()} for b in spread]
-    columns = activation_outlier_columns(reference_model, cpu_batches, settings.llm_int8_threshold)
+    columns = activation_outlier_columns(
+        reference_model, cpu_batches, settings["llm_int8_threshold"]
+    )
     return {
         "outlier_columns": {name: cols for name, cols in columns.items() if cols},
         "outlier_samples": sum(b["input_ids"].shape[0] for b in cpu_batches),

@@ -43,9 +43,9 @@ def _load_float32(model_class, model_dir, device, settings, keep=frozenset()):
 def _quantize_dynamic_int8(model, settings, keep=frozenset()):
     import torch
 
-    engine = settings.quantized_engine or torch.backends.quantized.engine
+    engine = settings["quantized_engine"] or torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
-    modules = {getattr(torch.nn, name) for name in settings.dynamic_modules}
+    modules = {getattr(torch.nn, name) for name in settings["dynamic_modules"]}
     spec = modules
     if keep:
         check_keep(model, keep, "int8-dynamic")
@@ -56,7 +56,7 @@ def _quantize_dynamic_int8(model, settings, keep=frozenset()):
     model = torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     return model, {
         "method": "torch.ao.quantization.quantize_dynamic",
-        "quantized_module_types": sorted(settings.dynamic_modules),
+        "quantized_module_types": sorted(settings["dynamic_modules"]),
         "weight_dtype": "qint8 (per-tensor symmetric)",
         "activation_dtype": "quint8 (per-tensor, dynamic, computed per batch)",
         "quantized_engine": engine,

@@ -64,7 +64,7 @@ def _config(precision: str, device: str, settings):
         PerGroup,
     )
 
-    group_size = settings.torchao_int4_group_size
+    group_size = settings["torchao_int4_group_size"]
     if precision == "torchao-int8-dynamic":
         return Int8DynamicActivationInt8WeightConfig(), "per row"
     if precision == "torchao-int8-weight":
@@ -137,7 +137,7 @@ def _quantize(precision: str):
         config, granularity = _config(precision, device, settings)
         group_size = None
         if precision == "torchao-int4-weight":
-            group_size = settings.torchao_int4_group_size
+            group_size = settings["torchao_int4_group_size"]
             check_group_size(model, group_size, keep)
             if device != "cpu":  # tinygemm takes bfloat16 weights; the layers cast their inputs
                 for name, module in model.named_modules():
@@ -260,7 +260,7 @@ def _scales_by_torchao(precision: str, weight, settings):
     layer = torch.nn.Linear(in_features, out_features, bias=False)
     with torch.no_grad():
         layer.weight.copy_(weight.to(torch.float32))
-    group_size = settings.torchao_int4_group_size
+    group_size = settings["torchao_int4_group_size"]
     if precision == "torchao-int4-weight" and in_features % group_size:
         raise ValueError(
             f"torchao-int4-weight grid: a weight of {in_features} inputs is not a whole number of "
@@ -279,7 +279,6 @@ def grid(precision: str, weight, settings=None) -> dict:
 
     from runner.analysis import layer_matrix, make_grid
 
-    settings = settings or Settings()
     w = layer_matrix(weight)
     if precision == "torchao-float8-dynamic":
         every_byte = torch.arange(256, dtype=torch.int16).to(torch.uint8)
@@ -294,7 +293,7 @@ def grid(precision: str, weight, settings=None) -> dict:
         )
     scales = _scales_by_torchao(precision, w, settings)
     if precision == "torchao-int4-weight":
-        group_size = settings.torchao_int4_group_size
+        group_size = settings["torchao_int4_group_size"]
         scheme = f"int4 symmetric, codes -8..7 times scale, per group of {group_size}"
         return make_grid(precision, scheme, "group", range(-8, 8), scales, group_size)
     scheme = "int8 symmetric, codes -128..127 times scale, per row"
