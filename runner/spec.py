@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from runner.precisions import DEVICES, PRECISIONS, default_settings, read_settings
+from runner.precisions import DEVICES, PRECISIONS, default_settings, family_of, read_settings
 
 
 class SpecError(Exception):
@@ -189,7 +189,7 @@ class JobSpec:
     evaluation: EvaluationSpec
     # Settings that change results; recorded in every result so runs can be compared: every
     # precision family's keys side by side, flat as a job writes them, in FAMILIES order
-    # (runner/precisions/).
+    # (runner/precisions/; a precision's config takes its own from them: config_for).
     settings: dict
     variants: tuple[Variant, ...]
     baseline: str
@@ -562,8 +562,8 @@ def _sensitivity(shown: Path, reader: _Reader | None) -> SensitivitySpec | None:
     device = reader.get("device", str, "cpu")
     where = reader.field("precision")
     _check_variant(shown, where, reader.field("device"), precision, device)
-    if PRECISIONS[precision].family == "casts":
-        studied = [p.name for p in PRECISIONS.values() if p.family != "casts"]
+    if not family_of(precision).quantizes_layers:
+        studied = [p.name for p in PRECISIONS.values() if family_of(p).quantizes_layers]
         raise SpecError(
             shown,
             where,

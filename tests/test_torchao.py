@@ -31,11 +31,12 @@ def skip_without_kernel(precision: str) -> None:
     """Skips, saying why, where torchao's CPU kernel for this precision cannot run here."""
     from torchao.quantization import quantize_
 
-    from runner.precisions.torchao import _config
+    from runner.precisions.torchao.worker import torchao_config
 
+    config = precisions.config_for(precisions.PRECISIONS[precision], SMALL_GROUPS)
     layer = torch.nn.Linear(64, 8)
     try:
-        quantize_(layer, _config(precision, "cpu", SMALL_GROUPS)[0])
+        quantize_(layer, torchao_config(config, "cpu"))
         layer(torch.randn(2, 64))
     except (ImportError, NotImplementedError, RuntimeError) as error:
         pytest.skip(f"{precision}: torchao's CPU kernel cannot run here: {error}")
@@ -151,9 +152,10 @@ def test_float8_grid_spans_the_layer_at_one_scale():
 def test_float8_on_an_older_gpu_fails_naming_it_and_what_it_needs(monkeypatch, tiny_model):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
-    load = precisions.PRECISIONS["torchao-float8-dynamic"].load
+    float8 = precisions.PRECISIONS["torchao-float8-dynamic"]
+    config = precisions.config_for(float8, precisions.default_settings())
     with pytest.raises(RuntimeError) as error:
-        load(None, str(tiny_model), "cuda", precisions.default_settings())
+        precisions.worker_of(float8).load(float8, config, None, str(tiny_model), "cuda")
     assert "NVIDIA A10 has 8.6" in str(error.value)
     assert "compute capability 8.9 or newer" in str(error.value)
 
