@@ -9,7 +9,8 @@ The driver (runner/study.py) sends three kinds of step, each a plain StudyStep v
 
 The FP32 model is loaded once per step; each measurement quantizes a copy of it (bitsandbytes,
 which quantizes while loading, loads again). Accuracy only: nothing here is a latency measurement.
-Like runner/worker.py this module imports no Ray.
+Like runner/worker.py this module imports no Ray, and no torch until a step runs: the driver
+imports it for StudyStep.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-from runner import analysis, measure, models
+from runner import measure, models
 from runner import sensitivity as S
 from runner.precisions import PRECISIONS, config_for, worker_of
-from runner.precisions.worker import REFERENCE, quantized_model
 from runner.spec import EvaluationSpec, SensitivitySpec
 from runner.tasks import DEFAULT_TASK, TASKS
 
@@ -99,6 +99,8 @@ def load(step: StudyStep) -> Loaded:
 def quantized(loaded: Loaded, keep: frozenset[str]):
     """The model as the precision quantizes it, every linear layer but keep: a copy of the FP32
     model quantized, or loaded again where the family quantizes while loading (bitsandbytes)."""
+    from runner.precisions.worker import quantized_model  # torch: not where the driver imports
+
     step = loaded.step
     precision = PRECISIONS[step.study.precision]
     with warnings.catch_warnings():
@@ -155,6 +157,9 @@ def probe(loaded: Loaded) -> dict:
 
 def layer_sqnr(loaded: Loaded, full_model) -> dict[str, dict]:
     """Layer -> the fully quantized model's weight and output SQNR (dB; None where no error)."""
+    from runner import analysis  # torch: not where the driver imports
+    from runner.precisions.worker import REFERENCE
+
     family = worker_of(loaded.step.study.precision)
     weights = analysis.layer_weight_errors(
         analysis.dequantized_linear_weights(loaded.fp32, REFERENCE),
