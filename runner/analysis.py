@@ -10,14 +10,15 @@ layer, ...) the value is None and the docstring says so. What the predictions di
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
+from transformers.pytorch_utils import Conv1D
 
-from runner import precisions
 from runner.layers import LAYER_TYPES, classify_layer
+from runner.precisions import PRECISIONS, config_for, default_settings, worker_of
+from runner.precisions.worker import REFERENCE, FamilyWorker
 
 __all__ = [
     "dequantized_linear_weights",
@@ -38,15 +39,18 @@ CHANGE_BINS = 256
 # --------------------------------------------------------------------------------------------------
 
 
-def dequantized_linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def dequantized_linear_weights(
+    model: torch.nn.Module, family_worker: FamilyWorker
+) -> dict[str, torch.Tensor]:
     """Float32 CPU weight, [out_features, in_features], of every linear-like layer, keyed by module
-    name: the weight the layer really computes with, as its precision family reads it back
-    (runner/precisions/: nn.Linear in any float dtype and GPT-2 Conv1D, torch dynamic-quantized
-    Linear, bitsandbytes Linear8bitLt and Linear4bit).
+    name: the weight the layer really computes with, as the variant's precision family reads it
+    back (family_worker, its FamilyWorker: nn.Linear in any float dtype and GPT-2 Conv1D for every
+    family, and its own layers: torch dynamic-quantized Linear, bitsandbytes Linear8bitLt and
+    Linear4bit, torchao tensors). An FP32 model is read with runner.precisions.worker.REFERENCE.
     """
     weights = {}
     for name, module in model.named_modules():
-        w = precisions.layer_weight(name, module)
+        w = family_worker.layer_weight(name, module)
         if w is not None:
             weights[name] = w
     return weights
@@ -164,7 +168,7 @@ def layer_output_errors(
         torch.device("cpu"),
     )
     sums: dict[str, list[float]] = {}  # layer: [signal, noise]
-    linear = precisions.linear_classes()
+    linear = REFERENCE.linear_classes()  # the reference is an FP32 model
     handles = [
         module.register_forward_hook(_compare_output(name, variant_layers[name], device, sums))
         for name, module in reference_model.named_modules()
@@ -352,20 +356,24 @@ def layer_matrix(weight: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def quantization_grid(precision: str, weight: torch.Tensor, settings=None) -> dict | None:
-    """Values a precision can represent at the scale of one FP32 layer weight; None for
-    fp32/fp16/bf16. settings: the job's QuantSettings (None: the defaults), which shape some grids
-    (torchao's int4 group size).
+def quantization_grid(
+    precision: str, weight: torch.Tensor, settings: Mapping | None = None
+) -> dict | None:
+    """Values a precision can represent at the scale of one FP32 layer weight, as its family's
+    worker draws them; None for fp32/fp16/bf16. settings: the job's flat settings (None: the
+    defaults), which shape some grids (torchao's int4 group size).
 
     Returns precision, scheme, granularity (tensor | row | block | group), block_size, n_groups,
     codes (the normalised levels), group scales (scale_min, scale_median, scale_max), and values =
     codes * scale_max: the grid of the group holding the layer's largest |w|. Other rows/blocks use
     the same codes times their own, smaller scale.
     """
-    if precision not in precisions.PRECISIONS:
-        known = list(precisions.PRECISIONS)
+    if precision not in PRECISIONS:
+        known = list(PRECISIONS)
         raise ValueError(f"no quantization grid for precision {precision!r}; known: {known}")
-    return precisions.quantization_grid(precision, weight, settings)
+    declared = PRECISIONS[precision]
+    config = config_for(declared, default_settings() if settings is None else settings)
+    return worker_of(declared).grid(declared, config, weight)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,11 +404,10 @@ def activation_outlier_columns(
 
         return hook
 
-    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             in_features = module.in_features
-        elif pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D):
+        elif isinstance(module, Conv1D):
             in_features = module.weight.shape[0]  # Conv1D stores [in, out]
         else:
             continue

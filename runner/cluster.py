@@ -24,7 +24,7 @@ import ray
 
 from runner import isolation, measure
 from runner.placement import DEVICE_RESOURCE, SLOT
-from runner.precisions import PRECISIONS
+from runner.precisions import family_of
 
 
 @dataclass
@@ -182,10 +182,9 @@ def start_embedded(temp_dir: str | None, cpu_precisions: list[str] | None) -> No
 
 
 def fork_server_imports(cpu_precisions: list[str]) -> list[str]:
-    """What these CPU precisions import beyond the fork server's own preload."""
-    return sorted(
-        {module for precision in cpu_precisions for module in PRECISIONS[precision].imports}
-    )
+    """What these CPU precisions' families import beyond the fork server's own preload: their
+    libraries and their workers (Family.preload)."""
+    return sorted({module for p in cpu_precisions for module in family_of(p).preload})
 
 
 def server_preload(also_import: list[str], node_has_gpu: bool) -> list[str]:

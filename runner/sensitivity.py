@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from runner.layers import classify_layer
-from runner.precisions.common import linear_names as linear_layers  # what is quantized
 from runner.spec import GROUPINGS, JobSpec
 from runner.tasks import TASKS
 
@@ -102,6 +101,14 @@ def plan_text(spec: JobSpec) -> str:
 # --------------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------------
+
+
+def linear_layers(model) -> list[str]:
+    """The module names of the model's nn.Linear layers, in order: what a study quantizes."""
+    # Imported here: plans and reports import this module, and must not import torch.
+    from runner.precisions.worker import linear_names
+
+    return linear_names(model)
 
 
 def study_groups(model, how: str) -> dict[str, list[str]]:

@@ -12,13 +12,13 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from runner.precisions import DEVICES, PRECISIONS, read_settings, settings_fields
+from runner.precisions import DEVICES, PRECISIONS, default_settings, family_of, read_settings
 
 
 class SpecError(Exception):
@@ -121,12 +121,6 @@ class EvaluationSpec:
     compile: bool | str = False
 
 
-# Settings that change results; recorded in every result so runs can be compared. Every precision
-# family's settings side by side, flat as a job writes them (runner/precisions/).
-QuantSettings = make_dataclass("QuantSettings", settings_fields(), frozen=True)
-QuantSettings.__module__ = __name__  # workers unpickle it from here
-
-
 @dataclass(frozen=True)
 class FinetuneSpec:
     """Train a classification head and the encoder before anything is quantized."""
@@ -193,7 +187,10 @@ class JobSpec:
     tokenizer: ModelSource | None
     dataset: DatasetSpec
     evaluation: EvaluationSpec
-    settings: QuantSettings
+    # Settings that change results; recorded in every result so runs can be compared: every
+    # precision family's keys side by side, flat as a job writes them, in FAMILIES order
+    # (runner/precisions/; a precision's config takes its own from them: config_for).
+    settings: dict
     variants: tuple[Variant, ...]
     baseline: str
     seed: int
@@ -555,8 +552,8 @@ def _sensitivity(shown: Path, reader: _Reader | None) -> SensitivitySpec | None:
     device = reader.get("device", str, "cpu")
     where = reader.field("precision")
     _check_variant(shown, where, reader.field("device"), precision, device)
-    if PRECISIONS[precision].family == "casts":
-        studied = [p.name for p in PRECISIONS.values() if p.family != "casts"]
+    if not family_of(precision).quantizes_layers:
+        studied = [p.name for p in PRECISIONS.values() if family_of(p).quantizes_layers]
         raise SpecError(
             shown,
             where,
@@ -957,9 +954,10 @@ def _latency_mode(reader: _Reader) -> tuple[str, tuple[int, int] | None]:
     return mode, tuple(shape) if shape else None
 
 
-def _settings(reader: _Reader) -> QuantSettings:
-    reader.check_keys(tuple(f.name for f in fields(QuantSettings)))
-    return QuantSettings(**read_settings(reader))
+def _settings(reader: _Reader) -> dict:
+    """Every precision family's keys of settings:, read and checked by the family."""
+    reader.check_keys(tuple(default_settings()))
+    return read_settings(reader)
 
 
 def _variants(shown: Path, top: _Reader, compile_choice: bool | str = False) -> list[Variant]:

@@ -9,12 +9,12 @@ The driver (runner/study.py) sends three kinds of step, each a plain StudyStep v
 
 The FP32 model is loaded once per step; each measurement quantizes a copy of it (bitsandbytes,
 which quantizes while loading, loads again). Accuracy only: nothing here is a latency measurement.
-Like runner/worker.py this module imports no Ray.
+Like runner/worker.py this module imports no Ray, and no torch until a step runs: the driver
+imports it for StudyStep.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 import warnings
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import transformers
 
-from runner import analysis, measure, models, precisions
+from runner import measure, models
 from runner import sensitivity as S
-from runner.precisions import PRECISIONS
-from runner.spec import EvaluationSpec, QuantSettings, SensitivitySpec
+from runner.precisions import PRECISIONS, config_for, worker_of
+from runner.spec import EvaluationSpec, SensitivitySpec
 from runner.tasks import Task
 
 
@@ -39,7 +39,7 @@ class StudyStep:
     model_dir: str
     texts: list[str]
     evaluation: EvaluationSpec  # its batch size and order; no pass is timed
-    settings: QuantSettings
+    settings: dict  # every precision family's settings, flat (JobSpec.settings)
     max_length: int
     task: Task  # the job's task: its worker says what the study measures a model by
     task_config: object = None  # the task's configuration from its plan
@@ -97,21 +97,23 @@ def load(step: StudyStep) -> Loaded:
 
 
 def quantized(loaded: Loaded, keep: frozenset[str]):
-    """The model as the precision quantizes it, every linear layer but keep."""
+    """The model as the precision quantizes it, every linear layer but keep: a copy of the FP32
+    model quantized, or loaded again where the family quantizes while loading (bitsandbytes)."""
+    from runner.precisions.worker import quantized_model  # torch: not where the driver imports
+
     step = loaded.step
     precision = PRECISIONS[step.study.precision]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice, once per measurement
-        if precision.quantize is None:  # quantized while loading (bitsandbytes): load again
-            return precisions.load_quantized(
-                precision.name,
-                loaded.model_class,
-                step.model_dir,
-                step.study.device,
-                step.settings,
-                keep,
-            )[0]
-        return precision.quantize(copy.deepcopy(loaded.fp32), step.settings, keep=keep)[0]
+        return quantized_model(
+            precision,
+            config_for(precision, step.settings),
+            loaded.model_class,
+            step.model_dir,
+            step.study.device,
+            keep,
+            fp32=loaded.fp32,
+        ).model
 
 
 def study_of(loaded: Loaded, layers: tuple[str, ...]) -> S.Study:
@@ -130,10 +132,12 @@ def probe(loaded: Loaded) -> dict:
     clock = time.perf_counter()
     full_outputs = loaded.view.outputs(full_model)
     pass_s = time.perf_counter() - clock
+    precision = PRECISIONS[loaded.step.study.precision]
+    config = config_for(precision, loaded.step.settings)
     layers = tuple(
         name
         for name in S.linear_layers(loaded.fp32)
-        if precisions.is_quantized(loaded.step.study.precision, full_model.get_submodule(name))
+        if worker_of(precision).is_quantized(config, full_model.get_submodule(name))
     )
     groups = {
         group: [name for name in names if name in layers]
@@ -153,9 +157,13 @@ def probe(loaded: Loaded) -> dict:
 
 def layer_sqnr(loaded: Loaded, full_model) -> dict[str, dict]:
     """Layer -> the fully quantized model's weight and output SQNR (dB; None where no error)."""
+    from runner import analysis  # torch: not where the driver imports
+    from runner.precisions.worker import REFERENCE
+
+    family = worker_of(loaded.step.study.precision)
     weights = analysis.layer_weight_errors(
-        analysis.dequantized_linear_weights(loaded.fp32),
-        analysis.dequantized_linear_weights(full_model),
+        analysis.dequantized_linear_weights(loaded.fp32, REFERENCE),
+        analysis.dequantized_linear_weights(full_model, family),
     )
     outputs = analysis.layer_output_errors(loaded.fp32, full_model, loaded.view.batches)
     return {

@@ -13,17 +13,17 @@ import os
 import signal
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import transformers
 
-from runner import evaluate, locks, measure, models, precisions
+from runner import evaluate, locks, measure, models
 from runner.layers import classify_layer
-from runner.precisions import PRECISIONS, linear_layer_kinds
+from runner.precisions import PRECISIONS, config_for, worker_of
 from runner.schema import SCHEMA_VERSION, Metrics, Result
-from runner.spec import EvaluationSpec, QuantSettings, Variant
+from runner.spec import EvaluationSpec, Variant
 from runner.tasks import Task
 
 
@@ -36,7 +36,7 @@ class VariantTask:
     model_dir: str
     texts: list[str]
     evaluation: EvaluationSpec
-    settings: QuantSettings
+    settings: dict  # every precision family's settings, flat (JobSpec.settings)
     max_length: int
     spec_hash: str
     task: Task  # the job's task (its declaration: the variant's process resolves its worker)
@@ -139,12 +139,16 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     import torch
 
     from runner import analysis
+    from runner.precisions.worker import REFERENCE
 
     started = time.perf_counter()
+    precision = PRECISIONS[task.variant.precision]
+    config = config_for(precision, task.settings)
+    family = worker_of(precision)  # its own layers; the FP32 reference's are plain (REFERENCE)
     reference_model = model_class(task).from_pretrained(task.model_dir, dtype=torch.float32)
     reference_model = reference_model.eval()
-    reference = analysis.dequantized_linear_weights(reference_model)
-    variant = analysis.dequantized_linear_weights(model)
+    reference = analysis.dequantized_linear_weights(reference_model, REFERENCE)
+    variant = analysis.dequantized_linear_weights(model, family)
     rows = analysis.layer_weight_errors(reference, variant)
     outputs = analysis.layer_output_errors(reference_model, model, batches)
     for row in rows:  # a layer the hooks never reached (unused by the forward) has no output
@@ -153,18 +157,14 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     for name, weight in reference.items():  # one representative layer per type: the first one met
         layer_type, _ = classify_layer(name)
         if layer_type not in grids:
-            grids[layer_type] = analysis.quantization_grid(
-                task.variant.precision, weight, task.settings
-            )
+            grids[layer_type] = family.grid(precision, config, weight)
     outcome = {
         "layers": rows,
         "summary": analysis.summarise_layer_errors(rows),
         "histograms": analysis.weight_histograms(reference),
         "grids": grids,
     }
-    outcome.update(
-        precisions.extra_analysis(task.variant.precision, reference_model, batches, task.settings)
-    )
+    outcome.update(family.extra_analysis(config, reference_model, batches))
     del reference_model
     outcome["analysis_s"] = round(time.perf_counter() - started, 3)
     return outcome
@@ -230,26 +230,26 @@ class LoadedVariant:
 
 
 def load_variant(task: VariantTask, memory: measure.MemoryPhases, threads: int) -> LoadedVariant:
+    """The model loaded and quantized in the memory phases "load" and "quantize"; its settings:
+    threads, what loading and quantizing recorded, and the classes of its linear layers."""
+    from runner.precisions.worker import quantized_model  # torch: not where the driver imports
+
     precision = PRECISIONS[task.variant.precision]
-    keep = frozenset(task.variant.keep)  # a study's mixed variant: these layers stay FP32
-    settings: dict = {"threads": threads}
-    with memory.phase("load"):
-        started = time.perf_counter()
-        model, loaded = precision.load(
-            model_class(task), task.model_dir, task.variant.device, task.settings, keep=keep
-        )
-        load_s = time.perf_counter() - started
-    settings.update(loaded)
-    with memory.phase("quantize"):
-        started = time.perf_counter()
-        if precision.quantize is not None:
-            model, quantized = precision.quantize(model, task.settings, keep=keep)
-            settings.update(quantized)
-        quantize_s = time.perf_counter() - started
-    if keep:
-        settings["kept_in_fp32"] = sorted(keep)
-    settings["linear_layers"] = linear_layer_kinds(model)
-    return LoadedVariant(model, settings, load_s, quantize_s)
+    quantized = quantized_model(
+        precision,
+        config_for(precision, task.settings),
+        model_class(task),
+        task.model_dir,
+        task.variant.device,
+        keep=frozenset(task.variant.keep),  # a study's mixed variant: these layers stay FP32
+        phase=memory.phase,
+    )
+    settings = {
+        "threads": threads,
+        **quantized.recorded,
+        "linear_layers": worker_of(precision).linear_layer_kinds(quantized.model),
+    }
+    return LoadedVariant(quantized.model, settings, quantized.load_s, quantized.quantize_s)
 
 
 # How a compiled variant runs torch.compile. dynamic None is torch's own default: the first shape
@@ -436,6 +436,6 @@ def recorded_settings(task: VariantTask, loaded_settings: dict, compiled=None) -
         "min_time_s": evaluation.min_time_s,
         "latency_mode": evaluation.latency_mode,
         "fixed_shape": evaluation.fixed_shape,
-        "quantization": asdict(task.settings),
+        "quantization": dict(task.settings),
         **task.task.recorded(task.task_config),
     }

@@ -12,7 +12,9 @@ import torch
 
 from runner import analysis as A
 from runner.layers import classify_layer
+from runner.precisions import worker_of
 from runner.precisions.bitsandbytes import FP4_CODE, NF4_CODE
+from runner.precisions.worker import REFERENCE
 from runner.tasks import statistics as E
 from runner.tasks.classification import effects
 
@@ -48,7 +50,7 @@ def test_layer_errors_match_hand_computation():
     ref = torch.nn.Sequential(_linear(torch.tensor(w).reshape(4, 4)))
     var = torch.nn.Sequential(_linear(torch.tensor(wq).reshape(4, 4)))
     rows = A.layer_weight_errors(
-        A.dequantized_linear_weights(ref), A.dequantized_linear_weights(var)
+        A.dequantized_linear_weights(ref, REFERENCE), A.dequantized_linear_weights(var, REFERENCE)
     )
     assert len(rows) == 1
     row = rows[0]
@@ -76,7 +78,7 @@ def test_layer_errors_match_hand_computation():
 
 def test_identical_layer_has_null_sqnr_and_flag():
     layer = _linear(torch.randn(3, 5))
-    weights = A.dequantized_linear_weights(torch.nn.ModuleDict({"classifier": layer}))
+    weights = A.dequantized_linear_weights(torch.nn.ModuleDict({"classifier": layer}), REFERENCE)
     (row,) = A.layer_weight_errors(weights, {k: v.clone() for k, v in weights.items()})
     assert row["identical"] is True and row["sqnr_db"] is None
     assert (
@@ -167,10 +169,11 @@ def _quantize_dynamic(model, spec, dtype):
 def test_float_cast_weights():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    ref = A.dequantized_linear_weights(model)
+    ref = A.dequantized_linear_weights(model, REFERENCE)
     assert list(ref) == ["0", "2"]
     for dtype in (torch.float16, torch.bfloat16):
-        got = A.dequantized_linear_weights(copy.deepcopy(model).to(dtype))
+        cast = worker_of({torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype])
+        got = A.dequantized_linear_weights(copy.deepcopy(model).to(dtype), cast)
         for name in ref:
             assert got[name].dtype == torch.float32
             assert torch.equal(got[name], ref[name].to(dtype).float())
@@ -181,7 +184,7 @@ def test_gpt2_conv1d_is_linear_like():
 
     torch.manual_seed(4)
     model = torch.nn.ModuleDict({"c_fc": Conv1D(6, 4)})  # 4 inputs, 6 outputs, weight stored [4, 6]
-    w = A.dequantized_linear_weights(model)["c_fc"]
+    w = A.dequantized_linear_weights(model, REFERENCE)["c_fc"]
     x = torch.randn(3, 4)
     assert w.shape == (6, 4) and torch.allclose(
         model["c_fc"](x), torch.nn.functional.linear(x, w, model["c_fc"].bias)
@@ -202,9 +205,10 @@ def test_gpt2_conv1d_is_linear_like():
 def test_int8_dynamic_per_tensor_matches_hand_quantization():
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    ref = A.dequantized_linear_weights(model)
+    ref = A.dequantized_linear_weights(model, REFERENCE)
     got = A.dequantized_linear_weights(
-        _quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.qint8)
+        _quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.qint8),
+        worker_of("int8-dynamic"),
     )
     assert list(got) == ["0", "2"]
     for name, w in ref.items():
@@ -275,11 +279,12 @@ def test_output_errors_of_an_unchanged_model_are_none():
 def test_int8_dynamic_per_channel_and_float16():
     torch.manual_seed(2)
     model = torch.nn.Sequential(torch.nn.Linear(16, 6))
-    w = A.dequantized_linear_weights(model)["0"]
+    w = A.dequantized_linear_weights(model, REFERENCE)["0"]
     spec = {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
-    got = A.dequantized_linear_weights(_quantize_dynamic(copy.deepcopy(model), spec, torch.qint8))[
-        "0"
-    ]
+    dynamic = worker_of("int8-dynamic")
+    got = A.dequantized_linear_weights(
+        _quantize_dynamic(copy.deepcopy(model), spec, torch.qint8), dynamic
+    )["0"]
     scales = w.abs().amax(dim=1).double() / 127.5
     by_torch = torch.quantize_per_channel(
         w, scales, torch.zeros(6, dtype=torch.long), 0, torch.qint8
@@ -294,11 +299,11 @@ def test_int8_dynamic_per_channel_and_float16():
     assert step[~tie].max() < 1e-4 and step[tie].max() < 1 + 1e-4
     # Per-channel must beat per-tensor here, or the scales were not per row.
     per_tensor_model = _quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.qint8)
-    per_tensor = A.dequantized_linear_weights(per_tensor_model)["0"]
+    per_tensor = A.dequantized_linear_weights(per_tensor_model, dynamic)["0"]
     assert (got - w).pow(2).sum() < (per_tensor - w).pow(2).sum()
 
     fp16 = A.dequantized_linear_weights(
-        _quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.float16)
+        _quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.float16), dynamic
     )["0"]
     assert torch.equal(fp16, w.half().float())
 
@@ -337,7 +342,7 @@ def tiny_bert(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_bert")
     transformers.BertForSequenceClassification(config).save_pretrained(path)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
-    return path, model, A.dequantized_linear_weights(model)
+    return path, model, A.dequantized_linear_weights(model, REFERENCE)
 
 
 def _load_bnb(path, **kwargs):
@@ -368,7 +373,7 @@ def test_bnb_int8_on_cpu(tiny_bert):
     model = _load_bnb(path, load_in_8bit=True)
     import bitsandbytes as bnb
 
-    got = A.dequantized_linear_weights(model)
+    got = A.dequantized_linear_weights(model, worker_of("bnb-int8"))
     assert list(got) == LINEAR_NAMES
     for name, w in got.items():
         layer = model.get_submodule(name)
@@ -412,7 +417,7 @@ def test_bnb_int8_on_cpu(tiny_bert):
         logits = model(**batch).logits
         ref_logits = fp32(**batch).logits
     assert model.classifier.weight.SCB is None and model.classifier.state.SCB is not None
-    after = A.dequantized_linear_weights(model)
+    after = A.dequantized_linear_weights(model, worker_of("bnb-int8"))
     assert all(torch.equal(after[k], got[k]) for k in got)
     assert torch.allclose(logits, ref_logits, atol=2e-3)
 
@@ -453,7 +458,7 @@ def test_bnb_4bit_on_cpu(tiny_bert, quant_type, low, high, code):
     import bitsandbytes as bnb
 
     assert list(code) == bnb.functional.get_4bit_type(quant_type, device="cpu").tolist()
-    got = A.dequantized_linear_weights(model)
+    got = A.dequantized_linear_weights(model, worker_of(f"bnb-{quant_type}"))
     assert list(got) == LINEAR_NAMES
     assert all(isinstance(model.get_submodule(n), bnb.nn.Linear4bit) for n in got)
     for name in got:
@@ -490,7 +495,7 @@ def test_bnb_4bit_cpu_packed_layout(tiny_bert):
     # [32, 64]: the packing needs N % 32 == 0 and K % 64 == 0
     name = "bert.encoder.layer.0.output.dense"
     layer = model.get_submodule(name)
-    plain = A.dequantized_linear_weights(model)[name]
+    plain = A.dequantized_linear_weights(model, worker_of("bnb-nf4"))[name]
     state = layer.weight.quant_state
     absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
 
@@ -498,7 +503,7 @@ def test_bnb_4bit_cpu_packed_layout(tiny_bert):
         layer.weight.data.clone(), copy.deepcopy(state)
     )
     layer.weight.data, layer.weight.quant_state = packed, packed_state
-    got = A.dequantized_linear_weights(model)[name]
+    got = A.dequantized_linear_weights(model, worker_of("bnb-nf4"))[name]
     assert packed_state.packing_format_for_cpu  # reading did not undo the packing
     # Same codes, but each block scaled by its absmax rounded to bf16.
     ratio = (

@@ -22,8 +22,9 @@ from conftest import RT_POLARITY, build_tiny_bert, labelled, typed, variant_json
 
 from runner import collect
 from runner.cli import main
+from runner.precisions import default_settings
 from runner.results import write_result
-from runner.spec import EvaluationSpec, QuantSettings, Variant
+from runner.spec import EvaluationSpec, Variant
 from runner.worker import VariantTask
 
 LABELS = ["negative", "positive"]
@@ -54,7 +55,7 @@ def make_task(
         texts=texts,
         **labelled(["positive", "negative"] * N_EACH, LABELS),
         evaluation=EvaluationSpec(batch_size=4, warmup_passes=1, timed_passes=10),
-        settings=QuantSettings(),
+        settings=default_settings(),
         max_length=32,
         spec_hash="test",
         spec_as_run=spec,

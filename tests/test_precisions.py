@@ -4,14 +4,13 @@ family says it does, and reads back the weights its layers really compute with."
 from __future__ import annotations
 
 import warnings
-from dataclasses import fields
 
 import pytest
 import torch
 import transformers
 
 from runner import analysis, precisions
-from runner.spec import QuantSettings
+from runner.precisions.worker import REFERENCE, quantized_model
 
 torch.set_num_threads(1)
 
@@ -31,7 +30,7 @@ RELATIVE_TOLERANCE = {
     "bnb-fp4": 0.01,
 }
 # The model's layers take 64 or 128 inputs: torchao's default int4 group (128) does not fit all.
-SETTINGS = QuantSettings(torchao_int4_group_size=64)
+SETTINGS = precisions.default_settings(torchao_int4_group_size=64)
 
 
 def _save_tiny_bert(folder, hidden: int):
@@ -65,10 +64,13 @@ def _load(precision: str, folder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notice
         model_class = transformers.AutoModelForSequenceClassification
-        model, _ = spec.load(model_class, str(folder), "cpu", SETTINGS)
-        if spec.quantize is not None:
-            model, _ = spec.quantize(model, SETTINGS)
+        config = precisions.config_for(spec, SETTINGS)
+        model = quantized_model(spec, config, model_class, str(folder), "cpu").model
     return model
+
+
+def _config(precision: str):
+    return precisions.config_for(precisions.PRECISIONS[precision], SETTINGS)
 
 
 def _batch():
@@ -94,15 +96,16 @@ def test_precision_runs_quantizes_and_reads_back(tiny_bert_64, precision):
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
 
     # Read after a forward, as the worker does: bnb may have repacked its layers by now.
-    weights = analysis.dequantized_linear_weights(model)
+    family = precisions.worker_of(precision)
+    weights = analysis.dequantized_linear_weights(model, family)
     assert len(weights) == 14  # 6 per encoder layer, pooler, classifier
-    assert sum(precisions.linear_layer_kinds(model).values()) == 14
+    assert sum(family.linear_layer_kinds(model).values()) == 14
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2))
     for name, weight in weights.items():
         layer = model.get_submodule(name)
-        if precisions.leaves_unquantized(precision, model, name):
+        if family.leaves_unquantized(model, name):
             continue
-        assert precisions.is_quantized(precision, layer), (precision, name, type(layer))
+        assert family.is_quantized(_config(precision), layer), (precision, name, type(layer))
         inputs = x[:, : weight.shape[1]].to(_input_dtype(layer))
         with torch.inference_mode():
             out = layer(inputs).float()
@@ -123,7 +126,9 @@ def test_grid_of_every_precision(tiny_bert_64, precision):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_64)
-    weight = analysis.dequantized_linear_weights(model)["bert.encoder.layer.0.output.dense"]
+    weight = analysis.dequantized_linear_weights(model, REFERENCE)[
+        "bert.encoder.layer.0.output.dense"
+    ]
     grid = analysis.quantization_grid(precision, weight, SETTINGS)
     if precisions.PRECISIONS[precision].family == "casts":
         assert grid is None
@@ -145,7 +150,8 @@ def test_bnb_4bit_reads_like_its_portable_kernel_on_a_32_wide_model(tmp_path, qu
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
     model = _load(f"bnb-{quant_type}", _save_tiny_bert(tmp_path, 32))
-    for name, weight in analysis.dequantized_linear_weights(model).items():
+    family = precisions.worker_of(f"bnb-{quant_type}")
+    for name, weight in analysis.dequantized_linear_weights(model, family).items():
         state = model.get_submodule(name).weight.quant_state
         data = model.get_submodule(name).weight.data.view(torch.uint8).reshape(-1)
         by_bnb = _dequantize_4bit_compute(
@@ -157,7 +163,7 @@ def test_bnb_4bit_reads_like_its_portable_kernel_on_a_32_wide_model(tmp_path, qu
 
 
 def test_settings_are_every_familys_side_by_side():
-    names = [f.name for f in fields(QuantSettings)]
+    names = list(precisions.default_settings())
     assert names == [
         "llm_int8_threshold",
         "bnb_4bit_compute_dtype",
@@ -166,9 +172,7 @@ def test_settings_are_every_familys_side_by_side():
         "quantized_engine",
         "torchao_int4_group_size",
     ]
-    assert names == [
-        f.name for family in precisions.FAMILIES.values() for f in fields(family.Settings)
-    ]
+    assert names == [key for family in precisions.FAMILIES.values() for key in family.defaults()]
     assert list(precisions.PRECISIONS) == [
         "fp32", "fp16", "bf16", "int8-dynamic", "torchao-int8-dynamic", "torchao-int8-weight",
         "torchao-int4-weight", "torchao-float8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4",

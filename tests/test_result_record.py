@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, labelled
 
 from runner import measure
+from runner.precisions import default_settings
 from runner.results import (
     is_study_file,
     load_result,
@@ -21,7 +22,7 @@ from runner.results import (
     write_result,
 )
 from runner.schema import Latency, Result
-from runner.spec import EvaluationSpec, QuantSettings, Variant
+from runner.spec import EvaluationSpec, Variant
 from runner.worker import VariantTask, base_result
 
 REFERENCE = sorted((REPO / "results" / "reference").rglob("*.json"))
@@ -59,7 +60,7 @@ def test_a_base_result_and_its_later_fields_in_the_order_a_worker_writes_them():
         texts=["a"],
         **labelled(["x"], ["x", "y"]),
         evaluation=EvaluationSpec(),
-        settings=QuantSettings(),
+        settings=default_settings(),
         max_length=8,
         spec_hash="h",
     )

@@ -1,5 +1,5 @@
 """The sensitivity study on a tiny BERT with one layer made hard to quantize, and the keep seam of
-every CPU precision family (runner/sensitivity.py, precisions.load_quantized)."""
+every CPU precision family (runner/sensitivity.py, runner.precisions.worker.quantized_model)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,30 @@ from conftest import HARD, HARD_BERT_LABELS, build_hard_bert, build_tiny_bert, h
 from runner import precisions
 from runner import sensitivity as S
 from runner.evaluate import tokenize_batches
-from runner.spec import QuantSettings
+from runner.precisions.worker import quantized_model
 from runner.tasks.classification.worker import label_study, probabilities
 
 torch.set_num_threads(1)
 
 LABELS = HARD_BERT_LABELS
-SETTINGS = QuantSettings(torchao_int4_group_size=32)
+SETTINGS = precisions.default_settings(torchao_int4_group_size=32)
 
 
 def _auto_model():
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification
+
+
+def _config(precision: str):
+    return precisions.config_for(precisions.PRECISIONS[precision], SETTINGS)
+
+
+def _load_quantized(precision: str, folder, keep) -> tuple:
+    """(model, recorded settings): the checkpoint loaded and quantized as the precision does."""
+    spec = precisions.PRECISIONS[precision]
+    loaded = quantized_model(spec, _config(precision), _auto_model(), str(folder), "cpu", keep)
+    return loaded.model, loaded.recorded
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +57,7 @@ def _study(hard_bert, precision: str = "int8-dynamic") -> tuple[S.Study, dict]:
     def evaluate(keep):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notice
-            model, _ = precisions.load_quantized(
-                precision, _auto_model(), str(folder), "cpu", SETTINGS, keep
-            )
+            model = _load_quantized(precision, folder, keep)[0]
         return probabilities(model, batches)
 
     layers = tuple(S.linear_layers(reference))
@@ -183,9 +192,11 @@ def _load(precision: str, folder, keep):
         pytest.importorskip(family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return precisions.load_quantized(
-            precision, _auto_model(), str(folder), "cpu", SETTINGS, keep
-        )
+        return _load_quantized(precision, folder, keep)
+
+
+def _is_quantized(precision: str, module) -> bool:
+    return precisions.worker_of(precision).is_quantized(_config(precision), module)
 
 
 @pytest.mark.parametrize("precision", SEAM_PRECISIONS)
@@ -193,16 +204,16 @@ def test_kept_layer_stays_float_and_others_are_quantized(deep_bert, precision):
     model, recorded = _load(precision, deep_bert, {KEPT})
     kept = model.get_submodule(KEPT)
     assert type(kept) is torch.nn.Linear and type(kept.weight) is torch.nn.Parameter
-    assert kept.weight.dtype == torch.float32 and not precisions.is_quantized(precision, kept)
+    assert kept.weight.dtype == torch.float32 and not _is_quantized(precision, kept)
     assert recorded["kept_in_fp32"] == [KEPT]
     quantized = [
         name
         for name in S.linear_layers(_auto_model().from_pretrained(deep_bert))
-        if name != KEPT and not precisions.leaves_unquantized(precision, model, name)
+        if name != KEPT and not precisions.worker_of(precision).leaves_unquantized(model, name)
     ]
     assert LOOK_ALIKE in quantized and len(quantized) >= 12 * 6 - 1
     for name in quantized:
-        assert precisions.is_quantized(precision, model.get_submodule(name)), name
+        assert _is_quantized(precision, model.get_submodule(name)), name
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([[2, 10, 11, 3]])).logits
     assert torch.isfinite(logits).all()
@@ -213,7 +224,7 @@ def test_keep_empty_quantizes_every_layer(deep_bert, precision):
     model, recorded = _load(precision, deep_bert, frozenset())
     assert "kept_in_fp32" not in recorded
     layer = model.get_submodule(KEPT)
-    assert precisions.is_quantized(precision, layer)
+    assert _is_quantized(precision, layer)
 
 
 def test_bnb_keep_leaves_the_default_skips(deep_bert):

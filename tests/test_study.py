@@ -175,7 +175,8 @@ def test_sensitivity_mistakes_exit_2_naming_the_field(
 def _step(model_dir, precision: str, **fields):
     from conftest import hard_bert_sentences
 
-    from runner.spec import EvaluationSpec, QuantSettings, SensitivitySpec
+    from runner.precisions import default_settings
+    from runner.spec import EvaluationSpec, SensitivitySpec
     from runner.study_worker import StudyStep
 
     texts, gold = hard_bert_sentences()
@@ -188,7 +189,7 @@ def _step(model_dir, precision: str, **fields):
         texts=texts[::4],
         **labelled([labels[g] for g in gold[::4]], labels),
         evaluation=EvaluationSpec(batch_size=8, threads=1),
-        settings=QuantSettings(torchao_int4_group_size=32),
+        settings=default_settings(torchao_int4_group_size=32),
         max_length=32,
         **fields,
     )

@@ -13,7 +13,6 @@ from conftest import check_refused, rt_job, variant_json
 from test_worker import TEXTS, make_task
 
 from runner import analysis, precisions
-from runner.spec import QuantSettings
 
 pytest.importorskip("torchao")
 
@@ -24,7 +23,7 @@ TENSOR_CLASS = {
     "torchao-int4-weight": "IntxUnpackedToInt8Tensor",
 }
 # The tiny model's layers take 32 or 64 inputs: torchao's default int4 group (128) fits none.
-SMALL_GROUPS = QuantSettings(torchao_int4_group_size=32)
+SMALL_GROUPS = precisions.default_settings(torchao_int4_group_size=32)
 QUERY = "bert.encoder.layer.0.attention.self.query"
 
 
@@ -32,11 +31,12 @@ def skip_without_kernel(precision: str) -> None:
     """Skips, saying why, where torchao's CPU kernel for this precision cannot run here."""
     from torchao.quantization import quantize_
 
-    from runner.precisions.torchao import _config
+    from runner.precisions.torchao.worker import torchao_config
 
+    config = precisions.config_for(precisions.PRECISIONS[precision], SMALL_GROUPS)
     layer = torch.nn.Linear(64, 8)
     try:
-        quantize_(layer, _config(precision, "cpu", SMALL_GROUPS)[0])
+        quantize_(layer, torchao_config(config, "cpu"))
         layer(torch.randn(2, 64))
     except (ImportError, NotImplementedError, RuntimeError) as error:
         pytest.skip(f"{precision}: torchao's CPU kernel cannot run here: {error}")
@@ -113,7 +113,7 @@ def test_int8_layer_sqnr_matches_an_independent_per_row_quantization(results, ti
 def test_int4_group_size_setting_sets_the_grid_groups():
     weight = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
     for group_size in (32, 64, 128):
-        settings = QuantSettings(torchao_int4_group_size=group_size)
+        settings = precisions.default_settings(torchao_int4_group_size=group_size)
         grid = analysis.quantization_grid("torchao-int4-weight", weight, settings)
         assert (grid["granularity"], grid["block_size"]) == ("group", group_size)
         assert grid["n_groups"] == 16 * 128 // group_size
@@ -125,7 +125,9 @@ def test_int4_group_size_setting_sets_the_grid_groups():
 
 def test_a_group_size_that_does_not_divide_a_layer_fails_naming_it(tiny_model):
     skip_without_kernel("torchao-int4-weight")
-    result = variant_json(torchao_task(tiny_model, "torchao-int4-weight", QuantSettings()))
+    result = variant_json(
+        torchao_task(tiny_model, "torchao-int4-weight", precisions.default_settings())
+    )
     assert result["status"] == "failed"
     assert f"layer '{QUERY}' has in_features 32" in result["error"], result["error"]
     assert "torchao_int4_group_size 128" in result["error"]
@@ -150,9 +152,10 @@ def test_float8_grid_spans_the_layer_at_one_scale():
 def test_float8_on_an_older_gpu_fails_naming_it_and_what_it_needs(monkeypatch, tiny_model):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
-    load = precisions.PRECISIONS["torchao-float8-dynamic"].load
+    float8 = precisions.PRECISIONS["torchao-float8-dynamic"]
+    config = precisions.config_for(float8, precisions.default_settings())
     with pytest.raises(RuntimeError) as error:
-        load(None, str(tiny_model), "cuda", QuantSettings())
+        precisions.worker_of(float8).load(float8, config, None, str(tiny_model), "cuda")
     assert "NVIDIA A10 has 8.6" in str(error.value)
     assert "compute capability 8.9 or newer" in str(error.value)
 

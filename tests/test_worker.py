@@ -8,7 +8,8 @@ from conftest import SMSA, labelled, smsa_job, variant_json
 
 from runner import data
 from runner.plan import plan_job
-from runner.spec import EvaluationSpec, QuantSettings, Variant
+from runner.precisions import default_settings
+from runner.spec import EvaluationSpec, Variant
 from runner.worker import VariantTask
 
 TEXTS = [
@@ -39,7 +40,7 @@ def make_task(
         texts=TEXTS,
         **labelled(gold, list(labels)),
         evaluation=EvaluationSpec(**settings),
-        settings=QuantSettings(),
+        settings=default_settings(),
         max_length=32,
         spec_hash="test",
     )
@@ -159,7 +160,7 @@ def test_accuracy_is_computed_by_label_name(tiny_model_3, tmp_path):
         texts=[e.text for e in plan.examples],
         **labelled(gold, plan.targets.config.names),
         evaluation=EvaluationSpec(batch_size=8, warmup_passes=0, timed_passes=1),
-        settings=QuantSettings(),
+        settings=default_settings(),
         max_length=64,
         spec_hash="x",
     )

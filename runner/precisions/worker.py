@@ -1,0 +1,210 @@
+"""The family protocol, as a worker runs it: `FamilyWorker`, whose defaults are a plain FP32
+model's, and the one load-and-quantize every caller uses (`quantized_model`).
+
+A family's `worker.py` subclasses FamilyWorker and overrides only what differs; the methods take
+the precision's declaration (runner.precisions.Precision) and its config (the frozen dataclass of
+the settings it reads) and dispatch on the config's type. This module imports torch and
+transformers at its top: it is imported on workers only, never by the driver.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from runner.precisions import Precision, worker_of
+
+# --------------------------------------------------------------------------------------------------
+# What every family shares
+# --------------------------------------------------------------------------------------------------
+
+
+def load_as(dtype_name: str, model_class, model_dir, device):
+    """The checkpoint loaded straight into dtype_name (a cast variant never holds an FP32 copy it
+    drops), on the device, in eval mode; and what to record of it."""
+    model = model_class.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
+    return model.to(device).eval(), {"dtype": dtype_name}
+
+
+def as_cpu_float(t: torch.Tensor) -> torch.Tensor:
+    """A weight as float32 on the CPU: what every family's read-back weights are."""
+    return t.detach().to(device="cpu", dtype=torch.float32)
+
+
+def linear_names(model) -> list[str]:
+    """The module names of the model's nn.Linear layers (bnb's layers subclass it), in order."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def check_keep(model, keep: frozenset[str], precision: str) -> None:
+    """Every name to keep in FP32 must be a linear layer of the model. Raises ValueError."""
+    linears = linear_names(model)
+    unknown = sorted(set(keep) - set(linears))
+    if unknown:
+        shown = ", ".join(linears[:4]) + (", ..." if len(linears) > 4 else "")
+        raise ValueError(
+            f"{precision}: cannot keep {unknown} in FP32: not linear layers of the model; "
+            f"its {len(linears)} linear layers are named like {shown}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------------------
+
+
+class FamilyWorker:
+    """What a family does on the worker. The defaults are a plain FP32 model's: loaded in FP32,
+    nothing quantized, nn.Linear and GPT-2 Conv1D layers read as stored, no grid, no extra
+    analysis. The weight analysis reads the FP32 reference with this class itself (REFERENCE)."""
+
+    # True where loading already quantizes (bitsandbytes through transformers, the casts' dtype):
+    # a study then loads again for each measurement instead of quantizing a copy of its FP32 model.
+    quantizes_while_loading = False
+
+    def load(
+        self, precision: Precision, config, model_class, model_dir, device, keep=frozenset()
+    ) -> tuple[Any, dict]:
+        """The saved checkpoint through the task's transformers class (weights at their final
+        dtype), on the device, in eval mode; and what to record of it. keep: module names of linear
+        layers to leave in FP32 (a sensitivity study's mixed model). Raises ValueError for a kept
+        name that is not a linear layer."""
+        model, recorded = load_as("float32", model_class, model_dir, device)
+        check_keep(model, keep, precision.name)
+        return model, recorded
+
+    def quantize(
+        self, model, precision: Precision, config, keep=frozenset(), calibration=None
+    ) -> tuple[Any, dict]:
+        """The model quantized, but the layers in keep; and what to record of it. calibration: a
+        list of batches for a method that calibrates on data (None: none given)."""
+        return model, {}
+
+    def linear_classes(self) -> tuple[type, ...]:
+        """The layer classes its models compute a linear layer with (counted in a result's
+        settings.linear_layers)."""
+        return (torch.nn.Linear,)
+
+    def layer_weight(self, name: str, module) -> torch.Tensor | None:
+        """The float32 CPU weight, [out, in], one of its layers really computes with (dequantized);
+        None for a module that is no linear layer."""
+        if isinstance(module, torch.nn.Linear):
+            return as_cpu_float(module.weight)
+        if isinstance(module, Conv1D):
+            # GPT-2 style Conv1D stores [in, out]; transpose to nn.Linear's [out, in].
+            return as_cpu_float(module.weight).T.contiguous()
+        return None
+
+    def is_quantized(self, config, module) -> bool:
+        """Whether this layer holds its weight as the precision does: a plain FP32 model quantizes
+        nothing."""
+        return False
+
+    def leaves_unquantized(self, model, name: str) -> bool:
+        """Whether the family keeps this linear layer out of quantization by design."""
+        return False
+
+    def grid(self, precision: Precision, config, weight: torch.Tensor) -> dict | None:
+        """The values it can represent at this FP32 weight's scale (runner.analysis.make_grid);
+        None where there is none to draw (a float format)."""
+        return None
+
+    def extra_analysis(self, config, reference_model, batches: list[dict]) -> dict:
+        """What it analyses beyond the weight errors, on the FP32 model and evaluation batches."""
+        return {}
+
+    def linear_layer_kinds(self, model) -> dict[str, int]:
+        """How many linear layers of each class the model computes with: shows what was really
+        quantized. A layer that computes with a tensor subclass (torchao's) names it too:
+        "torch.nn.modules.linear.Linear[torchao.quantization.Int8Tensor]"."""
+        classes = self.linear_classes()
+        counts: dict[str, int] = {}
+        for module in model.modules():
+            if isinstance(module, classes):
+                name = _class_name(type(module))
+                weight_class = _tensor_subclass(getattr(module, "weight", None))
+                if weight_class is not None:
+                    name += f"[{_class_name(weight_class)}]"
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+# How the FP32 reference's weights are read.
+REFERENCE = FamilyWorker()
+
+
+def _class_name(cls: type) -> str:
+    return cls.__module__ + "." + cls.__name__
+
+
+def _tensor_subclass(weight) -> type | None:
+    """The weight's class where it is a tensor subclass that does its own matmul; None for a plain
+    tensor or a Parameter subclass (bnb's Int8Params, Params4bit: their layer class says it)."""
+    kind = type(weight)
+    if not isinstance(weight, torch.Tensor) or kind is torch.Tensor:
+        return None
+    return None if issubclass(kind, torch.nn.Parameter) else kind
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and quantizing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Quantized:
+    """The model as the precision computes with it, what loading and quantizing recorded, and how
+    long each took."""
+
+    model: Any
+    recorded: dict
+    load_s: float
+    quantize_s: float
+
+
+def _no_phase(name: str) -> AbstractContextManager:
+    return nullcontext()
+
+
+def quantized_model(
+    precision: Precision,
+    config,
+    model_class,
+    model_dir,
+    device: str,
+    keep=frozenset(),
+    calibration: list | None = None,
+    phase: Callable[[str], AbstractContextManager] = _no_phase,
+    fp32=None,
+) -> Quantized:
+    """The checkpoint loaded and quantized as the precision does, every linear layer but those
+    named in keep (full module names, kept as FP32 nn.Linear). phase(name): a context manager
+    around the "load" and "quantize" steps (the worker's memory phases). fp32: the FP32 model
+    already loaded (a study's), quantized as a copy instead of loading again, unless the family
+    quantizes while loading. Raises ValueError for a kept name that is not a linear layer, or a
+    cast (fp16, bf16) asked to keep."""
+    keep = frozenset(keep)
+    with phase("load"):
+        started = time.perf_counter()
+        family = worker_of(precision)  # its library is imported here, as loading needs it
+        if fp32 is None or family.quantizes_while_loading:
+            model, recorded = family.load(precision, config, model_class, model_dir, device, keep)
+        else:
+            model, recorded = copy.deepcopy(fp32), {}
+            check_keep(model, keep, precision.name)
+        load_s = time.perf_counter() - started
+    with phase("quantize"):
+        started = time.perf_counter()
+        model, quantized = family.quantize(model, precision, config, keep, calibration)
+        quantize_s = time.perf_counter() - started
+    recorded.update(quantized)
+    if keep:
+        recorded["kept_in_fp32"] = sorted(keep)
+    return Quantized(model, recorded, load_s, quantize_s)
