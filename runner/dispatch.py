@@ -5,7 +5,7 @@ its device's resource and the node's one `quantbench_slot`, which every variant 
 runs, so timed variants on one node never overlap. A variant that no node can run ends `skipped`
 after a bounded wait; one whose process dies ends `failed`; either way the others go on. On a
 worker, a CPU variant is forked from the fork server (runner/isolation.py); a CUDA variant runs in
-its fresh worker. The fine-tune stage is one such task, on a GPU worker when the cluster has one.
+its fresh worker. The fine-tune stage is one such work, on a GPU worker when the cluster has one.
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from runner.cluster import (
     local_gpu_count,
     server_preload,
 )
-from runner.finetune import FinetuneTask, run_finetune
 from runner.placement import can_run, requirements, why_no_node
+from runner.references import resolve
 from runner.schema import Result
-from runner.study_worker import StudyStep, run_step
-from runner.worker import VariantTask, base_result, run_variant_in_own_process
+from runner.work import FinetuneWork, StudyWork, VariantWork, Work, base_result
 
 
 def task_options(device: str) -> dict:
@@ -67,32 +66,30 @@ def wait_for_capable_node(device: str, timeout_s: float) -> str | None:
     return why_no_node(device, nodes, timeout_s)
 
 
-def _execute(task: VariantTask, archive: list, also_import: list[str]) -> Result:
-    """Runs on a worker. The variant gets a process of its own, so memory peaks and CUDA state never
-    leak: a CPU variant one forked from this machine's warm fork server, a CUDA variant this worker
-    itself, which is fresh (max_calls=1)."""
-    task.model_dir = _model_on_this_node(task.model_dir, archive)
-    result = _in_a_process_of_its_own(
-        task.variant.device, run_variant_in_own_process, task, also_import
-    )
-    context = ray.get_runtime_context()
-    result.environment["ray"] = {
-        "node_id": context.get_node_id(),
+def _on_node(work: Work, archive: list, also_import: list[str]):
+    """Runs on a worker node: the work's model here, then the work in a process of its own (the
+    function its class names), so memory peaks and CUDA state never leak: on the CPU one forked
+    from this machine's warm fork server, on CUDA this worker itself, which is fresh (max_calls=1).
+    Returns what the work returned and where it ran."""
+    work.model_dir = _model_on_this_node(work.model_dir, archive)
+    outcome = _in_a_process_of_its_own(work.device, resolve(work.runs), work, also_import)
+    node = {
+        "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
         "worker_pid": os.getpid(),
     }
-    return result
+    return outcome, node
 
 
-def _in_a_process_of_its_own(device: str, function: Callable, task, also_import: list[str]):
-    """function(task) on this worker, in a process of its own. On the CPU: forked from the fork
+def _in_a_process_of_its_own(device: str, function: Callable, work: Work, also_import: list[str]):
+    """function(work) on this worker, in a process of its own. On the CPU: forked from the fork
     server that `quantbench run` started beside its embedded cluster, else from this worker's own,
-    which later CPU tasks on this worker find warm. On CUDA: this worker itself, which is fresh
+    which later CPU calls on this worker find warm. On CUDA: this worker itself, which is fresh
     (max_calls=1), since a CUDA context cannot cross a fork."""
     if device != "cpu":
-        return function(task)
+        return function(work)
     return isolation.run_in_fresh_process(
-        function, task, also_import=server_preload(also_import, _node_has_gpu())
+        function, work, also_import=server_preload(also_import, _node_has_gpu())
     )
 
 
@@ -102,12 +99,29 @@ def _node_has_gpu() -> bool:  # asked once per worker: it may run nvidia-smi
 
 
 def _remote_per_device(function: Callable) -> dict:
-    """A CPU worker is kept for the next task (with its fork server, if it started one); a CUDA
+    """A CPU worker is kept for the next call (with its fork server, if it started one); a CUDA
     worker is fresh each time."""
     return {
         "cpu": ray.remote(max_calls=0, max_retries=0)(function),
         "cuda": ray.remote(max_calls=1, max_retries=0)(function),
     }
+
+
+_remote_on_node = _remote_per_device(_on_node)
+
+
+def _submit_one(work: Work, archive: list, also_import: list[str]):
+    """Hands one piece of work to Ray, asking for a node of its device; its ref."""
+    remote = _remote_on_node[work.device].options(**task_options(work.device))
+    return remote.remote(work, archive, also_import)
+
+
+def shipped_model(cluster: Cluster, model_dir: Path | None) -> list:
+    """How the prepared model reaches the nodes: [] where they share this machine's disk (an
+    embedded cluster), else its folder's archive in Ray's object store, put once for every call."""
+    if cluster.embedded or model_dir is None:
+        return []
+    return [ray.put(models.archive_folder(Path(model_dir)))]
 
 
 def _model_on_this_node(model_dir: str, archive: list) -> str:
@@ -121,23 +135,20 @@ def _model_on_this_node(model_dir: str, archive: list) -> str:
     return str(models.unpack_archive(key, ray.get(archive[0])))
 
 
-_remote_execute = _remote_per_device(_execute)
-
-
 # How often the driver looks at the cluster's nodes while variants wait in Ray's queue: a node may
 # leave (its raylet killed) with variants queued for it, and Ray would keep them queued forever.
 NODE_CHECK_S = 5.0
 
 
 def run_variants(
-    tasks: list[VariantTask],
+    items: list[VariantWork],
     cluster: Cluster,
     on_result: Callable[[Result], None],
     placement_timeout_s: float | None = None,
     model_dir: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> list[Result]:
-    """Run every task where it can run; call on_result as each result arrives; return them all.
+    """Run every variant where it can run; call on_result as each result arrives; return them all.
 
     A device no node can run, at the start or later (its node died), gets placement_timeout_s for a
     node to come: its variants wait in Ray's queue meanwhile, while the others run, then end
@@ -145,13 +156,13 @@ def run_variants(
     placement_timeout_s = default_placement_timeout(cluster, placement_timeout_s)
     results = []
 
-    def finish(task: VariantTask, result: Result) -> None:
+    def finish(work: VariantWork, result: Result) -> None:
         if result.ended_at is None:  # a base_result: skipped, or failed before it ended
             result.ended_at = measure.now()
         results.append(result)
         on_result(result)
 
-    pending = _submit(tasks, cluster, model_dir, placement_timeout_s, finish)
+    pending = _submit(items, cluster, model_dir, placement_timeout_s, finish)
     deadlines = {}
     while pending:
         _check_placement(pending, deadlines, placement_timeout_s, say, finish)
@@ -160,13 +171,13 @@ def run_variants(
         next_look = min([NODE_CHECK_S, *(d - time.monotonic() for d in deadlines.values())])
         done = _wait_for_one(list(pending), max(0.0, next_look))
         if done:
-            task = pending.pop(done[0])
-            finish(task, _result_of(done[0], task))
+            work = pending.pop(done[0])
+            finish(work, _result_of(done[0], work))
     return results
 
 
 def _submit(
-    tasks: list[VariantTask],
+    items: list[VariantWork],
     cluster: Cluster,
     model_dir: Path | None,
     placement_timeout_s: float,
@@ -174,33 +185,30 @@ def _submit(
 ) -> dict:
     """Hand every task to Ray; {its ref: task}. Without a wait for nodes, a task no node can run
     ends `skipped` at once."""
-    archive = []
-    if not cluster.embedded and model_dir is not None:
-        # Nodes may not share this machine's disk: the prepared model travels through the object
-        # store.
-        archive = [ray.put(models.archive_folder(model_dir))]
+    archive = shipped_model(cluster, model_dir)
     also_import = fork_server_imports(
-        [t.variant.precision for t in tasks if t.variant.device == "cpu"]
+        [t.variant.precision for t in items if t.variant.device == "cpu"]
     )
     pending = {}
     nodes = alive_nodes()
-    for task in tasks:
-        device = task.variant.device
+    for work in items:
+        device = work.variant.device
         if placement_timeout_s <= 0 and not can_run(nodes, device):
             finish(
-                task, base_result(task, "skipped", why_no_node(device, nodes, placement_timeout_s))
+                work, base_result(work, "skipped", why_no_node(device, nodes, placement_timeout_s))
             )
             continue
-        remote = _remote_execute[device].options(**task_options(device))
-        pending[remote.remote(task, archive, also_import)] = task
+        pending[_submit_one(work, archive, also_import)] = work
     return pending
 
 
-def _result_of(ref, task: VariantTask) -> Result:
+def _result_of(ref, work: VariantWork) -> Result:
     try:
-        return ray.get(ref)
-    except Exception as error:  # the worker process or its node died, or the task could not start
-        return base_result(task, "failed", _short_error(error))
+        result, node = ray.get(ref)
+    except Exception as error:  # the worker process or its node died, or it could not start
+        return base_result(work, "failed", _short_error(error))
+    result.environment["ray"] = node
+    return result
 
 
 def _check_placement(
@@ -210,7 +218,7 @@ def _check_placement(
     are cancelled and end `skipped`, saying why."""
     nodes = alive_nodes()
     now = time.monotonic()
-    for device in dict.fromkeys(task.variant.device for task in pending.values()):
+    for device in dict.fromkeys(work.variant.device for work in pending.values()):
         if can_run(nodes, device):
             deadlines.pop(
                 device, None
@@ -224,10 +232,10 @@ def _check_placement(
             )
         if now >= deadlines.get(device, now):
             deadlines.pop(device, None)
-            for ref, task in [(r, t) for r, t in pending.items() if t.variant.device == device]:
+            for ref, work in [(r, t) for r, t in pending.items() if t.variant.device == device]:
                 ray.cancel(ref, force=True)
                 del pending[ref]
-                finish(task, base_result(task, "skipped", why_no_node(device, nodes, timeout_s)))
+                finish(work, base_result(work, "skipped", why_no_node(device, nodes, timeout_s)))
 
 
 # ray.wait returns for no signal (ray.get looks for one every second,
@@ -259,27 +267,11 @@ def _short_error(error: Exception) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The fine-tune stage: one task, on a GPU worker when the cluster has one.
-
-
-def _finetune_on_worker(
-    task: FinetuneTask, archive: list, send_back: bool, device: str, also_import: list[str]
-) -> dict:
-    task.model_dir = _model_on_this_node(task.model_dir, archive)
-    # Like a CPU variant, a CPU fine-tune is forked from the fork server: the variants that follow
-    # find it warm (one import of torch and transformers per run, not two).
-    info = _in_a_process_of_its_own(device, run_finetune, task, also_import)
-    info["node_ip"], info["worker_pid"] = ray.util.get_node_ip_address(), os.getpid()
-    if send_back:  # the driver's machine may not share this node's disk
-        info["archive"] = models.archive_folder(Path(info["folder"]))
-    return info
-
-
-_remote_finetune = _remote_per_device(_finetune_on_worker)
+# The fine-tune stage: one call, on a GPU worker when the cluster has one.
 
 
 def finetune(
-    task: FinetuneTask,
+    work: FinetuneWork,
     cluster: Cluster,
     placement_timeout_s: float | None = None,
     precisions: list[str] = (),
@@ -293,36 +285,28 @@ def finetune(
     reason = wait_for_capable_node(device, placement_timeout_s)
     if reason:
         raise RuntimeError(f"cannot fine-tune: {reason}")
-    archive = [] if cluster.embedded else [ray.put(models.archive_folder(Path(task.model_dir)))]
+    # Like a CPU variant, a CPU fine-tune is forked from the fork server: the variants that follow
+    # find it warm (one import of torch and transformers per run, not two).
+    work.device, work.send_back = device, not cluster.embedded
+    archive = shipped_model(cluster, Path(work.model_dir))
     try:
-        info = ray.get(
-            _remote_finetune[device]
-            .options(**task_options(device))
-            .remote(task, archive, not cluster.embedded, device, fork_server_imports(precisions))
-        )
+        info, node = ray.get(_submit_one(work, archive, fork_server_imports(precisions)))
     except ray.exceptions.RayTaskError as error:
         raise RuntimeError(_short_error(error)) from None
+    info["node_ip"], info["worker_pid"] = node["node_ip"], node["worker_pid"]
     if "archive" in info:
-        models.unpack_archive(task.key, info.pop("archive"))
-    info["folder"] = str(models.cached_model(task.key))
+        models.unpack_archive(work.key, info.pop("archive"))
+    info["folder"] = str(models.cached_model(work.key))
     return info
 
 
 # ---------------------------------------------------------------------------------------------
-# A sensitivity study's steps: tasks like variants (the node's slot held, so they never overlap a
+# A sensitivity study's steps: calls like variants (the node's slot held, so they never overlap a
 # timed variant), each in a process of its own.
 
 
-def _study_step_on_worker(step: StudyStep, archive: list, also_import: list[str]) -> dict:
-    step.model_dir = _model_on_this_node(step.model_dir, archive)
-    return _in_a_process_of_its_own(step.study.device, run_step, step, also_import)
-
-
-_remote_study_step = _remote_per_device(_study_step_on_worker)
-
-
 def run_study_steps(
-    steps: list[StudyStep],
+    steps: list[StudyWork],
     cluster: Cluster,
     model_dir: Path,
     placement_timeout_s: float | None = None,
@@ -333,15 +317,14 @@ def run_study_steps(
     reason = wait_for_capable_node(device, default_placement_timeout(cluster, placement_timeout_s))
     if reason:
         raise RuntimeError(f"cannot run the sensitivity study: {reason}")
-    archive = [] if cluster.embedded else [ray.put(models.archive_folder(model_dir))]
+    archive = shipped_model(cluster, model_dir)
     also_import = fork_server_imports([steps[0].study.precision] if device == "cpu" else [])
-    remote = _remote_study_step[device].options(**task_options(device))
-    refs = [remote.remote(step, archive, also_import) for step in steps]
+    refs = [_submit_one(step, archive, also_import) for step in steps]
     outcomes = []
     for ref in refs:
         _wait_for_one([ref], None)  # in slices, so that Ctrl-C is heard
         try:
-            outcomes.append(ray.get(ref))
+            outcomes.append(ray.get(ref)[0])
         except Exception as error:  # the step raised, or its process or node died
             raise RuntimeError(f"a sensitivity step failed: {_short_error(error)}") from None
     return outcomes

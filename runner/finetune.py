@@ -1,6 +1,6 @@
 """Fine-tuning: train the model on a training split before anything is quantized, once, cached.
 
-What is trained is the task's (runner/tasks): a classification task gives the encoder a new head
+What is trained is the work's (runner/tasks): a classification work gives the encoder a new head
 and trains both on labelled rows; a causal LM trains every weight at next-token prediction on
 blocks of text (runner/tasks/lm_training.py). Each Task says how its rows are made and batched.
 
@@ -18,26 +18,12 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
+from pathlib import Path
 
 from runner import measure, models
 from runner.spec import FinetuneSpec
-from runner.tasks import Task
-
-
-@dataclass
-class FinetuneTask:
-    key: str  # the cache key of the fine-tuned model
-    model_dir: str  # the prepared base checkpoint it trains
-    base_key: str
-    texts: list[str]
-    labels: list[str]  # each text's answer (a classifier's label name); [] for a causal LM
-    label_names: list[str]  # the fine-tuned head's id2label, in id order
-    settings: FinetuneSpec
-    max_length: int
-    task: Task  # the job's task: its worker makes the model, the rows and the collator
-    task_config: Any = None  # the task's configuration from its plan (a causal LM's context)
+from runner.work import FinetuneWork
 
 
 def chance_note(train_loss: float | None, chance: tuple[float, str]) -> str:
@@ -53,9 +39,9 @@ def chance_note(train_loss: float | None, chance: tuple[float, str]) -> str:
     )
 
 
-def training_settings(task: FinetuneTask) -> dict:
-    """The part of the task's configuration the training depends on ({} for most tasks)."""
-    return task.task.training_settings(task.task_config)
+def training_settings(work: FinetuneWork) -> dict:
+    """The part of the work's configuration the training depends on ({} for most tasks)."""
+    return work.task.training_settings(work.task_config)
 
 
 def finetune_key(
@@ -82,37 +68,40 @@ def finetune_key(
     return digest.hexdigest()[:20]
 
 
-def run_finetune(task: FinetuneTask) -> dict:
-    """Train and save into the cache. Returns what was done, for the results and the run's
-    output."""
-    existing = models.cached_model(task.key)
-    if existing is not None:
-        return models.cached_info(existing)
+def run_finetune(work: FinetuneWork) -> dict:
+    """Train and save into the cache (or find it there). Returns what was done, for the results
+    and the run's output, with the folder's archive where the driver may not share this disk."""
+    existing = models.cached_model(work.key)
+    info = models.cached_info(existing) if existing is not None else trained(work)
+    if work.send_back:
+        info["archive"] = models.archive_folder(Path(info["folder"]))
+    return info
 
+
+def trained(work: FinetuneWork) -> dict:
+    """Train the model and save it into the cache."""
     import torch
     from transformers import AutoTokenizer, set_seed
 
     models.quiet_libraries()
     started = time.perf_counter()
-    torch.set_num_threads(
-        measure.available_cpus()
-    )  # Ray's one thread per task would halve the speed
-    set_seed(task.settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(task.model_dir)
-    own = task.task.worker()
-    model = own.finetune_model(task.model_dir, task.label_names)
-    rows = own.training_rows(tokenizer, task)
-    outcome = train(model, rows, own.data_collator(tokenizer), task.settings)
+    torch.set_num_threads(measure.available_cpus())  # Ray's one thread per call would halve it
+    set_seed(work.finetune.seed)
+    tokenizer = AutoTokenizer.from_pretrained(work.model_dir)
+    own = work.task.worker()
+    model = own.finetune_model(work.model_dir, work.label_names)
+    rows = own.training_rows(tokenizer, work)
+    outcome = train(model, rows, own.data_collator(tokenizer), work.finetune)
     model.eval()
     info = {
-        "key": task.key,
-        "base": task.base_key,
-        "label_names": task.label_names,
-        "train_rows": len(task.texts),
-        "settings": {k: v for k, v in asdict(task.settings).items() if k != "train"},
-        "max_length": task.max_length,
-        **({"task_settings": training_settings(task)} if training_settings(task) else {}),
-        "trained_on": own.describe_training(task),
+        "key": work.key,
+        "base": work.base_key,
+        "label_names": work.label_names,
+        "train_rows": len(work.texts),
+        "settings": {k: v for k, v in asdict(work.finetune).items() if k != "train"},
+        "max_length": work.max_length,
+        **({"task_settings": training_settings(work)} if training_settings(work) else {}),
+        "trained_on": own.describe_training(work),
         "train_loss": round(float(outcome.training_loss), 6),
         "train_s": round(time.perf_counter() - started, 2),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -120,7 +109,7 @@ def run_finetune(task: FinetuneTask) -> dict:
         "newly_initialised": [],
     }
     folder = models.save_folder(
-        task.key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
+        work.key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
     )
     return {**info, "cached": False, "folder": str(folder)}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from runner import data, measure, model_checks, models
 from runner.placement import where_it_runs
-from runner.sensitivity import plan_text
 from runner.spec import JobSpec, SampleSpec, SpecError, load_job
+from runner.study.ranking import plan_text
 from runner.tasks import DEFAULT_TASK, TASKS, Targets, Task, task_of_model
 
 

@@ -23,8 +23,9 @@ from markupsafe import Markup
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from runner import collect, report_study
+from runner import collect
 from runner.layers import LAYER_TYPES
+from runner.references import resolve
 from runner.report_figures import (
     TYPE_COLOURS,
     FigureFiles,
@@ -38,7 +39,7 @@ from runner.report_figures import (
 )
 from runner.schema import Result
 from runner.spec import COMPILED_SUFFIX
-from runner.tasks.task import resolve
+from runner.study import report as report_study
 
 # ---------------------------------------------------------------------------------------------
 # Plots: one function each, JobTable -> Figure | None.

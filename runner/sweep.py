@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import cluster as ray_cluster
-from runner import collect, dispatch, folders, interrupt, locks, measure, models, results, study
+from runner import collect, dispatch, folders, interrupt, locks, measure, models, results
 from runner.cluster import Cluster
-from runner.finetune import FinetuneTask, chance_note, finetune_key, training_settings
+from runner.finetune import chance_note, finetune_key, training_settings
 from runner.plan import JobPlan
 from runner.schema import Result
 from runner.spec import SpecError, Variant
+from runner.study import stage as study
 from runner.tasks import DEFAULT_TASK, TASKS, Task
-from runner.worker import VariantTask, base_result
+from runner.work import FinetuneWork, VariantWork, base_result
 
 
 @dataclass
@@ -67,14 +68,14 @@ class SweepReport:
         )
 
 
-def build_tasks(
+def variant_work(
     plan: JobPlan,
     model_dir: Path,
     model_info: dict,
     skip: set[str],
     variants: list[Variant] | None = None,
-) -> list[VariantTask]:
-    """A task per repeat of each variant (the job's, or those given) not in skip."""
+) -> list[VariantWork]:
+    """A work item per repeat of each variant (the job's, or those given) not in skip."""
     spec = plan.spec
     sample = {
         "rows": len(plan.examples),
@@ -84,7 +85,7 @@ def build_tasks(
     }
     inputs = plan.worker_inputs()  # the sample's lists, built once for every variant
     return [
-        VariantTask(
+        VariantWork(
             **inputs,
             variant=variant,
             model_dir=str(model_dir),
@@ -362,12 +363,12 @@ def run_variants(
     sweep: Sweep, plan: JobPlan, model_dir: Path, model_info: dict, variants: list[Variant] | None
 ) -> None:
     """The job's variants left to run (or those given), their results written as they come."""
-    tasks = build_tasks(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]), variants)
-    if not tasks:
+    items = variant_work(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]), variants)
+    if not items:
         return
-    progress = JobProgress(sweep, plan.spec.evaluation.repeats, len(tasks))
+    progress = JobProgress(sweep, plan.spec.evaluation.repeats, len(items))
     job_results = dispatch.run_variants(
-        tasks,
+        items,
         sweep.cluster,
         progress.on_result,
         placement_timeout_s=sweep.placement_timeout_s,
@@ -382,8 +383,8 @@ def write_fine_tune_failure(
 ) -> None:
     """Every variant left to run ends `failed`, saying why the fine-tune failed."""
     why = f"fine-tune failed: {type(error).__name__}: {error}"
-    tasks = build_tasks(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]))
-    failed = [base_result(task, "failed", why) for task in tasks if task.repeat == 0]
+    items = variant_work(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]))
+    failed = [base_result(work, "failed", why) for work in items if work.repeat == 0]
     for number, result in enumerate(failed, start=1):
         result.ended_at = measure.now()
         sweep.say(progress_line(number, len(failed), write_and_read_back(sweep, result)))
@@ -396,7 +397,7 @@ class JobProgress:
 
     sweep: Sweep
     repeats: int
-    tasks: int  # one per repeat of each variant
+    items: int  # one per repeat of each variant
     runs: dict[str, list[Result]] = field(default_factory=dict)  # variant -> its results so far
     done: set[str] = field(default_factory=set)
     written: int = 0
@@ -411,7 +412,7 @@ class JobProgress:
         self.done.add(variant)
         merged = write_and_read_back(self.sweep, merge_repeats(self.runs[variant]))
         self.written += 1
-        self.sweep.say(progress_line(self.written, self.tasks // self.repeats, merged))
+        self.sweep.say(progress_line(self.written, self.items // self.repeats, merged))
 
 
 def write_and_read_back(sweep: Sweep, result: Result) -> Result:
@@ -485,12 +486,12 @@ def fine_tuned_model(
     say,
     placement_timeout_s: float | None = None,
 ) -> tuple[Path, dict]:
-    """The job's fine-tuned FP32 model: from the cache, or trained now as a Ray task."""
+    """The job's fine-tuned FP32 model: from the cache, or trained now on a node of the cluster."""
     spec = plan.spec
-    task = finetune_task(plan, base_dir, base_info)
-    chance = plan.task.chance_loss(task)
-    trained_on = plan.task.worker().describe_training(task)
-    cached = models.cached_model(task.key)
+    work = finetune_work(plan, base_dir, base_info)
+    chance = plan.task.chance_loss(work)
+    trained_on = plan.task.worker().describe_training(work)
+    cached = models.cached_model(work.key)
     if cached is not None:
         info = models.cached_info(cached)
         say(
@@ -505,7 +506,7 @@ def fine_tuned_model(
         f"{spec.finetune.learning_rate:g}) ..."
     )
     info = dispatch.finetune(
-        task,
+        work,
         cluster,
         placement_timeout_s,
         precisions=[v.precision for v in spec.variants if v.device == "cpu"],
@@ -524,34 +525,31 @@ def fine_tuned_info(info: dict, base_info: dict) -> dict:
     return {**info, "source": f"fine-tuned {base_info['source']}", **commit}
 
 
-def finetune_task(plan: JobPlan, base_dir: Path, base_info: dict) -> FinetuneTask:
+def finetune_work(plan: JobPlan, base_dir: Path, base_info: dict) -> FinetuneWork:
     """What the job's fine-tune trains on, keyed as its cache entry."""
     spec = plan.spec
     texts = [e.text for e in plan.train_examples]
     # A task whose answers are not labels (a causal LM) trains on text alone: no labels.
     labels, label_names = plan.task.training_labels(plan.targets.config, plan.train_examples)
-    task = FinetuneTask(
-        key="",
+    work = FinetuneWork(
+        **{**plan.worker_inputs(), "texts": texts},
         model_dir=str(base_dir),
+        key="",
         base_key=base_info["key"],
-        texts=texts,
         labels=labels,
         label_names=label_names,
-        settings=spec.finetune,
-        max_length=spec.dataset.max_length,
-        task=plan.task,
-        task_config=plan.targets.config,
+        finetune=spec.finetune,
     )
-    task.key = finetune_key(
+    work.key = finetune_key(
         base_info["key"],
         texts,
         labels,
         label_names,
         spec.finetune,
         spec.dataset.max_length,
-        training_settings(task),
+        training_settings(work),
     )
-    return task
+    return work
 
 
 def print_table(

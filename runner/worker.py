@@ -13,76 +13,35 @@ import os
 import signal
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import transformers
 
 from runner import evaluate, locks, measure, models
 from runner.layers import classify_layer
 from runner.precisions import PRECISIONS, config_for, worker_of
-from runner.schema import SCHEMA_VERSION, Metrics, Result
-from runner.spec import EvaluationSpec, Variant
-from runner.tasks import Task
+from runner.schema import Metrics, Result
+from runner.work import VariantWork, base_result
 
 
-@dataclass
-class VariantTask:
-    """Everything a worker needs, with no file to read but the prepared model folder."""
-
-    job: str
-    variant: Variant
-    model_dir: str
-    texts: list[str]
-    evaluation: EvaluationSpec
-    settings: dict  # every precision family's settings, flat (JobSpec.settings)
-    max_length: int
-    spec_hash: str
-    task: Task  # the job's task (its declaration: the variant's process resolves its worker)
-    task_config: Any = None  # the task's configuration from its plan (a classifier's labels)
-    spec_as_run: dict = field(default_factory=dict)
-    sample: dict = field(default_factory=dict)  # where the sample came from, for the record
-    model_info: dict = field(default_factory=dict)
-    repeat: int = 0  # which of the evaluation's repeats this run is
-
-
-def model_class(task: VariantTask) -> type:
-    """The transformers Auto class the task's checkpoints load as."""
-    return getattr(transformers, task.task.model_class)
+def model_class(work: VariantWork) -> type:
+    """The transformers Auto class the job's task loads its checkpoints as."""
+    return getattr(transformers, work.task.model_class)
 
 
 class NoCudaDevice(RuntimeError):
     pass
 
 
-def base_result(task: VariantTask, status: str, error: str | None = None) -> Result:
-    """The fields every result has, whatever became of the variant."""
-    return Result(
-        schema_version=SCHEMA_VERSION,
-        job=task.job,
-        variant=task.variant.id,
-        precision=task.variant.precision,
-        device=task.variant.device,
-        status=status,
-        error=error,
-        spec_hash=task.spec_hash,
-        spec=task.spec_as_run,
-        sample=task.sample,
-        model=task.model_info,
-        repeat=task.repeat,
-        started_at=measure.now(),
-    )
-
-
-def run_variant(task: VariantTask) -> Result:
+def run_variant(work: VariantWork) -> Result:
     """The variant's result (what travels back from a worker and is written)."""
     import torch
 
-    result = base_result(task, "ok")
+    result = base_result(work, "ok")
     watch = measure.Stopwatch()
     try:
-        _run(task, result, torch)
+        _run(work, result, torch)
     except Exception as error:  # the variant failed; the sweep goes on
         result.status = "failed"
         result.error = f"{type(error).__name__}: {error}"
@@ -99,26 +58,26 @@ def run_variant(task: VariantTask) -> Result:
     return result
 
 
-def run_variant_in_own_process(task: VariantTask) -> Result:
+def run_variant_in_own_process(work: VariantWork) -> Result:
     """run_variant as the dispatcher runs it, in the variant's own process. This module imports no
     Ray: a process forked to run a variant starts without importing it (0.3-0.5 s each on 2
     cores)."""
-    fault = _injected_fault(task.variant.id)
+    fault = _injected_fault(work.variant.id)
     if fault == "exit":
         os._exit(3)  # the process dies as in a segfault or an OOM kill
     if fault == "raise":
-        raise RuntimeError(f"fault injected into {task.variant.id}")
+        raise RuntimeError(f"fault injected into {work.variant.id}")
     if (
         fault == "hold"
     ):  # a variant that hangs until killed; its pid in QUANTBENCH_FAULT_DIR says it began
         if os.environ.get("QUANTBENCH_FAULT_DIR"):
-            Path(os.environ["QUANTBENCH_FAULT_DIR"], f"{task.variant.id}.pid").write_text(
+            Path(os.environ["QUANTBENCH_FAULT_DIR"], f"{work.variant.id}.pid").write_text(
                 str(os.getpid())
             )
         while True:
             signal.pause()
     models.quiet_libraries()
-    result = run_variant(task)
+    result = run_variant(work)
     result.environment["variant_pid"] = os.getpid()
     return result
 
@@ -133,7 +92,7 @@ def _injected_fault(variant_id: str) -> str | None:
     return None
 
 
-def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
+def analyse_weights(model, work: VariantWork, batches: list[dict]) -> dict:
     """Per-layer error of the weights this variant computes with, against the FP32 weights they came
     from, and of each layer's output given the FP32 layer's input."""
     import torch
@@ -142,10 +101,10 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     from runner.precisions.worker import REFERENCE
 
     started = time.perf_counter()
-    precision = PRECISIONS[task.variant.precision]
-    config = config_for(precision, task.settings)
+    precision = PRECISIONS[work.variant.precision]
+    config = config_for(precision, work.settings)
     family = worker_of(precision)  # its own layers; the FP32 reference's are plain (REFERENCE)
-    reference_model = model_class(task).from_pretrained(task.model_dir, dtype=torch.float32)
+    reference_model = model_class(work).from_pretrained(work.model_dir, dtype=torch.float32)
     reference_model = reference_model.eval()
     reference = analysis.dequantized_linear_weights(reference_model, REFERENCE)
     variant = analysis.dequantized_linear_weights(model, family)
@@ -170,52 +129,52 @@ def analyse_weights(model, task: VariantTask, batches: list[dict]) -> dict:
     return outcome
 
 
-def _run(task: VariantTask, result: Result, torch) -> None:
+def _run(work: VariantWork, result: Result, torch) -> None:
     """The variant's steps, in the order they run; each writes its part of the result."""
-    kind = task.task.worker()
-    check_device(task, torch)
-    threads = task.evaluation.threads or measure.available_cpus()
+    kind = work.task.worker()
+    check_device(work, torch)
+    threads = work.evaluation.threads or measure.available_cpus()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    memory = measure.MemoryPhases(task.variant.device)
-    loaded = load_variant(task, memory, threads)
+    memory = measure.MemoryPhases(work.variant.device)
+    loaded = load_variant(work, memory, threads)
     size_mib = measure.model_size_mib(loaded.model)
-    batches, order, fixed = kind.batches(task)
-    compiled = compile_model(task, loaded.model, batches[0] if fixed is None else fixed, memory)
+    batches, order, fixed = kind.batches(work)
+    compiled = compile_model(work, loaded.model, batches[0] if fixed is None else fixed, memory)
     with memory.phase("evaluate"):
         outputs, timings = evaluate.run_passes(
             compiled.model if compiled else loaded.model,
             batches,
-            task.variant.device,
-            task.evaluation.warmup_passes,
-            task.evaluation.timed_passes,
-            task.evaluation.min_time_s,
+            work.variant.device,
+            work.evaluation.warmup_passes,
+            work.evaluation.timed_passes,
+            work.evaluation.min_time_s,
             fixed,
-            holder=f"timing {task.job} {task.variant.id}",
+            holder=f"timing {work.job} {work.variant.id}",
             read_output=kind.read_output,
             count_graphs=compiled.count_graphs if compiled else None,
         )
     answers = evaluate.in_sample_order(outputs, order)
-    check_finite(task, kind.non_finite(answers))
-    analysis_warning = weight_analysis(loaded.model, task, batches, memory, result)
-    scored = kind.score(task, answers)
-    scored = kind.measure_more(task, loaded.model, batches, memory, scored)  # on the eager model
+    check_finite(work, kind.non_finite(answers))
+    analysis_warning = weight_analysis(loaded.model, work, batches, memory, result)
+    scored = kind.score(work, answers)
+    scored = kind.measure_more(work, loaded.model, batches, memory, scored)  # on the eager model
     result.metrics = Metrics.from_json(
         measured_metrics(size_mib, scored.metrics, timings, memory, loaded, compiled),
-        tuple(task.task.metric_hints()),
+        tuple(work.task.metric_hints()),
     )
     extra = [analysis_warning, timings.timing_lock_warning, *compile_warnings(compiled, timings)]
     extra.append(measure.noisy_warning(result.metrics.latency.to_json()))
     result.warnings = scored.warnings + [warning for warning in extra if warning]
-    result.settings = recorded_settings(task, loaded.settings, compiled)
-    result.predictions = task.task.predictions.from_json(scored.predictions)
+    result.settings = recorded_settings(work, loaded.settings, compiled)
+    result.predictions = work.task.predictions.from_json(scored.predictions)
 
 
-def check_device(task: VariantTask, torch) -> None:
-    if task.variant.device == "cuda" and not torch.cuda.is_available():
+def check_device(work: VariantWork, torch) -> None:
+    if work.variant.device == "cuda" and not torch.cuda.is_available():
         raise NoCudaDevice(
             f"no CUDA device on this node (torch {torch.__version__}, "
-            f"built with CUDA {torch.version.cuda}); {task.variant.id} needs an NVIDIA GPU"
+            f"built with CUDA {torch.version.cuda}); {work.variant.id} needs an NVIDIA GPU"
         )
 
 
@@ -229,19 +188,19 @@ class LoadedVariant:
     quantize_s: float
 
 
-def load_variant(task: VariantTask, memory: measure.MemoryPhases, threads: int) -> LoadedVariant:
+def load_variant(work: VariantWork, memory: measure.MemoryPhases, threads: int) -> LoadedVariant:
     """The model loaded and quantized in the memory phases "load" and "quantize"; its settings:
     threads, what loading and quantizing recorded, and the classes of its linear layers."""
     from runner.precisions.worker import quantized_model  # torch: not where the driver imports
 
-    precision = PRECISIONS[task.variant.precision]
+    precision = PRECISIONS[work.variant.precision]
     quantized = quantized_model(
         precision,
-        config_for(precision, task.settings),
-        model_class(task),
-        task.model_dir,
-        task.variant.device,
-        keep=frozenset(task.variant.keep),  # a study's mixed variant: these layers stay FP32
+        config_for(precision, work.settings),
+        model_class(work),
+        work.model_dir,
+        work.variant.device,
+        keep=frozenset(work.variant.keep),  # a study's mixed variant: these layers stay FP32
         phase=memory.phase,
     )
     settings = {
@@ -299,18 +258,18 @@ class CompiledModel:
         return self.counts()["graphs"]
 
 
-def compile_model(task: VariantTask, model, first_batch: dict, memory) -> CompiledModel | None:
+def compile_model(work: VariantWork, model, first_batch: dict, memory) -> CompiledModel | None:
     """torch.compile(model) and the first forward pass, which compiles it, timed as compile_s. It
     holds the machine's timing lock: compiling takes every core, and no other run's clock may run
     beside it. None for an eager variant."""
-    if not task.variant.compiled:
+    if not work.variant.compiled:
         return None
     import torch
 
     torch._dynamo.reset()  # an earlier variant's graphs in this process count towards the limit
     started = compile_counts()
-    sync = measure.synchronizer(task.variant.device)
-    holder = f"compiling {task.job} {task.variant.id}"
+    sync = measure.synchronizer(work.variant.device)
+    holder = f"compiling {work.job} {work.variant.id}"
     with memory.phase("compile"), locks.timing_lock(holder) as lock:
         clock = time.perf_counter()
         compiled = torch.compile(model, **COMPILE)
@@ -321,7 +280,7 @@ def compile_model(task: VariantTask, model, first_batch: dict, memory) -> Compil
         except Exception as error:
             raise CompileFailed(
                 f"torch.compile ({COMPILE['backend']}, mode {COMPILE['mode']}) failed on the first "
-                f"batch of {task.variant.id}: {type(error).__name__}: {error}"
+                f"batch of {work.variant.id}: {type(error).__name__}: {error}"
             ) from error
         compile_s = time.perf_counter() - clock
     first_pass = {key: n - started[key] for key, n in compile_counts().items()}
@@ -363,23 +322,23 @@ def compile_warnings(compiled: CompiledModel | None, timings) -> list[str]:
     return [warning for warning in warnings if warning]
 
 
-def check_finite(task: VariantTask, non_finite: int) -> None:
+def check_finite(work: VariantWork, non_finite: int) -> None:
     """non_finite: how many of the samples' answers hold NaN or infinity."""
     if non_finite:
         raise FloatingPointError(
-            f"{task.variant.id} produced non-finite outputs (NaN or inf) for "
-            f"{non_finite} of {len(task.texts)} samples"
+            f"{work.variant.id} produced non-finite outputs (NaN or inf) for "
+            f"{non_finite} of {len(work.texts)} samples"
         )
 
 
-def weight_analysis(model, task: VariantTask, batches, memory, result: Result) -> str | None:
+def weight_analysis(model, work: VariantWork, batches, memory, result: Result) -> str | None:
     """result.analysis, after the clock has stopped: no timed pass runs while this computes. It
     is optional: its failure is a warning (returned), never the loss of a measured variant."""
-    if not task.evaluation.weight_analysis:
+    if not work.evaluation.weight_analysis:
         return None
     with memory.phase("analysis"):
         try:
-            result.analysis = analyse_weights(model, task, batches)
+            result.analysis = analyse_weights(model, work, batches)
         except Exception as error:
             result.analysis = {"error": f"{type(error).__name__}: {error}"}
             return f"weight analysis failed: {type(error).__name__}: {error}"
@@ -421,21 +380,21 @@ def measured_metrics(
     return metrics
 
 
-def recorded_settings(task: VariantTask, loaded_settings: dict, compiled=None) -> dict:
+def recorded_settings(work: VariantWork, loaded_settings: dict, compiled=None) -> dict:
     """result["settings"]: what loading recorded, then every evaluation setting that changes
     results; "compile" (torch.compile's arguments) only for a compiled variant."""
-    evaluation = task.evaluation
+    evaluation = work.evaluation
     return {
         **loaded_settings,
         **({"compile": dict(COMPILE)} if compiled is not None else {}),
         "batch_size": evaluation.batch_size,
         "batch_order": evaluation.batch_order,
-        "max_length": task.max_length,
+        "max_length": work.max_length,
         "warmup_passes": evaluation.warmup_passes,
         "timed_passes": evaluation.timed_passes,
         "min_time_s": evaluation.min_time_s,
         "latency_mode": evaluation.latency_mode,
         "fixed_shape": evaluation.fixed_shape,
-        "quantization": dict(task.settings),
-        **task.task.recorded(task.task_config),
+        "quantization": dict(work.settings),
+        **work.task.recorded(work.task_config),
     }

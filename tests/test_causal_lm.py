@@ -23,7 +23,7 @@ from runner import locks, models
 from runner.plan import plan_job
 from runner.precisions import PRECISIONS
 from runner.spec import Variant
-from runner.sweep import build_tasks
+from runner.sweep import variant_work
 
 CONTEXT, STRIDE = 16, 8
 PROMPT, NEW_TOKENS, BATCH_SIZES = 8, 5, (1, 3)
@@ -79,7 +79,7 @@ def run_one(tmp_path, model, precision: str, device: str = "cpu") -> tuple[dict,
     job = write_job(tmp_path, lm_job(model, variants=f"[{precision}-{device}]"))
     plan = plan_job(job)
     model_dir, info = models.prepare_model(plan.spec)
-    (task,) = build_tasks(plan, model_dir, info, set(), [Variant(precision, device)])
+    (task,) = variant_work(plan, model_dir, info, set(), [Variant(precision, device)])
     return variant_json(task), plan
 
 
@@ -284,14 +284,14 @@ def test_an_inline_vocabulary_smaller_than_the_tokenizer_is_refused(capsys, tmp_
 def test_a_study_step_compares_next_tokens_position_by_position(tmp_path, llama):
     from dataclasses import replace
 
-    from runner import study_worker
     from runner.spec import SensitivitySpec
-    from runner.study_worker import StudyStep
+    from runner.study import steps as study_worker
+    from runner.work import StudyWork
 
     job = lm_job(llama) + "sensitivity: {precision: int8-dynamic, groups: type}\n"
     plan = plan_job(write_job(tmp_path, job))
     model_dir, _ = models.prepare_model(plan.spec)
-    probe = StudyStep(
+    probe = StudyWork(
         kind="probe",
         study=SensitivitySpec("int8-dynamic", "cpu", "type"),
         model_dir=str(model_dir),
@@ -322,7 +322,7 @@ def test_an_empty_text_file_is_refused_naming_it(capsys, tmp_path, llama):
 
 
 def test_a_causal_lm_study_meets_the_tolerances_its_verdict_judges(tmp_path, llama):
-    from runner import sensitivity
+    from runner.study import ranking as sensitivity
 
     job = lm_job(llama, "tolerances: {min_agreement: 0.9, max_accuracy_drop: 0.01}")
     spec = plan_job(write_job(tmp_path, job)).spec

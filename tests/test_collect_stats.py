@@ -25,7 +25,7 @@ from runner.cli import main
 from runner.precisions import default_settings
 from runner.results import write_result
 from runner.spec import EvaluationSpec, Variant
-from runner.worker import VariantTask
+from runner.work import VariantWork
 
 LABELS = ["negative", "positive"]
 N_EACH = 20
@@ -37,7 +37,7 @@ def _sentences(name: str) -> list[str]:
 
 def make_task(
     model_dir, precision: str, device: str = "cpu", tolerances: dict | None = None
-) -> VariantTask:
+) -> VariantWork:
     texts = [
         t
         for pair in zip(_sentences("rt-polarity.pos"), _sentences("rt-polarity.neg"))
@@ -48,7 +48,7 @@ def make_task(
         "baseline": "fp32-cpu",
         **({"tolerances": tolerances} if tolerances else {}),
     }
-    return VariantTask(
+    return VariantWork(
         job="tiny",
         variant=Variant(precision, device),
         model_dir=str(model_dir),

@@ -518,22 +518,22 @@ def test_a_file_that_is_no_result_is_skipped_and_named(capsys, tmp_path, command
 
 
 def test_the_schema_versions_read_include_the_one_written():
-    from runner import schema, worker
+    from runner import schema, work
 
-    assert worker.SCHEMA_VERSION in schema.READABLE_SCHEMA_VERSIONS
+    assert work.SCHEMA_VERSION in schema.READABLE_SCHEMA_VERSIONS
 
 
 def test_run_resume_names_the_files_it_skips(capsys, tmp_path, tiny_model):
     """Every variant's ok result is kept (so no cluster starts); a non-UTF-8 file beside them is
     named."""
-    from runner import sweep, worker
+    from runner import sweep, work
     from runner.plan import plan_job
     from runner.results import write_result
 
     job = write_job(tmp_path / "jobs", rt_job(tiny_model, n=8, variants="[fp32-cpu]"))
     plan = plan_job(job)
-    task = sweep.build_tasks(plan, tiny_model, {}, set())[0]
-    result = worker.base_result(task, "ok")
+    task = sweep.variant_work(plan, tiny_model, {}, set())[0]
+    result = work.base_result(task, "ok")
     result.ended_at = "now"
     write_result(tmp_path / "results", result)
     junk = tmp_path / "results" / "tiny-rt" / "copy.json"

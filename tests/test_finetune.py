@@ -15,7 +15,8 @@ from runner import finetune, models
 from runner.cli import main
 from runner.plan import plan_job
 from runner.spec import FinetuneSpec
-from runner.sweep import build_tasks, finetune_task
+from runner.sweep import finetune_work, variant_work
+from runner.work import FinetuneWork
 
 LABELS = "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}"  # the published model's order
 
@@ -96,12 +97,12 @@ def train_directly(job_path, cache, monkeypatch):
     monkeypatch.setenv("QUANTBENCH_CACHE", str(cache))
     plan = plan_job(job_path)
     base_dir, base_info = models.prepare_model(plan.spec)
-    task = finetune_task(plan, base_dir, base_info)
+    task = finetune_work(plan, base_dir, base_info)
     return plan, task, finetune.run_finetune(task)
 
 
 def accuracy_of(plan, folder, info) -> tuple[float, list[str]]:
-    task = build_tasks(plan, folder, info, skip=set())[0]
+    task = variant_work(plan, folder, info, skip=set())[0]
     result = variant_json(task)
     assert result["status"] == "ok", result["error"]
     return result["metrics"]["accuracy"], result["warnings"]
@@ -133,16 +134,14 @@ def test_the_label_guard_catches_the_published_mistake(tmp_path, smsa_base, monk
         train=None, epochs=15, learning_rate=2e-3, batch_size=16, seed=0, warmup_ratio=0.0
     )
     knows = finetune.run_finetune(
-        finetune.FinetuneTask(
-            key="knows-the-rows",
+        FinetuneWork(
+            **{**plan.worker_inputs(), "texts": texts, "max_length": 64},
             model_dir=str(smsa_base),
+            key="knows-the-rows",
             base_key="base",
-            texts=texts,
             labels=gold,
             label_names=plan.targets.config.names,
-            settings=settings,
-            max_length=64,
-            task=plan.task,
+            finetune=settings,
         )
     )["folder"]
     right, warnings = accuracy_of(plan, knows, {})

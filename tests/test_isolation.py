@@ -98,10 +98,12 @@ if __name__ == "__main__":
 def test_what_a_variants_process_runs_imports_no_ray():
     # The process unpickles the function it runs, importing its module: importing Ray there cost
     # 0.3-0.5 s before each variant (measured on 2 cores).
-    from runner import dispatch, finetune, worker
+    from runner import finetune, worker
+    from runner.references import resolve
+    from runner.work import FinetuneWork, VariantWork
 
-    assert dispatch.run_variant_in_own_process is worker.run_variant_in_own_process
-    assert dispatch.run_finetune is finetune.run_finetune
+    assert resolve(VariantWork.runs) is worker.run_variant_in_own_process
+    assert resolve(FinetuneWork.runs) is finetune.run_finetune
     code = (
         "import sys; from runner import isolation; [__import__(m) for m in isolation.PRELOAD]; "
         "from runner.worker import run_variant_in_own_process; from runner.finetune import "

@@ -16,7 +16,7 @@ from runner import finetune, models
 from runner.cli import main
 from runner.plan import plan_job
 from runner.spec import load_job
-from runner.sweep import fine_tuned_model, finetune_task
+from runner.sweep import fine_tuned_model, finetune_work
 from runner.tasks import TASKS
 from runner.tasks.causal_lm import perplexity
 from runner.tasks.causal_lm import training as lm_training
@@ -104,7 +104,7 @@ def test_training_a_tiny_llama_lowers_held_out_perplexity_and_is_cached(tmp_path
     monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
     plan = plan_job(write_job(tmp_path, lm_job(build_tiny_llama(tmp_path / "llama"))))
     base_dir, base_info = models.prepare_model(plan.spec)
-    task = finetune_task(plan, base_dir, base_info)
+    task = finetune_work(plan, base_dir, base_info)
     assert task.labels == [] and task.task_config.perplexity.context == 32
 
     info = finetune.run_finetune(task)
@@ -152,7 +152,7 @@ def test_the_block_length_is_part_of_the_cache_key(tmp_path, monkeypatch):
         text = lm_job(model).replace("{context: 32,", f"{{context: {context}, stride: {stride},")
         plan = plan_job(write_job(tmp_path, text, f"job-{context}-{stride}.yaml"))
         base_dir, base_info = models.prepare_model(plan.spec)
-        keys.append(finetune_task(plan, base_dir, base_info).key)
+        keys.append(finetune_work(plan, base_dir, base_info).key)
     assert keys[0] == keys[1] != keys[2]  # the stride changes no weight; the block length does
 
 

@@ -26,12 +26,12 @@ LOOK = """
 import json, sys
 from runner import models
 from runner.plan import plan_job
-from runner.sweep import build_tasks
-from runner.worker import base_result
+from runner.sweep import variant_work
+from runner.work import base_result
 
 plan = plan_job(sys.argv[1])
 folder, info = models.prepare_model(plan.spec)
-result = base_result(build_tasks(plan, folder, info, set())[0], "skipped")
+result = base_result(variant_work(plan, folder, info, set())[0], "skipped")
 print(json.dumps({"key": models.model_key(plan.spec), "folder": str(folder),
                   "cached": info["cached"], "model": result.model}))
 """

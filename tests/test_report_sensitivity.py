@@ -2,7 +2,7 @@
 
 The variants' results are real (run_variant on the tiny BERT: FP32 and dynamic INT8); the mixed
 variant is the INT8 result renamed, two layers kept in FP32, larger and slower, as a mixed model
-would be. The study is synthetic but shaped as runner/sensitivity.py writes it: one group per
+would be. The study is synthetic but shaped as runner/study/ranking.py writes it: one group per
 linear layer of the tiny BERT, with the INT8 result's own weight and output SQNR per layer, and
 flips that fall as SQNR rises (with one pair swapped, so the correlation is not perfect).
 """
@@ -23,9 +23,10 @@ from matplotlib.image import imread
 from scipy.stats import spearmanr
 from test_collect_stats import make_task
 
-from runner import collect, report_study
+from runner import collect
 from runner.cli import main
 from runner.results import study_path, write_json, write_result
+from runner.study import report as report_study
 from runner.tasks.classification import plots as classifier_plots
 
 MIXED = "int8-dynamic-mixed-cpu"

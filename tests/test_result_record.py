@@ -23,7 +23,7 @@ from runner.results import (
 )
 from runner.schema import Latency, Result
 from runner.spec import EvaluationSpec, Variant
-from runner.worker import VariantTask, base_result
+from runner.work import VariantWork, base_result
 
 REFERENCE = sorted((REPO / "results" / "reference").rglob("*.json"))
 SHIPPED = [path for path in REFERENCE if not is_study_file(path)]
@@ -53,7 +53,7 @@ def test_a_shipped_result_comes_back_byte_for_byte(path):
 
 
 def test_a_base_result_and_its_later_fields_in_the_order_a_worker_writes_them():
-    task = VariantTask(
+    task = VariantWork(
         job="tiny",
         variant=Variant("fp32", "cpu"),
         model_dir="unused",

@@ -1,5 +1,5 @@
 """The sensitivity study on a tiny BERT with one layer made hard to quantize, and the keep seam of
-every CPU precision family (runner/sensitivity.py, runner.precisions.worker.quantized_model)."""
+every CPU precision family (runner/study/ranking.py, runner.precisions.worker.quantized_model)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from conftest import HARD, HARD_BERT_LABELS, build_hard_bert, build_tiny_bert, hard_bert_sentences
 
 from runner import precisions
-from runner import sensitivity as S
 from runner.evaluate import tokenize_batches
 from runner.precisions.worker import quantized_model
+from runner.study import ranking as S
 from runner.tasks.classification.worker import label_study, probabilities
 
 torch.set_num_threads(1)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import HARD, build_hard_bert, check_refused, labelled, rt_job, run_cli, write_job
 
-from runner import results, study
+from runner import results
+from runner.study import stage as study
 
 STUDY = "sensitivity: {precision: int8-dynamic, device: cpu, groups: layer}"
 
@@ -177,11 +178,11 @@ def _step(model_dir, precision: str, **fields):
 
     from runner.precisions import default_settings
     from runner.spec import EvaluationSpec, SensitivitySpec
-    from runner.study_worker import StudyStep
+    from runner.work import StudyWork
 
     texts, gold = hard_bert_sentences()
     labels = ["negative", "positive"]
-    return StudyStep(
+    return StudyWork(
         kind="probe",
         job="families",
         study=SensitivitySpec(precision, "cpu", "type"),
@@ -199,7 +200,7 @@ def _step(model_dir, precision: str, **fields):
 def test_every_family_takes_part_in_a_study_its_own_way(hard_bert, precision):
     from dataclasses import replace
 
-    from runner.study_worker import run_step
+    from runner.study.steps import run_step
 
     probe = run_step(_step(hard_bert, precision))
     groups = probe["groups"]

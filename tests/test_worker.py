@@ -10,7 +10,7 @@ from runner import data
 from runner.plan import plan_job
 from runner.precisions import default_settings
 from runner.spec import EvaluationSpec, Variant
-from runner.worker import VariantTask
+from runner.work import VariantWork
 
 TEXTS = [
     "a gorgeous , witty , seductive movie .",
@@ -33,7 +33,7 @@ def make_task(
     gold = gold or ["positive", "negative", "positive", "negative", "positive", "negative"]
     settings = dict(batch_size=2, warmup_passes=1, timed_passes=5)
     settings.update(evaluation)
-    return VariantTask(
+    return VariantWork(
         job="tiny",
         variant=Variant(precision, device),
         model_dir=str(model_dir),
@@ -153,7 +153,7 @@ def test_accuracy_is_computed_by_label_name(tiny_model_3, tmp_path):
     plan = plan_job(job)
     gold = [plan.targets.config.label_map[e.label] for e in plan.examples]
     assert gold.count("LABEL_0") == sum(e.label == "positive" for e in plan.examples)
-    task = VariantTask(
+    task = VariantWork(
         job="smsa",
         variant=Variant("fp32", "cpu"),
         model_dir=str(tiny_model_3),

@@ -17,13 +17,12 @@ A family's worker is resolved by name (`worker_of`) in the variant's own process
 
 from __future__ import annotations
 
-import functools
-import pkgutil
 from collections.abc import Mapping
 from dataclasses import fields
 
 from runner.precisions import bitsandbytes, casts, torch_ao, torchao
 from runner.precisions.declaration import Family, Precision
+from runner.references import resolve
 
 __all__ = [
     "DEVICES",
@@ -118,12 +117,7 @@ def worker_of(precision: Precision | str):
     """The FamilyWorker of the precision's family (a Precision or its name), imported on first use:
     this is where torch and the family's library are imported. Raises ValueError for an unknown
     precision."""
-    return _resolved(family_of(precision).worker)
-
-
-@functools.cache
-def _resolved(reference: str):
-    return pkgutil.resolve_name(reference)
+    return resolve(family_of(precision).worker)
 
 
 # Settings in today's order: bitsandbytes', torch.ao's, torchao's; columns: the casts, torch.ao's

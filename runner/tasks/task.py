@@ -19,13 +19,12 @@ Every hook has a default a task overrides only where it differs.
 from __future__ import annotations
 
 import math
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any, ClassVar
 
 from runner.records import Record
+from runner.references import resolve
 from runner.schema import Metrics, Result
 
 # How a delta is called noise: a percentile interval of a paired bootstrap that contains 0 (and, for
@@ -258,7 +257,7 @@ class Task:
     # The sensitivity study ------------------------------------------------------------------
 
     def study_tolerance(self, tolerances: dict[str, float]) -> dict[str, float | None]:
-        """The bounds a study's recipe must meet (sensitivity.Tolerance's fields), from the job's
+        """The bounds a study's recipe must meet (study.ranking.Tolerance's fields), from the job's
         tolerances where this task is judged by them; {} for the study's default."""
         return {}
 
@@ -314,7 +313,7 @@ class TaskWorker:
         return scored
 
     def study_view(self, step, fp32):
-        """What a sensitivity study measures a model by (sensitivity.StudyView), given the step
+        """What a sensitivity study measures a model by (study.ranking.StudyView), given the step
         and the FP32 model on the study's device."""
         raise NotImplementedError
 
@@ -331,14 +330,6 @@ class TaskWorker:
 
     def describe_training(self, work) -> str:
         return f"{len(work.texts)} rows"
-
-
-@cache
-def resolve(reference: str) -> Any:
-    """The object a `"module:attribute"` reference names, its module imported now (the worker
-    side imports torch; the report's plots, matplotlib)."""
-    found = pkgutil.resolve_name(reference)
-    return found() if isinstance(found, type) else found
 
 
 def ln(count: int) -> float:

@@ -58,7 +58,7 @@ class CausalLM(Task):
     best_rule = "fastest decode among passing: most decode tokens/s at the first batch size"
     noise_rule = compare.NOISE_RULE
     untrained = "its perplexity is an untrained model's"
-    worker_side = "runner.tasks.causal_lm.worker:CausalLMWorker"
+    worker_side = "runner.tasks.causal_lm.worker:WORKER"
     plots = "runner.tasks.causal_lm.plots:PLOTS"
 
     def read_config(self, top) -> config.CausalLMSettings:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from runner import evaluate, sensitivity
+from runner import evaluate
+from runner.study import ranking
 from runner.tasks import statistics
 from runner.tasks.causal_lm import generation, perplexity, training
 from runner.tasks.task import Scored, TaskWorker
@@ -96,7 +97,7 @@ class CausalLMWorker(TaskWorker):
             warnings += [warning] if warning else []
         return Scored(metrics, scored.warnings + warnings, predictions)
 
-    def study_view(self, step, fp32) -> sensitivity.StudyView:
+    def study_view(self, step, fp32) -> ranking.StudyView:
         """A sample is a scored position: its answer is the greedy next token. FP32's top-k (for
         the KL) is computed in every step, not handed on: it is [positions, k] ids and
         log-probabilities."""
@@ -114,7 +115,7 @@ class CausalLMWorker(TaskWorker):
             return perplexity.window_losses(model, windows, device, size, padding, log_probs_at=at)
 
         compare = partial(compare_tokens, windows, reference)
-        return sensitivity.StudyView(batches, outputs, compare, None, fp32_pass_s)
+        return ranking.StudyView(batches, outputs, compare, None, fp32_pass_s)
 
     # Fine-tuning: every weight, at next-token prediction (runner/tasks/causal_lm/training.py).
 
@@ -130,6 +131,9 @@ class CausalLMWorker(TaskWorker):
 
     def describe_training(self, work) -> str:
         return training.describe_training(work)
+
+
+WORKER = CausalLMWorker()
 
 
 def load_tokenizer(work):
@@ -226,7 +230,7 @@ def compare_tokens(windows, reference, losses) -> dict:
         "perplexity": perplexity.perplexity(losses),
         "perplexity_fp32": perplexity.perplexity(reference),
         "bootstrap_accuracy_delta": statistics.paired_bootstrap_delta(
-            gold, base, variant, n_resamples=sensitivity.BOOTSTRAP_RESAMPLES
+            gold, base, variant, n_resamples=ranking.BOOTSTRAP_RESAMPLES
         ),
         "mcnemar": statistics.mcnemar_exact(gold, base, variant),
     }

@@ -32,7 +32,7 @@ class Classification(Task):
     rows = compare.ROWS
     noise_rule = compare.NOISE_RULE
     untrained = "accuracy is chance until the model is fine-tuned"
-    worker_side = "runner.tasks.classification.worker:ClassificationWorker"
+    worker_side = "runner.tasks.classification.worker:WORKER"
     plots = "runner.tasks.classification.plots:PLOTS"
 
     def plan(self, spec, job, config: dict, rows, examples, train) -> Targets:

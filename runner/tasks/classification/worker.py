@@ -15,7 +15,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from runner import evaluate, sensitivity
+from runner import evaluate
+from runner.study import ranking
 from runner.tasks import statistics
 from runner.tasks.classification import effects
 from runner.tasks.task import Scored, TaskWorker
@@ -62,7 +63,7 @@ class ClassificationWorker(TaskWorker):
             predictions=predictions,
         )
 
-    def study_view(self, step, fp32) -> sensitivity.StudyView:
+    def study_view(self, step, fp32) -> ranking.StudyView:
         """Class probabilities, compared with FP32's by label. FP32's probabilities are the
         probe's (computed and timed here) or the ones it handed on."""
         batches, order, _ = evaluate.tokenized_sample(
@@ -81,7 +82,7 @@ class ClassificationWorker(TaskWorker):
         labels = step.task_config
         gold = np.array([labels.names.index(label) for label in labels.gold])
         compare = partial(compare_labels, reference, gold, labels.names)
-        return sensitivity.StudyView(batches, outputs, compare, reference.tolist(), fp32_pass_s)
+        return ranking.StudyView(batches, outputs, compare, reference.tolist(), fp32_pass_s)
 
     # Fine-tuning: the encoder with a new head, one output per label name.
 
@@ -109,6 +110,9 @@ class ClassificationWorker(TaskWorker):
     def data_collator(self, tokenizer):
         """Each batch padded to its longest text."""
         return DataCollatorWithPadding(tokenizer)
+
+
+WORKER = ClassificationWorker()
 
 
 def class_probabilities(output) -> torch.Tensor:
@@ -179,15 +183,15 @@ def compare_labels(
         "mean_kl": found["mean_kl_baseline_variant"],
         "flips": int(np.sum(base_pred != var_pred)),
         "bootstrap_accuracy_delta": statistics.paired_bootstrap_delta(
-            gold, base_pred, var_pred, n_resamples=sensitivity.BOOTSTRAP_RESAMPLES
+            gold, base_pred, var_pred, n_resamples=ranking.BOOTSTRAP_RESAMPLES
         ),
         "mcnemar": statistics.mcnemar_exact(gold, base_pred, var_pred),
     }
 
 
-def label_study(evaluate_keep, reference, gold, label_names, layers) -> sensitivity.Study:
+def label_study(evaluate_keep, reference, gold, label_names, layers) -> ranking.Study:
     """A classifier's study: its outputs are class probabilities, compared with FP32's
     (reference) on the gold label indices."""
-    return sensitivity.Study(
+    return ranking.Study(
         evaluate_keep, partial(compare_labels, reference, gold, label_names), layers
     )

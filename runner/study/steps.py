@@ -1,16 +1,15 @@
 """A sensitivity study's steps, as a worker runs them: one model load per step, many measurements.
 
-The driver (runner/study.py) sends three kinds of step, each a plain StudyStep value:
+The driver (runner/study/stage.py) sends three kinds of step, each a plain StudyWork value:
 
 - "probe": the FP32 reference probabilities, the fully quantized model measured against them, its
   per-layer weight and output SQNR, the groups, and what one load and one accuracy pass cost;
-- "groups": a share of the groups, each measured "only" and "all_but" (runner/sensitivity.py);
+- "groups": a share of the groups, each measured "only" and "all_but" (runner/study/ranking.py);
 - "recipe": the greedy recipe over the ranking.
 
 The FP32 model is loaded once per step; each measurement quantizes a copy of it (bitsandbytes,
 which quantizes while loading, loads again). Accuracy only: nothing here is a latency measurement.
-Like runner/worker.py this module imports no Ray, and no torch until a step runs: the driver
-imports it for StudyStep.
+Like runner/worker.py this module imports no Ray; it runs in the step's own process.
 """
 
 from __future__ import annotations
@@ -18,53 +17,30 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import transformers
 
 from runner import measure, models
-from runner import sensitivity as S
 from runner.precisions import PRECISIONS, config_for, worker_of
-from runner.spec import EvaluationSpec, SensitivitySpec
-from runner.tasks import Task
-
-
-@dataclass
-class StudyStep:
-    """Everything one step needs, with no file to read but the prepared model folder."""
-
-    kind: str  # probe | groups | recipe
-    job: str
-    study: SensitivitySpec
-    model_dir: str
-    texts: list[str]
-    evaluation: EvaluationSpec  # its batch size and order; no pass is timed
-    settings: dict  # every precision family's settings, flat (JobSpec.settings)
-    max_length: int
-    task: Task  # the job's task: its worker says what the study measures a model by
-    task_config: object = None  # the task's configuration from its plan
-    # FP32's outputs as the probe hands them on (a classifier's probabilities [samples][labels]);
-    # None in the probe, and for a task whose view computes them in every step.
-    reference: list | None = None
-    layers: tuple[str, ...] = ()  # the linear layers the precision quantizes (the probe's)
-    groups: dict[str, list[str]] = field(default_factory=dict)  # kind "groups": this step's share
-    ranking: list[dict] = field(default_factory=list)  # kind "recipe"
-    full: dict | None = None  # kind "recipe": the fully quantized model's measure
-    tolerance: dict | None = None  # kind "recipe": sensitivity.Tolerance's fields
+from runner.study import ranking
+from runner.work import StudyWork
 
 
 @dataclass
 class Loaded:
     """What a step shares between its measurements."""
 
-    step: StudyStep
+    step: StudyWork
     model_class: type
     fp32: object  # the FP32 model every measurement quantizes a copy of
-    view: S.StudyView  # the task's: the sample's batches, a model's outputs, compare with FP32
+    view: (
+        ranking.StudyView
+    )  # the task's: the sample's batches, a model's outputs, compare with FP32
     load_s: float
 
 
-def run_step(step: StudyStep) -> dict:
+def run_step(step: StudyWork) -> dict:
     """The step's outcome as JSON, with its wall time and where it ran. Raises on failure: the
     driver turns it into the study's error."""
     import torch
@@ -84,7 +60,7 @@ def run_step(step: StudyStep) -> dict:
     return outcome
 
 
-def load(step: StudyStep) -> Loaded:
+def load(step: StudyWork) -> Loaded:
     import torch
 
     clock = time.perf_counter()
@@ -116,11 +92,11 @@ def quantized(loaded: Loaded, keep: frozenset[str]):
         ).model
 
 
-def study_of(loaded: Loaded, layers: tuple[str, ...]) -> S.Study:
+def study_of(loaded: Loaded, layers: tuple[str, ...]) -> ranking.Study:
     def evaluate_keep(keep: frozenset[str]):
         return loaded.view.outputs(quantized(loaded, keep))
 
-    return S.Study(evaluate_keep, loaded.view.compare, layers)
+    return ranking.Study(evaluate_keep, loaded.view.compare, layers)
 
 
 def probe(loaded: Loaded) -> dict:
@@ -136,12 +112,12 @@ def probe(loaded: Loaded) -> dict:
     config = config_for(precision, loaded.step.settings)
     layers = tuple(
         name
-        for name in S.linear_layers(loaded.fp32)
+        for name in ranking.linear_layers(loaded.fp32)
         if worker_of(precision).is_quantized(config, full_model.get_submodule(name))
     )
     groups = {
         group: [name for name in names if name in layers]
-        for group, names in S.study_groups(loaded.fp32, loaded.step.study.groups).items()
+        for group, names in ranking.study_groups(loaded.fp32, loaded.step.study.groups).items()
     }
     return {
         "reference": loaded.view.reference_json,
@@ -179,14 +155,14 @@ def groups(loaded: Loaded) -> dict:
     """This step's groups, each measured "only" and "all_but"."""
     step = loaded.step
     study = study_of(loaded, step.layers)
-    return {"groups": [S.run_group(study, g, names) for g, names in step.groups.items()]}
+    return {"groups": [ranking.run_group(study, g, names) for g, names in step.groups.items()]}
 
 
 def recipe(loaded: Loaded) -> dict:
     step = loaded.step
     study = study_of(loaded, step.layers)
-    tolerance = S.Tolerance(**step.tolerance) if step.tolerance else S.Tolerance()
-    found = S.recipe(
-        step.ranking, step.full, lambda keep: S.measure(study, keep), tolerance=tolerance
+    tolerance = ranking.Tolerance(**step.tolerance) if step.tolerance else ranking.Tolerance()
+    found = ranking.recipe(
+        step.ranking, step.full, lambda keep: ranking.measure(study, keep), tolerance=tolerance
     )
     return {"recipe": found}

@@ -1,4 +1,4 @@
-"""A sensitivity study in the report (runner/study.py writes it): the harm of each group of
+"""A sensitivity study in the report (runner/study/stage.py writes it): the harm of each group of
 linear layers quantized alone against the groups' weight and output SQNR, the ranking's top, and
 the recipe, predicted and as its mixed variant measured. Drawn from the study file's dict, in the
 section of the study's job."""
@@ -12,10 +12,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from runner import collect
-from runner import sensitivity as S
 from runner.layers import LAYER_TYPES, classify_layer
 from runner.report_figures import TYPE_COLOURS, FigureFiles, Shown, number, panels, shared_legend
 from runner.results import StudyFile
+from runner.study.ranking import tolerance_text
 
 # the top of the ranking in FP32. Drawn from the study's dict, not from a JobTable.
 
@@ -242,7 +242,7 @@ def _recipe_lines(study: dict) -> list[str]:
     measured of it and of the fully quantized model."""
     recipe, full = study["recipe"], study["full"]
     groups, kept = recipe["groups"], recipe["kept"]
-    tolerance = S.tolerance_text(recipe.get("tolerance") or {})
+    tolerance = tolerance_text(recipe.get("tolerance") or {})
     if groups:
         names = ", ".join(groups)
         kept_line = (

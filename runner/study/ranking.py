@@ -36,7 +36,7 @@ class Study:
 
 @dataclass
 class StudyView:
-    """What a task gives a study step (runner/study_worker.py): the sample's batches (for the
+    """What a task gives a study step (runner/study/steps.py): the sample's batches (for the
     per-layer output SQNR), a model's outputs on the sample, and compare (outputs against FP32's).
     reference_json: FP32's outputs as the probe hands them to later steps (None: each step
     computes them again); fp32_pass_s: how long computing them took here (None: handed in)."""

@@ -1,13 +1,13 @@
 """The sensitivity study as a stage of `quantbench run`: after a job's variants, its `sensitivity:`
 block takes one precision apart, group by group, and runs the recipe as a variant.
 
-1. A probe step (one Ray task) computes the FP32 reference, measures the fully quantized model, the
-   per-layer SQNR and the groups, and times one load and one accuracy pass: the cost of the rest is
-   predicted from them and printed before it starts.
-2. The groups, split over the nodes that can run the study's device (all in one task on one
-   node: a task pays one model load), each measured "only" and "all_but".
+1. A probe step (one call on a node) computes the FP32 reference, measures the fully quantized
+   model, the per-layer SQNR and the groups, and times one load and one accuracy pass: the cost of
+   the rest is predicted from them and printed before it starts.
+2. The groups, split over the nodes that can run the study's device (all in one call on one
+   node: a call pays one model load), each measured "only" and "all_but".
 3. The ranking, then a recipe step: the smallest prefix of it kept in FP32 that meets the job's
-   tolerances (sensitivity.Tolerance's default without them).
+   tolerances (ranking.Tolerance's default without them: runner/study/ranking.py).
 4. The study file, DIR/<job>/sensitivity-<variant>.json; then the recipe as the variant
    <precision>-mixed-<device>, measured like every variant (runner/sweep.py runs it).
 """
@@ -21,16 +21,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from runner import dispatch, measure, results
-from runner import sensitivity as S
 from runner.cluster import Cluster, alive_nodes
 from runner.placement import capable_nodes
 from runner.plan import JobPlan
 from runner.spec import Variant
-from runner.study_worker import StudyStep
+from runner.study.ranking import rank, tolerance, tolerance_text
+from runner.work import StudyWork
 
 SCHEMA_VERSION = 1
 # The issue's bound on a study's cost: this many times (measurements x one accuracy pass), plus one
-# model load per Ray task.
+# model load per call on a node.
 COST_BOUND = 1.5
 
 
@@ -101,9 +101,9 @@ def new_study(plan: JobPlan) -> dict:
     }
 
 
-def first_step(stage: StudyRun) -> StudyStep:
+def first_step(stage: StudyRun) -> StudyWork:
     plan = stage.plan
-    return StudyStep(
+    return StudyWork(
         kind="probe",
         study=plan.spec.sensitivity,
         model_dir=str(stage.model_dir),
@@ -123,21 +123,22 @@ def measure_study(stage: StudyRun, study: dict) -> None:
     say(f"sensitivity: {name}: {predicted_text(probe, len(groups), len(shares))}")
     shared = replace(probe_step, reference=probe["reference"], layers=tuple(probe["layers"]))
     measured = run_steps([replace(shared, kind="groups", groups=share) for share in shares])
-    ranking = with_sqnr(
-        S.rank([group for outcome in measured for group in outcome["groups"]]), probe["layer_sqnr"]
+    ranked = with_sqnr(
+        rank([group for outcome in measured for group in outcome["groups"]]),
+        probe["layer_sqnr"],
     )
-    chosen = S.tolerance(stage.plan.spec)
+    chosen = tolerance(stage.plan.spec)
     recipe_step = replace(
-        shared, kind="recipe", ranking=ranking, full=probe["full"], tolerance=asdict(chosen)
+        shared, kind="recipe", ranking=ranked, full=probe["full"], tolerance=asdict(chosen)
     )
     (found,) = run_steps([recipe_step])
-    study.update(ranking=ranking, recipe=found["recipe"])
+    study.update(ranking=ranked, recipe=found["recipe"])
     study["cost"] = cost(probe, measured, found)
     study["steps"] = [_step_record(o) for o in [probe, *measured, found]]
 
 
-def _runner(stage: StudyRun) -> Callable[[list[StudyStep]], list[dict]]:
-    def run_steps(steps: list[StudyStep]) -> list[dict]:
+def _runner(stage: StudyRun) -> Callable[[list[StudyWork]], list[dict]]:
+    def run_steps(steps: list[StudyWork]) -> list[dict]:
         return dispatch.run_study_steps(
             steps, stage.cluster, stage.model_dir, stage.placement_timeout_s
         )
@@ -179,7 +180,7 @@ def predicted_text(probe: dict, groups: int, tasks: int) -> str:
 
 def cost(probe: dict, measured: list[dict], found: dict) -> dict:
     """What the study cost against what it was predicted to and the bound: COST_BOUND x
-    (measurements x one accuracy pass) + one model load per Ray task, for the group and recipe
+    (measurements x one accuracy pass) + one model load per call on a node, for the group and recipe
     steps (the probe measures what the bound is made of)."""
     measurements = sum(2 * len(o["groups"]) for o in measured) + len(found["recipe"]["tried"])
     tasks = len(measured) + 1
@@ -218,7 +219,7 @@ def summary_lines(study: dict) -> list[str]:
     lines.append(
         f"recipe: keep {len(recipe['groups'])} group(s), {len(recipe['kept'])} layer(s), in FP32: "
         f"agreement {full['agreement']:.4f} -> {recipe['result']['agreement']:.4f}, "
-        f"{verdict} {S.tolerance_text(recipe['tolerance'])}"
+        f"{verdict} {tolerance_text(recipe['tolerance'])}"
     )
     lines.append(
         f"cost: {spent['measurements']} measurements in {spent['measured_s']:.1f} s "
