@@ -158,8 +158,8 @@ def _plans(paths: list[Path]):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from runner.fields import SpecError
     from runner.folders import ResultsError
-    from runner.spec import SpecError
 
     try:
         if args.command == "validate":
@@ -220,7 +220,7 @@ def _check_names(plans) -> None:
     for plan in plans:
         same = [str(other.spec.file) for other in plans if other.spec.name == plan.spec.name]
         if len(same) > 1:  # their results would share one folder
-            from runner.spec import SpecError
+            from runner.fields import SpecError
 
             raise SpecError(
                 plan.spec.file,

@@ -17,7 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.spec import DatasetSpec, SampleSpec, SpecError, label_name
+from runner.fields import SpecError, label_name
+from runner.job import DatasetSpec, SampleSpec
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,6 @@ class Example:
     lines: int = field(
         default=1, compare=False
     )  # physical lines of a CSV row: a quoted cell may span several
-
-
-def first_rows_with(examples: list[Example], labels: list[str]) -> str:
-    """Where each of the labels first appears, for an error message: 'line 4 of a.csv: ""'."""
-    firsts = {}
-    for example in examples:
-        if example.label in labels and example.label not in firsts:
-            firsts[example.label] = example.where
-    return "; ".join(f"{firsts[label]}: {label!r}" for label in labels[:5] if firsts.get(label))
 
 
 def _column(header: list[str], wanted: str | int, job: Path, field: str, source: Path) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from runner import locks, measure
-from runner.spec import EvaluationSpec
+from runner.job import EvaluationSpec
 
 
 def tokenize_batches(

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from runner import measure, models
-from runner.spec import FinetuneSpec
+from runner.job import FinetuneSpec
 from runner.work import FinetuneWork
 
 

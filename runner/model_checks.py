@@ -14,7 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from runner.spec import ModelSource, SpecError
+from runner.fields import SpecError
+from runner.job import ModelSource
 
 
 def package_folder(package: str) -> Path:

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from runner import folders
+from runner.job import JobSpec, ModelSource
 from runner.model_checks import labels_in_config, model_config, pretrained_name, read_config
-from runner.spec import JobSpec, ModelSource
 from runner.tasks import TASKS
 
 MARKER = "quantbench-model.json"

@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runner import data, measure, model_checks, models
+from runner.fields import SpecError
+from runner.job import JobSpec, SampleSpec
 from runner.placement import where_it_runs
-from runner.spec import JobSpec, SampleSpec, SpecError, load_job
+from runner.spec import load_job
 from runner.study.ranking import plan_text
 from runner.tasks import DEFAULT_TASK, TASKS, Targets, Task, task_of_model
 

@@ -24,6 +24,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from runner import collect
+from runner.job import COMPILED_SUFFIX
 from runner.layers import LAYER_TYPES
 from runner.references import resolve
 from runner.report_figures import (
@@ -38,7 +39,6 @@ from runner.report_figures import (
     shared_legend,
 )
 from runner.schema import Result
-from runner.spec import COMPILED_SUFFIX
 from runner.study import report as report_study
 
 # ---------------------------------------------------------------------------------------------

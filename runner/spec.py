@@ -1,285 +1,42 @@
-"""The job spec: a YAML file read into plain dataclasses, every mistake named by file and field.
+"""The job spec: a YAML file read into the plain dataclasses of runner/job.py, every mistake named
+by file and field.
 
-A job names a model, a labelled dataset, evaluation settings, the variants to run (precision x
-device) and the baseline. This module checks the shape of the file and that the files it names
-exist; `plan.py` checks it against their contents (the dataset's columns and labels, the model's
-config, tokenizer and weights).
+This module checks the shape of the file and that the files it names exist; `plan.py` checks it
+against their contents (the dataset's columns and labels, the model's config, tokenizer and
+weights). The precision families read their `settings:` keys and the job's task its own fields,
+with the same Reader (runner/fields.py).
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from runner.fields import Reader, SpecError, label_name, no_such
+from runner.job import (
+    COMPILED_SUFFIX,
+    GROUPINGS,
+    DatasetSpec,
+    EvaluationSpec,
+    FinetuneSpec,
+    JobSpec,
+    ModelSource,
+    SampleSpec,
+    SensitivitySpec,
+    Variant,
+)
 from runner.precisions import DEVICES, PRECISIONS, default_settings, family_of, read_settings
-
-
-class SpecError(Exception):
-    """A mistake in a job file: which file, which field, what was found, what is allowed."""
-
-    def __init__(self, file: str | Path, field: str, found: Any, allowed: str):
-        self.file, self.field, self.found, self.allowed = str(file), field, found, allowed
-        where = f"{self.file}: {field}" if field else self.file
-        super().__init__(f"{where}: found {_show(found)}; {allowed}")
-
-
-def _no_such(what: str) -> str:
-    """'no such file', and inside a container which host folders it can see (compose.yaml says)."""
-    mounts = os.environ.get("QUANTBENCH_MOUNTS")
-    return (
-        f"{what}; this container sees only {mounts}: put it there, or mount its folder"
-        if mounts
-        else what
-    )
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, list) and len(value) > 10:  # a wrong column can hold thousands of values
-        return "[" + ", ".join(map(repr, value[:10])) + f", … ({len(value)} in all)]"
-    text = (
-        repr(value) if not isinstance(value, str) or len(value) < 200 else repr(value[:200] + "…")
-    )
-    return text
-
-
-# ---------------------------------------------------------------------------------------------
-# The spec as dataclasses. Paths are absolute: job-relative paths are resolved on load.
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where weights (or a tokenizer) come from: exactly one of these is set."""
-
-    hub: str | None = None  # a Hugging Face hub id, e.g. "bert-base-uncased"
-    path: Path | None = None  # a local folder saved with save_pretrained
-    package: str | None = (
-        None  # "python_package/sub/folder": files shipped inside an installed package
-    )
-    config: dict | None = None  # an inline architecture: randomly initialised weights of this shape
-    revision: str | None = None  # hub revision
-
-    def describe(self) -> str:
-        if self.hub:
-            return f"hub:{self.hub}" + (f"@{self.revision}" if self.revision else "")
-        if self.path:
-            return f"path:{self.path}"
-        if self.package:
-            return f"package:{self.package}"
-        return f"inline {self.config.get('model_type')} config"
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    n: int | None = None
-    fraction: float | None = None
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    format: str
-    path: Path | None  # the file (csv, tsv, jsonl, parquet)
-    files: dict[str, Path] | None  # format "lines": label value -> file with one text per line
-    header: bool
-    text_column: str | int
-    label_column: str | int | None  # None: a task whose answers are not labels reads text alone
-    label_map: dict[str, str] | None  # dataset label value -> model label name
-    sample: SampleSpec
-    max_length: int
-    field: str = "dataset"  # where it is in the job file: dataset, or finetune.train
-
-
-@dataclass(frozen=True)
-class EvaluationSpec:
-    batch_size: int = 1
-    warmup_passes: int = 5
-    timed_passes: int = 50
-    min_time_s: float = 0.0
-    threads: int | None = None  # None: every CPU the variant's worker was given
-    weight_analysis: bool = True  # per-layer weight error against FP32, computed after timing
-    batch_order: str = (
-        "sample"  # sample: batches in sample order; length: shortest sentences first, less padding
-    )
-    latency_mode: str = (
-        "dataset"  # dataset: the sample's batches are timed; fixed: one batch of fixed_shape
-    )
-    fixed_shape: tuple[int, int] | None = (
-        None  # (batch size, sequence length) for latency_mode fixed
-    )
-    repeats: int = 1  # runs of each variant, each in a fresh process
-    # False: every variant eager; True: every variant through torch.compile; "both": each variant
-    # twice, eager and compiled. Where it is false, a variant id may end in -compiled instead.
-    compile: bool | str = False
-
-
-@dataclass(frozen=True)
-class FinetuneSpec:
-    """Train a classification head and the encoder before anything is quantized."""
-
-    train: DatasetSpec | None  # None: the job's dataset minus the evaluation sample
-    epochs: float = 1.0
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    max_samples: int | None = None
-    seed: int = 0
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-
-
-COMPILED_SUFFIX = "-compiled"  # a variant id's tail when the variant runs through torch.compile
-MIXED = "mixed"  # <precision>-mixed-<device>: a sensitivity study's recipe, some layers in FP32
-
-
-@dataclass(frozen=True)
-class Variant:
-    precision: str
-    device: str
-    compiled: bool = False  # run through torch.compile (runner/worker.py compile_model)
-    # Linear layers left in FP32 (module names): a sensitivity study's recipe, never a job's own
-    keep: tuple[str, ...] = ()
-
-    @property
-    def id(self) -> str:
-        if self.keep:
-            return mixed_id(self.precision, self.device)
-        return f"{self.precision}-{self.device}" + (COMPILED_SUFFIX if self.compiled else "")
-
-
-def mixed_id(precision: str, device: str) -> str:
-    return f"{precision}-{MIXED}-{device}"
-
-
-GROUPINGS = ("layer", "type", "depth")  # how a sensitivity study groups the linear layers
-
-
-@dataclass(frozen=True)
-class SensitivitySpec:
-    """sensitivity: which precision's layers to take apart, on which device, grouped how."""
-
-    precision: str
-    device: str
-    groups: str = "layer"
-
-    @property
-    def variant_id(self) -> str:
-        """The fully quantized variant the study takes apart."""
-        return Variant(self.precision, self.device).id
-
-    @property
-    def mixed_id(self) -> str:
-        return mixed_id(self.precision, self.device)
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    file: Path
-    name: str
-    model: ModelSource
-    tokenizer: ModelSource | None
-    dataset: DatasetSpec
-    evaluation: EvaluationSpec
-    # Settings that change results; recorded in every result so runs can be compared: every
-    # precision family's keys side by side, flat as a job writes them, in FAMILIES order
-    # (runner/precisions/; a precision's config takes its own from them: config_for).
-    settings: dict
-    variants: tuple[Variant, ...]
-    baseline: str
-    seed: int
-    finetune: FinetuneSpec | None = None
-    tolerances: dict[str, float] = field(default_factory=dict)
-    task: str = "classification"  # a name in runner.tasks.TASKS
-    task_settings: Any = None  # the task's own job fields, read by the task (Task.read_settings)
-    sensitivity: SensitivitySpec | None = None
-    raw: dict = field(
-        default_factory=dict, repr=False
-    )  # the YAML as read, kept in every result as "the spec as run"
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading.
+from runner.tasks import DEFAULT_TASK, TASKS, Task, tolerances
 
 # text: a plain text file, one document per line, no labels (a causal LM's data).
 DATASET_FORMATS = ("csv", "tsv", "jsonl", "parquet", "lines", "text")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RESERVED_NAMES = ("reference",)  # collect.SKIPPED_FOLDER
-
-
-class _Reader:
-    """Walks one mapping of the YAML, remembering the dotted field path for error messages."""
-
-    def __init__(self, file: Path, data: Any, where: str):
-        self.file, self.where = file, where
-        if not isinstance(data, dict):
-            raise SpecError(file, where, data, "expected a mapping of fields")
-        self.data = data
-
-    def field(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def error(self, key: str, found: Any, allowed: str) -> SpecError:
-        """The SpecError for a bad value of one of this mapping's fields."""
-        return SpecError(self.file, self.field(key), found, allowed)
-
-    def check_keys(self, allowed: tuple[str, ...]) -> None:
-        for key in self.data:
-            if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise SpecError(
-                    self.file,
-                    self.field(str(key)),
-                    key,
-                    f"unknown field{hint}; allowed here: {', '.join(allowed)}",
-                )
-
-    def get(
-        self, key: str, kinds: type | tuple[type, ...], default: Any = None, required: bool = False
-    ):
-        if key not in self.data or self.data[key] is None:
-            if required:
-                raise SpecError(self.file, self.field(key), None, "this field is required")
-            return default
-        value = self.data[key]
-        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        # YAML's bool is an int subclass: never accept true where a number is meant.
-        if isinstance(value, bool) and bool not in kinds:
-            raise SpecError(self.file, self.field(key), value, f"expected {_kind_names(kinds)}")
-        if float in kinds and isinstance(value, int):
-            value = float(value)
-        if not isinstance(value, kinds):
-            raise SpecError(self.file, self.field(key), value, f"expected {_kind_names(kinds)}")
-        return value
-
-    def positive_int(self, key: str, default: int | None, minimum: int = 1) -> int | None:
-        value = self.get(key, int, default)
-        if value is not None and value < minimum:
-            raise SpecError(self.file, self.field(key), value, f"expected an integer >= {minimum}")
-        return value
-
-    def sub(self, key: str, required: bool = False) -> _Reader | None:
-        value = self.get(key, dict, required=required)
-        return None if value is None else _Reader(self.file, value, self.field(key))
-
-
-def _kind_names(kinds: tuple[type, ...]) -> str:
-    names = {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        dict: "a mapping",
-        list: "a list",
-    }
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 # Job files are small; these bounds keep a hostile one from taking minutes or gigabytes to read. A
@@ -417,7 +174,7 @@ def load_job(path: str | Path) -> JobSpec:
     if file.is_dir():
         raise SpecError(shown, "", str(path), "this is a folder; name a job file (YAML) in it")
     if not file.is_file():
-        raise SpecError(shown, "", str(path), _no_such("no such job file"))
+        raise SpecError(shown, "", str(path), no_such("no such job file"))
     raw = read_yaml(file, shown)
     check_finite(shown, raw)
     return _parse(file, shown, raw)
@@ -443,24 +200,19 @@ TOP_FIELDS = (
 
 
 def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
-    from runner.tasks import TASKS  # the tasks import models, which imports this
-
-    top = _Reader(shown, raw, "")
+    top = Reader(shown, raw, "")
     top.check_keys(TOP_FIELDS + tuple(f for t in TASKS.values() for f in t.job_fields))
-    task = _task(top)
+    task = TASKS[_task(top)]
     name = _name(shown, top)
     seed = top.get("seed", int, 0)
     model, tokenizer = _model_and_tokenizer(file, shown, top)
-    labelled = TASKS[task].labelled
-    dataset = _dataset(file, shown, top.sub("dataset", required=True), labelled=labelled)
+    dataset = _dataset(file, shown, top.sub("dataset", required=True), task)
     finetune_reader = top.sub("finetune")
     finetune = (
-        None
-        if finetune_reader is None
-        else _finetune(file, shown, finetune_reader, dataset, labelled)
+        None if finetune_reader is None else _finetune(file, shown, finetune_reader, dataset, task)
     )
-    evaluation = _evaluation(top.sub("evaluation") or _Reader(shown, {}, "evaluation"))
-    settings = _settings(top.sub("settings") or _Reader(shown, {}, "settings"))
+    evaluation = _evaluation(top.sub("evaluation") or Reader(shown, {}, "evaluation"))
+    settings = _settings(top.sub("settings") or Reader(shown, {}, "settings"))
     variants = _variants(shown, top, evaluation.compile)
     return JobSpec(
         file=file,
@@ -475,14 +227,14 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
         seed=seed,
         finetune=finetune,
         tolerances=_tolerances(top.sub("tolerances")),
-        task=task,
-        task_settings=_task_settings(top, task),
+        task=task.name,
+        task_config=task.read_config(top),
         sensitivity=_sensitivity(shown, top.sub("sensitivity")),
         raw=raw,
     )
 
 
-def _name(shown: Path, top: _Reader) -> str:
+def _name(shown: Path, top: Reader) -> str:
     name = top.get("name", str, required=True)
     # fullmatch: a pattern's $ also matches before a final newline ("pwn\n" made a folder named so).
     if not NAME_PATTERN.fullmatch(name):
@@ -505,7 +257,7 @@ def _name(shown: Path, top: _Reader) -> str:
 
 
 def _model_and_tokenizer(
-    file: Path, shown: Path, top: _Reader
+    file: Path, shown: Path, top: Reader
 ) -> tuple[ModelSource, ModelSource | None]:
     model = _model_source(file, shown, top.sub("model", required=True), allow_config=True)
     tokenizer_reader = top.sub("tokenizer")
@@ -525,7 +277,7 @@ def _model_and_tokenizer(
     return model, tokenizer
 
 
-def _baseline(shown: Path, top: _Reader, variants: list[Variant]) -> str:
+def _baseline(shown: Path, top: Reader, variants: list[Variant]) -> str:
     ids = [v.id for v in variants]
     # Default: the FP32 reference, on the CPU where the job has it (the published study's baseline),
     # eager where the job runs it eager.
@@ -542,7 +294,7 @@ def _baseline(shown: Path, top: _Reader, variants: list[Variant]) -> str:
     return baseline
 
 
-def _sensitivity(shown: Path, reader: _Reader | None) -> SensitivitySpec | None:
+def _sensitivity(shown: Path, reader: Reader | None) -> SensitivitySpec | None:
     """sensitivity: {precision, device, groups}: a precision that quantizes linear layers one by one
     (not a cast), on a device it runs on."""
     if reader is None:
@@ -567,9 +319,7 @@ def _sensitivity(shown: Path, reader: _Reader | None) -> SensitivitySpec | None:
     return SensitivitySpec(precision, device, groups)
 
 
-def _task(top: _Reader) -> str:
-    from runner.tasks import DEFAULT_TASK, TASKS  # the tasks import models, which imports this
-
+def _task(top: Reader) -> str:
     name = top.get("task", str, DEFAULT_TASK)
     if name not in TASKS:
         raise SpecError(top.file, "task", name, f"allowed: {', '.join(TASKS)}")
@@ -585,19 +335,12 @@ def _task(top: _Reader) -> str:
     return name
 
 
-def _task_settings(top: _Reader, task: str) -> Any:
-    """The task's own fields, read by the task (None for a task without any)."""
-    from runner.tasks import TASKS
-
-    return TASKS[task].read_config(top)
-
-
 def _resolve(file: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else (file.parent / path).resolve()
 
 
-def _model_source(file: Path, shown: Path, reader: _Reader, allow_config: bool) -> ModelSource:
+def _model_source(file: Path, shown: Path, reader: Reader, allow_config: bool) -> ModelSource:
     kinds = ("hub", "path", "package", "config") if allow_config else ("hub", "path", "package")
     reader.check_keys(kinds + ("revision",))
     given = [k for k in kinds if reader.data.get(k) is not None]
@@ -620,35 +363,18 @@ def _model_source(file: Path, shown: Path, reader: _Reader, allow_config: bool) 
     if kind == "path":
         path = _resolve(file, value)
         if not path.is_dir():
-            raise SpecError(
-                shown, reader.field("path"), value, _no_such(f"no such folder ({path})")
-            )
+            raise SpecError(shown, reader.field("path"), value, no_such(f"no such folder ({path})"))
         return ModelSource(path=path)
     if kind == "package":
         return ModelSource(package=value)
     return ModelSource(hub=value, revision=reader.get("revision", str))
 
 
-WHOLE_NUMBER = re.compile(r"([+-]?[0-9]+)\.0*")
-
-
-def label_name(value: Any) -> str:
-    """A dataset label as text. A whole number reads one way however it is written (2, 2.0 or
-    "2.0"): a float label column, a CSV cell and a label_map key must name the same label."""
-    if value is None:
-        return ""  # a missing label reads as an empty one
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value).strip()
-    whole = WHOLE_NUMBER.fullmatch(text)
-    return str(int(whole.group(1))) if whole else text
-
-
 SOURCE_FIELDS = ("format", "path", "files", "header", "text_column", "label_column")
 
 
 def _finetune(
-    file: Path, shown: Path, reader: _Reader, dataset: DatasetSpec, labelled: bool = True
+    file: Path, shown: Path, reader: Reader, dataset: DatasetSpec, task: Task
 ) -> FinetuneSpec:
     reader.check_keys(
         (
@@ -666,7 +392,7 @@ def _finetune(
     train = (
         None
         if train_reader is None
-        else _dataset(file, shown, train_reader, SOURCE_FIELDS, like=dataset, labelled=labelled)
+        else _dataset(file, shown, train_reader, task, SOURCE_FIELDS, like=dataset)
     )
     values = {}
     for key, low, high in (
@@ -692,17 +418,21 @@ def _finetune(
 def _dataset(
     file: Path,
     shown: Path,
-    reader: _Reader,
+    reader: Reader,
+    task: Task,
     allowed: tuple[str, ...] | None = None,
     like: DatasetSpec | None = None,
-    labelled: bool = True,
 ) -> DatasetSpec:
-    """A dataset's fields. A training file `like` the job's dataset (of its format) takes the
-    dataset's header and columns unless it names its own: it is usually the other split of the same
-    data. Unlabelled (a task that reads text alone): no label column, no label map."""
-    reader.check_keys(allowed or SOURCE_FIELDS + ("label_map", "sample", "max_length"))
+    """A dataset's fields; the job's own dataset also its task's (a classifier's label map). A
+    training file `like` the job's dataset (of its format) takes the dataset's header and columns
+    unless it names its own: it is usually the other split of the same data. A task that reads
+    text alone takes no label column and no other task's label fields."""
+    task_keys = tuple(dict.fromkeys(key for t in TASKS.values() for key in t.dataset_fields))
+    reader.check_keys(allowed or SOURCE_FIELDS + task_keys + ("sample", "max_length"))
+    labelled = task.labelled
     if not labelled:
         _no_labels(shown, reader)
+    _only_its_task(reader, task)
     fmt, path_value = _dataset_format(shown, reader)
     if fmt == "text" and labelled:
         raise SpecError(
@@ -717,7 +447,7 @@ def _dataset(
     header, text_column, label_column = _dataset_columns(reader, fmt, like)
     if not labelled or fmt == "text":
         label_column = None
-    label_map = _label_map(shown, reader)
+    task_fields = task.read_dataset_fields(reader) if allowed is None else None
     sample = _sample(shown, reader)
     return DatasetSpec(
         format=fmt,
@@ -726,16 +456,18 @@ def _dataset(
         header=header,
         text_column=text_column,
         label_column=label_column,
-        label_map=label_map,
         sample=sample,
         max_length=reader.positive_int("max_length", 128),
         field=reader.where,
+        task_fields=task_fields,
     )
 
 
-def _no_labels(shown: Path, reader: _Reader) -> None:
-    """A task that reads text alone takes no label fields: say so rather than ignore them."""
-    for key in ("label_column", "label_map"):
+def _no_labels(shown: Path, reader: Reader) -> None:
+    """A task that reads text alone takes no label fields (the label column, a labelled task's
+    own fields of `dataset:`): say so rather than ignore them."""
+    label_fields = [key for t in TASKS.values() if t.labelled for key in t.dataset_fields]
+    for key in ("label_column", *dict.fromkeys(label_fields)):
         if key in reader.data:
             raise SpecError(
                 shown,
@@ -745,7 +477,20 @@ def _no_labels(shown: Path, reader: _Reader) -> None:
             )
 
 
-def _dataset_format(shown: Path, reader: _Reader) -> tuple[str, str | None]:
+def _only_its_task(reader: Reader, task: Task) -> None:
+    """Another task's own field of `dataset:` in this job: say whose it is."""
+    for other in TASKS.values():
+        for key in other.dataset_fields:
+            if key in reader.data and key not in task.dataset_fields:
+                raise reader.error(
+                    key,
+                    reader.data[key],
+                    f"only a job of task: {other.name} takes this field; this job's task is "
+                    f"{task.name}",
+                )
+
+
+def _dataset_format(shown: Path, reader: Reader) -> tuple[str, str | None]:
     """(format, path as written): the format given, or else taken from the path's suffix."""
     fmt = reader.get("format", str)
     path_value = reader.get("path", str)
@@ -765,7 +510,7 @@ def _dataset_format(shown: Path, reader: _Reader) -> tuple[str, str | None]:
 
 
 def _dataset_files(
-    file: Path, shown: Path, reader: _Reader, fmt: str, path_value: str | None
+    file: Path, shown: Path, reader: Reader, fmt: str, path_value: str | None
 ) -> tuple[Path | None, dict[str, Path] | None]:
     """(path, files): the one data file, or for format lines one file per label; each exists."""
     if fmt != "lines":
@@ -774,7 +519,7 @@ def _dataset_files(
         path = _resolve(file, path_value)
         if not path.is_file():
             raise SpecError(
-                shown, reader.field("path"), path_value, _no_such(f"no such file ({path})")
+                shown, reader.field("path"), path_value, no_such(f"no such file ({path})")
             )
         return path, None
     files_raw = reader.get("files", dict, required=True)
@@ -788,13 +533,13 @@ def _dataset_files(
     for label, value in files.items():
         if not value.is_file():
             raise SpecError(
-                shown, reader.field(f"files.{label}"), str(value), _no_such("no such file")
+                shown, reader.field(f"files.{label}"), str(value), no_such("no such file")
             )
     return None, files
 
 
 def _dataset_columns(
-    reader: _Reader, fmt: str, like: DatasetSpec | None
+    reader: Reader, fmt: str, like: DatasetSpec | None
 ) -> tuple[bool, str | int, str | int]:
     """(header, text_column, label_column): a headerless csv/tsv names columns by index, and a
     training file `like` the dataset with the same header takes its columns."""
@@ -811,31 +556,8 @@ def _dataset_columns(
     return header, text_column, label_column
 
 
-def _label_map(shown: Path, reader: _Reader) -> dict[str, str] | None:
-    """dataset label value -> model label name, each dataset label once however it is written."""
-    label_map_raw = reader.get("label_map", dict)
-    if label_map_raw is None:
-        return None
-    label_map = {}
-    for key, value in label_map_raw.items():
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise SpecError(
-                shown, reader.field(f"label_map.{key}"), value, "expected a model label name"
-            )
-        name = label_name(key)
-        if name in label_map:
-            raise SpecError(
-                shown,
-                reader.field(f"label_map.{key}"),
-                key,
-                f"names the same dataset label as another key ({name}); give each label once",
-            )
-        label_map[name] = str(value)
-    return label_map
-
-
-def _sample(shown: Path, reader: _Reader) -> SampleSpec:
-    sample_reader = reader.sub("sample") or _Reader(shown, {}, reader.field("sample"))
+def _sample(shown: Path, reader: Reader) -> SampleSpec:
+    sample_reader = reader.sub("sample") or Reader(shown, {}, reader.field("sample"))
     sample_reader.check_keys(("n", "fraction", "seed"))
     n = sample_reader.positive_int("n", None)
     fraction = sample_reader.get("fraction", float)
@@ -850,11 +572,9 @@ def _sample(shown: Path, reader: _Reader) -> SampleSpec:
     return SampleSpec(n=n, fraction=fraction, seed=sample_reader.get("seed", int, 0))
 
 
-def _tolerances(reader: _Reader | None) -> dict[str, float]:
+def _tolerances(reader: Reader | None) -> dict[str, float]:
     """What a deployment may give up, against the baseline (every task's tolerances may be
     stated; collect judges a variant by those of its job's task)."""
-    from runner.tasks import tolerances  # the tasks import models, which imports this
-
     if reader is None:
         return {}
     known = tolerances()
@@ -895,7 +615,7 @@ EVALUATION_FIELDS = (
 COMPILE_CHOICES = "false (every variant eager), true (every variant compiled) or both"
 
 
-def _evaluation(reader: _Reader) -> EvaluationSpec:
+def _evaluation(reader: Reader) -> EvaluationSpec:
     reader.check_keys(EVALUATION_FIELDS)
     order = reader.get("batch_order", str, "sample")
     if order not in BATCH_ORDERS:
@@ -921,7 +641,7 @@ def _evaluation(reader: _Reader) -> EvaluationSpec:
     )
 
 
-def _compile(reader: _Reader) -> bool | str:
+def _compile(reader: Reader) -> bool | str:
     """evaluation.compile: false, true or both (YAML's booleans, or the word both)."""
     value = reader.data.get("compile")
     if value is None:
@@ -931,7 +651,7 @@ def _compile(reader: _Reader) -> bool | str:
     raise SpecError(reader.file, reader.field("compile"), value, f"allowed: {COMPILE_CHOICES}")
 
 
-def _latency_mode(reader: _Reader) -> tuple[str, tuple[int, int] | None]:
+def _latency_mode(reader: Reader) -> tuple[str, tuple[int, int] | None]:
     """latency_mode, and fixed_shape: given with mode fixed, and only then."""
     mode = reader.get("latency_mode", str, "dataset")
     if mode not in ("dataset", "fixed"):
@@ -954,13 +674,13 @@ def _latency_mode(reader: _Reader) -> tuple[str, tuple[int, int] | None]:
     return mode, tuple(shape) if shape else None
 
 
-def _settings(reader: _Reader) -> dict:
+def _settings(reader: Reader) -> dict:
     """Every precision family's keys of settings:, read and checked by the family."""
     reader.check_keys(tuple(default_settings()))
     return read_settings(reader)
 
 
-def _variants(shown: Path, top: _Reader, compile_choice: bool | str = False) -> list[Variant]:
+def _variants(shown: Path, top: Reader, compile_choice: bool | str = False) -> list[Variant]:
     """The variants asked for, each once; evaluation.compile makes them compiled (true) or adds a
     compiled twin after each (both)."""
     variants, seen = [], set()
@@ -1013,7 +733,7 @@ def _with_compile(variant: Variant, compile_choice: bool | str) -> list[Variant]
     return [compiled] if compile_choice is True else [variant]
 
 
-def _variant_pairs(shown: Path, top: _Reader) -> list[tuple[str, str, Any, Any, bool]]:
+def _variant_pairs(shown: Path, top: Reader) -> list[tuple[str, str, Any, Any, bool]]:
     """(where the precision is, where the device is, precision, device, whether the id ends in
     -compiled) for each variant asked for, as variants: [...] or as precisions: [...] x
     devices: [...]."""

@@ -16,10 +16,11 @@ from pathlib import Path
 from runner import cluster as ray_cluster
 from runner import collect, dispatch, folders, interrupt, locks, measure, models, results
 from runner.cluster import Cluster
+from runner.fields import SpecError
 from runner.finetune import chance_note, finetune_key, training_settings
+from runner.job import Variant
 from runner.plan import JobPlan
 from runner.schema import Result
-from runner.spec import SpecError, Variant
 from runner.study import stage as study
 from runner.tasks import DEFAULT_TASK, TASKS, Task
 from runner.work import FinetuneWork, VariantWork, base_result

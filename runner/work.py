@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from runner import measure
+from runner.job import EvaluationSpec, FinetuneSpec, SensitivitySpec, Variant
 from runner.schema import SCHEMA_VERSION, Result
-from runner.spec import EvaluationSpec, FinetuneSpec, SensitivitySpec, Variant
 from runner.tasks import Task
 
 

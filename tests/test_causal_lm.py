@@ -20,9 +20,9 @@ from lm_models import (
 )
 
 from runner import locks, models
+from runner.job import Variant
 from runner.plan import plan_job
 from runner.precisions import PRECISIONS
-from runner.spec import Variant
 from runner.sweep import variant_work
 
 CONTEXT, STRIDE = 16, 8
@@ -284,7 +284,7 @@ def test_an_inline_vocabulary_smaller_than_the_tokenizer_is_refused(capsys, tmp_
 def test_a_study_step_compares_next_tokens_position_by_position(tmp_path, llama):
     from dataclasses import replace
 
-    from runner.spec import SensitivitySpec
+    from runner.job import SensitivitySpec
     from runner.study import steps as study_worker
     from runner.work import StudyWork
 

@@ -22,9 +22,9 @@ from conftest import RT_POLARITY, build_tiny_bert, labelled, typed, variant_json
 
 from runner import collect
 from runner.cli import main
+from runner.job import EvaluationSpec, Variant
 from runner.precisions import default_settings
 from runner.results import write_result
-from runner.spec import EvaluationSpec, Variant
 from runner.work import VariantWork
 
 LABELS = ["negative", "positive"]

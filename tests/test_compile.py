@@ -20,8 +20,9 @@ from conftest import build_tiny_bert, check_refused, rt_job, typed, variant_json
 from test_worker import make_task
 
 from runner.cli import main
+from runner.job import Variant
 from runner.results import write_result
-from runner.spec import Variant, load_job
+from runner.spec import load_job
 from runner.worker import COMPILE
 
 needs_compiler = pytest.mark.skipif(

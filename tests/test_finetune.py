@@ -13,8 +13,8 @@ from conftest import SMSA, build_tiny_bert, corpus_lines, smsa_job, variant_json
 
 from runner import finetune, models
 from runner.cli import main
+from runner.job import FinetuneSpec
 from runner.plan import plan_job
-from runner.spec import FinetuneSpec
 from runner.sweep import finetune_work, variant_work
 from runner.work import FinetuneWork
 

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, labelled
 
 from runner import measure
+from runner.job import EvaluationSpec, Variant
 from runner.precisions import default_settings
 from runner.results import (
     is_study_file,
@@ -22,7 +23,6 @@ from runner.results import (
     write_result,
 )
 from runner.schema import Latency, Result
-from runner.spec import EvaluationSpec, Variant
 from runner.work import VariantWork, base_result
 
 REFERENCE = sorted((REPO / "results" / "reference").rglob("*.json"))

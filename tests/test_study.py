@@ -176,8 +176,8 @@ def test_sensitivity_mistakes_exit_2_naming_the_field(
 def _step(model_dir, precision: str, **fields):
     from conftest import hard_bert_sentences
 
+    from runner.job import EvaluationSpec, SensitivitySpec
     from runner.precisions import default_settings
-    from runner.spec import EvaluationSpec, SensitivitySpec
     from runner.work import StudyWork
 
     texts, gold = hard_bert_sentences()

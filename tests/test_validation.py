@@ -231,7 +231,7 @@ def test_a_local_models_label_names_are_read_as_transformers_reads_them(
     from transformers import AutoConfig
 
     from runner import models
-    from runner.spec import ModelSource
+    from runner.job import ModelSource
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_3, folder)

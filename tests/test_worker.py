@@ -7,9 +7,9 @@ import pytest
 from conftest import SMSA, labelled, smsa_job, variant_json
 
 from runner import data
+from runner.job import EvaluationSpec, Variant
 from runner.plan import plan_job
 from runner.precisions import default_settings
-from runner.spec import EvaluationSpec, Variant
 from runner.work import VariantWork
 
 TEXTS = [
@@ -171,7 +171,7 @@ def test_accuracy_is_computed_by_label_name(tiny_model_3, tmp_path):
 
 
 def test_smsa_tsv_keeps_bare_quotes_and_every_row(tmp_path):
-    from runner.spec import DatasetSpec, SampleSpec
+    from runner.job import DatasetSpec, SampleSpec
 
     spec = DatasetSpec(
         format="tsv",

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from runner.job import GROUPINGS, JobSpec
 from runner.layers import classify_layer
-from runner.spec import GROUPINGS, JobSpec
 from runner.tasks import TASKS
 
 # Resamples of the paired bootstrap of the accuracy delta: as many as the variants' comparison.

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from runner import dispatch, measure, results
 from runner.cluster import Cluster, alive_nodes
+from runner.job import Variant
 from runner.placement import capable_nodes
 from runner.plan import JobPlan
-from runner.spec import Variant
 from runner.study.ranking import rank, tolerance, tolerance_text
 from runner.work import StudyWork
 

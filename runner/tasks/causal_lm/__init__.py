@@ -18,8 +18,8 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+from runner.fields import SpecError
 from runner.schema import Metrics
-from runner.spec import SpecError
 from runner.tasks.causal_lm import compare, config
 from runner.tasks.task import EVERY_TASK_TOLERANCES, Metric, Targets, Task
 
@@ -79,7 +79,7 @@ class CausalLM(Task):
                 f"every one of the {len(examples)} documents of the evaluation sample is empty: "
                 "there is no token to score; name the column that holds the text",
             )
-        settings = config.resolved(spec.task_settings, model_config, job)
+        settings = config.resolved(spec.task_config, model_config, job)
         return Targets(settings, plan_notes(settings))
 
     def recorded(self, settings: config.CausalLMSettings) -> dict:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner import model_checks
-from runner.spec import ModelSource, SpecError
+from runner.fields import SpecError
+from runner.job import ModelSource
 
 # The context a job gets when it names none: the model's position table, at most this (as
 # lm-evaluation-harness's default max_length).

@@ -22,6 +22,7 @@ class Classification(Task):
     name = "classification"
     model_class = "AutoModelForSequenceClassification"
     model_words = "a classifier"
+    dataset_fields = ("label_map",)
     metrics = (
         Metric("accuracy", float, higher_is_better=True),
         Metric("macro_f1", float, higher_is_better=True),
@@ -34,6 +35,10 @@ class Classification(Task):
     untrained = "accuracy is chance until the model is fine-tuned"
     worker_side = "runner.tasks.classification.worker:WORKER"
     plots = "runner.tasks.classification.plots:PLOTS"
+
+    def read_dataset_fields(self, reader) -> dict[str, str] | None:
+        """`dataset.label_map`: dataset label value -> the model's label name."""
+        return labels.read_label_map(reader)
 
     def plan(self, spec, job, config: dict, rows, examples, train) -> Targets:
         return labels.plan_targets(spec, job, config, rows, examples, train)

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import data, model_checks
-from runner.spec import JobSpec, SpecError
+from runner import model_checks
+from runner.fields import Reader, SpecError, label_name
 from runner.tasks.task import Targets
 
 
@@ -23,13 +23,33 @@ class Labels:
     gold: list[str]
 
 
+def read_label_map(reader: Reader) -> dict[str, str] | None:
+    """dataset label value -> model label name, each dataset label once however it is written."""
+    label_map_raw = reader.get("label_map", dict)
+    if label_map_raw is None:
+        return None
+    label_map = {}
+    for key, value in label_map_raw.items():
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise reader.error(f"label_map.{key}", value, "expected a model label name")
+        name = label_name(key)
+        if name in label_map:
+            raise reader.error(
+                f"label_map.{key}",
+                key,
+                f"names the same dataset label as another key ({name}); give each label once",
+            )
+        label_map[name] = str(value)
+    return label_map
+
+
 def plan_targets(
-    spec: JobSpec,
+    spec,
     shown: Path,
     config: dict,
-    rows: list[data.Example],
-    examples: list[data.Example],
-    train: list[data.Example] | None,
+    rows: list,
+    examples: list,
+    train: list | None,
 ) -> Targets:
     labels_of_model = model_checks.config_labels(config, shown, spec.model)
     if spec.finetune is None:
@@ -37,8 +57,8 @@ def plan_targets(
     else:
         # Fine-tuning gives the model a new head whose labels are the names the job maps to.
         labels = (
-            spec.dataset.label_map.values()
-            if spec.dataset.label_map
+            spec.dataset.task_fields.values()
+            if spec.dataset.task_fields
             else sorted({e.label for e in rows})
         )
         model_labels = list(dict.fromkeys(labels))
@@ -55,12 +75,10 @@ def plan_targets(
     return Targets(Labels(model_labels, label_map, gold), notes)
 
 
-def check_labels(
-    spec: JobSpec, shown: Path, examples: list[data.Example], model_labels: list[str]
-) -> dict[str, str]:
+def check_labels(spec, shown: Path, examples: list, model_labels: list[str]) -> dict[str, str]:
     """The dataset -> model label map, checked by name in both directions. Never by position."""
     dataset_labels = {e.label for e in examples}
-    label_map = spec.dataset.label_map
+    label_map = spec.dataset.task_fields
     if label_map is None:
         # Without a map the dataset's values must be the model's label names themselves.
         unknown = sorted(label for label in dataset_labels if label not in model_labels)
@@ -83,7 +101,7 @@ def check_labels(
             "dataset.label_map",
             unmapped,
             "these dataset labels have no model label (first at "
-            f"{data.first_rows_with(examples, unmapped)}); "
+            f"{first_rows_with(examples, unmapped)}); "
             f"the map covers: {', '.join(label_map)}",
         )
     return label_map
@@ -97,9 +115,7 @@ def unknown_labels(shown, examples, dataset_labels, unknown, model_labels) -> Sp
         else f"{len(dataset_labels)} different values look like text, not labels: check "
         "dataset.label_column and dataset.text_column"
     )
-    first = (
-        f" (first at {data.first_rows_with(examples, unknown[:1])})" if len(unknown) <= 10 else ""
-    )
+    first = f" (first at {first_rows_with(examples, unknown[:1])})" if len(unknown) <= 10 else ""
     return SpecError(
         shown,
         "dataset.label_map",
@@ -109,9 +125,7 @@ def unknown_labels(shown, examples, dataset_labels, unknown, model_labels) -> Sp
     )
 
 
-def check_training_labels(
-    shown: Path, train: list[data.Example], label_map: dict[str, str]
-) -> None:
+def check_training_labels(shown: Path, train: list, label_map: dict[str, str]) -> None:
     unknown = sorted({e.label for e in train} - set(label_map))
     if unknown:
         raise SpecError(
@@ -119,5 +133,14 @@ def check_training_labels(
             "finetune.train",
             unknown,
             f"labels in the training data that the model does not know (first at "
-            f"{data.first_rows_with(train, unknown)}); it knows: {', '.join(label_map)}",
+            f"{first_rows_with(train, unknown)}); it knows: {', '.join(label_map)}",
         )
+
+
+def first_rows_with(examples: list, labels: list[str]) -> str:
+    """Where each of the labels first appears, for an error message: 'line 4 of a.csv: ""'."""
+    firsts = {}
+    for example in examples:
+        if example.label in labels and example.label not in firsts:
+            firsts[example.label] = example.where
+    return "; ".join(f"{firsts[label]}: {label!r}" for label in labels[:5] if firsts.get(label))
