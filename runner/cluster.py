@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+import ray._private.ray_constants as ray_constants
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+from ray._raylet import AuthenticationTokenLoader, Config
 
 from runner import isolation, measure
 from runner.placement import DEVICE_RESOURCE, SLOT
@@ -398,8 +402,6 @@ def start_embedded_head(temp_dir: str | None, gpus: int) -> EmbeddedHead:
     test helper (cluster_utils) would also write the address to /tmp/ray for any later ray.init().
     Every port (the GCS, the raylet, the agents, each worker) listens on the node's IP, 127.0.0.1.
     """
-    from ray._private.node import Node
-    from ray._private.parameter import RayParams
 
     resources = {SLOT: 1, DEVICE_RESOURCE["cpu"]: 1}
     if gpus:
@@ -447,8 +449,6 @@ def _loopback_and_token_environment() -> dict:
     Ray 2.60 replaces a loopback address with the machine's routable IP unless it is told that this
     is no multi-machine cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at import: set here
     too)."""
-    import ray._private.ray_constants as ray_constants
-
     saved = {name: os.environ.get(name) for name in _EMBEDDED_VARIABLES}
     saved["enable_cluster"] = ray_constants.ENABLE_RAY_CLUSTER
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
@@ -461,8 +461,6 @@ def _loopback_and_token_environment() -> dict:
 
 
 def _restore_environment(saved: dict) -> None:
-    import ray._private.ray_constants as ray_constants
-
     for name in _EMBEDDED_VARIABLES:
         if saved.get(name) is None:
             os.environ.pop(name, None)
@@ -475,7 +473,6 @@ def _restore_environment(saved: dict) -> None:
 def _reload_ray_authentication() -> None:
     """Ray reads the mode and caches the token once per process: both are read again from the
     environment."""
-    from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")  # before the token is dropped, as Ray's own test helper does
     AuthenticationTokenLoader.instance().reset_cache()

@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from runner.fields import SpecError, label_name
 from runner.job import DatasetSpec, SampleSpec
 
@@ -152,8 +154,6 @@ def _read_jsonl(spec: DatasetSpec, job: Path) -> list[Example]:
 
 
 def _read_parquet(spec: DatasetSpec, job: Path) -> list[Example]:
-    import pyarrow.parquet as pq
-
     return _records_to_examples(enumerate(pq.read_table(spec.path).to_pylist(), start=1), spec, job)
 
 

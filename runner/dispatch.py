@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from runner import isolation, measure, models
+from runner import isolation, measure, model_cache
 from runner.cluster import (
     Cluster,
     alive_nodes,
@@ -121,18 +121,18 @@ def shipped_model(cluster: Cluster, model_dir: Path | None) -> list:
     embedded cluster), else its folder's archive in Ray's object store, put once for every call."""
     if cluster.embedded or model_dir is None:
         return []
-    return [ray.put(models.archive_folder(Path(model_dir)))]
+    return [ray.put(model_cache.archive_folder(Path(model_dir)))]
 
 
 def _model_on_this_node(model_dir: str, archive: list) -> str:
     """The prepared model's folder here: the driver's cache when shared, else unpacked from the
     archive."""
     key = Path(model_dir).name
-    if models.cached_model(key) is not None:
-        return str(models.cached_model(key))
+    if model_cache.cached_model(key) is not None:
+        return str(model_cache.cached_model(key))
     if not archive:
         raise FileNotFoundError(f"prepared model {model_dir} is not on this node and none was sent")
-    return str(models.unpack_archive(key, ray.get(archive[0])))
+    return str(model_cache.unpack_archive(key, ray.get(archive[0])))
 
 
 # How often the driver looks at the cluster's nodes while variants wait in Ray's queue: a node may
@@ -295,8 +295,8 @@ def finetune(
         raise RuntimeError(_short_error(error)) from None
     info["node_ip"], info["worker_pid"] = node["node_ip"], node["worker_pid"]
     if "archive" in info:
-        models.unpack_archive(work.key, info.pop("archive"))
-    info["folder"] = str(models.cached_model(work.key))
+        model_cache.unpack_archive(work.key, info.pop("archive"))
+    info["folder"] = str(model_cache.cached_model(work.key))
     return info
 
 

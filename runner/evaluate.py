@@ -15,7 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from runner import locks, measure
+import torch
+from transformers import AutoTokenizer
+
+from runner import locks, machine, measure
 from runner.job import EvaluationSpec
 
 
@@ -104,8 +107,6 @@ class PassTimings:
 
 def fixed_shape_batch(tokenizer, batch_size: int, sequence_length: int, device: str) -> dict:
     """A batch of the same shape on every run and dataset: seeded random token ids, no padding."""
-    import torch
-
     generator = torch.Generator().manual_seed(0)
     low = min(1000, len(tokenizer) // 2)  # past the special tokens of a BERT vocabulary
     ids = torch.randint(low, len(tokenizer), (batch_size, sequence_length), generator=generator)
@@ -120,8 +121,6 @@ def tokenized_sample(
 ) -> tuple[list[dict], list[int], dict | None]:
     """The texts tokenized into batches in the evaluation's order (before any clock starts), that
     order, and the fixed-shape batch when latency is timed on one (else None)."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     order = batch_order(tokenizer, texts, max_length, evaluation.batch_order)
     batches = tokenize_batches(
@@ -160,8 +159,6 @@ def run_passes(
     count_graphs: for a compiled model, the graphs torch.compile has compiled so far; in fixed mode
     its untimed passes over the sample then hold the timing lock too, as they may recompile.
     """
-    import torch
-
     outputs = []
     clock = (device, warmup_passes, timed_passes, min_time_s, holder)
     with torch.inference_mode():
@@ -194,7 +191,7 @@ def timed_passes_of(
     """Warm up, then time whole passes over timed_batches; on_output(i, output) sees each timed
     pass's output after its clock stopped; count_graphs (a compiled model's) is read when the clock
     starts and when it stops."""
-    sync = measure.synchronizer(device)
+    sync = machine.synchronizer(device)
     # No other quantbench run on this machine times while this one warms up and times: they would
     # share the cores (and the GPU). Warm-up is inside, so the clock starts on a warm machine.
     with locks.timing_lock(holder) as lock:

@@ -21,6 +21,7 @@ stops the calls it runs.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -39,10 +40,11 @@ from multiprocessing.connection import Client, Connection, answer_challenge, del
 from typing import Any
 
 # What the server imports before it forks: the heavy, model-independent part of a variant's imports.
+# Not the fine-tune's module: transformers' Trainer imports torchao (1.5 s, and its notices on the
+# terminal), which a sweep without a fine-tune never needs; a fine-tune's process imports it.
 PRELOAD = [
     "torch",
     "runner.worker",
-    "runner.finetune",
     "runner.analysis",
     "transformers.modeling_utils",
     "transformers.models.auto.modeling_auto",
@@ -357,8 +359,6 @@ def _run_call(connection, request: list[bytes], output: list[int]) -> None:
 def _die_with_parent() -> None:
     """Linux: this process is killed when the process that started it ends, never orphaned."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass

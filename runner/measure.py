@@ -7,18 +7,20 @@ about jobs or Ray.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import platform
 import re
-import socket
 import statistics
 import time
-from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import numpy as np
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 # Instruction-set extensions that decide CPU speed for FP32/BF16/INT8 kernels.
 SPEED_FLAGS = (
@@ -107,9 +109,7 @@ def same_shape_cv(seconds: list[float], shapes: list) -> tuple[float | None, int
 def preemptions() -> int | None:
     """How often the kernel has taken a CPU from this process's threads for another runnable thread
     so far (involuntary context switches); None where the platform does not count them."""
-    try:
-        import resource
-    except ImportError:  # Windows
+    if resource is None:  # Windows
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
 
@@ -142,94 +142,7 @@ def noisy_warning(stats: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory.
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            match = re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.M)
-        return int(match.group(1)) if match else None
-    except OSError:
-        return None
-
-
-def _reset_rss_peak() -> bool:
-    """Linux lets a process reset its own high-water mark (clear_refs 5): peaks per phase."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class MemoryPhases:
-    """Peak resident memory (and CUDA memory) of this process for each named phase."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.phases: dict[str, dict] = {}
-        self.resettable = _reset_rss_peak()
-
-    @contextmanager
-    def phase(self, name: str):
-        import torch
-
-        cuda = self.device == "cuda" and torch.cuda.is_available()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        self.resettable = _reset_rss_peak() and self.resettable
-        yield
-        peak = _status_kib("VmHWM")
-        record = {"peak_rss_mib": round(peak / 1024, 1) if peak else None}
-        if cuda:
-            torch.cuda.synchronize()
-            record["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            record["peak_cuda_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-        self.phases[name] = record
-
-    # Analysis loads an FP32 reference after the measured work: its peak is reported apart.
-    MEASURED = ("load", "quantize", "evaluate")
-
-    def peak_rss_mib(self) -> float | None:
-        values = [
-            p["peak_rss_mib"]
-            for name, p in self.phases.items()
-            if name in self.MEASURED and p.get("peak_rss_mib") is not None
-        ]
-        return max(values) if values else None
-
-    def peak_cuda_mib(self) -> float | None:
-        values = [
-            p["peak_cuda_allocated_mib"]
-            for name, p in self.phases.items()
-            if name in self.MEASURED and "peak_cuda_allocated_mib" in p
-        ]
-        return max(values) if values else None
-
-
-def model_size_mib(model) -> float:
-    """Bytes of torch.save(model.state_dict()) / 2^20: what the published study measured."""
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return round(buffer.tell() / 2**20, 4)
-
-
-# ---------------------------------------------------------------------------------------------
 # The clock.
-
-
-def synchronizer(device: str):
-    """Returns the function that must run before the clock is read: CUDA work is asynchronous."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.synchronize
-    return lambda: None
 
 
 class Stopwatch:
@@ -268,49 +181,6 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def gpu_info() -> dict | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "name": props.name,
-        "memory_mib": round(props.total_memory / 2**20),
-        "compute_capability": f"{props.major}.{props.minor}",
-        "cuda": torch.version.cuda,
-        "count": torch.cuda.device_count(),
-    }
-
-
-def _version(module: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(module)
-    except PackageNotFoundError:
-        return None
-
-
-def environment() -> dict:
-    import torch
-
-    return {
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": {
-            name: _version(name)
-            for name in ("torch", "transformers", "accelerate", "bitsandbytes", "ray")
-        },
-        "cpu": cpu_info(),
-        "gpu": gpu_info(),
-        "torch_threads": torch.get_num_threads(),
-        "niceness": os.nice(0),
-        "quantized_engine": torch.backends.quantized.engine,
-    }
 
 
 def hardware_label(env: dict, device: str) -> str:

@@ -1,18 +1,19 @@
-"""Model checks: a job's model source read and checked before Ray starts.
+"""Model checks: a job's model source read and checked before Ray starts, from its files alone.
 
-Where the weights come from (a folder, an installed package, the hub, an inline architecture), the
-model's config and label names, and whether a local folder holds a tokenizer's vocabulary and whole
-weights. Each of these would otherwise fail only while loading, in every variant, after Ray started.
-A local model's files are read without importing transformers (and torch): planning stays quick.
+Where the weights come from (a folder, an installed package), the model's label names, whether a
+local folder holds a tokenizer's special tokens and whole weights. Each of these would otherwise
+fail only while loading, in every variant, after Ray started. No transformers and no torch: the
+tasks' declarations read a config's labels and a tokenizer's tokens with these;
+runner/model_source.py reads what needs transformers (an inline or a hub config).
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
-import os
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 
 from runner.fields import SpecError
 from runner.job import ModelSource
@@ -49,43 +50,6 @@ def check_source(source: ModelSource, job: Path, field: str) -> None:
             ) from None
 
 
-def read_config(source: ModelSource, job: Path, field: str = "model"):
-    """The model's transformers config (config.json only: no weights are read)."""
-    from transformers import AutoConfig
-
-    if source.config is not None:
-        from transformers import CONFIG_MAPPING
-
-        config = dict(source.config)
-        model_type = config.pop("model_type")
-        if (
-            model_type not in CONFIG_MAPPING
-        ):  # transformers' own message lists every type it knows (12 KB)
-            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
-            raise SpecError(
-                job,
-                f"{field}.config.model_type",
-                model_type,
-                "not a model type transformers knows"
-                + (f"; did you mean {', '.join(close)}?" if close else ""),
-            )
-        try:
-            built = AutoConfig.for_model(model_type, **config)
-        except (ValueError, TypeError) as error:
-            raise SpecError(
-                job, f"{field}.config", source.config, f"not a valid {model_type} config: {error}"
-            ) from None
-        check_heads(built, job, field)
-        return built
-    check_source(source, job, field)
-    try:
-        return AutoConfig.from_pretrained(pretrained_name(source), revision=source.revision)
-    except (OSError, ValueError) as error:
-        raise SpecError(
-            job, field, source.describe(), f"cannot read the model's config: {error}"
-        ) from None
-
-
 def check_heads(config, job: Path, field: str) -> None:
     """The one rule of an inline architecture that its config accepts but building the model refuses
     (in every variant, after Ray started): each attention head takes hidden_size /
@@ -118,36 +82,6 @@ def local_folder(source: ModelSource, job: Path, field: str) -> Path | None:
     check_source(source, job, field)
     folder = Path(pretrained_name(source))
     return folder if folder.is_dir() else None
-
-
-def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
-    """The model's config as a dict. A local model's is its config.json, read without importing
-    transformers (and torch): planning stays quick."""
-    folder = local_folder(source, job, field)
-    if folder is None:
-        return read_config(source, job, field).to_dict()  # inline configs, the hub
-    if not (folder / "config.json").is_file():
-        below = sorted(str(c.parent.relative_to(folder)) for c in folder.glob("*/config.json"))
-        hint = (
-            f"; a folder below holds one: {', '.join(below)}"
-            if below
-            else "; name the folder that save_pretrained wrote"
-        )
-        raise SpecError(job, field, str(folder), f"the folder has no config.json{hint}")
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise SpecError(
-            job, field, source.describe(), f"cannot read the model's config: {error}"
-        ) from None
-    if not isinstance(config, dict):
-        raise SpecError(
-            job,
-            field,
-            f"{folder / 'config.json'}: a JSON {type(config).__name__}",
-            "a model's config.json is one JSON object of the model's settings",
-        )
-    return config
 
 
 def config_labels(config: dict, job: Path, source: ModelSource, field: str = "model") -> list[str]:
@@ -196,49 +130,6 @@ VOCABULARY_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
 )
-
-
-def check_tokenizer_files(source: ModelSource, job: Path, field: str) -> None:
-    """A local folder must hold a tokenizer's vocabulary. Without one, transformers builds a
-    tokenizer of a handful of special tokens, every word becomes [UNK], and every variant runs 'ok'
-    on nonsense."""
-    if source.hub:
-        check_hub_tokenizer(source, job, field)
-    folder = local_folder(source, job, field)
-    if folder is not None and not any((folder / name).is_file() for name in VOCABULARY_FILES):
-        hint = (
-            "save the tokenizer beside the model (tokenizer.save_pretrained) or name one with "
-            "tokenizer:"
-            if field == "model"
-            else "name a folder that holds one"
-        )
-        raise SpecError(
-            job,
-            field,
-            str(folder),
-            f"the folder has no tokenizer vocabulary (none of {', '.join(VOCABULARY_FILES)}); "
-            f"{hint}",
-        )
-
-
-def check_hub_tokenizer(source: ModelSource, job: Path, field: str) -> None:
-    """A hub tokenizer is loaded now, as a hub model's config is: offline and not in the cache, it
-    would fail only at model preparation, after Ray started (blaming the model). Online, this fills
-    the cache that preparation then reads."""
-    from transformers import AutoTokenizer
-
-    try:
-        AutoTokenizer.from_pretrained(source.hub, revision=source.revision)
-    except (OSError, ValueError) as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        said = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache; " if offline else ""
-        raise SpecError(
-            job,
-            f"{field}.hub",
-            source.hub,
-            f"cannot load the tokenizer: {said}"
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}",
-        ) from None
 
 
 # What a model's weights are saved in: one file, or shards listed in an index.
@@ -296,8 +187,6 @@ def shard_files(index: Path, job: Path, field: str) -> list[Path]:
 
 
 def check_safetensors_headers(files: list[Path], job: Path, field: str) -> None:
-    from safetensors import SafetensorError, safe_open
-
     for path in files:
         if path.suffix != ".safetensors":
             continue  # a pickled .bin is only read by torch, at load time
@@ -333,17 +222,3 @@ def special_token(files: dict[str, object], name: str) -> str | None:
         if isinstance(value, str) and value:
             return value
     return None
-
-
-def check_model_class(task, source: ModelSource, config: dict, job: Path) -> None:
-    """An inline config's model type has a class of the task's transformers Auto class (a task
-    that says what to say otherwise: Task.no_model_class)."""
-    if source.config is None or task.no_model_class is None:
-        return
-    import transformers
-    from transformers import CONFIG_MAPPING
-
-    model_type = config.get("model_type")
-    auto = getattr(transformers, task.model_class)
-    if model_type not in CONFIG_MAPPING or CONFIG_MAPPING[model_type] not in auto._model_mapping:
-        raise SpecError(job, "model.config.model_type", model_type, task.no_model_class)

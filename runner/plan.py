@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runner import data, measure, model_checks, models
+from runner import data, measure, model_cache, model_checks, model_source
 from runner.fields import SpecError
 from runner.job import JobSpec, SampleSpec
 from runner.placement import where_it_runs
@@ -60,7 +60,7 @@ def plan_job(path: str | Path) -> JobPlan:
     sample_rows = data.sample_indices(len(rows), spec.dataset.sample)
     examples = [rows[i] for i in sample_rows]
 
-    config = model_checks.model_config(spec.model, shown)
+    config = model_source.model_config(spec.model, shown)
     check_model_files(spec, shown, config)
     notes: list[str] = []
     train = None
@@ -68,7 +68,7 @@ def plan_job(path: str | Path) -> JobPlan:
         train = training_split(spec, shown, rows, sample_rows, notes)
     # The model's kind first: a model of the wrong kind is the first thing to say.
     check_model_kind(task, spec, shown, config)
-    model_checks.check_model_class(task, spec.model, config, shown)
+    model_source.check_model_class(task, spec.model, config, shown)
     targets = task.plan(spec, shown, config, rows, examples, train)
     check_lengths(spec, shown, config)
 
@@ -115,9 +115,9 @@ def check_model_kind(task: Task, spec: JobSpec, shown: Path, config: dict) -> No
 def check_model_files(spec: JobSpec, shown: Path, config: dict) -> None:
     """The tokenizer and weight files are there."""
     if spec.tokenizer is not None:
-        model_checks.check_tokenizer_files(spec.tokenizer, shown, "tokenizer")
+        model_source.check_tokenizer_files(spec.tokenizer, shown, "tokenizer")
     else:
-        model_checks.check_tokenizer_files(spec.model, shown, "model")
+        model_source.check_tokenizer_files(spec.model, shown, "model")
     model_checks.check_weight_files(spec.model, shown)
 
 
@@ -247,7 +247,7 @@ def _spec_hash(
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode())
     digest.update(data.fingerprint(examples).encode())
     digest.update(data.fingerprint(train or []).encode())
-    digest.update(models.model_key(spec).encode())
+    digest.update(model_cache.model_key(spec).encode())
     return digest.hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from runner.layers import LAYER_TYPES
 
@@ -44,8 +45,6 @@ def log_scale(ax, which: str) -> None:
     (matplotlib's own log labels are formulas, which the report's text.parse_math=False would
     print raw); over at most two decades ticks at 1, 2 and 5 times a power of ten, else at each
     power of ten."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     getattr(ax, f"set_{which}scale")("log")
     axis = ax.xaxis if which == "x" else ax.yaxis
     low, high = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())

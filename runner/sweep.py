@@ -14,16 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner import cluster as ray_cluster
-from runner import collect, dispatch, folders, interrupt, locks, measure, models, results
+from runner import (
+    collect,
+    dispatch,
+    folders,
+    interrupt,
+    locks,
+    measure,
+    models,
+    results,
+)
 from runner.cluster import Cluster
 from runner.fields import SpecError
-from runner.finetune import chance_note, finetune_key, training_settings
+from runner.finetune.stage import fine_tuned_model
 from runner.job import Variant
 from runner.plan import JobPlan
 from runner.schema import Result
 from runner.study import stage as study
 from runner.tasks import DEFAULT_TASK, TASKS, Task
-from runner.work import FinetuneWork, VariantWork, base_result
+from runner.work import VariantWork, base_result
 
 
 @dataclass
@@ -477,80 +486,6 @@ def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:
         )
         say(f"note: {what}: {plan.task.untrained}")
     return model_dir, model_info
-
-
-def fine_tuned_model(
-    plan: JobPlan,
-    base_dir: Path,
-    base_info: dict,
-    cluster,
-    say,
-    placement_timeout_s: float | None = None,
-) -> tuple[Path, dict]:
-    """The job's fine-tuned FP32 model: from the cache, or trained now on a node of the cluster."""
-    spec = plan.spec
-    work = finetune_work(plan, base_dir, base_info)
-    chance = plan.task.chance_loss(work)
-    trained_on = plan.task.worker().describe_training(work)
-    cached = models.cached_model(work.key)
-    if cached is not None:
-        info = models.cached_info(cached)
-        say(
-            f"fine-tune: reusing the cached fine-tuned model {cached} (trained on "
-            f"{trained_on}, train loss "
-            f"{info['train_loss']}){chance_note(info['train_loss'], chance)}"
-        )
-        return cached, fine_tuned_info(info, base_info)
-    say(
-        f"fine-tune: training on {trained_on} ({spec.finetune.epochs:g} "
-        f"epoch(s), batch {spec.finetune.batch_size}, learning rate "
-        f"{spec.finetune.learning_rate:g}) ..."
-    )
-    info = dispatch.finetune(
-        work,
-        cluster,
-        placement_timeout_s,
-        precisions=[v.precision for v in spec.variants if v.device == "cpu"],
-    )
-    say(
-        f"fine-tune: done in {info['train_s']:.1f} s on {info['device']} ({info.get('node_ip')}), "
-        f"train loss {info['train_loss']}; cached as "
-        f"{info['folder']}{chance_note(info['train_loss'], chance)}"
-    )
-    return Path(info["folder"]), fine_tuned_info(info, base_info)
-
-
-def fine_tuned_info(info: dict, base_info: dict) -> dict:
-    """A fine-tuned model's description for its results; a hub base model's commit stays in it."""
-    commit = {"commit": base_info["commit"]} if "commit" in base_info else {}
-    return {**info, "source": f"fine-tuned {base_info['source']}", **commit}
-
-
-def finetune_work(plan: JobPlan, base_dir: Path, base_info: dict) -> FinetuneWork:
-    """What the job's fine-tune trains on, keyed as its cache entry."""
-    spec = plan.spec
-    texts = [e.text for e in plan.train_examples]
-    # A task whose answers are not labels (a causal LM) trains on text alone: no labels.
-    labels, label_names = plan.task.training_labels(plan.targets.config, plan.train_examples)
-    work = FinetuneWork(
-        **{**plan.worker_inputs(), "texts": texts},
-        model_dir=str(base_dir),
-        key="",
-        base_key=base_info["key"],
-        labels=labels,
-        label_names=label_names,
-        finetune=spec.finetune,
-    )
-    work.key = finetune_key(
-        base_info["key"],
-        texts,
-        labels,
-        label_names,
-        spec.finetune,
-        spec.dataset.max_length,
-        training_settings(work),
-    )
-    return work
 
 
 def print_table(

@@ -66,7 +66,7 @@ class FinetuneWork(Work):
     device: str = "cpu"  # where dispatch places it: a GPU node where the cluster has one
     send_back: bool = False  # the trained folder comes back: the driver may not share the disk
 
-    runs: ClassVar[str] = "runner.finetune:run_finetune"
+    runs: ClassVar[str] = "runner.finetune.train:run_finetune"
 
 
 @dataclass(kw_only=True)

@@ -16,11 +16,14 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import transformers
+from torch._dynamo.utils import counters
 
-from runner import evaluate, locks, measure, models
+from runner import analysis, evaluate, locks, machine, measure, models
 from runner.layers import classify_layer
 from runner.precisions import PRECISIONS, config_for, worker_of
+from runner.precisions.worker import REFERENCE, quantized_model
 from runner.schema import Metrics, Result
 from runner.work import VariantWork, base_result
 
@@ -36,8 +39,6 @@ class NoCudaDevice(RuntimeError):
 
 def run_variant(work: VariantWork) -> Result:
     """The variant's result (what travels back from a worker and is written)."""
-    import torch
-
     result = base_result(work, "ok")
     watch = measure.Stopwatch()
     try:
@@ -49,7 +50,7 @@ def run_variant(work: VariantWork) -> Result:
     result.ended_at = measure.now()
     result.wall_s = watch.seconds()
     try:
-        result.environment = {**measure.environment(), **result.environment}
+        result.environment = {**machine.environment(), **result.environment}
     except Exception as error:  # never lose a result for want of a version string
         result.environment["error"] = repr(error)
     niceness = measure.niceness_warning(result.environment)
@@ -95,10 +96,6 @@ def _injected_fault(variant_id: str) -> str | None:
 def analyse_weights(model, work: VariantWork, batches: list[dict]) -> dict:
     """Per-layer error of the weights this variant computes with, against the FP32 weights they came
     from, and of each layer's output given the FP32 layer's input."""
-    import torch
-
-    from runner import analysis
-    from runner.precisions.worker import REFERENCE
 
     started = time.perf_counter()
     precision = PRECISIONS[work.variant.precision]
@@ -136,9 +133,9 @@ def _run(work: VariantWork, result: Result, torch) -> None:
     threads = work.evaluation.threads or measure.available_cpus()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    memory = measure.MemoryPhases(work.variant.device)
+    memory = machine.MemoryPhases(work.variant.device)
     loaded = load_variant(work, memory, threads)
-    size_mib = measure.model_size_mib(loaded.model)
+    size_mib = machine.model_size_mib(loaded.model)
     batches, order, fixed = kind.batches(work)
     compiled = compile_model(work, loaded.model, batches[0] if fixed is None else fixed, memory)
     with memory.phase("evaluate"):
@@ -188,11 +185,9 @@ class LoadedVariant:
     quantize_s: float
 
 
-def load_variant(work: VariantWork, memory: measure.MemoryPhases, threads: int) -> LoadedVariant:
+def load_variant(work: VariantWork, memory: machine.MemoryPhases, threads: int) -> LoadedVariant:
     """The model loaded and quantized in the memory phases "load" and "quantize"; its settings:
     threads, what loading and quantizing recorded, and the classes of its linear layers."""
-    from runner.precisions.worker import quantized_model  # torch: not where the driver imports
-
     precision = PRECISIONS[work.variant.precision]
     quantized = quantized_model(
         precision,
@@ -227,8 +222,6 @@ def compile_counts() -> dict[str, int]:
     """What torch.compile has done in this process so far, from dynamo's and inductor's counters.
     Past the recompile limit a function runs eager from then on: the model is only partly
     compiled, as it is where a graph breaks."""
-    from torch._dynamo.utils import counters
-
     unsupported = counters["unimplemented"]
     return {
         "graphs": counters["stats"]["unique_graphs"],
@@ -264,11 +257,9 @@ def compile_model(work: VariantWork, model, first_batch: dict, memory) -> Compil
     beside it. None for an eager variant."""
     if not work.variant.compiled:
         return None
-    import torch
-
     torch._dynamo.reset()  # an earlier variant's graphs in this process count towards the limit
     started = compile_counts()
-    sync = measure.synchronizer(work.variant.device)
+    sync = machine.synchronizer(work.variant.device)
     holder = f"compiling {work.job} {work.variant.id}"
     with memory.phase("compile"), locks.timing_lock(holder) as lock:
         clock = time.perf_counter()

@@ -11,11 +11,14 @@ import stat
 import pytest
 from conftest import SMSA, build_tiny_bert, corpus_lines, smsa_job, variant_json, write_job
 
-from runner import finetune, models
+from runner import model_cache, models
 from runner.cli import main
+from runner.finetune import stage
+from runner.finetune import train as finetune
+from runner.finetune.stage import finetune_work
 from runner.job import FinetuneSpec
 from runner.plan import plan_job
-from runner.sweep import finetune_work, variant_work
+from runner.sweep import variant_work
 from runner.work import FinetuneWork
 
 LABELS = "{positive: LABEL_0, neutral: LABEL_1, negative: LABEL_2}"  # the published model's order
@@ -227,7 +230,7 @@ def test_save_folder_is_all_or_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        models.save_folder("abc", {}, half_then_crash)
+        model_cache.save_folder("abc", {}, half_then_crash)
     assert list((tmp_path / "models").iterdir()) == []
 
 
@@ -242,7 +245,7 @@ def test_results_and_cache_entries_are_readable_by_other_users(tmp_path, monkeyp
         written = write_result(
             tmp_path / "results", Result(job="j", variant="fp32-cpu", status="ok")
         )
-        entry = models.save_folder(
+        entry = model_cache.save_folder(
             "abc", {}, lambda folder: (folder / "config.json").write_text("{}")
         )
     finally:
@@ -325,12 +328,12 @@ def test_an_empty_training_split_is_refused(capsys, tmp_path, smsa_base):
 def test_a_fine_tune_whose_loss_stayed_at_chance_says_the_model_learned_little():
     # 0.6937 was a real MiniLM fine-tune on 300 rows: it predicted one class everywhere afterwards.
     two, three = (math.log(2), "ln 2"), (math.log(3), "ln 3")
-    assert "ln 2 = 0.693" in finetune.chance_note(0.6937, two)
-    assert "learned little" in finetune.chance_note(0.6937, two)
-    assert "ln 3 = 1.099" in finetune.chance_note(1.08, three)
-    assert finetune.chance_note(0.546075, two) == ""  # the demo's fine-tune learned
-    assert finetune.chance_note(None, two) == ""
-    assert finetune.chance_note(0.5, (0.0, "ln 1")) == ""  # one label: nothing to guess
+    assert "ln 2 = 0.693" in stage.chance_note(0.6937, two)
+    assert "learned little" in stage.chance_note(0.6937, two)
+    assert "ln 3 = 1.099" in stage.chance_note(1.08, three)
+    assert stage.chance_note(0.546075, two) == ""  # the demo's fine-tune learned
+    assert stage.chance_note(None, two) == ""
+    assert stage.chance_note(0.5, (0.0, "ln 1")) == ""  # one label: nothing to guess
 
 
 def test_rows_left_out_of_the_training_split_for_sharing_a_text_are_counted(

@@ -15,7 +15,7 @@ from lm_models import (
     special_ids,
 )
 
-from runner import locks, measure
+from runner import locks, machine
 from runner.tasks.causal_lm import generation as gen
 
 
@@ -247,7 +247,7 @@ def test_one_new_token_has_no_decode_steps(lm):
 
 def test_the_kv_cache_phase(lm):
     name, model, tokenizer = lm
-    memory = measure.MemoryPhases("cpu")
+    memory = machine.MemoryPhases("cpu")
     chosen = settings(batch_sizes=(3, 1), timed_runs=1, warmup_runs=0)
     timings = gen.kv_cache_phase(memory, model, prompts_for(tokenizer, 8, 3), chosen, "cpu")
     record = memory.phases["kv_cache"]

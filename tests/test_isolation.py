@@ -98,7 +98,8 @@ if __name__ == "__main__":
 def test_what_a_variants_process_runs_imports_no_ray():
     # The process unpickles the function it runs, importing its module: importing Ray there cost
     # 0.3-0.5 s before each variant (measured on 2 cores).
-    from runner import finetune, worker
+    from runner import worker
+    from runner.finetune import train as finetune
     from runner.references import resolve
     from runner.work import FinetuneWork, VariantWork
 
@@ -106,7 +107,7 @@ def test_what_a_variants_process_runs_imports_no_ray():
     assert resolve(FinetuneWork.runs) is finetune.run_finetune
     code = (
         "import sys; from runner import isolation; [__import__(m) for m in isolation.PRELOAD]; "
-        "from runner.worker import run_variant_in_own_process; from runner.finetune import "
+        "from runner.worker import run_variant_in_own_process; from runner.finetune.train import "
         "run_finetune; "
         "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     )

@@ -12,11 +12,13 @@ import pytest
 from conftest import REPO, RT_POLARITY, write_job
 from lm_models import BOS, BPE_SCRIPT, EOS, build_tiny_llama, load
 
-from runner import finetune, models
+from runner import models
 from runner.cli import main
+from runner.finetune import stage
+from runner.finetune import train as finetune
+from runner.finetune.stage import fine_tuned_model, finetune_work
 from runner.plan import plan_job
 from runner.spec import load_job
-from runner.sweep import fine_tuned_model, finetune_work
 from runner.tasks import TASKS
 from runner.tasks.causal_lm import perplexity
 from runner.tasks.causal_lm import training as lm_training
@@ -160,8 +162,8 @@ def test_the_chance_loss_of_a_language_model_is_ln_of_its_vocabulary(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 4096}))
     loss, written = TASKS["causal-lm"].chance_loss(SimpleNamespace(model_dir=str(tmp_path)))
     assert loss == pytest.approx(math.log(4096)) and written.startswith("ln 4096")
-    assert "ln 4096" in finetune.chance_note(8.30, (loss, written))
-    assert finetune.chance_note(4.5, (loss, written)) == ""
+    assert "ln 4096" in stage.chance_note(8.30, (loss, written))
+    assert stage.chance_note(4.5, (loss, written)) == ""
 
 
 def test_the_tokenizer_script_builds_a_folder_that_loads_with_its_bos_and_eos(tmp_path):

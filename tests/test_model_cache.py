@@ -24,7 +24,7 @@ COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 # the cache and the result say of the model.
 LOOK = """
 import json, sys
-from runner import models
+from runner import model_cache, models
 from runner.plan import plan_job
 from runner.sweep import variant_work
 from runner.work import base_result
@@ -32,7 +32,7 @@ from runner.work import base_result
 plan = plan_job(sys.argv[1])
 folder, info = models.prepare_model(plan.spec)
 result = base_result(variant_work(plan, folder, info, set())[0], "skipped")
-print(json.dumps({"key": models.model_key(plan.spec), "folder": str(folder),
+print(json.dumps({"key": model_cache.model_key(plan.spec), "folder": str(folder),
                   "cached": info["cached"], "model": result.model}))
 """
 

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from runner import models
+from runner import model_cache
 
 
 def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
@@ -36,9 +36,9 @@ def test_a_folder_round_trips_where_extractall_has_no_filter(tmp_path, monkeypat
     source.mkdir()
     (source / "config.json").write_text('{"model_type": "bert"}')
     (source / "model.safetensors").write_bytes(bytes(range(256)) * 40)
-    (source / models.MARKER).write_text('{"key": "k"}')
+    (source / model_cache.MARKER).write_text('{"key": "k"}')
 
-    unpacked = models.unpack_archive("k-roundtrip", models.archive_folder(source))
+    unpacked = model_cache.unpack_archive("k-roundtrip", model_cache.archive_folder(source))
 
     assert sorted(p.name for p in unpacked.iterdir()) == sorted(p.name for p in source.iterdir())
     assert (unpacked / "model.safetensors").read_bytes() == (
@@ -74,6 +74,6 @@ def test_anything_but_a_plain_top_level_file_is_refused(tmp_path, member):
     target = tmp_path / "entry"
     target.mkdir()
     with pytest.raises(ValueError, match="only plain files at its top level"):
-        models.extract_flat(_tar(_file("config.json"), member), target)
+        model_cache.extract_flat(_tar(_file("config.json"), member), target)
     assert not (tmp_path / "escaped").exists()
     assert [p.name for p in target.iterdir()] == ["config.json"]

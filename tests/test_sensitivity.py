@@ -14,6 +14,7 @@ from runner import precisions
 from runner.evaluate import tokenize_batches
 from runner.precisions.worker import quantized_model
 from runner.study import ranking as S
+from runner.study import steps
 from runner.tasks.classification.worker import label_study, probabilities
 
 torch.set_num_threads(1)
@@ -60,9 +61,9 @@ def _study(hard_bert, precision: str = "int8-dynamic") -> tuple[S.Study, dict]:
             model = _load_quantized(precision, folder, keep)[0]
         return probabilities(model, batches)
 
-    layers = tuple(S.linear_layers(reference))
+    layers = tuple(steps.linear_layers(reference))
     study = label_study(evaluate, probabilities(reference, batches), gold, LABELS, layers)
-    return study, S.study_groups(reference, "layer")
+    return study, steps.study_groups(reference, "layer")
 
 
 @pytest.fixture(scope="module")
@@ -144,19 +145,19 @@ def test_tolerance_checks():
 
 def test_groups_by_type_and_depth(hard_bert):
     model = _auto_model().from_pretrained(hard_bert[0])
-    by_type = S.study_groups(model, "type")
+    by_type = steps.study_groups(model, "type")
     assert by_type["output"] == [
         "bert.encoder.layer.0.output.dense",
         "bert.encoder.layer.1.output.dense",
     ]
     assert by_type["classifier"] == ["classifier"] and by_type["pooler"] == ["bert.pooler.dense"]
     assert len(by_type) == 8  # query key value attention_output intermediate output pooler head
-    by_depth = S.study_groups(model, "depth")
+    by_depth = steps.study_groups(model, "depth")
     assert list(by_depth) == ["depth 0", "depth 1", "pooler", "classifier"]
     assert len(by_depth["depth 1"]) == 6 and HARD in by_depth["depth 1"]
     assert sum(map(len, by_depth.values())) == 14
     with pytest.raises(ValueError, match="allowed: layer, type, depth"):
-        S.study_groups(model, "block")
+        steps.study_groups(model, "block")
 
 
 def test_measure_refuses_unknown_layers(layer_study):
@@ -208,7 +209,7 @@ def test_kept_layer_stays_float_and_others_are_quantized(deep_bert, precision):
     assert recorded["kept_in_fp32"] == [KEPT]
     quantized = [
         name
-        for name in S.linear_layers(_auto_model().from_pretrained(deep_bert))
+        for name in steps.linear_layers(_auto_model().from_pretrained(deep_bert))
         if name != KEPT and not precisions.worker_of(precision).leaves_unquantized(model, name)
     ]
     assert LOOK_ALIKE in quantized and len(quantized) >= 12 * 6 - 1

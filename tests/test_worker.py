@@ -180,7 +180,6 @@ def test_smsa_tsv_keeps_bare_quotes_and_every_row(tmp_path):
         header=False,
         text_column=0,
         label_column=1,
-        label_map=None,
         sample=SampleSpec(),
         max_length=128,
     )

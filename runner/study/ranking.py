@@ -103,23 +103,16 @@ def plan_text(spec: JobSpec) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def linear_layers(model) -> list[str]:
-    """The module names of the model's nn.Linear layers, in order: what a study quantizes."""
-    # Imported here: plans and reports import this module, and must not import torch.
-    from runner.precisions.worker import linear_names
-
-    return linear_names(model)
-
-
-def study_groups(model, how: str) -> dict[str, list[str]]:
-    """Group name -> linear layer names, in module order. how: "layer" (one group per layer, named
+def group_layers(layers: list[str], how: str) -> dict[str, list[str]]:
+    """Group name -> linear layer names (a model's, in module order: steps.study_groups). how:
+    "layer" (one group per layer, named
     by it), "type" (layers.classify_layer's type: query, output, classifier, ...) or "depth"
     ("depth 3": the encoder layer's linear layers; a layer of no depth, such as the pooler and the
     classifier head, forms a group of its own type). Raises ValueError for another how."""
     if how not in GROUPINGS:
         raise ValueError(f"unknown grouping {how!r}; allowed: {', '.join(GROUPINGS)}")
     groups: dict[str, list[str]] = {}
-    for name in linear_layers(model):
+    for name in layers:
         groups.setdefault(_group_of(name, how), []).append(name)
     return groups
 

@@ -19,10 +19,12 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import torch
 import transformers
 
-from runner import measure, models
+from runner import analysis, machine, measure, models
 from runner.precisions import PRECISIONS, config_for, worker_of
+from runner.precisions.worker import REFERENCE, linear_names, quantized_model
 from runner.study import ranking
 from runner.work import StudyWork
 
@@ -43,8 +45,6 @@ class Loaded:
 def run_step(step: StudyWork) -> dict:
     """The step's outcome as JSON, with its wall time and where it ran. Raises on failure: the
     driver turns it into the study's error."""
-    import torch
-
     started = time.perf_counter()
     models.quiet_libraries()
     torch.set_num_threads(step.evaluation.threads or measure.available_cpus())
@@ -54,15 +54,13 @@ def run_step(step: StudyWork) -> dict:
     outcome.update(
         load_s=round(loaded.load_s, 3),
         wall_s=round(time.perf_counter() - started, 3),
-        host=measure.environment().get("host"),
+        host=machine.environment().get("host"),
         pid=os.getpid(),
     )
     return outcome
 
 
 def load(step: StudyWork) -> Loaded:
-    import torch
-
     clock = time.perf_counter()
     model_class = getattr(transformers, step.task.model_class)
     fp32 = model_class.from_pretrained(step.model_dir, dtype=torch.float32)
@@ -75,8 +73,6 @@ def load(step: StudyWork) -> Loaded:
 def quantized(loaded: Loaded, keep: frozenset[str]):
     """The model as the precision quantizes it, every linear layer but keep: a copy of the FP32
     model quantized, or loaded again where the family quantizes while loading (bitsandbytes)."""
-    from runner.precisions.worker import quantized_model  # torch: not where the driver imports
-
     step = loaded.step
     precision = PRECISIONS[step.study.precision]
     with warnings.catch_warnings():
@@ -112,12 +108,12 @@ def probe(loaded: Loaded) -> dict:
     config = config_for(precision, loaded.step.settings)
     layers = tuple(
         name
-        for name in ranking.linear_layers(loaded.fp32)
+        for name in linear_layers(loaded.fp32)
         if worker_of(precision).is_quantized(config, full_model.get_submodule(name))
     )
     groups = {
         group: [name for name in names if name in layers]
-        for group, names in ranking.study_groups(loaded.fp32, loaded.step.study.groups).items()
+        for group, names in study_groups(loaded.fp32, loaded.step.study.groups).items()
     }
     return {
         "reference": loaded.view.reference_json,
@@ -133,8 +129,6 @@ def probe(loaded: Loaded) -> dict:
 
 def layer_sqnr(loaded: Loaded, full_model) -> dict[str, dict]:
     """Layer -> the fully quantized model's weight and output SQNR (dB; None where no error)."""
-    from runner import analysis  # torch: not where the driver imports
-    from runner.precisions.worker import REFERENCE
 
     family = worker_of(loaded.step.study.precision)
     weights = analysis.layer_weight_errors(
@@ -166,3 +160,13 @@ def recipe(loaded: Loaded) -> dict:
         step.ranking, step.full, lambda keep: ranking.measure(study, keep), tolerance=tolerance
     )
     return {"recipe": found}
+
+
+def linear_layers(model) -> list[str]:
+    """The module names of the model's nn.Linear layers, in order: what a study quantizes."""
+    return linear_names(model)
+
+
+def study_groups(model, how: str) -> dict[str, list[str]]:
+    """The model's linear layers grouped as ranking.group_layers says."""
+    return ranking.group_layers(linear_layers(model), how)

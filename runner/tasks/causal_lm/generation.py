@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from runner import locks, measure
+from runner import locks, machine, measure
 from runner.tasks.causal_lm import perplexity
 from runner.tasks.causal_lm.config import GenerationSettings, check_count
 
@@ -163,7 +163,7 @@ def no_sync() -> None:
 
 def greedy_generate(model, input_ids, new_tokens: int, sync: Callable = no_sync) -> GenerationRun:
     """Greedy decoding with the KV cache, one forward pass per clock reading. The clock reads
-    after sync() (measure.synchronizer), so each reading follows the device's work. Each step's
+    after sync() (machine.synchronizer), so each reading follows the device's work. Each step's
     clock starts where the one before stopped: nothing between the steps goes untimed. The last
     token is chosen, never fed: the cache ends at prompt + new_tokens - 1 tokens."""
     keyword, options = forward_options(model)
@@ -286,7 +286,7 @@ def time_generation(
     settings.check(model_max_positions(model))
     if any(len(prompt) != settings.prompt_length for prompt in prompts):
         raise ValueError(f"every prompt must hold prompt_length ({settings.prompt_length}) tokens")
-    sync = measure.synchronizer(device)
+    sync = machine.synchronizer(device)
     cuda = device == "cuda" and torch.cuda.is_available()
     by_batch_size = {}
     with locks.timing_lock(holder) as lock:
@@ -301,7 +301,7 @@ def time_generation(
 
 
 def kv_cache_phase(
-    memory: measure.MemoryPhases,
+    memory: machine.MemoryPhases,
     model,
     prompts: Sequence[Sequence[int]],
     settings: GenerationSettings,

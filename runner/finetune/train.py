@@ -1,8 +1,9 @@
-"""Fine-tuning: train the model on a training split before anything is quantized, once, cached.
+"""The fine-tune on a node: train the model on a training split before anything is quantized.
 
-What is trained is the work's (runner/tasks): a classification work gives the encoder a new head
-and trains both on labelled rows; a causal LM trains every weight at next-token prediction on
-blocks of text (runner/tasks/lm_training.py). Each Task says how its rows are made and batched.
+What is trained is the task's (runner/tasks): a classifier gets a new head and trains it with the
+encoder on labelled rows; a causal LM trains every weight at next-token prediction on blocks of
+text (runner/tasks/causal_lm/training.py). The task's worker makes the model, the rows and the
+collator.
 
 Runs where the dispatcher places it (a GPU node when the cluster has one), with the transformers
 Trainer (accelerate underneath) rather than a hand-written loop. The result is a saved FP32
@@ -13,82 +14,39 @@ rename: a fine-tune that fails halfway leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from runner import measure, models
+import torch
+from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+from runner import measure, model_cache, models
 from runner.job import FinetuneSpec
 from runner.work import FinetuneWork
-
-
-def chance_note(train_loss: float | None, chance: tuple[float, str]) -> str:
-    """A word when the training loss stayed near what guessing gives (for cross-entropy, ln of the
-    number of answers: chance is that loss and how it is written): the model then learned
-    little, and every variant's metrics will say so."""
-    loss, written = chance
-    if train_loss is None or not loss or train_loss < 0.95 * loss:
-        return ""
-    return (
-        f"; note: the loss stayed near {written} = {loss:.3f}, what guessing gives: the model "
-        "learned little (more rows or epochs, or another learning rate, may help)"
-    )
-
-
-def training_settings(work: FinetuneWork) -> dict:
-    """The part of the work's configuration the training depends on ({} for most tasks)."""
-    return work.task.training_settings(work.task_config)
-
-
-def finetune_key(
-    base_key: str,
-    texts: list[str],
-    labels: list[str],
-    label_names: list[str],
-    settings: FinetuneSpec,
-    max_length: int,
-    task_settings: dict | None = None,
-) -> str:
-    """task_settings: training_settings(), hashed only when there are some (a classification
-    model's key is what it always was)."""
-    digest = hashlib.sha256(b"quantbench-finetune-v1")
-    digest.update(base_key.encode())
-    for text, label in zip(texts, labels):
-        digest.update(text.encode() + b"\x1f" + label.encode() + b"\x1e")
-    settings_without_source = {k: v for k, v in asdict(settings).items() if k != "train"}
-    digest.update(
-        json.dumps([label_names, settings_without_source, max_length], sort_keys=True).encode()
-    )
-    if task_settings:
-        digest.update(json.dumps(task_settings, sort_keys=True).encode())
-    return digest.hexdigest()[:20]
 
 
 def run_finetune(work: FinetuneWork) -> dict:
     """Train and save into the cache (or find it there). Returns what was done, for the results
     and the run's output, with the folder's archive where the driver may not share this disk."""
-    existing = models.cached_model(work.key)
-    info = models.cached_info(existing) if existing is not None else trained(work)
+    existing = model_cache.cached_model(work.key)
+    info = model_cache.cached_info(existing) if existing is not None else trained(work)
     if work.send_back:
-        info["archive"] = models.archive_folder(Path(info["folder"]))
+        info["archive"] = model_cache.archive_folder(Path(info["folder"]))
     return info
 
 
 def trained(work: FinetuneWork) -> dict:
     """Train the model and save it into the cache."""
-    import torch
-    from transformers import AutoTokenizer, set_seed
-
     models.quiet_libraries()
     started = time.perf_counter()
     torch.set_num_threads(measure.available_cpus())  # Ray's one thread per call would halve it
     set_seed(work.finetune.seed)
     tokenizer = AutoTokenizer.from_pretrained(work.model_dir)
     own = work.task.worker()
+    depends_on = work.task.training_settings(work.task_config)  # part of its cache key
     model = own.finetune_model(work.model_dir, work.label_names)
     rows = own.training_rows(tokenizer, work)
     outcome = train(model, rows, own.data_collator(tokenizer), work.finetune)
@@ -100,7 +58,7 @@ def trained(work: FinetuneWork) -> dict:
         "train_rows": len(work.texts),
         "settings": {k: v for k, v in asdict(work.finetune).items() if k != "train"},
         "max_length": work.max_length,
-        **({"task_settings": training_settings(work)} if training_settings(work) else {}),
+        **({"task_settings": depends_on} if depends_on else {}),
         "trained_on": own.describe_training(work),
         "train_loss": round(float(outcome.training_loss), 6),
         "train_s": round(time.perf_counter() - started, 2),
@@ -108,7 +66,7 @@ def trained(work: FinetuneWork) -> dict:
         "torch_threads": torch.get_num_threads(),
         "newly_initialised": [],
     }
-    folder = models.save_folder(
+    folder = model_cache.save_folder(
         work.key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
     )
     return {**info, "cached": False, "folder": str(folder)}
@@ -117,9 +75,6 @@ def trained(work: FinetuneWork) -> dict:
 def train(model, train_set: list[dict], collator, s: FinetuneSpec):
     """The transformers Trainer over the rows, batched by the collator, with the job's settings;
     its TrainOutput."""
-    import torch
-    from transformers import Trainer, TrainingArguments
-
     steps = math.ceil(math.ceil(len(train_set) / s.batch_size) * s.epochs)
     with tempfile.TemporaryDirectory(prefix="quantbench-finetune-") as scratch:
         arguments = TrainingArguments(

@@ -1,0 +1,136 @@
+"""A model source read with transformers: an inline architecture's or a hub model's config, a hub
+tokenizer, and the check only transformers can make (that the task's Auto class has a class for an
+inline model type). A local folder's files are read without it (runner/model_checks.py).
+
+`quantbench validate` imports transformers here, and torch with it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+
+import transformers
+from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
+
+from runner import model_checks
+from runner.fields import SpecError
+from runner.job import ModelSource
+
+
+def read_config(source: ModelSource, job: Path, field: str = "model"):
+    """The model's transformers config (config.json only: no weights are read)."""
+    if source.config is not None:
+        config = dict(source.config)
+        model_type = config.pop("model_type")
+        if (
+            model_type not in CONFIG_MAPPING
+        ):  # transformers' own message lists every type it knows (12 KB)
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            raise SpecError(
+                job,
+                f"{field}.config.model_type",
+                model_type,
+                "not a model type transformers knows"
+                + (f"; did you mean {', '.join(close)}?" if close else ""),
+            )
+        try:
+            built = AutoConfig.for_model(model_type, **config)
+        except (ValueError, TypeError) as error:
+            raise SpecError(
+                job, f"{field}.config", source.config, f"not a valid {model_type} config: {error}"
+            ) from None
+        model_checks.check_heads(built, job, field)
+        return built
+    model_checks.check_source(source, job, field)
+    try:
+        name = model_checks.pretrained_name(source)
+        return AutoConfig.from_pretrained(name, revision=source.revision)
+    except (OSError, ValueError) as error:
+        raise SpecError(
+            job, field, source.describe(), f"cannot read the model's config: {error}"
+        ) from None
+
+
+def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
+    """The model's config as a dict. A local model's is its config.json, read without importing
+    transformers (and torch): planning stays quick."""
+    folder = model_checks.local_folder(source, job, field)
+    if folder is None:
+        return read_config(source, job, field).to_dict()  # inline configs, the hub
+    if not (folder / "config.json").is_file():
+        below = sorted(str(c.parent.relative_to(folder)) for c in folder.glob("*/config.json"))
+        hint = (
+            f"; a folder below holds one: {', '.join(below)}"
+            if below
+            else "; name the folder that save_pretrained wrote"
+        )
+        raise SpecError(job, field, str(folder), f"the folder has no config.json{hint}")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SpecError(
+            job, field, source.describe(), f"cannot read the model's config: {error}"
+        ) from None
+    if not isinstance(config, dict):
+        raise SpecError(
+            job,
+            field,
+            f"{folder / 'config.json'}: a JSON {type(config).__name__}",
+            "a model's config.json is one JSON object of the model's settings",
+        )
+    return config
+
+
+def check_tokenizer_files(source: ModelSource, job: Path, field: str) -> None:
+    """A local folder must hold a tokenizer's vocabulary. Without one, transformers builds a
+    tokenizer of a handful of special tokens, every word becomes [UNK], and every variant runs 'ok'
+    on nonsense."""
+    if source.hub:
+        check_hub_tokenizer(source, job, field)
+    folder = model_checks.local_folder(source, job, field)
+    vocabulary = model_checks.VOCABULARY_FILES
+    if folder is not None and not any((folder / name).is_file() for name in vocabulary):
+        hint = (
+            "save the tokenizer beside the model (tokenizer.save_pretrained) or name one with "
+            "tokenizer:"
+            if field == "model"
+            else "name a folder that holds one"
+        )
+        raise SpecError(
+            job,
+            field,
+            str(folder),
+            f"the folder has no tokenizer vocabulary (none of {', '.join(vocabulary)}); {hint}",
+        )
+
+
+def check_hub_tokenizer(source: ModelSource, job: Path, field: str) -> None:
+    """A hub tokenizer is loaded now, as a hub model's config is: offline and not in the cache, it
+    would fail only at model preparation, after Ray started (blaming the model). Online, this fills
+    the cache that preparation then reads."""
+    try:
+        AutoTokenizer.from_pretrained(source.hub, revision=source.revision)
+    except (OSError, ValueError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        said = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache; " if offline else ""
+        raise SpecError(
+            job,
+            f"{field}.hub",
+            source.hub,
+            f"cannot load the tokenizer: {said}"
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}",
+        ) from None
+
+
+def check_model_class(task, source: ModelSource, config: dict, job: Path) -> None:
+    """An inline config's model type has a class of the task's transformers Auto class (a task
+    that says what to say otherwise: Task.no_model_class)."""
+    if source.config is None or task.no_model_class is None:
+        return
+    model_type = config.get("model_type")
+    auto = getattr(transformers, task.model_class)
+    if model_type not in CONFIG_MAPPING or CONFIG_MAPPING[model_type] not in auto._model_mapping:
+        raise SpecError(job, "model.config.model_type", model_type, task.no_model_class)
