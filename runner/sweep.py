@@ -29,6 +29,7 @@ from runner.fields import SpecError
 from runner.finetune.stage import fine_tuned_model
 from runner.job import Variant
 from runner.plan import JobPlan
+from runner.precisions import family_of
 from runner.schema import Result
 from runner.study import stage as study
 from runner.tasks import DEFAULT_TASK, TASKS, Task
@@ -98,6 +99,7 @@ def variant_work(
         VariantWork(
             **inputs,
             variant=variant,
+            family=family_of(variant.precision),
             model_dir=str(model_dir),
             spec_hash=plan.spec_hash,
             spec_as_run=spec.raw,

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from runner import measure
 from runner.job import EvaluationSpec, FinetuneSpec, SensitivitySpec, Variant
+from runner.precisions import Family, Precision
 from runner.schema import SCHEMA_VERSION, Result
 from runner.tasks import Task
 
@@ -41,6 +42,7 @@ class VariantWork(Work):
     """One variant measured: one run of it (of the evaluation's repeats)."""
 
     variant: Variant
+    family: Family  # the family of the variant's precision: its process resolves the worker
     spec_hash: str
     spec_as_run: dict = field(default_factory=dict)
     sample: dict = field(default_factory=dict)  # where the sample came from, for the record
@@ -52,6 +54,10 @@ class VariantWork(Work):
     @property
     def device(self) -> str:
         return self.variant.device
+
+    @property
+    def precision(self) -> Precision:
+        return self.family.precision(self.variant.precision)
 
 
 @dataclass(kw_only=True)
@@ -75,6 +81,7 @@ class StudyWork(Work):
 
     kind: str  # probe | groups | recipe
     study: SensitivitySpec
+    family: Family  # the family of the study's precision: the step resolves its worker
     # FP32's outputs as the probe hands them on (a classifier's probabilities [samples][labels]);
     # None in the probe, and for a task whose view computes them in every step.
     reference: list | None = None
@@ -89,6 +96,10 @@ class StudyWork(Work):
     @property
     def device(self) -> str:
         return self.study.device
+
+    @property
+    def precision(self) -> Precision:
+        return self.family.precision(self.study.precision)
 
 
 def base_result(work: VariantWork, status: str, error: str | None = None) -> Result:

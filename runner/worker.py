@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 
 from runner import analysis, evaluate, locks, machine, measure, models
 from runner.layers import classify_layer
-from runner.precisions import PRECISIONS, config_for, worker_of
+from runner.precisions import config_for
 from runner.precisions.worker import REFERENCE, quantized_model
 from runner.schema import Metrics, Result
 from runner.work import VariantWork, base_result
@@ -98,9 +98,9 @@ def analyse_weights(model, work: VariantWork, batches: list[dict]) -> dict:
     from, and of each layer's output given the FP32 layer's input."""
 
     started = time.perf_counter()
-    precision = PRECISIONS[work.variant.precision]
+    precision = work.precision
     config = config_for(precision, work.settings)
-    family = worker_of(precision)  # its own layers; the FP32 reference's are plain (REFERENCE)
+    family = work.family.family_worker()  # its layers; the FP32 reference's are plain (REFERENCE)
     reference_model = model_class(work).from_pretrained(work.model_dir, dtype=torch.float32)
     reference_model = reference_model.eval()
     reference = analysis.dequantized_linear_weights(reference_model, REFERENCE)
@@ -188,10 +188,11 @@ class LoadedVariant:
 def load_variant(work: VariantWork, memory: machine.MemoryPhases, threads: int) -> LoadedVariant:
     """The model loaded and quantized in the memory phases "load" and "quantize"; its settings:
     threads, what loading and quantizing recorded, and the classes of its linear layers."""
-    precision = PRECISIONS[work.variant.precision]
+    precision, family = work.precision, work.family.family_worker()
     quantized = quantized_model(
         precision,
         config_for(precision, work.settings),
+        family,
         model_class(work),
         work.model_dir,
         work.variant.device,
@@ -201,7 +202,7 @@ def load_variant(work: VariantWork, memory: machine.MemoryPhases, threads: int) 
     settings = {
         "threads": threads,
         **quantized.recorded,
-        "linear_layers": worker_of(precision).linear_layer_kinds(quantized.model),
+        "linear_layers": family.linear_layer_kinds(quantized.model),
     }
     return LoadedVariant(quantized.model, settings, quantized.load_s, quantized.quantize_s)
 

@@ -22,7 +22,7 @@ from lm_models import (
 from runner import locks, models
 from runner.job import Variant
 from runner.plan import plan_job
-from runner.precisions import PRECISIONS
+from runner.precisions import PRECISIONS, family_of
 from runner.sweep import variant_work
 
 CONTEXT, STRIDE = 16, 8
@@ -294,6 +294,7 @@ def test_a_study_step_compares_next_tokens_position_by_position(tmp_path, llama)
     probe = StudyWork(
         kind="probe",
         study=SensitivitySpec("int8-dynamic", "cpu", "type"),
+        family=family_of("int8-dynamic"),
         model_dir=str(model_dir),
         **plan.worker_inputs(),
     )

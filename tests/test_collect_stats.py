@@ -23,7 +23,7 @@ from conftest import RT_POLARITY, build_tiny_bert, labelled, typed, variant_json
 from runner import collect
 from runner.cli import main
 from runner.job import EvaluationSpec, Variant
-from runner.precisions import default_settings
+from runner.precisions import default_settings, family_of
 from runner.results import write_result
 from runner.work import VariantWork
 
@@ -51,6 +51,7 @@ def make_task(
     return VariantWork(
         job="tiny",
         variant=Variant(precision, device),
+        family=family_of(precision),
         model_dir=str(model_dir),
         texts=texts,
         **labelled(["positive", "negative"] * N_EACH, LABELS),

@@ -65,7 +65,8 @@ def _load(precision: str, folder):
         warnings.simplefilter("ignore")  # torch.ao deprecation notice
         model_class = transformers.AutoModelForSequenceClassification
         config = precisions.config_for(spec, SETTINGS)
-        model = quantized_model(spec, config, model_class, str(folder), "cpu").model
+        family = precisions.worker_of(spec)
+        model = quantized_model(spec, config, family, model_class, str(folder), "cpu").model
     return model
 
 

@@ -13,7 +13,7 @@ from conftest import REPO, labelled
 
 from runner import measure
 from runner.job import EvaluationSpec, Variant
-from runner.precisions import default_settings
+from runner.precisions import default_settings, family_of
 from runner.results import (
     is_study_file,
     load_result,
@@ -56,6 +56,7 @@ def test_a_base_result_and_its_later_fields_in_the_order_a_worker_writes_them():
     task = VariantWork(
         job="tiny",
         variant=Variant("fp32", "cpu"),
+        family=family_of("fp32"),
         model_dir="unused",
         texts=["a"],
         **labelled(["x"], ["x", "y"]),

@@ -36,7 +36,10 @@ def _config(precision: str):
 def _load_quantized(precision: str, folder, keep) -> tuple:
     """(model, recorded settings): the checkpoint loaded and quantized as the precision does."""
     spec = precisions.PRECISIONS[precision]
-    loaded = quantized_model(spec, _config(precision), _auto_model(), str(folder), "cpu", keep)
+    family = precisions.worker_of(spec)
+    loaded = quantized_model(
+        spec, _config(precision), family, _auto_model(), str(folder), "cpu", keep
+    )
     return loaded.model, loaded.recorded
 
 

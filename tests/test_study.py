@@ -177,7 +177,7 @@ def _step(model_dir, precision: str, **fields):
     from conftest import hard_bert_sentences
 
     from runner.job import EvaluationSpec, SensitivitySpec
-    from runner.precisions import default_settings
+    from runner.precisions import default_settings, family_of
     from runner.work import StudyWork
 
     texts, gold = hard_bert_sentences()
@@ -186,6 +186,7 @@ def _step(model_dir, precision: str, **fields):
         kind="probe",
         job="families",
         study=SensitivitySpec(precision, "cpu", "type"),
+        family=family_of(precision),
         model_dir=str(model_dir),
         texts=texts[::4],
         **labelled([labels[g] for g in gold[::4]], labels),

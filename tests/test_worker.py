@@ -9,7 +9,7 @@ from conftest import SMSA, labelled, smsa_job, variant_json
 from runner import data
 from runner.job import EvaluationSpec, Variant
 from runner.plan import plan_job
-from runner.precisions import default_settings
+from runner.precisions import default_settings, family_of
 from runner.work import VariantWork
 
 TEXTS = [
@@ -36,6 +36,7 @@ def make_task(
     return VariantWork(
         job="tiny",
         variant=Variant(precision, device),
+        family=family_of(precision),
         model_dir=str(model_dir),
         texts=TEXTS,
         **labelled(gold, list(labels)),
@@ -156,6 +157,7 @@ def test_accuracy_is_computed_by_label_name(tiny_model_3, tmp_path):
     task = VariantWork(
         job="smsa",
         variant=Variant("fp32", "cpu"),
+        family=family_of("fp32"),
         model_dir=str(tiny_model_3),
         texts=[e.text for e in plan.examples],
         **labelled(gold, plan.targets.config.names),

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from typing import Any
 
+from runner.references import resolve
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -63,6 +65,19 @@ class Family:
                 if found.setdefault(f.name, f.default) != f.default:
                     raise ValueError(f"{self.name}: the precisions disagree on {f.name}'s default")
         return found
+
+    def precision(self, name: str) -> Precision:
+        """Its precision of that name. Raises ValueError for a name it does not declare."""
+        found = next((p for p in self.precisions if p.name == name), None)
+        if found is None:
+            declared = [p.name for p in self.precisions]
+            raise ValueError(f"family {self.name!r} declares no precision {name!r}: {declared}")
+        return found
+
+    def family_worker(self):
+        """Its FamilyWorker, resolved by name: torch and its library are imported now. A work
+        item carries the Family, so the process that runs it needs no registry."""
+        return resolve(self.worker)
 
     @property
     def worker_module(self) -> str:

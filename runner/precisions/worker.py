@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from runner.precisions import Precision, worker_of
+from runner.precisions import Precision
 
 # --------------------------------------------------------------------------------------------------
 # What every family shares
@@ -176,6 +176,7 @@ def _no_phase(name: str) -> AbstractContextManager:
 def quantized_model(
     precision: Precision,
     config,
+    family: FamilyWorker,
     model_class,
     model_dir,
     device: str,
@@ -193,7 +194,6 @@ def quantized_model(
     keep = frozenset(keep)
     with phase("load"):
         started = time.perf_counter()
-        family = worker_of(precision)  # its library is imported here, as loading needs it
         if fp32 is None or family.quantizes_while_loading:
             model, recorded = family.load(precision, config, model_class, model_dir, device, keep)
         else:

@@ -25,6 +25,7 @@ from runner.cluster import Cluster, alive_nodes
 from runner.job import Variant
 from runner.placement import capable_nodes
 from runner.plan import JobPlan
+from runner.precisions import family_of
 from runner.study.ranking import rank, tolerance, tolerance_text
 from runner.work import StudyWork
 
@@ -106,6 +107,7 @@ def first_step(stage: StudyRun) -> StudyWork:
     return StudyWork(
         kind="probe",
         study=plan.spec.sensitivity,
+        family=family_of(plan.spec.sensitivity.precision),
         model_dir=str(stage.model_dir),
         **plan.worker_inputs(),
     )

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from runner import analysis, machine, measure, models
-from runner.precisions import PRECISIONS, config_for, worker_of
+from runner.precisions import config_for
 from runner.precisions.worker import REFERENCE, linear_names, quantized_model
 from runner.study import ranking
 from runner.work import StudyWork
@@ -74,12 +74,12 @@ def quantized(loaded: Loaded, keep: frozenset[str]):
     """The model as the precision quantizes it, every linear layer but keep: a copy of the FP32
     model quantized, or loaded again where the family quantizes while loading (bitsandbytes)."""
     step = loaded.step
-    precision = PRECISIONS[step.study.precision]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice, once per measurement
         return quantized_model(
-            precision,
-            config_for(precision, step.settings),
+            step.precision,
+            config_for(step.precision, step.settings),
+            step.family.family_worker(),
             loaded.model_class,
             step.model_dir,
             step.study.device,
@@ -104,12 +104,12 @@ def probe(loaded: Loaded) -> dict:
     clock = time.perf_counter()
     full_outputs = loaded.view.outputs(full_model)
     pass_s = time.perf_counter() - clock
-    precision = PRECISIONS[loaded.step.study.precision]
-    config = config_for(precision, loaded.step.settings)
+    config = config_for(loaded.step.precision, loaded.step.settings)
+    family = loaded.step.family.family_worker()
     layers = tuple(
         name
         for name in linear_layers(loaded.fp32)
-        if worker_of(precision).is_quantized(config, full_model.get_submodule(name))
+        if family.is_quantized(config, full_model.get_submodule(name))
     )
     groups = {
         group: [name for name in names if name in layers]
@@ -130,7 +130,7 @@ def probe(loaded: Loaded) -> dict:
 def layer_sqnr(loaded: Loaded, full_model) -> dict[str, dict]:
     """Layer -> the fully quantized model's weight and output SQNR (dB; None where no error)."""
 
-    family = worker_of(loaded.step.study.precision)
+    family = loaded.step.family.family_worker()
     weights = analysis.layer_weight_errors(
         analysis.dequantized_linear_weights(loaded.fp32, REFERENCE),
         analysis.dequantized_linear_weights(full_model, family),
