@@ -118,7 +118,7 @@ WHOLE_NUMBER = re.compile(r"([+-]?[0-9]+)\.0*")
 
 def label_name(value: Any) -> str:
     """A dataset label as text. A whole number reads one way however it is written (2, 2.0 or
-    "2.0"): a float label column, a CSV cell and a label_map key must name the same label."""
+    "2.0"): a float label column, a CSV cell and a label mapping's key must name the same label."""
     if value is None:
         return ""  # a missing label reads as an empty one
     if isinstance(value, float) and value.is_integer():

@@ -58,7 +58,7 @@ class _Refused(yaml.MarkedYAMLError):
 
 class _BoundedLoader(yaml.SafeLoader):
     """safe_load with the bounds above, refusing a key given twice in one mapping (the later one
-    would silently win: a repeated label_map key remaps a class)."""
+    would silently win: a repeated key of a label mapping remaps a class)."""
 
     def __init__(self, stream):
         super().__init__(stream)

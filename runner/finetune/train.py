@@ -1,9 +1,7 @@
 """The fine-tune on a node: train the model on a training split before anything is quantized.
 
-What is trained is the task's (runner/tasks): a classifier gets a new head and trains it with the
-encoder on labelled rows; a causal LM trains every weight at next-token prediction on blocks of
-text (runner/tasks/causal_lm/training.py). The task's worker makes the model, the rows and the
-collator.
+What is trained, and on what, is the task's: its worker (runner/tasks/<name>/worker.py) makes the
+model, the rows and the collator; this module only trains and saves.
 
 Runs where the dispatcher places it (a GPU node when the cluster has one), with the transformers
 Trainer (accelerate underneath) rather than a hand-written loop. The result is a saved FP32
