@@ -33,7 +33,7 @@ from runner.schema import Result
 from runner.work import FinetuneWork, StudyWork, VariantWork, Work, base_result
 
 
-def task_options(device: str) -> dict:
+def ray_options(device: str) -> dict:
     """How a variant or fine-tune asks Ray for a node of its kind (CPU and GPU by count, the rest by
     resources)."""
     needs = requirements(device)
@@ -112,7 +112,7 @@ _remote_on_node = _remote_per_device(_on_node)
 
 def _submit_one(work: Work, archive: list, also_import: list[str]):
     """Hands one piece of work to Ray, asking for a node of its device; its ref."""
-    remote = _remote_on_node[work.device].options(**task_options(work.device))
+    remote = _remote_on_node[work.device].options(**ray_options(work.device))
     return remote.remote(work, archive, also_import)
 
 

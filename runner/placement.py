@@ -14,7 +14,7 @@ DEVICE_RESOURCE = {"cpu": "quantbench_cpu", "cuda": "quantbench_cuda"}
 
 
 def requirements(device: str) -> dict:
-    """What a node needs to run the device's variants: exactly what task_options asks Ray for, so a
+    """What a node needs to run the device's variants: exactly what ray_options asks Ray for, so a
     node Ray can never place a variant on (a worker started with --num-cpus=0) is not counted."""
     needs = {SLOT: 1, DEVICE_RESOURCE[device]: 1, "CPU": 1}
     if device == "cuda":

@@ -236,7 +236,7 @@ def test_the_embedded_cluster_forks_cpu_work_from_a_server_started_before_ray(ra
         # A variant's worker is alone: an idle one beside it would wake 100 times a second.
         assert (
             ray.get(
-                ray.remote(workers_beside_this_one).options(**dispatch.task_options("cpu")).remote()
+                ray.remote(workers_beside_this_one).options(**dispatch.ray_options("cpu")).remote()
             )
             == []
         )
