@@ -2,7 +2,8 @@
 tokenizer, and the check only transformers can make (that the task's Auto class has a class for an
 inline model type). A local folder's files are read without it (runner/model_checks.py).
 
-`quantbench validate` imports transformers here, and torch with it.
+`quantbench validate` imports transformers here; its lazy module loads the Auto classes, and torch
+with them, only where a job needs them (an inline or hub model), as `transformers.X` is first read.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 from pathlib import Path
 
 import transformers
-from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 
 from runner import model_checks
 from runner.fields import SpecError
@@ -26,9 +26,11 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
         config = dict(source.config)
         model_type = config.pop("model_type")
         if (
-            model_type not in CONFIG_MAPPING
+            model_type not in transformers.CONFIG_MAPPING
         ):  # transformers' own message lists every type it knows (12 KB)
-            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            close = difflib.get_close_matches(
+                str(model_type), list(transformers.CONFIG_MAPPING.keys()), n=3
+            )
             raise SpecError(
                 job,
                 f"{field}.config.model_type",
@@ -37,7 +39,7 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
                 + (f"; did you mean {', '.join(close)}?" if close else ""),
             )
         try:
-            built = AutoConfig.for_model(model_type, **config)
+            built = transformers.AutoConfig.for_model(model_type, **config)
         except (ValueError, TypeError) as error:
             raise SpecError(
                 job, f"{field}.config", source.config, f"not a valid {model_type} config: {error}"
@@ -47,7 +49,7 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
     model_checks.check_source(source, job, field)
     try:
         name = model_checks.pretrained_name(source)
-        return AutoConfig.from_pretrained(name, revision=source.revision)
+        return transformers.AutoConfig.from_pretrained(name, revision=source.revision)
     except (OSError, ValueError) as error:
         raise SpecError(
             job, field, source.describe(), f"cannot read the model's config: {error}"
@@ -112,7 +114,7 @@ def check_hub_tokenizer(source: ModelSource, job: Path, field: str) -> None:
     would fail only at model preparation, after Ray started (blaming the model). Online, this fills
     the cache that preparation then reads."""
     try:
-        AutoTokenizer.from_pretrained(source.hub, revision=source.revision)
+        transformers.AutoTokenizer.from_pretrained(source.hub, revision=source.revision)
     except (OSError, ValueError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         said = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache; " if offline else ""
@@ -132,5 +134,8 @@ def check_model_class(task, source: ModelSource, config: dict, job: Path) -> Non
         return
     model_type = config.get("model_type")
     auto = getattr(transformers, task.model_class)
-    if model_type not in CONFIG_MAPPING or CONFIG_MAPPING[model_type] not in auto._model_mapping:
+    if (
+        model_type not in transformers.CONFIG_MAPPING
+        or transformers.CONFIG_MAPPING[model_type] not in auto._model_mapping
+    ):
         raise SpecError(job, "model.config.model_type", model_type, task.no_model_class)

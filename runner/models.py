@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from runner.job import JobSpec, ModelSource
@@ -101,7 +100,7 @@ def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
         )
         newly_initialised = sorted(loading.get("missing_keys", []))
     tokenizer_source = spec.tokenizer or spec.model
-    tokenizer = AutoTokenizer.from_pretrained(
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
         pretrained_name(tokenizer_source),
         revision=hub_commit(tokenizer_source) or tokenizer_source.revision,
     )
