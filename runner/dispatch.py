@@ -28,7 +28,7 @@ from runner.cluster import (
     server_preload,
 )
 from runner.placement import can_run, requirements, why_no_node
-from runner.references import resolve
+from runner.references import call, resolve
 from runner.schema import Result
 from runner.work import FinetuneWork, StudyWork, VariantWork, Work, base_result
 
@@ -72,7 +72,7 @@ def _on_node(work: Work, archive: list, also_import: list[str]):
     from this machine's warm fork server, on CUDA this worker itself, which is fresh (max_calls=1).
     Returns what the work returned and where it ran."""
     work.model_dir = _model_on_this_node(work.model_dir, archive)
-    outcome = _in_a_process_of_its_own(work.device, resolve(work.runs), work, also_import)
+    outcome = _in_a_process_of_its_own(work.device, work.runs, work, also_import)
     node = {
         "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
@@ -81,15 +81,16 @@ def _on_node(work: Work, archive: list, also_import: list[str]):
     return outcome, node
 
 
-def _in_a_process_of_its_own(device: str, function: Callable, work: Work, also_import: list[str]):
-    """function(work) on this worker, in a process of its own. On the CPU: forked from the fork
-    server that `quantbench run` started beside its embedded cluster, else from this worker's own,
-    which later CPU calls on this worker find warm. On CUDA: this worker itself, which is fresh
-    (max_calls=1), since a CUDA context cannot cross a fork."""
+def _in_a_process_of_its_own(device: str, runs: str, work: Work, also_import: list[str]):
+    """The function `runs` names, of work, on this worker in a process of its own. On the CPU:
+    forked from the fork server that `quantbench run` started beside its embedded cluster, else
+    from this worker's own, which later CPU calls on this worker find warm; the forked process
+    resolves the function (its imports are the server's, done before it forked). On CUDA: this
+    worker itself, which is fresh (max_calls=1), since a CUDA context cannot cross a fork."""
     if device != "cpu":
-        return function(work)
+        return resolve(runs)(work)
     return isolation.run_in_fresh_process(
-        function, work, also_import=server_preload(also_import, _node_has_gpu())
+        call, runs, work, also_import=server_preload(also_import, _node_has_gpu())
     )
 
 
