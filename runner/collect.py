@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from runner import pivot
 from runner.measure import hardware_label
 from runner.precisions import PRECISIONS
 from runner.results import StudyFile, walk
@@ -596,4 +597,7 @@ FORMATS: dict[str, Callable[[list[JobTable]], str]] = {
 
 
 def render(results: list[Result], fmt: str = "table", baseline: str | None = None) -> str:
-    return FORMATS[fmt](build_tables(results, baseline))
+    tables = build_tables(results, baseline)
+    if fmt in pivot.WITH_VIEWS:  # the cross-hardware view of each job that ran in several places
+        return pivot.WITH_VIEWS[fmt](tables, FORMATS[fmt])
+    return FORMATS[fmt](tables)

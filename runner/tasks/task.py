@@ -187,6 +187,9 @@ class Task:
     tolerances: ClassVar[tuple[Tolerance, ...]] = EVERY_TASK_TOLERANCES
     # collect's rows of its own, between the size row and the rows every result has.
     rows: ClassVar[tuple[Row, ...]] = ()
+    # The labels of its rows that say how good the answers are: the quality views of the
+    # cross-hardware comparison (runner/pivot.py).
+    quality_rows: ClassVar[tuple[str, ...]] = ()
     best_rule: ClassVar[str] = "fastest median latency among passing"
     noise_rule: ClassVar[str] = ""  # what the within-noise mark means
     # Said of a model whose weights are random and that the job does not fine-tune.

@@ -93,11 +93,30 @@ def read_settings(reader) -> dict:
 FAMILY = Family(
     "bitsandbytes",
     (
-        Precision("bnb-int8", "bitsandbytes", ("cpu", "cuda"), "bitsandbytes LLM.int8()", Int8),
         Precision(
-            "bnb-nf4", "bitsandbytes", ("cpu", "cuda"), "bitsandbytes 4-bit NormalFloat", NF4
+            "bnb-int8",
+            "bitsandbytes",
+            ("cpu", "cuda"),
+            "bitsandbytes LLM.int8(): int8 weights, one absmax per row; the input columns that "
+            "hold an outlier (llm_int8_threshold) multiplied in 16-bit",
+            Int8,
         ),
-        Precision("bnb-fp4", "bitsandbytes", ("cpu", "cuda"), "bitsandbytes 4-bit float", FP4),
+        Precision(
+            "bnb-nf4",
+            "bitsandbytes",
+            ("cpu", "cuda"),
+            "bitsandbytes 4-bit NormalFloat weights, one absmax per block of 64; computes in "
+            "bnb_4bit_compute_dtype",
+            NF4,
+        ),
+        Precision(
+            "bnb-fp4",
+            "bitsandbytes",
+            ("cpu", "cuda"),
+            "bitsandbytes 4-bit float weights, one absmax per block of 64; computes in "
+            "bnb_4bit_compute_dtype",
+            FP4,
+        ),
     ),
     read_settings,
     worker="runner.precisions.bitsandbytes.worker:WORKER",

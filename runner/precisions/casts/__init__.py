@@ -46,9 +46,13 @@ def read_settings(reader) -> dict:
 FAMILY = Family(
     "casts",
     (
-        Precision("fp32", "casts", ("cpu", "cuda"), "weights as loaded", FP32),
-        Precision("fp16", "casts", ("cpu", "cuda"), "loaded as float16", FP16),
-        Precision("bf16", "casts", ("cpu", "cuda"), "loaded as bfloat16", BF16),
+        Precision("fp32", "casts", ("cpu", "cuda"), "float32 weights and compute, as loaded", FP32),
+        Precision(
+            "fp16", "casts", ("cpu", "cuda"), "float16 weights and compute, loaded as such", FP16
+        ),
+        Precision(
+            "bf16", "casts", ("cpu", "cuda"), "bfloat16 weights and compute, loaded as such", BF16
+        ),
     ),
     read_settings,
     worker="runner.precisions.casts.worker:WORKER",

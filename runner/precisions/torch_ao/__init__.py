@@ -46,8 +46,9 @@ FAMILY = Family(
             "int8-dynamic",
             "torch_ao",
             ("cpu",),
-            "torch.ao's dynamic quantization (deprecated since torch 2.13; torchao-int8-dynamic is "
-            "its successor), CPU kernels only",
+            "torch.ao quantize_dynamic: int8 weights per tensor, int8 activations per batch, on "
+            "torch's CPU kernels only (deprecated since torch 2.13; torchao-int8-dynamic is its "
+            "successor)",
             Int8Dynamic,
         ),
     ),

@@ -78,30 +78,33 @@ FAMILY = Family(
             "torchao-int8-dynamic",
             "torchao",
             ("cpu", "cuda"),
-            "torchao int8 weights and dynamic int8 activations (quantize_, the successor of "
-            "torch.ao's int8-dynamic)",
+            "torchao quantize_ with Int8DynamicActivationInt8WeightConfig: int8 weights per row, "
+            "int8 activations per token (the successor of torch.ao's int8-dynamic)",
             Int8Dynamic,
         ),
         Precision(
             "torchao-int8-weight",
             "torchao",
             ("cpu", "cuda"),
-            "torchao int8 weights, float activations",
+            "torchao quantize_ with Int8WeightOnlyConfig: int8 weights per row, float activations",
             Int8Weight,
         ),
         Precision(
             "torchao-int4-weight",
             "torchao",
             ("cpu", "cuda"),
-            "torchao int4 weights per group, float activations",
+            "torchao quantize_, int4 weights per group, float activations; on the CPU "
+            "IntxWeightOnlyConfig (symmetric), on CUDA Int4WeightOnlyConfig (a scale and a zero "
+            "per group, torch's tinygemm kernel in bfloat16)",
             Int4Weight,
         ),
         Precision(
             "torchao-float8-dynamic",
             "torchao",
             ("cuda",),
-            "torchao float8 weights and dynamic float8 activations; float8 matmuls need a GPU of "
-            "compute capability 8.9 or newer",
+            "torchao quantize_ with Float8DynamicActivationFloat8WeightConfig: float8 e4m3 "
+            "weights and activations, one scale per tensor; float8 matmuls need a GPU of compute "
+            "capability 8.9 or newer",
             Float8Dynamic,
         ),
     ),

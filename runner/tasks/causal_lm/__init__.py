@@ -55,6 +55,7 @@ class CausalLM(Task):
         compare.MAX_PERPLEXITY_INCREASE,
     )
     rows = compare.ROWS
+    quality_rows = ("perplexity", "KL vs FP32 (nats/token)")
     best_rule = "fastest decode among passing: most decode tokens/s at the first batch size"
     noise_rule = compare.NOISE_RULE
     untrained = "its perplexity is an untrained model's"

@@ -31,6 +31,7 @@ class Classification(Task):
     predictions = compare.LabelPredictions
     tolerances = (compare.MAX_ACCURACY_DROP, compare.MIN_AGREEMENT, *EVERY_TASK_TOLERANCES)
     rows = compare.ROWS
+    quality_rows = ("accuracy", "macro-F1")
     noise_rule = compare.NOISE_RULE
     untrained = "accuracy is chance until the model is fine-tuned"
     worker_side = "runner.tasks.classification.worker:WORKER"

@@ -1,0 +1,163 @@
+"""The cross-hardware view: one job run on two machines, one of them with a GPU, collected from the
+two results folders as a user copies them side by side.
+
+The laptop ran the job's CPU variants; the server ran fp32 on its CPU and fp32 and bnb-int8 on its
+GPU. Results are the causal-LM results of tests/lm_results.py (perplexity follows from each
+window's NLL: exp(mean NLL)), given their machine, device and latency, and written as a run writes
+them, so that collect finds each one's results folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import typed
+from lm_results import BASELINE_GREEDY, lm_result
+
+from runner import collect, pivot
+from runner.cli import main
+from runner.results import write_result
+
+GPU = {"name": "Test GPU", "compute_capability": "9.0"}
+
+
+def ran(variant: str, host: str, nll: float, latency_ms: float, size_mib: float) -> dict:
+    """One ok result of the job `tiny-lm`, every window at `nll` nats per token."""
+    result = lm_result(variant, [nll] * 3, BASELINE_GREEDY, 100.0, size_mib, latency_ms)
+    cpu = {"model": f"{host} cpu"}
+    cuda = result["device"] == "cuda"
+    result["environment"] = {"host": host, "cpu": cpu, "gpu": GPU if cuda else None}
+    result["metrics"]["peak_cuda_mib"] = 300.0 if cuda else None
+    result["metrics"]["throughput_sps"] = 8 * 1000.0 / latency_ms  # batches of 8 windows
+    return result
+
+
+LAPTOP = [
+    ran("fp32-cpu", "a-laptop", 2.0, 10.0, 400.0),
+    ran("int8-dynamic-cpu", "a-laptop", 2.05, 6.0, 100.0),
+    ran("bnb-int8-cpu", "a-laptop", 2.1, 20.0, 120.0),
+]
+SERVER = [
+    ran("fp32-cpu", "b-server", 2.0, 8.0, 400.0),
+    ran("fp32-cuda", "b-server", 2.0, 2.0, 400.0),
+    ran("bnb-int8-cuda", "b-server", 2.2, 4.0, 120.0),
+]
+
+
+def written(folder: Path, results: list[dict]) -> Path:
+    for result in typed(results):
+        write_result(folder, result)
+    return folder
+
+
+@pytest.fixture
+def folders(tmp_path) -> list[Path]:
+    return [written(tmp_path / "laptop", LAPTOP), written(tmp_path / "server", SERVER)]
+
+
+def built(folders: list[Path]) -> pivot.Pivot | None:
+    results, _, unusable = collect.gather(folders)
+    assert not unusable
+    (table,) = collect.build_tables(results)
+    return pivot.build(table)
+
+
+def cell(view: pivot.View, method: str, column: str) -> pivot.PivotCell:
+    return view.cells[(method, column)]
+
+
+def view_of(found: pivot.Pivot, label: str) -> pivot.View:
+    return next(view for view in found.views if view.row.label == label)
+
+
+def test_rows_are_methods_and_columns_are_machine_and_device(folders):
+    found = built(folders)
+    assert [p.label for p in found.places] == ["laptop cpu", "server cpu", "server cuda"]
+    # Each column says what it ran on (runner/measure.py's label of the hardware) and where.
+    hardware = [p.hardware for p in found.places]
+    assert "a-laptop cpu" in hardware[0] and "b-server cpu" in hardware[1]
+    assert hardware[2].startswith("Test GPU") and hardware[2].endswith("@ b-server")
+    assert found.methods == ["fp32", "int8-dynamic", "bnb-int8"]
+    # Every task's metrics around the causal LM's quality rows (runner/tasks/causal_lm).
+    assert [view.row.label for view in found.views] == [
+        "size (MiB)",
+        "perplexity",
+        "KL vs FP32 (nats/token)",
+        "latency median (ms)",
+        "throughput (samples/s)",
+        "peak RSS (MiB)",
+        "peak CUDA (MiB)",
+    ]
+
+
+def test_deltas_against_the_baseline_and_against_the_same_method_elsewhere(folders):
+    latency = view_of(built(folders), "latency median (ms)")
+    base = cell(latency, "fp32", "laptop cpu")
+    assert (base.value, base.is_baseline, base.against_first) == (10.0, True, None)
+    # fp32 on the server's CPU and GPU, against the laptop's fp32 (both the baseline and its first).
+    assert cell(latency, "fp32", "server cpu").against_baseline == pytest.approx(-0.2)
+    assert cell(latency, "fp32", "server cpu").against_first == pytest.approx(-0.2)
+    assert cell(latency, "fp32", "server cuda").against_first == pytest.approx(-0.8)
+    # bnb-int8: 20 ms on the laptop's CPU, 4 ms on the GPU.
+    assert cell(latency, "bnb-int8", "laptop cpu").against_baseline == pytest.approx(1.0)
+    assert cell(latency, "bnb-int8", "laptop cpu").against_first is None
+    on_gpu = cell(latency, "bnb-int8", "server cuda")
+    assert on_gpu.against_baseline == pytest.approx(-0.6)
+    assert on_gpu.against_first == pytest.approx(-0.8)
+    assert ("bnb-int8", "server cpu") not in latency.cells  # it did not run there
+
+    perplexity = view_of(built(folders), "perplexity")
+    on_gpu = cell(perplexity, "bnb-int8", "server cuda")
+    assert on_gpu.value == pytest.approx(math.exp(2.2))
+    assert on_gpu.against_baseline == pytest.approx(math.exp(0.2) - 1)
+    assert on_gpu.against_first == pytest.approx(math.exp(0.1) - 1)  # against the laptop's 2.1
+
+
+def test_collect_prints_the_view_after_the_table_and_names_each_implementation(folders, capsys):
+    assert main(["collect", *map(str, folders)]) == 0
+    out = capsys.readouterr().out
+    table, view = out.split("tiny-lm across machines and devices (the job's baseline is fp32-cpu)")
+    assert "fp32-cpu@b-server" in table  # collect's own table comes first, as before
+    assert "  server cuda: Test GPU" in view
+    latency = view[view.index("latency median (ms)") :].splitlines()
+    assert latency[0].split() == [
+        *("latency", "median", "(ms)", "laptop", "cpu", "Δ", "base"),
+        *("server", "cpu", "Δ", "base", "Δ", "first"),
+        *("server", "cuda", "Δ", "base", "Δ", "first"),
+    ]
+    assert latency[2].split() == [
+        *("fp32", "10.00", "baseline"),
+        *("8.00", "-20.0%", "-20.0%"),
+        *("2.00", "-80.0%", "-80.0%"),
+    ]
+    assert latency[4].split() == ["bnb-int8", "20.00", "+100.0%", "–", "4.00", "-60.0%", "-80.0%"]
+    # The two int8 methods name what runs them: different algorithms, never one "int8".
+    assert "int8-dynamic: (cpu) torch.ao quantize_dynamic: int8 weights per tensor" in view
+    assert "bnb-int8: (cpu, cuda) bitsandbytes LLM.int8()" in view
+
+
+def test_json_gains_the_view_under_its_own_key(folders, capsys):
+    assert main(["collect", *map(str, folders), "--format", "json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    before = ["job", "baseline", "notes", "variants", "significance_method", "verdict"]
+    assert list(entry) == [*before, "cross_hardware"]  # the keys before it are unchanged
+    view = entry["cross_hardware"]
+    assert [c["column"] for c in view["columns"]] == ["laptop cpu", "server cpu", "server cuda"]
+    on_gpu = view["metrics"]["latency median (ms)"]["bnb-int8"]["server cuda"]
+    assert on_gpu["value"] == 4.0
+    assert on_gpu["delta_vs_first"] == pytest.approx(-0.8)
+    assert "LLM.int8()" in view["methods"]["bnb-int8"]
+
+
+def test_no_view_for_a_job_on_one_machine_and_device(tmp_path, capsys):
+    laptop = written(tmp_path / "laptop", LAPTOP)
+    assert built([laptop]) is None
+    assert main(["collect", str(laptop)]) == 0
+    out = capsys.readouterr().out
+    results, _, _ = collect.gather([laptop])
+    assert out == collect.FORMATS["table"](collect.build_tables(results))  # the table alone
+    assert main(["collect", str(laptop), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["cross_hardware"] is None
