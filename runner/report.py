@@ -23,7 +23,7 @@ from markupsafe import Markup
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from runner import collect
+from runner import collect, pivot
 from runner.job import COMPILED_SUFFIX
 from runner.layers import LAYER_TYPES
 from runner.references import resolve
@@ -385,6 +385,19 @@ def _section(table: collect.JobTable, figures: FigureFiles, studies=()) -> dict:
         "tolerance_names": collect.applicable_tolerances(table),
         **{"plots": plots, "histograms": histograms, "details": _details(table)},
         "studies": shown_studies,
+        "cross_hardware": _cross_hardware(table),
+    }
+
+
+def _cross_hardware(table: collect.JobTable) -> dict | None:
+    """The job's view across machines and devices (runner/pivot.py); None where it ran in one."""
+    found = pivot.build(table)
+    if found is None:
+        return None
+    return {
+        "about": pivot.about(found),
+        "tables": pivot.metric_tables(found),
+        "notes": pivot.implementation_lines(found) + found.notes,
     }
 
 

@@ -161,3 +161,18 @@ def test_no_view_for_a_job_on_one_machine_and_device(tmp_path, capsys):
     assert out == collect.FORMATS["table"](collect.build_tables(results))  # the table alone
     assert main(["collect", str(laptop), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["cross_hardware"] is None
+
+
+def test_the_report_shows_the_view_in_the_jobs_section(folders, tmp_path):
+    from runner import report
+
+    results, _, _ = collect.gather(folders)
+    page = report.write_report(results, tmp_path / "two.html").path.read_text(encoding="utf-8")
+    section = page[page.index("<h3>Across machines and devices</h3>") :]
+    assert "<th>latency median (ms)</th><th>laptop cpu</th><th>Δ base</th>" in section
+    assert "<th>bnb-int8</th><td>20.00</td><td>+100.0%</td>" in section
+    assert "bnb-int8: (cpu, cuda) bitsandbytes LLM.int8()" in section
+
+    laptop, _, _ = collect.gather(folders[:1])
+    alone = report.write_report(laptop, tmp_path / "one.html").path.read_text(encoding="utf-8")
+    assert "Across machines and devices" not in alone
