@@ -133,13 +133,24 @@ def _draw_sqnr_panel(
     ax.set_title(
         f"{key}" + (f" (mean {overall:.1f} dB)" if overall is not None else ""), fontsize=10
     )
-    ax.set_xticks(
-        list(range(head)) + [head] * has_head,
-        [str(d) for d in range(head)] + ["head"] * has_head,
-    )
+    _depth_axis(ax, head, has_head)
     ax.set_xlabel("layer of the encoder or decoder stack")
     ax.set_ylabel("SQNR (dB)")
     ax.grid(True, alpha=0.3)
+
+
+DEPTH_LABELS = 7  # at most this many numbered layers on a depth axis: more collide
+
+
+def _depth_axis(ax, head: int, has_head: bool) -> None:
+    """Every layer a tick; every k-th numbered, so that at most DEPTH_LABELS numbers show and
+    none runs into 'head', which a dotted line sets apart from the stack."""
+    step = max(1, -(-head // DEPTH_LABELS))
+    numbered = list(range(0, head, step))
+    ax.set_xticks(numbered + [head] * has_head, [str(d) for d in numbered] + ["head"] * has_head)
+    ax.set_xticks(range(head), minor=True)
+    if has_head and head:
+        ax.axvline(head - 0.5, color="#999999", linestyle=":", linewidth=0.8)
 
 
 def plot_output_against_weight_sqnr(table: collect.JobTable) -> Figure | None:
@@ -211,17 +222,36 @@ def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
         subtitle = f"{layer_type} ({layers}, {hist['n_weights']:,} weights)"
         if grid:
             inside = [v for v in grid["values"] if hist["min"] <= v <= hist["max"]]
-            # A rug along the bottom: 256 int8 levels would hide the histogram as full-height lines.
+            drawn = _rug(inside)
+            # A rug along the bottom: full-height lines would hide the histogram.
             ax.vlines(
-                inside, 0, 0.12, transform=ax.get_xaxis_transform(), color="black", linewidth=0.6
+                drawn, 0, 0.08, transform=ax.get_xaxis_transform(), color="black", linewidth=0.6
             )
             levels = f"{len(inside)} of {len(grid['values'])} levels in range"
             subtitle += f"\n{levels}, per {grid['granularity']}"
+            if len(drawn) < len(inside):
+                subtitle += f"\n(1 level in {_every(len(inside))} drawn along the bottom)"
         ax.set_title(subtitle, fontsize=9)
         ax.set_xlim(hist["min"], hist["max"])
         ax.set_xlabel("weight")
         ax.set_ylabel("count (log)")
     return figure
+
+
+RUG_TICKS = 32  # at most this many grid levels along a histogram's bottom: more read as one band
+
+
+def _every(levels: int) -> int:
+    return -(-levels // RUG_TICKS)
+
+
+def _rug(values: list[float]) -> list[float]:
+    """The grid levels drawn along a histogram's bottom: all of a 4-bit grid; of int8's 256, every
+    k-th, and the outermost, so that the grid's extent still shows."""
+    values = sorted(values)
+    if len(values) <= RUG_TICKS:
+        return values
+    return sorted({*values[:: _every(len(values))], values[-1]})
 
 
 # The figures every task has: what quantization did to the weights, layer by layer.
@@ -401,6 +431,48 @@ def _cross_hardware(table: collect.JobTable) -> dict | None:
     }
 
 
+def _named_first(tables: list[collect.JobTable], results: list[Result]) -> list[collect.JobTable]:
+    """The jobs in the order their results were read: those of the folder named first come first
+    (collect orders them by name)."""
+    first: dict[str, int] = {}
+    for index, result in enumerate(results):
+        first.setdefault(result.job, index)
+    return sorted(tables, key=lambda table: first[table.job])
+
+
+def _anchor(text: str, taken: set[str]) -> str:
+    """An id for a heading: the text's letters and digits, another on the page not taken."""
+    base = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "section"
+    anchor, number = base, 2
+    while anchor in taken:
+        anchor, number = f"{base}-{number}", number + 1
+    taken.add(anchor)
+    return anchor
+
+
+def _contents(section: dict, taken: set[str]) -> dict:
+    """The section with its anchors: the job's ("anchor") and one per part ("ids", by name), and
+    the parts' (anchor, heading) in page order for the table of contents ("contents")."""
+    ids, contents = {}, []
+
+    def part(name: str, heading: str) -> None:
+        ids[name] = _anchor(f"{section['job']}-{name}", taken)
+        contents.append((ids[name], heading))
+
+    anchor = _anchor(section["job"], taken)
+    part("table", "Table")
+    part("verdict", "Deployment verdict")
+    for plot, _ in section["plots"]:
+        part(plot.name, plot.heading)
+        if plot.name == "sqnr-by-depth":  # the template shows the histograms after it
+            part("histograms", "Weight histograms and quantization grids")
+        if plot.name == "output-vs-weight-sqnr":  # and the studies after this one
+            for shown in section["studies"]:
+                part(f"study-{shown.variant}", f"Sensitivity study: {shown.variant}")
+    part("details", "Per variant")
+    return {**section, "anchor": anchor, "ids": ids, "contents": contents}
+
+
 def _escaped(value) -> Markup:
     """Autoescape as html.escape writes it (&#x27;, as the report always has); markup passes."""
     return value if isinstance(value, Markup) else Markup(html.escape(str(value)))
@@ -427,8 +499,11 @@ def write_report(
     # formula and stop the report at one it cannot parse.
     with rc_context({"text.parse_math": False}):
         sections = [
-            _section(table, figures, studies) for table in collect.build_tables(results, baseline)
+            _section(table, figures, studies)
+            for table in _named_first(collect.build_tables(results, baseline), results)
         ]
+    taken: set[str] = set()
+    sections = [_contents(section, taken) for section in sections]
     page = _template().render(
         style=(TEMPLATES / "report.css").read_text(encoding="utf-8"),
         n_results=len(results),

@@ -11,15 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from runner.layers import LAYER_TYPES
+from runner.measure import hardware_label
+from runner.schema import Result
 
 DPI = 120
 PANEL_IN = 3.4  # width and height of one small-multiple panel, inches
 MAX_COLUMNS = 3
-DEVICE_COLOURS = {"cpu": "#1f77b4", "cuda": "#2ca02c"}  # a variant's marker, by its device
 # One colour per layer type, the same in every plot (tab20's: an encoder's types keep tab10's).
 TYPE_COLOURS = {
     "query": "#1f77b4",
@@ -61,15 +63,6 @@ def log_scale_if_wide(ax, which: str, values: list[float], ratio: float = 20.0) 
         log_scale(ax, which)
 
 
-def device_legend(ax, devices: set[str]) -> None:
-    """A legend entry per device the points ran on, and room around them for their labels."""
-    for device, colour in DEVICE_COLOURS.items():
-        if device in devices:
-            ax.scatter([], [], color=colour, alpha=0.55, label=device)
-    ax.margins(x=0.12, y=0.15)  # room for the labels
-    ax.legend(loc="best", fontsize=8)
-
-
 def panels(n: int, title: str) -> tuple[Figure, list]:
     columns = min(n, MAX_COLUMNS)
     rows = math.ceil(n / columns)
@@ -94,6 +87,178 @@ def shared_legend(figure: Figure, axes: list) -> None:
         ncols=min(len(legend), 5),
         fontsize=8,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Machines: a colour and a marker each, so that results of two machines in one plot tell apart.
+
+MACHINE_STYLES = (
+    ("#1f77b4", "o"),
+    ("#ff7f0e", "s"),
+    ("#2ca02c", "^"),
+    ("#d62728", "D"),
+    ("#9467bd", "v"),
+    ("#8c564b", "P"),
+    ("#e377c2", "X"),
+    ("#17becf", "p"),
+)
+
+
+@dataclass(frozen=True)
+class MachineStyle:
+    name: str
+    colour: str
+    marker: str
+
+
+def _machine_name(result: Result) -> str:
+    """What the table's hardware row says: the CPU or GPU, and the host."""
+    env = result.environment or {}
+    return f"{hardware_label(env, result.device)} @ {env.get('host', '?')}"
+
+
+def machine_styles(results: dict[str, Result]) -> dict[str, MachineStyle]:
+    """Each result's machine (by column key, in column order) and its colour and marker. Two
+    machines that name themselves alike are told apart by their results folder (DIR of
+    DIR/<job>/<file>), as the table's column keys are."""
+    folders: dict[str, set[str]] = {}
+    for result in results.values():
+        folder = result.file.parent.parent.name if result.file else ""
+        folders.setdefault(_machine_name(result), set()).add(folder)
+    names = {}
+    for key, result in results.items():
+        name = _machine_name(result)
+        if len(folders[name]) > 1 and result.file:
+            name = f"{name} ({result.file.parent.parent.name})"
+        names[key] = name
+    order = list(dict.fromkeys(names.values()))
+    styles = {
+        name: MachineStyle(name, *MACHINE_STYLES[i % len(MACHINE_STYLES)])
+        for i, name in enumerate(order)
+    }
+    return {key: styles[name] for key, name in names.items()}
+
+
+def machine_legend(figure: Figure, ax, styles: list[MachineStyle]) -> None:
+    """One legend under the plot: an entry per machine drawn, and the plot's labelled lines
+    (tolerances). Under the plot, it hides no point and no label."""
+    for style in dict.fromkeys(styles):
+        ax.scatter([], [], color=style.colour, marker=style.marker, alpha=0.55, label=style.name)
+    handles, labels = ax.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=1, fontsize=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Point labels that do not overlap: each label takes the nearest free place around its point.
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle in display units (pixels, y up)."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def overlap(self, other: Box) -> float:
+        """The area both cover."""
+        width = min(self.x1, other.x1) - max(self.x0, other.x0)
+        height = min(self.y1, other.y1) - max(self.y0, other.y0)
+        return max(width, 0.0) * max(height, 0.0)
+
+    def outside(self, bounds: Box) -> float:
+        """The area of this box outside bounds."""
+        return (self.x1 - self.x0) * (self.y1 - self.y0) - self.overlap(bounds)
+
+
+LABEL_FONT = 8
+RINGS = 14  # how far out a label may go: rings of candidate places around its point
+
+
+def _candidates(radius: float, width: float, height: float, step: float):
+    """Offsets of a label's lower-left corner from its point, nearest first: right above, right
+    below, left above, left below, right, left, above, below, on rings further and further out."""
+    for ring in range(RINGS):
+        d = radius + 3.0 + ring * step
+        e = d * 0.71  # the diagonal places, as far from the point as the straight ones
+        yield ring, (e, e)
+        yield ring, (e, -e - height)
+        yield ring, (-e - width, e)
+        yield ring, (-e - width, -e - height)
+        yield ring, (d, -height / 2)
+        yield ring, (-d - width, -height / 2)
+        yield ring, (-width / 2, d)
+        yield ring, (-width / 2, -d - height)
+
+
+def place_labels(
+    anchors: list[tuple[float, float]],
+    sizes: list[tuple[float, float]],
+    radii: list[float],
+    bounds: Box,
+) -> list[tuple[tuple[float, float], int]]:
+    """Where to put each label (width, height) beside its point (anchor, marker radius), all in
+    display units: (offset of the label's lower-left corner from its point, ring). Greedy, in the
+    order given: each label takes the nearest place that overlaps no label placed before it and
+    stays within bounds, the fewest markers covered first; where there is none, the place that
+    overlaps least."""
+    markers = [Box(x - r, y - r, x + r, y + r) for (x, y), r in zip(anchors, radii)]
+    placed: list[Box] = []
+    chosen = []
+    for index, ((x, y), (width, height), radius) in enumerate(zip(anchors, sizes, radii)):
+        best = None
+        for order, (ring, (dx, dy)) in enumerate(_candidates(radius, width, height, height / 2)):
+            box = Box(x + dx, y + dy, x + dx + width, y + dy + height)
+            hard = sum(box.overlap(other) for other in placed) + box.outside(bounds)
+            soft = sum(box.overlap(m) for i, m in enumerate(markers) if i != index)
+            cost = (hard, soft, order)
+            if best is None or cost < best[0]:
+                best = (cost, box, (dx, dy), ring)
+            if hard == 0 and soft == 0:
+                break
+        _, box, offset, ring = best
+        placed.append(box)
+        chosen.append((offset, ring))
+    return chosen
+
+
+def label_points(ax, points: list[tuple[float, float]], labels: list[str], sizes: list[float]):
+    """Each point's label beside it where no other label is (place_labels); a label moved away
+    from its point gets a line to it. Call it last: it places the labels in the plot as drawn.
+    sizes: the points' marker areas (points², as scatter's s). Returns the labels' Text."""
+    figure = ax.figure
+    FigureCanvasAgg(figure)  # a canvas that can measure text
+    figure.canvas.draw()  # the layout settles: the points are where they will be drawn
+    renderer = figure.canvas.get_renderer()
+    probes = [ax.text(0, 0, t, fontsize=LABEL_FONT, transform=ax.transAxes) for t in labels]
+    extents = [probe.get_window_extent(renderer) for probe in probes]
+    for probe in probes:
+        probe.remove()
+    pixels = figure.dpi / 72  # display pixels per point
+    radii = [math.sqrt(s) / 2 for s in sizes]  # in points
+    frame = ax.get_window_extent(renderer)
+    places = place_labels(
+        [tuple(xy) for xy in ax.transData.transform(points)],
+        [(e.width, e.height) for e in extents],
+        [r * pixels for r in radii],
+        Box(frame.x0, frame.y0, frame.x1, frame.y1),
+    )
+    texts = []
+    for label, point, ((dx, dy), ring), radius in zip(labels, points, places, radii):
+        line = {"arrowstyle": "-", "color": "#888888", "linewidth": 0.6, "shrinkB": radius}
+        text = ax.annotate(
+            label,
+            point,
+            textcoords="offset points",
+            xytext=(dx / pixels, dy / pixels),
+            fontsize=LABEL_FONT,
+            va="bottom",
+            arrowprops=line if ring > 0 else None,
+        )
+        text.set_in_layout(False)  # kept inside the axes: the layout stays as measured
+        texts.append(text)
+    return texts
 
 
 @dataclass(frozen=True)

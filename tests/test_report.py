@@ -14,20 +14,27 @@ import html
 import io
 import json
 import re
+import shutil
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import typed, variant_json
+from conftest import REPO, typed, variant_json
+from matplotlib import rc_context
+from matplotlib.collections import PathCollection
 from matplotlib.image import imread
+from matplotlib.text import Text
 from test_collect_stats import make_task
 
 from runner import collect, report
 from runner.cli import main
+from runner.report_figures import Box, place_labels
 from runner.results import write_result
+from runner.tasks.classification.plots import plot_accuracy_latency
 
 CHROMIUM = Path("/usr/bin/chromium")
+SHIPPED = REPO / "results" / "reference"
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]*)">')
 
 
@@ -175,6 +182,108 @@ def test_report_command_without_results_exits_2(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_contents_lists_every_job_and_part_and_each_link_lands_on_it(rendered):
+    _, page = rendered
+    contents = page.split('<nav class="contents">', 1)[1].split("</nav>", 1)[0]
+    links = re.findall(r'<a href="#([^"]+)">', contents)
+    ids = re.findall(r' id="([^"]+)"', page)
+    assert len(ids) == len(set(ids)) and set(links) <= set(ids)
+    # The job, then each part of its section, in the order the page shows them.
+    section = page.split('<section id="tiny">', 1)[1]
+    headings = re.findall(r'<h3 id="([^"]+)">', section)
+    assert links == ["tiny", "tiny-table", "tiny-verdict", *headings[1:]]
+    assert links[-1] == "tiny-details" and "tiny-sqnr-by-depth" in links
+
+
+def test_the_table_scrolls_in_its_own_box_with_its_first_column_fixed(rendered):
+    _, page = rendered
+    assert '<div class="scroll" id="tiny-table"><table class="metrics">' in page
+    css = re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+    assert re.search(r"table\.metrics th:first-child \{[^}]*position: sticky; left: 0", css)
+    assert re.search(r"\.scroll \{[^}]*overflow: auto", css)
+
+
+def test_the_job_of_the_folder_named_first_comes_first(tmp_path):
+    # Two jobs in two folders; by name, bench-bert-base would always come first.
+    shipped = SHIPPED / "nvidia-h200"
+    shutil.copytree(shipped / "benchmark-bert-base-cuda", tmp_path / "a" / "bench-bert-base")
+    shutil.copytree(shipped / "llama-0.5b-inline", tmp_path / "b" / "llama-0.5b-inline")
+    by_name = ["bench-bert-base", "llama-0.5b-inline"]
+    for folders, jobs in (("ab", by_name), ("ba", by_name[::-1])):
+        out = tmp_path / f"{folders}.html"
+        assert main(["report", *(str(tmp_path / f) for f in folders), "--out", str(out)]) == 0
+        assert re.findall(r'<section id="[^"]+"><h2>([^<]+)</h2>', out.read_text()) == jobs
+
+
+def overlapping(boxes: list[Box]) -> list[tuple[int, int]]:
+    return [
+        (i, j)
+        for i, a in enumerate(boxes)
+        for j, b in enumerate(boxes)
+        if i < j and a.overlap(b) > 0
+    ]
+
+
+def test_labels_of_points_that_coincide_do_not_overlap():
+    # fp16-cuda and bf16-cuda ran at the same latency and accuracy: one point, three labels.
+    anchors = [(300.0, 200.0)] * 3 + [(310.0, 205.0)]
+    sizes = [(90.0, 24.0), (90.0, 24.0), (120.0, 24.0), (90.0, 24.0)]
+    bounds = Box(0, 0, 800, 500)
+    places = place_labels(anchors, sizes, [15.0, 15.0, 25.0, 10.0], bounds)
+    boxes = [
+        Box(x + dx, y + dy, x + dx + w, y + dy + h)
+        for (x, y), (w, h), ((dx, dy), _) in zip(anchors, sizes, places)
+    ]
+    assert overlapping(boxes) == []
+    assert all(box.outside(bounds) == 0 for box in boxes)
+    # Each stays near its point: within a few label heights.
+    assert all(abs(box.x0 - 300) < 250 and abs(box.y0 - 200) < 150 for box in boxes)
+
+
+def shipped_table(*folders: Path) -> collect.JobTable:
+    results, _, _ = collect.gather(list(folders))
+    (table,) = collect.build_tables(results)
+    return table
+
+
+def drawn_labels(figure) -> list[Box]:
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    texts = [t for t in figure.axes[0].texts if "MiB" in t.get_text()]
+    # The text's own box: an Annotation's would take in the line to its point.
+    extents = [Text.get_window_extent(t, renderer) for t in texts]
+    return [Box(e.x0, e.y0, e.x1, e.y1) for e in extents]
+
+
+def test_accuracy_latency_labels_do_not_overlap_on_the_shipped_gpu_results():
+    table = shipped_table(SHIPPED / "nvidia-h200" / "benchmark-bert-base-cuda")
+    points = {k: table.results[k].metrics.latency.median for k in ("fp16-cuda", "bf16-cuda")}
+    assert abs(points["fp16-cuda"] - points["bf16-cuda"]) < 1  # ms: the two points touch
+    with rc_context({"text.parse_math": False}):
+        boxes = drawn_labels(plot_accuracy_latency(table))
+    assert len(boxes) == 5 and overlapping(boxes) == []
+
+
+def test_each_machine_has_its_marker_and_a_legend_entry(tmp_path):
+    # The demo from two machines that name themselves alike ("AMD EPYC x2 threads @ vm"): the
+    # results folder tells them apart, as in the table's column keys.
+    shutil.copytree(SHIPPED / "cpu-2core-amd-epyc" / "demo", tmp_path / "avx512" / "demo")
+    table = shipped_table(SHIPPED / "cpu-2core-amd-epyc" / "demo", tmp_path / "avx512" / "demo")
+    with rc_context({"text.parse_math": False}):
+        figure = plot_accuracy_latency(table)
+        one = plot_accuracy_latency(shipped_table(SHIPPED / "cpu-2core-amd-epyc" / "demo"))
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "AMD EPYC x2 threads @ vm (cpu-2core-amd-epyc)",
+        "AMD EPYC x2 threads @ vm (avx512)",
+    ]
+    points = [c for c in figure.axes[0].collections if isinstance(c, PathCollection)]
+    shapes = {len(c.get_paths()[0].vertices) for c in points if len(c.get_offsets())}
+    assert len(shapes) == 2  # a circle and a square
+    assert len(drawn_labels(figure)) == 12 and overlapping(drawn_labels(figure)) == []
+    assert [t.get_text() for t in one.legends[0].get_texts()] == ["AMD EPYC x2 threads @ vm"]
+
+
 # ------------------------------------------------------------------------------------------------
 # In a real browser
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +303,10 @@ window.addEventListener('load', () => {
       .filter(url => !url.startsWith('data:') && !url.startsWith('#')),
     metric_tables: document.querySelectorAll('table.metrics').length,
     metric_rows: document.querySelectorAll('table.metrics tbody tr').length,
+    links: document.querySelectorAll('nav.contents a').length,
+    unresolved: Array.from(document.querySelectorAll('a[href^="#"]'), a => a.hash.slice(1))
+      .filter(id => !document.getElementById(id)),
+    first_column: getComputedStyle(document.querySelector('table.metrics tbody th')).position,
   };
   const pre = document.createElement('pre');
   pre.id = 'qb-check';
@@ -248,6 +361,9 @@ def test_chromium_loads_every_image_and_the_table(rendered, results, tmp_path):
         "external": [],
         "metric_tables": 1,
         "metric_rows": len(rows),
+        "links": page.split("</nav>")[0].count("<a href="),
+        "unresolved": [],
+        "first_column": "sticky",
     }
 
     # The check does see broken images: data that is no PNG, and a file that is not there (which

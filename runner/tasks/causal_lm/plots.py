@@ -9,32 +9,26 @@ from matplotlib.figure import Figure
 
 from runner import collect
 from runner.report_figures import (
-    DEVICE_COLOURS,
+    MachineStyle,
     Plot,
     TaskPlots,
-    device_legend,
+    label_points,
     log_scale_if_wide,
+    machine_legend,
+    machine_styles,
     panels,
 )
 
 
-def _decode_points(table: collect.JobTable) -> list[tuple[str, float, float, float, str]]:
-    """(key, decode tokens/s, perplexity, size MiB, device) of each ok variant that has both."""
+def _decode_points(table: collect.JobTable) -> list[tuple[str, float, float, float, MachineStyle]]:
+    """(key, decode tokens/s, perplexity, size MiB, machine) of each ok variant that has both."""
+    machines = machine_styles(table.results)
     points = []
     for key in table.ok_columns():
-        result = table.results[key]
-        metrics = result.metrics
+        metrics = table.results[key].metrics
         if metrics.value("perplexity") is not None and metrics.value("decode_tokens_per_s"):
-            size = metrics.model_size_mib or 0.0
-            points.append(
-                (
-                    key,
-                    metrics.value("decode_tokens_per_s"),
-                    metrics.value("perplexity"),
-                    size,
-                    result.device,
-                )
-            )
+            speed, perplexity = metrics.value("decode_tokens_per_s"), metrics.value("perplexity")
+            points.append((key, speed, perplexity, metrics.model_size_mib or 0.0, machines[key]))
     return points
 
 
@@ -43,32 +37,34 @@ def plot_perplexity_decode(table: collect.JobTable) -> Figure | None:
     points = _decode_points(table)
     if not points:
         return None
-    figure = Figure(figsize=(7.5, 5.0), layout="constrained")
+    figure = Figure(figsize=(8.0, 6.0), layout="constrained")
     ax = figure.subplots()
     largest = max(p[3] for p in points) or 1.0
-    for i, (key, speed, perplexity, size, device) in enumerate(sorted(points, key=lambda p: p[1])):
+    areas = [60 + 900 * size / largest for _, _, _, size, _ in points]
+    for (key, speed, perplexity, _, machine), area in zip(points, areas):
         ax.scatter(
             speed,
             perplexity,
-            s=60 + 900 * size / largest,
-            color=DEVICE_COLOURS.get(device, "#7f7f7f"),
+            s=area,
+            color=machine.colour,
+            marker=machine.marker,
             alpha=0.55,
             edgecolors="black",
             linewidths=2 if key == table.best else 0.6,
         )
-        label = f"{key}\n{size:.1f} MiB" + ("  ★ best" if key == table.best else "")
-        # Neighbours along the speed axis take turns above and below their point.
-        offset = (8, 8 if i % 2 == 0 else -22)
-        ax.annotate(
-            label, (speed, perplexity), textcoords="offset points", xytext=offset, fontsize=8
-        )
     log_scale_if_wide(ax, "x", [p[1] for p in points])
     _draw_perplexity_limit(ax, table)
-    device_legend(ax, {p[4] for p in points})
+    ax.margins(x=0.15, y=0.2)  # room for the labels
+    machine_legend(figure, ax, [p[4] for p in points])
     ax.set_xlabel("decode tokens/s at the first generation batch size (higher is faster)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.grid(True, alpha=0.3)
     ax.set_title(f"{table.job}: perplexity vs decode speed (marker area ∝ model size)")
+    labels = [
+        f"{key}\n{size:.1f} MiB" + ("  ★ best" if key == table.best else "")
+        for key, _, _, size, _ in points
+    ]
+    label_points(ax, [(p[1], p[2]) for p in points], labels, areas)
     return figure
 
 

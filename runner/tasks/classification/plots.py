@@ -10,11 +10,13 @@ from matplotlib.figure import Figure
 
 from runner import collect
 from runner.report_figures import (
-    DEVICE_COLOURS,
+    MachineStyle,
     Plot,
     TaskPlots,
-    device_legend,
+    label_points,
     log_scale_if_wide,
+    machine_legend,
+    machine_styles,
     panels,
 )
 from runner.schema import Latency
@@ -28,10 +30,11 @@ class _Point:
     latency: Latency
     accuracy: float
     size: float  # MiB
-    device: str
+    machine: MachineStyle
 
 
 def _accuracy_latency_points(table: collect.JobTable) -> list[_Point]:
+    machines = machine_styles(table.results)
     points = []
     for key in table.ok_columns():
         result = table.results[key]
@@ -43,7 +46,7 @@ def _accuracy_latency_points(table: collect.JobTable) -> list[_Point]:
                     metrics.latency,
                     metrics.value("accuracy"),
                     metrics.model_size_mib or 0.0,
-                    result.device,
+                    machines[key],
                 )
             )
     return points
@@ -54,23 +57,36 @@ def plot_accuracy_latency(table: collect.JobTable) -> Figure | None:
     points = _accuracy_latency_points(table)
     if not points:
         return None
-    figure = Figure(figsize=(7.5, 5.0), layout="constrained")
+    figure = Figure(figsize=(8.0, 6.0), layout="constrained")
     ax = figure.subplots()
-    _draw_points(ax, points, table.best)
+    areas = _draw_points(ax, points, table.best)
     log_scale_if_wide(ax, "x", [p.latency.median for p in points])
     _draw_tolerances(ax, table)
-    device_legend(ax, {p.device for p in points})
+    ax.margins(x=0.15, y=0.2)  # room for the labels
+    machine_legend(figure, ax, [p.machine for p in points])
     ax.set_xlabel("median latency per forward pass (ms; bars: 95% interval of the median)")
     ax.set_ylabel("accuracy")
     ax.grid(True, alpha=0.3)
     ax.set_title(f"{table.job}: accuracy vs latency (marker area ∝ model size)")
+    label_points(
+        ax,
+        [(p.latency.median, p.accuracy) for p in points],
+        [_label(p, table.best) for p in points],
+        areas,
+    )
     return figure
 
 
-def _draw_points(ax, points: list[_Point], best: str | None) -> None:
-    """Each variant with the interval of its median latency and its label."""
+def _label(point: _Point, best: str | None) -> str:
+    return f"{point.key}\n{point.size:.1f} MiB" + ("  ★ best" if point.key == best else "")
+
+
+def _draw_points(ax, points: list[_Point], best: str | None) -> list[float]:
+    """Each variant with the interval of its median latency, in its machine's colour and marker;
+    returns the marker areas."""
     largest = max(p.size for p in points) or 1.0
-    for i, point in enumerate(sorted(points, key=lambda p: p.latency.median)):
+    areas = []
+    for point in points:
         median = point.latency.median
         low, high = point.latency.median_ci95 or (median, median)
         ax.errorbar(
@@ -82,24 +98,18 @@ def _draw_points(ax, points: list[_Point], best: str | None) -> None:
             elinewidth=1,
             capsize=3,
         )
+        areas.append(60 + 900 * point.size / largest)
         ax.scatter(
             median,
             point.accuracy,
-            s=60 + 900 * point.size / largest,
-            color=DEVICE_COLOURS.get(point.device, "#7f7f7f"),
+            s=areas[-1],
+            color=point.machine.colour,
+            marker=point.machine.marker,
             alpha=0.55,
             edgecolors="black",
             linewidths=2 if point.key == best else 0.6,
         )
-        label = f"{point.key}\n{point.size:.1f} MiB" + ("  ★ best" if point.key == best else "")
-        # Neighbours along the latency axis take turns above and below their point.
-        ax.annotate(
-            label,
-            (median, point.accuracy),
-            textcoords="offset points",
-            xytext=(8, 8 if i % 2 == 0 else -22),
-            fontsize=8,
-        )
+    return areas
 
 
 def _draw_tolerances(ax, table: collect.JobTable) -> None:
