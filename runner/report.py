@@ -462,6 +462,8 @@ def _contents(section: dict, taken: set[str]) -> dict:
     anchor = _anchor(section["job"], taken)
     part("table", "Table")
     part("verdict", "Deployment verdict")
+    if section["cross_hardware"]:
+        part("cross-hardware", "Across machines and devices")
     for plot, _ in section["plots"]:
         part(plot.name, plot.heading)
         if plot.name == "sqnr-by-depth":  # the template shows the histograms after it

@@ -168,7 +168,7 @@ def test_the_report_shows_the_view_in_the_jobs_section(folders, tmp_path):
 
     results, _, _ = collect.gather(folders)
     page = report.write_report(results, tmp_path / "two.html").path.read_text(encoding="utf-8")
-    section = page[page.index("<h3>Across machines and devices</h3>") :]
+    section = page[page.index("Across machines and devices</h3>") :]
     assert "<th>latency median (ms)</th><th>laptop cpu</th><th>Δ base</th>" in section
     assert "<th>bnb-int8</th><td>20.00</td><td>+100.0%</td>" in section
     assert "bnb-int8: (cpu, cuda) bitsandbytes LLM.int8()" in section
