@@ -1,10 +1,8 @@
 """The command line: quantbench run | validate | collect | report.
 
-Exit codes: 0 every variant ok or skipped; 1 a variant failed (the others still ran and were
-written); 2 a bad job file or usage (nothing was run and nothing was written), or for collect and
-report: nothing to collect, or a --baseline that names no variant of the results; 130 or 143 a run
-stopped by SIGINT (Ctrl-C) or SIGTERM (the finished results are kept, and it prints the --resume
-command that finishes the sweep); 141 its output pipe closed early (`quantbench validate … | head`).
+Its exit codes are in EPILOG, which `quantbench --help` prints: 0 ok, 1 a variant failed, 2 a bad
+job file or usage (nothing run or written), 130 or 143 a run stopped by a signal, 141 a closed
+output pipe.
 """
 
 from __future__ import annotations
@@ -17,6 +15,31 @@ from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell tool killed by it
+
+# What `quantbench --help` says after the commands: the module docstring's exit codes, as a list.
+EPILOG = """exit codes:
+  0    every variant ok or skipped; validate: every job file is valid
+  1    run: a variant failed (the others still ran and were written)
+  2    a bad job file or usage: nothing was run and nothing was written; collect and report:
+       nothing to collect, or a --baseline that names no variant of the results
+  130  run stopped by Ctrl-C (SIGINT), 143 by SIGTERM: the finished results are kept, and it
+       prints the --resume command that finishes the sweep
+  141  the output pipe closed early (quantbench validate … | head)
+
+`quantbench COMMAND --help` gives a command's arguments. Docs, in the repository: README.md,
+docs/commands.md (every command and option), docs/job-file.md (the job file), docs/results.md
+(the result files, collect's JSON), docs/report.md (the report and the verdict).
+"""
+
+
+def _version() -> str:
+    """The installed package's version; a checkout run without installing has none."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("quantbench")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def _seconds(text: str) -> float:
@@ -73,13 +96,27 @@ def _wait_seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantbench", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="quantbench",
+        description="What quantization does to a model: job files (YAML) in, each quantized\n"
+        "variant run on a CPU or GPU worker through Ray, results compared in tables and a report.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"quantbench {_version()}",
+        help="print quantbench's version and exit",
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, title="commands", metavar="COMMAND"
+    )
     _add_run(commands)
     validate = commands.add_parser(
         "validate", help="check job files and print the variants they expand to"
     )
-    validate.add_argument("jobs", nargs="+", type=Path)
+    validate.add_argument("jobs", nargs="+", type=Path, help="job files (YAML)")
     _add_collect_and_report(commands)
     return parser
 
@@ -129,7 +166,9 @@ def _add_collect_and_report(commands) -> None:
     collect = commands.add_parser(
         "collect", help="the comparison table of the results under folders"
     )
-    collect.add_argument("folders", nargs="+", type=Path)
+    collect.add_argument(
+        "folders", nargs="+", type=Path, help="results folders (searched below) or result files"
+    )
     collect.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     collect.add_argument(
         "--baseline", help="variant to compare against (default: the job's baseline)"
@@ -138,7 +177,9 @@ def _add_collect_and_report(commands) -> None:
     report = commands.add_parser(
         "report", help="one self-contained HTML file with the table, plots and verdict"
     )
-    report.add_argument("folders", nargs="+", type=Path)
+    report.add_argument(
+        "folders", nargs="+", type=Path, help="results folders (searched below) or result files"
+    )
     report.add_argument(
         "--out",
         type=Path,

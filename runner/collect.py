@@ -282,8 +282,9 @@ _SLACK = 1e-9  # a value equal to its limit passes, whatever the float rounding
 
 
 def _judge(result: Result, stats: dict, base: Result | None, table: JobTable) -> dict | None:
-    """pass | fail (with every tolerance it breaks) | no result; None when the job states no
-    tolerances."""
+    """pass | fail (with every tolerance it breaks) | cannot judge | no result; None when the job
+    states no tolerances. A broken tolerance fails whatever else is true; a variant that keeps
+    every tolerance passes only when it can be judged (_unjudged: the reason says why not)."""
     if not table.tolerances:
         return None
     if result.status != "ok":
@@ -294,7 +295,35 @@ def _judge(result: Result, stats: dict, base: Result | None, table: JobTable) ->
         failure = _failure(name, limit, checks[name], checks[name].measure(result, stats, base))
         if failure:
             failures.append(failure)
-    return {"status": "fail" if failures else "pass", "failures": failures, "reason": None}
+    unjudged = _unjudged(result, base, table)
+    status = "fail" if failures else "cannot judge" if unjudged else "pass"
+    return {"status": status, "failures": failures, "reason": "; ".join(unjudged) or None}
+
+
+def _unjudged(result: Result, base: Result | None, table: JobTable) -> list[str]:
+    """Why the verdict cannot call the result a pass: its own answers or the baseline's say
+    nothing (the task's rule, Task.degenerate), or its latency cannot be told from the
+    baseline's."""
+    reasons = [table.declaration.degenerate(result)]
+    if base is not None and result is not base:
+        theirs = table.declaration.degenerate(base)
+        if theirs:
+            reasons.append(f"the baseline {table.baseline} cannot be judged: {theirs}")
+        reasons.append(_latency_overlap(result, base))
+    return [reason for reason in reasons if reason]
+
+
+def _latency_overlap(result: Result, base: Result) -> str | None:
+    """Said when the 95% intervals of the two median latencies overlap: the variant is not
+    measurably faster or slower than the baseline. None when they are apart, or when a result
+    has no interval (older results)."""
+    mine, theirs = result.metrics.latency.median_ci95, base.metrics.latency.median_ci95
+    if not mine or not theirs or mine[0] > theirs[1] or mine[1] < theirs[0]:
+        return None
+    return (
+        f"its latency median's 95% interval [{mine[0]:.2f}, {mine[1]:.2f}] ms overlaps the "
+        f"baseline's [{theirs[0]:.2f}, {theirs[1]:.2f}] ms: not measurably faster or slower"
+    )
 
 
 def _failure(name: str, limit: float, check: Check, value: float | None) -> dict | None:
@@ -311,12 +340,15 @@ def _failure(name: str, limit: float, check: Check, value: float | None) -> dict
 
 
 def best_passing(table: JobTable) -> str | None:
-    """The first variant that passes by the task's best_key (Comparison.best_rule)."""
-    passing = [
-        k for k in table.columns if (table.stats[k].get("verdict") or {}).get("status") == "pass"
-    ]
+    """The first variant that passes by the task's best_key (Task.best_rule); a variant the
+    verdict cannot judge is never picked."""
+    passing = [k for k in table.columns if _status(table, k) == "pass"]
     key = table.declaration.best_key
     return min(passing, key=lambda k: key(table.results[k])) if passing else None
+
+
+def _status(table: JobTable, key: str) -> str | None:
+    return (table.stats[key].get("verdict") or {}).get("status")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,16 +470,19 @@ def _metric_row(table: JobTable, row: Row, marks: dict[str, list[int]]) -> tuple
 
 
 def verdict_lines(table: JobTable) -> list[str]:
-    """The deployment verdict as lines of text: one per variant, then the best that passes."""
+    """The deployment verdict as lines of text: one per variant, then the best that passes (and
+    which variants it could not consider)."""
     if not table.tolerances:
         return []
     limits = ", ".join(f"{name} {value:g}" for name, value in table.tolerances.items())
     lines = [f"verdict against the job's tolerances ({limits}):"]
     lines += [f"{key}: {verdict_text(table.stats[key]['verdict'])}" for key in table.columns]
+    unjudged = [k for k in table.columns if _status(table, k) == "cannot judge"]
+    not_considered = f"; cannot judge {', '.join(unjudged)}" if unjudged else ""
     lines.append(
-        f"best variant that passes: {table.best} ({table.declaration.best_rule})"
+        f"best variant that passes: {table.best} ({table.declaration.best_rule}{not_considered})"
         if table.best
-        else "best variant that passes: none passes"
+        else f"best variant that passes: none passes{not_considered}"
     )
     return lines
 
@@ -457,7 +492,10 @@ def verdict_text(verdict: dict) -> str:
         return f"no verdict ({verdict['reason']})"
     if verdict["status"] == "pass":
         return "pass"
-    return "fail: " + "; ".join(f["reason"] for f in verdict["failures"])
+    if verdict["status"] == "cannot judge":
+        return f"cannot judge: {verdict['reason']}"
+    failed = "fail: " + "; ".join(f["reason"] for f in verdict["failures"])
+    return failed + (f" (and cannot be judged: {verdict['reason']})" if verdict["reason"] else "")
 
 
 def _hardware(result: Result) -> str:
@@ -584,6 +622,11 @@ def _json_table(table: JobTable) -> dict:
             "tolerances": table.tolerances,
             "best": table.best,
             "rule": table.declaration.best_rule,
+            "cannot_judge": {
+                key: table.stats[key]["verdict"]["reason"]
+                for key in table.columns
+                if _status(table, key) == "cannot judge"
+            },
         },
     }
 

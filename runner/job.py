@@ -161,6 +161,8 @@ class JobSpec:
     task: str = "classification"  # a name in runner.tasks.TASKS
     task_config: Any = None  # the task's own job fields, as it read them (Task.read_config)
     sensitivity: SensitivitySpec | None = None
+    # The pairs of a precisions x devices product that cannot run, left out: (variant id, why).
+    left_out: tuple[tuple[str, str], ...] = ()
     raw: dict = field(
         default_factory=dict, repr=False
     )  # the YAML as read, kept in every result as "the spec as run"

@@ -62,7 +62,10 @@ def plan_job(path: str | Path) -> JobPlan:
 
     config = model_source.model_config(spec.model, shown)
     check_model_files(spec, shown, config)
-    notes: list[str] = []
+    notes = [
+        f"left out {pair}, not a variant of precisions × devices that can run: {why}"
+        for pair, why in spec.left_out
+    ]
     train = None
     if spec.finetune is not None:
         train = training_split(spec, shown, rows, sample_rows, notes)

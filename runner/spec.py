@@ -213,7 +213,7 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
     )
     evaluation = _evaluation(top.sub("evaluation") or Reader(shown, {}, "evaluation"))
     settings = _settings(top.sub("settings") or Reader(shown, {}, "settings"))
-    variants = _variants(shown, top, evaluation.compile)
+    variants, left_out = _variants(shown, top, evaluation.compile)
     return JobSpec(
         file=file,
         name=name,
@@ -230,6 +230,7 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
         task=task.name,
         task_config=task.read_config(top),
         sensitivity=_sensitivity(shown, top.sub("sensitivity")),
+        left_out=tuple(left_out),
         raw=raw,
     )
 
@@ -680,11 +681,18 @@ def _settings(reader: Reader) -> dict:
     return read_settings(reader)
 
 
-def _variants(shown: Path, top: Reader, compile_choice: bool | str = False) -> list[Variant]:
+def _variants(
+    shown: Path, top: Reader, compile_choice: bool | str = False
+) -> tuple[list[Variant], list[tuple[str, str]]]:
     """The variants asked for, each once; evaluation.compile makes them compiled (true) or adds a
-    compiled twin after each (both)."""
-    variants, seen = [], set()
-    for where, device_where, precision, device, compiled in _variant_pairs(shown, top):
+    compiled twin after each (both). A pair of precisions x devices that cannot run is left out,
+    with why (the user listed the precisions and the devices, not that pair); a listed variant
+    that cannot run is refused."""
+    variants, seen, left_out = [], set(), []
+    for where, device_where, precision, device, compiled, in_product in _variant_pairs(shown, top):
+        if in_product and _known(precision, device) and not _runs_on(precision, device):
+            left_out.append((f"{precision}-{device}", _only_on(precision)))
+            continue
         _check_variant(shown, where, device_where, precision, device)
         if compiled and compile_choice is not False:
             raise SpecError(
@@ -700,9 +708,27 @@ def _variants(shown: Path, top: Reader, compile_choice: bool | str = False) -> l
                 raise SpecError(shown, where, variant.id, "each variant may appear once")
             seen.add(variant.id)
             variants.append(variant)
+    if not variants and left_out:
+        pairs = "; ".join(f"{pair}: {why}" for pair, why in left_out)
+        raise SpecError(
+            shown, "devices", top.get("devices", list), f"no pair of them can run ({pairs})"
+        )
     if not variants:
         raise SpecError(shown, "variants", [], "the job has no variant to run")
-    return variants
+    return variants, left_out
+
+
+def _known(precision: Any, device: Any) -> bool:
+    return isinstance(precision, str) and precision in PRECISIONS and device in DEVICES
+
+
+def _runs_on(precision: str, device: str) -> bool:
+    return device in PRECISIONS[precision].devices
+
+
+def _only_on(precision: str) -> str:
+    spec = PRECISIONS[precision]
+    return f"{precision} runs on {', '.join(spec.devices)} only ({spec.how})"
 
 
 def _check_variant(shown: Path, where: str, device_where: str, precision, device) -> None:
@@ -715,14 +741,8 @@ def _check_variant(shown: Path, where: str, device_where: str, precision, device
         raise SpecError(
             shown, where, precision, f"unknown precision; allowed: {', '.join(PRECISIONS)}"
         )
-    spec = PRECISIONS[precision]
-    if device not in spec.devices:
-        raise SpecError(
-            shown,
-            where,
-            f"{precision}-{device}",
-            f"{precision} runs on {', '.join(spec.devices)} only ({spec.how})",
-        )
+    if not _runs_on(precision, device):
+        raise SpecError(shown, where, f"{precision}-{device}", _only_on(precision))
 
 
 def _with_compile(variant: Variant, compile_choice: bool | str) -> list[Variant]:
@@ -733,10 +753,10 @@ def _with_compile(variant: Variant, compile_choice: bool | str) -> list[Variant]
     return [compiled] if compile_choice is True else [variant]
 
 
-def _variant_pairs(shown: Path, top: Reader) -> list[tuple[str, str, Any, Any, bool]]:
+def _variant_pairs(shown: Path, top: Reader) -> list[tuple[str, str, Any, Any, bool, bool]]:
     """(where the precision is, where the device is, precision, device, whether the id ends in
-    -compiled) for each variant asked for, as variants: [...] or as precisions: [...] x
-    devices: [...]."""
+    -compiled, whether it comes of a product) for each variant asked for, as variants: [...] or
+    as precisions: [...] x devices: [...]."""
     listed = top.get("variants", list)
     precisions = top.get("precisions", list)
     devices = top.get("devices", list)
@@ -753,7 +773,7 @@ def _variant_pairs(shown: Path, top: Reader) -> list[tuple[str, str, Any, Any, b
                 "give variants: [fp32-cpu, …] or both precisions: […] and devices: […]",
             )
         return [
-            (f"precisions[{i}]", f"devices[{j}]", p, d, False)
+            (f"precisions[{i}]", f"devices[{j}]", p, d, False, True)
             for i, p in enumerate(precisions)
             for j, d in enumerate(devices)
         ]
@@ -768,5 +788,5 @@ def _variant_pairs(shown: Path, top: Reader) -> list[tuple[str, str, Any, Any, b
             )
         compiled = item.endswith(COMPILED_SUFFIX)
         precision, _, device = item.removesuffix(COMPILED_SUFFIX).rpartition("-")
-        pairs.append((f"variants[{i}]", f"variants[{i}]", precision, device, compiled))
+        pairs.append((f"variants[{i}]", f"variants[{i}]", precision, device, compiled, False))
     return pairs

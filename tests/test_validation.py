@@ -94,12 +94,35 @@ def test_int8_dynamic_on_cuda(capsys, tmp_path, tiny_model):
     )
 
 
-def test_int8_dynamic_on_cuda_in_a_grid(capsys, tmp_path, tiny_model):
-    text = rt_job(tiny_model).replace(
-        "variants: [fp32-cpu, int8-dynamic-cpu]",
-        "precisions: [fp32, int8-dynamic]\ndevices: [cpu, cuda]",
+def grid(model, precisions: str, devices: str) -> str:
+    return rt_job(model).replace(
+        "variants: [fp32-cpu, int8-dynamic-cpu]", f"precisions: {precisions}\ndevices: {devices}"
     )
-    check_refused(capsys, tmp_path, text, "precisions[1]", "int8-dynamic-cuda", "runs on cpu only")
+
+
+def test_a_grid_leaves_out_the_pairs_that_cannot_run_and_says_why(capsys, tmp_path, tiny_model):
+    from runner.spec import load_job
+
+    job = write_job(tmp_path, grid(tiny_model, "[fp32, int8-dynamic]", "[cpu, cuda]"))
+    assert [v.id for v in load_job(job).variants] == ["fp32-cpu", "fp32-cuda", "int8-dynamic-cpu"]
+    code, out, err = run_cli(capsys, "validate", job)
+    assert code == 0, err
+    assert (
+        "  note: left out int8-dynamic-cuda, not a variant of precisions × devices that can run: "
+        "int8-dynamic runs on cpu only (" in out
+    )
+    listed = out[out.index("  variants:") :]
+    assert "int8-dynamic-cpu" in listed and "int8-dynamic-cuda" not in listed
+
+
+def test_a_grid_of_which_no_pair_can_run_is_refused(capsys, tmp_path, tiny_model):
+    text = grid(tiny_model, "[int8-dynamic]", "[cuda]")
+    check_refused(capsys, tmp_path, text, "devices", "no pair of them can run", "int8-dynamic-cuda")
+
+
+def test_a_grid_still_refuses_an_unknown_precision(capsys, tmp_path, tiny_model):
+    text = grid(tiny_model, "[fp32, int4]", "[cpu, cuda]")
+    check_refused(capsys, tmp_path, text, "precisions[1]", "int4", "unknown precision")
 
 
 def test_baseline_must_be_a_variant(capsys, tmp_path, tiny_model):

@@ -257,6 +257,12 @@ class Task:
         """The verdict's pick among the variants that pass: the first by this key."""
         return fastest_median_latency(result)
 
+    def degenerate(self, result: Result) -> str | None:
+        """Why an ok result's answers say nothing a verdict could judge (a classifier that
+        predicts one class whatever it reads), None when they can be judged or the task has no
+        such rule. Such a result never passes, and when it is the baseline no variant does."""
+        return None
+
     # The sensitivity study ------------------------------------------------------------------
 
     def study_tolerance(self, tolerances: dict[str, float]) -> dict[str, float | None]:

@@ -60,6 +60,10 @@ class Classification(Task):
     def compare(self, result, baseline):
         return compare.compare(result, baseline)
 
+    def degenerate(self, result) -> str | None:
+        """One class predicted for every sample, or a macro-F1 at chance."""
+        return compare.degenerate(result)
+
     def study_tolerance(self, tolerances: dict[str, float]) -> dict[str, float | None]:
         return {key: tolerances.get(key) for key in ("min_agreement", "max_accuracy_drop")}
 

@@ -218,6 +218,51 @@ def _significance(gold: np.ndarray, base: np.ndarray, var: np.ndarray) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# A classifier the verdict cannot judge.
+
+_SLACK = 1e-9  # a macro-F1 equal to chance's, whatever the float rounding, is at chance
+
+
+def one_class(predicted: np.ndarray) -> int | None:
+    """The class every prediction is, or None when the predictions differ."""
+    classes = np.unique(predicted)
+    return int(classes[0]) if len(classes) == 1 else None
+
+
+def constant_macro_f1(gold: np.ndarray, n_classes: int) -> tuple[float, int]:
+    """The macro-F1 of the best constant predictor (always the same class) on these gold labels,
+    and that class: what a model that learned nothing scores at most."""
+    scores = [statistics.macro_f1(gold, np.full_like(gold, c), n_classes) for c in range(n_classes)]
+    best = int(np.argmax(scores))
+    return scores[best], best
+
+
+def degenerate(result: Result) -> str | None:
+    """Why a classifier's predictions cannot be judged: one class for every sample, or a macro-F1
+    no better than the best constant predictor's. None when they can, or when the result keeps no
+    predictions to tell (older results)."""
+    own = _encoded(result, result) if result.status == "ok" else None
+    if own is None:
+        return None
+    gold, predicted, labels = own["gold"], own["predicted"], own["labels"]
+    only = one_class(predicted)
+    if only is not None:
+        share = float(np.mean(gold == only))
+        return (
+            f"predicts {labels[only]} for all {len(predicted)} samples (its accuracy "
+            f"{share:.4f} is that class's share of the gold labels)"
+        )
+    f1 = statistics.macro_f1(gold, predicted, len(labels))
+    chance, always = constant_macro_f1(gold, len(labels))
+    if f1 > chance + _SLACK:
+        return None
+    return (
+        f"macro-F1 {f1:.4f} is at chance: no better than always predicting {labels[always]} "
+        f"({chance:.4f})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The tolerances only a classifier measures, and what the within-noise mark means.
 
 

@@ -19,6 +19,7 @@ from runner import evaluate
 from runner.study import ranking
 from runner.tasks import statistics
 from runner.tasks.classification import effects
+from runner.tasks.classification.compare import one_class
 from runner.tasks.task import Scored, TaskWorker
 
 # The label guard speaks when a relabelling of the predictions beats the job's map by this much.
@@ -164,6 +165,12 @@ def label_guard(gold_ids: np.ndarray, predicted: np.ndarray, label_names: list[s
     if accuracy < majority:
         warnings.append(
             f"accuracy {accuracy:.2%} is below always guessing the majority class ({majority:.2%})"
+        )
+    only = one_class(predicted)
+    if only is not None:
+        warnings.append(
+            f"every prediction is {label_names[only]}: the model answers one class whatever it "
+            f"reads (its accuracy {accuracy:.2%} is that class's share of the gold labels)"
         )
     return warnings
 
