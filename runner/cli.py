@@ -95,6 +95,24 @@ def _wait_seconds(text: str) -> float:
     return _seconds(text)
 
 
+def _width(text: str) -> int:
+    from runner.collect import MIN_WIDTH
+
+    if not text.isdigit() or int(text) < MIN_WIDTH:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of columns, {MIN_WIDTH} or more; found {text!r}"
+        )
+    return int(text)
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, found {text!r}")
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantbench",
@@ -152,6 +170,12 @@ def _add_run(commands) -> None:
     )
 
     run.add_argument(
+        "--machine",
+        metavar="NAME",
+        help="the label that names this machine in the tables' columns in place of its host name "
+        "(default: QUANTBENCH_MACHINE, else the host name)",
+    )
+    run.add_argument(
         "--wait-for-lock",
         type=_wait_seconds,
         nargs="?",
@@ -172,6 +196,24 @@ def _add_collect_and_report(commands) -> None:
     collect.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     collect.add_argument(
         "--baseline", help="variant to compare against (default: the job's baseline)"
+    )
+    collect.add_argument(
+        "--width",
+        type=_width,
+        metavar="N",
+        help="fit the text table in N columns (default: COLUMNS, else the terminal's, else 80)",
+    )
+    collect.add_argument(
+        "--variants",
+        type=_names,
+        metavar="A,B",
+        help="show only these variants (column or variant names) and the baseline",
+    )
+    collect.add_argument(
+        "--metrics",
+        type=_names,
+        metavar="A,B",
+        help="show only these metric rows (a row's label, or the start of one)",
     )
 
     report = commands.add_parser(
@@ -227,6 +269,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, argv: list[str] | None) -> int:
+    from runner.measure import MACHINE_VARIABLE
+
+    if not args.machine:
+        return _run_sweep(args, argv)
+    # The embedded cluster's workers inherit it, and dispatch passes it on to a joined cluster's.
+    before = os.environ.get(MACHINE_VARIABLE)
+    os.environ[MACHINE_VARIABLE] = args.machine
+    try:
+        return _run_sweep(args, argv)
+    finally:
+        if before is None:
+            os.environ.pop(MACHINE_VARIABLE, None)
+        else:
+            os.environ[MACHINE_VARIABLE] = before
+
+
+def _run_sweep(args, argv: list[str] | None) -> int:
     from runner import interrupt
 
     plans = []
@@ -337,7 +396,14 @@ def _collect(args) -> int:
     found = _found("collect", args.folders, args.baseline)
     if found is None:
         return EXIT_USAGE
-    sys.stdout.write(collect.render(found, args.format, args.baseline))
+    try:
+        text = collect.render(
+            found, args.format, args.baseline, args.width, args.variants, args.metrics
+        )
+    except collect.UnknownChoice as error:
+        print(f"quantbench collect: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(text)
     return EXIT_OK
 
 

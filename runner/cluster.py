@@ -140,6 +140,16 @@ def connect(
     )
 
 
+def forwarded_options() -> dict:
+    """Ray options that give a joined cluster's workers the machine label this run was given
+    (--machine, or QUANTBENCH_MACHINE where quantbench runs); an embedded cluster's workers
+    inherit it, and a node's own label stays where the run sets none."""
+    machine = os.environ.get(measure.MACHINE_VARIABLE)
+    if _embedded_head is not None or not machine:
+        return {}
+    return {"runtime_env": {"env_vars": {measure.MACHINE_VARIABLE: machine}}}
+
+
 def join(address: str, given_by: str) -> list[str]:
     """ray.init at an address that answers; the warnings for the user."""
     # A check of seconds: ray.init retries a silent address for minutes.

@@ -14,14 +14,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from tabulate import tabulate
 
 from runner import pivot
-from runner.measure import hardware_label
+from runner.measure import hardware_label, machine_name
 from runner.precisions import PRECISIONS
 from runner.results import StudyFile, walk
 from runner.schema import Result
@@ -64,11 +67,15 @@ class JobTable:
     # The task's declaration (runner/tasks): its rows, statistics against the baseline, the
     # tolerances it is judged by and the verdict's pick.
     declaration: Task = field(default_factory=Task)
+    shown_rows: tuple[str, ...] | None = None  # --metrics: the labels of the rows shown; None: all
 
     @property
     def rows(self) -> tuple[Row, ...]:
         """The table's metric rows: the size, the task's own, then how the variant ran."""
-        return FIRST_ROWS + self.declaration.rows + LAST_ROWS
+        rows = FIRST_ROWS + self.declaration.rows + LAST_ROWS
+        if self.shown_rows is None:
+            return rows
+        return tuple(row for row in rows if row.label in self.shown_rows)
 
     def ok_columns(self) -> list[str]:
         """The columns whose variant ran to the end, in table order."""
@@ -86,12 +93,14 @@ class Cell:
     within_noise: bool | None = None  # the rows with a noise call (Row.noise)
 
 
-def _order(result: Result) -> tuple:
+def _order(result: Result, source: str) -> tuple:
+    """Where a column goes: CPU first, by precision, then variant; the same variant by the name
+    of where it came from (_source_names)."""
     precision = result.precision
     rank = (
         PRECISION_ORDER.index(precision) if precision in PRECISION_ORDER else len(PRECISION_ORDER)
     )
-    return (result.device != "cpu", rank, result.variant, result.host or "")
+    return (result.device != "cpu", rank, result.variant, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,36 +143,54 @@ def check_baseline(results: list[Result], baseline: str | None) -> None:
         raise UnknownBaseline(f"--baseline: found {baseline!r}; allowed: {allowed}")
 
 
+def _host(result: Result) -> str:
+    """The machine a result ran on as a column name says it: the user's label, else the host."""
+    return machine_name(result.environment or {}) or "?"
+
+
 def _columns(results: list[Result], job: str) -> dict[str, Result]:
-    """A job's results by column key, in table order."""
+    """A job's results by column key, in table order. Each results folder (DIR of DIR/<job>/...)
+    is named by the machine its results ran on where no other folder of the job shares it, else
+    by the folder's name. A variant's first result (by that name) is named by the variant; the
+    same variant again by variant@name; a number where even that is the same. So every column of
+    one folder is named alike, whatever its status: a skipped result ran on no machine, yet it
+    came from the folder."""
+    mine = [r for r in results if r.job == job]
+    names = _source_names(mine)
+    ordered = sorted(mine, key=lambda result: _order(result, names[_source(result)]))
     columns: dict[str, Result] = {}
-    for result in sorted((r for r in results if r.job == job), key=_order):
-        columns[_column_key(result, columns)] = result
+    for result in ordered:
+        key = result.variant
+        if key in columns:
+            key = f"{key}@{names[_source(result)]}"
+        candidate, number = key, 2
+        while candidate in columns:
+            candidate, number = f"{key}#{number}", number + 1
+        columns[candidate] = result
     return columns
 
 
-def _host(result: Result) -> str:
-    return result.host or "?"
+def _source(result: Result) -> Path | str:
+    """Where a result came from: its results folder, or for one read from no file its machine."""
+    return result.file.parent.parent if result.file else _host(result)
 
 
-def _column_key(result: Result, columns: dict[str, Result]) -> str:
-    """The variant's id; the same variant again is named by what tells it apart: the host it ran on,
-    or, for another run on a host already shown, the results folder it came from (DIR of
-    DIR/<job>/...); a number where even that is the same."""
-    variant = result.variant
-    if variant not in columns:
-        return variant
-    hosts = {_host(r) for r in columns.values() if r.variant == variant}
-    folder = result.file.parent.parent.name if result.file else ""
-    key = (
-        f"{variant}@{_host(result)}"
-        if _host(result) not in hosts or not folder
-        else f"{variant}@{folder}"
-    )
-    candidate, number = key, 2
-    while candidate in columns:
-        candidate, number = f"{key}#{number}", number + 1
-    return candidate
+def _source_names(results: list[Result]) -> dict[Path | str, str]:
+    """Each source's name: the one machine its results ran on, where no other source shares it,
+    else the folder's name."""
+    machines: dict[Path | str, set[str]] = {}
+    for result in results:
+        machines.setdefault(_source(result), set())
+        if result.environment:
+            machines[_source(result)].add(_host(result))
+    only = {source: next(iter(found)) for source, found in machines.items() if len(found) == 1}
+    taken = list(only.values())
+    return {
+        source: only[source]
+        if source in only and taken.count(only[source]) == 1
+        else (source.name if isinstance(source, Path) else source)
+        for source in machines
+    }
 
 
 def build_tables(results: list[Result], baseline: str | None = None) -> list[JobTable]:
@@ -390,11 +417,16 @@ def _compute_cell(
 # Rendering the cells as text.
 
 
+# Below this, a negative value of a row shown to three significant digits (a KL divergence, a
+# p-value: never negative) is float rounding: it prints as 0, not -1.2e-08.
+ROUNDING = 1e-6
+
+
 def _value_text(value, row: Row) -> str:
     if value is None:
         return "–"
     if row.digits is None:
-        return f"{value:.3g}"
+        return "0" if -ROUNDING < value < 0 else f"{value:.3g}"
     return _signed(value, row.digits) if row.signed else f"{value:,.{row.digits}f}"
 
 
@@ -502,7 +534,7 @@ def _hardware(result: Result) -> str:
     env = result.environment or {}
     if not env:
         return "–"
-    return f"{hardware_label(env, result.device)} @ {env.get('host', '?')}"
+    return f"{hardware_label(env, result.device)} @ {machine_name(env) or '?'}"
 
 
 def _text_row(label: str, table: JobTable, get) -> list[str]:
@@ -512,6 +544,219 @@ def _text_row(label: str, table: JobTable, get) -> list[str]:
         if _has_delta(table, key):
             row.append("")
     return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing what is shown: --variants and --metrics.
+
+
+class UnknownChoice(ValueError):
+    pass
+
+
+def choose(
+    tables: list[JobTable], variants: list[str] | None, metrics: list[str] | None
+) -> list[JobTable]:
+    """The tables narrowed to the variants (a column's name, or a variant's for all its columns;
+    the baseline's column stays: the deltas are against it) and the metric rows (a row's label or
+    a unique start of one, in any case); a job with none of them is left out. Raises UnknownChoice
+    for a name that matches nothing, or several rows."""
+    if variants:
+        names = _variant_names(tables, variants)
+        tables = [t for t in (_with_variants(t, names) for t in tables) if t]
+    if metrics:
+        labels = _metric_labels(tables, metrics)
+        tables = [t for t in (_with_metrics(t, labels) for t in tables) if t]
+    return tables
+
+
+def _variant_names(tables: list[JobTable], names: list[str]) -> set[str]:
+    keys = {key: table.results[key].variant for table in tables for key in table.columns}
+    known = set(keys) | set(keys.values())
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UnknownChoice(
+            f"--variants: found {', '.join(map(repr, unknown))}; allowed: {', '.join(keys)}"
+        )
+    return set(names)
+
+
+def _with_variants(table: JobTable, names: set[str]) -> JobTable | None:
+    chosen = [k for k in table.columns if k in names or table.results[k].variant in names]
+    if not chosen:
+        return None
+    table.columns = [k for k in table.columns if k == table.baseline or k in chosen]
+    return table
+
+
+def _metric_labels(tables: list[JobTable], names: list[str]) -> list[str]:
+    """The row labels the names choose."""
+    labels = list(dict.fromkeys(row.label for table in tables for row in table.rows))
+    chosen = []
+    for name in names:
+        exact = [label for label in labels if label.lower() == name.lower()]
+        starts = exact or [label for label in labels if label.lower().startswith(name.lower())]
+        if len(starts) != 1:
+            found = f"{name!r} starts {len(starts)} rows" if starts else f"found {name!r}"
+            raise UnknownChoice(f"--metrics: {found}; allowed: {'; '.join(starts or labels)}")
+        chosen.append(starts[0])
+    return chosen
+
+
+def _with_metrics(table: JobTable, labels: list[str]) -> JobTable | None:
+    shown = [row.label for row in table.rows if row.label in labels]
+    if not shown:
+        return None
+    table.shown_rows = tuple(shown)
+    for cells in table.cells.values():
+        for label in [label for label in cells if label not in shown]:
+            del cells[label]
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The text table, fitted to a width: metrics as rows, the variants' columns in blocks side by side.
+
+MIN_WIDTH = 40  # narrower, not even one variant beside the metric names fits
+GAP = 2  # tabulate's "simple" format puts two spaces between columns
+TABULATE_PADDING = 2  # tabulate makes a column 2 wider than its header (its MIN_PADDING)
+MIN_CELL = 20  # a hardware cell is wrapped to its column's width, or to this at the least
+
+
+def terminal_width() -> int:
+    """The width to fit: COLUMNS, else the terminal's, else 80 (output to a file or a pipe)."""
+    return shutil.get_terminal_size().columns
+
+
+def _as_table(tables: list[JobTable], width: int) -> str:
+    return "\n\n".join(_table_text(table, width) for table in tables) + "\n"
+
+
+def _table_text(table: JobTable, width: int) -> str:
+    """One job's table as blocks that fit the width, then what is not in it, the notes and the
+    verdict, each wrapped to the width."""
+    header, rows, footnotes = table_rows(table)
+    rows = [row for row in rows if row[0] != "status"]  # every column shown ran: "ok"
+    groups = _column_groups(table, header, rows)
+    metric = [header[0], *(row[0] for row in rows)]
+    room = width - _text_width(metric)
+    blocks = _pack(groups, room, bool(table.baseline))
+    if len(blocks) > 1:  # it does not fit as it is: narrower columns, in fewer blocks
+        blocks = _pack([_narrowed(group) for group in groups], room, bool(table.baseline))
+    title = (
+        f"{table.job} (baseline: {table.baseline or 'none'}; Δ = (variant − baseline) / baseline)"
+    )
+    parts = [_wrap(title, width)]
+    for number, block in enumerate(blocks, 1):
+        if number > 1:
+            parts.append(_wrap(f"{table.job}, continued ({number} of {len(blocks)})", width))
+        parts.append(_render_block(metric, [column for group in block for column in group]))
+    if not blocks:
+        parts.append("no variant of this job has a result")
+    lines = _not_shown(table) + [note for note in footnotes if not _is_status_note(table, note)]
+    if len(blocks) > 1:
+        lines.append(
+            f"cut into {len(blocks)} blocks to fit {width} columns; "
+            "the whole table: --format markdown|csv"
+        )
+    if lines:
+        parts.append("\n".join(_wrap(line, width, "  ") for line in lines))
+    verdict = verdict_lines(table)
+    if verdict:
+        parts.append(
+            "\n".join([_wrap(verdict[0], width)] + [_wrap(v, width, "  ") for v in verdict[1:]])
+        )
+    return "\n\n".join(parts)
+
+
+def _column_groups(table: JobTable, header: list[str], rows: list[list[str]]) -> list[list]:
+    """Per column that ran, its cells (the header first) and its Δ column's beside it; a group
+    is one variant's columns, which stay together."""
+    groups, index = [], 1
+    for key in table.columns:
+        width = 2 if _has_delta(table, key) else 1
+        cells = [[header[i], *(row[i] for row in rows)] for i in range(index, index + width)]
+        index += width
+        if table.results[key].status == "ok":
+            groups.append(cells)
+    return groups
+
+
+def _narrowed(group: list[list[str]]) -> list[list[str]]:
+    """A variant's columns, its own narrowed to the width of its numbers: its long name cut
+    before the @, its hardware cell (the first row) before the @ and then wrapped."""
+    cells, *delta = group
+    numbers = max((len(cell) for cell in cells[2:]), default=0)
+    name, hardware = cells[0], cells[1]
+    if len(name) > numbers and "@" in name:
+        name = name.replace("@", "\n@", 1)
+    width = max(numbers, MIN_CELL, *(len(line) for line in name.splitlines()))
+    if len(hardware) > width:
+        label, at, machine = hardware.rpartition(" @ ")
+        lines = [label, f"@ {machine}"] if at else [hardware]
+        hardware = "\n".join(textwrap.fill(line, width, break_long_words=False) for line in lines)
+    return [[name, hardware, *cells[2:]], *delta]
+
+
+def _text_width(column: list[str]) -> int:
+    """A column's width as tabulate draws it: its widest line, and its header's and 2 more."""
+    widest = max(len(line) for cell in column[1:] for line in cell.splitlines() or [""])
+    return max(widest, max(map(len, column[0].splitlines())) + TABULATE_PADDING)
+
+
+def _group_width(group: list) -> int:
+    return sum(_text_width(column) + GAP for column in group)
+
+
+def _pack(groups: list[list], room: int, has_baseline: bool) -> list[list[list]]:
+    """The groups in blocks, in order, as many to a block as fit in room (the width less the
+    metric names'); at least one to a block. The baseline's group (the first) opens the first
+    block and is repeated in the others where it fits."""
+    blocks: list[list[list]] = []
+    for group in groups:
+        if blocks and sum(map(_group_width, blocks[-1])) + _group_width(group) <= room:
+            blocks[-1].append(group)
+        else:
+            blocks.append([group])
+    if has_baseline and groups:
+        base = groups[0]
+        for block in blocks[1:]:
+            if sum(map(_group_width, block)) + _group_width(base) <= room:
+                block.insert(0, base)
+    return blocks
+
+
+def _render_block(metric: list[str], columns: list[list[str]]) -> str:
+    header = [metric[0], *(column[0] for column in columns)]
+    rows = [[label, *(column[i] for column in columns)] for i, label in enumerate(metric[1:], 1)]
+    text = tabulate(rows, header, tablefmt="simple", disable_numparse=True)
+    return "\n".join(line.rstrip() for line in text.splitlines())
+
+
+def _not_shown(table: JobTable) -> list[str]:
+    """The columns without a result, each with why: they take no column of the text table."""
+    return [
+        f"{key}: {result.status}" + (f": {result.error}" if result.error else "")
+        for key, result in table.results.items()
+        if key in table.columns and result.status != "ok"
+    ]
+
+
+def _is_status_note(table: JobTable, note: str) -> bool:
+    """Whether a footnote is a column's error, which _not_shown already says."""
+    return any(note == line for line in _not_shown(table))
+
+
+def _wrap(text: str, width: int, indent: str = "") -> str:
+    """A line of prose wrapped to the width; a path or a command longer than it is kept whole."""
+    return textwrap.fill(
+        text,
+        width,
+        initial_indent=indent,
+        subsequent_indent=indent + "  ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,15 +877,28 @@ def _json_table(table: JobTable) -> dict:
 
 
 FORMATS: dict[str, Callable[[list[JobTable]], str]] = {
-    "table": lambda tables: _as_text(tables, "simple"),
+    "table": lambda tables: _as_table(tables, terminal_width()),
     "markdown": lambda tables: _as_text(tables, "github"),
     "csv": _as_csv,
     "json": _as_json,
 }
 
 
-def render(results: list[Result], fmt: str = "table", baseline: str | None = None) -> str:
-    tables = build_tables(results, baseline)
-    if fmt in pivot.WITH_VIEWS:  # the cross-hardware view of each job that ran in several places
-        return pivot.WITH_VIEWS[fmt](tables, FORMATS[fmt])
+def render(
+    results: list[Result],
+    fmt: str = "table",
+    baseline: str | None = None,
+    width: int | None = None,
+    variants: list[str] | None = None,
+    metrics: list[str] | None = None,
+) -> str:
+    """The tables in a format, each job's cross-hardware view (runner/pivot.py) after its table
+    in text and JSON; the text fits width (default: the terminal's). variants and metrics choose
+    what is shown (choose()); UnknownChoice names what is allowed."""
+    tables = choose(build_tables(results, baseline), variants, metrics)
+    if fmt == "table":
+        width = width or terminal_width()
+        return pivot.text_with_views(tables, partial(_as_table, width=width), width)
+    if fmt == "json":
+        return pivot.json_with_views(tables, FORMATS["json"])
     return FORMATS[fmt](tables)

@@ -24,6 +24,7 @@ from runner.cluster import (
     Cluster,
     alive_nodes,
     fork_server_imports,
+    forwarded_options,
     local_gpu_count,
     server_preload,
 )
@@ -113,7 +114,7 @@ _remote_on_node = _remote_per_device(_on_node)
 
 def _submit_one(work: Work, archive: list, also_import: list[str]):
     """Hands one piece of work to Ray, asking for a node of its device; its ref."""
-    remote = _remote_on_node[work.device].options(**ray_options(work.device))
+    remote = _remote_on_node[work.device].options(**ray_options(work.device), **forwarded_options())
     return remote.remote(work, archive, also_import)
 
 

@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from runner.measure import cpu_info
+from runner.measure import MACHINE_VARIABLE, cpu_info
 
 
 def _status_kib(field: str) -> int | None:
@@ -127,7 +127,10 @@ def environment() -> dict:
             name: _version(name)
             for name in ("torch", "transformers", "accelerate", "bitsandbytes", "ray")
         },
+        "machine": os.environ.get(MACHINE_VARIABLE) or None,
         "cpu": cpu_info(),
+        # The kernels' instruction set (AVX512, AVX2, ...): int8 kernels round differently on each.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": gpu_info(),
         "torch_threads": torch.get_num_threads(),
         "niceness": os.nice(0),

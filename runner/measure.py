@@ -183,9 +183,25 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+# The label a user gives the machine a variant runs on (`quantbench run --machine` sets it): tables
+# name columns by it in place of the host name, which is often just "vm" or "localhost".
+MACHINE_VARIABLE = "QUANTBENCH_MACHINE"
+
+
 def hardware_label(env: dict, device: str) -> str:
-    """One line naming the hardware a result ran on, for table headers."""
-    if device == "cuda" and env.get("gpu"):
-        return env["gpu"]["name"]
+    """One line naming the hardware a result ran on, for table headers: the GPU and its compute
+    capability, or the CPU, the instruction set its kernels used (older results did not record it)
+    and its threads."""
+    gpu = env.get("gpu")
+    if device == "cuda" and gpu:
+        capability = gpu.get("compute_capability")
+        return f"{gpu['name']} (cc {capability})" if capability else gpu["name"]
     cpu = env.get("cpu", {})
-    return f"{cpu.get('model', '?')} x{env.get('torch_threads', '?')} threads"
+    isa = env.get("cpu_capability")
+    model = f"{cpu.get('model', '?')} ({isa})" if isa else cpu.get("model", "?")
+    return f"{model} x{env.get('torch_threads', '?')} threads"
+
+
+def machine_name(env: dict) -> str | None:
+    """What names the machine in column names: the user's label, else the host's name."""
+    return env.get("machine") or env.get("host")

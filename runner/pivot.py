@@ -24,6 +24,7 @@ collect's cells, computed once; this module adds the delta across columns and th
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 from tabulate import tabulate
 
 from runner.job import COMPILED_SUFFIX, MIXED
-from runner.measure import hardware_label
+from runner.measure import hardware_label, machine_name
 from runner.precisions import PRECISIONS
 from runner.schema import Result
 from runner.tasks.task import Row
@@ -129,21 +130,26 @@ def _folder(result: Result) -> str | None:
     return result.file.parent.parent.name if result.file is not None else None
 
 
+def _machine(result: Result) -> str:
+    """The machine's name as collect's columns say it: the run's label, else the host's."""
+    return machine_name(result.environment or {}) or "?"
+
+
 def _placed(table: JobTable) -> tuple[dict[str, tuple[str, Place]], list[str]]:
     """Each ok column's (method, place), and notes for the columns left out: a method placed
     twice (two runs in one folder) shows its first."""
     hosts: dict[str | None, set] = {}
     for key in table.ok_columns():
         result = table.results[key]
-        hosts.setdefault(_folder(result), set()).add(result.host)
+        hosts.setdefault(_folder(result), set()).add(_machine(result))
     placed, notes, taken = {}, [], {}
     for key in table.ok_columns():
         result = table.results[key]
         folder = _folder(result)
-        machine = folder or result.host or "?"
+        machine = folder or _machine(result)
         if folder is not None and len(hosts[folder]) > 1:  # one folder, several machines
-            machine = f"{folder}@{result.host or '?'}"
-        hardware = f"{hardware_label(result.environment or {}, result.device)} @ {result.host}"
+            machine = f"{folder}@{_machine(result)}"
+        hardware = f"{hardware_label(result.environment or {}, result.device)} @ {_machine(result)}"
         spot = (method_of(result), Place(machine, result.device, hardware))
         if spot in taken:
             notes.append(f"{key}: {spot[0]} on {spot[1].label} again; the view shows {taken[spot]}")
@@ -246,23 +252,25 @@ def about(pivot: Pivot) -> list[str]:
 
 
 def metric_tables(pivot: Pivot) -> list[tuple[list[str], list[list[str]]]]:
-    """(header, rows) per metric; the header's first cell names the metric. A metric without
-    relative deltas (a KL, itself against FP32) has no Δ columns."""
-    shown = []
-    for view in pivot.views:
-        header = [view.row.label]
-        for i, place in enumerate(pivot.places):
-            deltas = ["Δ base"] + (["Δ first"] if i else []) if view.row.delta else []
-            header += [place.label, *deltas]
-        rows = [_text_row(pivot, view, method) for method in pivot.methods]
-        shown.append((header, rows))
-    return shown
+    """(header, rows) per metric over every place; the header's first cell names the metric."""
+    everywhere = list(range(len(pivot.places)))
+    return [metric_table(pivot, view, everywhere) for view in pivot.views]
 
 
-def _text_row(pivot: Pivot, view: View, method: str) -> list[str]:
+def metric_table(pivot: Pivot, view: View, places: list[int]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of one metric over some places (indexes into pivot.places). A metric
+    without relative deltas (a KL, itself against FP32) has no Δ columns."""
+    header = [view.row.label]
+    for i in places:
+        deltas = (["Δ base"] + (["Δ first"] if i else [])) if view.row.delta else []
+        header += [pivot.places[i].label, *deltas]
+    return header, [_text_row(pivot, view, method, places) for method in pivot.methods]
+
+
+def _text_row(pivot: Pivot, view: View, method: str, places: list[int]) -> list[str]:
     texts = [method]
-    for i, place in enumerate(pivot.places):
-        cell = view.cells.get((method, place.label), PivotCell(None, None, None))
+    for i in places:
+        cell = view.cells.get((method, pivot.places[i].label), PivotCell(None, None, None))
         texts.append(_number(cell.value, view.row))
         if not view.row.delta:
             continue
@@ -271,6 +279,28 @@ def _text_row(pivot: Pivot, view: View, method: str) -> list[str]:
         if i:
             texts.append(_percent(cell.against_first))
     return texts
+
+
+def _fitted(pivot: Pivot, view: View, width: int) -> list[str]:
+    """One metric's text table, its places in as few blocks as fit the width (a place that does
+    not fit alone gets a block of its own)."""
+    blocks: list[list[int]] = [[]]
+    for i in range(len(pivot.places)):
+        trial = blocks[-1] + [i]
+        if blocks[-1] and _widest(_tabulated(pivot, view, trial)) > width:
+            blocks.append([i])
+        else:
+            blocks[-1] = trial
+    return [_tabulated(pivot, view, block) for block in blocks]
+
+
+def _tabulated(pivot: Pivot, view: View, places: list[int]) -> str:
+    header, rows = metric_table(pivot, view, places)
+    return tabulate(rows, header, tablefmt="simple", disable_numparse=True)
+
+
+def _widest(text: str) -> int:
+    return max(len(line) for line in text.splitlines())
 
 
 def _number(value: float | None, row: Row) -> str:
@@ -291,16 +321,22 @@ def implementation_lines(pivot: Pivot) -> list[str]:
     return [f"{method}: {how}" for method, how in pivot.implementations.items()]
 
 
-def text(pivot: Pivot) -> str:
-    """The view as collect's text output prints it after the job's table."""
+def text(pivot: Pivot, width: int) -> str:
+    """The view as collect's text output prints it after the job's table, fitted to width."""
     lines = about(pivot)
-    parts = [lines[0] + "\n" + "\n".join(f"  {line}" for line in lines[1:])]
-    for header, rows in metric_tables(pivot):
-        parts.append(tabulate(rows, header, tablefmt="simple", disable_numparse=True))
-    parts.append(
-        "what ran:\n" + "\n".join(f"  {line}" for line in implementation_lines(pivot) + pivot.notes)
-    )
+    parts = [lines[0] + "\n" + "\n".join(_wrapped(line, width) for line in lines[1:])]
+    for view in pivot.views:
+        parts += _fitted(pivot, view, width)
+    notes = implementation_lines(pivot) + pivot.notes
+    parts.append("what ran:\n" + "\n".join(_wrapped(line, width) for line in notes))
     return "\n\n".join(parts) + "\n"
+
+
+def _wrapped(line: str, width: int) -> str:
+    """An indented line of the view, wrapped to width; a word longer than it is kept whole."""
+    return textwrap.fill(
+        line, width, initial_indent="  ", subsequent_indent="    ", break_long_words=False
+    )
 
 
 def as_json(pivot: Pivot) -> dict:
@@ -335,14 +371,17 @@ def as_json(pivot: Pivot) -> dict:
 # with a "cross_hardware" key in each table (null for a job on one machine and device).
 
 
-def text_with_views(tables: list[JobTable], render: Callable[[list[JobTable]], str]) -> str:
-    """collect's text (render: tables -> text), each job's view after its table and verdict."""
+def text_with_views(
+    tables: list[JobTable], render: Callable[[list[JobTable]], str], width: int
+) -> str:
+    """collect's text (render: tables -> text), each job's view after its table and verdict,
+    fitted to width."""
     if not tables:
         return render(tables)
     parts = []
     for table in tables:
         found = build(table)
-        parts.append(render([table]) + ("\n" + text(found) if found else ""))
+        parts.append(render([table]) + ("\n" + text(found, width) if found else ""))
     return "\n".join(parts)
 
 
@@ -353,6 +392,3 @@ def json_with_views(tables: list[JobTable], render: Callable[[list[JobTable]], s
         found = build(table)
         entry["cross_hardware"] = as_json(found) if found else None
     return json.dumps(payload, indent=2) + "\n"
-
-
-WITH_VIEWS = {"table": text_with_views, "json": json_with_views}

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from runner.layers import LAYER_TYPES
-from runner.measure import hardware_label
+from runner.measure import hardware_label, machine_name
 from runner.schema import Result
 
 DPI = 120
@@ -112,9 +112,9 @@ class MachineStyle:
 
 
 def _machine_name(result: Result) -> str:
-    """What the table's hardware row says: the CPU or GPU, and the host."""
+    """What the table's hardware row says: the CPU or GPU, and the machine's label or host."""
     env = result.environment or {}
-    return f"{hardware_label(env, result.device)} @ {env.get('host', '?')}"
+    return f"{hardware_label(env, result.device)} @ {machine_name(env) or '?'}"
 
 
 def machine_styles(results: dict[str, Result]) -> dict[str, MachineStyle]:

@@ -116,8 +116,18 @@ def test_deltas_against_the_baseline_and_against_the_same_method_elsewhere(folde
     assert on_gpu.against_first == pytest.approx(math.exp(0.1) - 1)  # against the laptop's 2.1
 
 
+def test_the_view_fits_a_narrow_terminal_in_blocks_of_places(folders, capsys):
+    assert main(["collect", *map(str, folders), "--width", "80"]) == 0
+    view = capsys.readouterr().out.split("tiny-lm across machines and devices")[1]
+    assert max(len(line) for line in view.splitlines()) <= 80
+    blocks = [line.split() for line in view.splitlines() if line.startswith("latency median")]
+    assert len(blocks) > 1  # three places do not fit 80 columns side by side
+    shown = " ".join(" ".join(block) for block in blocks)
+    assert all(place in shown for place in ("laptop cpu", "server cpu", "server cuda"))
+
+
 def test_collect_prints_the_view_after_the_table_and_names_each_implementation(folders, capsys):
-    assert main(["collect", *map(str, folders)]) == 0
+    assert main(["collect", *map(str, folders), "--width", "200"]) == 0
     out = capsys.readouterr().out
     table, view = out.split("tiny-lm across machines and devices (the job's baseline is fp32-cpu)")
     assert "fp32-cpu@b-server" in table  # collect's own table comes first, as before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import rt_job, write_job
@@ -28,7 +29,15 @@ def test_run_writes_results_prints_the_table_and_collect_repeats_it(
     results = tmp_path / "results"
 
     code, out, err = run_cli(
-        capsys, "run", job, "--results", results, "--ray-temp-dir", ray_temp_dir
+        capsys,
+        "run",
+        job,
+        "--results",
+        results,
+        "--ray-temp-dir",
+        ray_temp_dir,
+        "--machine",
+        "tiny-box",
     )
 
     # A variant that raised and one whose worker died are failed; the others ran and were written.
@@ -46,6 +55,9 @@ def test_run_writes_results_prints_the_table_and_collect_repeats_it(
     assert not list((results / "tiny-rt").glob(".*"))  # no temporary files left behind
 
     fp32 = files["fp32-cpu"]
+    # --machine reached the variant's process, which names its kernels' instruction set too.
+    assert fp32["environment"]["machine"] == "tiny-box" and fp32["environment"]["cpu_capability"]
+    assert "QUANTBENCH_MACHINE" not in os.environ  # the run's label is not left behind
     for key in (
         "schema_version",
         "job",

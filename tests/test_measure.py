@@ -265,3 +265,18 @@ def test_percentiles_interpolate_between_the_closest_ranks():
     seconds = [0.001 * v for v in (5, 1, 2, 3, 4, 6, 7, 8, 9, 10, 20)]
     stats = measure.latency_stats(seconds)
     assert stats["p90"] == 10.0 and stats["p99"] == pytest.approx(10 + 0.9 * 10, abs=1e-4)
+
+
+def test_the_environment_names_the_kernels_instruction_set_and_the_users_machine(monkeypatch):
+    import torch
+
+    from runner import machine
+
+    monkeypatch.setenv(measure.MACHINE_VARIABLE, "epyc-avx2")
+    env = machine.environment()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["machine"] == "epyc-avx2"
+    label = measure.hardware_label(env, "cpu")
+    assert f"({env['cpu_capability']}) x{env['torch_threads']} threads" in label
+    monkeypatch.delenv(measure.MACHINE_VARIABLE)
+    assert machine.environment()["machine"] is None  # columns are named by the host then
