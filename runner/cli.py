@@ -328,6 +328,9 @@ def _report(args) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    from runner import progress
+
+    progress.start("report", progress.Display().show)  # a bar on a terminal, else plain lines
     try:
         rendered = write_report(
             found, out, args.baseline, studies=collect.gather_studies(args.folders)

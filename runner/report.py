@@ -23,7 +23,7 @@ from markupsafe import Markup
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from runner import collect
+from runner import collect, progress
 from runner.job import COMPILED_SUFFIX
 from runner.layers import LAYER_TYPES
 from runner.references import resolve
@@ -412,10 +412,15 @@ def write_report(
     figures = FigureFiles(out.parent / f"{out.stem}_figures")
     # Names (a job, a variant, a label) are drawn as written: matplotlib would read $...$ as a
     # formula and stop the report at one it cannot parse.
-    with rc_context({"text.parse_math": False}):
-        sections = [
-            _section(table, figures, studies) for table in collect.build_tables(results, baseline)
-        ]
+    tables = collect.build_tables(results, baseline)
+    with (
+        rc_context({"text.parse_math": False}),
+        progress.phase("jobs drawn", len(tables), "jobs") as step,
+    ):
+        sections = []
+        for table in tables:
+            sections.append(_section(table, figures, studies))
+            step.advance()
     page = _template().render(
         style=(TEMPLATES / "report.css").read_text(encoding="utf-8"),
         n_results=len(results),
