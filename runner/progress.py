@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 FILE_VARIABLE = "QUANTBENCH_PROGRESS_FILE"
@@ -163,7 +163,7 @@ class Phase:
     unit: str
     started: float
     done: int = 0
-    next_due: float = field(default=0.0)
+    next_due: float = 0.0
 
     def advance(self, by: int = 1) -> None:
         self.set(self.done + by)
@@ -224,11 +224,14 @@ def default_sink() -> Callable[[Event], None]:
 def _append(path: str, event: Event) -> None:
     # One write of one short line with O_APPEND: lines of processes writing at once never mix.
     line = (json.dumps(asdict(event)) + "\n").encode()
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(descriptor, line)
-    finally:
-        os.close(descriptor)
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(descriptor, line)
+        finally:
+            os.close(descriptor)
+    except OSError:  # a full disk, a folder removed: the line is lost, never the variant
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
