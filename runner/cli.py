@@ -313,6 +313,11 @@ def _run_sweep(args, argv: list[str] | None) -> int:
     print(report.split())
     for note in sweep.stale_report_notes(args.results, [plan.spec.name for plan in plans]):
         print(note)
+    if report.failed:
+        print(
+            "To rerun what failed (it keeps the ok results and runs the rest): "
+            f"{_resume_command(argv)}"
+        )
     return EXIT_FAILED if report.failed else EXIT_OK
 
 
@@ -341,13 +346,18 @@ def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
         kept = f"{ok} ok result(s)"
     except Exception:  # a file it cannot read: what it says must not fail
         kept = "the finished results"
-    words = list(sys.argv[1:] if argv is None else argv)
-    again = shlex.join(["quantbench", *words, *([] if "--resume" in words else ["--resume"])])
     return (
         f"quantbench: stopped by {signal_name}, and the variants still running with it; {kept} "
         f"are kept under {args.results}, and the variants that had not finished have no result.\n"
-        f"To finish the sweep (it keeps the ok results and runs the rest): {again}"
+        f"To finish the sweep (it keeps the ok results and runs the rest): "
+        f"{_resume_command(argv)}"
     )
+
+
+def _resume_command(argv: list[str] | None) -> str:
+    """This run's command line with --resume: it keeps the ok results and runs the rest."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["quantbench", *words, *([] if "--resume" in words else ["--resume"])])
 
 
 def _command_line(argv: list[str] | None) -> str:
@@ -425,6 +435,9 @@ def _report(args) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    from runner import progress
+
+    progress.start("report", progress.Display().show)  # a bar on a terminal, else plain lines
     try:
         rendered = write_report(
             found, out, args.baseline, studies=collect.gather_studies(args.folders)

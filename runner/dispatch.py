@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from runner import isolation, measure, model_cache
+from runner import isolation, measure, model_cache, progress
 from runner.cluster import (
     Cluster,
     alive_nodes,
@@ -208,7 +208,7 @@ def _result_of(ref, work: VariantWork) -> Result:
     try:
         result, node = ray.get(ref)
     except Exception as error:  # the worker process or its node died, or it could not start
-        return base_result(work, "failed", _short_error(error))
+        return base_result(work, "failed", failure_text(error))
     result.environment["ray"] = node
     return result
 
@@ -254,18 +254,45 @@ def _wait_for_one(refs: list, timeout_s: float | None) -> list:
     while True:
         left = SIGNAL_CHECK_S if deadline is None else max(0.0, deadline - time.monotonic())
         done, _ = ray.wait(refs, num_returns=1, timeout=min(SIGNAL_CHECK_S, left))
+        progress.forward()  # what the running work said since the last slice
         if done or (deadline is not None and left <= SIGNAL_CHECK_S):
             return done
 
 
-def _short_error(error: Exception) -> str:
-    cause = getattr(error, "cause", None)  # a RayTaskError wraps what the task raised
-    if isinstance(cause, BaseException):
-        return f"{type(cause).__name__}: {cause}"[:2000]
+# Said of a failure that Ray's memory monitor caused: the variant may not be the one that used the
+# memory, and rerunning it may succeed.
+MEMORY_MONITOR = (
+    "Ray's memory monitor killed the worker: memory pressure on the node, not necessarily this "
+    "variant"
+)
+
+
+def failure_text(error: Exception) -> str:
+    """Why a piece of work failed, whole: what the task raised (a RayTaskError wraps it), else
+    Ray's own message on one line (a dead worker or node), led by who killed it where Ray's memory
+    monitor did."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, isolation.RaisedInProcess):  # it names the error's type already
+        return str(cause)
+    if isinstance(cause, BaseException) and not _by_memory_monitor(error):
+        return f"{type(cause).__name__}: {cause}"
     lines = [
-        line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()
+        line.strip()
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()
+        if line.strip()
     ]
-    return f"{type(error).__name__}: {' '.join(lines[:3])}"[:2000]
+    text = f"{type(error).__name__}: {' '.join(lines)}"
+    return f"{MEMORY_MONITOR}. {text}" if _by_memory_monitor(error) else text
+
+
+def _by_memory_monitor(error: Exception) -> bool:
+    """Whether the raylet's memory monitor killed the worker: Ray raises OutOfMemoryError, or a
+    worker-died error that says so."""
+    if isinstance(error, ray.exceptions.OutOfMemoryError) or isinstance(
+        getattr(error, "cause", None), ray.exceptions.OutOfMemoryError
+    ):
+        return True
+    return "memory monitor" in str(error) or "running low on memory" in str(error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,10 +318,12 @@ def finetune(
     # find it warm (one import of torch and transformers per run, not two).
     work.device, work.send_back = device, not cluster.embedded
     archive = shipped_model(cluster, Path(work.model_dir))
+    ref = _submit_one(work, archive, fork_server_imports(precisions))
+    _wait_for_one([ref], None)  # in slices: Ctrl-C is heard, and the training's progress shown
     try:
-        info, node = ray.get(_submit_one(work, archive, fork_server_imports(precisions)))
-    except ray.exceptions.RayTaskError as error:
-        raise RuntimeError(_short_error(error)) from None
+        info, node = ray.get(ref)
+    except ray.exceptions.RayError as error:
+        raise RuntimeError(failure_text(error)) from None
     info["node_ip"], info["worker_pid"] = node["node_ip"], node["worker_pid"]
     if "archive" in info:
         model_cache.unpack_archive(work.key, info.pop("archive"))
@@ -328,5 +357,5 @@ def run_study_steps(
         try:
             outcomes.append(ray.get(ref)[0])
         except Exception as error:  # the step raised, or its process or node died
-            raise RuntimeError(f"a sensitivity step failed: {_short_error(error)}") from None
+            raise RuntimeError(f"a sensitivity step failed: {failure_text(error)}") from None
     return outcomes

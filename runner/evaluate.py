@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
-from runner import locks, machine, measure
+from runner import locks, machine, measure, progress
 from runner.job import EvaluationSpec
 
 
@@ -170,9 +170,13 @@ def run_passes(
 
             timings = timed_passes_of(model, batches, *clock, keep, count_graphs)
         else:
-            with locks.timing_lock(holder) if count_graphs else contextlib.nullcontext():
+            with (
+                locks.timing_lock(holder) if count_graphs else contextlib.nullcontext(),
+                progress.phase("outputs over the sample", len(batches), "batches") as step,
+            ):
                 for batch in batches:
                     outputs.extend(read_output(model(**batch), batch))
+                    step.advance()
             timings = timed_passes_of(model, [fixed_batch], *clock, None, count_graphs)
     return outputs, timings
 
@@ -204,7 +208,11 @@ def timed_passes_of(
         repeated = total_passes - len(seen)  # at least; min_time_s may add passes
         graphs_at_clock = count_graphs() if count_graphs else None
         repeats = noise_repeats(model, timed_batches[0], sync, repeated)
-        timings = clock_passes(model, timed_batches, sync, total_passes, min_time_s, on_output)
+        # Its start and end are said outside the clock, its count between passes (clock_passes).
+        with progress.phase("timed passes", total_passes, "passes") as step:
+            timings = clock_passes(
+                model, timed_batches, sync, total_passes, min_time_s, on_output, step
+            )
     if count_graphs:
         timings.graphs_at_clock = graphs_at_clock
         timings.graphs_while_timed = count_graphs() - graphs_at_clock
@@ -218,13 +226,17 @@ def warm_up(model, timed_batches: list[dict], warmup_passes: int) -> set[tuple[i
     """The warm-up passes, then every batch shape not met yet, once: the first pass of a new shape
     pays one-time costs (CUDA loads kernels lazily and picks them per shape; oneDNN builds
     primitives per shape), and a timed pass must not. Returns the shapes met."""
-    for i in range(warmup_passes):
-        model(**timed_batches[i % len(timed_batches)])
     seen = {batch_shape(b) for b in timed_batches[:warmup_passes]}
-    for batch in timed_batches:
-        if batch_shape(batch) not in seen:
-            seen.add(batch_shape(batch))
-            model(**batch)
+    new_shapes = {batch_shape(b) for b in timed_batches} - seen
+    with progress.phase("warm-up", warmup_passes + len(new_shapes), "passes") as step:
+        for i in range(warmup_passes):
+            model(**timed_batches[i % len(timed_batches)])
+            step.advance()
+        for batch in timed_batches:
+            if batch_shape(batch) not in seen:
+                seen.add(batch_shape(batch))
+                model(**batch)
+                step.advance()
     return seen
 
 
@@ -241,10 +253,17 @@ def noise_repeats(model, batch: dict, sync, repeated: int) -> list[float]:
 
 
 def clock_passes(
-    model, timed_batches: list[dict], sync, total_passes: int, min_time_s: float, on_output
+    model,
+    timed_batches: list[dict],
+    sync,
+    total_passes: int,
+    min_time_s: float,
+    on_output,
+    step: progress.Phase | None = None,
 ) -> PassTimings:
     """The timed passes, one forward pass per clock reading, until both the pass count and
-    min_time_s are reached, in whole passes."""
+    min_time_s are reached, in whole passes. step counts them between passes, after a pass's clock
+    has stopped (a clock reading; a short write at most once a second)."""
     per_pass = len(timed_batches)
     seconds, samples = [], 0
     preempted_before = measure.preemptions()
@@ -262,6 +281,8 @@ def clock_passes(
         if on_output is not None:
             on_output(i, output)
         i += 1
+        if step is not None:
+            step.set(i)
     clock_s = time.perf_counter() - clock_started
     preempted = measure.preemptions()
     rate = (

@@ -65,6 +65,11 @@ class ProcessDied(RuntimeError):
     """The variant's process ended (killed, crashed, out of memory) before it returned a result."""
 
 
+class RaisedInProcess(RuntimeError):
+    """What the function raised in its own process, as "TypeName: message" (the error itself may
+    not cross back)."""
+
+
 def socket_address(name: str) -> str:
     """Linux: an abstract Unix socket, which leaves no file behind; any local user can connect to
     it, so the server turns away other users' processes (SO_PEERCRED) before it reads a byte.
@@ -184,7 +189,7 @@ def run_in_fresh_process(function: Callable[..., Any], *args, also_import: list[
     if kind == "ok":
         return value
     if kind == "error":
-        raise RuntimeError(value)
+        raise RaisedInProcess(value)
     pid, code = value
     how = f"was killed by signal {code_name(-code)}" if code < 0 else f"ended with exit code {code}"
     raise ProcessDied(

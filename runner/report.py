@@ -23,7 +23,7 @@ from markupsafe import Markup
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from runner import collect, pivot
+from runner import collect, pivot, progress
 from runner.job import COMPILED_SUFFIX
 from runner.layers import LAYER_TYPES
 from runner.references import resolve
@@ -499,11 +499,15 @@ def write_report(
     figures = FigureFiles(out.parent / f"{out.stem}_figures")
     # Names (a job, a variant, a label) are drawn as written: matplotlib would read $...$ as a
     # formula and stop the report at one it cannot parse.
-    with rc_context({"text.parse_math": False}):
-        sections = [
-            _section(table, figures, studies)
-            for table in _named_first(collect.build_tables(results, baseline), results)
-        ]
+    tables = _named_first(collect.build_tables(results, baseline), results)
+    with (
+        rc_context({"text.parse_math": False}),
+        progress.phase("jobs drawn", len(tables), "jobs") as step,
+    ):
+        sections = []
+        for table in tables:
+            sections.append(_section(table, figures, studies))
+            step.advance()
     taken: set[str] = set()
     sections = [_contents(section, taken) for section in sections]
     page = _template().render(

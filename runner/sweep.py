@@ -22,6 +22,7 @@ from runner import (
     locks,
     measure,
     models,
+    progress,
     results,
 )
 from runner.cluster import Cluster
@@ -194,9 +195,18 @@ def run_sweep(
         results_dir, [plan.spec.name for plan in plans], command, lock_wait_s, say
     ):
         # Under the lock: what the folder holds cannot change between reading it and writing to it.
-        return _run_sweep(
-            plans, results_dir, resume, address, say, ray_temp_dir, placement_timeout_s
-        )
+        # The progress of the work on the cluster is relayed from before the cluster starts: its
+        # processes inherit where to send it.
+        with progress.relayed(say) as say_between_bars:
+            return _run_sweep(
+                plans,
+                results_dir,
+                resume,
+                address,
+                say_between_bars,
+                ray_temp_dir,
+                placement_timeout_s,
+            )
 
 
 @dataclass

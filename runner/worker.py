@@ -9,6 +9,7 @@ result says `failed` with the error, so one broken precision never stops a sweep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -20,7 +21,7 @@ import torch
 import transformers
 from torch._dynamo.utils import counters
 
-from runner import analysis, evaluate, locks, machine, measure, models
+from runner import analysis, evaluate, locks, machine, measure, models, progress
 from runner.layers import classify_layer
 from runner.precisions import config_for
 from runner.precisions.worker import REFERENCE, quantized_model
@@ -40,6 +41,7 @@ class NoCudaDevice(RuntimeError):
 def run_variant(work: VariantWork) -> Result:
     """The variant's result (what travels back from a worker and is written)."""
     result = base_result(work, "ok")
+    progress.start(progress_name(work))
     watch = measure.Stopwatch()
     try:
         _run(work, result, torch)
@@ -57,6 +59,27 @@ def run_variant(work: VariantWork) -> Result:
     if niceness and result.status == "ok":
         result.warnings.append(niceness)
     return result
+
+
+def progress_name(work: VariantWork) -> str:
+    """How the variant's progress lines name it: "demo fp16-cpu" (and "run 2/3" when repeated)."""
+    name = f"{work.job} {work.variant.id}"
+    repeats = work.evaluation.repeats
+    return f"{name} run {work.repeat + 1}/{repeats}" if repeats > 1 else name
+
+
+# How a memory phase is named in the progress lines, where its own name is not the words.
+PHASE_WORDS = {"kv_cache": "generation", "kl": "KL against FP32"}
+
+
+class ReportedPhases(machine.MemoryPhases):
+    """The variant's memory phases, each also a progress phase: its start, its end and its time
+    are said (outside any clock: a phase holds whole steps, never a part of a timed pass)."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        with progress.phase(PHASE_WORDS.get(name, name)), super().phase(name):
+            yield
 
 
 def run_variant_in_own_process(work: VariantWork) -> Result:
@@ -133,7 +156,7 @@ def _run(work: VariantWork, result: Result, torch) -> None:
     threads = work.evaluation.threads or measure.available_cpus()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    memory = machine.MemoryPhases(work.variant.device)
+    memory = ReportedPhases(work.variant.device)
     loaded = load_variant(work, memory, threads)
     size_mib = machine.model_size_mib(loaded.model)
     batches, order, fixed = kind.batches(work)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 
 import pytest
@@ -73,6 +74,8 @@ def test_finetune_runs_as_a_ray_task_then_is_reused(capsys, tmp_path, smsa_base,
     )
     assert code == 0, out + err
     assert "fine-tune: training on 1200 rows" in out and "fine-tune: done in" in out
+    # The training's progress, relayed from its process: counted steps, all of them at the end.
+    assert re.search(r"\[fine-tune smsa-tiny\] training: done, (\d+)/\1 steps in", err), err
     first = json.loads((tmp_path / "first" / "smsa-tiny" / "fp32-cpu.json").read_text())
     assert first["model"]["train_rows"] == 1200 and first["model"]["label_names"] == [
         "LABEL_0",

@@ -19,9 +19,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import (
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
-from runner import measure, model_cache, models
+from runner import measure, model_cache, models, progress
 from runner.job import FinetuneSpec
 from runner.work import FinetuneWork
 
@@ -39,6 +45,7 @@ def run_finetune(work: FinetuneWork) -> dict:
 def trained(work: FinetuneWork) -> dict:
     """Train the model and save it into the cache."""
     models.quiet_libraries()
+    progress.start(f"fine-tune {work.job}")
     started = time.perf_counter()
     torch.set_num_threads(measure.available_cpus())  # Ray's one thread per call would halve it
     set_seed(work.finetune.seed)
@@ -101,7 +108,20 @@ def train(model, train_set: list[dict], collator, s: FinetuneSpec):
             train_dataset=train_set,
             data_collator=collator,
         )
-        outcome = trainer.train()
+        with progress.phase("training", steps, "steps") as step:
+            trainer.add_callback(CountSteps(step))
+            outcome = trainer.train()
         if use_cache is not None:
             model.config.use_cache = use_cache
         return outcome
+
+
+class CountSteps(TrainerCallback):
+    """The Trainer's optimizer steps counted in a progress phase (its own bar is off: it would go
+    to the Ray worker's log, one line per redraw)."""
+
+    def __init__(self, step: progress.Phase):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step.set(state.global_step, state.max_steps or None)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from runner import analysis, machine, measure, models
+from runner import analysis, machine, measure, models, progress
 from runner.precisions import config_for
 from runner.precisions.worker import REFERENCE, linear_names, quantized_model
 from runner.study import ranking
@@ -47,10 +47,13 @@ def run_step(step: StudyWork) -> dict:
     driver turns it into the study's error."""
     started = time.perf_counter()
     models.quiet_libraries()
+    progress.start(f"{step.job} sensitivity {step.kind}")
     torch.set_num_threads(step.evaluation.threads or measure.available_cpus())
     torch.manual_seed(0)
-    loaded = load(step)
-    outcome = {"probe": probe, "groups": groups, "recipe": recipe}[step.kind](loaded)
+    with progress.phase("load FP32"):
+        loaded = load(step)
+    with progress.phase(STEP_WORDS[step.kind]):
+        outcome = {"probe": probe, "groups": groups, "recipe": recipe}[step.kind](loaded)
     outcome.update(
         load_s=round(loaded.load_s, 3),
         wall_s=round(time.perf_counter() - started, 3),
@@ -58,6 +61,14 @@ def run_step(step: StudyWork) -> dict:
         pid=os.getpid(),
     )
     return outcome
+
+
+# How each kind of step is named in the progress lines.
+STEP_WORDS = {
+    "probe": "FP32 against the fully quantized model, per-layer SQNR",
+    "groups": "groups measured only and all but",
+    "recipe": "the greedy recipe over the ranking",
+}
 
 
 def load(step: StudyWork) -> Loaded:
@@ -149,7 +160,12 @@ def groups(loaded: Loaded) -> dict:
     """This step's groups, each measured "only" and "all_but"."""
     step = loaded.step
     study = study_of(loaded, step.layers)
-    return {"groups": [ranking.run_group(study, g, names) for g, names in step.groups.items()]}
+    measured = []
+    with progress.phase("groups", len(step.groups), "groups") as counted:
+        for group, names in step.groups.items():
+            measured.append(ranking.run_group(study, group, names))
+            counted.advance()
+    return {"groups": measured}
 
 
 def recipe(loaded: Loaded) -> dict:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from runner import locks, machine, measure
+from runner import locks, machine, measure, progress
 from runner.tasks.causal_lm import perplexity
 from runner.tasks.causal_lm.config import GenerationSettings, check_count
 
@@ -289,10 +289,15 @@ def time_generation(
     sync = machine.synchronizer(device)
     cuda = device == "cuda" and torch.cuda.is_available()
     by_batch_size = {}
-    with locks.timing_lock(holder) as lock:
-        for batch_size in settings.batch_sizes:
+    sizes = settings.batch_sizes
+    with (
+        locks.timing_lock(holder) as lock,
+        progress.phase("generation by batch size", len(sizes), "batch sizes") as step,
+    ):
+        for batch_size in sizes:
             input_ids = prompt_batch(prompts, batch_size, device)
             by_batch_size[batch_size] = time_batch_size(model, input_ids, settings, sync, cuda)
+            step.advance()  # between batch sizes: no run is timed now
     return GenerationTimings(by_batch_size, round(lock.waited_s, 3), lock.warning)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from runner import evaluate
+from runner import evaluate, progress
 from runner.study import ranking
 from runner.tasks import statistics
 from runner.tasks.causal_lm import generation, perplexity, training
@@ -172,10 +172,22 @@ def window_kls(work, model, batches: list[WindowBatch]) -> list[float]:
     reference_model = AutoModelForCausalLM.from_pretrained(work.model_dir, dtype=torch.float32)
     reference_model = reference_model.to(device).eval()
     top_k = work.task_config.perplexity.kl_top_k
-    reference = perplexity.window_losses(reference_model, windows, device, size, padding, top_k)
+    reference = []
+    with progress.phase("KL: FP32 top-k", len(windows), "windows") as step:
+        for start in range(0, len(windows), size):  # a batch at a time, to count them
+            part = windows[start : start + size]
+            reference += perplexity.window_losses(
+                reference_model, part, device, size, padding, top_k
+            )
+            step.advance(len(part))
     del reference_model
-    at = [loss.top_ids for loss in reference]
-    variant = perplexity.window_losses(model, windows, device, size, padding, log_probs_at=at)
+    variant = []
+    with progress.phase("KL: variant at FP32's top-k", len(windows), "windows") as step:
+        for start in range(0, len(windows), size):
+            part, at = windows[start : start + size], reference[start : start + size]
+            at = [loss.top_ids for loss in at]
+            variant += perplexity.window_losses(model, part, device, size, padding, log_probs_at=at)
+            step.advance(len(part))
     return [perplexity.window_kl(ref, var) for ref, var in zip(reference, variant, strict=True)]
 
 
