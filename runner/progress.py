@@ -5,7 +5,8 @@ phase is opened with `phase(name, total, unit)` and advanced as it goes; it send
 start and its end, and between them at most one every SEND_EVERY_S. Where the user looks, a
 Display turns events into a progress bar when its stream is a terminal, and into plain lines
 otherwise (a log, `ray job submit`): at most one line every PLAIN_EVERY_S for each piece of work,
-besides each phase's start and end, so that a log is not flooded.
+besides each phase's start and end, so that a log is not flooded; and nothing of a phase that ends
+within QUIET_S, so that a quick variant is one line, as before.
 
 How a variant's events reach `quantbench run`: the variant runs in a process forked under a Ray
 worker, whose output goes to Ray's log files, and the embedded cluster forwards none of it
@@ -34,6 +35,10 @@ from pathlib import Path
 FILE_VARIABLE = "QUANTBENCH_PROGRESS_FILE"
 SEND_EVERY_S = 1.0  # from the work to the display: a bar moves about once a second
 PLAIN_EVERY_S = 10.0  # plain lines: at most one per piece of work this often, besides start/end
+# A phase shorter than this says nothing (the variant's own line says it ended); one that lasts
+# says its start once it has run this long, then its counts and its end. The variable sets it
+# (0: every phase, as tests want).
+QUIET_VARIABLE, QUIET_S = "QUANTBENCH_PROGRESS_QUIET_S", 5.0
 BAR_WIDTH = 24
 
 
@@ -83,29 +88,58 @@ def bar(event: Event) -> str:
 
 
 class Display:
-    """Events shown on a stream: a bar redrawn in place on a terminal, else rate-limited lines."""
+    """Events shown on a stream: a bar redrawn in place on a terminal, else rate-limited lines;
+    of a phase that ends within quiet_s, nothing is kept."""
 
-    def __init__(self, stream=None, terminal: bool | None = None, clock=time.monotonic):
+    def __init__(
+        self, stream=None, terminal: bool | None = None, clock=time.monotonic, quiet_s=None
+    ):
         self.stream = stream if stream is not None else sys.stderr
         self.terminal = _is_terminal(self.stream) if terminal is None else terminal
         self.clock = clock
+        self.quiet_s = _quiet_s() if quiet_s is None else quiet_s
         self.last_line: dict[str, float] = {}  # who -> when its last plain update was written
+        self.waiting: dict[tuple[str, str], tuple[float, Event]] = {}  # starts not said yet
         self.drawn = False  # a bar is on the terminal's current line
 
     def show(self, event: Event) -> None:
         if self.terminal:
             self._draw(event)
             return
-        now = self.clock()
-        if event.state == "update" and now - self.last_line.get(event.who, -1e9) < PLAIN_EVERY_S:
+        self.tick()
+        key, now = (event.who, event.phase), self.clock()
+        if event.state == "start":
+            self.waiting[key] = (now, event)
             return
+        quick = event.elapsed_s < self.quiet_s
+        if event.state == "update":
+            if quick or now - self.last_line.get(event.who, -1e9) < PLAIN_EVERY_S:
+                return
+            self._say_start(key)
+        elif self.waiting.pop(key, None) and quick and event.state == "end":
+            return  # a quick phase ended before its start was said: nothing to say
         self.last_line[event.who] = now
         self._write(describe(event) + "\n")
 
+    def tick(self) -> None:
+        """Says the starts of phases still running quiet_s after they began."""
+        now = self.clock()
+        for key, (since, _) in list(self.waiting.items()):
+            if now - since >= self.quiet_s:
+                self._say_start(key)
+
+    def _say_start(self, key: tuple[str, str]) -> None:
+        if key in self.waiting:
+            self._write(describe(self.waiting.pop(key)[1]) + "\n")
+
     def _draw(self, event: Event) -> None:
-        finished = event.state in ("end", "failed")  # kept as a line; the rest is redrawn over
-        self._write("\r\x1b[K" + bar(event) + ("\n" if finished else ""))
-        self.drawn = not finished
+        # A phase that failed or took a while is kept as a line; the rest is redrawn over.
+        kept = event.state == "failed" or (event.state == "end" and event.elapsed_s >= self.quiet_s)
+        if event.state == "end" and not kept:
+            self.clear()
+            return
+        self._write("\r\x1b[K" + bar(event) + ("\n" if kept else ""))
+        self.drawn = not kept
 
     def clear(self) -> None:
         """Before other output on the same terminal: the bar's line is emptied."""
@@ -119,6 +153,13 @@ class Display:
             sys.stdout.flush()
         self.stream.write(text)
         self.stream.flush()
+
+
+def _quiet_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get(QUIET_VARIABLE, QUIET_S)))
+    except ValueError:  # a malformed setting: the default, never a failed run
+        return QUIET_S
 
 
 def _is_terminal(stream) -> bool:
@@ -261,6 +302,8 @@ class Relay:
                 self.display.show(Event(**json.loads(line)))
             except (ValueError, TypeError):  # not ours: never stop a run for a progress line
                 continue
+        if not self.display.terminal:
+            self.display.tick()  # a phase that has run quiet_s says its start, news or not
 
 
 # The relay of the run this process drives, while one is open: the dispatcher forwards its events

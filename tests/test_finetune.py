@@ -67,7 +67,10 @@ def run_cli(capsys, *args):
     return code, out.out, out.err
 
 
-def test_finetune_runs_as_a_ray_task_then_is_reused(capsys, tmp_path, smsa_base, ray_temp_dir):
+def test_finetune_runs_as_a_ray_task_then_is_reused(
+    capsys, tmp_path, smsa_base, ray_temp_dir, monkeypatch
+):
+    monkeypatch.setenv("QUANTBENCH_PROGRESS_QUIET_S", "0")  # every phase said, however quick
     job = write_job(tmp_path, finetune_job(smsa_base))
     code, out, err = run_cli(
         capsys, "run", job, "--results", tmp_path / "first", "--ray-temp-dir", ray_temp_dir

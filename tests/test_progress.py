@@ -27,6 +27,7 @@ def test_a_run_off_a_terminal_says_each_phase_by_variant_and_ends_with_the_resum
     capsys, tmp_path, tiny_model, ray_temp_dir, monkeypatch
 ):
     monkeypatch.setenv("QUANTBENCH_FAULT_INJECT", "fp16-cpu=raise")
+    monkeypatch.setenv("QUANTBENCH_PROGRESS_QUIET_S", "0")  # every phase said, however quick
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp32-cpu, fp16-cpu]"))
     results = tmp_path / "results"
@@ -65,13 +66,31 @@ def test_plain_lines_come_at_most_once_every_ten_seconds_besides_start_and_end()
             step.advance()
 
     lines = stream.getvalue().splitlines()
-    assert lines[0] == "[job v] timed passes: started, 1000 passes"
+    assert lines[0] == "[job v] timed passes: started, 1000 passes"  # said once it ran 5 s
     assert lines[-1] == "[job v] timed passes: done, 1000/1000 passes in 100.0 s"
-    # Between them, counted lines at least 10 s apart: 9 in 100 s, not 1000.
+    # Between them, counted lines from 5 s on, at least 10 s apart: 10 in 100 s, not 1000.
     times = [float(re.fullmatch(r".* passes, ([\d.]+) s", line)[1]) for line in lines[1:-1]]
-    assert len(times) == 9, lines
-    assert all(later - earlier >= 10.0 for earlier, later in zip([0.0, *times], times)), times
-    assert lines[1].startswith("[job v] timed passes 1")  # with its count: 10x/1000
+    assert len(times) == 10, lines
+    assert times[0] >= progress.QUIET_S
+    assert all(later - earlier >= 10.0 for earlier, later in zip(times, times[1:])), times
+    assert lines[1].startswith("[job v] timed passes 5")  # with its count: 5x/1000
+
+
+def test_a_quick_phase_says_nothing_and_a_long_silent_one_says_it_started():
+    clock, stream = FakeClock(), io.StringIO()
+    display = progress.Display(stream, terminal=False, clock=clock)
+    progress.start("job v", display.show).clock = clock
+
+    with progress.phase("load"):
+        clock.now += 1.0  # quick: the variant's own line will say it ended
+    assert stream.getvalue() == ""
+
+    with progress.phase("analysis"):  # uncounted: no update comes while it runs
+        clock.now += progress.QUIET_S
+        display.tick()  # as the driver does each time it wakes to look for results
+        assert stream.getvalue() == "[job v] analysis: started\n"
+        clock.now += 60.0
+    assert stream.getvalue().splitlines()[-1] == "[job v] analysis: done in 65.0 s"
 
 
 def test_a_terminal_gets_a_bar_redrawn_in_place():
@@ -81,13 +100,17 @@ def test_a_terminal_gets_a_bar_redrawn_in_place():
 
     with progress.phase("warm-up", 4, "passes") as step:
         for _ in range(4):
-            clock.now += 1.0
+            clock.now += 2.0
             step.advance()
 
     text = stream.getvalue()
     assert text.startswith("\r\x1b[K[job v] warm-up [........................] 0/4 passes 0 s\r")
-    assert "\r\x1b[K[job v] warm-up [############............] 2/4 passes 2 s\r" in text
-    assert text.endswith("\r\x1b[K[job v] warm-up: done, 4/4 passes in 4.0 s\n")
+    assert "\r\x1b[K[job v] warm-up [############............] 2/4 passes 4 s\r" in text
+    assert text.endswith("\r\x1b[K[job v] warm-up: done, 4/4 passes in 8.0 s\n")
+
+    with progress.phase("load"):  # quick: its bar is emptied, no line kept
+        clock.now += 1.0
+    assert stream.getvalue()[len(text) :] == "\r\x1b[K[job v] load: started\r\x1b[K"
 
 
 def test_a_failed_phase_says_so_with_its_count():
@@ -128,7 +151,7 @@ def test_events_travel_through_the_file_the_driver_names(tmp_path, monkeypatch):
     with progress.phase("load"):
         pass
     stream = io.StringIO()
-    relay = progress.Relay(path, progress.Display(stream, terminal=False))
+    relay = progress.Relay(path, progress.Display(stream, terminal=False, quiet_s=0.0))
 
     relay.forward()
     relay.forward()  # nothing new: nothing said twice
