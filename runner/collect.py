@@ -637,6 +637,9 @@ def _table_text(table: JobTable, width: int) -> str:
     verdict, each wrapped to the width."""
     header, rows, footnotes = table_rows(table)
     rows = [row for row in rows if row[0] != "status"]  # every column shown ran: "ok"
+    hardware = _shared_hardware(rows)
+    if hardware:  # said once above the table, it leaves the columns their numbers' width
+        rows = [row for row in rows if row[0] != "hardware"]
     groups = _column_groups(table, header, rows)
     metric = [header[0], *(row[0] for row in rows)]
     room = width - _text_width(metric)
@@ -646,7 +649,9 @@ def _table_text(table: JobTable, width: int) -> str:
     title = (
         f"{table.job} (baseline: {table.baseline or 'none'}; Δ = (variant − baseline) / baseline)"
     )
-    parts = [_wrap(title, width)]
+    parts = [
+        _wrap(title, width) + (f"\n{_wrap(f'hardware: {hardware}', width)}" if hardware else "")
+    ]
     for number, block in enumerate(blocks, 1):
         if number > 1:
             parts.append(_wrap(f"{table.job}, continued ({number} of {len(blocks)})", width))
@@ -667,6 +672,13 @@ def _table_text(table: JobTable, width: int) -> str:
             "\n".join([_wrap(verdict[0], width)] + [_wrap(v, width, "  ") for v in verdict[1:]])
         )
     return "\n\n".join(parts)
+
+
+def _shared_hardware(rows: list[list[str]]) -> str | None:
+    """The hardware every column shown ran on, where it is one; else None."""
+    # "–": a variant that did not run, listed under the table, not in it
+    cells = {cell for row in rows if row[0] == "hardware" for cell in row[1:] if cell not in "–"}
+    return cells.pop() if len(cells) == 1 else None
 
 
 def _column_groups(table: JobTable, header: list[str], rows: list[list[str]]) -> list[list]:
