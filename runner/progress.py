@@ -94,7 +94,7 @@ class Display:
     def __init__(
         self, stream=None, terminal: bool | None = None, clock=time.monotonic, quiet_s=None
     ):
-        self.stream = stream if stream is not None else sys.stderr
+        self.given = stream  # None: whatever sys.stderr is when a line is written
         self.terminal = _is_terminal(self.stream) if terminal is None else terminal
         self.clock = clock
         self.quiet_s = _quiet_s() if quiet_s is None else quiet_s
@@ -147,12 +147,19 @@ class Display:
             self._write("\r\x1b[K")
             self.drawn = False
 
+    @property
+    def stream(self):
+        return self.given if self.given is not None else sys.stderr
+
     def _write(self, text: str) -> None:
         # What was said on stdout first: in a log that holds both streams, lines keep their order.
-        if self.stream is not sys.stdout:
-            sys.stdout.flush()
-        self.stream.write(text)
-        self.stream.flush()
+        try:
+            if self.stream is not sys.stdout:
+                sys.stdout.flush()
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: the line is lost, not the work
+            pass
 
 
 def _quiet_s() -> float:

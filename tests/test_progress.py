@@ -208,3 +208,11 @@ def test_a_variants_own_error_is_told_whole_however_long():
     error = ray.exceptions.RayTaskError("_on_node", "traceback", ValueError(long))
 
     assert dispatch.failure_text(error) == f"ValueError: {long}"
+
+
+def test_a_line_for_a_closed_stream_is_dropped_and_the_work_goes_on():
+    stream = io.StringIO()
+    progress.start("job v", progress.Display(stream, terminal=False, quiet_s=0.0).show)
+    stream.close()  # as pytest's capture, or a pipe whose reader left
+    with progress.phase("load"):
+        pass  # no ValueError: a progress line never stops the work
