@@ -193,7 +193,12 @@ def _add_collect_and_report(commands) -> None:
     collect.add_argument(
         "folders", nargs="+", type=Path, help="results folders (searched below) or result files"
     )
-    collect.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
+    collect.add_argument(
+        "--format",
+        choices=["table", "markdown", "csv", "json"],
+        default="table",
+        help="table: text fitted to the terminal (default); markdown, csv, json: whole",
+    )
     collect.add_argument(
         "--baseline", help="variant to compare against (default: the job's baseline)"
     )

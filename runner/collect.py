@@ -67,6 +67,8 @@ class JobTable:
     # The task's declaration (runner/tasks): its rows, statistics against the baseline, the
     # tolerances it is judged by and the verdict's pick.
     declaration: Task = field(default_factory=Task)
+    # column key -> the name of the machine or results folder it came from (_source_names)
+    sources: dict[str, str] = field(default_factory=dict)
     shown_rows: tuple[str, ...] | None = None  # --metrics: the labels of the rows shown; None: all
 
     @property
@@ -205,6 +207,8 @@ def build_tables(results: list[Result], baseline: str | None = None) -> list[Job
         table = JobTable(
             job, chosen, order, columns, _baseline_notes(columns, order, wanted, chosen)
         )
+        names = _source_names(list(columns.values()))
+        table.sources = {key: names[_source(result)] for key, result in columns.items()}
         table.task, table.declaration = _task(table)
         table.tolerances = _tolerances(table)
         table.stats = compare(table)

@@ -5,16 +5,18 @@ collect's table has one column per variant. When a job's results ran on more tha
 device (the same job file run on a laptop's CPU and on a GPU server), this view follows the table:
 one small table per metric, its rows the methods (a variant's id without its device: fp32,
 int8-dynamic, fp32-compiled), its columns where they ran (the machine, then the device). Each cell
-holds the metric, its delta against the job's baseline ("Δ base") and its delta against the same
-method in the first column where that method has the metric ("Δ first"). Under the tables, what
+holds the metric, its delta against the job's baseline on the same machine ("Δ base": that
+machine's own run of the baseline's method and device, else the baseline's column, so that a
+machine's speed is not read as quantization's) and its delta against the same method in the first
+column where that method has the metric ("Δ first"). Under the tables, what
 each method is: its precision's declared `how` (runner/precisions/*/__init__.py), so that int8 on
 the CPU (torch.ao's dynamic quantization) and int8 on a GPU (bitsandbytes' LLM.int8()) never read as
 one algorithm.
 
-The machine is the results folder a result was found in (DIR of DIR/<job>/<variant>.json: one
-folder per machine, as results/reference/ keeps them), with the host added where one folder holds
-several hosts' results. Only results that ran to the end are placed; collect's table lists the
-others.
+The machine is named as collect's columns name where a result came from: its machine (the run's
+--machine label, else its host), else its results folder (DIR of DIR/<job>/<variant>.json) where
+two folders share a machine, with the machine added where one folder holds several. Only results
+that ran to the end are placed; collect's table lists the others.
 
 The metrics: the size, the task's quality rows (its declaration's quality_rows: runner/tasks), the
 median latency, the throughput and the peak memory. Values and deltas against the baseline are
@@ -126,10 +128,6 @@ def method_of(result: Result) -> str:
     return "-".join(words)
 
 
-def _folder(result: Result) -> str | None:
-    return result.file.parent.parent.name if result.file is not None else None
-
-
 def _machine(result: Result) -> str:
     """The machine's name as collect's columns say it: the run's label, else the host's."""
     return machine_name(result.environment or {}) or "?"
@@ -137,18 +135,16 @@ def _machine(result: Result) -> str:
 
 def _placed(table: JobTable) -> tuple[dict[str, tuple[str, Place]], list[str]]:
     """Each ok column's (method, place), and notes for the columns left out: a method placed
-    twice (two runs in one folder) shows its first."""
-    hosts: dict[str | None, set] = {}
+    twice (two runs in one folder) shows its first. A place's machine is named as collect's
+    columns name where it came from (its machine, else its results folder), and by its machine
+    too where one folder holds several."""
+    machines: dict[str, set] = {}
     for key in table.ok_columns():
-        result = table.results[key]
-        hosts.setdefault(_folder(result), set()).add(_machine(result))
+        machines.setdefault(table.sources.get(key, "?"), set()).add(_machine(table.results[key]))
     placed, notes, taken = {}, [], {}
     for key in table.ok_columns():
-        result = table.results[key]
-        folder = _folder(result)
-        machine = folder or _machine(result)
-        if folder is not None and len(hosts[folder]) > 1:  # one folder, several machines
-            machine = f"{folder}@{_machine(result)}"
+        result, source = table.results[key], table.sources.get(key, "?")
+        machine = source if len(machines[source]) == 1 else f"{source}@{_machine(result)}"
         hardware = f"{hardware_label(result.environment or {}, result.device)} @ {_machine(result)}"
         spot = (method_of(result), Place(machine, result.device, hardware))
         if spot in taken:
@@ -191,22 +187,39 @@ def _view(
     """One metric's cells, column by column, so that a method's first value is known before the
     columns after it are compared with it."""
     cells, firsts = {}, {}
+    references = _references(table, row, placed)
     for place in places:
         for key, (method, where) in placed.items():
             if where != place:
                 continue
-            cell = table.cells[key][row.label]
-            first = firsts.get(method)
-            if first is None and cell.value is not None:
-                firsts[method] = cell.value
-            baseline = key == table.baseline
+            value = table.cells[key][row.label].value
+            first = firsts.get(method)  # None in the method's first column with a value
+            if first is None and value is not None:
+                firsts[method] = value
+            reference_key = references.get(place.machine, table.baseline)
+            is_baseline = key == reference_key
+            against = None
+            if row.delta and not is_baseline and reference_key in table.cells:
+                against = _relative(value, table.cells[reference_key][row.label].value)
             cells[(method, place.label)] = PivotCell(
-                cell.value,
-                None if baseline else cell.delta,
-                _relative(cell.value, first) if row.delta else None,
-                baseline,
+                value,
+                against,
+                _relative(value, first) if row.delta else None,
+                is_baseline,
             )
     return View(row, cells)
+
+
+def _references(table: JobTable, row: Row, placed: dict[str, tuple[str, Place]]) -> dict[str, str]:
+    """Each machine's own baseline column: the baseline's method on the baseline's device there."""
+    if table.baseline not in placed:
+        return {}
+    method, place = placed[table.baseline]
+    return {
+        where.machine: key
+        for key, (other, where) in placed.items()
+        if other == method and where.device == place.device
+    }
 
 
 def _relative(value: float | None, reference: float | None) -> float | None:
@@ -243,7 +256,9 @@ def _implementations(
 
 def about(pivot: Pivot) -> list[str]:
     """What the columns are and what the deltas compare."""
-    baseline = f"the job's baseline is {pivot.baseline}" if pivot.baseline else "no baseline"
+    baseline = (
+        f"Δ base against {pivot.baseline} on the same machine" if pivot.baseline else "no baseline"
+    )
     return [
         f"{pivot.job} across machines and devices ({baseline})",
         RULE,
@@ -324,7 +339,8 @@ def implementation_lines(pivot: Pivot) -> list[str]:
 def text(pivot: Pivot, width: int) -> str:
     """The view as collect's text output prints it after the job's table, fitted to width."""
     lines = about(pivot)
-    parts = [lines[0] + "\n" + "\n".join(_wrapped(line, width) for line in lines[1:])]
+    title = textwrap.fill(lines[0], width, subsequent_indent="  ", break_long_words=False)
+    parts = [title + "\n" + "\n".join(_wrapped(line, width) for line in lines[1:])]
     for view in pivot.views:
         parts += _fitted(pivot, view, width)
     notes = implementation_lines(pivot) + pivot.notes

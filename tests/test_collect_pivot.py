@@ -75,7 +75,7 @@ def view_of(found: pivot.Pivot, label: str) -> pivot.View:
 
 def test_rows_are_methods_and_columns_are_machine_and_device(folders):
     found = built(folders)
-    assert [p.label for p in found.places] == ["laptop cpu", "server cpu", "server cuda"]
+    assert [p.label for p in found.places] == ["a-laptop cpu", "b-server cpu", "b-server cuda"]
     # Each column says what it ran on (runner/measure.py's label of the hardware) and where.
     hardware = [p.hardware for p in found.places]
     assert "a-laptop cpu" in hardware[0] and "b-server cpu" in hardware[1]
@@ -95,22 +95,24 @@ def test_rows_are_methods_and_columns_are_machine_and_device(folders):
 
 def test_deltas_against_the_baseline_and_against_the_same_method_elsewhere(folders):
     latency = view_of(built(folders), "latency median (ms)")
-    base = cell(latency, "fp32", "laptop cpu")
+    base = cell(latency, "fp32", "a-laptop cpu")
     assert (base.value, base.is_baseline, base.against_first) == (10.0, True, None)
-    # fp32 on the server's CPU and GPU, against the laptop's fp32 (both the baseline and its first).
-    assert cell(latency, "fp32", "server cpu").against_baseline == pytest.approx(-0.2)
-    assert cell(latency, "fp32", "server cpu").against_first == pytest.approx(-0.2)
-    assert cell(latency, "fp32", "server cuda").against_first == pytest.approx(-0.8)
+    # The server's own fp32-cpu is its baseline: a machine's speed is not quantization's.
+    own = cell(latency, "fp32", "b-server cpu")
+    assert (own.is_baseline, own.against_baseline) == (True, None)
+    assert own.against_first == pytest.approx(-0.2)  # against the laptop's fp32
+    assert cell(latency, "fp32", "b-server cuda").against_baseline == pytest.approx(-0.75)
+    assert cell(latency, "fp32", "b-server cuda").against_first == pytest.approx(-0.8)
     # bnb-int8: 20 ms on the laptop's CPU, 4 ms on the GPU.
-    assert cell(latency, "bnb-int8", "laptop cpu").against_baseline == pytest.approx(1.0)
-    assert cell(latency, "bnb-int8", "laptop cpu").against_first is None
-    on_gpu = cell(latency, "bnb-int8", "server cuda")
-    assert on_gpu.against_baseline == pytest.approx(-0.6)
+    assert cell(latency, "bnb-int8", "a-laptop cpu").against_baseline == pytest.approx(1.0)
+    assert cell(latency, "bnb-int8", "a-laptop cpu").against_first is None
+    on_gpu = cell(latency, "bnb-int8", "b-server cuda")
+    assert on_gpu.against_baseline == pytest.approx(-0.5)  # against the server's 8 ms
     assert on_gpu.against_first == pytest.approx(-0.8)
-    assert ("bnb-int8", "server cpu") not in latency.cells  # it did not run there
+    assert ("bnb-int8", "b-server cpu") not in latency.cells  # it did not run there
 
     perplexity = view_of(built(folders), "perplexity")
-    on_gpu = cell(perplexity, "bnb-int8", "server cuda")
+    on_gpu = cell(perplexity, "bnb-int8", "b-server cuda")
     assert on_gpu.value == pytest.approx(math.exp(2.2))
     assert on_gpu.against_baseline == pytest.approx(math.exp(0.2) - 1)
     assert on_gpu.against_first == pytest.approx(math.exp(0.1) - 1)  # against the laptop's 2.1
@@ -123,27 +125,29 @@ def test_the_view_fits_a_narrow_terminal_in_blocks_of_places(folders, capsys):
     blocks = [line.split() for line in view.splitlines() if line.startswith("latency median")]
     assert len(blocks) > 1  # three places do not fit 80 columns side by side
     shown = " ".join(" ".join(block) for block in blocks)
-    assert all(place in shown for place in ("laptop cpu", "server cpu", "server cuda"))
+    assert all(place in shown for place in ("a-laptop cpu", "b-server cpu", "b-server cuda"))
 
 
 def test_collect_prints_the_view_after_the_table_and_names_each_implementation(folders, capsys):
     assert main(["collect", *map(str, folders), "--width", "200"]) == 0
     out = capsys.readouterr().out
-    table, view = out.split("tiny-lm across machines and devices (the job's baseline is fp32-cpu)")
+    table, view = out.split(
+        "tiny-lm across machines and devices (Δ base against fp32-cpu on the same machine)"
+    )
     assert "fp32-cpu@b-server" in table  # collect's own table comes first, as before
-    assert "  server cuda: Test GPU" in view
+    assert "  b-server cuda: Test GPU" in view
     latency = view[view.index("latency median (ms)") :].splitlines()
     assert latency[0].split() == [
-        *("latency", "median", "(ms)", "laptop", "cpu", "Δ", "base"),
-        *("server", "cpu", "Δ", "base", "Δ", "first"),
-        *("server", "cuda", "Δ", "base", "Δ", "first"),
+        *("latency", "median", "(ms)", "a-laptop", "cpu", "Δ", "base"),
+        *("b-server", "cpu", "Δ", "base", "Δ", "first"),
+        *("b-server", "cuda", "Δ", "base", "Δ", "first"),
     ]
     assert latency[2].split() == [
         *("fp32", "10.00", "baseline"),
-        *("8.00", "-20.0%", "-20.0%"),
-        *("2.00", "-80.0%", "-80.0%"),
+        *("8.00", "baseline", "-20.0%"),
+        *("2.00", "-75.0%", "-80.0%"),
     ]
-    assert latency[4].split() == ["bnb-int8", "20.00", "+100.0%", "–", "4.00", "-60.0%", "-80.0%"]
+    assert latency[4].split() == ["bnb-int8", "20.00", "+100.0%", "–", "4.00", "-50.0%", "-80.0%"]
     # The two int8 methods name what runs them: different algorithms, never one "int8".
     assert "int8-dynamic: (cpu) torch.ao quantize_dynamic: int8 weights per tensor" in view
     assert "bnb-int8: (cpu, cuda) bitsandbytes LLM.int8()" in view
@@ -155,11 +159,26 @@ def test_json_gains_the_view_under_its_own_key(folders, capsys):
     before = ["job", "baseline", "notes", "variants", "significance_method", "verdict"]
     assert list(entry) == [*before, "cross_hardware"]  # the keys before it are unchanged
     view = entry["cross_hardware"]
-    assert [c["column"] for c in view["columns"]] == ["laptop cpu", "server cpu", "server cuda"]
-    on_gpu = view["metrics"]["latency median (ms)"]["bnb-int8"]["server cuda"]
+    assert [c["column"] for c in view["columns"]] == [
+        "a-laptop cpu",
+        "b-server cpu",
+        "b-server cuda",
+    ]
+    on_gpu = view["metrics"]["latency median (ms)"]["bnb-int8"]["b-server cuda"]
     assert on_gpu["value"] == 4.0
     assert on_gpu["delta_vs_first"] == pytest.approx(-0.8)
     assert "LLM.int8()" in view["methods"]["bnb-int8"]
+
+
+def test_a_machine_is_named_by_its_run_label_as_in_collects_columns(tmp_path):
+    labelled = [{**r, "environment": {**r["environment"], "machine": "my-laptop"}} for r in LAPTOP]
+    found = built([written(tmp_path / "laptop", labelled), written(tmp_path / "server", SERVER)])
+    # The baseline's place first: collect gives the bare column names to the name sorting first.
+    assert [p.label for p in found.places] == ["b-server cpu", "my-laptop cpu", "b-server cuda"]
+    # Two folders of one machine are told apart by their folders, as collect's columns are.
+    again = [{**r, "environment": {**r["environment"], "host": "b-server"}} for r in LAPTOP]
+    found = built([written(tmp_path / "tuesday", again), written(tmp_path / "server", SERVER)])
+    assert {p.machine for p in found.places} == {"tuesday", "server"}
 
 
 def test_no_view_for_a_job_on_one_machine_and_device(tmp_path, capsys):
@@ -179,7 +198,7 @@ def test_the_report_shows_the_view_in_the_jobs_section(folders, tmp_path):
     results, _, _ = collect.gather(folders)
     page = report.write_report(results, tmp_path / "two.html").path.read_text(encoding="utf-8")
     section = page[page.index("Across machines and devices</h3>") :]
-    assert "<th>latency median (ms)</th><th>laptop cpu</th><th>Δ base</th>" in section
+    assert "<th>latency median (ms)</th><th>a-laptop cpu</th><th>Δ base</th>" in section
     assert "<th>bnb-int8</th><td>20.00</td><td>+100.0%</td>" in section
     assert "bnb-int8: (cpu, cuda) bitsandbytes LLM.int8()" in section
 
