@@ -272,6 +272,21 @@ def variant_json(task) -> dict:
     return run_variant(task).to_json()
 
 
+def ok_result_head(job: str, variant: str) -> dict:
+    """The fields a hand-made ok result starts with: its job, and its variant with what it names."""
+    precision, device = variant.rsplit("-", 1)
+    return {
+        "schema_version": 1,
+        "job": job,
+        "variant": variant,
+        "precision": precision,
+        "device": device,
+        "status": "ok",
+        "error": None,
+        "warnings": [],
+    }
+
+
 def typed(results) -> list:
     """Result dicts (a result file's JSON) as the typed results collect reads, each checked as a
     file is."""

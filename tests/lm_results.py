@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from conftest import ok_result_head
+
 DOCUMENTS = [0, 0, 1]
 TOKENS = [4, 2, 2]
 N_BYTES = 40  # the documents' UTF-8 bytes: bits_per_byte's denominator
@@ -28,26 +30,19 @@ def lm_result(
     task: str = "causal-lm",
 ) -> dict:
     """One ok causal-LM result; its metrics follow from the per-token NLL of each window."""
-    precision, device = variant.rsplit("-", 1)
+    head = ok_result_head("tiny-lm", variant)
     nll = [round(n * t, 6) for n, t in zip(per_token_nll, TOKENS)]
     mean_nll = sum(nll) / sum(TOKENS)
     spec = {"name": "tiny-lm", "task": task, "baseline": "fp32-cpu"}
     return {
-        "schema_version": 1,
-        "job": "tiny-lm",
-        "variant": variant,
-        "precision": precision,
-        "device": device,
-        "status": "ok",
-        "error": None,
-        "warnings": [],
+        **head,
         "metrics": {
             "model_size_mib": size_mib,
             "perplexity": math.exp(mean_nll),
             "bits_per_byte": sum(nll) / (math.log(2) * N_BYTES),
             "mean_nll": mean_nll,
             "scored_tokens": sum(TOKENS),
-            "kl_vs_fp32": 0.0 if precision == "fp32" else 0.01,
+            "kl_vs_fp32": 0.0 if head["precision"] == "fp32" else 0.01,
             "time_to_first_token_ms": 1000.0 / decode_tokens_per_s,
             "decode_tokens_per_s": decode_tokens_per_s,
             "generation": generation(decode_tokens_per_s),

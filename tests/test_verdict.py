@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import typed
+from conftest import ok_result_head, typed
 from sklearn.metrics import f1_score
 
 from runner import collect
@@ -33,20 +33,13 @@ def classifier_result(
     variant: str, predicted: list[str], interval: list[float], tolerances: dict
 ) -> dict:
     """One ok result of job smsa: its metrics follow from the predictions."""
-    precision, device = variant.rsplit("-", 1)
+    head = ok_result_head("smsa", variant)
     right = [p == g for p, g in zip(predicted, GOLD)]
     median = sum(interval) / 2
     return {
-        "schema_version": 1,
-        "job": "smsa",
-        "variant": variant,
-        "precision": precision,
-        "device": device,
-        "status": "ok",
-        "error": None,
-        "warnings": [],
+        **head,
         "metrics": {
-            "model_size_mib": 87.0 if precision == "fp32" else 30.0,
+            "model_size_mib": 87.0 if head["precision"] == "fp32" else 30.0,
             "accuracy": sum(right) / len(right),
             "macro_f1": float(f1_score(GOLD, predicted, average="macro")),
             "avg_confidence": 0.8,
