@@ -237,13 +237,51 @@ def _task(table: JobTable) -> tuple[str, Task]:
     return name, TASKS[name]
 
 
+def types_by_kind(types: dict[str, dict[str, int]]) -> str:
+    """{'attn_q': {'Q4_1': 30}, 'attn_k': ..., 'token_embd': {'Q8_0': 1}} -> 'Q4_1 attn_*,
+    ffn_*; Q8_0 token_embd': each type and the tensor kinds that hold it, a family of kinds (attn_,
+    ffn_) as one where it holds one type."""
+    kinds_of: dict[str, list[str]] = {}
+    for kind, found in sorted(types.items()):
+        for name in found:
+            kinds_of.setdefault(name, []).append(kind)
+    family_types: dict[str, set[str]] = {}
+    family_size: dict[str, int] = {}
+    for kind, found in types.items():
+        family_types.setdefault(kind.split("_")[0], set()).update(found)
+        family_size[kind.split("_")[0]] = family_size.get(kind.split("_")[0], 0) + 1
+    shown = []
+    for name, kinds in kinds_of.items():
+        family = [k.split("_")[0] for k in kinds]
+        words = [
+            f"{f}_*" if family_size[f] > 1 and family_types[f] == {name} else k
+            for k, f in zip(kinds, family)
+        ]
+        shown.append(f"{name} {', '.join(dict.fromkeys(words))}")
+    return "; ".join(shown)
+
+
+def dequantized_note(key: str, baseline: Result) -> list[str]:
+    """A baseline whose FP32 weights were dequantized from a GGUF already carries that file's
+    rounding: the note says so, and how coarse it was."""
+    gguf = (baseline.model or {}).get("gguf") or {}
+    if not gguf.get("dequantized"):
+        return []
+    types = types_by_kind(gguf.get("types") or {})
+    return [
+        f"baseline {key}: its FP32 weights are dequantized from a {gguf.get('lowest_bits')}-bit "
+        f"GGUF ({gguf.get('file')}: {types}): an error below that rounding cannot be told from "
+        "the original model's"
+    ]
+
+
 def _baseline_notes(
     columns: dict[str, Result], order: list[str], wanted: str, chosen: str | None
 ) -> list[str]:
     """What the deltas against the baseline compare besides precisions."""
     if chosen is None:
         return [f"baseline {wanted} has no ok result here: no deltas or agreement"]
-    notes, base = [], columns[chosen]
+    notes, base = dequantized_note(chosen, columns[chosen]), columns[chosen]
     other_spec = [k for k in order if columns[k].spec_hash not in (None, base.spec_hash)]
     if other_spec:
         notes.append(

@@ -60,6 +60,11 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return stale
 
 
+def cache_root() -> Path:
+    """Where prepared models and the files they are made from are kept (QUANTBENCH_CACHE)."""
+    return Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
+
+
 def current_umask() -> int:
     """The process's umask: the permissions an ordinary open() would have left out."""
     mask = os.umask(0o022)

@@ -14,6 +14,31 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class FileRef:
+    """One file: a path, or a file shipped inside an installed package ("pkg/sub/file")."""
+
+    path: Path | None = None
+    package: str | None = None
+
+    def describe(self) -> str:
+        return f"package:{self.package}" if self.package else str(self.path)
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """A file given whole or in chunks that join into it (a registry's size limit splits large
+    files), with the sha256 the joined file must have where the job gives one."""
+
+    chunks: tuple[FileRef, ...]
+    sha256: str | None = None
+
+    def describe(self) -> str:
+        if len(self.chunks) == 1:
+            return self.chunks[0].describe()
+        return f"{len(self.chunks)} chunks from {self.chunks[0].describe()}"
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """Where weights (or a tokenizer) come from: exactly one of these is set."""
 
@@ -24,6 +49,10 @@ class ModelSource:
     )
     config: dict | None = None  # an inline architecture: randomly initialised weights of this shape
     revision: str | None = None  # hub revision
+    # A llama.cpp GGUF file: its weights dequantized to FP32, its tokenizer (runner/gguf_files.py)
+    gguf: FileSource | None = None
+    # A zip of a save_pretrained folder, unpacked once into the cache (runner/model_files.py)
+    archive: FileSource | None = None
 
     def describe(self) -> str:
         if self.hub:
@@ -32,6 +61,10 @@ class ModelSource:
             return f"path:{self.path}"
         if self.package:
             return f"package:{self.package}"
+        if self.gguf:
+            return f"gguf:{self.gguf.describe()}"
+        if self.archive:
+            return f"archive:{self.archive.describe()}"
         return f"inline {self.config.get('model_type')} config"
 
 

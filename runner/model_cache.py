@@ -21,14 +21,12 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 
 from runner import folders
+from runner.folders import cache_root
 from runner.job import JobSpec, ModelSource
 from runner.model_checks import pretrained_name
+from runner.model_files import checked_sha256
 
 MARKER = "quantbench-model.json"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +56,12 @@ def hub_commit(source: ModelSource) -> str | None:
     return Path(folder).name
 
 
-def _hash_source(source: ModelSource, digest) -> None:
+def _hash_source(source: ModelSource, digest, job: Path) -> None:
+    files = source.gguf or source.archive
+    if files is not None:  # keyed by the file's content, wherever it lies
+        kind = "gguf" if source.gguf else "archive"
+        digest.update(f"{kind}|sha256={checked_sha256(files, job, f'model.{kind}')}".encode())
+        return
     digest.update(source.describe().encode() if source.hub or source.config is None else b"inline")
     commit = hub_commit(source)
     if commit is not None:
@@ -66,15 +69,15 @@ def _hash_source(source: ModelSource, digest) -> None:
     if source.config is not None:
         digest.update(json.dumps(source.config, sort_keys=True).encode())
     elif source.hub is None:
-        _hash_folder(Path(pretrained_name(source)), digest)
+        _hash_folder(Path(pretrained_name(source, job)), digest)
 
 
 def model_key(spec: JobSpec) -> str:
     digest = hashlib.sha256(b"quantbench-model-v1")
-    _hash_source(spec.model, digest)
+    _hash_source(spec.model, digest, spec.file)
     digest.update(b"|tokenizer|")
     if spec.tokenizer is not None:
-        _hash_source(spec.tokenizer, digest)
+        _hash_source(spec.tokenizer, digest, spec.file)
     digest.update(f"|seed={spec.seed}".encode())
     return digest.hexdigest()[:20]
 

@@ -9,7 +9,6 @@ runner/model_source.py reads what needs transformers (an inline or a hub config)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,26 +16,18 @@ from safetensors import SafetensorError, safe_open
 
 from runner.fields import SpecError
 from runner.job import ModelSource
+from runner.model_files import package_folder, unpacked_archive
 
 
-def package_folder(package: str) -> Path:
-    """'pkg/sub/folder' -> the folder inside the installed package pkg."""
-    name, _, rest = package.partition("/")
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"no installed Python package named {name!r}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / rest
-    if not folder.is_dir():
-        raise FileNotFoundError(f"package {name!r} has no folder {rest!r} ({folder})")
-    return folder
-
-
-def pretrained_name(source: ModelSource) -> str:
-    """What to hand to from_pretrained for a source that has files."""
+def pretrained_name(source: ModelSource, job: Path = Path("the job")) -> str:
+    """What to hand to from_pretrained for a source that has files (job: for the errors of a zip
+    that validation has not unpacked)."""
     if source.path:
         return str(source.path)
     if source.package:
         return str(package_folder(source.package))
+    if source.archive:
+        return str(unpacked_archive(source.archive, job, "model"))
     return source.hub
 
 
@@ -77,10 +68,10 @@ def local_folder(source: ModelSource, job: Path, field: str) -> Path | None:
     """The folder of a path or package source, whose files can be checked here; None for the hub
     (its files cannot be listed offline), an inline config (it has none) or a path that is not a
     folder."""
-    if not (source.path or source.package):
+    if not (source.path or source.package or source.archive):
         return None
     check_source(source, job, field)
-    folder = Path(pretrained_name(source))
+    folder = Path(pretrained_name(source, job))
     return folder if folder.is_dir() else None
 
 
@@ -213,6 +204,22 @@ def tokenizer_json_files(source: ModelSource, job: Path, field: str) -> dict[str
         except (TypeError, OSError, ValueError):
             continue
     return found
+
+
+def tokenizer_size(source: ModelSource, job: Path, field: str) -> int | None:
+    """Tokens in a local tokenizer.json (its vocabulary and added tokens); None where there is no
+    such file to read (the hub, a SentencePiece model alone)."""
+    tokenizer = tokenizer_json_files(source, job, field).get("tokenizer.json")
+    if not isinstance(tokenizer, dict):
+        return None
+    model = tokenizer.get("model") or {}
+    vocab = model.get("vocab")
+    ids = list(vocab.values()) if isinstance(vocab, dict) else []
+    if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+        ids = list(range(len(vocab)))
+    ids += [t.get("id", 0) for t in tokenizer.get("added_tokens") or [] if isinstance(t, dict)]
+    ids = [i for i in ids if isinstance(i, int)]
+    return max(ids) + 1 if ids else None
 
 
 def special_token(files: dict[str, object], name: str) -> str | None:

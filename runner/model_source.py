@@ -17,7 +17,8 @@ import transformers
 
 from runner import model_checks
 from runner.fields import SpecError
-from runner.job import ModelSource
+from runner.gguf_files import read_gguf
+from runner.job import JobSpec, ModelSource
 
 
 def read_config(source: ModelSource, job: Path, field: str = "model"):
@@ -59,6 +60,8 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
 def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
     """The model's config as a dict. A local model's is its config.json, read without importing
     transformers (and torch): planning stays quick."""
+    if source.gguf is not None:
+        return gguf_config(source, job, field)
     folder = model_checks.local_folder(source, job, field)
     if folder is None:
         return read_config(source, job, field).to_dict()  # inline configs, the hub
@@ -84,6 +87,34 @@ def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
             "a model's config.json is one JSON object of the model's settings",
         )
     return config
+
+
+def gguf_config(source: ModelSource, job: Path, field: str) -> dict:
+    """A GGUF's config as transformers reads it, with the causal-LM architecture transformers
+    builds from it: a GGUF holds a causal LM."""
+    config = dict(read_gguf(source, job, field).config)
+    names = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if config.get("model_type") in names:
+        config["architectures"] = [names[config["model_type"]]]
+    return config
+
+
+def check_gguf_tokenizer(spec: JobSpec, job: Path) -> None:
+    """A job's own tokenizer for a GGUF model must have the file's vocabulary: another gives ids
+    the embedding rows do not mean."""
+    if spec.model.gguf is None or spec.tokenizer is None:
+        return
+    gguf = read_gguf(spec.model, job)
+    size = model_checks.tokenizer_size(spec.tokenizer, job, "tokenizer")
+    if size is not None and size != gguf.vocabulary:
+        raise SpecError(
+            job,
+            "tokenizer",
+            f"{spec.tokenizer.describe()}: {size:,} tokens",
+            f"the GGUF model's tokenizer has {gguf.vocabulary:,} tokens "
+            f"({spec.model.describe()}): name a tokenizer of the same vocabulary, or leave "
+            "tokenizer: out to use the file's own",
+        )
 
 
 def check_tokenizer_files(source: ModelSource, job: Path, field: str) -> None:

@@ -19,6 +19,7 @@ import torch
 import transformers
 from transformers.utils import logging as hf_logging
 
+from runner.gguf_files import GgufFile, read_gguf
 from runner.job import JobSpec, ModelSource
 from runner.model_cache import (
     cache_root,
@@ -75,7 +76,7 @@ def quiet_libraries() -> None:
     logging.getLogger("torch.utils._pytree").addFilter(_PYTREE_ENUM_NOTICE)
 
 
-def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
+def prepare_model(spec: JobSpec, say=lambda line: None) -> tuple[Path, dict]:
     """The job's FP32 checkpoint and tokenizer in the cache; (folder, its description). Cached by
     content."""
     key, commit = model_key(spec), hub_commit(spec.model)
@@ -88,27 +89,28 @@ def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
     started = time.perf_counter()
     torch.manual_seed(spec.seed)
     model_class = getattr(transformers, TASKS[spec.task].model_class)
-    if spec.model.config is not None:
+    gguf = read_gguf(spec.model, spec.file) if spec.model.gguf is not None else None
+    if gguf is not None:
+        say(f"model: dequantizing {spec.model.describe()} to FP32, once (then cached)")
+        model, newly_initialised = dequantized_gguf(gguf, model_class), []
+    elif spec.model.config is not None:
         model = model_class.from_config(read_config(spec.model, spec.file))
         newly_initialised = ["all weights (inline architecture)"]
     else:
         model, loading = model_class.from_pretrained(
-            pretrained_name(spec.model),
+            pretrained_name(spec.model, spec.file),
             revision=commit or spec.model.revision,  # the weights the key names
             dtype=torch.float32,
             output_loading_info=True,
         )
         newly_initialised = sorted(loading.get("missing_keys", []))
-    tokenizer_source = spec.tokenizer or spec.model
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        pretrained_name(tokenizer_source),
-        revision=hub_commit(tokenizer_source) or tokenizer_source.revision,
-    )
+    tokenizer = load_tokenizer(spec, gguf)
     info = {
         "key": key,
         "source": spec.model.describe(),
         **({"commit": commit} if spec.model.hub else {}),
-        "tokenizer": tokenizer_source.describe(),
+        **({"gguf": gguf.record()} if gguf else {}),
+        "tokenizer": (spec.tokenizer or spec.model).describe(),
         "seed": spec.seed,
         "newly_initialised": newly_initialised,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -117,3 +119,30 @@ def prepare_model(spec: JobSpec) -> tuple[Path, dict]:
     save_folder(key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     info["prepare_s"] = round(time.perf_counter() - started, 3)
     return cache_root() / "models" / key, {**info, "cached": False}
+
+
+def dequantized_gguf(gguf: GgufFile, model_class):
+    """The GGUF's weights dequantized to FP32, in a plain model: transformers marks a model loaded
+    from a GGUF as quantized and refuses to save it, so its weights move into one built from the
+    same config without the mark."""
+    loaded = model_class.from_pretrained(
+        str(gguf.path.parent), gguf_file=gguf.path.name, dtype=torch.float32
+    )
+    config = loaded.config
+    del config.quantization_config
+    model = model_class.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    return model
+
+
+def load_tokenizer(spec: JobSpec, gguf: GgufFile | None):
+    """The job's tokenizer, else the model's own (a GGUF's from the file)."""
+    if spec.tokenizer is None and gguf is not None:
+        return transformers.AutoTokenizer.from_pretrained(
+            str(gguf.path.parent), gguf_file=gguf.path.name
+        )
+    source = spec.tokenizer or spec.model
+    return transformers.AutoTokenizer.from_pretrained(
+        pretrained_name(source, spec.file), revision=hub_commit(source) or source.revision
+    )

@@ -122,6 +122,7 @@ def check_model_files(spec: JobSpec, shown: Path, config: dict) -> None:
     else:
         model_source.check_tokenizer_files(spec.model, shown, "model")
     model_checks.check_weight_files(spec.model, shown)
+    model_source.check_gguf_tokenizer(spec, shown)
 
 
 def sample_notes(

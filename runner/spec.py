@@ -23,6 +23,8 @@ from runner.job import (
     GROUPINGS,
     DatasetSpec,
     EvaluationSpec,
+    FileRef,
+    FileSource,
     FinetuneSpec,
     JobSpec,
     ModelSource,
@@ -341,8 +343,12 @@ def _resolve(file: Path, value: str) -> Path:
     return path if path.is_absolute() else (file.parent / path).resolve()
 
 
+MODEL_KINDS = ("hub", "path", "package", "gguf", "archive", "config")
+TOKENIZER_KINDS = ("hub", "path", "package")
+
+
 def _model_source(file: Path, shown: Path, reader: Reader, allow_config: bool) -> ModelSource:
-    kinds = ("hub", "path", "package", "config") if allow_config else ("hub", "path", "package")
+    kinds = MODEL_KINDS if allow_config else TOKENIZER_KINDS
     reader.check_keys(kinds + ("revision",))
     given = [k for k in kinds if reader.data.get(k) is not None]
     if len(given) != 1:
@@ -360,6 +366,8 @@ def _model_source(file: Path, shown: Path, reader: Reader, allow_config: bool) -
                 "an inline config needs model_type (e.g. bert) and that architecture's fields",
             )
         return ModelSource(config=config)
+    if kind in ("gguf", "archive"):
+        return ModelSource(**{kind: _file_source(file, shown, reader, kind)})
     value = reader.get(kind, str)
     if kind == "path":
         path = _resolve(file, value)
@@ -369,6 +377,43 @@ def _model_source(file: Path, shown: Path, reader: Reader, allow_config: bool) -
     if kind == "package":
         return ModelSource(package=value)
     return ModelSource(hub=value, revision=reader.get("revision", str))
+
+
+FILE_FORMS = (
+    "a file (a path, or {package: pkg/sub/file}), or {chunks: [files...], sha256: ...} for a "
+    "file split in chunks"
+)
+
+
+def _file_source(file: Path, shown: Path, reader: Reader, key: str) -> FileSource:
+    """gguf: / archive: a file, whole or in chunks: `x.gguf`, `{package: pkg/x.gguf}` or
+    `{chunks: [...], sha256: ...}`. Whether the files are there is checked by plan.py."""
+    value = reader.data[key]
+    if isinstance(value, dict) and "chunks" in value:
+        inner = reader.sub(key)
+        inner.check_keys(("chunks", "sha256"))
+        chunks = inner.get("chunks", list)
+        if not chunks:
+            raise inner.error("chunks", chunks, "one file or more, joined in this order")
+        refs = tuple(
+            _file_ref(file, shown, c, inner.field(f"chunks[{i}]")) for i, c in enumerate(chunks)
+        )
+        sha256 = inner.get("sha256", str)
+        if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+            raise inner.error("sha256", sha256, "64 hexadecimal digits (sha256sum's output)")
+        return FileSource(refs, sha256.lower() if sha256 else None)
+    return FileSource((_file_ref(file, shown, value, reader.field(key)),))
+
+
+def _file_ref(file: Path, shown: Path, value, where: str) -> FileRef:
+    if isinstance(value, str) and value:
+        path = _resolve(file, value)
+        if not path.is_file():
+            raise SpecError(shown, where, value, no_such(f"no such file ({path})"))
+        return FileRef(path=path)
+    if isinstance(value, dict) and set(value) == {"package"} and isinstance(value["package"], str):
+        return FileRef(package=value["package"])
+    raise SpecError(shown, where, value, f"expected {FILE_FORMS}")
 
 
 SOURCE_FIELDS = ("format", "path", "files", "header", "text_column", "label_column")

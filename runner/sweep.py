@@ -476,7 +476,7 @@ def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:
     """The job's FP32 checkpoint, from the cache or made now; a model that cannot be loaded is the
     job's mistake (exit 2), as validation would have said if it could read weights."""
     try:
-        model_dir, model_info = models.prepare_model(plan.spec)
+        model_dir, model_info = models.prepare_model(plan.spec, say)
     except Exception as error:
         raise SpecError(
             plan.spec.file,

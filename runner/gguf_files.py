@@ -1,0 +1,161 @@
+"""GGUF files (llama.cpp's format) as a model source: checked and described from their header at
+validation; runner/models.py dequantizes the weights to FP32 once, into the model cache.
+
+A GGUF holds a model already quantized (SmolLM2-135M's as Q4_1, Gemma-3-270M's as Q4_K_M): the
+FP32 baseline made from one carries that rounding. Every result records the file's types per
+tensor kind, so collect and report can say that an error below that floor cannot be told from the
+original model's. transformers reads the header (and later the weights) with the `gguf` package.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGUFReader
+
+from runner.fields import SpecError
+from runner.job import ModelSource
+from runner.model_files import checked_sha256, joined_file
+
+MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class GgufFile:
+    name: str  # as the job names it
+    path: Path  # the whole file (chunks joined in the cache)
+    sha256: str
+    architecture: str  # llama.cpp's name: llama, gemma3, qwen2, ...
+    config: dict  # the transformers config fields transformers reads from the header
+    vocabulary: int  # tokens in the file's tokenizer
+    types: dict[str, dict[str, int]]  # tensor kind (attn_q, ffn_down, token_embd) -> type -> count
+    license: str | None
+
+    @property
+    def lowest_bits(self) -> int:
+        """The fewest bits of any matrix's type: 4 for a Q4_1 or Q4_K_M file."""
+        return min(type_bits(t) for kind in self.types.values() for t in kind)
+
+    def weights_summary(self) -> str:
+        """'Q4_1 (attn_k, attn_output, ...), Q8_0 (token_embd)': each type and its tensor kinds."""
+        kinds_of: dict[str, list[str]] = {}
+        for kind, types in self.types.items():
+            for name in types:
+                kinds_of.setdefault(name, []).append(kind)
+        return ", ".join(f"{name} ({', '.join(kinds)})" for name, kinds in kinds_of.items())
+
+    def record(self) -> dict:
+        """What every result keeps of the file (its `model.gguf`)."""
+        return {
+            "file": self.name,
+            "sha256": self.sha256,
+            "architecture": self.architecture,
+            "license": self.license,
+            "types": self.types,
+            "lowest_bits": self.lowest_bits,
+            "dequantized": self.lowest_bits < 32,
+        }
+
+
+def type_bits(name: str) -> int:
+    """The nominal bits per weight of a GGML type's name: Q4_K 4, IQ2_XS 2, Q8_0 8, BF16 16."""
+    found = re.match(r"^(?:I|T)?Q(\d)", name) or re.match(r"^B?F(\d+)", name)
+    return int(found.group(1)) if found else 32
+
+
+def tensor_kind(name: str) -> str:
+    """'blk.3.ffn_down.weight' -> 'ffn_down'; 'token_embd.weight' -> 'token_embd'."""
+    parts = name.split(".")
+    return parts[2] if parts[0] == "blk" and len(parts) > 3 else parts[0]
+
+
+_READ: dict[str, GgufFile] = {}
+
+
+def read_gguf(source: ModelSource, job: Path, field: str = "model") -> GgufFile:
+    """The checked GGUF of a source: the file is there (its chunks too, with their sha256), it is a
+    whole GGUF, and transformers reads its architecture. Else the SpecError saying which."""
+    where = f"{field}.gguf"
+    sha256 = checked_sha256(source.gguf, job, where)
+    if sha256 not in _READ:
+        path = joined_file(source.gguf, job, where, ".gguf")
+        reader = _open(path, job, where)
+        _READ[sha256] = GgufFile(
+            name=source.gguf.describe(),
+            path=path,
+            sha256=sha256,
+            architecture=_field(reader, "general.architecture") or "?",
+            config=_config(path, job, where),
+            vocabulary=len(reader.fields["tokenizer.ggml.tokens"].data)
+            if "tokenizer.ggml.tokens" in reader.fields
+            else 0,
+            types=_types(reader),
+            license=_field(reader, "general.license"),
+        )
+    return _READ[sha256]
+
+
+def _open(path: Path, job: Path, where: str) -> GGUFReader:
+    with path.open("rb") as handle:
+        start = handle.read(4)
+    if start != MAGIC:
+        raise SpecError(
+            job, where, str(path), f"not a GGUF file: it starts with {start!r}, not {MAGIC!r}"
+        )
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as error:  # its header runs past the file's end
+        raise SpecError(
+            job,
+            where,
+            str(path),
+            f"the GGUF is truncated or damaged ({path.stat().st_size:,} bytes; the reader said: "
+            f"{error}); copy or download it again",
+        ) from None
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > path.stat().st_size:
+        raise SpecError(
+            job,
+            where,
+            str(path),
+            f"the GGUF is truncated: its tensors end at byte {end:,}, the file has "
+            f"{path.stat().st_size:,}; copy or download it again",
+        )
+    return reader
+
+
+def _config(path: Path, job: Path, where: str) -> dict:
+    """transformers' reading of the header: the model's config fields; refuses an architecture it
+    cannot build."""
+    # Imported here, as cli.py imports for start-up: this module imports torch, which validating
+    # a job of any other model source does not need (a second).
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        return dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+    except (ValueError, KeyError, NotImplementedError) as error:
+        raise SpecError(
+            job,
+            where,
+            str(path),
+            f"transformers cannot read this GGUF: {str(error).splitlines()[0]}",
+        ) from None
+
+
+def _field(reader: GGUFReader, name: str) -> str | None:
+    found = reader.fields.get(name)
+    if found is None or not found.data:
+        return None
+    return bytes(found.parts[found.data[0]]).decode("utf-8", errors="replace")
+
+
+def _types(reader: GGUFReader) -> dict[str, dict[str, int]]:
+    """The quantization types of the matrices (one-dimensional norms and biases stay F32)."""
+    counts: dict[str, Counter] = {}
+    for tensor in reader.tensors:
+        if len(tensor.shape) >= 2:
+            counts.setdefault(tensor_kind(tensor.name), Counter())[tensor.tensor_type.name] += 1
+    return {kind: dict(found.most_common()) for kind, found in counts.items()}
