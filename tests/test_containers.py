@@ -192,7 +192,7 @@ def test_submitter_mounts_results_jobs_and_data(services):
     assert Path(results["source"]) == ROOT / "results" and not results.get("read_only")
     jobs = mounts["/workspace/main/jobs"]
     assert Path(jobs["source"]) == ROOT / "jobs" and jobs["read_only"]
-    tokenizers = mounts["/workspace/main/tokenizers"]  # jobs/demo-lm.yaml's ../tokenizers/...
+    tokenizers = mounts["/workspace/main/tokenizers"]  # jobs/toy-lm.yaml's ../tokenizers/...
     assert Path(tokenizers["source"]) == ROOT / "tokenizers" and tokenizers["read_only"]
     data = mounts["/workspace/shared/data"]
     assert Path(data["source"]) == ROOT.parent / "shared" / "data"

@@ -196,7 +196,7 @@ def test_the_shipped_tokenizer_is_what_its_script_builds():
 
 
 def test_the_demo_job_plans_offline_with_its_shipped_tokenizer():
-    plan = plan_job(REPO / "jobs" / "demo-lm.yaml")  # the tokenizer's vocabulary fits the model's
+    plan = plan_job(REPO / "jobs" / "toy-lm.yaml")  # the tokenizer's vocabulary fits the model's
     assert plan.spec.model.config["vocab_size"] == BPE_SCRIPT.VOCAB_SIZE
     assert len(plan.examples) == 800 and len(plan.train_examples) == 10662 - 800
     assert plan.targets.config.perplexity.context == 64
