@@ -1,6 +1,6 @@
 """What a variant's process reads of its machine through torch: the peak memory of each phase of
-its work, the device's clock synchronizer, the size of a model's state dict, and the environment a
-number was measured in.
+its work, the device's clock synchronizer, the size of a model's state dict (and whether quantizing
+untied its output layer from its embedding), and the environment a number was measured in.
 
 The torch half of measuring (runner/measure.py holds the statistics and the clock, which the driver
 and collect read without torch). Runs where the variant runs.
@@ -14,6 +14,7 @@ import platform
 import re
 import socket
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
@@ -85,10 +86,56 @@ class MemoryPhases:
 
 
 def model_size_mib(model) -> float:
-    """Bytes of torch.save(model.state_dict()) / 2^20: what the published study measured."""
+    """Bytes of torch.save(model.state_dict()) / 2^20: what the published study measured.
+    torch.save writes a storage that several tensors share once, so a tied embedding and output
+    layer count once."""
+    return round(saved_bytes(model.state_dict()) / 2**20, 4)
+
+
+def saved_bytes(state: dict) -> int:
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return round(buffer.tell() / 2**20, 4)
+    torch.save(state, buffer)
+    return buffer.tell()
+
+
+@dataclass(frozen=True)
+class UntiedOutput:
+    """A tied output layer that quantization gave a weight of its own."""
+
+    output_layer: str  # its module name: lm_head
+    embedding: str  # the input embedding it was tied to: model.embed_tokens
+    mib: float  # what its own copy adds to model_size_mib
+
+    def warning(self) -> str:
+        return (
+            f"quantization untied the output layer from the embedding (+{self.mib:.4g} MiB): "
+            f"{self.output_layer} holds a quantized copy of its own, {self.embedding} the "
+            "weight as loaded"
+        )
+
+
+def untied_output(model) -> UntiedOutput | None:
+    """Where the checkpoint ties its output layer to its input embedding but the model's output
+    layer no longer computes with that same weight (torch.ao's int8-dynamic and torchao swap in
+    a quantized copy; bitsandbytes and the casts keep the tie): the layers and what the copy adds
+    to the size. None for an untied checkpoint or a tie that holds."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()  # a multimodal config keeps the tie in its text part
+    if not getattr(config, "tie_word_embeddings", False):
+        return None
+    try:
+        embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    except NotImplementedError:  # a model transformers finds no embedding in
+        return None
+    if embedding is None or output is None or getattr(output, "weight", None) is embedding.weight:
+        return None
+    names = {module: name for name, module in model.named_modules()}
+    output_name = names[output]
+    state = model.state_dict()
+    without = {key: v for key, v in state.items() if not key.startswith(output_name + ".")}
+    mib = (saved_bytes(state) - saved_bytes(without)) / 2**20
+    return UntiedOutput(output_name, names[embedding], round(mib, 4))
 
 
 def synchronizer(device: str):

@@ -168,6 +168,9 @@ class Metrics(Record):
     others, in the order they were measured."""
 
     model_size_mib: float | None = None
+    # What an output layer's own copy adds to model_size_mib where quantization untied it from
+    # the input embedding the checkpoint ties it to; absent otherwise (runner/machine.py).
+    untied_output_mib: float | None = None
     latency_ms: Latency | None = None
     throughput_sps: float | None = None
     peak_rss_mib: float | None = None

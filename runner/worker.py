@@ -159,6 +159,7 @@ def _run(work: VariantWork, result: Result, torch) -> None:
     memory = ReportedPhases(work.variant.device)
     loaded = load_variant(work, memory, threads)
     size_mib = machine.model_size_mib(loaded.model)
+    untied = machine.untied_output(loaded.model)  # None: no tie, or the tie holds
     batches, order, fixed = kind.batches(work)
     compiled = compile_model(work, loaded.model, batches[0] if fixed is None else fixed, memory)
     with memory.phase("evaluate"):
@@ -180,10 +181,11 @@ def _run(work: VariantWork, result: Result, torch) -> None:
     scored = kind.score(work, answers)
     scored = kind.measure_more(work, loaded.model, batches, memory, scored)  # on the eager model
     result.metrics = Metrics.from_json(
-        measured_metrics(size_mib, scored.metrics, timings, memory, loaded, compiled),
+        measured_metrics(size_mib, scored.metrics, timings, memory, loaded, compiled, untied),
         tuple(work.task.metric_hints()),
     )
-    extra = [analysis_warning, timings.timing_lock_warning, *compile_warnings(compiled, timings)]
+    extra = [untied.warning() if untied else None, analysis_warning, timings.timing_lock_warning]
+    extra += compile_warnings(compiled, timings)
     extra.append(measure.noisy_warning(result.metrics.latency.to_json()))
     result.warnings = scored.warnings + [warning for warning in extra if warning]
     result.settings = recorded_settings(work, loaded.settings, compiled)
@@ -361,10 +363,11 @@ def weight_analysis(model, work: VariantWork, batches, memory, result: Result) -
 
 
 def measured_metrics(
-    size_mib, task_metrics: dict, timings, memory, loaded: LoadedVariant, compiled=None
+    size_mib, task_metrics: dict, timings, memory, loaded: LoadedVariant, compiled=None, untied=None
 ) -> dict:
-    """result["metrics"]: size, the task's metrics, latency, throughput, memory, load times (and a
-    compiled variant's compile time and graphs)."""
+    """result["metrics"]: size (and what an untied output layer's copy adds to it), the task's
+    metrics, latency, throughput, memory, load times (and a compiled variant's compile time and
+    graphs)."""
     noise_cv, repeated = timings.noise_cv()
     latency = {
         **measure.latency_stats(timings.seconds),
@@ -378,6 +381,7 @@ def measured_metrics(
     timed_total = sum(timings.seconds)
     metrics = {
         "model_size_mib": size_mib,
+        **({"untied_output_mib": untied.mib} if untied else {}),
         **task_metrics,
         "latency_ms": latency,
         "throughput_sps": round(timings.samples / timed_total, 3) if timed_total else None,

@@ -95,6 +95,20 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_tied_llama(folder: Path, seed: int = 0) -> Path:
+    """build_tiny_llama's Llama with its output layer tied to its input embedding
+    (tie_word_embeddings), as SmolLM2 and Gemma 3 ship theirs."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    build_tiny_llama(folder, seed)
+    config = LlamaConfig.from_pretrained(folder)
+    config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def load(folder: Path):
     """(model in eval mode, float32, on the CPU; its tokenizer)."""
     import torch

@@ -202,7 +202,12 @@ def test_a_run_writes_the_causal_lm_results(capsys, tmp_path, llama, ray_temp_di
     for variant in ("fp32-cpu", "int8-dynamic-cpu"):
         written = json.loads((results / "tiny-lm" / f"{variant}.json").read_text())
         assert written["status"] == "ok" and written["spec"]["task"] == "causal-lm"
-        assert written["settings"]["perplexity"] == {"context": 16, "stride": 8, "kl_top_k": 8}
+        assert written["settings"]["perplexity"] == {
+            "context": 16,
+            "stride": 8,
+            "kl_top_k": 8,
+            "prefix": "<s>",  # the tokenizer's BOS, resolved
+        }
 
 
 # ---------------------------------------------------------------------------------------------

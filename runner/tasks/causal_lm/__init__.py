@@ -70,7 +70,8 @@ class CausalLM(Task):
         windows fit the model."""
         tokenizer_source = spec.tokenizer or spec.model
         field = "tokenizer" if spec.tokenizer else "model"
-        config.check_prefix_token(tokenizer_source, job, field)
+        named = spec.task_config.perplexity.prefix
+        prefix = config.check_prefix_token(tokenizer_source, job, field, named)
         config.check_vocabulary_fits(model_config, tokenizer_source, job, field)
         if not any(e.text.strip() for e in examples):
             raise SpecError(
@@ -80,7 +81,7 @@ class CausalLM(Task):
                 f"every one of the {len(examples)} documents of the evaluation sample is empty: "
                 "there is no token to score; name the column that holds the text",
             )
-        settings = config.resolved(spec.task_config, model_config, job)
+        settings = config.resolved(spec.task_config, model_config, job, prefix)
         return Targets(settings, plan_notes(settings))
 
     def recorded(self, settings: config.CausalLMSettings) -> dict:
@@ -122,6 +123,8 @@ def plan_notes(settings: config.CausalLMSettings) -> list[str]:
     window, generation = settings.perplexity, settings.generation
     kl = f"from FP32 over its top {window.kl_top_k} tokens" if window.kl_top_k else "not measured"
     rolling = f"rolling windows of {window.context} tokens, stride {window.stride}"
+    if window.prefix is not None:
+        rolling += f", each document after {window.prefix}"
     notes = [f"perplexity: {rolling}; KL {kl}"]
     if generation is not None:
         notes.append(

@@ -64,6 +64,9 @@ class PerplexitySettings:
     context: int | None = None  # tokens a window reads; None: the model's, at most 2048
     stride: int | None = None  # tokens each later window scores; None: the context
     kl_top_k: int = 32  # FP32's most probable tokens the KL keeps apart; 0: no KL
+    # The token put before each document so that its first token is scored, as the vocabulary
+    # writes it; None: the tokenizer's BOS, else its EOS (resolved by the plan or the worker).
+    prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,15 +83,33 @@ def read_settings(top) -> CausalLMSettings:
     reader = top.sub("perplexity")
     found = {} if reader is None else reader.data
     if reader is not None:
-        reader.check_keys(("context", "stride", "kl_top_k"))
+        reader.check_keys(("context", "stride", "kl_top_k", "prefix"))
         reader.positive_int("context", None, minimum=2)
         reader.positive_int("stride", None)
         reader.positive_int("kl_top_k", 32, minimum=0)
+        read_prefix(reader)
     window = PerplexitySettings(**found)
     if window.context is not None and window.stride is not None and window.stride > window.context:
         allowed = f"at most the context ({window.context}): 1 to {window.context}"
         raise reader.error("stride", window.stride, allowed)
     return CausalLMSettings(window, read_generation(top))
+
+
+def read_prefix(reader) -> None:
+    """A named prefix is one token, as a string; null (no prefix) is refused: the document's first
+    token would go unscored, and bits_per_byte would still count its bytes."""
+    if "prefix" not in reader.data:
+        return
+    prefix = reader.data["prefix"]
+    if prefix is None or (isinstance(prefix, str) and not prefix):
+        raise reader.error(
+            "prefix",
+            prefix,
+            'a token of the tokenizer, as its vocabulary writes it (e.g. "<|endoftext|>"), or '
+            "the field left out for the tokenizer's BOS, else its EOS; null (no prefix) is "
+            "refused: every document's first token is scored",
+        )
+    reader.get("prefix", str)
 
 
 def read_generation(top) -> GenerationSettings | None:
@@ -122,8 +143,11 @@ def model_positions(config: dict) -> int | None:
     return None
 
 
-def resolved(settings: CausalLMSettings, config: dict, shown: Path) -> CausalLMSettings:
-    """The settings with the context and stride filled in, checked against the model."""
+def resolved(
+    settings: CausalLMSettings, config: dict, shown: Path, prefix: str | None = None
+) -> CausalLMSettings:
+    """The settings with the context and stride filled in, checked against the model; prefix: the
+    one check_prefix_token resolved (None: the worker resolves it)."""
     positions = model_positions(config)
     window = settings.perplexity
     context = window.context or min(positions or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
@@ -143,23 +167,71 @@ def resolved(settings: CausalLMSettings, config: dict, shown: Path) -> CausalLMS
                 generation.new_tokens,
                 f"prompt_length + new_tokens is {total}: {allowed}",
             )
-    return CausalLMSettings(PerplexitySettings(context, stride, window.kl_top_k), generation)
-
-
-def check_prefix_token(source: ModelSource, job: Path, field: str) -> None:
-    """Perplexity puts a BOS (else EOS) token before each document so that its first token is
-    scored: a local tokenizer must have one. A hub tokenizer's files are not read offline."""
-    files = model_checks.tokenizer_json_files(source, job, field)
-    if not files or any(model_checks.special_token(files, t) for t in ("bos_token", "eos_token")):
-        return
-    raise SpecError(
-        job,
-        field,
-        source.describe(),
-        "the tokenizer has neither a BOS nor an EOS token (bos_token, eos_token in "
-        "tokenizer_config.json): perplexity puts one before each document so that its first "
-        "token is scored; name a tokenizer that has one",
+    return CausalLMSettings(
+        PerplexitySettings(context, stride, window.kl_top_k, prefix or window.prefix), generation
     )
+
+
+def check_prefix_token(
+    source: ModelSource, job: Path, field: str, prefix: str | None
+) -> str | None:
+    """The token perplexity puts before each document so that its first token is scored: the
+    job's perplexity.prefix, else the tokenizer's BOS, else its EOS. A local tokenizer must have
+    it as one token of its vocabulary. None where the tokenizer's files are not read here (the
+    hub): the worker resolves and checks it as it loads the tokenizer."""
+    files = model_checks.tokenizer_json_files(source, job, field)
+    if not files:
+        return prefix
+    if prefix is None:
+        found = [model_checks.special_token(files, t) for t in ("bos_token", "eos_token")]
+        prefix = next((token for token in found if token), None)
+        if prefix is None:
+            raise SpecError(
+                job,
+                field,
+                source.describe(),
+                "the tokenizer has neither a BOS nor an EOS token (bos_token, eos_token in "
+                "tokenizer_config.json): perplexity puts one before each document so that its "
+                "first token is scored; name one of its tokens in perplexity.prefix, or a "
+                "tokenizer that has one",
+            )
+        return prefix
+    tokens = vocabulary_tokens(files.get("tokenizer.json"))
+    if tokens is not None and prefix not in tokens:
+        raise SpecError(
+            job,
+            "perplexity.prefix",
+            prefix,
+            f"the tokenizer of {source.describe()} has no such token; allowed: one token of its "
+            f"vocabulary, as the vocabulary writes it, e.g. its special tokens: "
+            f"{', '.join(special_tokens(files.get('tokenizer.json')))}",
+        )
+    return prefix
+
+
+def vocabulary_tokens(tokenizer) -> set[str] | None:
+    """Every token string of a tokenizer.json (its model's vocabulary and its added tokens); None
+    where the file is not there or not of a shape read here."""
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("model"), dict):
+        return None
+    vocab = tokenizer["model"].get("vocab")
+    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: token -> id
+        tokens = set(vocab)
+    elif isinstance(vocab, list):  # Unigram: [token, score] pairs
+        tokens = {entry[0] for entry in vocab if isinstance(entry, list) and entry}
+    else:
+        return None
+    added = tokenizer.get("added_tokens") or []
+    return tokens | {t.get("content") for t in added if isinstance(t, dict)}
+
+
+def special_tokens(tokenizer) -> list[str]:
+    """A tokenizer.json's special added tokens, in id order, at most 12 of them."""
+    added = (tokenizer.get("added_tokens") if isinstance(tokenizer, dict) else None) or []
+    tokens = [t["content"] for t in added if isinstance(t, dict) and t.get("special")]
+    if not tokens:
+        return ["(none)"]
+    return tokens[:12] + (["..."] if len(tokens) > 12 else [])
 
 
 def check_vocabulary_fits(config: dict, source: ModelSource, job: Path, field: str) -> None:

@@ -1,16 +1,17 @@
 """Perplexity by rolling windows, the way lm-evaluation-harness's `loglikelihood_rolling` scores a
 document; see docs/causal-lm.md.
 
-A document is tokenized without special tokens and a prefix token (the tokenizer's BOS, else its
-EOS) is put before it, so that its first token is predicted too. It is cut into windows of at most
-`context` input tokens. The first window scores the first min(context, n) tokens; every later
-window scores the next `stride` tokens (fewer at the end) and reads the `context` tokens before
-its last one, so each token is scored exactly once. In lm-eval's terms (`get_rolling_token_windows`
-and `make_disjoint_window`): max_seq_len = context and context_len = context - stride + 1, the
-tokens the first scored token of a later window is conditioned on. stride == context is lm-eval's
-own choice (context_len=1): windows that score disjoint runs of tokens and overlap by one input
-token; a smaller stride gives every token of a later window at least context - stride + 1 tokens
-of context, at the price of context / stride forward passes per `context` tokens.
+A document is tokenized without special tokens and a prefix token (the job's perplexity.prefix,
+else the tokenizer's BOS, else its EOS) is put before it, so that its first token is predicted too.
+It is cut into windows of at most `context` input tokens. The first window scores the first
+min(context, n) tokens; every later window scores the next `stride` tokens (fewer at the end) and
+reads the `context` tokens before its last one, so each token is scored exactly once. In lm-eval's
+terms (`get_rolling_token_windows` and `make_disjoint_window`): max_seq_len = context and
+context_len = context - stride + 1, the tokens the first scored token of a later window is
+conditioned on. stride == context is lm-eval's own choice (context_len=1): windows that score
+disjoint runs of tokens and overlap by one input token; a smaller stride gives every token of a
+later window at least context - stride + 1 tokens of context, at the price of context / stride
+forward passes per `context` tokens.
 """
 
 from __future__ import annotations
@@ -70,15 +71,32 @@ def check_window_settings(context: int, stride: int) -> None:
         )
 
 
-def prefix_token_id(tokenizer) -> int:
-    """The token put before each document so that its first token is scored: BOS, else EOS."""
+def prefix_token_id(tokenizer, prefix: str | None = None) -> int:
+    """The token put before each document so that its first token is scored: prefix (a token of
+    the vocabulary, as it writes it: a job's perplexity.prefix), else BOS, else EOS."""
+    if prefix is not None:
+        return named_token_id(tokenizer, prefix)
     for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return token_id
     raise ValueError(
         f"the tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '')!r}) "
         "has neither a BOS nor an EOS token: nothing can stand before a document so that its "
-        "first token is scored; allowed: a tokenizer with bos_token or eos_token set"
+        "first token is scored; allowed: a tokenizer with bos_token or eos_token set, or a "
+        "token of it named in perplexity.prefix"
+    )
+
+
+def named_token_id(tokenizer, token: str) -> int:
+    """The id of one token of the vocabulary (added tokens included), named as it writes it."""
+    vocabulary = tokenizer.get_vocab()
+    if token in vocabulary:
+        return vocabulary[token]
+    specials = ", ".join(tokenizer.all_special_tokens) or "(none)"
+    raise ValueError(
+        f"perplexity.prefix is {token!r}: the tokenizer ({type(tokenizer).__name__}, "
+        f"{getattr(tokenizer, 'name_or_path', '')!r}) has no such token; allowed: one token "
+        f"of its vocabulary, as the vocabulary writes it, e.g. its special tokens: {specials}"
     )
 
 
@@ -108,14 +126,15 @@ def rolling_windows(
 
 
 def document_windows(
-    tokenizer, documents: Sequence[str], context: int, stride: int
+    tokenizer, documents: Sequence[str], context: int, stride: int, prefix: str | None = None
 ) -> list[Window]:
-    """Every document's windows, in document order. Windows hold about n * context / stride token
-    ids in all for n document tokens: keep the stride near the context for long corpora."""
+    """Every document's windows, in document order, each document after the prefix token
+    (prefix_token_id). Windows hold about n * context / stride token ids in all for n document
+    tokens: keep the stride near the context for long corpora."""
     check_window_settings(context, stride)
     if len(documents) == 0:
         raise ValueError("no documents to score: the list is empty; allowed: one or more texts")
-    prefix_id = prefix_token_id(tokenizer)
+    prefix_id = prefix_token_id(tokenizer, prefix)
     # Without special tokens: the prefix token is the only one added, as in lm-eval.
     encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
     windows = [

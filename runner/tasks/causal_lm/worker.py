@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -41,8 +42,10 @@ class CausalLMWorker(TaskWorker):
     """work.task_config: the plan's config.CausalLMSettings, resolved against the model."""
 
     def batches(self, work) -> tuple[list[dict], list[int], dict | None]:
-        """The sample's window_batches; the fixed-shape batch of latency_mode fixed."""
+        """The sample's window_batches; the fixed-shape batch of latency_mode fixed. The prefix
+        token is resolved here, where the tokenizer is loaded, and the result records it."""
         tokenizer = load_tokenizer(work)
+        work.task_config = with_prefix_resolved(work.task_config, tokenizer)
         size, device = work.evaluation.batch_size, work.variant.device
         batches = window_batches(tokenizer, work.texts, work.task_config.perplexity, size, device)
         fixed = None
@@ -140,6 +143,15 @@ def load_tokenizer(work):
     return AutoTokenizer.from_pretrained(work.model_dir)
 
 
+def with_prefix_resolved(settings, tokenizer):
+    """The settings with perplexity.prefix the token really put before each document: the job's
+    (checked to be one token of this tokenizer), else its BOS, else its EOS. A hub tokenizer's
+    files are first read here: a prefix it lacks fails the variant, saying so."""
+    prefix_id = perplexity.prefix_token_id(tokenizer, settings.perplexity.prefix)
+    prefix = tokenizer.convert_ids_to_tokens(prefix_id)
+    return replace(settings, perplexity=replace(settings.perplexity, prefix=prefix))
+
+
 def pad_id(tokenizer) -> int:
     """Any id pads (pads follow the real tokens, masked): the tokenizer's, else the prefix."""
     if tokenizer.pad_token_id is not None:
@@ -149,7 +161,9 @@ def pad_id(tokenizer) -> int:
 
 def window_batches(tokenizer, texts, settings, size: int, device) -> list[WindowBatch]:
     """Every document's rolling windows, `size` windows to a forward pass, in window order."""
-    windows = perplexity.document_windows(tokenizer, texts, settings.context, settings.stride)
+    windows = perplexity.document_windows(
+        tokenizer, texts, settings.context, settings.stride, settings.prefix
+    )
     batches, padding = [], pad_id(tokenizer)
     for start in range(0, len(windows), size):
         some = windows[start : start + size]
