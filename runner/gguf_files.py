@@ -30,9 +30,25 @@ class GgufFile:
     sha256: str
     architecture: str  # llama.cpp's name: llama, gemma3, qwen2, ...
     config: dict  # the transformers config fields transformers reads from the header
-    vocabulary: int  # tokens in the file's tokenizer
+    tokens: tuple[str, ...]  # the file's tokenizer's vocabulary, in id order
+    special: dict[str, str]  # bos_token, eos_token: the tokens the header names
+    control: tuple[int, ...]  # the ids of control tokens (<|im_start|>, <bos>, ...)
     types: dict[str, dict[str, int]]  # tensor kind (attn_q, ffn_down, token_embd) -> type -> count
     license: str | None
+
+    @property
+    def vocabulary(self) -> int:
+        return len(self.tokens)
+
+    def tokenizer_files(self) -> dict[str, object]:
+        """The tokenizer as the JSON files of a saved one would say it (runner/model_checks.py
+        tokenizer_json_files): the checks of a tokenizer's tokens read a GGUF's the same way."""
+        vocab = {token: i for i, token in enumerate(self.tokens)}
+        added = [{"id": i, "content": self.tokens[i], "special": True} for i in self.control]
+        return {
+            "tokenizer.json": {"model": {"vocab": vocab}, "added_tokens": added},
+            "tokenizer_config.json": self.special,
+        }
 
     @property
     def lowest_bits(self) -> int:
@@ -89,9 +105,9 @@ def read_gguf(source: ModelSource, job: Path, field: str = "model") -> GgufFile:
             sha256=sha256,
             architecture=_field(reader, "general.architecture") or "?",
             config=_config(path, job, where),
-            vocabulary=len(reader.fields["tokenizer.ggml.tokens"].data)
-            if "tokenizer.ggml.tokens" in reader.fields
-            else 0,
+            tokens=_strings(reader, "tokenizer.ggml.tokens"),
+            special=_special_tokens(reader),
+            control=_control_ids(reader),
             types=_types(reader),
             license=_field(reader, "general.license"),
         )
@@ -150,6 +166,32 @@ def _field(reader: GGUFReader, name: str) -> str | None:
     if found is None or not found.data:
         return None
     return bytes(found.parts[found.data[0]]).decode("utf-8", errors="replace")
+
+
+def _strings(reader: GGUFReader, name: str) -> tuple[str, ...]:
+    found = reader.fields.get(name)
+    if found is None:
+        return ()
+    return tuple(bytes(found.parts[i]).decode("utf-8", errors="replace") for i in found.data)
+
+
+def _special_tokens(reader: GGUFReader) -> dict[str, str]:
+    tokens, special = _strings(reader, "tokenizer.ggml.tokens"), {}
+    for name in ("bos", "eos"):
+        found = reader.fields.get(f"tokenizer.ggml.{name}_token_id")
+        if found is not None and found.data and int(found.parts[found.data[0]][0]) < len(tokens):
+            special[f"{name}_token"] = tokens[int(found.parts[found.data[0]][0])]
+    return special
+
+
+CONTROL = 3  # llama.cpp's token type of a special (control) token
+
+
+def _control_ids(reader: GGUFReader) -> tuple[int, ...]:
+    found = reader.fields.get("tokenizer.ggml.token_type")
+    if found is None:
+        return ()
+    return tuple(n for n, i in enumerate(found.data) if int(found.parts[i][0]) == CONTROL)
 
 
 def _types(reader: GGUFReader) -> dict[str, dict[str, int]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from runner.fields import SpecError
+from runner.gguf_files import read_gguf
 from runner.job import ModelSource
 from runner.model_files import package_folder, unpacked_archive
 
@@ -195,7 +196,10 @@ def check_safetensors_headers(files: list[Path], job: Path, field: str) -> None:
 
 def tokenizer_json_files(source: ModelSource, job: Path, field: str) -> dict[str, object]:
     """The tokenizer's JSON files of a local folder, by name (tokenizer_config.json,
-    special_tokens_map.json, tokenizer.json), as read; {} for the hub or an unreadable file."""
+    special_tokens_map.json, tokenizer.json), as read; {} for the hub or an unreadable file. A
+    GGUF's tokenizer is in its header: its tokens and special tokens in the same shape."""
+    if source.gguf is not None:
+        return read_gguf(source, job, field).tokenizer_files()
     folder = local_folder(source, job, field)
     found = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
