@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from runner import folders
@@ -62,7 +63,9 @@ def chunk_paths(source: FileSource, job: Path, field: str) -> list[Path]:
         try:
             paths.append(ref_path(ref))
         except FileNotFoundError as error:
-            hint = "; install it first" if ref.package else ""
+            # A package that is installed but lacks the file is of another version, not absent.
+            absent = ref.package and importlib.util.find_spec(ref.package.split("/")[0]) is None
+            hint = "; install it first" if absent else ""
             raise SpecError(job, where, ref.describe(), f"{error}{hint}") from None
     return paths
 
@@ -84,13 +87,15 @@ def checked_sha256(source: FileSource, job: Path, field: str) -> str:
     """The joined file's sha256, or the SpecError saying it is not the one the job expects."""
     found = content_sha256(chunk_paths(source, job, field))
     if source.sha256 is not None and found != source.sha256:
-        what = "the file" if len(source.chunks) == 1 else f"the {len(source.chunks)} chunks joined"
-        raise SpecError(
-            job,
-            f"{field}.sha256",
-            source.sha256,
-            f"{what} have sha256 {found}: a chunk is missing, damaged or of another release",
-        )
+        if len(source.chunks) == 1:
+            why = f"the file ({source.describe()}) has sha256 {found}: it is damaged or of "
+        else:  # each chunk named in the order joined: one left out or out of place shows
+            named = ", ".join(ref.describe() for ref in source.chunks)
+            why = (
+                f"the {len(source.chunks)} chunks joined ({named}) have sha256 {found}: a chunk "
+                "is missing, damaged, out of order or of "
+            )
+        raise SpecError(job, f"{field}.sha256", source.sha256, why + "another release")
     return found
 
 
@@ -122,7 +127,8 @@ def unpacked_archive(source: FileSource, job: Path, field: str) -> Path:
         try:
             with zipfile.ZipFile(archive) as opened:
                 write_once(folder, opened.extractall)  # extractall drops absolute and .. parts
-        except (zipfile.BadZipFile, OSError) as error:
+        # zlib's and zipfile's own errors for damaged compressed data are not BadZipFile.
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as error:
             raise SpecError(
                 job, f"{field}.archive", source.describe(), f"cannot unpack the zip: {error}"
             ) from None
