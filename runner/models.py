@@ -82,7 +82,7 @@ def prepare_model(spec: JobSpec, say=lambda line: None) -> tuple[Path, dict]:
     key, commit = model_key(spec), hub_commit(spec.model)
     folder = cached_model(key)
     if folder is not None:
-        return folder, cached_info(folder)
+        return folder, named_by(spec, cached_info(folder))
 
     # The missing head is reported in the run's output and the results; not as a loader's table.
     quiet_libraries()
@@ -119,6 +119,17 @@ def prepare_model(spec: JobSpec, say=lambda line: None) -> tuple[Path, dict]:
     save_folder(key, info, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     info["prepare_s"] = round(time.perf_counter() - started, 3)
     return cache_root() / "models" / key, {**info, "cached": False}
+
+
+def named_by(spec: JobSpec, info: dict) -> dict:
+    """A cache entry's description with the model and tokenizer as this job names them: an entry
+    keyed by content may have been made by a job that named the same file another way (a copy
+    elsewhere, its chunks)."""
+    named = {**info, "source": spec.model.describe()}
+    named["tokenizer"] = (spec.tokenizer or spec.model).describe()
+    if spec.model.gguf is not None and "gguf" in info:
+        named["gguf"] = {**info["gguf"], "file": spec.model.gguf.describe()}
+    return named
 
 
 def dequantized_gguf(gguf: GgufFile, model_class):

@@ -162,6 +162,9 @@ def test_a_second_run_and_the_files_chunks_reuse_the_cached_model(
     written = json.loads((results / "tiny-gguf" / "fp32-cpu.json").read_text())
     assert written["status"] == "ok", written["error"]
     assert written["model"]["key"] == info["key"]
+    # The result names the model as this job does, not as the job that made the entry.
+    assert written["model"]["source"] == f"gguf:3 chunks from {chunks[0]}"
+    assert written["model"]["gguf"]["file"] == f"3 chunks from {chunks[0]}"
 
 
 # ---------------------------------------------------------------------------------------------
