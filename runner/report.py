@@ -33,7 +33,9 @@ from runner.report_figures import (
     Plot,
     Shown,
     TaskPlots,
+    label_points,
     log_scale,
+    log_scale_if_wide,
     number,
     panels,
     shared_legend,
@@ -192,6 +194,106 @@ def plot_output_against_weight_sqnr(table: collect.JobTable) -> Figure | None:
     return figure
 
 
+def _output_rows(table: collect.JobTable, key: str) -> list[dict]:
+    """key's layers with an output SQNR: those the variant changed, in a result that measured it."""
+    layers = _analysis(table, key).get("layers") or []
+    return [row for row in layers if row.get("output_sqnr_db") is not None]
+
+
+def plot_output_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
+    """Per-layer output SQNR against depth, one line per layer type, one panel per variant."""
+    shown = [k for k in _own_weights(table) if _output_rows(table, k)]
+    if not shown:
+        return None
+    figure, axes = panels(
+        len(shown), f"{table.job}: output SQNR per layer, by type and depth (higher is closer)"
+    )
+    measured = [row for k in shown for row in _output_rows(table, k)]
+    depths = [row["depth"] for row in measured if row["depth"] is not None]
+    head = (max(depths) + 1) if depths else 0
+    has_head = any(row["depth"] is None for row in measured)
+    for ax, key in zip(axes, shown):
+        rows = _output_rows(table, key)
+        for layer_type in LAYER_TYPES:
+            typed = sorted(
+                (head if r["depth"] is None else r["depth"], r["output_sqnr_db"])
+                for r in rows
+                if r["layer_type"] == layer_type
+            )
+            if typed:
+                ax.plot(
+                    *zip(*typed),
+                    color=TYPE_COLOURS[layer_type],
+                    marker="o",
+                    markersize=3,
+                    linewidth=1,
+                    label=layer_type,
+                )
+        lowest = min(r["output_sqnr_db"] for r in rows)
+        ax.set_title(f"{key} (lowest {lowest:.1f} dB)", fontsize=10)
+        _depth_axis(ax, head, has_head)
+        ax.set_xlabel("layer of the encoder or decoder stack")
+        ax.set_ylabel("output SQNR (dB)")
+        ax.grid(True, alpha=0.3)
+    shared_legend(figure, axes)
+    return figure
+
+
+WORST_LAYERS = 8  # the layers named in the outlier figure and listed in a variant's details
+
+
+def worst_layers(analysis: dict, n: int = WORST_LAYERS) -> list[dict]:
+    """The n layers with the lowest output SQNR, lowest first."""
+    rows = [r for r in analysis.get("layers") or [] if r.get("output_sqnr_db") is not None]
+    return sorted(rows, key=lambda r: r["output_sqnr_db"])[:n]
+
+
+def _short_layer(row: dict) -> str:
+    """A layer named as a point's label: its type and, inside the stack, its depth (module names
+    repeat across types: BERT's three `dense`)."""
+    return row["layer_type"] + ("" if row["depth"] is None else f" {row['depth']}")
+
+
+def plot_output_sqnr_against_outliers(table: collect.JobTable) -> Figure | None:
+    """Each layer's output SQNR against its FP32 input's outlier ratio, one panel per variant
+    whose rows hold both; the WORST_LAYERS lowest are named."""
+
+    def measured(key) -> list[dict]:
+        return [r for r in _output_rows(table, key) if r.get("input_outlier_ratio") is not None]
+
+    shown = [k for k in _own_weights(table) if measured(k)]
+    if not shown:
+        return None
+    figure, axes = panels(
+        len(shown), f"{table.job}: output SQNR against the input's outlier ratio, per layer"
+    )
+    for ax, key in zip(axes, shown):
+        rows = measured(key)
+        for layer_type in LAYER_TYPES:
+            typed = [r for r in rows if r["layer_type"] == layer_type]
+            if typed:
+                ax.scatter(
+                    [r["input_outlier_ratio"] for r in typed],
+                    [r["output_sqnr_db"] for r in typed],
+                    s=18,
+                    color=TYPE_COLOURS[layer_type],
+                    label=layer_type,
+                )
+        ratios = [r["input_outlier_ratio"] for r in rows]
+        log_scale_if_wide(ax, "x", ratios)
+        rho = report_study.spearman(ratios, [r["output_sqnr_db"] for r in rows])
+        ax.set_title(key + ("" if rho is None else f" (Spearman ρ {rho:+.2f})"), fontsize=10)
+        ax.set_xlabel("input outlier ratio (largest column max |x| / median's)")
+        ax.set_ylabel("output SQNR (dB)")
+        ax.grid(True, alpha=0.3)
+    shared_legend(figure, axes)
+    for ax, key in zip(axes, shown):  # last: labels are placed in the settled layout
+        worst = worst_layers({"layers": measured(key)})
+        points = [(r["input_outlier_ratio"], r["output_sqnr_db"]) for r in worst]
+        label_points(ax, points, [_short_layer(r) for r in worst], [18] * len(worst))
+    return figure
+
+
 def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
     """FP32 weights pooled by layer type, with the values `key`'s precision can represent drawn over
     them.
@@ -280,6 +382,29 @@ EVERY_TASK_PLOTS = (
         plot_output_against_weight_sqnr,
         "no per-layer output errors in these results",
     ),
+    Plot(
+        "output-sqnr-by-depth",
+        "Per-layer output SQNR by layer type and depth",
+        "The output SQNR of each linear layer (its output against the FP32 layer's, both given "
+        "the FP32 layer's input), one line per layer type along the stack; 'head' is the pooler "
+        "and classifier, or the lm_head. A type that dips at some depths is where the precision "
+        "breaks; the title gives the lowest layer.",
+        plot_output_sqnr_by_depth,
+        "no per-layer output errors in these results",
+    ),
+    Plot(
+        "output-sqnr-vs-outliers",
+        "Per-layer output SQNR against input outlier columns",
+        "Each point is a linear layer: x how far its FP32 input's largest column sticks out (the "
+        "largest column's max |x| over the median column's), y its output SQNR; the "
+        f"{WORST_LAYERS} lowest are named. A per-tensor activation scale (int8-dynamic) is set "
+        "by the largest column, so at a ratio r the median column keeps about 1/r of the grid: "
+        "points falling to the right are the activation-outlier case of LLM.int8() and "
+        "SmoothQuant. Spearman's ρ near −1 says the outliers explain the ranking; per-row or "
+        "weight-only schemes should show none.",
+        plot_output_sqnr_against_outliers,
+        "no per-layer input outliers in these results (written before they were measured)",
+    ),
 )
 
 
@@ -336,6 +461,8 @@ class VariantDetails:
     outliers: str | None  # None where the precision keeps no outlier columns
     # The weight analysis's summary by layer type, where a layer changed: weight and output SQNR
     layer_types: list[dict] | None = None
+    # The layers with the lowest output SQNR, beside their FP32 input's outliers
+    worst_layers: list[dict] | None = None
 
 
 def _details(table: collect.JobTable) -> list[VariantDetails]:
@@ -355,8 +482,14 @@ def _details(table: collect.JobTable) -> list[VariantDetails]:
             None if not effects else flips or "none",
             None if outliers is None else _outliers_text(outliers),
             _changed_layer_types(_analysis(table, key)),
+            worst_layers(_analysis(table, key)) or None,
         )
-        if shown.per_class or shown.flips is not None or shown.outliers is not None:
+        if (
+            shown.per_class
+            or shown.flips is not None
+            or shown.outliers is not None
+            or shown.worst_layers
+        ):
             details.append(shown)
     return details
 
