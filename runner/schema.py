@@ -88,6 +88,7 @@ class LayerRow(TypedDict, total=False):
     input_outlier_ratio: float | None
     input_outlier_columns: int | None
     input_top_columns: list[int] | None
+    input_rounding_sqnr_db: float | None
 
 
 class DepthRow(TypedDict, total=False):

@@ -155,9 +155,12 @@ def test_summary_groups_and_weights():
     assert summary["overall"]["min_sqnr_db"] == 30.0 and summary["overall"]["n_weights"] == 410
     # Rows written before the inputs were described have no outlier ratio: the groups say None.
     assert summary["overall"]["max_input_outlier_ratio"] is None
+    assert summary["overall"]["mean_input_rounding_sqnr_db"] is None
     rows[0]["input_outlier_ratio"], rows[1]["input_outlier_ratio"] = 3.0, 250.0
+    rows[0]["input_rounding_sqnr_db"], rows[1]["input_rounding_sqnr_db"] = 40.0, 10.0
     by_type = A.summarise_layer_errors(rows)["by_layer_type"]
     assert [g["max_input_outlier_ratio"] for g in by_type] == [250.0, None]
+    assert [g["mean_input_rounding_sqnr_db"] for g in by_type] == [25.0, None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,6 +299,13 @@ def test_output_errors_describe_each_layers_fp32_input_columns():
     assert got["input_outlier_ratio"] == pytest.approx(8.0 / float(columns.median()))
     assert got["input_outlier_columns"] == 2
     assert got["input_top_columns"] == [9, 4, int(torch.argsort(columns)[-3])]
+    # The FP32 layer given its input rounded to int8 with one scale per call, max|x| / 127.
+    pairs = []
+    with torch.no_grad():
+        for x in (x1, x2):
+            scale = x.abs().max() / 127
+            pairs.append((model.first(x), model.first(torch.round(x / scale) * scale)))
+    assert got["input_rounding_sqnr_db"] == pytest.approx(_sqnr_db(pairs), abs=1e-6)
     _json_ok(got)
 
 
@@ -622,6 +632,9 @@ def test_a_planted_input_outlier_column_shows_and_lowers_int8_dynamic_output_sqn
     assert (before["input_outlier_columns"], after["input_outlier_columns"]) == (0, 1)
     # One step of the per-tensor activation grid now spans most of the other columns' range.
     assert after["output_sqnr_db"] < before["output_sqnr_db"] - 10
+    # And the input's rounding alone, with FP32 weights, makes that error: the outlier is why.
+    assert after["input_rounding_sqnr_db"] < before["input_rounding_sqnr_db"] - 10
+    assert after["input_rounding_sqnr_db"] == pytest.approx(after["output_sqnr_db"], abs=3)
     # The layer that writes the planted unit is untouched on its input side.
     writer = PLANTED.replace("output", "intermediate")
     assert planted[writer]["input_outlier_ratio"] == pytest.approx(

@@ -202,6 +202,10 @@ def test_a_planted_outlier_column_is_the_worst_layer_named_in_figure_and_table(
     first = worst.split("<tbody>", 1)[1].split("</tr>", 1)[0]
     assert f"<th>{PLANTED}</th>" in first
     assert f"<td>{planted['input_outlier_ratio']:.1f}</td><td>1</td><td>{PLANTED_COLUMN}, " in first
+    assert (
+        f"<td>{planted['output_sqnr_db']:.1f}</td><td>{planted['input_rounding_sqnr_db']:.1f}</td>"
+        in first
+    )
 
 
 def test_results_without_input_outliers_draw_the_rest(results, tmp_path):
@@ -210,7 +214,7 @@ def test_results_without_input_outliers_draw_the_rest(results, tmp_path):
         for row in (result.get("analysis") or {}).get("layers") or []:
             for key in ("input_absmax", "input_outlier_ratio", "input_outlier_columns"):
                 row.pop(key)
-            row.pop("input_top_columns")
+            row.pop("input_top_columns"), row.pop("input_rounding_sqnr_db")
     rendered = report.write_report(typed(old), tmp_path / "old.html")
     page = rendered.path.read_text(encoding="utf-8")
     assert "no per-layer input outliers in these results" in page
