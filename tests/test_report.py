@@ -185,18 +185,21 @@ def test_a_planted_outlier_column_is_the_worst_layer_named_in_figure_and_table(
 
     table = collect.build_tables(typed(planted_results))[0]
     figure = report.plot_output_sqnr_against_outliers(table)
-    (ax,) = [ax for ax in figure.axes if ax.get_visible() and ax.get_title()]
+    ratio_ax, rounding_ax = [ax for ax in figure.axes if ax.get_visible() and ax.get_title()]
     rows = table.results["int8-dynamic-cpu"].analysis["layers"]
-    drawn = sorted(tuple(map(float, xy)) for c in ax.collections for xy in c.get_offsets())
-    assert drawn == sorted((r["input_outlier_ratio"], r["output_sqnr_db"]) for r in rows)
     planted = next(r for r in rows if r["layer"] == PLANTED)
-    # The planted layer's input sticks out most, and its output suffers most.
-    assert planted["input_outlier_ratio"] == max(x for x, _ in drawn)
-    assert planted["output_sqnr_db"] == min(y for _, y in drawn)
-    labels = [t.get_text() for t in ax.texts]
-    assert labels[0] == "output 1" and len(labels) == report.WORST_LAYERS
-    rho = float(ax.get_title().split("ρ ")[1].rstrip(")"))
-    assert rho < 0  # more outlying inputs, lower output SQNR
+    for ax, field in ((ratio_ax, "input_outlier_ratio"), (rounding_ax, "input_rounding_sqnr_db")):
+        drawn = sorted(tuple(map(float, xy)) for c in ax.collections for xy in c.get_offsets())
+        assert drawn == sorted((r[field], r["output_sqnr_db"]) for r in rows)
+        labels = [t.get_text() for t in ax.texts]
+        assert labels[0] == "output 1" and len(labels) == report.WORST_LAYERS
+    # The planted layer's input sticks out most, its rounding alone costs most, and its output
+    # suffers most: both panels rank it as the input explains it.
+    assert planted["output_sqnr_db"] == min(r["output_sqnr_db"] for r in rows)
+    assert planted["input_outlier_ratio"] == max(r["input_outlier_ratio"] for r in rows)
+    assert planted["input_rounding_sqnr_db"] == min(r["input_rounding_sqnr_db"] for r in rows)
+    assert float(ratio_ax.get_title().split("ρ ")[1].rstrip(")")) < 0
+    assert float(rounding_ax.get_title().split("ρ ")[1].rstrip(")")) > 0
     page = report.write_report(typed(planted_results), tmp_path / "p.html").path.read_text()
     worst = page.split('<table class="worst-layers">', 1)[1].split("</table>", 1)[0]
     first = worst.split("<tbody>", 1)[1].split("</tr>", 1)[0]
