@@ -437,7 +437,7 @@ def test_chromium_loads_every_image_and_the_table(rendered, results, tmp_path):
     found = browser_check(page, tmp_path)
     header, rows, _ = collect.table_rows(collect.build_tables(typed(results))[0])
     figures = len(list((out.parent / "tiny_figures").glob("*.png")))
-    assert figures == 7  # the names are checked in the test above
+    assert figures == 9  # the names are checked in the test above
     assert found == {
         "images": figures,
         "broken": [],
