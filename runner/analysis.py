@@ -28,6 +28,7 @@ __all__ = [
     "weight_histograms",
     "quantization_grid",
     "activation_outlier_columns",
+    "input_outliers",
 ]
 
 # Bins of the fixed histogram behind `changed_bucket_share`.
@@ -159,7 +160,10 @@ def layer_output_errors(
     its activation quantization), not the error that earlier layers passed on. Runs the reference
     model (FP32, CPU) on the batches' first `max_samples` samples. Returns {layer: {output_sqnr_db
     = 10 log10(sum y^2 / sum (y - y_q)^2) (None when the outputs are equal), output_rel_l2 =
-    ||y - y_q|| / ||y|| (None when ||y|| = 0)}}, sums in float64.
+    ||y - y_q|| / ||y|| (None when ||y|| = 0), what the FP32 input looked like
+    (input_outliers), and input_rounding_sqnr_db: the same SQNR for the FP32 layer given its input
+    rounded to per-tensor int8 (_int8_per_tensor), the part of a dynamic precision's output
+    error that the input's rounding alone makes (None where it makes none)}}, sums in float64.
     """
     variant_layers = dict(variant_model.named_modules())
     # Where a layer holds no float tensor to say (a quantized weight, no bias): the model's device.
@@ -167,10 +171,13 @@ def layer_output_errors(
         (t.device for t in [*variant_model.parameters(), *variant_model.buffers()]),
         torch.device("cpu"),
     )
-    sums: dict[str, list[float]] = {}  # layer: [signal, noise]
+    sums: dict[str, list[float]] = {}  # layer: [signal, noise, noise of the input's rounding]
+    column_max: dict[str, torch.Tensor] = {}  # layer: max |x| of each input column
     linear = REFERENCE.linear_classes()  # the reference is an FP32 model
     handles = [
-        module.register_forward_hook(_compare_output(name, variant_layers[name], device, sums))
+        module.register_forward_hook(
+            _compare_output(name, variant_layers[name], device, sums, column_max)
+        )
         for name, module in reference_model.named_modules()
         if isinstance(module, linear) and name in variant_layers
     ]
@@ -181,23 +188,77 @@ def layer_output_errors(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: _output_error(signal, noise) for name, (signal, noise) in sums.items()}
+    return {
+        name: {
+            **_output_error(signal, noise),
+            **input_outliers(column_max[name]),
+            "input_rounding_sqnr_db": _output_error(signal, rounding)["output_sqnr_db"],
+        }
+        for name, (signal, noise, rounding) in sums.items()
+    }
 
 
-def _compare_output(name: str, variant_layer: torch.nn.Module, model_device, sums: dict):
+def _compare_output(
+    name: str, variant_layer: torch.nn.Module, model_device, sums: dict, column_max: dict
+):
     """A forward hook that runs variant_layer on the reference layer's input and adds up the
-    energy of the reference output and of the difference."""
+    energy of the reference output, of the difference, and of the difference the input's
+    per-tensor int8 rounding alone makes; and keeps each input column's max |x|."""
     device, dtype = _input_device_and_dtype(variant_layer, model_device)
 
     def hook(module, args, output):
+        x = args[0].detach()
         y = output.detach().to(torch.float64)
-        y_q = variant_layer(args[0].to(device=device, dtype=dtype)).detach()
+        y_q = variant_layer(x.to(device=device, dtype=dtype)).detach()
         err = y - y_q.to(device="cpu", dtype=torch.float64)
-        total = sums.setdefault(name, [0.0, 0.0])
+        # forward(), not the module: calling it would run this hook again.
+        rounded = y - module.forward(_int8_per_tensor(x)).detach().to(torch.float64)
+        total = sums.setdefault(name, [0.0, 0.0, 0.0])
         total[0] += float((y * y).sum())
         total[1] += float((err * err).sum())
+        total[2] += float((rounded * rounded).sum())
+        columns = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).to(device="cpu", dtype=torch.float64)
+        seen = column_max.get(name)
+        column_max[name] = columns if seen is None else torch.maximum(seen, columns)
 
     return hook
+
+
+def _int8_per_tensor(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to symmetric int8 with one scale, max|x| / 127, as a dynamic per-tensor
+    activation quantization rounds one forward call's input."""
+    scale = x.abs().max() / 127
+    if scale == 0:
+        return x
+    return torch.round(x / scale).clamp(-127, 127) * scale
+
+
+# LLM.int8()'s outlier threshold (bitsandbytes' llm_int8_threshold default): input columns with
+# |x| at or above it are the ones its mixed-precision matmul keeps in 16-bit.
+LLM_INT8_THRESHOLD = 6.0
+# How many of a layer's largest input columns a row names.
+TOP_COLUMNS = 3
+
+
+def input_outliers(column_max: torch.Tensor) -> dict:
+    """What a layer's input looked like, from the max |x| of each input column over every token
+    seen: input_absmax (the largest |x|), input_outlier_ratio (the largest column max over the
+    median column's; None where the median column is all zeros), input_outlier_columns (how many
+    columns reach LLM_INT8_THRESHOLD) and input_top_columns (the TOP_COLUMNS largest columns'
+    indices, largest first).
+
+    A per-tensor activation scale is set by the largest column: at a ratio r the median column
+    keeps about 1/r of the int8 grid's levels, which is why a few huge columns ruin the rest.
+    """
+    median = float(column_max.median())
+    top = torch.argsort(column_max, descending=True, stable=True)[:TOP_COLUMNS]
+    absmax = float(column_max.max())
+    return {
+        "input_absmax": absmax,
+        "input_outlier_ratio": _finite_or_none(absmax / median) if median > 0 else None,
+        "input_outlier_columns": int((column_max >= LLM_INT8_THRESHOLD).sum()),
+        "input_top_columns": [int(i) for i in top],
+    }
 
 
 def _input_device_and_dtype(layer: torch.nn.Module, model_device) -> tuple:
@@ -238,6 +299,7 @@ def _summarise_group(rows: list[dict]) -> dict:
 
     sqnr, rel, cos = values("sqnr_db"), values("rel_l2"), values("cosine")
     out_sqnr, out_rel = values("output_sqnr_db"), values("output_rel_l2")
+    ratios, rounding = values("input_outlier_ratio"), values("input_rounding_sqnr_db")
     n_weights = sum(r["n_weights"] for r in rows)
     return {
         "n_layers": len(rows),
@@ -250,6 +312,8 @@ def _summarise_group(rows: list[dict]) -> dict:
         "mean_output_sqnr_db": sum(out_sqnr) / len(out_sqnr) if out_sqnr else None,
         "min_output_sqnr_db": min(out_sqnr) if out_sqnr else None,
         "mean_output_rel_l2": sum(out_rel) / len(out_rel) if out_rel else None,
+        "max_input_outlier_ratio": max(ratios) if ratios else None,
+        "mean_input_rounding_sqnr_db": sum(rounding) / len(rounding) if rounding else None,
         "max_abs_error": max(r["max_abs_error"] for r in rows),
         # Weighted by layer size so it is the share of all weights in the group that moved bins.
         "changed_bucket_share": (
@@ -265,8 +329,9 @@ def summarise_layer_errors(rows: list[dict]) -> dict:
 
     Each group: n_layers, n_weights, n_identical, mean_sqnr_db and min_sqnr_db (over layers that
     changed; None if none did), mean_rel_l2, mean_cosine, mean_output_sqnr_db,
-    min_output_sqnr_db and mean_output_rel_l2 (from the rows' layer_output_errors, where they
-    have them), max_abs_error (max over layers),
+    min_output_sqnr_db, mean_output_rel_l2, max_input_outlier_ratio and
+    mean_input_rounding_sqnr_db (from the rows' layer_output_errors, where they have them),
+    max_abs_error (max over layers),
     changed_bucket_share (weighted by n_weights). by_layer_type entries carry layer_type (in
     LAYER_TYPES order), by_depth entries carry depth (ascending, layers outside the encoder stack
     last with depth None).

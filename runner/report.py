@@ -28,12 +28,15 @@ from runner.job import COMPILED_SUFFIX
 from runner.layers import LAYER_TYPES
 from runner.references import resolve
 from runner.report_figures import (
+    PANEL_IN,
     TYPE_COLOURS,
     FigureFiles,
     Plot,
     Shown,
     TaskPlots,
+    label_points,
     log_scale,
+    log_scale_if_wide,
     number,
     panels,
     shared_legend,
@@ -192,6 +195,137 @@ def plot_output_against_weight_sqnr(table: collect.JobTable) -> Figure | None:
     return figure
 
 
+def _output_rows(table: collect.JobTable, key: str) -> list[dict]:
+    """key's layers with an output SQNR: those the variant changed, in a result that measured it."""
+    layers = _analysis(table, key).get("layers") or []
+    return [row for row in layers if row.get("output_sqnr_db") is not None]
+
+
+def plot_output_sqnr_by_depth(table: collect.JobTable) -> Figure | None:
+    """Per-layer output SQNR against depth, one line per layer type, one panel per variant."""
+    shown = [k for k in _own_weights(table) if _output_rows(table, k)]
+    if not shown:
+        return None
+    # Wide panels, two to a row: a line per type over a deep stack needs the room.
+    figure, axes = panels(
+        len(shown),
+        f"{table.job}: output SQNR per layer by type and depth",
+        max_columns=2,
+        width=2 * PANEL_IN,
+    )
+    measured = [row for k in shown for row in _output_rows(table, k)]
+    depths = [row["depth"] for row in measured if row["depth"] is not None]
+    head = (max(depths) + 1) if depths else 0
+    has_head = any(row["depth"] is None for row in measured)
+    for ax, key in zip(axes, shown):
+        rows = _output_rows(table, key)
+        for layer_type in LAYER_TYPES:
+            typed = sorted(
+                (head if r["depth"] is None else r["depth"], r["output_sqnr_db"])
+                for r in rows
+                if r["layer_type"] == layer_type
+            )
+            if typed:
+                ax.plot(
+                    *zip(*typed),
+                    color=TYPE_COLOURS[layer_type],
+                    marker="o",
+                    markersize=3,
+                    linewidth=1,
+                    label=layer_type,
+                )
+        lowest = min(r["output_sqnr_db"] for r in rows)
+        ax.set_title(f"{key} (lowest {lowest:.1f} dB)", fontsize=10)
+        _depth_axis(ax, head, has_head)
+        ax.set_xlabel("layer of the encoder or decoder stack")
+        ax.set_ylabel("output SQNR (dB)")
+        ax.grid(True, alpha=0.3)
+    shared_legend(figure, axes)
+    return figure
+
+
+WORST_LAYERS = 8  # the layers named in the outlier figure and listed in a variant's details
+
+
+def worst_layers(analysis: dict, n: int = WORST_LAYERS) -> list[dict]:
+    """The n layers with the lowest output SQNR, lowest first."""
+    rows = [r for r in analysis.get("layers") or [] if r.get("output_sqnr_db") is not None]
+    return sorted(rows, key=lambda r: r["output_sqnr_db"])[:n]
+
+
+def _short_layer(row: dict) -> str:
+    """A layer named as a point's label: its type and, inside the stack, its depth (module names
+    repeat across types: BERT's three `dense`)."""
+    return row["layer_type"] + ("" if row["depth"] is None else f" {row['depth']}")
+
+
+# What a layer's input did to its output SQNR, one panel each: (row field, axis label, title).
+INPUT_AXES = (
+    (
+        "input_outlier_ratio",
+        "input outlier ratio (largest column max |x| / median's)",
+        "against the input's outlier ratio",
+    ),
+    (
+        "input_rounding_sqnr_db",
+        "output SQNR with only the input rounded to int8 (dB)",
+        "against the input's rounding alone",
+    ),
+)
+
+
+def plot_output_sqnr_against_outliers(table: collect.JobTable) -> Figure | None:
+    """Each layer's output SQNR against its FP32 input's outlier ratio (left) and against the
+    output SQNR its input's int8 rounding alone gives (right), a row of two panels per variant
+    whose rows hold them; the WORST_LAYERS lowest are named in both."""
+
+    def measured(key, field) -> list[dict]:
+        return [r for r in _output_rows(table, key) if r.get(field) is not None]
+
+    shown = [k for k in _own_weights(table) if measured(k, INPUT_AXES[0][0])]
+    if not shown:
+        return None
+    figure = Figure(figsize=(PANEL_IN * 2.2, PANEL_IN * len(shown) + 0.6), layout="constrained")
+    grid = figure.subplots(len(shown), 2, squeeze=False, sharey="row")
+    figure.suptitle(f"{table.job}: why layers lose output SQNR: their FP32 input")
+    for row, key in zip(grid, shown):
+        for ax, (field, label, title) in zip(row, INPUT_AXES):
+            _draw_input_panel(ax, measured(key, field), field, label, f"{key}\n{title}")
+    shared_legend(figure, list(grid.ravel()))
+    for row, key in zip(grid, shown):  # last: labels are placed in the settled layout
+        for ax, (field, _, _) in zip(row, INPUT_AXES):
+            worst = worst_layers({"layers": measured(key, field)})
+            points = [(r[field], r["output_sqnr_db"]) for r in worst]
+            label_points(ax, points, [_short_layer(r) for r in worst], [18] * len(worst))
+    return figure
+
+
+def _draw_input_panel(ax, rows: list[dict], field: str, label: str, title: str) -> None:
+    """The layers at x = their `field`, y = their output SQNR, coloured by type, with Spearman's
+    rho in the title; the rounding panel gets the diagonal (the rounding is all the error)."""
+    for layer_type in LAYER_TYPES:
+        typed = [r for r in rows if r["layer_type"] == layer_type]
+        if typed:
+            ax.scatter(
+                [r[field] for r in typed],
+                [r["output_sqnr_db"] for r in typed],
+                s=18,
+                color=TYPE_COLOURS[layer_type],
+                label=layer_type,
+            )
+    xs = [r[field] for r in rows]
+    if field == "input_outlier_ratio":
+        log_scale_if_wide(ax, "x", xs)
+    elif xs:
+        low = min(min(xs), min(r["output_sqnr_db"] for r in rows))
+        ax.plot([low, max(xs)], [low, max(xs)], color="grey", linewidth=0.8, linestyle="--")
+    rho = report_study.spearman(xs, [r["output_sqnr_db"] for r in rows]) if rows else None
+    ax.set_title(title + ("" if rho is None else f" (ρ {rho:+.2f})"), fontsize=9)
+    ax.set_xlabel(label, fontsize=9)
+    ax.set_ylabel("output SQNR (dB)")
+    ax.grid(True, alpha=0.3)
+
+
 def plot_weight_histograms(table: collect.JobTable, key: str) -> Figure | None:
     """FP32 weights pooled by layer type, with the values `key`'s precision can represent drawn over
     them.
@@ -280,6 +414,32 @@ EVERY_TASK_PLOTS = (
         plot_output_against_weight_sqnr,
         "no per-layer output errors in these results",
     ),
+    Plot(
+        "output-sqnr-by-depth",
+        "Per-layer output SQNR by layer type and depth",
+        "The output SQNR of each linear layer (its output against the FP32 layer's, both given "
+        "the FP32 layer's input), one line per layer type along the stack; 'head' is the pooler "
+        "and classifier, or the lm_head. A type that dips at some depths is where the precision "
+        "breaks; the title gives the lowest layer.",
+        plot_output_sqnr_by_depth,
+        "no per-layer output errors in these results",
+    ),
+    Plot(
+        "output-sqnr-vs-outliers",
+        "Per-layer output SQNR against input outlier columns",
+        "Each point is a linear layer, y its output SQNR; the "
+        f"{WORST_LAYERS} lowest are named. Left, x is how far its FP32 input's largest column "
+        "sticks out (that column's max |x| over the median column's): a per-tensor activation "
+        "scale (int8-dynamic) is set by the largest column, so at a ratio r the median column "
+        "keeps about 1/r of the grid, the activation-outlier case of LLM.int8() and "
+        "SmoothQuant. Right, x is the output SQNR of the FP32 layer given its input rounded to "
+        "int8 with one scale per call (max |x| / 127) and FP32 weights: points along the "
+        "dashed diagonal lose their output to the input's rounding, points far below it to "
+        "their weights. ρ is Spearman's: near −1 on the left, or +1 on the right, the input "
+        "explains the ranking.",
+        plot_output_sqnr_against_outliers,
+        "no per-layer input outliers in these results (written before they were measured)",
+    ),
 )
 
 
@@ -336,6 +496,8 @@ class VariantDetails:
     outliers: str | None  # None where the precision keeps no outlier columns
     # The weight analysis's summary by layer type, where a layer changed: weight and output SQNR
     layer_types: list[dict] | None = None
+    # The layers with the lowest output SQNR, beside their FP32 input's outliers
+    worst_layers: list[dict] | None = None
 
 
 def _details(table: collect.JobTable) -> list[VariantDetails]:
@@ -355,8 +517,14 @@ def _details(table: collect.JobTable) -> list[VariantDetails]:
             None if not effects else flips or "none",
             None if outliers is None else _outliers_text(outliers),
             _changed_layer_types(_analysis(table, key)),
+            worst_layers(_analysis(table, key)) or None,
         )
-        if shown.per_class or shown.flips is not None or shown.outliers is not None:
+        if (
+            shown.per_class
+            or shown.flips is not None
+            or shown.outliers is not None
+            or shown.worst_layers
+        ):
             details.append(shown)
     return details
 

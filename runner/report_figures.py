@@ -63,10 +63,13 @@ def log_scale_if_wide(ax, which: str, values: list[float], ratio: float = 20.0) 
         log_scale(ax, which)
 
 
-def panels(n: int, title: str) -> tuple[Figure, list]:
-    columns = min(n, MAX_COLUMNS)
+def panels(
+    n: int, title: str, max_columns: int = MAX_COLUMNS, width: float = PANEL_IN
+) -> tuple[Figure, list]:
+    """n panels of `width` inches (PANEL_IN high), at most max_columns to a row, under title."""
+    columns = min(n, max_columns)
     rows = math.ceil(n / columns)
-    figure = Figure(figsize=(PANEL_IN * columns, PANEL_IN * rows + 0.4), layout="constrained")
+    figure = Figure(figsize=(width * columns, PANEL_IN * rows + 0.4), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
     for unused in axes[n:]:
         unused.set_visible(False)

@@ -77,9 +77,18 @@ class JobRecord:
 
 
 class LayerRow(TypedDict, total=False):
+    layer: str
     layer_type: Required[str]
     depth: Required[int | None]
     sqnr_db: Required[float | None]
+    output_sqnr_db: float | None
+    # The FP32 input the output error was measured on (analysis.input_outliers); absent in
+    # results written before it was measured, and where the forward never reached the layer.
+    input_absmax: float | None
+    input_outlier_ratio: float | None
+    input_outlier_columns: int | None
+    input_top_columns: list[int] | None
+    input_rounding_sqnr_db: float | None
 
 
 class DepthRow(TypedDict, total=False):

@@ -153,6 +153,14 @@ def test_summary_groups_and_weights():
     )
     assert [d["depth"] for d in summary["by_depth"]] == [0, 1, None]
     assert summary["overall"]["min_sqnr_db"] == 30.0 and summary["overall"]["n_weights"] == 410
+    # Rows written before the inputs were described have no outlier ratio: the groups say None.
+    assert summary["overall"]["max_input_outlier_ratio"] is None
+    assert summary["overall"]["mean_input_rounding_sqnr_db"] is None
+    rows[0]["input_outlier_ratio"], rows[1]["input_outlier_ratio"] = 3.0, 250.0
+    rows[0]["input_rounding_sqnr_db"], rows[1]["input_rounding_sqnr_db"] = 40.0, 10.0
+    by_type = A.summarise_layer_errors(rows)["by_layer_type"]
+    assert [g["max_input_outlier_ratio"] for g in by_type] == [250.0, None]
+    assert [g["mean_input_rounding_sqnr_db"] for g in by_type] == [25.0, None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,8 +280,33 @@ def test_output_errors_give_each_layer_the_fp32_layers_input():
 def test_output_errors_of_an_unchanged_model_are_none():
     model = _TwoLayers().eval()
     got = A.layer_output_errors(model, copy.deepcopy(model), [{"x": torch.randn(3, 16)}])
-    assert got == {name: {"output_sqnr_db": None, "output_rel_l2": 0.0} for name in got}
+    errors = {
+        name: {k: row[k] for k in ("output_sqnr_db", "output_rel_l2")} for name, row in got.items()
+    }
+    assert errors == {name: {"output_sqnr_db": None, "output_rel_l2": 0.0} for name in got}
     assert set(got) == {"first", "second"}
+
+
+def test_output_errors_describe_each_layers_fp32_input_columns():
+    torch.manual_seed(5)
+    model = _TwoLayers().eval()
+    quantized = _quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.qint8)
+    x1, x2 = torch.randn(4, 16), torch.randn(3, 16)
+    x1[2, 9], x2[0, 4] = 8.0, -7.0  # two columns at or above LLM.int8()'s threshold, 6
+    got = A.layer_output_errors(model, quantized, [{"x": x1}, {"x": x2}])["first"]
+    columns = torch.cat([x1, x2]).abs().amax(dim=0)  # each column's max |x| over every sample
+    assert got["input_absmax"] == pytest.approx(8.0)
+    assert got["input_outlier_ratio"] == pytest.approx(8.0 / float(columns.median()))
+    assert got["input_outlier_columns"] == 2
+    assert got["input_top_columns"] == [9, 4, int(torch.argsort(columns)[-3])]
+    # The FP32 layer given its input rounded to int8 with one scale per call, max|x| / 127.
+    pairs = []
+    with torch.no_grad():
+        for x in (x1, x2):
+            scale = x.abs().max() / 127
+            pairs.append((model.first(x), model.first(torch.round(x / scale) * scale)))
+    assert got["input_rounding_sqnr_db"] == pytest.approx(_sqnr_db(pairs), abs=1e-6)
+    _json_ok(got)
 
 
 def test_int8_dynamic_per_channel_and_float16():
@@ -559,6 +592,55 @@ class _TwoLinear(torch.nn.Module):
 
     def forward(self, x):
         return self.second(self.dropout(self.first(x)))
+
+
+PLANTED = "bert.encoder.layer.1.output.dense"  # its input: the intermediate activations
+PLANTED_COLUMN = 5
+PLANTED_SCALE = 100.0
+
+
+def _plant_input_outlier(model) -> None:
+    """Scale one intermediate unit's pre-activation by 100 and the weight column that reads it
+    by 1/100: FP32 computes nearly the same function, but PLANTED's input holds one column 100
+    times larger than its neighbours, as real LLMs' MLP inputs do."""
+    intermediate = model.get_submodule(PLANTED.replace("output", "intermediate"))
+    with torch.no_grad():
+        intermediate.weight[PLANTED_COLUMN] *= PLANTED_SCALE
+        intermediate.bias[PLANTED_COLUMN] *= PLANTED_SCALE
+        model.get_submodule(PLANTED).weight[:, PLANTED_COLUMN] /= PLANTED_SCALE
+
+
+def _int8_dynamic_output_errors(model, batches) -> dict[str, dict]:
+    quantized = _quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, torch.qint8)
+    return A.layer_output_errors(model, quantized, batches)
+
+
+def test_a_planted_input_outlier_column_shows_and_lowers_int8_dynamic_output_sqnr(tiny_bert):
+    _, model, _ = tiny_bert
+    torch.manual_seed(6)
+    batches = [
+        {"input_ids": torch.randint(0, 100, (4, 16)), "attention_mask": torch.ones(4, 16).long()}
+    ]
+    plain = _int8_dynamic_output_errors(model, batches)
+    planted_model = copy.deepcopy(model)
+    _plant_input_outlier(planted_model)
+    planted = _int8_dynamic_output_errors(planted_model, batches)
+    before, after = plain[PLANTED], planted[PLANTED]
+    assert after["input_top_columns"][0] == PLANTED_COLUMN
+    assert after["input_outlier_ratio"] > 30 * before["input_outlier_ratio"]
+    assert after["input_absmax"] > 30 * before["input_absmax"]
+    assert (before["input_outlier_columns"], after["input_outlier_columns"]) == (0, 1)
+    # One step of the per-tensor activation grid now spans most of the other columns' range.
+    assert after["output_sqnr_db"] < before["output_sqnr_db"] - 10
+    # And the input's rounding alone, with FP32 weights, makes that error: the outlier is why.
+    assert after["input_rounding_sqnr_db"] < before["input_rounding_sqnr_db"] - 10
+    assert after["input_rounding_sqnr_db"] == pytest.approx(after["output_sqnr_db"], abs=3)
+    # The layer that writes the planted unit is untouched on its input side.
+    writer = PLANTED.replace("output", "intermediate")
+    assert planted[writer]["input_outlier_ratio"] == pytest.approx(
+        plain[writer]["input_outlier_ratio"]
+    )
+    _json_ok(planted)
 
 
 def test_activation_outlier_columns():

@@ -76,6 +76,8 @@ def test_report_embeds_every_figure_and_writes_the_same_pngs_beside_it(rendered)
         "tiny-accuracy-latency",
         "tiny-sqnr-by-depth",
         "tiny-output-vs-weight-sqnr",
+        "tiny-output-sqnr-by-depth",
+        "tiny-output-sqnr-vs-outliers",
         "tiny-reliability",
         "tiny-confusion",
         "tiny-histograms-int8-dynamic-cpu",
@@ -144,6 +146,84 @@ def test_sqnr_plot_draws_every_changed_layer_of_each_precision(results):
     assert (
         means["int8-dynamic-cpu"] > means["bnb-nf4-cpu"]
     )  # 8 bits keep more of the weights than 4
+
+
+def test_output_sqnr_plot_draws_each_layer_type_along_the_stack(results):
+    table = collect.build_tables(typed(results))[0]
+    figure = report.plot_output_sqnr_by_depth(table)
+    panels = [ax for ax in figure.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title().split(" ")[0] for ax in panels] == ["int8-dynamic-cpu", "bnb-nf4-cpu"]
+    rows = table.results["int8-dynamic-cpu"].analysis["layers"]
+    lines = {line.get_label(): line for line in panels[0].get_lines()}
+    query = sorted((r["depth"], r["output_sqnr_db"]) for r in rows if r["layer_type"] == "query")
+    assert list(zip(lines["query"].get_xdata(), lines["query"].get_ydata())) == query
+    lowest = min(r["output_sqnr_db"] for r in rows)
+    assert panels[0].get_title() == f"int8-dynamic-cpu (lowest {lowest:.1f} dB)"
+
+
+@pytest.fixture(scope="module")
+def planted_results(tmp_path_factory) -> list[dict]:
+    """FP32 and int8-dynamic of a tiny BERT with one planted input outlier column."""
+    from conftest import build_tiny_bert
+    from test_analysis import PLANTED, _plant_input_outlier
+    from transformers import AutoModelForSequenceClassification
+
+    folder = build_tiny_bert(tmp_path_factory.mktemp("planted"), ["negative", "positive"])
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    _plant_input_outlier(model)
+    model.save_pretrained(folder)
+    runs = [variant_json(make_task(folder, p, "cpu")) for p in ("fp32", "int8-dynamic")]
+    assert [r["status"] for r in runs] == ["ok", "ok"], [r.get("error") for r in runs]
+    assert report.worst_layers(runs[1]["analysis"])[0]["layer"] == PLANTED
+    return runs
+
+
+def test_a_planted_outlier_column_is_the_worst_layer_named_in_figure_and_table(
+    planted_results, tmp_path
+):
+    from test_analysis import PLANTED, PLANTED_COLUMN
+
+    table = collect.build_tables(typed(planted_results))[0]
+    figure = report.plot_output_sqnr_against_outliers(table)
+    ratio_ax, rounding_ax = [ax for ax in figure.axes if ax.get_visible() and ax.get_title()]
+    rows = table.results["int8-dynamic-cpu"].analysis["layers"]
+    planted = next(r for r in rows if r["layer"] == PLANTED)
+    for ax, field in ((ratio_ax, "input_outlier_ratio"), (rounding_ax, "input_rounding_sqnr_db")):
+        drawn = sorted(tuple(map(float, xy)) for c in ax.collections for xy in c.get_offsets())
+        assert drawn == sorted((r[field], r["output_sqnr_db"]) for r in rows)
+        labels = [t.get_text() for t in ax.texts]
+        assert labels[0] == "output 1" and len(labels) == report.WORST_LAYERS
+    # The planted layer's input sticks out most, its rounding alone costs most, and its output
+    # suffers most: both panels rank it as the input explains it.
+    assert planted["output_sqnr_db"] == min(r["output_sqnr_db"] for r in rows)
+    assert planted["input_outlier_ratio"] == max(r["input_outlier_ratio"] for r in rows)
+    assert planted["input_rounding_sqnr_db"] == min(r["input_rounding_sqnr_db"] for r in rows)
+    assert float(ratio_ax.get_title().split("ρ ")[1].rstrip(")")) < 0
+    assert float(rounding_ax.get_title().split("ρ ")[1].rstrip(")")) > 0
+    page = report.write_report(typed(planted_results), tmp_path / "p.html").path.read_text()
+    worst = page.split('<table class="worst-layers">', 1)[1].split("</table>", 1)[0]
+    first = worst.split("<tbody>", 1)[1].split("</tr>", 1)[0]
+    assert f"<th>{PLANTED}</th>" in first
+    assert f"<td>{planted['input_outlier_ratio']:.1f}</td><td>1</td><td>{PLANTED_COLUMN}, " in first
+    assert (
+        f"<td>{planted['output_sqnr_db']:.1f}</td><td>{planted['input_rounding_sqnr_db']:.1f}</td>"
+        in first
+    )
+
+
+def test_results_without_input_outliers_draw_the_rest(results, tmp_path):
+    old = copy.deepcopy(results)
+    for result in old:  # as written before the layers' inputs were described
+        for row in (result.get("analysis") or {}).get("layers") or []:
+            for key in ("input_absmax", "input_outlier_ratio", "input_outlier_columns"):
+                row.pop(key)
+            row.pop("input_top_columns"), row.pop("input_rounding_sqnr_db")
+    rendered = report.write_report(typed(old), tmp_path / "old.html")
+    page = rendered.path.read_text(encoding="utf-8")
+    assert "no per-layer input outliers in these results" in page
+    assert "tiny-output-sqnr-by-depth" in {p.stem for p in rendered.figures}
+    assert "tiny-output-sqnr-vs-outliers" not in {p.stem for p in rendered.figures}
+    assert page.count('<table class="worst-layers">') == 2  # the columns read "–"
 
 
 def test_histogram_plot_draws_the_grid_of_the_precision(results):
@@ -357,7 +437,7 @@ def test_chromium_loads_every_image_and_the_table(rendered, results, tmp_path):
     found = browser_check(page, tmp_path)
     header, rows, _ = collect.table_rows(collect.build_tables(typed(results))[0])
     figures = len(list((out.parent / "tiny_figures").glob("*.png")))
-    assert figures == 7  # the names are checked in the test above
+    assert figures == 9  # the names are checked in the test above
     assert found == {
         "images": figures,
         "broken": [],
