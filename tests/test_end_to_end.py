@@ -304,10 +304,10 @@ def test_a_second_job_whose_model_cannot_load_stops_the_run_before_any_variant(
 
     prepare = models.prepare_model
 
-    def second_job_fails(spec):
+    def second_job_fails(spec, say):
         if spec.name == "second":
             raise OSError("pytorch_model.bin: invalid load key")
-        return prepare(spec)
+        return prepare(spec, say)
 
     monkeypatch.setattr(models, "prepare_model", second_job_fails)
     first = write_job(tmp_path / "a", rt_job(tiny_model, variants="[fp32-cpu]"))
