@@ -10,6 +10,8 @@ imported here.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 import warnings
@@ -136,9 +138,12 @@ def dequantized_gguf(gguf: GgufFile, model_class):
     """The GGUF's weights dequantized to FP32, in a plain model: transformers marks a model loaded
     from a GGUF as quantized and refuses to save it, so its weights move into one built from the
     same config without the mark."""
-    loaded = model_class.from_pretrained(
-        str(gguf.path.parent), gguf_file=gguf.path.name, dtype=torch.float32
-    )
+    # transformers draws a progress bar of its own for the tensors (plain tqdm, on stderr, which
+    # its logging switch does not reach); run's own line says what is happening.
+    with contextlib.redirect_stderr(io.StringIO()):
+        loaded = model_class.from_pretrained(
+            str(gguf.path.parent), gguf_file=gguf.path.name, dtype=torch.float32
+        )
     config = loaded.config
     del config.quantization_config
     model = model_class.from_config(config, dtype=torch.float32)
