@@ -98,7 +98,7 @@ def read_gguf(source: ModelSource, job: Path, field: str = "model") -> GgufFile:
     sha256 = checked_sha256(source.gguf, job, where)
     if sha256 not in _READ:
         path = joined_file(source.gguf, job, where, ".gguf")
-        reader = _open(path, job, where)
+        reader = _open_joined(source, path, job, where)
         _READ[sha256] = GgufFile(
             name=source.gguf.describe(),
             path=path,
@@ -112,6 +112,26 @@ def read_gguf(source: ModelSource, job: Path, field: str = "model") -> GgufFile:
             license=_field(reader, "general.license"),
         )
     return _READ[sha256]
+
+
+def _open_joined(source: ModelSource, path: Path, job: Path, where: str) -> GGUFReader:
+    """The GGUF reader; where the file was joined from chunks, a file that does not read is the
+    chunks' fault (one missing or out of order): said of them, and the join is not kept."""
+    if len(source.gguf.chunks) == 1:
+        return _open(path, job, where)
+    try:
+        return _open(path, job, where)
+    except SpecError as error:
+        path.unlink(missing_ok=True)
+        chunks = ", ".join(chunk.describe() for chunk in source.gguf.chunks)
+        raise SpecError(
+            job,
+            f"{where}.chunks",
+            chunks,
+            f"the {len(source.gguf.chunks)} chunks joined in this order are not a whole GGUF "
+            f"({error.allowed}): a chunk is missing, out of order or damaged; give the job the "
+            "file's sha256 to have each join checked",
+        ) from None
 
 
 def _open(path: Path, job: Path, where: str) -> GGUFReader:

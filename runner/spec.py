@@ -380,29 +380,46 @@ def _model_source(file: Path, shown: Path, reader: Reader, allow_config: bool) -
 
 
 FILE_FORMS = (
-    "a file (a path, or {package: pkg/sub/file}), or {chunks: [files...], sha256: ...} for a "
-    "file split in chunks"
+    "a file (a path, {path: ...} or {package: pkg/sub/file}), or {chunks: [files...]} for a file "
+    "split in chunks; a mapping may add sha256: the file's"
 )
 
 
 def _file_source(file: Path, shown: Path, reader: Reader, key: str) -> FileSource:
-    """gguf: / archive: a file, whole or in chunks: `x.gguf`, `{package: pkg/x.gguf}` or
-    `{chunks: [...], sha256: ...}`. Whether the files are there is checked by plan.py."""
+    """gguf: / archive: a file, whole or in chunks: `x.gguf`, `{package: pkg/x.gguf}`,
+    `{path: x.gguf}` or `{chunks: [...]}`, each mapping with an optional sha256. Whether the
+    files are there is checked by plan.py."""
     value = reader.data[key]
-    if isinstance(value, dict) and "chunks" in value:
-        inner = reader.sub(key)
-        inner.check_keys(("chunks", "sha256"))
+    if not (isinstance(value, dict) and ({"chunks", "path", "sha256"} & set(value))):
+        return FileSource((_file_ref(file, shown, value, reader.field(key)),))
+    inner = reader.sub(key)
+    inner.check_keys(("chunks", "path", "package", "sha256"))
+    if "chunks" in value:
         chunks = inner.get("chunks", list)
         if not chunks:
             raise inner.error("chunks", chunks, "one file or more, joined in this order")
         refs = tuple(
             _file_ref(file, shown, c, inner.field(f"chunks[{i}]")) for i, c in enumerate(chunks)
         )
-        sha256 = inner.get("sha256", str)
-        if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
-            raise inner.error("sha256", sha256, "64 hexadecimal digits (sha256sum's output)")
-        return FileSource(refs, sha256.lower() if sha256 else None)
-    return FileSource((_file_ref(file, shown, value, reader.field(key)),))
+    else:
+        whole = {k: v for k, v in value.items() if k != "sha256"}
+        if len(whole) != 1:
+            raise SpecError(shown, reader.field(key), value, f"expected {FILE_FORMS}")
+        one = whole.get("path", whole)  # {path: x} reads as the string x
+        refs = (_file_ref(file, shown, one, reader.field(key)),)
+    return FileSource(refs, _sha256(inner))
+
+
+def _sha256(reader: Reader) -> str | None:
+    found = reader.data.get("sha256")
+    if isinstance(found, int) and not isinstance(found, bool):  # all digits: YAML read a number
+        raise reader.error(
+            "sha256", found, "64 hexadecimal digits in quotes: YAML reads digits alone as a number"
+        )
+    sha256 = reader.get("sha256", str)
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise reader.error("sha256", sha256, "64 hexadecimal digits (sha256sum's output)")
+    return sha256.lower() if sha256 else None
 
 
 def _file_ref(file: Path, shown: Path, value, where: str) -> FileRef:

