@@ -24,6 +24,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from runner import pivot
+from runner.gguf_files import types_by_kind
 from runner.measure import hardware_label, machine_name
 from runner.precisions import PRECISIONS
 from runner.results import StudyFile, walk
@@ -235,30 +236,6 @@ def _task(table: JobTable) -> tuple[str, Task]:
         )
         return name, Task()
     return name, TASKS[name]
-
-
-def types_by_kind(types: dict[str, dict[str, int]]) -> str:
-    """{'attn_q': {'Q4_1': 30}, 'attn_k': ..., 'token_embd': {'Q8_0': 1}} -> 'Q4_1 attn_*,
-    ffn_*; Q8_0 token_embd': each type and the tensor kinds that hold it, a family of kinds (attn_,
-    ffn_) as one where it holds one type."""
-    kinds_of: dict[str, list[str]] = {}
-    for kind, found in sorted(types.items()):
-        for name in found:
-            kinds_of.setdefault(name, []).append(kind)
-    family_types: dict[str, set[str]] = {}
-    family_size: dict[str, int] = {}
-    for kind, found in types.items():
-        family_types.setdefault(kind.split("_")[0], set()).update(found)
-        family_size[kind.split("_")[0]] = family_size.get(kind.split("_")[0], 0) + 1
-    shown = []
-    for name, kinds in kinds_of.items():
-        family = [k.split("_")[0] for k in kinds]
-        words = [
-            f"{f}_*" if family_size[f] > 1 and family_types[f] == {name} else k
-            for k, f in zip(kinds, family)
-        ]
-        shown.append(f"{name} {', '.join(dict.fromkeys(words))}")
-    return "; ".join(shown)
 
 
 def dequantized_note(key: str, baseline: Result) -> list[str]:

@@ -55,14 +55,6 @@ class GgufFile:
         """The fewest bits of any matrix's type: 4 for a Q4_1 or Q4_K_M file."""
         return min(type_bits(t) for kind in self.types.values() for t in kind)
 
-    def weights_summary(self) -> str:
-        """'Q4_1 (attn_k, attn_output, ...), Q8_0 (token_embd)': each type and its tensor kinds."""
-        kinds_of: dict[str, list[str]] = {}
-        for kind, types in self.types.items():
-            for name in types:
-                kinds_of.setdefault(name, []).append(kind)
-        return ", ".join(f"{name} ({', '.join(kinds)})" for name, kinds in kinds_of.items())
-
     def record(self) -> dict:
         """What every result keeps of the file (its `model.gguf`)."""
         return {
@@ -74,6 +66,30 @@ class GgufFile:
             "lowest_bits": self.lowest_bits,
             "dequantized": self.lowest_bits < 32,
         }
+
+
+def types_by_kind(types: dict[str, dict[str, int]]) -> str:
+    """{'attn_q': {'Q4_1': 30}, 'attn_k': ..., 'token_embd': {'Q8_0': 1}} -> 'Q4_1 attn_*,
+    ffn_*; Q8_0 token_embd': each type and the tensor kinds that hold it, a family of kinds (attn_,
+    ffn_) as one where it holds one type."""
+    kinds_of: dict[str, list[str]] = {}
+    for kind, found in sorted(types.items()):
+        for name in found:
+            kinds_of.setdefault(name, []).append(kind)
+    family_types: dict[str, set[str]] = {}
+    family_size: dict[str, int] = {}
+    for kind, found in types.items():
+        family_types.setdefault(kind.split("_")[0], set()).update(found)
+        family_size[kind.split("_")[0]] = family_size.get(kind.split("_")[0], 0) + 1
+    shown = []
+    for name, kinds in kinds_of.items():
+        family = [k.split("_")[0] for k in kinds]
+        words = [
+            f"{f}_*" if family_size[f] > 1 and family_types[f] == {name} else k
+            for k, f in zip(kinds, family)
+        ]
+        shown.append(f"{name} {', '.join(dict.fromkeys(words))}")
+    return "; ".join(shown)
 
 
 def type_bits(name: str) -> int:
