@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runner import data, measure, model_cache, model_checks, model_source
+from runner import data, gguf_files, measure, model_cache, model_checks, model_source
 from runner.fields import SpecError
 from runner.job import JobSpec, SampleSpec
 from runner.placement import where_it_runs
@@ -65,7 +65,7 @@ def plan_job(path: str | Path) -> JobPlan:
     notes = [
         f"left out {pair}, not a variant of precisions × devices that can run: {why}"
         for pair, why in spec.left_out
-    ]
+    ] + gguf_notes(spec, shown)
     train = None
     if spec.finetune is not None:
         train = training_split(spec, shown, rows, sample_rows, notes)
@@ -89,6 +89,17 @@ def plan_job(path: str | Path) -> JobPlan:
         train_examples=train,
         notes=notes,
     )
+
+
+def gguf_notes(spec: JobSpec, shown: Path) -> list[str]:
+    """What a GGUF model is before it runs: its weights are already quantized."""
+    if spec.model.gguf is None:
+        return []
+    gguf = gguf_files.read_gguf(spec.model, shown)
+    return [
+        f"model: a {gguf.architecture} GGUF ({gguf_files.types_by_kind(gguf.types)}), dequantized "
+        f"to FP32 once: the baseline carries its {gguf.lowest_bits}-bit rounding"
+    ]
 
 
 def check_model_kind(task: Task, spec: JobSpec, shown: Path, config: dict) -> None:

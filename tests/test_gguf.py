@@ -109,6 +109,7 @@ def test_a_gguf_job_validates(capsys, tmp_path, tiny_gguf):
     code, out, err = run_cli(capsys, "validate", job)
     assert code == 0, err
     assert f"model: gguf:{tiny_gguf}  task: causal-lm" in out, out
+    assert "note: model: a llama GGUF (Q4_0 attn_*; Q8_0 ffn_*, token_embd), dequantized" in out
 
 
 def test_a_gguf_runs_and_its_results_record_the_files_types(
