@@ -24,7 +24,7 @@ from runner import folders
 from runner.folders import cache_root
 from runner.job import JobSpec, ModelSource
 from runner.model_checks import pretrained_name
-from runner.model_files import checked_sha256
+from runner.model_files import checked_sha256, hash_file
 
 MARKER = "quantbench-model.json"
 
@@ -36,9 +36,7 @@ MARKER = "quantbench-model.json"
 def _hash_folder(folder: Path, digest) -> None:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        hash_file(path, digest)
 
 
 def hub_commit(source: ModelSource) -> str | None:

@@ -87,15 +87,20 @@ def distribution(package_folder_name: str) -> str:
     return package_folder_name.replace("_", "-")
 
 
+def hash_file(path: Path, digest) -> None:
+    """Feed a file's bytes to a hashlib digest, a MiB at a time."""
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+
+
 def content_sha256(paths: list[Path]) -> str:
     """The sha256 of the chunks joined, read once per process."""
     key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
     if key not in _HASHED:
         digest = hashlib.sha256()
         for path in paths:
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+            hash_file(path, digest)
         _HASHED[key] = digest.hexdigest()
     return _HASHED[key]
 

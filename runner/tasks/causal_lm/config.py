@@ -236,15 +236,11 @@ def special_tokens(tokenizer) -> list[str]:
 
 def check_vocabulary_fits(config: dict, source: ModelSource, job: Path, field: str) -> None:
     """Every id the tokenizer gives must be a row of the model's embeddings."""
-    tokenizer = model_checks.tokenizer_json_files(source, job, field).get("tokenizer.json")
     vocab = config.get("vocab_size")
-    if not isinstance(tokenizer, dict) or not isinstance(vocab, int):
+    if not isinstance(vocab, int):
         return
-    model = tokenizer.get("model") or {}
-    ids = list((model.get("vocab") or {}).values()) if isinstance(model.get("vocab"), dict) else []
-    ids += [t.get("id", 0) for t in tokenizer.get("added_tokens") or [] if isinstance(t, dict)]
-    size = max((i for i in ids if isinstance(i, int)), default=-1) + 1
-    if size > vocab:
+    size = model_checks.tokenizer_size(source, job, field)
+    if size is not None and size > vocab:
         raise SpecError(
             job,
             "model.config.vocab_size" if config.get("architectures") is None else field,
