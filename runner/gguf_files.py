@@ -115,14 +115,15 @@ def read_gguf(source: ModelSource, job: Path, field: str = "model") -> GgufFile:
     if sha256 not in _READ:
         path = joined_file(source.gguf, job, where, ".gguf")
         reader = _open_joined(source, path, job, where)
+        tokens = _strings(reader, "tokenizer.ggml.tokens")
         _READ[sha256] = GgufFile(
             name=source.gguf.describe(),
             path=path,
             sha256=sha256,
             architecture=_field(reader, "general.architecture") or "?",
             config=_config(path, job, where),
-            tokens=_strings(reader, "tokenizer.ggml.tokens"),
-            special=_special_tokens(reader),
+            tokens=tokens,
+            special=_special_tokens(reader, tokens),
             control=_control_ids(reader),
             types=_types(reader),
             license=_field(reader, "general.license"),
@@ -133,11 +134,11 @@ def read_gguf(source: ModelSource, job: Path, field: str = "model") -> GgufFile:
 def _open_joined(source: ModelSource, path: Path, job: Path, where: str) -> GGUFReader:
     """The GGUF reader; where the file was joined from chunks, a file that does not read is the
     chunks' fault (one missing or out of order): said of them, and the join is not kept."""
-    if len(source.gguf.chunks) == 1:
-        return _open(path, job, where)
     try:
         return _open(path, job, where)
     except SpecError as error:
+        if len(source.gguf.chunks) == 1:
+            raise
         path.unlink(missing_ok=True)
         chunks = ", ".join(chunk.describe() for chunk in source.gguf.chunks)
         raise SpecError(
@@ -211,8 +212,8 @@ def _strings(reader: GGUFReader, name: str) -> tuple[str, ...]:
     return tuple(bytes(found.parts[i]).decode("utf-8", errors="replace") for i in found.data)
 
 
-def _special_tokens(reader: GGUFReader) -> dict[str, str]:
-    tokens, special = _strings(reader, "tokenizer.ggml.tokens"), {}
+def _special_tokens(reader: GGUFReader, tokens: tuple[str, ...]) -> dict[str, str]:
+    special = {}
     for name in ("bos", "eos"):
         found = reader.fields.get(f"tokenizer.ggml.{name}_token_id")
         if found is not None and found.data and int(found.parts[found.data[0]][0]) < len(tokens):
