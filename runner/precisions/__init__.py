@@ -55,10 +55,16 @@ def register(family: Family, *, columns_before: str | None = None) -> Family:
     clash = sorted(p.name for p in family.precisions if p.name in PRECISIONS)
     if clash:
         raise ValueError(f"{family.name}: precisions {clash} are registered already")
-    keys = set(family.defaults())
-    taken = sorted(keys & set(default_settings()))
+    keys, registered = family.defaults(), default_settings()
+    taken = sorted((set(keys) - set(family.shares)) & set(registered))
     if taken:
         raise ValueError(f"{family.name}: settings {taken} are another family's already")
+    for key in family.shares:
+        if key not in registered or registered[key] != keys.get(key):
+            raise ValueError(
+                f"{family.name}: shares setting {key!r}, which no registered family declares with "
+                f"the default {keys.get(key)!r}"
+            )
     entries = list(PRECISIONS.values())
     at = len(entries)
     if columns_before is not None:

@@ -21,6 +21,9 @@ class Precision:
     # reads, with their defaults; ClassVars say what it is (a cast's dtype, a bnb 4-bit quant
     # type). The family's worker dispatches on its type.
     config: type
+    # True for a method that observes a calibration set before it quantizes (its family's
+    # calibrate): a job with it needs a `calibration:` block.
+    calibrated: bool = False
 
     def __post_init__(self):
         if not (is_dataclass(self.config) and self.config.__dataclass_params__.frozen):
@@ -46,6 +49,9 @@ class Family:
     # False for the float casts: they change every layer at once, so a sensitivity study cannot take
     # them apart.
     quantizes_layers: bool = True
+    # Settings its precisions take that another family declares and reads (one int4 group size for
+    # every int4 method, so that they compare like for like): same default, read once, by the other.
+    shares: tuple[str, ...] = ()
 
     def __post_init__(self):
         for precision in self.precisions:

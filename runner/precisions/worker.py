@@ -80,11 +80,21 @@ class FamilyWorker:
         check_keep(model, keep, precision.name)
         return model, recorded
 
+    def calibrate(
+        self, model, precision: Precision, config, batches: list[dict], keep=frozenset()
+    ) -> tuple[Any, Any]:
+        """What a calibrated precision (precision.calibrated) observes of the FP32 model on the
+        calibration batches (model inputs of one row each, on the model's device): the model to
+        quantize (the same one, or a library's prepared copy) and the observations quantize
+        takes. The whole model is observed, the layers in keep too. Never called for a precision
+        that does not calibrate."""
+        return model, None
+
     def quantize(
         self, model, precision: Precision, config, keep=frozenset(), calibration=None
     ) -> tuple[Any, dict]:
-        """The model quantized, but the layers in keep; and what to record of it. calibration: a
-        list of batches for a method that calibrates on data (None: none given)."""
+        """The model quantized, but the layers in keep; and what to record of it. calibration:
+        what calibrate observed (None for a precision that does not calibrate)."""
         return model, {}
 
     def linear_classes(self) -> tuple[type, ...]:
@@ -167,6 +177,7 @@ class Quantized:
     recorded: dict
     load_s: float
     quantize_s: float
+    calibrate_s: float | None = None  # None: the precision does not calibrate
 
 
 def _no_phase(name: str) -> AbstractContextManager:
@@ -181,16 +192,17 @@ def quantized_model(
     model_dir,
     device: str,
     keep=frozenset(),
-    calibration: list | None = None,
+    calibration: list[dict] | None = None,
     phase: Callable[[str], AbstractContextManager] = _no_phase,
     fp32=None,
 ) -> Quantized:
     """The checkpoint loaded and quantized as the precision does, every linear layer but those
-    named in keep (full module names, kept as FP32 nn.Linear). phase(name): a context manager
-    around the "load" and "quantize" steps (the worker's memory phases). fp32: the FP32 model
-    already loaded (a study's), quantized as a copy instead of loading again, unless the family
-    quantizes while loading. Raises ValueError for a kept name that is not a linear layer, or a
-    cast (fp16, bf16) asked to keep."""
+    named in keep (full module names, kept as FP32 nn.Linear). calibration: the batches a
+    calibrated precision observes first, in a step of its own. phase(name): a context manager
+    around the "load", "calibrate" and "quantize" steps (the worker's memory phases). fp32: the
+    FP32 model already loaded (a study's), quantized as a copy instead of loading again, unless
+    the family quantizes while loading. Raises ValueError for a kept name that is not a linear
+    layer, or a cast (fp16, bf16) asked to keep."""
     keep = frozenset(keep)
     with phase("load"):
         started = time.perf_counter()
@@ -200,11 +212,19 @@ def quantized_model(
             model, recorded = copy.deepcopy(fp32), {}
             check_keep(model, keep, precision.name)
         load_s = time.perf_counter() - started
+    observed, calibrate_s = None, None
+    if precision.calibrated:
+        if not calibration:
+            raise ValueError(f"{precision.name} calibrates on data: it needs calibration batches")
+        with phase("calibrate"):
+            started = time.perf_counter()
+            model, observed = family.calibrate(model, precision, config, calibration, keep)
+            calibrate_s = time.perf_counter() - started
     with phase("quantize"):
         started = time.perf_counter()
-        model, quantized = family.quantize(model, precision, config, keep, calibration)
+        model, quantized = family.quantize(model, precision, config, keep, observed)
         quantize_s = time.perf_counter() - started
     recorded.update(quantized)
     if keep:
         recorded["kept_in_fp32"] = sorted(keep)
-    return Quantized(model, recorded, load_s, quantize_s)
+    return Quantized(model, recorded, load_s, quantize_s, calibrate_s)
