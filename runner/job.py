@@ -128,6 +128,23 @@ class FinetuneSpec:
     warmup_ratio: float = 0.1
 
 
+DEFAULT_CALIBRATION_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """The rows a calibrated precision (static INT8, SmoothQuant, AWQ, GPTQ) observes before it
+    quantizes: never rows of the evaluation sample, unless allow_overlap."""
+
+    dataset: DatasetSpec | None = None  # None: the job's dataset, rows outside the sample
+    samples: int = 128  # rows
+    # Tokens per row, at most; None: DEFAULT_CALIBRATION_TOKENS or the model's position table,
+    # whichever is shorter.
+    max_length: int | None = None
+    seed: int = 0
+    allow_overlap: bool = False
+
+
 # A variant id's tail when the variant runs through torch.compile.
 COMPILED_SUFFIX = "-compiled"
 # <precision>-mixed-<device>: a sensitivity study's recipe, some layers in FP32.
@@ -190,6 +207,7 @@ class JobSpec:
     baseline: str
     seed: int
     finetune: FinetuneSpec | None = None
+    calibration: CalibrationSpec | None = None
     tolerances: dict[str, float] = field(default_factory=dict)
     task: str = "classification"  # a name in runner.tasks.TASKS
     task_config: Any = None  # the task's own job fields, as it read them (Task.read_config)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runner import data, gguf_files, measure, model_cache, model_checks, model_source
+from runner.calibration import CalibrationSet, calibration_set
 from runner.fields import SpecError
 from runner.job import JobSpec, SampleSpec
 from runner.placement import where_it_runs
@@ -33,6 +34,7 @@ class JobPlan:
     sample_fingerprint: str
     spec_hash: str
     train_examples: list[data.Example] | None = None  # the fine-tune split, when the job fine-tunes
+    calibration: CalibrationSet | None = None  # a calibrated precision's rows
     notes: list[str] = field(
         default_factory=list
     )  # what is allowed but worth saying before it runs
@@ -49,6 +51,7 @@ class JobPlan:
             "max_length": spec.dataset.max_length,
             "task": self.task,
             "task_config": self.targets.config,
+            "calibration": self.calibration,
         }
 
 
@@ -74,6 +77,8 @@ def plan_job(path: str | Path) -> JobPlan:
     model_source.check_model_class(task, spec.model, config, shown)
     targets = task.plan(spec, shown, config, rows, examples, train)
     check_lengths(spec, shown, config)
+    positions = config.get("max_position_embeddings")
+    calibration_rows = calibration_set(spec, shown, rows, sample_rows, train, positions)
 
     notes += sample_notes(spec, rows, examples, train)
     notes.extend(targets.notes)
@@ -87,6 +92,7 @@ def plan_job(path: str | Path) -> JobPlan:
         sample_fingerprint=data.fingerprint(examples),
         spec_hash=_spec_hash(spec, examples, train),
         train_examples=train,
+        calibration=calibration_rows,
         notes=notes,
     )
 
@@ -236,6 +242,9 @@ def check_lengths(spec: JobSpec, shown: Path, config: dict) -> None:
     # A task of text alone cuts its own windows (and checks them): max_length is not read.
     if TASKS[spec.task].labelled and spec.dataset.max_length > positions:
         raise SpecError(shown, "dataset.max_length", spec.dataset.max_length, allowed)
+    calibration = spec.calibration
+    if calibration is not None and (calibration.max_length or 0) > positions:
+        raise SpecError(shown, "calibration.max_length", spec.calibration.max_length, allowed)
     shape = spec.evaluation.fixed_shape
     if shape is not None and shape[1] > positions:
         raise SpecError(
@@ -266,6 +275,16 @@ def _spec_hash(
     return digest.hexdigest()[:16]
 
 
+def calibration_line(rows: CalibrationSet) -> str:
+    record = rows.record
+    overlap = record["overlap_with_sample"]
+    shared = f"{overlap} in the evaluation sample (allowed)" if overlap else "none"
+    return (
+        f"  calibration: {record['rows']} rows of {record['source']}, up to {rows.max_length} "
+        f"tokens each (seed {record['seed']}); in the evaluation sample: {shared}"
+    )
+
+
 def describe_plan(plan: JobPlan) -> str:
     spec = plan.spec
     asked = spec.dataset.sample.n
@@ -291,6 +310,7 @@ def describe_plan(plan: JobPlan) -> str:
             if plan.train_examples
             else []
         ),
+        *([calibration_line(plan.calibration)] if plan.calibration else []),
         f"  baseline: {spec.baseline}",
         *(f"  note: {note}" for note in plan.notes),
         "  variants:",

@@ -21,6 +21,7 @@ from runner.fields import Reader, SpecError, label_name, no_such
 from runner.job import (
     COMPILED_SUFFIX,
     GROUPINGS,
+    CalibrationSpec,
     DatasetSpec,
     EvaluationSpec,
     FileRef,
@@ -189,6 +190,7 @@ TOP_FIELDS = (
     "tokenizer",
     "dataset",
     "finetune",
+    "calibration",
     "evaluation",
     "settings",
     "variants",
@@ -216,6 +218,9 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
     evaluation = _evaluation(top.sub("evaluation") or Reader(shown, {}, "evaluation"))
     settings = _settings(top.sub("settings") or Reader(shown, {}, "settings"))
     variants, left_out = _variants(shown, top, evaluation.compile)
+    sensitivity = _sensitivity(shown, top.sub("sensitivity"))
+    calibration = _calibration(file, shown, top.sub("calibration"), dataset, task)
+    _check_calibration(shown, calibration, variants, sensitivity)
     return JobSpec(
         file=file,
         name=name,
@@ -228,10 +233,11 @@ def _parse(file: Path, shown: Path, raw: Any) -> JobSpec:
         baseline=_baseline(shown, top, variants),
         seed=seed,
         finetune=finetune,
+        calibration=calibration,
         tolerances=_tolerances(top.sub("tolerances")),
         task=task.name,
         task_config=task.read_config(top),
-        sensitivity=_sensitivity(shown, top.sub("sensitivity")),
+        sensitivity=sensitivity,
         left_out=tuple(left_out),
         raw=raw,
     )
@@ -478,6 +484,56 @@ def _finetune(
     )
 
 
+def _calibration(
+    file: Path, shown: Path, reader: Reader | None, dataset: DatasetSpec, task: Task
+) -> CalibrationSpec | None:
+    """calibration: {dataset, samples, max_length, seed, allow_overlap}; its dataset takes the
+    dataset's source fields and is read for its texts alone (a classifier calibrates without
+    labels)."""
+    if reader is None:
+        return None
+    reader.check_keys(tuple(f.name for f in fields(CalibrationSpec)))
+    source = reader.sub("dataset")
+    texts = None
+    if source is not None:
+        texts = _dataset(file, shown, source, task, SOURCE_FIELDS, like=dataset, texts_only=True)
+    default = CalibrationSpec()
+    return CalibrationSpec(
+        dataset=texts,
+        samples=reader.positive_int("samples", default.samples),
+        max_length=reader.positive_int("max_length", None),
+        seed=reader.get("seed", int, default.seed),
+        allow_overlap=reader.get("allow_overlap", bool, default.allow_overlap),
+    )
+
+
+def _check_calibration(
+    shown: Path,
+    calibration: CalibrationSpec | None,
+    variants: list[Variant],
+    sensitivity: SensitivitySpec | None,
+) -> None:
+    """A calibrated precision needs a calibration block; a block no precision reads is refused."""
+    asked = [v.precision for v in variants] + ([sensitivity.precision] if sensitivity else [])
+    calibrated = sorted({p for p in asked if PRECISIONS[p].calibrated})
+    if calibrated and calibration is None:
+        raise SpecError(
+            shown,
+            "calibration",
+            None,
+            f"{', '.join(calibrated)} calibrate on data: add a calibration: block (samples, "
+            "max_length, seed; dataset: default the job's rows outside the evaluation sample)",
+        )
+    if calibration is not None and not calibrated:
+        names = [p.name for p in PRECISIONS.values() if p.calibrated]
+        raise SpecError(
+            shown,
+            "calibration",
+            "a calibration block",
+            f"no precision of this job calibrates; the ones that do: {', '.join(names)}",
+        )
+
+
 def _dataset(
     file: Path,
     shown: Path,
@@ -485,15 +541,17 @@ def _dataset(
     task: Task,
     allowed: tuple[str, ...] | None = None,
     like: DatasetSpec | None = None,
+    texts_only: bool = False,
 ) -> DatasetSpec:
     """A dataset's fields; the job's own dataset also its task's (a classifier's label map). A
     training file `like` the job's dataset (of its format) takes the dataset's header and columns
     unless it names its own: it is usually the other split of the same data. A task that reads
-    text alone takes no label column and no other task's label fields."""
+    text alone takes no label column and no other task's label fields. texts_only: the texts are
+    read, any labels ignored (a calibration set)."""
     task_keys = tuple(dict.fromkeys(key for t in TASKS.values() for key in t.dataset_fields))
     reader.check_keys(allowed or SOURCE_FIELDS + task_keys + ("sample", "max_length"))
-    labelled = task.labelled
-    if not labelled:
+    labelled = task.labelled and not texts_only
+    if not task.labelled:
         _no_labels(shown, reader)
     _only_its_task(reader, task)
     fmt, path_value = _dataset_format(shown, reader)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from runner import measure
+from runner.calibration import CalibrationSet
 from runner.job import EvaluationSpec, FinetuneSpec, SensitivitySpec, Variant
 from runner.precisions import Family, Precision
 from runner.schema import SCHEMA_VERSION, Result
@@ -32,6 +33,7 @@ class Work:
     max_length: int
     task: Task  # the job's task: in the process that runs the work, it resolves its worker
     task_config: Any = None  # the task's configuration from its plan (a classifier's labels)
+    calibration: CalibrationSet | None = None  # the rows a calibrated precision observes
 
     # "module:function" that runs it on the node, in a process of its own.
     runs: ClassVar[str] = ""

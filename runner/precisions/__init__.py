@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import fields
 
-from runner.precisions import bitsandbytes, casts, torch_ao, torchao
+from runner.precisions import bitsandbytes, calibrated, casts, torch_ao, torchao
 from runner.precisions.declaration import Family, Precision
 from runner.references import resolve
 
@@ -132,3 +132,5 @@ register(bitsandbytes.FAMILY)
 register(torch_ao.FAMILY, columns_before="bitsandbytes")
 register(torchao.FAMILY, columns_before="bitsandbytes")
 register(casts.FAMILY, columns_before="torch_ao")
+# The calibrated methods after the calibration-free ones they are compared with.
+register(calibrated.FAMILY, columns_before="bitsandbytes")
