@@ -47,6 +47,7 @@ LAST_ROWS = (
     Row("peak RSS (MiB)", metric("peak_rss_mib"), 0),
     Row("peak CUDA (MiB)", metric("peak_cuda_mib"), 0),
     Row("load (s)", metric("load_s"), 2),
+    Row("calibrate (s)", metric("calibrate_s"), 2),
     Row("quantize (s)", metric("quantize_s"), 2),
     Row("compile (s)", metric("compile_s"), 2),
 )

@@ -38,6 +38,29 @@ def tokenize_batches(
     return batches
 
 
+def calibration_batches(work, device: str) -> list[dict]:
+    """The job's calibration rows (work.calibration), tokenized as its task feeds a text, one
+    unpadded row per batch, on the device."""
+    if work.calibration is None:
+        raise ValueError(
+            f"{work.precision.name} calibrates on data, and the job gave no calibration rows"
+        )
+    return row_batches(work.task.worker().calibration_rows(work), device)
+
+
+def row_batches(rows: list[list[int]], device: str) -> list[dict]:
+    """One batch per row of token ids, unpadded: what a calibrated precision observes (a pad
+    would enter its statistics: no attention mask reaches a layer's input)."""
+    return [
+        {
+            "input_ids": torch.tensor([ids], device=device),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
+        }
+        for ids in rows
+        if ids
+    ]
+
+
 def batch_order(tokenizer, texts: list[str], max_length: int, how: str) -> list[int]:
     """The order in which the sample is batched. "length": by token count, shortest first (a stable
     sort), so each batch pads to nearly its own length; at batch size 1 the order changes

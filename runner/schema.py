@@ -188,6 +188,9 @@ class Metrics(Record):
     memory_phases_reset: bool | None = None
     load_s: float | None = None
     quantize_s: float | None = None
+    # A calibrated precision's pass over its calibration set, before it quantizes (never timed
+    # in latency).
+    calibrate_s: float | None = None
     compile_s: float | None = None  # a compiled variant's first pass, which compiles it
     # A compiled variant's graphs compiled in its first pass, in warm-up and while the clock ran
     # (0 where warm-up met every shape), graph breaks and cache hits (runner/worker.py).

@@ -208,12 +208,16 @@ class LoadedVariant:
     settings: dict
     load_s: float
     quantize_s: float
+    calibrate_s: float | None = None  # None: the precision does not calibrate
 
 
 def load_variant(work: VariantWork, memory: machine.MemoryPhases, threads: int) -> LoadedVariant:
-    """The model loaded and quantized in the memory phases "load" and "quantize"; its settings:
-    threads, what loading and quantizing recorded, and the classes of its linear layers."""
+    """The model loaded, calibrated where its precision calibrates, and quantized, in the memory
+    phases "load", "calibrate" and "quantize"; its settings: threads, what loading and quantizing
+    recorded (and the calibration set), and the classes of its linear layers."""
     precision, family = work.precision, work.family.family_worker()
+    calibrated = precision.calibrated
+    batches = evaluate.calibration_batches(work, work.variant.device) if calibrated else None
     quantized = quantized_model(
         precision,
         config_for(precision, work.settings),
@@ -222,14 +226,24 @@ def load_variant(work: VariantWork, memory: machine.MemoryPhases, threads: int) 
         work.model_dir,
         work.variant.device,
         keep=frozenset(work.variant.keep),  # a study's mixed variant: these layers stay FP32
+        calibration=batches,
         phase=memory.phase,
     )
     settings = {
         "threads": threads,
         **quantized.recorded,
+        **({"calibration": calibration_record(work, batches)} if batches else {}),
         "linear_layers": family.linear_layer_kinds(quantized.model),
     }
-    return LoadedVariant(quantized.model, settings, quantized.load_s, quantized.quantize_s)
+    return LoadedVariant(
+        quantized.model, settings, quantized.load_s, quantized.quantize_s, quantized.calibrate_s
+    )
+
+
+def calibration_record(work, batches: list[dict]) -> dict:
+    """result.settings.calibration: where the rows came from, how many, their tokens and hash."""
+    tokens = sum(batch["input_ids"].shape[1] for batch in batches)
+    return {**work.calibration.record, "rows": len(batches), "tokens": tokens}
 
 
 # How a compiled variant runs torch.compile. dynamic None is torch's own default: the first shape
@@ -393,6 +407,8 @@ def measured_metrics(
         "load_s": round(loaded.load_s, 4),
         "quantize_s": round(loaded.quantize_s, 4),
     }
+    if loaded.calibrate_s is not None:
+        metrics["calibrate_s"] = round(loaded.calibrate_s, 4)
     if compiled is not None:
         metrics["compile_s"] = round(compiled.compile_s, 4)
         metrics["compilation"] = compilation_record(compiled, timings)

@@ -14,6 +14,7 @@ Like runner/worker.py this module imports no Ray; it runs in the step's own proc
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from runner import analysis, machine, measure, models, progress
+from runner import analysis, evaluate, machine, measure, models, progress
 from runner.precisions import config_for
 from runner.precisions.worker import REFERENCE, linear_names, quantized_model
 from runner.study import ranking
@@ -40,6 +41,8 @@ class Loaded:
         ranking.StudyView
     )  # the task's: the sample's batches, a model's outputs, compare with FP32
     load_s: float
+    # A calibrated precision's fully quantized model: it calibrates and quantizes once per step.
+    calibrated: object = None
 
 
 def run_step(step: StudyWork) -> dict:
@@ -85,6 +88,8 @@ def quantized(loaded: Loaded, keep: frozenset[str]):
     """The model as the precision quantizes it, every linear layer but keep: a copy of the FP32
     model quantized, or loaded again where the family quantizes while loading (bitsandbytes)."""
     step = loaded.step
+    if step.precision.calibrated:
+        return with_kept(calibrated_once(loaded), loaded.fp32, keep)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice, once per measurement
         return quantized_model(
@@ -97,6 +102,33 @@ def quantized(loaded: Loaded, keep: frozenset[str]):
             keep,
             fp32=loaded.fp32,
         ).model
+
+
+def calibrated_once(loaded: Loaded):
+    """The calibrated precision's fully quantized model, made on the step's first use: calibration
+    sees the whole FP32 model, and each method quantizes a layer from what it saw (GPTQ also from
+    the layers before it, quantized), so a kept layer is the FP32 one put back."""
+    if loaded.calibrated is None:
+        step = loaded.step
+        loaded.calibrated = quantized_model(
+            step.precision,
+            config_for(step.precision, step.settings),
+            step.family.family_worker(),
+            loaded.model_class,
+            step.model_dir,
+            step.study.device,
+            calibration=evaluate.calibration_batches(step, step.study.device),
+            fp32=loaded.fp32,
+        ).model
+    return loaded.calibrated
+
+
+def with_kept(quantized_full, fp32, keep: frozenset[str]):
+    """A copy of the fully quantized model with the layers in keep as the FP32 model has them."""
+    model = copy.deepcopy(quantized_full)
+    for name in keep:
+        model.set_submodule(name, copy.deepcopy(fp32.get_submodule(name)))
+    return model
 
 
 def study_of(loaded: Loaded, layers: tuple[str, ...]) -> ranking.Study:

@@ -316,6 +316,11 @@ class TaskWorker:
         """The answers in sample order -> metrics, warnings, the per-sample record."""
         raise NotImplementedError
 
+    def calibration_rows(self, work) -> list[list[int]]:
+        """The calibration set's texts (work.calibration) as token ids, as the task feeds a text
+        to the model, each cut to the calibration's max_length."""
+        raise NotImplementedError
+
     def measure_more(self, work, model, batches: list, memory, scored: Scored) -> Scored:
         """Measurements after the timed passes and the weight analysis, on the eager model,
         outside every clock (a causal LM's KL from FP32, its generation speed)."""

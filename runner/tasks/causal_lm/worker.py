@@ -54,6 +54,14 @@ class CausalLMWorker(TaskWorker):
             fixed.pop("token_type_ids", None)  # a decoder takes none
         return batches, list(range(len(batch_windows(batches)))), fixed
 
+    def calibration_rows(self, work) -> list[list[int]]:
+        """Each text after the prefix token, as perplexity reads a document, cut."""
+        tokenizer = load_tokenizer(work)
+        prefix_id = perplexity.prefix_token_id(tokenizer, work.task_config.perplexity.prefix)
+        rows = work.calibration
+        encoded = tokenizer(list(rows.texts), add_special_tokens=False)["input_ids"]
+        return [([prefix_id] + ids)[: rows.max_length] for ids in encoded]
+
     def read_output(self, output, batch: WindowBatch) -> list[perplexity.WindowLoss]:
         """Each window's summed NLL, scored tokens and greedy tokens."""
         return [

@@ -13,7 +13,7 @@ from functools import partial
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from runner import evaluate
 from runner.study import ranking
@@ -35,6 +35,12 @@ class ClassificationWorker(TaskWorker):
         return evaluate.tokenized_sample(
             work.model_dir, work.texts, work.evaluation, work.max_length, work.variant.device
         )
+
+    def calibration_rows(self, work) -> list[list[int]]:
+        """Each text as the sample's are tokenized (with the encoder's special tokens), cut."""
+        tokenizer = AutoTokenizer.from_pretrained(work.model_dir)
+        rows = work.calibration
+        return tokenizer(list(rows.texts), truncation=True, max_length=rows.max_length)["input_ids"]
 
     def read_output(self, output, batch: dict) -> list[np.ndarray]:
         """One row of label probabilities per sample, in float32 (the batch is not needed: the
