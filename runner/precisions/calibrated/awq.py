@@ -1,0 +1,150 @@
+"""awq-int4: AWQ's per-channel scales, then int4 weights on torchao-int4-weight's grid.
+
+AWQ multiplies each input channel j of a layer's weight by s_j before quantizing and divides the
+input by s_j, so the salient channels (large mean |x|) lose less to rounding. It tries
+s = mean|x|^ratio (normalised) for ratio = 0, 1/n, ..., (n-1)/n and keeps the one whose
+quantized layer's output moves least on the calibration inputs; ratio 0 is plain RTN.
+
+This is torchao's AWQ search (AWQObserver.calculate_qparams, torchao 0.18), the same scales,
+the same normalisation, the same loss, with two changes:
+- torchao's observer keeps every calibration input and runs each candidate over all of them.
+  Here hooks keep mean |x| and G = sum x^T x per layer (observe.py); the mean squared output
+  error of a candidate whose computed weight differs from W by D is sum((D @ G) * D) / (tokens *
+  out_features), exactly torchao's loss, in memory that does not grow with the calibration set.
+- the base config is torchao-int4-weight's own (IntxWeightOnlyConfig(int4, PerGroup(g)) on the
+  CPU, where torchao's AWQConfig refuses it for lack of act_pre_scale; Int4WeightOnlyConfig on
+  CUDA), and the layer is a PreScaledLinear: F.linear(x * (1 / s), W_q), W_q = int4(W * s).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchao
+from torchao.core.config import config_to_dict
+from torchao.quantization import Int4TilePackedTo4dTensor, IntxUnpackedToInt8Tensor
+from torchao.quantization.quant_api import _QUANTIZE_CONFIG_HANDLER
+from torchao.utils import DummyModule
+
+from runner.precisions.calibrated.observe import linear_layers, observe_inputs, replace_layer
+from runner.precisions.torchao import Int4Weight
+from runner.precisions.torchao.worker import _int4_grid, check_group_size, torchao_config
+
+SEARCH_GRID_SIZE = 20  # torchao AWQConfig's scale_search_space_size default
+
+
+class PreScaledLinear(torch.nn.Linear):
+    """y = F.linear(x * act_pre_scale, W_q, b): W_q is torchao's int4 tensor of W * s, and the
+    buffer act_pre_scale = 1 / s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x * self.act_pre_scale.to(x.dtype), self.weight, self.bias)
+
+
+def int4_config(config, device: str):
+    """torchao-int4-weight's torchao config on this device, at the job's group size."""
+    return torchao_config(Int4Weight(config.torchao_int4_group_size), device)
+
+
+def calibrate(model, config, batches: list[dict], keep: frozenset[str]):
+    """Each layer's mean |x| per channel and sum x^T x over the calibration rows. Raises
+    ValueError first where the group size does not divide a layer to quantize."""
+    check_group_size(model, config.torchao_int4_group_size, keep)
+    return model, observe_inputs(model, batches, gram=True)
+
+
+def quantize(model, config, keep: frozenset[str], observed) -> tuple:
+    device = next(model.parameters()).device.type
+    base = int4_config(config, device)
+    ratios: dict[str, int] = {}  # ratio chosen: how many layers chose it
+    for name, layer in linear_layers(model):
+        if name in keep:
+            continue
+        scales, ratio = search_scales(layer.weight.detach(), observed[name], base)
+        replace_layer(model, name, pre_scaled_layer(layer, scales, base))
+        ratios[f"{ratio:g}"] = ratios.get(f"{ratio:g}", 0) + 1
+    return model, {
+        "method": "awq",
+        "library": "torchao",
+        "library_version": torchao.__version__,
+        "config": config_to_dict(base),
+        "granularity": config.granularity,
+        "group_size": config.torchao_int4_group_size,
+        "awq_search_grid_size": SEARCH_GRID_SIZE,
+        "awq_ratios_chosen": dict(sorted(ratios.items(), key=lambda item: float(item[0]))),
+    }
+
+
+def search_scales(weight: torch.Tensor, stats, base_config) -> tuple[torch.Tensor, float]:
+    """torchao's AWQ search: the scales s [in] whose quantized layer's output moves least over
+    the calibration tokens, and the ratio they came from."""
+    mean_abs = stats.mean_abs().to(weight.dtype)
+    best_scales, best_ratio, best_loss = torch.ones_like(mean_abs), 0.0, float("inf")
+    for i in range(SEARCH_GRID_SIZE):
+        ratio = i / SEARCH_GRID_SIZE
+        scales = mean_abs.pow(ratio).clamp(min=1e-4).view(-1)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        computed = dense(quantized_weight(weight * scales, base_config)) / scales
+        loss = output_error(weight.float() - computed.float(), stats)
+        if loss < best_loss:
+            best_scales, best_ratio, best_loss = scales, ratio, loss
+    return best_scales.detach(), best_ratio
+
+
+def output_error(difference: torch.Tensor, stats) -> float:
+    """mean over tokens and outputs of (x @ D^T)^2, from sum x^T x."""
+    energy = ((difference @ stats.gram) * difference).sum()
+    return float(energy) / (max(stats.tokens, 1) * difference.shape[0])
+
+
+def quantized_weight(weight: torch.Tensor, base_config):
+    """torchao's handler for the base config on this float weight: its tensor subclass."""
+    if weight.device.type != "cpu":  # tinygemm takes bfloat16 weights, as torchao-int4-weight
+        weight = weight.to(torch.bfloat16)
+    return _QUANTIZE_CONFIG_HANDLER[type(base_config)](DummyModule(weight), base_config).weight
+
+
+def dense(weight) -> torch.Tensor:
+    """The float [out, in] values a torchao int4 tensor multiplies by. The CUDA tinygemm tensor
+    has no dequantize: the identity through its own matmul gives them."""
+    if isinstance(weight, Int4TilePackedTo4dTensor):
+        eye = torch.eye(weight.shape[1], device=weight.device, dtype=weight.dtype)
+        return F.linear(eye, weight).T
+    return weight.dequantize()
+
+
+def pre_scaled_layer(layer: torch.nn.Linear, scales, base_config) -> PreScaledLinear:
+    """A PreScaledLinear computing layer with int4 weights W * s and inputs x / s."""
+    weight = layer.weight.detach() * scales
+    scaled = PreScaledLinear(
+        layer.in_features, layer.out_features, layer.bias is not None, device="meta"
+    )
+    scaled.weight = torch.nn.Parameter(quantized_weight(weight, base_config), requires_grad=False)
+    scaled.bias = layer.bias
+    scaled.register_buffer("act_pre_scale", (1.0 / scales).float())
+    return scaled
+
+
+def effective_weight(module) -> torch.Tensor | None:
+    """W_q times 1 / s: the weight in the layer's original input space."""
+    if not is_quantized(module):
+        return None
+    weight = dense(module.weight).float() * module.act_pre_scale.float()[None, :]
+    return weight.detach().cpu()
+
+
+def is_quantized(module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(module, PreScaledLinear) and (
+        (type(weight) is IntxUnpackedToInt8Tensor and weight.target_dtype == torch.int4)
+        or type(weight) is Int4TilePackedTo4dTensor
+    )
+
+
+def grid(precision, config, weight: torch.Tensor) -> dict:
+    """torchao-int4-weight's grid at this weight's own group scales. The layer quantizes W * s,
+    whose scales depend on the calibration set; in W's own space each column's step is divided
+    by s_j."""
+    drawn = _int4_grid(precision, Int4Weight(config.torchao_int4_group_size), weight)
+    drawn["scheme"] += " of the scaled weight W * s (drawn at W's own group scales)"
+    return drawn

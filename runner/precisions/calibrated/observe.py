@@ -1,0 +1,81 @@
+"""What the calibrated methods see of the FP32 model: every linear layer's input over the
+calibration rows, gathered by forward pre-hooks into running statistics of fixed size.
+
+torchao's own observers keep every calibration input (about 39 GB for SmolLM2-135M at 128 rows
+of 512 tokens); these keep, per layer, a few vectors of in_features numbers and, for AWQ, one
+[in_features, in_features] matrix, whatever the number of rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class InputStats:
+    """One linear layer's inputs over every calibration token.
+
+    absmax: max |x_j| of each input channel j. abssum: sum of |x_j| (float64, for the mean).
+    tokens: how many tokens (input rows) were seen. gram: sum of x^T x, [in, in], where asked
+    for: the squared output error of any weight change D over every token seen is
+    sum((D @ gram) * D), without keeping the tokens."""
+
+    absmax: torch.Tensor
+    abssum: torch.Tensor
+    tokens: int = 0
+    gram: torch.Tensor | None = None
+
+    def mean_abs(self) -> torch.Tensor:
+        """mean |x_j| of each input channel: what AWQ's search scales by."""
+        return (self.abssum / max(self.tokens, 1)).to(self.absmax.dtype)
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        self.absmax = torch.maximum(self.absmax, rows.abs().amax(dim=0))
+        self.abssum += rows.abs().sum(dim=0, dtype=torch.float64)
+        self.tokens += rows.shape[0]
+        if self.gram is not None:
+            self.gram.addmm_(rows.T, rows)
+
+
+def linear_layers(model) -> list[tuple[str, torch.nn.Linear]]:
+    """(name, layer) of every nn.Linear of the model, in order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def observe_inputs(model, batches: list[dict], gram: bool = False) -> dict[str, InputStats]:
+    """Every linear layer's InputStats over the calibration batches (model inputs of one row
+    each, on the model's device), the model run once on each. gram: also sum x^T x (AWQ)."""
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for name, layer in linear_layers(model):
+        device = layer.weight.device
+        stats[name] = InputStats(
+            absmax=torch.zeros(layer.in_features, device=device),
+            abssum=torch.zeros(layer.in_features, device=device, dtype=torch.float64),
+            gram=torch.zeros(layer.in_features, layer.in_features, device=device) if gram else None,
+        )
+        handles.append(layer.register_forward_pre_hook(_adder(stats[name])))
+    try:
+        with torch.no_grad():  # not inference_mode: the statistics are used outside it
+            for batch in batches:
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _adder(layer_stats: InputStats):
+    def hook(module, args):
+        layer_stats.add(args[0])
+
+    return hook
+
+
+def replace_layer(model, name: str, layer: torch.nn.Module) -> None:
+    """Puts layer in the model under the module name of the one it replaces."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, layer)
