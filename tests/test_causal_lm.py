@@ -76,7 +76,8 @@ variants: {variants}
 def run_one(tmp_path, model, precision: str, device: str = "cpu") -> tuple[dict, object]:
     """(the variant's result as JSON, its plan): planned from a job file, run by the worker in
     this process, as a Ray worker would."""
-    job = write_job(tmp_path, lm_job(model, variants=f"[{precision}-{device}]"))
+    calibration = "calibration: {samples: 8}" if PRECISIONS[precision].calibrated else ""
+    job = write_job(tmp_path, lm_job(model, calibration, variants=f"[{precision}-{device}]"))
     plan = plan_job(job)
     model_dir, info = models.prepare_model(plan.spec)
     (task,) = variant_work(plan, model_dir, info, set(), [Variant(precision, device)])

@@ -25,6 +25,13 @@ RELATIVE_TOLERANCE = {
     "torchao-int8-dynamic": 0.03,
     "torchao-int8-weight": 1e-4,
     "torchao-int4-weight": 1e-4,
+    # Static INT8 rounds the activations at a scale fixed from the calibration rows, and clamps
+    # what lies beyond their range; the int4 methods multiply the weights they read back (AWQ's
+    # input pre-scale included).
+    "int8-static": 0.05,
+    "smoothquant-int8": 0.05,
+    "awq-int4": 1e-4,
+    "gptq-int4": 1e-4,
     "bnb-int8": 0.03,
     "bnb-nf4": 0.01,
     "bnb-fp4": 0.01,
@@ -66,8 +73,37 @@ def _load(precision: str, folder):
         model_class = transformers.AutoModelForSequenceClassification
         config = precisions.config_for(spec, SETTINGS)
         family = precisions.worker_of(spec)
-        model = quantized_model(spec, config, family, model_class, str(folder), "cpu").model
+        calibration = _calibration_rows() if spec.calibrated else None
+        model = quantized_model(
+            spec, config, family, model_class, str(folder), "cpu", calibration=calibration
+        ).model
     return model
+
+
+def spec_of(precision: str):
+    return precisions.PRECISIONS[precision]
+
+
+def _layer_inputs(model, batch: dict) -> dict:
+    """Each linear layer's input on one forward of the batch."""
+    seen, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            hook = lambda m, args, name=name: seen.setdefault(name, args[0].detach().clone())  # noqa: E731
+            handles.append(module.register_forward_pre_hook(hook))
+    with torch.inference_mode():
+        model(**batch)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def _calibration_rows() -> list[dict]:
+    """Rows of the tiny BERT's vocabulary, of several lengths, one per batch: what a calibrated
+    precision observes."""
+    generator = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 100, (1, length), generator=generator) for length in (5, 9, 16, 7)]
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in rows]
 
 
 def _config(precision: str):
@@ -102,12 +138,15 @@ def test_precision_runs_quantizes_and_reads_back(tiny_bert_64, precision):
     assert len(weights) == 14  # 6 per encoder layer, pooler, classifier
     assert sum(family.linear_layer_kinds(model).values()) == 14
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2))
+    # A static activation scale clamps what lies beyond the calibration rows' range: a calibrated
+    # layer is checked on what it meets on such a row.
+    seen = _layer_inputs(model, _calibration_rows()[1]) if spec_of(precision).calibrated else {}
     for name, weight in weights.items():
         layer = model.get_submodule(name)
         if family.leaves_unquantized(model, name):
             continue
         assert family.is_quantized(_config(precision), layer), (precision, name, type(layer))
-        inputs = x[:, : weight.shape[1]].to(_input_dtype(layer))
+        inputs = seen.get(name, x[:, : weight.shape[1]]).to(_input_dtype(layer))
         with torch.inference_mode():
             out = layer(inputs).float()
         bias = layer.bias() if callable(getattr(layer, "bias", None)) else layer.bias
@@ -137,7 +176,8 @@ def test_grid_of_every_precision(tiny_bert_64, precision):
         assert grid["precision"] == precision and grid["values"]
         # The group holding the largest |w| reaches it (int8's codes end at 127 / 127.5); symmetric
         # int4's codes -8..7 times max|w| / 7.5 reach 7 / 7.5 of it one way and 8 / 7.5 the other.
-        reach = {"torchao-int4-weight": 8 / 7.5}.get(precision, 1.0)
+        int4 = ("torchao-int4-weight", "awq-int4", "gptq-int4")
+        reach = 8 / 7.5 if precision in int4 else 1.0
         extent = max(abs(v) for v in grid["values"])
         assert extent == pytest.approx(reach * weight.abs().max().item(), rel=1e-2)
 
@@ -172,9 +212,13 @@ def test_settings_are_every_familys_side_by_side():
         "dynamic_modules",
         "quantized_engine",
         "torchao_int4_group_size",
+        "smoothquant_alpha",
     ]
-    assert names == [key for family in precisions.FAMILIES.values() for key in family.defaults()]
+    # A shared setting (the int4 methods' group size) is listed once, where its family declares it.
+    declared = [key for family in precisions.FAMILIES.values() for key in family.defaults()]
+    assert names == list(dict.fromkeys(declared))
     assert list(precisions.PRECISIONS) == [
         "fp32", "fp16", "bf16", "int8-dynamic", "torchao-int8-dynamic", "torchao-int8-weight",
-        "torchao-int4-weight", "torchao-float8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4",
+        "torchao-int4-weight", "torchao-float8-dynamic", "int8-static", "smoothquant-int8",
+        "awq-int4", "gptq-int4", "bnb-int8", "bnb-nf4", "bnb-fp4",
     ]  # fmt: skip

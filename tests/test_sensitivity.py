@@ -37,10 +37,18 @@ def _load_quantized(precision: str, folder, keep) -> tuple:
     """(model, recorded settings): the checkpoint loaded and quantized as the precision does."""
     spec = precisions.PRECISIONS[precision]
     family = precisions.worker_of(spec)
+    calibration = _calibration_rows() if spec.calibrated else None
     loaded = quantized_model(
-        spec, _config(precision), family, _auto_model(), str(folder), "cpu", keep
+        spec, _config(precision), family, _auto_model(), str(folder), "cpu", keep, calibration
     )
     return loaded.model, loaded.recorded
+
+
+def _calibration_rows() -> list[dict]:
+    """A few rows of token ids every test model's vocabulary holds, one per batch."""
+    generator = torch.Generator().manual_seed(3)
+    rows = [torch.randint(5, 100, (1, length), generator=generator) for length in (6, 11, 8)]
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in rows]
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +190,10 @@ SEAM_PRECISIONS = [
     "torchao-int8-dynamic",
     "torchao-int8-weight",
     "torchao-int4-weight",
+    "int8-static",
+    "smoothquant-int8",
+    "awq-int4",
+    "gptq-int4",
 ]
 
 
