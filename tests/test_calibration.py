@@ -3,8 +3,11 @@ what it refuses (exit 2, naming the field), and what a plan says of it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from conftest import RT_POLARITY, check_refused, rt_job, run_cli, write_job
+import torch
+from conftest import RT_POLARITY, check_refused, rt_job, run_cli, variant_json, write_job
 from lm_models import build_tiny_llama
 
 from runner.calibration import texts_sha256
@@ -143,3 +146,126 @@ def test_a_classifier_calibrates_on_texts_without_labels(tmp_path, tiny_model):
     plan = plan_job(write_job(tmp_path, job))
     assert len(plan.calibration.texts) == 20
     assert plan.calibration.texts[0].startswith("an unlabelled film review")
+
+
+# ---------------------------------------------------------------------------------------------
+# A run with calibrated precisions, as a user runs it.
+
+CALIBRATED = "[fp32-cpu, int8-static-cpu, smoothquant-int8-cpu, awq-int4-cpu, gptq-int4-cpu]"
+
+
+@pytest.fixture
+def private_timing_lock(tmp_path, monkeypatch):
+    from runner import locks
+
+    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, str(tmp_path / "timing.lock"))
+
+
+def test_a_run_times_calibration_apart_and_records_its_rows(
+    capsys, tmp_path, llama, ray_temp_dir, private_timing_lock
+):
+    job = write_job(tmp_path, lm_job(llama, variants=CALIBRATED))
+    results = tmp_path / "results"
+    code, out, err = run_cli(
+        capsys, "run", job, "--results", results, "--ray-temp-dir", ray_temp_dir
+    )
+    assert code == 0, err
+    planned = plan_job(job).calibration
+    for variant in ("int8-static-cpu", "smoothquant-int8-cpu", "awq-int4-cpu", "gptq-int4-cpu"):
+        result = json.loads((results / "tiny-calibrated" / f"{variant}.json").read_text())
+        assert result["status"] == "ok", result["error"]
+        metrics, settings = result["metrics"], result["settings"]
+        assert metrics["calibrate_s"] > 0 and "calibrate" in metrics["memory_phases"]
+        recorded = settings["calibration"]
+        assert recorded["rows"] == 16 and recorded["texts_sha256"] == planned.record["texts_sha256"]
+        assert 16 < recorded["tokens"] <= 16 * 24  # each row after its prefix, cut to 24
+        assert settings["library"] in ("torchao", "neural-compressor-pt")
+        assert settings["library_version"] and settings["config"]
+        assert result["analysis"]["layers"]  # the weight analysis read its layers back
+    fp32 = json.loads((results / "tiny-calibrated" / "fp32-cpu.json").read_text())
+    assert "calibrate_s" not in fp32["metrics"] and "calibration" not in fp32["settings"]
+    assert "calibrate (s)" in out
+
+    code, out, err = run_cli(
+        capsys, "run", job, "--results", results, "--resume", "--ray-temp-dir", ray_temp_dir
+    )
+    assert code == 0 and "[resume] tiny-calibrated awq-int4-cpu: kept" in out, err
+    report = tmp_path / "report.html"
+    assert run_cli(capsys, "report", results, "--out", report)[0] == 0
+    assert "smoothquant-int8-cpu" in report.read_text()
+
+
+def test_a_layer_its_library_cannot_quantize_fails_the_variant_naming_it(
+    tmp_path, llama, private_timing_lock, monkeypatch
+):
+    from runner import models
+    from runner.job import Variant
+    from runner.precisions.calibrated import int8_static
+    from runner.sweep import variant_work
+
+    made = int8_static.static_int8_layer
+
+    def refuse_the_mlp(layer, absmax, smoothing=None):
+        if layer.in_features != layer.out_features:  # the MLP's layers and lm_head
+            raise ValueError("shape not supported")
+        return made(layer, absmax, smoothing)
+
+    monkeypatch.setattr(int8_static, "static_int8_layer", refuse_the_mlp)
+    plan = plan_job(write_job(tmp_path, lm_job(llama)))
+    model_dir, info = models.prepare_model(plan.spec)
+    variants = [Variant("int8-static", "cpu"), Variant("fp32", "cpu")]
+    failed, ok = (variant_json(w) for w in variant_work(plan, model_dir, info, set(), variants))
+    assert failed["status"] == "failed"
+    assert "int8-static: torchao failed at layer 'model.layers.0.mlp." in failed["error"]
+    assert "ValueError: shape not supported" in failed["error"]
+    assert ok["status"] == "ok"
+
+
+@pytest.mark.parametrize("precision", ["smoothquant-int8", "gptq-int4"])
+def test_a_study_calibrates_once_on_the_whole_model_and_keeps_layers_fp32(
+    tmp_path, llama, precision
+):
+    from dataclasses import replace
+
+    from runner import models
+    from runner.job import SensitivitySpec
+    from runner.precisions import family_of
+    from runner.study import steps
+    from runner.work import StudyWork
+
+    study = f"sensitivity: {{precision: {precision}, groups: type}}\n{CALIBRATION}"
+    plan = plan_job(write_job(tmp_path, lm_job(llama, study, variants="[fp32-cpu]")))
+    model_dir, _ = models.prepare_model(plan.spec)
+    probe = StudyWork(
+        kind="probe",
+        study=SensitivitySpec(precision, "cpu", "type"),
+        family=family_of(precision),
+        model_dir=str(model_dir),
+        **plan.worker_inputs(),
+    )
+    found = steps.run_step(probe)
+    assert {"query", "mlp_down", "lm_head"} <= set(found["groups"])
+    assert found["full"]["agreement"] < 1.0
+    step = replace(probe, kind="groups", layers=tuple(found["layers"]), groups=found["groups"])
+    loaded = steps.load(step)
+    kept = frozenset(found["groups"]["mlp_down"])
+    mixed = steps.quantized(loaded, kept)
+    full = loaded.calibrated  # made once, on the first measurement
+    assert steps.quantized(loaded, frozenset()) is not full and loaded.calibrated is full
+    for name in kept:
+        layer = mixed.get_submodule(name)
+        assert type(layer) is torch.nn.Linear and type(layer.weight) is torch.nn.Parameter
+        assert torch.equal(layer.weight, loaded.fp32.get_submodule(name).weight)
+    other = found["groups"]["query"][0]
+    family = probe.family.family_worker()
+    config = family_config(probe)
+    assert family.is_quantized(config, mixed.get_submodule(other))
+    nothing = steps.study_of(loaded, step.layers)
+    same = nothing.compare(nothing.evaluate(frozenset(step.layers)))  # every layer kept
+    assert same["agreement"] == 1.0
+
+
+def family_config(step):
+    from runner.precisions import config_for
+
+    return config_for(step.precision, step.settings)

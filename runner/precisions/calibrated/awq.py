@@ -26,7 +26,7 @@ from torchao.quantization import Int4TilePackedTo4dTensor, IntxUnpackedToInt8Ten
 from torchao.quantization.quant_api import _QUANTIZE_CONFIG_HANDLER
 from torchao.utils import DummyModule
 
-from runner.precisions.calibrated.observe import linear_layers, observe_inputs, replace_layer
+from runner.precisions.calibrated.observe import observe_inputs, quantize_layers
 from runner.precisions.torchao import Int4Weight
 from runner.precisions.torchao.worker import _int4_grid, check_group_size, torchao_config
 
@@ -57,12 +57,13 @@ def quantize(model, config, keep: frozenset[str], observed) -> tuple:
     device = next(model.parameters()).device.type
     base = int4_config(config, device)
     ratios: dict[str, int] = {}  # ratio chosen: how many layers chose it
-    for name, layer in linear_layers(model):
-        if name in keep:
-            continue
+
+    def searched(name: str, layer):
         scales, ratio = search_scales(layer.weight.detach(), observed[name], base)
-        replace_layer(model, name, pre_scaled_layer(layer, scales, base))
         ratios[f"{ratio:g}"] = ratios.get(f"{ratio:g}", 0) + 1
+        return pre_scaled_layer(layer, scales, base)
+
+    quantize_layers(model, keep, "awq-int4", searched)
     return model, {
         "method": "awq",
         "library": "torchao",

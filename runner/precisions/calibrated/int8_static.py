@@ -27,7 +27,7 @@ from torchao.quantization.quantize_.common import _choose_quant_func_and_quantiz
 from torchao.utils import DummyModule
 
 from runner.analysis import make_grid
-from runner.precisions.calibrated.observe import linear_layers, observe_inputs, replace_layer
+from runner.precisions.calibrated.observe import observe_inputs, quantize_layers
 
 
 class StaticInt8Linear(torch.nn.Linear):
@@ -80,9 +80,10 @@ def calibrate(model, config, batches: list[dict], keep: frozenset[str]):
 
 
 def quantize(model, config, keep: frozenset[str], observed) -> tuple:
-    for name, layer in linear_layers(model):
-        if name not in keep:
-            replace_layer(model, name, static_int8_layer(layer, observed[name].absmax))
+    def static(name: str, layer):
+        return static_int8_layer(layer, observed[name].absmax)
+
+    quantize_layers(model, keep, "int8-static", static)
     return model, recorded("int8-static", config)
 
 

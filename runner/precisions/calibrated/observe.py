@@ -79,3 +79,19 @@ def replace_layer(model, name: str, layer: torch.nn.Module) -> None:
     """Puts layer in the model under the module name of the one it replaces."""
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+
+
+def quantize_layers(model, keep: frozenset[str], method: str, make_layer) -> None:
+    """Every linear layer but those in keep replaced by make_layer(name, layer). A layer its
+    library cannot quantize fails the variant naming the layer, its shape and the library's
+    message."""
+    for name, layer in linear_layers(model):
+        if name in keep:
+            continue
+        try:
+            replace_layer(model, name, make_layer(name, layer))
+        except Exception as error:
+            raise RuntimeError(
+                f"{method}: torchao failed at layer {name!r} ({layer.in_features} inputs, "
+                f"{layer.out_features} outputs): {type(error).__name__}: {error}"
+            ) from error

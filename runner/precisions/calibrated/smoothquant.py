@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from runner.precisions.calibrated import int8_static
-from runner.precisions.calibrated.observe import linear_layers, observe_inputs, replace_layer
+from runner.precisions.calibrated.observe import observe_inputs, quantize_layers
 
 # torchao's guard against a zero channel (smoothquant/core.py)
 EPS = torch.finfo(torch.float32).eps
@@ -37,12 +37,13 @@ def calibrate(model, config, batches: list[dict], keep: frozenset[str]):
 
 def quantize(model, config, keep: frozenset[str], observed) -> tuple:
     alpha = config.smoothquant_alpha
-    for name, layer in linear_layers(model):
-        if name in keep:
-            continue
+
+    def smoothed(name: str, layer):
         absmax = observed[name].absmax
         s = smoothing_factor(layer.weight, absmax, alpha)
-        replace_layer(model, name, int8_static.static_int8_layer(layer, absmax, smoothing=s))
+        return int8_static.static_int8_layer(layer, absmax, smoothing=s)
+
+    quantize_layers(model, keep, "smoothquant-int8", smoothed)
     recorded = int8_static.recorded("smoothquant", config)
     recorded["smoothquant_alpha"] = alpha
     recorded["activation_scale"] = "per layer: max |x / s| over the calibration rows / 127.5"
