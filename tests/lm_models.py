@@ -73,8 +73,17 @@ def build_tiny_gpt2(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A random-initialised 2-layer Llama (32 wide, 64 positions) and its tokenizer, in folder."""
+def build_tiny_llama(
+    folder: Path,
+    seed: int = 0,
+    hidden: int = 32,
+    intermediate: int = 64,
+    heads: tuple[int, int] = (2, 2),
+    positions: int = 64,
+    initializer_range: float = INITIALIZER_RANGE,
+) -> Path:
+    """A random-initialised 2-layer Llama (32 wide, 64 positions unless told; heads: attention
+    and key-value heads) and its tokenizer, in folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -82,13 +91,13 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        initializer_range=INITIALIZER_RANGE,
+        num_attention_heads=heads[0],
+        num_key_value_heads=heads[1],
+        intermediate_size=intermediate,
+        max_position_embeddings=positions,
+        initializer_range=initializer_range,
         **special_ids(tokenizer),
     )
     LlamaForCausalLM(config).save_pretrained(folder)

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from lm_models import build_bpe_tokenizer, rt_sentences, special_ids
+from lm_models import build_tiny_llama, rt_sentences
 
 from runner import analysis
 from runner.precisions.calibrated import FAMILY
@@ -40,22 +40,15 @@ def config_of(name: str):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A random 2-layer Llama, 64 wide, whose norms give 4 input channels outliers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("outlier-llama")
-    tokenizer = build_bpe_tokenizer(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        **special_ids(tokenizer),
+    # transformers' own initialisation scale (0.02): a trained model's weights, not the tests'
+    # wider one for reading context.
+    build_tiny_llama(
+        folder, hidden=64, intermediate=128, heads=(4, 2), positions=128, initializer_range=0.02
     )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.input_layernorm.weight[:OUTLIER_CHANNELS] *= 20

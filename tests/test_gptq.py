@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from lm_models import build_bpe_tokenizer, rt_sentences, special_ids
+from lm_models import build_tiny_llama, rt_sentences
 
 from runner.precisions.calibrated import FAMILY, GptqInt4, gptq
 from runner.precisions.torchao import FAMILY as TORCHAO_FAMILY
@@ -22,22 +22,13 @@ KEPT = "model.layers.0.mlp.down_proj"
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """(folder of a saved random 2-layer Llama 128 wide and its tokenizer, 24 calibration rows)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("gptq-llama")
-    tokenizer = build_bpe_tokenizer(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        **special_ids(tokenizer),
+    build_tiny_llama(
+        folder, hidden=128, intermediate=256, heads=(4, 2), positions=128, initializer_range=0.02
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = [tokenizer(text, return_tensors="pt") for text in rt_sentences()[:24]]
     batches = [{k: v[:, :64] for k, v in row.items()} for row in rows]
     assert len({b["input_ids"].shape[1] for b in batches}) > 5, "rows of different lengths"

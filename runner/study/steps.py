@@ -87,21 +87,26 @@ def load(step: StudyWork) -> Loaded:
 def quantized(loaded: Loaded, keep: frozenset[str]):
     """The model as the precision quantizes it, every linear layer but keep: a copy of the FP32
     model quantized, or loaded again where the family quantizes while loading (bitsandbytes)."""
-    step = loaded.step
-    if step.precision.calibrated:
+    if loaded.step.precision.calibrated:
         return with_kept(calibrated_once(loaded), loaded.fp32, keep)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice, once per measurement
-        return quantized_model(
-            step.precision,
-            config_for(step.precision, step.settings),
-            step.family.family_worker(),
-            loaded.model_class,
-            step.model_dir,
-            step.study.device,
-            keep,
-            fp32=loaded.fp32,
-        ).model
+        return quantized_copy(loaded, keep)
+
+
+def quantized_copy(loaded: Loaded, keep: frozenset[str], calibration: list | None = None):
+    step = loaded.step
+    return quantized_model(
+        step.precision,
+        config_for(step.precision, step.settings),
+        step.family.family_worker(),
+        loaded.model_class,
+        step.model_dir,
+        step.study.device,
+        keep,
+        calibration,
+        fp32=loaded.fp32,
+    ).model
 
 
 def calibrated_once(loaded: Loaded):
@@ -109,17 +114,8 @@ def calibrated_once(loaded: Loaded):
     sees the whole FP32 model, and each method quantizes a layer from what it saw (GPTQ also from
     the layers before it, quantized), so a kept layer is the FP32 one put back."""
     if loaded.calibrated is None:
-        step = loaded.step
-        loaded.calibrated = quantized_model(
-            step.precision,
-            config_for(step.precision, step.settings),
-            step.family.family_worker(),
-            loaded.model_class,
-            step.model_dir,
-            step.study.device,
-            calibration=evaluate.calibration_batches(step, step.study.device),
-            fp32=loaded.fp32,
-        ).model
+        rows = evaluate.calibration_batches(loaded.step, loaded.step.study.device)
+        loaded.calibrated = quantized_copy(loaded, frozenset(), rows)
     return loaded.calibrated
 
 
