@@ -29,7 +29,7 @@ CLASSIFICATION_ROWS = [
     *("macro-F1 Δ vs baseline (abs)", "McNemar p", "KL vs baseline (nats)", "ECE"),
     *("confidence change (abs)", "latency mean (ms)", "latency median (ms)", "latency std (ms)"),
     *("latency p90 (ms)", "latency p99 (ms)", "throughput (samples/s)", "peak RSS (MiB)"),
-    *("peak CUDA (MiB)", "load (s)", "quantize (s)", "compile (s)"),
+    *("peak CUDA (MiB)", "load (s)", "calibrate (s)", "quantize (s)", "compile (s)"),
 ]
 LM_ROWS = [
     *("perplexity", "perplexity Δ vs baseline (abs)", "bits per byte", "mean NLL (nats/token)"),
