@@ -1,7 +1,7 @@
 """The precisions: a registry of names, each run by one family, a folder of this package.
 
 A family is one way of quantizing, in the manner of torchao: a config type per precision plus the
-worker that loads and quantizes with it. Each family folder (casts, torch_ao, torchao,
+worker that loads and quantizes with it. Each family folder (casts, torch_ao, torchao, calibrated,
 bitsandbytes) holds:
 
 - `__init__.py`, its declaration, torch-free: its precisions (`Precision(name, family, devices,
