@@ -420,9 +420,11 @@ def _compute_cell(
 ) -> Cell:
     value = row.get(result, stats) if result.status == "ok" else None
     base_value = row.get(base, base_stats) if base is not None else None
+    # A task's compare may refuse a row's delta (a causal LM's, across perplexity conventions).
+    refused = row.label in stats.get("refused_deltas", ())
     delta = (
         (value - base_value) / base_value
-        if row.delta and value is not None and base_value
+        if row.delta and value is not None and base_value and not refused
         else None
     )
     significance = stats.get("significance") or {}

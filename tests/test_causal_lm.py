@@ -208,6 +208,7 @@ def test_a_run_writes_the_causal_lm_results(capsys, tmp_path, llama, ray_temp_di
             "stride": 8,
             "kl_top_k": 8,
             "prefix": "<s>",  # the tokenizer's BOS, resolved
+            "convention": "rolling",
         }
 
 

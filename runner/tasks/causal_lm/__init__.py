@@ -36,6 +36,8 @@ class CausalLM(Task):
     job_fields = ("perplexity", "generation")
     metrics = (
         Metric("perplexity", float, higher_is_better=False),
+        # Which tokens it scored from which context (config.CONVENTIONS), beside every perplexity.
+        Metric("perplexity_convention", str),
         Metric("bits_per_byte", float, higher_is_better=False),
         Metric("mean_nll", float, higher_is_better=False),  # nats per scored token
         Metric("scored_tokens", int),
@@ -91,7 +93,8 @@ class CausalLM(Task):
         """A causal LM's perplexity and decode speed."""
         decode = metrics.value("decode_tokens_per_s")
         speed = f"  decode {decode:.1f} tokens/s" if decode is not None else ""
-        return f"perplexity {metrics.value('perplexity'):.4g}{speed}"
+        convention = metrics.value("perplexity_convention") or "rolling"  # before it was chosen
+        return f"perplexity {metrics.value('perplexity'):.4g} ({convention}){speed}"
 
     def key_metric(self, metrics: Metrics) -> tuple[str, float | None, int]:
         return "perplexity", metrics.value("perplexity"), 2
@@ -122,7 +125,10 @@ class CausalLM(Task):
 def plan_notes(settings: config.CausalLMSettings) -> list[str]:
     window, generation = settings.perplexity, settings.generation
     kl = f"from FP32 over its top {window.kl_top_k} tokens" if window.kl_top_k else "not measured"
-    rolling = f"rolling windows of {window.context} tokens, stride {window.stride}"
+    if window.convention == "rolling":
+        rolling = f"rolling windows of {window.context} tokens, stride {window.stride}"
+    else:
+        rolling = f"convention {window.convention}, windows of {window.context} tokens"
     if window.prefix is not None:
         rolling += f", each document after {window.prefix}"
     notes = [f"perplexity: {rolling}; KL {kl}"]

@@ -139,6 +139,18 @@ def compare(result: Result, baseline: Result | None) -> Compared:
     other_sample = sample_note(result, baseline)
     if other_sample:
         return Compared(stats, [other_sample])
+    convention = convention_note(result, baseline)
+    if convention and result is not baseline:
+        # Every number that depends on which tokens were scored from which context.
+        stats["refused_deltas"] = ["perplexity", "bits per byte", "mean NLL (nats/token)"]
+        return Compared(stats, [convention])
+    compared = _paired(result, baseline, stats)
+    compared.notes[:0] = [convention] if convention else []
+    return compared
+
+
+def _paired(result: Result, baseline: Result, stats: dict) -> Compared:
+    """compare's statistics for a result of the baseline's sample and convention."""
     stats["perplexity_increase"] = _relative_increase(result, baseline)
     mine, theirs = _windows(result), _windows(baseline)
     if theirs is None or mine is None:
@@ -156,6 +168,26 @@ def compare(result: Result, baseline: Result | None) -> Compared:
     if result is not baseline:
         stats.update(_against_baseline(mine, theirs))
     return Compared(stats)
+
+
+def convention_of(result: Result) -> str:
+    """settings.perplexity.convention; results from before it could be chosen are rolling."""
+    return (result.settings.get("perplexity") or {}).get("convention") or "rolling"
+
+
+def convention_note(result: Result, baseline: Result) -> str | None:
+    """The perplexity convention, said in the baseline's column; why there is no delta, in a
+    column whose convention is not the baseline's; None otherwise."""
+    mine, theirs = convention_of(result), convention_of(baseline)
+    if result is baseline:
+        return f"perplexity in the {mine} convention (docs/causal-lm.md)"
+    if mine == theirs:
+        return None
+    return (
+        f"perplexity in the {mine} convention, the baseline's in {theirs}: no delta of perplexity, "
+        "bits per byte or NLL, no perplexity increase or agreement (the two score other tokens "
+        "from other context: their difference is not the quantization's)"
+    )
 
 
 def _windows(result: Result) -> dict | None:

@@ -67,6 +67,12 @@ class PerplexitySettings:
     # The token put before each document so that its first token is scored, as the vocabulary
     # writes it; None: the tokenizer's BOS, else its EOS (resolved by the plan or the worker).
     prefix: str | None = None
+    # Which tokens are scored from which context: one of CONVENTIONS (docs/causal-lm.md).
+    convention: str = "rolling"
+
+
+# perplexity.convention's values, the default first (perplexity.py cuts the windows of each).
+CONVENTIONS = ("rolling", "chunks", "llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -83,16 +89,38 @@ def read_settings(top) -> CausalLMSettings:
     reader = top.sub("perplexity")
     found = {} if reader is None else reader.data
     if reader is not None:
-        reader.check_keys(("context", "stride", "kl_top_k", "prefix"))
+        reader.check_keys(("context", "stride", "kl_top_k", "prefix", "convention"))
         reader.positive_int("context", None, minimum=2)
         reader.positive_int("stride", None)
         reader.positive_int("kl_top_k", 32, minimum=0)
         read_prefix(reader)
+        read_convention(reader)
     window = PerplexitySettings(**found)
     if window.context is not None and window.stride is not None and window.stride > window.context:
         allowed = f"at most the context ({window.context}): 1 to {window.context}"
         raise reader.error("stride", window.stride, allowed)
     return CausalLMSettings(window, read_generation(top))
+
+
+def read_convention(reader) -> None:
+    """One of CONVENTIONS; a stride only with `rolling`: the others step by the context."""
+    convention = reader.get("convention", str, "rolling")
+    if convention not in CONVENTIONS:
+        raise reader.error(
+            "convention",
+            convention,
+            "one of rolling (lm-eval's rolling windows per document, the default), chunks "
+            "(GPTQ-style papers: the documents joined, cut into windows of the context, every "
+            "token scored) or llama.cpp (its perplexity tool: the second half of each window "
+            "scored)",
+        )
+    if convention != "rolling" and reader.data.get("stride") is not None:
+        raise reader.error(
+            "stride",
+            reader.data["stride"],
+            f"no stride with convention {convention}: its windows step by the context; leave "
+            "stride out, or use convention rolling",
+        )
 
 
 def read_prefix(reader) -> None:
@@ -154,6 +182,9 @@ def resolved(
     allowed = f"the model takes at most {positions} tokens (its position table)"
     if positions is not None and context > positions:
         raise SpecError(shown, "perplexity.context", context, f"{allowed}: 2 to {positions}")
+    if window.convention == "llama.cpp" and context < 3:
+        allowed = "3 or more with convention llama.cpp: a window of 2 has no second half to score"
+        raise SpecError(shown, "perplexity.context", context, allowed)
     stride = window.stride or context
     if stride > context:
         raise SpecError(shown, "perplexity.stride", stride, f"at most the context ({context})")
@@ -167,9 +198,10 @@ def resolved(
                 generation.new_tokens,
                 f"prompt_length + new_tokens is {total}: {allowed}",
             )
-    return CausalLMSettings(
-        PerplexitySettings(context, stride, window.kl_top_k, prefix or window.prefix), generation
+    perplexity = PerplexitySettings(
+        context, stride, window.kl_top_k, prefix or window.prefix, window.convention
     )
+    return CausalLMSettings(perplexity, generation)
 
 
 def check_prefix_token(

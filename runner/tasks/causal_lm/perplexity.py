@@ -1,5 +1,7 @@
-"""Perplexity by rolling windows, the way lm-evaluation-harness's `loglikelihood_rolling` scores a
-document; see docs/causal-lm.md.
+"""Perplexity in one of three conventions (CONVENTIONS; docs/causal-lm.md says which paper or tool
+uses which): `rolling`, the way lm-evaluation-harness's `loglikelihood_rolling` scores each document
+on its own (below); `chunks` and `llama.cpp`, which cut the documents joined into one stream
+(stream_windows).
 
 A document is tokenized without special tokens and a prefix token (the job's perplexity.prefix,
 else the tokenizer's BOS, else its EOS) is put before it, so that its first token is predicted too.
@@ -12,6 +14,15 @@ conditioned on. stride == context is lm-eval's own choice (context_len=1): windo
 disjoint runs of tokens and overlap by one input token; a smaller stride gives every token of a
 later window at least context - stride + 1 tokens of context, at the price of context / stride
 forward passes per `context` tokens.
+
+`chunks` (GPTQ-style papers' wikitext number): the stream cut into non-overlapping windows of
+`context` tokens, each predicting the tokens one ahead of its own, so every token of the stream but
+its first is scored once, from the tokens before it in its window. `llama.cpp` (its `perplexity`
+tool): full windows of `context` tokens stepping by `context`, each window's first token replaced
+by the prefix token (llama.cpp puts BOS there), and only its second half scored: the tokens at
+positions context // 2 + 1 to context - 1, each from at least context // 2 tokens before it; a
+last partial window is dropped. A window of the stream carries the document its first target is
+in.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from runner.tasks.causal_lm.config import CONVENTIONS
 
 
 @dataclass(frozen=True)
@@ -126,26 +139,68 @@ def rolling_windows(
 
 
 def document_windows(
-    tokenizer, documents: Sequence[str], context: int, stride: int, prefix: str | None = None
+    tokenizer,
+    documents: Sequence[str],
+    context: int,
+    stride: int,
+    prefix: str | None = None,
+    convention: str = "rolling",
 ) -> list[Window]:
-    """Every document's windows, in document order, each document after the prefix token
-    (prefix_token_id). Windows hold about n * context / stride token ids in all for n document
-    tokens: keep the stride near the context for long corpora."""
+    """Every document's windows in the convention (CONVENTIONS), in document order, each document
+    after the prefix token (prefix_token_id); stride is the rolling convention's alone. Rolling
+    windows hold about n * context / stride token ids in all for n document tokens: keep the
+    stride near the context for long corpora."""
     check_window_settings(context, stride)
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"perplexity.convention is {convention!r}: allowed one of {', '.join(CONVENTIONS)}"
+        )
     if len(documents) == 0:
         raise ValueError("no documents to score: the list is empty; allowed: one or more texts")
     prefix_id = prefix_token_id(tokenizer, prefix)
     # Without special tokens: the prefix token is the only one added, as in lm-eval.
     encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
-    windows = [
-        window
-        for index, token_ids in enumerate(encoded)
-        for window in rolling_windows(token_ids, prefix_id, context, stride, index)
-    ]
+    if convention == "rolling":
+        windows = [
+            window
+            for index, token_ids in enumerate(encoded)
+            for window in rolling_windows(token_ids, prefix_id, context, stride, index)
+        ]
+    else:
+        windows = stream_windows(encoded, prefix_id, context, convention)
     if not windows:
         raise ValueError(
             f"none of the {len(documents)} documents has a token to score: they are all empty"
         )
+    return windows
+
+
+def stream_windows(
+    encoded: list[list[int]], prefix_id: int, context: int, convention: str
+) -> list[Window]:
+    """The `chunks` or `llama.cpp` windows (see the module's docstring) of the documents' tokens
+    joined, each document after the prefix token, as document_stream joins them."""
+    stream = [token for token_ids in encoded for token in [prefix_id] + token_ids]
+    # The document each position of the stream belongs to, for each window's `document`.
+    owner = [index for index, token_ids in enumerate(encoded) for _ in range(len(token_ids) + 1)]
+    if convention == "chunks":
+        windows = []
+        for start in range(0, len(stream) - 1, context):
+            end = min(start + context, len(stream) - 1)  # the last window may be shorter
+            windows.append(Window(owner[start + 1], stream[start:end], stream[start + 1 : end + 1]))
+        return windows
+    first = context // 2  # llama.cpp's n_ctx / 2: positions read, never scored
+    if first + 1 >= context or len(stream) < context:
+        raise ValueError(
+            f"perplexity.convention llama.cpp scores the second half of full windows of "
+            f"{context} tokens: the context must be 3 or more and the sample at least one window "
+            f"long; found a context of {context} and {len(stream)} tokens (prefix tokens "
+            "included); allowed: a smaller perplexity.context or a larger sample"
+        )
+    windows = []
+    for start in range(0, len(stream) - context + 1, context):
+        tokens = [prefix_id] + stream[start + 1 : start + context]
+        windows.append(Window(owner[start + first + 1], tokens[:-1], tokens[first + 1 :]))
     return windows
 
 

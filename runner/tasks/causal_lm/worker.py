@@ -74,11 +74,16 @@ class CausalLMWorker(TaskWorker):
 
     def score(self, work, answers: list[perplexity.WindowLoss]) -> Scored:
         """answers: each window's loss, in window order."""
+        convention = work.task_config.perplexity.convention
+        n_bytes = perplexity.document_bytes(work.texts)
         metrics = {
             "perplexity": perplexity.perplexity(answers),
-            "bits_per_byte": perplexity.bits_per_byte(
-                answers, perplexity.document_bytes(work.texts)
-            ),
+            "perplexity_convention": convention,
+            # llama.cpp's windows leave half the tokens unscored: the documents' bytes are not
+            # the scored tokens' bytes.
+            "bits_per_byte": None
+            if convention == "llama.cpp"
+            else perplexity.bits_per_byte(answers, n_bytes),
             "mean_nll": perplexity.mean_nll(answers),
             "scored_tokens": perplexity.scored_tokens(answers),
         }
@@ -168,9 +173,10 @@ def pad_id(tokenizer) -> int:
 
 
 def window_batches(tokenizer, texts, settings, size: int, device) -> list[WindowBatch]:
-    """Every document's rolling windows, `size` windows to a forward pass, in window order."""
+    """Every document's windows in the job's convention, `size` windows to a forward pass, in
+    window order."""
     windows = perplexity.document_windows(
-        tokenizer, texts, settings.context, settings.stride, settings.prefix
+        tokenizer, texts, settings.context, settings.stride, settings.prefix, settings.convention
     )
     batches, padding = [], pad_id(tokenizer)
     for start in range(0, len(windows), size):
