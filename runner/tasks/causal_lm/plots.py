@@ -124,6 +124,9 @@ def plot_kl_distribution(table: collect.JobTable) -> Figure | None:
             f"{histogram['below']} tokens < {histogram['edges'][0]:g}",
             fontsize=9,
         )
+        if not any(histogram["counts"]):  # FP32 against itself: nothing to draw on a log axis
+            ax.text(0.5, 0.5, "no token in range", transform=ax.transAxes, ha="center")
+            ax.set_yticks([])
         ax.set_xlabel("KL per token (nats)")
         ax.set_ylabel("tokens")
     return figure
