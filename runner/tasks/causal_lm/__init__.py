@@ -44,6 +44,8 @@ class CausalLM(Task):
         # Mean KL(FP32 || variant) per scored token, nats, over FP32's top-k tokens and one bin
         # for the rest of the vocabulary (a lower bound of the full KL).
         Metric("kl_vs_fp32", float, higher_is_better=False),
+        # llama.cpp's KL statistics against FP32 (runner/tasks/causal_lm/kl_stats.py).
+        Metric("kl_stats", dict),
         # Greedy generation with the KV cache, at the first of the job's batch sizes; generation
         # holds every batch size (runner/tasks/causal_lm/generation.py).
         Metric("time_to_first_token_ms", float, higher_is_better=False),

@@ -84,6 +84,15 @@ def _generation(name: str):
     return lambda r, s: first_batch_size(r).get(name)
 
 
+def _kl_stat(group: str, name: str):
+    """One of metrics.kl_stats' numbers (runner/tasks/causal_lm/kl_stats.py), None without."""
+    return lambda r, s: ((r.metrics.value("kl_stats") or {}).get(group) or {}).get(name)
+
+
+def _kl_percentile(which: str):
+    return lambda r, s: (_kl_stat("kl", "percentiles")(r, s) or {}).get(which)
+
+
 def _decode_ms_per_token(result: Result, stats: dict) -> float | None:
     return (first_batch_size(result).get("decode_ms_per_token") or {}).get("median")
 
@@ -112,6 +121,11 @@ ROWS = (
     Row("decode tokens/s", metric("decode_tokens_per_s"), 1),
     Row("decode ms/token median", _decode_ms_per_token, 3),
     Row("KV cache (MiB)", _generation("kv_cache_mib"), 2),
+    Row("KL median vs FP32 (nats/token)", _kl_stat("kl", "median"), None, delta=False),
+    Row("KL 99th percentile vs FP32 (nats/token)", _kl_percentile("99"), None, delta=False),
+    Row("Δp RMS of the correct token vs FP32", _kl_stat("delta_p", "rms"), 4, delta=False),
+    Row("same top token as FP32", _kl_stat("same_top", "rate"), 4, delta=False),
+    Row("same top token ± (1 s.e.)", _kl_stat("same_top", "uncertainty"), 4, delta=False),
 )
 
 

@@ -64,6 +64,8 @@ class WindowLoss:
     top_ids: np.ndarray | None = None
     top_log_probs: np.ndarray | None = None
     rest_log_prob: np.ndarray | None = None
+    # With them: [tokens] each target's log-probability, for the per-token KL statistics.
+    target_log_probs: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +305,7 @@ def score_window(logits, window: Window, top_k: int, ids_at: np.ndarray | None) 
     # 0 (log -inf) when the ids cover the vocabulary.
     rest = log_probs.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
     loss.rest_log_prob = rest.cpu().numpy()
+    loss.target_log_probs = target_log_probs.cpu().numpy()
     return loss
 
 

@@ -1,6 +1,6 @@
-"""A causal LM's figures in the report: perplexity against decode speed, and how each window's
-NLL moved against the baseline. Each is a function of a JobTable that returns a Figure, or None
-when the results hold nothing to draw."""
+"""A causal LM's figures in the report: perplexity against decode speed, how each window's NLL
+moved against the baseline, and each variant's per-token KL from FP32. Each is a function of a
+JobTable that returns a Figure, or None when the results hold nothing to draw."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from runner.report_figures import (
     Plot,
     TaskPlots,
     label_points,
+    log_scale,
     log_scale_if_wide,
     machine_legend,
     machine_styles,
@@ -103,6 +104,38 @@ def plot_nll_delta(table: collect.JobTable) -> Figure | None:
     return figure
 
 
+def plot_kl_distribution(table: collect.JobTable) -> Figure | None:
+    """Per variant, its per-token KL from FP32 as metrics.kl_stats' histogram keeps it, on a log
+    axis, with its median and 99th percentile marked."""
+    shown = [k for k in table.ok_columns() if _kl_stats(table, k).get("kl_histogram")]
+    if not shown:
+        return None
+    figure, axes = panels(len(shown), f"{table.job}: per-token KL(FP32 ‖ variant) (nats)")
+    for ax, key in zip(axes, shown):
+        stats = _kl_stats(table, key)
+        histogram, kl = stats["kl_histogram"], stats["kl"]
+        ax.stairs(histogram["counts"], histogram["edges"], fill=True, color="#1f77b4", alpha=0.7)
+        log_scale(ax, "x")
+        for value, style in ((kl["median"], "--"), (kl["percentiles"]["99"], ":")):
+            if value > histogram["edges"][0]:  # a log axis has no 0
+                ax.axvline(value, color="#d62728", linestyle=style, linewidth=1)
+        ax.set_title(
+            f"{key}\nmedian {kl['median']:.3g}, 99% {kl['percentiles']['99']:.3g}; "
+            f"{histogram['below']} tokens < {histogram['edges'][0]:g}",
+            fontsize=9,
+        )
+        if not any(histogram["counts"]):  # FP32 against itself: nothing to draw on a log axis
+            ax.text(0.5, 0.5, "no token in range", transform=ax.transAxes, ha="center")
+            ax.set_yticks([])
+        ax.set_xlabel("KL per token (nats)")
+        ax.set_ylabel("tokens")
+    return figure
+
+
+def _kl_stats(table: collect.JobTable, key: str) -> dict:
+    return table.results[key].metrics.value("kl_stats") or {}
+
+
 PLOTS = TaskPlots(
     first=(
         Plot(
@@ -126,6 +159,17 @@ PLOTS = TaskPlots(
             "token-weighted).",
             plot_nll_delta,
             "no per-window predictions paired with the baseline's",
+        ),
+        Plot(
+            "kl-distribution",
+            "Per-token KL from FP32",
+            "For each variant, its scored tokens binned by KL(FP32 ‖ variant) of the next-token "
+            "distribution (nats, over FP32's top-k tokens and one bin for the rest: a lower bound "
+            "of the full KL), four bins a decade; the title counts the tokens below the first "
+            "bin (0 included), which a log axis cannot draw. Dashed line: the median; dotted: "
+            "the 99th percentile, llama.cpp's headline numbers.",
+            plot_kl_distribution,
+            "no result with KL statistics (perplexity.kl_top_k 0, or results from before them)",
         ),
     ),
 )

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from runner import evaluate, progress
 from runner.study import ranking
 from runner.tasks import statistics
-from runner.tasks.causal_lm import generation, perplexity, training
+from runner.tasks.causal_lm import generation, kl_stats, perplexity, training
 from runner.tasks.task import Scored, TaskWorker
 
 # FP32's most probable tokens the study's KL keeps apart when the job's kl_top_k is 0.
@@ -104,9 +104,12 @@ class CausalLMWorker(TaskWorker):
         metrics, predictions, warnings = dict(scored.metrics), dict(scored.predictions), []
         if settings.perplexity.kl_top_k:
             with memory.phase("kl"):
-                kls = window_kls(work, model, batches)
+                reference, variant = kl_losses(work, model, batches)
+            kls = [perplexity.window_kl(r, v) for r, v in zip(reference, variant, strict=True)]
             predictions["windows"] = {**predictions["windows"], "kl": [round(k, 8) for k in kls]}
             metrics["kl_vs_fp32"] = math.fsum(kls) / metrics["scored_tokens"]
+            # llama.cpp's statistics from per-token values; only the statistics are kept.
+            metrics["kl_stats"] = kl_stats.kl_statistics(kl_stats.token_values(reference, variant))
         if settings.generation is not None:
             timed, warning = generation_metrics(work, model, memory)
             metrics.update(timed)
@@ -191,10 +194,10 @@ def batch_windows(batches: list[WindowBatch]) -> list[perplexity.Window]:
     return [window for batch in batches for window in batch.windows]
 
 
-def window_kls(work, model, batches: list[WindowBatch]) -> list[float]:
-    """KL(FP32 || variant) summed over each window's scored tokens, over FP32's top-k tokens and
-    one bin for the rest: the FP32 model is loaded on the variant's device, its top-k taken, then
-    the variant's log-probabilities read at those ids."""
+def kl_losses(work, model, batches: list[WindowBatch]) -> tuple[list, list]:
+    """(FP32's window losses with its top-k, the variant's at those ids), for KL(FP32 || variant)
+    over FP32's top-k tokens and one bin for the rest: the FP32 model is loaded on the variant's
+    device, its top-k taken, then the variant's log-probabilities read at those ids."""
     device, size = work.variant.device, work.evaluation.batch_size
     windows, padding = batch_windows(batches), batches[0].padding
     reference_model = AutoModelForCausalLM.from_pretrained(work.model_dir, dtype=torch.float32)
@@ -216,7 +219,7 @@ def window_kls(work, model, batches: list[WindowBatch]) -> list[float]:
             at = [loss.top_ids for loss in at]
             variant += perplexity.window_losses(model, part, device, size, padding, log_probs_at=at)
             step.advance(len(part))
-    return [perplexity.window_kl(ref, var) for ref, var in zip(reference, variant, strict=True)]
+    return reference, variant
 
 
 def generation_metrics(work, model, memory) -> tuple[dict, str | None]:
