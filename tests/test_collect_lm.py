@@ -36,8 +36,8 @@ LM_ROWS = [
     *("scored tokens", "greedy agreement with baseline", "KL vs FP32 (nats/token)"),
     *("generation batch size", "time to first token (ms)", "decode tokens/s"),
     *("decode ms/token median", "KV cache (MiB)"),
-    *("KL median vs FP32 (nats/token)", "KL 99th percentile vs FP32 (nats/token)"),
-    *("Δp RMS of the correct token vs FP32", "same top token as FP32", "same top token ± (1 s.e.)"),
+    *("token KL median (nats)", "token KL p99 (nats)"),
+    *("Δp RMS, correct token", "same top token as FP32", "same top token ± s.e."),
 ]
 
 

@@ -205,11 +205,11 @@ def test_a_variant_keeps_llama_cpps_statistics_and_fp32_agrees_with_itself(tmp_p
 
 
 KL_ROWS = [
-    "KL median vs FP32 (nats/token)",
-    "KL 99th percentile vs FP32 (nats/token)",
-    "Δp RMS of the correct token vs FP32",
+    "token KL median (nats)",
+    "token KL p99 (nats)",
+    "Δp RMS, correct token",
     "same top token as FP32",
-    "same top token ± (1 s.e.)",
+    "same top token ± s.e.",
 ]
 
 
@@ -228,11 +228,11 @@ def test_collect_shows_the_headline_kl_statistics():
     _, rows, _ = collect.table_rows(table)
     by_label = {row[0]: row for row in rows}
     # Columns: fp32-cpu, then int8-dynamic-cpu and its Δ, then bnb-nf4-cpu and its Δ.
-    assert by_label["KL median vs FP32 (nats/token)"][1:4] == ["–", "0.495", ""]
-    assert by_label["KL 99th percentile vs FP32 (nats/token)"][2] == "0.98"
-    assert by_label["Δp RMS of the correct token vs FP32"][2] == "0.0000"
+    assert by_label["token KL median (nats)"][1:4] == ["–", "0.495", ""]
+    assert by_label["token KL p99 (nats)"][2] == "0.98"
+    assert by_label["Δp RMS, correct token"][2] == "0.0000"
     assert by_label["same top token as FP32"][2] == "0.9000"
-    assert by_label["same top token ± (1 s.e.)"][2] == f"{math.sqrt(0.09 / 99):.4f}"
+    assert by_label["same top token ± s.e."][2] == f"{math.sqrt(0.09 / 99):.4f}"
     assert by_label["same top token as FP32"][4] == "–"
 
 

@@ -121,11 +121,11 @@ ROWS = (
     Row("decode tokens/s", metric("decode_tokens_per_s"), 1),
     Row("decode ms/token median", _decode_ms_per_token, 3),
     Row("KV cache (MiB)", _generation("kv_cache_mib"), 2),
-    Row("KL median vs FP32 (nats/token)", _kl_stat("kl", "median"), None, delta=False),
-    Row("KL 99th percentile vs FP32 (nats/token)", _kl_percentile("99"), None, delta=False),
-    Row("Δp RMS of the correct token vs FP32", _kl_stat("delta_p", "rms"), 4, delta=False),
+    Row("token KL median (nats)", _kl_stat("kl", "median"), None, delta=False),
+    Row("token KL p99 (nats)", _kl_percentile("99"), None, delta=False),
+    Row("Δp RMS, correct token", _kl_stat("delta_p", "rms"), 4, delta=False),
     Row("same top token as FP32", _kl_stat("same_top", "rate"), 4, delta=False),
-    Row("same top token ± (1 s.e.)", _kl_stat("same_top", "uncertainty"), 4, delta=False),
+    Row("same top token ± s.e.", _kl_stat("same_top", "uncertainty"), 4, delta=False),
 )
 
 
