@@ -237,7 +237,7 @@ def test_awq_beats_rtn_int4_in_output_error(fp32, evaluation, models):
 
 def test_awq_refuses_a_group_size_that_does_not_divide_a_layer_before_calibrating(fp32):
     precision = FAMILY.precision("awq-int4")
-    with pytest.raises(ValueError, match="in_features 64, not a multiple of .* 128"):
+    with pytest.raises(ValueError, match="awq-int4: .* in_features 64, not a multiple of .* 128"):
         WORKER.calibrate(fp32, precision, precision.config(torchao_int4_group_size=128), [])
 
 

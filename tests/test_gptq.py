@@ -153,7 +153,8 @@ def test_the_grid_is_torchao_int4_weights(llama):
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused_naming_it(llama):
     folder, batches = llama
-    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' has in_features 128"):
+    refused = r"gptq-int4: layer 'model.layers.0.self_attn.q_proj' has in_features 128"
+    with pytest.raises(ValueError, match=refused):
         gptq.calibrate(load(folder), GptqInt4(torchao_int4_group_size=256), batches, frozenset())
 
 

@@ -49,7 +49,7 @@ def int4_config(config, device: str):
 def calibrate(model, config, batches: list[dict], keep: frozenset[str]):
     """Each layer's mean |x| per channel and sum x^T x over the calibration rows. Raises
     ValueError first where the group size does not divide a layer to quantize."""
-    check_group_size(model, config.torchao_int4_group_size, keep)
+    check_group_size(model, config.torchao_int4_group_size, keep, "awq-int4")
     return model, observe_inputs(model, batches, gram=True)
 
 

@@ -38,7 +38,7 @@ from torchao.quantization import IntxUnpackedToInt8Tensor
 
 from runner.analysis import layer_matrix, make_grid
 from runner.precisions.calibrated import GptqInt4
-from runner.precisions.torchao import INT4_GROUP_SIZES
+from runner.precisions.torchao.worker import check_group_size
 from runner.precisions.worker import as_cpu_float
 
 LIBRARY = "neural-compressor-pt"
@@ -76,24 +76,10 @@ class Observed:
     kept: dict[str, torch.nn.Module]  # FP32 copies of the layers to keep: INC rounds them too
 
 
-def check_group_size(model, group_size: int, keep: frozenset[str]) -> None:
-    """torchao's int4 layer needs whole groups. Raises ValueError naming the first layer that
-    has none."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name not in keep:
-            if module.in_features % group_size:
-                fits = [str(g) for g in INT4_GROUP_SIZES if module.in_features % g == 0]
-                raise ValueError(
-                    f"gptq-int4: layer {name!r} has in_features {module.in_features}, not a "
-                    f"multiple of settings.torchao_int4_group_size {group_size}; allowed group "
-                    f"sizes that divide it: {', '.join(fits) or 'none'}"
-                )
-
-
 def calibrate(model, config: GptqInt4, batches: list[dict], keep: frozenset[str]):
     """INC's prepared model, which caught the first block's inputs for every calibration row (it
     stops each forward there: the rows cost one embedding each), and what quantize needs."""
-    check_group_size(model, config.torchao_int4_group_size, keep)
+    check_group_size(model, config.torchao_int4_group_size, keep, "gptq-int4")
     kept = {name: copy.deepcopy(model.get_submodule(name)) for name in keep}
     scratch = Path(tempfile.mkdtemp(prefix="quantbench-gptq-"))
     gptq_config = inc_config(config, scratch)

@@ -61,9 +61,15 @@ def torchao_config(config, device: str):
     return TORCHAO_CONFIGS[type(config)](config, device)
 
 
-def check_group_size(model, group_size: int, keep: frozenset[str] = frozenset()) -> None:
+def check_group_size(
+    model,
+    group_size: int,
+    keep: frozenset[str] = frozenset(),
+    precision: str = "torchao-int4-weight",
+) -> None:
     """Every linear layer's in_features, but those kept in FP32, must be a whole number of groups:
     torchao would otherwise fail deep inside (CPU) or silently leave the layer in float (CUDA).
+    precision: the int4 precision that asks (every one computes with torchao's int4 layer).
     Raises ValueError."""
     for name, module in model.named_modules():
         if name in keep:
@@ -71,7 +77,7 @@ def check_group_size(model, group_size: int, keep: frozenset[str] = frozenset())
         if isinstance(module, torch.nn.Linear) and module.in_features % group_size:
             fits = [g for g in INT4_GROUP_SIZES if module.in_features % g == 0]
             raise ValueError(
-                f"torchao-int4-weight: layer {name!r} has in_features {module.in_features}, not a "
+                f"{precision}: layer {name!r} has in_features {module.in_features}, not a "
                 f"multiple of settings.torchao_int4_group_size {group_size}; "
                 + (
                     f"group sizes that divide it: {', '.join(map(str, fits))}"
