@@ -53,7 +53,7 @@ def calibration_set(
     if calibration is None:
         return None
     evaluated = {rows[i].text for i in sample_rows}
-    pool, source, where = _pool(spec, shown, rows, sample_rows, train)
+    pool, source, where = _pool(spec, shown, rows, sample_rows, evaluated, train)
     pool = [e for e in pool if e.text.strip()]
     if calibration.samples > len(pool):
         raise SpecError(
@@ -91,14 +91,15 @@ def _pool(
     shown: Path,
     rows: list[data.Example],
     sample_rows: list[int],
+    evaluated: set[str],
     train: list[data.Example] | None,
 ) -> tuple[list[data.Example], str, str]:
-    """The rows to draw from, where they come from (in words), and the field an overlap names."""
+    """The rows to draw from, where they come from (in words), and the field an overlap names.
+    evaluated: the evaluation sample's texts."""
     calibration = spec.calibration
     if calibration.dataset is not None:
         source = f"{calibration.dataset.format}:{calibration.dataset.path or 'files'}"
         return data.read_examples(calibration.dataset, shown), source, "calibration.dataset"
-    evaluated = {rows[i].text for i in sample_rows}
     trained = {e.text for e in train or []}
     held_out = set(sample_rows)
     pool = [

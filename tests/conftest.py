@@ -27,6 +27,23 @@ def private_cache(tmp_path_factory, monkeypatch):
     return cache
 
 
+@pytest.fixture
+def private_timing_lock(tmp_path, monkeypatch):
+    """A timing lock of the test's own: another quantbench run timing on this machine must not
+    hold it up (a module that times runs uses it on every test: pytestmark)."""
+    from runner import locks
+
+    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, str(tmp_path / "timing.lock"))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny random Llama and its tokenizer, saved once per test module (lm_models)."""
+    from lm_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
 def corpus_lines(paths: list[Path], per_file: int = 2000) -> list[str]:
     return [
         line.split("\t")[0]

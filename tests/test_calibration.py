@@ -8,17 +8,11 @@ import json
 import pytest
 import torch
 from conftest import RT_POLARITY, check_refused, rt_job, run_cli, variant_json, write_job
-from lm_models import build_tiny_llama
 
 from runner.calibration import texts_sha256
 from runner.plan import plan_job
 
 CALIBRATION = "calibration: {samples: 16, max_length: 24, seed: 0}"
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("llama"))
 
 
 def lm_job(model, calibration: str = CALIBRATION, variants: str = "[fp32-cpu, int8-static-cpu]"):
@@ -152,13 +146,6 @@ def test_a_classifier_calibrates_on_texts_without_labels(tmp_path, tiny_model):
 # A run with calibrated precisions, as a user runs it.
 
 CALIBRATED = "[fp32-cpu, int8-static-cpu, smoothquant-int8-cpu, awq-int4-cpu, gptq-int4-cpu]"
-
-
-@pytest.fixture
-def private_timing_lock(tmp_path, monkeypatch):
-    from runner import locks
-
-    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, str(tmp_path / "timing.lock"))
 
 
 def test_a_run_times_calibration_apart_and_records_its_rows(

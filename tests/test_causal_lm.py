@@ -14,12 +14,11 @@ from conftest import RT_POLARITY, check_refused, run_cli, variant_json, write_jo
 from lm_models import (
     build_bpe_tokenizer,
     build_tiny_gpt2,
-    build_tiny_llama,
     load,
     nll_token_by_token,
 )
 
-from runner import locks, models
+from runner import models
 from runner.job import Variant
 from runner.plan import plan_job
 from runner.precisions import PRECISIONS, family_of
@@ -31,18 +30,11 @@ DOCUMENTS = 6
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     return build_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
 
 
-@pytest.fixture(autouse=True)
-def private_timing_lock(tmp_path, monkeypatch):
-    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, str(tmp_path / "timing.lock"))
+pytestmark = pytest.mark.usefixtures("private_timing_lock")
 
 
 def lm_job(model, extra: str = "", variants: str = "[fp32-cpu]", dataset: str = "") -> str:

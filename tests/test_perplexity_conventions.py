@@ -11,11 +11,11 @@ import math
 
 import pytest
 from conftest import check_refused, run_cli, typed, variant_json, write_job
-from lm_models import build_tiny_llama, load, next_token_log_probs, rt_sentences
+from lm_models import load, next_token_log_probs, rt_sentences
 from lm_results import three_variants
 from test_causal_lm import CONTEXT, STRIDE, lm_job
 
-from runner import collect, locks, models
+from runner import collect, models
 from runner.job import Variant
 from runner.plan import plan_job
 from runner.sweep import variant_work
@@ -27,14 +27,7 @@ REL = 1e-5  # float32 logits, summed in float64
 DOCUMENTS = rt_sentences()[:6] + ["", rt_sentences()[6]]
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(autouse=True)
-def private_timing_lock(tmp_path, monkeypatch):
-    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, str(tmp_path / "timing.lock"))
+pytestmark = pytest.mark.usefixtures("private_timing_lock")
 
 
 def token_nll(model, before: list[int], token: int) -> float:

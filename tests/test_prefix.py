@@ -9,9 +9,9 @@ import math
 
 import pytest
 from conftest import RT_POLARITY, check_refused, run_cli, variant_json, write_job
-from lm_models import BOS, EOS, PAD, build_bpe_tokenizer, build_tiny_llama, load, nll_token_by_token
+from lm_models import BOS, EOS, PAD, build_bpe_tokenizer, load, nll_token_by_token
 
-from runner import locks, models
+from runner import models
 from runner.job import Variant
 from runner.plan import plan_job
 from runner.sweep import variant_work
@@ -20,14 +20,7 @@ from runner.tasks.causal_lm import perplexity as ppl
 CONTEXT, STRIDE = 16, 8
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(autouse=True)
-def private_timing_lock(tmp_path, monkeypatch):
-    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, str(tmp_path / "timing.lock"))
+pytestmark = pytest.mark.usefixtures("private_timing_lock")
 
 
 def prefix_job(model, prefix: str = "", tokenizer: str = "") -> str:
