@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from runner.fields import SpecError
 from runner.schema import Metrics
-from runner.tasks.causal_lm import compare, config
+from runner.tasks.causal_lm import benchmarks, compare, config
 from runner.tasks.task import EVERY_TASK_TOLERANCES, Metric, Targets, Task
 
 
@@ -33,7 +33,7 @@ class CausalLM(Task):
         "transformers has no causal-LM class for this model type; e.g. llama, gpt2, qwen2, mistral"
     )
     labelled = False
-    job_fields = ("perplexity", "generation")
+    job_fields = ("perplexity", "generation", "benchmarks")
     metrics = (
         Metric("perplexity", float, higher_is_better=False),
         # Which tokens it scored from which context (config.CONVENTIONS), beside every perplexity.
@@ -51,6 +51,8 @@ class CausalLM(Task):
         Metric("time_to_first_token_ms", float, higher_is_better=False),
         Metric("decode_tokens_per_s", float, higher_is_better=True),
         Metric("generation", dict),
+        # lm-eval's tasks of the job's `benchmarks:` (runner/tasks/causal_lm/benchmarks.py).
+        Metric("benchmarks", dict),
     )
     predictions = compare.WindowPredictions
     tolerances = (
@@ -86,17 +88,23 @@ class CausalLM(Task):
                 "there is no token to score; name the column that holds the text",
             )
         settings = config.resolved(spec.task_config, model_config, job, prefix)
-        return Targets(settings, plan_notes(settings))
+        notes = plan_notes(settings)
+        if settings.benchmarks is not None:  # every task loads, before any variant
+            checked, more = benchmarks.check_benchmarks(settings.benchmarks, job)
+            settings, notes = replace(settings, benchmarks=checked), notes + more
+        return Targets(settings, notes)
 
     def recorded(self, settings: config.CausalLMSettings) -> dict:
         return asdict(settings)
 
     def headline(self, metrics: Metrics) -> str:
-        """A causal LM's perplexity and decode speed."""
+        """A causal LM's perplexity, decode speed and each benchmark's primary score."""
         decode = metrics.value("decode_tokens_per_s")
         speed = f"  decode {decode:.1f} tokens/s" if decode is not None else ""
         convention = metrics.value("perplexity_convention") or "rolling"  # before it was chosen
-        return f"perplexity {metrics.value('perplexity'):.4g} ({convention}){speed}"
+        scores = benchmarks.headline(metrics.value("benchmarks"))
+        scores = f"  {scores}" if scores else ""
+        return f"perplexity {metrics.value('perplexity'):.4g} ({convention}){speed}{scores}"
 
     def key_metric(self, metrics: Metrics) -> tuple[str, float | None, int]:
         return "perplexity", metrics.value("perplexity"), 2

@@ -48,6 +48,7 @@ class WindowPredictions(Record):
 
     windows: Windows | None = None
     greedy: list[list[int]] | None = None
+    benchmarks: dict | None = None  # per lm-eval task, per item (docs/benchmarks.md)
 
     @classmethod
     def invariant(cls, data: dict, where: str) -> str | None:

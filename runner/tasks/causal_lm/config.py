@@ -1,6 +1,6 @@
-"""A causal-LM job's own fields, `perplexity:` and `generation:`, read and checked as the job is
-read, then resolved against the model's config as it is planned; and the checks a job's tokenizer
-must pass. Torch-free: the spec and `quantbench validate` read them.
+"""A causal-LM job's own fields, `perplexity:`, `generation:` and `benchmarks:`, read and checked
+as the job is read, then resolved against the model's config as it is planned; and the checks a
+job's tokenizer must pass. Torch-free: the spec and `quantbench validate` read them.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from runner import model_checks
 from runner.fields import SpecError
 from runner.job import ModelSource
+from runner.tasks.causal_lm.benchmarks import BenchmarkSettings, read_benchmarks
 
 # The context a job gets when it names none: the model's position table, at most this (as
 # lm-evaluation-harness's default max_length).
@@ -79,13 +80,15 @@ CONVENTIONS = ("rolling", "chunks", "llama.cpp")
 class CausalLMSettings:
     perplexity: PerplexitySettings
     generation: GenerationSettings | None  # None: `generation: false`, no generation timing
+    benchmarks: BenchmarkSettings | None = None  # None: no lm-eval task (benchmarks.py)
 
 
 GENERATION_DEFAULTS = GenerationSettings(prompt_length=32, new_tokens=32, batch_sizes=(1,))
 
 
 def read_settings(top) -> CausalLMSettings:
-    """`perplexity:` and `generation:` from the job's top-level _Reader, each checked as read."""
+    """`perplexity:`, `generation:` and `benchmarks:` from the job's top-level _Reader, each
+    checked as read."""
     reader = top.sub("perplexity")
     found = {} if reader is None else reader.data
     if reader is not None:
@@ -99,7 +102,7 @@ def read_settings(top) -> CausalLMSettings:
     if window.context is not None and window.stride is not None and window.stride > window.context:
         allowed = f"at most the context ({window.context}): 1 to {window.context}"
         raise reader.error("stride", window.stride, allowed)
-    return CausalLMSettings(window, read_generation(top))
+    return CausalLMSettings(window, read_generation(top), read_benchmarks(top))
 
 
 def read_convention(reader) -> None:
@@ -201,7 +204,7 @@ def resolved(
     perplexity = PerplexitySettings(
         context, stride, window.kl_top_k, prefix or window.prefix, window.convention
     )
-    return CausalLMSettings(perplexity, generation)
+    return CausalLMSettings(perplexity, generation, settings.benchmarks)
 
 
 def check_prefix_token(

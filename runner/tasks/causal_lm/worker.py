@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from runner import evaluate, progress
 from runner.study import ranking
 from runner.tasks import statistics
-from runner.tasks.causal_lm import generation, kl_stats, perplexity, training
+from runner.tasks.causal_lm import benchmarks, generation, kl_stats, perplexity, training
 from runner.tasks.task import Scored, TaskWorker
 
 # FP32's most probable tokens the study's KL keeps apart when the job's kl_top_k is 0.
@@ -98,8 +98,8 @@ class CausalLMWorker(TaskWorker):
         return Scored(metrics=metrics, warnings=[], predictions=predictions)
 
     def measure_more(self, work, model, batches: list, memory, scored: Scored) -> Scored:
-        """The scored answers with the KL from FP32 (per window and its mean per token) and the
-        generation timings added."""
+        """The scored answers with the KL from FP32 (per window and its mean per token), the
+        generation timings and the job's lm-eval benchmarks added."""
         settings = work.task_config
         metrics, predictions, warnings = dict(scored.metrics), dict(scored.predictions), []
         if settings.perplexity.kl_top_k:
@@ -114,6 +114,13 @@ class CausalLMWorker(TaskWorker):
             timed, warning = generation_metrics(work, model, memory)
             metrics.update(timed)
             warnings += [warning] if warning else []
+        if settings.benchmarks is not None:  # last: nothing timed includes lm-eval
+            with memory.phase("benchmarks"):
+                record, items, failed = benchmarks.run_benchmarks(
+                    settings.benchmarks, model, load_tokenizer(work), work.evaluation.batch_size
+                )
+            metrics["benchmarks"], predictions["benchmarks"] = record, items
+            warnings += failed
         return Scored(metrics, scored.warnings + warnings, predictions)
 
     def study_view(self, step, fp32) -> ranking.StudyView:
