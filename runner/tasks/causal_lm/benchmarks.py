@@ -12,6 +12,7 @@ never imports it (2 s, and its 14k task YAMLs).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ class BenchmarkTask:
     yaml_path: str | None  # the YAML, absolute; None for an lm-eval name
     limit: int | float | None = None  # the first N docs (a fraction below 1); None: all
     num_fewshot: int = 0
+    name: str | None = None  # the task's own name, as validation found it
 
 
 @dataclass(frozen=True)
@@ -114,20 +116,18 @@ def check_benchmarks(settings: BenchmarkSettings, job: Path) -> tuple[BenchmarkS
     hub's reachability decided, and one plan note per task. Raises SpecError naming the job file,
     the entry's field, what was found and what is allowed."""
     offline = hub_is_offline()
-    notes = []
+    notes, named = [], []
     with lm_eval_environment(offline):
-        names = (
-            load_default_names(settings)
-            if any(t.yaml_path is None for t in settings.tasks)
-            else set()
-        )
+        by_name = any(t.yaml_path is None for t in settings.tasks)
+        names = load_default_names() if by_name else frozenset()
         for index, entry in enumerate(settings.tasks):
             field = f"benchmarks.tasks[{index}]"
             if entry.yaml_path is None:
                 check_name(entry, names, offline, job, field)
             task = load_task(entry, job, field)
             notes.append(task_note(entry, task, job, field))
-    return replace(settings, hub_offline=offline), notes
+            named.append(replace(entry, name=task.config.task))
+    return replace(settings, tasks=tuple(named), hub_offline=offline), notes
 
 
 def hub_is_offline() -> bool:
@@ -157,6 +157,7 @@ def lm_eval_environment(offline: bool):
     """lm-eval's datasets cached in quantbench's cache, the hub left alone when it is out of
     reach (an immediate error instead of retries), restored afterwards. datasets and
     huggingface_hub read these variables as they are imported, so their copies are set too."""
+    import datasets
     import datasets.config
     import huggingface_hub.constants
 
@@ -175,9 +176,14 @@ def lm_eval_environment(offline: bool):
     os.environ.update(variables)
     for module, name, value in copies:
         setattr(module, name, value)
+    # datasets' bars on stderr: a first load draws them, a cached one not.
+    bars = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
+        if bars:
+            datasets.enable_progress_bars()
         for name, value in saved_variables.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -188,15 +194,16 @@ def lm_eval_environment(offline: bool):
         logging.getLogger("lm_eval.api.task").removeFilter(quiet)
 
 
-def load_default_names(settings: BenchmarkSettings) -> set[str]:
+@functools.cache
+def load_default_names() -> frozenset[str]:
     """lm-eval's own task names (its index of ~14.7k YAMLs: seconds, so only for a job that names
-    one)."""
+    one, once per process)."""
     from lm_eval.tasks import TaskManager
 
-    return set(TaskManager().all_tasks)
+    return frozenset(TaskManager().all_tasks)
 
 
-def check_name(entry: BenchmarkTask, names: set[str], offline: bool, job: Path, field: str):
+def check_name(entry: BenchmarkTask, names: frozenset[str], offline: bool, job: Path, field: str):
     import lm_eval
 
     if entry.spec in names:
@@ -337,7 +344,7 @@ def run_benchmarks(
                     with progress.phase(f"benchmark {entry.spec}"):
                         name, record, per_item = run_task(lm, entry)
                 except Exception as error:  # lm-eval's message is the record; the rest run
-                    name = entry.spec
+                    name = entry.name or entry.spec
                     record = {"source": entry.spec, "error": f"{type(error).__name__}: {error}"}
                     warnings.append(f"benchmark {entry.spec} failed: {record['error']}")
                 else:
