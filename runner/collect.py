@@ -72,11 +72,13 @@ class JobTable:
     # column key -> the name of the machine or results folder it came from (_source_names)
     sources: dict[str, str] = field(default_factory=dict)
     shown_rows: tuple[str, ...] | None = None  # --metrics: the labels of the rows shown; None: all
+    # The task's rows that depend on what its results measured (Task.more_rows).
+    more_rows: tuple[Row, ...] = ()
 
     @property
     def rows(self) -> tuple[Row, ...]:
         """The table's metric rows: the size, the task's own, then how the variant ran."""
-        rows = FIRST_ROWS + self.declaration.rows + LAST_ROWS
+        rows = FIRST_ROWS + self.declaration.rows + self.more_rows + LAST_ROWS
         if self.shown_rows is None:
             return rows
         return tuple(row for row in rows if row.label in self.shown_rows)
@@ -212,6 +214,7 @@ def build_tables(results: list[Result], baseline: str | None = None) -> list[Job
         names = _source_names(list(columns.values()))
         table.sources = {key: names[_source(result)] for key, result in columns.items()}
         table.task, table.declaration = _task(table)
+        table.more_rows = table.declaration.more_rows([columns[k] for k in order])
         table.tolerances = _tolerances(table)
         table.stats = compare(table)
         table.best = best_passing(table)

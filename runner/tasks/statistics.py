@@ -236,3 +236,35 @@ def _resampled_perplexity_deltas(
             np.exp(var[idx].sum(axis=1) / counted) - np.exp(base[idx].sum(axis=1) / counted)
         )
     return np.concatenate(deltas)
+
+
+def paired_bootstrap_mean(
+    baseline_values,
+    variant_values,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict:
+    """Paired bootstrap of mean(variant) - mean(baseline) over per-item scores (a benchmark's
+    0/1 correctness, or any number per item), the same items in the same order on both sides.
+
+    Item indices are resampled with replacement, the same ones for both sides. Returns metric
+    ("mean"), n, n_resamples, confidence, baseline, variant, delta (on all items), ci_low and
+    ci_high (percentile interval of the resampled deltas), within_noise (the interval contains 0).
+    """
+    _check_bootstrap(n_resamples, confidence)
+    base = np.asarray(baseline_values, dtype=np.float64)
+    var = np.asarray(variant_values, dtype=np.float64)
+    same_length(baseline_values=base, variant_values=var)
+    if not (np.all(np.isfinite(base)) and np.all(np.isfinite(var))):
+        raise ValueError("baseline_values and variant_values must be finite")
+    differences = var - base  # the mean of a resample's differences is its delta of means
+    rng = np.random.default_rng(seed)
+    n, deltas = len(differences), []
+    chunk = max(1, min(n_resamples, 2_000_000 // n))  # a small [resamples, n] index matrix
+    for start in range(0, n_resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
+        deltas.append(differences[idx].mean(axis=1))
+    return _bootstrap_interval(
+        "mean", n, np.concatenate(deltas), confidence, float(base.mean()), float(var.mean())
+    )

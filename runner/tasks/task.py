@@ -253,6 +253,11 @@ class Task:
         baseline is the result itself in the baseline's column, None without an ok baseline)."""
         return Compared({})
 
+    def more_rows(self, results: list[Result]) -> tuple[Row, ...]:
+        """Rows that depend on what the job's results measured (a causal LM's benchmark tasks),
+        after its own rows; the results are in table order, the baseline's first."""
+        return ()
+
     def best_key(self, result: Result) -> tuple:
         """The verdict's pick among the variants that pass: the first by this key."""
         return fastest_median_latency(result)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runner.fields import SpecError
 from runner.schema import Metrics
-from runner.tasks.causal_lm import benchmarks, compare, config
+from runner.tasks.causal_lm import benchmark_compare, benchmarks, compare, config
 from runner.tasks.task import EVERY_TASK_TOLERANCES, Metric, Targets, Task
 
 
@@ -59,6 +59,7 @@ class CausalLM(Task):
         compare.MIN_GREEDY_AGREEMENT,
         *EVERY_TASK_TOLERANCES,
         compare.MAX_PERPLEXITY_INCREASE,
+        compare.MIN_RECOVERY,
     )
     rows = compare.ROWS
     quality_rows = ("perplexity", "KL vs FP32 (nats/token)")
@@ -111,6 +112,10 @@ class CausalLM(Task):
 
     def compare(self, result, baseline):
         return compare.compare(result, baseline)
+
+    def more_rows(self, results) -> tuple:
+        """A row per statistic of each benchmark task and metric the results measured."""
+        return benchmark_compare.rows(results)
 
     def best_key(self, result) -> tuple:
         return compare.fastest_decode(result)

@@ -19,6 +19,7 @@ import numpy as np
 from runner.records import Record
 from runner.schema import Result
 from runner.tasks import statistics
+from runner.tasks.causal_lm import benchmark_compare
 from runner.tasks.task import (
     BOOTSTRAP,
     NOISE_MARK,
@@ -135,6 +136,29 @@ ROWS = (
 
 
 def compare(result: Result, baseline: Result | None) -> Compared:
+    """The windows' statistics (_compare_windows) and the benchmarks' (benchmark_compare.py:
+    benchmarks, min_recovery, and their intervals in significance); benchmarks pair whatever
+    the perplexity sample or convention."""
+    compared = _compare_windows(result, baseline)
+    if result.status != "ok" or baseline is None:
+        return compared
+    found, notes = benchmark_compare.compare(result, baseline)
+    if not found:
+        return compared
+    stats = compared.stats
+    significance = dict(stats.get("significance") or {})
+    within = dict(significance.get("within_noise") or {})
+    for key, interval in found.pop("significance").items():
+        significance[key], within[key] = interval, interval["within_noise"]
+    stats["significance"] = {**significance, "within_noise": within} if within else None
+    refused = found.pop("refused_deltas")
+    if refused:
+        stats["refused_deltas"] = [*stats.get("refused_deltas", []), *refused]
+    stats.update(found)
+    return Compared(stats, compared.notes + notes)
+
+
+def _compare_windows(result: Result, baseline: Result | None) -> Compared:
     """{agreement, perplexity_increase, significance, window_nll_delta}.
 
     agreement: greedy agreement with the baseline (1.0 in the baseline's own column);
@@ -262,6 +286,17 @@ MAX_PERPLEXITY_INCREASE = Tolerance(
     ),
 )
 
+MIN_RECOVERY = Tolerance(
+    "min_recovery",
+    "lowest benchmark recovery, score / the baseline's over the tasks' primary metrics (0.99)",
+    Check(
+        "benchmark recovery",
+        lambda r, s, b: s.get("min_recovery"),
+        "{:.4f}",
+    ),  # not measured: no benchmark, or one not paired with the baseline's (the notes say why)
+    at_most=1.0,
+)
+
 
 def fastest_decode(result: Result) -> tuple:
     """Sort key of the verdict's pick: the most decode tokens/s, the smaller model on a tie."""
@@ -273,5 +308,6 @@ def fastest_decode(result: Result) -> tuple:
 NOISE_RULE = (
     f"{NOISE_MARK} within noise: the {BOOTSTRAP['confidence']:.0%} paired-bootstrap interval of "
     f"the perplexity delta ({BOOTSTRAP['n_resamples']} resamples of the windows, each side's "
-    "perplexity recomputed token-weighted) contains 0; a delta without the mark is beyond noise"
+    "perplexity recomputed token-weighted) contains 0, and for a benchmark's score that of its "
+    "delta over the items; a delta without the mark is beyond noise"
 )
