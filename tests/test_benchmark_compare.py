@@ -4,7 +4,7 @@ the items, McNemar's p, the flips both ways and the recovery; the refusal to pai
 evaluations; and the verdict's min_recovery.
 
 The results are tests/lm_results.py's causal-LM results with a benchmark added in the shape the
-runner writes (metrics.benchmarks, predictions.benchmarks: docs/benchmarks-collect.md). Every
+runner writes (metrics.benchmarks, predictions.benchmarks: docs/benchmarks.md). Every
 expected number is worked out here from the items, never taken from collect.
 """
 

@@ -81,26 +81,30 @@ def significance_key(task: str, name: str) -> str:
     return f"{task} {name}"
 
 
-def measured(results: list[Result]) -> list[tuple[str, str]]:
-    """Every (task, metric) an ok result measured, in the first result's order (the baseline's
-    first: the caller orders them)."""
-    found: dict[tuple[str, str], None] = {}
+def measured(results: list[Result]) -> list[tuple[str, str, bool]]:
+    """Every (task, metric, whether it is the task's primary metric) an ok result measured, in
+    the first result's order (the baseline's first: the caller orders them)."""
+    found: dict[tuple[str, str], bool] = {}
     for result in results:
         if result.status != "ok":
             continue
         for task, record in tasks_of(result).items():
             for name in record.get("metrics") or {}:
-                found[(task, name)] = None
-    return list(found)
+                primary = name == record.get("primary")
+                found[(task, name)] = found.get((task, name), False) or primary
+    return [(task, name, primary) for (task, name), primary in found.items()]
 
 
 def rows(results: list[Result]) -> tuple[Row, ...]:
-    """collect's rows for the benchmarks the results measured: seven per task and metric."""
+    """collect's rows for the benchmarks the results measured: seven for each task's primary
+    metric (what recovery and min_recovery judge), the score alone for its others."""
     made = []
-    for task, name in measured(results):
+    for task, name, primary in measured(results):
         label, key = f"{task} {name}", significance_key(task, name)
+        made.append(Row(label + SCORE, _score(task, name, "value"), 4, noise=key))
+        if not primary:
+            continue
         made += [
-            Row(label + SCORE, _score(task, name, "value"), 4, noise=key),
             Row(label + STDERR, _score(task, name, "stderr"), 4, delta=False),
             Row(label + DELTA, _stat(task, name, "bootstrap", "delta"), 4, False, True, key),
             Row(label + MCNEMAR, _stat(task, name, "mcnemar", "p_value"), None, delta=False),
