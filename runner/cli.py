@@ -1,8 +1,8 @@
 """The command line: quantbench run | validate | collect | report.
 
 Its exit codes are in EPILOG, which `quantbench --help` prints: 0 ok, 1 a variant failed, 2 a bad
-job file or usage (nothing run or written), 130 or 143 a run stopped by a signal, 141 a closed
-output pipe.
+job file or usage (nothing run or written), 3 a result measured but not written, 130 or 143 a run
+stopped by a signal, 141 a closed output pipe.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_LOST = 3  # a result or study measured but not written: its printed lines are all that is left
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell tool killed by it
 
 # What `quantbench --help` says after the commands: the module docstring's exit codes, as a list.
@@ -22,6 +23,8 @@ EPILOG = """exit codes:
   1    run: a variant failed (the others still ran and were written)
   2    a bad job file or usage: nothing was run and nothing was written; collect and report:
        nothing to collect, or a --baseline that names no variant of the results
+  3    run: a result was measured but its file could not be written (a full disk): its
+       progress line and the table are its only record; the sweep went on
   130  run stopped by Ctrl-C (SIGINT), 143 by SIGTERM: the finished results are kept, and it
        prints the --resume command that finishes the sweep
   141  the output pipe closed early (quantbench validate … | head)
@@ -318,12 +321,28 @@ def _run_sweep(args, argv: list[str] | None) -> int:
     print(report.split())
     for note in sweep.stale_report_notes(args.results, [plan.spec.name for plan in plans]):
         print(note)
+    if report.lost_any:
+        return _lost(report, argv)
     if report.failed:
         print(
             "To rerun what failed (it keeps the ok results and runs the rest): "
             f"{_resume_command(argv)}"
         )
     return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def _lost(report, argv: list[str] | None) -> int:
+    """Results measured but not written: said last, on stderr, with how to measure them again."""
+    lines = report.lost_lines()
+    print(
+        f"quantbench: {len(lines)} result file(s) could not be written; their lines above are "
+        "all that is left of them:\n  "
+        + "\n  ".join(lines)
+        + "\nTo measure them again once the folder can be written (it keeps the written ok "
+        f"results): {_resume_command(argv)}",
+        file=sys.stderr,
+    )
+    return EXIT_LOST
 
 
 def _check_names(plans) -> None:

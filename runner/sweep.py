@@ -48,6 +48,16 @@ class SweepReport:
     nothing_ran: bool = False  # --resume kept every result
     studies: list[dict] = field(default_factory=list)  # the sensitivity studies run
     unreadable: list[Path] = field(default_factory=list)  # written, but not read back
+    # "cannot write FILE: REASON" for each result measured but not written (a disk that filled
+    # during the run): its progress line and the table are the only record left of it.
+    lost: list[str] = field(default_factory=list)
+
+    @property
+    def lost_any(self) -> bool:
+        return bool(self.lost) or any(study.get("unwritten") for study in self.studies)
+
+    def lost_lines(self) -> list[str]:
+        return self.lost + [study["unwritten"] for study in self.studies if study.get("unwritten")]
 
     @property
     def failed(self) -> bool:
@@ -439,8 +449,19 @@ class JobProgress:
 
 def write_and_read_back(sweep: Sweep, result: Result) -> Result:
     """The result written, then read back through the check collect makes: run's table shows
-    what collect will. One that cannot be read back is said, and the run fails."""
-    path = results.write_result(sweep.results_dir, result)
+    what collect will. One that cannot be read back is said, and the run fails. One that cannot
+    be written (a disk that filled during the run) is said and kept for the table, and the sweep
+    goes on: the variants left may still be written (space freed meanwhile, another folder), and
+    each one's progress line records it either way."""
+    path = results.result_path(sweep.results_dir, result.job, result.variant)
+    try:
+        results.write_result(sweep.results_dir, result)
+    except OSError as error:
+        lost = f"cannot write {path}: {error.strerror or error}"
+        sweep.say(lost)
+        sweep.report.lost.append(lost)
+        sweep.report.results.append(result)
+        return result
     try:
         result = results.load_result(path)
     except results.UnusableFile as why:

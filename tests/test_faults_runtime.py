@@ -1,0 +1,64 @@
+"""Faults during a run that no pre-run check can see: a disk that fills while variants are measured,
+a cluster address that names a session which has ended, another run holding the machine's timing
+lock."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from types import SimpleNamespace
+
+from conftest import rt_job, write_job
+
+from runner import folders, results
+from runner.cli import main
+from runner.study import stage
+
+
+def full_disk_for(name: str, monkeypatch) -> None:
+    """Writing a file called name fails as on a full disk; every other write goes through."""
+    write_json = folders.write_json
+
+    def writes_unless_full(path: Path, value: dict) -> Path:
+        if Path(path).name == name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write_json(path, value)
+
+    monkeypatch.setattr(results, "write_json", writes_unless_full)
+
+
+def test_a_result_that_cannot_be_written_is_printed_and_the_exit_code_says_it_was_lost(
+    capsys, tmp_path, tiny_model, ray_temp_dir, monkeypatch
+):
+    job = write_job(tmp_path, rt_job(tiny_model, variants="[int8-dynamic-cpu, fp32-cpu]"))
+    out_dir = tmp_path / "results"
+    full_disk_for("int8-dynamic-cpu.json", monkeypatch)
+
+    code = main(["run", str(job), "--results", str(out_dir), "--ray-temp-dir", ray_temp_dir])
+    out, err = capsys.readouterr()
+    lost = out_dir / "tiny-rt" / "int8-dynamic-cpu.json"
+    assert code == 3, out + err  # results lost
+    assert f"cannot write {lost}: No space left on device" in out
+    # The measurement is still on the screen: its progress line, with its accuracy and latency.
+    line = next(row for row in out.splitlines() if "int8-dynamic-cpu" in row and "median" in row)
+    assert " ok " in line, out
+    # The sweep went on: the other variant ran and was written.
+    assert not lost.exists() and (out_dir / "tiny-rt" / "fp32-cpu.json").is_file()
+    assert "1 result file(s) could not be written" in err and "--resume" in err
+
+
+def test_a_study_that_cannot_be_written_says_so_and_is_counted_as_lost(tmp_path, monkeypatch):
+    sensitivity = SimpleNamespace(variant_id="int8-dynamic-cpu")
+    plan = SimpleNamespace(spec=SimpleNamespace(name="tiny-rt", sensitivity=sensitivity))
+    run = stage.StudyRun(plan, tmp_path, None, tmp_path / "results", print)
+    full_disk_for("sensitivity-int8-dynamic-cpu.json", monkeypatch)
+    study = {"kind": results.STUDY_KIND, "status": "ok"}
+
+    said = stage.write_study(run, study)
+
+    path = tmp_path / "results" / "tiny-rt" / "sensitivity-int8-dynamic-cpu.json"
+    assert said == study["unwritten"] == f"cannot write {path}: No space left on device"
+    from runner.sweep import SweepReport
+
+    report = SweepReport(studies=[study])
+    assert report.lost_any and report.lost_lines() == [said]
