@@ -316,6 +316,9 @@ def start_cluster(
         report.nothing_ran = True
         say("cluster: not started: --resume kept every variant's result, nothing left to run")
         return
+    notice = locks.timing_lock_notice()  # another run's timed passes: this run's would wait
+    if notice:
+        say(notice)
     cpu_precisions = [
         v.precision for variants in sweep.to_run.values() for v in variants if v.device == "cpu"
     ] + [

@@ -9,8 +9,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from conftest import rt_job, write_job
+from test_faults_run import read_until, release, start
 
-from runner import folders, results
+from runner import folders, locks, progress, results, sweep
 from runner.cli import main
 from runner.study import stage
 
@@ -62,3 +63,69 @@ def test_a_study_that_cannot_be_written_says_so_and_is_counted_as_lost(tmp_path,
 
     report = SweepReport(studies=[study])
     assert report.lost_any and report.lost_lines() == [said]
+
+
+HOLD_TIMING = """
+import sys
+from runner import locks
+with locks.timing_lock("another user's benchmark"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes it
+"""
+
+
+def test_run_says_as_it_starts_who_holds_the_timing_lock_and_how_long_it_waits(
+    capsys, tmp_path, tiny_model, ray_temp_dir, monkeypatch
+):
+    lock = str(tmp_path / "timing.lock")  # this machine's lock, but the test's own
+    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, lock)
+    assert locks.timing_lock_notice() is None  # no file yet: nobody holds it
+    holder = start(["-c", HOLD_TIMING], QUANTBENCH_TIMING_LOCK=lock)
+    try:
+        read_until(holder, "held", 60)
+        notice = locks.timing_lock_notice()
+        # The run is stopped before any variant, as soon as it has said what it would wait for.
+        monkeypatch.setattr(sweep.ray_cluster, "connect", stop_the_run)
+        code = main(
+            [
+                "run",
+                str(write_job(tmp_path, rt_job(tiny_model))),
+                "--results",
+                str(tmp_path / "results"),
+                "--ray-temp-dir",
+                ray_temp_dir,
+            ]
+        )
+        out = capsys.readouterr().out
+    finally:
+        release(holder)
+    assert code == 130
+    assert notice in out and f"held by pid {holder.pid} on " in notice
+    assert "another user's benchmark" in notice and "at most 900 s" in notice
+    assert "user " in notice  # the pid's owner, as the kernel says
+    assert locks.timing_lock_notice() is None  # let go: nothing to say
+
+
+def stop_the_run(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_a_variant_waiting_for_the_timing_lock_tells_run_through_its_progress(
+    tmp_path, monkeypatch
+):
+    lock = str(tmp_path / "timing.lock")
+    monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, lock)
+    holder = start(["-c", HOLD_TIMING], QUANTBENCH_TIMING_LOCK=lock)
+    events: list[progress.Event] = []
+    progress.start("tiny-rt int8-dynamic-cpu", events.append)
+    try:
+        read_until(holder, "held", 60)
+        with locks.timing_lock("tiny-rt int8-dynamic-cpu", timeout_s=0.3, say=lambda _: None):
+            pass
+    finally:
+        release(holder)
+        progress.start("quantbench", lambda event: None)
+    started, ended = events  # what `run` shows: the wait's start, then its end with its time
+    assert started.state == "start" and ended.state == "end" and ended.elapsed_s >= 0.3
+    assert started.who == "tiny-rt int8-dynamic-cpu"
+    assert f"pid {holder.pid}" in started.phase and "at most 0.3 s" in started.phase
