@@ -22,6 +22,8 @@ from pathlib import Path
 
 import ray
 import ray._private.ray_constants as ray_constants
+from ray._common.utils import get_ray_address_file
+from ray._private import services
 from ray._private.node import Node
 from ray._private.parameter import RayParams
 from ray._raylet import AuthenticationTokenLoader, Config
@@ -130,6 +132,8 @@ def connect(
     address = address or os.environ.get("RAY_ADDRESS")
     if address == "local":  # Ray's word for a cluster on this machine: ours, with its resources
         address = None  # and token
+    if address == "auto":  # checked like any address, once resolved as Ray would
+        address, given_by = resolve_auto(given_by)
     if address:
         warnings = join(address, given_by)
     else:
@@ -137,6 +141,31 @@ def connect(
         warnings = []
     return Cluster(
         address=address or "local", embedded=not address, nodes=alive_nodes(), warnings=warnings
+    )
+
+
+def resolve_auto(given_by: str) -> tuple[str, str]:
+    """(the address, where it came from) that ray.init would take for `auto`: RAY_ADDRESS when it
+    names one, else the latest `ray start` session's (Ray's temp folder, ray_current_cluster),
+    else a GCS process running here. Raises ConnectionError when there is none.
+
+    Why: ray.init retries the address of a session that has ended for minutes, with only its C++
+    warnings; resolved here, that address gets check_address's answer in seconds."""
+    environment = os.environ.get("RAY_ADDRESS", "")
+    if environment not in ("", "auto"):
+        return environment, f"{given_by} auto, which takes RAY_ADDRESS"
+    latest_file = get_ray_address_file(None)
+    latest = services.find_bootstrap_address(None)
+    if latest:
+        return latest, f"{given_by} auto, as the latest Ray session in {latest_file}"
+    running = sorted(services.find_gcs_addresses())
+    if running:
+        return running[0], f"{given_by} auto, as a Ray GCS process running on this machine"
+    raise ConnectionError(
+        f"auto (given by {given_by}) finds no Ray cluster on this machine: no {latest_file} "
+        "(written by `ray start --head`) and no running Ray GCS process. Start a head with "
+        "`ray start --head`, give the head's address HOST:PORT, or leave --address out for the "
+        "embedded cluster"
     )
 
 
@@ -234,7 +263,7 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
     with ray://, "ray client connection timeout" after 30 s), and one where a web server answers
     (the dashboard's 8265) for as long. ConnectionError is how every cluster
     error reaches the user (cli: "cannot reach the Ray cluster", exit 2). HOST:PORT is a GCS
-    address, ray://HOST:PORT a Ray Client server; what Ray resolves itself (auto, local, other
+    address, ray://HOST:PORT a Ray Client server; what Ray resolves itself (local, other
     schemes) is left to it.
     """
     source = f"given by {given_by}" if given_by.startswith("--") else f"from {given_by}"

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from conftest import rt_job, write_job
 from test_faults_run import read_until, release, start
 
+from runner import cluster as ray_cluster
 from runner import folders, locks, progress, results, sweep
 from runner.cli import main
 from runner.study import stage
@@ -129,3 +130,38 @@ def test_a_variant_waiting_for_the_timing_lock_tells_run_through_its_progress(
     assert started.state == "start" and ended.state == "end" and ended.elapsed_s >= 0.3
     assert started.who == "tiny-rt int8-dynamic-cpu"
     assert f"pid {holder.pid}" in started.phase and "at most 0.3 s" in started.phase
+
+
+def test_address_auto_of_a_session_that_ended_is_refused_in_seconds(
+    capsys, tmp_path, tiny_model, monkeypatch
+):
+    from test_address import port_nobody_listens_on
+
+    ray_temp = tmp_path / "ray"  # Ray's temp folder, as `ray start --head` left it
+    ray_temp.mkdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def joins(*args, **kwargs):  # Ray would retry the ended session's address for minutes
+        raise AssertionError(f"ray.init was asked to join an unchecked address: {kwargs}")
+
+    monkeypatch.setattr(ray_cluster.ray, "init", joins)
+    job = write_job(tmp_path, rt_job(tiny_model, variants="[fp32-cpu]"))
+    with port_nobody_listens_on() as port:
+        (ray_temp / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+        code = main(["run", str(job), "--results", str(tmp_path / "results"), "--address", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"127.0.0.1:{port} (given by --address auto, as the latest Ray session in " in err
+    assert "connection refused" in err and str(ray_temp / "ray_current_cluster") in err
+
+
+def test_address_auto_with_no_session_says_what_to_do(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_cluster.services, "find_gcs_addresses", lambda: frozenset())
+    try:
+        ray_cluster.resolve_auto("--address")
+    except ConnectionError as error:
+        said = str(error)
+    assert "finds no Ray cluster on this machine" in said and "ray start --head" in said
