@@ -21,6 +21,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell tool killed by it
 EPILOG = """exit codes:
   0    every variant ok or skipped; validate: every job file is valid
   1    run: a variant failed (the others still ran and were written)
+       or the cluster's head died mid-run (it prints the --resume command)
   2    a bad job file or usage: nothing was run and nothing was written; collect and report:
        nothing to collect, or a --baseline that names no variant of the results
   3    run: a result was measured but its file could not be written (a full disk): its
@@ -315,8 +316,11 @@ def _run_sweep(args, argv: list[str] | None) -> int:
                 command=_command_line(argv),
             )
     except KeyboardInterrupt:  # interrupt.Interrupted, or Ray's own for it
-        print(_stopped(interrupt.signal_name(), args, argv, plans), file=sys.stderr)
+        print(_stopped(f"by {interrupt.signal_name()}", args, argv, plans), file=sys.stderr)
         return interrupt.exit_code()
+    except interrupt.HeadLost as lost:
+        print(_stopped(f"because {lost}", args, argv, plans), file=sys.stderr)
+        return EXIT_FAILED
     sweep.print_table(report, plans)
     print(report.split())
     for note in sweep.stale_report_notes(args.results, [plan.spec.name for plan in plans]):
@@ -360,8 +364,9 @@ def _check_names(plans) -> None:
             )
 
 
-def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
-    """What a run stopped by a signal kept, and the command that finishes it."""
+def _stopped(why: str, args, argv: list[str] | None, plans) -> str:
+    """What a run stopped by a signal (or a head that died) kept, and the command that finishes
+    it."""
     from runner.results import walk
 
     folders = [args.results / plan.spec.name for plan in plans]
@@ -371,7 +376,7 @@ def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
     except Exception:  # a file it cannot read: what it says must not fail
         kept = "the finished results"
     return (
-        f"quantbench: stopped by {signal_name}, and the variants still running with it; {kept} "
+        f"quantbench: stopped {why}, and the variants still running with it; {kept} "
         f"are kept under {args.results}, and the variants that had not finished have no result.\n"
         f"To finish the sweep (it keeps the ok results and runs the rest): "
         f"{_resume_command(argv)}"

@@ -29,6 +29,7 @@ from ray._private.parameter import RayParams
 from ray._raylet import AuthenticationTokenLoader, Config
 
 from runner import isolation, measure
+from runner.interrupt import HeadLost
 from runner.placement import DEVICE_RESOURCE, SLOT
 from runner.precisions import family_of
 
@@ -134,11 +135,14 @@ def connect(
         address = None  # and token
     if address == "auto":  # checked like any address, once resolved as Ray would
         address, given_by = resolve_auto(given_by)
+    global _head_address
     if address:
         warnings = join(address, given_by)
+        _head_address = address if _tcp_target(address) and "://" not in address else None
     else:
         start_embedded(temp_dir, cpu_precisions)
         warnings = []
+        _head_address = _embedded_head.address
     return Cluster(
         address=address or "local", embedded=not address, nodes=alive_nodes(), warnings=warnings
     )
@@ -167,6 +171,31 @@ def resolve_auto(given_by: str) -> tuple[str, str]:
         "`ray start --head`, give the head's address HOST:PORT, or leave --address out for the "
         "embedded cluster"
     )
+
+
+# The head's GCS address (HOST:PORT) while this process is joined to it; None where it is unknown
+# (a Ray Client address, where the client server answers for the head).
+_head_address: str | None = None
+HEAD_CHECK_TIMEOUT_S = 5.0
+
+
+def check_head() -> None:
+    """Raise HeadLost when the head's GCS port no longer accepts a connection.
+
+    Why: when the head dies, Ray's driver retries it for 60 s (gcs_rpc_server_reconnect_timeout_s),
+    then ends the process from C++ with one log line: no Python code runs after it, so the run could
+    not say what finished or how to resume. A refused connection is seen at the next look."""
+    target = _tcp_target(_head_address) if _head_address else None
+    if target is None:
+        return
+    host, port, _ = target
+    try:
+        socket.create_connection((host, port), timeout=HEAD_CHECK_TIMEOUT_S).close()
+    except OSError as error:
+        raise HeadLost(
+            f"the Ray cluster's head at {_head_address} stopped answering "
+            f"({error.strerror or error}): the head or its machine has stopped"
+        ) from None
 
 
 def forwarded_options() -> dict:
@@ -527,9 +556,13 @@ def _free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
-def shutdown() -> None:
-    global _embedded_head, _fork_server
-    ray.shutdown()
+def shutdown(head_lost: bool = False) -> None:
+    """Leave the cluster and stop what this process started. head_lost: Ray's disconnect would wait
+    for the dead head, so only the embedded cluster's own processes are stopped."""
+    global _embedded_head, _fork_server, _head_address
+    _head_address = None
+    if not head_lost:
+        ray.shutdown()
     if _embedded_head is not None:
         _embedded_head.shutdown()
         _embedded_head = None

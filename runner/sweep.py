@@ -256,9 +256,15 @@ def _run_sweep(
         for plan in plans:
             if work_left(sweep, plan):
                 run_job(sweep, plan, *prepared_models[plan.spec.name])
-    finally:
+    except interrupt.HeadLost:
+        ray_cluster.shutdown(head_lost=True)  # Ray's own shutdown would wait for the dead head
+        raise
+    except BaseException:
         if sweep.cluster is not None:
             ray_cluster.shutdown()
+        raise
+    if sweep.cluster is not None:
+        ray_cluster.shutdown()
     sweep.report.wall_s = time.perf_counter() - started
     return sweep.report
 

@@ -5,6 +5,7 @@ lock."""
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -165,3 +166,60 @@ def test_address_auto_with_no_session_says_what_to_do(capsys, tmp_path, monkeypa
     except ConnectionError as error:
         said = str(error)
     assert "finds no Ray cluster on this machine" in said and "ray start --head" in said
+
+
+def test_a_head_that_dies_mid_run_ends_it_with_what_was_kept_and_the_resume_command(
+    tmp_path, tiny_model
+):
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    import psutil
+    from test_faults_cluster import QUANTBENCH, REPO, FaultCluster, results_in
+
+    root = Path(tempfile.mkdtemp(prefix="qbh-", dir="/tmp"))  # short: Ray's socket paths
+    local = FaultCluster(root, faults="fp32-cpu=hold")  # fp32 runs until the test is done
+    job = write_job(tmp_path, rt_job(tiny_model, variants="[int8-dynamic-cpu, fp32-cpu]", n=8))
+    out_dir = tmp_path / "results"
+    run = None
+    try:
+        local.start("head", "--num-cpus=0", "--num-gpus=0")
+        local.wait_for_head()
+        local.start_cpu_worker()
+        local.wait_for_nodes({"cpu": True})
+        command = [str(QUANTBENCH), "run", str(job), "--results", str(out_dir)]
+        run = subprocess.Popen(
+            [*command, "--address", local.address],
+            env=local.user_env(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        held, deadline = local.fault_dir / "fp32-cpu.pid", time.monotonic() + 240
+        while not held.exists():  # int8 is written; fp32 runs, holding the node's slot
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0]
+            time.sleep(0.2)
+        head = psutil.Process(local.nodes["head"].pid)
+        (gcs,) = [p for p in head.children(recursive=True) if p.name() == "gcs_server"]
+        killed_at = time.monotonic()
+        gcs.kill()
+        out, _ = run.communicate(timeout=120)
+        ended_s = time.monotonic() - killed_at
+    finally:
+        if run is not None and run.poll() is None:
+            os.killpg(run.pid, 9)  # our own child's group
+            run.communicate()
+        local.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+    assert run.returncode == 1, out
+    said = f"stopped because the Ray cluster's head at {local.address} stopped answering"
+    assert said in out, out
+    assert "1 ok result(s) are kept" in out and "--resume" in out, out
+    assert "Traceback" not in out, out
+    assert ended_s < 50, f"{ended_s:.0f} s: Ray's own end comes after 60 s\n{out}"
+    assert set(results_in(out_dir / "tiny-rt")) == {"int8-dynamic-cpu"}, out
