@@ -7,6 +7,7 @@ variants run, so it never competes with a timed pass for the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -469,6 +470,9 @@ def write_and_read_back(sweep: Sweep, result: Result) -> Result:
         lost = f"cannot write {path}: {error.strerror or error}"
         sweep.say(lost)
         sweep.report.lost.append(lost)
+        # Read as if from its file, so the table puts it beside the written ones.
+        with contextlib.suppress(results.UnusableFile):
+            result = results.read_json_result(result.to_json(), path)
         sweep.report.results.append(result)
         return result
     try:
