@@ -1,8 +1,8 @@
 """The command line: quantbench run | validate | collect | report.
 
 Its exit codes are in EPILOG, which `quantbench --help` prints: 0 ok, 1 a variant failed, 2 a bad
-job file or usage (nothing run or written), 130 or 143 a run stopped by a signal, 141 a closed
-output pipe.
+job file or usage (nothing run or written), 3 a result measured but not written, 130 or 143 a run
+stopped by a signal, 141 a closed output pipe.
 """
 
 from __future__ import annotations
@@ -14,14 +14,18 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_LOST = 3  # a result or study measured but not written: its printed lines are all that is left
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell tool killed by it
 
 # What `quantbench --help` says after the commands: the module docstring's exit codes, as a list.
 EPILOG = """exit codes:
   0    every variant ok or skipped; validate: every job file is valid
   1    run: a variant failed (the others still ran and were written)
+       or the cluster's head died mid-run (it prints the --resume command)
   2    a bad job file or usage: nothing was run and nothing was written; collect and report:
        nothing to collect, or a --baseline that names no variant of the results
+  3    run: a result was measured but its file could not be written (a full disk): its
+       progress line and the table are its only record; the sweep went on
   130  run stopped by Ctrl-C (SIGINT), 143 by SIGTERM: the finished results are kept, and it
        prints the --resume command that finishes the sweep
   141  the output pipe closed early (quantbench validate … | head)
@@ -312,18 +316,37 @@ def _run_sweep(args, argv: list[str] | None) -> int:
                 command=_command_line(argv),
             )
     except KeyboardInterrupt:  # interrupt.Interrupted, or Ray's own for it
-        print(_stopped(interrupt.signal_name(), args, argv, plans), file=sys.stderr)
+        print(_stopped(f"by {interrupt.signal_name()}", args, argv, plans), file=sys.stderr)
         return interrupt.exit_code()
+    except interrupt.HeadLost as lost:
+        print(_stopped(f"because {lost}", args, argv, plans), file=sys.stderr)
+        return EXIT_FAILED
     sweep.print_table(report, plans)
     print(report.split())
     for note in sweep.stale_report_notes(args.results, [plan.spec.name for plan in plans]):
         print(note)
+    if report.lost_any:
+        return _lost(report, argv)
     if report.failed:
         print(
             "To rerun what failed (it keeps the ok results and runs the rest): "
             f"{_resume_command(argv)}"
         )
     return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def _lost(report, argv: list[str] | None) -> int:
+    """Results measured but not written: said last, on stderr, with how to measure them again."""
+    lines = report.lost_lines()
+    print(
+        f"quantbench: {len(lines)} result file(s) could not be written; their lines above are "
+        "all that is left of them:\n  "
+        + "\n  ".join(lines)
+        + "\nTo measure them again once the folder can be written (it keeps the written ok "
+        f"results): {_resume_command(argv)}",
+        file=sys.stderr,
+    )
+    return EXIT_LOST
 
 
 def _check_names(plans) -> None:
@@ -341,8 +364,9 @@ def _check_names(plans) -> None:
             )
 
 
-def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
-    """What a run stopped by a signal kept, and the command that finishes it."""
+def _stopped(why: str, args, argv: list[str] | None, plans) -> str:
+    """What a run stopped by a signal (or a head that died) kept, and the command that finishes
+    it."""
     from runner.results import walk
 
     folders = [args.results / plan.spec.name for plan in plans]
@@ -352,7 +376,7 @@ def _stopped(signal_name: str, args, argv: list[str] | None, plans) -> str:
     except Exception:  # a file it cannot read: what it says must not fail
         kept = "the finished results"
     return (
-        f"quantbench: stopped by {signal_name}, and the variants still running with it; {kept} "
+        f"quantbench: stopped {why}, and the variants still running with it; {kept} "
         f"are kept under {args.results}, and the variants that had not finished have no result.\n"
         f"To finish the sweep (it keeps the ok results and runs the rest): "
         f"{_resume_command(argv)}"

@@ -22,11 +22,14 @@ from pathlib import Path
 
 import ray
 import ray._private.ray_constants as ray_constants
+from ray._common.utils import get_ray_address_file
+from ray._private import services
 from ray._private.node import Node
 from ray._private.parameter import RayParams
 from ray._raylet import AuthenticationTokenLoader, Config
 
 from runner import isolation, measure
+from runner.interrupt import HeadLost
 from runner.placement import DEVICE_RESOURCE, SLOT
 from runner.precisions import family_of
 
@@ -130,14 +133,69 @@ def connect(
     address = address or os.environ.get("RAY_ADDRESS")
     if address == "local":  # Ray's word for a cluster on this machine: ours, with its resources
         address = None  # and token
+    if address == "auto":  # checked like any address, once resolved as Ray would
+        address, given_by = resolve_auto(given_by)
+    global _head_address
     if address:
         warnings = join(address, given_by)
+        _head_address = address if _tcp_target(address) and "://" not in address else None
     else:
         start_embedded(temp_dir, cpu_precisions)
         warnings = []
+        _head_address = _embedded_head.address
     return Cluster(
         address=address or "local", embedded=not address, nodes=alive_nodes(), warnings=warnings
     )
+
+
+def resolve_auto(given_by: str) -> tuple[str, str]:
+    """(the address, where it came from) that ray.init would take for `auto`: RAY_ADDRESS when it
+    names one, else the latest `ray start` session's (Ray's temp folder, ray_current_cluster),
+    else a GCS process running here. Raises ConnectionError when there is none.
+
+    Why: ray.init retries the address of a session that has ended for minutes, with only its C++
+    warnings; resolved here, that address gets check_address's answer in seconds."""
+    environment = os.environ.get("RAY_ADDRESS", "")
+    if environment not in ("", "auto"):
+        return environment, f"{given_by} auto, which takes RAY_ADDRESS"
+    latest_file = get_ray_address_file(None)
+    latest = services.find_bootstrap_address(None)
+    if latest:
+        return latest, f"{given_by} auto, as the latest Ray session in {latest_file}"
+    running = sorted(services.find_gcs_addresses())
+    if running:
+        return running[0], f"{given_by} auto, as a Ray GCS process running on this machine"
+    raise ConnectionError(
+        f"auto (given by {given_by}) finds no Ray cluster on this machine: no {latest_file} "
+        "(written by `ray start --head`) and no running Ray GCS process. Start a head with "
+        "`ray start --head`, give the head's address HOST:PORT, or leave --address out for the "
+        "embedded cluster"
+    )
+
+
+# The head's GCS address (HOST:PORT) while this process is joined to it; None where it is unknown
+# (a Ray Client address, where the client server answers for the head).
+_head_address: str | None = None
+HEAD_CHECK_TIMEOUT_S = 5.0
+
+
+def check_head() -> None:
+    """Raise HeadLost when the head's GCS port no longer accepts a connection.
+
+    Why: when the head dies, Ray's driver retries it for 60 s (gcs_rpc_server_reconnect_timeout_s),
+    then ends the process from C++ with one log line: no Python code runs after it, so the run could
+    not say what finished or how to resume. A refused connection is seen at the next look."""
+    target = _tcp_target(_head_address) if _head_address else None
+    if target is None:
+        return
+    host, port, _ = target
+    try:
+        socket.create_connection((host, port), timeout=HEAD_CHECK_TIMEOUT_S).close()
+    except OSError as error:
+        raise HeadLost(
+            f"the Ray cluster's head at {_head_address} stopped answering "
+            f"({error.strerror or error}): the head or its machine has stopped"
+        ) from None
 
 
 def forwarded_options() -> dict:
@@ -234,7 +292,7 @@ def check_address(address: str, given_by: str, timeout_s: float = ADDRESS_CHECK_
     with ray://, "ray client connection timeout" after 30 s), and one where a web server answers
     (the dashboard's 8265) for as long. ConnectionError is how every cluster
     error reaches the user (cli: "cannot reach the Ray cluster", exit 2). HOST:PORT is a GCS
-    address, ray://HOST:PORT a Ray Client server; what Ray resolves itself (auto, local, other
+    address, ray://HOST:PORT a Ray Client server; what Ray resolves itself (local, other
     schemes) is left to it.
     """
     source = f"given by {given_by}" if given_by.startswith("--") else f"from {given_by}"
@@ -498,9 +556,13 @@ def _free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
-def shutdown() -> None:
-    global _embedded_head, _fork_server
-    ray.shutdown()
+def shutdown(head_lost: bool = False) -> None:
+    """Leave the cluster and stop what this process started. head_lost: Ray's disconnect would wait
+    for the dead head, so only the embedded cluster's own processes are stopped."""
+    global _embedded_head, _fork_server, _head_address
+    _head_address = None
+    if not head_lost:
+        ray.shutdown()
     if _embedded_head is not None:
         _embedded_head.shutdown()
         _embedded_head = None

@@ -23,6 +23,7 @@ from runner import isolation, measure, model_cache, progress
 from runner.cluster import (
     Cluster,
     alive_nodes,
+    check_head,
     fork_server_imports,
     forwarded_options,
     local_gpu_count,
@@ -167,6 +168,7 @@ def run_variants(
     pending = _submit(items, cluster, model_dir, placement_timeout_s, finish)
     deadlines = {}
     while pending:
+        check_head()  # before asking it for the nodes: a dead head would not answer for 60 s
         _check_placement(pending, deadlines, placement_timeout_s, say, finish)
         if not pending:
             break

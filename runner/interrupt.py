@@ -25,6 +25,11 @@ class Interrupted(KeyboardInterrupt):
     `received` keeps the signal."""
 
 
+class HeadLost(Exception):
+    """The cluster's head stopped answering while variants ran (runner/cluster.py check_head): the
+    run stops as a signal stops it, saying what is kept and how to resume, with exit code 1."""
+
+
 def exit_code() -> int:
     """128 + the signal, as a shell reports a process that a signal ended: 130 SIGINT, 143
     SIGTERM."""

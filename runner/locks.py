@@ -13,12 +13,13 @@ import errno
 import fcntl
 import json
 import os
+import pwd
 import socket
 import sys
 import time
 from pathlib import Path
 
-from runner import folders, measure
+from runner import folders, measure, progress
 
 # The job folder's lock: a dot file, which collect and report never read (they read *.json).
 RESULTS_LOCK = ".quantbench.lock"
@@ -221,6 +222,56 @@ def _open_shared(path: str) -> tuple[int, bool]:
         return fd, True
 
 
+def timing_lock_holder() -> str | None:
+    """Who holds the machine's timing lock now, in words (None: nobody, or no lock file yet).
+
+    It looks without waiting: a shared lock tried and let go at once (a variant that tries in that
+    instant waits one poll, POLL_S). The pid, host and command are what the lock file says (any
+    local user can write it); the user is the pid's owner where that pid runs here."""
+    path = timing_lock_path()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        return describe_holder(text) + _owner_of(text)
+    else:
+        return None
+    finally:
+        os.close(fd)  # lets go of the shared lock too
+
+
+def _owner_of(text: str) -> str:
+    """The lock file's pid's owner (", user NAME") where it runs on this host; else ""."""
+    try:
+        record = json.loads(text)
+        if record["host"] != socket.gethostname():
+            return ""
+        uid = os.stat(f"/proc/{int(record['pid'])}").st_uid
+    except (ValueError, TypeError, KeyError, OSError):
+        return ""
+    try:
+        return f", user {pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f", uid {uid}"
+
+
+def timing_lock_notice(timeout_s: float = TIMING_LOCK_TIMEOUT_S) -> str | None:
+    """What `run` says as it starts when another run holds the machine's timing lock: whom each
+    variant's timed passes will wait for, and how long at most."""
+    holder = timing_lock_holder()
+    if holder is None:
+        return None
+    return (
+        f"note: the machine's timing lock {timing_lock_path()} is held by {holder}: each variant "
+        f"on this machine waits for it before its warm-up, at most {timeout_s:g} s, then times "
+        "anyway with a warning; `run` says when a variant waits"
+    )
+
+
 class TimingLock:
     """What became of the wait: seconds waited, and a warning when the clock ran unserialized."""
 
@@ -249,15 +300,23 @@ def timing_lock(what: str, timeout_s: float = TIMING_LOCK_TIMEOUT_S, say=_say_on
         yield lock
         return
 
+    shown = contextlib.ExitStack()  # the wait as a progress phase, which `run` shows
+
     def waiting(holder: str) -> None:
         say(
             f"{what}: waiting for the machine's timing lock {lock.path}, held by {holder}: the "
             "clock starts "
             f"when that run's timed passes end (waits at most {timeout_s:g} s)"
         )
+        shown.enter_context(
+            progress.phase(
+                f"waiting for the timing lock (at most {timeout_s:g} s), held by {holder}"
+            )
+        )
 
     try:
-        waited = flock_within(fd, timeout_s, waiting)
+        with shown:
+            waited = flock_within(fd, timeout_s, waiting)
         lock.waited_s = timeout_s if waited is None else waited
         if waited is None:
             lock.warning = (

@@ -7,6 +7,7 @@ variants run, so it never competes with a timed pass for the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -48,6 +49,16 @@ class SweepReport:
     nothing_ran: bool = False  # --resume kept every result
     studies: list[dict] = field(default_factory=list)  # the sensitivity studies run
     unreadable: list[Path] = field(default_factory=list)  # written, but not read back
+    # "cannot write FILE: REASON" for each result measured but not written (a disk that filled
+    # during the run): its progress line and the table are the only record left of it.
+    lost: list[str] = field(default_factory=list)
+
+    @property
+    def lost_any(self) -> bool:
+        return bool(self.lost) or any(study.get("unwritten") for study in self.studies)
+
+    def lost_lines(self) -> list[str]:
+        return self.lost + [study["unwritten"] for study in self.studies if study.get("unwritten")]
 
     @property
     def failed(self) -> bool:
@@ -246,9 +257,15 @@ def _run_sweep(
         for plan in plans:
             if work_left(sweep, plan):
                 run_job(sweep, plan, *prepared_models[plan.spec.name])
-    finally:
+    except interrupt.HeadLost:
+        ray_cluster.shutdown(head_lost=True)  # Ray's own shutdown would wait for the dead head
+        raise
+    except BaseException:
         if sweep.cluster is not None:
             ray_cluster.shutdown()
+        raise
+    if sweep.cluster is not None:
+        ray_cluster.shutdown()
     sweep.report.wall_s = time.perf_counter() - started
     return sweep.report
 
@@ -306,6 +323,9 @@ def start_cluster(
         report.nothing_ran = True
         say("cluster: not started: --resume kept every variant's result, nothing left to run")
         return
+    notice = locks.timing_lock_notice()  # another run's timed passes: this run's would wait
+    if notice:
+        say(notice)
     cpu_precisions = [
         v.precision for variants in sweep.to_run.values() for v in variants if v.device == "cpu"
     ] + [
@@ -439,8 +459,22 @@ class JobProgress:
 
 def write_and_read_back(sweep: Sweep, result: Result) -> Result:
     """The result written, then read back through the check collect makes: run's table shows
-    what collect will. One that cannot be read back is said, and the run fails."""
-    path = results.write_result(sweep.results_dir, result)
+    what collect will. One that cannot be read back is said, and the run fails. One that cannot
+    be written (a disk that filled during the run) is said and kept for the table, and the sweep
+    goes on: the variants left may still be written (space freed meanwhile, another folder), and
+    each one's progress line records it either way."""
+    path = results.result_path(sweep.results_dir, result.job, result.variant)
+    try:
+        results.write_result(sweep.results_dir, result)
+    except OSError as error:
+        lost = f"cannot write {path}: {error.strerror or error}"
+        sweep.say(lost)
+        sweep.report.lost.append(lost)
+        # Read as if from its file, so the table puts it beside the written ones.
+        with contextlib.suppress(results.UnusableFile):
+            result = results.read_json_result(result.to_json(), path)
+        sweep.report.results.append(result)
+        return result
     try:
         result = results.load_result(path)
     except results.UnusableFile as why:

@@ -71,18 +71,30 @@ def run(stage: StudyRun) -> tuple[dict, Variant | None]:
     except Exception as error:  # the study failed; the variants' results stand
         study.update(status="failed", error=f"{type(error).__name__}: {error}")
     study["ended_at"], study["wall_s"] = measure.now(), round(time.perf_counter() - started, 3)
-    path = results.write_json(
-        results.study_path(stage.results_dir, spec.name, spec.sensitivity.variant_id), study
-    )
+    wrote = write_study(stage, study)
     if study["status"] != "ok":
-        stage.say(f"sensitivity: {spec.name}: failed: {study['error']} (wrote {path})")
+        stage.say(f"sensitivity: {spec.name}: failed: {study['error']} ({wrote})")
         return study, None
     for line in summary_lines(study):
         stage.say(f"sensitivity: {spec.name}: {line}")
-    stage.say(f"sensitivity: {spec.name}: wrote {path}")
+    stage.say(f"sensitivity: {spec.name}: {wrote}")
     kept = study["recipe"]["kept"]
     mixed = Variant(spec.sensitivity.precision, spec.sensitivity.device, keep=tuple(kept))
     return study, mixed if kept else None
+
+
+def write_study(stage: StudyRun, study: dict) -> str:
+    """Says "wrote FILE", or "cannot write FILE: REASON" (a disk that filled during the run), which
+    the study then carries as `unwritten`: its lines above are its only record, the mixed variant
+    still runs, and the run's exit code says a result was lost."""
+    spec = stage.plan.spec
+    path = results.study_path(stage.results_dir, spec.name, spec.sensitivity.variant_id)
+    try:
+        results.write_json(path, study)
+    except OSError as error:
+        study["unwritten"] = f"cannot write {path}: {error.strerror or error}"
+        return study["unwritten"]
+    return f"wrote {path}"
 
 
 def new_study(plan: JobPlan) -> dict:
