@@ -197,3 +197,40 @@ def test_a_hub_task_while_offline_is_refused_in_seconds(
     err = check_refused(capsys, tmp_path, lm_job(llama, block), "benchmarks.tasks[0].task", words)
     assert name in err
     assert time.monotonic() - clock < 30  # lm-eval's index once, no retries of the hub
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    """A tiny Llama whose output layer is tied to its embedding, as SmolLM2's and Gemma's are."""
+    from lm_models import build_tiny_llama
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("tied") / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return folder
+
+
+def test_benchmarks_score_the_variant_as_built_without_re_tying_it(tmp_path, tied_llama):
+    """lm-eval's HFLM re-ties the output layer to the embedding: on torch.ao's dynamic INT8 that
+    failed the whole variant (its Linear's weight is a method), and on a variant whose quantized
+    output layer is untied it would score the embedding's FP32 weights instead."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner.tasks.causal_lm.benchmarks import BenchmarkSettings, BenchmarkTask, run_benchmarks
+
+    yaml_path = small_task(tmp_path)
+    settings = BenchmarkSettings((BenchmarkTask(str(yaml_path), str(yaml_path)),))
+    tokenizer = AutoTokenizer.from_pretrained(tied_llama)
+    dynamic = torch.ao.quantization.quantize_dynamic(
+        AutoModelForCausalLM.from_pretrained(tied_llama).eval(), {torch.nn.Linear}
+    )
+    found, items, warnings = run_benchmarks(settings, dynamic, tokenizer, 4)
+    assert warnings == [] and "error" not in found["tasks"]["qb_small"]
+    assert len(items["qb_small"]["doc_id"]) == 3
+
+    untied = AutoModelForCausalLM.from_pretrained(tied_llama).eval()
+    own = torch.nn.Parameter(untied.model.embed_tokens.weight.detach() * 2)
+    untied.lm_head.weight = own  # what quantizing the output layer alone does to the tie
+    run_benchmarks(settings, untied, tokenizer, 4)
+    assert untied.lm_head.weight is own and "tie_weights" not in untied.__dict__

@@ -328,19 +328,18 @@ def run_benchmarks(
     """Every task on the variant's model, one at a time: (metrics.benchmarks,
     predictions.benchmarks, warnings). A task lm-eval fails keeps its error; the others run."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     truncations = MessageFilter(TRUNCATION_MESSAGE)  # HFLM says it once per request
     logging.getLogger("lm_eval.models.huggingface").addFilter(truncations)
     tasks, items, warnings = {}, {}, []
     try:
         with lm_eval_environment(settings.hub_offline):
-            lm = HFLM(
-                pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size or batch_size
-            )
+            lm = as_is(model, tokenizer, settings.batch_size or batch_size)
             for entry in settings.tasks:
                 truncations.count = 0
                 try:
+                    if isinstance(lm, Exception):
+                        raise lm
                     with progress.phase(f"benchmark {entry.spec}"):
                         name, record, per_item = run_task(lm, entry)
                 except Exception as error:  # lm-eval's message is the record; the rest run
@@ -354,6 +353,24 @@ def run_benchmarks(
     finally:
         logging.getLogger("lm_eval.models.huggingface").removeFilter(truncations)
     return {"lm_eval_version": lm_eval.__version__, "tasks": tasks}, items, warnings
+
+
+def as_is(model, tokenizer, batch_size: int):
+    """lm-eval's HFLM over the variant's model as it was built, or why it could not be made.
+
+    HFLM re-ties a model's output layer to its embedding (lm_eval/models/huggingface.py:392):
+    on a variant whose quantization untied them that would score the embedding's FP32 weights
+    as the output layer (or fail, on torch.ao's quantized Linear, whose weight is a method), so
+    the call is skipped."""
+    from lm_eval.models.huggingface import HFLM
+
+    model.tie_weights = lambda *args, **kwargs: None  # this instance only, removed below
+    try:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    except Exception as error:  # every task fails with it; the variant's other metrics stay
+        return error
+    finally:
+        del model.tie_weights
 
 
 class MessageFilter(logging.Filter):
