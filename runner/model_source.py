@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import transformers
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from runner import model_checks
 from runner.fields import SpecError
@@ -41,6 +42,8 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
             )
         try:
             built = transformers.AutoConfig.for_model(model_type, **config)
+        except StrictDataclassFieldValidationError as error:
+            raise refused_value(error, source, job, field) from None
         except (ValueError, TypeError) as error:
             raise SpecError(
                 job, f"{field}.config", source.config, f"not a valid {model_type} config: {error}"
@@ -55,6 +58,26 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
         raise SpecError(
             job, field, source.describe(), f"cannot read the model's config: {error}"
         ) from None
+
+
+def refused_value(
+    error: StrictDataclassFieldValidationError, source: ModelSource, job: Path, field: str
+) -> SpecError:
+    """One field of an inline config that transformers' typed config refuses, named in one
+    paragraph. Its message is 'Validation error for field NAME:' then the cause on a line."""
+    first, *cause = str(error).splitlines()
+    name = first.split("'")[1] if first.count("'") >= 2 else "?"
+    reason = " ".join(line.strip() for line in cause) or first
+    # YAML reads 100 as an integer: a float field wants 100.0.
+    hint = (
+        "; write a float field with a decimal point (100.0)" if "expected float" in reason else ""
+    )
+    return SpecError(
+        job,
+        f"{field}.config.{name}",
+        source.config.get(name),
+        f"transformers refuses it ({reason}){hint}",
+    )
 
 
 def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:

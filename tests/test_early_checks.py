@@ -1,0 +1,107 @@
+"""What validation can see, said by validation (exit 2, the field and the bound) before Ray
+starts: a GPT-2's position table (n_positions), a config value transformers refuses, a causal-LM
+job's generation and fine-tune lengths against the tokenized sample; and a perplexity beyond a
+float's range, reported as such with its mean NLL and bits per byte kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import RT_POLARITY, check_refused, variant_json, write_job
+from lm_models import build_tiny_gpt2
+
+from runner import models
+from runner.job import Variant
+from runner.plan import plan_job
+from runner.sweep import variant_work
+
+pytestmark = pytest.mark.usefixtures("private_timing_lock")
+
+POSITIONS = 64  # build_tiny_gpt2's n_positions
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    return build_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+def gpt2_job(model, extra: str = "", generation: str = "", model_line: str = "") -> str:
+    generation = generation or "{prompt_length: 8, new_tokens: 4, batch_sizes: [1]}"
+    return f"""
+name: tiny-gpt2
+task: causal-lm
+model: {model_line or f"{{path: {model}}}"}
+dataset:
+  format: lines
+  path: {RT_POLARITY}
+  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}
+  sample: {{n: 4, seed: 3}}
+perplexity: {{context: 16, stride: 8}}
+generation: {generation}
+evaluation: {{batch_size: 4, warmup_passes: 0, timed_passes: 1}}
+variants: [fp32-cpu]
+{extra}
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The position table: GPT-2 names it n_positions.
+
+
+def test_a_fixed_shape_longer_than_gpt2s_n_positions_is_refused(capsys, tmp_path, gpt2):
+    job = gpt2_job(gpt2).replace(
+        "timed_passes: 1}", "timed_passes: 1, latency_mode: fixed, fixed_shape: [1, 500]}"
+    )
+    check_refused(
+        capsys,
+        tmp_path,
+        job,
+        "evaluation.fixed_shape",
+        f"at most {POSITIONS} tokens",
+        "n_positions",
+    )
+
+
+def test_a_calibration_longer_than_gpt2s_n_positions_is_refused(capsys, tmp_path, gpt2):
+    job = gpt2_job(gpt2, "calibration: {samples: 4, max_length: 512}")
+    job = job.replace("[fp32-cpu]", "[fp32-cpu, gptq-int4-cpu]")
+    check_refused(capsys, tmp_path, job, "calibration.max_length", "512", "n_positions")
+
+
+def test_a_classifier_max_length_beyond_gpt2s_n_positions_is_refused(capsys, tmp_path, gpt2):
+    from conftest import rt_job
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    folder = tmp_path / "gpt2-classifier"
+    config = GPT2Config.from_pretrained(gpt2, id2label={0: "negative", 1: "positive"})
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (gpt2 / name).is_file():
+            (folder / name).write_bytes((gpt2 / name).read_bytes())
+    capsys.readouterr()  # save_pretrained's progress bar
+    job = rt_job(folder, variants="[fp32-cpu]").replace("max_length: 32", "max_length: 512")
+    check_refused(capsys, tmp_path, job, "dataset.max_length", "512", f"at most {POSITIONS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# An inline config value transformers' typed config refuses.
+
+
+def test_an_inline_value_transformers_refuses_is_one_paragraph(capsys, tmp_path, gpt2):
+    inline = "{config: {model_type: gpt2, n_layer: 1, n_embd: 32, n_head: 2, vocab_size: 600,"
+    inline += " initializer_range: 100}}"
+    job = gpt2_job(gpt2, model_line=inline).replace(
+        "dataset:", f"tokenizer: {{path: {gpt2}}}\ndataset:"
+    )
+    err = check_refused(
+        capsys,
+        tmp_path,
+        job,
+        "model.config.initializer_range",
+        "100",
+        "expected float",
+        "100.0",
+    )
+    assert len(err.strip().splitlines()) <= 4, err
