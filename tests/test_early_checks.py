@@ -105,3 +105,30 @@ def test_an_inline_value_transformers_refuses_is_one_paragraph(capsys, tmp_path,
         "100.0",
     )
     assert len(err.strip().splitlines()) <= 4, err
+
+
+# ---------------------------------------------------------------------------------------------
+# A perplexity beyond a float's range: the measurement is kept.
+
+
+def test_a_perplexity_beyond_float_range_keeps_the_mean_nll(tmp_path, gpt2):
+    loud = tmp_path / "loud"
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(gpt2)
+    with torch.no_grad():  # logits thousands of nats apart: a wrong guess costs > 709 nats
+        model.transformer.ln_f.weight.mul_(1e4)
+    model.save_pretrained(loud)
+    for name in gpt2.iterdir():
+        if name.name.startswith(("tokenizer", "special")):
+            (loud / name.name).write_bytes(name.read_bytes())
+    job = write_job(tmp_path, gpt2_job(loud))
+    plan = plan_job(job)
+    model_dir, info = models.prepare_model(plan.spec)
+    (task,) = variant_work(plan, model_dir, info, set(), [Variant("fp32", "cpu")])
+    result = variant_json(task)
+    assert result["status"] == "ok", json.dumps(result)[:2000]
+    metrics = result["metrics"]
+    assert metrics["perplexity"] is None
+    assert metrics["mean_nll"] > 709 and metrics["bits_per_byte"] > 0
+    assert any("beyond a float's range" in w for w in result["warnings"]), result["warnings"]

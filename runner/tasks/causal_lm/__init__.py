@@ -96,7 +96,9 @@ class CausalLM(Task):
         decode = metrics.value("decode_tokens_per_s")
         speed = f"  decode {decode:.1f} tokens/s" if decode is not None else ""
         convention = metrics.value("perplexity_convention") or "rolling"  # before it was chosen
-        return f"perplexity {metrics.value('perplexity'):.4g} ({convention}){speed}"
+        value = metrics.value("perplexity")
+        shown = "beyond a float" if value is None else f"{value:.4g}"  # a warning says why
+        return f"perplexity {shown} ({convention}){speed}"
 
     def key_metric(self, metrics: Metrics) -> tuple[str, float | None, int]:
         return "perplexity", metrics.value("perplexity"), 2
