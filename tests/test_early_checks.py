@@ -132,3 +132,26 @@ def test_a_perplexity_beyond_float_range_keeps_the_mean_nll(tmp_path, gpt2):
     assert metrics["perplexity"] is None
     assert metrics["mean_nll"] > 709 and metrics["bits_per_byte"] > 0
     assert any("beyond a float's range" in w for w in result["warnings"]), result["warnings"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenized sample: enough tokens for a prompt, and for one training block.
+
+
+def test_a_prompt_longer_than_the_samples_tokens_is_refused(capsys, tmp_path, gpt2):
+    texts = tmp_path / "short.txt"
+    texts.write_text("a good film\nbad\n")  # a few tokens: 64 positions would allow 60
+    job = gpt2_job(gpt2, generation="{prompt_length: 40, new_tokens: 4, batch_sizes: [1]}")
+    job = job.replace(f"format: lines\n  path: {RT_POLARITY}", f"format: text\n  path: {texts}")
+    job = job.replace(
+        "  files: {pos: rt-polarity.pos, neg: rt-polarity.neg}\n  sample: {n: 4, seed: 3}\n", ""
+    )
+    check_refused(capsys, tmp_path, job, "generation.prompt_length", "40", "at most")
+
+
+def test_finetune_text_shorter_than_one_block_is_refused(capsys, tmp_path, gpt2):
+    train = tmp_path / "train.txt"
+    train.write_text("tiny\ntext\n")
+    finetune = f"finetune: {{train: {{format: text, path: {train}}}, epochs: 1}}"
+    job = gpt2_job(gpt2, finetune).replace("context: 16", "context: 60")
+    check_refused(capsys, tmp_path, job, "finetune.train", "perplexity.context (60)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runner.fields import SpecError
 from runner.schema import Metrics
-from runner.tasks.causal_lm import compare, config
+from runner.tasks.causal_lm import compare, config, sample_checks
 from runner.tasks.task import EVERY_TASK_TOLERANCES, Metric, Targets, Task
 
 
@@ -86,6 +86,7 @@ class CausalLM(Task):
                 "there is no token to score; name the column that holds the text",
             )
         settings = config.resolved(spec.task_config, model_config, job, prefix)
+        sample_checks.check_sample_tokens(spec, job, settings, examples, train)
         return Targets(settings, plan_notes(settings))
 
     def recorded(self, settings: config.CausalLMSettings) -> dict:
