@@ -217,3 +217,39 @@ def test_every_family_takes_part_in_a_study_its_own_way(hard_bert, precision):
     (output,) = measured["groups"]
     # Keeping every "output" layer in FP32 (all_but) quantizes the rest; "only" quantizes them.
     assert output["all_but"]["kept"] == 2 and output["only"]["kept"] == len(probe["layers"]) - 2
+
+
+def _stage(tmp_path, model, say: list):
+    from runner.plan import plan_job
+
+    plan = plan_job(write_job(tmp_path / "jobs", _job(model)))
+    return study.StudyRun(plan, model, None, tmp_path / "results", say.append)
+
+
+def test_a_precision_that_quantizes_no_layer_ends_the_study_saying_so(
+    tmp_path, tiny_model, monkeypatch
+):
+    from runner import dispatch
+
+    probe = {"layers": [], "linear_layers": 12, "groups": {}, "full": {}, "reference": []}
+    monkeypatch.setattr(dispatch, "run_study_steps", lambda *args, **kwargs: [probe])
+    said = []
+    found, mixed = study.run(_stage(tmp_path, tiny_model, said))
+    assert found["status"] == "failed" and mixed is None
+    assert "quantizes none of the model's 12 nn.Linear layers" in found["error"], found["error"]
+    assert "range()" not in found["error"] and "quantizes none" in said[-1]
+
+
+def test_a_study_on_a_device_no_node_has_is_skipped_like_its_variant(
+    tmp_path, tiny_model, monkeypatch
+):
+    from runner import dispatch
+
+    def no_gpu(*args, **kwargs):
+        raise dispatch.NoCapableNode("cannot run the sensitivity study: no node has a cuda GPU")
+
+    monkeypatch.setattr(dispatch, "run_study_steps", no_gpu)
+    said = []
+    found, mixed = study.run(_stage(tmp_path, tiny_model, said))
+    assert found["status"] == "skipped" and mixed is None
+    assert "no node has a cuda GPU" in found["error"] and "skipped" in said[-1]
