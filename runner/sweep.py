@@ -477,6 +477,8 @@ def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:
     job's mistake (exit 2), as validation would have said if it could read weights."""
     try:
         model_dir, model_info = models.prepare_model(plan.spec, say)
+    except SpecError:  # the task refused the loaded model, saying why
+        raise
     except Exception as error:
         raise SpecError(
             plan.spec.file,

@@ -118,6 +118,11 @@ class CausalLM(Task):
         """The block length (the stride, the KL and generation settings change no weight)."""
         return {"block_tokens": settings.perplexity.context}
 
+    def refuse_model(self, model) -> str | None:
+        from runner.tasks.causal_lm import causal_probe  # torch: only where a model is loaded
+
+        return causal_probe.refusal(model)
+
     def chance_loss(self, work) -> tuple[float, str]:
         """A uniform guess over the vocabulary: ln of its size (the model's config.json)."""
         saved = json.loads((Path(work.model_dir) / "config.json").read_text(encoding="utf-8"))
