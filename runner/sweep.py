@@ -281,7 +281,7 @@ def study_left(sweep: Sweep, plan: JobPlan, resume: bool) -> bool:
     spec = plan.spec
     if spec.sensitivity is None:
         return False
-    found = study.kept_study(sweep.results_dir, plan) if resume else None
+    found = study.kept_study(sweep.results_dir, plan, sweep.say) if resume else None
     kept = sweep.kept[spec.name]
     if found is not None and (
         not found.study["recipe"]["kept"] or spec.sensitivity.mixed_id in kept

@@ -47,16 +47,21 @@ class StudyRun:
     placement_timeout_s: float | None = None
 
 
-def kept_study(results_dir: Path, plan: JobPlan) -> results.StudyFile | None:
-    """The job's study file when --resume may keep it: ok, of this spec and this sensitivity."""
+def kept_study(results_dir: Path, plan: JobPlan, say=lambda line: None) -> results.StudyFile | None:
+    """The job's study file when --resume may keep it: ok, of this spec and this sensitivity. A
+    file there that holds no study it can read is said, and the study runs again."""
     spec = plan.spec
     path = results.study_path(results_dir, spec.name, spec.sensitivity.variant_id)
+    if not path.exists():
+        return None
     try:
         study = results.load_study(path)
-    except results.UnusableFile:
+    except results.UnusableFile as why:
+        say(f"[resume] {spec.name}: runs the sensitivity study again: {path}: {why}")
         return None
     same = study.get("sensitivity") == asdict(spec.sensitivity)
-    ok = study["status"] == "ok" and study["spec_hash"] == plan.spec_hash
+    ok = study["status"] == "ok" and study.get("spec_hash") == plan.spec_hash
+    ok = ok and study["schema_version"] == SCHEMA_VERSION
     return results.StudyFile(path, study) if same and ok else None
 
 
