@@ -79,6 +79,7 @@ def plan_job(path: str | Path) -> JobPlan:
     check_lengths(spec, shown, config)
     positions = (model_checks.position_table(config) or (None,))[0]
     calibration_rows = calibration_set(spec, shown, rows, sample_rows, train, positions)
+    model_source.check_int4_group_size(task, spec, shown)
 
     notes += sample_notes(spec, rows, examples, train)
     notes.extend(targets.notes)

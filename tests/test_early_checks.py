@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import RT_POLARITY, check_refused, variant_json, write_job
+from conftest import RT_POLARITY, check_refused, run_cli, variant_json, write_job
 from lm_models import build_tiny_gpt2
 
 from runner import models
@@ -155,3 +155,28 @@ def test_finetune_text_shorter_than_one_block_is_refused(capsys, tmp_path, gpt2)
     finetune = f"finetune: {{train: {{format: text, path: {train}}}, epochs: 1}}"
     job = gpt2_job(gpt2, finetune).replace("context: 16", "context: 60")
     check_refused(capsys, tmp_path, job, "finetune.train", "perplexity.context (60)")
+
+
+# ---------------------------------------------------------------------------------------------
+# An int4 group size that does not divide a layer the precision quantizes.
+
+
+@pytest.mark.parametrize("precision", ["torchao-int4-weight", "gptq-int4"])
+def test_an_int4_group_size_that_does_not_divide_a_layer_is_refused(
+    capsys, tmp_path, gpt2, precision
+):
+    # GPT-2's blocks are Conv1D; its one nn.Linear, lm_head, reads n_embd 32 inputs: 128 does not
+    # divide it (the worker found it after the cluster started and FP32 was timed).
+    calibration = "calibration: {samples: 4}" if precision == "gptq-int4" else ""
+    job = gpt2_job(gpt2, calibration).replace("[fp32-cpu]", f"[fp32-cpu, {precision}-cpu]")
+    check_refused(
+        capsys,
+        tmp_path,
+        job,
+        "settings.torchao_int4_group_size: found 128",
+        f"{precision} quantize layer 'lm_head', whose in_features 32 is not a multiple of it",
+        "group sizes that divide every layer: 32",
+    )
+    ok = job.replace("variants:", "settings: {torchao_int4_group_size: 32}\nvariants:")
+    code, out, err = run_cli(capsys, "validate", write_job(tmp_path / "ok", ok))
+    assert code == 0, err
