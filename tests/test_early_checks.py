@@ -180,3 +180,21 @@ def test_an_int4_group_size_that_does_not_divide_a_layer_is_refused(
     ok = job.replace("variants:", "settings: {torchao_int4_group_size: 32}\nvariants:")
     code, out, err = run_cli(capsys, "validate", write_job(tmp_path / "ok", ok))
     assert code == 0, err
+
+
+# ---------------------------------------------------------------------------------------------
+# A generation batch too large for any machine: estimated at validation, not refused.
+
+
+def test_validate_estimates_the_largest_generation_batchs_memory(capsys, tmp_path, gpt2):
+    job = gpt2_job(gpt2, generation="{prompt_length: 8, new_tokens: 4, batch_sizes: [1, 10000000]}")
+    code, out, err = run_cli(capsys, "validate", write_job(tmp_path, job))
+    assert code == 0, err
+    # GPT-2 of 2 layers, 32 wide, a vocabulary of the BPE's size: 10000000 x 12 tokens x 2 layers
+    # x (K and V) x 32 x 4 bytes of KV cache, and 10000000 x vocab x 4 bytes of a step's logits.
+    vocab = json.loads((gpt2 / "config.json").read_text())["vocab_size"]
+    kv, logits = 10_000_000 * 12 * 2 * 2 * 32 * 4 / 2**30, 10_000_000 * vocab * 4 / 2**30
+    assert (
+        f"note: generation: batch size 10000000 holds about {kv + logits:.3g} GiB in FP32 "
+        f"(KV cache {kv:.3g} GiB, a step's logits {logits:.3g} GiB)" in out
+    ), out

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runner.fields import SpecError
 from runner.schema import Metrics
-from runner.tasks.causal_lm import compare, config, sample_checks
+from runner.tasks.causal_lm import compare, config, generation_memory, sample_checks
 from runner.tasks.task import EVERY_TASK_TOLERANCES, Metric, Targets, Task
 
 
@@ -87,7 +87,7 @@ class CausalLM(Task):
             )
         settings = config.resolved(spec.task_config, model_config, job, prefix)
         sample_checks.check_sample_tokens(spec, job, settings, examples, train)
-        return Targets(settings, plan_notes(settings))
+        return Targets(settings, plan_notes(settings, model_config))
 
     def recorded(self, settings: config.CausalLMSettings) -> dict:
         return asdict(settings)
@@ -132,7 +132,7 @@ class CausalLM(Task):
         return math.log(size), f"ln {size} (the vocabulary)"
 
 
-def plan_notes(settings: config.CausalLMSettings) -> list[str]:
+def plan_notes(settings: config.CausalLMSettings, model_config: dict) -> list[str]:
     window, generation = settings.perplexity, settings.generation
     kl = f"from FP32 over its top {window.kl_top_k} tokens" if window.kl_top_k else "not measured"
     if window.convention == "rolling":
@@ -147,6 +147,8 @@ def plan_notes(settings: config.CausalLMSettings) -> list[str]:
             f"generation: {generation.new_tokens} new tokens after prompts of "
             f"{generation.prompt_length}, batch sizes {', '.join(map(str, generation.batch_sizes))}"
         )
+        memory = generation_memory.memory_note(generation, model_config)
+        notes += [memory] if memory else []
     return notes
 
 
