@@ -217,12 +217,13 @@ def check_int4_group_size(task, spec: JobSpec, job: Path) -> None:
     if not wrong:
         return
     name, width = wrong[0]
+    verb = "quantizes" if len(int4) == 1 else "quantize"
     fits = [g for g in INT4_GROUP_SIZES if all(w % g == 0 for w in widths.values())]
     raise SpecError(
         job,
         f"settings.{GROUP_SETTING}",
         group_size,
-        f"{', '.join(int4)} quantize layer {name!r}, whose in_features {width} is not a multiple "
+        f"{', '.join(int4)} {verb} layer {name!r}, whose in_features {width} is not a multiple "
         f"of it ({len(wrong)} of the model's {len(widths)} linear layers are not); "
         + (
             f"group sizes that divide every layer: {', '.join(map(str, fits))}"

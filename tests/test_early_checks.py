@@ -174,7 +174,7 @@ def test_an_int4_group_size_that_does_not_divide_a_layer_is_refused(
         tmp_path,
         job,
         "settings.torchao_int4_group_size: found 128",
-        f"{precision} quantize layer 'lm_head', whose in_features 32 is not a multiple of it",
+        f"{precision} quantizes layer 'lm_head', whose in_features 32 is not a multiple of it",
         "group sizes that divide every layer: 32",
     )
     ok = job.replace("variants:", "settings: {torchao_int4_group_size: 32}\nvariants:")
