@@ -139,7 +139,7 @@ def _records_to_examples(
 
 def _read_jsonl(spec: DatasetSpec, job: Path) -> list[Example]:
     records = []
-    for number, line in enumerate(spec.path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(file_lines(spec.path), start=1):
         if line.strip():
             try:
                 records.append((number, json.loads(line)))
@@ -157,11 +157,18 @@ def _read_parquet(spec: DatasetSpec, job: Path) -> list[Example]:
     return _records_to_examples(enumerate(pq.read_table(spec.path).to_pylist(), start=1), spec, job)
 
 
+def file_lines(path: Path) -> list[str]:
+    """The file's lines, split at \\n and \\r\\n only: str.splitlines also splits at form feeds,
+    \\x1c-\\x1e, \\x85 and U+2028/2029, which are text inside a line (and inside a JSON string)."""
+    text = path.read_bytes().decode("utf-8")
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _lines_of(path: Path, label: str) -> list[Example]:
     """One text per line of the file (blank lines skipped), each with the label."""
     return [
         Example(line.strip(), label, f"line {number} of {path.name}")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        for number, line in enumerate(file_lines(path), start=1)
         if line.strip()
     ]
 

@@ -338,18 +338,22 @@ def finetune(
 # timed variant), each in a process of its own.
 
 
+class NoCapableNode(RuntimeError):
+    """No node of the cluster runs the study's device: the study is skipped, as its variant is."""
+
+
 def run_study_steps(
     steps: list[StudyWork],
     cluster: Cluster,
     model_dir: Path,
     placement_timeout_s: float | None = None,
 ) -> list[dict]:
-    """Every step at once, where its device runs; their outcomes, in order. Raises RuntimeError
-    when no node can run the device or a step fails, saying why."""
+    """Every step at once, where its device runs; their outcomes, in order. Raises NoCapableNode
+    when no node can run the device, RuntimeError when a step fails, saying why."""
     device = steps[0].study.device
     reason = wait_for_capable_node(device, default_placement_timeout(cluster, placement_timeout_s))
     if reason:
-        raise RuntimeError(f"cannot run the sensitivity study: {reason}")
+        raise NoCapableNode(f"cannot run the sensitivity study: {reason}")
     archive = shipped_model(cluster, model_dir)
     also_import = fork_server_imports([steps[0].study.precision] if device == "cpu" else [])
     refs = [_submit_one(step, archive, also_import) for step in steps]

@@ -7,6 +7,7 @@ Plain file-system work, no result is read here (runner/results.py reads them), s
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -80,9 +81,7 @@ def check_writable(results_dir: Path, jobs: list[str]) -> None:
         made = outermost_missing(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
-            os.close(handle)
-            os.unlink(probe)
+            write_probe(folder)
         except (NotADirectoryError, FileExistsError):
             file = next(p for p in (folder, *folder.parents) if p.exists() and not p.is_dir())
             raise ResultsUnwritable(
@@ -90,6 +89,11 @@ def check_writable(results_dir: Path, jobs: list[str]) -> None:
                 "choose another folder with --results"
             ) from None
         except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResultsUnwritable(
+                    f"results folder {folder}: the disk is full ({error.strerror}); free space "
+                    "there, or choose another folder with --results"
+                ) from None
             raise ResultsUnwritable(
                 f"results folder {folder}: user {_user()} cannot "
                 f"{'create' if made else 'write in'} it "
@@ -99,6 +103,17 @@ def check_writable(results_dir: Path, jobs: list[str]) -> None:
             ) from None
         finally:
             remove_if_empty(folder, made)
+
+
+def write_probe(folder: Path) -> None:
+    """Write one byte to a new file in folder, then remove it: a full disk still makes an empty
+    file, and refuses the byte."""
+    handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    try:
+        os.write(handle, b"-")
+    finally:
+        os.close(handle)
+        os.unlink(probe)
 
 
 def outermost_missing(folder: Path) -> Path | None:

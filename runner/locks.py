@@ -127,7 +127,11 @@ def lock_job_folder(
             )
 
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError:  # a refused run leaves no folder behind
+            folders.remove_if_empty(folder, created)
+            raise
         waited = flock_within(
             fd, max(0.0, deadline - time.monotonic()), waiting if wait_s else None
         )
@@ -137,7 +141,11 @@ def lock_job_folder(
             folders.remove_if_empty(folder, created)
             raise ResultsLocked(_refusal(folder, holder, wait_s))
         if _same_file(fd, path):
-            write_holder(fd, command)
+            try:
+                write_holder(fd, command)
+            except OSError:  # a full disk: no 0-byte lock, no empty folder left
+                unlock_job_folder(folder, fd, created)
+                raise
             return fd, created
         os.close(fd)
 

@@ -33,9 +33,39 @@ MARKER = "quantbench-model.json"
 # The prepared checkpoint.
 
 
+# The files of a model folder that from_pretrained reads (its top level only): the configs and
+# the shards' indexes, the weights, the tokenizer's files. A folder's key hashes these and the
+# shards an index names; an unrelated file beside them (a 4 GiB archive, a notes file) is not read
+# by the model and not hashed.
+LOADED_FILES = (
+    "*.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model-*.bin",
+    "*.model",  # sentencepiece
+    "*.tiktoken",
+    "vocab.txt",
+    "merges.txt",
+    "*.jinja",  # a chat template
+)
+
+
+def loaded_files(folder: Path) -> list[Path]:
+    """The files of a model folder its model and tokenizer are loaded from, sorted by name."""
+    names = {p.name for pattern in LOADED_FILES for p in folder.glob(pattern) if p.is_file()}
+    for index in folder.glob("*.index.json"):  # the shards it names, whatever their names
+        try:
+            shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()
+        except (OSError, ValueError, AttributeError):  # validation names a broken index
+            continue
+        names.update(s for s in shards if isinstance(s, str) and Path(s).name == s)
+    return [folder / name for name in sorted(names) if (folder / name).is_file()]
+
+
 def _hash_folder(folder: Path, digest) -> None:
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
+    for path in loaded_files(folder):
+        digest.update(path.name.encode())
         hash_file(path, digest)
 
 

@@ -32,6 +32,20 @@ def pretrained_name(source: ModelSource, job: Path = Path("the job")) -> str:
     return source.hub
 
 
+# Where a config keeps its position table: max_position_embeddings, GPT-2 n_positions.
+POSITION_KEYS = ("max_position_embeddings", "n_positions")
+
+
+def position_table(config: dict) -> tuple[int, str] | None:
+    """(the most tokens the model takes, the config key that says so); None for relative or rotary
+    positions, which have no fixed table to outgrow."""
+    for key in POSITION_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, key
+    return None
+
+
 def check_source(source: ModelSource, job: Path, field: str) -> None:
     if source.package:
         try:

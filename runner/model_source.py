@@ -8,17 +8,21 @@ with them, only where a job needs them (an inline or hub model), as `transformer
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
 from pathlib import Path
 
 import transformers
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from runner import model_checks
 from runner.fields import SpecError
 from runner.gguf_files import read_gguf
 from runner.job import JobSpec, ModelSource
+from runner.precisions import precision_of
+from runner.precisions.torchao import INT4_GROUP_SIZES
 
 
 def read_config(source: ModelSource, job: Path, field: str = "model"):
@@ -41,6 +45,8 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
             )
         try:
             built = transformers.AutoConfig.for_model(model_type, **config)
+        except StrictDataclassFieldValidationError as error:
+            raise refused_value(error, source, job, field) from None
         except (ValueError, TypeError) as error:
             raise SpecError(
                 job, f"{field}.config", source.config, f"not a valid {model_type} config: {error}"
@@ -55,6 +61,26 @@ def read_config(source: ModelSource, job: Path, field: str = "model"):
         raise SpecError(
             job, field, source.describe(), f"cannot read the model's config: {error}"
         ) from None
+
+
+def refused_value(
+    error: StrictDataclassFieldValidationError, source: ModelSource, job: Path, field: str
+) -> SpecError:
+    """One field of an inline config that transformers' typed config refuses, named in one
+    paragraph. Its message is 'Validation error for field NAME:' then the cause on a line."""
+    first, *cause = str(error).splitlines()
+    name = first.split("'")[1] if first.count("'") >= 2 else "?"
+    reason = " ".join(line.strip() for line in cause) or first
+    # YAML reads 100 as an integer: a float field wants 100.0.
+    hint = (
+        "; write a float field with a decimal point (100.0)" if "expected float" in reason else ""
+    )
+    return SpecError(
+        job,
+        f"{field}.config.{name}",
+        source.config.get(name),
+        f"transformers refuses it ({reason}){hint}",
+    )
 
 
 def model_config(source: ModelSource, job: Path, field: str = "model") -> dict:
@@ -170,3 +196,65 @@ def check_model_class(task, source: ModelSource, config: dict, job: Path) -> Non
         or transformers.CONFIG_MAPPING[model_type] not in auto._model_mapping
     ):
         raise SpecError(job, "model.config.model_type", model_type, task.no_model_class)
+
+
+GROUP_SETTING = "torchao_int4_group_size"
+
+
+def check_int4_group_size(task, spec: JobSpec, job: Path) -> None:
+    """Every nn.Linear an int4 precision of the job quantizes (torchao-int4-weight, awq-int4,
+    gptq-int4: they share the group size) has in_features a whole number of groups, as the worker
+    checks after the cluster started. The model is built on torch's meta device from its config:
+    no weights are read or allocated. A model that cannot be built so is left to the worker."""
+    int4 = sorted(
+        {name for name in quantizing_precisions(spec) if GROUP_SETTING in precision_fields(name)}
+    )
+    if not int4 or spec.model.gguf is not None or spec.model.archive is not None:
+        return
+    group_size = spec.settings[GROUP_SETTING]
+    widths = linear_in_features(task, spec.model, job)
+    wrong = [(name, width) for name, width in widths.items() if width % group_size]
+    if not wrong:
+        return
+    name, width = wrong[0]
+    verb = "quantizes" if len(int4) == 1 else "quantize"
+    fits = [g for g in INT4_GROUP_SIZES if all(w % g == 0 for w in widths.values())]
+    raise SpecError(
+        job,
+        f"settings.{GROUP_SETTING}",
+        group_size,
+        f"{', '.join(int4)} {verb} layer {name!r}, whose in_features {width} is not a multiple "
+        f"of it ({len(wrong)} of the model's {len(widths)} linear layers are not); "
+        + (
+            f"group sizes that divide every layer: {', '.join(map(str, fits))}"
+            if fits
+            else f"no allowed group size ({', '.join(map(str, INT4_GROUP_SIZES))}) divides them all"
+        ),
+    )
+
+
+def quantizing_precisions(spec: JobSpec) -> list[str]:
+    """The precisions the job's variants and its study quantize with."""
+    names = [variant.precision for variant in spec.variants]
+    return names + ([spec.sensitivity.precision] if spec.sensitivity is not None else [])
+
+
+def precision_fields(name: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(precision_of(name).config)}
+
+
+def linear_in_features(task, source: ModelSource, job: Path) -> dict[str, int]:
+    """Each nn.Linear's in_features, by module name, of the model built on the meta device."""
+    import torch  # only for a job with an int4 variant
+
+    config = read_config(source, job)
+    try:
+        with torch.device("meta"):
+            model = getattr(transformers, task.model_class).from_config(config)
+    except Exception:  # the worker's load says what is wrong, with the weights
+        return {}
+    return {
+        name: module.in_features
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }

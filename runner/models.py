@@ -21,6 +21,7 @@ import torch
 import transformers
 from transformers.utils import logging as hf_logging
 
+from runner.fields import SpecError
 from runner.gguf_files import GgufFile, read_gguf
 from runner.job import JobSpec, ModelSource
 from runner.model_cache import (
@@ -106,6 +107,9 @@ def prepare_model(spec: JobSpec, say=lambda line: None) -> tuple[Path, dict]:
             output_loading_info=True,
         )
         newly_initialised = sorted(loading.get("missing_keys", []))
+    refusal = TASKS[spec.task].refuse_model(model)
+    if refusal is not None:  # before the cache: a refused model is never a variant's
+        raise SpecError(spec.file, "model", spec.model.describe(), refusal)
     tokenizer = load_tokenizer(spec, gguf)
     info = {
         "key": key,

@@ -77,8 +77,9 @@ def plan_job(path: str | Path) -> JobPlan:
     model_source.check_model_class(task, spec.model, config, shown)
     targets = task.plan(spec, shown, config, rows, examples, train)
     check_lengths(spec, shown, config)
-    positions = config.get("max_position_embeddings")
+    positions = (model_checks.position_table(config) or (None,))[0]
     calibration_rows = calibration_set(spec, shown, rows, sample_rows, train, positions)
+    model_source.check_int4_group_size(task, spec, shown)
 
     notes += sample_notes(spec, rows, examples, train)
     notes.extend(targets.notes)
@@ -235,10 +236,11 @@ def training_split(
 def check_lengths(spec: JobSpec, shown: Path, config: dict) -> None:
     """Sequences longer than the model's position table fail in every variant's forward pass: say so
     now."""
-    positions = config.get("max_position_embeddings")
-    if not isinstance(positions, int):
+    table = model_checks.position_table(config)
+    if table is None:
         return  # relative or rotary positions: no fixed table to outgrow
-    allowed = f"the model takes at most {positions} tokens (max_position_embeddings in its config)"
+    positions, key = table
+    allowed = f"the model takes at most {positions} tokens ({key} in its config)"
     # A task of text alone cuts its own windows (and checks them): max_length is not read.
     if TASKS[spec.task].labelled and spec.dataset.max_length > positions:
         raise SpecError(shown, "dataset.max_length", spec.dataset.max_length, allowed)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.folders import ResultsConflict, write_json
-from runner.schema import Result, UnusableFile, read_result
+from runner.schema import Result, UnusableFile, check_study, read_result
 from runner.tasks import DEFAULT_TASK, TASKS
 
 
@@ -50,6 +50,7 @@ def load_study(path: Path) -> dict:
         raise UnusableFile(f"not a readable sensitivity study ({error})") from None
     if not isinstance(study, dict) or study.get("kind") != STUDY_KIND:
         raise UnusableFile(f"named {STUDY_PREFIX}*.json but not a sensitivity study")
+    check_study(study)
     return study
 
 

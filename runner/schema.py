@@ -330,3 +330,89 @@ def result_fields(task=None) -> Fields:
         },
         ("metrics",),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The sensitivity study's file (runner/study/stage.py writes it, docs/sensitivity.md describes
+# it): checked as a result is, by the same type hints, before `report` or `run --resume` reads it.
+
+STUDY_SCHEMA_VERSION = 1
+STUDY_STATUSES = ("ok", "failed", "skipped")
+
+
+def _one_of(allowed: tuple[str, ...]):
+    def rule(value: str) -> str | None:
+        return None if value in allowed else f"{value!r} is none of {', '.join(allowed)}"
+
+    return rule
+
+
+class StudyMeasure(TypedDict, total=False):
+    """A model measured against FP32's predictions (the groups' "only" and "all_but", the fully
+    quantized model, the recipe's result): what report reads of it."""
+
+    agreement: Required[float]
+    flips: Required[int]
+    mean_kl: Required[float | None]
+    accuracy: float | None
+    accuracy_fp32: float | None
+
+
+class RankedGroup(TypedDict, total=False):
+    rank: Required[int]
+    group: Required[str]
+    layers: Required[list[str]]
+    only: Required[StudyMeasure]
+    all_but: Required[StudyMeasure]
+    weight_sqnr_db: float | None
+    output_sqnr_db: float | None
+
+
+class Recipe(TypedDict, total=False):
+    kept: Required[list[str]]
+    groups: Required[list[str]]
+    met: Required[bool]
+    result: Required[StudyMeasure]
+    tolerance: dict | None
+
+
+class StudySettings(TypedDict):
+    precision: str
+    device: str
+    groups: str
+
+
+class Study(TypedDict, total=False):
+    kind: Required[str]
+    schema_version: Required[int]
+    job: Required[str]
+    status: Required[Annotated[str, _one_of(STUDY_STATUSES)]]
+    error: str | None
+    spec_hash: str  # what --resume compares; a study without it is never kept
+    sensitivity: Required[StudySettings]
+    variant: Required[str]
+    mixed_variant: Required[str]
+    samples: int
+    layers: int
+    full: StudyMeasure
+    ranking: list[RankedGroup]
+    recipe: Recipe
+
+
+# What an ok study holds beside the fields every study has: a failed one stops before them.
+OK_STUDY_HOLDS = ("layers", "full", "ranking", "recipe")
+
+
+def check_study(data: Any) -> None:
+    """Raises UnusableFile saying why `data` is not a study this code reads. A study of another
+    schema_version is only checked for its version: report says it is not shown."""
+    if not isinstance(data, dict):
+        raise UnusableFile(f"not a sensitivity study: a JSON {json_kind(data)}")
+    if data.get("schema_version") != STUDY_SCHEMA_VERSION:
+        return
+    found = problem(data, Study)
+    if found is None and data["status"] == "ok":
+        missing = [key for key in OK_STUDY_HOLDS if data.get(key) is None]
+        found = f"{missing[0]}: missing, in a study of status ok" if missing else None
+    if found:
+        raise UnusableFile(f"a malformed sensitivity study: {found}")

@@ -9,7 +9,9 @@ with the same Reader (runner/fields.py).
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -346,7 +348,12 @@ def _task(top: Reader) -> str:
 
 def _resolve(file: Path, value: str) -> Path:
     path = Path(value).expanduser()
-    return path if path.is_absolute() else (file.parent / path).resolve()
+    if path.is_absolute():
+        return path
+    try:
+        return (file.parent / path).resolve()
+    except (RuntimeError, OSError):  # a symlink loop: the caller's check says what it is
+        return Path(os.path.abspath(file.parent / path))
 
 
 MODEL_KINDS = ("hub", "path", "package", "gguf", "archive", "config")
@@ -378,11 +385,26 @@ def _model_source(file: Path, shown: Path, reader: Reader, allow_config: bool) -
     if kind == "path":
         path = _resolve(file, value)
         if not path.is_dir():
-            raise SpecError(shown, reader.field("path"), value, no_such(f"no such folder ({path})"))
+            raise SpecError(shown, reader.field("path"), value, not_a_folder(path))
         return ModelSource(path=path)
     if kind == "package":
         return ModelSource(package=value)
     return ModelSource(hub=value, revision=reader.get("revision", str))
+
+
+def not_a_folder(path: Path) -> str:
+    """Why a model's path is not a folder it can read, said as the system found it."""
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"a symlink loop ({path}: {error.strerror}); point it at the model's folder"
+        if error.errno == errno.ENOENT and path.is_symlink():
+            return f"a symlink to nothing ({path} -> {os.readlink(path)})"
+        if error.errno != errno.ENOENT:
+            return f"cannot read it ({path}: {error.strerror})"
+        return no_such(f"no such folder ({path})")
+    return f"a file, not a folder ({path}): name the folder that holds the model's config.json"
 
 
 FILE_FORMS = (

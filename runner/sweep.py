@@ -298,7 +298,7 @@ def study_left(sweep: Sweep, plan: JobPlan, resume: bool) -> bool:
     spec = plan.spec
     if spec.sensitivity is None:
         return False
-    found = study.kept_study(sweep.results_dir, plan) if resume else None
+    found = study.kept_study(sweep.results_dir, plan, sweep.say) if resume else None
     kept = sweep.kept[spec.name]
     if found is not None and (
         not found.study["recipe"]["kept"] or spec.sensitivity.mixed_id in kept
@@ -511,6 +511,8 @@ def prepared_model(plan: JobPlan, say) -> tuple[Path, dict]:
     job's mistake (exit 2), as validation would have said if it could read weights."""
     try:
         model_dir, model_info = models.prepare_model(plan.spec, say)
+    except SpecError:  # the task refused the loaded model, saying why
+        raise
     except Exception as error:
         raise SpecError(
             plan.spec.file,

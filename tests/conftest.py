@@ -27,10 +27,11 @@ def private_cache(tmp_path_factory, monkeypatch):
     return cache
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def private_timing_lock(tmp_path, monkeypatch):
-    """A timing lock of the test's own: another quantbench run timing on this machine must not
-    hold it up (a module that times runs uses it on every test: pytestmark)."""
+    """A timing lock of the test's own, for every test and the Ray clusters and processes it starts
+    (they inherit it): another quantbench run timing on this machine must not hold it up (a
+    shared lock made one run wait 356 s on a busy machine)."""
     from runner import locks
 
     monkeypatch.setenv(locks.TIMING_LOCK_VARIABLE, str(tmp_path / "timing.lock"))

@@ -276,6 +276,31 @@ def test_an_inline_vocabulary_smaller_than_the_tokenizer_is_refused(capsys, tmp_
     check_refused(capsys, tmp_path, job, "model.config.vocab_size", "at least")
 
 
+BERT = "{model_type: bert, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2,"
+BERT += " intermediate_size: 64, vocab_size: 600, max_position_embeddings: 64"
+
+
+def test_a_model_that_reads_later_tokens_is_refused_before_any_variant(capsys, tmp_path, llama):
+    # BertLMHeadModel without is_decoder: position 0's logits change with the token at position 2.
+    job = lm_job(llama).replace(
+        f"model: {{path: {llama}}}", f"model: {{config: {BERT}}}}}\ntokenizer: {{path: {llama}}}"
+    )
+    results = tmp_path / "results"
+    code, _, err = run_cli(capsys, "run", write_job(tmp_path, job), "--results", results)
+    assert code == 2, err
+    assert "BertLMHeadModel is not causal" in err and "set is_decoder: true" in err, err
+    assert "Traceback" not in err and not list(results.rglob("*.json"))
+
+
+def test_a_bert_made_a_decoder_is_taken(tmp_path, llama):
+    job = lm_job(llama).replace(
+        f"model: {{path: {llama}}}",
+        f"model: {{config: {BERT}, is_decoder: true}}}}\ntokenizer: {{path: {llama}}}",
+    )
+    model_dir, _ = models.prepare_model(plan_job(write_job(tmp_path, job)).spec)
+    assert json.loads((model_dir / "config.json").read_text())["is_decoder"] is True
+
+
 # ---------------------------------------------------------------------------------------------
 # The sensitivity study on a causal LM: a sample is a scored position.
 

@@ -97,11 +97,18 @@ def test_a_yaml_alias_bomb_is_refused_at_once(capsys, tmp_path, tiny_model):
         + "".join(f"  {line}\n" for line in alias_bomb().splitlines())
     )
     assert len(text.encode()) < 2000
+    # The bound is this machine's own speed now: the same refusal of a job with one alias, timed.
+    one_alias = rt_job(tiny_model) + "x-anchors:\n  a: &a [lol]\n  b: *a\n"
+    started = time.monotonic()
+    code, _, _ = run_cli(capsys, "validate", write_job(tmp_path / "one", one_alias))
+    assert code == 2
+    usual_s = time.monotonic() - started
     started = time.monotonic()
     check_refused(
         capsys, tmp_path, text, "line 2", "aliases (*name) are expanded", "use fewer or no aliases"
     )
-    assert time.monotonic() - started < 10
+    # validate and run, each refusing at once (9**9 strings expanded would take minutes).
+    assert time.monotonic() - started < 10 * usual_s + 2
 
 
 @pytest.mark.parametrize("style", ["flow", "block"])
@@ -542,3 +549,47 @@ def test_run_resume_names_the_files_it_skips(capsys, tmp_path, tiny_model):
     assert code == 0, err
     assert f"skipped {junk}: not UTF-8 text (byte 0xff at offset 0)" in out, out
     assert "kept" in out and "nothing ran" in out
+
+
+# A line of text holds what str.splitlines would split at: only \n and \r\n end a line.
+INSIDE_A_LINE = ["\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def dataset_rows(job: Path) -> list[tuple[str, str, str]]:
+    """(text, label, where) of every row the job's dataset reads."""
+    from runner.data import read_examples
+    from runner.spec import load_job
+
+    return [(row.text, row.label, row.where) for row in read_examples(load_job(job).dataset, job)]
+
+
+@pytest.mark.parametrize("inside", INSIDE_A_LINE, ids=ascii)
+def test_a_lines_file_splits_only_at_newlines(tmp_path, tiny_model, inside):
+    (tmp_path / "pos.txt").write_text(f"a fine{inside}film\r\nanother fine film\n", "utf-8")
+    (tmp_path / "neg.txt").write_text(f"a dull film\n\nend{inside}\n", "utf-8")
+    text = rt_job(tiny_model).replace(
+        f"path: {RT_POLARITY}\n  files: {{pos: rt-polarity.pos, neg: rt-polarity.neg}}",
+        f"path: {tmp_path}\n  files: {{pos: pos.txt, neg: neg.txt}}",
+    )
+    assert dataset_rows(write_job(tmp_path, text)) == [
+        (f"a fine{inside}film", "pos", "line 1 of pos.txt"),
+        ("another fine film", "pos", "line 2 of pos.txt"),
+        ("a dull film", "neg", "line 1 of neg.txt"),
+        (f"end{inside}".strip(), "neg", "line 3 of neg.txt"),  # ends stripped, as every line's
+    ]
+
+
+@pytest.mark.parametrize("inside", ["\x85", "\u2028", "\u2029"], ids=ascii)
+def test_a_jsonl_text_holding_a_line_separator_is_one_record(tmp_path, tiny_model, inside):
+    # JSON allows these raw inside a string (the others, control characters, only escaped):
+    # str.splitlines cut the record in two, and the first half was "not JSON".
+    rows = [
+        {"text": f"a fine{inside}film", "label": "pos"},
+        {"text": "a dull film", "label": "neg"},
+    ]
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+    text = csv_job(tmp_path, tiny_model, "\r\n".join(lines) + "\n", suffix="jsonl")
+    assert dataset_rows(write_job(tmp_path, text)) == [
+        (f"a fine{inside}film", "pos", "line 1 of reviews.jsonl"),
+        ("a dull film", "neg", "line 2 of reviews.jsonl"),
+    ]

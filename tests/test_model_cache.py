@@ -95,3 +95,35 @@ def test_a_local_model_records_no_commit(tmp_path, tiny_model):
     plan = plan_job(write_job(tmp_path / "jobs", rt_job(tiny_model)))
     _, info = models.prepare_model(plan.spec)
     assert "commit" not in info
+
+
+def model_key_of(tmp_path, model: Path) -> str:
+    from runner.model_cache import model_key
+    from runner.plan import plan_job
+
+    return model_key(plan_job(write_job(tmp_path / "jobs", rt_job(model))).spec)
+
+
+def test_a_local_folders_key_hashes_only_the_files_the_model_loads(tmp_path, tiny_model):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    key = model_key_of(tmp_path, folder)
+    # Files from_pretrained never reads: they do not change the key (nor are they read).
+    (folder / "train.tar").write_bytes(os.urandom(1 << 20))
+    (folder / "README.md").write_text("notes")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events.out").write_bytes(b"log")
+    assert model_key_of(tmp_path, folder) == key
+    # Every file it reads does.
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        with (folder / name).open("r+b") as changed:  # JSON: a space more; weights: a bit
+            if name.endswith(".json"):
+                changed.seek(0, os.SEEK_END)
+                changed.write(b" ")
+            else:
+                changed.seek(-1, os.SEEK_END)
+                last = changed.read(1)[0]
+                changed.seek(-1, os.SEEK_END)
+                changed.write(bytes([last ^ 1]))
+        assert model_key_of(tmp_path, folder) != key, name
+        key = model_key_of(tmp_path, folder)

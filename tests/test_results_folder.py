@@ -3,6 +3,7 @@ who."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import shutil
@@ -75,3 +76,35 @@ def test_a_writable_folder_passes_and_the_check_leaves_nothing_behind(tmp_path):
         "a"
     ]  # b was made, probed, removed
     assert not any((tmp_path / "results").rglob("*.write-check-*"))
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_refused_as_full_and_the_check_leaves_nothing(tmp_path, monkeypatch):
+    # A full tmpfs still makes an empty file: the check writes a byte, which it refuses.
+    monkeypatch.setattr(os, "write", no_space)
+    with pytest.raises(ResultsUnwritable) as refused:
+        check_writable(tmp_path / "results", ["job"])
+    monkeypatch.undo()
+    assert str(refused.value) == (
+        f"results folder {tmp_path / 'results' / 'job'}: the disk is full (No space left on "
+        "device); free space there, or choose another folder with --results"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_that_fills_before_the_lock_leaves_no_folder_and_no_lock(
+    capsys, tmp_path, tiny_model, monkeypatch
+):
+    from runner import locks
+
+    job = write_job(tmp_path / "jobs", rt_job(tiny_model, variants="[fp32-cpu]"))
+    results = tmp_path / "results"
+    monkeypatch.setattr(locks, "write_holder", no_space)  # the lock file is made, its text is not
+    code = cli.main(["run", str(job), "--results", str(results)])
+    out = capsys.readouterr()
+    assert code == 2, out.err
+    assert "No space left on device" in out.err and "Traceback" not in out.err
+    assert not results.exists(), list(results.rglob("*"))

@@ -139,8 +139,17 @@ def test_recipe_reports_unmet_tolerance():
     bad = {"agreement": 0.5, "accuracy": 0.2, "accuracy_fp32": 0.6, "mean_kl": 1.0}
     ranking = [{"group": "g", "layers": ["a"]}, {"group": "h", "layers": ["b", "c"]}]
     found = S.recipe(ranking, bad, lambda keep: dict(bad), S.Tolerance(None, 0.1))
-    assert found["kept"] == ["a", "b", "c"] and found["groups"] == ["g", "h"]
-    assert not found["met"] and len(found["tried"]) == 2
+    assert found["kept"] == ["a"] and found["groups"] == ["g"]  # every group but one, at most
+    assert not found["met"] and len(found["tried"]) == 1
+
+
+def test_a_tolerance_met_only_by_keeping_every_group_is_not_met():
+    """Every group kept is the FP32 model: it would meet any tolerance, and says nothing."""
+    bad = {"agreement": 0.5, "accuracy": 0.2, "accuracy_fp32": 0.6, "mean_kl": 1.0}
+    fp32 = {"agreement": 1.0, "accuracy": 0.6, "accuracy_fp32": 0.6, "mean_kl": 0.0}
+    ranking = [{"group": "g", "layers": ["a"]}, {"group": "h", "layers": ["b"]}]
+    found = S.recipe(ranking, bad, lambda keep: fp32 if keep == {"a", "b"} else bad)
+    assert not found["met"] and found["kept"] == ["a"], found
 
 
 def test_tolerance_checks():

@@ -8,10 +8,20 @@ import io
 import json
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HARD, build_hard_bert, check_refused, labelled, rt_job, run_cli, write_job
+from conftest import (
+    HARD,
+    REPO,
+    build_hard_bert,
+    check_refused,
+    labelled,
+    rt_job,
+    run_cli,
+    write_job,
+)
 
 from runner import results
 from runner.study import stage as study
@@ -217,3 +227,91 @@ def test_every_family_takes_part_in_a_study_its_own_way(hard_bert, precision):
     (output,) = measured["groups"]
     # Keeping every "output" layer in FP32 (all_but) quantizes the rest; "only" quantizes them.
     assert output["all_but"]["kept"] == 2 and output["only"]["kept"] == len(probe["layers"]) - 2
+
+
+def _stage(tmp_path, model, say: list):
+    from runner.plan import plan_job
+
+    plan = plan_job(write_job(tmp_path / "jobs", _job(model)))
+    return study.StudyRun(plan, model, None, tmp_path / "results", say.append)
+
+
+def test_a_precision_that_quantizes_no_layer_ends_the_study_saying_so(
+    tmp_path, tiny_model, monkeypatch
+):
+    from runner import dispatch
+
+    probe = {"layers": [], "linear_layers": 12, "groups": {}, "full": {}, "reference": []}
+    monkeypatch.setattr(dispatch, "run_study_steps", lambda *args, **kwargs: [probe])
+    said = []
+    found, mixed = study.run(_stage(tmp_path, tiny_model, said))
+    assert found["status"] == "failed" and mixed is None
+    assert "quantizes none of the model's 12 nn.Linear layers" in found["error"], found["error"]
+    assert "range()" not in found["error"] and "quantizes none" in said[-1]
+
+
+def test_a_study_on_a_device_no_node_has_is_skipped_like_its_variant(
+    tmp_path, tiny_model, monkeypatch
+):
+    from runner import dispatch
+
+    def no_gpu(*args, **kwargs):
+        raise dispatch.NoCapableNode("cannot run the sensitivity study: no node has a cuda GPU")
+
+    monkeypatch.setattr(dispatch, "run_study_steps", no_gpu)
+    said = []
+    found, mixed = study.run(_stage(tmp_path, tiny_model, said))
+    assert found["status"] == "skipped" and mixed is None
+    assert "no node has a cuda GPU" in found["error"] and "skipped" in said[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# A study file read back (report, run --resume) through the shape check results go through.
+
+REFERENCE = REPO / "results/reference/cpu-2core-amd-epyc/demo-sensitivity"
+JUNK = [
+    ("ranking", [1, 2], "ranking[0]: expected an object, found a JSON number"),
+    ("sensitivity", None, "sensitivity: expected an object, found a JSON null"),
+    ("status", ..., "status: missing"),
+    ("recipe", None, "recipe: expected an object, found a JSON null"),
+]
+
+
+def _junk_study(folder, key, value) -> Path:
+    """The reference study, copied into folder with one key replaced (... : removed)."""
+    study_file = next(REFERENCE.glob("sensitivity-*.json"))
+    found = json.loads(study_file.read_text())
+    if value is ...:
+        del found[key]
+    else:
+        found[key] = value
+    path = folder / study_file.name
+    path.write_text(json.dumps(found))
+    return path
+
+
+@pytest.mark.parametrize("key, value, said", JUNK)
+def test_report_names_a_malformed_study_file_and_what_is_wrong(key, value, said, capsys, tmp_path):
+    folder = tmp_path / "demo-sensitivity"
+    shutil.copytree(REFERENCE, folder)
+    path = _junk_study(folder, key, value)
+    code, out, err = run_cli(capsys, "report", folder, "--out", tmp_path / "page.html")
+    assert "Traceback" not in out + err
+    assert f"{path}: a malformed sensitivity study: {said}" in out + err, out + err
+    assert code == 0 and (tmp_path / "page.html").is_file()
+
+
+def test_resume_runs_a_study_with_a_junk_ranking_again_saying_so(tmp_path, tiny_model):
+    said = []
+    plan = _stage(tmp_path, tiny_model, said).plan
+    folder = results.study_path(tmp_path / "results", plan.spec.name, "x").parent
+    folder.mkdir(parents=True)
+    path = _junk_study(folder, "ranking", [1, 2])
+    study_json = json.loads(path.read_text())
+    study_json.update(spec_hash=plan.spec_hash, sensitivity=study.asdict(plan.spec.sensitivity))
+    path.write_text(json.dumps(study_json))
+    assert study.kept_study(tmp_path / "results", plan, said.append) is None
+    assert said == [
+        f"[resume] tiny-rt: runs the sensitivity study again: {path}: a malformed sensitivity "
+        "study: ranking[0]: expected an object, found a JSON number"
+    ]

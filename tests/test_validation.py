@@ -173,6 +173,26 @@ def test_missing_model_folder(capsys, tmp_path, tiny_model):
     )
 
 
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (
+            lambda p: (p.symlink_to(p.parent / "loop-b"), (p.parent / "loop-b").symlink_to(p)),
+            "a symlink loop",
+        ),
+        # As written: "a symlink to nothing (.../model -> .../gone)"; a relative path is
+        # resolved first: "no such folder (.../gone)".
+        (lambda p: p.symlink_to(p.parent / "gone"), "gone)"),
+        (lambda p: p.write_text("weights?"), "a file, not a folder"),
+    ],
+    ids=["loop", "dangling", "file"],
+)
+def test_a_model_path_that_is_no_folder_says_what_it_is(capsys, tmp_path, make, says):
+    make(tmp_path / "model")
+    for path in (tmp_path / "model", "../model"):  # as written, and relative to the job's folder
+        check_refused(capsys, tmp_path, rt_job(path), "model.path", says)
+
+
 def test_missing_package(capsys, tmp_path):
     text = rt_job(RT_POLARITY).replace(
         f"{{path: {RT_POLARITY}}}", "{package: no_such_package/model}"

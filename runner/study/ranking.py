@@ -187,14 +187,15 @@ def recipe(
     tolerance (default Tolerance(): agreement with FP32 >= 0.99). full_result: the fully quantized
     model's measure (keep nothing when it meets the tolerance already); measure_keep(keep): the
     model quantized all but keep, measured (measure's dict). Groups are kept greedily in ranking
-    order, each prefix measured, stopping at the first that meets it. Returns kept (module names),
-    groups, result (the last measured), met, tolerance and tried [{groups, kept, agreement,
-    accuracy, mean_kl}]."""
+    order, each prefix measured, stopping at the first that meets it. Never every group: that is
+    the FP32 model, not a mixed one, so a tolerance only it meets ends with met false. Returns
+    kept (module names), groups, result (the last measured), met, tolerance and tried [{groups,
+    kept, agreement, accuracy, mean_kl}]."""
     tolerance = tolerance or Tolerance()
     keep: set[str] = set()
     groups: list[str] = []
     result, tried = full_result, []
-    for entry in ranking:
+    for entry in ranking[:-1]:
         if tolerance.met_by(result):
             break
         keep.update(entry["layers"])

@@ -205,7 +205,8 @@ def _study_notice(study: dict, variant: str) -> str | None:
             f"{study.get('schema_version')}; this quantbench reads {STUDY_SCHEMA}: not shown."
         )
     if study.get("status") != "ok":
-        return f"The sensitivity study of {variant} failed: {study.get('error') or 'no reason'}."
+        said = study.get("status") if study.get("status") == "skipped" else "failed"
+        return f"The sensitivity study of {variant} {said}: {study.get('error') or 'no reason'}."
     if not study.get("ranking") or not study.get("recipe") or not study.get("full"):
         return f"The sensitivity study of {variant} holds no ranking, recipe or full measure."
     return None

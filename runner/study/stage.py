@@ -47,16 +47,21 @@ class StudyRun:
     placement_timeout_s: float | None = None
 
 
-def kept_study(results_dir: Path, plan: JobPlan) -> results.StudyFile | None:
-    """The job's study file when --resume may keep it: ok, of this spec and this sensitivity."""
+def kept_study(results_dir: Path, plan: JobPlan, say=lambda line: None) -> results.StudyFile | None:
+    """The job's study file when --resume may keep it: ok, of this spec and this sensitivity. A
+    file there that holds no study it can read is said, and the study runs again."""
     spec = plan.spec
     path = results.study_path(results_dir, spec.name, spec.sensitivity.variant_id)
+    if not path.exists():
+        return None
     try:
         study = results.load_study(path)
-    except results.UnusableFile:
+    except results.UnusableFile as why:
+        say(f"[resume] {spec.name}: runs the sensitivity study again: {path}: {why}")
         return None
     same = study.get("sensitivity") == asdict(spec.sensitivity)
-    ok = study["status"] == "ok" and study["spec_hash"] == plan.spec_hash
+    ok = study["status"] == "ok" and study.get("spec_hash") == plan.spec_hash
+    ok = ok and study["schema_version"] == SCHEMA_VERSION
     return results.StudyFile(path, study) if same and ok else None
 
 
@@ -68,12 +73,14 @@ def run(stage: StudyRun) -> tuple[dict, Variant | None]:
     started = time.perf_counter()
     try:
         measure_study(stage, study)
+    except dispatch.NoCapableNode as error:  # as its variant is on a machine without the device
+        study.update(status="skipped", error=str(error))
     except Exception as error:  # the study failed; the variants' results stand
         study.update(status="failed", error=f"{type(error).__name__}: {error}")
     study["ended_at"], study["wall_s"] = measure.now(), round(time.perf_counter() - started, 3)
     wrote = write_study(stage, study)
     if study["status"] != "ok":
-        stage.say(f"sensitivity: {spec.name}: failed: {study['error']} ({wrote})")
+        stage.say(f"sensitivity: {spec.name}: {study['status']}: {study['error']} ({wrote})")
         return study, None
     for line in summary_lines(study):
         stage.say(f"sensitivity: {spec.name}: {line}")
@@ -132,6 +139,8 @@ def measure_study(stage: StudyRun, study: dict) -> None:
     probe_step = first_step(stage)
     (probe,) = run_steps([probe_step])
     groups = probe["groups"]
+    if not groups:
+        raise ValueError(nothing_quantized(probe_step, probe))
     shares = split(groups, capable_nodes(alive_nodes(), probe_step.study.device))
     study.update(layers=len(probe["layers"]), full=probe["full"])
     say(f"sensitivity: {name}: {predicted_text(probe, len(groups), len(shares))}")
@@ -149,6 +158,17 @@ def measure_study(stage: StudyRun, study: dict) -> None:
     study.update(ranking=ranked, recipe=found["recipe"])
     study["cost"] = cost(probe, measured, found)
     study["steps"] = [_step_record(o) for o in [probe, *measured, found]]
+
+
+def nothing_quantized(step: StudyWork, probe: dict) -> str:
+    """Why a study has no layer to rank: its precision left every layer of the model in FP32."""
+    linear = probe.get("linear_layers")
+    counted = f"the model's {linear} nn.Linear layers" if linear else "the model's layers"
+    return (
+        f"{step.study.precision} on {step.study.device} quantizes none of {counted}, so no "
+        "layer can be ranked (GPT-2's blocks, for one, are transformers' Conv1D, which "
+        "bitsandbytes leaves in FP32); study a precision that quantizes this model's layers"
+    )
 
 
 def _runner(stage: StudyRun) -> Callable[[list[StudyWork]], list[dict]]:

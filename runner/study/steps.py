@@ -157,6 +157,7 @@ def probe(loaded: Loaded) -> dict:
     return {
         "reference": loaded.view.reference_json,
         "layers": list(layers),
+        "linear_layers": len(linear_layers(loaded.fp32)),
         "groups": {group: names for group, names in groups.items() if names},
         "full": {"kept": 0, **loaded.view.compare(full_outputs)},
         "layer_sqnr": layer_sqnr(loaded, full_model),

@@ -290,6 +290,11 @@ class Task:
         """The training loss of a model that learned nothing, and how it is written ("ln 2")."""
         return 0.0, "ln 1"
 
+    def refuse_model(self, model) -> str | None:
+        """Why the task cannot take the loaded FP32 model (a sentence for the user), or None:
+        asked once where the job's model is prepared, before any variant."""
+        return None
+
     # Its other halves ------------------------------------------------------------------------
 
     def worker(self) -> TaskWorker:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from runner.fields import SpecError
 from runner.schema import Metrics
-from runner.tasks.causal_lm import benchmark_compare, benchmarks, compare, config
+from runner.tasks.causal_lm import (
+    benchmark_compare,
+    benchmarks,
+    compare,
+    config,
+    generation_memory,
+    sample_checks,
+)
 from runner.tasks.task import EVERY_TASK_TOLERANCES, Metric, Targets, Task
 
 
@@ -89,7 +96,8 @@ class CausalLM(Task):
                 "there is no token to score; name the column that holds the text",
             )
         settings = config.resolved(spec.task_config, model_config, job, prefix)
-        notes = plan_notes(settings)
+        sample_checks.check_sample_tokens(spec, job, settings, examples, train)
+        notes = plan_notes(settings, model_config)
         if settings.benchmarks is not None:  # every task loads, before any variant
             checked, more = benchmarks.check_benchmarks(settings.benchmarks, job)
             settings, notes = replace(settings, benchmarks=checked), notes + more
@@ -103,9 +111,11 @@ class CausalLM(Task):
         decode = metrics.value("decode_tokens_per_s")
         speed = f"  decode {decode:.1f} tokens/s" if decode is not None else ""
         convention = metrics.value("perplexity_convention") or "rolling"  # before it was chosen
+        value = metrics.value("perplexity")
+        shown = "beyond a float" if value is None else f"{value:.4g}"  # a warning says why
         scores = benchmarks.headline(metrics.value("benchmarks"))
         scores = f"  {scores}" if scores else ""
-        return f"perplexity {metrics.value('perplexity'):.4g} ({convention}){speed}{scores}"
+        return f"perplexity {shown} ({convention}){speed}{scores}"
 
     def key_metric(self, metrics: Metrics) -> tuple[str, float | None, int]:
         return "perplexity", metrics.value("perplexity"), 2
@@ -128,6 +138,11 @@ class CausalLM(Task):
         """The block length (the stride, the KL and generation settings change no weight)."""
         return {"block_tokens": settings.perplexity.context}
 
+    def refuse_model(self, model) -> str | None:
+        from runner.tasks.causal_lm import causal_probe  # torch: only where a model is loaded
+
+        return causal_probe.refusal(model)
+
     def chance_loss(self, work) -> tuple[float, str]:
         """A uniform guess over the vocabulary: ln of its size (the model's config.json)."""
         saved = json.loads((Path(work.model_dir) / "config.json").read_text(encoding="utf-8"))
@@ -137,7 +152,7 @@ class CausalLM(Task):
         return math.log(size), f"ln {size} (the vocabulary)"
 
 
-def plan_notes(settings: config.CausalLMSettings) -> list[str]:
+def plan_notes(settings: config.CausalLMSettings, model_config: dict) -> list[str]:
     window, generation = settings.perplexity, settings.generation
     kl = f"from FP32 over its top {window.kl_top_k} tokens" if window.kl_top_k else "not measured"
     if window.convention == "rolling":
@@ -152,6 +167,8 @@ def plan_notes(settings: config.CausalLMSettings) -> list[str]:
             f"generation: {generation.new_tokens} new tokens after prompts of "
             f"{generation.prompt_length}, batch sizes {', '.join(map(str, generation.batch_sizes))}"
         )
+        memory = generation_memory.memory_note(generation, model_config)
+        notes += [memory] if memory else []
     return notes
 
 

@@ -28,6 +28,7 @@ in.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -325,9 +326,26 @@ def mean_nll(losses: Sequence[WindowLoss]) -> float:
     return math.fsum(loss.nll for loss in losses) / scored_tokens(losses)
 
 
-def perplexity(losses: Sequence[WindowLoss]) -> float:
-    """exp(sum nll / sum tokens): token-level, so it depends on the tokenizer."""
-    return math.exp(mean_nll(losses))
+# The largest mean NLL whose exp is a float (ln of the largest double, about 709.78 nats).
+MAX_EXP_NLL = math.log(sys.float_info.max)
+
+
+def perplexity(losses: Sequence[WindowLoss]) -> float | None:
+    """exp(sum nll / sum tokens): token-level, so it depends on the tokenizer. None beyond a
+    float's range (beyond_float_range says why): the mean NLL and bits per byte still measure it."""
+    nll = mean_nll(losses)
+    return math.exp(nll) if nll <= MAX_EXP_NLL else None
+
+
+def beyond_float_range(losses: Sequence[WindowLoss]) -> list[str]:
+    """The warning a perplexity of None carries; none for one that is a float."""
+    nll = mean_nll(losses)
+    if nll <= MAX_EXP_NLL:
+        return []
+    return [
+        f"perplexity is beyond a float's range: the mean NLL is {nll:.1f} nats/token and exp of "
+        f"more than {MAX_EXP_NLL:.2f} overflows; the mean NLL and bits per byte measure it"
+    ]
 
 
 def bits_per_byte(losses: Sequence[WindowLoss], n_bytes: int) -> float:

@@ -95,7 +95,7 @@ class CausalLMWorker(TaskWorker):
             },
             "greedy": [loss.greedy_ids for loss in answers],
         }
-        return Scored(metrics=metrics, warnings=[], predictions=predictions)
+        return Scored(metrics, perplexity.beyond_float_range(answers), predictions)
 
     def measure_more(self, work, model, batches: list, memory, scored: Scored) -> Scored:
         """The scored answers with the KL from FP32 (per window and its mean per token), the
