@@ -101,12 +101,13 @@ def test_a_head_start_lets_both_start_up_and_turns_begin_after_it(tmp_path):
     second_stamps = json.loads((tmp_path / "second").read_text())
     stop = second_stamps.index("stopped")
     # Before it stopped itself, second ran at the same time as first: their stamps interleave finely
-    # (in turns of 0.1-0.3 s they would alternate a few times at most).
+    # (in turns of 0.1-0.3 s they would alternate a few times at most; a loaded machine's scheduler
+    # still switches them dozens of times: 48 beside a full test suite and a demo run).
     merged = sorted(
         [(t, "first") for t in first_stamps] + [(t, "second") for t in second_stamps[:stop]]
     )
     sides = [side for t, side in merged if second_stamps[0] <= t <= second_stamps[stop - 1]]
-    assert sum(a != b for a, b in zip(sides, sides[1:])) > 50
+    assert sum(a != b for a, b in zip(sides, sides[1:])) > 12
     # It stayed stopped until the turns began, 1.5 s after first started.
     resumed_s = second_stamps[stop + 1] - first_stamps[0]
     assert resumed_s >= 1.0, resumed_s
