@@ -74,15 +74,16 @@ def reference_for(work, path, cluster, model_dir, say, placement_timeout_s) -> b
             f"computes its own: {error}"
         )
         return None
+    device = work.variant.device
     if outcome["data"] is None:
-        say(f"{work.job}: FP32 reference on {work.variant.device}: kept {path}")
+        say(f"{work.job}: FP32 reference on {device}: kept {path}")
         return stored
     write_bytes(path, outcome["data"])
-    size_kib = len(outcome["data"]) / 1024
-    say(
-        f"{work.job}: FP32 reference on {work.variant.device}: computed, {size_kib:.0f} KiB in "
-        f"{path} ({outcome['note']})"
-    )
+    size = f"{len(outcome['data']) / 1024:.0f} KiB"
+    if outcome["unused"]:
+        say(f"note: {work.job}: {path} was not used: {outcome['unused']}; computed again ({size})")
+    else:
+        say(f"{work.job}: FP32 reference on {device}: computed, {size} in {path}")
     return outcome["data"]
 
 

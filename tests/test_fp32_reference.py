@@ -76,8 +76,8 @@ def test_the_variant_reads_the_reference_it_is_handed(tmp_path, llama):
 def test_a_stored_reference_of_this_run_is_kept(tmp_path, llama):
     task = lm_task(tmp_path, llama)
     first = computed_reference(task)
-    assert first["note"] == "no stored reference"
-    assert computed_reference(task, first["data"]) == {"data": None, "note": None}
+    assert first["unused"] is None
+    assert computed_reference(task, first["data"]) == {"data": None, "unused": None}
     header = json.loads(arrays_of(first["data"])["header"].tobytes())
     assert header["kl_top_k"] == 8 and header["device"] == "cpu" and header["format"] == 1
     assert {"model", "windows", "torch", "device_kind", "batch_size", "threads"} <= set(header)
@@ -87,7 +87,7 @@ def test_a_truncated_reference_is_recomputed(tmp_path, llama):
     task = lm_task(tmp_path, llama)
     whole = computed_reference(task)["data"]
     again = computed_reference(task, whole[: len(whole) // 2])
-    assert again["note"].startswith("the stored reference was not used: it cannot be read whole")
+    assert again["unused"].startswith("it cannot be read whole")
     for name, array in arrays_of(whole).items():
         np.testing.assert_array_equal(arrays_of(again["data"])[name], array)
 
@@ -95,7 +95,7 @@ def test_a_truncated_reference_is_recomputed(tmp_path, llama):
 def test_a_reference_of_another_spec_is_recomputed(tmp_path, llama):
     other = computed_reference(lm_task(tmp_path / "k4", llama, extra_job="kl_top_k: 4"))["data"]
     again = computed_reference(lm_task(tmp_path / "k8", llama), other)
-    assert "another spec, model or machine: kl_top_k 4, this run 8" in again["note"]
+    assert "another spec, model or machine: kl_top_k 4, this run 8" in again["unused"]
     assert arrays_of(again["data"])["top_ids"].shape[1] == 8
 
 
@@ -104,7 +104,7 @@ def test_a_reference_of_another_model_is_recomputed(tmp_path, llama):
     data = computed_reference(task)["data"]
     task.model_info = {**task.model_info, "key": "another-model"}
     again = computed_reference(task, data)
-    assert "model '" in again["note"] and "this run 'another-model'" in again["note"]
+    assert "model '" in again["unused"] and "this run 'another-model'" in again["unused"]
     assert again["data"] is not None
 
 
@@ -136,3 +136,18 @@ def test_a_run_writes_the_reference_and_a_run_elsewhere_keeps_it(
         a = json.loads((first / "tiny-lm" / f"{variant}.json").read_text())["metrics"]
         b = json.loads((elsewhere / "tiny-lm" / f"{variant}.json").read_text())["metrics"]
         assert a["kl_vs_fp32"] == b["kl_vs_fp32"] and a["kl_stats"] == b["kl_stats"]
+
+
+def test_a_run_says_why_a_stored_reference_is_not_used_and_rewrites_it(
+    capsys, tmp_path, llama, ray_temp_dir
+):
+    job = write_job(tmp_path, lm_job(llama, variants="[int8-dynamic-cpu]"))
+    stored = tmp_path / "results" / "tiny-lm" / "fp32-reference-cpu.npz"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(b"PK\x03\x04 half a file")
+    code, out, err = run_cli(
+        capsys, "run", job, "--results", tmp_path / "results", "--ray-temp-dir", ray_temp_dir
+    )
+    assert code == 0, err
+    assert f"note: tiny-lm: {stored} was not used: it cannot be read whole" in out
+    assert "computed again" in out and stored.stat().st_size > 1000

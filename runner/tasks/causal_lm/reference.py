@@ -154,20 +154,19 @@ def stored_losses(work, windows) -> list[perplexity.WindowLoss] | None:
 
 def run_reference(work) -> dict:
     """The reference task (work: work.ReferenceWork): {"data": the file's bytes, or None when the
-    stored file (work.stored) holds this run's reference, "note": why it was (re)computed}."""
+    stored file (work.stored) holds this run's reference; "unused": why the stored file was not
+    used, or None}."""
     from runner.tasks.causal_lm.worker import WORKER, batch_windows  # beside the variants' code
 
     models.quiet_libraries()
     torch.set_num_threads(work.evaluation.threads or measure.available_cpus())
     batches, _, _ = WORKER.batches(work)
     windows, padding = batch_windows(batches), batches[0].padding
-    expected = header(work, windows)
-    note = "no stored reference"
+    expected, unused = header(work, windows), None
     if work.stored is not None:
         try:
             unpacked(work.stored, expected)
-            return {"data": None, "note": None}
+            return {"data": None, "unused": None}
         except Unusable as why:
-            note = f"the stored reference was not used: {why}"
-    data = packed(expected, computed(work, windows, padding))
-    return {"data": data, "note": note}
+            unused = str(why)
+    return {"data": packed(expected, computed(work, windows, padding)), "unused": unused}
