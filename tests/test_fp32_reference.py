@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import rt_job, run_cli, variant_json, write_job
 from test_causal_lm import lm_job
 
@@ -25,13 +26,13 @@ pytestmark = pytest.mark.usefixtures("private_timing_lock")
 KL_METRICS = ("kl_vs_fp32", "kl_stats", "perplexity", "mean_nll", "scored_tokens")
 
 
-def lm_task(tmp_path, llama, precision: str = "int8-dynamic", extra_job: str = ""):
+def lm_task(tmp_path, llama, precision="int8-dynamic", extra_job="", device="cpu"):
     """One variant's work, planned from the tiny Llama's job file, as the driver makes it."""
-    text = lm_job(llama, variants=f"[{precision}-cpu]")
+    text = lm_job(llama, variants=f"[{precision}-{device}]")
     job = write_job(tmp_path, text.replace("kl_top_k: 8", extra_job or "kl_top_k: 8"))
     plan = plan_job(job)
     model_dir, info = models.prepare_model(plan.spec)
-    (task,) = variant_work(plan, model_dir, info, set(), [Variant(precision, "cpu")])
+    (task,) = variant_work(plan, model_dir, info, set(), [Variant(precision, device)])
     return task
 
 
@@ -45,9 +46,24 @@ def arrays_of(data: bytes) -> dict:
         return {name: stored[name] for name in stored.files}
 
 
-@pytest.mark.parametrize("precision", ["int8-dynamic", "fp32"])
-def test_a_variant_reading_the_reference_reports_what_it_computes_alone(tmp_path, llama, precision):
-    task = lm_task(tmp_path, llama, precision)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@pytest.mark.parametrize(
+    ("precision", "device"),
+    [
+        ("int8-dynamic", "cpu"),
+        ("fp32", "cpu"),
+        ("bnb-nf4", "cpu"),
+        ("torchao-int8-weight", "cpu"),
+        pytest.param("fp16", "cuda", marks=needs_cuda),
+        pytest.param("bnb-int8", "cuda", marks=needs_cuda),
+    ],
+)
+def test_a_variant_reading_the_reference_reports_what_it_computes_alone(
+    tmp_path, llama, precision, device
+):
+    task = lm_task(tmp_path, llama, precision, device=device)
     alone = variant_json(task)
     task.reference = computed_reference(task)["data"]
     read = variant_json(task)
