@@ -32,7 +32,7 @@ from runner.cluster import (
 from runner.placement import can_run, requirements, why_no_node
 from runner.references import call, resolve
 from runner.schema import Result
-from runner.work import FinetuneWork, StudyWork, VariantWork, Work, base_result
+from runner.work import FinetuneWork, ReferenceWork, StudyWork, VariantWork, Work, base_result
 
 
 def ray_options(device: str) -> dict:
@@ -331,6 +331,32 @@ def finetune(
         model_cache.unpack_archive(work.key, info.pop("archive"))
     info["folder"] = str(model_cache.cached_model(work.key))
     return info
+
+
+# ---------------------------------------------------------------------------------------------
+# A job's FP32 reference on one device (runner/fp32_reference.py): one call, like a variant.
+
+
+def run_reference(
+    work: ReferenceWork,
+    cluster: Cluster,
+    model_dir: Path,
+    placement_timeout_s: float | None = None,
+) -> dict:
+    """The reference task where its device runs; what it returned. Raises RuntimeError when no
+    node can run the device or the task fails, saying why."""
+    reason = wait_for_capable_node(
+        work.device, default_placement_timeout(cluster, placement_timeout_s)
+    )
+    if reason:
+        raise RuntimeError(reason)
+    also_import = fork_server_imports(["fp32"] if work.device == "cpu" else [])
+    ref = _submit_one(work, shipped_model(cluster, model_dir), also_import)
+    _wait_for_one([ref], None)  # in slices, so that Ctrl-C is heard
+    try:
+        return ray.get(ref)[0]
+    except Exception as error:  # the task raised, or its process or node died
+        raise RuntimeError(failure_text(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from runner import (
     collect,
     dispatch,
     folders,
+    fp32_reference,
     interrupt,
     locks,
     measure,
@@ -408,6 +409,9 @@ def run_variants(
     items = variant_work(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]), variants)
     if not items:
         return
+    fp32_reference.hand_out(
+        items, sweep.results_dir, sweep.cluster, model_dir, sweep.say, sweep.placement_timeout_s
+    )
     progress = JobProgress(sweep, plan.spec.evaluation.repeats, len(items))
     job_results = dispatch.run_variants(
         items,

@@ -50,6 +50,9 @@ class VariantWork(Work):
     sample: dict = field(default_factory=dict)  # where the sample came from, for the record
     model_info: dict = field(default_factory=dict)
     repeat: int = 0  # which of the evaluation's repeats this run is
+    # The FP32 reference file's bytes for the job and device (runner/fp32_reference.py), when the
+    # task computes one: the variant reads it instead of computing FP32's side itself.
+    reference: bytes | None = None
 
     runs: ClassVar[str] = "runner.worker:run_variant_in_own_process"
 
@@ -60,6 +63,16 @@ class VariantWork(Work):
     @property
     def precision(self) -> Precision:
         return self.family.precision(self.variant.precision)
+
+
+@dataclass(kw_only=True)
+class ReferenceWork(VariantWork):
+    """The FP32 reference of a job on one device, computed once before its variants: a variant's
+    inputs (variant: the FP32 variant on that device) and the file stored for it, if any."""
+
+    stored: bytes | None = None
+
+    runs: ClassVar[str] = "runner.tasks.causal_lm.reference:run_reference"
 
 
 @dataclass(kw_only=True)

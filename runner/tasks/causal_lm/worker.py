@@ -24,6 +24,7 @@ from runner import evaluate, progress
 from runner.study import ranking
 from runner.tasks import statistics
 from runner.tasks.causal_lm import benchmarks, generation, kl_stats, perplexity, training
+from runner.tasks.causal_lm.reference import stored_losses
 from runner.tasks.task import Scored, TaskWorker
 
 # FP32's most probable tokens the study's KL keeps apart when the job's kl_top_k is 0.
@@ -207,6 +208,9 @@ def kl_losses(work, model, batches: list[WindowBatch]) -> tuple[list, list]:
     device, its top-k taken, then the variant's log-probabilities read at those ids."""
     device, size = work.variant.device, work.evaluation.batch_size
     windows, padding = batch_windows(batches), batches[0].padding
+    stored = stored_losses(work, windows)  # the job's, computed once on this device
+    if stored is not None:
+        return stored, variant_at_top_k(model, windows, stored, device, size, padding)
     reference_model = AutoModelForCausalLM.from_pretrained(work.model_dir, dtype=torch.float32)
     reference_model = reference_model.to(device).eval()
     top_k = work.task_config.perplexity.kl_top_k
@@ -219,6 +223,11 @@ def kl_losses(work, model, batches: list[WindowBatch]) -> tuple[list, list]:
             )
             step.advance(len(part))
     del reference_model
+    return reference, variant_at_top_k(model, windows, reference, device, size, padding)
+
+
+def variant_at_top_k(model, windows, reference, device, size: int, padding: int) -> list:
+    """The variant's window losses at FP32's top-k ids, a batch at a time."""
     variant = []
     with progress.phase("KL: variant at FP32's top-k", len(windows), "windows") as step:
         for start in range(0, len(windows), size):
@@ -226,7 +235,7 @@ def kl_losses(work, model, batches: list[WindowBatch]) -> tuple[list, list]:
             at = [loss.top_ids for loss in at]
             variant += perplexity.window_losses(model, part, device, size, padding, log_probs_at=at)
             step.advance(len(part))
-    return reference, variant
+    return variant
 
 
 def generation_metrics(work, model, memory) -> tuple[dict, str | None]:
