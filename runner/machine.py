@@ -8,6 +8,8 @@ and collect read without torch). Runs where the variant runs.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import re
@@ -82,6 +84,17 @@ class MemoryPhases:
             if name in self.MEASURED and "peak_cuda_allocated_mib" in p
         ]
         return max(values) if values else None
+
+
+def release_freed_memory() -> None:
+    """Collects what Python still holds and asks glibc to hand freed heap back to the system, so
+    the next phase's peak RSS does not carry what this one freed (glibc keeps freed blocks below
+    its mmap threshold, which rises to 32 MiB as large tensors are freed)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # no glibc: the freed memory stays with the process, for its next allocations
 
 
 def model_size_mib(model) -> float:
