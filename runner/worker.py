@@ -180,6 +180,7 @@ def _run(work: VariantWork, result: Result, torch) -> None:
     torch.manual_seed(0)
     memory = ReportedPhases(work.variant.device)
     loaded = load_variant(work, memory, threads)
+    machine.release_freed_memory()  # what quantizing freed (FP32 layers) leaves before timing
     size_mib = machine.model_size_mib(loaded.model)
     untied = machine.untied_output(loaded.model)  # None: no tie, or the tie holds
     batches, order, fixed = kind.batches(work)
