@@ -23,6 +23,7 @@ from runner.precisions.worker import REFERENCE, FamilyWorker
 __all__ = [
     "dequantized_linear_weights",
     "layer_weight_errors",
+    "layer_weight_errors_by_layer",
     "layer_output_errors",
     "summarise_layer_errors",
     "weight_histograms",
@@ -89,12 +90,7 @@ def layer_weight_errors(
     range count in the edge bin). It is the movement a 256-bin histogram of the layer can show. Sums
     are in float64.
     """
-    missing = sorted(set(reference_weights) ^ set(variant_weights))
-    if missing:
-        raise ValueError(
-            "reference and variant hold different linear layers; present in only one of them: "
-            f"{missing[:10]}" + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        )
+    _check_same_layers(reference_weights, variant_weights)
     rows = []
     for name, ref in reference_weights.items():
         var = variant_weights[name]
@@ -110,31 +106,72 @@ def layer_weight_errors(
     return rows
 
 
+def layer_weight_errors_by_layer(
+    reference_weights: Mapping[str, torch.Tensor],
+    variant_model: torch.nn.Module,
+    family_worker: FamilyWorker,
+) -> list[dict]:
+    """layer_weight_errors(reference_weights, dequantized_linear_weights(variant_model, ...)),
+    with each variant layer dequantized only while its row is computed: one layer's float32 copy
+    at a time, never the whole model's."""
+    rows, seen = {}, []
+    for name, module in variant_model.named_modules():
+        weight = family_worker.layer_weight(name, module)
+        if weight is None:
+            continue
+        seen.append(name)
+        if name in reference_weights:
+            rows[name] = layer_weight_errors({name: reference_weights[name]}, {name: weight})[0]
+        del weight  # before the next layer is dequantized
+    _check_same_layers(reference_weights, seen)
+    return [rows[name] for name in reference_weights]
+
+
+def _check_same_layers(reference_names: Iterable[str], variant_names: Iterable[str]) -> None:
+    missing = sorted(set(reference_names) ^ set(variant_names))
+    if missing:
+        raise ValueError(
+            "reference and variant hold different linear layers; present in only one of them: "
+            f"{missing[:10]}" + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        )
+
+
+# Weights a layer's error is summed over at a time: float64 temporaries of 32 MiB each, where a
+# whole output layer (SmolLM2's: 28M weights) took several of 226 MiB.
+ERROR_CHUNK = 2**22
+
+
 def _layer_error(ref: torch.Tensor, var: torch.Tensor) -> dict:
-    """One row of layer_weight_errors, from n_weights on."""
-    w = ref.detach().cpu().to(torch.float64).reshape(-1)
-    wq = var.detach().cpu().to(torch.float64).reshape(-1)
-    err = w - wq
-    signal = float(torch.dot(w, w))
-    noise = float(torch.dot(err, err))
-    var_energy = float(torch.dot(wq, wq))
+    """One row of layer_weight_errors, from n_weights on; sums in float64, chunk by chunk."""
+    w_all, wq_all = ref.detach().cpu().reshape(-1), var.detach().cpu().reshape(-1)
+    n = w_all.numel()
+    low, high = (float(w_all.min()), float(w_all.max())) if n else (0.0, 0.0)
+    signal = noise = var_energy = cross = max_abs = 0.0
+    moved = 0
+    for start in range(0, n, ERROR_CHUNK):
+        w = w_all[start : start + ERROR_CHUNK].to(torch.float64)
+        wq = wq_all[start : start + ERROR_CHUNK].to(torch.float64)
+        err = w - wq
+        signal += float(torch.dot(w, w))
+        noise += float(torch.dot(err, err))
+        var_energy += float(torch.dot(wq, wq))
+        cross += float(torch.dot(w, wq))
+        max_abs = max(max_abs, float(err.abs().max()))
+        bins = _bin_index(w, low, high, CHANGE_BINS) != _bin_index(wq, low, high, CHANGE_BINS)
+        moved += int(bins.sum())
     identical = noise == 0.0
     if identical or signal == 0.0:
         sqnr = None  # identical: no noise; no signal: -inf, nothing to measure against
     else:
         sqnr = _finite_or_none(10.0 * math.log10(signal / noise))
-    low, high = (float(w.min()), float(w.max())) if w.numel() else (0.0, 0.0)
-    moved = _bin_index(w, low, high, CHANGE_BINS) != _bin_index(wq, low, high, CHANGE_BINS)
     return {
-        "n_weights": int(w.numel()),
+        "n_weights": int(n),
         "identical": bool(identical),
         "sqnr_db": sqnr,
         "rel_l2": math.sqrt(noise / signal) if signal > 0 else None,
-        "cosine": float(torch.dot(w, wq)) / math.sqrt(signal * var_energy)
-        if signal * var_energy > 0
-        else None,
-        "max_abs_error": float(err.abs().max()) if w.numel() else 0.0,
-        "changed_bucket_share": float(moved.double().mean()) if w.numel() else 0.0,
+        "cosine": cross / math.sqrt(signal * var_energy) if signal * var_energy > 0 else None,
+        "max_abs_error": max_abs,
+        "changed_bucket_share": moved / n if n else 0.0,
     }
 
 
@@ -208,20 +245,35 @@ def _compare_output(
 
     def hook(module, args, output):
         x = args[0].detach()
-        y = output.detach().to(torch.float64)
         y_q = variant_layer(x.to(device=device, dtype=dtype)).detach()
-        err = y - y_q.to(device="cpu", dtype=torch.float64)
         # forward(), not the module: calling it would run this hook again.
-        rounded = y - module.forward(_int8_per_tensor(x)).detach().to(torch.float64)
+        y_r = module.forward(_int8_per_tensor(x)).detach()
         total = sums.setdefault(name, [0.0, 0.0, 0.0])
-        total[0] += float((y * y).sum())
-        total[1] += float((err * err).sum())
-        total[2] += float((rounded * rounded).sum())
+        for y, q, r in _float64_rows(output.detach(), y_q, y_r):
+            err, rounded = y - q, y - r
+            total[0] += float((y * y).sum())
+            total[1] += float((err * err).sum())
+            total[2] += float((rounded * rounded).sum())
         columns = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).to(device="cpu", dtype=torch.float64)
         seen = column_max.get(name)
         column_max[name] = columns if seen is None else torch.maximum(seen, columns)
 
     return hook
+
+
+# Output values a hook sums over at a time, in float64 (8 MiB each): an output layer's output on
+# one batch (8 windows of 64 tokens x 49152 logits for SmolLM2) is 200 MiB in float64.
+OUTPUT_CHUNK = 2**20
+
+
+def _float64_rows(*outputs: torch.Tensor):
+    """The outputs' rows (last dimension whole), a chunk of about OUTPUT_CHUNK values at a time,
+    each in float64 on the CPU: sums over a layer's output without a float64 copy of all of it."""
+    width = outputs[0].shape[-1]
+    rows = [output.reshape(-1, width) for output in outputs]
+    step = max(1, OUTPUT_CHUNK // width)
+    for start in range(0, rows[0].shape[0], step):
+        yield [part[start : start + step].to(device="cpu", dtype=torch.float64) for part in rows]
 
 
 def _int8_per_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -365,28 +417,40 @@ def weight_histograms(reference_weights: Mapping[str, torch.Tensor], bins: int =
     """
     if bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins}")
-    grouped: dict[str, list[np.ndarray]] = {}
+    grouped: dict[str, list[torch.Tensor]] = {}
     for name, w in reference_weights.items():
-        grouped.setdefault(classify_layer(name)[0], []).append(
-            w.detach().cpu().to(torch.float64).reshape(-1).numpy()
-        )
+        grouped.setdefault(classify_layer(name)[0], []).append(w.detach().cpu().reshape(-1))
     out = {}
     for layer_type in LAYER_TYPES:
         if layer_type not in grouped:
             continue
-        values = np.concatenate(grouped[layer_type])
-        counts, edges = np.histogram(
-            values, bins=bins, range=(float(values.min()), float(values.max()))
-        )
+        layers = grouped[layer_type]
+        low = min(float(w.min()) for w in layers)
+        high = max(float(w.max()) for w in layers)
+        counts, edges = _pooled_histogram(layers, bins, low, high)
         out[layer_type] = {
-            "n_layers": len(grouped[layer_type]),
-            "n_weights": int(values.size),
-            "min": float(values.min()),
-            "max": float(values.max()),
+            "n_layers": len(layers),
+            "n_weights": sum(int(w.numel()) for w in layers),
+            "min": low,
+            "max": high,
             "edges": [float(e) for e in edges],
             "counts": [int(c) for c in counts],
         }
     return {"bins": int(bins), "by_layer_type": out}
+
+
+def _pooled_histogram(layers: list[torch.Tensor], bins: int, low: float, high: float):
+    """np.histogram of the layers' weights pooled, over [low, high]: each value's bin depends on
+    that range alone, so counting a chunk at a time (in float64) gives the pooled counts without
+    a float64 copy of every layer at once."""
+    counts = np.zeros(bins, dtype=np.int64)
+    edges = None
+    for w in layers:
+        for start in range(0, w.numel(), ERROR_CHUNK):
+            chunk = w[start : start + ERROR_CHUNK].to(torch.float64).numpy()
+            part, edges = np.histogram(chunk, bins=bins, range=(low, high))
+            counts += part
+    return counts, edges
 
 
 def make_grid(precision, scheme, granularity, codes, group_scales, block_size=None) -> dict:

@@ -8,7 +8,8 @@ and collect read without torch). Runs where the variant runs.
 
 from __future__ import annotations
 
-import io
+import ctypes
+import gc
 import os
 import platform
 import re
@@ -85,6 +86,17 @@ class MemoryPhases:
         return max(values) if values else None
 
 
+def release_freed_memory() -> None:
+    """Collects what Python still holds and asks glibc to hand freed heap back to the system, so
+    the next phase's peak RSS does not carry what this one freed (glibc keeps freed blocks below
+    its mmap threshold, which rises to 32 MiB as large tensors are freed)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # no glibc: the freed memory stays with the process, for its next allocations
+
+
 def model_size_mib(model) -> float:
     """Bytes of torch.save(model.state_dict()) / 2^20: what the published study measured.
     torch.save writes a storage that several tensors share once, so a tied embedding and output
@@ -93,9 +105,27 @@ def model_size_mib(model) -> float:
 
 
 def saved_bytes(state: dict) -> int:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.tell()
+    """len(torch.save(state)) without the file in memory: torch's zip writer hands a file-like
+    object each record as a view of the tensor's own storage, and ByteCounter keeps only the
+    count (a BytesIO held a second copy of the model)."""
+    counter = ByteCounter()
+    torch.save(state, counter)
+    return counter.written
+
+
+class ByteCounter:
+    """A write-only file that counts the bytes written to it and keeps none of them."""
+
+    def __init__(self):
+        self.written = 0
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self.written += size
+        return size
+
+    def flush(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)

@@ -116,19 +116,42 @@ def _injected_fault(variant_id: str) -> str | None:
     return None
 
 
-def analyse_weights(model, work: VariantWork, batches: list[dict]) -> dict:
+class Fp32Reference:
+    """The FP32 checkpoint a variant is compared against after its timed passes, loaded at most
+    once: the weight analysis reads it on the CPU, then a causal LM's KL on the variant's device
+    (moved there, not loaded again). Whoever reads it last calls release(), which frees it at
+    once: no later phase holds it."""
+
+    def __init__(self, work: VariantWork):
+        self.work = work
+        self._model = None
+
+    def model(self, device: str = "cpu"):
+        if self._model is None:
+            loaded = model_class(self.work).from_pretrained(
+                self.work.model_dir, dtype=torch.float32
+            )
+            self._model = loaded.eval()
+        self._model = self._model.to(device)
+        return self._model
+
+    def release(self) -> None:
+        self._model = None
+        machine.release_freed_memory()
+
+
+def analyse_weights(model, work: VariantWork, batches: list[dict], fp32: Fp32Reference) -> dict:
     """Per-layer error of the weights this variant computes with, against the FP32 weights they came
-    from, and of each layer's output given the FP32 layer's input."""
+    from, and of each layer's output given the FP32 layer's input. The FP32 weights are the
+    reference model's own tensors; the variant's are dequantized one layer at a time."""
 
     started = time.perf_counter()
     precision = work.precision
     config = config_for(precision, work.settings)
     family = work.family.family_worker()  # its layers; the FP32 reference's are plain (REFERENCE)
-    reference_model = model_class(work).from_pretrained(work.model_dir, dtype=torch.float32)
-    reference_model = reference_model.eval()
+    reference_model = fp32.model("cpu")
     reference = analysis.dequantized_linear_weights(reference_model, REFERENCE)
-    variant = analysis.dequantized_linear_weights(model, family)
-    rows = analysis.layer_weight_errors(reference, variant)
+    rows = analysis.layer_weight_errors_by_layer(reference, model, family)
     outputs = analysis.layer_output_errors(reference_model, model, batches)
     for row in rows:  # a layer the hooks never reached (unused by the forward) has no output
         row.update(outputs.get(row["layer"], {"output_sqnr_db": None, "output_rel_l2": None}))
@@ -144,7 +167,6 @@ def analyse_weights(model, work: VariantWork, batches: list[dict]) -> dict:
         "grids": grids,
     }
     outcome.update(family.extra_analysis(config, reference_model, batches))
-    del reference_model
     outcome["analysis_s"] = round(time.perf_counter() - started, 3)
     return outcome
 
@@ -158,6 +180,7 @@ def _run(work: VariantWork, result: Result, torch) -> None:
     torch.manual_seed(0)
     memory = ReportedPhases(work.variant.device)
     loaded = load_variant(work, memory, threads)
+    machine.release_freed_memory()  # what quantizing freed (FP32 layers) leaves before timing
     size_mib = machine.model_size_mib(loaded.model)
     untied = machine.untied_output(loaded.model)  # None: no tie, or the tie holds
     batches, order, fixed = kind.batches(work)
@@ -177,9 +200,12 @@ def _run(work: VariantWork, result: Result, torch) -> None:
         )
     answers = evaluate.in_sample_order(outputs, order)
     check_finite(work, kind.non_finite(answers))
-    analysis_warning = weight_analysis(loaded.model, work, batches, memory, result)
+    fp32 = Fp32Reference(work)  # loaded by the first phase that reads it, at most once
+    analysis_warning = weight_analysis(loaded.model, work, batches, memory, result, fp32)
     scored = kind.score(work, answers)
-    scored = kind.measure_more(work, loaded.model, batches, memory, scored)  # on the eager model
+    # On the eager model; a causal LM's KL reads the FP32 reference, then releases it.
+    scored = kind.measure_more(work, loaded.model, batches, memory, scored, fp32)
+    fp32.release()
     result.metrics = Metrics.from_json(
         measured_metrics(size_mib, scored.metrics, timings, memory, loaded, compiled, untied),
         tuple(work.task.metric_hints()),
@@ -362,14 +388,16 @@ def check_finite(work: VariantWork, non_finite: int) -> None:
         )
 
 
-def weight_analysis(model, work: VariantWork, batches, memory, result: Result) -> str | None:
+def weight_analysis(
+    model, work: VariantWork, batches, memory, result: Result, fp32: Fp32Reference
+) -> str | None:
     """result.analysis, after the clock has stopped: no timed pass runs while this computes. It
     is optional: its failure is a warning (returned), never the loss of a measured variant."""
     if not work.evaluation.weight_analysis:
         return None
     with memory.phase("analysis"):
         try:
-            result.analysis = analyse_weights(model, work, batches)
+            result.analysis = analyse_weights(model, work, batches, fp32)
         except Exception as error:
             result.analysis = {"error": f"{type(error).__name__}: {error}"}
             return f"weight analysis failed: {type(error).__name__}: {error}"

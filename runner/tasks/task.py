@@ -331,9 +331,10 @@ class TaskWorker:
         to the model, each cut to the calibration's max_length."""
         raise NotImplementedError
 
-    def measure_more(self, work, model, batches: list, memory, scored: Scored) -> Scored:
+    def measure_more(self, work, model, batches: list, memory, scored: Scored, fp32) -> Scored:
         """Measurements after the timed passes and the weight analysis, on the eager model,
-        outside every clock (a causal LM's KL from FP32, its generation speed)."""
+        outside every clock (a causal LM's KL from FP32, its generation speed). fp32: the FP32
+        reference (runner.worker.Fp32Reference), loaded on first use; release it when done."""
         return scored
 
     def study_view(self, step, fp32):

@@ -98,19 +98,21 @@ class CausalLMWorker(TaskWorker):
         }
         return Scored(metrics, perplexity.beyond_float_range(answers), predictions)
 
-    def measure_more(self, work, model, batches: list, memory, scored: Scored) -> Scored:
+    def measure_more(self, work, model, batches: list, memory, scored: Scored, fp32) -> Scored:
         """The scored answers with the KL from FP32 (per window and its mean per token), the
-        generation timings and the job's lm-eval benchmarks added."""
+        generation timings and the job's lm-eval benchmarks added. fp32: the worker's
+        Fp32Reference, released once the KL has read it (generation never holds it)."""
         settings = work.task_config
         metrics, predictions, warnings = dict(scored.metrics), dict(scored.predictions), []
         if settings.perplexity.kl_top_k:
             with memory.phase("kl"):
-                reference, variant = kl_losses(work, model, batches)
+                reference, variant = kl_losses(work, model, batches, fp32)
             kls = [perplexity.window_kl(r, v) for r, v in zip(reference, variant, strict=True)]
             predictions["windows"] = {**predictions["windows"], "kl": [round(k, 8) for k in kls]}
             metrics["kl_vs_fp32"] = math.fsum(kls) / metrics["scored_tokens"]
             # llama.cpp's statistics from per-token values; only the statistics are kept.
             metrics["kl_stats"] = kl_stats.kl_statistics(kl_stats.token_values(reference, variant))
+        fp32.release()
         if settings.generation is not None:
             timed, warning = generation_metrics(work, model, memory)
             metrics.update(timed)
@@ -202,17 +204,18 @@ def batch_windows(batches: list[WindowBatch]) -> list[perplexity.Window]:
     return [window for batch in batches for window in batch.windows]
 
 
-def kl_losses(work, model, batches: list[WindowBatch]) -> tuple[list, list]:
+def kl_losses(work, model, batches: list[WindowBatch], fp32) -> tuple[list, list]:
     """(FP32's window losses with its top-k, the variant's at those ids), for KL(FP32 || variant)
-    over FP32's top-k tokens and one bin for the rest: the FP32 model is loaded on the variant's
-    device, its top-k taken, then the variant's log-probabilities read at those ids."""
+    over FP32's top-k tokens and one bin for the rest: the FP32 model (fp32, the worker's
+    Fp32Reference: the one the weight analysis read, moved to the variant's device) gives its
+    top-k and is released, then the variant's log-probabilities are read at those ids."""
     device, size = work.variant.device, work.evaluation.batch_size
     windows, padding = batch_windows(batches), batches[0].padding
     stored = stored_losses(work, windows)  # the job's, computed once on this device
     if stored is not None:
+        fp32.release()  # the analysis may have loaded it; the KL needs it no more
         return stored, variant_at_top_k(model, windows, stored, device, size, padding)
-    reference_model = AutoModelForCausalLM.from_pretrained(work.model_dir, dtype=torch.float32)
-    reference_model = reference_model.to(device).eval()
+    reference_model = fp32.model(device)
     top_k = work.task_config.perplexity.kl_top_k
     reference = []
     with progress.phase("KL: FP32 top-k", len(windows), "windows") as step:
@@ -223,6 +226,7 @@ def kl_losses(work, model, batches: list[WindowBatch]) -> tuple[list, list]:
             )
             step.advance(len(part))
     del reference_model
+    fp32.release()  # the variant's pass needs FP32's top-k ids, not its model
     return reference, variant_at_top_k(model, windows, reference, device, size, padding)
 
 
