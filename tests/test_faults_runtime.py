@@ -128,7 +128,8 @@ def test_a_variant_waiting_for_the_timing_lock_tells_run_through_its_progress(
         release(holder)
         progress.start("quantbench", lambda event: None)
     started, ended = events  # what `run` shows: the wait's start, then its end with its time
-    assert started.state == "start" and ended.state == "end" and ended.elapsed_s >= 0.3
+    # about the 0.3 s it waited: the lock polls its deadline on another clock than progress times
+    assert started.state == "start" and ended.state == "end" and ended.elapsed_s >= 0.25
     assert started.who == "tiny-rt int8-dynamic-cpu"
     assert f"pid {holder.pid}" in started.phase and "at most 0.3 s" in started.phase
 
