@@ -234,3 +234,35 @@ def test_benchmarks_score_the_variant_as_built_without_re_tying_it(tmp_path, tie
     untied.lm_head.weight = own  # what quantizing the output layer alone does to the tie
     run_benchmarks(settings, untied, tokenizer, 4)
     assert untied.lm_head.weight is own and "tie_weights" not in untied.__dict__
+
+
+def test_a_task_with_functions_hashes_the_same_in_every_process(tmp_path):
+    """SmSA's process_docs is a `!function`, which lm-eval's config writes with its address in
+    memory: the config hash must not change from one variant's process to the next (it did, and
+    collect refused to pair SmSA across variants), but must change with the function's file."""
+    script = (
+        "import sys\nfrom pathlib import Path\n"
+        "from runner.tasks.causal_lm.benchmarks import BenchmarkTask, config_sha256, load_task\n"
+        "p = sys.argv[1]\n"
+        "task = load_task(BenchmarkTask(p, p), Path(p), 'benchmarks.tasks[0]')\n"
+        "print(config_sha256(task.dump_config(), p))\n"
+    )
+
+    def hashed(yaml_path) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(yaml_path)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    first, second = hashed(SMSA_YAML), hashed(SMSA_YAML)
+    assert first == second and len(first) == 64
+    copy = tmp_path / "smsa"
+    copy.mkdir()
+    for name in ("smsa.yaml", "smsa_data.py"):
+        text = (SMSA_YAML.parent / name).read_text()
+        (copy / name).write_text(text.replace("../../../shared", str(REPO.parent / "shared")))
+    assert hashed(copy / "smsa.yaml") == first  # where the checkout lies does not count
+    with (copy / "smsa_data.py").open("a") as code:
+        code.write("\n# the function's file changed\n")
+    assert hashed(copy / "smsa.yaml") != first

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 import urllib.parse
@@ -419,7 +420,7 @@ def task_record(entry: BenchmarkTask, task, results: dict) -> dict:
     config = results["configs"][name]
     return {
         "source": entry.spec,
-        "config_sha256": config_sha256(config),
+        "config_sha256": config_sha256(config, entry.yaml_path),
         "task_hash": lm_eval.utils.hash_string(hashes),
         "version": results["versions"][name],
         "num_fewshot": results["n-shot"][name],
@@ -492,16 +493,24 @@ def predicted_index(task, sample: dict) -> int | None:
     return max(range(len(lls)), key=lls.__getitem__)
 
 
-def config_sha256(config: dict) -> str:
+def config_sha256(config: dict, yaml_path: str | None = None) -> str:
     """sha256 of the resolved task config as sorted JSON, each data file's path replaced by the
     file's own sha256 (a data folder's: its files'), so that the hash follows the data and not
-    where the checkout lies."""
-    config = json.loads(json.dumps(config, default=str))
+    where the checkout lies. A `!function` lm-eval cannot show the source of is written as
+    `<function name at 0x...>`, an address that differs in every process: the address is
+    dropped, and the Python files beside the YAML (where `!function`s live) are hashed instead."""
+    config = json.loads(re.sub(FUNCTION_ADDRESS, ">", json.dumps(config, default=str)))
     kwargs = config.get("dataset_kwargs") or {}
     for key in (DATA_FILES, DATA_DIR):
         if key in kwargs:
             kwargs[key] = content_hashes(kwargs[key])
+    if yaml_path is not None:
+        code = sorted(Path(yaml_path).parent.glob("*.py"))
+        config["quantbench_function_files"] = {p.name: file_sha256(p) for p in code}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+FUNCTION_ADDRESS = r" at 0x[0-9a-fA-F]+>"
 
 
 def content_hashes(value):
