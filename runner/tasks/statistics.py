@@ -144,17 +144,22 @@ def _resampled_deltas(
     seed: int,
 ) -> np.ndarray:
     """metric(variant) - metric(baseline) on n_resamples resamples of the samples, seeded."""
-    rng = np.random.default_rng(seed)
-    n, deltas = len(gold), []
-    # Chunks keep the [resamples, n] index matrix small for large evaluation sets.
-    chunk = max(1, min(n_resamples, 2_000_000 // n))
-    for start in range(0, n_resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
-        deltas.append(
+    return np.concatenate(
+        [
             _resampled_metric(metric, gold, var, idx, k)
             - _resampled_metric(metric, gold, base, idx, k)
-        )
-    return np.concatenate(deltas)
+            for idx in _resample_indices(len(gold), n_resamples, seed)
+        ]
+    )
+
+
+def _resample_indices(n: int, n_resamples: int, seed: int):
+    """n_resamples seeded resamples of range(n) with replacement, as [resamples, n] index
+    matrices in chunks, so that the matrix stays small for large evaluation sets."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_resamples, 2_000_000 // n))
+    for start in range(0, n_resamples, chunk):
+        yield rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
 
 
 def mcnemar_exact(gold, baseline_pred, variant_pred, alpha: float = 0.05) -> dict:
@@ -226,11 +231,8 @@ def _resampled_perplexity_deltas(
     tokens: np.ndarray, base: np.ndarray, var: np.ndarray, n_resamples: int, seed: int
 ) -> np.ndarray:
     """perplexity(variant) - perplexity(baseline) on n_resamples seeded resamples of the windows."""
-    rng = np.random.default_rng(seed)
-    n, deltas = len(tokens), []
-    chunk = max(1, min(n_resamples, 2_000_000 // n))  # a small [resamples, n] index matrix
-    for start in range(0, n_resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
+    deltas = []
+    for idx in _resample_indices(len(tokens), n_resamples, seed):
         counted = tokens[idx].sum(axis=1)
         deltas.append(
             np.exp(var[idx].sum(axis=1) / counted) - np.exp(base[idx].sum(axis=1) / counted)
@@ -259,12 +261,8 @@ def paired_bootstrap_mean(
     if not (np.all(np.isfinite(base)) and np.all(np.isfinite(var))):
         raise ValueError("baseline_values and variant_values must be finite")
     differences = var - base  # the mean of a resample's differences is its delta of means
-    rng = np.random.default_rng(seed)
-    n, deltas = len(differences), []
-    chunk = max(1, min(n_resamples, 2_000_000 // n))  # a small [resamples, n] index matrix
-    for start in range(0, n_resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
-        deltas.append(differences[idx].mean(axis=1))
+    indices = _resample_indices(len(differences), n_resamples, seed)
+    deltas = np.concatenate([differences[idx].mean(axis=1) for idx in indices])
     return _bootstrap_interval(
-        "mean", n, np.concatenate(deltas), confidence, float(base.mean()), float(var.mean())
+        "mean", len(differences), deltas, confidence, float(base.mean()), float(var.mean())
     )
