@@ -57,3 +57,10 @@ def classify_layer(name: str) -> tuple[str, int | None]:
     layer_type = next((t for t, pattern in _LAYER_TYPE_PATTERNS if pattern.search(name)), "other")
     match = _DEPTH_PATTERN.search(name)
     return layer_type, (int(match.group(1)) if match else None)
+
+
+def block_of(name: str) -> str | None:
+    """The module name of the repeated block a layer sits in ("model.layers.3" for
+    "model.layers.3.mlp.down_proj"), or None for a layer of no block (a head)."""
+    match = _DEPTH_PATTERN.search(name)
+    return name[: match.end(1)] if match else None

@@ -236,17 +236,17 @@ def test_a_study_calibrates_once_on_the_whole_model_and_keeps_layers_fp32(
     step = replace(probe, kind="groups", layers=tuple(found["layers"]), groups=found["groups"])
     loaded = steps.load(step)
     kept = frozenset(found["groups"]["mlp_down"])
-    mixed = steps.quantized(loaded, kept)
-    full = loaded.calibrated  # made once, on the first measurement
-    assert steps.quantized(loaded, frozenset()) is not full and loaded.calibrated is full
-    for name in kept:
-        layer = mixed.get_submodule(name)
-        assert type(layer) is torch.nn.Linear and type(layer.weight) is torch.nn.Parameter
-        assert torch.equal(layer.weight, loaded.fp32.get_submodule(name).weight)
     other = found["groups"]["query"][0]
     family = probe.family.family_worker()
     config = family_config(probe)
-    assert family.is_quantized(config, mixed.get_submodule(other))
+    with steps.mixed(loaded, kept) as mixed:
+        for name in kept:
+            layer = mixed.get_submodule(name)
+            assert type(layer) is torch.nn.Linear and type(layer.weight) is torch.nn.Parameter
+            assert torch.equal(layer.weight, loaded.fp32.get_submodule(name).weight)
+        assert family.is_quantized(config, mixed.get_submodule(other))
+    # Put back: the fully quantized model holds its own quantized layers again.
+    assert all(family.is_quantized(config, loaded.full.get_submodule(name)) for name in kept)
     nothing = steps.study_of(loaded, step.layers)
     same = nothing.compare(nothing.evaluate(frozenset(step.layers)))  # every layer kept
     assert same["agreement"] == 1.0

@@ -14,35 +14,40 @@ Like runner/worker.py this module imports no Ray; it runs in the step's own proc
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 
+import psutil
 import torch
 import transformers
 
 from runner import analysis, evaluate, machine, measure, models, progress
 from runner.precisions import config_for
 from runner.precisions.worker import REFERENCE, linear_names, quantized_model
-from runner.study import ranking
+from runner.study import ranking, replay
 from runner.work import StudyWork
 
 
 @dataclass
 class Loaded:
-    """What a step shares between its measurements."""
+    """What a step shares between its measurements: the FP32 model and the fully quantized one,
+    each recorded block by block (runner/study/replay.py). A measurement swaps the few layers it
+    differs in between the two, for one pass."""
 
     step: StudyWork
     model_class: type
-    fp32: object  # the FP32 model every measurement quantizes a copy of
-    view: (
-        ranking.StudyView
-    )  # the task's: the sample's batches, a model's outputs, compare with FP32
+    fp32: object
+    view: ranking.StudyView  # the task's: the sample's batches, a model's outputs, compare
     load_s: float
-    # A calibrated precision's fully quantized model: it calibrates and quantizes once per step.
-    calibrated: object = None
+    full: object = None  # the fully quantized model
+    quantize_s: float = 0.0
+    layers: tuple[str, ...] = ()  # the linear layers the precision quantizes
+    recordings: dict = field(default_factory=dict)  # "fp32" | "full" -> replay.Recording
+    pass_s: dict = field(default_factory=dict)  # "fp32" | "full" -> one whole pass, s
 
 
 def run_step(step: StudyWork) -> dict:
@@ -75,23 +80,32 @@ STEP_WORDS = {
 
 
 def load(step: StudyWork) -> Loaded:
+    """The FP32 model, the task's view, and the fully quantized model; in a group or recipe step
+    (which knows the study's layers) both models recorded."""
     clock = time.perf_counter()
     model_class = getattr(transformers, step.task.model_class)
     fp32 = model_class.from_pretrained(step.model_dir, dtype=torch.float32)
     fp32 = fp32.to(step.study.device).eval()
     load_s = time.perf_counter() - clock
     view = step.task.worker().study_view(step, fp32)
-    return Loaded(step, model_class, fp32, view, load_s)
+    loaded = Loaded(step, model_class, fp32, view, load_s)
+    clock = time.perf_counter()
+    loaded.full = fully_quantized(loaded)
+    loaded.quantize_s = time.perf_counter() - clock
+    if step.layers:
+        record(loaded, step.layers)
+    return loaded
 
 
-def quantized(loaded: Loaded, keep: frozenset[str]):
-    """The model as the precision quantizes it, every linear layer but keep: a copy of the FP32
-    model quantized, or loaded again where the family quantizes while loading (bitsandbytes)."""
+def fully_quantized(loaded: Loaded):
+    """Every layer quantized as the precision does: a copy of the FP32 model quantized, or loaded
+    again where the family quantizes while loading (bitsandbytes), or calibrated and quantized."""
     if loaded.step.precision.calibrated:
-        return with_kept(calibrated_once(loaded), loaded.fp32, keep)
+        rows = evaluate.calibration_batches(loaded.step, loaded.step.study.device)
+        return quantized_copy(loaded, frozenset(), rows)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notice, once per measurement
-        return quantized_copy(loaded, keep)
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        return quantized_copy(loaded, frozenset())
 
 
 def quantized_copy(loaded: Loaded, keep: frozenset[str], calibration: list | None = None):
@@ -109,61 +123,94 @@ def quantized_copy(loaded: Loaded, keep: frozenset[str], calibration: list | Non
     ).model
 
 
-def calibrated_once(loaded: Loaded):
-    """The calibrated precision's fully quantized model, made on the step's first use: calibration
-    sees the whole FP32 model, and each method quantizes a layer from what it saw (GPTQ also from
-    the layers before it, quantized), so a kept layer is the FP32 one put back."""
-    if loaded.calibrated is None:
-        rows = evaluate.calibration_batches(loaded.step, loaded.step.study.device)
-        loaded.calibrated = quantized_copy(loaded, frozenset(), rows)
-    return loaded.calibrated
+def record(loaded: Loaded, layers: tuple[str, ...]) -> dict:
+    """Both models' passes recorded block by block, each timed; the fully quantized model's
+    outputs (its pass is the probe's measurement of it)."""
+    loaded.layers = tuple(layers)
+    available = psutil.virtual_memory().available
+    outputs = {}
+    for which, model in (("fp32", loaded.fp32), ("full", loaded.full)):
+        clock = time.perf_counter()
+        loaded.recordings[which], outputs[which] = replay.record_blocks(
+            model, layers, loaded.view.outputs, available
+        )
+        loaded.pass_s[which] = time.perf_counter() - clock
+    return outputs["full"]
 
 
-def with_kept(quantized_full, fp32, keep: frozenset[str]):
-    """A copy of the fully quantized model with the layers in keep as the FP32 model has them."""
-    model = copy.deepcopy(quantized_full)
-    for name in keep:
-        model.set_submodule(name, copy.deepcopy(fp32.get_submodule(name)))
-    return model
+@contextmanager
+def mixed(loaded: Loaded, keep: frozenset[str]):
+    """The model quantized all but keep, for one pass: the FP32 model with the quantized layers
+    swapped in, or the fully quantized one with the kept layers swapped back, whichever swaps
+    fewer; the blocks before the first swapped layer replayed. Put back on leaving."""
+    quantized_layers = [name for name in loaded.layers if name not in keep]
+    if len(quantized_layers) <= len(keep):
+        base, donor, swapped, which = loaded.fp32, loaded.full, quantized_layers, "fp32"
+    else:
+        base, donor, swapped, which = loaded.full, loaded.fp32, sorted(keep), "full"
+    with replay.swapped_and_replayed(base, donor, swapped, loaded.recordings[which]) as model:
+        yield model
+
+
+def measured_outputs(loaded: Loaded, keep: frozenset[str]):
+    with mixed(loaded, keep) as model:
+        return loaded.view.outputs(model)
 
 
 def study_of(loaded: Loaded, layers: tuple[str, ...]) -> ranking.Study:
-    def evaluate_keep(keep: frozenset[str]):
-        return loaded.view.outputs(quantized(loaded, keep))
-
-    return ranking.Study(evaluate_keep, loaded.view.compare, layers)
+    return ranking.Study(partial(measured_outputs, loaded), loaded.view.compare, layers)
 
 
 def probe(loaded: Loaded) -> dict:
     """FP32's outputs (the view computed them), the fully quantized model against them, its
-    layers' SQNR, the groups, and the cost of one quantization and one accuracy pass."""
-    clock = time.perf_counter()
-    full_model = quantized(loaded, frozenset())
-    quantize_s = time.perf_counter() - clock
-    clock = time.perf_counter()
-    full_outputs = loaded.view.outputs(full_model)
-    pass_s = time.perf_counter() - clock
+    layers' SQNR, the groups, and what the rest will cost (cost_model)."""
     config = config_for(loaded.step.precision, loaded.step.settings)
     family = loaded.step.family.family_worker()
     layers = tuple(
         name
         for name in linear_layers(loaded.fp32)
-        if family.is_quantized(config, full_model.get_submodule(name))
+        if family.is_quantized(config, loaded.full.get_submodule(name))
     )
+    full_outputs = record(loaded, layers)
     groups = {
         group: [name for name in names if name in layers]
         for group, names in study_groups(loaded.fp32, loaded.step.study.groups).items()
     }
+    clock = time.perf_counter()
+    full = {"kept": 0, **loaded.view.compare(full_outputs)}
+    compare_s = time.perf_counter() - clock
     return {
         "reference": loaded.view.reference_json,
         "layers": list(layers),
         "linear_layers": len(linear_layers(loaded.fp32)),
         "groups": {group: names for group, names in groups.items() if names},
-        "full": {"kept": 0, **loaded.view.compare(full_outputs)},
-        "layer_sqnr": layer_sqnr(loaded, full_model),
+        "full": full,
+        "layer_sqnr": layer_sqnr(loaded, loaded.full),
         "fp32_pass_s": round(loaded.view.fp32_pass_s, 3),
-        "quantize_s": round(quantize_s, 3),
-        "pass_s": round(pass_s, 3),
+        "quantize_s": round(loaded.quantize_s, 3),
+        "pass_s": round(loaded.pass_s["full"], 3),
+        "cost_model": cost_model(loaded, compare_s),
+    }
+
+
+def cost_model(loaded: Loaded, compare_s: float) -> dict:
+    """What predicting a measurement's time needs: each base model's whole pass and its pass with
+    every block replayed (the head alone), s; the blocks; each layer's leading blocks a swap of it
+    can replay; and one comparison with FP32."""
+    heads = {}
+    for which, base in (("fp32", loaded.fp32), ("full", loaded.full)):
+        recording = loaded.recordings[which]
+        clock = time.perf_counter()
+        with replay.swapped_and_replayed(base, base, [], recording, start=len(recording.blocks)):
+            loaded.view.outputs(base)
+        heads[which] = round(time.perf_counter() - clock, 3)
+    recording = loaded.recordings["fp32"]
+    return {
+        "pass_s": {which: round(seconds, 3) for which, seconds in loaded.pass_s.items()},
+        "head_s": heads,
+        "blocks": 0 if recording.dropped else len(recording.blocks),
+        "starts": {name: recording.start([name]) for name in loaded.layers},
+        "compare_s": round(compare_s, 3),
     }
 
 
