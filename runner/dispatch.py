@@ -373,9 +373,11 @@ def run_study_steps(
     cluster: Cluster,
     model_dir: Path,
     placement_timeout_s: float | None = None,
+    on_done: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Every step at once, where its device runs; their outcomes, in order. Raises NoCapableNode
-    when no node can run the device, RuntimeError when a step fails, saying why."""
+    """Every step at once, where its device runs; their outcomes, in order. on_done(outcome) is
+    called as each returns. Raises NoCapableNode when no node can run the device, RuntimeError
+    when a step fails, saying why."""
     device = steps[0].study.device
     reason = wait_for_capable_node(device, default_placement_timeout(cluster, placement_timeout_s))
     if reason:
@@ -383,11 +385,14 @@ def run_study_steps(
     archive = shipped_model(cluster, model_dir)
     also_import = fork_server_imports([steps[0].study.precision] if device == "cpu" else [])
     refs = [_submit_one(step, archive, also_import) for step in steps]
-    outcomes = []
-    for ref in refs:
-        _wait_for_one([ref], None)  # in slices, so that Ctrl-C is heard
-        try:
-            outcomes.append(ray.get(ref)[0])
-        except Exception as error:  # the step raised, or its process or node died
-            raise RuntimeError(f"a sensitivity step failed: {failure_text(error)}") from None
-    return outcomes
+    outcomes, waiting = {}, list(refs)
+    while waiting:
+        for ref in _wait_for_one(waiting, None):  # in slices, so that Ctrl-C is heard
+            waiting.remove(ref)
+            try:
+                outcomes[refs.index(ref)] = ray.get(ref)[0]
+            except Exception as error:  # the step raised, or its process or node died
+                raise RuntimeError(f"a sensitivity step failed: {failure_text(error)}") from None
+            if on_done is not None:
+                on_done(outcomes[refs.index(ref)])
+    return [outcomes[index] for index in range(len(refs))]

@@ -229,6 +229,7 @@ class Sweep:
     results_dir: Path
     say: Callable[[str], None]
     placement_timeout_s: float | None
+    resume: bool = False
     report: SweepReport = field(default_factory=SweepReport)
     kept: dict[str, dict[str, dict]] = field(default_factory=dict)  # job -> variant -> result
     replaced: dict[str, dict[str, str]] = field(default_factory=dict)  # job -> variant -> why
@@ -246,7 +247,7 @@ def _run_sweep(
     ray_temp_dir: str | None,
     placement_timeout_s: float | None,
 ) -> SweepReport:
-    sweep = Sweep(plans, results_dir, say, placement_timeout_s)
+    sweep = Sweep(plans, results_dir, say, placement_timeout_s, resume)
     read_job_folders(sweep, resume)
     started = time.perf_counter()
     start_cluster(sweep, address, ray_temp_dir, started)
@@ -393,7 +394,13 @@ def run_job(sweep: Sweep, plan: JobPlan, model_dir: Path, model_info: dict) -> N
     run_variants(sweep, plan, model_dir, model_info, None)
     if sweep.study_to_run[plan.spec.name]:
         stage = study.StudyRun(
-            plan, model_dir, sweep.cluster, sweep.results_dir, sweep.say, sweep.placement_timeout_s
+            plan,
+            model_dir,
+            sweep.cluster,
+            sweep.results_dir,
+            sweep.say,
+            sweep.placement_timeout_s,
+            sweep.resume,
         )
         found, mixed = study.run(stage)
         sweep.report.studies.append(found)

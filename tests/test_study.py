@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from conftest import (
 )
 
 from runner import results
+from runner.study import cost
 from runner.study import stage as study
 
 STUDY = "sensitivity: {precision: int8-dynamic, device: cpu, groups: layer}"
@@ -111,7 +113,7 @@ def test_the_run_prints_the_cost_before_the_groups_and_the_cost_after(studied):
     assert spent["measurements"] == 28 + len(found["recipe"]["tried"])
     assert spent["tasks"] == 2 and len(found["steps"]) == 3  # probe, groups, recipe
     assert spent["bound_s"] == pytest.approx(
-        study.COST_BOUND * spent["measurements"] * spent["pass_s"] + 2 * spent["load_s"], abs=1e-2
+        cost.COST_BOUND * spent["measurements"] * spent["pass_s"] + 2 * spent["load_s"], abs=1e-2
     )
 
 
@@ -315,3 +317,72 @@ def test_resume_runs_a_study_with_a_junk_ranking_again_saying_so(tmp_path, tiny_
         f"[resume] tiny-rt: runs the sensitivity study again: {path}: a malformed sensitivity "
         "study: ranking[0]: expected an object, found a JSON number"
     ]
+
+
+def _in_process(ran: list, stop_after: int | None = None):
+    """run_study_steps without Ray: each step in this process; KeyboardInterrupt (a kill) once
+    stop_after group steps have returned."""
+    from runner.study.steps import run_step
+
+    def run_steps(steps, cluster, model_dir, timeout_s=None, on_done=None):
+        outcomes = []
+        for step in steps:
+            if stop_after is not None and sum(k == "groups" for k, _ in ran) == stop_after:
+                raise KeyboardInterrupt
+            ran.append((step.kind, tuple(step.groups or ())))
+            outcomes.append(run_step(step))
+            if on_done is not None:
+                on_done(outcomes[-1])
+        return outcomes
+
+    return run_steps
+
+
+def test_a_study_killed_halfway_resumes_from_the_groups_it_finished(
+    tmp_path, hard_bert, monkeypatch
+):
+    from runner import dispatch
+    from runner.study import partial
+
+    monkeypatch.setattr(study, "SHARE_S", 1e-6)  # one group per step: 14 steps
+    monkeypatch.setattr(study, "capable_nodes", lambda nodes, device: 1)
+    monkeypatch.setattr(study, "alive_nodes", lambda: [])
+    killed = []
+    monkeypatch.setattr(dispatch, "run_study_steps", _in_process(killed, stop_after=5))
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        study.run(_stage(tmp_path, hard_bert, said))
+    kept = partial.partial_path(tmp_path / "results", "tiny-rt", "int8-dynamic-cpu")
+    assert kept.exists() and [kind for kind, _ in killed].count("groups") == 5
+
+    resumed, said = [], []
+    monkeypatch.setattr(dispatch, "run_study_steps", _in_process(resumed))
+    stage = _stage(tmp_path, hard_bert, said)
+    found, mixed = study.run(replace(stage, resume=True))
+    assert "the sensitivity study goes on from" in said[0] and "5 of 14 groups measured" in said[0]
+    done = {group for kind, groups in killed if kind == "groups" for group in groups}
+    again = [group for kind, groups in resumed if kind == "groups" for group in groups]
+    assert resumed[0][0] == "groups" and not done & set(again) and len(again) == 9
+    assert found["status"] == "ok" and found["ranking"][0]["group"] == HARD
+    assert HARD in found["recipe"]["kept"] and not kept.exists()  # gone once the study is written
+
+    # The same study uninterrupted ranks the same groups the same way.
+    monkeypatch.setattr(dispatch, "run_study_steps", _in_process([]))
+    fresh, _ = study.run(_stage(tmp_path / "fresh", hard_bert, []))
+    assert [e["group"] for e in fresh["ranking"]] == [e["group"] for e in found["ranking"]]
+
+
+def test_a_kept_study_of_another_spec_is_not_resumed(tmp_path, hard_bert, monkeypatch):
+    from runner import dispatch
+    from runner.study import partial
+
+    monkeypatch.setattr(study, "capable_nodes", lambda nodes, device: 1)
+    monkeypatch.setattr(study, "alive_nodes", lambda: [])
+    stage = _stage(tmp_path, hard_bert, said := [])
+    path = partial.partial_path(tmp_path / "results", "tiny-rt", "int8-dynamic-cpu")
+    partial.start(path, {"spec_hash": "another", "sensitivity": {}, "schema_version": 1}, {})
+    ran = []
+    monkeypatch.setattr(dispatch, "run_study_steps", _in_process(ran))
+    found, _ = study.run(replace(stage, resume=True))
+    assert "not used: a study of another spec hash" in said[0], said
+    assert ran[0][0] == "probe" and found["status"] == "ok"

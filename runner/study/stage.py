@@ -26,13 +26,14 @@ from runner.job import Variant
 from runner.placement import capable_nodes
 from runner.plan import JobPlan
 from runner.precisions import family_of
+from runner.study import cost, partial
 from runner.study.ranking import rank, tolerance, tolerance_text
 from runner.work import StudyWork
 
 SCHEMA_VERSION = 1
-# The issue's bound on a study's cost: this many times (measurements x one accuracy pass), plus one
-# model load per call on a node.
-COST_BOUND = 1.5
+# A group step's share of the groups is predicted to take at most about this long, so that a study
+# killed halfway loses little: `run --resume` keeps the steps that returned (study/partial.py).
+SHARE_S = 150.0
 
 
 @dataclass
@@ -45,6 +46,7 @@ class StudyRun:
     results_dir: Path
     say: Callable[[str], None]
     placement_timeout_s: float | None = None
+    resume: bool = False  # go on from the steps a killed run of the same study kept
 
 
 def kept_study(results_dir: Path, plan: JobPlan, say=lambda line: None) -> results.StudyFile | None:
@@ -79,6 +81,9 @@ def run(stage: StudyRun) -> tuple[dict, Variant | None]:
         study.update(status="failed", error=f"{type(error).__name__}: {error}")
     study["ended_at"], study["wall_s"] = measure.now(), round(time.perf_counter() - started, 3)
     wrote = write_study(stage, study)
+    if study["status"] == "ok" and "unwritten" not in study:
+        path = partial.partial_path(stage.results_dir, spec.name, spec.sensitivity.variant_id)
+        path.unlink(missing_ok=True)
     if study["status"] != "ok":
         stage.say(f"sensitivity: {spec.name}: {study['status']}: {study['error']} ({wrote})")
         return study, None
@@ -137,17 +142,26 @@ def measure_study(stage: StudyRun, study: dict) -> None:
     say, name = stage.say, stage.plan.spec.name
     run_steps = _runner(stage)
     probe_step = first_step(stage)
-    (probe,) = run_steps([probe_step])
+    probe, done, kept = probed(stage, probe_step, run_steps)
     groups = probe["groups"]
     if not groups:
         raise ValueError(nothing_quantized(probe_step, probe))
-    shares = split(groups, capable_nodes(alive_nodes(), probe_step.study.device))
+    finished = {entry["group"] for entry in done}
+    nodes = capable_nodes(alive_nodes(), probe_step.study.device)
+    shares = split(
+        {group: layers for group, layers in groups.items() if group not in finished},
+        nodes,
+        lambda layers: cost.group_s(probe, layers),
+    )
     study.update(layers=len(probe["layers"]), full=probe["full"])
-    say(f"sensitivity: {name}: {predicted_text(probe, len(groups), len(shares))}")
+    say(f"sensitivity: {name}: {cost.predicted_text(probe, shares, nodes)}")
     shared = replace(probe_step, reference=probe["reference"], layers=tuple(probe["layers"]))
-    measured = run_steps([replace(shared, kind="groups", groups=share) for share in shares])
+    measured = run_steps(
+        [replace(shared, kind="groups", groups=share) for share in shares],
+        lambda outcome: kept(outcome["groups"]),
+    )
     ranked = with_sqnr(
-        rank([group for outcome in measured for group in outcome["groups"]]),
+        rank(done + [group for outcome in measured for group in outcome["groups"]]),
         probe["layer_sqnr"],
     )
     chosen = tolerance(stage.plan.spec)
@@ -156,8 +170,41 @@ def measure_study(stage: StudyRun, study: dict) -> None:
     )
     (found,) = run_steps([recipe_step])
     study.update(ranking=ranked, recipe=found["recipe"])
-    study["cost"] = cost(probe, measured, found)
+    study["cost"] = cost.cost(probe, shares, measured, found)
     study["steps"] = [_step_record(o) for o in [probe, *measured, found]]
+
+
+def probed(stage: StudyRun, probe_step: StudyWork, run_steps) -> tuple[dict, list, Callable]:
+    """(the probe, the groups already measured, what keeps a step's groups as it returns): with
+    --resume, those a killed run of the same study kept; else the probe run now."""
+    spec = stage.plan.spec
+    path = partial.partial_path(stage.results_dir, spec.name, spec.sensitivity.variant_id)
+    header = {
+        "spec_hash": stage.plan.spec_hash,
+        "sensitivity": asdict(spec.sensitivity),
+        "schema_version": SCHEMA_VERSION,
+    }
+    found = partial.read(path, header) if stage.resume and path.exists() else None
+    if isinstance(found, tuple):
+        probe, done = found
+        stage.say(
+            f"[resume] {spec.name}: the sensitivity study goes on from {path}: "
+            f"{len(done)} of {len(probe['groups'])} groups measured"
+        )
+    else:
+        if found:
+            stage.say(f"[resume] {spec.name}: {path}: not used: {found}")
+        (probe,), done = run_steps([probe_step]), []
+        _kept_or_said(stage, lambda: partial.start(path, header, probe))
+    return probe, done, lambda groups: _kept_or_said(stage, lambda: partial.add(path, groups))
+
+
+def _kept_or_said(stage: StudyRun, write: Callable[[], None]) -> None:
+    """A step kept for --resume; a disk that cannot take it only costs that, and is said."""
+    try:
+        write()
+    except OSError as error:
+        stage.say(f"sensitivity: cannot keep the study's progress: {error.strerror or error}")
 
 
 def nothing_quantized(step: StudyWork, probe: dict) -> str:
@@ -171,23 +218,34 @@ def nothing_quantized(step: StudyWork, probe: dict) -> str:
     )
 
 
-def _runner(stage: StudyRun) -> Callable[[list[StudyWork]], list[dict]]:
-    def run_steps(steps: list[StudyWork]) -> list[dict]:
+def _runner(stage: StudyRun) -> Callable[..., list[dict]]:
+    def run_steps(steps: list[StudyWork], on_done=None) -> list[dict]:
         return dispatch.run_study_steps(
-            steps, stage.cluster, stage.model_dir, stage.placement_timeout_s
+            steps, stage.cluster, stage.model_dir, stage.placement_timeout_s, on_done
         )
 
     return run_steps
 
 
-def split(groups: dict[str, list[str]], parts: int) -> list[dict[str, list[str]]]:
-    """The groups in `parts` contiguous shares of near-equal size (at least one group each)."""
+def split(
+    groups: dict[str, list[str]], nodes: int, seconds: Callable[[list[str]], float]
+) -> list[dict[str, list[str]]]:
+    """The groups in contiguous shares of near-equal predicted seconds: at least one per node,
+    more where a share would take over SHARE_S (each at least one group)."""
     names = list(groups)
-    parts = max(1, min(parts, len(names)))
-    size = math.ceil(len(names) / parts)
-    return [
-        {name: groups[name] for name in names[i : i + size]} for i in range(0, len(names), size)
-    ]
+    if not names:
+        return []
+    each = [seconds(groups[name]) for name in names]
+    total = sum(each) or 1.0
+    parts = max(1, min(max(nodes, math.ceil(total / SHARE_S)), len(names)))
+    shares: list[dict[str, list[str]]] = [{} for _ in range(parts)]
+    before = 0.0
+    for name, spent in zip(names, each, strict=True):
+        # A group goes to the share its predicted midpoint falls in.
+        index = min(int((before + spent / 2) / total * parts), parts - 1)
+        shares[index][name] = groups[name]
+        before += spent
+    return [share for share in shares if share]
 
 
 def with_sqnr(ranking: list[dict], layer_sqnr: dict[str, dict]) -> list[dict]:
@@ -199,40 +257,6 @@ def with_sqnr(ranking: list[dict], layer_sqnr: dict[str, dict]) -> list[dict]:
             values = [v for v in values if v is not None]
             entry[key] = round(sum(values) / len(values), 3) if values else None
     return ranking
-
-
-def predicted_text(probe: dict, groups: int, tasks: int) -> str:
-    each = probe["quantize_s"] + probe["pass_s"]
-    predicted = tasks * probe["load_s"] + 2 * groups * each
-    return (
-        f"{groups} groups x 2 = {2 * groups} measurements in {tasks} Ray task(s): about "
-        f"{predicted:.0f} s predicted (each {each:.2f} s: quantizing {probe['quantize_s']:.2f} s "
-        f"+ one accuracy pass {probe['pass_s']:.2f} s; one model load {probe['load_s']:.2f} s per "
-        "task); then the recipe, one measurement per group it keeps"
-    )
-
-
-def cost(probe: dict, measured: list[dict], found: dict) -> dict:
-    """What the study cost against what it was predicted to and the bound: COST_BOUND x
-    (measurements x one accuracy pass) + one model load per call on a node, for the group and recipe
-    steps (the probe measures what the bound is made of)."""
-    measurements = sum(2 * len(o["groups"]) for o in measured) + len(found["recipe"]["tried"])
-    tasks = len(measured) + 1
-    each = probe["quantize_s"] + probe["pass_s"]
-    measured_s = sum(o["wall_s"] for o in [*measured, found])
-    bound_s = COST_BOUND * measurements * probe["pass_s"] + tasks * probe["load_s"]
-    return {
-        "measurements": measurements,
-        "tasks": tasks,
-        "pass_s": probe["pass_s"],
-        "fp32_pass_s": probe["fp32_pass_s"],  # FP32's pass: a mostly-FP32 measurement's speed
-        "quantize_s": probe["quantize_s"],
-        "load_s": probe["load_s"],
-        "predicted_s": round(len(measured) * probe["load_s"] + measurements * each, 3),
-        "measured_s": round(measured_s, 3),
-        "bound_s": round(bound_s, 3),
-        "within_bound": measured_s <= bound_s,
-    }
 
 
 def _step_record(outcome: dict) -> dict:
