@@ -341,7 +341,14 @@ def report(args, job: str, run: dict, seen: dict, results: Path, workers: int) -
         f"{run['code']}. Its summary: `{summary_line(run['output'])}`",
         "",
     ]
-    if VARIANTS_LINE in run["marks"] and variants:
+    marks = run["marks"]
+    if VARIANTS_LINE in marks:
+        lines += [
+            f"The driver handed out the variants {marks[VARIANTS_LINE] - marks['started']:.1f} s "
+            "after it started (its imports, joining, the model, the FP32 reference on one node).",
+            "",
+        ]
+    if VARIANTS_LINE in marks and variants:
         phase = variants_phase(variants, run["marks"][VARIANTS_LINE], seen)
         lines += phase_lines("Variants", phase, workers)
     if GROUPS_LINE in run["marks"] and study is not None:
