@@ -269,7 +269,7 @@ def run_job(cluster: LoopbackCluster, job: Path, results: Path, log: Path) -> di
     command += ["--address", cluster.address, "--results", str(results)]
     env = cluster.environment(None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    marks: dict[str, float] = {}
+    marks: dict[str, float] = {"started": time.time()}
     with (
         subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
