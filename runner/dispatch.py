@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from runner import isolation, measure, model_cache, progress
 from runner.cluster import (
@@ -117,6 +118,41 @@ def _submit_one(work: Work, archive: list, also_import: list[str]):
     """Hands one piece of work to Ray, asking for a node of its device; its ref."""
     remote = _remote_on_node[work.device].options(**ray_options(work.device), **forwarded_options())
     return remote.remote(work, archive, also_import)
+
+
+def warm_cpu_nodes(cluster: Cluster, precisions: list[str]) -> list:
+    """On a joined cluster, every CPU worker node starts its fork server now, importing what these
+    CPU precisions need, rather than at its first piece of work; the warm-ups' refs.
+
+    Why: a node's first call starts its Ray worker and fork server (torch, transformers and the
+    precisions' libraries), and a joined cluster has no server started beside it. Nodes that wait
+    for their first variant to do that sit idle while another node computes the job's FP32
+    reference: on 3 loopback workers (benchmarks/cluster.py) two of them started their first
+    variant 29 s after the first. A warm-up holds the node's slot like a variant and leaves an
+    idle worker with a warm server, which the node's next call reuses."""
+    if cluster.embedded or not precisions:
+        return []
+    also_import = fork_server_imports(precisions)
+    return [
+        _warm_up.options(
+            **ray_options("cpu"),
+            **forwarded_options(),
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+        ).remote(also_import)
+        for node in alive_nodes()
+        if can_run([node], "cpu")
+    ]
+
+
+@ray.remote(max_calls=0, max_retries=0)
+def _warm_up(also_import: list[str]) -> dict:
+    """Runs on a CPU worker node: this worker's fork server started and ready (a call forked from
+    it waits for its imports). Says which worker it was and whether its server was already warm."""
+    was_warm = isolation._own_server is not None
+    isolation.run_in_fresh_process(
+        os.getpid, also_import=server_preload(also_import, _node_has_gpu())
+    )
+    return {"worker_pid": os.getpid(), "was_warm": was_warm}
 
 
 def shipped_model(cluster: Cluster, model_dir: Path | None) -> list:

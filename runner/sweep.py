@@ -416,6 +416,9 @@ def run_variants(
     items = variant_work(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]), variants)
     if not items:
         return
+    dispatch.warm_cpu_nodes(
+        sweep.cluster, [t.variant.precision for t in items if t.variant.device == "cpu"]
+    )
     fp32_reference.hand_out(
         items, sweep.results_dir, sweep.cluster, model_dir, sweep.say, sweep.placement_timeout_s
     )
