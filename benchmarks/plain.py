@@ -49,12 +49,20 @@ def torchao_config(precision: str, device: str, int4_group_size: int):
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(int4_group_size))
 
 
-def load(model_dir: str, precision: str, device: str, int4_group_size: int = 128):
+def load(
+    model_dir: str,
+    precision: str,
+    device: str,
+    int4_group_size: int = 128,
+    model_class=AutoModelForSequenceClassification,
+):
+    """The model in the precision, by the libraries' own calls. model_class: transformers' Auto
+    class to load it with (benchmarks/plain_lm.py loads causal LMs)."""
     if precision.startswith("torchao-"):
         from torchao.quantization import quantize_
 
         dtype = torch.bfloat16 if precision == "torchao-int4-weight" and device == "cuda" else None
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        model = model_class.from_pretrained(model_dir, dtype=torch.float32)
         model = model.to(device).eval()
         if dtype is not None:  # the CUDA int4 kernel takes bf16 weights
             for module in model.modules():
@@ -74,7 +82,7 @@ def load(model_dir: str, precision: str, device: str, int4_group_size: int = 128
                 bnb_4bit_compute_dtype=torch.float32,
             )
         )
-        return AutoModelForSequenceClassification.from_pretrained(
+        return model_class.from_pretrained(
             model_dir, quantization_config=config, device_map={"": device}
         ).eval()
     dtype = {
@@ -83,11 +91,7 @@ def load(model_dir: str, precision: str, device: str, int4_group_size: int = 128
         "bf16": torch.bfloat16,
         "int8-dynamic": torch.float32,
     }
-    model = (
-        AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype[precision])
-        .to(device)
-        .eval()
-    )
+    model = model_class.from_pretrained(model_dir, dtype=dtype[precision]).to(device).eval()
     if precision == "int8-dynamic":
         model = torch.ao.quantization.quantize_dynamic(
             model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True

@@ -3,6 +3,8 @@
     python benchmarks/run.py [--model minilm|bert-base] [--samples 200] [--device cpu|cuda]
         [--rounds 3] [--matches 4] [--min-time 15] [--sweep-passes 2]
         [--precisions fp32,torchao-int8-weight,...] [--compile]
+    python benchmarks/run.py --model smollm2 | --model-dir DIR [--matches 4] [--generations 20]
+        [--prompt-length 16] [--new-tokens 32] [--int4-group-size 64] [--precisions ...]
 
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
@@ -17,6 +19,10 @@
     variants' own work, and against the plain single-process script doing the same work;
 (c) memory: each variant's peak RSS (and on cuda, peak allocated GPU memory) against the model's
 size. Run it on an otherwise idle machine: nothing else may share the cores while it times.
+
+The causal-LM mode (--model smollm2, or --model-dir: a causal LM folder) checks quantbench's time
+to first token and decode tokens/s against a plain `model.generate` loop (benchmarks/plain_lm.py),
+taking turns, at every CPU precision of jobs/demo-lm.yaml: benchmarks/lm_fidelity.py.
 
 --precisions replaces the device's list (the torchao precisions among them); --compile compiles
 every variant on both sides (`evaluation.compile: true`; the plain loop calls torch.compile), so the
@@ -40,8 +46,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: quantbench's own modules
+# Run as a script from anywhere: quantbench's own modules, and not this folder, which Python puts
+# first and whose gguf.py would shadow the gguf library that quantbench reads GGUF files with.
+sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() != HERE)]
 
+from benchmarks import lm_fidelity  # noqa: E402
 from benchmarks.turns import continue_tree, take_turns  # noqa: E402
 from runner import dispatch, measure, models  # noqa: E402
 from runner.plan import plan_job  # noqa: E402
@@ -91,8 +100,9 @@ baseline: {precisions[0]}-{device}{"-compiled" if compiled else ""}
 def main() -> int:
     args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="qb-bench-"))
+    causal_lm = args.model in lm_fidelity.MODELS or args.model_dir is not None
     try:
-        lines = measure_all(args, work)
+        lines = lm_fidelity.measure_all(args, work) if causal_lm else measure_all(args, work)
     except BaseException:
         print(
             f"\nthe benchmark's files (jobs, logs, results, Ray's logs) are kept in {work}",
@@ -103,7 +113,7 @@ def main() -> int:
     # Dated to the minute: a second run on the same day is a new file, not the first one
     # overwritten.
     out = args.out or HERE / "results" / (
-        f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{args.model}-{args.device}-"
+        f"{datetime.now().strftime('%Y-%m-%d-%H%M')}-{lm_fidelity.label(args)}-{args.device}-"
         f"{os.uname().nodename}.md"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,9 +135,34 @@ def add_variant_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_causal_lm_options(parser: argparse.ArgumentParser) -> None:
+    """The causal-LM mode (benchmarks/lm_fidelity.py): --model smollm2, or --model-dir."""
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="a causal LM saved with save_pretrained (its tokenizer beside it): the causal-LM "
+        "mode on it",
+    )
+    parser.add_argument(
+        "--generations",
+        type=int,
+        default=20,
+        help="causal LM: the generations quantbench times in each match (after one warm-up)",
+    )
+    parser.add_argument("--prompt-length", type=int, default=16, help="causal LM: tokens")
+    parser.add_argument("--new-tokens", type=int, default=32, help="causal LM: tokens")
+    parser.add_argument(
+        "--int4-group-size",
+        type=int,
+        default=64,
+        help="causal LM: torchao-int4-weight's group size, on both sides (demo-lm's 64)",
+    )
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="minilm")
+    parser.add_argument("--model", choices=sorted([*MODELS, *lm_fidelity.MODELS]), default="minilm")
+    add_causal_lm_options(parser)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--device", choices=sorted(PRECISIONS), default="cpu")
@@ -166,6 +201,8 @@ def parse_args() -> argparse.Namespace:
         "--keep-results", type=Path, default=None, help="copy the last sweep's result files here"
     )
     args = parser.parse_args()
+    if (args.model in lm_fidelity.MODELS or args.model_dir) and args.device != "cpu":
+        parser.error("the causal-LM mode runs on cpu only")
     if args.device == "cuda" and dispatch.local_gpu_count() == 0:
         parser.error(
             "--device cuda: this machine shows no NVIDIA GPU (none in /proc/driver/nvidia/gpus or "

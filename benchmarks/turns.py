@@ -19,9 +19,12 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
+
+POLL_S = 0.05  # how often a head start asks begin_when
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -68,6 +71,7 @@ def take_turns(
     window_s: float,
     seed: int = 0,
     head_start_s: float = 0.0,
+    begin_when: Callable[[], bool] | None = None,
 ) -> Turns:
     """Runs the two process trees in turns, first's turn first, until first exits; then lets second
     run alone. Whatever happens, nothing is left stopped.
@@ -75,7 +79,10 @@ def take_turns(
     With head_start_s the turns begin that much later. Until then both run at once: they start up,
     and a start-up whose time nobody compares need not be spread over turns. Second is to stop
     itself (SIGSTOP) meanwhile, when it is ready to be timed; when the turns begin it is stopped in
-    any case (if it stops itself later, in a turn of its own, that turn is lost to both)."""
+    any case (if it stops itself later, in a turn of its own, that turn is lost to both).
+
+    With begin_when the head start lasts until it returns True instead (asked every POLL_S): the
+    causal-LM matches begin their turns when quantbench's variant starts generating."""
     rng = random.Random(seed)
     turns = Turns()
 
@@ -88,7 +95,10 @@ def take_turns(
             pass
 
     try:
-        wait_for_first(head_start_s)
+        if begin_when is None:
+            wait_for_first(head_start_s)
+        while begin_when is not None and not begin_when() and first.poll() is None:
+            wait_for_first(POLL_S)
         running, waiting = first, second
         while first.poll() is None:
             stop_tree(waiting.pid)  # before the other goes on: never both at once
