@@ -21,7 +21,7 @@ import torch
 import transformers
 from torch._dynamo.utils import counters
 
-from runner import analysis, evaluate, locks, machine, measure, models, progress
+from runner import analysis, evaluate, folders, locks, machine, measure, models, progress
 from runner.layers import classify_layer
 from runner.precisions import config_for
 from runner.precisions.worker import REFERENCE, quantized_model
@@ -278,6 +278,10 @@ def calibration_record(work, batches: list[dict]) -> dict:
 # torch's recompile limit).
 COMPILE = {"mode": "default", "backend": "inductor", "dynamic": None}
 RECOMPILE_LIMIT_HIT = "Dynamo recompile limit exceeded"  # how dynamo's counters name it
+# Inductor's caches on disk (compiled FX graphs, AOT autograd's, the built C++ kernels) go in one
+# folder per node, shared by every compiled variant there: each variant runs in a process of its
+# own, and without a shared folder on disk each would compile cold.
+INDUCTOR_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
 
 
 class CompileFailed(RuntimeError):
@@ -296,7 +300,16 @@ def compile_counts() -> dict[str, int]:
             n for why, n in unsupported.items() if why.startswith(RECOMPILE_LIMIT_HIT)
         ),
         "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+        "fx_graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
     }
+
+
+def shared_inductor_cache() -> Path:
+    """The node's inductor cache, which this process's compiles read and write: the folder
+    TORCHINDUCTOR_CACHE_DIR names where it is set, else `inductor` in quantbench's cache
+    (QUANTBENCH_CACHE). Inductor reads the variable whenever it opens its cache."""
+    default = folders.cache_root() / "inductor"
+    return Path(os.environ.setdefault(INDUCTOR_CACHE_VARIABLE, str(default))).resolve()
 
 
 @dataclass
@@ -308,6 +321,7 @@ class CompiledModel:
     started: dict[str, int]  # compile_counts() before compiling
     first_pass: dict[str, int]  # what the first pass compiled
     timing_lock_warning: str | None
+    cache_dir: Path  # the node's inductor cache it read and wrote
 
     def counts(self) -> dict[str, int]:
         """compile_counts() since compiling began."""
@@ -324,6 +338,7 @@ def compile_model(work: VariantWork, model, first_batch: dict, memory) -> Compil
     if not work.variant.compiled:
         return None
     torch._dynamo.reset()  # an earlier variant's graphs in this process count towards the limit
+    cache = shared_inductor_cache()
     started = compile_counts()
     sync = machine.synchronizer(work.variant.device)
     holder = f"compiling {work.job} {work.variant.id}"
@@ -341,13 +356,14 @@ def compile_model(work: VariantWork, model, first_batch: dict, memory) -> Compil
             ) from error
         compile_s = time.perf_counter() - clock
     first_pass = {key: n - started[key] for key, n in compile_counts().items()}
-    return CompiledModel(compiled, compile_s, started, first_pass, lock.warning)
+    return CompiledModel(compiled, compile_s, started, first_pass, lock.warning, cache)
 
 
 def compilation_record(compiled: CompiledModel, timings) -> dict:
     """metrics["compilation"]: graphs compiled in the first pass, in warm-up and while the clock
-    ran (0 where warm-up met every shape), graph breaks, recompile-limit hits and inductor cache
-    hits (a hit makes compile_s much shorter), in the whole run."""
+    ran (0 where warm-up met every shape), graph breaks, recompile-limit hits, and the inductor
+    cache's hits and misses (a hit makes compile_s much shorter) in the whole run, with the
+    node's cache folder they were looked up in."""
     total = compiled.counts()
     first = compiled.first_pass["graphs"]
     return {
@@ -357,6 +373,8 @@ def compilation_record(compiled: CompiledModel, timings) -> dict:
         "graph_breaks": total["graph_breaks"],
         "recompile_limit_hits": total["recompile_limit_hits"],
         "fx_graph_cache_hits": total["fx_graph_cache_hits"],
+        "fx_graph_cache_misses": total["fx_graph_cache_misses"],
+        "cache_dir": str(compiled.cache_dir),
     }
 
 

@@ -19,11 +19,12 @@ import pytest
 from conftest import build_tiny_bert, check_refused, rt_job, typed, variant_json, write_job
 from test_worker import make_task
 
+from runner import isolation
 from runner.cli import main
 from runner.job import Variant
 from runner.results import write_result
 from runner.spec import load_job
-from runner.worker import COMPILE
+from runner.worker import COMPILE, shared_inductor_cache
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None,
@@ -39,10 +40,10 @@ needs_compiler = pytest.mark.skipif(
 PROBABILITY_TOLERANCE = 1e-4
 
 
-def compiled_task(model_dir, precision="fp32", compiled=True, **evaluation):
+def compiled_task(model_dir, precision="fp32", compiled=True, job="tiny", **evaluation):
     task = make_task(model_dir, precision, timed_passes=20, **evaluation)
-    task.spec_as_run = {"name": "tiny", "baseline": "fp32-cpu"}
-    return dataclasses.replace(task, variant=Variant(precision, "cpu", compiled))
+    task.spec_as_run = {"name": job, "baseline": "fp32-cpu"}
+    return dataclasses.replace(task, job=job, variant=Variant(precision, "cpu", compiled))
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,42 @@ def test_fixed_shape_latency_compiles_on_the_fixed_batch(varied_model, eager_and
     assert record["graphs_first_pass"] >= 1 and record["graphs_timed"] == 0, record
     eager = eager_and_compiled[False]["predictions"]
     assert result["predictions"]["predicted"] == eager["predicted"]
+
+
+@needs_compiler
+def test_compiled_variants_on_a_node_share_one_inductor_cache(varied_model, tmp_path, monkeypatch):
+    """Each variant runs in a process of its own, as on a node of a sweep: the second compile of
+    the same graphs reads what the first wrote into the node's cache, under quantbench's cache,
+    and is shorter; neither compile counts in latency."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    first, second = (
+        isolation.run_in_fresh_process(variant_json, compiled_task(varied_model, job=job))
+        for job in ("tiny", "tiny-again")
+    )
+    for result in (first, second):
+        assert result["status"] == "ok", (result["error"], result.get("traceback"))
+        latency, compile_s = result["metrics"]["latency_ms"], result["metrics"]["compile_s"]
+        assert latency["max"] / 1000 < compile_s / 10, (latency["max"], compile_s)
+        started = datetime.fromisoformat(result["started_at"])
+        clock = datetime.fromisoformat(latency["clock_started_at"])
+        assert (clock - started).total_seconds() >= compile_s
+    cold, warm = first["metrics"]["compilation"], second["metrics"]["compilation"]
+    shared = tmp_path / "cache" / "inductor"
+    assert cold["cache_dir"] == warm["cache_dir"] == str(shared.resolve())
+    assert (shared / "fxgraph").is_dir()
+    assert cold["fx_graph_cache_hits"] == 0 and cold["fx_graph_cache_misses"] >= 1, cold
+    assert warm["fx_graph_cache_hits"] == cold["fx_graph_cache_misses"], (cold, warm)
+    assert warm["fx_graph_cache_misses"] == 0, warm
+    assert second["metrics"]["compile_s"] < first["metrics"]["compile_s"]
+
+
+def test_a_cache_folder_the_user_names_is_the_one_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert shared_inductor_cache() == tmp_path / "mine"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert shared_inductor_cache() == tmp_path / "cache" / "inductor"
 
 
 @needs_compiler
