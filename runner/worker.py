@@ -411,6 +411,9 @@ def weight_analysis(
         except Exception as error:
             result.analysis = {"error": f"{type(error).__name__}: {error}"}
             return f"weight analysis failed: {type(error).__name__}: {error}"
+        finally:
+            # What it read of FP32 and its logits, handed back before the next phase's peak.
+            machine.release_freed_memory()
     return None
 
 
