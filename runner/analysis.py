@@ -413,44 +413,53 @@ def weight_histograms(reference_weights: Mapping[str, torch.Tensor], bins: int =
     """Histogram of the reference weights pooled by layer type.
 
     Returns {"bins": bins, "by_layer_type": {layer_type: {n_layers, n_weights, min, max, edges
-    (bins + 1 floats spanning that type's [min, max]), counts (bins ints)}}}.
+    (bins + 1 floats spanning that type's [min, max]), counts (bins ints)}}}. Reads the weights
+    twice, one layer at a time (for each type's range, then its counts), never holding all of
+    them: reference_weights may read each from the checkpoint as it is asked for.
     """
     if bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins}")
-    grouped: dict[str, list[torch.Tensor]] = {}
+    ranges: dict[str, dict] = {}
     for name, w in reference_weights.items():
-        grouped.setdefault(classify_layer(name)[0], []).append(w.detach().cpu().reshape(-1))
+        seen = ranges.setdefault(
+            classify_layer(name)[0], {"n_layers": 0, "n_weights": 0, "min": [], "max": []}
+        )
+        seen["n_layers"] += 1
+        seen["n_weights"] += int(w.numel())
+        seen["min"].append(float(w.min()))
+        seen["max"].append(float(w.max()))
+    counts: dict[str, np.ndarray] = {layer_type: np.zeros(bins, np.int64) for layer_type in ranges}
+    for name, w in reference_weights.items():
+        layer_type = classify_layer(name)[0]
+        low, high = min(ranges[layer_type]["min"]), max(ranges[layer_type]["max"])
+        counts[layer_type] += _layer_histogram(w.detach().cpu().reshape(-1), bins, low, high)
     out = {}
     for layer_type in LAYER_TYPES:
-        if layer_type not in grouped:
+        if layer_type not in ranges:
             continue
-        layers = grouped[layer_type]
-        low = min(float(w.min()) for w in layers)
-        high = max(float(w.max()) for w in layers)
-        counts, edges = _pooled_histogram(layers, bins, low, high)
+        seen = ranges[layer_type]
+        low, high = min(seen["min"]), max(seen["max"])
+        edges = np.histogram_bin_edges(np.zeros(0), bins=bins, range=(low, high))
         out[layer_type] = {
-            "n_layers": len(layers),
-            "n_weights": sum(int(w.numel()) for w in layers),
+            "n_layers": seen["n_layers"],
+            "n_weights": seen["n_weights"],
             "min": low,
             "max": high,
             "edges": [float(e) for e in edges],
-            "counts": [int(c) for c in counts],
+            "counts": [int(c) for c in counts[layer_type]],
         }
     return {"bins": int(bins), "by_layer_type": out}
 
 
-def _pooled_histogram(layers: list[torch.Tensor], bins: int, low: float, high: float):
-    """np.histogram of the layers' weights pooled, over [low, high]: each value's bin depends on
-    that range alone, so counting a chunk at a time (in float64) gives the pooled counts without
-    a float64 copy of every layer at once."""
+def _layer_histogram(w: torch.Tensor, bins: int, low: float, high: float) -> np.ndarray:
+    """np.histogram's counts of one layer's weights over [low, high]: each value's bin depends on
+    that range alone, so counting a chunk at a time (in float64) and adding the layers' counts
+    gives the pooled counts without a float64 copy of any whole layer."""
     counts = np.zeros(bins, dtype=np.int64)
-    edges = None
-    for w in layers:
-        for start in range(0, w.numel(), ERROR_CHUNK):
-            chunk = w[start : start + ERROR_CHUNK].to(torch.float64).numpy()
-            part, edges = np.histogram(chunk, bins=bins, range=(low, high))
-            counts += part
-    return counts, edges
+    for start in range(0, w.numel(), ERROR_CHUNK):
+        chunk = w[start : start + ERROR_CHUNK].to(torch.float64).numpy()
+        counts += np.histogram(chunk, bins=bins, range=(low, high))[0]
+    return counts
 
 
 def make_grid(precision, scheme, granularity, codes, group_scales, block_size=None) -> dict:

@@ -21,7 +21,17 @@ import torch
 import transformers
 from torch._dynamo.utils import counters
 
-from runner import analysis, evaluate, folders, locks, machine, measure, models, progress
+from runner import (
+    analysis,
+    evaluate,
+    folders,
+    fp32_layers,
+    locks,
+    machine,
+    measure,
+    models,
+    progress,
+)
 from runner.layers import classify_layer
 from runner.precisions import config_for
 from runner.precisions.worker import REFERENCE, quantized_model
@@ -117,14 +127,25 @@ def _injected_fault(variant_id: str) -> str | None:
 
 
 class Fp32Reference:
-    """The FP32 checkpoint a variant is compared against after its timed passes, loaded at most
-    once: the weight analysis reads it on the CPU, then a causal LM's KL on the variant's device
-    (moved there, not loaded again). Whoever reads it last calls release(), which frees it at
-    once: no later phase holds it."""
+    """The FP32 checkpoint a variant is compared against after its timed passes. The weight
+    analysis reads it a linear layer at a time (`layers`: runner/fp32_layers.py), never as a
+    second whole model; a causal LM's KL without the job's stored reference loads it whole on the
+    variant's device (`model`), at most once. Whoever reads it last calls release(), which frees
+    it at once: no later phase holds it."""
 
     def __init__(self, work: VariantWork):
         self.work = work
         self._model = None
+
+    def layers(self):
+        """(the FP32 model to run, its linear layers' weights by name): read a layer at a time
+        from a safetensors checkpoint; from the whole model where the checkpoint is no such file
+        or names its tensors otherwise."""
+        streamed = fp32_layers.streamed_fp32(model_class(self.work), self.work.model_dir)
+        if streamed is not None:
+            return streamed.model, streamed.weights()
+        reference_model = self.model("cpu")
+        return reference_model, analysis.dequantized_linear_weights(reference_model, REFERENCE)
 
     def model(self, device: str = "cpu"):
         if self._model is None:
@@ -142,24 +163,23 @@ class Fp32Reference:
 
 def analyse_weights(model, work: VariantWork, batches: list[dict], fp32: Fp32Reference) -> dict:
     """Per-layer error of the weights this variant computes with, against the FP32 weights they came
-    from, and of each layer's output given the FP32 layer's input. The FP32 weights are the
-    reference model's own tensors; the variant's are dequantized one layer at a time."""
+    from, and of each layer's output given the FP32 layer's input. The FP32 weights are read a
+    layer at a time (Fp32Reference.layers); the variant's are dequantized one layer at a time."""
 
     started = time.perf_counter()
     precision = work.precision
     config = config_for(precision, work.settings)
     family = work.family.family_worker()  # its layers; the FP32 reference's are plain (REFERENCE)
-    reference_model = fp32.model("cpu")
-    reference = analysis.dequantized_linear_weights(reference_model, REFERENCE)
+    reference_model, reference = fp32.layers()
     rows = analysis.layer_weight_errors_by_layer(reference, model, family)
     outputs = analysis.layer_output_errors(reference_model, model, batches)
     for row in rows:  # a layer the hooks never reached (unused by the forward) has no output
         row.update(outputs.get(row["layer"], {"output_sqnr_db": None, "output_rel_l2": None}))
     grids = {}
-    for name, weight in reference.items():  # one representative layer per type: the first one met
+    for name in reference:  # one representative layer per type: the first one met
         layer_type, _ = classify_layer(name)
         if layer_type not in grids:
-            grids[layer_type] = family.grid(precision, config, weight)
+            grids[layer_type] = family.grid(precision, config, reference[name])
     outcome = {
         "layers": rows,
         "summary": analysis.summarise_layer_errors(rows),
@@ -419,6 +439,9 @@ def weight_analysis(
         except Exception as error:
             result.analysis = {"error": f"{type(error).__name__}: {error}"}
             return f"weight analysis failed: {type(error).__name__}: {error}"
+        finally:
+            # What it read of FP32 and its logits, handed back before the next phase's peak.
+            machine.release_freed_memory()
     return None
 
 
