@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.turns import continue_tree, take_turns
+from benchmarks.turns import check_exits, plain_output, take_turns
 from runner import locks, measure, models
 from runner.plan import plan_job
 from runner.tasks.causal_lm import generation
@@ -204,20 +204,9 @@ def take_match_turns(
         )
         try:
             take_turns(ours, plain, WINDOW_S, seed=number, begin_when=watch.seen)
-        finally:
-            (folder / "quantbench-done").touch()  # the plain loop ends with its generation
-            printed = None
-            while printed is None:
-                try:
-                    printed = plain.communicate(timeout=5)[0]
-                except subprocess.TimeoutExpired:  # it stopped itself: quantbench was done first
-                    continue_tree(plain.pid)
-    for name, process in (("quantbench.log", ours), ("plain.log", plain)):
-        if process.returncode != 0:
-            raise SystemExit(
-                f"{process.args} failed (exit {process.returncode}):\n"
-                + (folder / name).read_text()[-3000:]
-            )
+        finally:  # the plain loop ends with its generation
+            printed = plain_output(plain, folder / "quantbench-done")
+    check_exits(folder, {"quantbench.log": ours, "plain.log": plain})
     return printed
 
 

@@ -51,7 +51,7 @@ REPO = HERE.parent
 sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() != HERE)]
 
 from benchmarks import lm_fidelity  # noqa: E402
-from benchmarks.turns import continue_tree, take_turns  # noqa: E402
+from benchmarks.turns import check_exits, plain_output, take_turns  # noqa: E402
 from runner import dispatch, measure, models  # noqa: E402
 from runner.plan import plan_job  # noqa: E402
 
@@ -482,20 +482,9 @@ def take_match_turns(
         )
         try:
             turns = take_turns(ours, plain, window_s, seed=number, head_start_s=head_start_s)
-        finally:
-            done.touch()  # the plain loop ends with its pass, also when quantbench failed
-            printed = None
-            while printed is None:
-                try:
-                    printed = plain.communicate(timeout=5)[0]
-                except subprocess.TimeoutExpired:  # it stopped itself: quantbench was done first
-                    continue_tree(plain.pid)
-    for name, process in (("quantbench.log", ours), ("plain.log", plain)):
-        if process.returncode != 0:
-            raise SystemExit(
-                f"{process.args} failed (exit {process.returncode}):\n"
-                + (folder / name).read_text()[-3000:]
-            )
+        finally:  # the plain loop ends with its pass, also when quantbench failed
+            printed = plain_output(plain, done)
+    check_exits(folder, {"quantbench.log": ours, "plain.log": plain})
     return turns, printed
 
 

@@ -116,3 +116,25 @@ def take_turns(
         continue_tree(first.pid)
         continue_tree(second.pid)
     return turns
+
+
+def plain_output(plain: subprocess.Popen, done) -> str:
+    """What the plain loop printed, once it has ended: `done` (a path) is touched so that it ends
+    with its pass, and it is continued while it waits stopped (quantbench was done first)."""
+    done.touch()
+    while True:
+        try:
+            return plain.communicate(timeout=5)[0]
+        except subprocess.TimeoutExpired:
+            continue_tree(plain.pid)
+
+
+def check_exits(folder, sides: dict) -> None:
+    """Exits naming the command and the tail of its log where a side failed; sides: log file
+    name -> its process."""
+    for name, process in sides.items():
+        if process.returncode != 0:
+            raise SystemExit(
+                f"{process.args} failed (exit {process.returncode}):\n"
+                + (folder / name).read_text()[-3000:]
+            )
