@@ -129,7 +129,18 @@ def test_fixed_shape_latency_compiles_on_the_fixed_batch(varied_model, eager_and
     assert result["predictions"]["predicted"] == eager["predicted"]
 
 
+@pytest.fixture
+def own_fork_server():
+    """The fork server this test process starts, stopped after the test: a later test counts
+    the processes a run leaves behind (test_faults_cluster.py)."""
+    yield
+    server, isolation._own_server = isolation._own_server, None
+    if server is not None:
+        server.stop()
+
+
 @needs_compiler
+@pytest.mark.usefixtures("own_fork_server")
 def test_compiled_variants_on_a_node_share_one_inductor_cache(varied_model, tmp_path, monkeypatch):
     """Each variant runs in a process of its own, as on a node of a sweep: the second compile of
     the same graphs reads what the first wrote into the node's cache, under quantbench's cache,
