@@ -21,7 +21,7 @@ def table_row(report: str, precision: str) -> dict[str, str]:
 def test_the_causal_lm_mode_reports_ttft_and_decode_ratios(tmp_path, llama):
     out = tmp_path / "report.md"
     command = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--model-dir", str(llama)]
-    command += ["--precisions", "fp32", "--matches", "1", "--generations", "12"]
+    command += ["--precisions", "fp32", "--matches", "1", "--generations", "120"]
     command += ["--int4-group-size", "32", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
