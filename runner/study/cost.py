@@ -18,11 +18,18 @@ import math
 COST_BOUND = 1.5
 
 
-def measurement_s(model: dict, layers: list[str], keep: set[str]) -> float:
-    """One measurement of the model quantized all but keep, as runner/study/steps.py mixed makes
-    it: the base that swaps fewer layers, from the first swapped layer's block on."""
+def swap(layers, keep) -> tuple[str, list[str]]:
+    """(the base model, the layers swapped into it) for the model quantized all but keep: the
+    FP32 model with the quantized layers swapped in, or the fully quantized one with the kept
+    layers swapped back, whichever swaps fewer (runner/study/steps.py mixed)."""
     quantized = [name for name in layers if name not in keep]
-    base, swapped = ("fp32", quantized) if len(quantized) <= len(keep) else ("full", keep)
+    return ("fp32", quantized) if len(quantized) <= len(keep) else ("full", sorted(keep))
+
+
+def measurement_s(model: dict, layers: list[str], keep: set[str]) -> float:
+    """One measurement of the model quantized all but keep: the base swap chooses, from the first
+    swapped layer's block on."""
+    base, swapped = swap(layers, keep)
     blocks = model["blocks"]
     start = min((model["starts"].get(name, 0) for name in swapped), default=0)
     share = (blocks - start) / blocks if blocks else 1.0

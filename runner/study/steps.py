@@ -28,7 +28,7 @@ import transformers
 from runner import analysis, evaluate, machine, measure, models, progress
 from runner.precisions import config_for
 from runner.precisions.worker import REFERENCE, linear_names, quantized_model
-from runner.study import ranking, replay
+from runner.study import cost, ranking, replay
 from runner.work import StudyWork
 
 
@@ -143,11 +143,8 @@ def mixed(loaded: Loaded, keep: frozenset[str]):
     """The model quantized all but keep, for one pass: the FP32 model with the quantized layers
     swapped in, or the fully quantized one with the kept layers swapped back, whichever swaps
     fewer; the blocks before the first swapped layer replayed. Put back on leaving."""
-    quantized_layers = [name for name in loaded.layers if name not in keep]
-    if len(quantized_layers) <= len(keep):
-        base, donor, swapped, which = loaded.fp32, loaded.full, quantized_layers, "fp32"
-    else:
-        base, donor, swapped, which = loaded.full, loaded.fp32, sorted(keep), "full"
+    which, swapped = cost.swap(loaded.layers, keep)
+    base, donor = (loaded.fp32, loaded.full) if which == "fp32" else (loaded.full, loaded.fp32)
     with replay.swapped_and_replayed(base, donor, swapped, loaded.recordings[which]) as model:
         yield model
 
