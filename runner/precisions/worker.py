@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers.modeling_utils
 from transformers.pytorch_utils import Conv1D
 
+from runner import machine
 from runner.precisions import Precision
 
 # --------------------------------------------------------------------------------------------------
@@ -26,10 +28,31 @@ from runner.precisions import Precision
 # --------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def files_read_not_mapped() -> Iterator[None]:
+    """from_pretrained reads safetensors files with pread instead of mapping them (safetensors'
+    other backend; transformers itself uses it on Windows and MPS). A mapped file's pages stay
+    resident, and count in the process's RSS, for as long as any tensor views the file: an
+    embedding kept in FP32 kept all of it, so a quantized variant held its FP32 checkpoint too
+    (SmolLM2: 513 MiB). Read, each tensor has memory of its own, freed when it is."""
+    original = transformers.modeling_utils.safe_open
+
+    def read_with_pread(*args, **kwargs):
+        kwargs["backend"] = "pread"
+        return original(*args, **kwargs)
+
+    transformers.modeling_utils.safe_open = read_with_pread
+    try:
+        yield
+    finally:
+        transformers.modeling_utils.safe_open = original
+
+
 def load_as(dtype_name: str, model_class, model_dir, device):
     """The checkpoint loaded straight into dtype_name (a cast variant never holds an FP32 copy it
     drops), on the device, in eval mode; and what to record of it."""
-    model = model_class.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
+    with files_read_not_mapped():
+        model = model_class.from_pretrained(model_dir, dtype=getattr(torch, dtype_name))
     return model.to(device).eval(), {"dtype": dtype_name}
 
 
@@ -68,6 +91,9 @@ class FamilyWorker:
     # True where loading already quantizes (bitsandbytes through transformers, the casts' dtype):
     # a study then loads again for each measurement instead of quantizing a copy of its FP32 model.
     quantizes_while_loading = False
+    # True where quantize converts each linear layer on its own (no layer's result depends on
+    # another's): quantized_model then converts the layers a few at a time.
+    quantizes_layers_alone = False
 
     def load(
         self, precision: Precision, config, model_class, model_dir, device, keep=frozenset()
@@ -222,9 +248,48 @@ def quantized_model(
             calibrate_s = time.perf_counter() - started
     with phase("quantize"):
         started = time.perf_counter()
-        model, quantized = family.quantize(model, precision, config, keep, observed)
+        if family.quantizes_layers_alone:
+            model, quantized = quantize_in_parts(model, precision, config, family, keep)
+        else:
+            model, quantized = family.quantize(model, precision, config, keep, observed)
         quantize_s = time.perf_counter() - started
     recorded.update(quantized)
     if keep:
         recorded["kept_in_fp32"] = sorted(keep)
     return Quantized(model, recorded, load_s, quantize_s, calibrate_s)
+
+
+# Each part's FP32 weights are freed before the next part is converted.
+PART_BYTES = 64 * 2**20
+
+
+def quantize_in_parts(model, precision: Precision, config, family: FamilyWorker, keep):
+    """family.quantize over the linear layers not kept, a part of about PART_BYTES of weights at
+    a time, each part's freed FP32 weights and the library's temporaries handed back before the
+    next: the quantize phase's peak is the loaded model and one part, where converting all at once
+    held a second model's worth (torch.ao's replaced layers wait in reference cycles for the
+    garbage collector; torchao's temporaries fragment the heap). The layers convert alone, so the
+    result is the same."""
+    names = [n for n in linear_names(model) if n not in keep]
+    if not names:
+        return family.quantize(model, precision, config, keep)
+    for part in _parts(model, names):
+        others = frozenset(keep) | (frozenset(names) - frozenset(part))
+        model, recorded = family.quantize(model, precision, config, others)
+        machine.release_freed_memory()
+    return model, recorded
+
+
+def _parts(model, names: list[str]) -> list[list[str]]:
+    """names in order, cut into runs of about PART_BYTES of weights (at least one layer each)."""
+    modules = dict(model.named_modules())
+    parts: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        weight = modules[name].weight
+        if parts[-1] and size + weight.nbytes > PART_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(name)
+        size += weight.nbytes
+    return [part for part in parts if part]

@@ -23,7 +23,12 @@ from runner.precisions.bitsandbytes import (
     FourBit,
     Int8,
 )
-from runner.precisions.worker import FamilyWorker, as_cpu_float, check_keep
+from runner.precisions.worker import (
+    FamilyWorker,
+    as_cpu_float,
+    check_keep,
+    files_read_not_mapped,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Loading
@@ -216,9 +221,10 @@ class BitsAndBytesWorker(FamilyWorker):
     def load(self, precision: Precision, config, model_class, model_dir, device, keep=frozenset()):
         skip = _skip_modules(model_class, model_dir, keep)
         quantization_config, recorded = BNB_CONFIGS[type(config)](config, skip)
-        model = model_class.from_pretrained(
-            model_dir, quantization_config=quantization_config, device_map={"": device}
-        ).eval()
+        with files_read_not_mapped():
+            model = model_class.from_pretrained(
+                model_dir, quantization_config=quantization_config, device_map={"": device}
+            ).eval()
         check_keep(model, keep, precision.name)
         if device == "cpu":
             _keep_unpackable_layers_unpacked(model)

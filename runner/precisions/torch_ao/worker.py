@@ -13,6 +13,8 @@ from runner.precisions.worker import FamilyWorker, as_cpu_float
 
 
 class TorchAoWorker(FamilyWorker):
+    quantizes_layers_alone = True  # each nn.Linear is converted on its own
+
     def quantize(
         self, model, precision: Precision, config: Int8Dynamic, keep=frozenset(), calibration=None
     ):

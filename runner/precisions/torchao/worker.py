@@ -190,6 +190,8 @@ GRIDS = {
 
 
 class TorchaoWorker(FamilyWorker):
+    quantizes_layers_alone = True  # each nn.Linear is converted on its own
+
     def load(self, precision: Precision, config, model_class, model_dir, device, keep=frozenset()):
         if isinstance(config, Float8Dynamic):
             check_float8_gpu(device)
