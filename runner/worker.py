@@ -137,11 +137,11 @@ class Fp32Reference:
         self.work = work
         self._model = None
 
-    def layers(self):
+    def layers(self, variant=None):
         """(the FP32 model to run, its linear layers' weights by name): read a layer at a time
         from a safetensors checkpoint; from the whole model where the checkpoint is no such file
         or names its tensors otherwise."""
-        streamed = fp32_layers.streamed_fp32(model_class(self.work), self.work.model_dir)
+        streamed = fp32_layers.streamed_fp32(model_class(self.work), self.work.model_dir, variant)
         if streamed is not None:
             return streamed.model, streamed.weights()
         reference_model = self.model("cpu")
@@ -170,7 +170,7 @@ def analyse_weights(model, work: VariantWork, batches: list[dict], fp32: Fp32Ref
     precision = work.precision
     config = config_for(precision, work.settings)
     family = work.family.family_worker()  # its layers; the FP32 reference's are plain (REFERENCE)
-    reference_model, reference = fp32.layers()
+    reference_model, reference = fp32.layers(model)
     rows = analysis.layer_weight_errors_by_layer(reference, model, family)
     outputs = analysis.layer_output_errors(reference_model, model, batches)
     for row in rows:  # a layer the hooks never reached (unused by the forward) has no output

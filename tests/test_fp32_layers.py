@@ -82,3 +82,23 @@ def test_a_variants_analysis_loads_no_whole_fp32_model_and_reports_the_same(
         del outcome["analysis"]["analysis_s"]
     assert streamed["analysis"] == whole["analysis"]
     assert streamed["metrics"]["kl_vs_fp32"] == whole["metrics"]["kl_vs_fp32"]
+
+
+def test_the_fp32_model_shares_the_tensors_a_variant_holds_unchanged(tmp_path):
+    folder = build_tied_llama(tmp_path)
+    variant, _ = load(folder)
+    variant = torch.ao.quantization.quantize_dynamic(variant, {torch.nn.Linear}, torch.qint8)
+    with torch.no_grad():
+        variant.model.norm.weight.mul_(2)  # as SmoothQuant folds its scales into a norm
+    streamed = fp32_layers.streamed_fp32(AutoModelForCausalLM, folder, variant)
+    whole, _ = load(folder)
+    # The embedding no precision here quantizes: one tensor, also the FP32 output layer's weight.
+    embedding = streamed.model.get_input_embeddings().weight
+    assert embedding.data_ptr() == variant.get_input_embeddings().weight.data_ptr()
+    assert streamed.model.lm_head.weight is embedding
+    # The changed norm is read from the checkpoint: FP32's own values.
+    assert streamed.model.model.norm.weight.data_ptr() != variant.model.norm.weight.data_ptr()
+    assert torch.equal(streamed.model.model.norm.weight, whole.model.norm.weight)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.inference_mode():
+        assert torch.equal(streamed.model(input_ids=ids).logits, whole(input_ids=ids).logits)
