@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from runner import machine
 from runner.layers import LAYER_TYPES, classify_layer
 from runner.precisions import PRECISIONS, config_for, default_settings, worker_of
 from runner.precisions.worker import REFERENCE, FamilyWorker
@@ -123,6 +124,7 @@ def layer_weight_errors_by_layer(
         if name in reference_weights:
             rows[name] = layer_weight_errors({name: reference_weights[name]}, {name: weight})[0]
         del weight  # before the next layer is dequantized
+        machine.trim_heap()
     _check_same_layers(reference_weights, seen)
     return [rows[name] for name in reference_weights]
 
@@ -244,21 +246,31 @@ def _compare_output(
     device, dtype = _input_device_and_dtype(variant_layer, model_device)
 
     def hook(module, args, output):
-        x = args[0].detach()
-        y_q = variant_layer(x.to(device=device, dtype=dtype)).detach()
-        # forward(), not the module: calling it would run this hook again.
-        y_r = module.forward(_int8_per_tensor(x)).detach()
+        machine.trim_heap()  # the layers before: their outputs' and sums' temporaries
+        x, y = args[0].detach(), output.detach()
         total = sums.setdefault(name, [0.0, 0.0, 0.0])
-        for y, q, r in _float64_rows(output.detach(), y_q, y_r):
-            err, rounded = y - q, y - r
-            total[0] += float((y * y).sum())
-            total[1] += float((err * err).sum())
-            total[2] += float((rounded * rounded).sum())
+        # One compared output at a time beside FP32's: at an output layer each is [tokens,
+        # vocabulary].
+        y_q = variant_layer(x.to(device=device, dtype=dtype)).detach()
+        _add_energies(total, y, y_q, noise_at=1, signal=True)
+        del y_q
+        # forward(), not the module: calling it would run this hook again.
+        _add_energies(total, y, module.forward(_int8_per_tensor(x)).detach(), noise_at=2)
         columns = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).to(device="cpu", dtype=torch.float64)
         seen = column_max.get(name)
         column_max[name] = columns if seen is None else torch.maximum(seen, columns)
 
     return hook
+
+
+def _add_energies(total: list[float], y, other, noise_at: int, signal: bool = False) -> None:
+    """Adds sum((y - other)^2) to total[noise_at], and sum(y^2) to total[0] where signal, a
+    float64 chunk at a time, in the chunks' order."""
+    for y_part, other_part in _float64_rows(y, other):
+        err = y_part - other_part
+        if signal:
+            total[0] += float((y_part * y_part).sum())
+        total[noise_at] += float((err * err).sum())
 
 
 # Output values a hook sums over at a time, in float64 (8 MiB each): an output layer's output on

@@ -8,6 +8,7 @@ handing back what each part freed. Neither may change a single weight or output.
 
 from __future__ import annotations
 
+import gc
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,12 @@ from runner.precisions import worker as family_protocol
 from runner.precisions.worker import quantized_model
 
 SETTINGS = precisions.default_settings(torchao_int4_group_size=32)
-LAYERS_ALONE = ["int8-dynamic", "torchao-int8-dynamic", "torchao-int8-weight", "torchao-int4-weight"]
+LAYERS_ALONE = [
+    "int8-dynamic",
+    "torchao-int8-dynamic",
+    "torchao-int8-weight",
+    "torchao-int4-weight",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def _quantized(precision: str, folder: Path, keep=frozenset()):
 
 
 def _quantized_at_once(precision: str, folder: Path, keep=frozenset()):
-    """The family's quantize over the whole loaded model, in one call: what quantbench did before."""
+    """The family's quantize over the whole loaded model in one call, as quantbench did before."""
     spec = precisions.PRECISIONS[precision]
     config = precisions.config_for(spec, SETTINGS)
     family = precisions.worker_of(spec)
@@ -86,6 +92,7 @@ def test_parts_cut_the_layers_in_order_by_their_weights_bytes(tied_llama, monkey
 
 
 def _mapped_files() -> str:
+    gc.collect()  # earlier tests' models, mapped as from_pretrained maps by default
     return Path("/proc/self/maps").read_text()
 
 
