@@ -13,8 +13,9 @@ its threads lost the CPU while timed (involuntary context switches a second), th
 work, on cuda the peak allocated GPU memory, and with --every-pass each pass's latency and when it
 ended (Unix time). With --stop-when-ready it stops itself (SIGSTOP) before the first precision's
 clock starts: the benchmark continues it for its turns. With --compile each model is passed through
-torch.compile (default mode) after quantizing; the warm-up compiles it, untimed. The torchao
-precisions are torchao's configs applied with quantize_, written here from torchao's documentation.
+torch.compile (default mode) after quantizing, the sequence length marked dynamic; the warm-up
+compiles it, untimed. The torchao precisions are torchao's configs applied with quantize_, written
+here from torchao's documentation.
 """
 
 import argparse
@@ -153,6 +154,10 @@ def time_precision(args: argparse.Namespace, precision: str, inputs: list, sync)
     model = load(args.model_dir, precision, device, args.int4_group_size)
     if args.compile:
         model = torch.compile(model)
+        if len({batch["input_ids"].shape[1] for batch in inputs}) > 1:
+            # one compile for every length, as quantbench's compiled variants do
+            for tensor in inputs[0].values():
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
     latencies, ended = [], []
     with torch.inference_mode():
         for i in range(args.warmup):

@@ -121,13 +121,17 @@ QUIET = dict(logging_level=logging.WARNING, log_to_driver=False, configure_loggi
 
 
 def connect(
-    address: str | None = None, temp_dir: str | None = None, cpu_precisions: list[str] | None = None
+    address: str | None = None,
+    temp_dir: str | None = None,
+    cpu_precisions: list[str] | None = None,
+    compiled: bool = False,
 ) -> Cluster:
     """Join the cluster at address (else RAY_ADDRESS), or start an embedded one on this machine.
 
     cpu_precisions: where CPU work will run on an embedded cluster, its fork server is started first
     and imports torch and transformers (and these precisions' libraries) while Ray starts: on 2
-    cores Ray's start leaves about one core idle for 4-5 s.
+    cores Ray's start leaves about one core idle for 4-5 s. compiled: some CPU variant is compiled
+    (the server imports inductor too).
     """
     given_by = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
@@ -140,7 +144,7 @@ def connect(
         warnings = join(address, given_by)
         _head_address = address if _tcp_target(address) and "://" not in address else None
     else:
-        start_embedded(temp_dir, cpu_precisions)
+        start_embedded(temp_dir, cpu_precisions, compiled)
         warnings = []
         _head_address = _embedded_head.address
     return Cluster(
@@ -236,13 +240,15 @@ def join(address: str, given_by: str) -> list[str]:
     return [unauthenticated_warning(address)]
 
 
-def start_embedded(temp_dir: str | None, cpu_precisions: list[str] | None) -> None:
+def start_embedded(
+    temp_dir: str | None, cpu_precisions: list[str] | None, compiled: bool = False
+) -> None:
     """The embedded head (and first, where CPU work will run, its fork server), joined."""
     global _embedded_head, _fork_server
     gpus = local_gpu_count()  # it may run nvidia-smi: once
     if cpu_precisions is not None:
         _fork_server = isolation.start_server(
-            server_preload(fork_server_imports(cpu_precisions), gpus > 0)
+            server_preload(fork_server_imports(cpu_precisions, compiled), gpus > 0)
         )
         os.environ[isolation.ADDRESS_VARIABLE] = _fork_server.describe()  # Ray's processes inherit
     try:
@@ -253,10 +259,11 @@ def start_embedded(temp_dir: str | None, cpu_precisions: list[str] | None) -> No
         raise
 
 
-def fork_server_imports(cpu_precisions: list[str]) -> list[str]:
+def fork_server_imports(cpu_precisions: list[str], compiled: bool = False) -> list[str]:
     """What these CPU precisions' families import beyond the fork server's own preload: their
-    libraries and their workers (Family.preload)."""
-    return sorted({module for p in cpu_precisions for module in family_of(p).preload})
+    libraries and their workers (Family.preload), and inductor where a CPU variant is compiled."""
+    modules = {module for p in cpu_precisions for module in family_of(p).preload}
+    return sorted(modules) + (isolation.COMPILE_PRELOAD if compiled else [])
 
 
 def server_preload(also_import: list[str], node_has_gpu: bool) -> list[str]:

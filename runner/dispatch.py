@@ -120,7 +120,7 @@ def _submit_one(work: Work, archive: list, also_import: list[str]):
     return remote.remote(work, archive, also_import)
 
 
-def warm_cpu_nodes(cluster: Cluster, precisions: list[str]) -> list:
+def warm_cpu_nodes(cluster: Cluster, precisions: list[str], compiled: bool = False) -> list:
     """On a joined cluster, every CPU worker node starts its fork server now, importing what these
     CPU precisions need, rather than at its first piece of work; the warm-ups' refs.
 
@@ -132,7 +132,7 @@ def warm_cpu_nodes(cluster: Cluster, precisions: list[str]) -> list:
     idle worker with a warm server, which the node's next call reuses."""
     if cluster.embedded or not precisions:
         return []
-    also_import = fork_server_imports(precisions)
+    also_import = fork_server_imports(precisions, compiled)
     return [
         _warm_up.options(
             **ray_options("cpu"),
@@ -226,8 +226,9 @@ def _submit(
     """Hand every task to Ray; {its ref: task}. Without a wait for nodes, a task no node can run
     ends `skipped` at once."""
     archive = shipped_model(cluster, model_dir)
+    cpu_items = [t for t in items if t.variant.device == "cpu"]
     also_import = fork_server_imports(
-        [t.variant.precision for t in items if t.variant.device == "cpu"]
+        [t.variant.precision for t in cpu_items], any(t.variant.compiled for t in cpu_items)
     )
     pending = {}
     nodes = alive_nodes()

@@ -339,8 +339,12 @@ def start_cluster(
     cpu_work = cpu_precisions or any(
         plan.train_examples is not None and sweep.to_run[plan.spec.name] for plan in sweep.plans
     )
+    compiled = any(v.compiled for vs in sweep.to_run.values() for v in vs if v.device == "cpu")
     sweep.cluster = ray_cluster.connect(
-        address, temp_dir=ray_temp_dir, cpu_precisions=cpu_precisions if cpu_work else None
+        address,
+        temp_dir=ray_temp_dir,
+        cpu_precisions=cpu_precisions if cpu_work else None,
+        compiled=compiled,
     )
     interrupt.install()  # ray.init replaced the SIGTERM handler
     report.cluster_start_s = time.perf_counter() - started
@@ -416,8 +420,11 @@ def run_variants(
     items = variant_work(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]), variants)
     if not items:
         return
+    cpu_items = [t for t in items if t.variant.device == "cpu"]
     dispatch.warm_cpu_nodes(
-        sweep.cluster, [t.variant.precision for t in items if t.variant.device == "cpu"]
+        sweep.cluster,
+        [t.variant.precision for t in cpu_items],
+        any(t.variant.compiled for t in cpu_items),
     )
     fp32_reference.hand_out(
         items, sweep.results_dir, sweep.cluster, model_dir, sweep.say, sweep.placement_timeout_s

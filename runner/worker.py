@@ -204,7 +204,7 @@ def _run(work: VariantWork, result: Result, torch) -> None:
     size_mib = machine.model_size_mib(loaded.model)
     untied = machine.untied_output(loaded.model)  # None: no tie, or the tie holds
     batches, order, fixed = kind.batches(work)
-    compiled = compile_model(work, loaded.model, batches[0] if fixed is None else fixed, memory)
+    compiled = compile_model(work, loaded.model, batches, fixed, memory)
     with memory.phase("evaluate"):
         outputs, timings = evaluate.run_passes(
             compiled.model if compiled else loaded.model,
@@ -292,10 +292,10 @@ def calibration_record(work, batches: list[dict]) -> dict:
     return {**work.calibration.record, "rows": len(batches), "tokens": tokens}
 
 
-# How a compiled variant runs torch.compile. dynamic None is torch's own default: the first shape
-# compiles static and the first new shape recompiles with dynamic sizes, so a sample's many
-# sequence lengths cost warm-up a recompile or two, not one each (dynamic False: one each, up to
-# torch's recompile limit).
+# How a compiled variant runs torch.compile. dynamic None is torch's own default: a shape compiles
+# static unless marked dynamic, and the first new shape recompiles with dynamic sizes (dynamic
+# False: one compile per shape, up to torch's recompile limit). A sample of many sequence lengths
+# has its length marked dynamic on the first batch (mark_length_dynamic), so it compiles once.
 COMPILE = {"mode": "default", "backend": "inductor", "dynamic": None}
 RECOMPILE_LIMIT_HIT = "Dynamo recompile limit exceeded"  # how dynamo's counters name it
 # Inductor's caches on disk (compiled FX graphs, AOT autograd's, the built C++ kernels) go in one
@@ -332,6 +332,32 @@ def shared_inductor_cache() -> Path:
     return Path(os.environ.setdefault(INDUCTOR_CACHE_VARIABLE, str(default))).resolve()
 
 
+class ToyModel(torch.nn.Module):
+    """What warm_up_compiler compiles: the kinds of step a transformer's layer takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        return torch.softmax(self.norm(torch.nn.functional.gelu(self.linear(x))), dim=-1)
+
+
+def warm_up_compiler() -> None:
+    """Run by the fork server of a job with compiled CPU variants, before it forks any: a toy
+    model compiled once, with the sequence length dynamic, so that every forked variant finds
+    what a process's first compile sets up done (isolation.COMPILE_PRELOAD). One compile thread:
+    a pool of compile workers would not survive a fork. It counts in no variant's compile_s."""
+    from torch._inductor import config as inductor_config  # here: an eager job never imports it
+
+    shared_inductor_cache()
+    toy_input = torch.randn(1, 5, 8)
+    torch._dynamo.maybe_mark_dynamic(toy_input, 1)
+    with inductor_config.patch(compile_threads=1), torch.inference_mode():
+        torch.compile(ToyModel(), **COMPILE)(toy_input)
+    torch._dynamo.reset()
+
+
 @dataclass
 class CompiledModel:
     """What torch.compile gave, and what compiling it on the first batch took."""
@@ -342,6 +368,7 @@ class CompiledModel:
     first_pass: dict[str, int]  # what the first pass compiled
     timing_lock_warning: str | None
     cache_dir: Path  # the node's inductor cache it read and wrote
+    dynamic_length: bool  # compiled for any sequence length from the first pass
 
     def counts(self) -> dict[str, int]:
         """compile_counts() since compiling began."""
@@ -351,14 +378,18 @@ class CompiledModel:
         return self.counts()["graphs"]
 
 
-def compile_model(work: VariantWork, model, first_batch: dict, memory) -> CompiledModel | None:
-    """torch.compile(model) and the first forward pass, which compiles it, timed as compile_s. It
-    holds the machine's timing lock: compiling takes every core, and no other run's clock may run
-    beside it. None for an eager variant."""
+def compile_model(
+    work: VariantWork, model, batches: list[dict], fixed: dict | None, memory
+) -> CompiledModel | None:
+    """torch.compile(model) and the first forward pass (on the fixed batch in latency_mode fixed),
+    which compiles it, timed as compile_s. It holds the machine's timing lock: compiling takes
+    every core, and no other run's clock may run beside it. None for an eager variant."""
     if not work.variant.compiled:
         return None
     torch._dynamo.reset()  # an earlier variant's graphs in this process count towards the limit
     cache = shared_inductor_cache()
+    first_batch = batches[0] if fixed is None else fixed
+    dynamic_length = mark_length_dynamic(first_batch, batches + ([fixed] if fixed else []))
     started = compile_counts()
     sync = machine.synchronizer(work.variant.device)
     holder = f"compiling {work.job} {work.variant.id}"
@@ -376,7 +407,23 @@ def compile_model(work: VariantWork, model, first_batch: dict, memory) -> Compil
             ) from error
         compile_s = time.perf_counter() - clock
     first_pass = {key: n - started[key] for key, n in compile_counts().items()}
-    return CompiledModel(compiled, compile_s, started, first_pass, lock.warning, cache)
+    return CompiledModel(
+        compiled, compile_s, started, first_pass, lock.warning, cache, dynamic_length
+    )
+
+
+def mark_length_dynamic(first_batch: dict, batches: list[dict]) -> bool:
+    """Marks the first batch's sequence dimension (dim 1 of its tensors) dynamic when the batches'
+    lengths differ; whether it did. Left to torch, the first pass compiles its length static and
+    warm-up's second length compiles the whole model again, dynamic: two full compiles in every
+    variant's process. Marked, the first pass compiles once for every length, and every timed pass
+    runs that one graph. maybe_mark_dynamic: a model that needs a fixed length stays static."""
+    if len({batch["input_ids"].shape[-1] for batch in batches}) < 2:
+        return False  # one length: its static graph is the one to time
+    for value in first_batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(value, 1)
+    return True
 
 
 def compilation_record(compiled: CompiledModel, timings) -> dict:
@@ -395,6 +442,7 @@ def compilation_record(compiled: CompiledModel, timings) -> dict:
         "fx_graph_cache_hits": total["fx_graph_cache_hits"],
         "fx_graph_cache_misses": total["fx_graph_cache_misses"],
         "cache_dir": str(compiled.cache_dir),
+        "dynamic_length": compiled.dynamic_length,
     }
 
 
