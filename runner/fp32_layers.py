@@ -42,9 +42,9 @@ def tensor_files(model_dir) -> dict[str, Path] | None:
 
 
 def read_tensor(files: dict[str, Path], name: str) -> torch.Tensor:
-    """One tensor in FP32, read alone: the file is mapped only while it is read, so none of its
-    other tensors' pages stay in the process."""
-    with safe_open(files[name], framework="pt") as opened:
+    """One tensor in FP32, read alone with pread into memory of its own: a mapped file's pages
+    would stay resident while it is open, and none of the file's other tensors are read."""
+    with safe_open(files[name], framework="pt", backend="pread") as opened:
         tensor = opened.get_tensor(name)
     return tensor.to(torch.float32) if tensor.is_floating_point() else tensor
 
@@ -150,20 +150,20 @@ COMPARED_BYTES = 32 * 2**20
 
 def held_unchanged(files: dict[str, Path], name: str, held: torch.Tensor | None) -> bool:
     """Whether held (the variant's tensor of that name) is a plain FP32 CPU tensor equal, value for
-    value, to the checkpoint's: compared a slice of rows at a time, so the stored tensor is never
-    read whole beside it."""
+    value, to the checkpoint's: compared a slice of rows at a time, read with pread, so the stored
+    tensor is never whole beside it (a mapped file keeps every page it read resident)."""
     if held is None or held.dtype != torch.float32 or held.device.type != "cpu" or held.dim() == 0:
         return False
     if type(held) not in (torch.Tensor, torch.nn.Parameter):
         return False  # a tensor subclass: a quantized weight, whatever its dtype says
-    with safe_open(files[name], framework="pt") as opened:
+    with safe_open(files[name], framework="pt", backend="pread") as opened:
         stored = opened.get_slice(name)
         if list(stored.get_shape()) != list(held.shape):
             return False
         rows = max(1, COMPARED_BYTES // max(1, held[0].numel() * 4))
         for start in range(0, held.shape[0], rows):
-            part = stored[start : start + rows].to(torch.float32)
-            if not torch.equal(part, held[start : start + rows]):
+            end = min(start + rows, held.shape[0])  # pread's slices stop at the last row
+            if not torch.equal(stored[start:end].to(torch.float32), held[start:end]):
                 return False
     return True
 

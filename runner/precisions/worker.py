@@ -35,7 +35,10 @@ def files_read_not_mapped() -> Iterator[None]:
     resident, and count in the process's RSS, for as long as any tensor views the file: an
     embedding kept in FP32 kept all of it, so a quantized variant held its FP32 checkpoint too
     (SmolLM2: 513 MiB). Read, each tensor has memory of its own, freed when it is."""
-    original = transformers.modeling_utils.safe_open
+    original = getattr(transformers.modeling_utils, "safe_open", None)
+    if original is None:  # a transformers that reads otherwise: its own way, mapped or not
+        yield
+        return
 
     def read_with_pread(*args, **kwargs):
         kwargs["backend"] = "pread"
