@@ -120,6 +120,13 @@ def _submit_one(work: Work, archive: list, also_import: list[str]):
     return remote.remote(work, archive, also_import)
 
 
+def cpu_needs(items: list[VariantWork]) -> tuple[list[str], bool]:
+    """What the CPU variants among items ask of a node's fork server: their precisions, and
+    whether any is compiled (fork_server_imports' arguments)."""
+    cpu_items = [t for t in items if t.variant.device == "cpu"]
+    return [t.variant.precision for t in cpu_items], any(t.variant.compiled for t in cpu_items)
+
+
 def warm_cpu_nodes(cluster: Cluster, precisions: list[str], compiled: bool = False) -> list:
     """On a joined cluster, every CPU worker node starts its fork server now, importing what these
     CPU precisions need, rather than at its first piece of work; the warm-ups' refs.
@@ -226,10 +233,7 @@ def _submit(
     """Hand every task to Ray; {its ref: task}. Without a wait for nodes, a task no node can run
     ends `skipped` at once."""
     archive = shipped_model(cluster, model_dir)
-    cpu_items = [t for t in items if t.variant.device == "cpu"]
-    also_import = fork_server_imports(
-        [t.variant.precision for t in cpu_items], any(t.variant.compiled for t in cpu_items)
-    )
+    also_import = fork_server_imports(*cpu_needs(items))
     pending = {}
     nodes = alive_nodes()
     for work in items:

@@ -420,12 +420,7 @@ def run_variants(
     items = variant_work(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]), variants)
     if not items:
         return
-    cpu_items = [t for t in items if t.variant.device == "cpu"]
-    dispatch.warm_cpu_nodes(
-        sweep.cluster,
-        [t.variant.precision for t in cpu_items],
-        any(t.variant.compiled for t in cpu_items),
-    )
+    dispatch.warm_cpu_nodes(sweep.cluster, *dispatch.cpu_needs(items))
     fp32_reference.hand_out(
         items, sweep.results_dir, sweep.cluster, model_dir, sweep.say, sweep.placement_timeout_s
     )
