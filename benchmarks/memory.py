@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from runner.precisions import PRECISIONS as PRECISION_DECLARATIONS
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"smollm2": "jobs/demo-lm.yaml", "gemma": "jobs/gemma3-270m.yaml"}
 PRECISIONS = [
@@ -32,7 +34,6 @@ PRECISIONS = [
     "torchao-int8-weight", "torchao-int4-weight", "int8-static", "smoothquant-int8", "awq-int4",
     "gptq-int4",
 ]  # fmt: skip
-CALIBRATED = {"int8-static", "smoothquant-int8", "awq-int4", "gptq-int4"}
 PHASES = ["load", "calibrate", "quantize", "evaluate", "analysis", "kl", "kv_cache"]
 
 
@@ -47,7 +48,7 @@ def memory_job(model: str, precisions: list[str]) -> dict:
     job["generation"] |= {"warmup_runs": 1, "timed_runs": 1}
     job.pop("benchmarks", None)
     job["evaluation"] |= {"warmup_passes": 1, "timed_passes": 1}
-    if set(precisions) & CALIBRATED:
+    if any(PRECISION_DECLARATIONS[p].calibrated for p in precisions):
         job["calibration"] = {"samples": 16, "seed": 0}
     job["variants"] = [f"{p}-cpu" for p in precisions]
     return job
