@@ -3,6 +3,8 @@ issue 35: peak RSS <= 1.5 x the FP32 model's size + 400 MiB, for the whole proce
 
     python benchmarks/memory.py [--model smollm2|gemma] [--precisions P ...] [--machine NAME]
 
+--precisions picks the precisions to run; FP32 always runs too, since its size sets the bound.
+
 Runs a one-batch job of the model (jobs/demo-lm.yaml's SmolLM2-135M or jobs/gemma3-270m.yaml's
 Gemma-3-270M, both from their GGUF packages) with every CPU precision, the calibrated ones too:
 8 sentences, one batch, KL top-32 from the job's stored FP32 reference, the weight analysis,
@@ -50,7 +52,8 @@ def memory_job(model: str, precisions: list[str]) -> dict:
     job["evaluation"] |= {"warmup_passes": 1, "timed_passes": 1}
     if any(PRECISION_DECLARATIONS[p].calibrated for p in precisions):
         job["calibration"] = {"samples": 16, "seed": 0}
-    job["variants"] = [f"{p}-cpu" for p in precisions]
+    # FP32 always runs: the baseline, and its size sets the bound.
+    job["variants"] = [f"{p}-cpu" for p in ["fp32", *(p for p in precisions if p != "fp32")]]
     return job
 
 

@@ -10,7 +10,7 @@ layer, ...) the value is None and the docstring says so. What the predictions di
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -496,14 +496,43 @@ def make_grid(precision, scheme, granularity, codes, group_scales, block_size=No
 
 
 def layer_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """A layer weight as a float64 CPU [out, in] matrix, for the grid functions. Raises ValueError
-    for anything else."""
-    w = weight.detach().cpu().to(torch.float64)
+    """A layer weight as a CPU [out, in] matrix, for the grid functions, in its own dtype: a
+    grid needs only the weight's scales, which absmax, row_blocks and flat_block_absmax take a
+    block at a time, so no float64 copy of a whole output layer is made (Gemma's: 640 MiB in
+    FP32). Raises ValueError for anything else."""
+    w = weight.detach().cpu()
     if w.dim() != 2 or w.numel() == 0:
         raise ValueError(
             f"expected a non-empty 2-D [out, in] weight, got shape {tuple(weight.shape)}"
         )
     return w
+
+
+def row_blocks(w: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The rows of a [out, in] weight in order, as float64 blocks of ERROR_CHUNK weights (at least
+    one row). Scales per row or per group within a row, taken block by block and concatenated,
+    are the whole weight's to the bit."""
+    rows = max(1, ERROR_CHUNK // w.shape[1])
+    for start in range(0, w.shape[0], rows):
+        yield w[start : start + rows].to(torch.float64)
+
+
+def absmax(w: torch.Tensor) -> torch.Tensor:
+    """max |w| over the whole weight, a float64 scalar tensor, a block of rows at a time."""
+    return torch.stack([rows.abs().max() for rows in row_blocks(w)]).max()
+
+
+def flat_block_absmax(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """max |w| of each block of block_size consecutive weights of the flattened weight (the last
+    block zero-padded), in float64, ERROR_CHUNK weights at a time: bitsandbytes' 4-bit blocks."""
+    flat = w.reshape(-1)
+    step = max(1, ERROR_CHUNK // block_size) * block_size  # whole blocks, so only the last pads
+    parts = []
+    for start in range(0, flat.numel(), step):
+        chunk = flat[start : start + step].to(torch.float64).abs()
+        pad = (-chunk.numel()) % block_size
+        parts.append(torch.nn.functional.pad(chunk, (0, pad)).reshape(-1, block_size).amax(dim=1))
+    return torch.cat(parts)
 
 
 def quantization_grid(

@@ -12,7 +12,7 @@ import torch
 
 from runner import analysis as A
 from runner.layers import classify_layer
-from runner.precisions import worker_of
+from runner.precisions import PRECISIONS, worker_of
 from runner.precisions.bitsandbytes import FP4_CODE, NF4_CODE
 from runner.precisions.worker import REFERENCE
 from runner.tasks import statistics as E
@@ -581,6 +581,33 @@ def test_quantization_grid_choices():
     assert grid["values"][0] == pytest.approx(-128 / 127.5)
     with pytest.raises(ValueError, match="int8-dynamic"):
         A.quantization_grid("int3", w)
+
+
+@pytest.mark.parametrize("precision", [p for p in PRECISIONS if p not in ("fp32", "fp16", "bf16")])
+def test_a_grid_taken_a_block_at_a_time_is_the_whole_weights(precision, monkeypatch):
+    # Grids read an output layer's scales a block of rows at a time, so Gemma's 640 MiB output
+    # layer is never copied whole into float64. Blocks of 1000 weights cut this 320 x 128 weight
+    # into 40 blocks of 7 rows, and bnb's 64-weight blocks across chunk ends.
+    w = torch.randn(320, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[17, 5] = 2.5  # one outlier decides its row's, group's and block's scale
+    w[40:48] = 0.0  # all-zero rows take each method's own zero-scale rule
+    whole = A.quantization_grid(precision, w)
+    monkeypatch.setattr(A, "ERROR_CHUNK", 1000)
+    assert A.quantization_grid(precision, w) == whole
+
+
+def test_grid_scales_are_the_whole_weights_by_hand(monkeypatch):
+    monkeypatch.setattr(A, "ERROR_CHUNK", 1000)
+    w = torch.randn(300, 192, generator=torch.Generator().manual_seed(1))  # 57600 weights
+    w64 = w.to(torch.float64)
+    int8 = A.quantization_grid("int8-dynamic", w)
+    assert int8["scale"] == float(w64.abs().max() / 127.5)
+    nf4 = A.quantization_grid("bnb-nf4", w)
+    blocks = w64.reshape(-1, 64).abs().amax(dim=1)  # 900 whole blocks of bnb's flat weight
+    assert nf4["n_groups"] == 900 and nf4["scale_median"] == float(blocks.median())
+    llm_int8 = A.quantization_grid("bnb-int8", w)
+    rows = w.to(torch.float16).to(torch.float64).abs().amax(dim=1)
+    assert llm_int8["n_groups"] == 300 and llm_int8["scale_min"] == float(rows.min())
 
 
 class _TwoLinear(torch.nn.Module):

@@ -48,3 +48,10 @@ def test_the_job_cuts_the_models_job_to_one_batch_of_every_phase():
     assert job["dataset"]["sample"]["n"] == job["evaluation"]["batch_size"] == 8
     assert "benchmarks" not in job and job["calibration"]["samples"] == 16
     assert "calibration" not in memory_job("gemma", ["fp32", "bf16"])
+
+
+def test_fp32_always_runs_for_its_size_sets_the_bound():
+    job = memory_job("gemma", ["int8-dynamic", "bnb-nf4"])
+    assert job["variants"] == ["fp32-cpu", "int8-dynamic-cpu", "bnb-nf4-cpu"]
+    assert job["baseline"] == "fp32-cpu"
+    assert memory_job("gemma", ["bnb-nf4", "fp32"])["variants"] == ["fp32-cpu", "bnb-nf4-cpu"]

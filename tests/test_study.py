@@ -231,6 +231,19 @@ def test_every_family_takes_part_in_a_study_its_own_way(hard_bert, precision):
     assert output["all_but"]["kept"] == 2 and output["only"]["kept"] == len(probe["layers"]) - 2
 
 
+def test_a_study_step_holds_its_fp32_model_without_mapping_the_checkpoint(hard_bert):
+    # A mapped file's pages count in RSS while any tensor views them: the FP32 model read, not
+    # mapped, holds the weights once.
+    import gc
+
+    from runner.study.steps import load
+
+    loaded = load(_step(hard_bert, "int8-dynamic"))
+    gc.collect()
+    assert str(hard_bert / "model.safetensors") not in Path("/proc/self/maps").read_text()
+    assert loaded.fp32.training is False and loaded.full is not loaded.fp32
+
+
 def _stage(tmp_path, model, say: list):
     from runner.plan import plan_job
 

@@ -27,7 +27,12 @@ import transformers
 
 from runner import analysis, evaluate, machine, measure, models, progress
 from runner.precisions import config_for
-from runner.precisions.worker import REFERENCE, linear_names, quantized_model
+from runner.precisions.worker import (
+    REFERENCE,
+    files_read_not_mapped,
+    linear_names,
+    quantized_model,
+)
 from runner.study import cost, ranking, replay
 from runner.work import StudyWork
 
@@ -84,7 +89,8 @@ def load(step: StudyWork) -> Loaded:
     (which knows the study's layers) both models recorded."""
     clock = time.perf_counter()
     model_class = getattr(transformers, step.task.model_class)
-    fp32 = model_class.from_pretrained(step.model_dir, dtype=torch.float32)
+    with files_read_not_mapped():  # a mapped file's touched pages would count in RSS beside it
+        fp32 = model_class.from_pretrained(step.model_dir, dtype=torch.float32)
     fp32 = fp32.to(step.study.device).eval()
     load_s = time.perf_counter() - clock
     view = step.task.worker().study_view(step, fp32)

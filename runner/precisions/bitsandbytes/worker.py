@@ -13,7 +13,13 @@ from transformers import AutoConfig, BitsAndBytesConfig
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from runner.analysis import activation_outlier_columns, layer_matrix, make_grid
+from runner.analysis import (
+    activation_outlier_columns,
+    flat_block_absmax,
+    layer_matrix,
+    make_grid,
+    row_blocks,
+)
 from runner.precisions import Precision
 from runner.precisions.bitsandbytes import (
     BNB_4BIT_BLOCKSIZE,
@@ -186,7 +192,9 @@ def _4bit_weight(name: str, layer):
 
 def _int8_grid(precision: Precision, config: Int8, w) -> dict:
     # LLM.int8() weights: one absmax per output row of the fp16-cast weight, codes -127..127 / 127.
-    absmax = w.to(torch.float16).to(torch.float64).abs().amax(dim=1)
+    absmax = torch.cat(
+        [rows.to(torch.float16).to(torch.float64).abs().amax(dim=1) for rows in row_blocks(w)]
+    )
     return make_grid(
         precision.name,
         "int8 absmax per row, codes -127..127 / 127 times row absmax",
@@ -197,11 +205,7 @@ def _int8_grid(precision: Precision, config: Int8, w) -> dict:
 
 
 def _4bit_grid(precision: Precision, config: FourBit, w) -> dict:
-    flat = w.reshape(-1)
-    pad = (-flat.numel()) % BNB_4BIT_BLOCKSIZE
-    absmax = (
-        torch.nn.functional.pad(flat.abs(), (0, pad)).reshape(-1, BNB_4BIT_BLOCKSIZE).amax(dim=1)
-    )
+    absmax = flat_block_absmax(w, BNB_4BIT_BLOCKSIZE)
     scheme = f"{config.quant_type} code book times block absmax"
     return make_grid(precision.name, scheme, "block", config.code_book, absmax, BNB_4BIT_BLOCKSIZE)
 

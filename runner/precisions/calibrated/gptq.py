@@ -36,7 +36,7 @@ from neural_compressor.torch.algorithms.weight_only.utility import quant_weight_
 from neural_compressor.torch.quantization import GPTQConfig, convert, prepare
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
-from runner.analysis import layer_matrix, make_grid
+from runner.analysis import layer_matrix, make_grid, row_blocks
 from runner.precisions.calibrated import GptqInt4
 from runner.precisions.torchao.worker import check_group_size
 from runner.precisions.worker import as_cpu_float
@@ -313,7 +313,9 @@ def grid(precision, config: GptqInt4, weight: torch.Tensor) -> dict:
             f"gptq-int4 grid: a weight of {w.shape[1]} inputs is not a whole number of groups of "
             f"{group_size} (settings.torchao_int4_group_size)"
         )
-    groups = w.reshape(w.shape[0], -1, group_size).abs().amax(dim=-1)
+    groups = torch.cat(
+        [rows.reshape(rows.shape[0], -1, group_size).abs().amax(dim=-1) for rows in row_blocks(w)]
+    )
     scales = torch.where(groups > 0, groups / 7.5, 2 / 15)  # INC's scale for an all-zero group
     scheme = f"int4 symmetric, codes -8..7 times scale, per group of {group_size}"
     return make_grid(precision.name, scheme, "group", INT4_CODES, scales.reshape(-1), group_size)

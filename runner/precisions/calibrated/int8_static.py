@@ -26,7 +26,7 @@ from torchao.quantization.quant_api import _QUANTIZE_CONFIG_HANDLER
 from torchao.quantization.quantize_.common import _choose_quant_func_and_quantize_tensor
 from torchao.utils import DummyModule
 
-from runner.analysis import make_grid
+from runner.analysis import make_grid, row_blocks
 from runner.precisions.calibrated.observe import observe_inputs, quantize_layers
 
 
@@ -132,5 +132,10 @@ def grid(precision, config, weight: torch.Tensor) -> dict:
 
 
 def row_scales(weight: torch.Tensor) -> torch.Tensor:
-    """torchao's per-row int8 scales for this weight."""
-    return Int8Tensor.from_hp(weight.float(), PerRow()).scale.reshape(-1)
+    """torchao's per-row int8 scales for this weight, a block of rows at a time."""
+    return torch.cat(
+        [
+            Int8Tensor.from_hp(rows.float(), PerRow()).scale.reshape(-1)
+            for rows in row_blocks(weight)
+        ]
+    )

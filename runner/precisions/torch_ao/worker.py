@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.ao.nn.quantized.dynamic as nnqd
 
-from runner.analysis import layer_matrix, make_grid
+from runner.analysis import absmax, layer_matrix, make_grid
 from runner.precisions import Precision
 from runner.precisions.torch_ao import Int8Dynamic
 from runner.precisions.worker import FamilyWorker, as_cpu_float
@@ -54,8 +54,7 @@ class TorchAoWorker(FamilyWorker):
     def grid(self, precision: Precision, config: Int8Dynamic, weight) -> dict:
         # torch's default dynamic qconfig: per-tensor symmetric qint8, scale = max|w| / ((127 -
         # -128) / 2).
-        w = layer_matrix(weight)
-        scale = w.abs().max() / 127.5
+        scale = absmax(layer_matrix(weight)) / 127.5
         return make_grid(
             precision.name,
             "int8 symmetric, codes -128..127 times scale",

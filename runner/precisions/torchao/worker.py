@@ -22,7 +22,7 @@ from torchao.quantization import (
 from torchao.quantization.quant_api import _is_linear
 from torchao.utils import TorchAOBaseTensor
 
-from runner.analysis import layer_matrix, make_grid
+from runner.analysis import absmax, layer_matrix, make_grid, row_blocks
 from runner.precisions import Precision
 from runner.precisions.torchao import (
     FLOAT8_E4M3_MAX,
@@ -136,17 +136,23 @@ def _torchao_weight(module):
 
 
 def _scales_by_torchao(config, weight):
-    """torchao's own scales for this FP32 weight: quantized with the CPU config on a throwaway
-    nn.Linear. Raises ValueError for a group size that does not divide the layer."""
-    out_features, in_features = weight.shape
-    layer = torch.nn.Linear(in_features, out_features, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(weight.to(torch.float32))
+    """torchao's own scales for this FP32 weight, in row order: each block of rows quantized with
+    the CPU config on a throwaway nn.Linear (the scales are per row or per group within a row, so
+    blocks give the whole weight's). Raises ValueError for a group size that does not divide the
+    layer."""
+    in_features = weight.shape[1]
     if isinstance(config, Int4Weight) and in_features % config.torchao_int4_group_size:
         raise ValueError(
             f"torchao-int4-weight grid: a weight of {in_features} inputs is not a whole number of "
             f"groups of {config.torchao_int4_group_size} (settings.torchao_int4_group_size)"
         )
+    return torch.cat([_block_scales(config, rows) for rows in row_blocks(weight)])
+
+
+def _block_scales(config, rows):
+    layer = torch.nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(rows.to(torch.float32))
     quantize_(layer, torchao_config(config, "cpu"))
     return layer.weight.scale.detach().to(torch.float64).reshape(-1)
 
@@ -160,7 +166,7 @@ def _float8_grid(precision: Precision, config: Float8Dynamic, w) -> dict:
         "float8 e4m3 values times max|w| / 448",
         "tensor",
         (e4m3 / FLOAT8_E4M3_MAX).tolist(),
-        w.abs().max().reshape(1),
+        absmax(w).reshape(1),
     )
 
 
