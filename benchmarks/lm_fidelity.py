@@ -17,6 +17,7 @@ counts the other side's whole turn, which moves a sum by seconds and a median ha
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -183,9 +184,27 @@ def run_match(bench: LMBench, precision: str, number: int) -> dict:
         "quantbench_decode_ms": decode["median"],
         "plain_decode_ms": statistics.median(s for g in inside for s in g["decode_ms"]),
         "quantbench_mean_rate": metrics["decode_tokens_per_s"],
+        "quantbench_faults": decode_faults(metrics),
+        "plain_faults": statistics.median(g["minor_page_faults"] for g in inside)
+        / bench.args.new_tokens,
         "plain_n": len(inside),
         "environment": result["environment"],
     }
+
+
+def decode_faults(metrics: dict) -> float | None:
+    """quantbench's minor page faults a step at batch size 1 (None from a quantbench that does
+    not count them)."""
+    return metrics["generation"]["by_batch_size"]["1"].get("minor_page_faults_per_step")
+
+
+def sides_environment(args) -> dict[str, str]:
+    """Both sides' environment: this one's, with --glibc-tunables as GLIBC_TUNABLES, which
+    every process they start inherits (glibc reads it when a program starts)."""
+    environment = dict(os.environ)
+    if args.glibc_tunables:
+        environment["GLIBC_TUNABLES"] = args.glibc_tunables
+    return environment
 
 
 def take_match_turns(
@@ -194,13 +213,21 @@ def take_match_turns(
     """Starts both sides and has them take turns from quantbench's first generation until it is
     done; what the plain loop printed. Each side's output goes to a log in folder."""
     ours_command, plain_command = commands(bench, precision, folder)
+    environment = sides_environment(bench.args)
     with (
         open(folder / "quantbench.log", "w") as log,
         open(folder / "plain.log", "w") as plain_log,
     ):
-        ours = subprocess.Popen(ours_command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        ours = subprocess.Popen(
+            ours_command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environment
+        )
         plain = subprocess.Popen(
-            plain_command, stdout=subprocess.PIPE, stderr=plain_log, text=True, cwd=REPO
+            plain_command,
+            stdout=subprocess.PIPE,
+            stderr=plain_log,
+            text=True,
+            cwd=REPO,
+            env=environment,
         )
         try:
             take_turns(ours, plain, WINDOW_S, seed=number, begin_when=watch.seen)
@@ -221,10 +248,15 @@ def measure_all(args, work: Path) -> list[str]:
             print(
                 f"match {number + 1}/{args.matches} {p}: time to first token "
                 f"{m['quantbench_ttft_ms'] / m['plain_ttft_ms']:.3f}, decode tokens/s "
-                f"{m['plain_decode_ms'] / m['quantbench_decode_ms']:.3f}",
+                f"{m['plain_decode_ms'] / m['quantbench_decode_ms']:.3f}; minor page faults a "
+                f"step {faults_text(m['quantbench_faults'])} / {faults_text(m['plain_faults'])}",
                 flush=True,
             )
     return report(args, bench, matches)
+
+
+def faults_text(faults: float | None) -> str:
+    return "-" if faults is None else f"{faults:,.0f}"
 
 
 def ok(ratio: float) -> str:
@@ -263,6 +295,8 @@ def report(args, bench: LMBench, matches: dict[str, list[dict]]) -> list[str]:
         f"- generation: batch size 1, prompts of {args.prompt_length} tokens, "
         f"{args.new_tokens} new tokens, greedy; quantbench times {args.generations} generations "
         "after one warm-up, the plain loop (`model.generate`) as many as it can while they do",
+        "- glibc's allocator, both sides: "
+        + (f"`GLIBC_TUNABLES={args.glibc_tunables}`" if args.glibc_tunables else "its defaults"),
         "",
         "Ratios quantbench / plain loop; each side's median over its generations while "
         "quantbench generated, taking turns. Decode tokens/s is 1000 / the median decode step "
@@ -274,8 +308,9 @@ def report(args, bench: LMBench, matches: dict[str, list[dict]]) -> list[str]:
         "| precision | TTFT quantbench (ms) | TTFT plain (ms) | TTFT ratios | TTFT median ratio "
         "| TTFT target 0.90–1.10 | decode quantbench (tok/s) | decode plain (tok/s) | decode "
         "ratios | decode median ratio | decode target 0.90–1.10 | quantbench's "
-        "decode_tokens_per_s | TTFT ratio less generate's checks | plain generations compared |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "decode_tokens_per_s | TTFT ratio less generate's checks | plain generations compared "
+        "| minor page faults a step, quantbench / plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in bench.precisions:
         rows = matches[p]
@@ -290,7 +325,13 @@ def report(args, bench: LMBench, matches: dict[str, list[dict]]) -> list[str]:
             for m in rows
         )
         compared = " / ".join(str(m["plain_n"]) for m in rows)
-        lines.append(f"| {p} | {ttft} | {decode} | {mean_rate} | {less_checks} | {compared} |")
+        faults = " ; ".join(
+            f"{faults_text(m['quantbench_faults'])} / {faults_text(m['plain_faults'])}"
+            for m in rows
+        )
+        lines.append(
+            f"| {p} | {ttft} | {decode} | {mean_rate} | {less_checks} | {compared} | {faults} |"
+        )
     return lines
 
 

@@ -12,7 +12,8 @@ step (and the prompt's hand-off, which generate makes after checking its inputs:
 generations run untimed first. With --stop-when-ready it stops itself (SIGSTOP) before its first
 timed generation: the benchmark continues it for its turns. It generates until FILE
 exists (at least once), then prints one JSON line: per generation, when it ended (Unix time), its
-time to first token and its decode steps (ms), and the tokens of the first one.
+time to first token and its decode steps (ms) and its minor page faults (memory first touched),
+and the tokens of the first one.
 
 This is what quantbench times (runner/tasks/causal_lm/generation.py: a prefill pass whose end is
 the first token, then one pass per further token fed the argmax and the cache; the last token is
@@ -23,6 +24,7 @@ included.
 import argparse
 import json
 import os
+import resource
 import signal
 import time
 
@@ -54,6 +56,7 @@ def generate_once(model, input_ids, config: GenerationConfig) -> tuple[dict, lis
     """One timed generation: ({ended_unix, ttft_ms, setup_ms, decode_ms}, the new tokens).
     setup_ms: from the call to the prompt's hand-off, generate's own checks."""
     clock = TokenClock()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # outside the clock
     started = time.perf_counter()
     output = model.generate(
         input_ids=input_ids,
@@ -61,6 +64,7 @@ def generate_once(model, input_ids, config: GenerationConfig) -> tuple[dict, lis
         generation_config=config,
         streamer=clock,
     )
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     times = [started, *clock.times]
     steps = [(b - a) * 1000 for a, b in zip(times, times[1:])]
     timed = {
@@ -68,6 +72,7 @@ def generate_once(model, input_ids, config: GenerationConfig) -> tuple[dict, lis
         "ttft_ms": steps[0],
         "setup_ms": (clock.prompt_at - started) * 1000,
         "decode_ms": steps[1:],
+        "minor_page_faults": faults,
     }
     return timed, output[0, input_ids.shape[1] :].tolist()
 

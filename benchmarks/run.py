@@ -5,6 +5,7 @@
         [--precisions fp32,torchao-int8-weight,...] [--compile]
     python benchmarks/run.py --model smollm2 | --model-dir DIR [--matches 4] [--generations 20]
         [--prompt-length 16] [--new-tokens 32] [--int4-group-size 64] [--precisions ...]
+        [--glibc-tunables glibc.malloc.mmap_threshold=33554432:...]
 
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
@@ -151,6 +152,13 @@ def add_causal_lm_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt-length", type=int, default=16, help="causal LM: tokens")
     parser.add_argument("--new-tokens", type=int, default=32, help="causal LM: tokens")
+    parser.add_argument(
+        "--glibc-tunables",
+        default=None,
+        help="causal LM: GLIBC_TUNABLES for both sides' processes (quantbench's Ray cluster "
+        "and variant included), such as glibc.malloc.mmap_threshold=33554432:"
+        "glibc.malloc.trim_threshold=1073741824 to pin the allocator's thresholds",
+    )
     parser.add_argument(
         "--int4-group-size",
         type=int,

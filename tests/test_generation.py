@@ -5,6 +5,7 @@ the prompts, the settings' checks; the timings for their structure only, never a
 from __future__ import annotations
 
 import pytest
+import torch
 from lm_models import (
     INITIALIZER_RANGE,
     build_bpe_tokenizer,
@@ -232,6 +233,24 @@ def test_every_batch_size_generates_new_tokens(lm):
         assert result["kv_cache_bytes"] == hand_kv_bytes(name, batch, 8 + 5 - 1)
         assert result["kv_cache_mib"] == round(result["kv_cache_bytes"] / 2**20, 4)
         assert result["cuda_peak_beyond_model_mib"] is None  # on the CPU
+
+
+def test_page_faults_count_the_memory_each_step_first_touches(lm):
+    """A step that makes a fresh 64 MiB temporary (as torchao's weight-only layers dequantize a
+    weight on the CPU) faults its pages in on every step; the plain model's steps hardly fault."""
+    _, model, tokenizer = lm
+    chosen = settings(batch_sizes=(1,), timed_runs=2, new_tokens=4)
+    prompts = prompts_for(tokenizer, 8, 1)
+    plain = gen.time_generation(model, prompts, chosen, "cpu").by_batch_size[1]
+    temporary = 16 * 2**20  # float32 elements: 64 MiB, above glibc's largest mmap threshold
+    hook = model.register_forward_hook(lambda *_: None if torch.ones(temporary).sum() else None)
+    try:
+        touching = gen.time_generation(model, prompts, chosen, "cpu").by_batch_size[1]
+    finally:
+        hook.remove()
+    pages = temporary * FLOAT32_BYTES // 4096
+    assert touching["minor_page_faults_per_step"] >= 0.9 * pages
+    assert plain["minor_page_faults_per_step"] < 0.1 * pages
 
 
 def test_one_new_token_has_no_decode_steps(lm):

@@ -13,6 +13,7 @@ it (the model and the prompts).
 from __future__ import annotations
 
 import inspect
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -231,11 +232,23 @@ def time_batch_size(model, input_ids, settings: GenerationSettings, sync, cuda: 
     for _ in range(settings.warmup_runs):
         greedy_generate(model, input_ids, settings.new_tokens, sync)
     runs, peaks = [], []
+    faults_before = minor_page_faults()  # read between runs: outside every clock
     for _ in range(settings.timed_runs):
         run, peak = run_with_cuda_peak(model, input_ids, settings.new_tokens, sync, cuda)
         runs.append(run)
         peaks.append(peak)
-    return summarise(runs, int(input_ids.shape[0]), [p for p in peaks if p is not None])
+    faults = minor_page_faults() - faults_before
+    result = summarise(runs, int(input_ids.shape[0]), [p for p in peaks if p is not None])
+    result["minor_page_faults_per_step"] = round(faults / (len(runs) * settings.new_tokens))
+    return result
+
+
+def minor_page_faults() -> int:
+    """The process's minor page faults so far: memory it touched for the first time since the
+    system handed it out. On the CPU a step that allocates and frees large temporaries (a
+    weight dequantized on every call) pays for them here, as much as the allocator's state
+    decides."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def summarise(runs: list[GenerationRun], batch_size: int, peaks: list[CudaPeak]) -> dict:
