@@ -153,6 +153,9 @@ def time_precision(args: argparse.Namespace, precision: str, inputs: list, sync)
     started = time.perf_counter()
     model = load(args.model_dir, precision, device, args.int4_group_size)
     if args.compile:
+        # a fresh dynamo per model, as a script measuring one precision has: what dynamo learnt
+        # compiling the model before (sizes it made dynamic) would change this model's graph
+        torch._dynamo.reset()
         model = torch.compile(model)
         if len({batch["input_ids"].shape[1] for batch in inputs}) > 1:
             # one compile for every length, as quantbench's compiled variants do
