@@ -14,7 +14,7 @@ import functools
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import ray
@@ -30,6 +30,7 @@ from runner.cluster import (
     local_gpu_count,
     server_preload,
 )
+from runner.job import Variant
 from runner.placement import can_run, requirements, why_no_node
 from runner.references import call, resolve
 from runner.schema import Result
@@ -120,11 +121,11 @@ def _submit_one(work: Work, archive: list, also_import: list[str]):
     return remote.remote(work, archive, also_import)
 
 
-def cpu_needs(items: list[VariantWork]) -> tuple[list[str], bool]:
-    """What the CPU variants among items ask of a node's fork server: their precisions, and
+def cpu_needs(variants: Iterable[Variant]) -> tuple[list[str], bool]:
+    """What the CPU variants among these ask of a node's fork server: their precisions, and
     whether any is compiled (fork_server_imports' arguments)."""
-    cpu_items = [t for t in items if t.variant.device == "cpu"]
-    return [t.variant.precision for t in cpu_items], any(t.variant.compiled for t in cpu_items)
+    cpu = [v for v in variants if v.device == "cpu"]
+    return [v.precision for v in cpu], any(v.compiled for v in cpu)
 
 
 def warm_cpu_nodes(cluster: Cluster, precisions: list[str], compiled: bool = False) -> list:
@@ -233,7 +234,7 @@ def _submit(
     """Hand every task to Ray; {its ref: task}. Without a wait for nodes, a task no node can run
     ends `skipped` at once."""
     archive = shipped_model(cluster, model_dir)
-    also_import = fork_server_imports(*cpu_needs(items))
+    also_import = fork_server_imports(*cpu_needs(t.variant for t in items))
     pending = {}
     nodes = alive_nodes()
     for work in items:

@@ -328,9 +328,10 @@ def start_cluster(
     notice = locks.timing_lock_notice()  # another run's timed passes: this run's would wait
     if notice:
         say(notice)
-    cpu_precisions = [
-        v.precision for variants in sweep.to_run.values() for v in variants if v.device == "cpu"
-    ] + [
+    variant_precisions, compiled = dispatch.cpu_needs(
+        v for variants in sweep.to_run.values() for v in variants
+    )
+    cpu_precisions = variant_precisions + [
         plan.spec.sensitivity.precision
         for plan in sweep.plans
         if sweep.study_to_run[plan.spec.name] and plan.spec.sensitivity.device == "cpu"
@@ -339,7 +340,6 @@ def start_cluster(
     cpu_work = cpu_precisions or any(
         plan.train_examples is not None and sweep.to_run[plan.spec.name] for plan in sweep.plans
     )
-    compiled = any(v.compiled for vs in sweep.to_run.values() for v in vs if v.device == "cpu")
     sweep.cluster = ray_cluster.connect(
         address,
         temp_dir=ray_temp_dir,
@@ -420,7 +420,7 @@ def run_variants(
     items = variant_work(plan, model_dir, model_info, set(sweep.kept[plan.spec.name]), variants)
     if not items:
         return
-    dispatch.warm_cpu_nodes(sweep.cluster, *dispatch.cpu_needs(items))
+    dispatch.warm_cpu_nodes(sweep.cluster, *dispatch.cpu_needs(t.variant for t in items))
     fp32_reference.hand_out(
         items, sweep.results_dir, sweep.cluster, model_dir, sweep.say, sweep.placement_timeout_s
     )
