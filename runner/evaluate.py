@@ -303,6 +303,9 @@ def clock_passes(
         samples += batch["input_ids"].shape[0]
         if on_output is not None:
             on_output(i, output)
+        # Before the next pass, not when it rebinds `output`: a causal LM's logits are [batch,
+        # length, vocabulary] (Gemma-3's: 256 MiB a batch), and two of them would be alive at once.
+        del output
         i += 1
         if step is not None:
             step.set(i)

@@ -3,6 +3,8 @@ noisy."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 
@@ -119,6 +121,43 @@ def test_no_timed_pass_is_the_first_of_its_shape():
     assert (
         len(timings.repeats) == 10 and timings.noise_cv()[1] == 4 + 10
     )  # the first shape was timed already
+
+
+class OutputCountingModel:
+    """Counts, at each forward pass, how many of its earlier outputs are still alive."""
+
+    def __init__(self):
+        self.alive, self.alive_at_each_pass = 0, []
+
+    def __call__(self, input_ids, attention_mask):
+        import torch
+
+        self.alive_at_each_pass.append(self.alive)
+        output = type("Output", (), {"logits": torch.zeros(input_ids.shape[0], 2)})()
+        self.alive += 1
+        weakref.finalize(output, self._freed)
+        return output
+
+    def _freed(self):
+        self.alive -= 1
+
+
+def test_a_timed_pass_runs_with_no_earlier_output_alive():
+    """A causal LM's logits are [batch, length, vocabulary]: a pass that ran beside the previous
+    pass's output would hold two of them (512 MiB on Gemma-3-270M's evaluation batch)."""
+    import torch
+
+    from runner.evaluate import run_passes
+
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5)}
+    model = OutputCountingModel()
+
+    _, timings = run_passes(
+        model, [batch], "cpu", 1, 12, 0.0, fixed_batch=batch, read_output=no_answer
+    )
+
+    assert len(timings.seconds) == 12
+    assert model.alive_at_each_pass == [0] * len(model.alive_at_each_pass)
 
 
 def test_timed_passes_that_repeat_their_shapes_measure_the_noise_without_extra_passes():
