@@ -6,6 +6,7 @@ quantized_model."""
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ pytest.importorskip("torchao")
 
 from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_  # noqa: E402
 
-from runner.precisions.calibrated import awq, int8_static  # noqa: E402
+from runner.precisions.calibrated import awq, int8_static, observe  # noqa: E402
 from runner.precisions.calibrated.worker import WORKER  # noqa: E402
 from runner.precisions.worker import quantized_model  # noqa: E402
 
@@ -239,6 +240,26 @@ def test_awq_refuses_a_group_size_that_does_not_divide_a_layer_before_calibratin
     precision = FAMILY.precision("awq-int4")
     with pytest.raises(ValueError, match="awq-int4: .* in_features 64, not a multiple of .* 128"):
         WORKER.calibrate(fp32, precision, precision.config(torchao_int4_group_size=128), [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: what is held while observing and converting
+# --------------------------------------------------------------------------------------------------
+
+
+def test_converting_frees_each_fp32_layer_as_it_is_replaced(fp32):
+    model = copy.deepcopy(fp32)
+    names = [name for name, _ in observe.linear_layers(model)]
+    weights = {name: weakref.ref(layer.weight) for name, layer in observe.linear_layers(model)}
+    alive = {}
+
+    def replaced(name, layer):
+        alive[name] = [n for n in names if weights[n]() is not None]
+        return torch.nn.Identity()
+
+    observe.quantize_layers(model, frozenset(), "test", replaced)
+    for converted, name in enumerate(names):
+        assert alive[name] == names[converted:], name  # the layers already replaced are gone
 
 
 # --------------------------------------------------------------------------------------------------

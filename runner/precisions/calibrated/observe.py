@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runner import machine
+
 
 @dataclass
 class InputStats:
@@ -81,13 +83,21 @@ def replace_layer(model, name: str, layer: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
+# Each part's FP32 weights are freed and handed back before the next part is converted.
+PART_BYTES = 64 * 2**20
+
+
 def quantize_layers(model, keep: frozenset[str], method: str, make_layer) -> None:
-    """Every linear layer but those in keep replaced by make_layer(name, layer). A layer its
-    library cannot quantize fails the variant naming the layer, its shape and the library's
+    """Every linear layer but those in keep replaced by make_layer(name, layer), in order. Each
+    FP32 layer is dropped as it is replaced, and what a part of about PART_BYTES of weights freed
+    (the library's temporaries too) is handed back before the next: the peak is the model and
+    one part, where holding every replaced layer to the end held a second model's worth. A layer
+    its library cannot quantize fails the variant naming the layer, its shape and the library's
     message."""
-    for name, layer in linear_layers(model):
-        if name in keep:
-            continue
+    converted = 0
+    for name in [name for name, _ in linear_layers(model) if name not in keep]:
+        layer = model.get_submodule(name)  # the only reference kept: freed once replaced
+        converted += layer.weight.nbytes
         try:
             replace_layer(model, name, make_layer(name, layer))
         except Exception as error:
@@ -95,3 +105,8 @@ def quantize_layers(model, keep: frozenset[str], method: str, make_layer) -> Non
                 f"{method}: torchao failed at layer {name!r} ({layer.in_features} inputs, "
                 f"{layer.out_features} outputs): {type(error).__name__}: {error}"
             ) from error
+        del layer
+        if converted >= PART_BYTES:
+            machine.release_freed_memory()
+            converted = 0
+    machine.release_freed_memory()
