@@ -8,6 +8,7 @@ of 512 tokens); these keep, per layer, a few vectors of in_features numbers and,
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -47,32 +48,64 @@ def linear_layers(model) -> list[tuple[str, torch.nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def observe_inputs(model, batches: list[dict], gram: bool = False) -> dict[str, InputStats]:
+def observe_inputs(
+    model, batches: list[dict], gram: bool = False, names: list[str] | None = None
+) -> dict[str, InputStats]:
     """Every linear layer's InputStats over the calibration batches (model inputs of one row
-    each, on the model's device), the model run once on each. gram: also sum x^T x (AWQ)."""
+    each, on the model's device), the model run once on each. gram: also sum x^T x (AWQ).
+    names: only these layers (default: every linear layer). The first row runs the whole
+    model; each later row stops once every observed layer has seen it as often as the first
+    row's forward called it: the layers after them would add nothing."""
+    layers = dict(linear_layers(model))
     stats: dict[str, InputStats] = {}
+    calls = _RowCalls()
     handles = []
-    for name, layer in linear_layers(model):
+    for name in layers if names is None else names:
+        layer = layers[name]
         device = layer.weight.device
         stats[name] = InputStats(
             absmax=torch.zeros(layer.in_features, device=device),
             abssum=torch.zeros(layer.in_features, device=device, dtype=torch.float64),
             gram=torch.zeros(layer.in_features, layer.in_features, device=device) if gram else None,
         )
-        handles.append(layer.register_forward_pre_hook(_adder(stats[name])))
+        handles.append(layer.register_forward_pre_hook(_adder(name, stats[name], calls)))
     try:
         with torch.no_grad():  # not inference_mode: the statistics are used outside it
             for batch in batches:
-                model(**batch)
+                calls.start_row()
+                try:
+                    model(**batch)
+                except _RowSeen:
+                    pass
+                calls.needed = calls.needed or Counter(calls.seen)
     finally:
         for handle in handles:
             handle.remove()
     return stats
 
 
-def _adder(layer_stats: InputStats):
+class _RowSeen(Exception):
+    """Raised by the hook that completes a row's observations: the rest of the model is not run."""
+
+
+class _RowCalls:
+    """How often each observed layer has been called in this row's forward, and how often the
+    first row's whole forward called it (None until the first row is done)."""
+
+    def __init__(self):
+        self.seen: Counter = Counter()
+        self.needed: Counter | None = None
+
+    def start_row(self) -> None:
+        self.seen = Counter()
+
+
+def _adder(name: str, layer_stats: InputStats, calls: _RowCalls):
     def hook(module, args):
         layer_stats.add(args[0])
+        calls.seen[name] += 1
+        if calls.seen == calls.needed:
+            raise _RowSeen
 
     return hook
 
