@@ -11,6 +11,9 @@ the same normalisation, the same loss, with two changes:
   Here hooks keep mean |x| and G = sum x^T x per layer (observe.py); the mean squared output
   error of a candidate whose computed weight differs from W by D is sum((D @ G) * D) / (tokens *
   out_features), exactly torchao's loss, in memory that does not grow with the calibration set.
+  G is in x in floats per layer (500 MiB for SmolLM2-135M's): calibrate observes a part of the
+  layers at a time (GRAM_PART_BYTES of G), searches their scales and frees their G before the
+  next part, the model run over the rows once per part.
 - the base config is torchao-int4-weight's own (IntxWeightOnlyConfig(int4, PerGroup(g)) on the
   CPU, where torchao's AWQConfig refuses it for lack of act_pre_scale; Int4WeightOnlyConfig on
   CUDA), and the layer is a PreScaledLinear: F.linear(x * (1 / s), W_q), W_q = int4(W * s).
