@@ -6,6 +6,7 @@ quantized_model."""
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ pytest.importorskip("torchao")
 
 from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_  # noqa: E402
 
-from runner.precisions.calibrated import awq, int8_static  # noqa: E402
+from runner.precisions.calibrated import awq, int8_static, observe  # noqa: E402
 from runner.precisions.calibrated.worker import WORKER  # noqa: E402
 from runner.precisions.worker import quantized_model  # noqa: E402
 
@@ -217,13 +218,13 @@ def test_awq_search_chooses_torchaos_scales_without_keeping_the_inputs(fp32, cal
     from torchao.prototype.awq.core import AWQObserver
 
     base = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP))
-    _, observed = WORKER.calibrate(copy.deepcopy(fp32), *config_of("awq-int4"), calibration)
+    _, searched = WORKER.calibrate(copy.deepcopy(fp32), *config_of("awq-int4"), calibration)
     for name in (GATE, DOWN, "model.layers.0.self_attn.q_proj"):
         layer = fp32.get_submodule(name)
         observer = AWQObserver(layer.weight.detach(), None, base)
         for row in calibration:  # ragged rows: torchao concatenates them along the tokens
             observer(layer_inputs(fp32, name, [row])[None], None)
-        ours, _ = awq.search_scales(layer.weight.detach(), observed[name], base)
+        ours = searched.scales[name]
         assert torch.allclose(ours, observer.calculate_qparams(), rtol=1e-4), name
 
 
@@ -239,6 +240,70 @@ def test_awq_refuses_a_group_size_that_does_not_divide_a_layer_before_calibratin
     precision = FAMILY.precision("awq-int4")
     with pytest.raises(ValueError, match="awq-int4: .* in_features 64, not a multiple of .* 128"):
         WORKER.calibrate(fp32, precision, precision.config(torchao_int4_group_size=128), [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: what is held while observing and converting
+# --------------------------------------------------------------------------------------------------
+
+
+def test_converting_frees_each_fp32_layer_as_it_is_replaced(fp32):
+    model = copy.deepcopy(fp32)
+    names = [name for name, _ in observe.linear_layers(model)]
+    weights = {name: weakref.ref(layer.weight) for name, layer in observe.linear_layers(model)}
+    alive = {}
+
+    def replaced(name, layer):
+        alive[name] = [n for n in names if weights[n]() is not None]
+        return torch.nn.Identity()
+
+    observe.quantize_layers(model, frozenset(), "test", replaced)
+    for converted, name in enumerate(names):
+        assert alive[name] == names[converted:], name  # the layers already replaced are gone
+
+
+def test_observing_some_layers_stops_each_row_after_them_with_the_same_statistics(
+    fp32, calibration
+):
+    every = observe.observe_inputs(fp32, calibration, gram=True)
+    first = "model.layers.0.self_attn.q_proj"
+    calls = []
+    handle = fp32.get_submodule("lm_head").register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        some = observe.observe_inputs(fp32, calibration, gram=True, names=[first, GATE])
+    finally:
+        handle.remove()
+    assert set(some) == {first, GATE}
+    assert len(calls) == 1, "only the first row runs the whole model"
+    for name in some:
+        assert torch.equal(some[name].absmax, every[name].absmax), name
+        assert torch.equal(some[name].abssum, every[name].abssum), name
+        assert torch.equal(some[name].gram, every[name].gram), name
+        assert some[name].tokens == every[name].tokens, name
+
+
+def test_awq_holds_a_part_of_its_sums_at_a_time_and_finds_the_same_scales(
+    fp32, calibration, monkeypatch
+):
+    precision, config = config_of("awq-int4")
+    _, whole = WORKER.calibrate(copy.deepcopy(fp32), precision, config, calibration)
+    held = []
+    observe_inputs = awq.observe_inputs
+
+    def observed(*args, **kwargs):
+        stats = observe_inputs(*args, **kwargs)
+        held.append(sum(layer.gram.nbytes for layer in stats.values()))
+        return stats
+
+    part_bytes = 128 * 128 * 4  # one down_proj's sum x^T x
+    monkeypatch.setattr(awq, "observe_inputs", observed)
+    monkeypatch.setattr(awq, "GRAM_PART_BYTES", part_bytes)
+    _, parted = WORKER.calibrate(copy.deepcopy(fp32), precision, config, calibration)
+    assert len(held) > 1 and max(held) <= part_bytes, held
+    assert parted.ratios == whole.ratios
+    assert whole.scales.keys() == parted.scales.keys()
+    for name, scales in whole.scales.items():
+        assert torch.equal(parted.scales[name], scales), name
 
 
 # --------------------------------------------------------------------------------------------------

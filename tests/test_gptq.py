@@ -136,6 +136,32 @@ def test_the_repacked_layer_computes_what_incs_layer_computes(llama):
     assert int(codes.min()) >= -8 and int(codes.max()) <= 7
 
 
+def test_the_output_layer_is_rounded_a_block_of_rows_at_a_time_to_the_same_codes(
+    llama, monkeypatch
+):
+    folder, batches = llama
+    whole, _ = gptq_int4(load(folder), batches)
+    rows_given = []
+    fasterquant = gptq.IncGptqLayer.fasterquant
+
+    def rounding(step, weight, **kwargs):
+        rows_given.append(weight.shape[0])
+        return fasterquant(step, weight, **kwargs)
+
+    monkeypatch.setattr(gptq.IncGptqLayer, "fasterquant", rounding)
+    monkeypatch.setattr(gptq, "ROW_BLOCK_BYTES", 100 * 128 * 4)  # 100 rows of 128 inputs
+    in_blocks, recorded = gptq_int4(load(folder), batches)
+    assert recorded["gptq_outside_blocks"] == ["lm_head"]
+    vocabulary = whole.get_submodule("lm_head").out_features
+    blocks = [100] * (vocabulary // 100) + ([vocabulary % 100] if vocabulary % 100 else [])
+    assert len(blocks) > 1 and rows_given[-len(blocks) :] == blocks  # INC's blocks come first
+    for name, module in whole.named_modules():
+        if gptq.is_quantized(module):
+            ours = in_blocks.get_submodule(name).weight
+            assert torch.equal(ours.qdata, module.weight.qdata), name
+            assert torch.equal(ours.scale, module.weight.scale), name
+
+
 def test_the_grid_is_torchao_int4_weights(llama):
     folder, _ = llama
     weight = load(folder).get_submodule("model.layers.0.mlp.up_proj").weight.detach()

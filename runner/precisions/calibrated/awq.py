@@ -11,12 +11,17 @@ the same normalisation, the same loss, with two changes:
   Here hooks keep mean |x| and G = sum x^T x per layer (observe.py); the mean squared output
   error of a candidate whose computed weight differs from W by D is sum((D @ G) * D) / (tokens *
   out_features), exactly torchao's loss, in memory that does not grow with the calibration set.
+  G is in x in floats per layer (500 MiB for SmolLM2-135M's): calibrate observes a part of the
+  layers at a time (GRAM_PART_BYTES of G), searches their scales and frees their G before the
+  next part, the model run over the rows once per part.
 - the base config is torchao-int4-weight's own (IntxWeightOnlyConfig(int4, PerGroup(g)) on the
   CPU, where torchao's AWQConfig refuses it for lack of act_pre_scale; Int4WeightOnlyConfig on
   CUDA), and the layer is a PreScaledLinear: F.linear(x * (1 / s), W_q), W_q = int4(W * s).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +31,15 @@ from torchao.quantization import Int4TilePackedTo4dTensor, IntxUnpackedToInt8Ten
 from torchao.quantization.quant_api import _QUANTIZE_CONFIG_HANDLER
 from torchao.utils import DummyModule
 
-from runner.precisions.calibrated.observe import observe_inputs, quantize_layers
+from runner import machine
+from runner.precisions.calibrated.observe import linear_layers, observe_inputs, quantize_layers
 from runner.precisions.torchao import Int4Weight
 from runner.precisions.torchao.worker import _int4_grid, check_group_size, torchao_config
 
 SEARCH_GRID_SIZE = 20  # torchao AWQConfig's scale_search_space_size default
+# sum x^T x held at once: the layers are observed a part of about this many bytes of them at a
+# time (SmolLM2-135M's 210 layers hold 500 MiB of them, Gemma-3-270M's 127 about 500 MiB).
+GRAM_PART_BYTES = 128 * 2**20
 
 
 class PreScaledLinear(torch.nn.Linear):
@@ -46,24 +55,63 @@ def int4_config(config, device: str):
     return torchao_config(Int4Weight(config.torchao_int4_group_size), device)
 
 
+@dataclass
+class Searched:
+    """What quantize takes from calibrate: each layer's chosen scales s [in] and ratio."""
+
+    scales: dict[str, torch.Tensor]
+    ratios: dict[str, float]
+
+
 def calibrate(model, config, batches: list[dict], keep: frozenset[str]):
-    """Each layer's mean |x| per channel and sum x^T x over the calibration rows. Raises
-    ValueError first where the group size does not divide a layer to quantize."""
+    """Each layer's AWQ scales, searched from its mean |x| per channel and sum x^T x over the
+    calibration rows. The layers are observed a part of about GRAM_PART_BYTES of sums at a time,
+    each part searched and its sums freed before the next is observed: the model runs over the
+    rows once per part (each row only as far as the part's last layer), where observing every
+    layer at once held every layer's in x in sums together. The FP32 model is unchanged until
+    quantize, so each layer sees the inputs it would see in one pass. Raises ValueError first
+    where the group size does not divide a layer to quantize."""
     check_group_size(model, config.torchao_int4_group_size, keep, "awq-int4")
-    return model, observe_inputs(model, batches, gram=True)
+    base = int4_config(config, next(model.parameters()).device.type)
+    searched = Searched({}, {})
+    for part in gram_parts(model, keep):
+        observed = observe_inputs(model, batches, gram=True, names=part)
+        for name in part:
+            weight = model.get_submodule(name).weight.detach()
+            scales, ratio = search_scales(weight, observed.pop(name), base)
+            searched.scales[name], searched.ratios[name] = scales, ratio
+        del observed
+        machine.release_freed_memory()
+    return model, searched
 
 
-def quantize(model, config, keep: frozenset[str], observed) -> tuple:
-    device = next(model.parameters()).device.type
-    base = int4_config(config, device)
+def gram_parts(model, keep: frozenset[str]) -> list[list[str]]:
+    """The linear layers not kept, in order, cut into runs of about GRAM_PART_BYTES of float32
+    [in, in] sums (at least one layer each)."""
+    parts: list[list[str]] = [[]]
+    size = 0
+    for name, layer in linear_layers(model):
+        if name in keep:
+            continue
+        gram_bytes = layer.in_features**2 * 4
+        if parts[-1] and size + gram_bytes > GRAM_PART_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(name)
+        size += gram_bytes
+    return [part for part in parts if part]
+
+
+def quantize(model, config, keep: frozenset[str], searched: Searched) -> tuple:
+    base = int4_config(config, next(model.parameters()).device.type)
     ratios: dict[str, int] = {}  # ratio chosen: how many layers chose it
 
-    def searched(name: str, layer):
-        scales, ratio = search_scales(layer.weight.detach(), observed[name], base)
+    def scaled(name: str, layer):
+        ratio = searched.ratios[name]
         ratios[f"{ratio:g}"] = ratios.get(f"{ratio:g}", 0) + 1
-        return pre_scaled_layer(layer, scales, base)
+        return pre_scaled_layer(layer, searched.scales[name], base)
 
-    quantize_layers(model, keep, "awq-int4", searched)
+    quantize_layers(model, keep, "awq-int4", scaled)
     return model, {
         "method": "awq",
         "library": "torchao",

@@ -36,6 +36,7 @@ from neural_compressor.torch.algorithms.weight_only.utility import quant_weight_
 from neural_compressor.torch.quantization import GPTQConfig, convert, prepare
 from torchao.quantization import IntxUnpackedToInt8Tensor
 
+from runner import machine
 from runner.analysis import layer_matrix, make_grid, row_blocks
 from runner.precisions.calibrated import GptqInt4
 from runner.precisions.torchao.worker import check_group_size
@@ -160,13 +161,43 @@ def _layer_config(gptq_config: GPTQConfig) -> dict:
     }
 
 
-def gptq_one_layer(name: str, layer: torch.nn.Linear, step, gptq_config) -> INCWeightOnlyLinear:
-    """INC's GPTQ step on one layer whose inputs it has seen (step.add_batch), packed as INC packs
-    the layers of its blocks. Raises RuntimeError naming the layer."""
+# Rows of a weight INC's GPTQ step rounds at a time outside the blocks: the step makes copies of
+# what it is given (a float copy, the rounded values, their losses, the int32 codes).
+ROW_BLOCK_BYTES = 16 * 2**20
+
+
+def gptq_one_layer(name: str, layer: torch.nn.Linear, step, gptq_config) -> torch.nn.Linear:
+    """INC's GPTQ step on one layer whose inputs it has seen (step.add_batch), as torchao's int4
+    layer. GPTQ rounds each row of the weight on its own against the Hessian X^T X that the rows
+    share, so the step runs on a block of about ROW_BLOCK_BYTES of rows at a time, each packed
+    as INC packs the layers of its blocks and read back as torchao_layer reads them: the step's
+    copies are a block's, not the layer's (108 MiB each for SmolLM2's 49152 x 576 output layer).
+    Raises RuntimeError naming the layer."""
+    weight = layer.weight.detach()
+    hessian = step.H
+    rows_per_block = max(1, ROW_BLOCK_BYTES // (weight.shape[1] * weight.element_size()))
+    codes, scales, biases = [], [], []
+    for start in range(0, weight.shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        step.H = hessian.clone()  # fasterquant changes the Hessian it is given in place
+        bias = None if layer.bias is None else layer.bias[rows]
+        packed = gptq_rows(name, weight[rows], bias, step, gptq_config)
+        block_codes, block_scales = torchao_codes(packed)
+        codes.append(block_codes)
+        scales.append(block_scales)
+        biases.append(packed.bias)
+        del packed
+    bias = None if layer.bias is None else torch.cat(biases)
+    return int4_linear(torch.cat(codes), torch.cat(scales), bias, gptq_config.group_size)
+
+
+def gptq_rows(name: str, rows: torch.Tensor, bias, step, gptq_config) -> INCWeightOnlyLinear:
+    """INC's GPTQ step on these rows of a layer's weight, packed as INC packs the layers of its
+    blocks. Raises RuntimeError naming the layer."""
     group_size = gptq_config.group_size
     try:
         scale, _, _, rounded = step.fasterquant(
-            layer.weight.detach().clone(),  # fasterquant updates the columns it is given in place
+            rows.clone(),  # fasterquant updates the columns it is given in place
             blocksize=gptq_config.block_size,
             percdamp=gptq_config.percdamp,
             groupsize=group_size,
@@ -177,14 +208,12 @@ def gptq_one_layer(name: str, layer: torch.nn.Linear, step, gptq_config) -> INCW
             f"{type(error).__name__}: {error}"
         ) from error
     codes = quant_weight_w_scale(rounded, scale, None, None, group_size).to(torch.int32)
+    del rounded
     packed = INCWeightOnlyLinear(
-        layer.in_features,
-        layer.out_features,
-        bits=gptq_config.bits,
-        group_size=group_size,
-        bias=layer.bias is not None,
-    )
-    packed.pack(codes, scale, None, layer.bias)
+        rows.shape[1], rows.shape[0], bits=gptq_config.bits, group_size=group_size,
+        bias=bias is not None,
+    )  # fmt: skip
+    packed.pack(codes, scale, None, bias)
     return packed
 
 
@@ -214,10 +243,13 @@ def gptq_outside_blocks(model, observed: Observed, keep: frozenset[str]) -> list
     finally:
         for hook in hooks:
             hook.remove()
-    for name, layer in left.items():
-        packed = gptq_one_layer(name, layer, steps[name], observed.inc_config)
-        _replace(model, name, torchao_layer(packed))
-    return sorted(left)
+    names = sorted(left)
+    for name in list(left):
+        layer = left.pop(name)
+        _replace(model, name, gptq_one_layer(name, layer, steps.pop(name), observed.inc_config))
+        del layer
+        machine.release_freed_memory()  # the FP32 layer, its Hessian and the step's copies
+    return names
 
 
 def _replace(model, name: str, module: torch.nn.Module) -> None:
@@ -227,14 +259,22 @@ def _replace(model, name: str, module: torch.nn.Module) -> None:
 
 def torchao_layer(packed: INCWeightOnlyLinear) -> torch.nn.Linear:
     """An nn.Linear computing with torchao's CPU int4 tensor, as IntxWeightOnlyConfig(int4,
-    PerGroup(g)) makes it for torchao-int4-weight, holding INC's codes and scales: INC stores
-    codes + 8 (its symmetric zero point) and float16 scales; torchao takes the signed codes and
-    float32 scales, zero point 0."""
+    PerGroup(g)) makes it for torchao-int4-weight, holding INC's codes and scales."""
+    return int4_linear(*torchao_codes(packed), packed.bias, packed.group_size)
+
+
+def torchao_codes(packed: INCWeightOnlyLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """INC's packed layer as torchao's int4 tensor takes it: INC stores codes + 8 (its symmetric
+    zero point) and float16 scales; torchao takes the signed int8 codes [out, in] and float32
+    scales [out, groups], zero point 0."""
     unpacked = packed.unpack()
-    group_size = packed.group_size
-    zero_point = unpacked["zp"].to(torch.int32).repeat_interleave(group_size, dim=1)
+    zero_point = unpacked["zp"].to(torch.int32).repeat_interleave(packed.group_size, dim=1)
     codes = (unpacked["int_weight"].to(torch.int32) - zero_point).to(torch.int8)
-    scale = unpacked["scales"].to(torch.float32)
+    return codes, unpacked["scales"].to(torch.float32)
+
+
+def int4_linear(codes: torch.Tensor, scale: torch.Tensor, bias, group_size: int) -> torch.nn.Linear:
+    """An nn.Linear whose weight is torchao's CPU int4 tensor of these codes and scales."""
     weight = IntxUnpackedToInt8Tensor(
         qdata=codes,
         scale=scale,
@@ -244,11 +284,11 @@ def torchao_layer(packed: INCWeightOnlyLinear) -> torch.nn.Linear:
         dtype=torch.float32,
         activation_quantization=None,
     )
-    has_bias = packed.bias is not None
-    layer = torch.nn.Linear(packed.in_features, packed.out_features, bias=has_bias, device="meta")
+    out_features, in_features = codes.shape
+    layer = torch.nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-    if has_bias:
-        layer.bias = torch.nn.Parameter(packed.bias.to(torch.float32), requires_grad=False)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias.to(torch.float32), requires_grad=False)
     return layer
 
 
@@ -266,9 +306,10 @@ def quantize(model, config: GptqInt4, keep: frozenset[str], observed: Observed):
     try:
         model = inc_convert(model, observed)
         restore_kept(model, observed.kept)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, INCWeightOnlyLinear):
-                _replace(model, name, torchao_layer(module))
+        packed = [n for n, m in model.named_modules() if isinstance(m, INCWeightOnlyLinear)]
+        for name in packed:  # each INC layer freed as it is replaced
+            _replace(model, name, torchao_layer(model.get_submodule(name)))
+        machine.release_freed_memory()
         outside_blocks = gptq_outside_blocks(model, observed, keep)
     finally:
         shutil.rmtree(observed.scratch, ignore_errors=True)

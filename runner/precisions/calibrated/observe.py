@@ -8,9 +8,12 @@ of 512 tokens); these keep, per layer, a few vectors of in_features numbers and,
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+from runner import machine
 
 
 @dataclass
@@ -45,32 +48,64 @@ def linear_layers(model) -> list[tuple[str, torch.nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def observe_inputs(model, batches: list[dict], gram: bool = False) -> dict[str, InputStats]:
+def observe_inputs(
+    model, batches: list[dict], gram: bool = False, names: list[str] | None = None
+) -> dict[str, InputStats]:
     """Every linear layer's InputStats over the calibration batches (model inputs of one row
-    each, on the model's device), the model run once on each. gram: also sum x^T x (AWQ)."""
+    each, on the model's device), the model run once on each. gram: also sum x^T x (AWQ).
+    names: only these layers (default: every linear layer). The first row runs the whole
+    model; each later row stops once every observed layer has seen it as often as the first
+    row's forward called it: the layers after them would add nothing."""
+    layers = dict(linear_layers(model))
     stats: dict[str, InputStats] = {}
+    calls = _RowCalls()
     handles = []
-    for name, layer in linear_layers(model):
+    for name in layers if names is None else names:
+        layer = layers[name]
         device = layer.weight.device
         stats[name] = InputStats(
             absmax=torch.zeros(layer.in_features, device=device),
             abssum=torch.zeros(layer.in_features, device=device, dtype=torch.float64),
             gram=torch.zeros(layer.in_features, layer.in_features, device=device) if gram else None,
         )
-        handles.append(layer.register_forward_pre_hook(_adder(stats[name])))
+        handles.append(layer.register_forward_pre_hook(_adder(name, stats[name], calls)))
     try:
         with torch.no_grad():  # not inference_mode: the statistics are used outside it
             for batch in batches:
-                model(**batch)
+                calls.start_row()
+                try:
+                    model(**batch)
+                except _RowSeen:
+                    pass
+                calls.needed = calls.needed or Counter(calls.seen)
     finally:
         for handle in handles:
             handle.remove()
     return stats
 
 
-def _adder(layer_stats: InputStats):
+class _RowSeen(Exception):
+    """Raised by the hook that completes a row's observations: the rest of the model is not run."""
+
+
+class _RowCalls:
+    """How often each observed layer has been called in this row's forward, and how often the
+    first row's whole forward called it (None until the first row is done)."""
+
+    def __init__(self):
+        self.seen: Counter = Counter()
+        self.needed: Counter | None = None
+
+    def start_row(self) -> None:
+        self.seen = Counter()
+
+
+def _adder(name: str, layer_stats: InputStats, calls: _RowCalls):
     def hook(module, args):
         layer_stats.add(args[0])
+        calls.seen[name] += 1
+        if calls.seen == calls.needed:
+            raise _RowSeen
 
     return hook
 
@@ -81,13 +116,21 @@ def replace_layer(model, name: str, layer: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
+# Each part's FP32 weights are freed and handed back before the next part is converted.
+PART_BYTES = 64 * 2**20
+
+
 def quantize_layers(model, keep: frozenset[str], method: str, make_layer) -> None:
-    """Every linear layer but those in keep replaced by make_layer(name, layer). A layer its
-    library cannot quantize fails the variant naming the layer, its shape and the library's
+    """Every linear layer but those in keep replaced by make_layer(name, layer), in order. Each
+    FP32 layer is dropped as it is replaced, and what a part of about PART_BYTES of weights freed
+    (the library's temporaries too) is handed back before the next: the peak is the model and
+    one part, where holding every replaced layer to the end held a second model's worth. A layer
+    its library cannot quantize fails the variant naming the layer, its shape and the library's
     message."""
-    for name, layer in linear_layers(model):
-        if name in keep:
-            continue
+    converted = 0
+    for name in [name for name, _ in linear_layers(model) if name not in keep]:
+        layer = model.get_submodule(name)  # the only reference kept: freed once replaced
+        converted += layer.weight.nbytes
         try:
             replace_layer(model, name, make_layer(name, layer))
         except Exception as error:
@@ -95,3 +138,8 @@ def quantize_layers(model, keep: frozenset[str], method: str, make_layer) -> Non
                 f"{method}: torchao failed at layer {name!r} ({layer.in_features} inputs, "
                 f"{layer.out_features} outputs): {type(error).__name__}: {error}"
             ) from error
+        del layer
+        if converted >= PART_BYTES:
+            machine.release_freed_memory()
+            converted = 0
+    machine.release_freed_memory()
