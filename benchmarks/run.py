@@ -5,7 +5,7 @@
         [--precisions fp32,torchao-int8-weight,...] [--compile]
     python benchmarks/run.py --model smollm2 | --model-dir DIR [--matches 4] [--generations 20]
         [--prompt-length 16] [--new-tokens 32] [--int4-group-size 64] [--precisions ...]
-        [--glibc-tunables glibc.malloc.mmap_threshold=33554432:...] [--turn-s SECONDS]
+        [--glibc-tunables glibc.malloc.mmap_threshold=33554432:...]
 
 (a) fidelity: quantbench's median latency against a plain PyTorch loop (benchmarks/plain.py) timing
     the same model, inputs and threads, as ratios: for fp32, fp16, bf16 and int8-dynamic on cpu, and
@@ -158,13 +158,6 @@ def add_causal_lm_options(parser: argparse.ArgumentParser) -> None:
         help="causal LM: GLIBC_TUNABLES for both sides' processes (quantbench's Ray cluster "
         "and variant included), such as glibc.malloc.mmap_threshold=33554432:"
         "glibc.malloc.trim_threshold=1073741824 to pin the allocator's thresholds",
-    )
-    parser.add_argument(
-        "--turn-s",
-        type=float,
-        default=None,
-        help="causal LM: the turns' window in seconds (turns last 0.5-1.5 times it); by default "
-        "the plain loop's warm-up generation, at least 1 s",
     )
     parser.add_argument(
         "--int4-group-size",

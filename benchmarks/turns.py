@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psutil
 
@@ -63,15 +63,12 @@ class Turns:
     second_began_unix: float | None = (
         None  # when second's first turn began (Unix time); None if it had none
     )
-    # (began, ended) of each of second's turns, Unix time: a timing of second's that spans an
-    # end counts first's turn after it
-    second_turns_unix: list[tuple[float, float]] = field(default_factory=list)
 
 
 def take_turns(
     first: subprocess.Popen,
     second: subprocess.Popen,
-    window_s: float | Callable[[], float],
+    window_s: float,
     seed: int = 0,
     head_start_s: float = 0.0,
     begin_when: Callable[[], bool] | None = None,
@@ -85,8 +82,7 @@ def take_turns(
     any case (if it stops itself later, in a turn of its own, that turn is lost to both).
 
     With begin_when the head start lasts until it returns True instead (asked every POLL_S): the
-    causal-LM matches begin their turns when quantbench's variant starts generating. window_s may
-    be a function, asked once when the turns begin (what a side learnt in its head start)."""
+    causal-LM matches begin their turns when quantbench's variant starts generating."""
     rng = random.Random(seed)
     turns = Turns()
 
@@ -103,21 +99,18 @@ def take_turns(
             wait_for_first(head_start_s)
         while begin_when is not None and not begin_when() and first.poll() is None:
             wait_for_first(POLL_S)
-        window = window_s() if callable(window_s) else window_s
         running, waiting = first, second
         while first.poll() is None:
             stop_tree(waiting.pid)  # before the other goes on: never both at once
             continue_tree(running.pid)
             started = time.perf_counter()
-            began_unix = time.time()
             if running is second and turns.second_began_unix is None:
-                turns.second_began_unix = began_unix
-            wait_for_first(rng.uniform(0.5, 1.5) * window)
+                turns.second_began_unix = time.time()
+            wait_for_first(rng.uniform(0.5, 1.5) * window_s)
             if running is first:
                 turns.first_s += time.perf_counter() - started
             else:
                 turns.second_s += time.perf_counter() - started
-                turns.second_turns_unix.append((began_unix, time.time()))
             running, waiting = waiting, running
     finally:
         continue_tree(first.pid)
