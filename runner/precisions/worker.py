@@ -286,13 +286,18 @@ def quantize_in_parts(model, precision: Precision, config, family: FamilyWorker,
 def _parts(model, names: list[str]) -> list[list[str]]:
     """names in order, cut into runs of about PART_BYTES of weights (at least one layer each)."""
     modules = dict(model.named_modules())
+    return runs_of_about(names, lambda name: modules[name].weight.nbytes, PART_BYTES)
+
+
+def runs_of_about(names: list[str], nbytes: Callable[[str], int], limit: int) -> list[list[str]]:
+    """names in order, cut into runs of about limit bytes as nbytes(name) counts them (at least
+    one name each)."""
     parts: list[list[str]] = [[]]
     size = 0
     for name in names:
-        weight = modules[name].weight
-        if parts[-1] and size + weight.nbytes > PART_BYTES:
+        if parts[-1] and size + nbytes(name) > limit:
             parts.append([])
             size = 0
         parts[-1].append(name)
-        size += weight.nbytes
+        size += nbytes(name)
     return [part for part in parts if part]

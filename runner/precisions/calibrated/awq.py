@@ -35,6 +35,7 @@ from runner import machine
 from runner.precisions.calibrated.observe import linear_layers, observe_inputs, quantize_layers
 from runner.precisions.torchao import Int4Weight
 from runner.precisions.torchao.worker import _int4_grid, check_group_size, torchao_config
+from runner.precisions.worker import runs_of_about
 
 SEARCH_GRID_SIZE = 20  # torchao AWQConfig's scale_search_space_size default
 # sum x^T x held at once: the layers are observed a part of about this many bytes of them at a
@@ -88,18 +89,8 @@ def calibrate(model, config, batches: list[dict], keep: frozenset[str]):
 def gram_parts(model, keep: frozenset[str]) -> list[list[str]]:
     """The linear layers not kept, in order, cut into runs of about GRAM_PART_BYTES of float32
     [in, in] sums (at least one layer each)."""
-    parts: list[list[str]] = [[]]
-    size = 0
-    for name, layer in linear_layers(model):
-        if name in keep:
-            continue
-        gram_bytes = layer.in_features**2 * 4
-        if parts[-1] and size + gram_bytes > GRAM_PART_BYTES:
-            parts.append([])
-            size = 0
-        parts[-1].append(name)
-        size += gram_bytes
-    return [part for part in parts if part]
+    gram_bytes = {n: layer.in_features**2 * 4 for n, layer in linear_layers(model) if n not in keep}
+    return runs_of_about(list(gram_bytes), gram_bytes.__getitem__, GRAM_PART_BYTES)
 
 
 def quantize(model, config, keep: frozenset[str], searched: Searched) -> tuple:

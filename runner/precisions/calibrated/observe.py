@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from runner import machine
+from runner.precisions.worker import PART_BYTES  # the calibration-free families' parts too
 
 
 @dataclass
@@ -114,10 +115,6 @@ def replace_layer(model, name: str, layer: torch.nn.Module) -> None:
     """Puts layer in the model under the module name of the one it replaces."""
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, layer)
-
-
-# Each part's FP32 weights are freed and handed back before the next part is converted.
-PART_BYTES = 64 * 2**20
 
 
 def quantize_layers(model, keep: frozenset[str], method: str, make_layer) -> None:
